@@ -1,0 +1,219 @@
+"""MiMoModel (the decoder stack) and MiMoForCausalLM (logits, loss, MTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import MiMoConfig
+from ..ops.attention import AttnMeta
+from .attention import Attention
+from .layers import MLP, RMSNorm, rope_cos_sin
+from .moe import MoE, Experts, Router
+from .mtp import MTPLayer
+
+
+class DecoderLayer(nn.Module):
+    """h = x + Attn(norm_in(x)); out = h + MLP(norm_post(h))."""
+
+    def __init__(self, config: MiMoConfig, idx: int) -> None:
+        super().__init__()
+        self.swa = config.is_swa(idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, idx, self.swa)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe(idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, rope, meta, cache=None):
+        """x [B, T, D] -> [B, T, D]"""
+        h = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_meta(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+               segment_ids: torch.Tensor | None) -> AttnMeta:
+    """Positions and segments of a batch (no cache).
+
+    input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) or None; position_ids [B, T] or None;
+    segment_ids [B, T] (document index of each packed token) or None.
+    Without position_ids, positions count the non-padding tokens (so a left-padded row gets the
+    positions it has alone). A padding token gets a segment of its own, so it sees only itself.
+    """
+    B, T = input_ids.shape
+    dev = input_ids.device
+    ar = torch.arange(T, device=dev).expand(B, T)
+    plain = position_ids is None and segment_ids is None
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        valid = attention_mask.bool()
+        if not bool(valid.all()):
+            plain = False
+    if position_ids is None:
+        position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0) if attention_mask is not None and not plain else ar
+    elif position_ids.shape != input_ids.shape:
+        position_ids = position_ids.expand(B, T)
+    seg = segment_ids
+    if attention_mask is not None and not bool(valid.all()):
+        seg = torch.where(valid, seg if seg is not None else torch.zeros_like(ar), -(ar + 2))
+    return AttnMeta(q_pos=position_ids, k_pos=position_ids, q_seg=seg, k_seg=seg, aligned=True, plain=plain)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None = None  # lm_loss (+ mtp_loss_weight * mtp_loss when mtp=True)
+    lm_loss: torch.Tensor | None = None
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # layer k at t predicts token t + k + 2
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    hidden_states: torch.Tensor | None = None  # [B, T, D], after model.norm
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    """Mean cross entropy of logits[:, t] against labels[:, t + shift], ignoring -100.
+
+    logits [B, T, V], labels [B, T] -> scalar fp32.
+    """
+    T = logits.shape[1]
+    if T <= shift:
+        return logits.float().sum() * 0.0
+    lg = logits[:, : T - shift].float().reshape(-1, logits.shape[-1])
+    lb = labels[:, shift:].reshape(-1)
+    return F.cross_entropy(lg, lb, ignore_index=-100)
+
+
+class MiMoModel(nn.Module):
+    def __init__(self, config: MiMoConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mtp = nn.Module()
+        self.mtp.layers = nn.ModuleList(MTPLayer(config, k) for k in range(config.num_nextn_predict_layers))
+
+    def ropes(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """position_ids [B, T] -> {swa: (cos, sin)} for both layer types."""
+        out = {}
+        for swa in (False, True):
+            d = self.config.attn_dims(swa)
+            out[swa] = rope_cos_sin(position_ids, d["theta"], d["rotary_dim"], dtype)
+        return out
+
+    def forward(self, input_ids, meta: AttnMeta, cache=None) -> torch.Tensor:
+        """input_ids [B, T] -> final hidden states [B, T, D] (after norm)."""
+        x = self.embed_tokens(input_ids)
+        ropes = self.ropes(meta.q_pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, ropes[layer.swa], meta, cache)
+        return self.norm(x)
+
+
+class MiMoForCausalLM(nn.Module):
+    def __init__(self, config: MiMoConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MiMoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @torch.no_grad()
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.normal_(0.0, std)
+        elif isinstance(m, Experts):
+            m.gate_up_proj.normal_(0.0, std)
+            m.down_proj.normal_(0.0, std)
+        elif isinstance(m, Router):
+            m.weight.normal_(0.0, std)
+            m.e_score_correction_bias.zero_()
+        elif isinstance(m, RMSNorm):
+            m.weight.fill_(1.0)
+        elif isinstance(m, Attention) and m.attention_sink_bias is not None:
+            m.attention_sink_bias.normal_(0.0, std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_backends(self, attention: str | None = None, experts: str | None = None) -> "MiMoForCausalLM":
+        """Choose the ops backend of every attention / expert module (see ops/)."""
+        for m in self.modules():
+            if attention is not None and isinstance(m, Attention):
+                m.backend = attention
+            if experts is not None and isinstance(m, Experts):
+                m.backend = experts
+        return self
+
+    def mtp_step(self, k: int, token_ids: torch.Tensor, h_prev: torch.Tensor, meta: AttnMeta,
+                 cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP layer k. token_ids [B, T] (the token after the one h_prev stands at, k+1 ahead of
+        the main input), h_prev [B, T, D] -> (logits [B, T, V], hidden [B, T, D] to feed layer k + 1)."""
+        layer = self.model.mtp.layers[k]
+        rope = self.model.ropes(meta.q_pos, h_prev.dtype)[True]
+        h = layer(self.model.embed_tokens(token_ids), h_prev, rope, meta, cache)
+        return self.lm_head(layer.final_layernorm(h)), h
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                mtp: bool = False, segment_ids: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, T] -> CausalLMOutput.
+
+        labels [B, T] are the input ids themselves (shifted inside, -100 ignored), as in transformers.
+        With mtp=True, MTP layer k sees at position t the token t + k + 1 and predicts token t + k + 2;
+        its loss covers the positions where that token exists.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty")
+        meta = build_meta(input_ids, attention_mask, position_ids, segment_ids)
+        h = self.model(input_ids, meta)
+        logits = self.lm_head(h)
+        out = CausalLMOutput(logits=logits, hidden_states=h)
+        if labels is not None:
+            out.lm_loss = out.loss = causal_lm_loss(logits, labels)
+        if mtp and self.config.num_nextn_predict_layers:
+            h_prev = h
+            for k in range(self.config.num_nextn_predict_layers):
+                shifted = F.pad(input_ids[:, k + 1:], (0, k + 1), value=0)  # token t + k + 1 at t
+                lg, h_prev = self.mtp_step(k, shifted, h_prev, meta)
+                out.mtp_logits.append(lg)
+                if labels is not None:
+                    out.mtp_losses.append(causal_lm_loss(lg, labels, shift=k + 2))
+            if labels is not None:
+                mtp_loss = torch.stack(out.mtp_losses).mean()
+                out.loss = out.lm_loss + self.config.mtp_loss_weight * mtp_loss
+        return out
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or those one token uses (top-k of the routed experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        c = self.config
+        for m in self.modules():
+            if isinstance(m, Experts):
+                total -= (m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - c.num_experts_per_tok / c.n_routed_experts)
+        return int(total)
+
+    # checkpoint I/O lives in checkpoint/; these are the entry points users expect
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "MiMoForCausalLM":
+        from ..checkpoint import load_pretrained
+        return load_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from ..checkpoint import save_pretrained
+        save_pretrained(self, path, **kwargs)
