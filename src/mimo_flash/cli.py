@@ -1,10 +1,26 @@
-"""The `mimo-flash` command line."""
+"""The `mimo-flash` command line.
+
+Each part of the package that has commands provides a `commands` module with `register(subparsers)`;
+a subcommand's handler takes the parsed arguments and returns an exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
+
+COMMAND_MODULES = (
+    "mimo_flash.checkpoint.commands",   # convert
+    "mimo_flash.generation.commands",   # generate, chat
+    "mimo_flash.training.commands",     # train (and the demo, once training lands)
+    "mimo_flash.serving.commands",      # serve
+)
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, no traceback."""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -36,18 +52,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if diff == 0 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo-flash", description="MiMo-V2-Flash in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the main job: build, save, reload and run a tiny model")
-    p.add_argument("--out", help="directory for the demo's outputs (default: a temporary one)")
-    p.set_defaults(fn=cmd_demo)
-    args = parser.parse_args(argv)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that part of the package does not exist (yet)
+            raise
+        mod.register(sub)
+    if "demo" not in sub.choices:
+        p = sub.add_parser("demo", help="the main job: build, save, reload and run a tiny model")
+        p.add_argument("--out", help="directory for the demo's outputs (default: a temporary one)")
+        p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"mimo-flash {args.command}: error: {e}", file=sys.stderr)
+        return int(args.fn(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mimo-flash {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
