@@ -56,6 +56,11 @@ def allowed_mask(meta: AttnMeta, window: int | None) -> torch.Tensor:
     return m[:, None]
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precisions to fp32 for the softmax path; fp32 and fp64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, Hkv, T, D] -> [B, heads, T, D] (each kv head serves heads / Hkv query heads)."""
     rep = heads // k.shape[1]
@@ -63,14 +68,14 @@ def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _softmax_probs(scores: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
-    """scores [B, H, Tq, Tk] fp32, mask bool broadcastable, sink [H] -> probabilities [B, H, Tq, Tk].
+    """scores [B, H, Tq, Tk] (fp32 or fp64), mask bool broadcastable, sink [H] -> probabilities [B, H, Tq, Tk].
 
     The sink joins the denominator as one extra column and is dropped afterwards.
     A row that sees no key (a padding query) gets all-zero probabilities instead of NaN.
     """
     scores = scores.masked_fill(~mask, float("-inf"))
     if sink is not None:
-        col = sink.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        col = sink.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
         scores = torch.cat([scores, col], dim=-1)
     mx = scores.amax(dim=-1, keepdim=True)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
@@ -84,8 +89,8 @@ def attention_reference(q, k, v, meta: AttnMeta, scale: float, window: int | Non
     """q [B, H, Tq, Dqk], k [B, Hkv, Tk, Dqk], v [B, Hkv, Tk, Dv], sink [H] or None -> [B, H, Tq, Dv]."""
     H = q.shape[1]
     k, v = _expand_kv(k, H), _expand_kv(v, H)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    return (_softmax_probs(scores, allowed_mask(meta, window), sink) @ v.float()).to(q.dtype)
+    scores = (_acc(q) @ _acc(k).transpose(-1, -2)) * scale
+    return (_softmax_probs(scores, allowed_mask(meta, window), sink) @ _acc(v)).to(q.dtype)
 
 
 def attention_blocked(q, k, v, meta: AttnMeta, scale: float, window: int,
@@ -104,8 +109,8 @@ def attention_blocked(q, k, v, meta: AttnMeta, scale: float, window: int,
     def blocks(x, fill=0):  # [B, H, T, D] -> [B, H, nb, W, D] (padded at the end)
         return F.pad(x, (0, 0, 0, pad), value=fill).view(B, H, nb, W, x.shape[-1])
 
-    qb = blocks(q.float())
-    kb, vb = blocks(k.float()), blocks(v.float())
+    qb = blocks(_acc(q))
+    kb, vb = blocks(_acc(k)), blocks(_acc(v))
     # keys of block b: previous block then this block -> [B, H, nb, 2W, D]
     prev = lambda x: torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)
     k2 = torch.cat([prev(kb), kb], dim=3)
