@@ -73,17 +73,21 @@ class CausalLMOutput:
     hidden_states: torch.Tensor | None = None  # [B, T, D], after model.norm
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross entropy of logits[:, t] against labels[:, t + shift], ignoring -100.
 
-    logits [B, T, V], labels [B, T] -> scalar fp32.
+    logits [B, T, V], labels [B, T], attention_mask [B, T] or None -> scalar fp32.
+    A prediction made at a padding position (attention_mask 0) does not count.
     """
     T = logits.shape[1]
     if T <= shift:
         return logits.float().sum() * 0.0
     lg = logits[:, : T - shift].float().reshape(-1, logits.shape[-1])
-    lb = labels[:, shift:].reshape(-1)
-    return F.cross_entropy(lg, lb, ignore_index=-100)
+    lb = labels[:, shift:]
+    if attention_mask is not None:
+        lb = lb.masked_fill(attention_mask[:, : T - shift] == 0, -100)
+    return F.cross_entropy(lg, lb.reshape(-1), ignore_index=-100)
 
 
 class MiMoModel(nn.Module):
@@ -170,7 +174,8 @@ class MiMoForCausalLM(nn.Module):
                 mtp: bool = False, segment_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T] -> CausalLMOutput.
 
-        labels [B, T] are the input ids themselves (shifted inside, -100 ignored), as in transformers.
+        labels [B, T] are the input ids themselves (shifted inside, -100 ignored), as in transformers;
+        unlike transformers, predictions made at padding positions never count.
         With mtp=True, MTP layer k sees at position t the token t + k + 1 and predicts token t + k + 2;
         its loss covers the positions where that token exists.
         """
@@ -183,7 +188,7 @@ class MiMoForCausalLM(nn.Module):
         logits = self.lm_head(h)
         out = CausalLMOutput(logits=logits, hidden_states=h)
         if labels is not None:
-            out.lm_loss = out.loss = causal_lm_loss(logits, labels)
+            out.lm_loss = out.loss = causal_lm_loss(logits, labels, 1, attention_mask)
         if mtp and self.config.num_nextn_predict_layers:
             h_prev = h
             for k in range(self.config.num_nextn_predict_layers):
@@ -191,7 +196,7 @@ class MiMoForCausalLM(nn.Module):
                 lg, h_prev = self.mtp_step(k, shifted, h_prev, meta)
                 out.mtp_logits.append(lg)
                 if labels is not None:
-                    out.mtp_losses.append(causal_lm_loss(lg, labels, shift=k + 2))
+                    out.mtp_losses.append(causal_lm_loss(lg, labels, k + 2, attention_mask))
             if labels is not None:
                 mtp_loss = torch.stack(out.mtp_losses).mean()
                 out.loss = out.lm_loss + self.config.mtp_loss_weight * mtp_loss
