@@ -78,7 +78,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1,
     """Mean cross entropy of logits[:, t] against labels[:, t + shift], ignoring -100.
 
     logits [B, T, V], labels [B, T], attention_mask [B, T] or None -> scalar fp32.
-    A prediction made at a padding position (attention_mask 0) does not count.
+    A prediction made at a padding position (attention_mask 0) does not count; with no target, 0.
     """
     T = logits.shape[1]
     if T <= shift:
@@ -87,7 +87,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1,
     lb = labels[:, shift:]
     if attention_mask is not None:
         lb = lb.masked_fill(attention_mask[:, : T - shift] == 0, -100)
-    return F.cross_entropy(lg, lb.reshape(-1), ignore_index=-100)
+    lb = lb.reshape(-1)
+    total = F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")
+    return total / (lb != -100).sum().clamp_min(1)  # no target at all -> 0, not NaN
 
 
 class MiMoModel(nn.Module):
