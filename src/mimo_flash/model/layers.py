@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..ops import fused
 
 
 class RMSNorm(nn.Module):
@@ -17,9 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]"""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
@@ -38,12 +37,7 @@ def rope_cos_sin(position_ids: torch.Tensor, theta: float, rotary_dim: int,
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [B, T, R] with R <= D. Rotates dims [0, R) in rotate_half style."""
-    r = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]
-    xr, xp = x[..., :r], x[..., r:]
-    x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+    return fused.rope(x, cos, sin)
 
 
 class MLP(nn.Module):
@@ -57,4 +51,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden]"""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..config import MiMoConfig
-from ..ops.moe import experts, route
+from ..ops.moe import expert_counts, experts, route
 
 
 class Router(nn.Module):
@@ -67,5 +67,5 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         idx, w = self.gate(x)
         if self.training:
-            self.expert_load = torch.bincount(idx.reshape(-1), minlength=self.experts.gate_up_proj.shape[0]).detach()
+            self.expert_load = expert_counts(idx.detach(), self.experts.gate_up_proj.shape[0])
         return self.experts(x, idx, w).view(shape)

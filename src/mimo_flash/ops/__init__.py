@@ -1,3 +1,4 @@
+from . import attention_fast  # noqa: F401  (registers the CUDA attention backends)
 from .attention import AttnMeta, attention
 from .moe import experts, route
 

@@ -4,8 +4,11 @@ Expert weights are fused: gate_up [E, 2I, D] (gate rows first, then up), down [E
 
 Expert backends:
     "reference" - a loop over experts, each taking the tokens routed to it (the spec in code).
-    "grouped"   - tokens sorted by expert once, then torch._grouped_mm over the groups (GPU, bf16),
-                  falling back to a loop over the sorted segments elsewhere.
+    "grouped_mm" - tokens permuted into expert order once, one torch._grouped_mm per projection,
+                  routing weight fused into the SwiGLU, outputs summed back by a gather (bf16 only;
+                  runs wherever torch._grouped_mm does, CPU included in recent torch).
+    "grouped"   - grouped_mm on CUDA when the tensors allow it (grouped_mm_supported), else the same
+                  permutation and a loop over the sorted segments.
     "auto"      - grouped.
 """
 
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import fused
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
@@ -56,40 +61,114 @@ def experts_reference(x, idx, w, gate_up, down):
     return out
 
 
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """idx [N, k] -> tokens routed to each expert [E] (long). Unlike torch.bincount on CUDA, this
+    never waits for the GPU (bincount reads the largest index back to size its output)."""
+    flat = idx.reshape(-1)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """idx [N, k] -> (order [N*k] into the flattened (token, slot) pairs sorted by expert, counts [E])."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return order, counts
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    return order, expert_counts(idx, num_experts)
+
+
+class _Dispatch(torch.autograd.Function):
+    """Copy each token to its k (token, slot) pairs, the pairs in expert order.
+
+    forward: x [N, D], tok [P] (token of each sorted pair), inv [P] (sorted place of pair n*k+s), k
+             -> xs [P, D] = x[tok] (gather_sum with one row per output: the same row copy kernel)
+    backward: g_x[n] = sum_s g_xs[inv[n*k + s]], a gather and a sum (no atomics); this is _Combine's forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tok, inv, k):
+        ctx.save_for_backward(tok, inv)
+        ctx.k = k
+        return fused.gather_sum(x.contiguous(), tok, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        tok, inv = ctx.saved_tensors
+        return fused.gather_sum(g.contiguous(), inv, ctx.k), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Sum each token's k expert outputs (already weighted) back in token order.
+
+    forward: ys [P, D] in expert order, tok [P], inv [P], k -> out [N, D], out[n] = sum_s ys[inv[n*k + s]]
+    backward: g_ys = g_out[tok]; this is _Dispatch's forward.
+    """
+
+    @staticmethod
+    def forward(ctx, ys, tok, inv, k):
+        ctx.save_for_backward(tok)
+        return fused.gather_sum(ys, inv, k)
+
+    @staticmethod
+    def backward(ctx, g):
+        (tok,) = ctx.saved_tensors
+        return fused.gather_sum(g.contiguous(), tok, 1), None, None, None
+
+
+def grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Can torch._grouped_mm take these: bf16 everywhere, last dims contiguous, every row stride
+    (D, 2I, I) a multiple of 16 bytes, weights 16-byte aligned."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(t.dtype != torch.bfloat16 for t in (x, gate_up, down)):
+        return False
+    D, I = down.shape[1], down.shape[2]
+    if D % 8 or I % 8 or gate_up.stride(-1) != 1 or down.stride(-1) != 1:
+        return False
+    return all(t.data_ptr() % 16 == 0 for t in (gate_up, down))
+
+
+def experts_grouped_mm(x, idx, w, gate_up, down):
+    """Same contract as experts_reference, through torch._grouped_mm (bf16; see grouped_mm_supported).
+
+    Tokens are permuted into expert order once (P = N*k rows), both projections are one grouped GEMM
+    each over the per-expert row ranges (offsets = cumulative counts, empty experts allowed), the
+    routing weight is fused into the SwiGLU, and the k outputs of each token are summed in fp32 by a
+    gather (the backward is a gather too).
+    """
+    N, k = idx.shape
+    order, counts = sort_by_expert(idx, gate_up.shape[0])
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    tok = order // k
+    offs = counts.cumsum(0).to(torch.int32)
+    xs = _Dispatch.apply(x, tok, inv, k)  # [P, D]
+    h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [P, 2I]
+    a = fused.swiglu_weighted(h, w.reshape(-1)[order].float())  # [P, I]
+    ys = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [P, D]
+    return _Combine.apply(ys, tok, inv, k)
 
 
 def experts_grouped(x, idx, w, gate_up, down):
-    """Same contract as experts_reference; one permutation, grouped GEMMs where available."""
+    """Same contract as experts_reference: grouped GEMMs on CUDA where torch._grouped_mm takes the
+    tensors, else one permutation and a loop over the sorted segments."""
+    if x.is_cuda and grouped_mm_supported(x, gate_up, down):
+        return experts_grouped_mm(x, idx, w, gate_up, down)
     N, k = idx.shape
-    E = gate_up.shape[0]
-    order, counts = sort_by_expert(idx, E)
+    order, counts = sort_by_expert(idx, gate_up.shape[0])
     tok = order // k
     xs = x[tok]  # [N*k, D] grouped by expert
-    if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
-        offs = counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
-    else:
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts.tolist()):
-            if c:
-                ys[start:start + c] = _expert_ffn(xs[start:start + c], gate_up[e], down[e])
-            start += c
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            ys[start:start + c] = _expert_ffn(xs[start:start + c], gate_up[e], down[e])
+        start += c
     ys = ys * w.reshape(-1)[order, None]
     out = torch.zeros_like(x)
     out.index_add_(0, tok, ys.to(out.dtype))
     return out
 
 
-EXPERT_BACKENDS = {"reference": experts_reference, "grouped": experts_grouped, "auto": experts_grouped}
+EXPERT_BACKENDS = {"reference": experts_reference, "grouped": experts_grouped, "grouped_mm": experts_grouped_mm,
+                   "auto": experts_grouped}
 
 
 def experts(x, idx, w, gate_up, down, backend: str = "auto") -> torch.Tensor:

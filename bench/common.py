@@ -1,0 +1,156 @@
+"""Shared pieces of the GPU benchmarks: timing, the device's two ceilings, FLOP counts, the
+transformers twin, and the one table each script prints."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mimo_flash import MiMoConfig  # noqa: E402
+
+
+def header() -> str:
+    """One line: device, date, torch / transformers / triton versions, command."""
+    try:
+        import transformers
+        tv = transformers.__version__
+    except ImportError:
+        tv = "missing"
+    try:
+        import triton
+        trv = triton.__version__
+    except ImportError:
+        trv = "missing"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python " + " ".join(sys.argv)
+    return f"device: {dev}; date: {date}; torch {torch.__version__}, transformers {tv}, triton {trv}; command: {cmd}"
+
+
+def time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Median wall time of fn() in ms, each call bracketed by CUDA events (after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def hardware_limits() -> tuple[float, float]:
+    """Measured here and now: bf16 matmul TFLOP/s (8192^3, random data) and device copy TB/s
+    (bytes read + written, 1 GiB buffer)."""
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=3, iters=10)
+    tflops = 2 * n ** 3 / ms / 1e9
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB fp32
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, iters=10)
+    tbps = 2 * src.numel() * 4 / ms / 1e9
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return tflops, tbps
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+def attention_pairs(T: int, window: int | None) -> int:
+    """Query-key pairs one causal row of T tokens computes: sum_i min(i + 1, window)."""
+    if window is None or window >= T:
+        return T * (T + 1) // 2
+    return window * (window + 1) // 2 + (T - window) * window
+
+
+def layer_flops(config: MiMoConfig, idx: int, B: int, T: int, train: bool) -> float:
+    """FLOPs of decoder layer idx on B rows of T tokens (multiply-add = 2).
+
+    Matmuls: forward 2*m*n*k, training 3x that (two backward GEMMs per forward GEMM). Attention core
+    (QK^T and PV over the pairs the mask allows): forward 2*pairs*(Dqk + Dv) per head, training 3.5x
+    (FlashAttention's convention: the backward recomputes the scores). Elementwise work is not counted.
+    """
+    D = config.hidden_size
+    a = config.attn_dims(config.is_swa(idx))
+    H, Hkv, Dqk, Dv = a["heads"], a["kv_heads"], a["qk_dim"], a["v_dim"]
+    N = B * T
+    mm = 2 * N * D * (H * Dqk + Hkv * Dqk + Hkv * Dv) + 2 * N * H * Dv * D
+    if config.is_moe(idx):
+        mm += 2 * N * D * config.n_routed_experts  # router
+        mm += 2 * N * config.num_experts_per_tok * 3 * D * config.moe_intermediate_size
+    else:
+        mm += 2 * N * 3 * D * config.intermediate_size
+    attn = 2 * B * H * attention_pairs(T, a["window"]) * (Dqk + Dv)
+    return 3 * mm + 3.5 * attn if train else mm + attn
+
+
+def model_flops(config: MiMoConfig, B: int, T: int, train: bool, logits_tokens: int | None = None) -> float:
+    """All decoder layers plus the lm_head over `logits_tokens` positions (default all B*T)."""
+    total = sum(layer_flops(config, i, B, T, train) for i in range(config.num_hidden_layers))
+    n = B * T if logits_tokens is None else logits_tokens
+    head = 2 * n * config.hidden_size * config.vocab_size
+    return total + (3 * head if train else head)
+
+
+# ----------------------------------------------------------------------------------------- transformers twin
+def transformers_config(config: MiMoConfig):
+    """transformers' MiMoV2FlashConfig for the same model, window in keys as ours, eager attention."""
+    from transformers import MiMoV2FlashConfig
+    why = config.transformers_compatible()
+    if why:
+        raise ValueError(f"transformers cannot express this config: {why}")
+    d = config.to_dict()
+    for key in ("architectures", "model_type"):
+        d.pop(key, None)
+    tc = MiMoV2FlashConfig(**d)
+    tc.sliding_window = config.sliding_window  # keys per query, as ours (5.17 defaults to 128)
+    tc._attn_implementation = "eager"
+    return tc
+
+
+def transformers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> transformers' names (sinks renamed, MTP dropped)."""
+    return {k.replace("self_attn.attention_sink_bias", "self_attn.sinks"): v
+            for k, v in state.items() if not k.startswith("model.mtp.")}
+
+
+# ----------------------------------------------------------------------------------------- output
+def table(title: str, head: str, columns: list[str], rows: list[list], notes: list[str] = ()) -> str:
+    """A markdown table with a title line, the header line and notes; printed and written to $OUT."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) for i in range(len(columns))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [f"### {title}", head, "", line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells] + [""] + [f"- {n}" for n in notes]
+    text = "\n".join(out)
+    print(text, flush=True)
+    if os.environ.get("OUT"):
+        name = Path(sys.argv[0]).stem
+        with open(Path(os.environ["OUT"]) / f"{name}_table.md", "a") as f:
+            f.write(text + "\n\n")
+    return text
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def oom_safe(fn):
+    """fn() or None when it runs out of GPU memory (memory is released either way)."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()

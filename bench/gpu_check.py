@@ -1,0 +1,150 @@
+"""One device call's worth of checks and kernel timings for the fast paths (GPU).
+
+1. the GPU correctness tests (tests/test_ops_gpu.py: every fast path vs the fp64 reference,
+   forward and backward, fresh random inputs, lengths across the window, packed segments);
+2. kernel timings at the full model's sizes: attention (cuDNN full, flex SWA + sink, flex full with
+   documents), the grouped-GEMM experts, against the measured matmul peak;
+3. whether FlexAttention recompiles when only the batch's positions change.
+
+    python bench/gpu_check.py [--skip-tests]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from common import attention_pairs, fmt, hardware_limits, header, table, time_ms
+
+from mimo_flash.ops.attention import AttnMeta
+from mimo_flash.ops.attention_fast import attention_cudnn, attention_flex, attention_triton
+from mimo_flash.ops.moe import experts, experts_grouped_mm, route
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tests() -> str:
+    out = os.environ.get("OUT", ".")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_ops_gpu.py",
+           "--tb=short", "-rf"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    Path(out, "gpu_tests.log").write_text(r.stdout + r.stderr)
+    tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
+    print("\n".join(tail), flush=True)
+    return tail[-1] if tail else "no output"
+
+
+def attn_case(name, fn, B, H, Hkv, T, window, sink, meta, peak):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, T, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = torch.randn(B, Hkv, T, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(B, Hkv, T, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    s = torch.randn(H, device="cuda", generator=g).requires_grad_() if sink else None
+    dy = torch.randn(B, H, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    pairs = B * H * attention_pairs(T, window)
+    fwd_flops = 2 * pairs * (192 + 128)
+    f_ms = time_ms(lambda: fn(q, k, v, meta, 192 ** -0.5, window, s))
+
+    def fb():
+        for t in (q, k, v, s):
+            if t is not None:
+                t.grad = None
+        fn(q, k, v, meta, 192 ** -0.5, window, s).backward(dy)
+
+    fb_ms = time_ms(fb)
+    return [name, f"{B}x{H}/{Hkv}x{T}", fmt(f_ms, ".2f"), fmt(fwd_flops / f_ms / 1e9, ".0f"), fmt(fb_ms, ".2f"),
+            fmt(3.5 * fwd_flops / fb_ms / 1e9, ".0f")]
+
+
+def experts_case(N, E, k, D, I, peak):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    gu = (torch.randn(E, 2 * I, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02).requires_grad_()
+    dn = (torch.randn(E, D, I, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02).requires_grad_()
+    router = (torch.randn(E, D, device="cuda", generator=g) * 0.02).requires_grad_()
+    bias = torch.zeros(E, device="cuda")
+    dy = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    flops = 2 * N * k * 3 * D * I
+    rows = []
+
+    def fwd():
+        idx, w, _ = route(x, router, bias, k, 1, 1, True, 1.0)
+        return experts(x, idx, w, gu, dn)
+
+    def fb():
+        for t in (x, gu, dn, router):
+            t.grad = None
+        fwd().backward(dy)
+
+    f_ms, fb_ms = time_ms(fwd), time_ms(fb)
+    rows.append([f"experts (route + grouped_mm), {N} tok, E={E}, top{k}", fmt(f_ms, ".2f"),
+                 fmt(flops / f_ms / 1e9, ".0f"), fmt(fb_ms, ".2f"), fmt(3 * flops / fb_ms / 1e9, ".0f")])
+    # the two grouped GEMMs alone, same groups
+    idx, w, _ = route(x, router, bias, k, 1, 1, True, 1.0)
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+    xs = x.detach()[torch.argsort(idx.reshape(-1), stable=True) // k]
+    a = torch.randn(N * k, I, device="cuda", dtype=torch.bfloat16, generator=g)
+    mm = lambda: (torch._grouped_mm(xs, gu.detach().transpose(-2, -1), offs=offs),
+                  torch._grouped_mm(a, dn.detach().transpose(-2, -1), offs=offs))
+    m_ms = time_ms(mm)
+    rows.append([f"  two grouped_mm only (fwd), {N * k / E:.0f} rows/expert", fmt(m_ms, ".2f"),
+                 fmt(flops / m_ms / 1e9, ".0f"), "", ""])
+    return rows
+
+
+def recompiles() -> str:
+    """Compile count of the flex path over three batches that differ only in positions/segments."""
+    from torch._dynamo.utils import counters
+    T, res = 1024, []
+    q = torch.randn(1, 8, T, 192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, T, 192, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 2, T, 128, device="cuda", dtype=torch.bfloat16)
+    for cut in (300, 500, 700):
+        before = counters["stats"]["unique_graphs"]
+        ar = torch.arange(T, device="cuda")
+        seg = (ar >= cut).long()[None]
+        pos = torch.where(ar >= cut, ar - cut, ar)[None]
+        attention_flex(q, k, v, AttnMeta(pos, pos, seg, seg), 0.1, 129, None)
+        res.append(counters["stats"]["unique_graphs"] - before)
+    return f"new graphs compiled per call for 3 packed batches of one shape: {res}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-tests", action="store_true")
+    args = ap.parse_args()
+    summary = "skipped" if args.skip_tests else run_tests()
+    peak, bw = hardware_limits()
+    B, H, T = 1, 64, 8192
+    pos = torch.arange(T, device="cuda").expand(B, T)
+    plain = AttnMeta(pos, pos, plain=True)
+    docs = torch.zeros(B, T, dtype=torch.long, device="cuda")
+    one_doc = AttnMeta(pos, pos, docs, docs)  # same mask as plain, through segments: flex's general path
+    rows = [
+        attn_case("cuDNN causal (full layer)", attention_cudnn, B, H, 4, T, None, False, plain, peak),
+        attn_case("flex causal, via segments", attention_flex, B, H, 4, T, None, False, one_doc, peak),
+        attn_case("flex SWA 129 + sink", attention_flex, B, H, 8, T, 129, True, plain, peak),
+        attn_case("triton SWA 129 + sink", attention_triton, B, H, 8, T, 129, True, plain, peak),
+        attn_case("triton SWA 129 + sink, via segments", attention_triton, B, H, 8, T, 129, True, one_doc, peak),
+        attn_case("triton SWA 129 + sink, mini 4x16/8x4096", attention_triton, 4, 16, 8, 4096, 129, True,
+                  AttnMeta(*(torch.arange(4096, device="cuda").expand(4, 4096),) * 2, plain=True), peak),
+    ]
+    table("Attention kernels (bf16, Q/K 192, V 128)", header(),
+          ["kernel", "B x H/Hkv x T", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s"], rows,
+          [f"tests: {summary}", f"measured ceilings: matmul {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s",
+           "FLOPs count only allowed pairs (SWA: 129 keys per query); fwd+bwd = 3.5x fwd"])
+    rows = experts_case(8192, 256, 8, 4096, 2048, peak) + experts_case(16384, 64, 8, 1024, 512, peak)
+    table("Experts (bf16, grouped GEMMs)", header(), ["case", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",
+                                                      "fwd+bwd TFLOP/s"], rows,
+          ["FLOPs: 2 * tokens * top_k * 3 * D * I forward, 3x for fwd+bwd; router not counted", recompiles()])
+
+
+if __name__ == "__main__":
+    main()

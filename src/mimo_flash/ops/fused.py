@@ -1,0 +1,124 @@
+"""Small elementwise ops, each written once in plain PyTorch and fused by torch.compile on CUDA.
+
+The plain body is the definition (and what runs on CPU); on CUDA the same body goes through
+torch.compile, which turns it and its backward into one or two fused kernels instead of a chain
+of memory-bound ones. Set MIMO_FLASH_COMPILE=0 to run the plain bodies everywhere.
+Inside an outer torch.compile the plain body runs, so the outer graph inlines it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+COMPILE = os.environ.get("MIMO_FLASH_COMPILE", "1") != "0"
+
+
+def triton_kernels():
+    """The ops.triton_kernels module where triton imports, else None."""
+    global _TRITON
+    if _TRITON is False:
+        try:
+            from . import triton_kernels as mod
+        except ImportError:
+            mod = None
+        _TRITON = mod
+    return _TRITON
+
+
+_TRITON = False
+
+
+def cuda_compiled(fn: Callable) -> Callable:
+    """Wrap fn so that calls whose first tensor argument is on CUDA run torch.compile(fn)."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        nonlocal compiled
+        if not (COMPILE and args[0].is_cuda) or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True)
+        return compiled(*args)
+
+    wrapper.plain = fn
+    return wrapper
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Half precisions up to fp32; fp32 and fp64 stay."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+@cuda_compiled
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D], weight [D] -> [..., D]: normalise in fp32 (fp64 stays), cast back, then scale by weight."""
+    xf = _acc(x)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@cuda_compiled
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, R] with R <= D -> [B, H, T, D] (contiguous).
+
+    Rotates dims [0, R) NeoX style (pairs j, j + R/2); dims [R, D) pass through.
+    """
+    r = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    xr, xp = x[..., :r], x[..., r:]
+    x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+
+
+@cuda_compiled
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [..., I] -> silu(gate) * up [..., I]."""
+    return F.silu(gate) * up
+
+
+@cuda_compiled
+def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h [P, 2I] (gate columns, then up), w [P] fp32 -> w * silu(gate) * up [P, I] in h's dtype (fp32 math for half inputs).
+
+    The routing weight is applied before the (linear) down projection, which is the same as after it.
+    """
+    gate, up = _acc(h).chunk(2, dim=-1)
+    return (F.silu(gate) * up * w[:, None]).to(h.dtype)
+
+
+def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """y [P, D], index [N * k] -> out [N, D], out[n] = sum_s y[index[n * k + s]], summed in fp32
+    (a Triton kernel on CUDA: each output row reads its k rows once)."""
+    tk = triton_kernels() if y.is_cuda and COMPILE and not torch.compiler.is_compiling() else None
+    if tk is not None:
+        return tk.gather_sum(y, index, k)
+    return _gather_sum(y, index, k)
+
+
+@cuda_compiled
+def _gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return _acc(y[index].view(-1, k, y.shape[-1])).sum(1).to(y.dtype)
+
+
+@cuda_compiled
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a, b [..., D] -> [...] fp32: sum over the last dim of a * b, in fp32."""
+    return (a.float() * b.float()).sum(-1)
+
+
+@cuda_compiled
+def sink_scale(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """Fold the sink into an attention output computed without it.
+
+    out [B, H, T, Dv], lse [B, H, T] (log-sum-exp of each row's scores), sink [H] ->
+    out * sigmoid(lse - sink): the same as a softmax whose denominator also holds exp(sink).
+    """
+    factor = torch.sigmoid(_acc(lse) - _acc(sink)[:, None])
+    return (_acc(out) * factor[..., None]).to(out.dtype)

@@ -1,0 +1,419 @@
+"""Triton kernels for CUDA: banded sliding-window attention with the sink, and the MoE gather-sum.
+
+Importing this module needs triton; ops/attention_fast.py and ops/fused.py use it only where it
+imports and the tensors are on CUDA.
+
+Banded SWA attention ("triton" attention backend)
+    For queries and keys that are the same tokens (AttnMeta.aligned) whose positions rise by at
+    least one per token within a document, every key a query may see lies among the `window`
+    tokens ending at the query, so a query tile of BLOCK_M rows visits only the key tiles of
+    [m0 - window + 1, m0 + BLOCK_M). Within them the exact rule is applied per pair:
+        k_pos <= q_pos, q_pos - k_pos < window, q_seg == k_seg.
+    The sink starts each row's online softmax as if it were a key with score sink_h and no value
+    (running max = sink_h, running sum = 1), so the saved log-sum-exp already includes it.
+    Backward (FlashAttention-2 style, no atomics): one kernel per key tile for dK and dV (looping
+    over the query heads that share the kv head), one per query tile for dQ; with P = exp(S - lse)
+    and Delta = rowsum(dO * O), dS = P * (dP - Delta), and d sink_h = -sum_i exp(sink_h - lse_i) Delta_i.
+    Head dims: Q/K dim = DA + DB with DA a power of two and DB a power of two or 0 (192 = 128 + 64),
+    V dim a power of two.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused import row_dot
+
+LOG2E = 1.4426950408889634
+
+
+
+def split_dim(d: int) -> tuple[int, int] | None:
+    """d -> (DA, DB), DA the largest power of two <= d and DB = d - DA a power of two or 0; None if not."""
+    if d < 16:
+        return None
+    da = 1 << (d.bit_length() - 1)
+    db = d - da
+    if db and (db & (db - 1) or db < 16):
+        return None
+    return da, db
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Head dims the kernels take (see split_dim) and half-precision inputs."""
+    dv = v.shape[-1]
+    return (split_dim(q.shape[-1]) is not None and dv >= 16 and dv & (dv - 1) == 0 and dv <= 256
+            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+# Loops over the tiles of the band run as `range(lo, hi, BLOCK)`; Triton's CPU interpreter
+# (TRITON_INTERPRET=1, used to test the index logic without a GPU) cannot take tensor loop bounds,
+# so there they run a fixed count of tiles with a guard.
+STATIC_LOOPS = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _allowed(qpos, kpos, qseg, kseg, valid, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[M, N] bool: may query (row) see key (column)."""
+    ok = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < WINDOW) & valid
+    if HAS_SEG:
+        ok = ok & (qseg[:, None] == kseg[None, :])
+    return ok
+
+
+@triton.jit
+def _load_keys(K, V, POS, SEG, b, T, n0, k_head, v_head, skt, svt,
+               PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+               DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile at n0: (k first DA dims, k last DB dims (or the first again if DB == 0), v, positions, segments, valid)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < T
+    k_rows = k_head + offs_n[:, None] * skt
+    ka = tl.load(k_rows + tl.arange(0, DA)[None, :], mask=mask_n[:, None], other=0.0)
+    if DB > 0:
+        kb = tl.load(k_rows + DA + tl.arange(0, DB)[None, :], mask=mask_n[:, None], other=0.0)
+    else:
+        kb = ka
+    vv = tl.load(v_head + offs_n[:, None] * svt + tl.arange(0, DV)[None, :], mask=mask_n[:, None], other=0.0)
+    if PLAIN:
+        kpos = offs_n
+    else:
+        kpos = tl.load(POS + b * T + offs_n, mask=mask_n, other=1073741824)
+    if HAS_SEG:
+        kseg = tl.load(SEG + b * T + offs_n, mask=mask_n, other=-2)
+    else:
+        kseg = kpos
+    return ka, kb, vv, kpos, kseg, mask_n
+
+
+@triton.jit
+def _load_queries(Q, POS, SEG, b, T, m0, q_head, sqt,
+                  PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """Query tile at m0: (q first DA dims, q last DB dims (or the first again), positions, segments, valid)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < T
+    q_rows = q_head + offs_m[:, None] * sqt
+    qa = tl.load(q_rows + tl.arange(0, DA)[None, :], mask=mask_m[:, None], other=0.0)
+    if DB > 0:
+        qb = tl.load(q_rows + DA + tl.arange(0, DB)[None, :], mask=mask_m[:, None], other=0.0)
+    else:
+        qb = qa
+    if PLAIN:
+        qpos = offs_m
+    else:
+        qpos = tl.load(POS + b * T + offs_m, mask=mask_m, other=-1)
+    if HAS_SEG:
+        qseg = tl.load(SEG + b * T + offs_m, mask=mask_m, other=-1)
+    else:
+        qseg = qpos
+    return qa, qb, qpos, qseg, mask_m
+
+
+@triton.jit
+def _scores(xa, xb, ya, yb, DB: tl.constexpr):
+    """x [R, D] . y [C, D]^T over both parts of the head dim -> [R, C] fp32."""
+    s = tl.dot(xa, tl.trans(ya))
+    if DB > 0:
+        s += tl.dot(xb, tl.trans(yb))
+    return s
+
+
+@triton.jit
+def _fwd_tile(qa, qb, qpos, qseg, m_i, l_i, acc, K, V, POS, SEG, b, T, n0, k_head, v_head, skt, svt, qk_scale,
+              WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr,
+              DB: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    ka, kb, vv, kpos, kseg, mask_n = _load_keys(K, V, POS, SEG, b, T, n0, k_head, v_head, skt, svt,
+                                                PLAIN, HAS_SEG, DA, DB, DV, BLOCK_N)
+    s = _scores(qa, qb, ka, kb, DB) * qk_scale
+    s = tl.where(_allowed(qpos, kpos, qseg, kseg, mask_n[None, :], WINDOW, HAS_SEG), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _swa_fwd(Q, K, V, POS, SEG, SINK, O, LSE,
+             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+             T, H, qk_scale,
+             REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_SINK: tl.constexpr,
+             DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
+    """One query tile of one head: O [B, H, T, DV] and LSE [B, H, T] (base 2, sink included)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // REP
+    m0 = pid_m * BLOCK_M
+    qa, qb, qpos, qseg, mask_m = _load_queries(Q, POS, SEG, b, T, m0, Q + b * sqb + h * sqh, sqt,
+                                               PLAIN, HAS_SEG, DA, DB, BLOCK_M)
+    if HAS_SINK:  # the sink is a key with score sink_h and no value
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    else:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    lo = (tl.maximum(m0 - (WINDOW - 1), 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    k_head = K + b * skb + hk * skh
+    v_head = V + b * svb + hk * svh
+    if STATIC:
+        for j in range((BLOCK_M + WINDOW - 1 + BLOCK_N - 1) // BLOCK_N + 1):
+            if lo + j * BLOCK_N < hi:
+                m_i, l_i, acc = _fwd_tile(qa, qb, qpos, qseg, m_i, l_i, acc, K, V, POS, SEG, b, T, lo + j * BLOCK_N,
+                                          k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV,
+                                          BLOCK_N)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(qa, qb, qpos, qseg, m_i, l_i, acc, K, V, POS, SEG, b, T, n0,
+                                      k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV,
+                                      BLOCK_N)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + tl.arange(0, DV)[None, :], out.to(O.dtype.element_ty),
+             mask=mask_m[:, None])
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_safe), mask=mask_m)
+
+
+@triton.jit
+def _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS, SEG, b, T, m0, q_head, do_head,
+               row, sqt, sdt, qk_scale,
+               WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr,
+               DB: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    qa, qb, qpos, qseg, mask_m = _load_queries(Q, POS, SEG, b, T, m0, q_head, sqt, PLAIN, HAS_SEG, DA, DB, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    st = _scores(ka, kb, qa, qb, DB)  # [N, M]
+    ok = (kpos[:, None] <= qpos[None, :]) & (qpos[None, :] - kpos[:, None] < WINDOW) & mask_m[None, :]
+    if HAS_SEG:
+        ok = ok & (kseg[:, None] == qseg[None, :])
+    lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
+    pt = tl.where(ok, tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+    do = tl.load(do_head + offs_m[:, None] * sdt + tl.arange(0, DV)[None, :], mask=mask_m[:, None], other=0.0)
+    dvacc += tl.dot(pt.to(do.dtype), do)
+    dst = (pt * (tl.dot(vv, tl.trans(do)) - delta[None, :])).to(qa.dtype)
+    dka += tl.dot(dst, qa)
+    if DB > 0:
+        dkb += tl.dot(dst, qb)
+    return dka, dkb, dvacc
+
+
+@triton.jit
+def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, DK, DVO,
+                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                  T, HKV, qk_scale, sm_scale,
+                  REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
+                  DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
+    """One key tile of one kv head: dK, dV summed over the REP query heads that read it.
+    DK, DVO are contiguous [B, HKV, T, D]; DO is laid out like O ([B, H, T, DV], strides sdb, sdh, sdt)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    n0 = pid_n * BLOCK_N
+    ka, kb, vv, kpos, kseg, mask_n = _load_keys(K, V, POS, SEG, b, T, n0, K + b * skb + hk * skh,
+                                                V + b * svb + hk * svh, skt, svt, PLAIN, HAS_SEG, DA, DB, DV,
+                                                BLOCK_N)
+    dka = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    dkb = tl.zeros([BLOCK_N, DB if DB > 0 else DA], dtype=tl.float32)
+    dvacc = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    lo = (n0 // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
+    for r in range(REP):
+        h = hk * REP + r
+        q_head = Q + b * sqb + h * sqh
+        do_head = DO + b * sdb + h * sdh
+        row = (b * HKV * REP + h) * T
+        if STATIC:
+            for j in range((BLOCK_N + WINDOW - 1 + BLOCK_M - 1) // BLOCK_M + 1):
+                if lo + j * BLOCK_M < hi:
+                    dka, dkb, dvacc = _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS,
+                                                 SEG, b, T, lo + j * BLOCK_M, q_head, do_head, row, sqt, sdt,
+                                                 qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV, BLOCK_M)
+        else:
+            for m0 in range(lo, hi, BLOCK_M):
+                dka, dkb, dvacc = _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS,
+                                             SEG, b, T, m0, q_head, do_head, row, sqt, sdt,
+                                             qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    out_rows = (bhk * T + offs_n).to(tl.int64)
+    tl.store(DK + out_rows[:, None] * (DA + DB) + tl.arange(0, DA)[None, :], (dka * sm_scale).to(DK.dtype.element_ty),
+             mask=mask_n[:, None])
+    if DB > 0:
+        tl.store(DK + out_rows[:, None] * (DA + DB) + DA + tl.arange(0, DB)[None, :],
+                 (dkb * sm_scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(DVO + out_rows[:, None] * DV + tl.arange(0, DV)[None, :], dvacc.to(DVO.dtype.element_ty),
+             mask=mask_n[:, None])
+
+
+@triton.jit
+def _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T, n0, k_head, v_head, skt, svt,
+             qk_scale, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr,
+             DB: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    ka, kb, vv, kpos, kseg, mask_n = _load_keys(K, V, POS, SEG, b, T, n0, k_head, v_head, skt, svt,
+                                                PLAIN, HAS_SEG, DA, DB, DV, BLOCK_N)
+    s = _scores(qa, qb, ka, kb, DB)
+    ok = _allowed(qpos, kpos, qseg, kseg, mask_n[None, :], WINDOW, HAS_SEG)
+    p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+    ds = (p * (tl.dot(do, tl.trans(vv)) - delta[:, None])).to(qa.dtype)
+    dqa += tl.dot(ds, ka)
+    if DB > 0:
+        dqb += tl.dot(ds, kb)
+    return dqa, dqb
+
+
+@triton.jit
+def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, POS, SEG, DQ,
+                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                T, H, qk_scale, sm_scale,
+                REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
+                DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
+    """One query tile of one head: dQ. DQ is contiguous [B, H, T, DA + DB]."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // REP
+    m0 = pid_m * BLOCK_M
+    qa, qb, qpos, qseg, mask_m = _load_queries(Q, POS, SEG, b, T, m0, Q + b * sqb + h * sqh, sqt,
+                                               PLAIN, HAS_SEG, DA, DB, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + tl.arange(0, DV)[None, :], mask=mask_m[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=mask_m, other=0.0)
+    dqa = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    dqb = tl.zeros([BLOCK_M, DB if DB > 0 else DA], dtype=tl.float32)
+    lo = (tl.maximum(m0 - (WINDOW - 1), 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    k_head = K + b * skb + hk * skh
+    v_head = V + b * svb + hk * svh
+    if STATIC:
+        for j in range((BLOCK_M + WINDOW - 1 + BLOCK_N - 1) // BLOCK_N + 1):
+            if lo + j * BLOCK_N < hi:
+                dqa, dqb = _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T,
+                                    lo + j * BLOCK_N, k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG,
+                                    DA, DB, DV, BLOCK_N)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            dqa, dqb = _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T, n0,
+                                k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV, BLOCK_N)
+    rows = (bh * T + offs_m).to(tl.int64)
+    tl.store(DQ + rows[:, None] * (DA + DB) + tl.arange(0, DA)[None, :], (dqa * sm_scale).to(DQ.dtype.element_ty),
+             mask=mask_m[:, None])
+    if DB > 0:
+        tl.store(DQ + rows[:, None] * (DA + DB) + DA + tl.arange(0, DB)[None, :],
+                 (dqb * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+# ----------------------------------------------------------------------------------------- autograd
+FWD_CFG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+BWD_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _BandedSWA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sink, pos, seg, scale: float, window: int, plain: bool):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        B, H, T, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[-1]
+        DA, DB = split_dim(D)
+        out = torch.empty(B, H, T, Dv, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base 2, sink included
+        pos_arg = pos if pos is not None else lse
+        seg_arg = seg if seg is not None else lse
+        sink_arg = sink if sink is not None else lse
+        grid = (triton.cdiv(T, FWD_CFG["BLOCK_M"]), B * H)
+        _swa_fwd[grid](q, k, v, pos_arg, seg_arg, sink_arg, out, lse,
+                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                       v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                       T, H, scale * LOG2E,
+                       REP=H // Hkv, WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, HAS_SINK=sink is not None,
+                       DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS, **FWD_CFG)
+        ctx.save_for_backward(q, k, v, sink, pos, seg, out, lse)
+        ctx.args = (scale, window, plain)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, sink, pos, seg, out, lse = ctx.saved_tensors
+        scale, window, plain = ctx.args
+        dout = _last_dim_contiguous(dout)
+        B, H, T, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[-1]
+        DA, DB = split_dim(D)
+        delta = row_dot(dout, out)  # [B, H, T] fp32
+        dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+        dk = torch.empty(B, Hkv, T, D, device=q.device, dtype=q.dtype)
+        dv = torch.empty(B, Hkv, T, Dv, device=q.device, dtype=q.dtype)
+        pos_arg = pos if pos is not None else lse
+        seg_arg = seg if seg is not None else lse
+        common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+        flags = dict(WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS,
+                     **BWD_CFG)
+        _swa_bwd_dkdv[(triton.cdiv(T, BWD_CFG["BLOCK_N"]), B * Hkv)](
+            q, k, v, dout, lse, delta, pos_arg, seg_arg, dk, dv, *common,
+            T, Hkv, scale * LOG2E, scale, REP=H // Hkv, **flags)
+        _swa_bwd_dq[(triton.cdiv(T, BWD_CFG["BLOCK_M"]), B * H)](
+            q, k, v, dout, lse, delta, pos_arg, seg_arg, dq, *common,
+            T, H, scale * LOG2E, scale, REP=H // Hkv, **flags)
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[3]:
+            pi = torch.exp2(sink.float()[None, :, None] * LOG2E - lse)  # share of the sink in each row
+            dsink = -(pi * delta).sum((0, 2)).to(sink.dtype)
+        return dq, dk, dv, dsink, None, None, None, None, None
+
+
+def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None,
+               seg: torch.Tensor | None, scale: float, window: int, sink: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, T, Dqk], k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv]; pos / seg [B, T] int32 or None
+    (None pos = positions are the indices; None seg = one document); sink [H] or None -> [B, H, T, Dv].
+
+    Queries and keys are the same T tokens; positions must rise by at least one per token within a
+    document (see the module docstring).
+    """
+    return _BandedSWA.apply(q, k, v, sink, pos, seg, scale, window, pos is None)
+
+
+# ----------------------------------------------------------------------------------------- MoE combine
+@triton.jit
+def _gather_sum_kernel(Y, IDX, OUT, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(K):
+        r = tl.load(IDX + n * K + s).to(tl.int64)
+        acc += tl.load(Y + r * D + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + n.to(tl.int64) * D + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """y [P, D] (contiguous), index [N * k] -> out [N, D], out[n] = sum_s y[index[n*k + s]] in fp32."""
+    y = y.contiguous()
+    N, D = index.numel() // k, y.shape[1]
+    out = torch.empty(N, D, device=y.device, dtype=y.dtype)
+    block = min(1024, triton.next_power_of_2(D))
+    _gather_sum_kernel[(N, triton.cdiv(D, block))](y, index, out, D, K=k, BLOCK_D=block,
+                                                   num_warps=max(1, min(8, block // 256)))
+    return out
