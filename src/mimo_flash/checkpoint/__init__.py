@@ -1,4 +1,17 @@
-from .io import CheckpointReader, load_pretrained, parse_dtype, save_pretrained
-from .names import hub_parts, to_hub
+"""Checkpoint I/O: hub-format (and transformers-format) safetensors, FP8 block (de)quantization.
 
-__all__ = ["CheckpointReader", "hub_parts", "load_pretrained", "parse_dtype", "save_pretrained", "to_hub"]
+load_pretrained / save_pretrained are what MiMoForCausalLM.from_pretrained / save_pretrained call;
+convert_checkpoint streams one checkpoint into another; write_synthetic_checkpoint makes test data.
+"""
+
+from .errors import CheckpointError, CheckpointWarning
+from .fp8 import dequantize, quantize
+from .load import load_pretrained, parse_dtype, plan_checkpoint
+from .names import hub_parts, is_quantized, to_hub
+from .reader import CheckpointReader
+from .save import convert_checkpoint, parse_size, save_pretrained
+from .synthetic import write_synthetic_checkpoint
+
+__all__ = ["CheckpointError", "CheckpointReader", "CheckpointWarning", "convert_checkpoint", "dequantize",
+           "hub_parts", "is_quantized", "load_pretrained", "parse_dtype", "parse_size", "plan_checkpoint",
+           "quantize", "save_pretrained", "to_hub", "write_synthetic_checkpoint"]

@@ -1,0 +1,107 @@
+"""FP8 block (de)quantization in the release's format.
+
+A quantized weight w [..., R, C] is stored as q = float8_e4m3fn [..., R, C] plus
+scale_inv = float32 [..., ceil(R / br), ceil(C / bc)] with one value per (br x bc) block:
+    w[r, c] = q[r, c] * scale_inv[r // br, c // bc]
+Edge blocks are partial. Leading dimensions (fused experts) have one scale grid each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CheckpointError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_SUFFIX = "_scale_inv"
+
+
+def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """Weight shape [..., R, C] -> the scale shape [..., ceil(R / br), ceil(C / bc)] it needs."""
+    *lead, R, C = shape
+    return (*lead, math.ceil(R / block[0]), math.ceil(C / block[1]))
+
+
+def check_scale(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int],
+                where: str) -> bool:
+    """True if the scale has extra trailing rows/cols (to be ignored); raises if it cannot serve.
+
+    `where` names the file and tensor for the error message.
+    """
+    need = scale_grid(weight_shape, block)
+    if len(scale_shape) != len(need) or tuple(scale_shape[:-2]) != need[:-2]:
+        raise CheckpointError(f"{where}: scale shape {tuple(scale_shape)} does not fit weight shape "
+                              f"{tuple(weight_shape)} (expected {need} for {block[0]}x{block[1]} blocks)")
+    if scale_shape[-2] < need[-2] or scale_shape[-1] < need[-1]:
+        raise CheckpointError(f"{where}: scale shape {tuple(scale_shape)} has too few rows/cols for weight shape "
+                              f"{tuple(weight_shape)}: {block[0]}x{block[1]} blocks need {need}")
+    return tuple(scale_shape) != need
+
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+CHUNK = 1 << 15  # elements per step on CPU: temporaries stay in cache, and at torch's grain size no
+                 # intra-op threads are involved (they only add overhead for this streaming work)
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    """The 256 float8_e4m3fn values as fp32 [256], indexed by their bit pattern."""
+    if device not in _TABLES:
+        _TABLES[device] = torch.arange(256, dtype=torch.uint8).view(FP8).float().to(device)
+    return _TABLES[device]
+
+
+def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], out: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [..., R, C] float8, scale_inv [..., >= ceil(R/br), >= ceil(C/bc)] -> out [..., R, C].
+
+    out[r, c] = fp32(q[r, c]) * scale_inv[r // br, c // bc], rounded once to out's dtype. Extra
+    trailing scale rows/cols are ignored (check_scale decides whether that is allowed). `out` is
+    allocated with `dtype` if None; it may be a view (e.g. one expert's rows of a fused tensor).
+    FP8 -> fp32 goes through a 256-entry table (exact, and ~4x faster than torch's conversion on CPU),
+    a few rows at a time so that the temporaries stay small.
+    """
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    *lead, R, C = q.shape
+    br, bc = block
+    q, scale_inv = q.to(out.device), scale_inv.to(out.device)
+    table = _table(out.device)
+    step = max(1, min(br, CHUNK // max(C, 1))) if out.device.type == "cpu" else br
+    for idx in itertools.product(*(range(n) for n in lead)):
+        bits, si, oi = q[idx].view(torch.uint8), scale_inv[idx].float(), out[idx]
+        for i, r0 in enumerate(range(0, R, br)):
+            r_end = min(r0 + br, R)
+            row_scale = si[i].repeat_interleave(bc)[:C]  # [C]
+            for a in range(r0, r_end, step):
+                b = min(a + step, r_end)
+                v = torch.index_select(table, 0, bits[a:b].reshape(-1).long()).view(b - a, C)
+                oi[a:b] = v.mul_(row_scale)
+    return out
+
+
+def quantize(w: torch.Tensor, block: tuple[int, int], name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., R, C] float -> (q [..., R, C] float8_e4m3fn, scale_inv [..., ceil(R/br), ceil(C/bc)] fp32).
+
+    scale_inv = amax(|block|) / 448, so each block's largest value maps to +-448; an all-zero block
+    gets scale 1 (it round-trips to zeros). Raises CheckpointError on non-finite values.
+    """
+    *lead, R, C = w.shape
+    br, bc = block
+    r, c = math.ceil(R / br), math.ceil(C / bc)
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    scale = torch.empty((*lead, r, c), dtype=torch.float32, device=w.device)
+    for idx in itertools.product(*(range(n) for n in lead)):
+        wi = F.pad(w[idx].float(), (0, c * bc - C, 0, r * br - R)).view(r, br, c, bc)
+        amax = wi.abs().amax(dim=(1, 3))  # [r, c]
+        if not torch.isfinite(amax).all():
+            raise CheckpointError(f"{name} has non-finite values (NaN or Inf); cannot quantize it")
+        s = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+        qi = (wi / s.view(r, 1, c, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q[idx] = qi.view(r * br, c * bc)[:R, :C]
+        scale[idx] = s
+    return q, scale

@@ -1,0 +1,268 @@
+"""Load MiMoForCausalLM from a checkpoint, streaming tensor by tensor.
+
+The model is built on the meta device in the target dtype, every checkpoint tensor is checked
+(names, shapes, dtypes, FP8 scales) from the file headers alone, then memory is allocated once and
+filled in file order from memory-mapped files, each FP8 tensor dequantized straight into its place.
+Peak host memory: the model plus about one tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import MiMoConfig
+from .errors import CheckpointError, CheckpointWarning
+from .fp8 import FP8, SCALE_SUFFIX, check_scale, dequantize
+from .names import (DOWN, GATE_UP, expert_index, hub_parts, is_mtp, layer_index, mtp_index, transformers_name)
+from .reader import DEFAULT_BLOCK, CheckpointReader, block_size, read_config
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Source:
+    """One checkpoint tensor that fills (part of) one of our tensors."""
+    key: str                  # checkpoint tensor name
+    shape: tuple[int, ...]    # the shape it must have
+    dst: tuple | None = None  # index into our tensor that it fills (None = all of it)
+
+
+@dataclass
+class Plan:
+    """What a checkpoint holds for the model its config describes, checked from headers only."""
+    reader: CheckpointReader
+    config: MiMoConfig               # num_nextn_predict_layers = MTP layers to load; quantization_config None
+    raw: dict                        # config.json as written
+    block: tuple[int, int]           # FP8 block size
+    tensors: dict[str, tuple[tuple[int, ...], list[Source]]] = field(default_factory=dict)  # our name -> sources
+    source_bytes: int = 0            # bytes of every checkpoint tensor read (scales included)
+
+    def where(self, key: str) -> str:
+        """'file: tensor key' for messages."""
+        return f"{self.reader.info(key).file}: tensor {key}"
+
+
+def plan_checkpoint(reader: CheckpointReader, load_mtp: bool = True, strict: bool = True) -> Plan:
+    """Check a checkpoint against its config and map every tensor of the model onto checkpoint tensors.
+
+    Raises CheckpointError for anything that does not fit; warns (CheckpointWarning) for unexpected
+    tensors when not strict and for FP8 scales with extra trailing rows/cols.
+    """
+    raw, config = read_config(reader.root)
+    cfg = reader.root / "config.json"
+    block = block_size(raw, str(cfg))
+    keys = reader.keys()
+    config = _check_structure(reader, raw, config, load_mtp, cfg)
+
+    from ..model import MiMoForCausalLM
+    with torch.device("meta"):
+        state = MiMoForCausalLM(config).state_dict()  # names and shapes, no memory
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+
+    if block is None and any(reader.info(k).dtype == FP8 for k in keys):
+        warnings.warn(f"{cfg}: FP8 tensors but no quantization_config.weight_block_size; assuming "
+                      f"{DEFAULT_BLOCK[0]}x{DEFAULT_BLOCK[1]} blocks", CheckpointWarning, stacklevel=3)
+    plan = Plan(reader, config, raw, block or DEFAULT_BLOCK)
+    missing: list[str] = []
+    used: set[str] = set()
+    extra_scales: list[str] = []
+    for name, t in state.items():
+        sources = _sources(name, tuple(t.shape), keys)
+        plan.tensors[name] = (tuple(t.shape), sources)
+        for s in sources:
+            if s.key not in keys:
+                missing.append(s.key)
+                continue
+            if _check_source(plan, s):
+                extra_scales.append(s.key + SCALE_SUFFIX)
+            for k in (s.key, s.key + SCALE_SUFFIX):
+                if k in keys and k not in used:
+                    used.add(k)
+                    plan.source_bytes += reader.info(k).nbytes
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{_describe(reader)}: missing {len(missing)} tensor(s) that config.json implies: "
+                              f"{', '.join(missing[:5])}{more}")
+    unexpected = sorted(k for k in keys - used if load_mtp or not is_mtp(k))
+    if unexpected:
+        listed = ", ".join(f"{k} (in {reader.info(k).file.name})" for k in unexpected[:5])
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        msg = f"{_describe(reader)}: {len(unexpected)} unexpected tensor(s), not part of the model config.json describes: {listed}{more}"
+        if strict:
+            raise CheckpointError(msg + "; pass strict=False to ignore them")
+        warnings.warn(msg + "; ignored (strict=False)", CheckpointWarning, stacklevel=3)
+    if extra_scales:
+        listed = "; ".join(f"{k} {reader.info(k).shape} for weight {reader.info(k[: -len(SCALE_SUFFIX)]).shape}"
+                           for k in extra_scales[:10])
+        more = f" (and {len(extra_scales) - 10} more)" if len(extra_scales) > 10 else ""
+        warnings.warn(f"{_describe(reader)}: FP8 scale(s) with extra trailing rows/cols, read as standard "
+                      f"{plan.block[0]}x{plan.block[1]} ceil blocks with the extras ignored: {listed}{more}",
+                      CheckpointWarning, stacklevel=3)
+    return plan
+
+
+def _describe(reader: CheckpointReader) -> str:
+    return str(reader.index_path or (next(iter(reader.files)) if len(reader.files) == 1 else reader.root))
+
+
+def _sources(name: str, shape: tuple[int, ...], keys: set[str]) -> list[Source]:
+    """Our tensor `name` [shape] -> the checkpoint tensors that fill it (hub, transformers or mixed layout)."""
+    for key in (name, transformers_name(name)):
+        if key in keys:
+            return [Source(key, shape)]
+    if name.endswith(GATE_UP) or name.endswith(DOWN):  # hub layout: one tensor per expert
+        meta = torch.empty(shape, device="meta")
+        return [Source(key, tuple(meta[idx].shape), idx) for key, idx in hub_parts(name, torch.Size(shape))]
+    return [Source(name, shape)]
+
+
+def _check_source(plan: Plan, s: Source) -> bool:
+    """Check one checkpoint tensor's shape, dtype and FP8 scale; True if its scale has extra rows/cols."""
+    reader, keys = plan.reader, plan.reader.infos
+    info = reader.info(s.key)
+    if info.shape != s.shape:
+        raise CheckpointError(f"{plan.where(s.key)} has shape {list(info.shape)}, but config.json implies "
+                              f"{list(s.shape)}")
+    scale_key = s.key + SCALE_SUFFIX
+    if info.dtype == FP8:
+        if scale_key not in keys:
+            raise CheckpointError(f"{plan.where(s.key)} is FP8 (float8_e4m3fn) but has no {scale_key}")
+        sinfo = reader.info(scale_key)
+        if not sinfo.dtype.is_floating_point or sinfo.dtype.itemsize == 1:
+            raise CheckpointError(f"{plan.where(scale_key)} has dtype {sinfo.dtype}; an FP8 scale must be float32")
+        return check_scale(info.shape, sinfo.shape, plan.block, plan.where(scale_key))
+    if not info.dtype.is_floating_point or info.dtype.itemsize == 1:
+        raise CheckpointError(f"{plan.where(s.key)} has dtype {info.dtype}; expected a floating-point dtype "
+                              "(float32, bfloat16, float16, or float8_e4m3fn with a scale)")
+    if scale_key in keys:
+        raise CheckpointError(f"{plan.where(scale_key)} is a scale for a tensor that is not FP8 ({info.dtype})")
+    return False
+
+
+def _check_structure(reader: CheckpointReader, raw: dict, config: MiMoConfig, load_mtp: bool, cfg) -> MiMoConfig:
+    """Layer, expert and MTP counts of the checkpoint against the config; returns the config to build."""
+    keys = reader.keys()
+    layers = {i for i in map(layer_index, keys) if i is not None}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        raise CheckpointError(f"{cfg} does not match the checkpoint: num_hidden_layers={config.num_hidden_layers}, "
+                              f"but the checkpoint has layers 0..{max(layers)}")
+    experts = {i for i in map(expert_index, keys) if i is not None}
+    if experts and max(experts) + 1 != config.n_routed_experts:
+        raise CheckpointError(f"{cfg} does not match the checkpoint: n_routed_experts={config.n_routed_experts}, "
+                              f"but the checkpoint has experts 0..{max(experts)}")
+    mtp = {i for i in map(mtp_index, keys) if i is not None}
+    found = max(mtp) + 1 if mtp else 0
+    if mtp and mtp != set(range(found)):
+        raise CheckpointError(f"{_describe(reader)}: MTP layers {sorted(mtp)} are not numbered 0..{found - 1}")
+    n = config.num_nextn_predict_layers
+    if not load_mtp:
+        n = 0
+    elif raw.get("num_nextn_predict_layers") is None:
+        n = found  # the config does not say: the checkpoint decides
+    elif found == 0 and n > 0:
+        warnings.warn(f"{cfg} says num_nextn_predict_layers={n}, but the checkpoint has no MTP weights "
+                      "(model.mtp.layers.*); the model is built without MTP layers", CheckpointWarning, stacklevel=4)
+        n = 0
+    elif found != n:
+        raise CheckpointError(f"{cfg} does not match the checkpoint: num_nextn_predict_layers={n}, but the "
+                              f"checkpoint has {found} MTP layer(s)")
+    return config.replace(num_nextn_predict_layers=n, quantization_config=None)
+
+
+def read_into(dst: torch.Tensor, reader: CheckpointReader, key: str, block: tuple[int, int],
+              src: tuple | None = None) -> None:
+    """Copy checkpoint tensor `key` (or its part `src`) into `dst`, dequantizing FP8 and casting to dst's dtype.
+
+    src indexes the checkpoint tensor: None (all of it), (e,) or (e, rows) for one expert of a fused
+    [E, ...] tensor. dst has the shape of the selected part.
+    """
+    t = reader.get(key)
+    if t.dtype == FP8:
+        s = reader.get(key + SCALE_SUFFIX)
+        if src is not None and len(src) > 1:  # rows of one fused expert: dequantize the expert, then slice
+            dst.copy_(dequantize(t[src[0]], s[src[0]], block)[src[1:]])
+        else:
+            if src is not None:
+                t, s = t[src], s[src]
+            dequantize(t, s, block, out=dst)
+    else:
+        dst.copy_(t if src is None else t[src])
+
+
+def check_finite(t: torch.Tensor, where: str, fp8: bool) -> None:
+    """Raise CheckpointError if float tensor t (FP8 included) holds a NaN or an Inf."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return
+    if t.dtype == FP8:  # e4m3fn has no Inf; NaN is the bit pattern S.1111.111
+        bad = bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    else:  # min and max propagate NaN and show +-Inf, without isfinite's full-size temporaries
+        lo, hi = torch.aminmax(t)
+        bad = not bool(torch.isfinite(lo) & torch.isfinite(hi))
+    if bad:
+        raise CheckpointError(f"{where} has non-finite values (NaN or Inf)" + (" after dequantization" if fp8 else ""))
+
+
+def progress_bar(total: int, desc: str, progress: bool | None):
+    """A tqdm bar in bytes; shown when `progress` is True, or when None and stderr is a terminal."""
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
+                dynamic_ncols=True)
+
+
+def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, load_mtp: bool = True,
+                    strict: bool = True, allow_pickle: bool = False, progress: bool | None = None):
+    """Build MiMoForCausalLM from a checkpoint directory or file.
+
+    path: a directory with config.json and model.safetensors / sharded safetensors + index (hub or
+    transformers layout, FP8 or not), or one such file beside its config.json. dtype: the model's
+    dtype ("auto" = config.torch_dtype); the router weight and correction bias stay fp32. FP8 tensors
+    are dequantized with their per-block scales. load_mtp=False skips the MTP layers. strict=False
+    turns unexpected tensors into a warning. allow_pickle=True accepts .bin/.pt files (weights_only).
+    """
+    from ..model import MiMoForCausalLM
+
+    with CheckpointReader(path, allow_pickle=allow_pickle) as reader:
+        if isinstance(dtype, str) and dtype == "auto":
+            dtype = read_config(reader.root)[1].torch_dtype
+        dtype = parse_dtype(dtype)
+        plan = plan_checkpoint(reader, load_mtp=load_mtp, strict=strict)
+        plan.config = plan.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
+        with torch.device("meta"):
+            model = MiMoForCausalLM(plan.config).to(dtype)
+        model.to_empty(device=device or "cpu")
+        state = model.state_dict()
+        lost = [n for n, _ in model.named_buffers() if n not in state]
+        if lost:
+            raise RuntimeError(f"internal: non-persistent buffers {lost} are not restored by the loader")
+
+        jobs = [(name, s) for name, (_, sources) in plan.tensors.items() for s in sources]
+        jobs.sort(key=lambda j: (str(reader.info(j[1].key).file), reader.info(j[1].key).start))
+        with torch.no_grad(), progress_bar(plan.source_bytes, "loading", progress) as bar:
+            for name, s in jobs:
+                dst = state[name] if s.dst is None else state[name][s.dst]
+                read_into(dst, reader, s.key, plan.block)
+                fp8 = reader.info(s.key).dtype == FP8
+                check_finite(dst, plan.where(s.key), fp8)
+                reader.release(s.key)
+                n = reader.info(s.key).nbytes
+                if fp8:
+                    reader.release(s.key + SCALE_SUFFIX)
+                    n += reader.info(s.key + SCALE_SUFFIX).nbytes
+                bar.update(n)
+    return model.eval()
