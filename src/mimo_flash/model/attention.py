@@ -15,7 +15,8 @@ class Attention(nn.Module):
 
     The KV cache hook: `cache.update(layer_idx, k, v, meta)` receives this step's keys [B, Hkv, T, Dqk]
     and values [B, Hkv, T, Dv] (rotated and value-scaled) and returns the keys/values to attend with the
-    matching AttnMeta.
+    matching AttnMeta. A cache that has an `attention(q, k, v, meta, scale, window, sink)` method attends
+    over its own buffers with it (decode attention); otherwise the module's backend does.
     """
 
     def __init__(self, config: MiMoConfig, layer_idx: int, swa: bool) -> None:
@@ -44,7 +45,12 @@ class Attention(nn.Module):
         v = (self.v_proj(x) * self.v_scale).view(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache_attention = None
         if cache is not None:
             k, v, meta = cache.update(self.layer_idx, k, v, meta)
-        out = attention(q, k, v, meta, self.scale, self.window, self.attention_sink_bias, self.backend)
+            cache_attention = getattr(cache, "attention", None)
+        if cache_attention is not None:
+            out = cache_attention(q, k, v, meta, self.scale, self.window, self.attention_sink_bias)
+        else:
+            out = attention(q, k, v, meta, self.scale, self.window, self.attention_sink_bias, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))

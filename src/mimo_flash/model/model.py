@@ -110,10 +110,14 @@ class MiMoModel(nn.Module):
             out[swa] = rope_cos_sin(position_ids, d["theta"], d["rotary_dim"], dtype)
         return out
 
-    def forward(self, input_ids, meta: AttnMeta, cache=None) -> torch.Tensor:
-        """input_ids [B, T] -> final hidden states [B, T, D] (after norm)."""
+    def forward(self, input_ids, meta: AttnMeta, cache=None, ropes=None) -> torch.Tensor:
+        """input_ids [B, T] -> final hidden states [B, T, D] (after norm).
+
+        ropes: {swa: (cos, sin) [B, T, rotary_dim]} precomputed for meta.q_pos (default: computed here).
+        """
         x = self.embed_tokens(input_ids)
-        ropes = self.ropes(meta.q_pos, x.dtype)
+        if ropes is None:
+            ropes = self.ropes(meta.q_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, ropes[layer.swa], meta, cache)
         return self.norm(x)
@@ -163,18 +167,25 @@ class MiMoForCausalLM(nn.Module):
         return self
 
     def mtp_step(self, k: int, token_ids: torch.Tensor, h_prev: torch.Tensor, meta: AttnMeta,
-                 cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache=None, ropes=None, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Run MTP layer k. token_ids [B, T] (the token after the one h_prev stands at, k+1 ahead of
-        the main input), h_prev [B, T, D] -> (logits [B, T, V], hidden [B, T, D] to feed layer k + 1)."""
+        the main input), h_prev [B, T, D] -> (logits [B, T, V], hidden [B, T, D] to feed layer k + 1).
+
+        ropes: as in MiMoModel.forward; logits_to_keep > 0 returns logits of the last that many positions.
+        """
         layer = self.model.mtp.layers[k]
-        rope = self.model.ropes(meta.q_pos, h_prev.dtype)[True]
+        rope = (ropes if ropes is not None else self.model.ropes(meta.q_pos, h_prev.dtype))[True]
         h = layer(self.model.embed_tokens(token_ids), h_prev, rope, meta, cache)
-        return self.lm_head(layer.final_layernorm(h)), h
+        hl = h[:, -logits_to_keep:] if logits_to_keep else h
+        return self.lm_head(layer.final_layernorm(hl)), h
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                mtp: bool = False, segment_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                mtp: bool = False, segment_ids: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [B, T] -> CausalLMOutput.
+
+        logits_to_keep > 0 computes logits for the last that many positions only (not with labels or mtp).
 
         labels [B, T] are the input ids themselves (shifted inside, -100 ignored), as in transformers;
         unlike transformers, predictions made at padding positions never count.
@@ -187,7 +198,9 @@ class MiMoForCausalLM(nn.Module):
             raise ValueError("input_ids is empty")
         meta = build_meta(input_ids, attention_mask, position_ids, segment_ids)
         h = self.model(input_ids, meta)
-        logits = self.lm_head(h)
+        if logits_to_keep and (labels is not None or mtp):
+            raise ValueError("logits_to_keep cannot be combined with labels or mtp")
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         out = CausalLMOutput(logits=logits, hidden_states=h)
         if labels is not None:
             out.lm_loss = out.loss = causal_lm_loss(logits, labels, 1, attention_mask)
@@ -214,6 +227,14 @@ class MiMoForCausalLM(nn.Module):
             if isinstance(m, Experts):
                 total -= (m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - c.num_experts_per_tok / c.n_routed_experts)
         return int(total)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Generate with a KV cache (see mimo_flash.generation.generate for the arguments).
+
+        input_ids [B, P] (left-padded, attention_mask [B, P]) -> LongTensor [B, P + new].
+        """
+        from ..generation import generate
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     # checkpoint I/O lives in checkpoint/; these are the entry points users expect
     @classmethod

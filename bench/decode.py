@@ -1,0 +1,303 @@
+"""Decode speed: mimo-flash vs transformers generate, same random weights, one run on one GPU.
+
+    python bench/decode.py                       # mini preset, batch 1 and 64, prompt 512, 256 new tokens
+    python bench/decode.py --batch 1 --spec 0 3  # subsets
+    python bench/decode.py --cache-report        # KV-cache bytes per sequence (flash preset), no GPU needed
+
+mimo-flash decodes through CUDA graphs of torch.compile'd steps (static KV cache, ring buffers for SWA
+layers); transformers runs its default generate (eager attention, DynamicCache). Random weights: greedy
+tokens are arbitrary, and speculative acceptance is low because the MTP layers are untrained.
+Batch-1 bandwidth = bytes of weights and cache that one decode step reads (the chosen experts only) /
+step time, against a measured device-to-device copy (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mimo_flash import MiMoConfig, MiMoForCausalLM  # noqa: E402
+from mimo_flash.generation import format_bytes_report, generate  # noqa: E402
+from mimo_flash.generation.runner import kv_bucket  # noqa: E402
+from mimo_flash.model.moe import MoE  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 10)."""
+    n = 1 << 30
+    x = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    del x, y
+    return 2 * n / sorted(ts)[len(ts) // 2]
+
+
+def step_bytes(model, B: int, S: int, kv_len: int, K: int = 0) -> int:
+    """Bytes one plain decode step reads: weights it touches (k of E experts at batch 1) + cache."""
+    c = model.config
+    total = B * c.hidden_size * model.dtype.itemsize  # embedding rows
+    for layer in model.model.layers:
+        for name, p in layer.named_parameters():
+            if ".experts." in name:
+                continue
+            total += p.numel() * p.element_size()
+        if isinstance(layer.mlp, MoE):
+            ex = layer.mlp.experts
+            per_expert = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.gate_up_proj.element_size()
+            total += min(c.n_routed_experts, B * c.num_experts_per_tok) * per_expert
+        total += sum(b.numel() * b.element_size() for b in layer.buffers())
+    total += model.model.norm.weight.numel() * model.model.norm.weight.element_size()
+    total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    bucket = kv_bucket(kv_len, S)
+    R = c.sliding_window + 2 * K
+    for i in range(c.num_hidden_layers):
+        d = c.attn_dims(c.is_swa(i))
+        n = R if c.is_swa(i) else bucket
+        total += B * n * d["kv_heads"] * (d["qk_dim"] + d["v_dim"]) * model.dtype.itemsize
+    return total
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ours(model, ids, new, K, compile):
+    kw = dict(max_new_tokens=new, num_speculative_tokens=K, compile=compile, eos_token_id=[])
+    t = time.perf_counter()
+    out, st = generate(model, ids, return_stats=True, **kw)  # first call: compile + capture
+    first = time.perf_counter() - t
+    sync()
+    t = time.perf_counter()
+    out, st = generate(model, ids, return_stats=True, **kw)
+    sync()
+    total = time.perf_counter() - t
+    B = ids.shape[0]
+    return dict(total_s=total, prefill_s=st.prefill_seconds, decode_s=st.decode_seconds,
+                decode_tok_s=B * (new - 1) / st.decode_seconds, e2e_tok_s=B * new / total,
+                first_call_s=first, steps=st.steps, acceptance_length=st.acceptance_length,
+                acceptance_rate=st.acceptance_rate, tokens=out)
+
+
+def time_transformers(tf, ids, new):
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    tf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+    sync()
+    t = time.perf_counter()
+    tf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    sync()
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    out = tf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+    sync()
+    total = time.perf_counter() - t
+    B = ids.shape[0]
+    return dict(total_s=total, prefill_s=prefill, decode_s=total - prefill,
+                decode_tok_s=B * (new - 1) / (total - prefill), e2e_tok_s=B * new / total, tokens=out)
+
+
+def graph_report(model, B: int) -> str:
+    """Replay time of each captured decode graph of batch B, and the kernels of the plain decode step."""
+    from mimo_flash.generation.engine import _RUNNERS
+
+    lines = []
+    for key, runner in _RUNNERS.get(model, {}).items():
+        if key[0] != B or not hasattr(runner, "graphs"):
+            continue
+        for gkey, (g, _, _) in runner.graphs.items():
+            if not isinstance(g, torch.cuda.CUDAGraph):
+                continue
+            for _ in range(3):
+                g.replay()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(50):
+                g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            lines.append(f"graph {gkey}: {a.elapsed_time(b) / 50 * 1e3:.0f} us per replay")
+            if gkey[0] == "main" and gkey[2] == 1:
+                try:
+                    from torch.profiler import ProfilerActivity, profile
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        g.replay()
+                        torch.cuda.synchronize()
+                    ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
+                    lines.append(f"  {len(ev)} kernels in the step, {sum(e.device_time for e in ev):.0f} us of kernel time")
+                    table = prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=90)
+                    lines.append("\n".join(table.splitlines()[:17]))
+                    if os.environ.get("OUT"):
+                        Path(os.environ["OUT"], f"profile_b{B}.txt").write_text(table)
+                except Exception as e:  # profiler support for graph kernels varies
+                    lines.append(f"  (profiler: {type(e).__name__}: {e})")
+    return "\n".join(lines)
+
+
+def agree(a: torch.Tensor, b: torch.Tensor, P: int) -> float:
+    """Mean over rows of the fraction of leading new tokens that agree."""
+    a, b = a[:, P:].cpu(), b[:, P:].cpu()
+    n = min(a.shape[1], b.shape[1])
+    same = (a[:, :n] == b[:, :n]).long().cumprod(1).sum(1).float()
+    return float(same.mean() / n)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--spec", type=int, nargs="+", default=[0, 3], help="num_speculative_tokens values (0 = plain)")
+    ap.add_argument("--no-compile", action="store_true", help="CUDA graphs of eager steps only")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 520)))
+    ap.add_argument("--cache-report", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu only to check this script (tiny sizes)")
+    args = ap.parse_args(argv)
+    if args.cache_report:
+        print(format_bytes_report(MiMoConfig.preset("flash"), name="flash"))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/decode.py needs a CUDA GPU (use --cache-report for the cache bytes)")
+        return 1
+    import transformers
+    name = torch.cuda.get_device_properties(0).name if args.device == "cuda" else "cpu"
+    log(f"device {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"date {datetime.date.today()}, command: {' '.join(sys.argv)}")
+    results = dict(device=name, torch=torch.__version__, transformers=transformers.__version__,
+                   date=str(datetime.date.today()), command=" ".join(sys.argv), runs=[])
+    bw = copy_bandwidth() if args.device == "cuda" else 1.0
+    results["copy_bandwidth"] = bw
+    log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+
+    torch.manual_seed(0)
+    config = MiMoConfig.preset(args.preset, torch_dtype="bfloat16")
+    with torch.device(args.device):
+        model = MiMoForCausalLM(config)
+    model = model.to(torch.bfloat16).eval()
+    log(f"{args.preset}: {model.num_parameters() / 1e9:.2f}B parameters "
+        f"({model.num_parameters(active=True) / 1e9:.2f}B active)")
+    tf = None
+    if not args.no_transformers:
+        try:
+            cls = getattr(transformers, "MiMoV2FlashForCausalLM")
+            d = Path(tempfile.mkdtemp(prefix="mimo-bench-"))
+            model.save_pretrained(d)
+            tf = cls.from_pretrained(d, dtype=torch.bfloat16).to(args.device).eval()
+            log(f"transformers twin loaded ({type(tf).__name__}, attention {tf.config._attn_implementation}, "
+                f"experts {getattr(tf.config, '_experts_implementation', '?')})")
+        except Exception as e:  # transformers without mimo_v2_flash, or a loading problem
+            log(f"transformers twin unavailable: {type(e).__name__}: {e}")
+            results["transformers_error"] = f"{type(e).__name__}: {e}"
+
+    g = torch.Generator().manual_seed(1)
+    table = []
+    for B in args.batch:
+        ids = torch.randint(0, config.vocab_size, (B, args.prompt), generator=g).to(args.device)
+        ref = None
+        tf_row = None
+        for K in args.spec:
+            if time.perf_counter() - T0 > args.budget_s:
+                log(f"batch {B} K={K}: skipped (time budget)")
+                continue
+            compile = not args.no_compile
+            try:
+                r = time_ours(model, ids, args.new, K, compile)
+            except Exception as e:
+                log(f"batch {B} K={K} compile={compile} failed: {type(e).__name__}: {str(e)[:400]}")
+                traceback.print_exc(limit=3)
+                if not compile:
+                    continue
+                compile = False
+                r = time_ours(model, ids, args.new, K, compile)
+            toks = r.pop("tokens")
+            if ref is None:
+                ref = toks
+            row = dict(batch=B, K=K, compile=compile, **r)
+            if K == 0:
+                S = -(-(args.prompt + args.new + 2) // 64) * 64
+                nbytes = step_bytes(model, B, S, args.prompt + args.new // 2)
+                row["step_bytes"] = nbytes
+                row["bandwidth"] = nbytes / (r["decode_s"] / (args.new - 1))
+            else:
+                row["same_tokens_as_plain"] = agree(toks, ref, args.prompt)
+            log(f"ours  B={B} K={K}: decode {row['decode_tok_s']:.0f} tok/s, e2e {row['e2e_tok_s']:.0f} tok/s, "
+                f"prefill {row['prefill_s'] * 1e3:.0f} ms, first call {row['first_call_s']:.1f} s"
+                + (f", acceptance length {row['acceptance_length']:.2f}" if K else "")
+                + (f", {row['bandwidth'] / 1e12:.2f} TB/s ({row['bandwidth'] / bw:.0%} of copy)" if K == 0 else ""))
+            if tf is not None and tf_row is None and time.perf_counter() - T0 < args.budget_s:
+                try:
+                    tf_row = time_transformers(tf, ids, args.new)
+                    ttoks = tf_row.pop("tokens")
+                    tf_row["same_tokens_as_ours"] = agree(ttoks, ref, args.prompt)
+                    log(f"transformers B={B}: decode {tf_row['decode_tok_s']:.0f} tok/s, e2e "
+                        f"{tf_row['e2e_tok_s']:.0f} tok/s, prefill {tf_row['prefill_s'] * 1e3:.0f} ms, greedy "
+                        f"agreement with ours {tf_row['same_tokens_as_ours']:.0%}")
+                    results["runs"].append(dict(engine="transformers", batch=B, **tf_row))
+                except Exception as e:
+                    log(f"transformers B={B} failed: {type(e).__name__}: {str(e)[:400]}")
+            if tf_row is not None:
+                row["ratio_decode"] = row["decode_tok_s"] / tf_row["decode_tok_s"]
+                row["ratio_e2e"] = row["e2e_tok_s"] / tf_row["e2e_tok_s"]
+            results["runs"].append(dict(engine="mimo-flash", **row))
+            table.append((row, tf_row))
+        if args.device == "cuda":  # replay time of every graph of this batch size (decode, verify, MTP)
+            try:
+                rep = graph_report(model, B)
+                log("graphs:\n" + rep)
+                results.setdefault("graph_reports", []).append(rep)
+            except Exception as e:
+                log(f"graph report failed: {type(e).__name__}: {e}")
+        del ids
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "decode.json").write_text(json.dumps(results, indent=1, default=str))
+    print()
+    print(f"{name}, {datetime.date.today()}, {args.preset} preset, prompt {args.prompt}, {args.new} new tokens, "
+          f"bf16, greedy; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print("| batch | K | ours decode tok/s | transformers decode tok/s | ratio | ours e2e tok/s | tf e2e tok/s | "
+          "e2e ratio | accept len | batch-1 bandwidth |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row, tfr in table:
+        bwtxt = (f"{row['bandwidth'] / 1e12:.2f} TB/s = {row['bandwidth'] / bw:.0%}"
+                 if row["K"] == 0 and row["batch"] == 1 else "")
+        print(f"| {row['batch']} | {row['K']}{'' if row['compile'] else ' (eager graphs)'} | "
+              f"{row['decode_tok_s']:.0f} | {tfr['decode_tok_s']:.0f} | {row['ratio_decode']:.1f}x | "
+              f"{row['e2e_tok_s']:.0f} | {tfr['e2e_tok_s']:.0f} | {row['ratio_e2e']:.1f}x | "
+              f"{row['acceptance_length']:.2f} | {bwtxt} |" if tfr else
+              f"| {row['batch']} | {row['K']} | {row['decode_tok_s']:.0f} | - | - | {row['e2e_tok_s']:.0f} | - | - | "
+              f"{row['acceptance_length']:.2f} | {bwtxt} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Attention of a few new queries over the KV cache (decode, verification, prefill chunks).
+
+Grouped-query: the query heads that share a kv head are folded into the query rows, so keys and values
+are read once per kv head (no repeat_interleave copy of the cache). The rules of ops/attention.py apply
+(positions, window, segments, sink); this function is tested against attention_reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.attention import AttnMeta
+
+
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float,
+                    window: int | None = None, sink: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, Tq, Dqk], k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv], sink [H] or None -> [B, H, Tq, Dv].
+
+    meta: q_pos/q_seg [B, Tq], k_pos/k_seg [B, S]. Scores are taken in the input dtype (fp32 accumulation)
+    and the softmax in fp32, as in transformers' eager attention; fp32 inputs give fp32 throughout. Traced
+    by torch.compile for a single decode row, both products are multiply-and-sum reductions in fp32,
+    which fuse with the softmax instead of two tiny GEMM calls.
+    A query that sees no key and has no sink gets zeros.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    qg = q.reshape(B, Hkv, rep * Tq, D)  # rows (r, t) of kv head g = query head g * rep + r at t
+    reduce = torch.compiler.is_compiling() and B * Tq == 1  # one decode row: fused fp32 reductions
+    if reduce:
+        scores = (qg.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1).view(B, Hkv, rep, Tq, S) * scale
+    else:
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float().view(B, Hkv, rep, Tq, S) * scale
+    qp, kp = meta.q_pos[:, None, None, :, None], meta.k_pos[:, None, None, None, :]
+    allowed = kp <= qp
+    if window is not None:
+        allowed = allowed & (qp - kp < window)
+    if meta.q_seg is not None:
+        allowed = allowed & (meta.q_seg[:, None, None, :, None] == meta.k_seg[:, None, None, None, :])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    mx = scores.amax(-1, keepdim=True)
+    if sink is not None:
+        s = sink.float().view(1, Hkv, rep, 1, 1)
+        mx = torch.maximum(mx, s)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(scores - mx)
+    den = e.sum(-1, keepdim=True)
+    if sink is not None:
+        den = den + torch.exp(s - mx)
+    p = e / den.clamp_min(torch.finfo(torch.float32).tiny)
+    if reduce:
+        out = (p.view(B, Hkv, rep * Tq, S, 1) * v.float()[:, :, None]).sum(-2).to(v.dtype)
+    else:
+        out = torch.matmul(p.to(v.dtype).view(B, Hkv, rep * Tq, S), v)  # [B, Hkv, rep * Tq, Dv]
+    return out.view(B, H, Tq, v.shape[-1])

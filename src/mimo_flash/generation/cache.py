@@ -1,0 +1,273 @@
+"""KV cache: every position for full-attention layers, a ring of the window for sliding-window layers.
+
+Layout (B = batch, Hkv = kv heads of the layer, D / Dv = key / value head dims):
+
+    full-attention layer  k [B, Hkv, S, D], v [B, Hkv, S, Dv]   slot j holds position j (S = max_length)
+    sliding-window layer  k [B, Hkv, R, D], v [B, Hkv, R, Dv]   slot p % R holds position p (R = window + slack)
+    MTP layer k           a ring like the SWA layers, at cache slot num_hidden_layers + k
+
+Every row of the batch has its own positions (left-padded prompts, rows that accept different numbers
+of speculative tokens). Which key a query may see is decided by positions and validity, as in
+ops/attention.py, so the cache hands the attention its keys' positions and segments: a valid key has
+segment 0, an empty or rolled-back slot segment -1, an invalid (padding) query segment -2.
+
+Layers that always see the same positions share one table of slot positions/validity ("groups"):
+all main full-attention layers, all main SWA layers, and each MTP layer on its own.
+
+A forward over the cache is: `meta = cache.step(group, q_pos, q_valid, kv_len)` once (plans the writes,
+updates the group's table), then the model runs and each Attention calls `cache.update(layer, k, v, meta)`
+(writes its keys/values, returns the keys/values to attend) and `cache.attention(...)`.
+
+Two ways to attend in a ring, chosen per step:
+  - write-then-attend (static shapes, the decode path): valid when the T new tokens cannot overwrite a key
+    that one of them still needs, i.e. T <= R - window + 1. Slack R - window = 2 * num_speculative_tokens
+    covers verification (K + 1 tokens) and the re-run of MTP layers (up to 2K + 1 tokens), and also keeps the
+    keys that rolled-back tokens overwrote out of the window (see speculative.py).
+  - concat (chunked prefill, T large): keys = the ring before writing ++ the new tokens; then only the
+    last R tokens of each row are written.
+
+Invalid tokens of a step (left padding, rows with fewer tokens) must not change the cache. A scatter with
+static shapes still writes one value per token, so an invalid token rewrites, at the same slot, exactly
+what a valid token of its row writes there (or, in a row with nothing valid, the current content of slot 0):
+duplicate writes of identical data leave a deterministic result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MiMoConfig
+from ..ops.attention import AttnMeta
+from .attention import cache_attention
+
+MAIN = "main"  # group name for a main-model step (covers both the full and the SWA tables)
+
+
+def mtp_group(k: int) -> str:
+    return f"mtp{k}"
+
+
+@dataclass
+class _Plan:
+    """One group's writes for the current step (B rows, T new tokens)."""
+
+    slots: torch.Tensor  # [B, T] long, slot each token writes
+    write: torch.Tensor | None  # [B, T] bool, tokens that really write (None = all)
+    rep: torch.Tensor | None  # [B] long, index of a writing token per row (rows without one: -1)
+    meta: AttnMeta  # queries vs the keys returned by update()
+    concat: bool  # keys = old buffer ++ new tokens
+    kv_len: int  # full layers: attend over slots [0, kv_len)
+
+
+class KVCache:
+    """Static KV cache for MiMoForCausalLM.
+
+    config: the model's MiMoConfig; batch_size B; max_length S = the largest position + 1 it can hold.
+    num_mtp: MTP layers to give a ring (0 without speculative decoding); slack: extra ring slots beyond
+    the window (2 * num_speculative_tokens for speculative decoding).
+    sliding=False keeps every position in the SWA layers too (the all-global comparison of bytes_report).
+    """
+
+    def __init__(self, config: MiMoConfig, batch_size: int, max_length: int, *, device=None,
+                 dtype: torch.dtype = torch.bfloat16, num_mtp: int = 0, slack: int = 0, sliding: bool = True):
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(f"KVCache: batch_size and max_length must be positive, got {batch_size}, {max_length}")
+        if num_mtp > config.num_nextn_predict_layers:
+            raise ValueError(f"KVCache: {num_mtp} MTP layers requested, the model has {config.num_nextn_predict_layers}")
+        self.config, self.B, self.S, self.window = config, batch_size, max_length, config.sliding_window
+        self.R = min(self.window + slack, max_length) if sliding else max_length
+        self.sliding, self.slack = sliding, slack
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.group_of: dict[int, str] = {}
+        L = config.num_hidden_layers
+        layers = [(i, config.is_swa(i)) for i in range(L)] + [(L + k, True) for k in range(num_mtp)]
+        for i, swa in layers:
+            d = config.attn_dims(swa)
+            ring = swa and sliding
+            n = self.R if ring else self.S
+            self.k[i] = torch.zeros(batch_size, d["kv_heads"], n, d["qk_dim"], device=self.device, dtype=dtype)
+            self.v[i] = torch.zeros(batch_size, d["kv_heads"], n, d["v_dim"], device=self.device, dtype=dtype)
+            if i >= L:
+                self.group_of[i] = mtp_group(i - L)
+            else:
+                self.group_of[i] = "swa" if ring else "full"
+        # per-group tables: slot positions [B, n] (long) and validity [B, n] (bool)
+        self.pos: dict[str, torch.Tensor] = {}
+        self.valid: dict[str, torch.Tensor] = {}
+        for g in sorted(set(self.group_of.values())):
+            n = self.S if g == "full" else self.R
+            if g == "full":  # slot j always holds position j
+                self.pos[g] = torch.arange(n, device=self.device).expand(batch_size, n)
+            else:
+                self.pos[g] = torch.full((batch_size, n), -1, device=self.device, dtype=torch.long)
+            self.valid[g] = torch.zeros(batch_size, n, device=self.device, dtype=torch.bool)
+        self._plans: dict[str, _Plan] = {}
+
+    # ------------------------------------------------------------------ sizes
+    def nbytes(self) -> int:
+        """Bytes this cache allocated (keys, values and the position/validity tables)."""
+        ts = list(self.k.values()) + list(self.v.values()) + list(self.valid.values())
+        ts += [p for g, p in self.pos.items() if g != "full"]  # the full table is an expanded arange view
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def ring_size(self) -> int:
+        return self.R
+
+    # ------------------------------------------------------------------ steps
+    def _ring_groups(self, group: str) -> list[str]:
+        if group == MAIN:
+            return [g for g in ("full", "swa") if g in self.valid]
+        return [group]
+
+    def step(self, group: str, q_pos: torch.Tensor, q_valid: torch.Tensor | None, kv_len: int) -> AttnMeta:
+        """Plan the writes of one forward and update the group's tables.
+
+        group: MAIN or mtp_group(k); q_pos [B, T] long positions of the new tokens (each row consecutive
+        over its valid tokens); q_valid [B, T] bool or None (all valid); kv_len: host bound on
+        max(q_pos of valid tokens) + 1 (full layers attend over slots [0, kv_len)).
+        Returns the AttnMeta to run the model with.
+        """
+        B, T = q_pos.shape
+        if B != self.B:
+            raise ValueError(f"KVCache holds {self.B} rows, got a batch of {B}")
+        if kv_len > self.S:
+            raise ValueError(f"position {kv_len - 1} does not fit in a KV cache of max_length {self.S}")
+        q_seg = None if q_valid is None else torch.where(q_valid, 0, -2)
+        for g in self._ring_groups(group):
+            self._plans[g] = self._plan(g, q_pos, q_valid, q_seg, kv_len)
+        return AttnMeta(q_pos=q_pos, k_pos=q_pos, q_seg=q_seg, k_seg=q_seg, aligned=False, plain=False)
+
+    def _plan(self, g, q_pos, q_valid, q_seg, kv_len) -> _Plan:
+        B, T = q_pos.shape
+        full = g == "full"
+        n = self.S if full else self.R
+        concat = not full and T > n - self.window + 1
+        write = q_valid
+        if concat and T > n:  # only the last n tokens of a row survive; earlier ones must not write
+            last = torch.where(q_valid, q_pos, -1).amax(1, keepdim=True) if q_valid is not None \
+                else q_pos[:, -1:]
+            keep = q_pos > last - n
+            write = keep if write is None else write & keep
+        slots = q_pos if full else torch.remainder(q_pos, n)
+        rep = None
+        if write is not None:
+            ar = torch.arange(T, device=q_pos.device)
+            has = write.any(1)
+            rep = torch.where(has, torch.where(write, ar, -1).amax(1), -1)  # last writing token per row
+            rep_slot = slots.gather(1, rep.clamp_min(0)[:, None])
+            slots = torch.where(write, slots, torch.where(has[:, None], rep_slot, 0))
+        k_seg_new = torch.zeros_like(q_pos) if q_valid is None else torch.where(q_valid, 0, -1)
+        if concat:
+            old_pos = self.pos[g].clone()
+            old_seg = torch.where(self.valid[g], 0, -1)
+        self._write_table(g, slots, write, rep, q_pos)
+        if concat:
+            k_pos = torch.cat([old_pos, q_pos], 1)
+            k_seg = torch.cat([old_seg, k_seg_new], 1)
+        else:
+            k_pos = self.pos[g][:, :kv_len] if full else self.pos[g]
+            k_seg = torch.where(self.valid[g][:, :kv_len] if full else self.valid[g], 0, -1)
+        meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=torch.zeros_like(q_pos) if q_seg is None else q_seg,
+                        k_seg=k_seg, aligned=False, plain=False)
+        return _Plan(slots=slots, write=write, rep=rep, meta=meta, concat=concat, kv_len=kv_len)
+
+    def _write_table(self, g, slots, write, rep, q_pos) -> None:
+        valid = self.valid[g]
+        rows = torch.arange(self.B, device=slots.device)[:, None]
+        new_valid = torch.ones_like(slots, dtype=torch.bool)
+        if write is not None:  # non-writing tokens repeat their row's representative value
+            rep_valid = torch.where(rep >= 0, True, valid[:, 0])[:, None]
+            new_valid = torch.where(write, True, rep_valid)
+        valid[rows, slots] = new_valid
+        if g != "full":
+            pos = q_pos
+            if write is not None:
+                rep_pos = torch.where(rep >= 0, q_pos.gather(1, rep.clamp_min(0)[:, None])[:, 0], self.pos[g][:, 0])
+                pos = torch.where(write, q_pos, rep_pos[:, None])
+            self.pos[g][rows, slots] = pos
+
+    def _write(self, buf: torch.Tensor, new: torch.Tensor, plan: _Plan) -> None:
+        """buf [B, H, n, d] <- new [B, H, T, d] at plan.slots (an index_put_, which torch.compile keeps in place)."""
+        B, H, T, d = new.shape
+        if plan.write is not None:
+            idx = plan.rep.clamp_min(0)[:, None, None, None].expand(B, H, 1, d)
+            rep = torch.where((plan.rep >= 0)[:, None, None, None], new.gather(2, idx), buf[:, :, :1])
+            new = torch.where(plan.write[:, None, :, None], new, rep)
+        rows = torch.arange(B, device=new.device)[:, None]
+        buf[rows, :, plan.slots] = new.transpose(1, 2)  # indexed dims first: values [B, T, H, d]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta):
+        """The attention hook. k [B, Hkv, T, D], v [B, Hkv, T, Dv] (rotated, value-scaled) ->
+        (keys [B, Hkv, Tk, D], values [B, Hkv, Tk, Dv], AttnMeta of queries vs those keys)."""
+        g = self.group_of[layer_idx]
+        plan = self._plans[g]
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        if plan.concat:
+            k_all, v_all = torch.cat([K, k.to(K.dtype)], 2), torch.cat([V, v.to(V.dtype)], 2)
+        self._write(K, k.to(K.dtype), plan)
+        self._write(V, v.to(V.dtype), plan)
+        if plan.concat:
+            return k_all, v_all, plan.meta
+        if g == "full":
+            return K[:, :, :plan.kv_len], V[:, :, :plan.kv_len], plan.meta
+        return K, V, plan.meta
+
+    @staticmethod
+    def attention(q, k, v, meta, scale, window, sink):
+        """Attention over the cache (see generation/attention.py)."""
+        return cache_attention(q, k, v, meta, scale, window, sink)
+
+    # ------------------------------------------------------------------ rollback
+    def rollback(self, lengths: torch.Tensor, group: str = MAIN) -> None:
+        """Forget every entry at a position >= lengths[b] in row b. lengths [B] long."""
+        for g in self._ring_groups(group):
+            self.valid[g] &= self.pos[g] < lengths[:, None]
+
+    def reset(self) -> None:
+        for g in self.valid:
+            self.valid[g].zero_()
+            if g != "full":
+                self.pos[g].fill_(-1)
+
+
+def cache_bytes(config: MiMoConfig, context: int, *, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16,
+                num_mtp: int = 0, slack: int = 0, sliding: bool = True) -> int:
+    """Bytes a KVCache for `context` positions allocates (built on the meta device: nothing is allocated)."""
+    return KVCache(config, batch_size, context, device="meta", dtype=dtype, num_mtp=num_mtp, slack=slack,
+                   sliding=sliding).nbytes()
+
+
+def bytes_report(config: MiMoConfig, contexts=(4096, 32768, 262144), dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Per-sequence cache bytes at each context: this cache (main layers, + MTP rings) vs every layer global."""
+    rows = []
+    for n in contexts:
+        ours = cache_bytes(config, n, dtype=dtype)
+        mtp = cache_bytes(config, n, dtype=dtype, num_mtp=config.num_nextn_predict_layers)
+        glob = cache_bytes(config, n, dtype=dtype, sliding=False)
+        rows.append(dict(context=n, ours=ours, ours_with_mtp=mtp, all_global=glob, saving=glob / ours))
+    return rows
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n}"
+
+
+def format_bytes_report(config: MiMoConfig, contexts=(4096, 32768, 262144), dtype=torch.bfloat16,
+                        name: str = "") -> str:
+    rows = bytes_report(config, contexts, dtype)
+    lines = [f"KV cache bytes per sequence{(' (' + name + ')') if name else ''}, {str(dtype).replace('torch.', '')}, "
+             f"window {config.sliding_window}:",
+             f"{'context':>9} | {'ours (main)':>12} | {'ours + MTP':>12} | {'all-global':>12} | saving"]
+    for r in rows:
+        lines.append(f"{r['context']:>9} | {format_bytes(r['ours']):>12} | {format_bytes(r['ours_with_mtp']):>12} | "
+                     f"{format_bytes(r['all_global']):>12} | {r['saving']:.1f}x")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""`mimo-flash generate` and `mimo-flash chat`: load a checkpoint directory and stream text."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def _user_error(msg: str):
+    from ..cli import UserError
+    return UserError(msg)
+
+
+def parse_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, checking that it exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _user_error(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise _user_error(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise _user_error(f"device {name!r} requested but CUDA is not available here")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise _user_error(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+def parse_dtype(name: str, device: torch.device):
+    if name not in DTYPES:
+        raise _user_error(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    dt = DTYPES[name]
+    if dt is None:  # auto: bf16 on GPU, fp32 on CPU
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dt
+
+
+def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="draft K tokens per step with the MTP layers (0 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the CUDA-graph decode steps")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="continue a prompt, streaming the text")
+    _add_common(p, temperature=0.0)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    p.set_defaults(fn=cmd_generate)
+    c = subparsers.add_parser("chat", help="interactive multi-turn chat through the checkpoint's chat template")
+    _add_common(c, temperature=0.0)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(fn=cmd_chat)
+    b = subparsers.add_parser("kv-cache", help="KV-cache bytes per sequence: sliding-window rings vs all-global")
+    b.add_argument("--preset", default="flash", help="config preset (flash, mini, tiny) unless --model is given")
+    b.add_argument("--model", default=None, help="checkpoint directory whose config.json to use")
+    b.add_argument("--context", type=int, nargs="+", default=[4096, 32768, 262144])
+    b.add_argument("--dtype", default="bfloat16")
+    b.set_defaults(fn=cmd_kv_cache)
+
+
+def cmd_kv_cache(args) -> int:
+    from ..config import MiMoConfig
+    from .cache import format_bytes_report
+
+    config = MiMoConfig.from_pretrained(args.model) if args.model else MiMoConfig.preset(args.preset)
+    dtype = parse_dtype(args.dtype, torch.device("cpu"))
+    if any(c < 1 for c in args.context):
+        raise _user_error("--context values must be >= 1")
+    print(format_bytes_report(config, args.context, dtype, name=args.model or args.preset))
+    return 0
+
+
+def load(args):
+    """-> (model, tokenizer) from args.model / device / dtype, with clear errors."""
+    from ..model import MiMoForCausalLM
+    from .tokenizer import Tokenizer
+
+    root = Path(args.model)
+    if not root.is_dir():
+        raise _user_error(f"model directory {root} does not exist")
+    if not (root / "config.json").exists():
+        raise _user_error(f"{root} has no config.json: not a checkpoint directory")
+    if not (root / "tokenizer.json").exists():
+        raise _user_error(f"{root} has no tokenizer.json; copy the checkpoint's tokenizer files "
+                          "(tokenizer.json, tokenizer_config.json) into it")
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    tok = Tokenizer(root)
+    model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, device=device).eval()
+    if tok.vocab_size > model.config.vocab_size:
+        print(f"warning: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}", file=sys.stderr)
+    return model, tok
+
+
+def _gen_kwargs(args, tok) -> dict:
+    if args.max_new_tokens < 1:
+        raise _user_error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise _user_error(f"--temperature must be >= 0, got {args.temperature}")
+    sample = args.temperature > 0
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else 1.0,
+              top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+              num_speculative_tokens=args.speculative, seed=args.seed, compile=args.compile)
+    if tok.eos_token_ids:
+        kw["eos_token_id"] = tok.eos_token_ids
+    if tok.pad_token_id is not None:
+        kw["pad_token_id"] = tok.pad_token_id
+    return kw
+
+
+def _run(model, tok, text: str, args, write) -> tuple[str, object]:
+    from .engine import generate
+    from .streamer import TextStreamer
+
+    ids = tok.encode(text)
+    if not ids:
+        raise _user_error("empty prompt: it encodes to no tokens")
+    kw = _gen_kwargs(args, tok)
+    streamer = TextStreamer(tok, write=write, stop_strings=args.stop)
+    _, stats = generate(model, torch.tensor([ids]), streamer=streamer, stopping=streamer if args.stop else None,
+                        return_stats=True, **kw)
+    return streamer.text, stats
+
+
+def _stdout(s: str) -> None:
+    sys.stdout.write(s)
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> int:
+    if not args.prompt:
+        raise _user_error("empty prompt: --prompt is ''")
+    model, tok = load(args)
+    text = args.prompt
+    if args.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    _, stats = _run(model, tok, text, args, _stdout)
+    print()
+    if args.speculative:
+        print(f"[speculative K={args.speculative}: acceptance length {stats.acceptance_length:.2f} "
+              f"tokens/step]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model, tok = load(args)
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    start = len(messages)
+    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            del messages[start:]
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        reply, _ = _run(model, tok, prompt, args, _stdout)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0

@@ -1,0 +1,336 @@
+"""generate(): chunked prefill, then plain or MTP-speculative decoding over a KVCache.
+
+Shapes: B rows, P prompt columns (left padding), V vocabulary, D hidden size, K speculative tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import KVCache
+from .runner import GraphRunner, Runner
+from .sampling import SamplingParams, choose, process
+from .speculative import spec_prefill, spec_step
+
+
+@dataclass
+class GenerationStats:
+    """What a generate() call did. acceptance_length = tokens emitted per verification step per row."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # summed over rows, up to EOS / max_new_tokens
+    steps: int = 0  # decode (or verification) forwards
+    drafted: int = 0  # draft tokens verified, summed over active rows
+    accepted: int = 0  # of which accepted
+    row_steps: int = 0  # verification steps summed over active rows
+    emitted: int = 0  # tokens emitted by verification steps, summed over active rows
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    capture_seconds: float = 0.0
+    cache_bytes: int = 0
+    per_step_accepted: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_length(self) -> float:
+        return self.emitted / self.row_steps if self.row_steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def _as_eos_list(eos) -> list[int]:
+    if eos is None:
+        return []
+    if isinstance(eos, int):
+        return [eos]
+    return [int(e) for e in eos]
+
+
+def check_inputs(model, input_ids, attention_mask, max_new_tokens, num_speculative_tokens):
+    """Validate and normalise; returns (input_ids [B, P] long, attention_mask [B, P] long or None)."""
+    config = model.config
+    if isinstance(input_ids, (list, tuple)):
+        if len(input_ids) and isinstance(input_ids[0], (list, tuple)):
+            if len({len(r) for r in input_ids}) > 1:
+                raise ValueError("input_ids rows have different lengths; left-pad them and pass attention_mask")
+        input_ids = torch.tensor(input_ids, dtype=torch.long)
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a LongTensor [batch, seq], got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    B, P = input_ids.shape
+    if B == 0 or P == 0:
+        raise ValueError("empty prompt: input_ids has no tokens")
+    input_ids = input_ids.long().to(model.device)
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size:
+        raise ValueError(f"input_ids hold token ids outside [0, {config.vocab_size}) "
+                         f"(min {int(input_ids.min())}, max {int(input_ids.max())})")
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask).to(model.device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        m = attention_mask.long()
+        if bool(((m != 0) & (m != 1)).any()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+        if bool((m.sum(1) == 0).any()):
+            raise ValueError("empty prompt: a row of attention_mask has no tokens")
+        if bool((m[:, 1:] < m[:, :-1]).any()):
+            raise ValueError("attention_mask has padding after tokens; generation needs left padding "
+                             "(pad at the start of each row)")
+        attention_mask = None if bool(m.all()) else m
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    longest = P if attention_mask is None else int(attention_mask.sum(1).max())
+    limit = config.max_position_embeddings
+    if longest > limit:
+        raise ValueError(f"prompt of {longest} tokens is longer than the model's max_position_embeddings ({limit})")
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings ({limit})")
+    K = num_speculative_tokens
+    if not isinstance(K, int) or isinstance(K, bool) or K < 0:
+        raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {K!r}")
+    if K > config.num_nextn_predict_layers:
+        raise ValueError(f"num_speculative_tokens={K} needs {K} MTP layers; the model has "
+                         f"{config.num_nextn_predict_layers}")
+    return input_ids, attention_mask
+
+
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: GraphRunner}
+
+
+def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> Runner:
+    """An eager Runner with a fresh cache, or a GraphRunner kept on the model for reuse: its graphs (and
+    compiled code) serve every later call with the same batch size, cache length and K."""
+    if cuda_graphs not in ("auto", True, False):
+        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    cuda = model.device.type == "cuda"
+    if cuda_graphs is True and not cuda:
+        raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+    config = model.config
+
+    def new_cache():
+        return KVCache(config, B, S, device=model.device, dtype=model.dtype, num_mtp=K, slack=2 * K)
+
+    if not ((cuda and cuda_graphs in ("auto", True)) or compile):
+        return Runner(model, new_cache(), S)
+    # on CPU, compile=True compiles without graphs (tests); on CUDA graphs, compiled or not
+    runners = _RUNNERS.setdefault(model, {})
+    key = (B, S, K, model.dtype, str(model.device), bool(compile))
+    runner = runners.pop(key, None)
+    if runner is None:
+        while len(runners) >= 4:  # keep a few (graph memory pools are not small)
+            runners.pop(next(iter(runners)))
+        runner = GraphRunner(model, new_cache(), S, compile=compile)
+    else:
+        runner.cache.reset()
+    runners[key] = runner
+    return runner
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=None,
+             pad_token_id: int | None = None, num_speculative_tokens: int = 0, streamer=None,
+             seed: int | None = None, stopping: Callable[[list[list[int]]], list[bool]] | None = None,
+             prefill_chunk: int = 512, cuda_graphs="auto", compile: bool = False, return_stats: bool = False):
+    """Generate continuations of a batch of prompts.
+
+    input_ids [B, P] LongTensor, left-padded where rows differ (attention_mask [B, P]: 1 token, 0 padding).
+    Returns LongTensor [B, P + n] where n <= max_new_tokens is the number of steps taken: generation stops
+    early once every row has produced an EOS (eos_token_id: int or list; default the config's), and rows
+    that finished earlier are filled with pad_token_id (default: config.pad_token_id, else the first EOS,
+    else 0), as transformers does.
+
+    Greedy when do_sample=False (temperature/top_k/top_p/min_p ignored); repetition_penalty applies to both.
+    num_speculative_tokens=K > 0 drafts K tokens with the K first MTP layers and verifies them in one
+    forward (output identical to K=0 under greedy, same distribution under sampling).
+    streamer: an object with put(list[int]) and end() receiving row 0's new tokens (batch 1 only).
+    stopping: called each step with every row's new tokens so far; rows it returns True for finish.
+    prefill_chunk: prompt tokens per prefill forward. cuda_graphs: "auto" (on CUDA), True or False;
+    compile: torch.compile the graphed steps. return_stats: also return a GenerationStats.
+    """
+    params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty).validate()
+    input_ids, attention_mask = check_inputs(model, input_ids, attention_mask, max_new_tokens,
+                                             num_speculative_tokens)
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+    B, P = input_ids.shape
+    if streamer is not None and B != 1:
+        raise ValueError("a streamer needs a batch of one prompt")
+    config = model.config
+    eos = _as_eos_list(config.eos_token_id if eos_token_id is None else eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    stats = GenerationStats(prompt_tokens=P * B if attention_mask is None else int(attention_mask.sum()))
+    if max_new_tokens == 0:
+        return (input_ids, stats) if return_stats else input_ids
+
+    K = num_speculative_tokens
+    device = model.device
+    S = P + max_new_tokens + 2 * K + 2  # rows that finish early keep verifying K + 1 tokens
+    S = min(-(-S // 64) * 64, config.max_position_embeddings + 2 * K + 2)  # round up: reuse across calls
+    runner = _make_runner(model, B, S, K, cuda_graphs, compile)
+    cache = runner.cache
+    stats.cache_bytes = cache.nbytes()
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    lengths = mask.sum(1)  # [B] prompt tokens per row
+    seen = None
+    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)  # last column is a token
+
+    out = Output(B, max_new_tokens, eos, pad_token_id, streamer, stopping, device)
+    t0 = time.perf_counter()
+    if K == 0:
+        last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
+        tok = choose(process(last_logits, params, seen), params, generator)
+        stats.prefill_seconds = _elapsed(t0, device)
+        t1 = time.perf_counter()
+        out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
+        n_max = int(lengths.max())
+        pos = lengths.clone()  # position of tok in each row
+        for i in range(1, max_new_tokens):
+            if out.sync and out.all_done():  # without EOS / stopping, no host sync per step
+                break
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            logits, _ = runner.main(tok[:, None], pos[:, None], None, n_max + i, graph=True)
+            tok = choose(process(logits[:, -1], params, seen), params, generator)
+            pos += 1
+            out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
+            stats.steps += 1
+    else:
+        last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
+        tok = choose(process(last_logits, params, seen), params, generator)
+        stats.prefill_seconds = _elapsed(t0, device)
+        t1 = time.perf_counter()
+        out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
+        state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk)
+        while True:
+            done = out.done.tolist()
+            if all(done):
+                break
+            new, count, counts = spec_step(runner, state, params, generator,
+                                           frozen=out.done.clone() if any(done) else None)
+            act = [c for c, d in zip(counts, done) if not d]
+            stats.steps += 1
+            stats.row_steps += len(act)
+            stats.emitted += sum(act)
+            stats.accepted += sum(act) - len(act)
+            stats.drafted += K * len(act)
+            stats.per_step_accepted.append(sum(act) - len(act))
+            out.add(new, count)
+    stats.decode_seconds = _elapsed(t1, device)
+    stats.capture_seconds = getattr(runner, "capture_seconds", 0.0)
+    result = out.result(input_ids)
+    stats.new_tokens = out.total_new()
+    if streamer is not None:
+        streamer.end()
+    return (result, stats) if return_stats else result
+
+
+def _elapsed(t0: float, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def prefill(runner: Runner, input_ids, attention_mask, chunk: int, keep_hidden: bool):
+    """Run the prompt through the main model in chunks of `chunk` columns.
+
+    input_ids [B, P]; attention_mask [B, P] or None. Returns (logits of the last column [B, V] fp32,
+    hidden [B, P, D] after model.norm if keep_hidden else None).
+    """
+    B, P = input_ids.shape
+    if attention_mask is None:
+        pos = torch.arange(P, device=input_ids.device).expand(B, P)
+        valid, min_pad = None, 0
+    else:
+        pos = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        valid = attention_mask.bool()
+        min_pad = P - int(attention_mask.sum(1).max())
+    hs = []
+    for c0 in range(0, P, chunk):
+        c1 = min(P, c0 + chunk)
+        last = c1 == P
+        logits, h = runner.main(input_ids[:, c0:c1], pos[:, c0:c1], None if valid is None else valid[:, c0:c1],
+                                max(1, c1 - min_pad), logits="last" if last else "none")
+        if keep_hidden:
+            hs.append(h)
+    return logits[:, -1].float(), (torch.cat(hs, 1) if keep_hidden else None)
+
+
+class Output:
+    """New tokens of every row, EOS / stop handling and streaming (transformers' padding after EOS)."""
+
+    def __init__(self, B, max_new, eos, pad, streamer, stopping, device):
+        self.B, self.max_new, self.pad = B, max_new, pad
+        self.tokens = torch.full((B, max_new + 8), pad, dtype=torch.long, device=device)  # + room for a step
+        self.count = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.streamer, self.stopping = streamer, stopping
+        self.sync = bool(eos) or streamer is not None or stopping is not None
+        self.host_rows: list[list[int]] | None = [[] for _ in range(B)] if stopping is not None else None
+
+    def add(self, new: torch.Tensor, count: torch.Tensor) -> None:
+        """new [B, C] candidate tokens, count [B] how many of them each row emits (1 <= count <= C)."""
+        B, C = new.shape
+        ar = torch.arange(C, device=new.device)
+        take = (ar[None] < count[:, None]) & ~self.done[:, None]
+        room = self.max_new - self.count
+        take &= ar[None] < room[:, None]
+        if self.eos is not None:  # cut after the first EOS
+            is_eos = torch.isin(new, self.eos) & take
+            first = torch.where(is_eos.any(1), is_eos.float().argmax(1), C)
+            take &= ar[None] <= first[:, None]
+            finished_eos = is_eos.any(1)
+        n_take = take.sum(1)
+        if self.tokens.shape[1] < self.max_new + C:
+            self.tokens = torch.cat([self.tokens, torch.full_like(self.tokens[:, :C], self.pad)], 1)
+        idx = self.count[:, None] + ar[None]  # distinct columns; those not taken keep their pad
+        cur = self.tokens.gather(1, idx)
+        self.tokens.scatter_(1, idx, torch.where(take, new, cur))
+        self.count += n_take
+        newly_done = self.count >= self.max_new
+        if self.eos is not None:
+            newly_done |= finished_eos
+        if self.sync:
+            if self.streamer is not None:
+                self.streamer.put(new[0, : int(n_take[0])].tolist())
+            if self.stopping is not None:
+                counts = n_take.tolist()
+                rows = new.tolist()
+                for b in range(B):
+                    self.host_rows[b].extend(rows[b][: counts[b]])
+                stop = torch.tensor(self.stopping(self.host_rows), dtype=torch.bool, device=new.device)
+                newly_done |= stop
+        self.done |= newly_done
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def total_new(self) -> int:
+        return int(self.count.sum())
+
+    def result(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = int(self.count.max())
+        return torch.cat([input_ids, self.tokens[:, :n]], 1)

@@ -1,0 +1,196 @@
+"""MTP speculative decoding: draft K tokens with the chained MTP layers, verify them in one forward.
+
+Notation per row: committed tokens x_0 .. x_N, where x_N is the newest (sampled, not yet run through the
+main model, whose cache holds positions 0 .. N-1). One step:
+
+1. Draft. MTP layer k at position t reads (token x_{t+k+1}, h_{k-1}[t]) with h_{-1} = the main model's final
+   hidden state and h_{k-1} the block output of layer k-1, and predicts x_{t+k+2}, exactly as in training.
+   At position N-1 the tokens x_{N+1} .. x_{N+k} that layer k needs are the drafts d_1 .. d_k of the
+   layers before it, so the chain at position N-1 drafts d_1 .. d_K. Each step layer k (re)runs the
+   positions N_prev-k .. N-1 (N_prev: N of the previous step): the new ones, plus its last k positions,
+   which were computed from drafts and now have committed tokens. Its cache entries at positions >= N-k
+   still depend on drafts and are rolled back after verification; h_{k-1} at position N_prev-k, which
+   layer k-1 does not rerun, is kept from the previous step ("stash").
+2. Verify: the main model runs x_N, d_1 .. d_K at positions N .. N+K in one forward (K + 1 logits).
+3. Accept: greedy takes the longest prefix of drafts equal to the target's argmax, then the target's
+   token after it; sampling accepts d_j with probability min(1, p_j(d_j) / q_j(d_j)) and at the first
+   rejection samples from norm(max(0, p_j - q_j)) (else, all accepted, from p_K): the emitted tokens follow
+   the target distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
+4. Roll back the main cache past the accepted tokens (positions > N + a) and the MTP caches past their
+   final entries. Ring slack 2K keeps every key still needed (cache.py).
+
+Rows accept different numbers of tokens; all tensors keep static shapes: layer k always runs T_k = K+1+k
+columns, right-aligned on position N-1, invalid columns masked. Rows that are done are frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache import MAIN, mtp_group
+from .sampling import SamplingParams, process
+
+
+@dataclass
+class SpecState:
+    K: int
+    N: torch.Tensor  # [B] position of x_N
+    N_prev: torch.Tensor  # [B]
+    tok: torch.Tensor  # [B] x_N
+    recent: torch.Tensor  # [B, K+1] committed tokens at positions N-K .. N (0 before position 0)
+    h_main: torch.Tensor | None  # [B, K+1, D] main hidden at positions N-K-1 .. N-1 (valid from N_prev)
+    stash: list  # stash[j] [B, D]: h_j at position N_prev - j - 1 (j = 0 .. K-2)
+    drafts: torch.Tensor  # [B, K] drafts for positions N+1 .. N+K
+    q: torch.Tensor | None  # [B, K, V] draft probabilities (sampling only)
+    seen: torch.Tensor | None  # [B, V] tokens in each sequence (repetition penalty)
+    n_max: int  # host: max over rows of N
+
+
+def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
+    """logits [B, V] -> (tokens [B], probabilities [B, V] or None when greedy)."""
+    x = process(logits, params, seen)
+    if not params.do_sample:
+        return x.argmax(-1), None
+    q = x.softmax(-1)
+    return torch.multinomial(q, 1, generator=generator)[:, 0], q
+
+
+def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingParams, seen, generator,
+                 chunk: int):
+    """State after the prompt: runs every MTP layer over the prompt (in chunks) and drafts d_1 .. d_K.
+
+    input_ids, mask [B, P] (left padding); hidden [B, P, D] main hidden states; tok [B] = x_N (N = prompt length).
+    """
+    B, P = input_ids.shape
+    dev = input_ids.device
+    N = mask.sum(1)
+    if seen is not None:
+        seen.scatter_(1, tok[:, None], True)
+    pos = (mask.cumsum(1) - 1).clamp_min(-1)
+    valid = mask.bool()
+    all_valid = bool(valid.all())
+    ext = torch.cat([input_ids, tok[:, None]], 1)  # column c holds the token at position c - pad
+    h_in, stash, drafts, qs = hidden, [], [], []
+    for k in range(K):
+        ids_k = ext[:, k + 1: k + 1 + P]
+        outs = []
+        for c0 in range(0, P, chunk):
+            c1 = min(P, c0 + chunk)
+            logits, h = runner.mtp(k, ids_k[:, c0:c1], h_in[:, c0:c1], pos[:, c0:c1],
+                                   None if all_valid else valid[:, c0:c1])
+            outs.append(h)
+        h_in = torch.cat(outs, 1)
+        d, q = _draft_token(logits[:, -1], params, seen, generator)
+        drafts.append(d)
+        qs.append(q)
+        ext = torch.cat([ext, d[:, None]], 1)
+        stash.append(h_in[:, max(P - k - 1, 0)])  # position N - k - 1
+    ar = torch.arange(K + 1, device=dev)
+    rpos = (N[:, None] - K + ar[None])  # positions N-K .. N
+    rcol = (rpos + (P - N)[:, None]).clamp(0, P)
+    recent = torch.where(rpos >= 0, torch.cat([input_ids, tok[:, None]], 1).gather(1, rcol), 0)
+    return SpecState(K=K, N=N.clone(), N_prev=torch.zeros_like(N), tok=tok, recent=recent, h_main=None,
+                     stash=stash[:-1], drafts=torch.stack(drafts, 1),
+                     q=torch.stack(qs, 1) if params.do_sample else None, seen=seen, n_max=int(N.max()))
+
+
+def _draft(runner, st: SpecState, params: SamplingParams, generator) -> None:
+    """Regular draft phase (after a verification): fills st.drafts / st.q and the new stash."""
+    K, B = st.K, st.N.shape[0]
+    dev = st.N.device
+    ext = st.recent
+    h_prev = st.h_main
+    drafts, qs, stash = [], [], []
+    for k in range(K):
+        T = K + 1 + k
+        pos = st.N[:, None] - T + torch.arange(T, device=dev)[None]
+        valid = (pos >= (st.N_prev[:, None] - k)) & (pos >= 0)
+        if k > 0:  # h_{k-1}: stash at position N_prev - k, then layer k-1's outputs
+            col = T - (st.N - st.N_prev + k)
+            h_prev = torch.cat([torch.zeros_like(h_prev[:, :1]), h_prev], 1)
+            D = h_prev.shape[-1]
+            h_prev = h_prev.scatter(1, col.clamp(0, T - 1)[:, None, None].expand(B, 1, D), st.stash[k - 1][:, None])
+        logits, h = runner.mtp(k, ext, h_prev, pos, valid, graph=True)
+        h_prev = h.clone()
+        d, q = _draft_token(logits[:, -1], params, st.seen, generator)
+        drafts.append(d)
+        qs.append(q)
+        ext = torch.cat([ext, d[:, None]], 1)
+        stash.append(h_prev[:, K])  # position N - k - 1
+    st.drafts = torch.stack(drafts, 1)
+    st.q = torch.stack(qs, 1) if params.do_sample else None
+    st._new_stash = stash[:-1]
+
+
+def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
+    """One draft + verify + accept step. Returns (new tokens [B, K+1], count [B], count as a host list):
+    row b emits new[b, :count[b]].
+
+    frozen [B] bool or None: rows that are done; their state does not change.
+    """
+    K, B = st.K, st.N.shape[0]
+    dev = st.N.device
+    old = (st.N, st.N_prev, st.tok, st.recent, st.h_main, list(st.stash))
+    if st.h_main is not None:  # the first step's drafts come from spec_prefill
+        _draft(runner, st, params, generator)
+        new_stash = st._new_stash
+    else:
+        new_stash = list(st.stash)
+    d = st.drafts
+    ar = torch.arange(K + 1, device=dev)
+    ids = torch.cat([st.tok[:, None], d], 1)
+    pos = st.N[:, None] + ar[None]
+    logits, h = runner.main(ids, pos, None, st.n_max + K + 1, graph=True)
+    seen_j = None
+    if st.seen is not None:  # the prefix before column j holds d_1 .. d_j
+        oh = F.one_hot(d, logits.shape[-1]).bool()
+        seen_j = st.seen[:, None] | torch.cat([torch.zeros_like(oh[:, :1]), oh.cumsum(1).bool()], 1)
+    pl = process(logits.float(), params, seen_j)  # [B, K+1, V]
+    if not params.do_sample:
+        g = pl.argmax(-1)
+        a = torch.cumprod((d == g[:, :K]).long(), 1).sum(1)
+        y = g.gather(1, a[:, None])[:, 0]
+    else:
+        p = pl.softmax(-1)
+        pd = p[:, :K].gather(2, d[..., None])[..., 0]
+        qd = st.q.gather(2, d[..., None])[..., 0]
+        u = torch.rand(B, K, device=dev, generator=generator)
+        a = torch.cumprod((u * qd < pd).long(), 1).sum(1)
+        r = (p[:, :K] - st.q).clamp_min(0)
+        rs = r.sum(-1, keepdim=True)
+        r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :K])
+        dist = torch.cat([r, p[:, K:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
+        y = torch.multinomial(dist, 1, generator=generator)[:, 0]
+    new = torch.cat([d, torch.zeros_like(y[:, None])], 1).scatter(1, a[:, None], y[:, None])
+    count = a + 1
+    if frozen is not None:
+        count = torch.where(frozen, 0, count)
+    # --- new state
+    N_new = st.N + count
+    runner.cache.rollback(st.N + count, MAIN)  # keeps positions <= N + a
+    for k in range(K):
+        runner.cache.rollback(torch.where(frozen, st.N_prev - k, st.N - k) if frozen is not None else st.N - k,
+                              mtp_group(k))
+    idx = (ar[None] - (K - a)[:, None]).clamp_min(0)  # right-align columns 0 .. a on position N_new - 1
+    h_main = h.gather(1, idx[..., None].expand(B, K + 1, h.shape[-1]))
+    seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+K+1
+    recent = seq.gather(1, count[:, None] + ar[None])
+    if st.seen is not None:
+        st.seen.scatter_(1, torch.where(ar[None] < count[:, None], new, st.tok[:, None]), True)
+    st.N_prev, st.N, st.tok, st.recent, st.h_main, st.stash = st.N, N_new, new.gather(
+        1, (count - 1).clamp_min(0)[:, None])[:, 0], recent, h_main, new_stash
+    if frozen is not None:
+        f = frozen
+        oN, oNp, otok, orecent, oh, ostash = old
+        st.N, st.N_prev = torch.where(f, oN, st.N), torch.where(f, oNp, st.N_prev)
+        st.tok = torch.where(f, otok, st.tok)
+        st.recent = torch.where(f[:, None], orecent, st.recent)
+        if oh is not None:
+            st.h_main = torch.where(f[:, None, None], oh, st.h_main)
+        st.stash = [torch.where(f[:, None], o, n) for o, n in zip(ostash, st.stash)]
+    host = torch.cat([count, st.N.max()[None]]).tolist()  # the step's one host sync
+    st.n_max = host[-1]
+    return new, count, host[:-1]

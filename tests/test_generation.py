@@ -1,0 +1,475 @@
+"""KV cache, chunked prefill, decoding, MTP speculative decoding (greedy and sampling), errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model, transformers_twin
+from mimo_flash import MiMoConfig
+from mimo_flash.generation import GenerationStats, KVCache, cache_bytes, generate
+from mimo_flash.generation import speculative as spec_mod
+from mimo_flash.generation.attention import cache_attention
+from mimo_flash.generation.cache import MAIN, bytes_report
+from mimo_flash.generation.engine import prefill
+from mimo_flash.generation.runner import Runner, experts_decode
+from mimo_flash.generation.sampling import SamplingParams, process
+from mimo_flash.ops.attention import AttnMeta, attention_reference
+from mimo_flash.ops.moe import experts_reference
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops: one intra-op thread avoids oversubscription on small shared CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def full_argmax_check(model, out, prompt_cols, mask=None):
+    """Every generated token is the argmax of one full forward over the sequence before it."""
+    m = None if mask is None else torch.cat([mask, torch.ones_like(out[:, prompt_cols:])], 1)
+    with torch.no_grad():
+        logits = model(out[:, :-1], attention_mask=None if m is None else m[:, :-1]).logits
+    pred = logits[:, prompt_cols - 1:].argmax(-1)
+    return torch.equal(pred, out[:, prompt_cols:])
+
+
+# ---------------------------------------------------------------------------- attention / cache
+@pytest.mark.parametrize("window,sink", [(None, False), (5, True), (5, False)])
+def test_cache_attention_matches_reference(window, sink):
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, Tq, S, D, Dv = 2, 4, 2, 3, 11, 16, 8
+    q = torch.randn(B, H, Tq, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
+    k_pos = torch.randperm(S, generator=g).expand(B, S).clone()
+    k_seg = torch.zeros(B, S, dtype=torch.long)
+    k_seg[1, :4] = -1  # empty / rolled-back slots
+    q_pos = torch.tensor([[7, 8, 9], [8, 9, 10]])
+    q_seg = torch.tensor([[0, 0, 0], [-2, 0, 0]])  # an invalid query sees nothing
+    meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, aligned=False)
+    s = torch.randn(H, generator=g) if sink else None
+    ours = cache_attention(q, k, v, meta, D ** -0.5, window, s)
+    ref = attention_reference(q, k, v, meta, D ** -0.5, window, s)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_cache_layout_ring_is_exactly_the_window():
+    c = MiMoConfig.preset("tiny")
+    cache = KVCache(c, 2, 100, dtype=torch.float32)
+    for i in range(c.num_hidden_layers):
+        n = cache.k[i].shape[2]
+        assert n == (c.sliding_window if c.is_swa(i) else 100)
+    spec = KVCache(c, 1, 100, num_mtp=2, slack=4)
+    assert spec.k[c.num_hidden_layers].shape[2] == c.sliding_window + 4
+
+
+def test_bytes_report_flash_is_the_real_allocation():
+    c = MiMoConfig.preset("flash")
+    full = [i for i in range(48) if not c.is_swa(i)]
+    assert len(full) == 9
+    for n in (4096, 32768, 262144):
+        kv_full = 9 * n * 4 * (192 + 128) * 2
+        kv_swa = 39 * 129 * 8 * (192 + 128) * 2
+        tables = n * 1 + 129 * (8 + 1)  # validity of full slots, positions + validity of the ring
+        assert cache_bytes(c, n) == kv_full + kv_swa + tables
+        glob = cache_bytes(c, n, sliding=False)
+        assert glob == kv_full + 39 * n * 8 * 320 * 2 + n
+    r = bytes_report(c)
+    assert r[-1]["saving"] > 9  # 256k context: ~9.6x smaller than every layer global
+
+
+# ---------------------------------------------------------------------------- plain decoding
+@pytest.mark.parametrize("chunk", [4, 16, 512])
+def test_greedy_with_cache_is_full_forward_argmax(chunk):
+    """Far past the window (9): 7 prompt tokens + 40 new; chunks below and above the ring size."""
+    model = tiny_model()
+    ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(1))
+    out = generate(model, ids, max_new_tokens=40, prefill_chunk=chunk)
+    assert out.shape == (1, 47)
+    assert full_argmax_check(model, out, 7)
+
+
+def test_greedy_batched_left_padding():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 512, (3, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=30, prefill_chunk=6)
+    assert full_argmax_check(model, out, 13, mask)
+    for b in range(3):  # and each row alone, without padding
+        alone = generate(model, ids[b:b + 1, mask[b].bool()], max_new_tokens=30)
+        assert torch.equal(alone[0, -30:], out[b, -30:])
+
+
+def test_decode_logits_match_full_forward():
+    """Logits through the cache (chunked prefill + one-token steps) vs one full forward, past the window."""
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = KVCache(model.config, 2, 40, dtype=torch.float32)
+        runner = Runner(model, cache, 40)
+        last, _ = prefill(runner, ids[:, :12], None, 5, keep_hidden=False)
+        assert torch.allclose(last, ref[:, 11], atol=1e-4)
+        for t in range(12, 40):
+            lg, _ = runner.main(ids[:, t:t + 1], torch.full((2, 1), t), None, t + 1)
+            assert torch.allclose(lg[:, 0], ref[:, t], atol=1e-4), (t, (lg[:, 0] - ref[:, t]).abs().max())
+
+
+def test_experts_decode_matches_reference():
+    g = torch.Generator().manual_seed(4)
+    E, D, I, k = 8, 16, 12, 2
+    gate_up, down = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
+    for N in (1, 2, 16):  # gather path (N * k <= E / 2) and the all-experts path
+        x = torch.randn(N, D, generator=g)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+        w = torch.rand(N, k, generator=g)
+        assert torch.allclose(experts_decode(x, idx, w, gate_up, down),
+                              experts_reference(x, idx, w, gate_up, down), atol=1e-4)
+
+
+def test_decode_router_matches_router():
+    from mimo_flash.generation.runner import route_decode
+    from mimo_flash.model.moe import Router
+
+    c = MiMoConfig.preset("tiny")
+    r = Router(c)
+    g = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        r.weight.copy_(torch.randn(r.weight.shape, generator=g) * 0.5)
+        r.e_score_correction_bias.copy_(torch.randn(c.n_routed_experts, generator=g) * 0.05)
+    x = torch.randn(33, c.hidden_size, generator=g)
+    dense = [torch.zeros(33, c.n_routed_experts).scatter(1, i, w) for i, w in (r(x), route_decode(r, x))]
+    assert torch.allclose(dense[0], dense[1], atol=1e-6)
+
+
+def test_eos_and_padding_like_transformers(tmp_path):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 512, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    free = generate(model, ids, attention_mask=mask, max_new_tokens=12)
+    eos = int(free[0, 9 + 3])  # row 0 produces it at step 4
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    tf = transformers_twin(model, tmp_path)
+    theirs = tf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    assert ours[0, 9 + 4:].eq(0).all()  # padded after its EOS
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_speculative_greedy_equals_plain(K):
+    """Small vocabulary so that random MTP drafts are often right: both branches of acceptance run."""
+    model = tiny_model(vocab_size=6)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 6, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :10] = 0  # a 2-token prompt: MTP positions before 0 are masked
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=40, prefill_chunk=5)
+    out, stats = generate(model, ids, attention_mask=mask, max_new_tokens=40, num_speculative_tokens=K,
+                          prefill_chunk=5, return_stats=True)
+    assert torch.equal(out, plain)
+    assert stats.accepted > 0 and stats.accepted < stats.drafted
+    assert stats.steps < 39  # fewer verification forwards than tokens
+    one = generate(model, ids[:1], max_new_tokens=40, num_speculative_tokens=K)
+    assert torch.equal(one, plain[:1])
+
+
+def test_speculative_with_eos_and_repetition_penalty():
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (2, 8), generator=torch.Generator().manual_seed(7))
+    for kw in (dict(eos_token_id=3, pad_token_id=5), dict(repetition_penalty=1.3)):
+        plain = generate(model, ids, max_new_tokens=25, **kw)
+        for K in (1, 3):
+            assert torch.equal(generate(model, ids, max_new_tokens=25, num_speculative_tokens=K, **kw), plain)
+
+
+def test_mtp_drafts_follow_the_training_forward(monkeypatch):
+    """The chained MTP caches hold what the training forward computes: at each step, layer k's draft is
+    the argmax of the full forward's mtp_logits[k] at position N-1 whenever d_1..d_k were right."""
+    model = tiny_model(vocab_size=6)
+    K = 3
+    log = []
+    orig = spec_mod._draft
+
+    def spy(runner, st, params, generator):
+        orig(runner, st, params, generator)
+        log.append((st.N.clone(), st.drafts.clone()))
+
+    monkeypatch.setattr(spec_mod, "_draft", spy)
+    ids = torch.randint(0, 6, (1, 15), generator=torch.Generator().manual_seed(8))
+    out = generate(model, ids, max_new_tokens=40, num_speculative_tokens=K)
+    with torch.no_grad():
+        mtp_logits = model(out, mtp=True).mtp_logits
+    checked = [0] * K
+    for N, d in log:
+        n = int(N[0])
+        for k in range(K):
+            if n + k + 1 >= out.shape[1] or not torch.equal(d[0, :k], out[0, n + 1:n + 1 + k]):
+                break
+            assert int(d[0, k]) == int(mtp_logits[k][0, n - 1].argmax())
+            checked[k] += 1
+    assert len(log) > 5 and all(c > 0 for c in checked), checked
+
+
+def test_rollback_keeps_the_window():
+    """Ring with slack: write speculative tokens, roll back, continue: attention equals a clean cache."""
+    c = MiMoConfig.preset("tiny")
+    W, K = c.sliding_window, 3
+    g = torch.Generator().manual_seed(9)
+    swa = next(i for i in range(c.num_hidden_layers) if c.is_swa(i))
+    H, D, Dv = c.swa_num_key_value_heads, c.swa_head_dim, c.swa_v_head_dim
+    kv = {p: (torch.randn(1, H, 1, D, generator=g), torch.randn(1, H, 1, Dv, generator=g)) for p in range(40)}
+    bad = (torch.randn(1, H, K + 1, D, generator=g), torch.randn(1, H, K + 1, Dv, generator=g))
+
+    def put(cache, p0, k, v):
+        T = k.shape[2]
+        meta = cache.step(MAIN, torch.arange(p0, p0 + T)[None], None, p0 + T)
+        return cache.update(swa, k, v, meta)
+
+    clean, dirty = KVCache(c, 1, 64, slack=2 * K, dtype=torch.float32), KVCache(c, 1, 64, slack=2 * K,
+                                                                                dtype=torch.float32)
+    for p in range(30):
+        put(clean, p, *kv[p])
+        put(dirty, p, *kv[p])
+        if p % 7 == 3:  # verify K + 1 wrong tokens at p+1.., reject all of them
+            put(dirty, p + 1, *bad)
+            dirty.rollback(torch.tensor([p + 1]))
+    q = torch.randn(1, c.swa_num_attention_heads, 1, D, generator=g)
+    k1, v1, m1 = put(clean, 30, *kv[30])
+    k2, v2, m2 = put(dirty, 30, *kv[30])
+    o1 = cache_attention(q, k1, v1, m1, 0.1, W, None)
+    o2 = cache_attention(q, k2, v2, m2, 0.1, W, None)
+    assert torch.allclose(o1, o2, atol=1e-6)
+
+
+def _target_joint(model, prompt, n, params):
+    """Exact distribution of the next n tokens [V] * n under `params` (enumerating prefixes)."""
+    V = model.config.vocab_size
+    joint = {(): 1.0}
+    for _ in range(n):
+        prefixes = list(joint)
+        seqs = torch.tensor([list(prompt) + list(p) for p in prefixes])
+        with torch.no_grad():
+            probs = process(model(seqs).logits[:, -1], params, None).softmax(-1)
+        nxt = {}
+        for i, p in enumerate(prefixes):
+            for t in range(V):
+                nxt[p + (t,)] = joint[p] * float(probs[i, t])
+        joint = nxt
+    return joint
+
+
+def _chi2_pvalue(counts: dict, probs: dict, n: int) -> float:
+    """Pearson chi-square over cells with expected count >= 5 (the rest pooled)."""
+    stat, dof, rest_obs, rest_exp = 0.0, -1, 0.0, 0.0
+    for cell, p in probs.items():
+        e, o = n * p, counts.get(cell, 0)
+        if e >= 5:
+            stat += (o - e) ** 2 / e
+            dof += 1
+        else:
+            rest_obs, rest_exp = rest_obs + o, rest_exp + e
+    if rest_exp > 0:
+        stat += (rest_obs - rest_exp) ** 2 / rest_exp
+        dof += 1
+    # survival function of chi-square via the regularised upper incomplete gamma (series / continued fraction)
+    return _gammaincc(dof / 2, stat / 2)
+
+
+def _gammaincc(a: float, x: float) -> float:
+    if x <= 0:
+        return 1.0
+    if x < a + 1:  # series for P, then Q = 1 - P
+        term = s = 1.0 / a
+        ap = a
+        for _ in range(1000):
+            ap += 1
+            term *= x / ap
+            s += term
+            if abs(term) < abs(s) * 1e-15:
+                break
+        return 1.0 - s * math.exp(-x + a * math.log(x) - math.lgamma(a))
+    b, c, d = x + 1 - a, 1e300, 1 / (x + 1 - a)
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return math.exp(-x + a * math.log(x) - math.lgamma(a)) * h
+
+
+@pytest.mark.parametrize("K,extra", [(2, {}), (3, dict(temperature=0.8, top_p=0.9))])
+def test_speculative_sampling_keeps_the_target_distribution(K, extra):
+    """Joint distribution of 3 new tokens (vocab 4: 64 cells) from 6000 sampled rows vs the exact target.
+
+    The MTP layers are untrained, so drafts disagree with the target often (both accept and reject run);
+    the same test rejects the draft distribution itself (power check)."""
+    model = tiny_model(vocab_size=4, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)  # peaked, distinct target and draft distributions
+    prompt = [1, 3, 0, 2, 2, 1]
+    params = SamplingParams(do_sample=True, **extra)
+    target = _target_joint(model, prompt, 3, params)
+    n = 6000
+    out, stats = generate(model, torch.tensor([prompt] * n), max_new_tokens=3, do_sample=True,
+                          num_speculative_tokens=K, seed=1234, return_stats=True, **extra)
+    counts: dict = {}
+    for row in out[:, -3:].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert 0.02 < stats.acceptance_rate < 0.95, stats.acceptance_rate  # both branches run often
+    p = _chi2_pvalue(counts, target, n)
+    tv = 0.5 * sum(abs(counts.get(c, 0) / n - q) for c, q in target.items())
+    assert p > 1e-3, (p, tv)
+    assert tv < 0.05
+    # power: the same samples reject a nearby distribution (temperature x 1.25)
+    near = _target_joint(model, prompt, 3, SamplingParams(do_sample=True, **{**extra, "temperature":
+                                                                             1.25 * extra.get("temperature", 1.0)}))
+    assert _chi2_pvalue(counts, near, n) < 1e-6
+
+
+def test_plain_sampling_distribution_and_seed():
+    model = tiny_model(vocab_size=4, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)
+    prompt = [1, 3, 0, 2, 2, 1]
+    params = SamplingParams(do_sample=True, top_k=3)
+    target = _target_joint(model, prompt, 2, params)
+    n = 4000
+    out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, do_sample=True, top_k=3, seed=7)
+    counts: dict = {}
+    for row in out[:, -2:].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert _chi2_pvalue(counts, target, n) > 1e-3
+    again = generate(model, torch.tensor([prompt] * 8), max_new_tokens=5, do_sample=True, seed=3)
+    assert torch.equal(again, generate(model, torch.tensor([prompt] * 8), max_new_tokens=5, do_sample=True, seed=3))
+
+
+def test_processors_match_transformers():
+    tr = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(3, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
+    p = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3)
+    procs = tr.LogitsProcessorList([
+        tr.RepetitionPenaltyLogitsProcessor(1.3), tr.TemperatureLogitsWarper(0.7), tr.TopKLogitsWarper(20),
+        tr.TopPLogitsWarper(0.8), tr.MinPLogitsWarper(0.05)])
+    ref = procs(ids, logits.clone())
+    ours = process(logits, p, seen)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    assert torch.allclose(ours[fin], ref[fin], atol=1e-5)
+
+
+def test_streamer_and_stopping_hooks():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(11))
+
+    class Rec:
+        def __init__(self):
+            self.got, self.ended = [], False
+
+        def put(self, t):
+            self.got.extend(t)
+
+        def end(self):
+            self.ended = True
+
+    for K in (0, 2):
+        r = Rec()
+        out = generate(model, ids, max_new_tokens=10, streamer=r, num_speculative_tokens=K)
+        assert r.got == out[0, 6:].tolist() and r.ended
+    stop_after = lambda rows: [len(x) >= 4 for x in rows]  # noqa: E731
+    out = generate(model, ids, max_new_tokens=10, stopping=stop_after)
+    assert out.shape[1] == 6 + 4
+
+
+# ---------------------------------------------------------------------------- errors
+def test_generate_errors():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (1, 5))
+    cases = [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
+        (dict(input_ids=ids, attention_mask=torch.zeros_like(ids)), "empty prompt"),
+        (dict(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 0, 0]])), "left padding"),
+        (dict(input_ids=torch.full((1, 5000), 3)), "longer than the model's max_position_embeddings"),
+        (dict(input_ids=ids, max_new_tokens=5000), "exceeds the model's max_position_embeddings"),
+        (dict(input_ids=ids + 1000), "outside [0, 512)"),
+        (dict(input_ids=ids, temperature=0.0, do_sample=True), "temperature"),
+        (dict(input_ids=ids, top_p=1.5, do_sample=True), "top_p"),
+        (dict(input_ids=ids, top_k=0, do_sample=True), "top_k"),
+        (dict(input_ids=ids, min_p=-0.1, do_sample=True), "min_p"),
+        (dict(input_ids=ids, repetition_penalty=0.0), "repetition_penalty"),
+        (dict(input_ids=ids, max_new_tokens=-1), "max_new_tokens"),
+        (dict(input_ids=ids, num_speculative_tokens=4), "MTP layers"),
+        (dict(input_ids=ids.repeat(2, 1), streamer=object()), "batch of one"),
+        (dict(input_ids=ids, cuda_graphs=True), "CUDA"),
+        (dict(input_ids=torch.rand(1, 5)), "integer token ids"),
+    ]
+    for kw, msg in cases:
+        if msg == "CUDA" and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=None) as e:
+            generate(model, **kw)
+        assert msg in str(e.value), (kw.keys(), str(e.value))
+
+
+def test_logits_to_keep():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids, logits_to_keep=2).logits, model(ids).logits[:, -2:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
+def test_model_generate_method_and_stats():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 5))
+    out, stats = model.generate(ids, max_new_tokens=4, return_stats=True)
+    assert out.shape == (2, 9) and isinstance(stats, GenerationStats)
+    assert stats.new_tokens == 8 and stats.cache_bytes > 0
+    assert torch.equal(model.generate(ids, max_new_tokens=0), ids)
+
+
+@pytest.mark.slow
+def test_compiled_steps_match_eager():
+    """torch.compile(fullgraph) of the decode / verify / MTP steps traces (CPU here; CUDA graphs on GPU)."""
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (2, 10), generator=torch.Generator().manual_seed(12))
+    for K, rows in ((0, 1), (0, 2), (2, 2)):  # one row: GEMVs and decode attention as fused reductions
+        eager = generate(model, ids[:rows], max_new_tokens=12, num_speculative_tokens=K)
+        compiled = generate(model, ids[:rows], max_new_tokens=12, num_speculative_tokens=K, compile=True)
+        assert torch.equal(compiled, eager)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager():
+    model = tiny_model(vocab_size=6).cuda()
+    ids = torch.randint(0, 6, (3, 10), generator=torch.Generator().manual_seed(13)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    for K in (0, 2):
+        eager = generate(model, ids, attention_mask=mask, max_new_tokens=30, num_speculative_tokens=K,
+                         cuda_graphs=False)
+        graphed = generate(model, ids, attention_mask=mask, max_new_tokens=30, num_speculative_tokens=K,
+                           cuda_graphs=True)
+        assert torch.equal(eager, graphed)
