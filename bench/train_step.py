@@ -3,8 +3,11 @@
 Step = forward with labels (next-token cross entropy) + backward + fused AdamW update + zero_grad,
 bf16 weights, B x T random tokens. transformers' MiMoV2FlashForCausalLM gets the same weights
 (its MTP-less twin; MTP is off on our side too, and shown separately with --mtp).
+Ours runs with return_logits=False (the loss's backward reuses the logits buffer; ops/loss.py).
+--graph adds a row where the whole step (forward, backward, capturable fused AdamW) is one CUDA graph
+replayed per step (same math, no launch gaps); it falls back to a note if capture fails.
 
-    python bench/train_step.py [--batch 4] [--seq 4096] [--mtp] [--no-transformers]
+    python bench/train_step.py [--batch 4] [--seq 4096] [--mtp] [--graph] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -57,7 +60,41 @@ def measure(model, ids, forward, iters):
     ms = time_ms(step, warmup=2, iters=iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
     del opt
+    measure.losses = [x.item() for x in losses[:4]]
     return ms, mem, losses[0].item()
+
+
+def measure_graphed(model, ids, forward, iters):
+    """The whole step captured once as a CUDA graph (PyTorch's whole-network capture recipe) and replayed."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True,
+                            capturable=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    losses = []
+    with torch.cuda.stream(s):  # warm-up (compiles, autotunes) outside the capture
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            loss = forward(model, ids)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = forward(model, ids)
+        static_loss.backward()
+        opt.step()
+    for _ in range(2):  # steps 3 and 4
+        graph.replay()
+        losses.append(static_loss.item())
+    measure_graphed.losses = losses
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(graph.replay, warmup=2, iters=iters)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30
+    del opt, graph
+    return ms, mem, losses[0]
 
 
 def profile_step(model, ids) -> None:
@@ -66,7 +103,7 @@ def profile_step(model, ids) -> None:
     from pathlib import Path
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(ids, labels=ids).loss.backward()
+        model(ids, labels=ids, return_logits=False).loss.backward()
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
     text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
@@ -80,6 +117,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--mtp", action="store_true", help="also time ours with the 3 MTP layers and their loss")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--graph", action="store_true", help="also time ours with the whole step as one CUDA graph")
+    ap.add_argument("--unfused-loss", action="store_true", help="also time ours with return_logits=True")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one of our steps to $OUT")
     args = ap.parse_args()
     config = MiMoConfig.preset("mini")
@@ -91,22 +130,45 @@ def main() -> None:
 
     ours = build_ours(config)
     state = {k: v.detach().clone() for k, v in ours.state_dict().items()}  # the weights before any step
-    rows["mimo-flash"] = measure(ours, ids, lambda m, x: m(x, labels=x).loss, args.iters)
+    ours_fwd = lambda m, x: m(x, labels=x, return_logits=False).loss  # noqa: E731
+    try:
+        rows["mimo-flash"] = measure(ours, ids, ours_fwd, args.iters)
+    except Exception as e:  # noqa: BLE001  the new loss kernels failed: report and fall back
+        import mimo_flash.ops.loss as loss_mod
+        loss_mod.TRITON = False
+        ours.zero_grad(set_to_none=True)
+        notes.append(f"Triton cross-entropy failed ({type(e).__name__}: {str(e)[:200]}); timed the chunked "
+                     "PyTorch loss instead")
+        rows["mimo-flash"] = measure(ours, ids, ours_fwd, args.iters)
+    eager_losses = measure.losses
+    if args.unfused_loss:
+        rows["mimo-flash, return_logits=True"] = measure(ours, ids, lambda m, x: m(x, labels=x).loss, args.iters)
     if args.profile:
         profile_step(ours, ids)
     if args.mtp:
-        rows["mimo-flash + 3 MTP"] = oom_safe(lambda: measure(ours, ids, lambda m, x: m(x, labels=x, mtp=True).loss,
-                                                              args.iters))
+        rows["mimo-flash + 3 MTP"] = oom_safe(lambda: measure(
+            ours, ids, lambda m, x: m(x, labels=x, mtp=True, return_logits=False).loss, args.iters))
     del ours
     torch.cuda.empty_cache()
     if not args.no_transformers:
         tf, tc = build_transformers(config, state)
-        del state
         rows["transformers"] = oom_safe(lambda: measure(tf, ids, lambda m, x: m(input_ids=x, labels=x).loss,
                                                         max(2, args.iters // 2)))
         notes.append(f"transformers: attention {tc._attn_implementation}, experts "
                      f"{getattr(tc, '_experts_implementation', '?')}")
         del tf
+        torch.cuda.empty_cache()
+    if args.graph:  # last: a failed capture must not spoil the other rows
+        ours = build_ours(config)
+        ours.load_state_dict(state)
+        try:
+            rows["mimo-flash, step as one CUDA graph"] = measure_graphed(ours, ids, ours_fwd, args.iters)
+            notes.append("losses of steps 1-4, eager: " + ", ".join(f"{x:.5f}" for x in eager_losses)
+                         + "; graphed: " + ", ".join(f"{x:.5f}" for x in measure_graphed.losses))
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"CUDA-graph step failed: {type(e).__name__}: {str(e)[:300]}")
+        del ours
+    del state
     tf_row = rows.get("transformers")
     out = []
     for name, r in rows.items():
@@ -114,7 +176,7 @@ def main() -> None:
             out.append([name, "OOM", "", "", "", "", ""])
             continue
         ms, mem, loss = r
-        f = flops if name != "mimo-flash + 3 MTP" else None
+        f = flops if "MTP" not in name else None
         out.append([name, fmt(ms, ".1f"), fmt(B * T / ms * 1e3, ",.0f"), fmt(f / ms / 1e9 if f else None, ".0f"),
                     fmt(mem, ".1f"), f"{loss:.4f}", fmt(tf_row[0] / ms, ".2f") if tf_row else "n/a"])
     notes.insert(0, f"measured ceilings this run: bf16 matmul {peak_tflops:.0f} TFLOP/s, copy {peak_tbps:.2f} TB/s; "

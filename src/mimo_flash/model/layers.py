@@ -26,10 +26,24 @@ def rope_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
 
 
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def _inv_freq_on(theta: float, rotary_dim: int, device: torch.device) -> torch.Tensor:
+    """rope_inv_freq computed on the CPU once and kept on `device`: no host-to-device copy per call
+    (which a CUDA-graph capture of a training step cannot contain)."""
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return rope_inv_freq(theta, rotary_dim)
+    key = (float(theta), rotary_dim, str(device))
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = rope_inv_freq(theta, rotary_dim).to(device)
+    return _INV_FREQ[key]
+
+
 def rope_cos_sin(position_ids: torch.Tensor, theta: float, rotary_dim: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids [B, T] -> cos, sin [B, T, rotary_dim] (NeoX layout: the two halves repeat)."""
-    inv = rope_inv_freq(theta, rotary_dim).to(position_ids.device)
+    inv = _inv_freq_on(theta, rotary_dim, position_ids.device)
     freqs = position_ids[..., None].float() * inv
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

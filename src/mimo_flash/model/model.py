@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..config import MiMoConfig
 from ..ops.attention import AttnMeta
+from ..ops.loss import cross_entropy_sum
 from .attention import Attention
 from .layers import MLP, RMSNorm, rope_cos_sin
 from .moe import MoE, Experts, Router
@@ -65,7 +66,7 @@ def build_meta(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pos
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None with return_logits=False
     loss: torch.Tensor | None = None  # lm_loss (+ mtp_loss_weight * mtp_loss when mtp=True)
     lm_loss: torch.Tensor | None = None
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # layer k at t predicts token t + k + 2
@@ -74,22 +75,23 @@ class CausalLMOutput:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """Mean cross entropy of logits[:, t] against labels[:, t + shift], ignoring -100.
 
     logits [B, T, V], labels [B, T], attention_mask [B, T] or None -> scalar fp32.
     A prediction made at a padding position (attention_mask 0) does not count; with no target, 0.
+    The sum runs through ops.loss.cross_entropy_sum (fp32 math, no fp32 copy of the logits; the last
+    `shift` positions get target -100 instead of being sliced off, so no copy of the logits either);
+    inplace=True lets its backward overwrite `logits` with their gradient (the caller must not read them).
     """
     T = logits.shape[1]
     if T <= shift:
         return logits.float().sum() * 0.0
-    lg = logits[:, : T - shift].float().reshape(-1, logits.shape[-1])
-    lb = labels[:, shift:]
+    tgt = F.pad(labels[:, shift:], (0, shift), value=-100)  # target of position t, -100 for the last `shift`
     if attention_mask is not None:
-        lb = lb.masked_fill(attention_mask[:, : T - shift] == 0, -100)
-    lb = lb.reshape(-1)
-    total = F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")
-    return total / (lb != -100).sum().clamp_min(1)  # no target at all -> 0, not NaN
+        tgt = tgt.masked_fill(attention_mask == 0, -100)
+    total = cross_entropy_sum(logits, tgt, inplace=inplace).float()
+    return total / (tgt != -100).sum().clamp_min(1)  # no target at all -> 0, not NaN
 
 
 class MiMoModel(nn.Module):
@@ -182,10 +184,12 @@ class MiMoForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 mtp: bool = False, segment_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, return_logits: bool = True) -> CausalLMOutput:
         """input_ids [B, T] -> CausalLMOutput.
 
         logits_to_keep > 0 computes logits for the last that many positions only (not with labels or mtp).
+        return_logits=False (only with labels): out.logits is None and out.mtp_logits empty; the loss's
+        backward then writes the logits' gradient over them (no second [B, T, V] buffer). For training.
 
         labels [B, T] are the input ids themselves (shifted inside, -100 ignored), as in transformers;
         unlike transformers, predictions made at padding positions never count.
@@ -200,18 +204,24 @@ class MiMoForCausalLM(nn.Module):
         h = self.model(input_ids, meta)
         if logits_to_keep and (labels is not None or mtp):
             raise ValueError("logits_to_keep cannot be combined with labels or mtp")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels")
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        out = CausalLMOutput(logits=logits, hidden_states=h)
+        out = CausalLMOutput(logits=logits if return_logits else None, hidden_states=h)
         if labels is not None:
-            out.lm_loss = out.loss = causal_lm_loss(logits, labels, 1, attention_mask)
+            out.lm_loss = out.loss = causal_lm_loss(logits, labels, 1, attention_mask, inplace=not return_logits)
+        del logits
         if mtp and self.config.num_nextn_predict_layers:
             h_prev = h
             for k in range(self.config.num_nextn_predict_layers):
                 shifted = F.pad(input_ids[:, k + 1:], (0, k + 1), value=0)  # token t + k + 1 at t
                 lg, h_prev = self.mtp_step(k, shifted, h_prev, meta)
-                out.mtp_logits.append(lg)
+                if return_logits:
+                    out.mtp_logits.append(lg)
                 if labels is not None:
-                    out.mtp_losses.append(causal_lm_loss(lg, labels, k + 2, attention_mask))
+                    out.mtp_losses.append(causal_lm_loss(lg, labels, k + 2, attention_mask,
+                                                         inplace=not return_logits))
+                del lg
             if labels is not None:
                 mtp_loss = torch.stack(out.mtp_losses).mean()
                 out.loss = out.lm_loss + self.config.mtp_loss_weight * mtp_loss

@@ -1,0 +1,163 @@
+"""ops.loss.cross_entropy_sum (the loss that never builds fp32 logits) against F.cross_entropy on
+logits.float(), values and gradients, on CPU; and the model's return_logits=False training path.
+The Triton kernels of the same formulas: test_ops_gpu.py (and the interpreter test at the end)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimo_flash import MiMoConfig, MiMoForCausalLM
+from mimo_flash.model.model import causal_lm_loss
+from mimo_flash.ops import loss as loss_mod
+from mimo_flash.ops.loss import cross_entropy_sum
+
+
+def reference(logits, targets):
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cross_entropy_sum_matches_f_cross_entropy(dtype, inplace, monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 7)  # several chunks and a ragged last one
+    g = torch.Generator().manual_seed(0)
+    N, V = 45, 301
+    base = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::5] = -100
+    grad_out = torch.tensor(0.37)
+    want_leaf = base.clone().requires_grad_()
+    want = reference(want_leaf, t)
+    (want * grad_out).backward()
+    leaf = base.clone().requires_grad_()
+    x = leaf * 1  # a non-leaf the backward may overwrite
+    got = cross_entropy_sum(x, t, inplace=inplace)
+    (got * grad_out).backward()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype != torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    assert leaf.grad.dtype == dtype
+    # same gradient as autograd's fp32 softmax cast back to the logits' dtype
+    torch.testing.assert_close(leaf.grad, want_leaf.grad, atol=1e-6 if dtype != torch.bfloat16 else 4e-3, rtol=0)
+    assert (leaf.grad[::5] == 0).all()  # ignored rows get no gradient
+    if inplace:
+        assert torch.equal(x.detach(), leaf.grad)  # the gradient was written over the logits
+    else:
+        assert torch.equal(x.detach(), base * 1)
+
+
+def test_cross_entropy_sum_no_targets_and_3d():
+    x = torch.randn(2, 5, 11, requires_grad=True)
+    t = torch.full((2, 5), -100)
+    got = cross_entropy_sum(x, t)
+    got.backward()
+    assert got.item() == 0 and (x.grad == 0).all()
+    t = torch.randint(0, 11, (2, 5))
+    torch.testing.assert_close(cross_entropy_sum(x, t), reference(x, t))
+    with pytest.raises(ValueError):
+        cross_entropy_sum(x, t[:, :4])
+
+
+def old_causal_lm_loss(logits, labels, shift=1, attention_mask=None):
+    """The slicing formulation the model used before ops.loss (kept here as the reference)."""
+    T = logits.shape[1]
+    lg = logits[:, : T - shift].float().reshape(-1, logits.shape[-1])
+    lb = labels[:, shift:]
+    if attention_mask is not None:
+        lb = lb.masked_fill(attention_mask[:, : T - shift] == 0, -100)
+    lb = lb.reshape(-1)
+    return F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum") / (lb != -100).sum().clamp_min(1)
+
+
+@pytest.mark.parametrize("shift", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal_lm_loss_matches_the_sliced_formula(shift, masked):
+    g = torch.Generator().manual_seed(shift)
+    B, T, V = 3, 13, 50
+    base = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 4] = -100
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, 9] = 0
+    grads = []
+    for fn in (causal_lm_loss, old_causal_lm_loss):
+        x = base.clone().requires_grad_()
+        val = fn(x, labels, shift, mask if masked else None)
+        val.backward()
+        grads.append((val, x.grad))
+    assert grads[0][0].dtype == torch.float32
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert (grads[0][1][:, T - shift:] == 0).all()
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_return_logits_false_gives_the_same_loss_and_gradients(mtp):
+    cfg = MiMoConfig.preset("tiny", num_nextn_predict_layers=2)
+    torch.manual_seed(0)
+    model = MiMoForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    results = []
+    for keep in (True, False):
+        m = copy.deepcopy(model)
+        out = m(ids, attention_mask=mask, labels=ids, mtp=mtp, return_logits=keep)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert b.logits is None and b.mtp_logits == [] and a.logits is not None
+    assert len(b.mtp_losses) == (2 if mtp else 0)
+    torch.testing.assert_close(b.loss, a.loss, atol=0, rtol=0)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-6, rtol=1e-5, msg=n)
+    with pytest.raises(ValueError):
+        model(ids, return_logits=False)
+
+
+_INTERPRETED = r'''
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, torch.nn.functional as F
+from mimo_flash.ops.triton_kernels import ce_backward, ce_forward
+g = torch.Generator().manual_seed(0)
+for N, V, block in ((9, 300, 128), (5, 64, 64), (4, 1000, 4096)):
+    import mimo_flash.ops.triton_kernels as tk
+    tk.CE_FWD_BLOCK = tk.CE_BWD_BLOCK = block
+    x = torch.randn(N, V, generator=g) * 4
+    t = torch.randint(0, V, (N,), generator=g)
+    t[1] = -100
+    lse, rows = ce_forward(x, t, -100)
+    leaf = x.clone().requires_grad_()
+    want = F.cross_entropy(leaf, t, ignore_index=-100, reduction="none")
+    (want.sum() * 0.5).backward()
+    assert torch.allclose(rows, want, atol=1e-5), (rows, want)
+    assert torch.allclose(lse, x.logsumexp(-1), atol=1e-5)
+    out = torch.empty_like(x)
+    ce_backward(x, t, lse, torch.tensor(0.5), out, -100)
+    assert torch.allclose(out, leaf.grad, atol=1e-6), (out - leaf.grad).abs().max()
+    ce_backward(x, t, lse, torch.tensor(0.5), x, -100)  # in place
+    assert torch.allclose(x, leaf.grad, atol=1e-6)
+print("ok")
+'''
+
+
+def test_cross_entropy_triton_kernels_in_the_interpreter():
+    """The two Triton cross-entropy kernels in Triton's CPU interpreter, fp32, against F.cross_entropy."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": path})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
