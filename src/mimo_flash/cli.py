@@ -9,47 +9,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 
 COMMAND_MODULES = (
     "mimo_flash.checkpoint.commands",   # convert
     "mimo_flash.generation.commands",   # generate, chat
-    "mimo_flash.training.commands",     # train (and the demo, once training lands)
+    "mimo_flash.training.commands",     # demo, train
     "mimo_flash.serving.commands",      # serve
 )
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, no traceback."""
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Build the tiny preset, save it in hub format, reload it and check the logits agree."""
-    import tempfile
-    from pathlib import Path
-
-    import torch
-
-    from . import MiMoConfig, MiMoForCausalLM
-
-    torch.manual_seed(0)
-    config = MiMoConfig.preset("tiny")
-    model = MiMoForCausalLM(config).eval()
-    print(f"tiny MiMo-V2-Flash: {model.num_parameters():,} parameters "
-          f"({model.num_parameters(active=True):,} active), {config.num_hidden_layers} layers "
-          f"(pattern {config.hybrid_layer_pattern}), {config.n_routed_experts} experts top-"
-          f"{config.num_experts_per_tok}, {config.num_nextn_predict_layers} MTP layers")
-    out = Path(args.out or tempfile.mkdtemp(prefix="mimo-flash-demo-")) / "checkpoint"
-    t0 = time.time()
-    model.save_pretrained(out)
-    again = MiMoForCausalLM.from_pretrained(out).eval()
-    ids = torch.randint(0, config.vocab_size, (1, 3 * config.sliding_window))
-    with torch.no_grad():
-        a, b = model(ids, labels=ids, mtp=True), again(ids, labels=ids, mtp=True)
-    diff = (a.logits - b.logits).abs().max().item()
-    print(f"saved to {out} and reloaded in {time.time() - t0:.2f}s; logits max abs diff {diff:.1e}; "
-          f"loss {a.loss.item():.4f} (untrained)")
-    return 0 if diff == 0 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that part of the package does not exist (yet)
             raise
         mod.register(sub)
-    if "demo" not in sub.choices:
-        p = sub.add_parser("demo", help="the main job: build, save, reload and run a tiny model")
-        p.add_argument("--out", help="directory for the demo's outputs (default: a temporary one)")
-        p.set_defaults(fn=cmd_demo)
     return parser
 
 

@@ -1,0 +1,364 @@
+"""The trainer: one loop for pre-training and fine-tuning, on one process or many.
+
+Per optimizer step, with B rows per micro-batch, A micro-batches and W ranks (G = B * A * W rows):
+    loss = CE(main head) + mtp_weight * mean_k CE(MTP layer k)
+each CE a mean over the step's whole batch (all micro-batches, all ranks) of the targets that lie in
+the same document as the predicting position; gradients are accumulated over the A micro-batches,
+clipped by global norm, then AdamW (betas 0.9 / 0.95; weight decay on matrices only, none on norms,
+biases and sinks) steps under linear warm-up + cosine decay. After the step every MoE layer's
+selection bias moves towards balance (aux-loss-free, DeepSeek-V3): bias += rate * sign(mean load - load).
+
+Mixed precision: bf16 autocast on GPUs (master weights, optimizer and router in fp32), fp32 on CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model.moe import MoE
+from ..ops.loss import cross_entropy_sum
+from .checkpointing import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
+from .data import IGNORE, PackedRows, RowSampler, shifted_targets
+from .parallel import ParallelContext, clip_grad_norm, finish_gradients, parallelize, set_gradient_sync
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # rows per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # <= 0: no clipping
+    mtp: bool = True
+    mtp_weight: float | None = None  # None: the model config's mtp_loss_weight (0.3)
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step; 0 freezes the biases (fine-tuning)
+    activation_checkpointing: bool = False
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    seed: int = 0
+    shuffle: bool = True
+    out_dir: str | None = None
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+    plot: bool = True
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup-steps must be >= 0 and min-lr-ratio in [0, 1]")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias-update-rate must be >= 0, got {self.bias_update_rate}")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (ndim >= 2: projections, experts, embedding, router); none on vectors
+    (norm weights, attention sinks, biases)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        t = min(1.0, (step - self.warmup) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def packed_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: torch.Tensor,
+                  segment_ids: torch.Tensor | None, inplace: bool = False) -> list[torch.Tensor]:
+    """Summed CE of the main head (shift 1) and of each MTP layer k (shift k + 2), counting only targets
+    in the same document as the predicting position (ops.loss.cross_entropy_sum: fp32 math, no fp32
+    copy of the logits; inplace=True lets the backward write the gradient over the logits).
+
+    logits [B, T, V], mtp_logits K x [B, T, V], labels [B, T], segment_ids [B, T] -> K + 1 fp32 scalars.
+    """
+    out = []
+    for shift, lg in enumerate([logits] + list(mtp_logits), start=1):
+        tgt = shifted_targets(labels, segment_ids, shift)  # [B, T - shift]: the target of position t
+        tgt = F.pad(tgt, (0, lg.shape[1] - tgt.shape[1]), value=IGNORE)  # [B, T], no target at the end
+        out.append(cross_entropy_sum(lg, tgt, inplace=inplace).float())
+    return out
+
+
+def target_counts(labels: torch.Tensor, segment_ids: torch.Tensor | None, n_shifts: int) -> list[int]:
+    """Number of valid targets at shifts 1..n_shifts. labels, segment_ids [B, T]."""
+    return [int(shifted_targets(labels, segment_ids, s).ne(IGNORE).sum()) if labels.shape[1] > s else 0
+            for s in range(1, n_shifts + 1)]
+
+
+class Trainer:
+    """Train `model` on packed rows.
+
+    model: MiMoForCausalLM on the CPU (moved to ctx.device, then sharded when ctx is distributed).
+    rows: PackedRows, identical on every rank (each rank takes its own rows of every step).
+    """
+
+    def __init__(self, model: nn.Module, rows: PackedRows, cfg: TrainConfig, ctx: ParallelContext | None = None,
+                 tokenizer=None) -> None:
+        cfg.validate()
+        self.cfg, self.rows, self.tokenizer = cfg, rows, tokenizer
+        self.ctx = ctx or ParallelContext()
+        self.config = model.config
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        dt = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.ctx.device.type == "cuda" else "float32")
+        self.autocast_dtype = torch.bfloat16 if dt == "bfloat16" else None
+        self.model = model.to(self.ctx.device).train()
+        self.expert_params = parallelize(self.model, self.ctx, cfg.activation_checkpointing)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                           foreach=False if self.expert_params else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.sampler = RowSampler(len(rows), seed=cfg.seed, shuffle=cfg.shuffle)
+        self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
+        self.n_mtp = self.config.num_nextn_predict_layers if cfg.mtp else 0
+        self.mtp_weight = cfg.mtp_weight if cfg.mtp_weight is not None else self.config.mtp_loss_weight
+        E = self.config.n_routed_experts
+        self.load_total = torch.zeros(len(self.moes), E, dtype=torch.float64)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict] = []
+        self.out = Path(cfg.out_dir) if cfg.out_dir else None
+
+    # ----------------------------------------------------------------- one step
+    @property
+    def rows_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.ctx.world
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics (global over ranks)."""
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.perf_counter()
+        rows = self.sampler.take(self.rows_per_step)
+        whole = self.rows.batch(rows)
+        counts = target_counts(whole["labels"], whole["segment_ids"], 1 + self.n_mtp)
+        denom = [max(c, 1) for c in counts]
+        sums = torch.zeros(1 + self.n_mtp, dtype=torch.float64)
+        loads = torch.zeros(len(self.moes), self.config.n_routed_experts, dtype=torch.float64, device=ctx.device)
+        B, A = cfg.batch_size, cfg.grad_accum
+        for m in range(A):
+            sel = rows[(m * ctx.world + ctx.rank) * B:(m * ctx.world + ctx.rank + 1) * B]
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in self.rows.batch(sel).items()}
+            set_gradient_sync(self.model, m == A - 1)
+            with self._autocast():
+                out = self.model(batch["input_ids"], position_ids=batch["position_ids"],
+                                 segment_ids=batch["segment_ids"], mtp=self.n_mtp > 0)
+            parts = packed_losses(out.logits, out.mtp_logits[: self.n_mtp], batch["labels"], batch["segment_ids"],
+                                  inplace=True)
+            loss = parts[0] / denom[0]
+            if self.n_mtp:
+                loss = loss + self.mtp_weight * sum(p / d for p, d in zip(parts[1:], denom[1:])) / self.n_mtp
+            loss.backward()
+            sums += torch.stack([p.detach().double() for p in parts]).cpu()
+            for i, moe in enumerate(self.moes):
+                if moe.expert_load is not None:
+                    loads[i] += moe.expert_load.double()
+            del out, parts, loss
+        finish_gradients(self.params, self.expert_params, ctx)
+        grad_norm = clip_grad_norm(self.params, cfg.grad_clip, self.expert_params, ctx)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        balance = self._balance(loads)
+        sums = ctx.all_reduce_(sums.to(ctx.device)).cpu()
+        self.step += 1
+        tokens = self.rows_per_step * self.rows.seq_len
+        self.tokens_seen += tokens
+        dt = time.perf_counter() - t0
+        per = [float(s / d) for s, d in zip(sums, denom)]
+        rec = {"step": self.step, "loss": per[0] + (self.mtp_weight * sum(per[1:]) / self.n_mtp if self.n_mtp else 0.0),
+               "lm_loss": per[0]}
+        if self.n_mtp:
+            rec["mtp_loss"] = sum(per[1:]) / self.n_mtp
+            rec["mtp_losses"] = per[1:]
+        rec.update(lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen, tokens_per_s=tokens / dt, step_time=dt,
+                   epoch=round(self.sampler.epoch, 4), **balance)
+        return rec
+
+    @torch.no_grad()
+    def _balance(self, loads: torch.Tensor) -> dict:
+        """Aux-loss-free balancing after the optimizer step. loads [L, E] token counts of this rank."""
+        if not self.moes:
+            return {}
+        self.ctx.all_reduce_(loads)
+        self.load_total += loads.cpu()
+        mean = loads.mean(dim=1, keepdim=True)
+        if self.cfg.bias_update_rate > 0:
+            for moe, load, mu in zip(self.moes, loads, mean):
+                bias = moe.gate.e_score_correction_bias
+                bias += self.cfg.bias_update_rate * torch.sign(mu - load).to(bias.dtype)
+        maxvio = ((loads.max(dim=1).values - mean[:, 0]) / mean[:, 0].clamp_min(1e-9)).cpu()
+        return {"load_maxvio": float(maxvio.mean()), "load_maxvio_max": float(maxvio.max())}
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> list[dict]:
+        """Train to cfg.steps (resuming first when cfg.resume); checkpoint, log, plot. Returns the metrics."""
+        from tqdm.auto import tqdm
+
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.resume:
+            self.resume()
+        metrics = self.out / "metrics.jsonl" if self.out and ctx.is_main else None
+        if metrics is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(metrics, self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
+                   dynamic_ncols=True, desc="train", unit="step")
+        tps = None
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            self.history.append(rec)
+            tps = rec["tokens_per_s"] if tps is None else 0.9 * tps + 0.1 * rec["tokens_per_s"]
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{rec['lr']:.2e}", refresh=False)
+            bar.update(1)
+            if metrics is not None:
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if self.out and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        if self.out:
+            self.save()
+            if cfg.plot and ctx.is_main:
+                from .plot import plot_metrics
+
+                self.plot_path = plot_metrics(metrics, self.out / "loss_curve.png")
+        return self.history
+
+    # --------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        if self.out is None:
+            raise ValueError("the trainer has no out_dir for checkpoints")
+        return self.out / "checkpoints"
+
+    def _meta(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+                "data_fingerprint": self.rows.fingerprint(), "seq_len": self.rows.seq_len,
+                "world": self.ctx.world, "ep": self.ctx.ep, "train_config": dataclasses.asdict(self.cfg),
+                "model_config": self.config.to_dict(), "load_total": self.load_total.tolist()}
+
+    def save(self) -> Path | None:
+        """Write a training checkpoint of the current step (collective)."""
+        return save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, self.scheduler,
+                               self._meta(), self.ctx, keep=self.cfg.keep_checkpoints)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from `path` or the newest checkpoint under out_dir; False when there is none."""
+        path = Path(path) if path else latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            if self.ctx.is_main:
+                print(f"no checkpoint in {self.checkpoint_root}; starting at step 0")
+            return False
+        meta = json.loads((path / "trainer.json").read_text())
+        if meta.get("data_fingerprint") != self.rows.fingerprint():
+            raise ValueError(f"{path}: the checkpoint was trained on other data (or another tokenizer or "
+                             "seq_len); refusing to resume")
+        if meta.get("world") != self.ctx.world and self.ctx.is_main:
+            print(f"note: resuming a {meta.get('world')}-process run on {self.ctx.world} processes "
+                  "(the same data order, not bitwise the same numbers)")
+        load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx)
+        # the schedule of this run's settings wins (the same numbers when they did not change)
+        sched = self.scheduler
+        sched.lr_lambdas = [WarmupCosine(self.cfg.warmup_steps, self.cfg.steps, self.cfg.min_lr_ratio)
+                            for _ in sched.lr_lambdas]
+        sched.base_lrs = [self.cfg.lr for _ in sched.base_lrs]
+        for group, base, f in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * f(sched.last_epoch)
+        self.step = meta["step"]
+        self.tokens_seen = meta["tokens_seen"]
+        self.sampler.load_state_dict(meta["sampler"])
+        if meta.get("load_total") is not None:
+            self.load_total = torch.tensor(meta["load_total"], dtype=torch.float64)
+        if self.ctx.is_main:
+            print(f"resumed from {path} at step {self.step}")
+        return True
+
+    def export(self, path: str | Path, dtype: str | None = None) -> Path:
+        """Save the model in hub format (loadable by from_pretrained and transformers) with the
+        tokenizer beside it. Collective: every rank calls, rank 0 writes."""
+        from ..model import MiMoForCausalLM
+
+        path = Path(path)
+        dtype = dtype or self.config.torch_dtype
+        if not self.ctx.distributed:
+            self.model.save_pretrained(path, dtype=dtype)
+        else:
+            state = model_state(self.model)  # gathered from every rank
+            if self.ctx.is_main:
+                fresh = MiMoForCausalLM(self.config)
+                fresh.load_state_dict(state)
+                fresh.save_pretrained(path, dtype=dtype)
+        if self.ctx.is_main:
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(path)
+        self.ctx.barrier()
+        return path
+
+    # ------------------------------------------------------------------ summary
+    def load_summary(self) -> str:
+        """Per MoE layer: each expert's share of the routed tokens over this run, and the bias range."""
+        if not self.moes or self.load_total.sum() == 0:
+            return "no MoE layers" if not self.moes else "no tokens routed yet"
+        E = self.load_total.shape[1]
+        lines = [f"expert load over the run (% of routed tokens; balanced = {100 / E:.1f}%):"]
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for moe, load in zip(self.moes, self.load_total):
+            share = 100 * load / load.sum()
+            bias = moe.gate.e_score_correction_bias.float()
+            layer = names[id(moe)].split(".")[2]
+            shares = (" ".join(f"{s:4.1f}" for s in share.tolist()) if E <= 16 else
+                      f"min {float(share.min()):.2f} max {float(share.max()):.2f}")
+            lines.append(f"  layer {layer:>2}: {shares}  | max/mean {float(share.max() * E / 100):.2f}"
+                         f"  bias [{float(bias.min()):+.4f}, {float(bias.max()):+.4f}]")
+        return "\n".join(lines)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines past `step` (written by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,287 @@
+"""The trainer: optimizer set-up, schedule, loss, gradient accumulation, aux-loss-free balancing,
+activation checkpointing, logs and plot, hub-format export, and the `train` command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mimo_flash import MiMoConfig, MiMoForCausalLM
+from mimo_flash.cli import main
+from mimo_flash.training import Document, TrainConfig, Trainer, pack_documents
+from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
+from mimo_flash.training.trainer import WarmupCosine, param_groups
+
+TEXT = ("The for statement is used to iterate over the elements of a sequence (such as a string, tuple or "
+        "list) or other iterable object. The while statement is used for repeated execution as long as an "
+        "expression is true. ")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and stays fast on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MiMoForCausalLM(MiMoConfig.preset("tiny", **kw))
+
+
+def rows(n_docs=12, T=48, seed=0, vocab=200):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 70, (n_docs,), generator=g).tolist()
+    return pack_documents([Document(torch.randint(3, vocab, (n,), generator=g).tolist()) for n in lengths], T)
+
+
+def quiet(**kw):
+    base = dict(steps=4, batch_size=2, warmup_steps=1, lr=2e-3, progress=False, plot=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_param_groups_no_decay_on_vectors():
+    model = tiny()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert any(n.endswith("attention_sink_bias") for n in nd)
+    assert any(n.endswith("layernorm.weight") for n in nd) and "model.norm.weight" in nd
+    assert all(not n.endswith(("norm.weight", "sink_bias")) for n in d)
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.layers.1.mlp.experts.gate_up_proj"} <= d
+    assert len(nd) + len(d) == len(list(model.parameters()))
+    # the balancing bias is a buffer, never trained by the optimizer
+    assert not any("e_score_correction_bias" in n for n in nd | d)
+
+
+def test_warmup_cosine():
+    f = WarmupCosine(warmup=10, total=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)
+
+
+def test_one_step_matches_hand_computed_loss_and_adamw():
+    """Step 1's logged loss is CE + 0.3 * mean MTP CE of the model itself; the update is torch's AdamW."""
+    data = rows(n_docs=4, T=64)
+    model = tiny()
+    ref = tiny()
+    batch = data.batch(torch.arange(len(data)))
+    tr = Trainer(model, data, quiet(batch_size=len(data), shuffle=False, grad_clip=0.0, lr=1e-3, warmup_steps=0,
+                                    steps=1))
+    rec = tr.train_step()
+    out = ref(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"], mtp=True)
+    from mimo_flash.training.trainer import packed_losses, target_counts
+
+    sums = packed_losses(out.logits, out.mtp_logits, batch["labels"], batch["segment_ids"])
+    n = target_counts(batch["labels"], batch["segment_ids"], 4)
+    loss = sums[0] / n[0] + 0.3 * sum(s / c for s, c in zip(sums[1:], n[1:])) / 3
+    assert rec["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert rec["mtp_losses"][0] == pytest.approx((sums[1] / n[1]).item(), rel=1e-5)
+    loss.backward()
+    opt = torch.optim.AdamW(param_groups(ref, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _capture_grads(trainer):
+    """Record the gradients the optimizer sees at every step."""
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in trainer.params]))
+    return seen
+
+
+def test_grad_accumulation_equals_big_batch():
+    data = rows()
+    ta = Trainer(tiny(), data, quiet(batch_size=4, grad_accum=1))
+    tb = Trainer(tiny(), data, quiet(batch_size=2, grad_accum=2))
+    ga, gb = _capture_grads(ta), _capture_grads(tb)
+    ha, hb = ta.fit(), tb.fit()
+    for ra, rb in zip(ha, hb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+    for x, y in zip(ga[0], gb[0]):  # the first step's gradients (later ones differ by Adam's amplification)
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_balancing_moves_biases_by_sign_of_load():
+    data = rows()
+    model = tiny()
+    tr = Trainer(model, data, quiet(steps=1, bias_update_rate=0.01))
+    before = [m.gate.e_score_correction_bias.clone() for m in tr.moes]
+    loads = []
+    orig = tr._balance
+
+    def spy(load):
+        loads.append(load.clone())
+        return orig(load)
+
+    tr._balance = spy
+    rec = tr.train_step()
+    (load,) = loads
+    assert load.sum(1).tolist() == [float(2 * 48 * 2)] * len(tr.moes)  # tokens x top-2 per layer
+    for m, b0, ld in zip(tr.moes, before, load):
+        delta = m.gate.e_score_correction_bias - b0
+        expect = 0.01 * torch.sign(ld.mean() - ld)
+        torch.testing.assert_close(delta, expect.float())
+        assert m.gate.e_score_correction_bias.dtype == torch.float32
+    assert rec["load_maxvio"] > 0 and "expert load" in tr.load_summary()
+    # rate 0 (the fine-tuning default) leaves them frozen
+    tr0 = Trainer(tiny(), data, quiet(steps=2))
+    b0 = [m.gate.e_score_correction_bias.clone() for m in tr0.moes]
+    tr0.fit()
+    assert all(torch.equal(m.gate.e_score_correction_bias, b) for m, b in zip(tr0.moes, b0))
+
+
+def test_balancing_evens_out_the_load():
+    """Start with every token routed to experts 0 and 1 (a skewed bias); with the weights frozen, the
+    bias updates alone bring the load back towards uniform."""
+    data = rows(n_docs=16)
+    model = tiny(seed=2)
+    for n, b in model.named_buffers():
+        if n.endswith("e_score_correction_bias"):
+            b[:2] = 0.3
+    tr = Trainer(model, data, quiet(steps=50, lr=1e-12, warmup_steps=0, bias_update_rate=0.01))
+    hist = tr.fit()
+    assert hist[0]["load_maxvio"] == pytest.approx(3.0)  # 2 of 8 experts take everything: 4x the mean
+    late = sum(r["load_maxvio"] for r in hist[-10:]) / 10
+    assert late < 1.0
+
+
+def test_activation_checkpointing_same_result():
+    data = rows()
+    a, b = tiny(), tiny()
+    ha = Trainer(a, data, quiet()).fit()
+    hb = Trainer(b, data, quiet(activation_checkpointing=True)).fit()
+    assert [r["loss"] for r in ha] == pytest.approx([r["loss"] for r in hb], rel=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_falls_and_logs(tmp_path):
+    # a small, repetitive corpus: the loss must fall well below the uniform-guess level
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(3, 60, (40,), generator=g).tolist()
+    data = pack_documents([Document(base) for _ in range(24)], 64)
+    tr = Trainer(tiny(), data, quiet(steps=40, batch_size=4, lr=1e-2, warmup_steps=4, out_dir=str(tmp_path),
+                                     plot=True, bias_update_rate=1e-3))
+    hist = tr.fit()
+    assert hist[0]["loss"] > 0.9 * math.log(512) * 1.3  # CE + 0.3 CE at about ln(V)
+    assert hist[-1]["lm_loss"] < 0.3 * hist[0]["lm_loss"]
+    assert hist[-1]["mtp_loss"] < 0.5 * hist[0]["mtp_loss"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 41))
+    assert {"loss", "lm_loss", "mtp_losses", "lr", "grad_norm", "tokens_per_s", "load_maxvio"} <= set(lines[0])
+    png = tmp_path / "loss_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_loads_in_mimo_flash_and_transformers(tmp_path):
+    data = rows()
+    tok = train_tokenizer([TEXT * 5], 300, tmp_path / "tok")
+    tr = Trainer(tiny(), data, quiet(steps=2, bias_update_rate=0.01), tokenizer=tok)
+    tr.fit()
+    path = tr.export(tmp_path / "final")
+    assert (path / "tokenizer.json").exists() and (path / "tokenizer_config.json").exists()
+    model = tr.model.eval()
+    again = MiMoForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        a = model(ids, mtp=True)
+        b = again(ids, mtp=True)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mtp_logits[2], b.mtp_logits[2])
+    for m, n in zip(tr.moes, [x for x in again.modules() if type(x).__name__ == "MoE"]):
+        assert torch.equal(m.gate.e_score_correction_bias, n.gate.e_score_correction_bias)
+    transformers = pytest.importorskip("transformers")
+    tf = transformers.MiMoV2FlashForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tf(ids).logits, a.logits, atol=1e-4, rtol=1e-4)
+
+
+def _write_data(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT * 6)
+    chats = [{"messages": [{"role": "user", "content": f"What does statement {i} do?"},
+                           {"role": "assistant", "content": "It is used to iterate over a sequence."}]}
+             for i in range(6)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+
+
+def test_train_command_pretrain_then_finetune(tmp_path, capsys):
+    _write_data(tmp_path)
+    tok = train_tokenizer([TEXT * 5], 300, tmp_path / "tok")
+    assert tok.chat_template == CHAT_TEMPLATE
+    run = tmp_path / "run"
+    rc = main(["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "corpus.txt"),
+               "--out", str(run), "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-3",
+               "--no-progress", "--set", "num_hidden_layers=3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "expert load" in out and "final model" in out
+    cfg = json.loads((run / "final" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+    assert (run / "loss_curve.png").exists() and (run / "checkpoints").is_dir()
+
+    ft = tmp_path / "ft"
+    rc = main(["train", "--init-from", str(run / "final"), "--data", str(tmp_path / "chat.jsonl"), "--out", str(ft),
+               "--steps", "2", "--seq-len", "64", "--batch-size", "2", "--no-progress"])
+    assert rc == 0
+    first = json.loads((ft / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] > 0
+    before = MiMoForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    after = MiMoForCausalLM.from_pretrained(ft / "final", dtype=torch.float32)
+    changed = [n for (n, p), q in zip(before.named_parameters(), after.parameters()) if not torch.equal(p, q)]
+    assert changed
+    # fine-tuning leaves the balancing biases frozen by default
+    for (n, b), c in zip(before.named_buffers(), after.buffers()):
+        if n.endswith("e_score_correction_bias"):
+            assert torch.equal(b, c)
+
+
+def test_train_command_bad_input(tmp_path, capsys):
+    _write_data(tmp_path)
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "r")]) == 2
+    assert "needs --tokenizer" in capsys.readouterr().err
+    train_tokenizer([TEXT], 300, tmp_path / "tok")
+    assert main(["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data",
+                 str(tmp_path / "nope.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data",
+                 str(tmp_path / "corpus.txt"), "--set", "bogus=1"]) == 2
+    assert "unknown config fields bogus" in capsys.readouterr().err
+
+
+def test_demo_command_smoke(tmp_path, capsys):
+    """`mimo-flash demo` end to end with few steps: tokenizer, training, hub checkpoint, reload, generation."""
+    assert main(["demo", "--out", str(tmp_path), "--steps", "12", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for path in ("tokenizer/tokenizer.json", "checkpoint/config.json", "checkpoint/model.safetensors",
+                 "checkpoint/tokenizer.json", "checkpoint/tokenizer_config.json", "run/loss_curve.png",
+                 "run/metrics.jsonl"):
+        assert (tmp_path / path).exists(), path
+    assert "loss curve: " + str(tmp_path / "run" / "loss_curve.png") in out
+    assert "[plain]" in out and "expert load" in out
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and recs[-1]["loss"] < recs[0]["loss"]
+    cfg = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 3 and cfg["vocab_size"] == 2048
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """The full demo: the loss falls clearly and MTP speculative decoding reproduces greedy decoding."""
+    from mimo_flash.training.demo import run_demo
+
+    res = run_demo(tmp_path, quiet=True)
+    assert res["final_lm_loss"] < 0.5 * res["initial_lm_loss"]
+    gens = res["generations"]
+    assert gens[0]["tokens"] > 0
+    if len(gens) > 1:
+        assert gens[1]["same_as_plain"] and gens[1]["acceptance_length"] > 1.5

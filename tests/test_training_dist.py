@@ -1,0 +1,142 @@
+"""Distributed training on CPU with gloo: 2 processes with FSDP2, and with expert parallelism (EP=2,
+experts split over the ranks, tokens through all-to-all), reproduce the 1-process loss curve; the
+distributed checkpoint resumes and the exported model matches the 1-process one."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mimo_flash import MiMoConfig, MiMoForCausalLM
+from mimo_flash.training import Document, TrainConfig, Trainer, init_distributed, pack_documents
+
+STEPS = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and stays fast on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rows():
+    g = torch.Generator().manual_seed(1)
+    docs = [Document(torch.randint(3, 300, (n,), generator=g).tolist()) for n in [50, 70, 120, 33, 90] * 3]
+    return pack_documents(docs, 64)
+
+
+def _model():
+    torch.manual_seed(0)
+    return MiMoForCausalLM(MiMoConfig.preset("tiny", num_hidden_layers=4))
+
+
+def _cfg(world: int, **kw) -> TrainConfig:
+    # the global batch is 4 rows per step whatever the number of processes, in 2 micro-batches
+    base = dict(steps=STEPS, batch_size=2 // world, grad_accum=2, warmup_steps=2, lr=3e-3, bias_update_rate=1e-2,
+                progress=False, plot=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _curve(hist):
+    return [(r["loss"], r["lm_loss"], r["grad_norm"], r["load_maxvio"]) for r in hist]
+
+
+def _worker(rank: int, world: int, port: int, out: str, q) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    res = {}
+    try:
+        for ep in (1, 2):
+            ctx = init_distributed(ep=ep, device="cpu")
+            run = os.path.join(out, f"ep{ep}")
+            tr = Trainer(_model(), _rows(), _cfg(world, out_dir=run, activation_checkpointing=ep == 2), ctx)
+            if ep == 2:
+                local = tr.model.model.layers[1].mlp.experts.gate_up_proj.to_local().shape[0]
+                res["local_experts"] = local
+            res[f"ep{ep}"] = _curve(tr.fit())
+            tr.export(os.path.join(run, "final"))
+        # resume the EP run from a mid-run checkpoint: same curve as the uninterrupted one
+        ctx = init_distributed(ep=2, device="cpu")
+        run = os.path.join(out, "resume")
+        first = Trainer(_model(), _rows(), _cfg(world, out_dir=run), ctx)
+        first.cfg.steps = 2  # stop early, as a killed run would (the LR schedule still spans STEPS)
+        first.fit()
+        second = Trainer(_model(), _rows(), _cfg(world, out_dir=run, resume=True), ctx)
+        res["resumed"] = _curve(first.history + second.fit())
+    except Exception as e:  # report instead of hanging the parent
+        import traceback
+
+        res["error"] = f"rank {rank}: {e}\n{traceback.format_exc()}"
+    if rank == 0 or "error" in res:
+        q.put(res)
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = q.get(timeout=240)
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert "error" not in res, res["error"]
+    return res, out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    tr = Trainer(_model(), _rows(), _cfg(1, out_dir=str(out)))
+    hist = tr.fit()
+    tr.export(out / "final")
+    return _curve(hist), out
+
+
+def _close(a, b):
+    for ra, rb in zip(a, b, strict=True):
+        assert ra[0] == pytest.approx(rb[0], rel=2e-5, abs=1e-5)  # loss
+        assert ra[1] == pytest.approx(rb[1], rel=2e-5, abs=1e-5)  # main-head CE
+        assert ra[2] == pytest.approx(rb[2], rel=1e-3, abs=1e-5)  # gradient norm
+        assert ra[3] == pytest.approx(rb[3], abs=1e-9)  # expert load (routing identical)
+
+
+def test_fsdp_reproduces_single_process(two_process_results, one_process):
+    res, _ = two_process_results
+    _close(res["ep1"], one_process[0])
+
+
+def test_expert_parallel_reproduces_single_process(two_process_results, one_process):
+    res, _ = two_process_results
+    assert res["local_experts"] == 4  # 8 experts, 4 on each rank
+    _close(res["ep2"], one_process[0])
+
+
+def test_distributed_resume_and_export(two_process_results, one_process):
+    res, out = two_process_results
+    _close(res["resumed"], res["ep2"])
+    single = MiMoForCausalLM.from_pretrained(one_process[1] / "final", dtype=torch.float32)
+    for name in ("ep1", "ep2"):
+        dist_model = MiMoForCausalLM.from_pretrained(out / name / "final", dtype=torch.float32)
+        for (n, p), q in zip(single.state_dict().items(), dist_model.state_dict().values()):
+            torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3, msg=f"{name}: {n}")
