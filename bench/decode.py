@@ -159,6 +159,34 @@ def graph_report(model, B: int) -> str:
     return "\n".join(lines)
 
 
+def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
+    """Logits of the batch-1 graphed decode step (fused projections, tuned compile: the runner that
+    generate() then reuses) vs the eager Runner, over `steps` steps fed the same tokens. bf16: ~1e-2."""
+    from mimo_flash.generation import KVCache
+    from mimo_flash.generation.engine import _make_runner, prefill
+    from mimo_flash.generation.runner import Runner
+
+    B, P = ids.shape
+    S = min(-(-(P + new + 2) // 64) * 64, model.config.max_position_embeddings + 2)
+    gr = _make_runner(model, B, S, 0, "auto", True)
+    er = Runner(model, KVCache(model.config, B, S, device=model.device, dtype=model.dtype), S)
+    with torch.no_grad():
+        lg, _ = prefill(gr, ids, None, 512, keep_hidden=False)
+        le, _ = prefill(er, ids, None, 512, keep_hidden=False)
+        tok = le.argmax(-1)
+        errs = []
+        for i in range(steps):
+            pos = torch.full((B, 1), P + i, device=ids.device, dtype=torch.long)
+            a, _ = gr.main(tok[:, None], pos, None, P + i + 1, graph=True)
+            b, _ = er.main(tok[:, None], pos, None, P + i + 1)
+            a, b = a.float(), b.float()
+            errs.append(float((a - b).norm() / b.norm()))
+            assert torch.isfinite(a).all()
+            tok = b[:, -1].argmax(-1)
+    gr.cache.reset()
+    return dict(max_rel_err=max(errs), fuse=gr.fuse, tune=gr.tune, notes=list(gr.notes))
+
+
 def agree(a: torch.Tensor, b: torch.Tensor, P: int) -> float:
     """Mean over rows of the fraction of leading new tokens that agree."""
     a, b = a[:, P:].cpu(), b[:, P:].cpu()
@@ -176,8 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spec", type=int, nargs="+", default=[0, 3], help="num_speculative_tokens values (0 = plain)")
     ap.add_argument("--no-compile", action="store_true", help="CUDA graphs of eager steps only")
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 520)))
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 340)))
     ap.add_argument("--cache-report", action="store_true")
+    ap.add_argument("--before", action="store_true", help="also time batch 1 K=0 without fused projections / tuning")
     ap.add_argument("--device", default="cuda", help="cpu only to check this script (tiny sizes)")
     args = ap.parse_args(argv)
     if args.cache_report:
@@ -218,6 +247,19 @@ def main(argv=None) -> int:
 
     g = torch.Generator().manual_seed(1)
     table = []
+    if args.device == "cuda" and 1 in args.batch:
+        try:
+            ids1 = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+            chk = check_fused_step(model, ids1.to(args.device), args.new)
+            ok = chk["max_rel_err"] < 3e-2
+            log(f"check: batch-1 graphed step (fuse={chk['fuse']}, tune={chk['tune']}) vs eager logits: "
+                f"max rel err {chk['max_rel_err']:.2e} over 4 steps -> {'OK' if ok else 'MISMATCH'}"
+                + (f"; notes: {chk['notes']}" if chk["notes"] else ""))
+            results["fused_check"] = dict(chk, ok=ok)
+        except Exception as e:
+            log(f"check of the fused step failed: {type(e).__name__}: {str(e)[:400]}")
+            traceback.print_exc(limit=4)
+            results["fused_check"] = dict(error=f"{type(e).__name__}: {e}")
     for B in args.batch:
         ids = torch.randint(0, config.vocab_size, (B, args.prompt), generator=g).to(args.device)
         ref = None
@@ -247,6 +289,22 @@ def main(argv=None) -> int:
                 row["bandwidth"] = nbytes / (r["decode_s"] / (args.new - 1))
             else:
                 row["same_tokens_as_plain"] = agree(toks, ref, args.prompt)
+                row["step_ms"] = r["decode_s"] / max(r["steps"], 1) * 1e3
+                if B == 1 and time.perf_counter() - T0 < args.budget_s:
+                    from mimo_flash.generation import speculative as spec_mod
+                    spec_mod.SPEC_GRAPH = False
+                    try:
+                        rb = time_ours(model, ids, args.new, K, compile)
+                        row["step_ms_before"] = rb["decode_s"] / max(rb["steps"], 1) * 1e3
+                        row["decode_tok_s_before"] = rb["decode_tok_s"]
+                        row["same_tokens_as_step_by_step"] = bool(torch.equal(rb["tokens"], toks))
+                        log(f"ours  B=1 K={K} step-by-step (before): decode {rb['decode_tok_s']:.0f} tok/s, "
+                            f"{row['step_ms_before']:.2f} ms/step; whole-step graph {row['step_ms']:.2f} ms/step; "
+                            f"same tokens: {row['same_tokens_as_step_by_step']}")
+                    except Exception as e:
+                        log(f"step-by-step comparison failed: {type(e).__name__}: {str(e)[:300]}")
+                    finally:
+                        spec_mod.SPEC_GRAPH = True
             log(f"ours  B={B} K={K}: decode {row['decode_tok_s']:.0f} tok/s, e2e {row['e2e_tok_s']:.0f} tok/s, "
                 f"prefill {row['prefill_s'] * 1e3:.0f} ms, first call {row['first_call_s']:.1f} s"
                 + (f", acceptance length {row['acceptance_length']:.2f}" if K else "")
@@ -265,6 +323,13 @@ def main(argv=None) -> int:
             if tf_row is not None:
                 row["ratio_decode"] = row["decode_tok_s"] / tf_row["decode_tok_s"]
                 row["ratio_e2e"] = row["e2e_tok_s"] / tf_row["e2e_tok_s"]
+            from mimo_flash.generation.engine import _RUNNERS
+            notes = [n for rn in _RUNNERS.get(model, {}).values() for n in getattr(rn, "notes", [])]
+            notes += [rn.spec_graph_failed for rn in _RUNNERS.get(model, {}).values()
+                      if getattr(rn, "spec_graph_failed", None)]
+            if notes:
+                row["fallbacks"] = sorted(set(notes))
+                log(f"fallbacks: {row['fallbacks']}")
             results["runs"].append(dict(engine="mimo-flash", **row))
             table.append((row, tf_row))
         if args.device == "cuda":  # replay time of every graph of this batch size (decode, verify, MTP)
@@ -278,6 +343,27 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
+    before = None
+    if args.device == "cuda" and args.before and 1 in args.batch and time.perf_counter() - T0 < args.budget_s:
+        from mimo_flash.generation.engine import _RUNNERS
+        _RUNNERS.pop(model, None)
+        os.environ["MIMO_FLASH_DECODE_FUSE"] = "0"
+        os.environ["MIMO_FLASH_DECODE_TUNE"] = "0"
+        try:
+            ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+            before = time_ours(model, ids.to(args.device), args.new, 0, not args.no_compile)
+            before.pop("tokens")
+            S = -(-(args.prompt + args.new + 2) // 64) * 64
+            before["bandwidth"] = step_bytes(model, 1, S, args.prompt + args.new // 2) / (before["decode_s"] / (args.new - 1))
+            log(f"before (no fused projections, no tuning) B=1 K=0: decode {before['decode_tok_s']:.0f} tok/s, "
+                f"{before['bandwidth'] / 1e12:.2f} TB/s ({before['bandwidth'] / bw:.0%} of copy)")
+            log("graphs (before):\n" + graph_report(model, 1))
+            results["before_b1"] = before
+        except Exception as e:
+            log(f"before pass failed: {type(e).__name__}: {str(e)[:300]}")
+        finally:
+            os.environ.pop("MIMO_FLASH_DECODE_FUSE")
+            os.environ.pop("MIMO_FLASH_DECODE_TUNE")
     out = os.environ.get("OUT")
     if out:
         Path(out, "decode.json").write_text(json.dumps(results, indent=1, default=str))
@@ -296,6 +382,19 @@ def main(argv=None) -> int:
               f"{row['acceptance_length']:.2f} | {bwtxt} |" if tfr else
               f"| {row['batch']} | {row['K']} | {row['decode_tok_s']:.0f} | - | - | {row['e2e_tok_s']:.0f} | - | - | "
               f"{row['acceptance_length']:.2f} | {bwtxt} |")
+    for row, _ in table:
+        if row["K"] and "step_ms" in row:
+            plain = next((r for r, _ in table if r["batch"] == row["batch"] and r["K"] == 0), None)
+            tok_ms = plain["decode_s"] / (args.new - 1) * 1e3 if plain else float("nan")
+            print(f"batch {row['batch']} K={row['K']}: {row['step_ms']:.2f} ms per speculative step"
+                  + (f" (step-by-step before: {row['step_ms_before']:.2f} ms, same tokens: "
+                     f"{row.get('same_tokens_as_step_by_step')})" if "step_ms_before" in row else "")
+                  + f"; plain token {tok_ms:.3f} ms -> break-even acceptance length {row['step_ms'] / tok_ms:.2f}")
+    if before is not None:
+        print(f"batch 1 K=0 before (no fused projections, no tuning): {before['decode_tok_s']:.0f} tok/s, "
+              f"{before['bandwidth'] / 1e12:.2f} TB/s = {before['bandwidth'] / bw:.0%}")
+    if "fused_check" in results:
+        print(f"fused-step check: {results['fused_check']}")
     return 0
 
 

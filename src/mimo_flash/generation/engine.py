@@ -135,6 +135,7 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
         runner = GraphRunner(model, new_cache(), S, compile=compile)
     else:
         runner.cache.reset()
+        runner.refresh()  # weights changed since the last call: fused copies and their graphs are rebuilt
     runners[key] = runner
     return runner
 

@@ -10,14 +10,19 @@ the longest row, capped at the cache size; SWA and MTP layers read their ring.
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 
 import torch
 import torch._dynamo
 import torch.nn as nn
 
+from ..model.attention import Attention
+from ..model.layers import MLP, apply_rope
 from ..model.moe import Experts, Router
+from ..ops import fused as fused_ops
 from ..ops import moe as moe_ops
+from ..ops.attention import attention as attention_op
 from .cache import MAIN, KVCache, mtp_group
 
 
@@ -125,6 +130,85 @@ def routers_for_decode(model):
             del m.forward
 
 
+# ---------------------------------------------------------------------------- fused decode projections
+FUSED = {Attention: ("q_proj", "k_proj", "v_proj"), MLP: ("gate_proj", "up_proj")}
+
+
+def prepare_fused(model) -> bool:
+    """Give every Attention a fused [q; k; v] weight and every dense MLP a fused [gate; up] weight
+    (module attribute `_mf_fused`, not a parameter: names, state_dict and checkpoints are unchanged).
+
+    A copy, not views: parameters that share one storage would make safetensors refuse to save the model.
+    Rebuilt when a source weight changed (pointer, in-place version, dtype). Returns True if any was rebuilt
+    (CUDA graphs that read the old copies must then be dropped)."""
+    changed = False
+    for m in model.modules():
+        names = FUSED.get(type(m))
+        if names is None:
+            continue
+        ws = [getattr(m, n).weight for n in names]
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape)) for w in ws)
+        old = m.__dict__.get("_mf_fused")
+        if old is None or old[0] != key:
+            with torch.no_grad():
+                m.__dict__["_mf_fused"] = (key, torch.cat([w.detach() for w in ws], 0))
+            changed = True
+    return changed
+
+
+def _proj(x: torch.Tensor, w: torch.Tensor, reduce: bool) -> torch.Tensor:
+    if reduce:  # as _linear_as_reduction: one bandwidth-bound fp32 reduction kernel for a single row
+        return (x.float()[..., None, :] * w.float()).sum(-1).to(x.dtype)
+    return torch.nn.functional.linear(x, w)
+
+
+def _attention_fused_forward(reduce: bool):
+    def forward(self: Attention, x, rope, meta, cache=None):
+        """Attention.forward with q, k and v from one product over the fused weight (same math)."""
+        B, T, _ = x.shape
+        qkv = _proj(x, self._mf_fused[1], reduce)
+        nq, nk = self.heads * self.qk_dim, self.kv_heads * self.qk_dim
+        q = qkv[..., :nq].reshape(B, T, self.heads, self.qk_dim).transpose(1, 2)
+        k = qkv[..., nq:nq + nk].reshape(B, T, self.kv_heads, self.qk_dim).transpose(1, 2)
+        v = (qkv[..., nq + nk:] * self.v_scale).reshape(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache_attention = None
+        if cache is not None:
+            k, v, meta = cache.update(self.layer_idx, k, v, meta)
+            cache_attention = getattr(cache, "attention", None)
+        if cache_attention is not None:
+            out = cache_attention(q, k, v, meta, self.scale, self.window, self.attention_sink_bias)
+        else:
+            out = attention_op(q, k, v, meta, self.scale, self.window, self.attention_sink_bias, self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))
+    return forward
+
+
+def _mlp_fused_forward(reduce: bool):
+    def forward(self: MLP, x):
+        """MLP.forward with gate and up from one product over the fused weight."""
+        h = _proj(x, self._mf_fused[1], reduce)
+        i = h.shape[-1] // 2
+        return self.down_proj(fused_ops.silu_mul(h[..., :i], h[..., i:]))
+    return forward
+
+
+@contextlib.contextmanager
+def fused_projections(model, reduce: bool):
+    """While tracing / capturing a step: Attention and dense MLP forwards over the fused weights
+    (prepare_fused must have run). reduce: one-row steps, products as fp32 reductions."""
+    makers = {Attention: _attention_fused_forward(reduce), MLP: _mlp_fused_forward(reduce)}
+    mods = [m for m in model.modules() if type(m) in makers and "_mf_fused" in m.__dict__]
+    for m in mods:
+        m.forward = types.MethodType(makers[type(m)], m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
+
+
 class Runner:
     """Eager forwards over `cache`. Positions index precomputed RoPE tables of `max_length` rows."""
 
@@ -176,45 +260,102 @@ class GraphRunner(Runner):
     Graphs are captured on first use of a shape; inputs are copied into static tensors, and the outputs
     are static tensors that the next replay overwrites (callers consume them at once). Capturing runs the
     step a few times first: cache writes are idempotent (same tokens, same slots), so this is harmless.
+
+    fuse: traced steps compute q/k/v (and a dense MLP's gate/up) with one product over a fused copy of
+    the weights (prepare_fused). tune: one-row main steps compile with inductor's coordinate-descent
+    tuning of block sizes (GEMV-like reductions). fuse defaults on (MIMO_FLASH_DECODE_FUSE=0 turns it off);
+    tune defaults off (MIMO_FLASH_DECODE_TUNE=1): on an H100 it made the decode-attention kernel 3.5x slower
+    and the batch-1 step no faster (730 vs 717 us). If tracing or capturing with either fails, the step
+    falls back to the plain path and says so in `notes`.
+    `run_step` captures a whole caller-defined step (speculative decoding: drafts + verification + accept)
+    whose model calls run inline (compiled, no nested graphs) inside one graph.
     """
 
     def __init__(self, model, cache: KVCache, max_length: int, compile: bool = False,
-                 max_graph_tokens: int = 16) -> None:
+                 max_graph_tokens: int = 16, fuse: bool | None = None, tune: bool | None = None) -> None:
         super().__init__(model, cache, max_length)
         self.compile = compile
         self.max_graph_tokens = max_graph_tokens
+        self.fuse = os.environ.get("MIMO_FLASH_DECODE_FUSE", "1") != "0" if fuse is None else fuse
+        self.tune = os.environ.get("MIMO_FLASH_DECODE_TUNE", "0") == "1" if tune is None else tune
         self.graphs: dict = {}
+        self.fns: dict = {}  # key -> (compiled) step function
+        self.notes: list[str] = []
         self.pool = None
         self.capture_seconds = 0.0
+        self._inline = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Before a generate() call: rebuild stale fused weights; graphs that read the old ones are dropped."""
+        if self.fuse and prepare_fused(self.model) and (self.graphs or self.fns):
+            self.graphs.clear()
+            self.fns.clear()
 
     def _tracing(self, rows: int):
-        """Module swaps active while a step is traced / captured: decode experts; one-row GEMVs as reductions."""
+        """Module swaps active while a step is traced / captured: decode experts; one-row GEMVs as reductions;
+        fused projections."""
         stack = contextlib.ExitStack()
         stack.enter_context(expert_backend(self.model, "decode"))
         if self.compile:
             stack.enter_context(routers_for_decode(self.model))
         if self.compile and rows == 1:
             stack.enter_context(linears_as_reductions(self.model))
+        if self.fuse:
+            stack.enter_context(fused_projections(self.model, reduce=self.compile and rows == 1))
         return stack
 
-    def _run(self, key, fn, inputs: dict):
-        rows = inputs["ids"].numel()
-        if self.cache.device.type != "cuda":  # no CUDA graphs: torch.compile only (tests the traced code on CPU)
-            if key not in self.graphs:
-                self.graphs[key] = torch.compile(fn, fullgraph=True, dynamic=False) if self.compile else fn
-            with self._tracing(rows):
-                return self.graphs[key](**inputs)
-        if key not in self.graphs:
-            import time
-            t0 = time.perf_counter()
-            static = {n: t.clone() for n, t in inputs.items()}
+    def _fn(self, key, fn, tune: bool):
+        if key not in self.fns:
             f = fn
             if self.compile:
                 for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                              "accumulated_recompile_limit"):
                     if hasattr(torch._dynamo.config, name):
                         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-                f = torch.compile(fn, fullgraph=True, dynamic=False)
+                opts = {"coordinate_descent_tuning": True} if tune else None
+                f = torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
+            self.fns[key] = f
+        return self.fns[key]
+
+    def _wants_tune(self, key, rows: int) -> bool:
+        return self.tune and self.compile and self.cache.device.type == "cuda" and key[0] == "main" and rows == 1
+
+    def _run(self, key, fn, inputs: dict, rows: int | None = None):
+        rows = inputs["ids"].numel() if rows is None else rows
+        if self._inline:  # inside a whole-step capture: the caller holds the tracing context
+            return self._fn(key, fn, False)(**inputs)
+        while True:
+            tune = self._wants_tune(key, rows)
+            try:
+                return self._run_once(key, fn, inputs, rows, tune)
+            except Exception as e:  # a new path failed: fall back to the plain one and say so
+                self.graphs.pop(key, None)
+                self.fns.pop(key, None)
+                if tune:
+                    self.tune = False
+                    what = "coordinate-descent tuning"
+                elif self.fuse:
+                    self.fuse = False
+                    self.graphs.clear()
+                    self.fns.clear()
+                    what = "fused projections"
+                else:
+                    raise
+                msg = f"{key}: {what} failed ({type(e).__name__}: {str(e)[:200]}); falling back"
+                self.notes.append(msg)
+                import warnings
+                warnings.warn(msg)
+
+    def _run_once(self, key, fn, inputs: dict, rows: int, tune: bool):
+        if self.cache.device.type != "cuda":  # no CUDA graphs: torch.compile only (tests the traced code on CPU)
+            with self._tracing(rows):
+                return self._fn(key, fn, tune)(**inputs)
+        if key not in self.graphs:
+            import time
+            t0 = time.perf_counter()
+            static = {n: t.clone() for n, t in inputs.items()}
+            f = self._fn(key, fn, tune)
             with self._tracing(rows):
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
@@ -231,8 +372,47 @@ class GraphRunner(Runner):
             torch.cuda.synchronize()
             self.capture_seconds += time.perf_counter() - t0
         g, static, out = self.graphs[key]
-        for n, t in inputs.items():
-            static[n].copy_(t)
+        names = list(inputs)
+        torch._foreach_copy_([static[n] for n in names], [inputs[n] for n in names])
+        g.replay()
+        return out
+
+    def run_step(self, key, fn, inputs: dict, rows: int = 2):
+        """Run fn(**inputs) -> outputs as one CUDA graph (on CPU: directly), its model calls inline.
+        fn must be idempotent for the same inputs and cache state (warm-up runs it several times)."""
+        if self.cache.device.type != "cuda":
+            self._inline = True
+            try:
+                with self._tracing(rows):
+                    return fn(**inputs)
+            finally:
+                self._inline = False
+        if key not in self.graphs:
+            import time
+            t0 = time.perf_counter()
+            static = {n: t.clone() for n, t in inputs.items()}
+            self._inline = True
+            try:
+                with self._tracing(rows):
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        for _ in range(3):
+                            fn(**static)
+                    torch.cuda.current_stream().wait_stream(s)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool):
+                        out = fn(**static)
+                    if self.pool is None:
+                        self.pool = g.pool()
+            finally:
+                self._inline = False
+            self.graphs[key] = (g, static, out)
+            torch.cuda.synchronize()
+            self.capture_seconds += time.perf_counter() - t0
+        g, static, out = self.graphs[key]
+        names = list(inputs)
+        torch._foreach_copy_([static[n] for n in names], [inputs[n] for n in names])
         g.replay()
         return out
 

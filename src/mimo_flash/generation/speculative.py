@@ -25,13 +25,21 @@ columns, right-aligned on position N-1, invalid columns masked. Rows that are do
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .cache import MAIN, mtp_group
+from .runner import kv_bucket
 from .sampling import SamplingParams, process
+
+# Greedy steps after the first run as one CUDA graph (drafts + verification + accept + rollback) on a
+# GraphRunner; MIMO_FLASH_SPEC_GRAPH=0 (or setting this to False) keeps the step-by-step path.
+SPEC_GRAPH = os.environ.get("MIMO_FLASH_SPEC_GRAPH", "1") != "0"
+_GREEDY = SamplingParams(do_sample=False)
 
 
 @dataclass
@@ -130,7 +138,63 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
     row b emits new[b, :count[b]].
 
     frozen [B] bool or None: rows that are done; their state does not change.
+    Greedy steps after the first (no repetition penalty) replay one CUDA graph of the whole step on a
+    GraphRunner: no eager work and no host sync inside it; the same code, so the same tokens.
     """
+    new = None
+    if _can_graph(runner, st, params):
+        try:
+            new, count = _graphed_step(runner, st, frozen)
+        except Exception as e:  # fall back to the step-by-step path for the rest of this runner's life
+            msg = f"speculative step graph failed ({type(e).__name__}: {str(e)[:200]}); step-by-step path"
+            runner.spec_graph_failed = msg
+            getattr(runner, "notes", []).append(msg)
+            warnings.warn(msg)
+            new = None
+    if new is None:
+        new, count = _step_core(runner, st, params, generator, frozen)
+    host = torch.cat([count, st.N.max()[None]]).tolist()  # the step's one host sync
+    st.n_max = host[-1]
+    return new, count, host[:-1]
+
+
+def _can_graph(runner, st: SpecState, params: SamplingParams) -> bool:
+    return (SPEC_GRAPH and hasattr(runner, "run_step") and not getattr(runner, "spec_graph_failed", None)
+            and not params.do_sample and st.seen is None and st.h_main is not None and st.K > 0)
+
+
+def _graphed_step(runner, st: SpecState, frozen):
+    """_step_core as one captured step over static copies of the state (keyed by batch, K, kv bucket)."""
+    K, B = st.K, st.N.shape[0]
+    bucket = kv_bucket(st.n_max + K + 1, runner.cache.S)
+    key = ("spec", B, K, bucket)
+    fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)
+    inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main, frozen=fz)
+    for j, t in enumerate(st.stash):
+        inputs[f"stash{j}"] = t
+    n_max, n_stash = st.n_max, len(st.stash)
+
+    def fn(N, N_prev, tok, recent, h_main, frozen, **stash):
+        s = SpecState(K=K, N=N, N_prev=N_prev, tok=tok, recent=recent, h_main=h_main,
+                      stash=[stash[f"stash{j}"] for j in range(n_stash)], drafts=None, q=None, seen=None,
+                      n_max=n_max)
+        new, count = _step_core(runner, s, _GREEDY, None, frozen)
+        out = dict(new=new, count=count, N=s.N, N_prev=s.N_prev, tok=s.tok, recent=s.recent, h_main=s.h_main,
+                   drafts=s.drafts)
+        for j, t in enumerate(s.stash):
+            out[f"stash{j}"] = t
+        ptrs = {t.data_ptr() for t in [N, N_prev, tok, recent, h_main, frozen, *stash.values()]}
+        return {n: (t.clone() if t.data_ptr() in ptrs else t) for n, t in out.items()}  # no output aliases an input
+
+    out = runner.run_step(key, fn, inputs)
+    st.N, st.N_prev, st.tok, st.recent, st.h_main = out["N"], out["N_prev"], out["tok"], out["recent"], out["h_main"]
+    st.stash = [out[f"stash{j}"] for j in range(n_stash)]
+    st.drafts, st.q = out["drafts"], None
+    return out["new"], out["count"]
+
+
+def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen):
+    """Draft, verify, accept, roll back; updates st (not n_max). Returns (new [B, K+1], count [B])."""
     K, B = st.K, st.N.shape[0]
     dev = st.N.device
     old = (st.N, st.N_prev, st.tok, st.recent, st.h_main, list(st.stash))
@@ -191,6 +255,4 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
         if oh is not None:
             st.h_main = torch.where(f[:, None, None], oh, st.h_main)
         st.stash = [torch.where(f[:, None], o, n) for o, n in zip(ostash, st.stash)]
-    host = torch.cat([count, st.N.max()[None]]).tolist()  # the step's one host sync
-    st.n_max = host[-1]
-    return new, count, host[:-1]
+    return new, count
