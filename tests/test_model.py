@@ -167,3 +167,13 @@ def test_bad_inputs():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+def test_router_stays_fp32_under_autocast():
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g)
+    want = route(x, w, torch.zeros(16), 4, 1, 1, True, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = route(x, w, torch.zeros(16), 4, 1, 1, True, 1.0)
+    assert got[2].dtype == torch.float32
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)

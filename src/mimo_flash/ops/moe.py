@@ -26,7 +26,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
 
     Returns (indices [N, k] long, weights [N, k] fp32, scores [N, E] fp32).
     """
-    logits = F.linear(x.float(), weight.float())
+    with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+        logits = F.linear(x.float(), weight.float())
     scores = logits.sigmoid()
     choice = scores + bias.float()
     N, E = choice.shape

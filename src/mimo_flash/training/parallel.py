@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..model.moe import Experts, MoE, Router
+from ..model.moe import Experts, MoE
 from ..ops.moe import experts as experts_op
 
 
@@ -174,19 +174,8 @@ def _experts_forward(module: Experts):
     return forward
 
 
-def _router_forward(module: Router):
-    """The router in fp32 even under autocast (its matmul would otherwise run in bf16)."""
-    inner = module.forward
-
-    def forward(x: torch.Tensor):
-        with torch.autocast(x.device.type, enabled=False):
-            return inner(x)
-
-    return forward
-
-
 def prepare_moe(model: nn.Module, ctx: ParallelContext) -> list[nn.Parameter]:
-    """Install the training forwards of routers and experts; shard the experts when ctx.ep > 1.
+    """Install the training forward of the experts; shard them when ctx.ep > 1.
 
     Returns the expert parameters that live on the ep mesh (empty without expert parallelism).
     """
@@ -194,8 +183,6 @@ def prepare_moe(model: nn.Module, ctx: ParallelContext) -> list[nn.Parameter]:
 
     expert_params: list[nn.Parameter] = []
     for m in model.modules():
-        if isinstance(m, Router):
-            m.forward = _router_forward(m)
         if not isinstance(m, Experts):
             continue
         m.n_experts = m.gate_up_proj.shape[0]
