@@ -23,7 +23,7 @@ from common import attention_pairs, fmt, hardware_limits, header, table, time_ms
 
 from mimo_flash.ops.attention import AttnMeta
 from mimo_flash.ops.attention_fast import attention_cudnn, attention_flex, attention_triton
-from mimo_flash.ops.moe import experts, experts_grouped_mm, route
+from mimo_flash.ops.moe import experts, route
 
 ROOT = Path(__file__).resolve().parents[1]
 

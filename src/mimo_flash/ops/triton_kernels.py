@@ -20,7 +20,6 @@ Banded SWA attention ("triton" attention backend)
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..model.moe import Experts, MoE
+from ..model.moe import Experts
 from ..ops.moe import experts as experts_op
 
 
