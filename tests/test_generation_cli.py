@@ -13,7 +13,7 @@ from conftest import tiny_model
 from mimo_flash.cli import main
 from mimo_flash.generation import engine, generate
 from mimo_flash.generation.streamer import StopStrings, TextStreamer
-from mimo_flash.generation.tokenizer import Tokenizer
+from mimo_flash.tokenizer import Tokenizer
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

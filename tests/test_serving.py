@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from mimo_flash.generation.tokenizer import Tokenizer
 from mimo_flash.serving import Engine, make_server
+from mimo_flash.tokenizer import Tokenizer
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
           "all that glitters is not gold", "hello world, hello model"] * 20

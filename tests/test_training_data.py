@@ -128,7 +128,7 @@ def test_read_documents_text_jsonl_chat(tmp_path, tok):
     assert docs[1].ids[-1] == tok.eos_id and docs[1].mask is None
     chat = docs[2]
     assert not chat.splittable
-    trained = tok.decode([t for t, m in zip(chat.ids, chat.mask) if m])
+    trained = tok.decode([t for t, m in zip(chat.ids, chat.mask) if m], skip_special_tokens=False)
     assert trained == "A statement.<|im_end|>\n"
     assert "What is for?" in tok.decode(chat.ids) and "What" not in trained
 

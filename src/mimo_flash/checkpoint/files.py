@@ -198,3 +198,17 @@ def _write_tensor(f, t: torch.Tensor, chunk: int = 64 << 20) -> None:
     view = memoryview(buf).cast("B")
     for i in range(0, n, chunk):
         f.write(view[i: i + chunk])
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (new / renamed files) to disk; a no-op where the OS does not allow it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import CheckpointError
-from .files import Entry, write_safetensors
+from .files import Entry, fsync_dir, write_safetensors
 from .fp8 import FP8, SCALE_SUFFIX, quantize, scale_grid
 from .load import check_finite, parse_dtype, plan_checkpoint, progress_bar, read_into
 from .names import LAYOUTS, is_fp32, is_quantized, layout_parts
@@ -151,7 +151,7 @@ def write_checkpoint(path: str | os.PathLike, config: dict, groups: list[list[En
                 shutil.copy2(f, tmp / f.name)
         if path.exists():
             _carry_over(path, tmp)
-        _fsync(tmp)
+        fsync_dir(tmp)
         _swap(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -208,19 +208,6 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def _fsync(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
     if not sys.platform.startswith("linux"):
@@ -245,7 +232,7 @@ def _swap(tmp: Path, path: Path) -> None:
         os.rename(path, old)
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(path.parent)
+    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------- model -> checkpoint

@@ -95,7 +95,7 @@ def cmd_kv_cache(args) -> int:
 def load(args):
     """-> (model, tokenizer) from args.model / device / dtype, with clear errors."""
     from ..model import MiMoForCausalLM
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     root = Path(args.model)
     if not root.is_dir():

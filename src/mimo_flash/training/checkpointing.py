@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.files import fsync_dir
 from .parallel import ParallelContext, full_tensor, load_full_
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -44,19 +45,6 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save(obj, path: Path) -> None:
@@ -161,11 +149,11 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, me
     del msd, osd
     ctx.barrier()
     if ctx.is_main:
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if keep > 0:
             for old in list_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -91,7 +91,7 @@ def build_model(args: argparse.Namespace):
 
     from ..config import MiMoConfig
     from ..model import MiMoForCausalLM
-    from .tokenizer import TextTokenizer
+    from ..tokenizer import Tokenizer
 
     overrides = _parse_overrides(args.set)
     if args.init_from:
@@ -116,7 +116,7 @@ def build_model(args: argparse.Namespace):
         torch.manual_seed(args.seed)
         model = MiMoForCausalLM(config)
         finetune = False
-    tok = TextTokenizer.from_pretrained(tok_dir)
+    tok = Tokenizer.from_pretrained(tok_dir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .tokenizer import TextTokenizer
+from ..tokenizer import Tokenizer
 
 IGNORE = -100
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -54,7 +54,7 @@ def data_files(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def read_documents(paths: Iterable[str | Path], tokenizer: TextTokenizer, add_eos: bool = True) -> Iterator[Document]:
+def read_documents(paths: Iterable[str | Path], tokenizer: Tokenizer, add_eos: bool = True) -> Iterator[Document]:
     """Tokenized documents of every file, in order. Text documents end with the EOS token when known."""
     eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
     for f in data_files(paths):
@@ -237,6 +237,6 @@ class RowSampler:
         self.seed, self.shuffle, self.consumed = state["seed"], state["shuffle"], state["consumed"]
 
 
-def load_rows(paths: Iterable[str | Path], tokenizer: TextTokenizer, seq_len: int) -> PackedRows:
+def load_rows(paths: Iterable[str | Path], tokenizer: Tokenizer, seq_len: int) -> PackedRows:
     """Read, tokenize and pack: the whole data pipeline in one call."""
     return pack_documents(read_documents(paths, tokenizer), seq_len, tokenizer.pad_id)

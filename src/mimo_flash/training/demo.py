@@ -37,12 +37,13 @@ def corpus() -> list[str]:
 
 def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     """Train a byte-level BPE on `texts`; write tokenizer.json and tokenizer_config.json into out.
-    Returns the TextTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    Returns the Tokenizer."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from .tokenizer import TextTokenizer
+    from ..tokenizer import Tokenizer
 
-    tok = Tokenizer(models.BPE())
+    tok = RawTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -54,7 +55,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
               "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 4096,
               "chat_template": CHAT_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return TextTokenizer.from_pretrained(out)
+    return Tokenizer.from_pretrained(out)
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> list[d
         t0 = time.perf_counter()
         new = greedy_generate(model, ids, max_new_tokens)
         dt = time.perf_counter() - t0
-        return [{"mode": "plain (greedy loop)", "text": tokenizer.decode(new), "tokens": len(new), "seconds": dt,
+        return [{"mode": "plain (greedy loop)", "text": tokenizer.decode(new, skip_special_tokens=False), "tokens": len(new), "seconds": dt,
                  "tokens_per_s": len(new) / dt}]
     K = model.config.num_nextn_predict_layers
     for name, k in [("plain", 0)] + ([(f"MTP speculative, {K} drafts", K)] if K else []):
@@ -87,7 +88,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> list[d
         seq, stats = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, return_stats=True, **kw)
         dt = time.perf_counter() - t0
         new = seq[0, len(ids):].tolist()
-        rec = {"mode": name, "text": tokenizer.decode(new), "ids": new, "tokens": len(new), "seconds": dt,
+        rec = {"mode": name, "text": tokenizer.decode(new, skip_special_tokens=False), "ids": new, "tokens": len(new), "seconds": dt,
                "tokens_per_s": len(new) / dt}
         if k:
             rec.update(acceptance_length=stats.acceptance_length, acceptance_rate=stats.acceptance_rate,
@@ -163,9 +164,9 @@ def _run_demo(out, steps, quiet) -> dict:
     ckpt = trainer.export(out / "checkpoint")
     model = MiMoForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     print(f"saved the hub-format checkpoint with its tokenizer to {ckpt} and reloaded it")
-    from .tokenizer import TextTokenizer
+    from ..tokenizer import Tokenizer
 
-    tok = TextTokenizer.from_pretrained(ckpt)
+    tok = Tokenizer.from_pretrained(ckpt)
     gens = run_generation(model, tok, PROMPT, 48)
     for g in gens:
         extra = ""
