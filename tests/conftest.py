@@ -46,6 +46,15 @@ def transformers_twin(model: MiMoForCausalLM, tmp_path):
     return tf.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test models are tiny: one intra-op thread is as fast, and stays fast on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny():
     return tiny_model()

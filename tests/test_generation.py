@@ -20,15 +20,6 @@ from mimo_flash.ops.attention import AttnMeta, attention_reference
 from mimo_flash.ops.moe import experts_reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids oversubscription on small shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def full_argmax_check(model, out, prompt_cols, mask=None):
     """Every generated token is the argmax of one full forward over the sequence before it."""
     m = None if mask is None else torch.cat([mask, torch.ones_like(out[:, prompt_cols:])], 1)

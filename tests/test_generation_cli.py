@@ -20,14 +20,6 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
 SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_tokenizer(d, vocab_size=512, template=CHATML, eos="<|endoftext|>"):
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as Tok

@@ -15,14 +15,6 @@ from mimo_flash.model.attention import Attention
 from mimo_flash.model.layers import MLP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("reduce", [False, True])
 def test_fused_projections_match_the_modules(reduce):
     model = tiny_model()

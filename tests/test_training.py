@@ -20,15 +20,6 @@ TEXT = ("The for statement is used to iterate over the elements of a sequence (s
         "expression is true. ")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and stays fast on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
     return MiMoForCausalLM(MiMoConfig.preset("tiny", **kw))

@@ -18,15 +18,6 @@ TEXT = ("The for statement is used to iterate over the elements of a sequence. T
         "for repeated execution as long as an expression is true. ") * 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and stays fast on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return train_tokenizer([TEXT], 400, tmp_path_factory.mktemp("tok"))

@@ -17,15 +17,6 @@ from mimo_flash.training import Document, TrainConfig, Trainer, init_distributed
 STEPS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and stays fast on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rows():
     g = torch.Generator().manual_seed(1)
     docs = [Document(torch.randint(3, 300, (n,), generator=g).tolist()) for n in [50, 70, 120, 33, 90] * 3]

@@ -20,6 +20,19 @@ FULL, SWA = 0, 1  # values of hybrid_layer_pattern
 ACTIVATIONS = ("silu",)
 
 
+def read_json_object(f: Path) -> dict:
+    """A JSON object file's contents ({} when the file is absent); errors name the file."""
+    if not f.exists():
+        return {}
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected a JSON object")
+    return d
+
+
 def _default_pattern(n: int) -> list[int]:
     """transformers' default rule: full attention at layer 0 and every 6th layer."""
     return [FULL if (i == 0 or (i + 1) % 6 == 0) else SWA for i in range(n)]
@@ -266,12 +279,7 @@ class MiMoConfig:
         f = p / "config.json" if p.is_dir() else p
         if not f.exists():
             raise FileNotFoundError(f"no config.json in {p}")
-        try:
-            d = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{f}: expected a JSON object")
+        d = read_json_object(f)
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:

@@ -22,6 +22,8 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from .config import read_json_object
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -60,17 +62,6 @@ def _token_str(t) -> str | None:
     return t
 
 
-def _read_json(f: Path) -> dict:
-    """A JSON object file's contents ({} when the file is absent); errors name the file."""
-    if not f.exists():
-        return {}
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{f}: expected a JSON object")
-    return d
 
 
 class Tokenizer:
@@ -98,8 +89,8 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises its own (bare) exception types
             raise ValueError(f"{f}: cannot be read as a tokenizers tokenizer.json ({e})") from None
         self.source, self.file = root, f
-        self.config = _read_json(root / "tokenizer_config.json")
-        gen = _read_json(root / "generation_config.json")
+        self.config = read_json_object(root / "tokenizer_config.json")
+        gen = read_json_object(root / "generation_config.json")
 
         template = self.config.get("chat_template")
         jinja_file = root / "chat_template.jinja"

@@ -18,11 +18,10 @@ import torch._dynamo
 import torch.nn as nn
 
 from ..model.attention import Attention
-from ..model.layers import MLP, apply_rope
+from ..model.layers import MLP
 from ..model.moe import Experts, Router
 from ..ops import fused as fused_ops
 from ..ops import moe as moe_ops
-from ..ops.attention import attention as attention_op
 from .cache import MAIN, KVCache, mtp_group
 
 
@@ -165,23 +164,9 @@ def _proj(x: torch.Tensor, w: torch.Tensor, reduce: bool) -> torch.Tensor:
 def _attention_fused_forward(reduce: bool):
     def forward(self: Attention, x, rope, meta, cache=None):
         """Attention.forward with q, k and v from one product over the fused weight (same math)."""
-        B, T, _ = x.shape
         qkv = _proj(x, self._mf_fused[1], reduce)
         nq, nk = self.heads * self.qk_dim, self.kv_heads * self.qk_dim
-        q = qkv[..., :nq].reshape(B, T, self.heads, self.qk_dim).transpose(1, 2)
-        k = qkv[..., nq:nq + nk].reshape(B, T, self.kv_heads, self.qk_dim).transpose(1, 2)
-        v = (qkv[..., nq + nk:] * self.v_scale).reshape(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache_attention = None
-        if cache is not None:
-            k, v, meta = cache.update(self.layer_idx, k, v, meta)
-            cache_attention = getattr(cache, "attention", None)
-        if cache_attention is not None:
-            out = cache_attention(q, k, v, meta, self.scale, self.window, self.attention_sink_bias)
-        else:
-            out = attention_op(q, k, v, meta, self.scale, self.window, self.attention_sink_bias, self.backend)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))
+        return self.attend(qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:], rope, meta, cache)
     return forward
 
 
@@ -351,11 +336,28 @@ class GraphRunner(Runner):
         if self.cache.device.type != "cuda":  # no CUDA graphs: torch.compile only (tests the traced code on CPU)
             with self._tracing(rows):
                 return self._fn(key, fn, tune)(**inputs)
+        return self._replay(key, lambda: self._fn(key, fn, tune), inputs, rows)
+
+    def run_step(self, key, fn, inputs: dict, rows: int = 2):
+        """Run fn(**inputs) -> outputs as one CUDA graph (on CPU: directly), its model calls inline.
+        fn must be idempotent for the same inputs and cache state (warm-up runs it several times)."""
+        self._inline = True
+        try:
+            if self.cache.device.type != "cuda":
+                with self._tracing(rows):
+                    return fn(**inputs)
+            return self._replay(key, lambda: fn, inputs, rows)
+        finally:
+            self._inline = False
+
+    def _replay(self, key, make_fn, inputs: dict, rows: int):
+        """Capture make_fn()(**inputs) as a CUDA graph once per key (3 warm-up runs on a side stream;
+        the graphs share one memory pool), then copy the inputs into its static buffers and replay it."""
         if key not in self.graphs:
             import time
             t0 = time.perf_counter()
             static = {n: t.clone() for n, t in inputs.items()}
-            f = self._fn(key, fn, tune)
+            f = make_fn()
             with self._tracing(rows):
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
@@ -368,45 +370,6 @@ class GraphRunner(Runner):
                     out = f(**static)
                 if self.pool is None:
                     self.pool = g.pool()
-            self.graphs[key] = (g, static, out)
-            torch.cuda.synchronize()
-            self.capture_seconds += time.perf_counter() - t0
-        g, static, out = self.graphs[key]
-        names = list(inputs)
-        torch._foreach_copy_([static[n] for n in names], [inputs[n] for n in names])
-        g.replay()
-        return out
-
-    def run_step(self, key, fn, inputs: dict, rows: int = 2):
-        """Run fn(**inputs) -> outputs as one CUDA graph (on CPU: directly), its model calls inline.
-        fn must be idempotent for the same inputs and cache state (warm-up runs it several times)."""
-        if self.cache.device.type != "cuda":
-            self._inline = True
-            try:
-                with self._tracing(rows):
-                    return fn(**inputs)
-            finally:
-                self._inline = False
-        if key not in self.graphs:
-            import time
-            t0 = time.perf_counter()
-            static = {n: t.clone() for n, t in inputs.items()}
-            self._inline = True
-            try:
-                with self._tracing(rows):
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        for _ in range(3):
-                            fn(**static)
-                    torch.cuda.current_stream().wait_stream(s)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=self.pool):
-                        out = fn(**static)
-                    if self.pool is None:
-                        self.pool = g.pool()
-            finally:
-                self._inline = False
             self.graphs[key] = (g, static, out)
             torch.cuda.synchronize()
             self.capture_seconds += time.perf_counter() - t0

@@ -39,10 +39,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 cache=None) -> torch.Tensor:
         """x [B, T, D]; rope = (cos, sin) [B, T, rotary_dim] -> [B, T, D]"""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.qk_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.qk_dim).transpose(1, 2)
-        v = (self.v_proj(x) * self.v_scale).view(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
+        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, meta, cache)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, meta: AttnMeta,
+               cache=None) -> torch.Tensor:
+        """Everything after the q/k/v projections: value scale, RoPE, cache, attention, o_proj.
+
+        q [B, T, heads * qk_dim], k [B, T, kv_heads * qk_dim], v [B, T, kv_heads * v_dim] -> [B, T, D]
+        """
+        B, T, _ = q.shape
+        q = q.reshape(B, T, self.heads, self.qk_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.kv_heads, self.qk_dim).transpose(1, 2)
+        v = (v * self.v_scale).reshape(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache_attention = None
