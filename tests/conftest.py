@@ -17,6 +17,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def run_in_triton_interpreter(script: str) -> None:
+    """Run `script` in a fresh Python with the package importable; it must print 'ok' last.
+    Skips where triton is not installed (the CPU venv); the script sets TRITON_INTERPRET itself."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": path})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
 def randomize(model: MiMoForCausalLM, seed: int = 0) -> MiMoForCausalLM:
     """Make sinks, correction biases and norm weights non-trivial (they start at 0/0/1)."""
     g = torch.Generator().manual_seed(seed)

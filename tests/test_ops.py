@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_in_triton_interpreter
 
 from mimo_flash.ops import fused
 from mimo_flash.ops.attention import _FAST, AttnMeta, allowed_mask, attention
@@ -270,15 +271,4 @@ print("ok")
 def test_triton_kernels_in_the_interpreter():
     """The banded SWA kernels (forward, dQ, dK/dV, sink gradient) and the gather-sum, run by Triton's
     CPU interpreter in fp32 against the reference: index and mask logic without a GPU."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    path = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": path})
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_in_triton_interpreter(_INTERPRETED)

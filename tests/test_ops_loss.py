@@ -5,16 +5,12 @@ The Triton kernels of the same formulas: test_ops_gpu.py (and the interpreter te
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_in_triton_interpreter
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.model.model import causal_lm_loss
 from mimo_flash.ops import loss as loss_mod
@@ -155,9 +151,4 @@ print("ok")
 
 def test_cross_entropy_triton_kernels_in_the_interpreter():
     """The two Triton cross-entropy kernels in Triton's CPU interpreter, fp32, against F.cross_entropy."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    path = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": path})
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    run_in_triton_interpreter(_INTERPRETED)

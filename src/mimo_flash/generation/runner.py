@@ -83,16 +83,21 @@ def _linear_as_reduction(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def linears_as_reductions(model):
-    """While tracing a one-token step: every nn.Linear but lm_head (already bandwidth-bound) as a reduction."""
-    mods = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
+def _forwards_replaced(mods, fn):
+    """Within the block, each module in `mods` runs `fn` (bound to it) as its forward."""
     for m in mods:
-        m.forward = types.MethodType(_linear_as_reduction, m)
+        m.forward = types.MethodType(fn, m)
     try:
         yield
     finally:
         for m in mods:
             del m.forward
+
+
+def linears_as_reductions(model):
+    """While tracing a one-token step: every nn.Linear but lm_head (already bandwidth-bound) as a reduction."""
+    mods = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
+    return _forwards_replaced(mods, _linear_as_reduction)
 
 
 def route_decode(self: Router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,16 +122,10 @@ def route_decode(self: Router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return idx, w * self.scaling
 
 
-@contextlib.contextmanager
 def routers_for_decode(model):
-    mods = [m for m in model.modules() if isinstance(m, Router) and m.n_group == 1]
-    for m in mods:
-        m.forward = types.MethodType(route_decode, m)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
+    """While tracing a decode step: routers without group limits use route_decode."""
+    return _forwards_replaced([m for m in model.modules() if isinstance(m, Router) and m.n_group == 1],
+                              route_decode)
 
 
 # ---------------------------------------------------------------------------- fused decode projections
