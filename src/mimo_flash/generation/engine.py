@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .cache import KVCache
-from .runner import GraphRunner, Runner
+from .runner import GraphRunner, Runner, kv_bucket
 from .sampling import SamplingParams, choose, process
 from .speculative import spec_prefill, spec_step
 
@@ -208,7 +208,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
         n_max = int(lengths.max())
         pos = lengths.clone()  # position of tok in each row
-        for i in range(1, max_new_tokens):
+        start = 1
+        if _greedy_graphable(runner, params, seen, out):
+            start, tok, pos = _greedy_graphed(runner, out, tok, pos, n_max, max_new_tokens, stats)
+        for i in range(start, max_new_tokens):
             if out.sync and out.all_done():  # without EOS / stopping, no host sync per step
                 break
             if seen is not None:
@@ -246,6 +249,60 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     if streamer is not None:
         streamer.end()
     return (result, stats) if return_stats else result
+
+
+GREEDY_CHUNK = 16  # graphed greedy steps between two EOS checks (each check waits for the GPU)
+
+
+def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bool:
+    return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.streamer is None
+            and out.stopping is None and not getattr(runner, "greedy_graph_failed", None))
+
+
+def _greedy_step(runner, bucket: int):
+    def fn(tok, pos):
+        """tok, pos [B]: one plain greedy step -> the next token and position."""
+        logits, _ = runner.main(tok[:, None], pos[:, None], None, bucket, logits="last", graph=True)
+        return dict(tok=choose(process(logits[:, -1], _GREEDY, None), _GREEDY, None), pos=pos + 1)
+    return fn
+
+
+_GREEDY = SamplingParams(do_sample=False)
+
+
+def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, max_new_tokens: int,
+                    stats: GenerationStats):
+    """Plain greedy decoding with each step ONE CUDA graph (forward, argmax, next position; no eager work
+    between steps), the new tokens handed to `out` every GREEDY_CHUNK steps, where EOS is checked: a row
+    that ended mid-chunk ran a few steps more whose tokens `out` drops, so the output is the same as step
+    by step. Returns (index of the next step, tok, pos): max_new_tokens when done, or where the plain loop
+    takes over if capturing failed (said in runner.greedy_graph_failed)."""
+    B = tok.shape[0]
+    buf = torch.empty(B, GREEDY_CHUNK, dtype=torch.long, device=tok.device)
+    i = 1
+    while i < max_new_tokens:
+        n = min(GREEDY_CHUNK, max_new_tokens - i)
+        for j in range(n):
+            bucket = kv_bucket(n_max + i + j, runner.cache.S)
+            try:
+                res = runner.run_step(("greedy", B, bucket), _greedy_step(runner, bucket), dict(tok=tok, pos=pos),
+                                      rows=B)
+            except Exception as e:  # the step-by-step path from here on, for this runner
+                runner.greedy_graph_failed = f"graphed greedy step failed: {type(e).__name__}: {str(e)[:200]}"
+                import warnings
+                warnings.warn(runner.greedy_graph_failed)
+                if j:
+                    out.add(buf[:, :j], torch.full((B,), j, dtype=torch.long, device=tok.device))
+                    stats.steps += j
+                return i + j, tok.clone(), pos.clone()
+            tok, pos = res["tok"], res["pos"]
+            buf[:, j] = tok
+        out.add(buf[:, :n], torch.full((B,), n, dtype=torch.long, device=tok.device))
+        stats.steps += n
+        i += n
+        if out.sync and out.all_done():
+            break
+    return max_new_tokens, tok, pos
 
 
 def _elapsed(t0: float, device) -> float:

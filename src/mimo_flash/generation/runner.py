@@ -10,6 +10,7 @@ the longest row, capped at the cache size; SWA and MTP layers read their ring.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import types
 
@@ -251,30 +252,41 @@ class GraphRunner(Runner):
     tune defaults off (MIMO_FLASH_DECODE_TUNE=1): on an H100 it made the decode-attention kernel 3.5x slower
     and the batch-1 step no faster (730 vs 717 us). If tracing or capturing with either fails, the step
     falls back to the plain path and says so in `notes`.
+    triton: one-token steps of a single sequence run the Triton kernels of generation/triton_step.py
+    instead (about 70 kernels per step instead of about 200); default on where triton imports and the cache
+    is on CUDA (MIMO_FLASH_DECODE_TRITON=0 turns it off); True forces it (Triton's CPU interpreter, tests).
     `run_step` captures a whole caller-defined step (speculative decoding: drafts + verification + accept)
     whose model calls run inline (compiled, no nested graphs) inside one graph.
     """
 
     def __init__(self, model, cache: KVCache, max_length: int, compile: bool = False,
-                 max_graph_tokens: int = 16, fuse: bool | None = None, tune: bool | None = None) -> None:
+                 max_graph_tokens: int = 16, fuse: bool | None = None, tune: bool | None = None,
+                 triton: bool | None = None) -> None:
         super().__init__(model, cache, max_length)
         self.compile = compile
         self.max_graph_tokens = max_graph_tokens
         self.fuse = os.environ.get("MIMO_FLASH_DECODE_FUSE", "1") != "0" if fuse is None else fuse
         self.tune = os.environ.get("MIMO_FLASH_DECODE_TUNE", "0") == "1" if tune is None else tune
+        if triton is None:
+            triton = (os.environ.get("MIMO_FLASH_DECODE_TRITON", "1") != "0" and cache.device.type == "cuda"
+                      and importlib.util.find_spec("triton") is not None)
+        from .triton_step import unsupported
+        self.triton = bool(triton) and cache.B == 1 and unsupported(model, cache, check_fused=False) is None
         self.graphs: dict = {}
         self.fns: dict = {}  # key -> (compiled) step function
         self.notes: list[str] = []
         self.pool = None
         self.capture_seconds = 0.0
         self._inline = False
+        self._triton_step = None
         self.refresh()
 
     def refresh(self) -> None:
         """Before a generate() call: rebuild stale fused weights; graphs that read the old ones are dropped."""
-        if self.fuse and prepare_fused(self.model) and (self.graphs or self.fns):
+        if (self.fuse or self.triton) and prepare_fused(self.model):
             self.graphs.clear()
             self.fns.clear()
+            self._triton_step = None
 
     def _tracing(self, rows: int):
         """Module swaps active while a step is traced / captured: decode experts; one-row GEMVs as reductions;
@@ -383,6 +395,10 @@ class GraphRunner(Runner):
         if not graph or T > self.max_graph_tokens:  # prefill stays eager
             return super().main(ids, pos, valid, kv_len, logits)
         bucket = kv_bucket(kv_len, self.cache.S)
+        if self.triton and B * T == 1 and valid is None:
+            out = self._main_triton(ids, pos, kv_len, bucket)
+            if out is not None:
+                return (None, out[1]) if logits == "none" else out
         key = ("main", B, T, bucket, valid is None, logits)
         inputs = dict(ids=ids, pos=pos.clamp_min(0))
         if valid is not None:
@@ -392,6 +408,36 @@ class GraphRunner(Runner):
             return self._main(ids, pos, valid, bucket, logits)
 
         return self._run(key, fn, inputs)
+
+    def _main_triton(self, ids, pos, kv_len: int, bucket: int):
+        """The one-token step through TritonStep (one graph per bucket); None if it failed (the runner then
+        keeps the compiled path and says so in `notes`)."""
+        if kv_len > self.cache.S:
+            raise ValueError(f"position {kv_len - 1} does not fit in a KV cache of max_length {self.cache.S}")
+        key = ("main-triton", bucket)
+        try:
+            if self._triton_step is None:
+                from .triton_step import TritonStep
+                self._triton_step = TritonStep(self.model, self.cache, self.rope_tables)
+            step = self._triton_step
+            inputs = dict(ids=ids, pos=pos.clamp_min(0))
+
+            def fn(ids, pos):
+                return step(ids, pos, bucket)
+
+            if self._inline or self.cache.device.type != "cuda":
+                return fn(**inputs)
+            return self._replay(key, lambda: fn, inputs, 1)
+        except Exception as e:
+            if self._inline:
+                raise
+            self.graphs.pop(key, None)
+            self.triton = False
+            msg = f"{key}: Triton decode step failed ({type(e).__name__}: {str(e)[:200]}); falling back"
+            self.notes.append(msg)
+            import warnings
+            warnings.warn(msg)
+            return None
 
     def mtp(self, k: int, ids, h_prev, pos, valid, graph: bool = False):
         B, T = ids.shape

@@ -1,0 +1,182 @@
+"""The main model's one-token step for a single sequence through the Triton kernels of ops/decode_kernels.py.
+
+GraphRunner uses it for batch-1 decode steps (one CUDA graph per cache bucket): embedding, the slot tables,
+five or six kernels per decoder layer, and the final norm with lm_head, about 70 kernels for the mini
+preset instead of about 200 from torch.compile. It reads the model's parameters and the cache's buffers in
+place (weights updated in place are seen by the next step); the fused q/k/v and dense gate/up weights are
+the runner's copies (runner.prepare_fused), so the runner rebuilds this object when those change.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..model.moe import MoE
+from .cache import KVCache
+
+MIN_PROGRAMS = 264  # a GEMV's row blocks shrink until it has about this many programs (2 per SM of an H100)
+TILE = int(os.environ.get("MIMO_FLASH_DECODE_TILE", "4096"))  # elements of a GEMV program's weight tile
+NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "4"))
+MAX_SPLITS = 8  # key splits per kv head in decode attention
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemv_blocks(n_rows: int, n_cols: int, tile: int | None = None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for a GEMV over [n_rows, n_cols]: K blocks up to 512 wide, rows per program
+    halved from 64 until there are MIN_PROGRAMS programs, the tile kept at most `tile` elements."""
+    tile = TILE if tile is None else tile
+    bk = min(_pow2(n_cols), 512)
+    bn = 64
+    while bn > 2 and (_cdiv(n_rows, bn) < MIN_PROGRAMS or bn * bk > tile):
+        bn //= 2
+    return bn, bk
+
+
+def unsupported(model, cache: KVCache, check_fused: bool = True) -> str | None:
+    """Why this step cannot run `model` over `cache` (None: it can). check_fused: also require the fused
+    projection weights (prepare_fused)."""
+    c = model.config
+    if cache.B != 1:
+        return "batch size is not 1"
+    if c.n_group != 1:
+        return "grouped routing (n_group > 1)"
+    if cache.device.type == "cuda" and model.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {model.dtype} (bf16 / fp16 only on CUDA)"
+    if cache.dtype != model.dtype:
+        return "cache dtype differs from the model's"
+    for swa in (False, True):
+        d = c.attn_dims(swa)
+        if d["v_dim"] & (d["v_dim"] - 1) or d["v_dim"] < 16 or d["qk_dim"] > 256 or d["heads"] % d["kv_heads"]:
+            return f"attention dims {d} (V dim a power of two >= 16, Q/K dim <= 256)"
+        if d["rotary_dim"] % 2:
+            return "odd rotary dim"
+    for layer in model.model.layers if check_fused else []:
+        for m in (layer.self_attn, layer.mlp):
+            if not isinstance(m, MoE) and "_mf_fused" not in m.__dict__:
+                return "fused projection weights missing (prepare_fused)"
+    return None
+
+
+class TritonStep:
+    """step(ids [1, 1], pos [1, 1], bucket) -> (logits [1, 1, V], hidden after the final norm [1, 1, D]);
+    the outputs are buffers that the next step overwrites. Full-attention layers read cache slots
+    [0, bucket); SWA layers their ring."""
+
+    def __init__(self, model, cache: KVCache, rope_tables: dict) -> None:
+        from ..ops import decode_kernels as dk  # needs triton
+
+        why = unsupported(model, cache)
+        if why:
+            raise ValueError(f"TritonStep: {why}")
+        self.dk, self.model, self.cache, self.rope_tables = dk, model, cache, rope_tables
+        c = model.config
+        dev, dt = cache.device, model.dtype
+        self.D, self.V = c.hidden_size, c.vocab_size
+        self.eps = model.model.norm.eps
+        qkv_rows, heads, dv, gu_rows, topk = 0, 0, 0, 0, 1
+        for layer in model.model.layers:
+            a = layer.self_attn
+            qkv_rows = max(qkv_rows, a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
+            heads, dv = max(heads, a.heads), max(dv, a.v_dim)
+            if isinstance(layer.mlp, MoE):
+                ex = layer.mlp.experts
+                gu_rows = max(gu_rows, layer.mlp.gate.top_k * ex.gate_up_proj.shape[1])
+                topk = max(topk, layer.mlp.gate.top_k)
+            else:
+                gu_rows = max(gu_rows, layer.mlp._mf_fused[1].shape[0])
+        f32 = dict(device=dev, dtype=torch.float32)
+        self.x = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream between layers
+        self.h = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream after attention
+        self.qkv = torch.zeros(qkv_rows, device=dev, dtype=dt)
+        self.acc = torch.zeros(MAX_SPLITS * heads * dv, **f32)
+        self.m = torch.zeros(MAX_SPLITS * heads, **f32)
+        self.l = torch.zeros(MAX_SPLITS * heads, **f32)
+        self.router = torch.zeros(max(c.n_routed_experts, 1), **f32)
+        self.gu = torch.zeros(gu_rows, device=dev, dtype=dt)
+        self.sel = torch.zeros(topk, device=dev, dtype=torch.int32)
+        self.wt = torch.zeros(topk, **f32)
+        self.sel_dense = torch.zeros(1, device=dev, dtype=torch.int32)
+        self.wt_dense = torch.ones(1, **f32)
+        self.logits = torch.zeros(1, 1, self.V, device=dev, dtype=dt)
+        self.hidden = torch.zeros(1, 1, self.D, device=dev, dtype=dt)
+
+    def _gemv(self, x, norm_w, w, out, n_rows, xn=None):
+        bn, bk = gemv_blocks(n_rows, self.D)
+        self.dk.norm_gemv_kernel[(_cdiv(n_rows, bn),)](
+            x, norm_w, w, out, out if xn is None else xn, n_rows, self.eps, D=self.D, HAS_NORM=True,
+            WRITE_XN=xn is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+
+    def _attention(self, layer, pos, bucket: int) -> None:
+        a, cache, dk = layer.self_attn, self.cache, self.dk
+        i = a.layer_idx
+        ring = cache.group_of[i] == "swa"
+        kc, vc = cache.k[i][0], cache.v[i][0]
+        g = cache.group_of[i]
+        n_slots = kc.shape[1]
+        n_keys = n_slots if ring else min(bucket, n_slots)
+        splits = min(MAX_SPLITS, max(1, 64 // a.kv_heads))
+        block_d = max(16, _pow2(a.qk_dim))
+        block_s = 64 if block_d <= 128 else 32
+        split = max(block_s, _pow2(_cdiv(n_keys, splits)))
+        ns = _cdiv(n_keys, split)
+        cos, sin = self.rope_tables[a.swa]
+        window = a.window if a.window is not None else 1 << 30
+        dk.attn_decode_kernel[(a.kv_heads, ns)](
+            self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
+            self.acc, self.m, self.l, n_keys, n_slots, window, a.scale, float(a.v_scale),
+            H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring, SPLIT=split,
+            BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)), BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4)
+        sink = a.attention_sink_bias
+        bn = 8
+        dk.o_proj_kernel[(_cdiv(self.D, bn),)](
+            self.acc, self.m, self.l, self.acc if sink is None else sink, a.o_proj.weight, self.x, self.h, self.D,
+            NS=ns, NS_PAD=max(2, _pow2(ns)), H=a.heads, DV=a.v_dim, HAS_SINK=sink is not None, BLOCK_N=bn,
+            num_warps=NUM_WARPS)
+
+    def _mlp(self, layer) -> None:
+        dk, mlp, D = self.dk, layer.mlp, self.D
+        norm_w = layer.post_attention_layernorm.weight
+        if isinstance(mlp, MoE):
+            r, ex = mlp.gate, mlp.experts
+            E, I = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1] // 2
+            self._gemv(self.h, norm_w, r.weight, self.router, E)
+            bn, bk = gemv_blocks(r.top_k * 2 * I, D, TILE // 2)
+            dk.moe_gate_up_kernel[(r.top_k, _cdiv(I, bn))](
+                self.h, norm_w, self.router, r.e_score_correction_bias, ex.gate_up_proj, self.gu, self.sel,
+                self.wt, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(E)), TOPK=r.top_k,
+                NORM_TOPK=bool(r.norm_topk_prob), I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+            sel, wt, down, k = self.sel, self.wt, ex.down_proj, r.top_k
+        else:
+            w = mlp._mf_fused[1]
+            I = w.shape[0] // 2
+            self._gemv(self.h, norm_w, w, self.gu, 2 * I)
+            sel, wt, down, k = self.sel_dense, self.wt_dense, mlp.down_proj.weight, 1
+        bn, bk = gemv_blocks(D, I)
+        dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, I=I, BLOCK_N=bn,
+                                        BLOCK_K=bk, num_warps=NUM_WARPS)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int):
+        model, cache = self.model, self.cache
+        torch.index_select(model.model.embed_tokens.weight, 0, ids.reshape(1), out=self.x.view(1, self.D))
+        full, ring = "full" in cache.valid, "swa" in cache.valid
+        self.dk.tables_kernel[(1,)](
+            pos, cache.valid["full"].view(torch.uint8) if full else pos,
+            cache.valid["swa"].view(torch.uint8) if ring else pos, cache.pos["swa"] if ring else pos, cache.R,
+            HAS_FULL=full, HAS_RING=ring)
+        for layer in model.model.layers:
+            a = layer.self_attn
+            self._gemv(self.x, layer.input_layernorm.weight, a._mf_fused[1], self.qkv,
+                       a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
+            self._attention(layer, pos, bucket)
+            self._mlp(layer)
+        self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V, xn=self.hidden)
+        return self.logits, self.hidden

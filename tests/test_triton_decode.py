@@ -1,0 +1,179 @@
+"""The batch-1 Triton decode step (generation/triton_step.py, ops/decode_kernels.py) and the graphed greedy
+loop of generate().
+
+The kernels run in Triton's CPU interpreter (fp32: the interpreter mishandles bf16 dots and roundings) against
+the eager Runner; on a GPU, in bf16, against the eager Runner too. The greedy loop's one-graph-per-step path
+runs on CPU through a GraphRunner without graphs (the same code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_in_triton_interpreter, tiny_model
+from mimo_flash.generation import KVCache, generate
+from mimo_flash.generation import engine as engine_mod
+from mimo_flash.generation.runner import GraphRunner
+
+_INTERPRETED = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import sys
+from pathlib import Path
+import torch
+import mimo_flash
+sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
+from conftest import tiny_model
+from mimo_flash.generation import KVCache, generate
+from mimo_flash.generation import engine, triton_step
+from mimo_flash.generation.engine import prefill
+from mimo_flash.generation.runner import GraphRunner, Runner, prepare_fused
+
+triton_step.MIN_PROGRAMS = 1  # few programs: the interpreter runs each one in Python
+torch.set_num_threads(1)
+for overrides in (dict(), dict(add_full_attention_sink_bias=True, norm_topk_prob=False, routed_scaling_factor=2.5)):
+    model = tiny_model(seed=3, **overrides)  # window 9: the SWA rings wrap during the steps below
+    cfg = model.config
+    prepare_fused(model)
+    P, S = 8, 64
+    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(5))
+    eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
+    fused = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
+    with torch.no_grad():
+        lg, _ = prefill(eager, ids, None, 5, keep_hidden=False)
+        prefill(fused, ids, None, 5, keep_hidden=False)
+        step = triton_step.TritonStep(model, fused.cache, fused.rope_tables)
+        tok = lg.argmax(-1)
+        for i in range(10):
+            pos = torch.full((1, 1), P + i, dtype=torch.long)
+            a, ha = step(tok[:, None], pos, 256)
+            b, hb = eager.main(tok[:, None], pos, None, P + i + 1)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-5)
+            tok = b[:, -1].argmax(-1)
+    for i in eager.cache.k:
+        torch.testing.assert_close(fused.cache.k[i], eager.cache.k[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.cache.v[i], eager.cache.v[i], rtol=1e-5, atol=1e-6)
+    for g in eager.cache.valid:
+        assert torch.equal(fused.cache.valid[g], eager.cache.valid[g]) and torch.equal(fused.cache.pos[g], eager.cache.pos[g])
+
+# generate() through a GraphRunner whose one-token steps are the Triton step: the same tokens
+model = tiny_model(seed=4)
+ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+made = []
+def make(model, B, S, K, cuda_graphs, compile_):
+    r = GraphRunner(model, KVCache(model.config, B, S, dtype=model.dtype), S, triton=True)
+    made.append(r)
+    return r
+engine._make_runner = make
+assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=[]), plain)
+r = made[-1]
+assert r.triton and r._triton_step is not None and not r.notes and not r.fns
+print("ok")
+"""
+
+
+def test_triton_step_matches_the_eager_step():
+    run_in_triton_interpreter(_INTERPRETED)
+
+
+def _graph_runner_on_cpu(monkeypatch, triton=False):
+    made = []
+
+    def make(model, B, S, K, cuda_graphs, compile_):
+        r = GraphRunner(model, KVCache(model.config, B, S, dtype=model.dtype, num_mtp=K, slack=2 * K), S, triton=triton)
+        made.append(r)
+        return r
+
+    monkeypatch.setattr(engine_mod, "_make_runner", make)
+    return made
+
+
+def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=40)
+    plain = generate(model, ids, eos_token_id=[], **kw)
+    eos = generate(model, ids, eos_token_id=3, pad_token_id=5, **kw)
+    assert (eos[:, 12:] == 5).any()  # rows end at different steps, mid-chunk
+    made = _graph_runner_on_cpu(monkeypatch)
+    keys = []
+    real = GraphRunner.run_step
+
+    def counted(self, key, fn, inputs, rows=2):
+        keys.append(key)
+        return real(self, key, fn, inputs, rows)
+
+    monkeypatch.setattr(GraphRunner, "run_step", counted)
+    out, stats = generate(model, ids, eos_token_id=[], return_stats=True, **kw)
+    assert torch.equal(out, plain) and stats.steps == 39
+    assert len(keys) == 39 and all(k[0] == "greedy" for k in keys)
+    assert torch.equal(generate(model, ids, eos_token_id=3, pad_token_id=5, **kw), eos)
+    assert not getattr(made[-1], "greedy_graph_failed", None)
+
+
+def test_graphed_greedy_loop_falls_back(monkeypatch):
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(8))
+    plain = generate(model, ids, max_new_tokens=30, eos_token_id=[])
+    made = _graph_runner_on_cpu(monkeypatch)
+    real = GraphRunner.run_step
+    calls = []
+
+    def flaky(self, key, fn, inputs, rows=2):
+        calls.append(key)
+        if len(calls) == 20:  # mid-way through the second chunk
+            raise RuntimeError("capture failed")
+        return real(self, key, fn, inputs, rows)
+
+    monkeypatch.setattr(GraphRunner, "run_step", flaky)
+    with pytest.warns(UserWarning, match="graphed greedy step failed"):
+        out = generate(model, ids, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(out, plain)
+    assert "capture failed" in made[-1].greedy_graph_failed
+
+
+def test_triton_step_is_only_used_where_it_applies():
+    from mimo_flash.generation.triton_step import gemv_blocks, unsupported
+
+    model = tiny_model()
+    assert unsupported(model, KVCache(model.config, 2, 32, dtype=model.dtype)) == "batch size is not 1"
+    assert "fused" in unsupported(model, KVCache(model.config, 1, 32, dtype=model.dtype))  # before prepare_fused
+    assert unsupported(model, KVCache(model.config, 1, 32, dtype=model.dtype), check_fused=False) is None
+    grouped = tiny_model(n_group=2, topk_group=1)
+    assert "grouped" in unsupported(grouped, KVCache(grouped.config, 1, 32, dtype=grouped.dtype), check_fused=False)
+    r = GraphRunner(model, KVCache(model.config, 1, 32, dtype=model.dtype), 32)  # CPU: off unless asked for
+    assert not r.triton
+    assert not GraphRunner(model, KVCache(model.config, 2, 32, dtype=model.dtype), 32, triton=True).triton
+    # GEMV tiles: K blocks up to 512, at most TILE elements, rows halved towards 264 programs
+    assert gemv_blocks(32000, 1024, 4096) == (8, 512)
+    assert gemv_blocks(64, 1024, 4096) == (2, 512)
+    assert gemv_blocks(5632, 1024, 4096) == (8, 512)
+
+
+@pytest.mark.gpu
+def test_triton_step_matches_eager_on_gpu():
+    from mimo_flash.generation.engine import prefill
+    from mimo_flash.generation.runner import Runner
+
+    model = tiny_model(seed=2).to(device="cuda", dtype=torch.bfloat16)
+    cfg, P, S = model.config, 20, 128
+    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(2)).cuda()
+    graphed = GraphRunner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16), S)
+    eager = Runner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16), S)
+    assert graphed.triton
+    with torch.no_grad():
+        lg, _ = prefill(eager, ids, None, 8, keep_hidden=False)
+        prefill(graphed, ids, None, 8, keep_hidden=False)
+        tok = lg.argmax(-1)
+        for i in range(30):
+            pos = torch.full((1, 1), P + i, device="cuda", dtype=torch.long)
+            a, _ = graphed.main(tok[:, None], pos, None, P + i + 1, graph=True)
+            b, _ = eager.main(tok[:, None], pos, None, P + i + 1)
+            a, b = a.float(), b.float()
+            assert float((a - b).norm() / b.norm()) < 3e-2
+            tok = b[:, -1].argmax(-1)
+    assert not graphed.notes and ("main-triton", 128) in graphed.graphs
