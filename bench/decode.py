@@ -142,7 +142,7 @@ def graph_report(model, B: int) -> str:
             b.record()
             torch.cuda.synchronize()
             lines.append(f"graph {gkey}: {a.elapsed_time(b) / 50 * 1e3:.0f} us per replay")
-            if gkey[0] == "main" and gkey[2] == 1:
+            if gkey[0] == "main-triton" or (gkey[0] == "greedy" and gkey[1] == 1) or (gkey[0] == "main" and gkey[2] == 1):
                 try:
                     from torch.profiler import ProfilerActivity, profile
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -153,7 +153,7 @@ def graph_report(model, B: int) -> str:
                     table = prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=90)
                     lines.append("\n".join(table.splitlines()[:17]))
                     if os.environ.get("OUT"):
-                        Path(os.environ["OUT"], f"profile_b{B}.txt").write_text(table)
+                        Path(os.environ["OUT"], f"profile_b{B}_{gkey[0]}.txt").write_text(table)
                 except Exception as e:  # profiler support for graph kernels varies
                     lines.append(f"  (profiler: {type(e).__name__}: {e})")
     return "\n".join(lines)
@@ -184,7 +184,42 @@ def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
             assert torch.isfinite(a).all()
             tok = b[:, -1].argmax(-1)
     gr.cache.reset()
-    return dict(max_rel_err=max(errs), fuse=gr.fuse, tune=gr.tune, notes=list(gr.notes))
+    return dict(max_rel_err=max(errs), fuse=gr.fuse, tune=gr.tune, triton=gr.triton, notes=list(gr.notes))
+
+
+def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
+    """Replay time of the batch-1 greedy step's graph (Triton step) for each (TILE, NUM_WARPS, MIN_PROGRAMS)."""
+    from mimo_flash.generation import triton_step
+    from mimo_flash.generation.engine import _RUNNERS
+
+    rows = []
+    old = triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS
+    try:
+        for tile, warps, min_programs in configs:
+            triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS = tile, warps, min_programs
+            _RUNNERS.pop(model, None)
+            generate(model, ids, max_new_tokens=new, compile=True, eos_token_id=[])
+            runner = next(iter(_RUNNERS[model].values()))
+            for gkey, (g, _, _) in runner.graphs.items():
+                if gkey[0] != "greedy":
+                    continue
+                for _ in range(3):
+                    g.replay()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(50):
+                    g.replay()
+                b.record()
+                torch.cuda.synchronize()
+                rows.append(dict(tile=tile, warps=warps, min_programs=min_programs, bucket=gkey[2],
+                                 us=a.elapsed_time(b) / 50 * 1e3, triton=runner.triton))
+                log(f"sweep: tile {tile}, warps {warps}, min programs {min_programs}, bucket {gkey[2]}: "
+                    f"{rows[-1]['us']:.0f} us per step "
+                    f"(triton={runner.triton})")
+    finally:
+        triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS = old
+        _RUNNERS.pop(model, None)
+    return rows
 
 
 def agree(a: torch.Tensor, b: torch.Tensor, P: int) -> float:
@@ -206,7 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 340)))
     ap.add_argument("--cache-report", action="store_true")
-    ap.add_argument("--before", action="store_true", help="also time batch 1 K=0 without fused projections / tuning")
+    ap.add_argument("--before", action="store_true",
+                    help="also time batch 1 K=0 without the Triton step (the torch.compile'd step)")
+    ap.add_argument("--sweep", action="store_true", help="time the batch-1 Triton step over a few tile sizes / warps")
     ap.add_argument("--device", default="cuda", help="cpu only to check this script (tiny sizes)")
     args = ap.parse_args(argv)
     if args.cache_report:
@@ -252,7 +289,7 @@ def main(argv=None) -> int:
             ids1 = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             chk = check_fused_step(model, ids1.to(args.device), args.new)
             ok = chk["max_rel_err"] < 3e-2
-            log(f"check: batch-1 graphed step (fuse={chk['fuse']}, tune={chk['tune']}) vs eager logits: "
+            log(f"check: batch-1 graphed step (triton={chk['triton']}, fuse={chk['fuse']}) vs eager logits: "
                 f"max rel err {chk['max_rel_err']:.2e} over 4 steps -> {'OK' if ok else 'MISMATCH'}"
                 + (f"; notes: {chk['notes']}" if chk["notes"] else ""))
             results["fused_check"] = dict(chk, ok=ok)
@@ -325,8 +362,8 @@ def main(argv=None) -> int:
                 row["ratio_e2e"] = row["e2e_tok_s"] / tf_row["e2e_tok_s"]
             from mimo_flash.generation.engine import _RUNNERS
             notes = [n for rn in _RUNNERS.get(model, {}).values() for n in getattr(rn, "notes", [])]
-            notes += [rn.spec_graph_failed for rn in _RUNNERS.get(model, {}).values()
-                      if getattr(rn, "spec_graph_failed", None)]
+            notes += [getattr(rn, a) for rn in _RUNNERS.get(model, {}).values()
+                      for a in ("spec_graph_failed", "greedy_graph_failed") if getattr(rn, a, None)]
             if notes:
                 row["fallbacks"] = sorted(set(notes))
                 log(f"fallbacks: {row['fallbacks']}")
@@ -347,23 +384,30 @@ def main(argv=None) -> int:
     if args.device == "cuda" and args.before and 1 in args.batch and time.perf_counter() - T0 < args.budget_s:
         from mimo_flash.generation.engine import _RUNNERS
         _RUNNERS.pop(model, None)
-        os.environ["MIMO_FLASH_DECODE_FUSE"] = "0"
-        os.environ["MIMO_FLASH_DECODE_TUNE"] = "0"
+        os.environ["MIMO_FLASH_DECODE_TRITON"] = "0"
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             before = time_ours(model, ids.to(args.device), args.new, 0, not args.no_compile)
             before.pop("tokens")
             S = -(-(args.prompt + args.new + 2) // 64) * 64
             before["bandwidth"] = step_bytes(model, 1, S, args.prompt + args.new // 2) / (before["decode_s"] / (args.new - 1))
-            log(f"before (no fused projections, no tuning) B=1 K=0: decode {before['decode_tok_s']:.0f} tok/s, "
+            log(f"before (compiled step, no Triton step) B=1 K=0: decode {before['decode_tok_s']:.0f} tok/s, "
                 f"{before['bandwidth'] / 1e12:.2f} TB/s ({before['bandwidth'] / bw:.0%} of copy)")
             log("graphs (before):\n" + graph_report(model, 1))
             results["before_b1"] = before
         except Exception as e:
             log(f"before pass failed: {type(e).__name__}: {str(e)[:300]}")
         finally:
-            os.environ.pop("MIMO_FLASH_DECODE_FUSE")
-            os.environ.pop("MIMO_FLASH_DECODE_TUNE")
+            os.environ.pop("MIMO_FLASH_DECODE_TRITON")
+            _RUNNERS.pop(model, None)
+    if args.device == "cuda" and args.sweep and 1 in args.batch and time.perf_counter() - T0 < args.budget_s:
+        try:
+            ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+            results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
+                                                 [(4096, 4, 264), (2048, 4, 264), (8192, 4, 264), (4096, 8, 264),
+                                                  (4096, 4, 132), (4096, 4, 528), (8192, 8, 528)])
+        except Exception as e:
+            log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")
     if out:
         Path(out, "decode.json").write_text(json.dumps(results, indent=1, default=str))
@@ -391,7 +435,7 @@ def main(argv=None) -> int:
                      f"{row.get('same_tokens_as_step_by_step')})" if "step_ms_before" in row else "")
                   + f"; plain token {tok_ms:.3f} ms -> break-even acceptance length {row['step_ms'] / tok_ms:.2f}")
     if before is not None:
-        print(f"batch 1 K=0 before (no fused projections, no tuning): {before['decode_tok_s']:.0f} tok/s, "
+        print(f"batch 1 K=0 before (compiled step, no Triton step): {before['decode_tok_s']:.0f} tok/s, "
               f"{before['bandwidth'] / 1e12:.2f} TB/s = {before['bandwidth'] / bw:.0%}")
     if "fused_check" in results:
         print(f"fused-step check: {results['fused_check']}")

@@ -35,7 +35,7 @@ for overrides in (dict(), dict(add_full_attention_sink_bias=True, norm_topk_prob
     model = tiny_model(seed=3, **overrides)  # window 9: the SWA rings wrap during the steps below
     cfg = model.config
     prepare_fused(model)
-    P, S = 8, 64
+    P, S = 8, 256  # full layers: 4 key splits per kv head
     ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(5))
     eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
     fused = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
@@ -50,6 +50,7 @@ for overrides in (dict(), dict(add_full_attention_sink_bias=True, norm_topk_prob
             b, hb = eager.main(tok[:, None], pos, None, P + i + 1)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-5)
+            assert torch.equal(step.token, a[:, -1].argmax(-1))  # the lm_head kernel's greedy token
             tok = b[:, -1].argmax(-1)
     for i in eager.cache.k:
         torch.testing.assert_close(fused.cache.k[i], eager.cache.k[i], rtol=1e-5, atol=1e-6)

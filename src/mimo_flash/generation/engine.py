@@ -261,13 +261,10 @@ def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bo
 
 def _greedy_step(runner, bucket: int):
     def fn(tok, pos):
-        """tok, pos [B]: one plain greedy step -> the next token and position."""
-        logits, _ = runner.main(tok[:, None], pos[:, None], None, bucket, logits="last", graph=True)
-        return dict(tok=choose(process(logits[:, -1], _GREEDY, None), _GREEDY, None), pos=pos + 1)
+        """tok, pos [B]: one plain greedy step -> the next token and position (argmax of the logits: what
+        choose(process(...)) gives without sampling or repetition penalty)."""
+        return dict(tok=runner.greedy_next(tok[:, None], pos[:, None], bucket), pos=pos + 1)
     return fn
-
-
-_GREEDY = SamplingParams(do_sample=False)
 
 
 def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, max_new_tokens: int,

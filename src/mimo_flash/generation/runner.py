@@ -409,6 +409,16 @@ class GraphRunner(Runner):
 
         return self._run(key, fn, inputs)
 
+    def greedy_next(self, ids, pos, kv_len: int) -> torch.Tensor:
+        """ids, pos [B, 1] -> the greedy next token of each row [B] (argmax of the logits, first index on
+        ties); the Triton step computes it inside its lm_head kernel."""
+        if self.triton and ids.numel() == 1:
+            out = self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S))
+            if out is not None:
+                return self._triton_step.token
+        logits, _ = self.main(ids, pos, None, kv_len, logits="last", graph=True)
+        return logits[:, -1].argmax(-1)
+
     def _main_triton(self, ids, pos, kv_len: int, bucket: int):
         """The one-token step through TritonStep (one graph per bucket); None if it failed (the runner then
         keeps the compiled path and says so in `notes`)."""

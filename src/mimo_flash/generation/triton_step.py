@@ -67,9 +67,9 @@ def unsupported(model, cache: KVCache, check_fused: bool = True) -> str | None:
 
 
 class TritonStep:
-    """step(ids [1, 1], pos [1, 1], bucket) -> (logits [1, 1, V], hidden after the final norm [1, 1, D]);
-    the outputs are buffers that the next step overwrites. Full-attention layers read cache slots
-    [0, bucket); SWA layers their ring."""
+    """step(ids [1, 1], pos [1, 1], bucket) -> (logits [1, 1, V], hidden after the final norm [1, 1, D]), and
+    `token` [1] (int64): the argmax of the logits (the greedy next token). Outputs are buffers that the next
+    step overwrites. Full-attention layers read cache slots [0, bucket); SWA layers their ring."""
 
     def __init__(self, model, cache: KVCache, rope_tables: dict) -> None:
         from ..ops import decode_kernels as dk  # needs triton
@@ -82,11 +82,12 @@ class TritonStep:
         dev, dt = cache.device, model.dtype
         self.D, self.V = c.hidden_size, c.vocab_size
         self.eps = model.model.norm.eps
-        qkv_rows, heads, dv, gu_rows, topk = 0, 0, 0, 0, 1
+        qkv_rows, o_rows, heads, dv, kv_heads, gu_rows, topk = 0, 0, 0, 0, 1, 0, 1
         for layer in model.model.layers:
             a = layer.self_attn
             qkv_rows = max(qkv_rows, a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
-            heads, dv = max(heads, a.heads), max(dv, a.v_dim)
+            o_rows = max(o_rows, a.heads * a.v_dim)
+            heads, dv, kv_heads = max(heads, a.heads), max(dv, a.v_dim), max(kv_heads, a.kv_heads)
             if isinstance(layer.mlp, MoE):
                 ex = layer.mlp.experts
                 gu_rows = max(gu_rows, layer.mlp.gate.top_k * ex.gate_up_proj.shape[1])
@@ -97,9 +98,11 @@ class TritonStep:
         self.x = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream between layers
         self.h = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream after attention
         self.qkv = torch.zeros(qkv_rows, device=dev, dtype=dt)
-        self.acc = torch.zeros(MAX_SPLITS * heads * dv, **f32)
+        self.o = torch.zeros(o_rows, device=dev, dtype=dt)  # attention output (all heads)
+        self.acc = torch.zeros(MAX_SPLITS * heads * dv, **f32)  # split states of the attention
         self.m = torch.zeros(MAX_SPLITS * heads, **f32)
         self.l = torch.zeros(MAX_SPLITS * heads, **f32)
+        self.counters = torch.zeros(kv_heads, device=dev, dtype=torch.int32)  # each kernel leaves them at 0
         self.router = torch.zeros(max(c.n_routed_experts, 1), **f32)
         self.gu = torch.zeros(gu_rows, device=dev, dtype=dt)
         self.sel = torch.zeros(topk, device=dev, dtype=torch.int32)
@@ -108,39 +111,43 @@ class TritonStep:
         self.wt_dense = torch.ones(1, **f32)
         self.logits = torch.zeros(1, 1, self.V, device=dev, dtype=dt)
         self.hidden = torch.zeros(1, 1, self.D, device=dev, dtype=dt)
+        self.token = torch.zeros(1, device=dev, dtype=torch.long)
+        bn, _ = gemv_blocks(self.V, self.D)
+        self.pmax = torch.zeros(_cdiv(self.V, bn), **f32)  # the lm_head programs' best logits and their indices
+        self.pidx = torch.zeros(_cdiv(self.V, bn), device=dev, dtype=torch.int32)
 
-    def _gemv(self, x, norm_w, w, out, n_rows, xn=None):
-        bn, bk = gemv_blocks(n_rows, self.D)
-        self.dk.norm_gemv_kernel[(_cdiv(n_rows, bn),)](
-            x, norm_w, w, out, out if xn is None else xn, n_rows, self.eps, D=self.D, HAS_NORM=True,
-            WRITE_XN=xn is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+    def _gemv(self, x, norm_w, w, out, n_rows, res=None, lm_head=False):
+        """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); lm_head: also the hidden state and the token."""
+        bn, bk = gemv_blocks(n_rows, x.numel())
+        n_prog = _cdiv(n_rows, bn)
+        self.dk.gemv_kernel[(n_prog,)](
+            x, x if norm_w is None else norm_w, w, out, out if res is None else res, self.hidden, self.pmax,
+            self.pidx, self.token, self.counters, n_rows, self.eps, D=x.numel(), HAS_NORM=norm_w is not None,
+            HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, NPROG=n_prog, BLOCK_N=bn, BLOCK_K=bk,
+            BLOCK_P=min(1024, _pow2(n_prog)), num_warps=NUM_WARPS)
 
     def _attention(self, layer, pos, bucket: int) -> None:
-        a, cache, dk = layer.self_attn, self.cache, self.dk
+        a, cache = layer.self_attn, self.cache
         i = a.layer_idx
-        ring = cache.group_of[i] == "swa"
-        kc, vc = cache.k[i][0], cache.v[i][0]
         g = cache.group_of[i]
+        ring = g == "swa"
+        kc, vc = cache.k[i][0], cache.v[i][0]
         n_slots = kc.shape[1]
         n_keys = n_slots if ring else min(bucket, n_slots)
-        splits = min(MAX_SPLITS, max(1, 64 // a.kv_heads))
         block_d = max(16, _pow2(a.qk_dim))
         block_s = 64 if block_d <= 128 else 32
-        split = max(block_s, _pow2(_cdiv(n_keys, splits)))
+        split = max(64, _pow2(_cdiv(n_keys, min(MAX_SPLITS, max(1, 64 // a.kv_heads)))))
         ns = _cdiv(n_keys, split)
         cos, sin = self.rope_tables[a.swa]
-        window = a.window if a.window is not None else 1 << 30
-        dk.attn_decode_kernel[(a.kv_heads, ns)](
-            self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
-            self.acc, self.m, self.l, n_keys, n_slots, window, a.scale, float(a.v_scale),
-            H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring, SPLIT=split,
-            BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)), BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4)
         sink = a.attention_sink_bias
-        bn = 8
-        dk.o_proj_kernel[(_cdiv(self.D, bn),)](
-            self.acc, self.m, self.l, self.acc if sink is None else sink, a.o_proj.weight, self.x, self.h, self.D,
-            NS=ns, NS_PAD=max(2, _pow2(ns)), H=a.heads, DV=a.v_dim, HAS_SINK=sink is not None, BLOCK_N=bn,
-            num_warps=NUM_WARPS)
+        self.dk.attn_kernel[(a.kv_heads, ns)](
+            self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
+            self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
+            a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
+            H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
+            HAS_SINK=sink is not None, NS=ns, SPLIT=split, BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)),
+            BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4)
+        self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer) -> None:
         dk, mlp, D = self.dk, layer.mlp, self.D
@@ -148,21 +155,25 @@ class TritonStep:
         if isinstance(mlp, MoE):
             r, ex = mlp.gate, mlp.experts
             E, I = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1] // 2
-            self._gemv(self.h, norm_w, r.weight, self.router, E)
-            bn, bk = gemv_blocks(r.top_k * 2 * I, D, TILE // 2)
-            dk.moe_gate_up_kernel[(r.top_k, _cdiv(I, bn))](
-                self.h, norm_w, self.router, r.e_score_correction_bias, ex.gate_up_proj, self.gu, self.sel,
-                self.wt, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(E)), TOPK=r.top_k,
-                NORM_TOPK=bool(r.norm_topk_prob), I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+            bn, bk = gemv_blocks(E, D)
+            dk.router_kernel[(_cdiv(E, bn),)](
+                self.h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
+                self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
+                TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=NUM_WARPS)
+            bn, bk = gemv_blocks(r.top_k * I, D, TILE // 2)
+            dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
+                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
             sel, wt, down, k = self.sel, self.wt, ex.down_proj, r.top_k
         else:
             w = mlp._mf_fused[1]
             I = w.shape[0] // 2
             self._gemv(self.h, norm_w, w, self.gu, 2 * I)
             sel, wt, down, k = self.sel_dense, self.wt_dense, mlp.down_proj.weight, 1
-        bn, bk = gemv_blocks(D, I)
-        dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, I=I, BLOCK_N=bn,
-                                        BLOCK_K=bk, num_warps=NUM_WARPS)
+        kp = max(2, _pow2(k))
+        bn, bk = gemv_blocks(D, min(I, TILE // (2 * kp)), TILE // kp)  # all k experts' rows in one tile
+        dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
+                                        BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int):
         model, cache = self.model, self.cache
@@ -178,5 +189,5 @@ class TritonStep:
                        a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
             self._attention(layer, pos, bucket)
             self._mlp(layer)
-        self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V, xn=self.hidden)
+        self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V, lm_head=True)
         return self.logits, self.hidden
