@@ -193,10 +193,11 @@ def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
     from mimo_flash.generation.engine import _RUNNERS
 
     rows = []
-    old = triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS
+    old = triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS, triton_step.PDL
     try:
-        for tile, warps, min_programs in configs:
-            triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS = tile, warps, min_programs
+        for tile, warps, min_programs, pdl in configs:
+            triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS, triton_step.PDL = (
+                tile, warps, min_programs, pdl)
             _RUNNERS.pop(model, None)
             generate(model, ids, max_new_tokens=new, compile=True, eos_token_id=[])
             runner = next(iter(_RUNNERS[model].values()))
@@ -211,13 +212,14 @@ def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
                     g.replay()
                 b.record()
                 torch.cuda.synchronize()
-                rows.append(dict(tile=tile, warps=warps, min_programs=min_programs, bucket=gkey[2],
+                used_pdl = runner._triton_step is not None and runner._triton_step.pdl
+                rows.append(dict(tile=tile, warps=warps, min_programs=min_programs, pdl=used_pdl, bucket=gkey[2],
                                  us=a.elapsed_time(b) / 50 * 1e3, triton=runner.triton))
-                log(f"sweep: tile {tile}, warps {warps}, min programs {min_programs}, bucket {gkey[2]}: "
+                log(f"sweep: tile {tile}, warps {warps}, min programs {min_programs}, PDL {used_pdl}, bucket {gkey[2]}: "
                     f"{rows[-1]['us']:.0f} us per step "
                     f"(triton={runner.triton})")
     finally:
-        triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS = old
+        triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS, triton_step.PDL = old
         _RUNNERS.pop(model, None)
     return rows
 
@@ -404,8 +406,9 @@ def main(argv=None) -> int:
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
-                                                 [(4096, 4, 264), (2048, 4, 264), (8192, 4, 264), (4096, 8, 264),
-                                                  (4096, 4, 132), (4096, 4, 528), (8192, 8, 528)])
+                                                 [(4096, 4, 264, True), (4096, 4, 264, False), (8192, 4, 264, True),
+                                                  (2048, 4, 264, True), (4096, 8, 264, True), (4096, 4, 132, True),
+                                                  (4096, 4, 528, True)])
         except Exception as e:
             log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")

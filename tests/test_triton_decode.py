@@ -156,9 +156,13 @@ def test_triton_step_is_only_used_where_it_applies():
 
 
 @pytest.mark.gpu
-def test_triton_step_matches_eager_on_gpu():
+@pytest.mark.parametrize("pdl", [True, False])
+def test_triton_step_matches_eager_on_gpu(monkeypatch, pdl):
+    from mimo_flash.generation import triton_step
     from mimo_flash.generation.engine import prefill
     from mimo_flash.generation.runner import Runner
+
+    monkeypatch.setattr(triton_step, "PDL", pdl)
 
     model = tiny_model(seed=2).to(device="cuda", dtype=torch.bfloat16)
     cfg, P, S = model.config, 20, 128
@@ -178,3 +182,4 @@ def test_triton_step_matches_eager_on_gpu():
             assert float((a - b).norm() / b.norm()) < 3e-2
             tok = b[:, -1].argmax(-1)
     assert not graphed.notes and ("main-triton", 128) in graphed.graphs
+    assert graphed._triton_step.pdl == (pdl and triton_step.pdl_works(torch.device("cuda")))

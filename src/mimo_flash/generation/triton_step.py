@@ -20,6 +20,7 @@ MIN_PROGRAMS = 264  # a GEMV's row blocks shrink until it has about this many pr
 TILE = int(os.environ.get("MIMO_FLASH_DECODE_TILE", "4096"))  # elements of a GEMV program's weight tile
 NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "4"))
 MAX_SPLITS = 8  # key splits per kv head in decode attention
+PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 
 
 def _pow2(n: int) -> int:
@@ -66,27 +67,56 @@ def unsupported(model, cache: KVCache, check_fused: bool = True) -> str | None:
     return None
 
 
+_PDL_OK: dict = {}
+
+
+def pdl_works(device: torch.device) -> bool:
+    """Whether kernels launched with programmatic dependent launch run in order, eagerly and captured in a
+    CUDA graph, on this device (Hopper or newer; checked once per device)."""
+    key = str(device)
+    if key not in _PDL_OK:
+        ok = False
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+            try:
+                from ..ops.decode_kernels import probe_kernel
+                x = torch.zeros(1, device=device, dtype=torch.int32)
+                for _ in range(3):
+                    probe_kernel[(1,)](x, PDL=True, launch_pdl=True)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(4):
+                        probe_kernel[(1,)](x, PDL=True, launch_pdl=True)
+                g.replay()
+                torch.cuda.synchronize(device)
+                ok = int(x.item()) == 3 + 4  # capturing runs nothing; the replay runs the 4 launches
+            except Exception:
+                ok = False
+        _PDL_OK[key] = ok
+    return _PDL_OK[key]
+
+
 class TritonStep:
     """step(ids [1, 1], pos [1, 1], bucket) -> (logits [1, 1, V], hidden after the final norm [1, 1, D]), and
     `token` [1] (int64): the argmax of the logits (the greedy next token). Outputs are buffers that the next
     step overwrites. Full-attention layers read cache slots [0, bucket); SWA layers their ring."""
 
-    def __init__(self, model, cache: KVCache, rope_tables: dict) -> None:
+    def __init__(self, model, cache: KVCache, rope_tables: dict, pdl: bool | None = None) -> None:
         from ..ops import decode_kernels as dk  # needs triton
 
         why = unsupported(model, cache)
         if why:
             raise ValueError(f"TritonStep: {why}")
         self.dk, self.model, self.cache, self.rope_tables = dk, model, cache, rope_tables
+        self.pdl = PDL and pdl_works(cache.device) if pdl is None else pdl
         c = model.config
         dev, dt = cache.device, model.dtype
         self.D, self.V = c.hidden_size, c.vocab_size
         self.eps = model.model.norm.eps
-        qkv_rows, o_rows, heads, dv, kv_heads, gu_rows, topk = 0, 0, 0, 0, 1, 0, 1
+        qkv_rows, q_rows, o_rows, heads, dv, kv_heads, gu_rows, topk = 0, 0, 0, 0, 0, 1, 0, 1
         for layer in model.model.layers:
             a = layer.self_attn
             qkv_rows = max(qkv_rows, a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
-            o_rows = max(o_rows, a.heads * a.v_dim)
+            o_rows, q_rows = max(o_rows, a.heads * a.v_dim), max(q_rows, a.heads * a.qk_dim)
             heads, dv, kv_heads = max(heads, a.heads), max(dv, a.v_dim), max(kv_heads, a.kv_heads)
             if isinstance(layer.mlp, MoE):
                 ex = layer.mlp.experts
@@ -98,6 +128,7 @@ class TritonStep:
         self.x = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream between layers
         self.h = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream after attention
         self.qkv = torch.zeros(qkv_rows, device=dev, dtype=dt)
+        self.q = torch.zeros(q_rows, device=dev, dtype=dt)  # rotated queries
         self.o = torch.zeros(o_rows, device=dev, dtype=dt)  # attention output (all heads)
         self.acc = torch.zeros(MAX_SPLITS * heads * dv, **f32)  # split states of the attention
         self.m = torch.zeros(MAX_SPLITS * heads, **f32)
@@ -116,6 +147,11 @@ class TritonStep:
         self.pmax = torch.zeros(_cdiv(self.V, bn), **f32)  # the lm_head programs' best logits and their indices
         self.pidx = torch.zeros(_cdiv(self.V, bn), device=dev, dtype=torch.int32)
 
+    def _launch(self, num_warps: int) -> dict:
+        """Launch options; with PDL each kernel may start while the previous one finishes (Hopper+)."""
+        return dict(num_warps=num_warps, PDL=True, launch_pdl=True) if self.pdl else dict(num_warps=num_warps,
+                                                                                        PDL=False)
+
     def _gemv(self, x, norm_w, w, out, n_rows, res=None, lm_head=False):
         """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); lm_head: also the hidden state and the token."""
         bn, bk = gemv_blocks(n_rows, x.numel())
@@ -124,7 +160,7 @@ class TritonStep:
             x, x if norm_w is None else norm_w, w, out, out if res is None else res, self.hidden, self.pmax,
             self.pidx, self.token, self.counters, n_rows, self.eps, D=x.numel(), HAS_NORM=norm_w is not None,
             HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, NPROG=n_prog, BLOCK_N=bn, BLOCK_K=bk,
-            BLOCK_P=min(1024, _pow2(n_prog)), num_warps=NUM_WARPS)
+            BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(NUM_WARPS))
 
     def _attention(self, layer, pos, bucket: int) -> None:
         a, cache = layer.self_attn, self.cache
@@ -139,14 +175,16 @@ class TritonStep:
         split = max(64, _pow2(_cdiv(n_keys, min(MAX_SPLITS, max(1, 64 // a.kv_heads)))))
         ns = _cdiv(n_keys, split)
         cos, sin = self.rope_tables[a.swa]
+        self.dk.rope_kernel[(a.heads + a.kv_heads,)](
+            self.qkv, pos, cos, sin, self.q, kc, vc, n_slots, float(a.v_scale), H=a.heads, HKV=a.kv_heads,
+            DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring, BLOCK_D=block_d, **self._launch(1))
         sink = a.attention_sink_bias
         self.dk.attn_kernel[(a.kv_heads, ns)](
-            self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
+            self.q, pos, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
             self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
-            a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
-            H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
-            HAS_SINK=sink is not None, NS=ns, SPLIT=split, BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)),
-            BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4)
+            a.window if a.window is not None else 1 << 30, a.scale,
+            H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, HAS_SINK=sink is not None, NS=ns, SPLIT=split,
+            BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)), BLOCK_D=block_d, BLOCK_S=block_s, **self._launch(4))
         self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer) -> None:
@@ -160,10 +198,10 @@ class TritonStep:
                 self.h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
                 self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
-                num_warps=NUM_WARPS)
+                **self._launch(NUM_WARPS))
             bn, bk = gemv_blocks(r.top_k * I, D, TILE // 2)
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
-                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, **self._launch(NUM_WARPS))
             sel, wt, down, k = self.sel, self.wt, ex.down_proj, r.top_k
         else:
             w = mlp._mf_fused[1]
@@ -173,7 +211,7 @@ class TritonStep:
         kp = max(2, _pow2(k))
         bn, bk = gemv_blocks(D, min(I, TILE // (2 * kp)), TILE // kp)  # all k experts' rows in one tile
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
-                                        BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+                                        BLOCK_N=bn, BLOCK_K=bk, **self._launch(NUM_WARPS))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int):
         model, cache = self.model, self.cache

@@ -30,6 +30,22 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Programmatic dependent launch: let the next kernel's programs start (they wait in _pdl_wait)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible. With PDL, a kernel reads
+    before this only what no kernel of the step writes (weights, the RoPE tables, the position)."""
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
@@ -45,15 +61,20 @@ def _last(counter_ptr, n):
 
 @triton.jit
 def _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N] fp32: rows of W [*, D] times rmsnorm(x [D]) (times x when not HAS_NORM), in one pass."""
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """[BLOCK_N] fp32: rows of W [*, D] times rmsnorm(x [D]) (times x when not HAS_NORM), in one pass.
+    The first weight block loads before _pdl_wait (x is the previous kernel's output)."""
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * D
+    cols = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & (cols < D)[None, :], other=0.0)
+    _pdl_wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in tl.static_range(0, D, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < D
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=0.0)
+        if k0 > 0:
+            w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         if HAS_NORM:
             ss += x * x
@@ -69,16 +90,17 @@ def _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.
 def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_ptr, tok_ptr, counter_ptr, N, eps,
                 D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, WRITE_XN: tl.constexpr,
                 ARGMAX: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+                BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """out [N] = W [N, D] @ rmsnorm(x [D]) (+ res [N]), rounded to out's dtype (res added to the rounded product
     and rounded again). WRITE_XN: program 0 also writes rmsnorm(x) to xn [D] (the hidden state after the
     final norm). ARGMAX: tok [1] (int64) = the first index of the largest rounded output, each program's
     best in pmax/pidx [NPROG], reduced by the last program in blocks of BLOCK_P."""
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     dt = out_ptr.dtype.element_ty
-    y = _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, HAS_NORM, BLOCK_N, BLOCK_K).to(dt)
+    y = _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, HAS_NORM, BLOCK_N, BLOCK_K, PDL).to(dt)
     if HAS_RES:
         y = (tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
     tl.store(out_ptr + rows, y, mask=rmask)
@@ -118,37 +140,58 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_p
 
 
 @triton.jit
-def _rope(ptr, d, pos, cos_ptr, sin_ptr, rmask, ROT: tl.constexpr, DQK: tl.constexpr):
-    """Rows of head vectors at ptr [R, DQK] (row stride DQK) loaded at dims d [BLOCK_D] and rotated NeoX style
-    over dims [0, ROT) with the cos/sin rows of `pos` (tables [*, ROT]); fp32 [R, BLOCK_D]."""
-    dmask = d < DQK
-    x = tl.load(ptr + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+def rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_slots, v_scale,
+                H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr,
+                RING: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """Program p < H: q head p rotated (NeoX style over dims [0, ROT), the cos/sin rows of pos) into q [H*DQK].
+    Program H + g: kv head g's rotated key and value-scaled value into the cache k [HKV, n_slots, DQK],
+    v [HKV, n_slots, DV] at the token's slot (pos % n_slots when RING, else pos). Rounded to the cache dtype
+    after each operation's fp32 math (rotation, value scale) as the modules round."""
+    _pdl_start(PDL)
+    p = tl.program_id(0)
+    pos = tl.load(pos_ptr)
+    d = tl.arange(0, BLOCK_D)
     half: tl.constexpr = ROT // 2
-    rmask_rot = d < ROT
+    c = tl.load(cos_ptr + pos * ROT + d, mask=d < ROT, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos * ROT + d, mask=d < ROT, other=0.0).to(tl.float32)
+    _pdl_wait(PDL)
+    is_q = p < H
+    src = tl.where(is_q, p * DQK, H * DQK + (p - H) * DQK)
+    x = tl.load(qkv_ptr + src + d, mask=d < DQK, other=0.0).to(tl.float32)
     partner = tl.where(d < half, d + half, d - half)
-    xp = tl.load(ptr + partner[None, :], mask=rmask[:, None] & rmask_rot[None, :], other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + pos * ROT + d, mask=rmask_rot, other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + pos * ROT + d, mask=rmask_rot, other=0.0).to(tl.float32)
-    rotated = tl.where((d < half)[None, :], -xp, xp)
-    return tl.where(rmask_rot[None, :], x * c[None, :] + rotated * s[None, :], x)
+    xp = tl.load(qkv_ptr + src + partner, mask=d < ROT, other=0.0).to(tl.float32)
+    y = tl.where(d < ROT, x * c + tl.where(d < half, -xp, xp) * s, x)
+    dt = k_ptr.dtype.element_ty
+    if is_q:
+        tl.store(q_ptr + p * DQK + d, y.to(dt), mask=d < DQK)
+    else:
+        g = p - H
+        if RING:
+            slot = pos % n_slots
+        else:
+            slot = pos
+        tl.store(k_ptr + (g.to(tl.int64) * n_slots + slot) * DQK + d, y.to(dt), mask=d < DQK)
+        dv = tl.arange(0, DV)
+        v = tl.load(qkv_ptr + H * DQK + HKV * DQK + g * DV + dv).to(tl.float32)
+        tl.store(v_ptr + (g.to(tl.int64) * n_slots + slot) * DV + dv, (v * v_scale).to(dt))
 
 
 @triton.jit
-def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tvalid_ptr, sink_ptr, o_ptr,
-                acc_ptr, m_ptr, l_ptr, counter_ptr, n_keys, n_slots, window, scale, v_scale,
-                H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr,
-                RING: tl.constexpr, HAS_SINK: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One new token of one sequence against its cache: program (g, sp) = kv head g, keys [sp*SPLIT, +SPLIT).
+def attn_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, tpos_ptr, tvalid_ptr, sink_ptr, o_ptr,
+                acc_ptr, m_ptr, l_ptr, counter_ptr, n_keys, n_slots, window, scale,
+                H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                HAS_SINK: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    """One token's attention over its cache: program (g, sp) = kv head g, keys [sp*SPLIT, +SPLIT).
 
-    qkv [H*DQK + HKV*DQK + HKV*DV]: the new token's projections. The cache k [HKV, n_slots, DQK],
-    v [HKV, n_slots, DV]; the new token's slot: pos % n_slots (RING) or pos. The slot tables tpos/tvalid
-    [n_slots] already hold the new token (the step's table update ran first); keys [0, n_keys) are read.
-    A key is seen if valid, kpos <= pos and pos - kpos < window; the new token's own slot is taken from
-    registers (program sp = 0 writes it to the cache; the others skip that slot). Output o [H*DV] in the
-    model dtype: softmax over the seen keys and the sink (a term exp(sink_h) of the denominator).
-    Split states (unnormalised acc [NS, H, DV], max m and sum l [NS, H], fp32) meet in the last program.
+    q [H*DQK] (rotated); the cache k [HKV, n_slots, DQK], v [HKV, n_slots, DV] and its slot tables
+    tpos/tvalid [n_slots] already hold the token (rope_kernel and the table update ran first); keys
+    [0, n_keys) are read. A key is seen if valid, kpos <= pos and pos - kpos < window. Output o [H*DV] in
+    the model dtype: softmax over the seen keys and the sink (a term exp(sink_h) of the denominator).
+    Split states (unnormalised acc [NS, H, DV], max m and sum l [NS, H], fp32) meet in the last program
+    of each kv head.
     """
+    _pdl_start(PDL)
     g = tl.program_id(0)
     sp = tl.program_id(1)
     REP: tl.constexpr = H // HKV
@@ -162,31 +205,19 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
     k_head = k_ptr + g.to(tl.int64) * n_slots * DQK
     v_head = v_ptr + g.to(tl.int64) * n_slots * DV
     pos = tl.load(pos_ptr)
-    if RING:
-        slot = pos % n_slots
-    else:
-        slot = pos
-    q = _rope(qkv_ptr + head[:, None] * DQK, d, pos, cos_ptr, sin_ptr, rmask, ROT, DQK).to(dt)
-    # the new key, the same in every row (rows keep the shapes of q; row 0 is stored)
-    k_new = _rope(qkv_ptr + H * DQK + g * DQK + r[:, None] * 0, d, pos, cos_ptr, sin_ptr, r >= 0, ROT, DQK).to(dt)
-    v_new = (tl.load(qkv_ptr + H * DQK + HKV * DQK + g * DV + dv).to(tl.float32) * v_scale).to(dt)  # [DV]
-    if sp == 0:
-        tl.store(k_head + slot * DQK + r[:, None] * 0 + d[None, :], k_new, mask=(r == 0)[:, None] & dmask[None, :])
-        tl.store(v_head + slot * DV + dv, v_new)
-    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [BLOCK_R]
-    first = sp == 0
-    m_i = tl.where(first, s_new, -1.0e30)
-    l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([BLOCK_R, DV], dtype=tl.float32)
+    _pdl_wait(PDL)
+    q = tl.load(q_ptr + head[:, None] * DQK + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, DV], dtype=tl.float32)
     for j in range(0, SPLIT, BLOCK_S):
         sl = sp * SPLIT + j + tl.arange(0, BLOCK_S)
         smask = sl < n_keys
-        # keys and values load without waiting for the tables: unused slots hold zeros or old finite entries
         kt = tl.load(k_head + sl[:, None] * DQK + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
         vt = tl.load(v_head + sl[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0)
         kp = tl.load(tpos_ptr + sl, mask=smask, other=0)
         kv = tl.load(tvalid_ptr + sl, mask=smask, other=0)
-        ok = smask & (kv != 0) & (kp <= pos) & (pos - kp < window) & (sl != slot)
+        ok = smask & (kv != 0) & (kp <= pos) & (pos - kp < window)
         s = tl.dot(q, tl.trans(kt)) * scale  # [BLOCK_R, BLOCK_S]
         s = tl.where(ok[None, :], s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -211,8 +242,7 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
                 a = tl.load(acc_ptr + (t * H + head)[:, None] * DV + dv[None, :], mask=rmask[:, None], other=0.0,
                             cache_modifier=".cg")
                 acc += a * w[:, None]
-            m_i = mx
-            _finish(acc, m_i, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK, DV)
+            _finish(acc, mx, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK, DV)
     else:
         _finish(acc, m_i, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK, DV)
 
@@ -234,14 +264,16 @@ def _finish(acc, m_i, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK: tl.conste
 @triton.jit
 def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, counter_ptr, eps, scaling,
                   E: tl.constexpr, E_PAD: tl.constexpr, TOPK: tl.constexpr, NORM_TOPK: tl.constexpr,
-                  D: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  D: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PDL: tl.constexpr):
     """logits [E] = W_r [E, D] (fp32) @ rmsnorm(h); then, in the last program, sel [TOPK] (int32) = the experts
     with the largest sigmoid(logit) + bias, best first (ties: lower index), and wt [TOPK] their sigmoid
     scores (divided by their sum if NORM_TOPK) times `scaling`."""
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < E
-    y = _gemv(h_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, True, BLOCK_N, BLOCK_K)
+    y = _gemv(h_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, True, BLOCK_N, BLOCK_K, PDL)
     tl.store(logits_ptr + rows, y, mask=rmask)
     if _last(counter_ptr, NPROG):
         ar = tl.arange(0, E_PAD)
@@ -249,29 +281,33 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
         score = tl.sigmoid(tl.load(logits_ptr + ar, mask=emask, other=0.0, cache_modifier=".cg"))
         choice = tl.where(emask, score + tl.load(bias_ptr + ar, mask=emask, other=0.0).to(tl.float32),
                           float("-inf"))
-        sel = tl.zeros([E_PAD], dtype=tl.int32)
-        wt = tl.zeros([E_PAD], dtype=tl.float32)
-        for j in tl.static_range(TOPK):
-            best = tl.max(choice, axis=0)
-            e_j = tl.min(tl.where(choice == best, ar, E_PAD), axis=0)
-            sel = tl.where(ar == j, e_j, sel)
-            wt = tl.where(ar == j, tl.sum(tl.where(ar == e_j, score, 0.0), axis=0), wt)
-            choice = tl.where(ar == e_j, float("-inf"), choice)
+        # rank of each expert: how many beat it (higher choice, or equal choice and lower index)
+        beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None]) & (ar[None, :] < ar[:, None]))
+        rank = tl.sum(beats.to(tl.int32), axis=1)  # [E_PAD]
+        rank = tl.where(emask, rank, E_PAD)
+        picked = rank < TOPK
+        wsum = tl.sum(tl.where(picked, score, 0.0), axis=0)
+        # slot j (column) holds the expert whose rank is j
+        hit = rank[:, None] == ar[None, :]  # [E_PAD (expert), E_PAD (slot)]
+        sel = tl.sum(tl.where(hit, ar[:, None], 0), axis=0)
+        wt = tl.sum(tl.where(hit, score[:, None], 0.0), axis=0)
         if NORM_TOPK:
-            wt = wt / (tl.sum(wt, axis=0) + 1e-20)
+            wt = wt / (wsum + 1e-20)
         tl.store(sel_ptr + ar, sel, mask=ar < TOPK)
         tl.store(wt_ptr + ar, wt * scaling, mask=ar < TOPK)
 
 
 @triton.jit
 def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, gu_ptr, eps, I: tl.constexpr, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (s, b): gu[s, rows] and gu[s, I + rows] (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h),
     rows = [b*BLOCK_N, +BLOCK_N)."""
+    _pdl_start(PDL)
     s = tl.program_id(0)
     b = tl.program_id(1)
     rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < I
+    _pdl_wait(PDL)
     base = w_ptr + tl.load(sel_ptr + s).to(tl.int64) * (2 * I * D)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -296,18 +332,20 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, gu_ptr, eps, I: tl.constexpr, 
 @triton.jit
 def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out [D] = res + sum_s wt[s] * down[sel[s]] [D, I] @ (silu(gate_s) * up_s), gu [TOPK, 2I] (gate, then up).
 
     All TOPK products of a row block load as one tile. Each product is rounded to the model dtype before its
     fp32 weighting, the sum once more before the residual add (as the expert path does; a dense MLP is
     TOPK = 1 with weight 1)."""
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < D
     s = tl.arange(0, TOPK_PAD)
     smask = s < TOPK
     dt = out_ptr.dtype.element_ty
+    _pdl_wait(PDL)
     base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0).to(tl.int64) * D * I  # [TOPK_PAD]
     acc = tl.zeros([TOPK_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
@@ -338,3 +376,11 @@ def tables_kernel(pos_ptr, fvalid_ptr, svalid_ptr, spos_ptr, n_ring, HAS_FULL: t
         slot = pos % n_ring
         tl.store(svalid_ptr + slot, 1)
         tl.store(spos_ptr + slot, pos)
+
+
+@triton.jit
+def probe_kernel(x_ptr, PDL: tl.constexpr):
+    """x[0] += 1 after the previous kernel (checks that launches with PDL run, and are captured in order)."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    tl.store(x_ptr, tl.load(x_ptr) + 1)
