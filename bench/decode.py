@@ -188,16 +188,18 @@ def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
 
 
 def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
-    """Replay time of the batch-1 greedy step's graph (Triton step) for each (TILE, NUM_WARPS, MIN_PROGRAMS)."""
+    """For each (PDL, NUM_WARPS, ATTN_WARPS): replay time of the batch-1 greedy step's graph (Triton step)
+    and, without PDL (where kernel times do not overlap), each kernel's average time in it."""
+    from torch.profiler import ProfilerActivity, profile
+
     from mimo_flash.generation import triton_step
     from mimo_flash.generation.engine import _RUNNERS
 
     rows = []
-    old = triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS, triton_step.PDL
+    old = triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS
     try:
-        for tile, warps, min_programs, pdl in configs:
-            triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS, triton_step.PDL = (
-                tile, warps, min_programs, pdl)
+        for pdl, warps, attn_warps in configs:
+            triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS = pdl, warps, attn_warps
             _RUNNERS.pop(model, None)
             generate(model, ids, max_new_tokens=new, compile=True, eos_token_id=[])
             runner = next(iter(_RUNNERS[model].values()))
@@ -212,14 +214,26 @@ def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
                     g.replay()
                 b.record()
                 torch.cuda.synchronize()
-                used_pdl = runner._triton_step is not None and runner._triton_step.pdl
-                rows.append(dict(tile=tile, warps=warps, min_programs=min_programs, pdl=used_pdl, bucket=gkey[2],
-                                 us=a.elapsed_time(b) / 50 * 1e3, triton=runner.triton))
-                log(f"sweep: tile {tile}, warps {warps}, min programs {min_programs}, PDL {used_pdl}, bucket {gkey[2]}: "
-                    f"{rows[-1]['us']:.0f} us per step "
-                    f"(triton={runner.triton})")
+                row = dict(pdl=runner._triton_step.pdl, warps=warps, attn_warps=attn_warps, bucket=gkey[2],
+                           us=a.elapsed_time(b) / 50 * 1e3)
+                if not row["pdl"]:
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        g.replay()
+                        torch.cuda.synchronize()
+                    per = {}
+                    for e in prof.events():
+                        if e.device_type.name == "CUDA":
+                            n = e.name[:40]
+                            c, t = per.get(n, (0, 0.0))
+                            per[n] = (c + 1, t + e.device_time)
+                    row["kernels"] = {n: dict(calls=c, avg_us=round(t / c, 2)) for n, (c, t) in per.items()}
+                rows.append(row)
+                log(f"sweep: PDL {row['pdl']}, warps {warps}, attention warps {attn_warps}: {row['us']:.0f} us per "
+                    f"step" + ("; per kernel (calls x avg us): " + ", ".join(
+                        f"{n} {v['calls']}x{v['avg_us']}" for n, v in row["kernels"].items()) if "kernels" in row
+                        else ""))
     finally:
-        triton_step.TILE, triton_step.NUM_WARPS, triton_step.MIN_PROGRAMS, triton_step.PDL = old
+        triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS = old
         _RUNNERS.pop(model, None)
     return rows
 
@@ -406,9 +420,8 @@ def main(argv=None) -> int:
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
-                                                 [(4096, 4, 264, True), (4096, 4, 264, False), (8192, 4, 264, True),
-                                                  (2048, 4, 264, True), (4096, 8, 264, True), (4096, 4, 132, True),
-                                                  (4096, 4, 528, True)])
+                                                 [(True, 8, 4), (False, 8, 4), (False, 4, 4), (False, 8, 8),
+                                                  (True, 4, 4), (True, 16, 4)])
         except Exception as e:
             log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")

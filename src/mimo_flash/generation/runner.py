@@ -15,7 +15,6 @@ import os
 import types
 
 import torch
-import torch._dynamo
 import torch.nn as nn
 
 from ..model.attention import Attention
@@ -305,10 +304,7 @@ class GraphRunner(Runner):
         if key not in self.fns:
             f = fn
             if self.compile:
-                for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                             "accumulated_recompile_limit"):
-                    if hasattr(torch._dynamo.config, name):
-                        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+                fused_ops.raise_recompile_limits()
                 opts = {"coordinate_descent_tuning": True} if tune else None
                 f = torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
             self.fns[key] = f

@@ -17,8 +17,9 @@ from ..model.moe import MoE
 from .cache import KVCache
 
 MIN_PROGRAMS = 264  # a GEMV's row blocks shrink until it has about this many programs (2 per SM of an H100)
-TILE = int(os.environ.get("MIMO_FLASH_DECODE_TILE", "4096"))  # elements of a GEMV program's weight tile
-NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "4"))
+TILE = 4096  # elements of a GEMV program's weight tile
+NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "8"))  # GEMV, router, expert kernels
+ATTN_WARPS = 4
 MAX_SPLITS = 8  # key splits per kv head in decode attention
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 
@@ -184,7 +185,8 @@ class TritonStep:
             self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
             a.window if a.window is not None else 1 << 30, a.scale,
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, HAS_SINK=sink is not None, NS=ns, SPLIT=split,
-            BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)), BLOCK_D=block_d, BLOCK_S=block_s, **self._launch(4))
+            BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)), BLOCK_D=block_d, BLOCK_S=block_s,
+            **self._launch(ATTN_WARPS))
         self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer) -> None:

@@ -33,6 +33,17 @@ def triton_kernels():
 _TRITON = False
 
 
+def raise_recompile_limits(n: int = 256) -> None:
+    """Let dynamo keep up to n compiled variants of a function (shapes, dtypes), not the default 8: the
+    small ops below see many shapes (prefill chunks, decode, verification, batch sizes, layer types), and
+    with fullgraph=True hitting the limit is an error, not a fallback."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n))
+
+
 def cuda_compiled(fn: Callable) -> Callable:
     """Wrap fn so that calls whose first tensor argument is on CUDA run torch.compile(fn)."""
     compiled = None
@@ -43,6 +54,7 @@ def cuda_compiled(fn: Callable) -> Callable:
         if not (COMPILE and args[0].is_cuda) or torch.compiler.is_compiling():
             return fn(*args)
         if compiled is None:
+            raise_recompile_limits()
             compiled = torch.compile(fn, fullgraph=True)
         return compiled(*args)
 
