@@ -188,18 +188,19 @@ def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
 
 
 def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
-    """For each (PDL, NUM_WARPS, ATTN_WARPS): replay time of the batch-1 greedy step's graph (Triton step)
-    and, without PDL (where kernel times do not overlap), each kernel's average time in it."""
+    """For each (PDL, NUM_WARPS, ATTN_WARPS, MAX_K): replay time of the batch-1 greedy step's graph (Triton
+    step) and, without PDL (where kernel times do not overlap), each kernel's average time in it."""
     from torch.profiler import ProfilerActivity, profile
 
     from mimo_flash.generation import triton_step
     from mimo_flash.generation.engine import _RUNNERS
 
     rows = []
-    old = triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS
+    old = triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS, triton_step.MAX_K
     try:
-        for pdl, warps, attn_warps in configs:
-            triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS = pdl, warps, attn_warps
+        for pdl, warps, attn_warps, max_k in configs:
+            triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS, triton_step.MAX_K = (
+                pdl, warps, attn_warps, max_k)
             _RUNNERS.pop(model, None)
             generate(model, ids, max_new_tokens=new, compile=True, eos_token_id=[])
             runner = next(iter(_RUNNERS[model].values()))
@@ -214,7 +215,7 @@ def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
                     g.replay()
                 b.record()
                 torch.cuda.synchronize()
-                row = dict(pdl=runner._triton_step.pdl, warps=warps, attn_warps=attn_warps, bucket=gkey[2],
+                row = dict(pdl=runner._triton_step.pdl, warps=warps, attn_warps=attn_warps, max_k=max_k, bucket=gkey[2],
                            us=a.elapsed_time(b) / 50 * 1e3)
                 if not row["pdl"]:
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -228,12 +229,13 @@ def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
                             per[n] = (c + 1, t + e.device_time)
                     row["kernels"] = {n: dict(calls=c, avg_us=round(t / c, 2)) for n, (c, t) in per.items()}
                 rows.append(row)
-                log(f"sweep: PDL {row['pdl']}, warps {warps}, attention warps {attn_warps}: {row['us']:.0f} us per "
+                log(f"sweep: PDL {row['pdl']}, warps {warps}, attention warps {attn_warps}, K block {max_k}: "
+                    f"{row['us']:.0f} us per "
                     f"step" + ("; per kernel (calls x avg us): " + ", ".join(
                         f"{n} {v['calls']}x{v['avg_us']}" for n, v in row["kernels"].items()) if "kernels" in row
                         else ""))
     finally:
-        triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS = old
+        triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS, triton_step.MAX_K = old
         _RUNNERS.pop(model, None)
     return rows
 
@@ -420,8 +422,9 @@ def main(argv=None) -> int:
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
-                                                 [(True, 8, 4), (False, 8, 4), (False, 4, 4), (False, 8, 8),
-                                                  (True, 4, 4), (True, 16, 4)])
+                                                 [(True, 8, 8, 1024), (False, 8, 8, 1024), (True, 8, 8, 512),
+                                                  (True, 8, 4, 1024), (True, 4, 4, 1024), (True, 16, 8, 1024),
+                                                  (False, 4, 4, 512)])
         except Exception as e:
             log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")

@@ -149,10 +149,11 @@ def test_triton_step_is_only_used_where_it_applies():
     r = GraphRunner(model, KVCache(model.config, 1, 32, dtype=model.dtype), 32)  # CPU: off unless asked for
     assert not r.triton
     assert not GraphRunner(model, KVCache(model.config, 2, 32, dtype=model.dtype), 32, triton=True).triton
-    # GEMV tiles: K blocks up to 512, at most TILE elements, rows halved towards 264 programs
-    assert gemv_blocks(32000, 1024, 4096) == (8, 512)
-    assert gemv_blocks(64, 1024, 4096) == (2, 512)
-    assert gemv_blocks(5632, 1024, 4096) == (8, 512)
+    # GEMV tiles: K blocks up to 1024, at most `tile` elements, rows halved towards 264 programs
+    assert gemv_blocks(32000, 1024, 4096) == (4, 1024)
+    assert gemv_blocks(64, 1024, 4096) == (2, 1024)
+    assert gemv_blocks(1024, 2048, 4096) == (2, 1024)
+    assert gemv_blocks(4096, 1024, 2048) == (2, 1024)
 
 
 @pytest.mark.gpu

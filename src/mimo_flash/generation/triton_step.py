@@ -18,9 +18,10 @@ from .cache import KVCache
 
 MIN_PROGRAMS = 264  # a GEMV's row blocks shrink until it has about this many programs (2 per SM of an H100)
 TILE = 4096  # elements of a GEMV program's weight tile
+MAX_K = 1024  # widest K block of a GEMV (with PDL the first block loads while the previous kernel ends)
 NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "8"))  # GEMV, router, expert kernels
-ATTN_WARPS = 4
-MAX_SPLITS = 8  # key splits per kv head in decode attention
+ATTN_WARPS = 8
+MAX_SPLITS = 16  # key splits per kv head in decode attention
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 
 
@@ -33,10 +34,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def gemv_blocks(n_rows: int, n_cols: int, tile: int | None = None) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) for a GEMV over [n_rows, n_cols]: K blocks up to 512 wide, rows per program
+    """(BLOCK_N, BLOCK_K) for a GEMV over [n_rows, n_cols]: K blocks up to MAX_K wide, rows per program
     halved from 64 until there are MIN_PROGRAMS programs, the tile kept at most `tile` elements."""
     tile = TILE if tile is None else tile
-    bk = min(_pow2(n_cols), 512)
+    bk = min(_pow2(n_cols), MAX_K, tile // 2)
     bn = 64
     while bn > 2 and (_cdiv(n_rows, bn) < MIN_PROGRAMS or bn * bk > tile):
         bn //= 2
@@ -113,11 +114,11 @@ class TritonStep:
         dev, dt = cache.device, model.dtype
         self.D, self.V = c.hidden_size, c.vocab_size
         self.eps = model.model.norm.eps
-        qkv_rows, q_rows, o_rows, heads, dv, kv_heads, gu_rows, topk = 0, 0, 0, 0, 0, 1, 0, 1
+        qkv_rows, o_rows, heads, dv, kv_heads, gu_rows, topk = 0, 0, 0, 0, 1, 0, 1
         for layer in model.model.layers:
             a = layer.self_attn
             qkv_rows = max(qkv_rows, a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
-            o_rows, q_rows = max(o_rows, a.heads * a.v_dim), max(q_rows, a.heads * a.qk_dim)
+            o_rows = max(o_rows, a.heads * a.v_dim)
             heads, dv, kv_heads = max(heads, a.heads), max(dv, a.v_dim), max(kv_heads, a.kv_heads)
             if isinstance(layer.mlp, MoE):
                 ex = layer.mlp.experts
@@ -129,7 +130,6 @@ class TritonStep:
         self.x = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream between layers
         self.h = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream after attention
         self.qkv = torch.zeros(qkv_rows, device=dev, dtype=dt)
-        self.q = torch.zeros(q_rows, device=dev, dtype=dt)  # rotated queries
         self.o = torch.zeros(o_rows, device=dev, dtype=dt)  # attention output (all heads)
         self.acc = torch.zeros(MAX_SPLITS * heads * dv, **f32)  # split states of the attention
         self.m = torch.zeros(MAX_SPLITS * heads, **f32)
@@ -172,21 +172,19 @@ class TritonStep:
         n_slots = kc.shape[1]
         n_keys = n_slots if ring else min(bucket, n_slots)
         block_d = max(16, _pow2(a.qk_dim))
-        block_s = 64 if block_d <= 128 else 32
-        split = max(64, _pow2(_cdiv(n_keys, min(MAX_SPLITS, max(1, 64 // a.kv_heads)))))
+        block_s = 64
+        split = max(block_s, _pow2(_cdiv(n_keys, min(MAX_SPLITS, _cdiv(n_keys, 128)))))  # ~128+ keys per program
         ns = _cdiv(n_keys, split)
+        rep = a.heads // a.kv_heads
         cos, sin = self.rope_tables[a.swa]
-        self.dk.rope_kernel[(a.heads + a.kv_heads,)](
-            self.qkv, pos, cos, sin, self.q, kc, vc, n_slots, float(a.v_scale), H=a.heads, HKV=a.kv_heads,
-            DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring, BLOCK_D=block_d, **self._launch(1))
         sink = a.attention_sink_bias
         self.dk.attn_kernel[(a.kv_heads, ns)](
-            self.q, pos, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
+            self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
             self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
-            a.window if a.window is not None else 1 << 30, a.scale,
-            H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, HAS_SINK=sink is not None, NS=ns, SPLIT=split,
-            BLOCK_R=max(16, _pow2(a.heads // a.kv_heads)), BLOCK_D=block_d, BLOCK_S=block_s,
-            **self._launch(ATTN_WARPS))
+            a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
+            H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
+            HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
+            BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **self._launch(ATTN_WARPS))
         self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer) -> None:

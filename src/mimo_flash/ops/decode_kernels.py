@@ -140,56 +140,60 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_p
 
 
 @triton.jit
-def rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, n_slots, v_scale,
-                H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr,
-                RING: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Program p < H: q head p rotated (NeoX style over dims [0, ROT), the cos/sin rows of pos) into q [H*DQK].
-    Program H + g: kv head g's rotated key and value-scaled value into the cache k [HKV, n_slots, DQK],
-    v [HKV, n_slots, DV] at the token's slot (pos % n_slots when RING, else pos). Rounded to the cache dtype
-    after each operation's fp32 math (rotation, value scale) as the modules round."""
-    _pdl_start(PDL)
-    p = tl.program_id(0)
-    pos = tl.load(pos_ptr)
-    d = tl.arange(0, BLOCK_D)
+def _rope_rows(ptr, d, cos, sin, rmask, ROT: tl.constexpr, DQK: tl.constexpr):
+    """Head vectors at ptr [R, 1] (+ d) rotated NeoX style over dims [0, ROT) by cos/sin [BLOCK_D]; fp32."""
     half: tl.constexpr = ROT // 2
-    c = tl.load(cos_ptr + pos * ROT + d, mask=d < ROT, other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + pos * ROT + d, mask=d < ROT, other=0.0).to(tl.float32)
-    _pdl_wait(PDL)
-    is_q = p < H
-    src = tl.where(is_q, p * DQK, H * DQK + (p - H) * DQK)
-    x = tl.load(qkv_ptr + src + d, mask=d < DQK, other=0.0).to(tl.float32)
+    x = tl.load(ptr + d[None, :], mask=rmask[:, None] & (d < DQK)[None, :], other=0.0).to(tl.float32)
     partner = tl.where(d < half, d + half, d - half)
-    xp = tl.load(qkv_ptr + src + partner, mask=d < ROT, other=0.0).to(tl.float32)
-    y = tl.where(d < ROT, x * c + tl.where(d < half, -xp, xp) * s, x)
-    dt = k_ptr.dtype.element_ty
-    if is_q:
-        tl.store(q_ptr + p * DQK + d, y.to(dt), mask=d < DQK)
-    else:
-        g = p - H
-        if RING:
-            slot = pos % n_slots
-        else:
-            slot = pos
-        tl.store(k_ptr + (g.to(tl.int64) * n_slots + slot) * DQK + d, y.to(dt), mask=d < DQK)
-        dv = tl.arange(0, DV)
-        v = tl.load(qkv_ptr + H * DQK + HKV * DQK + g * DV + dv).to(tl.float32)
-        tl.store(v_ptr + (g.to(tl.int64) * n_slots + slot) * DV + dv, (v * v_scale).to(dt))
+    xp = tl.load(ptr + partner[None, :], mask=rmask[:, None] & (d < ROT)[None, :], other=0.0).to(tl.float32)
+    rotated = tl.where((d < half)[None, :], -xp, xp)
+    return tl.where((d < ROT)[None, :], x * cos[None, :] + rotated * sin[None, :], x)
 
 
 @triton.jit
-def attn_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, tpos_ptr, tvalid_ptr, sink_ptr, o_ptr,
-                acc_ptr, m_ptr, l_ptr, counter_ptr, n_keys, n_slots, window, scale,
-                H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
-                HAS_SINK: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-    """One token's attention over its cache: program (g, sp) = kv head g, keys [sp*SPLIT, +SPLIT).
+def _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl, d, dv, n_keys, DQK: tl.constexpr, DV: tl.constexpr):
+    """A block of cache slots sl: keys [BLOCK_S, BLOCK_D], values [BLOCK_S, DV], positions, validity. Nothing
+    here waits for the tables: unused slots hold zeros or old finite entries, masked out later."""
+    smask = sl < n_keys
+    kt = tl.load(k_head + sl[:, None] * DQK + d[None, :], mask=smask[:, None] & (d < DQK)[None, :], other=0.0)
+    vt = tl.load(v_head + sl[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0)
+    kp = tl.load(tpos_ptr + sl, mask=smask, other=0)
+    kv = tl.load(tvalid_ptr + sl, mask=smask, other=0)
+    return kt, vt, kp, kv
 
-    q [H*DQK] (rotated); the cache k [HKV, n_slots, DQK], v [HKV, n_slots, DV] and its slot tables
-    tpos/tvalid [n_slots] already hold the token (rope_kernel and the table update ran first); keys
-    [0, n_keys) are read. A key is seen if valid, kpos <= pos and pos - kpos < window. Output o [H*DV] in
-    the model dtype: softmax over the seen keys and the sink (a term exp(sink_h) of the denominator).
-    Split states (unnormalised acc [NS, H, DV], max m and sum l [NS, H], fp32) meet in the last program
-    of each kv head.
+
+@triton.jit
+def _attend(q, kt, vt, kp, kv, sl, m_i, l_i, acc, pos, slot, n_keys, window, scale):
+    """Online-softmax update of (max, sum, acc) [BLOCK_R], [BLOCK_R], [BLOCK_R, DV] with one block of keys.
+    A key is seen if valid, kpos <= pos, pos - kpos < window and it is not the new token's slot."""
+    ok = (sl < n_keys) & (kv != 0) & (kp <= pos) & (pos - kp < window) & (sl != slot)
+    s = tl.dot(q, tl.trans(kt)) * scale  # [BLOCK_R, BLOCK_S]
+    s = tl.where(ok[None, :], s, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tvalid_ptr, sink_ptr, o_ptr,
+                acc_ptr, m_ptr, l_ptr, counter_ptr, n_keys, n_slots, window, scale, v_scale,
+                H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr,
+                RING: tl.constexpr, HAS_SINK: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
+                REP_PAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    """One new token of one sequence against its cache: program (g, sp) = kv head g, keys [sp*SPLIT, +SPLIT).
+
+    qkv [H*DQK + HKV*DQK + HKV*DV]: the new token's projections. RoPE (NeoX style over dims [0, ROT), the
+    cos/sin rows of pos) on its q and k, the value scale on its v; the cache k [HKV, n_slots, DQK],
+    v [HKV, n_slots, DV]; the token's slot: pos % n_slots (RING) or pos. The slot tables tpos/tvalid
+    [n_slots] already hold the token (the step's table update ran first); keys [0, n_keys) are read. The
+    new key and value come from registers (program sp = 0 writes them to the cache; every program skips
+    that slot). Output o [H*DV] in the model dtype: softmax over the seen keys and the sink (a term
+    exp(sink_h) of the denominator). With NS > 1 the split states (unnormalised acc [NS, H, DV], max m
+    and sum l [NS, H], fp32) meet in the last program of each kv head.
     """
     _pdl_start(PDL)
     g = tl.program_id(0)
@@ -204,45 +208,52 @@ def attn_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, tpos_ptr, tvalid_ptr, sink_ptr, o_
     dt = k_ptr.dtype.element_ty
     k_head = k_ptr + g.to(tl.int64) * n_slots * DQK
     v_head = v_ptr + g.to(tl.int64) * n_slots * DV
+    # before the wait: what no kernel of this step writes (old cache entries, tables, RoPE rows, position)
     pos = tl.load(pos_ptr)
+    if RING:
+        slot = pos % n_slots
+    else:
+        slot = pos
+    c = tl.load(cos_ptr + pos * ROT + d, mask=d < ROT, other=1.0).to(tl.float32)
+    sn = tl.load(sin_ptr + pos * ROT + d, mask=d < ROT, other=0.0).to(tl.float32)
+    sl0 = sp * SPLIT + tl.arange(0, BLOCK_S)
+    kt, vt, kp, kv = _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl0, d, dv, n_keys, DQK, DV)
     _pdl_wait(PDL)
-    q = tl.load(q_ptr + head[:, None] * DQK + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, DV], dtype=tl.float32)
-    for j in range(0, SPLIT, BLOCK_S):
+    q = _rope_rows(qkv_ptr + head[:, None] * DQK, d, c, sn, rmask, ROT, DQK).to(dt)
+    # the new key, the same in every row (rows keep the shapes of q; row 0 is stored)
+    k_new = _rope_rows(qkv_ptr + H * DQK + g * DQK + r[:, None] * 0, d, c, sn, r >= 0, ROT, DQK).to(dt)
+    v_new = (tl.load(qkv_ptr + H * DQK + HKV * DQK + g * DV + dv).to(tl.float32) * v_scale).to(dt)  # [DV]
+    if sp == 0:
+        tl.store(k_head + slot * DQK + r[:, None] * 0 + d[None, :], k_new, mask=(r == 0)[:, None] & dmask[None, :])
+        tl.store(v_head + slot * DV + dv, v_new)
+    first = sp == 0
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [BLOCK_R]
+    m_i = tl.where(first, s_new, -1.0e30)
+    l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([BLOCK_R, DV], dtype=tl.float32)
+    m_i, l_i, acc = _attend(q, kt, vt, kp, kv, sl0, m_i, l_i, acc, pos, slot, n_keys, window, scale)
+    for j in range(BLOCK_S, SPLIT, BLOCK_S):
         sl = sp * SPLIT + j + tl.arange(0, BLOCK_S)
-        smask = sl < n_keys
-        kt = tl.load(k_head + sl[:, None] * DQK + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-        vt = tl.load(v_head + sl[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0)
-        kp = tl.load(tpos_ptr + sl, mask=smask, other=0)
-        kv = tl.load(tvalid_ptr + sl, mask=smask, other=0)
-        ok = smask & (kv != 0) & (kp <= pos) & (pos - kp < window)
-        s = tl.dot(q, tl.trans(kt)) * scale  # [BLOCK_R, BLOCK_S]
-        s = tl.where(ok[None, :], s, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), vt)
-        m_i = m_new
+        kt, vt, kp, kv = _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl, d, dv, n_keys, DQK, DV)
+        m_i, l_i, acc = _attend(q, kt, vt, kp, kv, sl, m_i, l_i, acc, pos, slot, n_keys, window, scale)
     if NS > 1:  # hand this split's state over; the last program of kv head g combines them all
         tl.store(acc_ptr + (sp * H + head)[:, None] * DV + dv[None, :], acc, mask=rmask[:, None])
         tl.store(m_ptr + sp * H + head, m_i, mask=rmask)
         tl.store(l_ptr + sp * H + head, l_i, mask=rmask)
         if _last(counter_ptr + g, NS):
-            mx = tl.full([BLOCK_R], -1.0e30, tl.float32)
-            for t in range(NS):
-                mx = tl.maximum(mx, tl.load(m_ptr + t * H + head, mask=rmask, other=-1.0e30, cache_modifier=".cg"))
-            acc = tl.zeros([BLOCK_R, DV], dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for t in range(NS):
-                w = tl.exp(tl.load(m_ptr + t * H + head, mask=rmask, other=-1.0e30, cache_modifier=".cg") - mx)
-                l_i += w * tl.load(l_ptr + t * H + head, mask=rmask, other=0.0, cache_modifier=".cg")
-                a = tl.load(acc_ptr + (t * H + head)[:, None] * DV + dv[None, :], mask=rmask[:, None], other=0.0,
-                            cache_modifier=".cg")
-                acc += a * w[:, None]
-            _finish(acc, mx, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK, DV)
+            t = tl.arange(0, NS_PAD)
+            rr = tl.arange(0, REP_PAD)
+            hh = g * REP + rr
+            rm = rr < REP
+            tm = (t < NS)[:, None] & rm[None, :]
+            ms = tl.load(m_ptr + t[:, None] * H + hh[None, :], mask=tm, other=-1.0e30, cache_modifier=".cg")
+            ls = tl.load(l_ptr + t[:, None] * H + hh[None, :], mask=tm, other=0.0, cache_modifier=".cg")
+            mx = tl.max(ms, axis=0)  # [REP_PAD]
+            w = tl.exp(ms - mx[None, :])  # [NS_PAD, REP_PAD]
+            a = tl.load(acc_ptr + (t[:, None, None] * H + hh[None, :, None]) * DV + dv[None, None, :],
+                        mask=tm[:, :, None], other=0.0, cache_modifier=".cg")
+            _finish(tl.sum(a * w[:, :, None], axis=0), mx, tl.sum(w * ls, axis=0), sink_ptr, o_ptr, hh, rm, dv,
+                    HAS_SINK, DV)
     else:
         _finish(acc, m_i, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK, DV)
 
