@@ -173,7 +173,8 @@ class TritonStep:
         n_keys = n_slots if ring else min(bucket, n_slots)
         block_d = max(16, _pow2(a.qk_dim))
         block_s = 64
-        split = max(block_s, _pow2(_cdiv(n_keys, min(MAX_SPLITS, _cdiv(n_keys, 128)))))  # ~128+ keys per program
+        target = min(MAX_SPLITS, max(1, (n_keys + 64) // 128))  # programs of ~128 keys per kv head
+        split = _cdiv(_cdiv(n_keys, target), block_s) * block_s
         ns = _cdiv(n_keys, split)
         rep = a.heads // a.kv_heads
         cos, sin = self.rope_tables[a.swa]
@@ -209,7 +210,7 @@ class TritonStep:
             self._gemv(self.h, norm_w, w, self.gu, 2 * I)
             sel, wt, down, k = self.sel_dense, self.wt_dense, mlp.down_proj.weight, 1
         kp = max(2, _pow2(k))
-        bn, bk = gemv_blocks(D, min(I, TILE // (2 * kp)), TILE // kp)  # all k experts' rows in one tile
+        bn, bk = gemv_blocks(D, min(I, 512), 2 * TILE // kp)  # all k experts' rows in one tile
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
                                         BLOCK_N=bn, BLOCK_K=bk, **self._launch(NUM_WARPS))
 

@@ -218,6 +218,12 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
     sn = tl.load(sin_ptr + pos * ROT + d, mask=d < ROT, other=0.0).to(tl.float32)
     sl0 = sp * SPLIT + tl.arange(0, BLOCK_S)
     kt, vt, kp, kv = _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl0, d, dv, n_keys, DQK, DV)
+    rr = tl.arange(0, REP_PAD)
+    hh = g * REP + rr
+    rm = rr < REP
+    sink = tl.zeros([REP_PAD], dtype=tl.float32)
+    if HAS_SINK:
+        sink = tl.load(sink_ptr + hh, mask=rm, other=0.0).to(tl.float32)
     _pdl_wait(PDL)
     q = _rope_rows(qkv_ptr + head[:, None] * DQK, d, c, sn, rmask, ROT, DQK).to(dt)
     # the new key, the same in every row (rows keep the shapes of q; row 0 is stored)
@@ -242,9 +248,6 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
         tl.store(l_ptr + sp * H + head, l_i, mask=rmask)
         if _last(counter_ptr + g, NS):
             t = tl.arange(0, NS_PAD)
-            rr = tl.arange(0, REP_PAD)
-            hh = g * REP + rr
-            rm = rr < REP
             tm = (t < NS)[:, None] & rm[None, :]
             ms = tl.load(m_ptr + t[:, None] * H + hh[None, :], mask=tm, other=-1.0e30, cache_modifier=".cg")
             ls = tl.load(l_ptr + t[:, None] * H + hh[None, :], mask=tm, other=0.0, cache_modifier=".cg")
@@ -252,18 +255,19 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
             w = tl.exp(ms - mx[None, :])  # [NS_PAD, REP_PAD]
             a = tl.load(acc_ptr + (t[:, None, None] * H + hh[None, :, None]) * DV + dv[None, None, :],
                         mask=tm[:, :, None], other=0.0, cache_modifier=".cg")
-            _finish(tl.sum(a * w[:, :, None], axis=0), mx, tl.sum(w * ls, axis=0), sink_ptr, o_ptr, hh, rm, dv,
-                    HAS_SINK, DV)
+            _finish(tl.sum(a * w[:, :, None], axis=0), mx, tl.sum(w * ls, axis=0), sink, o_ptr, hh, rm, dv, HAS_SINK,
+                    DV)
     else:
-        _finish(acc, m_i, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK, DV)
+        # rows of the head block (BLOCK_R) and of the sink (REP_PAD) differ in size: spread the sink over rows
+        sink_rows = tl.sum(tl.where(r[:, None] == rr[None, :], sink[None, :], 0.0), axis=1)
+        _finish(acc, m_i, l_i, sink_rows, o_ptr, head, rmask, dv, HAS_SINK, DV)
 
 
 @triton.jit
-def _finish(acc, m_i, l_i, sink_ptr, o_ptr, head, rmask, dv, HAS_SINK: tl.constexpr, DV: tl.constexpr):
-    """o[head] = acc / (l + exp(sink - m)) in o's dtype (acc and l relative to the running max m)."""
+def _finish(acc, m_i, l_i, sink, o_ptr, head, rmask, dv, HAS_SINK: tl.constexpr, DV: tl.constexpr):
+    """o[head] = acc / (l + exp(sink - m)) in o's dtype (acc and l relative to the running max m; sink per row)."""
     den = l_i
     if HAS_SINK:
-        sink = tl.load(sink_ptr + head, mask=rmask, other=0.0).to(tl.float32)
         mx = tl.maximum(m_i, sink)
         scale = tl.exp(m_i - mx)
         den = l_i * scale + tl.exp(sink - mx)
@@ -284,14 +288,14 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < E
+    ar = tl.arange(0, E_PAD)
+    emask = ar < E
+    bias = tl.load(bias_ptr + ar, mask=emask, other=0.0).to(tl.float32)
     y = _gemv(h_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, True, BLOCK_N, BLOCK_K, PDL)
     tl.store(logits_ptr + rows, y, mask=rmask)
     if _last(counter_ptr, NPROG):
-        ar = tl.arange(0, E_PAD)
-        emask = ar < E
         score = tl.sigmoid(tl.load(logits_ptr + ar, mask=emask, other=0.0, cache_modifier=".cg"))
-        choice = tl.where(emask, score + tl.load(bias_ptr + ar, mask=emask, other=0.0).to(tl.float32),
-                          float("-inf"))
+        choice = tl.where(emask, score + bias, float("-inf"))
         # rank of each expert: how many beat it (higher choice, or equal choice and lower index)
         beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None]) & (ar[None, :] < ar[:, None]))
         rank = tl.sum(beats.to(tl.int32), axis=1)  # [E_PAD]

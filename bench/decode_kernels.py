@@ -1,0 +1,120 @@
+"""Block shapes of the batch-1 decode kernels (ops/decode_kernels.py), timed one kernel at a time on the GPU.
+
+    python bench/decode_kernels.py
+
+GEMV (gemv_kernel) at the mini preset's shapes (lm_head 32000 x 1024, q/k/v 5632 x 1024, o_proj 1024 x 2048)
+against torch's F.linear; decode attention (attn_kernel) over a 128-slot ring and an 832-slot full cache.
+Each variant: the median of 5 timings of 20 back-to-back launches (no PDL), in us per launch, with the
+bandwidth of the bytes it must read."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mimo_flash.ops import decode_kernels as dk  # noqa: E402
+
+
+def timed(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / reps)
+    return sorted(ts)[2]
+
+
+def gemv(N: int, D: int):
+    dev = "cuda"
+    x = torch.randn(D, device=dev, dtype=torch.bfloat16)
+    nw = torch.ones(D, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(N, device=dev, dtype=torch.bfloat16)
+    dummy = torch.zeros(8, device=dev, dtype=torch.float32)
+    cnt = torch.zeros(8, device=dev, dtype=torch.int32)
+    nbytes = N * D * 2
+    t = timed(lambda: F.linear(x[None], w))
+    print(f"GEMV {N} x {D}: F.linear {t:.2f} us = {nbytes / t / 1e6:.2f} TB/s")
+    best = None
+    for bn, bk, warps in itertools.product([2, 4, 8, 16], [512, 1024], [4, 8, 16]):
+        if bk > D or bn * bk > 32768 or bn * bk < 256:
+            continue
+        n_prog = -(-N // bn)
+
+        def run():
+            dk.gemv_kernel[(n_prog,)](x, nw, w, out, out, out, dummy, cnt, cnt, cnt, N, 1e-6, D=D, HAS_NORM=True,
+                                      HAS_RES=False, WRITE_XN=False, ARGMAX=False, NPROG=n_prog, BLOCK_N=bn,
+                                      BLOCK_K=bk, BLOCK_P=2, PDL=False, num_warps=warps)
+        try:
+            t = timed(run)
+        except Exception as e:
+            print(f"  BLOCK_N {bn} BLOCK_K {bk} warps {warps}: {type(e).__name__}")
+            continue
+        if best is None or t < best[0]:
+            best = (t, bn, bk, warps)
+        print(f"  BLOCK_N {bn:2d} BLOCK_K {bk:4d} warps {warps:2d}: {t:7.2f} us = {nbytes / t / 1e6:.2f} TB/s")
+    t, bn, bk, warps = best
+    print(f"  best: BLOCK_N {bn} BLOCK_K {bk} warps {warps}: {t:.2f} us = {nbytes / t / 1e6:.2f} TB/s", flush=True)
+
+
+def attention(n_slots: int, H: int, HKV: int, ring: bool):
+    dev, dt = "cuda", torch.bfloat16
+    DQK, DV, ROT = 192, 128, 64
+    qkv = torch.randn(H * DQK + HKV * (DQK + DV), device=dev, dtype=dt)
+    pos = torch.tensor([n_slots + 5 if ring else n_slots - 1], device=dev)
+    cos = torch.randn(n_slots + 64, ROT, device=dev, dtype=dt)
+    sin = torch.randn(n_slots + 64, ROT, device=dev, dtype=dt)
+    k = torch.randn(HKV, n_slots, DQK, device=dev, dtype=dt)
+    v = torch.randn(HKV, n_slots, DV, device=dev, dtype=dt)
+    tpos = torch.arange(n_slots, device=dev) + (6 if ring else 0)
+    tvalid = torch.ones(n_slots, device=dev, dtype=torch.uint8)
+    o = torch.empty(H * DV, device=dev, dtype=dt)
+    acc = torch.empty(16 * H * DV, device=dev, dtype=torch.float32)
+    m = torch.empty(16 * H, device=dev, dtype=torch.float32)
+    lsum = torch.empty(16 * H, device=dev, dtype=torch.float32)
+    cnt = torch.zeros(HKV, device=dev, dtype=torch.int32)
+    sink = torch.zeros(H, device=dev, dtype=torch.float32)
+    nbytes = HKV * n_slots * (DQK + DV) * 2
+    rep = H // HKV
+    print(f"attention: {n_slots} slots, {H} heads, {HKV} kv heads ({'ring' if ring else 'full'}), "
+          f"{nbytes / 1e6:.2f} MB of cache")
+    for split, block_s, warps in itertools.product([64, 128, 256], [32, 64], [4, 8]):
+        if block_s > split or split > n_slots:
+            continue
+        ns = -(-n_slots // split)
+        if ns > 16:
+            continue
+
+        def run():
+            dk.attn_kernel[(HKV, ns)](qkv, pos, cos, sin, k, v, tpos, tvalid, sink, o, acc, m, lsum, cnt, n_slots,
+                                      n_slots, 128 if ring else 1 << 30, DQK ** -0.5, 1.0, H=H, HKV=HKV, DQK=DQK,
+                                      DV=DV, ROT=ROT, RING=ring, HAS_SINK=True, NS=ns, NS_PAD=max(2, 1 << (ns - 1).bit_length()),
+                                      REP_PAD=max(2, rep), SPLIT=split, BLOCK_R=16, BLOCK_D=256, BLOCK_S=block_s,
+                                      PDL=False, num_warps=warps)
+        try:
+            t = timed(run)
+        except Exception as e:
+            print(f"  split {split} BLOCK_S {block_s} warps {warps}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        print(f"  split {split:3d} ({ns:2d} programs per kv head) BLOCK_S {block_s:2d} warps {warps}: {t:6.2f} us",
+              flush=True)
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_properties(0).name, torch.__version__)
+    attention(256, 16, 8, True)
+    attention(832, 16, 4, False)
+    for N, D in ((32000, 1024), (5632, 1024), (1024, 2048)):
+        gemv(N, D)
