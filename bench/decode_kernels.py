@@ -4,8 +4,8 @@
 
 GEMV (gemv_kernel) at the mini preset's shapes (lm_head 32000 x 1024, q/k/v 5632 x 1024, o_proj 1024 x 2048)
 against torch's F.linear; decode attention (attn_kernel) over a 128-slot ring and an 832-slot full cache.
-Each variant: the median of 5 timings of 20 back-to-back launches (no PDL), in us per launch, with the
-bandwidth of the bytes it must read."""
+Each variant: 20 back-to-back launches (no PDL) captured in a CUDA graph, the median of 5 replays, in us per
+launch, with the bandwidth of the bytes it must read (the same weights every launch: partly from L2)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,20 @@ from mimo_flash.ops import decode_kernels as dk  # noqa: E402
 
 
 def timed(fn, reps: int = 20) -> float:
+    """us per launch: `reps` launches captured in one CUDA graph (no host launch cost), median of 5 replays."""
     fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
     torch.cuda.synchronize()
     ts = []
     for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for _ in range(reps):
-            fn()
+        g.replay()
         b.record()
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b) * 1e3 / reps)
