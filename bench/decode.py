@@ -422,8 +422,7 @@ def main(argv=None) -> int:
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
-                                                 [(True, 8, 8, 1024), (False, 8, 8, 1024), (True, 8, 4, 1024),
-                                                  (True, 4, 4, 1024), (True, 8, 8, 512)])
+                                                 [(True, 8, 4, 1024), (False, 8, 4, 1024), (True, 8, 8, 1024)])
         except Exception as e:
             log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")

@@ -19,8 +19,9 @@ from .cache import KVCache
 MIN_PROGRAMS = 264  # a GEMV's row blocks shrink until it has about this many programs (2 per SM of an H100)
 TILE = 4096  # elements of a GEMV program's weight tile
 MAX_K = 1024  # widest K block of a GEMV (with PDL the first block loads while the previous kernel ends)
-NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "8"))  # GEMV, router, expert kernels
-ATTN_WARPS = 8
+NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "8"))  # router, expert kernels, large GEMVs
+SMALL_GEMV_WARPS = 4  # GEMVs of fewer than 16M weights (q/k/v, o_proj on the mini preset: measured faster)
+ATTN_WARPS = 4
 MAX_SPLITS = 16  # key splits per kv head in decode attention
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 
@@ -157,11 +158,12 @@ class TritonStep:
         """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); lm_head: also the hidden state and the token."""
         bn, bk = gemv_blocks(n_rows, x.numel())
         n_prog = _cdiv(n_rows, bn)
+        warps = NUM_WARPS if n_rows * x.numel() >= 1 << 24 else SMALL_GEMV_WARPS
         self.dk.gemv_kernel[(n_prog,)](
             x, x if norm_w is None else norm_w, w, out, out if res is None else res, self.hidden, self.pmax,
             self.pidx, self.token, self.counters, n_rows, self.eps, D=x.numel(), HAS_NORM=norm_w is not None,
             HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, NPROG=n_prog, BLOCK_N=bn, BLOCK_K=bk,
-            BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(NUM_WARPS))
+            BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
 
     def _attention(self, layer, pos, bucket: int) -> None:
         a, cache = layer.self_attn, self.cache
@@ -173,8 +175,8 @@ class TritonStep:
         n_keys = n_slots if ring else min(bucket, n_slots)
         block_d = max(16, _pow2(a.qk_dim))
         block_s = 64
-        target = min(MAX_SPLITS, max(1, (n_keys + 64) // 128))  # programs of ~128 keys per kv head
-        split = _cdiv(_cdiv(n_keys, target), block_s) * block_s
+        # one block of keys per program where MAX_SPLITS allows: their loads all start before the PDL wait
+        split = _cdiv(_cdiv(n_keys, min(MAX_SPLITS, _cdiv(n_keys, block_s))), block_s) * block_s
         ns = _cdiv(n_keys, split)
         rep = a.heads // a.kv_heads
         cos, sin = self.rope_tables[a.swa]
