@@ -187,20 +187,21 @@ def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
     return dict(max_rel_err=max(errs), fuse=gr.fuse, tune=gr.tune, triton=gr.triton, notes=list(gr.notes))
 
 
-def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
-    """For each (PDL, NUM_WARPS, ATTN_WARPS, MAX_K): replay time of the batch-1 greedy step's graph (Triton
-    step) and, without PDL (where kernel times do not overlap), each kernel's average time in it."""
+def sweep_triton_step(model, ids, new: int, configs: list[dict]) -> list[dict]:
+    """For each config (module attributes of generation/triton_step.py to set): replay time of the batch-1
+    greedy step's graph (Triton step) and, without PDL (where kernel times do not overlap), each kernel's
+    average time in it."""
     from torch.profiler import ProfilerActivity, profile
 
     from mimo_flash.generation import triton_step
     from mimo_flash.generation.engine import _RUNNERS
 
     rows = []
-    old = triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS, triton_step.MAX_K
-    try:
-        for pdl, warps, attn_warps, max_k in configs:
-            triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS, triton_step.MAX_K = (
-                pdl, warps, attn_warps, max_k)
+    for cfg in configs:
+        old = {k: getattr(triton_step, k) for k in cfg}
+        try:
+            for k, v in cfg.items():
+                setattr(triton_step, k, v)
             _RUNNERS.pop(model, None)
             generate(model, ids, max_new_tokens=new, compile=True, eos_token_id=[])
             runner = next(iter(_RUNNERS[model].values()))
@@ -215,9 +216,8 @@ def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
                     g.replay()
                 b.record()
                 torch.cuda.synchronize()
-                row = dict(pdl=runner._triton_step.pdl, warps=warps, attn_warps=attn_warps, max_k=max_k, bucket=gkey[2],
-                           us=a.elapsed_time(b) / 50 * 1e3)
-                if not row["pdl"]:
+                row = dict(cfg, pdl_used=runner._triton_step.pdl, bucket=gkey[2], us=a.elapsed_time(b) / 50 * 1e3)
+                if not row["pdl_used"]:
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         g.replay()
                         torch.cuda.synchronize()
@@ -229,14 +229,12 @@ def sweep_triton_step(model, ids, new: int, configs) -> list[dict]:
                             per[n] = (c + 1, t + e.device_time)
                     row["kernels"] = {n: dict(calls=c, avg_us=round(t / c, 2)) for n, (c, t) in per.items()}
                 rows.append(row)
-                log(f"sweep: PDL {row['pdl']}, warps {warps}, attention warps {attn_warps}, K block {max_k}: "
-                    f"{row['us']:.0f} us per "
-                    f"step" + ("; per kernel (calls x avg us): " + ", ".join(
-                        f"{n} {v['calls']}x{v['avg_us']}" for n, v in row["kernels"].items()) if "kernels" in row
-                        else ""))
-    finally:
-        triton_step.PDL, triton_step.NUM_WARPS, triton_step.ATTN_WARPS, triton_step.MAX_K = old
-        _RUNNERS.pop(model, None)
+                log(f"sweep: {cfg}: {row['us']:.0f} us per step" + ("; per kernel (calls x avg us): " + ", ".join(
+                    f"{n} {v['calls']}x{v['avg_us']}" for n, v in row["kernels"].items()) if "kernels" in row else ""))
+        finally:
+            for k, v in old.items():
+                setattr(triton_step, k, v)
+            _RUNNERS.pop(model, None)
     return rows
 
 
@@ -422,7 +420,9 @@ def main(argv=None) -> int:
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
-                                                 [(True, 8, 4, 1024), (False, 8, 4, 1024), (True, 8, 8, 1024)])
+                                                 [dict(), dict(PDL=False), dict(EXPERT_WARPS=4),
+                                                  dict(GATE_UP_TILE=4096), dict(EXPERT_WARPS=4, GATE_UP_TILE=4096),
+                                                  dict(EXPERT_WARPS=4, GATE_UP_TILE=4096, PDL=False)])
         except Exception as e:
             log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")

@@ -19,8 +19,10 @@ from .cache import KVCache
 MIN_PROGRAMS = 264  # a GEMV's row blocks shrink until it has about this many programs (2 per SM of an H100)
 TILE = 4096  # elements of a GEMV program's weight tile
 MAX_K = 1024  # widest K block of a GEMV (with PDL the first block loads while the previous kernel ends)
-NUM_WARPS = int(os.environ.get("MIMO_FLASH_DECODE_WARPS", "8"))  # router, expert kernels, large GEMVs
-SMALL_GEMV_WARPS = 4  # GEMVs of fewer than 16M weights (q/k/v, o_proj on the mini preset: measured faster)
+NUM_WARPS = 8  # GEMVs of 16M weights or more (lm_head)
+SMALL_GEMV_WARPS = 4  # smaller GEMVs (q/k/v, o_proj on the mini preset: measured faster)
+EXPERT_WARPS = 8  # router, gate/up, down
+GATE_UP_TILE = TILE // 2  # weight elements per program and matrix (gate, up)
 ATTN_WARPS = 4
 MAX_SPLITS = 16  # key splits per kv head in decode attention
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
@@ -201,10 +203,10 @@ class TritonStep:
                 self.h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
                 self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
-                **self._launch(NUM_WARPS))
-            bn, bk = gemv_blocks(r.top_k * I, D, TILE // 2)
+                **self._launch(EXPERT_WARPS))
+            bn, bk = gemv_blocks(r.top_k * I, D, GATE_UP_TILE)
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
-                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, **self._launch(NUM_WARPS))
+                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, **self._launch(EXPERT_WARPS))
             sel, wt, down, k = self.sel, self.wt, ex.down_proj, r.top_k
         else:
             w = mlp._mf_fused[1]
@@ -214,7 +216,7 @@ class TritonStep:
         kp = max(2, _pow2(k))
         bn, bk = gemv_blocks(D, min(I, 512), 2 * TILE // kp)  # all k experts' rows in one tile
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
-                                        BLOCK_N=bn, BLOCK_K=bk, **self._launch(NUM_WARPS))
+                                        BLOCK_N=bn, BLOCK_K=bk, **self._launch(EXPERT_WARPS))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int):
         model, cache = self.model, self.cache
