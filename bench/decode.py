@@ -122,6 +122,19 @@ def time_transformers(tf, ids, new):
                 decode_tok_s=B * (new - 1) / (total - prefill), e2e_tok_s=B * new / total, tokens=out)
 
 
+def replay_us(g, n: int = 50) -> float:
+    """Microseconds per replay of CUDA graph g (after 3 warm-up replays)."""
+    for _ in range(3):
+        g.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / n * 1e3
+
+
 def graph_report(model, B: int) -> str:
     """Replay time of each captured decode graph of batch B, and the kernels of the plain decode step."""
     from mimo_flash.generation.engine import _RUNNERS
@@ -133,15 +146,7 @@ def graph_report(model, B: int) -> str:
         for gkey, (g, _, _) in runner.graphs.items():
             if not isinstance(g, torch.cuda.CUDAGraph):
                 continue
-            for _ in range(3):
-                g.replay()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(50):
-                g.replay()
-            b.record()
-            torch.cuda.synchronize()
-            lines.append(f"graph {gkey}: {a.elapsed_time(b) / 50 * 1e3:.0f} us per replay")
+            lines.append(f"graph {gkey}: {replay_us(g):.0f} us per replay")
             if gkey[0] == "main-triton" or (gkey[0] == "greedy" and gkey[1] == 1) or (gkey[0] == "main" and gkey[2] == 1):
                 try:
                     from torch.profiler import ProfilerActivity, profile
@@ -208,15 +213,7 @@ def sweep_triton_step(model, ids, new: int, configs: list[dict]) -> list[dict]:
             for gkey, (g, _, _) in runner.graphs.items():
                 if gkey[0] != "greedy":
                     continue
-                for _ in range(3):
-                    g.replay()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(50):
-                    g.replay()
-                b.record()
-                torch.cuda.synchronize()
-                row = dict(cfg, pdl_used=runner._triton_step.pdl, bucket=gkey[2], us=a.elapsed_time(b) / 50 * 1e3)
+                row = dict(cfg, pdl_used=runner._triton_step.pdl, bucket=gkey[2], us=replay_us(g))
                 if not row["pdl_used"]:
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         g.replay()
