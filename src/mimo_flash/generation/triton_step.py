@@ -1,8 +1,9 @@
 """The main model's one-token step for a single sequence through the Triton kernels of ops/decode_kernels.py.
 
 GraphRunner uses it for batch-1 decode steps (one CUDA graph per cache bucket): embedding, the slot tables,
-five or six kernels per decoder layer, and the final norm with lm_head, about 70 kernels for the mini
-preset instead of about 200 from torch.compile. It reads the model's parameters and the cache's buffers in
+six kernels per MoE layer (five for a dense one), and the final norm with lm_head and the greedy token:
+76 kernels for the mini preset where the torch.compile'd step has 207. The block sizes below were chosen
+by measurement on an H100 (bench/decode.py --sweep, bench/decode_kernels.py; docs/BENCHMARKS.md). It reads the model's parameters and the cache's buffers in
 place (weights updated in place are seen by the next step); the fused q/k/v and dense gate/up weights are
 the runner's copies (runner.prepare_fused), so the runner rebuilds this object when those change.
 """
