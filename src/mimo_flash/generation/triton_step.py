@@ -1,8 +1,8 @@
 """The main model's one-token step for a single sequence through the Triton kernels of ops/decode_kernels.py.
 
 GraphRunner uses it for batch-1 decode steps (one CUDA graph per cache bucket): embedding, the slot tables,
-five kernels per decoder layer, and the final norm with lm_head and the greedy token: 65 kernels for the
-mini preset where the torch.compile'd step has 207. The block sizes below were chosen
+six kernels per MoE layer (five for a dense one), and the final norm with lm_head and the greedy token:
+76 kernels for the mini preset where the torch.compile'd step has 207. The block sizes below were chosen
 by measurement on an H100 (bench/decode.py --sweep, bench/decode_kernels.py; docs/BENCHMARKS.md). It reads the model's parameters and the cache's buffers in
 place (weights updated in place are seen by the next step); the fused q/k/v and dense gate/up weights are
 the runner's copies (runner.prepare_fused), so the runner rebuilds this object when those change.
@@ -22,10 +22,9 @@ TILE = 4096  # elements of a GEMV program's weight tile
 MAX_K = 1024  # widest K block of a GEMV (with PDL the first block loads while the previous kernel ends)
 NUM_WARPS = 8  # GEMVs of 16M weights or more (lm_head)
 SMALL_GEMV_WARPS = 4  # smaller GEMVs (q/k/v, o_proj on the mini preset: measured faster)
-EXPERT_WARPS = 8  # gate/up, down
+EXPERT_WARPS = 8  # router, gate/up, down
 GATE_UP_TILE = TILE // 2  # weight elements per program and matrix (gate, up)
 ATTN_WARPS = 4
-O_ROUTER_PROGRAMS = 128  # programs of o_router_kernel (its last program sums one partial of each)
 MAX_SPLITS = 16  # key splits per kv head in decode attention
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 
@@ -140,11 +139,7 @@ class TritonStep:
         self.m = torch.zeros(MAX_SPLITS * heads, **f32)
         self.l = torch.zeros(MAX_SPLITS * heads, **f32)
         self.counters = torch.zeros(kv_heads, device=dev, dtype=torch.int32)  # each kernel leaves them at 0
-        e_pad = max([self.e_pad(layer.mlp.gate) for layer in model.model.layers if isinstance(layer.mlp, MoE)],
-                    default=2)
-        n_prog = self.o_router_blocks(o_rows)[2]
-        self.plog = torch.zeros(n_prog * e_pad, **f32)  # o_router_kernel's router partials, per program
-        self.pss = torch.zeros(n_prog, **f32)
+        self.router = torch.zeros(max(c.n_routed_experts, 1), **f32)
         self.gu = torch.zeros(gu_rows, device=dev, dtype=dt)
         self.sel = torch.zeros(topk, device=dev, dtype=torch.int32)
         self.wt = torch.zeros(topk, **f32)
@@ -196,36 +191,20 @@ class TritonStep:
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
             BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **self._launch(ATTN_WARPS))
-        if not isinstance(layer.mlp, MoE):
-            self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
-            return
-        r = layer.mlp.gate  # o_proj, residual and router in one kernel
-        E, K = r.weight.shape[0], a.heads * a.v_dim
-        bn, bk, n_prog = self.o_router_blocks(K)
-        self.dk.o_router_kernel[(n_prog,)](
-            self.o, a.o_proj.weight, self.x, self.h, layer.post_attention_layernorm.weight, r.weight,
-            r.e_score_correction_bias, self.plog, self.pss, self.sel, self.wt, self.counters, self.D, self.eps,
-            float(r.scaling), K=K, E=E, E_PAD=self.e_pad(r), TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob),
-            NPROG=n_prog, BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(64, max(2, _pow2(n_prog))),
-            **self._launch(SMALL_GEMV_WARPS))
-
-    @staticmethod
-    def e_pad(r) -> int:
-        return max(2, _pow2(max(r.weight.shape[0], r.top_k)))
-
-    def o_router_blocks(self, K: int) -> tuple[int, int, int]:
-        """(BLOCK_N, BLOCK_K, programs) of o_router_kernel: at most O_ROUTER_PROGRAMS programs, so that the
-        last one sums few router partials."""
-        bn = max(2, _pow2(_cdiv(self.D, O_ROUTER_PROGRAMS)))
-        bk = max(16, min(_pow2(K), MAX_K, 2 * TILE // bn))
-        return bn, bk, _cdiv(self.D, bn)
+        self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer) -> None:
         dk, mlp, D = self.dk, layer.mlp, self.D
         norm_w = layer.post_attention_layernorm.weight
         if isinstance(mlp, MoE):
             r, ex = mlp.gate, mlp.experts
-            I = ex.gate_up_proj.shape[1] // 2
+            E, I = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1] // 2
+            bn, bk = gemv_blocks(E, D)
+            dk.router_kernel[(_cdiv(E, bn),)](
+                self.h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
+                self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
+                TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
+                **self._launch(EXPERT_WARPS))
             bn, bk = gemv_blocks(r.top_k * I, D, GATE_UP_TILE)
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
                                                        I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, **self._launch(EXPERT_WARPS))

@@ -2,18 +2,16 @@
 
 At batch 1 a decode step reads every weight once and does almost no arithmetic, so its time is the bytes
 it reads plus a fixed cost per kernel and per chain of dependent loads. These kernels cut a decoder layer
-to five launches, each a single pass over its weights:
+to six launches, each a single pass over its weights:
 
-    gemv_kernel     y = W @ rmsnorm(x) (+ residual): q/k/v (fused weight), a dense layer's o_proj
-                    (+ residual), a dense MLP's gate/up, lm_head (+ the greedy token); the norm's sum of
-                    squares is gathered in the same pass and applied at the end (y = rstd * W @ (weight * x))
+    gemv_kernel     y = W @ rmsnorm(x) (+ residual): q/k/v (fused weight), o_proj (+ residual), a dense
+                    MLP's gate/up, lm_head (+ the greedy token); the norm's sum of squares is gathered in
+                    the same pass and applied at the end (y = rstd * W @ (weight * x))
     attn_kernel     RoPE on the new q and k, the value scale, the new k/v written to the cache, attention
                     over the cache split over programs (kv head x key range); the last program of each kv
                     head combines the splits and the sink into the head outputs
-    o_router_kernel o_proj + residual of an MoE layer, and the router: each program adds the router's
-                    products over its rows of h; the last one sums them into the fp32 logits and takes the
-                    top-k (sigmoid scores + correction bias, weights normalised and scaled as ops.moe.route
-                    with one group)
+    router_kernel   the router's fp32 logits; the last program takes the top-k (sigmoid scores + correction
+                    bias, weights normalised and scaled as ops.moe.route with one group)
     gate_up_kernel  the chosen experts' gate/up products
     down_kernel     silu(gate) * up, the chosen experts' down products (or the dense MLP's), the routing
                     weights and the residual add
@@ -279,65 +277,39 @@ def _finish(acc, m_i, l_i, sink, o_ptr, head, rmask, dv, HAS_SINK: tl.constexpr,
 
 
 @triton.jit
-def _route(logits, bias, ar, emask, sel_ptr, wt_ptr, scaling, E_PAD: tl.constexpr, TOPK: tl.constexpr,
-           NORM_TOPK: tl.constexpr):
-    """Router logits [E_PAD] (fp32) -> sel [TOPK] (int32): the experts with the largest sigmoid(logit) + bias,
-    best first (ties: lower index); wt [TOPK]: their sigmoid scores (divided by their sum if NORM_TOPK)
-    times `scaling` (ops.moe.route with one group)."""
-    score = tl.sigmoid(logits)
-    choice = tl.where(emask, score + bias, float("-inf"))
-    # rank of each expert: how many beat it (higher choice, or equal choice and lower index)
-    beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None]) & (ar[None, :] < ar[:, None]))
-    rank = tl.where(emask, tl.sum(beats.to(tl.int32), axis=1), E_PAD)  # [E_PAD]
-    wsum = tl.sum(tl.where(rank < TOPK, score, 0.0), axis=0)
-    hit = rank[:, None] == ar[None, :]  # [expert, slot]: slot j holds the expert of rank j
-    sel = tl.sum(tl.where(hit, ar[:, None], 0), axis=0)
-    wt = tl.sum(tl.where(hit, score[:, None], 0.0), axis=0)
-    if NORM_TOPK:
-        wt = wt / (wsum + 1e-20)
-    tl.store(sel_ptr + ar, sel, mask=ar < TOPK)
-    tl.store(wt_ptr + ar, wt * scaling, mask=ar < TOPK)
-
-
-@triton.jit
-def o_router_kernel(o_ptr, wo_ptr, res_ptr, h_ptr, nw_ptr, wr_ptr, bias_ptr, plog_ptr, pss_ptr, sel_ptr, wt_ptr,
-                    counter_ptr, D, eps, scaling, K: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
-                    TOPK: tl.constexpr, NORM_TOPK: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    """o_proj, the residual add and the router of an MoE layer in one kernel.
-
-    h [D] = res + W_o [D, K] @ o (rounded as gemv_kernel with HAS_RES). Each program also adds up, over its
-    rows of h, the sum of squares and the router's products W_r [E, D] (fp32) . (h * norm weight); the last
-    program sums those partials (plog [NPROG, E_PAD], pss [NPROG]) into the logits of rmsnorm(h) and routes
-    (_route: sel, wt)."""
+def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, counter_ptr, eps, scaling,
+                  E: tl.constexpr, E_PAD: tl.constexpr, TOPK: tl.constexpr, NORM_TOPK: tl.constexpr,
+                  D: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PDL: tl.constexpr):
+    """logits [E] = W_r [E, D] (fp32) @ rmsnorm(h); then, in the last program, sel [TOPK] (int32) = the experts
+    with the largest sigmoid(logit) + bias, best first (ties: lower index), and wt [TOPK] their sigmoid
+    scores (divided by their sum if NORM_TOPK) times `scaling`."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < D
+    rmask = rows < E
     ar = tl.arange(0, E_PAD)
     emask = ar < E
-    # weights before the wait: the router's columns for these rows, its bias, the norm weight
-    wr = tl.load(wr_ptr + ar[:, None] * D + rows[None, :], mask=emask[:, None] & rmask[None, :], other=0.0)
     bias = tl.load(bias_ptr + ar, mask=emask, other=0.0).to(tl.float32)
-    nw = tl.load(nw_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    dt = h_ptr.dtype.element_ty
-    y = _gemv(o_ptr, o_ptr, wo_ptr, rows, rmask, eps, K, False, BLOCK_N, BLOCK_K, PDL).to(dt)
-    h = (tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-    tl.store(h_ptr + rows, h, mask=rmask)
-    hf = tl.where(rmask, h.to(tl.float32), 0.0)
-    tl.store(pss_ptr + pid, tl.sum(hf * hf, axis=0))
-    tl.store(plog_ptr + pid * E_PAD + ar, tl.sum(wr.to(tl.float32) * (hf * nw)[None, :], axis=1))
+    y = _gemv(h_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, True, BLOCK_N, BLOCK_K, PDL)
+    tl.store(logits_ptr + rows, y, mask=rmask)
     if _last(counter_ptr, NPROG):
-        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
-        lg = tl.zeros([E_PAD], dtype=tl.float32)
-        for p0 in range(0, NPROG, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            pm = p < NPROG
-            ss += tl.load(pss_ptr + p, mask=pm, other=0.0, cache_modifier=".cg")
-            lg += tl.sum(tl.load(plog_ptr + p[:, None] * E_PAD + ar[None, :], mask=pm[:, None], other=0.0,
-                                 cache_modifier=".cg"), axis=0)
-        logits = lg / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
-        _route(logits, bias, ar, emask, sel_ptr, wt_ptr, scaling, E_PAD, TOPK, NORM_TOPK)
+        score = tl.sigmoid(tl.load(logits_ptr + ar, mask=emask, other=0.0, cache_modifier=".cg"))
+        choice = tl.where(emask, score + bias, float("-inf"))
+        # rank of each expert: how many beat it (higher choice, or equal choice and lower index)
+        beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None]) & (ar[None, :] < ar[:, None]))
+        rank = tl.sum(beats.to(tl.int32), axis=1)  # [E_PAD]
+        rank = tl.where(emask, rank, E_PAD)
+        picked = rank < TOPK
+        wsum = tl.sum(tl.where(picked, score, 0.0), axis=0)
+        # slot j (column) holds the expert whose rank is j
+        hit = rank[:, None] == ar[None, :]  # [E_PAD (expert), E_PAD (slot)]
+        sel = tl.sum(tl.where(hit, ar[:, None], 0), axis=0)
+        wt = tl.sum(tl.where(hit, score[:, None], 0.0), axis=0)
+        if NORM_TOPK:
+            wt = wt / (wsum + 1e-20)
+        tl.store(sel_ptr + ar, sel, mask=ar < TOPK)
+        tl.store(wt_ptr + ar, wt * scaling, mask=ar < TOPK)
 
 
 @triton.jit
