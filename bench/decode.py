@@ -417,9 +417,8 @@ def main(argv=None) -> int:
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
             results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
-                                                 [dict(), dict(PDL=False), dict(EXPERT_WARPS=4),
-                                                  dict(GATE_UP_TILE=4096), dict(EXPERT_WARPS=4, GATE_UP_TILE=4096),
-                                                  dict(EXPERT_WARPS=4, GATE_UP_TILE=4096, PDL=False)])
+                                                 [dict(), dict(PREFETCH=False), dict(PDL=False),
+                                                  dict(PDL=False, PREFETCH=False)])
         except Exception as e:
             log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")

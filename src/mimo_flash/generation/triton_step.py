@@ -26,6 +26,8 @@ EXPERT_WARPS = 8  # router, gate/up, down
 GATE_UP_TILE = TILE // 2  # weight elements per program and matrix (gate, up)
 ATTN_WARPS = 4
 MAX_SPLITS = 16  # key splits per kv head in decode attention
+PREFETCH = os.environ.get("MIMO_FLASH_DECODE_PREFETCH", "1") != "0"  # weights into L2 during attention
+PF_CHUNK = 32768  # elements per prefetch program
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 
 
@@ -139,6 +141,7 @@ class TritonStep:
         self.m = torch.zeros(MAX_SPLITS * heads, **f32)
         self.l = torch.zeros(MAX_SPLITS * heads, **f32)
         self.counters = torch.zeros(kv_heads, device=dev, dtype=torch.int32)  # each kernel leaves them at 0
+        self.dummy = torch.zeros(1, **f32)  # the prefetch programs' sink for their (never stored) sums
         self.router = torch.zeros(max(c.n_routed_experts, 1), **f32)
         self.gu = torch.zeros(gu_rows, device=dev, dtype=dt)
         self.sel = torch.zeros(topk, device=dev, dtype=torch.int32)
@@ -168,7 +171,7 @@ class TritonStep:
             HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, NPROG=n_prog, BLOCK_N=bn, BLOCK_K=bk,
             BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
 
-    def _attention(self, layer, pos, bucket: int) -> None:
+    def _attention(self, layer, pos, bucket: int, next_qkv: torch.Tensor | None) -> None:
         a, cache = layer.self_attn, self.cache
         i = a.layer_idx
         g = cache.group_of[i]
@@ -184,13 +187,20 @@ class TritonStep:
         rep = a.heads // a.kv_heads
         cos, sin = self.rope_tables[a.swa]
         sink = a.attention_sink_bias
-        self.dk.attn_kernel[(a.kv_heads, ns)](
+        # extra programs pull o_proj's weights and the next layer's q/k/v weights into L2 meanwhile
+        pfa = a.o_proj.weight
+        pfb = next_qkv if next_qkv is not None else pfa
+        n_pf = (_cdiv(pfa.numel(), PF_CHUNK) + (_cdiv(pfb.numel(), PF_CHUNK) if next_qkv is not None else 0)
+                if PREFETCH else 0)
+        self.dk.attn_kernel[(a.kv_heads + _cdiv(n_pf, ns), ns)](
             self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
             self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
             a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
-            BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **self._launch(ATTN_WARPS))
+            BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, pfa_ptr=pfa,
+            pfa_n=pfa.numel() if n_pf else 0, pfb_ptr=pfb, pfb_n=pfb.numel() if n_pf and next_qkv is not None else 0,
+            dummy_ptr=self.dummy, PF_CHUNK=PF_CHUNK, **self._launch(ATTN_WARPS))
         self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer) -> None:
@@ -227,11 +237,12 @@ class TritonStep:
             pos, cache.valid["full"].view(torch.uint8) if full else pos,
             cache.valid["swa"].view(torch.uint8) if ring else pos, cache.pos["swa"] if ring else pos, cache.R,
             HAS_FULL=full, HAS_RING=ring)
-        for layer in model.model.layers:
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
             a = layer.self_attn
             self._gemv(self.x, layer.input_layernorm.weight, a._mf_fused[1], self.qkv,
                        a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
-            self._attention(layer, pos, bucket)
+            self._attention(layer, pos, bucket, layers[i + 1].self_attn._mf_fused[1] if i + 1 < len(layers) else None)
             self._mlp(layer)
         self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V, lm_head=True)
         return self.logits, self.hidden

@@ -178,12 +178,33 @@ def _attend(q, kt, vt, kp, kv, sl, m_i, l_i, acc, pos, slot, n_keys, window, sca
 
 
 @triton.jit
+def _prefetch(a_ptr, a_n, b_ptr, b_n, c, dummy_ptr, CHUNK: tl.constexpr):
+    """Pull chunk c (CHUNK elements) of the concatenation of regions a [a_n] and b [b_n] into L2, marked to
+    stay (evict_last) for the next kernels. The sum is stored only if it is NaN: the loads are not dead code."""
+    STEP: tl.constexpr = 4096
+    na = tl.cdiv(a_n, CHUNK)
+    in_a = c < na
+    base = tl.where(in_a, c, c - na).to(tl.int64) * CHUNK
+    n = tl.where(in_a, a_n, b_n)
+    t = tl.zeros([STEP], dtype=tl.float32)
+    for i in range(0, CHUNK, STEP):
+        offs = base + i + tl.arange(0, STEP)
+        m = offs < n
+        xa = tl.load(a_ptr + offs, mask=m & in_a, other=0.0, eviction_policy="evict_last")
+        xb = tl.load(b_ptr + offs, mask=m & (c >= na), other=0.0, eviction_policy="evict_last")
+        t += xa.to(tl.float32) + xb.to(tl.float32)
+    total = tl.sum(t, axis=0)
+    tl.store(dummy_ptr, total, mask=total != total)
+
+
+@triton.jit
 def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tvalid_ptr, sink_ptr, o_ptr,
                 acc_ptr, m_ptr, l_ptr, counter_ptr, n_keys, n_slots, window, scale, v_scale,
                 H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr,
                 RING: tl.constexpr, HAS_SINK: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
                 REP_PAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                BLOCK_S: tl.constexpr, PDL: tl.constexpr, pfa_ptr, pfa_n, pfb_ptr, pfb_n, dummy_ptr,
+                PF_CHUNK: tl.constexpr):
     """One new token of one sequence against its cache: program (g, sp) = kv head g, keys [sp*SPLIT, +SPLIT).
 
     qkv [H*DQK + HKV*DQK + HKV*DV]: the new token's projections. RoPE (NeoX style over dims [0, ROT), the
@@ -194,73 +215,78 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
     that slot). Output o [H*DV] in the model dtype: softmax over the seen keys and the sink (a term
     exp(sink_h) of the denominator). With NS > 1 the split states (unnormalised acc [NS, H, DV], max m
     and sum l [NS, H], fp32) meet in the last program of each kv head.
+    Programs (g >= HKV, sp) pull the next kernels' weights into L2 meanwhile (_prefetch of pfa, then pfb):
+    attention reads little, and the GPU would idle.
     """
     _pdl_start(PDL)
     g = tl.program_id(0)
     sp = tl.program_id(1)
-    REP: tl.constexpr = H // HKV
-    r = tl.arange(0, BLOCK_R)
-    rmask = r < REP
-    head = g * REP + r
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < DQK
-    dv = tl.arange(0, DV)
-    dt = k_ptr.dtype.element_ty
-    k_head = k_ptr + g.to(tl.int64) * n_slots * DQK
-    v_head = v_ptr + g.to(tl.int64) * n_slots * DV
-    # before the wait: what no kernel of this step writes (old cache entries, tables, RoPE rows, position)
-    pos = tl.load(pos_ptr)
-    if RING:
-        slot = pos % n_slots
+    if g >= HKV:
+        _prefetch(pfa_ptr, pfa_n, pfb_ptr, pfb_n, (g - HKV) * NS + sp, dummy_ptr, PF_CHUNK)
     else:
-        slot = pos
-    c = tl.load(cos_ptr + pos * ROT + d, mask=d < ROT, other=1.0).to(tl.float32)
-    sn = tl.load(sin_ptr + pos * ROT + d, mask=d < ROT, other=0.0).to(tl.float32)
-    sl0 = sp * SPLIT + tl.arange(0, BLOCK_S)
-    kt, vt, kp, kv = _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl0, d, dv, n_keys, DQK, DV)
-    rr = tl.arange(0, REP_PAD)
-    hh = g * REP + rr
-    rm = rr < REP
-    sink = tl.zeros([REP_PAD], dtype=tl.float32)
-    if HAS_SINK:
-        sink = tl.load(sink_ptr + hh, mask=rm, other=0.0).to(tl.float32)
-    _pdl_wait(PDL)
-    q = _rope_rows(qkv_ptr + head[:, None] * DQK, d, c, sn, rmask, ROT, DQK).to(dt)
-    # the new key, the same in every row (rows keep the shapes of q; row 0 is stored)
-    k_new = _rope_rows(qkv_ptr + H * DQK + g * DQK + r[:, None] * 0, d, c, sn, r >= 0, ROT, DQK).to(dt)
-    v_new = (tl.load(qkv_ptr + H * DQK + HKV * DQK + g * DV + dv).to(tl.float32) * v_scale).to(dt)  # [DV]
-    if sp == 0:
-        tl.store(k_head + slot * DQK + r[:, None] * 0 + d[None, :], k_new, mask=(r == 0)[:, None] & dmask[None, :])
-        tl.store(v_head + slot * DV + dv, v_new)
-    first = sp == 0
-    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [BLOCK_R]
-    m_i = tl.where(first, s_new, -1.0e30)
-    l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([BLOCK_R, DV], dtype=tl.float32)
-    m_i, l_i, acc = _attend(q, kt, vt, kp, kv, sl0, m_i, l_i, acc, pos, slot, n_keys, window, scale)
-    for j in range(BLOCK_S, SPLIT, BLOCK_S):
-        sl = sp * SPLIT + j + tl.arange(0, BLOCK_S)
-        kt, vt, kp, kv = _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl, d, dv, n_keys, DQK, DV)
-        m_i, l_i, acc = _attend(q, kt, vt, kp, kv, sl, m_i, l_i, acc, pos, slot, n_keys, window, scale)
-    if NS > 1:  # hand this split's state over; the last program of kv head g combines them all
-        tl.store(acc_ptr + (sp * H + head)[:, None] * DV + dv[None, :], acc, mask=rmask[:, None])
-        tl.store(m_ptr + sp * H + head, m_i, mask=rmask)
-        tl.store(l_ptr + sp * H + head, l_i, mask=rmask)
-        if _last(counter_ptr + g, NS):
-            t = tl.arange(0, NS_PAD)
-            tm = (t < NS)[:, None] & rm[None, :]
-            ms = tl.load(m_ptr + t[:, None] * H + hh[None, :], mask=tm, other=-1.0e30, cache_modifier=".cg")
-            ls = tl.load(l_ptr + t[:, None] * H + hh[None, :], mask=tm, other=0.0, cache_modifier=".cg")
-            mx = tl.max(ms, axis=0)  # [REP_PAD]
-            w = tl.exp(ms - mx[None, :])  # [NS_PAD, REP_PAD]
-            a = tl.load(acc_ptr + (t[:, None, None] * H + hh[None, :, None]) * DV + dv[None, None, :],
-                        mask=tm[:, :, None], other=0.0, cache_modifier=".cg")
-            _finish(tl.sum(a * w[:, :, None], axis=0), mx, tl.sum(w * ls, axis=0), sink, o_ptr, hh, rm, dv, HAS_SINK,
-                    DV)
-    else:
-        # rows of the head block (BLOCK_R) and of the sink (REP_PAD) differ in size: spread the sink over rows
-        sink_rows = tl.sum(tl.where(r[:, None] == rr[None, :], sink[None, :], 0.0), axis=1)
-        _finish(acc, m_i, l_i, sink_rows, o_ptr, head, rmask, dv, HAS_SINK, DV)
+        REP: tl.constexpr = H // HKV
+        r = tl.arange(0, BLOCK_R)
+        rmask = r < REP
+        head = g * REP + r
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < DQK
+        dv = tl.arange(0, DV)
+        dt = k_ptr.dtype.element_ty
+        k_head = k_ptr + g.to(tl.int64) * n_slots * DQK
+        v_head = v_ptr + g.to(tl.int64) * n_slots * DV
+        # before the wait: what no kernel of this step writes (old cache entries, tables, RoPE rows, position)
+        pos = tl.load(pos_ptr)
+        if RING:
+            slot = pos % n_slots
+        else:
+            slot = pos
+        c = tl.load(cos_ptr + pos * ROT + d, mask=d < ROT, other=1.0).to(tl.float32)
+        sn = tl.load(sin_ptr + pos * ROT + d, mask=d < ROT, other=0.0).to(tl.float32)
+        sl0 = sp * SPLIT + tl.arange(0, BLOCK_S)
+        kt, vt, kp, kv = _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl0, d, dv, n_keys, DQK, DV)
+        rr = tl.arange(0, REP_PAD)
+        hh = g * REP + rr
+        rm = rr < REP
+        sink = tl.zeros([REP_PAD], dtype=tl.float32)
+        if HAS_SINK:
+            sink = tl.load(sink_ptr + hh, mask=rm, other=0.0).to(tl.float32)
+        _pdl_wait(PDL)
+        q = _rope_rows(qkv_ptr + head[:, None] * DQK, d, c, sn, rmask, ROT, DQK).to(dt)
+        # the new key, the same in every row (rows keep the shapes of q; row 0 is stored)
+        k_new = _rope_rows(qkv_ptr + H * DQK + g * DQK + r[:, None] * 0, d, c, sn, r >= 0, ROT, DQK).to(dt)
+        v_new = (tl.load(qkv_ptr + H * DQK + HKV * DQK + g * DV + dv).to(tl.float32) * v_scale).to(dt)  # [DV]
+        if sp == 0:
+            tl.store(k_head + slot * DQK + r[:, None] * 0 + d[None, :], k_new, mask=(r == 0)[:, None] & dmask[None, :])
+            tl.store(v_head + slot * DV + dv, v_new)
+        first = sp == 0
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [BLOCK_R]
+        m_i = tl.where(first, s_new, -1.0e30)
+        l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([BLOCK_R, DV], dtype=tl.float32)
+        m_i, l_i, acc = _attend(q, kt, vt, kp, kv, sl0, m_i, l_i, acc, pos, slot, n_keys, window, scale)
+        for j in range(BLOCK_S, SPLIT, BLOCK_S):
+            sl = sp * SPLIT + j + tl.arange(0, BLOCK_S)
+            kt, vt, kp, kv = _keys(k_head, v_head, tpos_ptr, tvalid_ptr, sl, d, dv, n_keys, DQK, DV)
+            m_i, l_i, acc = _attend(q, kt, vt, kp, kv, sl, m_i, l_i, acc, pos, slot, n_keys, window, scale)
+        if NS > 1:  # hand this split's state over; the last program of kv head g combines them all
+            tl.store(acc_ptr + (sp * H + head)[:, None] * DV + dv[None, :], acc, mask=rmask[:, None])
+            tl.store(m_ptr + sp * H + head, m_i, mask=rmask)
+            tl.store(l_ptr + sp * H + head, l_i, mask=rmask)
+            if _last(counter_ptr + g, NS):
+                t = tl.arange(0, NS_PAD)
+                tm = (t < NS)[:, None] & rm[None, :]
+                ms = tl.load(m_ptr + t[:, None] * H + hh[None, :], mask=tm, other=-1.0e30, cache_modifier=".cg")
+                ls = tl.load(l_ptr + t[:, None] * H + hh[None, :], mask=tm, other=0.0, cache_modifier=".cg")
+                mx = tl.max(ms, axis=0)  # [REP_PAD]
+                w = tl.exp(ms - mx[None, :])  # [NS_PAD, REP_PAD]
+                a = tl.load(acc_ptr + (t[:, None, None] * H + hh[None, :, None]) * DV + dv[None, None, :],
+                            mask=tm[:, :, None], other=0.0, cache_modifier=".cg")
+                _finish(tl.sum(a * w[:, :, None], axis=0), mx, tl.sum(w * ls, axis=0), sink, o_ptr, hh, rm, dv, HAS_SINK,
+                        DV)
+        else:
+            # rows of the head block (BLOCK_R) and of the sink (REP_PAD) differ in size: spread the sink over rows
+            sink_rows = tl.sum(tl.where(r[:, None] == rr[None, :], sink[None, :], 0.0), axis=1)
+            _finish(acc, m_i, l_i, sink_rows, o_ptr, head, rmask, dv, HAS_SINK, DV)
 
 
 @triton.jit
@@ -331,8 +357,9 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, gu_ptr, eps, I: tl.constexpr, 
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < D
         m2 = rmask[:, None] & cmask[None, :]
-        wg = tl.load(base + rows[:, None] * D + cols[None, :], mask=m2, other=0.0)
-        wu = tl.load(base + (rows + I)[:, None] * D + cols[None, :], mask=m2, other=0.0)
+        wg = tl.load(base + rows[:, None] * D + cols[None, :], mask=m2, other=0.0, eviction_policy="evict_first")
+        wu = tl.load(base + (rows + I)[:, None] * D + cols[None, :], mask=m2, other=0.0,
+                     eviction_policy="evict_first")
         x = tl.load(h_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         ss += x * x
         x = x * tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -371,7 +398,8 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
         up = tl.load(gu_ptr + s[:, None] * (2 * I) + I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         a = (gt * tl.sigmoid(gt) * up).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_K]
         w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
-                    mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0)
+                    mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0,
+                    eviction_policy="evict_first")
         acc += w.to(tl.float32) * a[:, None, :]
     y = tl.sum(acc, axis=2).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_N]
     ws = tl.load(wt_ptr + s, mask=smask, other=0.0).to(tl.float32)
