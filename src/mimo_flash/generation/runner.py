@@ -252,7 +252,7 @@ class GraphRunner(Runner):
     and the batch-1 step no faster (730 vs 717 us). If tracing or capturing with either fails, the step
     falls back to the plain path and says so in `notes`.
     triton: one-token steps of a single sequence run the Triton kernels of generation/triton_step.py
-    instead (about 70 kernels per step instead of about 200); default on where triton imports and the cache
+    instead (76 kernels per step instead of 207 on the mini preset); default on where triton imports and the cache
     is on CUDA (MIMO_FLASH_DECODE_TRITON=0 turns it off); True forces it (Triton's CPU interpreter, tests).
     `run_step` captures a whole caller-defined step (speculative decoding: drafts + verification + accept)
     whose model calls run inline (compiled, no nested graphs) inside one graph.
