@@ -184,3 +184,23 @@ def test_triton_step_matches_eager_on_gpu(monkeypatch, pdl):
             tok = b[:, -1].argmax(-1)
     assert not graphed.notes and ("main-triton", 128) in graphed.graphs
     assert graphed._triton_step.pdl == (pdl and triton_step.pdl_works(torch.device("cuda")))
+
+
+def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
+    from mimo_flash.generation import triton_step
+
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(10))
+    plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+
+    def broken(self, ids, pos, bucket):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setattr(triton_step.TritonStep, "__call__", broken)
+    made = _graph_runner_on_cpu(monkeypatch, triton=True)
+    with pytest.warns(UserWarning, match="kernel launch failed"):
+        out = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(out, plain)
+    r = made[-1]
+    assert not r.triton and any("Triton decode step failed" in n for n in r.notes)
+    assert not getattr(r, "greedy_graph_failed", None)  # the graphed greedy loop kept going, without Triton

@@ -434,9 +434,7 @@ class GraphRunner(Runner):
             if self._inline or self.cache.device.type != "cuda":
                 return fn(**inputs)
             return self._replay(key, lambda: fn, inputs, 1)
-        except Exception as e:
-            if self._inline:
-                raise
+        except Exception as e:  # also inside a whole-step capture's warm-up runs: the step then uses main's path
             self.graphs.pop(key, None)
             self.triton = False
             msg = f"{key}: Triton decode step failed ({type(e).__name__}: {str(e)[:200]}); falling back"
