@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
-from mimo_flash.generation import KVCache, generate
-from mimo_flash.generation import engine as engine_mod
+from conftest import graph_runner_on_cpu, tiny_model
+from mimo_flash.generation import generate
 from mimo_flash.generation import speculative as spec_mod
-from mimo_flash.generation.runner import GraphRunner, fused_projections, prepare_fused
+from mimo_flash.generation.runner import fused_projections, prepare_fused
 from mimo_flash.model.attention import Attention
 from mimo_flash.model.layers import MLP
 
@@ -52,20 +51,6 @@ def test_fused_weights_follow_weight_updates():
     assert torch.equal(mlp._mf_fused[1], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0))
 
 
-def _graph_runner_on_cpu(monkeypatch, compile=False):
-    """generate() with a GraphRunner on CPU (no CUDA graphs): fused projections and the whole-step path."""
-    made = []
-
-    def make(model, B, S, K, cuda_graphs, compile_):
-        cache = KVCache(model.config, B, S, device=model.device, dtype=model.dtype, num_mtp=K, slack=2 * K)
-        r = GraphRunner(model, cache, S, compile=compile)
-        made.append(r)
-        return r
-
-    monkeypatch.setattr(engine_mod, "_make_runner", make)
-    return made
-
-
 @pytest.mark.parametrize("K", [1, 3])
 def test_whole_step_speculative_equals_plain(monkeypatch, K):
     model = tiny_model(vocab_size=6)
@@ -76,7 +61,7 @@ def test_whole_step_speculative_equals_plain(monkeypatch, K):
     kw = dict(attention_mask=mask, max_new_tokens=30)
     plain = generate(model, ids, **kw)
     eos_plain = generate(model, ids, eos_token_id=3, pad_token_id=5, **kw)
-    made = _graph_runner_on_cpu(monkeypatch)
+    made = graph_runner_on_cpu(monkeypatch)
     calls = []
     real = spec_mod._graphed_step
 
@@ -103,7 +88,7 @@ def test_whole_step_falls_back_when_it_fails(monkeypatch):
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(8))
     plain = generate(model, ids, max_new_tokens=20)
-    made = _graph_runner_on_cpu(monkeypatch)
+    made = graph_runner_on_cpu(monkeypatch)
 
     def broken(*a, **k):
         raise RuntimeError("capture failed")
@@ -119,7 +104,7 @@ def test_fused_path_falls_back_when_tracing_fails(monkeypatch):
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(9))
     plain = generate(model, ids, max_new_tokens=10)
-    made = _graph_runner_on_cpu(monkeypatch)
+    made = graph_runner_on_cpu(monkeypatch)
     from mimo_flash.generation import runner as runner_mod
 
     def broken(reduce):

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_in_triton_interpreter, tiny_model
+from conftest import graph_runner_on_cpu, run_in_triton_interpreter, tiny_model
 from mimo_flash.generation import KVCache, generate
-from mimo_flash.generation import engine as engine_mod
 from mimo_flash.generation.runner import GraphRunner
 
 _INTERPRETED = r"""
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 import mimo_flash
 sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
-from conftest import tiny_model
+from conftest import graph_runner_on_cpu, tiny_model
 from mimo_flash.generation import KVCache, generate
 from mimo_flash.generation import engine, triton_step
 from mimo_flash.generation.engine import prefill
@@ -79,18 +78,6 @@ def test_triton_step_matches_the_eager_step():
     run_in_triton_interpreter(_INTERPRETED)
 
 
-def _graph_runner_on_cpu(monkeypatch, triton=False):
-    made = []
-
-    def make(model, B, S, K, cuda_graphs, compile_):
-        r = GraphRunner(model, KVCache(model.config, B, S, dtype=model.dtype, num_mtp=K, slack=2 * K), S, triton=triton)
-        made.append(r)
-        return r
-
-    monkeypatch.setattr(engine_mod, "_make_runner", make)
-    return made
-
-
 def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(6))
@@ -100,7 +87,7 @@ def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
     plain = generate(model, ids, eos_token_id=[], **kw)
     eos = generate(model, ids, eos_token_id=3, pad_token_id=5, **kw)
     assert (eos[:, 12:] == 5).any()  # rows end at different steps, mid-chunk
-    made = _graph_runner_on_cpu(monkeypatch)
+    made = graph_runner_on_cpu(monkeypatch)
     keys = []
     real = GraphRunner.run_step
 
@@ -120,7 +107,7 @@ def test_graphed_greedy_loop_falls_back(monkeypatch):
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(8))
     plain = generate(model, ids, max_new_tokens=30, eos_token_id=[])
-    made = _graph_runner_on_cpu(monkeypatch)
+    made = graph_runner_on_cpu(monkeypatch)
     real = GraphRunner.run_step
     calls = []
 
@@ -197,7 +184,7 @@ def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setattr(triton_step.TritonStep, "__call__", broken)
-    made = _graph_runner_on_cpu(monkeypatch, triton=True)
+    made = graph_runner_on_cpu(monkeypatch, triton=True)
     with pytest.warns(UserWarning, match="kernel launch failed"):
         out = generate(model, ids, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(out, plain)

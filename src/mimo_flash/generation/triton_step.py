@@ -189,18 +189,18 @@ class TritonStep:
         sink = a.attention_sink_bias
         # extra programs pull o_proj's weights and the next layer's q/k/v weights into L2 meanwhile
         pfa = a.o_proj.weight
-        pfb = next_qkv if next_qkv is not None else pfa
-        n_pf = (_cdiv(pfa.numel(), PF_CHUNK) + (_cdiv(pfb.numel(), PF_CHUNK) if next_qkv is not None else 0)
-                if PREFETCH else 0)
+        pfb = pfa if next_qkv is None else next_qkv
+        pfa_n = pfa.numel() if PREFETCH else 0
+        pfb_n = next_qkv.numel() if PREFETCH and next_qkv is not None else 0
+        n_pf = _cdiv(pfa_n, PF_CHUNK) + _cdiv(pfb_n, PF_CHUNK)
         self.dk.attn_kernel[(a.kv_heads + _cdiv(n_pf, ns), ns)](
             self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
             self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
             a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
-            BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, pfa_ptr=pfa,
-            pfa_n=pfa.numel() if n_pf else 0, pfb_ptr=pfb, pfb_n=pfb.numel() if n_pf and next_qkv is not None else 0,
-            dummy_ptr=self.dummy, PF_CHUNK=PF_CHUNK, **self._launch(ATTN_WARPS))
+            BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, pfa_ptr=pfa, pfa_n=pfa_n, pfb_ptr=pfb,
+            pfb_n=pfb_n, dummy_ptr=self.dummy, PF_CHUNK=PF_CHUNK, **self._launch(ATTN_WARPS))
         self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer) -> None:
