@@ -256,7 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-report", action="store_true")
     ap.add_argument("--before", action="store_true",
                     help="also time batch 1 K=0 without the Triton step (the torch.compile'd step)")
-    ap.add_argument("--sweep", action="store_true", help="time the batch-1 Triton step over a few tile sizes / warps")
+    ap.add_argument("--sweep", nargs="?", const="[{}, {\"PREFETCH\": false}, {\"PDL\": false}]", default=None,
+                    help="time the batch-1 Triton step's graph under settings of generation/triton_step.py: a JSON "
+                         "list of dicts of its module attributes (default: as is, no prefetch, no PDL)")
     ap.add_argument("--device", default="cuda", help="cpu only to check this script (tiny sizes)")
     args = ap.parse_args(argv)
     if args.cache_report:
@@ -416,9 +418,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and args.sweep and 1 in args.batch and time.perf_counter() - T0 < args.budget_s:
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-            results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64,
-                                                 [dict(), dict(PREFETCH=False), dict(PDL=False),
-                                                  dict(PDL=False, PREFETCH=False)])
+            results["sweep"] = sweep_triton_step(model, ids.to(args.device), 64, json.loads(args.sweep))
         except Exception as e:
             log(f"sweep failed: {type(e).__name__}: {str(e)[:300]}")
     out = os.environ.get("OUT")

@@ -263,7 +263,8 @@ def _greedy_step(runner, bucket: int):
     def fn(tok, pos):
         """tok, pos [B]: one plain greedy step -> the next token and position (argmax of the logits: what
         choose(process(...)) gives without sampling or repetition penalty)."""
-        return dict(tok=runner.greedy_next(tok[:, None], pos[:, None], bucket), pos=pos + 1)
+        tok, pos = runner.greedy_next(tok[:, None], pos[:, None], bucket)
+        return dict(tok=tok, pos=pos)
     return fn
 
 

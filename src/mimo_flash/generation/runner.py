@@ -405,15 +405,15 @@ class GraphRunner(Runner):
 
         return self._run(key, fn, inputs)
 
-    def greedy_next(self, ids, pos, kv_len: int) -> torch.Tensor:
-        """ids, pos [B, 1] -> the greedy next token of each row [B] (argmax of the logits, first index on
-        ties); the Triton step computes it inside its lm_head kernel."""
+    def greedy_next(self, ids, pos, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, pos [B, 1] -> (the greedy next token of each row [B] (argmax of the logits, first index on
+        ties), its position [B]); the Triton step computes both inside its lm_head kernel."""
         if self.triton and ids.numel() == 1:
             out = self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S))
             if out is not None:
-                return self._triton_step.token
+                return self._triton_step.token, self._triton_step.next_pos
         logits, _ = self.main(ids, pos, None, kv_len, logits="last", graph=True)
-        return logits[:, -1].argmax(-1)
+        return logits[:, -1].argmax(-1), pos[:, 0] + 1
 
     def _main_triton(self, ids, pos, kv_len: int, bucket: int):
         """The one-token step through TritonStep (one graph per bucket); None if it failed (the runner then
@@ -426,7 +426,7 @@ class GraphRunner(Runner):
                 from .triton_step import TritonStep
                 self._triton_step = TritonStep(self.model, self.cache, self.rope_tables)
             step = self._triton_step
-            inputs = dict(ids=ids, pos=pos.clamp_min(0))
+            inputs = dict(ids=ids, pos=pos)  # one row: never padded, no negative position to clamp
 
             def fn(ids, pos):
                 return step(ids, pos, bucket)

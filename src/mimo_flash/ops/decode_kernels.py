@@ -87,14 +87,15 @@ def _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.
 
 
 @triton.jit
-def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_ptr, tok_ptr, counter_ptr, N, eps,
-                D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, WRITE_XN: tl.constexpr,
+def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_ptr, tok_ptr, pos_ptr, counter_ptr,
+                N, eps, D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, WRITE_XN: tl.constexpr,
                 ARGMAX: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """out [N] = W [N, D] @ rmsnorm(x [D]) (+ res [N]), rounded to out's dtype (res added to the rounded product
     and rounded again). WRITE_XN: program 0 also writes rmsnorm(x) to xn [D] (the hidden state after the
-    final norm). ARGMAX: tok [1] (int64) = the first index of the largest rounded output, each program's
-    best in pmax/pidx [NPROG], reduced by the last program in blocks of BLOCK_P."""
+    final norm). ARGMAX: tok [2] (int64) = (the first index of the largest rounded output, pos [1] + 1: the
+    greedy token and its position), each program's best in pmax/pidx [NPROG], reduced by the last program in
+    blocks of BLOCK_P."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,6 +138,7 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_p
                 ibest = tl.where(take, i, ibest)
             top = tl.max(vbest, axis=0)
             tl.store(tok_ptr, tl.min(tl.where(vbest == top, ibest, N), axis=0).to(tl.int64))
+            tl.store(tok_ptr + 1, tl.load(pos_ptr) + 1)
 
 
 @triton.jit
@@ -409,9 +411,17 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
 
 
 @triton.jit
-def tables_kernel(pos_ptr, fvalid_ptr, svalid_ptr, spos_ptr, n_ring, HAS_FULL: tl.constexpr, HAS_RING: tl.constexpr):
-    """The slot tables of a one-token step (KVCache.step for one row): the full layers' slot pos becomes
-    valid; the ring's slot pos % n_ring becomes valid and holds position pos."""
+def tables_kernel(ids_ptr, emb_ptr, x_ptr, pos_ptr, fvalid_ptr, svalid_ptr, spos_ptr, n_ring, D: tl.constexpr,
+                  BLOCK: tl.constexpr, HAS_FULL: tl.constexpr, HAS_RING: tl.constexpr, PDL: tl.constexpr):
+    """The start of a one-token step: x [D] = the embedding row of ids[0]; the slot tables as KVCache.step
+    for one row (the full layers' slot pos becomes valid; the ring's slot pos % n_ring becomes valid and
+    holds position pos)."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    row = emb_ptr + tl.load(ids_ptr).to(tl.int64) * D
+    for k0 in range(0, D, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        tl.store(x_ptr + cols, tl.load(row + cols, mask=cols < D), mask=cols < D)
     pos = tl.load(pos_ptr)
     if HAS_FULL:
         tl.store(fvalid_ptr + pos, 1)
