@@ -146,8 +146,9 @@ def graph_report(model, B: int) -> str:
         for gkey, (g, _, _) in runner.graphs.items():
             if not isinstance(g, torch.cuda.CUDAGraph):
                 continue
-            lines.append(f"graph {gkey}: {replay_us(g):.0f} us per replay")
-            if gkey[0] == "main-triton" or (gkey[0] == "greedy" and gkey[1] == 1) or (gkey[0] == "main" and gkey[2] == 1):
+            n = gkey[3] if gkey[0] == "greedy" else 1  # steps per replay
+            lines.append(f"graph {gkey}: {replay_us(g) / n:.0f} us per step")
+            if gkey[0] == "main-triton" or (gkey[0] == "main" and gkey[2] == 1):
                 try:
                     from torch.profiler import ProfilerActivity, profile
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -213,7 +214,8 @@ def sweep_triton_step(model, ids, new: int, configs: list[dict]) -> list[dict]:
             for gkey, (g, _, _) in runner.graphs.items():
                 if gkey[0] != "greedy":
                     continue
-                row = dict(cfg, pdl_used=runner._triton_step.pdl, bucket=gkey[2], us=replay_us(g))
+                row = dict(cfg, pdl_used=runner._triton_step.pdl, bucket=gkey[2], steps=gkey[3],
+                           us=replay_us(g) / gkey[3])
                 if not row["pdl_used"]:
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         g.replay()

@@ -98,7 +98,7 @@ def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
     monkeypatch.setattr(GraphRunner, "run_step", counted)
     out, stats = generate(model, ids, eos_token_id=[], return_stats=True, **kw)
     assert torch.equal(out, plain) and stats.steps == 39
-    assert len(keys) == 39 and all(k[0] == "greedy" for k in keys)
+    assert [k[0] for k in keys] == ["greedy"] * 3 and [k[3] for k in keys] == [16, 16, 7]  # steps per graph
     assert torch.equal(generate(model, ids, eos_token_id=3, pad_token_id=5, **kw), eos)
     assert not getattr(made[-1], "greedy_graph_failed", None)
 
@@ -113,7 +113,7 @@ def test_graphed_greedy_loop_falls_back(monkeypatch):
 
     def flaky(self, key, fn, inputs, rows=2):
         calls.append(key)
-        if len(calls) == 20:  # mid-way through the second chunk
+        if len(calls) == 2:  # the second chunk
             raise RuntimeError("capture failed")
         return real(self, key, fn, inputs, rows)
 
@@ -180,7 +180,7 @@ def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
     ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(10))
     plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
 
-    def broken(self, ids, pos, bucket):
+    def broken(self, ids, pos, bucket, token=None):
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setattr(triton_step.TritonStep, "__call__", broken)

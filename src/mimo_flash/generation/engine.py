@@ -121,7 +121,10 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
     config = model.config
 
     def new_cache():
-        return KVCache(config, B, S, device=model.device, dtype=model.dtype, num_mtp=K, slack=2 * K)
+        # SWA ring slack: speculative steps write up to 2K slots past the accepted tokens; a graphed greedy
+        # chunk runs several times from one state while it is captured
+        return KVCache(config, B, S, device=model.device, dtype=model.dtype, num_mtp=K,
+                       slack=2 * K if K else GREEDY_CHUNK - 1)
 
     if not ((cuda and cuda_graphs in ("auto", True)) or compile):
         return Runner(model, new_cache(), S)
@@ -251,51 +254,54 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     return (result, stats) if return_stats else result
 
 
-GREEDY_CHUNK = 16  # graphed greedy steps between two EOS checks (each check waits for the GPU)
+GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs (each check waits for the GPU)
 
 
 def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bool:
-    return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.streamer is None
-            and out.stopping is None and not getattr(runner, "greedy_graph_failed", None))
+    return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.stopping is None
+            and out.streamer is None and not getattr(runner, "greedy_graph_failed", None))
 
 
-def _greedy_step(runner, bucket: int):
+def _greedy_chunk(runner, bucket: int, n: int):
     def fn(tok, pos):
-        """tok, pos [B]: one plain greedy step -> the next token and position (argmax of the logits: what
-        choose(process(...)) gives without sampling or repetition penalty)."""
-        tok, pos = runner.greedy_next(tok[:, None], pos[:, None], bucket)
-        return dict(tok=tok, pos=pos)
+        """tok, pos [B]: n plain greedy steps (each the argmax of the logits: what choose(process(...)) gives
+        without sampling or repetition penalty) -> their tokens `new` [B, n], the last token and the position
+        after it. Step j reads its token from column j - 1 of `new`, where the previous step wrote it, and its
+        position from a table made before the first step: a step's kernels need nothing from the host."""
+        P = pos[:, None] + torch.arange(n + 1, device=pos.device)
+        new = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
+        ids = tok[:, None]
+        for j in range(n):
+            runner.greedy_next(ids, P[:, j:j + 1], bucket, new[:, j])
+            ids = new[:, j:j + 1]
+        return dict(tok=new[:, -1], pos=P[:, -1], new=new)
     return fn
 
 
 def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, max_new_tokens: int,
                     stats: GenerationStats):
-    """Plain greedy decoding with each step ONE CUDA graph (forward, argmax, next position; no eager work
-    between steps), the new tokens handed to `out` every GREEDY_CHUNK steps, where EOS is checked: a row
-    that ended mid-chunk ran a few steps more whose tokens `out` drops, so the output is the same as step
-    by step. Returns (index of the next step, tok, pos): max_new_tokens when done, or where the plain loop
-    takes over if capturing failed (said in runner.greedy_graph_failed)."""
+    """Plain greedy decoding GREEDY_CHUNK steps per CUDA graph (forward, argmax, next input; no eager work
+    between steps), the new tokens handed to `out` after each, where EOS is checked: a row that ended
+    mid-chunk ran a few steps more whose tokens `out` drops, so the output is the same as step by step.
+    A chunk's steps share one cache bucket (its last step's). Capturing runs a chunk several times from the
+    same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack (_make_runner).
+    Returns (index of the next step, tok, pos): max_new_tokens when done, or where the plain loop takes over
+    if capturing failed (said in runner.greedy_graph_failed)."""
     B = tok.shape[0]
-    buf = torch.empty(B, GREEDY_CHUNK, dtype=torch.long, device=tok.device)
     i = 1
     while i < max_new_tokens:
         n = min(GREEDY_CHUNK, max_new_tokens - i)
-        for j in range(n):
-            bucket = kv_bucket(n_max + i + j, runner.cache.S)
-            try:
-                res = runner.run_step(("greedy", B, bucket), _greedy_step(runner, bucket), dict(tok=tok, pos=pos),
-                                      rows=B)
-            except Exception as e:  # the step-by-step path from here on, for this runner
-                runner.greedy_graph_failed = f"graphed greedy step failed: {type(e).__name__}: {str(e)[:200]}"
-                import warnings
-                warnings.warn(runner.greedy_graph_failed)
-                if j:
-                    out.add(buf[:, :j], torch.full((B,), j, dtype=torch.long, device=tok.device))
-                    stats.steps += j
-                return i + j, tok.clone(), pos.clone()
-            tok, pos = res["tok"], res["pos"]
-            buf[:, j] = tok
-        out.add(buf[:, :n], torch.full((B,), n, dtype=torch.long, device=tok.device))
+        bucket = kv_bucket(n_max + i + n - 1, runner.cache.S)
+        try:
+            res = runner.run_step(("greedy", B, bucket, n), _greedy_chunk(runner, bucket, n), dict(tok=tok, pos=pos),
+                                  rows=B)
+        except Exception as e:  # the step-by-step path from here on, for this runner
+            runner.greedy_graph_failed = f"graphed greedy step failed: {type(e).__name__}: {str(e)[:200]}"
+            import warnings
+            warnings.warn(runner.greedy_graph_failed)
+            return i, tok, pos
+        tok, pos = res["tok"], res["pos"]
+        out.add(res["new"], torch.full((B,), n, dtype=torch.long, device=tok.device))
         stats.steps += n
         i += n
         if out.sync and out.all_done():

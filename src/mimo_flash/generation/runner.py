@@ -405,19 +405,18 @@ class GraphRunner(Runner):
 
         return self._run(key, fn, inputs)
 
-    def greedy_next(self, ids, pos, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids, pos [B, 1] -> (the greedy next token of each row [B] (argmax of the logits, first index on
-        ties), its position [B]); the Triton step computes both inside its lm_head kernel."""
+    def greedy_next(self, ids, pos, kv_len: int, out: torch.Tensor) -> None:
+        """ids, pos [B, 1] -> the greedy next token of each row (argmax of the logits, first index on ties)
+        written to out [B]; the Triton step writes it from inside its lm_head kernel."""
         if self.triton and ids.numel() == 1:
-            out = self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S))
-            if out is not None:
-                return self._triton_step.token, self._triton_step.next_pos
+            if self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S), out) is not None:
+                return
         logits, _ = self.main(ids, pos, None, kv_len, logits="last", graph=True)
-        return logits[:, -1].argmax(-1), pos[:, 0] + 1
+        out.copy_(logits[:, -1].argmax(-1))
 
-    def _main_triton(self, ids, pos, kv_len: int, bucket: int):
+    def _main_triton(self, ids, pos, kv_len: int, bucket: int, token: torch.Tensor | None = None):
         """The one-token step through TritonStep (one graph per bucket); None if it failed (the runner then
-        keeps the compiled path and says so in `notes`)."""
+        keeps the compiled path and says so in `notes`). token [1]: where the greedy token goes."""
         if kv_len > self.cache.S:
             raise ValueError(f"position {kv_len - 1} does not fit in a KV cache of max_length {self.cache.S}")
         key = ("main-triton", bucket)
@@ -426,14 +425,16 @@ class GraphRunner(Runner):
                 from .triton_step import TritonStep
                 self._triton_step = TritonStep(self.model, self.cache, self.rope_tables)
             step = self._triton_step
-            inputs = dict(ids=ids, pos=pos)  # one row: never padded, no negative position to clamp
+            if self._inline or self.cache.device.type != "cuda":
+                return step(ids, pos, bucket, token)
 
             def fn(ids, pos):
                 return step(ids, pos, bucket)
 
-            if self._inline or self.cache.device.type != "cuda":
-                return fn(**inputs)
-            return self._replay(key, lambda: fn, inputs, 1)
+            out = self._replay(key, lambda: fn, dict(ids=ids, pos=pos), 1)  # one row: no negative position
+            if token is not None:
+                token.copy_(step.token)
+            return out
         except Exception as e:  # also inside a whole-step capture's warm-up runs: the step then uses main's path
             self.graphs.pop(key, None)
             self.triton = False

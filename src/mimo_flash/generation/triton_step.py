@@ -2,7 +2,7 @@
 
 GraphRunner uses it for batch-1 decode steps (one CUDA graph per cache bucket): the embedding row and the
 slot tables, six kernels per MoE layer (five for a dense one), and the final norm with lm_head, the greedy
-token and the next position: 73 kernels for the mini preset where the torch.compile'd step has 207. The
+token: 73 kernels for the mini preset where the torch.compile'd step has 207. The
 block sizes below were chosen by measurement on an H100 (bench/decode.py --sweep, bench/decode_kernels.py;
 docs/BENCHMARKS.md). It reads the model's parameters and the cache's buffers in place (weights updated in
 place are seen by the next step); the fused q/k/v and dense gate/up weights are the runner's copies
@@ -105,10 +105,10 @@ def pdl_works(device: torch.device) -> bool:
 
 
 class TritonStep:
-    """step(ids [1, 1], pos [1, 1], bucket) -> (logits [1, 1, V], hidden after the final norm [1, 1, D]), and
-    `token` [1] (int64): the argmax of the logits (the greedy next token), `next_pos` [1]: pos + 1. Outputs
-    are buffers that the next step overwrites. Full-attention layers read cache slots [0, bucket); SWA layers
-    their ring."""
+    """step(ids [1, 1], pos [1, 1], bucket, token=None) -> (logits [1, 1, V], hidden after the final norm
+    [1, 1, D]); the argmax of the logits (the greedy next token, int64) goes to `token` [1] (default: the
+    attribute `token`). Outputs are buffers that the next step overwrites. Full-attention layers read cache
+    slots [0, bucket); SWA layers their ring."""
 
     def __init__(self, model, cache: KVCache, rope_tables: dict, pdl: bool | None = None) -> None:
         from ..ops import decode_kernels as dk  # needs triton
@@ -152,8 +152,7 @@ class TritonStep:
         self.wt_dense = torch.ones(1, **f32)
         self.logits = torch.zeros(1, 1, self.V, device=dev, dtype=dt)
         self.hidden = torch.zeros(1, 1, self.D, device=dev, dtype=dt)
-        self.token_pos = torch.zeros(2, device=dev, dtype=torch.long)  # the lm_head kernel's (token, pos + 1)
-        self.token, self.next_pos = self.token_pos[:1], self.token_pos[1:]
+        self.token = torch.zeros(1, device=dev, dtype=torch.long)
         bn, _ = gemv_blocks(self.V, self.D)
         self.pmax = torch.zeros(_cdiv(self.V, bn), **f32)  # the lm_head programs' best logits and their indices
         self.pidx = torch.zeros(_cdiv(self.V, bn), device=dev, dtype=torch.int32)
@@ -163,18 +162,18 @@ class TritonStep:
         return dict(num_warps=num_warps, PDL=True, launch_pdl=True) if self.pdl else dict(num_warps=num_warps,
                                                                                         PDL=False)
 
-    def _gemv(self, x, norm_w, w, out, n_rows, res=None, lm_head_pos=None):
-        """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); lm_head_pos (the step's position): also the hidden
-        state, the greedy token and the next position."""
-        lm_head = lm_head_pos is not None
+    def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None):
+        """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); token (lm_head): also the hidden state, and the
+        greedy token into `token` [1]."""
+        lm_head = token is not None
         bn, bk = gemv_blocks(n_rows, x.numel())
         n_prog = _cdiv(n_rows, bn)
         warps = NUM_WARPS if n_rows * x.numel() >= 1 << 24 else SMALL_GEMV_WARPS
         self.dk.gemv_kernel[(n_prog,)](
             x, x if norm_w is None else norm_w, w, out, out if res is None else res, self.hidden, self.pmax,
-            self.pidx, self.token_pos, lm_head_pos if lm_head else self.token_pos, self.counters, n_rows, self.eps,
-            D=x.numel(), HAS_NORM=norm_w is not None, HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head,
-            NPROG=n_prog, BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
+            self.pidx, token if lm_head else self.token, self.counters, n_rows, self.eps, D=x.numel(),
+            HAS_NORM=norm_w is not None, HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, NPROG=n_prog,
+            BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
 
     def _attention(self, layer, pos, bucket: int, next_qkv: torch.Tensor | None) -> None:
         a, cache = layer.self_attn, self.cache
@@ -234,7 +233,7 @@ class TritonStep:
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
                                         BLOCK_N=bn, BLOCK_K=bk, **self._launch(EXPERT_WARPS))
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int):
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):
         model, cache = self.model, self.cache
         full, ring = "full" in cache.valid, "swa" in cache.valid
         self.dk.tables_kernel[(1,)](
@@ -248,5 +247,6 @@ class TritonStep:
                        a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
             self._attention(layer, pos, bucket, layers[i + 1].self_attn._mf_fused[1] if i + 1 < len(layers) else None)
             self._mlp(layer)
-        self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V, lm_head_pos=pos)
+        self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V,
+                   token=self.token if token is None else token)
         return self.logits, self.hidden

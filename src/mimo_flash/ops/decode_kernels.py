@@ -43,7 +43,9 @@ def _pdl_start(PDL: tl.constexpr):
 @triton.jit
 def _pdl_wait(PDL: tl.constexpr):
     """Wait until the previous kernel has finished and its writes are visible. With PDL, a kernel reads
-    before this only what no kernel of the step writes (weights, the RoPE tables, the position)."""
+    before this only what no kernel of the step writes (weights, the RoPE tables, the position), or what the
+    kernel two launches back wrote if the previous one lets it start only after its own wait (gate/up:
+    down_kernel reads the router's choice, and the chosen weights, before waiting)."""
     if PDL:
         gdc_wait()
 
@@ -87,15 +89,14 @@ def _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.
 
 
 @triton.jit
-def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_ptr, tok_ptr, pos_ptr, counter_ptr,
-                N, eps, D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, WRITE_XN: tl.constexpr,
+def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_ptr, tok_ptr, counter_ptr, N, eps,
+                D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, WRITE_XN: tl.constexpr,
                 ARGMAX: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """out [N] = W [N, D] @ rmsnorm(x [D]) (+ res [N]), rounded to out's dtype (res added to the rounded product
     and rounded again). WRITE_XN: program 0 also writes rmsnorm(x) to xn [D] (the hidden state after the
-    final norm). ARGMAX: tok [2] (int64) = (the first index of the largest rounded output, pos [1] + 1: the
-    greedy token and its position), each program's best in pmax/pidx [NPROG], reduced by the last program in
-    blocks of BLOCK_P."""
+    final norm). ARGMAX: tok [1] (int64) = the first index of the largest rounded output, each program's
+    best in pmax/pidx [NPROG], reduced by the last program in blocks of BLOCK_P."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,7 +139,6 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_p
                 ibest = tl.where(take, i, ibest)
             top = tl.max(vbest, axis=0)
             tl.store(tok_ptr, tl.min(tl.where(vbest == top, ibest, N), axis=0).to(tl.int64))
-            tl.store(tok_ptr + 1, tl.load(pos_ptr) + 1)
 
 
 @triton.jit
@@ -344,13 +344,14 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
 def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, gu_ptr, eps, I: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (s, b): gu[s, rows] and gu[s, I + rows] (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h),
-    rows = [b*BLOCK_N, +BLOCK_N)."""
-    _pdl_start(PDL)
+    rows = [b*BLOCK_N, +BLOCK_N). The next kernel (down) starts only once every program has waited for the
+    router's choice (sel): it reads sel before its own wait."""
     s = tl.program_id(0)
     b = tl.program_id(1)
     rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < I
     _pdl_wait(PDL)
+    _pdl_start(PDL)
     base = w_ptr + tl.load(sel_ptr + s).to(tl.int64) * (2 * I * D)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -381,7 +382,8 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
 
     All TOPK products of a row block load as one tile. Each product is rounded to the model dtype before its
     fp32 weighting, the sum once more before the residual add (as the expert path does; a dense MLP is
-    TOPK = 1 with weight 1)."""
+    TOPK = 1 with weight 1). sel, wt and the first weight block load before the wait: they come from the
+    router (see gate_up_kernel) or are constant (a dense MLP)."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -389,22 +391,26 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
     s = tl.arange(0, TOPK_PAD)
     smask = s < TOPK
     dt = out_ptr.dtype.element_ty
-    _pdl_wait(PDL)
     base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0).to(tl.int64) * D * I  # [TOPK_PAD]
+    ws = tl.load(wt_ptr + s, mask=smask, other=0.0).to(tl.float32)
+    wmask = smask[:, None, None] & rmask[None, :, None]
+    cols = tl.arange(0, BLOCK_K)
+    w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
+                mask=wmask & (cols < I)[None, None, :], other=0.0, eviction_policy="evict_first")
+    _pdl_wait(PDL)
     acc = tl.zeros([TOPK_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in tl.static_range(0, I, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < I
+        if k0 > 0:
+            w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
+                        mask=wmask & cmask[None, None, :], other=0.0, eviction_policy="evict_first")
         m2 = smask[:, None] & cmask[None, :]
         gt = tl.load(gu_ptr + s[:, None] * (2 * I) + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         up = tl.load(gu_ptr + s[:, None] * (2 * I) + I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         a = (gt * tl.sigmoid(gt) * up).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_K]
-        w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
-                    mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0,
-                    eviction_policy="evict_first")
         acc += w.to(tl.float32) * a[:, None, :]
     y = tl.sum(acc, axis=2).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_N]
-    ws = tl.load(wt_ptr + s, mask=smask, other=0.0).to(tl.float32)
     total = tl.sum(y * ws[:, None], axis=0).to(dt).to(tl.float32)
     res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, (res + total).to(dt), mask=rmask)
