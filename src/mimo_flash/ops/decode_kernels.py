@@ -43,9 +43,7 @@ def _pdl_start(PDL: tl.constexpr):
 @triton.jit
 def _pdl_wait(PDL: tl.constexpr):
     """Wait until the previous kernel has finished and its writes are visible. With PDL, a kernel reads
-    before this only what no kernel of the step writes (weights, the RoPE tables, the position), or what the
-    kernel two launches back wrote if the previous one lets it start only after its own wait (gate/up:
-    down_kernel reads the router's choice, and the chosen weights, before waiting)."""
+    before this only what no kernel of the step writes (weights, the RoPE tables, the position)."""
     if PDL:
         gdc_wait()
 
@@ -344,14 +342,13 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
 def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, gu_ptr, eps, I: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (s, b): gu[s, rows] and gu[s, I + rows] (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h),
-    rows = [b*BLOCK_N, +BLOCK_N). The next kernel (down) starts only once every program has waited for the
-    router's choice (sel): it reads sel before its own wait."""
+    rows = [b*BLOCK_N, +BLOCK_N)."""
+    _pdl_start(PDL)
     s = tl.program_id(0)
     b = tl.program_id(1)
     rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < I
     _pdl_wait(PDL)
-    _pdl_start(PDL)
     base = w_ptr + tl.load(sel_ptr + s).to(tl.int64) * (2 * I * D)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -382,8 +379,7 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
 
     All TOPK products of a row block load as one tile. Each product is rounded to the model dtype before its
     fp32 weighting, the sum once more before the residual add (as the expert path does; a dense MLP is
-    TOPK = 1 with weight 1). sel, wt and the first weight block load before the wait: they come from the
-    router (see gate_up_kernel) or are constant (a dense MLP)."""
+    TOPK = 1 with weight 1)."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -391,26 +387,22 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
     s = tl.arange(0, TOPK_PAD)
     smask = s < TOPK
     dt = out_ptr.dtype.element_ty
-    base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0).to(tl.int64) * D * I  # [TOPK_PAD]
-    ws = tl.load(wt_ptr + s, mask=smask, other=0.0).to(tl.float32)
-    wmask = smask[:, None, None] & rmask[None, :, None]
-    cols = tl.arange(0, BLOCK_K)
-    w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
-                mask=wmask & (cols < I)[None, None, :], other=0.0, eviction_policy="evict_first")
     _pdl_wait(PDL)
+    base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0).to(tl.int64) * D * I  # [TOPK_PAD]
     acc = tl.zeros([TOPK_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, I, BLOCK_K):
+    for k0 in range(0, I, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < I
-        if k0 > 0:
-            w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
-                        mask=wmask & cmask[None, None, :], other=0.0, eviction_policy="evict_first")
         m2 = smask[:, None] & cmask[None, :]
         gt = tl.load(gu_ptr + s[:, None] * (2 * I) + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         up = tl.load(gu_ptr + s[:, None] * (2 * I) + I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         a = (gt * tl.sigmoid(gt) * up).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_K]
+        w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
+                    mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0,
+                    eviction_policy="evict_first")
         acc += w.to(tl.float32) * a[:, None, :]
     y = tl.sum(acc, axis=2).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_N]
+    ws = tl.load(wt_ptr + s, mask=smask, other=0.0).to(tl.float32)
     total = tl.sum(y * ws[:, None], axis=0).to(dt).to(tl.float32)
     res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, (res + total).to(dt), mask=rmask)
