@@ -66,7 +66,8 @@ class KVCache:
 
     config: the model's MiMoConfig; batch_size B; max_length S = the largest position + 1 it can hold.
     num_mtp: MTP layers to give a ring (0 without speculative decoding); slack: extra ring slots beyond
-    the window (2 * num_speculative_tokens for speculative decoding).
+    the window (generate(): 2 * num_speculative_tokens with speculative decoding, else 15 so that a graphed
+    chunk of 16 greedy steps can run twice from one state while it is captured).
     sliding=False keeps every position in the SWA layers too (the all-global comparison of bytes_report).
     """
 
@@ -270,4 +271,5 @@ def format_bytes_report(config: MiMoConfig, contexts=(4096, 32768, 262144), dtyp
     for r in rows:
         lines.append(f"{r['context']:>9} | {format_bytes(r['ours']):>12} | {format_bytes(r['ours_with_mtp']):>12} | "
                      f"{format_bytes(r['all_global']):>12} | {r['saving']:.1f}x")
+    lines.append("(rings of exactly the window; generate() adds ring slots: 2K with K speculative tokens, else 15)")
     return "\n".join(lines)
