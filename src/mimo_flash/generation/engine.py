@@ -258,8 +258,8 @@ GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs 
 
 
 def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bool:
-    return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.stopping is None
-            and out.streamer is None and not getattr(runner, "greedy_graph_failed", None))
+    return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.streamer is None
+            and out.stopping is None and not getattr(runner, "greedy_graph_failed", None))
 
 
 def _greedy_chunk(runner, bucket: int, n: int):
