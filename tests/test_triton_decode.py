@@ -30,17 +30,21 @@ from mimo_flash.generation.runner import GraphRunner, Runner, prepare_fused
 
 triton_step.MIN_PROGRAMS = 1  # few programs: the interpreter runs each one in Python
 torch.set_num_threads(1)
-for overrides in (dict(), dict(add_full_attention_sink_bias=True, norm_topk_prob=False, routed_scaling_factor=2.5)):
-    model = tiny_model(seed=3, **overrides)  # window 9: the SWA rings wrap during the steps below
+# window 9: the SWA rings wrap during the steps below; the second case has the ring slack of graphed greedy
+# decoding (15 slots) and a prompt longer than the ring, prefilled in one chunk
+cases = ((dict(), 0, 8, 5),
+         (dict(add_full_attention_sink_bias=True, norm_topk_prob=False, routed_scaling_factor=2.5), 15, 40, 40))
+for overrides, slack, P, chunk in cases:
+    model = tiny_model(seed=3, **overrides)
     cfg = model.config
     prepare_fused(model)
-    P, S = 8, 256  # full layers: 4 key splits per kv head
+    S = 256  # full layers: 4 key splits per kv head
     ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(5))
-    eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
-    fused = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
+    eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
+    fused = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
     with torch.no_grad():
-        lg, _ = prefill(eager, ids, None, 5, keep_hidden=False)
-        prefill(fused, ids, None, 5, keep_hidden=False)
+        lg, _ = prefill(eager, ids, None, chunk, keep_hidden=False)
+        prefill(fused, ids, None, chunk, keep_hidden=False)
         step = triton_step.TritonStep(model, fused.cache, fused.rope_tables)
         tok = lg.argmax(-1)
         for i in range(10):
