@@ -99,6 +99,89 @@ def experts_case(N, E, k, D, I, peak):
     return rows
 
 
+def swa_sweep() -> None:
+    """Tile settings of the banded SWA kernels at the mini training size (4 x 4096, 16/8 heads, window 129,
+    sink): one kernel's settings varied at a time, the others at their defaults; each setting's outputs and
+    gradients checked against the defaults'."""
+    import itertools
+
+    from mimo_flash.ops import triton_kernels as tk
+    B, H, Hkv, T, W = 4, 16, 8, 4096, 129
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, T, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = torch.randn(B, Hkv, T, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(B, Hkv, T, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    s = torch.randn(H, device="cuda", generator=g).requires_grad_()
+    dy = torch.randn(B, H, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run():
+        for t in (q, k, v, s):
+            t.grad = None
+        out = tk.banded_swa(q, k, v, None, None, 192 ** -0.5, W, s)
+        out.backward(dy)
+        return [out.detach(), q.grad, k.grad, v.grad, s.grad]
+
+    defaults = {name: dict(getattr(tk, name)) for name in ("FWD_CFG", "DKDV_CFG", "DQ_CFG")}
+    ref = run()
+    base_f = time_ms(lambda: tk.banded_swa(q, k, v, None, None, 192 ** -0.5, W, s), iters=10)
+    base_fb = time_ms(run, iters=10)
+    rows = [["defaults", str(defaults), fmt(base_f, ".3f"), fmt(base_fb, ".3f"), "0"]]
+    tiles = {"FWD_CFG": [(64, 64), (128, 64), (128, 32), (64, 128), (128, 128)],
+             "DKDV_CFG": [(32, 64), (64, 64), (64, 32), (128, 64), (64, 128), (32, 128), (128, 32)]}
+    tiles["DQ_CFG"] = tiles["DKDV_CFG"]
+    stages = {"FWD_CFG": (2, 3), "DKDV_CFG": (1, 2), "DQ_CFG": (1, 2)}
+    for name in ("FWD_CFG", "DKDV_CFG", "DQ_CFG"):
+        results = []
+        for (bm, bn), w, st in itertools.product(tiles[name], (4, 8), stages[name]):
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            setattr(tk, name, cfg)
+            try:
+                got = run()
+                err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+                          for a, b in zip(got, ref))
+                f = time_ms(lambda: tk.banded_swa(q, k, v, None, None, 192 ** -0.5, W, s), iters=10)
+                fb = time_ms(run, iters=10)
+                results.append([name, str(cfg), fmt(f, ".3f"), fmt(fb, ".3f"), f"{err:.1e}"])
+            except Exception as e:  # noqa: BLE001  (out of shared memory / registers: not a candidate)
+                results.append([name, str(cfg), "fail", type(e).__name__, ""])
+            torch.cuda.synchronize()
+        setattr(tk, name, defaults[name])
+        results.sort(key=lambda r: float(r[3]) if r[2] != "fail" else 1e9)
+        rows += results[:8]
+    table("Banded SWA tile sweep, mini size 4x16/8x4096, window 129, sink (best 8 per kernel by fwd+bwd)",
+          header(), ["kernel", "settings", "fwd ms", "fwd+bwd ms", "max rel err vs defaults"], rows)
+
+
+def grouped_mm_layouts() -> None:
+    """The six grouped GEMMs of one mini-size MoE layer's training step (16384 tokens x top-8, E=64, D=1024,
+    I=512, even groups), the weight gradients both ways round: as autograd computes them and as the
+    transposed product."""
+    P, E, D, I = 131072, 64, 1024, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    xs, gh, a, gy = r(P, D), r(P, 2 * I), r(P, I), r(P, D)
+    gu, dn = r(E, 2 * I, D), r(E, D, I)
+    offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (P // E)
+    cases = {
+        "fwd gate_up: xs @ gate_up^T": (lambda: torch._grouped_mm(xs, gu.transpose(-2, -1), offs=offs), 2 * I * D),
+        "fwd down: a @ down^T": (lambda: torch._grouped_mm(a, dn.transpose(-2, -1), offs=offs), I * D),
+        "dx gate_up: gh @ gate_up": (lambda: torch._grouped_mm(gh, gu, offs=offs), 2 * I * D),
+        "dx down: gy @ down": (lambda: torch._grouped_mm(gy, dn, offs=offs), I * D),
+        "dW gate_up: gh^T @ xs -> [E, 2I, D]": (lambda: torch._grouped_mm(gh.t(), xs, offs=offs), 2 * I * D),
+        "dW gate_up: xs^T @ gh -> [E, D, 2I]": (lambda: torch._grouped_mm(xs.t(), gh, offs=offs), 2 * I * D),
+        "dW down: gy^T @ a -> [E, D, I]": (lambda: torch._grouped_mm(gy.t(), a, offs=offs), I * D),
+        "dW down: a^T @ gy -> [E, I, D]": (lambda: torch._grouped_mm(a.t(), gy, offs=offs), I * D),
+        "copy [E, D, 2I] -> contiguous transposed": (lambda: torch._grouped_mm(xs.t(), gh, offs=offs)
+                                                     .transpose(-2, -1).contiguous(), 2 * I * D),
+    }
+    rows = []
+    for name, (fn, per_row) in cases.items():
+        ms = time_ms(fn, warmup=3, iters=20)
+        rows.append([name, fmt(ms * 1e3, ".0f"), fmt(2 * P * per_row / ms / 1e9, ".0f")])
+    table("Grouped GEMMs of a mini MoE layer (P=131072, E=64, D=1024, I=512)", header(),
+          ["GEMM", "us", "TFLOP/s"], rows)
+
+
 def recompiles() -> str:
     """Compile count of the flex path over three batches that differ only in positions/segments."""
     from torch._dynamo.utils import counters
@@ -119,7 +202,13 @@ def recompiles() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--swa-sweep", action="store_true", help="only the banded SWA tile sweep")
+    ap.add_argument("--gmm-layouts", action="store_true", help="only the grouped-GEMM layout timings")
     args = ap.parse_args()
+    if args.swa_sweep:
+        return swa_sweep()
+    if args.gmm_layouts:
+        return grouped_mm_layouts()
     summary = "skipped" if args.skip_tests else run_tests()
     peak, bw = hardware_limits()
     B, H, T = 1, 64, 8192

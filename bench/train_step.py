@@ -93,20 +93,34 @@ def measure_graphed(model, ids, forward, iters):
     torch.cuda.reset_peak_memory_stats()
     ms = time_ms(graph.replay, warmup=2, iters=iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
+    # where the step goes: forward + backward alone as a graph, and the optimizer step alone
+    measure_graphed.split = None
+    try:
+        fb_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(fb_graph):
+            forward(model, ids).backward()
+        measure_graphed.split = (time_ms(fb_graph.replay, warmup=2, iters=iters),
+                                 time_ms(opt.step, warmup=2, iters=iters))
+        del fb_graph
+    except Exception as e:  # noqa: BLE001
+        print(f"forward + backward graph failed: {type(e).__name__}: {e}"[:300])
     del opt, graph
     return ms, mem, losses[0]
 
 
 def profile_step(model, ids) -> None:
-    """Kernel time table of one forward + backward (no optimizer) -> $OUT/profile_train_step.txt."""
+    """Time tables of one forward + backward (no optimizer) -> $OUT/profile_train_step.txt: by kernel and
+    operator (self GPU time), then by operator and input shapes."""
     import os
     from pathlib import Path
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         model(ids, labels=ids, return_logits=False).loss.backward()
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
-    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    kw = dict(sort_by="self_cuda_time_total", max_name_column_width=110)
+    text = (prof.key_averages().table(row_limit=80, **kw) + "\n\n"
+            + prof.key_averages(group_by_input_shape=True).table(row_limit=60, max_shapes_column_width=90, **kw))
     Path(os.environ.get("OUT", "."), "profile_train_step.txt").write_text(text)
 
 
@@ -165,6 +179,9 @@ def main() -> None:
             rows["mimo-flash, step as one CUDA graph"] = measure_graphed(ours, ids, ours_fwd, args.iters)
             notes.append("losses of steps 1-4, eager: " + ", ".join(f"{x:.5f}" for x in eager_losses)
                          + "; graphed: " + ", ".join(f"{x:.5f}" for x in measure_graphed.losses))
+            if measure_graphed.split:
+                notes.append("graphed step split: forward + backward as a graph %.1f ms, fused AdamW step %.1f ms"
+                             % measure_graphed.split)
         except Exception as e:  # noqa: BLE001
             notes.append(f"CUDA-graph step failed: {type(e).__name__}: {str(e)[:300]}")
         del ours

@@ -212,11 +212,11 @@ def test_fused_bodies_are_the_formulas():
     torch.testing.assert_close(fused.swiglu_weighted(h, r), r[:, None] * F.silu(h[:, :4]) * h[:, 4:])
     torch.testing.assert_close(fused.silu_mul(h[:, :4], h[:, 4:]), F.silu(h[:, :4]) * h[:, 4:])
     # rope rotates pairs (j, j + R/2) of the first R dims by the position's angle and keeps the rest
-    q = torch.randn(1, 2, 3, 10, generator=g, dtype=torch.float64)
+    q = torch.randn(1, 3, 2, 10, generator=g, dtype=torch.float64)  # [B, T, H, D]
     ang = torch.randn(1, 3, 3, generator=g, dtype=torch.float64)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     out = fused.rope(q, cos, sin)
-    c, s = ang.cos()[:, None], ang.sin()[:, None]
+    c, s = ang.cos()[:, :, None], ang.sin()[:, :, None]
     torch.testing.assert_close(out[..., :3], q[..., :3] * c - q[..., 3:6] * s)
     torch.testing.assert_close(out[..., 3:6], q[..., 3:6] * c + q[..., :3] * s)
     torch.testing.assert_close(out[..., 6:], q[..., 6:])
@@ -240,35 +240,60 @@ from mimo_flash.ops.triton_kernels import banded_swa, gather_sum
 g = torch.Generator().manual_seed(0)
 pos = torch.cat([torch.zeros(3, dtype=torch.long), torch.arange(60), torch.arange(90)])[None]
 seg = torch.cat([-torch.arange(2, 5), torch.zeros(60, dtype=torch.long), torch.ones(90, dtype=torch.long)])[None]
+# packed: q/k/v as the model passes them ([B, H, T, d] views of [B, T, H, d] tensors); plain: contiguous
 for meta, sink in ((AttnMeta(pos, pos, seg, seg), True), (AttnMeta(pos, pos, None, None, plain=True), False)):
     T = pos.shape[1]
     if meta.plain:
         meta.q_pos = meta.k_pos = torch.arange(T)[None]
-    base = [torch.randn(1, 4, T, 48, generator=g), torch.randn(1, 2, T, 48, generator=g),
-            torch.randn(1, 2, T, 32, generator=g), torch.randn(4, generator=g)]
+    heads_second = meta.plain
+    shapes = [(4, 48), (2, 48), (2, 32)]
+    base = [torch.randn(1, h, T, d, generator=g) if heads_second else torch.randn(1, T, h, d, generator=g)
+            for h, d in shapes] + [torch.randn(4, generator=g)]
     probe = torch.randn(1, 4, T, 32, generator=g)
     res = []
     for run in ("triton", "reference"):
         leaves = [t.clone().requires_grad_() for t in base]
+        qkv = leaves[:3] if heads_second else [t.transpose(1, 2) for t in leaves[:3]]
         s = leaves[3] if sink else None
         if run == "triton":
             p = None if meta.plain else meta.q_pos.int()
             sg = None if meta.q_seg is None else meta.q_seg.int()
-            out = banded_swa(*leaves[:3], p, sg, 0.2, 9, s)
+            out = banded_swa(*qkv, p, sg, 0.2, 9, s)
+            assert out.transpose(1, 2).is_contiguous()  # written in the [B, T, H, d] layout
         else:
-            out = attention(*leaves[:3], meta, 0.2, 9, s, backend="reference")
+            out = attention(*qkv, meta, 0.2, 9, s, backend="reference")
         (out * probe).sum().backward()
         res.append([out] + [t.grad for t in leaves[:3 + sink]])
     err = max((a - b).abs().max().item() for a, b in zip(*res))
     assert err < 1e-4, err
-y = torch.randn(12, 40, generator=g)
-idx = torch.randperm(12, generator=g)
-assert torch.allclose(gather_sum(y, idx, 3), y[idx].view(4, 3, 40).sum(1), atol=1e-5)
+y = torch.randn(15, 40, generator=g)
+idx = torch.randperm(15, generator=g)
+for k in (3, 1):  # 5 or 15 output rows: a partial last block of rows
+    assert torch.allclose(gather_sum(y, idx, k), y[idx].view(-1, k, 40).sum(1), atol=1e-5)
+# weighted SwiGLU: 300 rows over 3 row blocks, I = 24 in a 32-wide block (both masks used)
+from mimo_flash.ops.triton_kernels import swiglu_weighted
+h0, w0, probe = torch.randn(300, 48, generator=g), torch.rand(300, generator=g), torch.randn(300, 24, generator=g)
+res = []
+for run in ("triton", "formula"):
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    a = swiglu_weighted(h, w) if run == "triton" else w[:, None] * torch.nn.functional.silu(h[:, :24]) * h[:, 24:]
+    (a * probe).sum().backward()
+    res.append([a, h.grad, w.grad])
+err = max((a - b).abs().max().item() for a, b in zip(*res))
+assert err < 1e-5, err
+# counting sort of (token, slot) pairs by expert: 3 blocks (the last partial), an expert nobody chose
+from mimo_flash.ops.triton_kernels import sort_by_expert
+idx = torch.randint(0, 6, (100, 3), generator=g)
+order, inv, counts = sort_by_expert(idx, 7)
+want = torch.argsort(idx.reshape(-1), stable=True)
+assert torch.equal(order, want), (order, want)
+assert torch.equal(inv[order], torch.arange(300)) and torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=7))
 print("ok")
 '''
 
 
 def test_triton_kernels_in_the_interpreter():
-    """The banded SWA kernels (forward, dQ, dK/dV, sink gradient) and the gather-sum, run by Triton's
-    CPU interpreter in fp32 against the reference: index and mask logic without a GPU."""
+    """The banded SWA kernels (forward, dQ, dK/dV, sink gradient; inputs in both layouts), the gather-sum,
+    the weighted SwiGLU and the counting sort by expert, run by Triton's CPU interpreter in fp32 against the reference: index and mask
+    logic without a GPU."""
     run_in_triton_interpreter(_INTERPRETED)

@@ -36,8 +36,9 @@ def cache_meta(Tq, Tk):
     return AttnMeta(pos[:, Tk - Tq:], pos, aligned=False)
 
 
-def attn_grads(fn, meta, H, Hkv, window, with_sink, seed, dtype=torch.bfloat16, D=192, Dv=128):
-    """Run fn (an attention backend) in `dtype` and the reference in fp64 on the same values.
+def attn_grads(fn, meta, H, Hkv, window, with_sink, seed, dtype=torch.bfloat16, D=192, Dv=128, bthd=False):
+    """Run fn (an attention backend) in `dtype` and the reference in fp64 on the same values
+    (bthd: fn gets q, k, v as [B, H, T, d] views of [B, T, H, d] tensors, as the model passes them).
 
     Returns [(name, relative error)] for the output and the gradients of q, k, v and the sink.
     """
@@ -56,7 +57,8 @@ def attn_grads(fn, meta, H, Hkv, window, with_sink, seed, dtype=torch.bfloat16, 
             out = attention(*leaves[:3], meta, D ** -0.5, window, None if sink is None else sink.double(),
                             backend="reference")
         else:
-            out = run(*leaves[:3], meta, D ** -0.5, window, sink)
+            qkv = [t.transpose(1, 2).contiguous().transpose(1, 2) if bthd else t for t in leaves[:3]]
+            out = run(*qkv, meta, D ** -0.5, window, sink)
         (out.double() * probe).sum().backward()
         results.append([out] + [t.grad for t in leaves[:3]] + [leaves[3].grad if with_sink else None])
     names = ("out", "dq", "dk", "dv", "dsink")
@@ -143,6 +145,25 @@ def test_grouped_mm_experts_cuda():
     check([(n, rel(a, b)) for n, a, b in zip(("out", "dx", "dgu", "ddown", "drouter"), *res)])
 
 
+@pytest.mark.parametrize("fn", [attention_triton, attention_cudnn])
+def test_model_layout_heads_after_tokens(fn):
+    """q, k, v as the model passes them: [B, H, T, d] views of [B, T, H, d] tensors."""
+    window, sink = (129, True) if fn is attention_triton else (None, False)
+    check(attn_grads(fn, plain_meta(2, 700), 8, 4, window, sink, seed=5, bthd=True))
+
+
+def test_counting_sort_by_expert_is_the_stable_argsort():
+    from mimo_flash.ops.moe import sort_by_expert
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for N, k, E in ((16384, 8, 64), (8192, 8, 256), (37, 2, 8)):
+        idx = torch.randint(0, E, (N, k), generator=g, device=DEV)
+        idx[: N // 3] = idx[: N // 3] % 3  # uneven loads, some experts empty in blocks
+        order, inv, counts = sort_by_expert(idx, E)
+        assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
+        assert torch.equal(inv[order], torch.arange(N * k, device=DEV))
+        assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=E))
+
+
 def test_gather_sum_kernel():
     g = torch.Generator(device=DEV).manual_seed(0)
     for N, k, D in ((1000, 8, 4096), (37, 3, 200)):
@@ -154,18 +175,21 @@ def test_gather_sum_kernel():
 
 def test_compiled_fused_ops_match_their_bodies():
     g = torch.Generator(device=DEV).manual_seed(0)
-    x = torch.randn(2, 8, 300, 192, generator=g, device=DEV).bfloat16().requires_grad_()
+    x = torch.randn(2, 300, 8, 192, generator=g, device=DEV).bfloat16().requires_grad_()  # [B, T, H, D]
     ang = torch.randn(2, 300, 32, generator=g, device=DEV)
     cos, sin = torch.cat([ang, ang], -1).cos().bfloat16(), torch.cat([ang, ang], -1).sin().bfloat16()
     h = torch.randn(500, 256, generator=g, device=DEV).bfloat16().requires_grad_()
     w = torch.rand(500, generator=g, device=DEV).requires_grad_()
     nw = torch.randn(192, generator=g, device=DEV).bfloat16().requires_grad_()
     gate, up = (h.detach()[:, :128].clone().requires_grad_(), h.detach()[:, 128:].clone().requires_grad_())
+    qkv = torch.randn(2, 300, 3 * 192 + 128, generator=g, device=DEV).bfloat16().requires_grad_()
     cases = {
         "rms_norm": (fused.rms_norm, (x, nw, 1e-5)),
         "rope": (fused.rope, (x, cos, sin)),
         "swiglu_weighted": (fused.swiglu_weighted, (h, w)),
         "silu_mul": (fused.silu_mul, (gate, up)),
+        # heads 2, kv heads 1, qk 192, v 128 from one [B, T, 2*192 + 192 + 128] projection
+        "rope_qkv": (fused.rope_qkv, (qkv, cos, sin, 2, 1, 192, 128, 0.707)),
     }
     for name, (fn, args) in cases.items():
         outs = []
@@ -174,6 +198,8 @@ def test_compiled_fused_ops_match_their_bodies():
                 if isinstance(a, torch.Tensor) and a.requires_grad:
                     a.grad = None
             y = f(*args)
+            if isinstance(y, tuple):
+                y = torch.cat([t.reshape(-1) for t in y])
             y.float().square().sum().backward()
             outs.append([y] + [a.grad.clone() for a in args if isinstance(a, torch.Tensor) and a.requires_grad])
         check([(f"{name}[{i}]", rel(a, b)) for i, (a, b) in enumerate(zip(*outs))], tol=1e-2)

@@ -163,9 +163,7 @@ def _proj(x: torch.Tensor, w: torch.Tensor, reduce: bool) -> torch.Tensor:
 def _attention_fused_forward(reduce: bool):
     def forward(self: Attention, x, rope, meta, cache=None):
         """Attention.forward with q, k and v from one product over the fused weight (same math)."""
-        qkv = _proj(x, self._mf_fused[1], reduce)
-        nq, nk = self.heads * self.qk_dim, self.kv_heads * self.qk_dim
-        return self.attend(qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:], rope, meta, cache)
+        return self.attend(_proj(x, self._mf_fused[1], reduce), rope, meta, cache)
     return forward
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import MiMoConfig
+from ..ops import fused
 from ..ops.attention import AttnMeta, attention
-from .layers import apply_rope
 
 
 class Attention(nn.Module):
@@ -36,23 +37,27 @@ class Attention(nn.Module):
         self.attention_sink_bias = nn.Parameter(torch.zeros(self.heads)) if d["sink"] else None
         self.backend = "auto"
 
+    def qkv_weight(self) -> torch.Tensor:
+        """[heads * qk_dim + kv_heads * (qk_dim + v_dim), D]: q, k and v rows in one matrix (a copy; its
+        gradient is the three weights' gradients, as views)."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], 0)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 cache=None) -> torch.Tensor:
         """x [B, T, D]; rope = (cos, sin) [B, T, rotary_dim] -> [B, T, D]"""
-        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, meta, cache)
+        return self.attend(F.linear(x, self.qkv_weight()), rope, meta, cache)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, meta: AttnMeta,
-               cache=None) -> torch.Tensor:
-        """Everything after the q/k/v projections: value scale, RoPE, cache, attention, o_proj.
+    def attend(self, qkv: torch.Tensor, rope, meta: AttnMeta, cache=None) -> torch.Tensor:
+        """Everything after the q/k/v projection: RoPE, value scale, cache, attention, o_proj.
 
-        q [B, T, heads * qk_dim], k [B, T, kv_heads * qk_dim], v [B, T, kv_heads * v_dim] -> [B, T, D]
+        qkv [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim] -> [B, T, D]
         """
-        B, T, _ = q.shape
-        q = q.reshape(B, T, self.heads, self.qk_dim).transpose(1, 2)
-        k = k.reshape(B, T, self.kv_heads, self.qk_dim).transpose(1, 2)
-        v = (v * self.v_scale).reshape(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, T, _ = qkv.shape
+        # [B, H, T, d] views of [B, T, H, d] tensors: RoPE keeps the projection's layout, the fast
+        # attention kernels read it through strides and write their output (and gradients) in it, so
+        # no transposing copy is made on the way in or out (o_proj's reshape below is a view)
+        q, k, v = (t.transpose(1, 2) for t in fused.rope_qkv(qkv, *rope, self.heads, self.kv_heads, self.qk_dim,
+                                                              self.v_dim, self.v_scale))
         cache_attention = None
         if cache is not None:
             k, v, meta = cache.update(self.layer_idx, k, v, meta)

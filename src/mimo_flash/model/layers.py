@@ -1,4 +1,4 @@
-"""RMSNorm, partial RoPE with a per-layer-type base, and the dense SwiGLU MLP."""
+"""RMSNorm, the RoPE tables (partial, per-layer-type base; applied in ops.fused), and the dense SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -47,11 +47,6 @@ def rope_cos_sin(position_ids: torch.Tensor, theta: float, rotary_dim: int,
     freqs = position_ids[..., None].float() * inv
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, R] with R <= D. Rotates dims [0, R) in rotate_half style."""
-    return fused.rope(x, cos, sin)
 
 
 class MLP(nn.Module):

@@ -77,16 +77,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @cuda_compiled
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, R] with R <= D -> [B, H, T, D] (contiguous).
+    """x [B, T, H, D] (heads after tokens: the projections' own layout); cos/sin [B, T, R] with R <= D
+    -> [B, T, H, D] (contiguous).
 
     Rotates dims [0, R) NeoX style (pairs j, j + R/2); dims [R, D) pass through.
     """
     r = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos[:, :, None], sin[:, :, None]
     xr, xp = x[..., :r], x[..., r:]
     x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+
+
+@cuda_compiled
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, qk_dim: int,
+             v_dim: int, v_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim] (one projection's output) ->
+    q [B, T, heads, qk_dim], k [B, T, kv_heads, qk_dim] through `rope`, v [B, T, kv_heads, v_dim] * v_scale.
+
+    One op for the three, so that its backward hands the projection one gradient [B, T, n] (no sum of
+    three products and no concatenation)."""
+    B, T, _ = qkv.shape
+    nq, nk = heads * qk_dim, kv_heads * qk_dim
+    q = rope(qkv[..., :nq].reshape(B, T, heads, qk_dim), cos, sin)
+    k = rope(qkv[..., nq:nq + nk].reshape(B, T, kv_heads, qk_dim), cos, sin)
+    v = qkv[..., nq + nk:].reshape(B, T, kv_heads, v_dim) * v_scale
+    return q, k, v
 
 
 @cuda_compiled
@@ -95,14 +112,26 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@cuda_compiled
 def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h [P, 2I] (gate columns, then up), w [P] fp32 -> w * silu(gate) * up [P, I] in h's dtype (fp32 math for half inputs).
 
     The routing weight is applied before the (linear) down projection, which is the same as after it.
+    On CUDA in half precision: two Triton kernels (forward; backward with w's gradient in the same pass).
     """
+    half = h.dtype in (torch.bfloat16, torch.float16)
+    tk = triton_kernels() if h.is_cuda and half and COMPILE and not torch.compiler.is_compiling() else None
+    if tk is not None:
+        return tk.swiglu_weighted(h, w)
+    return _swiglu_weighted(h, w)
+
+
+@cuda_compiled
+def _swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     gate, up = _acc(h).chunk(2, dim=-1)
     return (F.silu(gate) * up * w[:, None]).to(h.dtype)
+
+
+swiglu_weighted.plain = _swiglu_weighted.plain
 
 
 def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:

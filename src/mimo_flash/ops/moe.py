@@ -69,10 +69,30 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """idx [N, k] -> (order [N*k] into the flattened (token, slot) pairs sorted by expert, counts [E])."""
+def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """idx [N, k] -> (order [N*k]: the flattened (token, slot) pairs sorted by expert, stably; inv [N*k]: the
+    place of each pair in that order; counts [E]). On CUDA a counting sort in Triton (the same order)."""
+    tk = fused.triton_kernels() if idx.is_cuda and fused.COMPILE and not torch.compiler.is_compiling() else None
+    if tk is not None:
+        return tk.sort_by_expert(idx, num_experts)
     order = torch.argsort(idx.reshape(-1), stable=True)
-    return order, expert_counts(idx, num_experts)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return order, inv, expert_counts(idx, num_experts)
+
+
+class _Permute(torch.autograd.Function):
+    """x [P, ...] -> x[order]; the backward is the inverse gather g[inv] (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inv):
+        ctx.save_for_backward(inv)
+        return x[order]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g[inv], None, None
 
 
 class _Dispatch(torch.autograd.Function):
@@ -135,14 +155,12 @@ def experts_grouped_mm(x, idx, w, gate_up, down):
     gather (the backward is a gather too).
     """
     N, k = idx.shape
-    order, counts = sort_by_expert(idx, gate_up.shape[0])
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel(), device=order.device)
+    order, inv, counts = sort_by_expert(idx, gate_up.shape[0])
     tok = order // k
     offs = counts.cumsum(0).to(torch.int32)
     xs = _Dispatch.apply(x, tok, inv, k)  # [P, D]
     h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [P, 2I]
-    a = fused.swiglu_weighted(h, w.reshape(-1)[order].float())  # [P, I]
+    a = fused.swiglu_weighted(h, _Permute.apply(w.reshape(-1).float(), order, inv))  # [P, I]
     ys = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [P, D]
     return _Combine.apply(ys, tok, inv, k)
 
@@ -153,7 +171,7 @@ def experts_grouped(x, idx, w, gate_up, down):
     if x.is_cuda and grouped_mm_supported(x, gate_up, down):
         return experts_grouped_mm(x, idx, w, gate_up, down)
     N, k = idx.shape
-    order, counts = sort_by_expert(idx, gate_up.shape[0])
+    order, _, counts = sort_by_expert(idx, gate_up.shape[0])
     tok = order // k
     xs = x[tok]  # [N*k, D] grouped by expert
     ys = torch.empty_like(xs)

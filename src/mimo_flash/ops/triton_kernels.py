@@ -1,4 +1,5 @@
-"""Triton kernels for CUDA: banded sliding-window attention with the sink, and the MoE gather-sum.
+"""Triton kernels for CUDA: banded sliding-window attention with the sink, the MoE gather-sum and
+weighted SwiGLU, and the cross-entropy loss.
 
 Importing this module needs triton; ops/attention_fast.py and ops/fused.py use it only where it
 imports and the tensors are on CUDA.
@@ -213,12 +214,13 @@ def _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS, 
 @triton.jit
 def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, DK, DVO,
                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                  sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                   T, HKV, qk_scale, sm_scale,
                   REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
                   DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One key tile of one kv head: dK, dV summed over the REP query heads that read it.
-    DK, DVO are contiguous [B, HKV, T, D]; DO is laid out like O ([B, H, T, DV], strides sdb, sdh, sdt)."""
+    DK [B, HKV, T, DA + DB] and DVO [B, HKV, T, DV] have strides sdk*, sdv*; DO [B, H, T, DV] sdb, sdh, sdt."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -248,15 +250,14 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, DK, DVO,
                 dka, dkb, dvacc = _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS,
                                              SEG, b, T, m0, q_head, do_head, row, sqt, sdt,
                                              qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    out_rows = (bhk * T + offs_n).to(tl.int64)
-    tl.store(DK + out_rows[:, None] * (DA + DB) + tl.arange(0, DA)[None, :], (dka * sm_scale).to(DK.dtype.element_ty),
-             mask=mask_n[:, None])
+    offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    dk_rows = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt
+    tl.store(dk_rows + tl.arange(0, DA)[None, :], (dka * sm_scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
     if DB > 0:
-        tl.store(DK + out_rows[:, None] * (DA + DB) + DA + tl.arange(0, DB)[None, :],
-                 (dkb * sm_scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
-    tl.store(DVO + out_rows[:, None] * DV + tl.arange(0, DV)[None, :], dvacc.to(DVO.dtype.element_ty),
-             mask=mask_n[:, None])
+        tl.store(dk_rows + DA + tl.arange(0, DB)[None, :], (dkb * sm_scale).to(DK.dtype.element_ty),
+                 mask=mask_n[:, None])
+    tl.store(DVO + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + tl.arange(0, DV)[None, :],
+             dvacc.to(DVO.dtype.element_ty), mask=mask_n[:, None])
 
 
 @triton.jit
@@ -278,11 +279,12 @@ def _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T,
 @triton.jit
 def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, POS, SEG, DQ,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                sdqb, sdqh, sdqt,
                 T, H, qk_scale, sm_scale,
                 REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
                 DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
-    """One query tile of one head: dQ. DQ is contiguous [B, H, T, DA + DB]."""
+    """One query tile of one head: dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -312,21 +314,29 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, POS, SEG, DQ,
         for n0 in range(lo, hi, BLOCK_N):
             dqa, dqb = _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T, n0,
                                 k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV, BLOCK_N)
-    rows = (bh * T + offs_m).to(tl.int64)
-    tl.store(DQ + rows[:, None] * (DA + DB) + tl.arange(0, DA)[None, :], (dqa * sm_scale).to(DQ.dtype.element_ty),
-             mask=mask_m[:, None])
+    dq_rows = DQ + b * sdqb + h * sdqh + offs_m.to(tl.int64)[:, None] * sdqt
+    tl.store(dq_rows + tl.arange(0, DA)[None, :], (dqa * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
     if DB > 0:
-        tl.store(DQ + rows[:, None] * (DA + DB) + DA + tl.arange(0, DB)[None, :],
-                 (dqb * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(dq_rows + DA + tl.arange(0, DB)[None, :], (dqb * sm_scale).to(DQ.dtype.element_ty),
+                 mask=mask_m[:, None])
 
 
 # ----------------------------------------------------------------------------------------- autograd
-FWD_CFG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-BWD_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+# Tile settings: the fastest of `python bench/gpu_check.py --swa-sweep` on an H100 (mini training size;
+# docs/BENCHMARKS.md).
+FWD_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+DKDV_CFG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+DQ_CFG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _heads_view(B: int, T: int, H: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """A new [B, H, T, D] tensor stored as [B, T, H, D]: the layout the model's projections read and
+    write, so that the output (and the gradients) need no transposing copy."""
+    return torch.empty(B, T, H, D, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
 class _BandedSWA(torch.autograd.Function):
@@ -336,7 +346,7 @@ class _BandedSWA(torch.autograd.Function):
         B, H, T, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[-1]
         DA, DB = split_dim(D)
-        out = torch.empty(B, H, T, Dv, device=q.device, dtype=q.dtype)
+        out = _heads_view(B, T, H, Dv, q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base 2, sink included
         pos_arg = pos if pos is not None else lse
         seg_arg = seg if seg is not None else lse
@@ -361,21 +371,18 @@ class _BandedSWA(torch.autograd.Function):
         Hkv, Dv = k.shape[1], v.shape[-1]
         DA, DB = split_dim(D)
         delta = row_dot(dout, out)  # [B, H, T] fp32
-        dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-        dk = torch.empty(B, Hkv, T, D, device=q.device, dtype=q.dtype)
-        dv = torch.empty(B, Hkv, T, Dv, device=q.device, dtype=q.dtype)
+        dq, dk, dv = _heads_view(B, T, H, D, q), _heads_view(B, T, Hkv, D, q), _heads_view(B, T, Hkv, Dv, q)
         pos_arg = pos if pos is not None else lse
         seg_arg = seg if seg is not None else lse
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-        flags = dict(WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS,
-                     **BWD_CFG)
-        _swa_bwd_dkdv[(triton.cdiv(T, BWD_CFG["BLOCK_N"]), B * Hkv)](
-            q, k, v, dout, lse, delta, pos_arg, seg_arg, dk, dv, *common,
-            T, Hkv, scale * LOG2E, scale, REP=H // Hkv, **flags)
-        _swa_bwd_dq[(triton.cdiv(T, BWD_CFG["BLOCK_M"]), B * H)](
-            q, k, v, dout, lse, delta, pos_arg, seg_arg, dq, *common,
-            T, H, scale * LOG2E, scale, REP=H // Hkv, **flags)
+        flags = dict(WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS)
+        _swa_bwd_dkdv[(triton.cdiv(T, DKDV_CFG["BLOCK_N"]), B * Hkv)](
+            q, k, v, dout, lse, delta, pos_arg, seg_arg, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
+            T, Hkv, scale * LOG2E, scale, REP=H // Hkv, **flags, **DKDV_CFG)
+        _swa_bwd_dq[(triton.cdiv(T, DQ_CFG["BLOCK_M"]), B * H)](
+            q, k, v, dout, lse, delta, pos_arg, seg_arg, dq, *common, *dq.stride()[:3],
+            T, H, scale * LOG2E, scale, REP=H // Hkv, **flags, **DQ_CFG)
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             pi = torch.exp2(sink.float()[None, :, None] * LOG2E - lse)  # share of the sink in each row
@@ -416,6 +423,126 @@ def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     _gather_sum_kernel[(N, triton.cdiv(D, block))](y, index, out, D, K=k, BLOCK_D=block,
                                                    num_warps=max(1, min(8, block // 256)))
     return out
+
+
+# ----------------------------------------------------------------------------------------- MoE sort
+# A stable counting sort of the (token, slot) pairs by expert, in place of a radix argsort: each block of
+# SORT_BLOCK pairs counts its experts into hist [E, blocks]; one running sum over hist, taken in that
+# (expert-major) order, less hist itself, is the first place of every (expert, block); each pair's place
+# is that plus the number of earlier pairs of its block with the same expert.
+SORT_BLOCK = 128
+
+
+@triton.jit
+def _expert_hist_kernel(IDX, HIST, P, NB, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    e = tl.load(IDX + offs, mask=mask, other=0).to(tl.int32)
+    tl.atomic_add(HIST + e * NB + b, 1, mask=mask)
+
+
+@triton.jit
+def _expert_place_kernel(IDX, FIRST, ORDER, INV, P, NB, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    offs = b * BLOCK + i
+    mask = offs < P
+    e = tl.load(IDX + offs, mask=mask, other=-1).to(tl.int32)
+    earlier = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])  # [pair, earlier pair of the block]
+    place = tl.load(FIRST + e * NB + b, mask=mask, other=0) + tl.sum(earlier.to(tl.int32), 1)
+    tl.store(INV + offs, place.to(tl.int64), mask=mask)
+    tl.store(ORDER + place, offs.to(tl.int64), mask=mask)
+
+
+def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """idx [N, k] -> (order [N*k] long: the flattened pairs sorted by expert, stably; inv [N*k] long: the
+    place of each pair in that order; counts [E] long). The same result as a stable argsort."""
+    flat = idx.reshape(-1).contiguous()
+    P, E = flat.numel(), num_experts
+    nb = max(1, triton.cdiv(P, SORT_BLOCK))
+    hist = torch.zeros(E, nb, device=flat.device, dtype=torch.int32)
+    order, inv = torch.empty(P, device=flat.device, dtype=torch.long), torch.empty(P, device=flat.device, dtype=torch.long)
+    if P:
+        _expert_hist_kernel[(nb,)](flat, hist, P, nb, BLOCK=SORT_BLOCK)
+        first = hist.view(-1).cumsum(0, dtype=torch.int32).view(E, nb) - hist
+        _expert_place_kernel[(nb,)](flat, first, order, inv, P, nb, BLOCK=SORT_BLOCK, num_warps=4)
+    return order, inv, hist.sum(1, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------- MoE SwiGLU
+@triton.jit
+def _swiglu_rows(H, W, rows, P, stride_h, I: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Rows `rows` of h [P, 2I]: gate, up [BLOCK_R, BLOCK_I] fp32, w [BLOCK_R] fp32, mask, column offsets."""
+    cols = tl.arange(0, BLOCK_I)
+    rmask = rows < P
+    mask = rmask[:, None] & (cols < I)[None, :]
+    h = H + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h + I, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + rows, mask=rmask, other=0.0).to(tl.float32)
+    return gate, up, w, mask, cols
+
+
+@triton.jit
+def _swiglu_fwd_kernel(H, W, A, P, stride_h, stride_a, I: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_I: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gate, up, w, mask, cols = _swiglu_rows(H, W, rows, P, stride_h, I, BLOCK_R, BLOCK_I)
+    a = gate * tl.sigmoid(gate) * up * w[:, None]
+    tl.store(A + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], a.to(A.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(H, W, GA, GH, GW, P, stride_h, stride_ga, I: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_I: tl.constexpr):
+    """a = w * silu(g) * u: dg = w da u silu'(g), du = w da silu(g), dw = sum(da silu(g) u) in one pass."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gate, up, w, mask, cols = _swiglu_rows(H, W, rows, P, stride_h, I, BLOCK_R, BLOCK_I)
+    r64 = rows.to(tl.int64)[:, None]
+    ga = tl.load(GA + r64 * stride_ga + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    tl.store(GW + rows, tl.sum(ga * silu * up, 1), mask=rows < P)
+    gs = ga * w[:, None]
+    gh = GH + r64 * (2 * I) + cols[None, :]
+    tl.store(gh, (gs * up * sig * (1.0 + gate * (1.0 - sig))).to(GH.dtype.element_ty), mask=mask)
+    tl.store(gh + I, (gs * silu).to(GH.dtype.element_ty), mask=mask)
+
+
+def _swiglu_launch(h: torch.Tensor) -> tuple[int, dict]:
+    I = h.shape[1] // 2
+    block_i = triton.next_power_of_2(I)
+    block_r = max(1, 4096 // block_i)
+    return triton.cdiv(h.shape[0], block_r), dict(I=I, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4)
+
+
+class _SwigluWeighted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w):
+        h = _last_dim_contiguous(h)
+        w = w.contiguous()
+        grid, meta = _swiglu_launch(h)
+        a = torch.empty(h.shape[0], meta["I"], device=h.device, dtype=h.dtype)
+        _swiglu_fwd_kernel[(grid,)](h, w, a, h.shape[0], h.stride(0), a.stride(0), **meta)
+        ctx.save_for_backward(h, w)
+        return a
+
+    @staticmethod
+    def backward(ctx, ga):
+        h, w = ctx.saved_tensors
+        ga = _last_dim_contiguous(ga)
+        grid, meta = _swiglu_launch(h)
+        gh = torch.empty(h.shape[0], h.shape[1], device=h.device, dtype=h.dtype)
+        gw = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        _swiglu_bwd_kernel[(grid,)](h, w, ga, gh, gw, h.shape[0], h.stride(0), ga.stride(0), **meta)
+        return gh, gw.to(w.dtype)
+
+
+def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h [P, 2I] (gate columns, then up), w [P] -> w * silu(gate) * up [P, I] in h's dtype, fp32 math;
+    the backward is one kernel that also gives w's gradient (the same formulas as ops.fused's body)."""
+    return _SwigluWeighted.apply(h, w)
 
 
 # ----------------------------------------------------------------------------------------- cross entropy
