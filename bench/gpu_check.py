@@ -101,18 +101,19 @@ def experts_case(N, E, k, D, I, peak):
 
 def swa_sweep() -> None:
     """Tile settings of the banded SWA kernels at the mini training size (4 x 4096, 16/8 heads, window 129,
-    sink): one kernel's settings varied at a time, the others at their defaults; each setting's outputs and
-    gradients checked against the defaults'."""
+    sink, the model's [B, T, H, d] layout): one kernel's settings varied at a time, the others at their
+    defaults; each setting's outputs and gradients checked against the defaults'."""
     import itertools
 
     from mimo_flash.ops import triton_kernels as tk
     B, H, Hkv, T, W = 4, 16, 8, 4096, 129
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B, H, T, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    k = torch.randn(B, Hkv, T, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    v = torch.randn(B, Hkv, T, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    # [B, H, T, d] views of [B, T, H, d] tensors, as the model passes them
+    q = torch.randn(B, T, H, 192, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, Hkv, 192, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, T, Hkv, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2).requires_grad_()
     s = torch.randn(H, device="cuda", generator=g).requires_grad_()
-    dy = torch.randn(B, H, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    dy = torch.randn(B, T, H, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
 
     def run():
         for t in (q, k, v, s):
@@ -139,8 +140,8 @@ def swa_sweep() -> None:
                 got = run()
                 err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
                           for a, b in zip(got, ref))
-                f = time_ms(lambda: tk.banded_swa(q, k, v, None, None, 192 ** -0.5, W, s), iters=10)
-                fb = time_ms(run, iters=10)
+                f = time_ms(lambda: tk.banded_swa(q, k, v, None, None, 192 ** -0.5, W, s), iters=20)
+                fb = time_ms(run, iters=20)
                 results.append([name, str(cfg), fmt(f, ".3f"), fmt(fb, ".3f"), f"{err:.1e}"])
             except Exception as e:  # noqa: BLE001  (out of shared memory / registers: not a candidate)
                 results.append([name, str(cfg), "fail", type(e).__name__, ""])

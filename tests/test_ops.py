@@ -153,6 +153,26 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def test_router_logits_are_fp32_with_input_precision_gradient():
+    from mimo_flash.ops.moe import _RouterLogits
+    g = torch.Generator().manual_seed(0)
+    w0, probe = torch.randn(8, 64, generator=g), torch.randn(50, 8, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        x0 = torch.randn(50, 64, generator=g).to(dtype)
+        res = []
+        for fn in (_RouterLogits.apply, lambda x, w: torch.nn.functional.linear(x.float(), w)):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            logits = fn(x, w)
+            (logits * probe).sum().backward()
+            res.append((logits, x.grad, w.grad))
+        (l1, gx1, gw1), (l2, gx2, gw2) = res
+        assert l1.dtype == torch.float32 and torch.equal(l1, l2)  # the forward is the fp32 product itself
+        assert gx1.dtype == dtype and gw1.dtype == torch.float32
+        torch.testing.assert_close(gw1, gw2)
+        err = ((gx1.double() - gx2.double()).norm() / gx2.double().norm()).item()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 1e-6), err  # bf16: the rounding of a bf16 product
+
+
 def test_grouped_mm_experts_match_the_reference():
     """bf16 grouped GEMMs (CPU kernel of torch._grouped_mm) vs the fp64 reference loop, forward and
     backward (x, both weights, router), with an empty and an overfull expert; within bf16 rounding,
@@ -220,6 +240,28 @@ def test_fused_bodies_are_the_formulas():
     torch.testing.assert_close(out[..., :3], q[..., :3] * c - q[..., 3:6] * s)
     torch.testing.assert_close(out[..., 3:6], q[..., 3:6] * c + q[..., :3] * s)
     torch.testing.assert_close(out[..., 6:], q[..., 6:])
+
+
+def test_rope_qkv_and_its_hand_written_gradient():
+    """rope_qkv splits one projection into rotated q, k and scaled v; the CUDA path's backward (one
+    concatenation, written by hand) equals autograd through the plain body."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, Hkv, D, Dv, R = 2, 5, 3, 1, 10, 4, 6
+    qkv0 = torch.randn(B, T, H * D + Hkv * (D + Dv), generator=g, dtype=torch.float64)
+    ang = torch.randn(B, T, R // 2, generator=g, dtype=torch.float64)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    probes = [torch.randn(B, T, h, d, generator=g, dtype=torch.float64) for h, d in ((H, D), (Hkv, D), (Hkv, Dv))]
+    res = []
+    for fn in (fused._RopeQKV.apply, fused._rope_qkv.plain):
+        qkv = qkv0.clone().requires_grad_()
+        outs = fn(qkv, cos, sin, H, Hkv, D, Dv, 0.7)
+        sum((o * p).sum() for o, p in zip(outs, probes)).backward()
+        res.append(list(outs) + [qkv.grad])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b)
+    q, k, v = res[1][:3]
+    torch.testing.assert_close(q, fused.rope(qkv0[..., :H * D].view(B, T, H, D), cos, sin))
+    torch.testing.assert_close(v, qkv0[..., H * D + Hkv * D:].view(B, T, Hkv, Dv) * 0.7)
 
 
 def test_sink_scale_is_the_sink_softmax():

@@ -183,8 +183,10 @@ def test_compiled_fused_ops_match_their_bodies():
     nw = torch.randn(192, generator=g, device=DEV).bfloat16().requires_grad_()
     gate, up = (h.detach()[:, :128].clone().requires_grad_(), h.detach()[:, 128:].clone().requires_grad_())
     qkv = torch.randn(2, 300, 3 * 192 + 128, generator=g, device=DEV).bfloat16().requires_grad_()
+    x2 = torch.randn(2, 300, 8, 192, generator=g, device=DEV).bfloat16().requires_grad_()
     cases = {
         "rms_norm": (fused.rms_norm, (x, nw, 1e-5)),
+        "add_rms_norm": (fused.add_rms_norm, (x, x2, nw, 1e-5)),
         "rope": (fused.rope, (x, cos, sin)),
         "swiglu_weighted": (fused.swiglu_weighted, (h, w)),
         "silu_mul": (fused.silu_mul, (gate, up)),

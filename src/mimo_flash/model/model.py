@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..config import MiMoConfig
 from ..ops.attention import AttnMeta
+from ..ops.fused import add_rms_norm
 from ..ops.loss import cross_entropy_sum
 from .attention import Attention
 from .layers import MLP, RMSNorm, rope_cos_sin
@@ -30,8 +31,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, meta, cache=None):
         """x [B, T, D] -> [B, T, D]"""
-        h = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        norm = self.post_attention_layernorm
+        h, normed = add_rms_norm(x, self.self_attn(self.input_layernorm(x), rope, meta, cache), norm.weight, norm.eps)
+        return h + self.mlp(normed)
 
 
 def build_meta(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,

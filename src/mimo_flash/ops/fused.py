@@ -76,6 +76,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @cuda_compiled
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h, weight, eps)) with h = x + y: the residual add and the next norm in one op (on CUDA one
+    kernel each way; the backward adds the residual gradient in the same pass)."""
+    h = x + y
+    return h, rms_norm(h, weight, eps)
+
+
+@cuda_compiled
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] (heads after tokens: the projections' own layout); cos/sin [B, T, R] with R <= D
     -> [B, T, H, D] (contiguous).
@@ -90,20 +98,62 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
 
 
-@cuda_compiled
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, qk_dim: int,
              v_dim: int, v_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim] (one projection's output) ->
     q [B, T, heads, qk_dim], k [B, T, kv_heads, qk_dim] through `rope`, v [B, T, kv_heads, v_dim] * v_scale.
 
     One op for the three, so that its backward hands the projection one gradient [B, T, n] (no sum of
-    three products and no concatenation)."""
+    three products). On CUDA the forward and the backward are one compiled kernel each.
+    """
+    args = (heads, kv_heads, qk_dim, v_dim, v_scale)
+    if COMPILE and qkv.is_cuda and not torch.compiler.is_compiling():
+        return _RopeQKV.apply(qkv, cos, sin, *args)
+    return _rope_qkv.plain(qkv, cos, sin, *args)
+
+
+@cuda_compiled
+def _rope_qkv(qkv, cos, sin, heads: int, kv_heads: int, qk_dim: int, v_dim: int, v_scale: float):
     B, T, _ = qkv.shape
     nq, nk = heads * qk_dim, kv_heads * qk_dim
     q = rope(qkv[..., :nq].reshape(B, T, heads, qk_dim), cos, sin)
     k = rope(qkv[..., nq:nq + nk].reshape(B, T, kv_heads, qk_dim), cos, sin)
     v = qkv[..., nq + nk:].reshape(B, T, kv_heads, v_dim) * v_scale
     return q, k, v
+
+
+def _rope_grad(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient through `rope` (a rotation: its transpose) of g [B, T, H, D] -> [B, T, H * D]."""
+    r = cos.shape[-1]
+    gr, gp = _acc(g[..., :r]), _acc(g[..., r:])
+    gs = gr * sin[:, :, None]
+    back = torch.cat([gs[..., r // 2:], -gs[..., : r // 2]], dim=-1)
+    return torch.cat([gr * cos[:, :, None] + back, gp], dim=-1).flatten(2)
+
+
+@cuda_compiled
+def _rope_qkv_grad(gq, gk, gv, cos, sin, v_scale: float):
+    out = torch.cat([_rope_grad(gq, cos, sin), _rope_grad(gk, cos, sin), _acc(gv).flatten(2) * v_scale], dim=-1)
+    return out.to(gq.dtype)
+
+
+rope_qkv.plain = _rope_qkv.plain
+
+
+class _RopeQKV(torch.autograd.Function):
+    """rope_qkv with its gradient written as one concatenation (autograd's own backward of the slices
+    would add three zero-filled [B, T, n] buffers)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale):
+        ctx.save_for_backward(cos, sin)
+        ctx.v_scale = v_scale
+        return _rope_qkv(qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        cos, sin = ctx.saved_tensors
+        return _rope_qkv_grad(gq, gk, gv, cos, sin, ctx.v_scale), None, None, None, None, None, None, None
 
 
 @cuda_compiled

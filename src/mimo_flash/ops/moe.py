@@ -20,6 +20,27 @@ import torch.nn.functional as F
 from . import fused
 
 
+class _RouterLogits(torch.autograd.Function):
+    """logits = x @ weight^T in fp32 (x cast up: the numbers of F.linear(x.float(), weight.float())).
+
+    Backward: weight's gradient in fp32; x's gradient in x's own precision (a bf16 activation gets a bf16
+    product, as the input gradient of every other projection is; fp32 stays fp32), which spares an fp32
+    [N, D] product and its cast per MoE layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        gx = g.to(x.dtype) @ weight.to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = (g.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
           norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sigmoid router. x [N, D], weight [E, D], bias [E] (selection only).
@@ -27,7 +48,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     Returns (indices [N, k] long, weights [N, k] fp32, scores [N, E] fp32).
     """
     with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-        logits = F.linear(x.float(), weight.float())
+        logits = _RouterLogits.apply(x, weight)
     scores = logits.sigmoid()
     choice = scores + bias.float()
     N, E = choice.shape

@@ -325,8 +325,8 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, POS, SEG, DQ,
 # Tile settings: the fastest of `python bench/gpu_check.py --swa-sweep` on an H100 (mini training size;
 # docs/BENCHMARKS.md).
 FWD_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-DKDV_CFG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-DQ_CFG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+DKDV_CFG = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)
+DQ_CFG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
