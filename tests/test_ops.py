@@ -323,6 +323,16 @@ for run in ("triton", "formula"):
     res.append([a, h.grad, w.grad])
 err = max((a - b).abs().max().item() for a, b in zip(*res))
 assert err < 1e-5, err
+# the gradient of rope_qkv: heads 3 / 1, qk dim 10 (6 rotated), v dim 6; gq in [B, H, T, d] storage
+from mimo_flash.ops import fused
+from mimo_flash.ops.triton_kernels import rope_qkv_grad
+ang = torch.randn(2, 7, 3, generator=g)
+cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+gq = torch.randn(2, 3, 7, 10, generator=g).transpose(1, 2)
+gk, gv = torch.randn(2, 7, 1, 10, generator=g), torch.randn(2, 7, 1, 6, generator=g)
+want = fused._rope_qkv_grad.plain(gq, gk, gv, cos, sin, 0.7)
+got = rope_qkv_grad(gq, gk, gv, cos, sin, 0.7)
+assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
 # counting sort of (token, slot) pairs by expert: 3 blocks (the last partial), an expert nobody chose
 from mimo_flash.ops.triton_kernels import sort_by_expert
 idx = torch.randint(0, 6, (100, 3), generator=g)

@@ -153,7 +153,9 @@ class _RopeQKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq, gk, gv):
         cos, sin = ctx.saved_tensors
-        return _rope_qkv_grad(gq, gk, gv, cos, sin, ctx.v_scale), None, None, None, None, None, None, None
+        tk = triton_kernels() if gq.is_cuda else None
+        grad = (tk.rope_qkv_grad if tk is not None else _rope_qkv_grad)(gq, gk, gv, cos, sin, ctx.v_scale)
+        return grad, None, None, None, None, None, None, None
 
 
 @cuda_compiled

@@ -325,7 +325,7 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, POS, SEG, DQ,
 # Tile settings: the fastest of `python bench/gpu_check.py --swa-sweep` on an H100 (mini training size;
 # docs/BENCHMARKS.md).
 FWD_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-DKDV_CFG = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)
+DKDV_CFG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
 DQ_CFG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
@@ -399,6 +399,66 @@ def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
     document (see the module docstring).
     """
     return _BandedSWA.apply(q, k, v, sink, pos, seg, scale, window, pos is None)
+
+
+# ----------------------------------------------------------------------------------------- RoPE gradient
+@triton.jit
+def _rope_grad_part(G, sgb, sgt, sgh, b, t, COS, SIN, cs_row, OUT, out_col, scale,
+                    H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
+    """One token's heads [H, D] of g (strides sgb, sgt, sgh) -> OUT[out_col + h * D + d]: the transpose of
+    the NeoX rotation over dims < R (pairs j, j + R/2), times `scale`; dims >= R pass through."""
+    h = tl.arange(0, HB)[:, None]
+    d = tl.arange(0, DB)[None, :]
+    m = (h < H) & (d < D)
+    rot = d < R
+    half = R // 2
+    partner = tl.where(d < half, d + half, d - half)
+    base = G + b * sgb + t * sgt + h * sgh
+    g = tl.load(base + d, mask=m, other=0.0).to(tl.float32)
+    out = g
+    if R > 0:
+        gp = tl.load(base + partner, mask=m & rot, other=0.0).to(tl.float32)
+        c = tl.load(COS + cs_row + d, mask=rot, other=1.0).to(tl.float32)
+        sp = tl.load(SIN + cs_row + partner, mask=rot, other=0.0).to(tl.float32)
+        out = tl.where(rot, g * c + tl.where(d < half, gp * sp, -gp * sp), g)
+    tl.store(OUT + out_col + h * D + d, (out * scale).to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_qkv_grad_kernel(GQ, GK, GV, COS, SIN, OUT, T, v_scale,
+                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, scb, sct,
+                          H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                          R: tl.constexpr, HQB: tl.constexpr, HKB: tl.constexpr, DQB: tl.constexpr,
+                          DVB: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // T
+    t = row % T
+    out_row = OUT + row.to(tl.int64) * (H * DQK + HKV * (DQK + DV))
+    cs = b * scb + t * sct
+    _rope_grad_part(GQ, sqb, sqt, sqh, b, t, COS, SIN, cs, out_row, 0, 1.0, H, DQK, R, HQB, DQB)
+    _rope_grad_part(GK, skb, skt, skh, b, t, COS, SIN, cs, out_row, H * DQK, 1.0, HKV, DQK, R, HKB, DQB)
+    _rope_grad_part(GV, svb, svt, svh, b, t, COS, SIN, cs, out_row, (H + HKV) * DQK, v_scale, HKV, DV, 0, HKB, DVB)
+
+
+def rope_qkv_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  v_scale: float) -> torch.Tensor:
+    """The gradient of ops.fused.rope_qkv's input: gq [B, T, H, Dqk], gk [B, T, Hkv, Dqk], gv [B, T, Hkv, Dv]
+    (any strides, last dim contiguous), cos / sin [B or 1, T, R] -> [B, T, H * Dqk + Hkv * (Dqk + Dv)]."""
+    B, T, H, D = gq.shape
+    Hkv, Dv, R = gk.shape[2], gv.shape[3], cos.shape[-1]
+    out = torch.empty(B, T, H * D + Hkv * (D + Dv), device=gq.device, dtype=gq.dtype)
+    gq, gk, gv, cos, sin = (_last_dim_contiguous(x) for x in (gq, gk, gv, cos, sin))
+    if sin.stride() != cos.stride():
+        sin = sin.contiguous()
+        cos = cos.contiguous()
+    scb = cos.stride(0) if cos.shape[0] > 1 else 0
+    p2 = triton.next_power_of_2
+    _rope_qkv_grad_kernel[(B * T,)](gq, gk, gv, cos, sin, out, T, v_scale,
+                                    gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
+                                    gv.stride(0), gv.stride(1), gv.stride(2), scb, cos.stride(1),
+                                    H=H, HKV=Hkv, DQK=D, DV=Dv, R=R, HQB=p2(H), HKB=p2(Hkv), DQB=p2(D), DVB=p2(Dv),
+                                    num_warps=8)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- MoE combine
