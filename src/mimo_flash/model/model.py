@@ -19,7 +19,11 @@ from .mtp import MTPLayer
 
 
 class DecoderLayer(nn.Module):
-    """h = x + Attn(norm_in(x)); out = h + MLP(norm_post(h))."""
+    """h = x + Attn(norm_in(x)); out = h + MLP(norm_post(h)).
+
+    The two residual adds are each fused with the norm that reads their sum (ops.fused.add_rms_norm):
+    the layer returns (h, MLP(...)) unsummed, and the next layer (or the final norm) adds them.
+    """
 
     def __init__(self, config: MiMoConfig, idx: int) -> None:
         super().__init__()
@@ -29,11 +33,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe(idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, meta, cache=None):
-        """x [B, T, D] -> [B, T, D]"""
+    def forward(self, x, rope, meta, cache=None, branch=None):
+        """x [B, T, D] (plus `branch` [B, T, D], the previous layer's MLP output, when given) ->
+        (h, mlp_out), both [B, T, D]: the layer's output is h + mlp_out."""
+        norm = self.input_layernorm
+        if branch is None:
+            normed = norm(x)
+        else:
+            x, normed = add_rms_norm(x, branch, norm.weight, norm.eps)
         norm = self.post_attention_layernorm
-        h, normed = add_rms_norm(x, self.self_attn(self.input_layernorm(x), rope, meta, cache), norm.weight, norm.eps)
-        return h + self.mlp(normed)
+        h, normed = add_rms_norm(x, self.self_attn(normed, rope, meta, cache), norm.weight, norm.eps)
+        return h, self.mlp(normed)
 
 
 def build_meta(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -122,9 +132,12 @@ class MiMoModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if ropes is None:
             ropes = self.ropes(meta.q_pos, x.dtype)
+        branch = None
         for layer in self.layers:
-            x = layer(x, ropes[layer.swa], meta, cache)
-        return self.norm(x)
+            x, branch = layer(x, ropes[layer.swa], meta, cache, branch)
+        if branch is None:
+            return self.norm(x)
+        return add_rms_norm(x, branch, self.norm.weight, self.norm.eps)[1]
 
 
 class MiMoForCausalLM(nn.Module):

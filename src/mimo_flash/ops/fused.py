@@ -201,12 +201,6 @@ def _gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @cuda_compiled
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a, b [..., D] -> [...] fp32: sum over the last dim of a * b, in fp32."""
-    return (a.float() * b.float()).sum(-1)
-
-
-@cuda_compiled
 def sink_scale(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     """Fold the sink into an attention output computed without it.
 

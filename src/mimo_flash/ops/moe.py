@@ -30,14 +30,16 @@ class _RouterLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return F.linear(x.float(), weight.float())
+        x32 = x.float()
+        ctx.save_for_backward(x32, weight)
+        ctx.x_dtype = x.dtype
+        return F.linear(x32, weight.float())
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        gx = g.to(x.dtype) @ weight.to(x.dtype) if ctx.needs_input_grad[0] else None
-        gw = (g.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        x32, weight = ctx.saved_tensors
+        gx = g.to(ctx.x_dtype) @ weight.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = (g.t() @ x32).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return gx, gw
 
 

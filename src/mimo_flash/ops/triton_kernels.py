@@ -12,9 +12,10 @@ Banded SWA attention ("triton" attention backend)
         k_pos <= q_pos, q_pos - k_pos < window, q_seg == k_seg.
     The sink starts each row's online softmax as if it were a key with score sink_h and no value
     (running max = sink_h, running sum = 1), so the saved log-sum-exp already includes it.
-    Backward (FlashAttention-2 style, no atomics): one kernel per key tile for dK and dV (looping
-    over the query heads that share the kv head), one per query tile for dQ; with P = exp(S - lse)
-    and Delta = rowsum(dO * O), dS = P * (dP - Delta), and d sink_h = -sum_i exp(sink_h - lse_i) Delta_i.
+    Backward (FlashAttention-2 style, no atomics): one kernel per query tile for dQ, which first
+    computes and stores Delta = rowsum(dO * O) of its rows, then one per key tile for dK and dV
+    (looping over the query heads that share the kv head); with P = exp(S - lse),
+    dS = P * (dP - Delta), and d sink_h = -sum_i exp(sink_h - lse_i) Delta_i.
     Head dims: Q/K dim = DA + DB with DA a power of two and DB a power of two or 0 (192 = 128 + 64),
     V dim a power of two.
 """
@@ -27,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import row_dot
 
 LOG2E = 1.4426950408889634
 
@@ -277,14 +277,15 @@ def _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T,
 
 
 @triton.jit
-def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, POS, SEG, DQ,
+def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-                sdqb, sdqh, sdqt,
+                sob, soh, sot, sdqb, sdqh, sdqt,
                 T, H, qk_scale, sm_scale,
                 REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
                 DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
-    """One query tile of one head: dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt."""
+    """One query tile of one head: Delta = rowsum(dO * O) of its rows (stored in DELTA for the dK/dV
+    kernel, which runs after this one), then dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -297,7 +298,10 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, POS, SEG, DQ,
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + tl.arange(0, DV)[None, :], mask=mask_m[:, None],
                  other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + bh * T + offs_m, mask=mask_m, other=0.0)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + tl.arange(0, DV)[None, :], mask=mask_m[:, None],
+                other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=mask_m)
     dqa = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, DB if DB > 0 else DA], dtype=tl.float32)
     lo = (tl.maximum(m0 - (WINDOW - 1), 0) // BLOCK_N) * BLOCK_N
@@ -370,19 +374,19 @@ class _BandedSWA(torch.autograd.Function):
         B, H, T, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[-1]
         DA, DB = split_dim(D)
-        delta = row_dot(dout, out)  # [B, H, T] fp32
+        delta = torch.empty_like(lse)  # rowsum(dout * out) [B, H, T] fp32: written by the dQ kernel
         dq, dk, dv = _heads_view(B, T, H, D, q), _heads_view(B, T, Hkv, D, q), _heads_view(B, T, Hkv, Dv, q)
         pos_arg = pos if pos is not None else lse
         seg_arg = seg if seg is not None else lse
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
         flags = dict(WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS)
+        _swa_bwd_dq[(triton.cdiv(T, DQ_CFG["BLOCK_M"]), B * H)](
+            q, k, v, dout, out, lse, delta, pos_arg, seg_arg, dq, *common, *out.stride()[:3], *dq.stride()[:3],
+            T, H, scale * LOG2E, scale, REP=H // Hkv, **flags, **DQ_CFG)
         _swa_bwd_dkdv[(triton.cdiv(T, DKDV_CFG["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, pos_arg, seg_arg, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
             T, Hkv, scale * LOG2E, scale, REP=H // Hkv, **flags, **DKDV_CFG)
-        _swa_bwd_dq[(triton.cdiv(T, DQ_CFG["BLOCK_M"]), B * H)](
-            q, k, v, dout, lse, delta, pos_arg, seg_arg, dq, *common, *dq.stride()[:3],
-            T, H, scale * LOG2E, scale, REP=H // Hkv, **flags, **DQ_CFG)
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             pi = torch.exp2(sink.float()[None, :, None] * LOG2E - lse)  # share of the sink in each row
