@@ -331,8 +331,11 @@ cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
 gq = torch.randn(2, 3, 7, 10, generator=g).transpose(1, 2)
 gk, gv = torch.randn(2, 7, 1, 10, generator=g), torch.randn(2, 7, 1, 6, generator=g)
 want = fused._rope_qkv_grad.plain(gq, gk, gv, cos, sin, 0.7)
-got = rope_qkv_grad(gq, gk, gv, cos, sin, 0.7)
-assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+import mimo_flash.ops.triton_kernels as tk
+for block in (4096, 32):  # all heads in one block; 2 heads per block (the loop over blocks, a partial last one)
+    tk.ROPE_BLOCK = block
+    got = rope_qkv_grad(gq, gk, gv, cos, sin, 0.7)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
 # counting sort of (token, slot) pairs by expert: 3 blocks (the last partial), an expert nobody chose
 from mimo_flash.ops.triton_kernels import sort_by_expert
 idx = torch.randint(0, 6, (100, 3), generator=g)

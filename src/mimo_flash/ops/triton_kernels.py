@@ -410,22 +410,25 @@ def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
 def _rope_grad_part(G, sgb, sgt, sgh, b, t, COS, SIN, cs_row, OUT, out_col, scale,
                     H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
     """One token's heads [H, D] of g (strides sgb, sgt, sgh) -> OUT[out_col + h * D + d]: the transpose of
-    the NeoX rotation over dims < R (pairs j, j + R/2), times `scale`; dims >= R pass through."""
-    h = tl.arange(0, HB)[:, None]
+    the NeoX rotation over dims < R (pairs j, j + R/2), times `scale`; dims >= R pass through. HB heads at
+    a time."""
     d = tl.arange(0, DB)[None, :]
-    m = (h < H) & (d < D)
     rot = d < R
     half = R // 2
     partner = tl.where(d < half, d + half, d - half)
-    base = G + b * sgb + t * sgt + h * sgh
-    g = tl.load(base + d, mask=m, other=0.0).to(tl.float32)
-    out = g
     if R > 0:
-        gp = tl.load(base + partner, mask=m & rot, other=0.0).to(tl.float32)
         c = tl.load(COS + cs_row + d, mask=rot, other=1.0).to(tl.float32)
         sp = tl.load(SIN + cs_row + partner, mask=rot, other=0.0).to(tl.float32)
-        out = tl.where(rot, g * c + tl.where(d < half, gp * sp, -gp * sp), g)
-    tl.store(OUT + out_col + h * D + d, (out * scale).to(OUT.dtype.element_ty), mask=m)
+    for h0 in tl.static_range(0, H, HB):
+        h = h0 + tl.arange(0, HB)[:, None]
+        m = (h < H) & (d < D)
+        base = G + b * sgb + t * sgt + h * sgh
+        g = tl.load(base + d, mask=m, other=0.0).to(tl.float32)
+        out = g
+        if R > 0:
+            gp = tl.load(base + partner, mask=m & rot, other=0.0).to(tl.float32)
+            out = tl.where(rot, g * c + tl.where(d < half, gp * sp, -gp * sp), g)
+        tl.store(OUT + out_col + h * D + d, (out * scale).to(OUT.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -444,6 +447,9 @@ def _rope_qkv_grad_kernel(GQ, GK, GV, COS, SIN, OUT, T, v_scale,
     _rope_grad_part(GV, svb, svt, svh, b, t, COS, SIN, cs, out_row, (H + HKV) * DQK, v_scale, HKV, DV, 0, HKB, DVB)
 
 
+ROPE_BLOCK = 4096  # elements of one block of heads in the RoPE gradient kernel
+
+
 def rope_qkv_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   v_scale: float) -> torch.Tensor:
     """The gradient of ops.fused.rope_qkv's input: gq [B, T, H, Dqk], gk [B, T, Hkv, Dqk], gv [B, T, Hkv, Dv]
@@ -451,17 +457,16 @@ def rope_qkv_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: tor
     B, T, H, D = gq.shape
     Hkv, Dv, R = gk.shape[2], gv.shape[3], cos.shape[-1]
     out = torch.empty(B, T, H * D + Hkv * (D + Dv), device=gq.device, dtype=gq.dtype)
-    gq, gk, gv, cos, sin = (_last_dim_contiguous(x) for x in (gq, gk, gv, cos, sin))
-    if sin.stride() != cos.stride():
-        sin = sin.contiguous()
-        cos = cos.contiguous()
+    gq, gk, gv = (_last_dim_contiguous(x) for x in (gq, gk, gv))
+    cos, sin = cos.contiguous(), sin.contiguous()
     scb = cos.stride(0) if cos.shape[0] > 1 else 0
     p2 = triton.next_power_of_2
+    heads = lambda n, d: min(p2(n), max(1, ROPE_BLOCK // p2(d)))  # noqa: E731  heads per block
     _rope_qkv_grad_kernel[(B * T,)](gq, gk, gv, cos, sin, out, T, v_scale,
                                     gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
                                     gv.stride(0), gv.stride(1), gv.stride(2), scb, cos.stride(1),
-                                    H=H, HKV=Hkv, DQK=D, DV=Dv, R=R, HQB=p2(H), HKB=p2(Hkv), DQB=p2(D), DVB=p2(Dv),
-                                    num_warps=8)
+                                    H=H, HKV=Hkv, DQK=D, DV=Dv, R=R, HQB=heads(H, D), HKB=heads(Hkv, D),
+                                    DQB=p2(D), DVB=p2(Dv), num_warps=8)
     return out
 
 
