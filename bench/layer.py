@@ -80,7 +80,10 @@ def run_variant(config, variant, B, T, with_tf, profile_dir):
             fn().backward(dy)
         return go
 
-    ours_fn = lambda: ours(x, rope, meta)
+    def ours_fn():
+        h, mlp_out = ours(x, rope, meta)  # the layer's output is h + mlp_out (summed by the next layer's norm)
+        return h + mlp_out
+
     flops = layer_flops(config, idx, B, T, train=True)
     rows = {}
     torch.cuda.reset_peak_memory_stats()
