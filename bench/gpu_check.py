@@ -159,7 +159,9 @@ def grouped_mm_layouts() -> None:
     transposed product."""
     P, E, D, I = 131072, 64, 1024, 512
     g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
     xs, gh, a, gy = r(P, D), r(P, 2 * I), r(P, I), r(P, D)
     gu, dn = r(E, 2 * I, D), r(E, D, I)
     offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (P // E)

@@ -180,8 +180,9 @@ def main() -> None:
             notes.append("losses of steps 1-4, eager: " + ", ".join(f"{x:.5f}" for x in eager_losses)
                          + "; graphed: " + ", ".join(f"{x:.5f}" for x in measure_graphed.losses))
             if measure_graphed.split:
-                notes.append("graphed step split: forward + backward as a graph %.1f ms, fused AdamW step %.1f ms"
-                             % measure_graphed.split)
+                fb, adamw = measure_graphed.split
+                notes.append(f"graphed step split: forward + backward as a graph {fb:.1f} ms, fused AdamW step "
+                             f"{adamw:.1f} ms")
         except Exception as e:  # noqa: BLE001
             notes.append(f"CUDA-graph step failed: {type(e).__name__}: {str(e)[:300]}")
         del ours

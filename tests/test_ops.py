@@ -259,7 +259,7 @@ def test_rope_qkv_and_its_hand_written_gradient():
         res.append(list(outs) + [qkv.grad])
     for a, b in zip(*res):
         torch.testing.assert_close(a, b)
-    q, k, v = res[1][:3]
+    q, _, v = res[1][:3]
     torch.testing.assert_close(q, fused.rope(qkv0[..., :H * D].view(B, T, H, D), cos, sin))
     torch.testing.assert_close(v, qkv0[..., H * D + Hkv * D:].view(B, T, Hkv, Dv) * 0.7)
 

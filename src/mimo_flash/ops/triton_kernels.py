@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 LOG2E = 1.4426950408889634
 
 
@@ -461,7 +460,10 @@ def rope_qkv_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: tor
     cos, sin = cos.contiguous(), sin.contiguous()
     scb = cos.stride(0) if cos.shape[0] > 1 else 0
     p2 = triton.next_power_of_2
-    heads = lambda n, d: min(p2(n), max(1, ROPE_BLOCK // p2(d)))  # noqa: E731  heads per block
+
+    def heads(n: int, d: int) -> int:  # heads per block of at most ROPE_BLOCK elements
+        return min(p2(n), max(1, ROPE_BLOCK // p2(d)))
+
     _rope_qkv_grad_kernel[(B * T,)](gq, gk, gv, cos, sin, out, T, v_scale,
                                     gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
                                     gv.stride(0), gv.stride(1), gv.stride(2), scb, cos.stride(1),
