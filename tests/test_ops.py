@@ -330,7 +330,7 @@ ang = torch.randn(2, 7, 3, generator=g)
 cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
 gq = torch.randn(2, 3, 7, 10, generator=g).transpose(1, 2)
 gk, gv = torch.randn(2, 7, 1, 10, generator=g), torch.randn(2, 7, 1, 6, generator=g)
-want = fused._rope_qkv_grad.plain(gq, gk, gv, cos, sin, 0.7)
+want = fused._rope_qkv_grad(gq, gk, gv, cos, sin, 0.7)
 import mimo_flash.ops.triton_kernels as tk
 for block in (4096, 32):  # all heads in one block; 2 heads per block (the loop over blocks, a partial last one)
     tk.ROPE_BLOCK = block

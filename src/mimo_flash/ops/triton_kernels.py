@@ -1,5 +1,5 @@
-"""Triton kernels for CUDA: banded sliding-window attention with the sink, the MoE gather-sum and
-weighted SwiGLU, and the cross-entropy loss.
+"""Triton kernels for CUDA: banded sliding-window attention with the sink, the gradient of RoPE / q / k / v,
+the MoE counting sort, gather-sum and weighted SwiGLU, and the cross-entropy loss.
 
 Importing this module needs triton; ops/attention_fast.py and ops/fused.py use it only where it
 imports and the tensors are on CUDA.
@@ -325,8 +325,8 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ,
 
 
 # ----------------------------------------------------------------------------------------- autograd
-# Tile settings: the fastest of `python bench/gpu_check.py --swa-sweep` on an H100 (mini training size;
-# docs/BENCHMARKS.md).
+# Tile settings: chosen with `python bench/gpu_check.py --swa-sweep` on an H100 (mini training size) and
+# checked kernel by kernel in the training step's profile (docs/BENCHMARKS.md).
 FWD_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 DKDV_CFG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
 DQ_CFG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
