@@ -124,8 +124,8 @@ def swa_sweep() -> None:
 
     defaults = {name: dict(getattr(tk, name)) for name in ("FWD_CFG", "DKDV_CFG", "DQ_CFG")}
     ref = run()
-    base_f = time_ms(lambda: tk.banded_swa(q, k, v, None, None, 192 ** -0.5, W, s), iters=10)
-    base_fb = time_ms(run, iters=10)
+    base_f = time_ms(lambda: tk.banded_swa(q, k, v, None, None, 192 ** -0.5, W, s), iters=20)
+    base_fb = time_ms(run, iters=20)
     rows = [["defaults", str(defaults), fmt(base_f, ".3f"), fmt(base_fb, ".3f"), "0"]]
     tiles = {"FWD_CFG": [(64, 64), (128, 64), (128, 32), (64, 128), (128, 128)],
              "DKDV_CFG": [(32, 64), (64, 64), (64, 32), (128, 64), (64, 128), (32, 128), (128, 32)]}
