@@ -145,6 +145,35 @@ def test_grouped_mm_experts_cuda():
     check([(n, rel(a, b)) for n, a, b in zip(("out", "dx", "dgu", "ddown", "drouter"), *res)])
 
 
+@pytest.mark.parametrize("E", [64, 256])
+def test_router_kernel_is_fp32_routing(E):
+    """The Triton router (bf16 tokens, the fp32 weight in three bf16 parts) against fp64: the same top-8
+    wherever the 8th and 9th choices are apart by more than the fp32 rounding, the weights and both
+    gradients (with the same choice) to fp32 precision, x's gradient to bf16's."""
+    from mimo_flash.ops.triton_kernels import route as route_triton
+    g = torch.Generator(device=DEV).manual_seed(0)
+    N, D, k = 4096, 1024, 8
+    x0 = torch.randn(N, D, generator=g, device=DEV).bfloat16()
+    w0 = torch.randn(E, D, generator=g, device=DEV) * D ** -0.5
+    bias = torch.randn(E, generator=g, device=DEV) * 0.01
+    probe = torch.randn(N, k, generator=g, device=DEV, dtype=torch.float64)
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    idx, wt, counts = route_triton(x, w, bias, k, True, 2.5, True)
+    (wt.double() * probe).sum().backward()
+    x64, w64 = x0.double().requires_grad_(), w0.double().requires_grad_()
+    s64 = torch.sigmoid(x64 @ w64.t())
+    top = (s64.detach() + bias.double()).topk(k + 1, dim=-1)
+    clear = top.values[:, k - 1] - top.values[:, k] > 1e-5
+    assert clear.float().mean() > 0.99
+    assert torch.equal(idx.sort(-1).values[clear], top.indices[:, :k].sort(-1).values[clear])
+    assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=E))
+    sel = s64.gather(1, idx)
+    want = sel / (sel.sum(-1, keepdim=True) + 1e-20) * 2.5
+    (want * probe).sum().backward()
+    check([("w", rel(wt, want)), ("dw", rel(w.grad, w64.grad))], tol=1e-5)
+    check([("dx", rel(x.grad, x64.grad))], tol=1e-2)
+
+
 @pytest.mark.parametrize("fn", [attention_triton, attention_cudnn])
 def test_model_layout_heads_after_tokens(fn):
     """q, k, v as the model passes them: [B, H, T, d] views of [B, T, H, d] tensors."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..config import MiMoConfig
-from ..ops.moe import expert_counts, experts, route
+from ..ops.moe import experts, router
 
 
 class Router(nn.Module):
@@ -30,11 +30,11 @@ class Router(nn.Module):
             self.e_score_correction_bias = b.float()
         return self
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (indices [N, k], weights [N, k] fp32)"""
-        idx, w, _ = route(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
-                          self.topk_group, self.norm_topk_prob, self.scaling)
-        return idx, w
+    def forward(self, x: torch.Tensor, count: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [N, D] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count else None)"""
+        return router(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                      self.norm_topk_prob, self.scaling, count)
 
 
 class Experts(nn.Module):
@@ -65,7 +65,7 @@ class MoE(nn.Module):
         """x [B, T, D] -> [B, T, D]"""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        idx, w = self.gate(x)
+        idx, w, load = self.gate(x, count=self.training)
         if self.training:
-            self.expert_load = expert_counts(idx.detach(), self.experts.gate_up_proj.shape[0])
+            self.expert_load = load
         return self.experts(x, idx, w).view(shape)

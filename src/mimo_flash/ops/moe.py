@@ -67,6 +67,23 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     return idx, w * scaling, scores
 
 
+def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+           norm_topk_prob: bool, scaling: float, count: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """route()'s (indices, weights), plus the tokens per expert [E] when count (else None).
+
+    On CUDA with bf16 x and one expert group: one Triton kernel each way (ops.triton_kernels.route), the
+    logits still the fp32 product; the chosen set equals route()'s up to exact ties of score + bias.
+    """
+    E = weight.shape[0]
+    tk = fused.triton_kernels() if x.is_cuda and fused.COMPILE and not torch.compiler.is_compiling() else None
+    if tk is not None and n_group == 1 and tk.router_supported(x, E, top_k):
+        idx, w, counts = tk.route(x, weight, bias, top_k, norm_topk_prob, scaling, count)
+        return idx, w, counts if count else None
+    idx, w, _ = route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+    return idx, w, expert_counts(idx.detach(), E) if count else None
+
+
 def _expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One expert's SwiGLU. x [n, D], gate_up [2I, D], down [D, I] -> [n, D]."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
