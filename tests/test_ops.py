@@ -252,7 +252,7 @@ def test_rope_qkv_and_its_hand_written_gradient():
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     probes = [torch.randn(B, T, h, d, generator=g, dtype=torch.float64) for h, d in ((H, D), (Hkv, D), (Hkv, Dv))]
     res = []
-    for fn in (fused._RopeQKV.apply, fused._rope_qkv.plain):
+    for fn in (fused._RopeQKV.apply, fused._rope_qkv):
         qkv = qkv0.clone().requires_grad_()
         outs = fn(qkv, cos, sin, H, Hkv, D, Dv, 0.7)
         sum((o * p).sum() for o, p in zip(outs, probes)).backward()
@@ -336,6 +336,24 @@ for block in (4096, 32):  # all heads in one block; 2 heads per block (the loop 
     tk.ROPE_BLOCK = block
     got = rope_qkv_grad(gq, gk, gv, cos, sin, 0.7)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+# the forward of rope_qkv: the same shapes from one [B, T, 3 * 10 + 10 + 6] projection
+qkv = torch.randn(2, 7, 46, generator=g)
+for block in (4096, 32):
+    tk.ROPE_BLOCK = block
+    got, want = tk.rope_qkv(qkv, cos, sin, 3, 1, 10, 6, 0.7), fused._rope_qkv(qkv, cos, sin, 3, 1, 10, 6, 0.7)
+    assert all(a.shape == b.shape and torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+# add + RMSNorm, and RMSNorm alone: 150 rows of 200 (a partial last program and block), both outputs' gradients
+x0, y0, w0 = torch.randn(150, 200, generator=g), torch.randn(150, 200, generator=g), torch.randn(200, generator=g)
+probes = torch.randn(2, 150, 200, generator=g)
+for with_y in (True, False):
+    res = []
+    for fn in ((tk.add_rms_norm, fused._add_rms_norm) if with_y else (tk.rms_norm, fused._rms_norm)):
+        x, y, w = (t.clone().requires_grad_() for t in (x0, y0, w0))
+        outs = fn(x, y, w, 1e-5) if with_y else (fn(x, w, 1e-5),)
+        sum((o * p).sum() for o, p in zip(outs, probes)).backward()
+        res.append(list(outs) + [x.grad, w.grad] + ([y.grad] if with_y else []))
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
 # counting sort of (token, slot) pairs by expert: 3 blocks (the last partial), an expert nobody chose
 from mimo_flash.ops.triton_kernels import sort_by_expert
 idx = torch.randint(0, 6, (100, 3), generator=g)
@@ -375,6 +393,6 @@ print("ok")
 
 def test_triton_kernels_in_the_interpreter():
     """The banded SWA kernels (forward, dQ, dK/dV, sink gradient; inputs in both layouts), the gather-sum,
-    the weighted SwiGLU, the counting sort by expert and the router, run by Triton's CPU interpreter in fp32 against the reference: index and mask
+    the weighted SwiGLU, RoPE of q/k/v both ways, add + RMSNorm, the counting sort by expert and the router, run by Triton's CPU interpreter in fp32 against the reference: index and mask
     logic without a GPU."""
     run_in_triton_interpreter(_INTERPRETED)

@@ -67,20 +67,37 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-@cuda_compiled
+def _triton_for(x: torch.Tensor):
+    """The Triton kernels module for a CUDA tensor outside torch.compile (else None: the plain or compiled body)."""
+    return triton_kernels() if x.is_cuda and COMPILE and not torch.compiler.is_compiling() else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D], weight [D] -> [..., D]: normalise in fp32 (fp64 stays), cast back, then scale by weight."""
+    """x [..., D], weight [D] -> [..., D]: normalise in fp32 (fp64 stays), cast back, then scale by weight.
+    On CUDA one Triton kernel each way (ops.triton_kernels.rms_norm, the same roundings)."""
+    tk = _triton_for(x)
+    return tk.rms_norm(x, weight, eps) if tk is not None else _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = _acc(x)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
-@cuda_compiled
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, rms_norm(h, weight, eps)) with h = x + y: the residual add and the next norm in one op (on CUDA one
-    kernel each way; the backward adds the residual gradient in the same pass)."""
+    Triton kernel each way; the backward adds the residual gradient in the same pass)."""
+    tk = _triton_for(x)
+    return tk.add_rms_norm(x, y, weight, eps) if tk is not None and x.dtype == y.dtype else _add_rms_norm(x, y, weight, eps)
+
+
+def _add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     h = x + y
-    return h, rms_norm(h, weight, eps)
+    return h, _rms_norm(h, weight, eps)
+
+
+rms_norm.plain, add_rms_norm.plain = _rms_norm, _add_rms_norm
 
 
 @cuda_compiled
@@ -104,15 +121,14 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
     q [B, T, heads, qk_dim], k [B, T, kv_heads, qk_dim] through `rope`, v [B, T, kv_heads, v_dim] * v_scale.
 
     One op for the three, so that its backward hands the projection one gradient [B, T, n] (no sum of
-    three products). On CUDA the forward is one compiled kernel and the backward one Triton kernel.
+    three products). On CUDA one Triton kernel each way (ops.triton_kernels.rope_qkv / rope_qkv_grad).
     """
     args = (heads, kv_heads, qk_dim, v_dim, v_scale)
-    if COMPILE and qkv.is_cuda and not torch.compiler.is_compiling():
+    if _triton_for(qkv) is not None:
         return _RopeQKV.apply(qkv, cos, sin, *args)
-    return _rope_qkv.plain(qkv, cos, sin, *args)
+    return _rope_qkv(qkv, cos, sin, *args)
 
 
-@cuda_compiled
 def _rope_qkv(qkv, cos, sin, heads: int, kv_heads: int, qk_dim: int, v_dim: int, v_scale: float):
     B, T, _ = qkv.shape
     nq, nk = heads * qk_dim, kv_heads * qk_dim
@@ -138,7 +154,7 @@ def _rope_qkv_grad(gq, gk, gv, cos, sin, v_scale: float):
     return out.to(gq.dtype)
 
 
-rope_qkv.plain = _rope_qkv.plain
+rope_qkv.plain = _rope_qkv
 
 
 class _RopeQKV(torch.autograd.Function):
@@ -150,13 +166,13 @@ class _RopeQKV(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale):
         ctx.save_for_backward(cos, sin)
         ctx.v_scale = v_scale
-        return _rope_qkv(qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale)
+        fn = triton_kernels().rope_qkv if qkv.is_cuda else _rope_qkv  # CPU: the formulas (tests)
+        return fn(qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
         cos, sin = ctx.saved_tensors
-        tk = triton_kernels() if gq.is_cuda else None
-        grad = (tk.rope_qkv_grad if tk is not None else _rope_qkv_grad)(gq, gk, gv, cos, sin, ctx.v_scale)
+        grad = (triton_kernels().rope_qkv_grad if gq.is_cuda else _rope_qkv_grad)(gq, gk, gv, cos, sin, ctx.v_scale)
         return grad, None, None, None, None, None, None, None
 
 

@@ -406,18 +406,25 @@ def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
 
 # ----------------------------------------------------------------------------------------- RoPE gradient
 @triton.jit
-def _rope_grad_part(G, sgb, sgt, sgh, b, t, COS, SIN, cs_row, OUT, out_col, scale,
-                    H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
-    """One token's heads [H, D] of g (strides sgb, sgt, sgh) -> OUT[out_col + h * D + d]: the transpose of
-    the NeoX rotation over dims < R (pairs j, j + R/2), times `scale`; dims >= R pass through. HB heads at
-    a time."""
+def _rope_part(G, sgb, sgt, sgh, b, t, COS, SIN, cs_row, OUT, out_col, scale,
+               H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr,
+               FWD: tl.constexpr):
+    """One token's heads [H, D] of G (strides sgb, sgt, sgh) -> OUT[out_col + h * D + d], times `scale`: the
+    NeoX rotation over dims < R (pairs j, j + R/2) when FWD, else its transpose (the gradient); dims >= R
+    pass through. fp32 math, one rounding. HB heads at a time."""
     d = tl.arange(0, DB)[None, :]
     rot = d < R
     half = R // 2
     partner = tl.where(d < half, d + half, d - half)
     if R > 0:
         c = tl.load(COS + cs_row + d, mask=rot, other=1.0).to(tl.float32)
-        sp = tl.load(SIN + cs_row + partner, mask=rot, other=0.0).to(tl.float32)
+        # forward: x_d cos_d + (-x_{d+h} | x_{d-h}) sin_d; transpose: g_d cos_d + (g_{d+h} | -g_{d-h}) sin_partner
+        if FWD:
+            sn = tl.load(SIN + cs_row + d, mask=rot, other=0.0).to(tl.float32)
+            sn = tl.where(d < half, -sn, sn)
+        else:
+            sn = tl.load(SIN + cs_row + partner, mask=rot, other=0.0).to(tl.float32)
+            sn = tl.where(d < half, sn, -sn)
     for h0 in tl.static_range(0, H, HB):
         h = h0 + tl.arange(0, HB)[:, None]
         m = (h < H) & (d < D)
@@ -426,8 +433,24 @@ def _rope_grad_part(G, sgb, sgt, sgh, b, t, COS, SIN, cs_row, OUT, out_col, scal
         out = g
         if R > 0:
             gp = tl.load(base + partner, mask=m & rot, other=0.0).to(tl.float32)
-            out = tl.where(rot, g * c + tl.where(d < half, gp * sp, -gp * sp), g)
+            out = tl.where(rot, g * c + gp * sn, g)
         tl.store(OUT + out_col + h * D + d, (out * scale).to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_qkv_kernel(QKV, COS, SIN, Q, K, V, T, v_scale, sxb, sxt, scb, sct,
+                     H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
+                     HQB: tl.constexpr, HKB: tl.constexpr, DQB: tl.constexpr, DVB: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // T
+    t = row % T
+    r64 = row.to(tl.int64)
+    cs = b * scb + t * sct
+    _rope_part(QKV, sxb, sxt, DQK, b, t, COS, SIN, cs, Q + r64 * (H * DQK), 0, 1.0, H, DQK, R, HQB, DQB, True)
+    _rope_part(QKV + H * DQK, sxb, sxt, DQK, b, t, COS, SIN, cs, K + r64 * (HKV * DQK), 0, 1.0, HKV, DQK, R, HKB,
+               DQB, True)
+    _rope_part(QKV + (H + HKV) * DQK, sxb, sxt, DV, b, t, COS, SIN, cs, V + r64 * (HKV * DV), 0, v_scale, HKV, DV,
+               0, HKB, DVB, True)
 
 
 @triton.jit
@@ -441,12 +464,42 @@ def _rope_qkv_grad_kernel(GQ, GK, GV, COS, SIN, OUT, T, v_scale,
     t = row % T
     out_row = OUT + row.to(tl.int64) * (H * DQK + HKV * (DQK + DV))
     cs = b * scb + t * sct
-    _rope_grad_part(GQ, sqb, sqt, sqh, b, t, COS, SIN, cs, out_row, 0, 1.0, H, DQK, R, HQB, DQB)
-    _rope_grad_part(GK, skb, skt, skh, b, t, COS, SIN, cs, out_row, H * DQK, 1.0, HKV, DQK, R, HKB, DQB)
-    _rope_grad_part(GV, svb, svt, svh, b, t, COS, SIN, cs, out_row, (H + HKV) * DQK, v_scale, HKV, DV, 0, HKB, DVB)
+    _rope_part(GQ, sqb, sqt, sqh, b, t, COS, SIN, cs, out_row, 0, 1.0, H, DQK, R, HQB, DQB, False)
+    _rope_part(GK, skb, skt, skh, b, t, COS, SIN, cs, out_row, H * DQK, 1.0, HKV, DQK, R, HKB, DQB, False)
+    _rope_part(GV, svb, svt, svh, b, t, COS, SIN, cs, out_row, (H + HKV) * DQK, v_scale, HKV, DV, 0, HKB, DVB, False)
 
 
-ROPE_BLOCK = 4096  # elements of one block of heads in the RoPE gradient kernel
+ROPE_BLOCK = 4096  # elements of one block of heads in the RoPE kernels
+
+
+def _rope_heads(n: int, d: int) -> int:
+    """Heads per block of at most ROPE_BLOCK elements."""
+    p2 = triton.next_power_of_2
+    return min(p2(n), max(1, ROPE_BLOCK // p2(d)))
+
+
+def _cos_sin(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, cos.stride(0) if cos.shape[0] > 1 else 0
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, qk_dim: int,
+             v_dim: int, v_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ops.fused.rope_qkv's forward in one pass: qkv [B, T, n] (last dim contiguous) -> q [B, T, H, Dqk],
+    k [B, T, Hkv, Dqk] rotated, v [B, T, Hkv, Dv] * v_scale (fp32 math, one rounding)."""
+    qkv = _last_dim_contiguous(qkv)
+    B, T, _ = qkv.shape
+    H, Hkv, D, Dv, R = heads, kv_heads, qk_dim, v_dim, cos.shape[-1]
+    q = torch.empty(B, T, H, D, device=qkv.device, dtype=qkv.dtype)
+    k = torch.empty(B, T, Hkv, D, device=qkv.device, dtype=qkv.dtype)
+    v = torch.empty(B, T, Hkv, Dv, device=qkv.device, dtype=qkv.dtype)
+    cos, sin, scb = _cos_sin(cos, sin)
+    p2 = triton.next_power_of_2
+    if B * T:
+        _rope_qkv_kernel[(B * T,)](qkv, cos, sin, q, k, v, T, v_scale, qkv.stride(0), qkv.stride(1), scb,
+                                   cos.stride(1), H=H, HKV=Hkv, DQK=D, DV=Dv, R=R, HQB=_rope_heads(H, D),
+                                   HKB=_rope_heads(Hkv, max(D, Dv)), DQB=p2(D), DVB=p2(Dv), num_warps=8)
+    return q, k, v
 
 
 def rope_qkv_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -457,19 +510,130 @@ def rope_qkv_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: tor
     Hkv, Dv, R = gk.shape[2], gv.shape[3], cos.shape[-1]
     out = torch.empty(B, T, H * D + Hkv * (D + Dv), device=gq.device, dtype=gq.dtype)
     gq, gk, gv = (_last_dim_contiguous(x) for x in (gq, gk, gv))
-    cos, sin = cos.contiguous(), sin.contiguous()
-    scb = cos.stride(0) if cos.shape[0] > 1 else 0
+    cos, sin, scb = _cos_sin(cos, sin)
     p2 = triton.next_power_of_2
-
-    def heads(n: int, d: int) -> int:  # heads per block of at most ROPE_BLOCK elements
-        return min(p2(n), max(1, ROPE_BLOCK // p2(d)))
-
-    _rope_qkv_grad_kernel[(B * T,)](gq, gk, gv, cos, sin, out, T, v_scale,
-                                    gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
-                                    gv.stride(0), gv.stride(1), gv.stride(2), scb, cos.stride(1),
-                                    H=H, HKV=Hkv, DQK=D, DV=Dv, R=R, HQB=heads(H, D), HKB=heads(Hkv, D),
-                                    DQB=p2(D), DVB=p2(Dv), num_warps=8)
+    if B * T:
+        _rope_qkv_grad_kernel[(B * T,)](gq, gk, gv, cos, sin, out, T, v_scale,
+                                        gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1),
+                                        gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2), scb, cos.stride(1),
+                                        H=H, HKV=Hkv, DQK=D, DV=Dv, R=R, HQB=_rope_heads(H, D),
+                                        HKB=_rope_heads(Hkv, max(D, Dv)), DQB=p2(D), DVB=p2(Dv), num_warps=8)
     return out
+
+
+# ----------------------------------------------------------------------------------------- RMSNorm
+# ops.fused.add_rms_norm / rms_norm with the roundings of their plain bodies: h = x + y rounded to the input
+# dtype; normalised in fp32, rounded, then times the weight (rounded). The backward adds the residual's own
+# gradient; the weight's gradient is summed per program in fp32 (partials [programs, D], then one sum).
+@triton.jit
+def _norm_fwd_kernel(X, Y, W, H, OUT, RSTD, N, eps, D: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    mask = rmask[:, None] & (cols < D)[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    h = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_Y:
+        h = (h.to(tl.float32) + tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 1) / D + eps)
+    n = (hf * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (w[None, :] * n).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _norm_bwd_kernel(H, W, RSTD, GOUT, GH, GX, GWP, N, D: tl.constexpr, HAS_GH: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """out = w * round(h r), r = rsqrt(mean(h^2) + eps): g_n = round(g_out w); g_h = round(g_n r - h r^3
+    mean(g_n h)) (+ the residual gradient g_h, rounded); the weight's partial sum of round(g_out n)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    gw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dt = GX.dtype.element_ty
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = pid * ROWS + r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        hf = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        go = tl.load(GOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        n = (hf * rstd[:, None]).to(dt).to(tl.float32)
+        gw += tl.sum((go * n).to(dt).to(tl.float32), 0)
+        gn = (go * w[None, :]).to(dt).to(tl.float32)
+        dot = tl.sum(gn * hf, 1) / D
+        gx = (gn * rstd[:, None] - hf * (rstd * rstd * rstd * dot)[:, None]).to(dt)
+        if HAS_GH:
+            gx = (gx.to(tl.float32) + tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        tl.store(GX + offs, gx, mask=mask)
+    tl.store(GWP + pid * D + cols, gw, mask=cmask)
+
+
+NORM_ROWS = 64  # rows per program of the norm's backward (one partial weight gradient each)
+
+
+def _norm_blocks(D: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(D)
+    return max(1, 4096 // block_d), block_d
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, weight, eps: float):
+        shape = x.shape
+        D = shape[-1]
+        x2 = x.reshape(-1, D).contiguous()
+        N = x2.shape[0]
+        h = torch.empty_like(x2) if y is not None else x2
+        out = torch.empty(N, D, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+        rstd = torch.empty(N, device=x.device, dtype=torch.float32)
+        block_r, block_d = _norm_blocks(D)
+        if N:
+            y2 = y.reshape(-1, D).contiguous() if y is not None else x2
+            _norm_fwd_kernel[(triton.cdiv(N, block_r),)](x2, y2, weight, h, out, rstd, N, eps, D=D,
+                                                         HAS_Y=y is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                         num_warps=8)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.has_y, ctx.shape = y is not None, shape
+        ctx.set_materialize_grads(False)
+        return (h.view(shape), out.view(shape)) if y is not None else out.view(shape)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gh, gout = grads if ctx.has_y else (None, grads[0])
+        h, weight, rstd = ctx.saved_tensors
+        N, D = h.shape
+        gx = torch.empty_like(h)
+        block_r, block_d = _norm_blocks(D)
+        progs = triton.cdiv(N, NORM_ROWS)
+        gwp = torch.empty(progs, D, device=h.device, dtype=torch.float32)
+        if gout is None:
+            gout = torch.zeros(N, D, device=h.device, dtype=h.dtype)
+        if N:
+            gh2 = gh.reshape(N, D).contiguous() if gh is not None else h
+            _norm_bwd_kernel[(progs,)](h, weight, rstd, gout.reshape(N, D).contiguous(), gh2, gx, gwp, N, D=D,
+                                       HAS_GH=gh is not None, BLOCK_R=block_r, BLOCK_D=block_d, ROWS=NORM_ROWS,
+                                       num_warps=8)
+        gx = gx.view(ctx.shape)
+        return gx, (gx if ctx.has_y else None), gwp.sum(0).to(weight.dtype), None
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.fused.add_rms_norm: x, y [..., D] (same dtype), weight [D] -> (h = x + y, rms_norm(h) * weight),
+    one kernel each way."""
+    return _AddRMSNorm.apply(x, y, weight, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ops.fused.rms_norm, one kernel each way."""
+    return _AddRMSNorm.apply(x, None, weight, eps)
 
 
 # ----------------------------------------------------------------------------------------- MoE combine
