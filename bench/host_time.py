@@ -3,7 +3,7 @@
 The GPU waits on the host where the host issues kernels slower than they run (short prompts; small
 kernels between large ones). This prints the host time of one forward and one backward, the cost of
 single launches (a Triton kernel, a compiled fused op, an aten op), and cProfile's top functions of
-one forward by own time.
+one forward by own and by cumulative time.
 
     python bench/host_time.py [--tokens 4096] [--batch 4] [--top 40]
 """
@@ -75,7 +75,9 @@ def main() -> None:
     loss.backward()
     torch.cuda.synchronize()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(args.top)
+    stats.sort_stats("cumulative").print_stats(args.top)
     print(out.getvalue())
 
 
