@@ -6,8 +6,11 @@ bf16 weights, B x T random tokens. transformers' MiMoV2FlashForCausalLM gets the
 Ours runs with return_logits=False (the loss's backward reuses the logits buffer; ops/loss.py).
 --graph adds a row where the whole step (forward, backward, capturable fused AdamW) is one CUDA graph
 replayed per step (same math, no launch gaps); it falls back to a note if capture fails.
+--trainer adds the Trainer's own step on the same rows: bf16 weights (dtype bfloat16), no MTP, no clipping
+and no balancing, as the step above; it also measures the gradient norm, samples and copies its rows and
+reads its metrics back every step.
 
-    python bench/train_step.py [--batch 4] [--seq 4096] [--mtp] [--graph] [--no-transformers]
+    python bench/train_step.py [--batch 4] [--seq 4096] [--mtp] [--graph] [--trainer] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -108,6 +111,29 @@ def measure_graphed(model, ids, forward, iters):
     return ms, mem, losses[0]
 
 
+def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: int):
+    """The Trainer's train_step on the rows of ids (one document each), from the same weights."""
+    from mimo_flash.training import TrainConfig, Trainer
+    from mimo_flash.training.data import PackedRows
+    from mimo_flash.training.parallel import ParallelContext
+    model = build_ours(config)
+    model.load_state_dict(state)
+    B, T = ids.shape
+    x = ids.cpu()
+    rows = PackedRows(x, x.clone(), torch.arange(T).expand(B, T).clone(), torch.zeros(B, T, dtype=torch.long))
+    cfg = TrainConfig(steps=1000, batch_size=B, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, mtp=False,
+                      bias_update_rate=0.0, dtype="bfloat16", shuffle=False, progress=False, plot=False)
+    trainer = Trainer(model, rows, cfg, ParallelContext(device=torch.device("cuda")))
+    recs = []
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(lambda: recs.append(trainer.train_step()), warmup=2, iters=iters)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30
+    measure_trainer.losses = [r["loss"] for r in recs[:4]]
+    del trainer, model
+    torch.cuda.empty_cache()
+    return ms, mem, recs[0]["loss"]
+
+
 def profile_step(model, ids) -> None:
     """Time tables of one forward + backward (no optimizer) -> $OUT/profile_train_step.txt: by kernel and
     operator (self GPU time), then by operator and input shapes."""
@@ -132,6 +158,7 @@ def main() -> None:
     ap.add_argument("--mtp", action="store_true", help="also time ours with the 3 MTP layers and their loss")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time ours with the whole step as one CUDA graph")
+    ap.add_argument("--trainer", action="store_true", help="also time the Trainer's own step")
     ap.add_argument("--unfused-loss", action="store_true", help="also time ours with return_logits=True")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one of our steps to $OUT")
     args = ap.parse_args()
@@ -172,6 +199,12 @@ def main() -> None:
                      f"{getattr(tc, '_experts_implementation', '?')}")
         del tf
         torch.cuda.empty_cache()
+    if args.trainer:
+        try:
+            rows["mimo-flash Trainer.train_step"] = measure_trainer(config, state, ids, args.iters)
+            notes.append("Trainer: losses of steps 1-4 " + ", ".join(f"{x:.5f}" for x in measure_trainer.losses))
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"Trainer failed: {type(e).__name__}: {str(e)[:300]}")
     if args.graph:  # last: a failed capture must not spoil the other rows
         ours = build_ours(config)
         ours.load_state_dict(state)

@@ -136,7 +136,7 @@ def test_decode_router_matches_router():
         r.weight.copy_(torch.randn(r.weight.shape, generator=g) * 0.5)
         r.e_score_correction_bias.copy_(torch.randn(c.n_routed_experts, generator=g) * 0.05)
     x = torch.randn(33, c.hidden_size, generator=g)
-    dense = [torch.zeros(33, c.n_routed_experts).scatter(1, i, w) for i, w in (r(x), route_decode(r, x))]
+    dense = [torch.zeros(33, c.n_routed_experts).scatter(1, i, w) for i, w in (r(x)[:2], route_decode(r, x))]
     assert torch.allclose(dense[0], dense[1], atol=1e-6)
 
 

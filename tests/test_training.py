@@ -276,3 +276,18 @@ def test_demo_learns(tmp_path):
     assert gens[0]["tokens"] > 0
     if len(gens) > 1:
         assert gens[1]["same_as_plain"] and gens[1]["acceptance_length"] > 1.5
+
+
+def test_rows_of_one_document_train_as_a_plain_batch():
+    """Rows that are each one document from position 0 go to the model without positions and segments (the
+    plain-batch kernels on a GPU): the same losses and gradients as with them."""
+    g = torch.Generator().manual_seed(3)
+    data = pack_documents([Document(torch.randint(3, 200, (48,), generator=g).tolist()) for _ in range(8)], 48)
+    assert data.one_document_per_row() and not rows().one_document_per_row()
+    plain, packed = Trainer(tiny(), data, quiet(steps=2)), Trainer(tiny(), data, quiet(steps=2))
+    packed.plain_rows = False
+    gp, gk = _capture_grads(plain), _capture_grads(packed)
+    for a, b in zip(plain.fit(), packed.fit()):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for x, y in zip(gp[0], gk[0]):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

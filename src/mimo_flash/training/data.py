@@ -109,6 +109,13 @@ class PackedRows:
         """rows [B] row indices -> dict of [B, T] tensors."""
         return {k: getattr(self, k)[rows] for k in ("input_ids", "labels", "position_ids", "segment_ids")}
 
+    def one_document_per_row(self) -> bool:
+        """Every row is one document from position 0 (no packing, no padding): the model can take the rows
+        as a plain batch, without positions or segments."""
+        T = self.seq_len
+        return bool((self.segment_ids == self.segment_ids[:, :1]).all() and (self.position_ids == torch.arange(T)).all()
+                    and (self.segment_ids >= 0).all())
+
     def fingerprint(self) -> str:
         """A hash of the packed tokens and labels: resuming checks it sees the same data."""
         h = hashlib.sha256()

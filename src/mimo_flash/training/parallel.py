@@ -267,29 +267,29 @@ def finish_gradients(params: list[nn.Parameter], expert_params: list[nn.Paramete
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: list[nn.Parameter],
-                   ctx: ParallelContext) -> float:
-    """Global gradient L2 norm over all ranks' shards; scales the gradients down to max_norm when above.
+                   ctx: ParallelContext) -> torch.Tensor:
+    """Global gradient L2 norm over all ranks' shards (an fp32 scalar tensor, never read back here: the step
+    can be a CUDA graph); scales the gradients down to max_norm when above.
 
     Every element of every gradient lives on exactly one rank (FSDP shards, expert shards), except
     expert shards copied over `edp` ranks, which count once. max_norm <= 0 only measures.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    is_expert = {id(p) for p in expert_params}
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros((), dtype=torch.float32, device=ctx.device)
     copies = ctx.world // ctx.ep if ctx.ep > 1 else 1
-    sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
-    for p in params:
-        if p.grad is not None:
-            s = _local(p.grad).float().pow(2).sum()
-            sq += s / copies if id(p) in is_expert and copies > 1 else s
+    is_expert = {id(p) for p in expert_params}
+    grads = [_local(p.grad) for p in with_grad]
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # fp32 sums, no fp32 copies
+    if copies > 1:
+        norms = norms / torch.tensor([copies ** 0.5 if id(p) in is_expert else 1.0 for p in with_grad],
+                                     device=norms.device)
+    sq = norms.square().sum()
     ctx.all_reduce_(sq)
     norm = sq.sqrt()
     if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            _local(g).mul_(coef.to(g.dtype))
-    return float(norm)
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 # ----------------------------------------------------------------------------- full state dicts
