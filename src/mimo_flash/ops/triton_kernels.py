@@ -575,7 +575,8 @@ def _norm_bwd_kernel(H, W, RSTD, GOUT, GH, GX, GWP, N, D: tl.constexpr, HAS_GH: 
     tl.store(GWP + pid * D + cols, gw, mask=cmask)
 
 
-NORM_ROWS = 64  # rows per program of the norm's backward (one partial weight gradient each)
+NORM_BWD = dict(ROWS=16, num_warps=4)  # rows per program of the norm's backward (one partial weight gradient each;
+# bench/gpu_check.py --norm-sweep)
 
 
 def _norm_blocks(D: int) -> tuple[int, int]:
@@ -611,15 +612,15 @@ class _AddRMSNorm(torch.autograd.Function):
         N, D = h.shape
         gx = torch.empty_like(h)
         block_r, block_d = _norm_blocks(D)
-        progs = triton.cdiv(N, NORM_ROWS)
+        progs = triton.cdiv(N, NORM_BWD["ROWS"])
         gwp = torch.empty(progs, D, device=h.device, dtype=torch.float32)
         if gout is None:
             gout = torch.zeros(N, D, device=h.device, dtype=h.dtype)
         if N:
             gh2 = gh.reshape(N, D).contiguous() if gh is not None else h
             _norm_bwd_kernel[(progs,)](h, weight, rstd, gout.reshape(N, D).contiguous(), gh2, gx, gwp, N, D=D,
-                                       HAS_GH=gh is not None, BLOCK_R=block_r, BLOCK_D=block_d, ROWS=NORM_ROWS,
-                                       num_warps=8)
+                                       HAS_GH=gh is not None, BLOCK_R=min(block_r, NORM_BWD["ROWS"]),
+                                       BLOCK_D=block_d, **NORM_BWD)
         gx = gx.view(ctx.shape)
         return gx, (gx if ctx.has_y else None), gwp.sum(0).to(weight.dtype), None
 
@@ -643,10 +644,17 @@ def _gather_sum_kernel(Y, IDX, OUT, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in tl.static_range(K):
-        r = tl.load(IDX + n * K + s).to(tl.int64)
-        acc += tl.load(Y + r * D + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + n.to(tl.int64) * D + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+    out = OUT + n.to(tl.int64) * D + offs
+    if K == 1:  # a copy to k rows each (dispatch): the source rows stay in L2 for their other copies, the
+        # [P, D] output streams past it
+        r = tl.load(IDX + n).to(tl.int64)
+        acc = tl.load(Y + r * D + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask, cache_modifier=".cs")
+    else:  # a sum of k rows each read once
+        for s in tl.static_range(K):
+            r = tl.load(IDX + n * K + s).to(tl.int64)
+            acc += tl.load(Y + r * D + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
