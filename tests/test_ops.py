@@ -342,9 +342,10 @@ for block in (4096, 32):
     tk.ROPE_BLOCK = block
     got, want = tk.rope_qkv(qkv, cos, sin, 3, 1, 10, 6, 0.7), fused._rope_qkv(qkv, cos, sin, 3, 1, 10, 6, 0.7)
     assert all(a.shape == b.shape and torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
-# add + RMSNorm, and RMSNorm alone: 150 rows of 200 (a partial last program and block), both outputs' gradients
-x0, y0, w0 = torch.randn(150, 200, generator=g), torch.randn(150, 200, generator=g), torch.randn(200, generator=g)
-probes = torch.randn(2, 150, 200, generator=g)
+# add + RMSNorm, and RMSNorm alone: 150 rows of 600 (4-row blocks, several per backward program, a partial last
+# program; a partial column block), both outputs' gradients
+x0, y0, w0 = torch.randn(150, 600, generator=g), torch.randn(150, 600, generator=g), torch.randn(600, generator=g)
+probes = torch.randn(2, 150, 600, generator=g)
 for with_y in (True, False):
     res = []
     for fn in ((tk.add_rms_norm, fused._add_rms_norm) if with_y else (tk.rms_norm, fused._rms_norm)):
