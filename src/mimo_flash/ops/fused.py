@@ -67,7 +67,7 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-def _triton_for(x: torch.Tensor):
+def triton_for(x: torch.Tensor):
     """The Triton kernels module for a CUDA tensor outside torch.compile (else None: the plain or compiled body)."""
     return triton_kernels() if x.is_cuda and COMPILE and not torch.compiler.is_compiling() else None
 
@@ -75,7 +75,7 @@ def _triton_for(x: torch.Tensor):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] -> [..., D]: normalise in fp32 (fp64 stays), cast back, then scale by weight.
     On CUDA one Triton kernel each way (ops.triton_kernels.rms_norm, the same roundings)."""
-    tk = _triton_for(x)
+    tk = triton_for(x)
     return tk.rms_norm(x, weight, eps) if tk is not None else _rms_norm(x, weight, eps)
 
 
@@ -88,7 +88,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, rms_norm(h, weight, eps)) with h = x + y: the residual add and the next norm in one op (on CUDA one
     Triton kernel each way; the backward adds the residual gradient in the same pass)."""
-    tk = _triton_for(x)
+    tk = triton_for(x)
     return tk.add_rms_norm(x, y, weight, eps) if tk is not None and x.dtype == y.dtype else _add_rms_norm(x, y, weight, eps)
 
 
@@ -124,7 +124,7 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
     three products). On CUDA one Triton kernel each way (ops.triton_kernels.rope_qkv / rope_qkv_grad).
     """
     args = (heads, kv_heads, qk_dim, v_dim, v_scale)
-    if _triton_for(qkv) is not None:
+    if triton_for(qkv) is not None:
         return _RopeQKV.apply(qkv, cos, sin, *args)
     return _rope_qkv(qkv, cos, sin, *args)
 
@@ -189,7 +189,7 @@ def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     On CUDA in half precision: two Triton kernels (forward; backward with w's gradient in the same pass).
     """
     half = h.dtype in (torch.bfloat16, torch.float16)
-    tk = triton_kernels() if h.is_cuda and half and COMPILE and not torch.compiler.is_compiling() else None
+    tk = triton_for(h) if half else None
     if tk is not None:
         return tk.swiglu_weighted(h, w)
     return _swiglu_weighted(h, w)
@@ -207,7 +207,7 @@ swiglu_weighted.plain = _swiglu_weighted.plain
 def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """y [P, D], index [N * k] -> out [N, D], out[n] = sum_s y[index[n * k + s]], summed in fp32
     (a Triton kernel on CUDA: each output row reads its k rows once)."""
-    tk = triton_kernels() if y.is_cuda and COMPILE and not torch.compiler.is_compiling() else None
+    tk = triton_for(y)
     if tk is not None:
         return tk.gather_sum(y, index, k)
     return _gather_sum(y, index, k)

@@ -76,7 +76,7 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
     logits still the fp32 product; the chosen set equals route()'s up to exact ties of score + bias.
     """
     E = weight.shape[0]
-    tk = fused.triton_kernels() if x.is_cuda and fused.COMPILE and not torch.compiler.is_compiling() else None
+    tk = fused.triton_for(x)
     if tk is not None and n_group == 1 and tk.router_supported(x, E, top_k):
         idx, w, counts = tk.route(x, weight, bias, top_k, norm_topk_prob, scaling, count)
         return idx, w, counts if count else None
@@ -112,7 +112,7 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
 def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """idx [N, k] -> (order [N*k]: the flattened (token, slot) pairs sorted by expert, stably; inv [N*k]: the
     place of each pair in that order; counts [E]). On CUDA a counting sort in Triton (the same order)."""
-    tk = fused.triton_kernels() if idx.is_cuda and fused.COMPILE and not torch.compiler.is_compiling() else None
+    tk = fused.triton_for(idx)
     if tk is not None:
         return tk.sort_by_expert(idx, num_experts)
     order = torch.argsort(idx.reshape(-1), stable=True)
