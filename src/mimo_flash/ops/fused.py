@@ -1,9 +1,10 @@
-"""Small elementwise ops, each written once in plain PyTorch and fused by torch.compile on CUDA.
+"""Small elementwise ops, each written once in plain PyTorch and fused on CUDA.
 
-The plain body is the definition (and what runs on CPU); on CUDA the same body goes through
-torch.compile, which turns it and its backward into one or two fused kernels instead of a chain
-of memory-bound ones. Set MIMO_FLASH_COMPILE=0 to run the plain bodies everywhere.
-Inside an outer torch.compile the plain body runs, so the outer graph inlines it.
+The plain body is the definition (and what runs on CPU). On CUDA an op runs either a Triton kernel of
+ops/triton_kernels.py with the same roundings (norms, RoPE of q/k/v, weighted SwiGLU, gather-sum: one
+launch each way, cheaper for the host than a compiled graph) or its body through torch.compile, which
+turns it and its backward into one or two fused kernels. Set MIMO_FLASH_COMPILE=0 to run the plain bodies
+everywhere. Inside an outer torch.compile the plain body runs, so the outer graph inlines it.
 """
 
 from __future__ import annotations

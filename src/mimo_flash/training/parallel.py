@@ -268,8 +268,8 @@ def finish_gradients(params: list[nn.Parameter], expert_params: list[nn.Paramete
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: list[nn.Parameter],
                    ctx: ParallelContext) -> torch.Tensor:
-    """Global gradient L2 norm over all ranks' shards (an fp32 scalar tensor, never read back here: the step
-    can be a CUDA graph); scales the gradients down to max_norm when above.
+    """Global gradient L2 norm over all ranks' shards (an fp32 scalar tensor on the device); scales the
+    gradients down to max_norm when above.
 
     Every element of every gradient lives on exactly one rank (FSDP shards, expert shards), except
     expert shards copied over `edp` ranks, which count once. max_norm <= 0 only measures.

@@ -221,11 +221,8 @@ class Trainer:
         norm = self._update()
         self.scheduler.step()
         grad_norm = float(norm)
-        sums = parts
-        loads = step_loads if step_loads is not None else torch.zeros(0, self.config.n_routed_experts,
-                                                                       dtype=torch.float64, device=ctx.device)
-        balance = self._balance(loads)
-        sums = ctx.all_reduce_(sums).cpu()
+        balance = self._balance(step_loads)
+        sums = ctx.all_reduce_(parts).cpu()
         self.step += 1
         tokens = self.rows_per_step * self.rows.seq_len
         self.tokens_seen += tokens
@@ -241,8 +238,9 @@ class Trainer:
         return rec
 
     @torch.no_grad()
-    def _balance(self, loads: torch.Tensor) -> dict:
-        """Aux-loss-free balancing after the optimizer step. loads [L, E] token counts of this rank."""
+    def _balance(self, loads: torch.Tensor | None) -> dict:
+        """Aux-loss-free balancing after the optimizer step. loads [L, E] token counts of this rank (None
+        without MoE layers)."""
         if not self.moes:
             return {}
         self.ctx.all_reduce_(loads)
