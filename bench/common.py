@@ -50,6 +50,21 @@ def time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
     return statistics.median(times)
 
 
+def time_ms_back_to_back(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Mean wall time of fn() in ms over `iters` calls issued back to back (no synchronisation between
+    them, as a training loop runs), bracketed by two CUDA events (after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
 def hardware_limits() -> tuple[float, float]:
     """Measured here and now: bf16 matmul TFLOP/s (8192^3, random data) and device copy TB/s
     (bytes read + written, 1 GiB buffer)."""

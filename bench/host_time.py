@@ -69,6 +69,12 @@ def main() -> None:
           f"rms_norm (autograd function + Triton) {host_ms(lambda: fused.rms_norm(x, w, 1e-6)) * 1e3:.1f} us, "
           f"compiled silu_mul {host_ms(lambda: fused.silu_mul(x, x)) * 1e3:.1f} us, "
           f"aten add {host_ms(lambda: x + x) * 1e3:.1f} us")
+    out_ = torch.empty_like(x)
+    kern = tk._gather_sum_kernel  # the same launch through Triton's own path and through ops' _Launcher
+    raw = getattr(kern, "fn", kern)
+    print(f"one gather_sum kernel launch, host: Triton's path "
+          f"{host_ms(lambda: raw[(4096, 1)](x, idx, out_, 1024, K=1, BLOCK_D=1024, num_warps=4)) * 1e3:.1f} us, "
+          f"triton_kernels' launcher {host_ms(lambda: kern[(4096, 1)](x, idx, out_, 1024, K=1, BLOCK_D=1024, num_warps=4)) * 1e3:.1f} us")
     model.zero_grad(set_to_none=True)
     prof = cProfile.Profile()  # the forward only: the backward's Python runs in autograd's own thread
     prof.enable()

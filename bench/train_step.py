@@ -8,7 +8,11 @@ Ours runs with return_logits=False (the loss's backward reuses the logits buffer
 replayed per step (same math, no launch gaps); it falls back to a note if capture fails.
 --trainer adds the Trainer's own step on the same rows: bf16 weights (dtype bfloat16), no MTP, no clipping
 and no balancing, as the step above; it also measures the gradient norm, samples and copies its rows and
-reads its metrics back every step.
+reads its metrics back every step (its back-to-back time is its fit() loop).
+Each row has two times: "ms/step", the median of steps each synchronised and timed on its own (the host
+issues every step from an idle GPU), and "back to back", the mean over twice as many steps issued one after
+the other with no synchronisation between them, as a training loop runs (the host issues a step while the
+GPU finishes the one before). Speed-ups compare like with like.
 
     python bench/train_step.py [--batch 4] [--seq 4096] [--mtp] [--graph] [--trainer] [--no-transformers]
 """
@@ -16,11 +20,12 @@ reads its metrics back every step.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from common import (fmt, hardware_limits, header, model_flops, oom_safe, table, time_ms, transformers_config,
-                    transformers_state)
+from common import (fmt, hardware_limits, header, model_flops, oom_safe, table, time_ms, time_ms_back_to_back,
+                    transformers_config, transformers_state)
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 
@@ -62,9 +67,10 @@ def measure(model, ids, forward, iters):
     torch.cuda.reset_peak_memory_stats()
     ms = time_ms(step, warmup=2, iters=iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
+    back = time_ms_back_to_back(step, warmup=0, iters=2 * iters)
     del opt
     measure.losses = [x.item() for x in losses[:4]]
-    return ms, mem, losses[0].item()
+    return ms, back, mem, losses[0].item()
 
 
 def measure_graphed(model, ids, forward, iters):
@@ -96,6 +102,7 @@ def measure_graphed(model, ids, forward, iters):
     torch.cuda.reset_peak_memory_stats()
     ms = time_ms(graph.replay, warmup=2, iters=iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
+    back = time_ms_back_to_back(graph.replay, warmup=0, iters=2 * iters)
     # where the step goes: forward + backward alone as a graph, and the optimizer step alone
     measure_graphed.split = None
     try:
@@ -108,11 +115,12 @@ def measure_graphed(model, ids, forward, iters):
     except Exception as e:  # noqa: BLE001
         print(f"forward + backward graph failed: {type(e).__name__}: {e}"[:300])
     del opt, graph
-    return ms, mem, losses[0]
+    return ms, back, mem, losses[0]
 
 
 def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: int):
-    """The Trainer's train_step on the rows of ids (one document each), from the same weights."""
+    """The Trainer's train_step on the rows of ids (one document each), from the same weights; then its
+    fit() loop (which issues each step before it reads the last one's metrics) for `iters` more steps."""
     from mimo_flash.training import TrainConfig, Trainer
     from mimo_flash.training.data import PackedRows
     from mimo_flash.training.parallel import ParallelContext
@@ -128,10 +136,18 @@ def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: i
     torch.cuda.reset_peak_memory_stats()
     ms = time_ms(lambda: recs.append(trainer.train_step()), warmup=2, iters=iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
+    trainer.cfg.steps = trainer.step + 2
+    trainer.fit()  # warm-up (its first call imports tqdm)
+    trainer.cfg.steps = trainer.step + 2 * iters
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    trainer.fit()  # ends with its last step's metrics on the host
+    back = (time.perf_counter() - t0) / (2 * iters) * 1e3
+    measure_trainer.fit_steps = [round(r["step_time"] * 1e3, 1) for r in trainer.history[-2 * iters:]]
     measure_trainer.losses = [r["loss"] for r in recs[:4]]
     del trainer, model
     torch.cuda.empty_cache()
-    return ms, mem, recs[0]["loss"]
+    return ms, back, mem, recs[0]["loss"]
 
 
 def profile_step(model, ids) -> None:
@@ -202,7 +218,8 @@ def main() -> None:
     if args.trainer:
         try:
             rows["mimo-flash Trainer.train_step"] = measure_trainer(config, state, ids, args.iters)
-            notes.append("Trainer: losses of steps 1-4 " + ", ".join(f"{x:.5f}" for x in measure_trainer.losses))
+            notes.append("Trainer: losses of steps 1-4 " + ", ".join(f"{x:.5f}" for x in measure_trainer.losses)
+                         + "; fit()'s own step times (ms): " + ", ".join(map(str, measure_trainer.fit_steps)))
         except Exception as e:  # noqa: BLE001
             notes.append(f"Trainer failed: {type(e).__name__}: {str(e)[:300]}")
     if args.graph:  # last: a failed capture must not spoil the other rows
@@ -224,18 +241,20 @@ def main() -> None:
     out = []
     for name, r in rows.items():
         if r is None:
-            out.append([name, "OOM", "", "", "", "", ""])
+            out.append([name, "OOM", "", "", "", "", "", "", ""])
             continue
-        ms, mem, loss = r
+        ms, back, mem, loss = r
         f = flops if "MTP" not in name else None
-        out.append([name, fmt(ms, ".1f"), fmt(B * T / ms * 1e3, ",.0f"), fmt(f / ms / 1e9 if f else None, ".0f"),
-                    fmt(mem, ".1f"), f"{loss:.4f}", fmt(tf_row[0] / ms, ".2f") if tf_row else "n/a"])
+        out.append([name, fmt(ms, ".1f"), fmt(back, ".1f"), fmt(B * T / back * 1e3, ",.0f"),
+                    fmt(f / back / 1e9 if f else None, ".0f"), fmt(mem, ".1f"), f"{loss:.4f}",
+                    fmt(tf_row[0] / ms, ".2f") if tf_row else "n/a", fmt(tf_row[1] / back, ".2f") if tf_row else "n/a"])
     notes.insert(0, f"measured ceilings this run: bf16 matmul {peak_tflops:.0f} TFLOP/s, copy {peak_tbps:.2f} TB/s; "
                     f"target >= 8x transformers eager")
     notes.append(f"{flops / 1e12:.1f} TFLOP per step (model_flops in bench/common.py: 3x forward matmuls, "
                  "3.5x attention core; optimizer and elementwise work not counted)")
     table(f"Training step, mini preset, {B}x{T} tokens", header(),
-          ["impl", "ms/step", "tokens/s", "TFLOP/s", "peak GiB", "first loss", "speed-up"], out, notes)
+          ["impl", "ms/step", "ms/step back to back", "tokens/s", "TFLOP/s", "peak GiB", "first loss", "speed-up",
+           "speed-up back to back"], out, notes)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,29 @@ def test_gather_sum_kernel():
         assert rel(fused.gather_sum(y, idx, k), want) < 4e-3
 
 
+def test_launcher_keeps_each_specialization_apart():
+    """ops.triton_kernels' launcher reuses a compiled kernel only for arguments Triton specializes the same
+    way: a row length of 1 (a constant to Triton), 16-byte aligned or not (pointer and row length), and
+    each dtype get their own kernel, and every launch (the first through Triton, later ones direct) is exact."""
+    from mimo_flash.ops import triton_kernels as tk
+
+    kern = tk._gather_sum_kernel
+    assert isinstance(kern, tk._Launcher)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for D in (1, 16, 24, 257):
+            for shift in (0, 1):  # shift 1: a view one element in (unaligned pointer)
+                base = torch.randn(64 * D + shift, generator=g, device=DEV).to(dtype)
+                y = base[shift:].view(64, D)
+                idx = torch.randperm(64, generator=g, device=DEV)
+                block = max(16, min(1024, 1 << (D - 1).bit_length()))
+                for _ in range(3):
+                    out = torch.full((64, D), float("nan"), device=DEV, dtype=dtype)
+                    kern[(64, 1)](y, idx, out, D, K=1, BLOCK_D=block, num_warps=1)
+                    assert torch.equal(out, y[idx]), (dtype, D, shift)
+    assert len(kern.kernels) >= 12
+
+
 def test_compiled_fused_ops_match_their_bodies():
     g = torch.Generator(device=DEV).manual_seed(0)
     x = torch.randn(2, 300, 8, 192, generator=g, device=DEV).bfloat16().requires_grad_()  # [B, T, H, D]

@@ -13,6 +13,7 @@ from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.cli import main
 from mimo_flash.training import Document, TrainConfig, Trainer, pack_documents
 from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
+from mimo_flash.training.parallel import ParallelContext
 from mimo_flash.training.trainer import WarmupCosine, param_groups
 
 TEXT = ("The for statement is used to iterate over the elements of a sequence (such as a string, tuple or "
@@ -101,6 +102,44 @@ def test_grad_accumulation_equals_big_batch():
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
     for x, y in zip(ga[0], gb[0]):  # the first step's gradients (later ones differ by Adam's amplification)
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_fit_issuing_ahead_equals_step_by_step():
+    """fit() issues step n + 1 before it reads step n's metrics: the same records (losses, norms, loads,
+    LRs), the same weights, biases and load totals as calling train_step() one step at a time."""
+    data = rows()
+    cfg = dict(steps=5, bias_update_rate=0.01, grad_clip=0.5)
+    ta, tb = Trainer(tiny(), data, quiet(**cfg)), Trainer(tiny(), data, quiet(**cfg))
+    ha = ta.fit()
+    hb = [tb.train_step() for _ in range(5)]
+    assert [r["step"] for r in ha] == [1, 2, 3, 4, 5]
+    keys = ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "tokens", "load_maxvio", "load_maxvio_max")
+    for ra, rb in zip(ha, hb):
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+        assert ra["step_time"] > 0 and ra["tokens_per_s"] > 0
+    for (name, p), q in zip(ta.model.named_parameters(), tb.model.parameters()):
+        assert torch.equal(p, q), name
+    for ma, mb in zip(ta.moes, tb.moes):
+        assert torch.equal(ma.gate.e_score_correction_bias, mb.gate.e_score_correction_bias)
+    assert torch.equal(ta.load_total, tb.load_total) and ta.load_total.sum() == 5 * 2 * 48 * 2 * len(ta.moes)  # steps x rows x T x top-2
+
+
+@pytest.mark.gpu
+def test_fit_issuing_ahead_on_cuda():
+    """On CUDA the metrics come back through pinned memory behind each step: fit() (step n + 1 issued before
+    step n's metrics are read) gives the records and weights of train_step() one step at a time."""
+    data = rows()
+    cfg = dict(steps=4, bias_update_rate=0.01, grad_clip=0.5, dtype="float32")
+    ctx = ParallelContext(device=torch.device("cuda"))
+    ta, tb = Trainer(tiny(), data, quiet(**cfg), ctx), Trainer(tiny(), data, quiet(**cfg), ctx)
+    ha = ta.fit()
+    hb = [tb.train_step() for _ in range(4)]
+    keys = ("loss", "grad_norm", "lr", "load_maxvio")
+    for ra, rb in zip(ha, hb):
+        assert {k: ra[k] for k in keys} == pytest.approx({k: rb[k] for k in keys}, rel=1e-5)
+    assert torch.equal(ta.load_total, tb.load_total) and ta.load_total.sum() > 0
+    for (name, p), q in zip(ta.model.named_parameters(), tb.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_balancing_moves_biases_by_sign_of_load():

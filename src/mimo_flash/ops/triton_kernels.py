@@ -32,6 +32,53 @@ LOG2E = 1.4426950408889634
 
 
 
+class _Launcher:
+    """`kernel[grid](*args, **meta)` for a @triton.jit kernel, with less host work per call.
+
+    The forward of a training step issues ~110 of these short kernels barely ahead of the GPU, and
+    Triton's own launch path spends most of its 25-45 us per call in Python (hooks, launch metadata,
+    a cache-key string, scratch allocators). Here the first call of each specialization goes through
+    Triton (compiling if need be) and keeps the compiled kernel, keyed by Triton's own binder (the
+    argument specialization it keys its cache by, so the same compiled kernel runs); later calls
+    launch it through its C launcher directly. Kernels that need scratch memory, and anything other
+    than a compiled JITFunction (Triton's CPU interpreter), take Triton's path every time.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.kernels = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launch(grid, args, meta)
+
+    def launch(self, grid, args, meta):
+        device = torch.cuda.current_device()
+        bound, spec, options = self.fn.device_caches[device][4](*args, **meta)
+        key = (device, *spec, *options.items())
+        hit = self.kernels.get(key)
+        if hit is None:
+            kernel = self.fn[grid](*args, **meta)
+            run = kernel.run
+            direct = run.global_scratch_size == 0 and run.profile_scratch_size == 0 and hasattr(run, "launch")
+            self.kernels[key] = (run.launch if direct else None, run, kernel.function, kernel.packed_metadata,
+                                 run.launch_cooperative_grid, run.launch_pdl)
+            return
+        launch, run, function, packed, coop, pdl = hit
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        if launch is not None:
+            launch(grid[0], g1, g2, stream, function, coop, pdl, None, None, packed, None, None, None,
+                   *bound.values())
+        else:
+            run(grid[0], g1, g2, stream, function, packed, None, None, None, *bound.values())
+
+
+def launcher(fn):
+    """Wrap a compiled @triton.jit kernel in _Launcher (kept as it is under Triton's interpreter)."""
+    return _Launcher(fn) if isinstance(fn, triton.runtime.JITFunction) else fn
+
+
 def split_dim(d: int) -> tuple[int, int] | None:
     """d -> (DA, DB), DA the largest power of two <= d and DB = d - DA a power of two or 0; None if not."""
     if d < 16:
@@ -141,6 +188,7 @@ def _fwd_tile(qa, qb, qpos, qseg, m_i, l_i, acc, K, V, POS, SEG, b, T, n0, k_hea
     return m_new, l_i, acc
 
 
+@launcher
 @triton.jit
 def _swa_fwd(Q, K, V, POS, SEG, SINK, O, LSE,
              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -210,6 +258,7 @@ def _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS, 
     return dka, dkb, dvacc
 
 
+@launcher
 @triton.jit
 def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, DK, DVO,
                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
@@ -275,6 +324,7 @@ def _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T,
     return dqa, dqb
 
 
+@launcher
 @triton.jit
 def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
@@ -437,6 +487,7 @@ def _rope_part(G, sgb, sgt, sgh, b, t, COS, SIN, cs_row, OUT, out_col, scale,
         tl.store(OUT + out_col + h * D + d, (out * scale).to(OUT.dtype.element_ty), mask=m)
 
 
+@launcher
 @triton.jit
 def _rope_qkv_kernel(QKV, COS, SIN, Q, K, V, T, v_scale, sxb, sxt, scb, sct,
                      H: tl.constexpr, HKV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
@@ -453,6 +504,7 @@ def _rope_qkv_kernel(QKV, COS, SIN, Q, K, V, T, v_scale, sxb, sxt, scb, sct,
                0, HKB, DVB, True)
 
 
+@launcher
 @triton.jit
 def _rope_qkv_grad_kernel(GQ, GK, GV, COS, SIN, OUT, T, v_scale,
                           sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, scb, sct,
@@ -525,6 +577,7 @@ def rope_qkv_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: tor
 # ops.fused.add_rms_norm / rms_norm with the roundings of their plain bodies: h = x + y rounded to the input
 # dtype; normalised in fp32, rounded, then times the weight (rounded). The backward adds the residual's own
 # gradient; the weight's gradient is summed per program in fp32 (partials [programs, D], then one sum).
+@launcher
 @triton.jit
 def _norm_fwd_kernel(X, Y, W, H, OUT, RSTD, N, eps, D: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -545,6 +598,7 @@ def _norm_fwd_kernel(X, Y, W, H, OUT, RSTD, N, eps, D: tl.constexpr, HAS_Y: tl.c
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
+@launcher
 @triton.jit
 def _norm_bwd_kernel(H, W, RSTD, GOUT, GH, GX, GWP, N, D: tl.constexpr, HAS_GH: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
@@ -638,6 +692,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- MoE combine
+@launcher
 @triton.jit
 def _gather_sum_kernel(Y, IDX, OUT, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0)
@@ -676,6 +731,7 @@ def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
 SORT_BLOCK = 128
 
 
+@launcher
 @triton.jit
 def _expert_hist_kernel(IDX, HIST, P, NB, BLOCK: tl.constexpr):
     b = tl.program_id(0)
@@ -685,6 +741,7 @@ def _expert_hist_kernel(IDX, HIST, P, NB, BLOCK: tl.constexpr):
     tl.atomic_add(HIST + e * NB + b, 1, mask=mask)
 
 
+@launcher
 @triton.jit
 def _expert_place_kernel(IDX, FIRST, ORDER, INV, P, NB, BLOCK: tl.constexpr):
     b = tl.program_id(0)
@@ -728,6 +785,7 @@ def _split3(w, DT: tl.constexpr = tl.bfloat16):
     return hi, mid, (r - mid.to(tl.float32)).to(DT)
 
 
+@launcher
 @triton.jit
 def _router_fwd_kernel(X, W, BIAS, IDX, WT, SEL, COUNTS, N, stride_x, scaling, D: tl.constexpr,
                        E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr,
@@ -771,6 +829,7 @@ def _router_fwd_kernel(X, W, BIAS, IDX, WT, SEL, COUNTS, N, stride_x, scaling, D
         tl.atomic_add(COUNTS + cols, tl.sum(tl.where(rmask[:, None], chosen, 0), 0))
 
 
+@launcher
 @triton.jit
 def _router_bwd_kernel(GWT, IDX, SEL, G3, N, scaling, E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                        NORM: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -879,6 +938,7 @@ def _swiglu_rows(H, W, rows, P, stride_h, I: tl.constexpr, BLOCK_R: tl.constexpr
     return gate, up, w, mask, cols
 
 
+@launcher
 @triton.jit
 def _swiglu_fwd_kernel(H, W, A, P, stride_h, stride_a, I: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_I: tl.constexpr):
@@ -888,6 +948,7 @@ def _swiglu_fwd_kernel(H, W, A, P, stride_h, stride_a, I: tl.constexpr, BLOCK_R:
     tl.store(A + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], a.to(A.dtype.element_ty), mask=mask)
 
 
+@launcher
 @triton.jit
 def _swiglu_bwd_kernel(H, W, GA, GH, GW, P, stride_h, stride_ga, I: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_I: tl.constexpr):
@@ -941,6 +1002,7 @@ def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- cross entropy
+@launcher
 @triton.jit
 def _ce_fwd_kernel(X, TGT, LSE, LOSS, stride_x, V: tl.constexpr, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
     """One row per program: lse = logsumexp(x) in fp32 (online over blocks of the row), loss = lse - x[t]."""
@@ -964,6 +1026,7 @@ def _ce_fwd_kernel(X, TGT, LSE, LOSS, stride_x, V: tl.constexpr, IGNORE: tl.cons
     tl.store(LOSS + row, tl.where(valid, lse - xt, 0.0))
 
 
+@launcher
 @triton.jit
 def _ce_bwd_kernel(X, TGT, LSE, SCALE, G, stride_x, stride_g, V: tl.constexpr, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
     """Program (row, block): g = (exp(x - lse) - [col == t]) * scale, 0 on ignored rows; G may be X."""

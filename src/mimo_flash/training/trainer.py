@@ -158,6 +158,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict] = []
+        self._last_record = 0.0  # when the last step's metrics were read (perf_counter)
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.plain_rows = rows.one_document_per_row()  # then the model gets no positions or segments
 
@@ -199,6 +200,12 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (global over ranks)."""
+        return self._record(self._issue())
+
+    def _issue(self) -> dict:
+        """Queue one optimizer step on the device: micro-batches, update, balancing. Its metrics start on
+        their way to the host (one copy, no wait); _record(what this returns) reads them. fit() issues the
+        next step before reading a step's metrics, so the host never waits for the device between steps."""
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
         rows = self.sampler.take(self.rows_per_step)
@@ -210,52 +217,82 @@ class Trainer:
                    for m in range(A)]
         if self.plain_rows:  # a plain batch: the same masks, and the plain-batch attention kernels
             batches = [{k: b[k] for k in ("input_ids", "labels")} for b in batches]
+        pin = ctx.device.type == "cuda"
         lr = self.optimizer.param_groups[0]["lr"]
         parts, step_loads = 0, None
         for m, b in enumerate(batches):
             set_gradient_sync(self.model, m == A - 1)
-            p, lo = self._micro_step({k: v.to(ctx.device, non_blocking=True) for k, v in b.items()}, denom)
+            p, lo = self._micro_step({k: (v.pin_memory() if pin else v).to(ctx.device, non_blocking=True)
+                                      for k, v in b.items()}, denom)
             parts = parts + p.double()
             if lo is not None:
                 step_loads = lo.double() if step_loads is None else step_loads + lo.double()
         norm = self._update()
         self.scheduler.step()
-        grad_norm = float(norm)
-        balance = self._balance(step_loads)
-        sums = ctx.all_reduce_(parts).cpu()
+        loads = self._balance(step_loads)
+        sums = ctx.all_reduce_(parts)
         self.step += 1
         tokens = self.rows_per_step * self.rows.seq_len
         self.tokens_seen += tokens
-        dt = time.perf_counter() - t0
-        per = [float(s / d) for s, d in zip(sums, denom)]
-        rec = {"step": self.step, "loss": per[0] + (self.mtp_weight * sum(per[1:]) / self.n_mtp if self.n_mtp else 0.0),
+        # [sums (1 + K), grad norm, loads [L, E]] in one float64 vector, copied to the host behind the step
+        flat = torch.cat([sums, norm.double().reshape(1)] + ([loads.reshape(-1)] if loads is not None else []))
+        done = None
+        if pin:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = flat
+        return {"step": self.step, "lr": lr, "tokens": tokens, "tokens_seen": self.tokens_seen,
+                "epoch": round(self.sampler.epoch, 4), "t0": t0, "host": host, "done": done, "denom": denom}
+
+    def _record(self, issued: dict) -> dict:
+        """The metrics of a step _issue() queued (waits for that step's numbers only)."""
+        if issued["done"] is not None:
+            issued["done"].synchronize()
+        vals, denom = issued["host"], issued["denom"]
+        n = len(denom)
+        per = [float(s / d) for s, d in zip(vals[:n].tolist(), denom)]
+        now = time.perf_counter()
+        dt = now - max(issued["t0"], self._last_record)  # back to back: the time between two records
+        self._last_record = now
+        rec = {"step": issued["step"],
+               "loss": per[0] + (self.mtp_weight * sum(per[1:]) / self.n_mtp if self.n_mtp else 0.0),
                "lm_loss": per[0]}
         if self.n_mtp:
             rec["mtp_loss"] = sum(per[1:]) / self.n_mtp
             rec["mtp_losses"] = per[1:]
-        rec.update(lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen, tokens_per_s=tokens / dt, step_time=dt,
-                   epoch=round(self.sampler.epoch, 4), **balance)
+        rec.update(lr=issued["lr"], grad_norm=float(vals[n]), tokens=issued["tokens_seen"],
+                   tokens_per_s=issued["tokens"] / dt, step_time=dt, epoch=issued["epoch"])
+        if self.moes:
+            loads = vals[n + 1:].view(len(self.moes), -1)
+            self.load_total += loads
+            mean = loads.mean(dim=1)
+            maxvio = (loads.max(dim=1).values - mean) / mean.clamp_min(1e-9)
+            rec.update(load_maxvio=float(maxvio.mean()), load_maxvio_max=float(maxvio.max()))
         return rec
 
     @torch.no_grad()
-    def _balance(self, loads: torch.Tensor | None) -> dict:
+    def _balance(self, loads: torch.Tensor | None) -> torch.Tensor | None:
         """Aux-loss-free balancing after the optimizer step. loads [L, E] token counts of this rank (None
-        without MoE layers)."""
+        without MoE layers); returns them summed over ranks."""
         if not self.moes:
-            return {}
+            return None
         self.ctx.all_reduce_(loads)
-        self.load_total += loads.cpu()
-        mean = loads.mean(dim=1, keepdim=True)
         if self.cfg.bias_update_rate > 0:
+            mean = loads.mean(dim=1, keepdim=True)
             for moe, load, mu in zip(self.moes, loads, mean):
                 bias = moe.gate.e_score_correction_bias
                 bias += self.cfg.bias_update_rate * torch.sign(mu - load).to(bias.dtype)
-        maxvio = ((loads.max(dim=1).values - mean[:, 0]) / mean[:, 0].clamp_min(1e-9)).cpu()
-        return {"load_maxvio": float(maxvio.mean()), "load_maxvio_max": float(maxvio.max())}
+        return loads
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
-        """Train to cfg.steps (resuming first when cfg.resume); checkpoint, log, plot. Returns the metrics."""
+        """Train to cfg.steps (resuming first when cfg.resume); checkpoint, log, plot. Returns the metrics.
+
+        Each step is issued before the previous step's metrics are read, so the host prepares the next
+        step while the device finishes the last one; checkpoints wait for their step's metrics."""
         from tqdm.auto import tqdm
 
         cfg, ctx = self.cfg, self.ctx
@@ -268,8 +305,10 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
                    dynamic_ncols=True, desc="train", unit="step")
         tps = None
-        while self.step < cfg.steps:
-            rec = self.train_step()
+
+        def log(issued: dict) -> None:
+            nonlocal tps
+            rec = self._record(issued)
             self.history.append(rec)
             tps = rec["tokens_per_s"] if tps is None else 0.9 * tps + 0.1 * rec["tokens_per_s"]
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{rec['lr']:.2e}", refresh=False)
@@ -277,8 +316,19 @@ class Trainer:
             if metrics is not None:
                 with open(metrics, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+
+        pending = None
+        while self.step < cfg.steps:
+            issued = self._issue()
+            if pending is not None:
+                log(pending)
+            pending = issued
             if self.out and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                log(pending)
+                pending = None
                 self.save()
+        if pending is not None:
+            log(pending)
         bar.close()
         if self.out:
             self.save()
