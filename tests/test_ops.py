@@ -315,14 +315,19 @@ for k in (3, 1):  # 5 or 15 output rows: a partial last block of rows
 # weighted SwiGLU: 300 rows over 3 row blocks, I = 24 in a 32-wide block (both masks used)
 from mimo_flash.ops.triton_kernels import swiglu_weighted
 h0, w0, probe = torch.randn(300, 48, generator=g), torch.rand(300, generator=g), torch.randn(300, 24, generator=g)
-res = []
-for run in ("triton", "formula"):
-    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    a = swiglu_weighted(h, w) if run == "triton" else w[:, None] * torch.nn.functional.silu(h[:, :24]) * h[:, 24:]
-    (a * probe).sum().backward()
-    res.append([a, h.grad, w.grad])
-err = max((a - b).abs().max().item() for a, b in zip(*res))
-assert err < 1e-5, err
+# (and with w in its own order: row r takes w[perm[r]], the gradient lands at perm[r])
+perm = torch.randperm(300, generator=g)
+for order in (None, perm):
+    res = []
+    for run in ("triton", "formula"):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        wr = w if order is None else w[order]
+        a = (swiglu_weighted(h, w, order) if run == "triton"
+             else wr[:, None] * torch.nn.functional.silu(h[:, :24]) * h[:, 24:])
+        (a * probe).sum().backward()
+        res.append([a, h.grad, w.grad])
+    err = max((a - b).abs().max().item() for a, b in zip(*res))
+    assert err < 1e-5, err
 # the gradient of rope_qkv: heads 3 / 1, qk dim 10 (6 rotated), v dim 6; gq in [B, H, T, d] storage
 from mimo_flash.ops import fused
 from mimo_flash.ops.triton_kernels import rope_qkv_grad
@@ -357,11 +362,15 @@ for with_y in (True, False):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
 # counting sort of (token, slot) pairs by expert: 3 blocks (the last partial), an expert nobody chose
 from mimo_flash.ops.triton_kernels import sort_by_expert
-idx = torch.randint(0, 6, (100, 3), generator=g)
-order, inv, counts = sort_by_expert(idx, 7)
-want = torch.argsort(idx.reshape(-1), stable=True)
-assert torch.equal(order, want), (order, want)
-assert torch.equal(inv[order], torch.arange(300)) and torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=7))
+# (and 24 blocks, the scan over them in two steps of 16, the second partial)
+for n in (100, 1000):
+    idx = torch.randint(0, 6, (n, 3), generator=g)
+    tk.SCAN_ELEMS = 128
+    order, inv, counts, tok, offs = sort_by_expert(idx, 7)
+    want = torch.argsort(idx.reshape(-1), stable=True)
+    assert torch.equal(order, want), (order, want)
+    assert torch.equal(inv[order], torch.arange(3 * n)) and torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=7))
+    assert torch.equal(tok, want // 3) and offs.dtype == torch.int32 and torch.equal(offs, counts.cumsum(0).int())
 # the router: 150 tokens (3 row blocks, the last partial), D = 96 (a partial 64-wide block), 16 experts, top 3,
 # normalised and scaled and not; against ops.moe.route's fp32 logits and autograd through it. The interpreter
 # gets bf16-valued fp32 tokens (its bf16 tl.dot is wrong); the bf16 split of the weight is checked on the GPU.

@@ -187,10 +187,11 @@ def test_counting_sort_by_expert_is_the_stable_argsort():
     for N, k, E in ((16384, 8, 64), (8192, 8, 256), (37, 2, 8)):
         idx = torch.randint(0, E, (N, k), generator=g, device=DEV)
         idx[: N // 3] = idx[: N // 3] % 3  # uneven loads, some experts empty in blocks
-        order, inv, counts = sort_by_expert(idx, E)
+        order, inv, counts, tok, offs = sort_by_expert(idx, E)
         assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
         assert torch.equal(inv[order], torch.arange(N * k, device=DEV))
         assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=E))
+        assert torch.equal(tok, order // k) and torch.equal(offs, counts.cumsum(0).int())
 
 
 def test_gather_sum_kernel():

@@ -183,8 +183,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """h [P, 2I] (gate columns, then up), w [P] fp32 -> w * silu(gate) * up [P, I] in h's dtype (fp32 math for half inputs).
+def swiglu_weighted(h: torch.Tensor, w: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """h [P, 2I] (gate columns, then up), w [P] fp32 -> w * silu(gate) * up [P, I] in h's dtype (fp32 math for half
+    inputs). With order [P] (a permutation), row r takes w[order[r]]: w stays in its own order.
 
     The routing weight is applied before the (linear) down projection, which is the same as after it.
     On CUDA in half precision: two Triton kernels (forward; backward with w's gradient in the same pass).
@@ -192,8 +193,8 @@ def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     half = h.dtype in (torch.bfloat16, torch.float16)
     tk = triton_for(h) if half else None
     if tk is not None:
-        return tk.swiglu_weighted(h, w)
-    return _swiglu_weighted(h, w)
+        return tk.swiglu_weighted(h, w, order)
+    return _swiglu_weighted(h, w if order is None else w[order])
 
 
 @cuda_compiled

@@ -109,30 +109,19 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_by_expert(idx: torch.Tensor, num_experts: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """idx [N, k] -> (order [N*k]: the flattened (token, slot) pairs sorted by expert, stably; inv [N*k]: the
-    place of each pair in that order; counts [E]). On CUDA a counting sort in Triton (the same order)."""
+    place of each pair in that order; counts [E]; tok [N*k]: the token of each sorted pair, order // k;
+    offsets [E] int32: the running sum of counts). On CUDA a counting sort in three Triton kernels."""
     tk = fused.triton_for(idx)
     if tk is not None:
         return tk.sort_by_expert(idx, num_experts)
     order = torch.argsort(idx.reshape(-1), stable=True)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    return order, inv, expert_counts(idx, num_experts)
-
-
-class _Permute(torch.autograd.Function):
-    """x [P, ...] -> x[order]; the backward is the inverse gather g[inv] (no scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inv):
-        ctx.save_for_backward(inv)
-        return x[order]
-
-    @staticmethod
-    def backward(ctx, g):
-        (inv,) = ctx.saved_tensors
-        return g[inv], None, None
+    counts = expert_counts(idx, num_experts)
+    return order, inv, counts, order // idx.shape[1], counts.cumsum(0).to(torch.int32)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -194,13 +183,11 @@ def experts_grouped_mm(x, idx, w, gate_up, down):
     routing weight is fused into the SwiGLU, and the k outputs of each token are summed in fp32 by a
     gather (the backward is a gather too).
     """
-    N, k = idx.shape
-    order, inv, counts = sort_by_expert(idx, gate_up.shape[0])
-    tok = order // k
-    offs = counts.cumsum(0).to(torch.int32)
+    k = idx.shape[1]
+    order, inv, _, tok, offs = sort_by_expert(idx, gate_up.shape[0])
     xs = _Dispatch.apply(x, tok, inv, k)  # [P, D]
     h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [P, 2I]
-    a = fused.swiglu_weighted(h, _Permute.apply(w.reshape(-1).float(), order, inv))  # [P, I]
+    a = fused.swiglu_weighted(h, w.reshape(-1).float(), order)  # [P, I], row r weighted by w[order[r]]
     ys = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [P, D]
     return _Combine.apply(ys, tok, inv, k)
 
@@ -210,9 +197,7 @@ def experts_grouped(x, idx, w, gate_up, down):
     tensors, else one permutation and a loop over the sorted segments."""
     if x.is_cuda and grouped_mm_supported(x, gate_up, down):
         return experts_grouped_mm(x, idx, w, gate_up, down)
-    N, k = idx.shape
-    order, _, counts = sort_by_expert(idx, gate_up.shape[0])
-    tok = order // k
+    order, _, counts, tok, _ = sort_by_expert(idx, gate_up.shape[0])
     xs = x[tok]  # [N*k, D] grouped by expert
     ys = torch.empty_like(xs)
     start = 0

@@ -326,15 +326,17 @@ def _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T,
 
 @launcher
 @triton.jit
-def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ,
+def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ, SINK, DSINK,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                 sob, soh, sot, sdqb, sdqh, sdqt,
                 T, H, qk_scale, sm_scale,
                 REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
-                DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+                HAS_SINK: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One query tile of one head: Delta = rowsum(dO * O) of its rows (stored in DELTA for the dK/dV
-    kernel, which runs after this one), then dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt."""
+    kernel, which runs after this one), then dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt.
+    With the sink, the tile's share of d sink_h, -sum_i exp(sink_h - lse_i) Delta_i, goes to
+    DSINK [B * H, tiles]."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -351,6 +353,9 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ,
                 other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh * T + offs_m, delta, mask=mask_m)
+    if HAS_SINK:
+        share = tl.exp2(tl.load(SINK + h).to(tl.float32) * 1.4426950408889634 - lse)  # the sink's share of each row
+        tl.store(DSINK + bh * tl.num_programs(0) + pid_m, -tl.sum(tl.where(mask_m, share * delta, 0.0), 0))
     dqa = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, DB if DB > 0 else DA], dtype=tl.float32)
     lo = (tl.maximum(m0 - (WINDOW - 1), 0) // BLOCK_N) * BLOCK_N
@@ -430,16 +435,17 @@ class _BandedSWA(torch.autograd.Function):
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
         flags = dict(WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS)
-        _swa_bwd_dq[(triton.cdiv(T, DQ_CFG["BLOCK_M"]), B * H)](
-            q, k, v, dout, out, lse, delta, pos_arg, seg_arg, dq, *common, *out.stride()[:3], *dq.stride()[:3],
-            T, H, scale * LOG2E, scale, REP=H // Hkv, **flags, **DQ_CFG)
+        tiles = triton.cdiv(T, DQ_CFG["BLOCK_M"])
+        with_sink = sink is not None and ctx.needs_input_grad[3]
+        dsink = torch.empty(B * H, tiles, device=q.device, dtype=torch.float32) if with_sink else lse
+        _swa_bwd_dq[(tiles, B * H)](
+            q, k, v, dout, out, lse, delta, pos_arg, seg_arg, dq, sink if with_sink else lse, dsink, *common,
+            *out.stride()[:3], *dq.stride()[:3], T, H, scale * LOG2E, scale, REP=H // Hkv, HAS_SINK=with_sink,
+            **flags, **DQ_CFG)
         _swa_bwd_dkdv[(triton.cdiv(T, DKDV_CFG["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, pos_arg, seg_arg, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
             T, Hkv, scale * LOG2E, scale, REP=H // Hkv, **flags, **DKDV_CFG)
-        dsink = None
-        if sink is not None and ctx.needs_input_grad[3]:
-            pi = torch.exp2(sink.float()[None, :, None] * LOG2E - lse)  # share of the sink in each row
-            dsink = -(pi * delta).sum((0, 2)).to(sink.dtype)
+        dsink = dsink.view(B, H, tiles).sum((0, 2)).to(sink.dtype) if with_sink else None
         return dq, dk, dv, dsink, None, None, None, None, None
 
 
@@ -724,26 +730,68 @@ def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- MoE sort
-# A stable counting sort of the (token, slot) pairs by expert, in place of a radix argsort: each block of
-# SORT_BLOCK pairs counts its experts into hist [E, blocks]; one running sum over hist, taken in that
-# (expert-major) order, less hist itself, is the first place of every (expert, block); each pair's place
-# is that plus the number of earlier pairs of its block with the same expert.
+# A stable counting sort of the (token, slot) pairs by expert, in place of a radix argsort, in three kernels:
+# each block of SORT_BLOCK pairs counts its experts into hist [E, blocks]; one program takes the running sum
+# over hist in expert-major order (less hist itself: the first place of every (expert, block)), the tokens
+# per expert and their running sum (the grouped GEMMs' offsets); each pair's place is then its (expert,
+# block)'s first place plus the number of earlier pairs of its block with the same expert.
 SORT_BLOCK = 128
+SCAN_ELEMS = 16384  # hist entries per step of the scan program's loop
 
 
 @launcher
 @triton.jit
-def _expert_hist_kernel(IDX, HIST, P, NB, BLOCK: tl.constexpr):
+def _expert_hist_kernel(IDX, HIST, P, NB, E: tl.constexpr, EP: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    e = tl.load(IDX + offs, mask=mask, other=0).to(tl.int32)
-    tl.atomic_add(HIST + e * NB + b, 1, mask=mask)
+    e = tl.load(IDX + offs, mask=offs < P, other=-1).to(tl.int32)
+    ex = tl.arange(0, EP)
+    n = tl.sum((e[:, None] == ex[None, :]).to(tl.int32), 0)
+    tl.store(HIST + ex * NB + b, n, mask=ex < E)
+
+
+@triton.jit
+def _hist_chunk(HIST, ex, cols, b0, NB, E: tl.constexpr):
+    m = (ex < E)[:, None] & ((b0 + cols) < NB)[None, :]
+    return tl.load(HIST + ex[:, None] * NB + b0 + cols[None, :], mask=m, other=0), m
 
 
 @launcher
 @triton.jit
-def _expert_place_kernel(IDX, FIRST, ORDER, INV, P, NB, BLOCK: tl.constexpr):
+def _expert_scan_kernel(HIST, FIRST, COUNTS, OFFS, NB, E: tl.constexpr, EP: tl.constexpr, BLOCK_B: tl.constexpr,
+                        STATIC: tl.constexpr, CHUNKS: tl.constexpr):
+    """One program: tokens per expert (COUNTS, int64), their running sum (OFFS, int32) and FIRST [E, NB]."""
+    ex = tl.arange(0, EP)
+    cols = tl.arange(0, BLOCK_B)
+    tot = tl.zeros([EP], dtype=tl.int32)
+    if STATIC:  # Triton's interpreter: no loop to a runtime bound
+        for j in range(CHUNKS):
+            h, _ = _hist_chunk(HIST, ex, cols, j * BLOCK_B, NB, E)
+            tot += tl.sum(h, 1)
+    else:
+        for b0 in range(0, NB, BLOCK_B):
+            h, _ = _hist_chunk(HIST, ex, cols, b0, NB, E)
+            tot += tl.sum(h, 1)
+    end = tl.cumsum(tot, 0)
+    tl.store(COUNTS + ex, tot.to(tl.int64), mask=ex < E)
+    tl.store(OFFS + ex, end, mask=ex < E)
+    run = end - tot
+    if STATIC:
+        for j in range(CHUNKS):
+            h, m = _hist_chunk(HIST, ex, cols, j * BLOCK_B, NB, E)
+            tl.store(FIRST + ex[:, None] * NB + j * BLOCK_B + cols[None, :], run[:, None] + tl.cumsum(h, 1) - h,
+                     mask=m)
+            run += tl.sum(h, 1)
+    else:
+        for b0 in range(0, NB, BLOCK_B):
+            h, m = _hist_chunk(HIST, ex, cols, b0, NB, E)
+            tl.store(FIRST + ex[:, None] * NB + b0 + cols[None, :], run[:, None] + tl.cumsum(h, 1) - h, mask=m)
+            run += tl.sum(h, 1)
+
+
+@launcher
+@triton.jit
+def _expert_place_kernel(IDX, FIRST, ORDER, INV, TOK, P, NB, K, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     offs = b * BLOCK + i
@@ -753,21 +801,30 @@ def _expert_place_kernel(IDX, FIRST, ORDER, INV, P, NB, BLOCK: tl.constexpr):
     place = tl.load(FIRST + e * NB + b, mask=mask, other=0) + tl.sum(earlier.to(tl.int32), 1)
     tl.store(INV + offs, place.to(tl.int64), mask=mask)
     tl.store(ORDER + place, offs.to(tl.int64), mask=mask)
+    tl.store(TOK + place, (offs // K).to(tl.int64), mask=mask)
 
 
-def sort_by_expert(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_by_expert(idx: torch.Tensor, num_experts: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """idx [N, k] -> (order [N*k] long: the flattened pairs sorted by expert, stably; inv [N*k] long: the
-    place of each pair in that order; counts [E] long). The same result as a stable argsort."""
+    place of each pair in that order; counts [E] long; tok [N*k] long: the token of each sorted pair,
+    order // k; offsets [E] int32: the running sum of counts). order is the stable argsort."""
+    N, k = idx.shape
     flat = idx.reshape(-1).contiguous()
     P, E = flat.numel(), num_experts
     nb = max(1, triton.cdiv(P, SORT_BLOCK))
-    hist = torch.zeros(E, nb, device=flat.device, dtype=torch.int32)
-    order, inv = torch.empty(P, device=flat.device, dtype=torch.long), torch.empty(P, device=flat.device, dtype=torch.long)
+    dev = flat.device
+    hist, first = torch.empty(E, nb, device=dev, dtype=torch.int32), torch.empty(E, nb, device=dev, dtype=torch.int32)
+    order, inv, tok = (torch.empty(P, device=dev, dtype=torch.long) for _ in range(3))
+    counts, offs = torch.empty(E, device=dev, dtype=torch.long), torch.empty(E, device=dev, dtype=torch.int32)
+    ep = triton.next_power_of_2(E)
+    block_b = max(16, min(triton.next_power_of_2(nb), SCAN_ELEMS // ep))
+    _expert_hist_kernel[(nb,)](flat, hist, P, nb, E=E, EP=ep, BLOCK=SORT_BLOCK, num_warps=4)
+    _expert_scan_kernel[(1,)](hist, first, counts, offs, nb, E=E, EP=ep, BLOCK_B=block_b, STATIC=STATIC_LOOPS,
+                              CHUNKS=triton.cdiv(nb, block_b) if STATIC_LOOPS else 0, num_warps=8)
     if P:
-        _expert_hist_kernel[(nb,)](flat, hist, P, nb, BLOCK=SORT_BLOCK)
-        first = hist.view(-1).cumsum(0, dtype=torch.int32).view(E, nb) - hist
-        _expert_place_kernel[(nb,)](flat, first, order, inv, P, nb, BLOCK=SORT_BLOCK, num_warps=4)
-    return order, inv, hist.sum(1, dtype=torch.int64)
+        _expert_place_kernel[(nb,)](flat, first, order, inv, tok, P, nb, k, BLOCK=SORT_BLOCK, num_warps=4)
+    return order, inv, counts, tok, offs
 
 
 # ----------------------------------------------------------------------------------------- MoE router
@@ -926,40 +983,42 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
 
 # ----------------------------------------------------------------------------------------- MoE SwiGLU
 @triton.jit
-def _swiglu_rows(H, W, rows, P, stride_h, I: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Rows `rows` of h [P, 2I]: gate, up [BLOCK_R, BLOCK_I] fp32, w [BLOCK_R] fp32, mask, column offsets."""
+def _swiglu_rows(H, W, ORDER, rows, P, stride_h, I: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Rows `rows` of h [P, 2I]: gate, up [BLOCK_R, BLOCK_I] fp32, each row's place in W (ORDER[row], else
+    the row itself), its w [BLOCK_R] fp32, mask, column offsets."""
     cols = tl.arange(0, BLOCK_I)
     rmask = rows < P
     mask = rmask[:, None] & (cols < I)[None, :]
     h = H + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
     gate = tl.load(h, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h + I, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + rows, mask=rmask, other=0.0).to(tl.float32)
-    return gate, up, w, mask, cols
+    wrow = tl.load(ORDER + rows, mask=rmask, other=0) if HAS_ORDER else rows
+    w = tl.load(W + wrow, mask=rmask, other=0.0).to(tl.float32)
+    return gate, up, wrow, w, mask, cols
 
 
 @launcher
 @triton.jit
-def _swiglu_fwd_kernel(H, W, A, P, stride_h, stride_a, I: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_I: tl.constexpr):
+def _swiglu_fwd_kernel(H, W, ORDER, A, P, stride_h, stride_a, I: tl.constexpr, HAS_ORDER: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    gate, up, w, mask, cols = _swiglu_rows(H, W, rows, P, stride_h, I, BLOCK_R, BLOCK_I)
+    gate, up, _, w, mask, cols = _swiglu_rows(H, W, ORDER, rows, P, stride_h, I, HAS_ORDER, BLOCK_I)
     a = gate * tl.sigmoid(gate) * up * w[:, None]
     tl.store(A + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], a.to(A.dtype.element_ty), mask=mask)
 
 
 @launcher
 @triton.jit
-def _swiglu_bwd_kernel(H, W, GA, GH, GW, P, stride_h, stride_ga, I: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_I: tl.constexpr):
+def _swiglu_bwd_kernel(H, W, ORDER, GA, GH, GW, P, stride_h, stride_ga, I: tl.constexpr, HAS_ORDER: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     """a = w * silu(g) * u: dg = w da u silu'(g), du = w da silu(g), dw = sum(da silu(g) u) in one pass."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    gate, up, w, mask, cols = _swiglu_rows(H, W, rows, P, stride_h, I, BLOCK_R, BLOCK_I)
+    gate, up, wrow, w, mask, cols = _swiglu_rows(H, W, ORDER, rows, P, stride_h, I, HAS_ORDER, BLOCK_I)
     r64 = rows.to(tl.int64)[:, None]
     ga = tl.load(GA + r64 * stride_ga + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    tl.store(GW + rows, tl.sum(ga * silu * up, 1), mask=rows < P)
+    tl.store(GW + wrow, tl.sum(ga * silu * up, 1), mask=rows < P)
     gs = ga * w[:, None]
     gh = GH + r64 * (2 * I) + cols[None, :]
     tl.store(gh, (gs * up * sig * (1.0 + gate * (1.0 - sig))).to(GH.dtype.element_ty), mask=mask)
@@ -975,30 +1034,34 @@ def _swiglu_launch(h: torch.Tensor) -> tuple[int, dict]:
 
 class _SwigluWeighted(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w):
+    def forward(ctx, h, w, order):
         h = _last_dim_contiguous(h)
         w = w.contiguous()
         grid, meta = _swiglu_launch(h)
         a = torch.empty(h.shape[0], meta["I"], device=h.device, dtype=h.dtype)
-        _swiglu_fwd_kernel[(grid,)](h, w, a, h.shape[0], h.stride(0), a.stride(0), **meta)
-        ctx.save_for_backward(h, w)
+        order_arg = order if order is not None else w
+        _swiglu_fwd_kernel[(grid,)](h, w, order_arg, a, h.shape[0], h.stride(0), a.stride(0),
+                                    HAS_ORDER=order is not None, **meta)
+        ctx.save_for_backward(h, w, order)
         return a
 
     @staticmethod
     def backward(ctx, ga):
-        h, w = ctx.saved_tensors
+        h, w, order = ctx.saved_tensors
         ga = _last_dim_contiguous(ga)
         grid, meta = _swiglu_launch(h)
         gh = torch.empty(h.shape[0], h.shape[1], device=h.device, dtype=h.dtype)
-        gw = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
-        _swiglu_bwd_kernel[(grid,)](h, w, ga, gh, gw, h.shape[0], h.stride(0), ga.stride(0), **meta)
-        return gh, gw.to(w.dtype)
+        gw = torch.empty(w.shape[0], device=h.device, dtype=torch.float32)  # every place written once
+        _swiglu_bwd_kernel[(grid,)](h, w, order if order is not None else w, ga, gh, gw, h.shape[0], h.stride(0),
+                                    ga.stride(0), HAS_ORDER=order is not None, **meta)
+        return gh, gw.to(w.dtype), None
 
 
-def swiglu_weighted(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def swiglu_weighted(h: torch.Tensor, w: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """h [P, 2I] (gate columns, then up), w [P] -> w * silu(gate) * up [P, I] in h's dtype, fp32 math;
-    the backward is one kernel that also gives w's gradient (the same formulas as ops.fused's body)."""
-    return _SwigluWeighted.apply(h, w)
+    with order [P] (a permutation), row r takes w[order[r]] (w in the pairs' own order). The backward is
+    one kernel that also gives w's gradient (the same formulas as ops.fused's body)."""
+    return _SwigluWeighted.apply(h, w, order)
 
 
 # ----------------------------------------------------------------------------------------- cross entropy
