@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -136,8 +137,11 @@ def test_decode_router_matches_router():
         r.weight.copy_(torch.randn(r.weight.shape, generator=g) * 0.5)
         r.e_score_correction_bias.copy_(torch.randn(c.n_routed_experts, generator=g) * 0.05)
     x = torch.randn(33, c.hidden_size, generator=g)
-    dense = [torch.zeros(33, c.n_routed_experts).scatter(1, i, w) for i, w in (r(x)[:2], route_decode(r, x))]
-    assert torch.allclose(dense[0], dense[1], atol=1e-6)
+    for count in (False, True):  # the same call and return contract as Router.forward, which it replaces
+        (i0, w0, n0), (i1, w1, n1) = r(x, count=count), route_decode(r, x, count=count)
+        dense = [torch.zeros(33, c.n_routed_experts).scatter(1, i, w) for i, w in ((i0, w0), (i1, w1))]
+        assert torch.allclose(dense[0], dense[1], atol=1e-6)
+        assert (n0 is None and n1 is None) if not count else torch.equal(n0, n1)
 
 
 def test_eos_and_padding_like_transformers(tmp_path):
@@ -448,8 +452,11 @@ def test_compiled_steps_match_eager():
     ids = torch.randint(0, 6, (2, 10), generator=torch.Generator().manual_seed(12))
     for K, rows in ((0, 1), (0, 2), (2, 2)):  # one row: GEMVs and decode attention as fused reductions
         eager = generate(model, ids[:rows], max_new_tokens=12, num_speculative_tokens=K)
-        compiled = generate(model, ids[:rows], max_new_tokens=12, num_speculative_tokens=K, compile=True)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            compiled = generate(model, ids[:rows], max_new_tokens=12, num_speculative_tokens=K, compile=True)
         assert torch.equal(compiled, eager)
+        assert not [str(w.message) for w in seen if "falling back" in str(w.message)]  # the traced path ran
 
 
 @pytest.mark.gpu

@@ -100,12 +100,14 @@ def linears_as_reductions(model):
     return _forwards_replaced(mods, _linear_as_reduction)
 
 
-def route_decode(self: Router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def route_decode(self: Router, x: torch.Tensor, count: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router.forward for traced decode steps (n_group == 1): same selection and weights as ops.moe.route,
     written as fusible reductions instead of a GEMV call plus a top-k kernel.
 
-    x [N, D] -> (indices [N, k], weights [N, k] fp32). The top-k comes from ranks: expert e is picked
-    when fewer than k experts beat it (higher score, or equal score and lower index).
+    x [N, D] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count else None), as
+    Router.forward. The top-k comes from ranks: expert e is picked when fewer than k experts beat it
+    (higher score, or equal score and lower index).
     """
     scores = (x.float()[:, None, :] * self.weight.float()).sum(-1).sigmoid()  # [N, E]
     choice = scores + self.e_score_correction_bias.float()
@@ -119,7 +121,7 @@ def route_decode(self: Router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     w = scores.gather(1, idx)
     if self.norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx, w * self.scaling
+    return idx, w * self.scaling, moe_ops.expert_counts(idx, E) if count else None
 
 
 def routers_for_decode(model):
