@@ -120,7 +120,8 @@ def measure_graphed(model, ids, forward, iters):
 
 def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: int):
     """The Trainer's train_step on the rows of ids (one document each), from the same weights; then its
-    fit() loop (which issues each step before it reads the last one's metrics) for `iters` more steps."""
+    fit() loop (which issues each step before it reads the last one's metrics): 2 steps to warm up, then
+    2 * iters timed."""
     from mimo_flash.training import TrainConfig, Trainer
     from mimo_flash.training.data import PackedRows
     from mimo_flash.training.parallel import ParallelContext
@@ -253,7 +254,7 @@ def main() -> None:
     notes.append(f"{flops / 1e12:.1f} TFLOP per step (model_flops in bench/common.py: 3x forward matmuls, "
                  "3.5x attention core; optimizer and elementwise work not counted)")
     table(f"Training step, mini preset, {B}x{T} tokens", header(),
-          ["impl", "ms/step", "ms/step back to back", "tokens/s", "TFLOP/s", "peak GiB", "first loss", "speed-up",
+          ["impl", "ms/step", "ms/step back to back", "tokens/s back to back", "TFLOP/s", "peak GiB", "first loss", "speed-up",
            "speed-up back to back"], out, notes)
 
 
