@@ -254,8 +254,8 @@ def main() -> None:
     notes.append(f"{flops / 1e12:.1f} TFLOP per step (model_flops in bench/common.py: 3x forward matmuls, "
                  "3.5x attention core; optimizer and elementwise work not counted)")
     table(f"Training step, mini preset, {B}x{T} tokens", header(),
-          ["impl", "ms/step", "ms/step back to back", "tokens/s back to back", "TFLOP/s", "peak GiB", "first loss", "speed-up",
-           "speed-up back to back"], out, notes)
+          ["impl", "ms/step", "ms/step back to back", "tokens/s back to back", "TFLOP/s", "peak GiB", "first loss",
+           "speed-up", "speed-up back to back"], out, notes)
 
 
 if __name__ == "__main__":
