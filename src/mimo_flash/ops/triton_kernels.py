@@ -461,7 +461,7 @@ def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
     return _BandedSWA.apply(q, k, v, sink, pos, seg, scale, window, pos is None)
 
 
-# ----------------------------------------------------------------------------------------- RoPE gradient
+# ----------------------------------------------------------------------------------------- RoPE of q / k / v
 @triton.jit
 def _rope_part(G, sgb, sgt, sgh, b, t, COS, SIN, cs_row, OUT, out_col, scale,
                H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr,
