@@ -1,7 +1,8 @@
 """A whole training step of the mini preset, mimo-flash vs transformers eager (GPU).
 
-Step = forward with labels (next-token cross entropy) + backward + fused AdamW update + zero_grad,
-bf16 weights, B x T random tokens. transformers' MiMoV2FlashForCausalLM gets the same weights
+Step = forward with labels (next-token cross entropy) + backward + AdamW update + zero_grad, bf16 weights,
+B x T random tokens. AdamW: torch's fused kernel for transformers; mimo-flash's own (training.optim.AdamW, the
+same numbers; --torch-adamw adds a row of ours with torch's). transformers' MiMoV2FlashForCausalLM gets the same weights
 (its MTP-less twin; MTP is off on our side too, and shown separately with --mtp).
 Ours runs with return_logits=False (the loss's backward reuses the logits buffer; ops/loss.py).
 --graph adds a row where the whole step (forward, backward, capturable fused AdamW) is one CUDA graph
@@ -53,8 +54,16 @@ def build_transformers(config: MiMoConfig, state: dict[str, torch.Tensor]):
     return model.train(), tc
 
 
-def measure(model, ids, forward, iters):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+def adamw(model, ours: bool, **kw):
+    """Ours: mimo-flash's AdamW (training.optim: a Triton kernel per large tensor, the numbers of torch's fused
+    AdamW); else torch's fused AdamW."""
+    from mimo_flash.training.optim import AdamW
+    cls = AdamW if ours else torch.optim.AdamW
+    return cls(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True, **kw)
+
+
+def measure(model, ids, forward, iters, ours: bool = True):
+    opt = adamw(model, ours)
     losses = []
 
     def step():
@@ -75,8 +84,7 @@ def measure(model, ids, forward, iters):
 
 def measure_graphed(model, ids, forward, iters):
     """The whole step captured once as a CUDA graph (PyTorch's whole-network capture recipe) and replayed."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True,
-                            capturable=True)
+    opt = adamw(model, True, capturable=True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     losses = []
@@ -107,15 +115,57 @@ def measure_graphed(model, ids, forward, iters):
     measure_graphed.split = None
     try:
         fb_graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)  # fresh gradients, as in the step (else the backward adds into them)
         with torch.cuda.graph(fb_graph):
             forward(model, ids).backward()
         measure_graphed.split = (time_ms(fb_graph.replay, warmup=2, iters=iters),
                                  time_ms(opt.step, warmup=2, iters=iters))
+        if measure_graphed.gaps:
+            measure_graphed.gap_note = gap_report(graph.replay)
         del fb_graph
     except Exception as e:  # noqa: BLE001
         print(f"forward + backward graph failed: {type(e).__name__}: {e}"[:300])
     del opt, graph
     return ms, back, mem, losses[0]
+
+
+def gap_report(replay) -> str:
+    """Profile one replay of a CUDA graph (the whole step): the GPU's busy time (kernels, copies, memsets) and its idle time
+    between them, the idle time summed by the pair of kernels around it -> $OUT/gaps_train_step.txt; returns
+    a one-line summary."""
+    import os
+    from collections import Counter
+    from pathlib import Path
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay()
+        torch.cuda.synchronize()
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA), key=lambda t: t[0])
+    busy = sum(b - a for a, b, _ in ev)
+    span = ev[-1][1] - ev[0][0]
+    by_pair, sizes = Counter(), Counter()
+    for (a0, b0, n0), (a1, b1, n1) in zip(ev, ev[1:]):
+        gap = max(0.0, a1 - b0)
+        by_pair[(n0[:60], n1[:60])] += gap
+        sizes["<1us" if gap < 1 else "1-2us" if gap < 2 else "2-5us" if gap < 5 else "5-20us" if gap < 20 else ">20us"] += gap
+    lines = [f"{len(ev)} GPU events, span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms",
+             "idle by gap size (ms): " + ", ".join(f"{k} {v / 1e3:.2f}" for k, v in sorted(sizes.items())), ""]
+    lines += [f"{v / 1e3:8.3f} ms  {a}  ->  {b}" for (a, b), v in by_pair.most_common(40)]
+    by_name, calls = Counter(), Counter()
+    for a, b, n in ev:
+        by_name[n[:110]] += b - a
+        calls[n[:110]] += 1
+    lines += ["", "GPU time by kernel (ms, calls):"]
+    lines += [f"{v / 1e3:8.3f} ms {calls[n]:4d}  {n}" for n, v in by_name.most_common(70)]
+    big = sorted(((ev[i + 1][0] - ev[i][1], i) for i in range(len(ev) - 1)), reverse=True)[:5]
+    for gap, i in big:  # the largest single gaps, with the events around them
+        lines += ["", f"gap of {gap:.1f} us after event {i} of {len(ev)}:"]
+        lines += [f"    {ev[j][2][:100]}  ({ev[j][1] - ev[j][0]:.1f} us)" for j in range(max(0, i - 3), min(len(ev), i + 4))]
+    Path(os.environ.get("OUT", "."), "gaps_train_step.txt").write_text("\n".join(lines) + "\n")
+    return "whole-step graph, one replay profiled: " + lines[0] + "; " + lines[1]
 
 
 def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: int):
@@ -176,8 +226,11 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time ours with the whole step as one CUDA graph")
     ap.add_argument("--trainer", action="store_true", help="also time the Trainer's own step")
+    ap.add_argument("--torch-adamw", action="store_true", help="also time ours with torch's fused AdamW")
     ap.add_argument("--unfused-loss", action="store_true", help="also time ours with return_logits=True")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one of our steps to $OUT")
+    ap.add_argument("--gaps", action="store_true", help="with --graph: GPU time by kernel and idle time inside the "
+                    "whole-step graph ($OUT/gaps_train_step.txt)")
     args = ap.parse_args()
     config = MiMoConfig.preset("mini")
     peak_tflops, peak_tbps = hardware_limits()
@@ -199,6 +252,8 @@ def main() -> None:
                      "PyTorch loss instead")
         rows["mimo-flash"] = measure(ours, ids, ours_fwd, args.iters)
     eager_losses = measure.losses
+    if args.torch_adamw:
+        rows["mimo-flash with torch's fused AdamW"] = measure(ours, ids, ours_fwd, args.iters, ours=False)
     if args.unfused_loss:
         rows["mimo-flash, return_logits=True"] = measure(ours, ids, lambda m, x: m(x, labels=x).loss, args.iters)
     if args.profile:
@@ -211,7 +266,7 @@ def main() -> None:
     if not args.no_transformers:
         tf, tc = build_transformers(config, state)
         rows["transformers"] = oom_safe(lambda: measure(tf, ids, lambda m, x: m(input_ids=x, labels=x).loss,
-                                                        max(2, args.iters // 2)))
+                                                        max(2, args.iters // 2), ours=False))
         notes.append(f"transformers: attention {tc._attn_implementation}, experts "
                      f"{getattr(tc, '_experts_implementation', '?')}")
         del tf
@@ -223,6 +278,7 @@ def main() -> None:
                          + "; fit()'s own step times (ms): " + ", ".join(map(str, measure_trainer.fit_steps)))
         except Exception as e:  # noqa: BLE001
             notes.append(f"Trainer failed: {type(e).__name__}: {str(e)[:300]}")
+    measure_graphed.gaps, measure_graphed.gap_note = args.gaps, None
     if args.graph:  # last: a failed capture must not spoil the other rows
         ours = build_ours(config)
         ours.load_state_dict(state)
@@ -234,6 +290,8 @@ def main() -> None:
                 fb, adamw = measure_graphed.split
                 notes.append(f"graphed step split: forward + backward as a graph {fb:.1f} ms, fused AdamW step "
                              f"{adamw:.1f} ms")
+            if measure_graphed.gap_note:
+                notes.append(measure_graphed.gap_note)
         except Exception as e:  # noqa: BLE001
             notes.append(f"CUDA-graph step failed: {type(e).__name__}: {str(e)[:300]}")
         del ours

@@ -16,6 +16,8 @@ from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
 from mimo_flash.training.parallel import ParallelContext
 from mimo_flash.training.trainer import WarmupCosine, param_groups
 
+from conftest import run_in_triton_interpreter
+
 TEXT = ("The for statement is used to iterate over the elements of a sequence (such as a string, tuple or "
         "list) or other iterable object. The while statement is used for repeated execution as long as an "
         "expression is true. ")
@@ -330,3 +332,100 @@ def test_rows_of_one_document_train_as_a_plain_batch():
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     for x, y in zip(gp[0], gk[0]):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+_ADAMW_INTERPRETED = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from mimo_flash.ops import triton_kernels as tk
+
+def reference(p, g, m, v, step, lr, b1, b2, wd, eps):
+    # the kernel's fp32 arithmetic written out, each operation done in fp64 and rounded once to fp32 (which gives
+    # the IEEE fp32 result); fma(a, b, c) as the interpreter evaluates it: a product and a sum, each rounded
+    op = lambda fn, *xs: fn(*(torch.as_tensor(x, dtype=torch.float32).double() for x in xs)).float()  # noqa: E731
+    mul = lambda a, b: op(torch.mul, a, b)  # noqa: E731
+    add = lambda a, b: op(torch.add, a, b)  # noqa: E731
+    div = lambda a, b: op(torch.div, a, b)  # noqa: E731
+    sqrt = lambda a: op(torch.sqrt, a)  # noqa: E731
+    fma = lambda a, b, c: add(mul(a, b), c)  # noqa: E731
+    lr, b1, b2, wd, eps = (torch.tensor(x, dtype=torch.float32) for x in (lr, b1, b2, wd, eps))
+    bc1 = add(1.0, -(b1 ** step))
+    bc2_sqrt = sqrt(add(1.0, -(b2 ** step)))
+    step_size = div(lr, bc1)
+    p = fma(-mul(lr, wd), p, p)
+    m = fma(b1, m, fma(-b1, g, g))
+    gg = mul(g, g)
+    v = fma(b2, v, fma(-b2, gg, gg))
+    denom = add(div(sqrt(v), bc2_sqrt), eps)
+    return add(p, -div(mul(step_size, m), denom)), m, v
+
+torch.manual_seed(0)
+n = tk.ADAMW_BLOCK + 1000  # two programs, the second masked
+# hyper-parameters fp32 holds exactly: the interpreter may pass them in either precision
+for lr, b1, b2, wd, eps in ((2.0 ** -10, 0.875, 0.984375, 0.125, 2.0 ** -20), (2.0 ** -7, 0.75, 0.9375, 0.0, 2.0 ** -13)):
+    p, m, v = torch.randn(n), torch.zeros(n), torch.zeros(n)
+    rp, rm, rv = p.clone(), m.clone(), v.clone()
+    for s in range(1, 4):
+        g = torch.randn(n) * 10 ** (s - 2)
+        pow1, pow2 = torch.tensor([b1 ** s]), torch.tensor([b2 ** s])  # exact in fp32 for these betas
+        tk.adamw_step(p, g, m, v, pow1, pow2, lr, b1, b2, wd, eps)
+        rp, rm, rv = reference(rp, g, rm, rv, s, lr, b1, b2, wd, eps)
+        for name, a, b in (("p", p, rp), ("m", m, rm), ("v", v, rv)):
+            assert torch.equal(a, b), (name, s, (a - b).abs().max().item())
+print("ok")
+"""
+
+
+def test_adamw_kernel_in_the_interpreter():
+    """ops.triton_kernels.adamw_step (the step of training.optim.AdamW for large CUDA tensors), run by Triton's
+    CPU interpreter on fp32 tensors: equal, element for element over three steps with and without weight decay,
+    to its fp32 arithmetic written out (the GPU test compares it with torch's fused AdamW)."""
+    run_in_triton_interpreter(_ADAMW_INTERPRETED)
+
+
+def test_adamw_is_torch_adamw_off_cuda():
+    """Where no tensor takes the kernel (here the CPU), training.optim.AdamW is torch.optim.AdamW: same updates,
+    and state dicts that load into each other."""
+    from mimo_flash.training.optim import AdamW
+    ma, mb = tiny(), tiny()
+    oa = AdamW(param_groups(ma, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    ob = torch.optim.AdamW(param_groups(mb, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    ids = torch.randint(0, 200, (2, 16))
+    for _ in range(2):
+        for m, o in ((ma, oa), (mb, ob)):
+            m(ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(p, q)
+    ob.load_state_dict(oa.state_dict())
+    oa.load_state_dict(ob.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adamw_matches_torch_fused_on_cuda(dtype):
+    """training.optim.AdamW on CUDA (Triton kernel for tensors of >= MIN_NUMEL elements, torch's fused step for
+    the rest) gives bit for bit the parameters and moments of torch.optim.AdamW(fused=True), with and without
+    weight decay, over steps whose gradients change scale; its state dict loads into torch's."""
+    from mimo_flash.training import optim
+    torch.manual_seed(0)
+    shapes = [(512, 300), (optim.MIN_NUMEL + 7,), (64,), (3, 1000, 40)]
+    ps = [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
+    qs = [p.clone() for p in ps]
+    groups = lambda xs: [dict(params=xs[:2], weight_decay=0.1), dict(params=xs[2:], weight_decay=0.0)]  # noqa: E731
+    kw = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    oa, ob = optim.AdamW(groups(ps), **kw), torch.optim.AdamW(groups(qs), **kw)
+    for step in range(5):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p) * 10.0 ** (step - 3)
+            q.grad = p.grad.clone()
+        oa.step()
+        ob.step()
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            for name, a, b in (("param", p, q), ("exp_avg", oa.state[p]["exp_avg"], ob.state[q]["exp_avg"]),
+                               ("exp_avg_sq", oa.state[p]["exp_avg_sq"], ob.state[q]["exp_avg_sq"])):
+                assert torch.equal(a, b), (step, i, name, (a != b).sum().item(), (a.float() - b.float()).abs().max().item())
+    assert float(oa.state[ps[0]]["step"]) == 5.0
+    ob.load_state_dict(oa.state_dict())

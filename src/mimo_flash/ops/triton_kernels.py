@@ -1132,3 +1132,45 @@ def ce_backward(x: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, g: torch.Te
         _ce_bwd_kernel[(N, triton.cdiv(V, block))](x, t, lse, g.float().reshape(1), out, x.stride(0),
                                                    out.stride(0), V=V, IGNORE=ignore, BLOCK_V=block,
                                                    num_warps=8 if block >= 2048 else 4)
+
+
+# ----------------------------------------------------------------------------------------- AdamW
+@launcher
+@triton.jit
+def _adamw_kernel(P, G, M, V, POW1, POW2, N, lr, beta1, beta2, wd, eps, BLOCK: tl.constexpr):
+    """One AdamW step over BLOCK elements of one tensor in fp32, written as torch's fused CUDA kernel writes it
+    (the moments as fma(beta, m, fma(-beta, x, x)), IEEE square roots and quotients); POW1 / POW2: beta1 and
+    beta2 to the power of the step (fp32, computed by torch.pow, as torch's kernel computes them)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    bc1 = 1.0 - tl.load(POW1)
+    bc2_sqrt = tl.sqrt_rn(1.0 - tl.load(POW2))
+    step_size = tl.div_rn(lr, bc1)
+    p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.fma(-(lr * wd), p, p)
+    m = tl.fma(beta1, m, tl.fma(-beta1, g, g))
+    gg = g * g
+    v = tl.fma(beta2, v, tl.fma(-beta2, gg, gg))
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - tl.div_rn(step_size * m, denom)
+    tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
+    tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
+    tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
+
+
+ADAMW_BLOCK = 4096
+
+
+def adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, pow1: torch.Tensor,
+               pow2: torch.Tensor, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+    """AdamW on one contiguous CUDA tensor in place (p, m, v updated; g read) in fp32 arithmetic, the
+    hyper-parameters rounded to fp32; pow1 / pow2: 1-element fp32 device tensors, beta1 and beta2 to the power of
+    this step's count."""
+    n = p.numel()
+    if n:
+        _adamw_kernel[(triton.cdiv(n, ADAMW_BLOCK),)](p, g, m, v, pow1, pow2, n, float(lr), float(beta1),
+                                                      float(beta2), float(weight_decay), float(eps),
+                                                      BLOCK=ADAMW_BLOCK, num_warps=8)
