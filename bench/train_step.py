@@ -130,9 +130,9 @@ def measure_graphed(model, ids, forward, iters):
 
 
 def gap_report(replay) -> str:
-    """Profile one replay of a CUDA graph (the whole step): the GPU's busy time (kernels, copies, memsets) and its idle time
-    between them, the idle time summed by the pair of kernels around it -> $OUT/gaps_train_step.txt; returns
-    a one-line summary."""
+    """Profile one replay of a CUDA graph (the whole step): the GPU's time by kernel, its busy time (kernels,
+    copies, memsets) and its idle time between them, summed by the pair of kernels around it, and the largest
+    single gaps -> $OUT/gaps_train_step.txt; returns a one-line summary."""
     import os
     from collections import Counter
     from pathlib import Path
@@ -150,8 +150,10 @@ def gap_report(replay) -> str:
     for (a0, b0, n0), (a1, b1, n1) in zip(ev, ev[1:]):
         gap = max(0.0, a1 - b0)
         by_pair[(n0[:60], n1[:60])] += gap
-        sizes["<1us" if gap < 1 else "1-2us" if gap < 2 else "2-5us" if gap < 5 else "5-20us" if gap < 20 else ">20us"] += gap
-    lines = [f"{len(ev)} GPU events, span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms",
+        size = "<1us" if gap < 1 else "1-2us" if gap < 2 else "2-5us" if gap < 5 else "5-20us" if gap < 20 else ">20us"
+        sizes[size] += gap
+    lines = [f"{len(ev)} GPU events, span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, "
+             f"idle {(span - busy) / 1e3:.2f} ms",
              "idle by gap size (ms): " + ", ".join(f"{k} {v / 1e3:.2f}" for k, v in sorted(sizes.items())), ""]
     lines += [f"{v / 1e3:8.3f} ms  {a}  ->  {b}" for (a, b), v in by_pair.most_common(40)]
     by_name, calls = Counter(), Counter()
@@ -163,7 +165,8 @@ def gap_report(replay) -> str:
     big = sorted(((ev[i + 1][0] - ev[i][1], i) for i in range(len(ev) - 1)), reverse=True)[:5]
     for gap, i in big:  # the largest single gaps, with the events around them
         lines += ["", f"gap of {gap:.1f} us after event {i} of {len(ev)}:"]
-        lines += [f"    {ev[j][2][:100]}  ({ev[j][1] - ev[j][0]:.1f} us)" for j in range(max(0, i - 3), min(len(ev), i + 4))]
+        lines += [f"    {ev[j][2][:100]}  ({ev[j][1] - ev[j][0]:.1f} us)"
+                  for j in range(max(0, i - 3), min(len(ev), i + 4))]
     Path(os.environ.get("OUT", "."), "gaps_train_step.txt").write_text("\n".join(lines) + "\n")
     return "whole-step graph, one replay profiled: " + lines[0] + "; " + lines[1]
 

@@ -363,14 +363,18 @@ def reference(p, g, m, v, step, lr, b1, b2, wd, eps):
 torch.manual_seed(0)
 n = tk.ADAMW_BLOCK + 1000  # two programs, the second masked
 # hyper-parameters fp32 holds exactly: the interpreter may pass them in either precision
-for lr, b1, b2, wd, eps in ((2.0 ** -10, 0.875, 0.984375, 0.125, 2.0 ** -20), (2.0 ** -7, 0.75, 0.9375, 0.0, 2.0 ** -13)):
+for lr, b1, b2, wd, eps, coef in ((2.0 ** -10, 0.875, 0.984375, 0.125, 2.0 ** -20, None),
+                                  (2.0 ** -7, 0.75, 0.9375, 0.0, 2.0 ** -13, None),
+                                  (2.0 ** -10, 0.875, 0.984375, 0.125, 2.0 ** -20, 0.3)):
     p, m, v = torch.randn(n), torch.zeros(n), torch.zeros(n)
     rp, rm, rv = p.clone(), m.clone(), v.clone()
     for s in range(1, 4):
         g = torch.randn(n) * 10 ** (s - 2)
         pow1, pow2 = torch.tensor([b1 ** s]), torch.tensor([b2 ** s])  # exact in fp32 for these betas
-        tk.adamw_step(p, g, m, v, pow1, pow2, lr, b1, b2, wd, eps)
-        rp, rm, rv = reference(rp, g, rm, rv, s, lr, b1, b2, wd, eps)
+        c = None if coef is None else torch.tensor([coef])
+        tk.adamw_step(p, g, m, v, pow1, pow2, lr, b1, b2, wd, eps, c)
+        gs = g if c is None else (g.double() * c.double()).float()  # the gradient scaled (one fp32 rounding)
+        rp, rm, rv = reference(rp, gs, rm, rv, s, lr, b1, b2, wd, eps)
         for name, a, b in (("p", p, rp), ("m", m, rm), ("v", v, rv)):
             assert torch.equal(a, b), (name, s, (a - b).abs().max().item())
 print("ok")
@@ -379,8 +383,9 @@ print("ok")
 
 def test_adamw_kernel_in_the_interpreter():
     """ops.triton_kernels.adamw_step (the step of training.optim.AdamW for large CUDA tensors), run by Triton's
-    CPU interpreter on fp32 tensors: equal, element for element over three steps with and without weight decay,
-    to its fp32 arithmetic written out (the GPU test compares it with torch's fused AdamW)."""
+    CPU interpreter on fp32 tensors: equal, element for element over three steps with and without weight decay
+    and with a clipping factor, to its fp32 arithmetic written out (the GPU test compares it with torch's fused
+    AdamW)."""
     run_in_triton_interpreter(_ADAMW_INTERPRETED)
 
 
@@ -405,10 +410,12 @@ def test_adamw_is_torch_adamw_off_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_adamw_matches_torch_fused_on_cuda(dtype):
+@pytest.mark.parametrize("clip", [False, True])
+def test_adamw_matches_torch_fused_on_cuda(dtype, clip):
     """training.optim.AdamW on CUDA (Triton kernel for tensors of >= MIN_NUMEL elements, torch's fused step for
     the rest) gives bit for bit the parameters and moments of torch.optim.AdamW(fused=True), with and without
-    weight decay, over steps whose gradients change scale; its state dict loads into torch's."""
+    weight decay, over steps whose gradients change scale; with clip_coef, those of scaling the gradients in place
+    first; its state dict loads into torch's."""
     from mimo_flash.training import optim
     torch.manual_seed(0)
     shapes = [(512, 300), (optim.MIN_NUMEL + 7,), (64,), (3, 1000, 40)]
@@ -421,11 +428,15 @@ def test_adamw_matches_torch_fused_on_cuda(dtype):
         for p, q in zip(ps, qs):
             p.grad = torch.randn_like(p) * 10.0 ** (step - 3)
             q.grad = p.grad.clone()
-        oa.step()
+        coef = torch.rand((), device="cuda") if clip else None
+        oa.step(clip_coef=coef)
+        if clip:
+            torch._foreach_mul_([q.grad for q in qs], coef)
         ob.step()
         for i, (p, q) in enumerate(zip(ps, qs)):
             for name, a, b in (("param", p, q), ("exp_avg", oa.state[p]["exp_avg"], ob.state[q]["exp_avg"]),
                                ("exp_avg_sq", oa.state[p]["exp_avg_sq"], ob.state[q]["exp_avg_sq"])):
-                assert torch.equal(a, b), (step, i, name, (a != b).sum().item(), (a.float() - b.float()).abs().max().item())
+                assert torch.equal(a, b), (step, i, name, (a != b).sum().item(),
+                                           (a.float() - b.float()).abs().max().item())
     assert float(oa.state[ps[0]]["step"]) == 5.0
     ob.load_state_dict(oa.state_dict())

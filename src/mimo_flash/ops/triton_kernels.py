@@ -1137,10 +1137,12 @@ def ce_backward(x: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, g: torch.Te
 # ----------------------------------------------------------------------------------------- AdamW
 @launcher
 @triton.jit
-def _adamw_kernel(P, G, M, V, POW1, POW2, N, lr, beta1, beta2, wd, eps, BLOCK: tl.constexpr):
+def _adamw_kernel(P, G, M, V, POW1, POW2, COEF, N, lr, beta1, beta2, wd, eps, HAS_COEF: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """One AdamW step over BLOCK elements of one tensor in fp32, written as torch's fused CUDA kernel writes it
     (the moments as fma(beta, m, fma(-beta, x, x)), IEEE square roots and quotients); POW1 / POW2: beta1 and
-    beta2 to the power of the step (fp32, computed by torch.pow, as torch's kernel computes them)."""
+    beta2 to the power of the step (fp32, computed by torch.pow, as torch's kernel computes them). HAS_COEF: the
+    gradient is first multiplied by COEF, with the roundings of torch._foreach_mul_ scaling it in place."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     bc1 = 1.0 - tl.load(POW1)
@@ -1148,6 +1150,8 @@ def _adamw_kernel(P, G, M, V, POW1, POW2, N, lr, beta1, beta2, wd, eps, BLOCK: t
     step_size = tl.div_rn(lr, bc1)
     p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COEF:  # torch._foreach_mul_(grads, coef) casts coef to the gradient's dtype first
+        g = (g * tl.load(COEF).to(G.dtype.element_ty).to(tl.float32)).to(G.dtype.element_ty).to(tl.float32)
     m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.fma(-(lr * wd), p, p)
@@ -1165,12 +1169,14 @@ ADAMW_BLOCK = 4096
 
 
 def adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, pow1: torch.Tensor,
-               pow2: torch.Tensor, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+               pow2: torch.Tensor, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+               coef: torch.Tensor | None = None) -> None:
     """AdamW on one contiguous CUDA tensor in place (p, m, v updated; g read) in fp32 arithmetic, the
     hyper-parameters rounded to fp32; pow1 / pow2: 1-element fp32 device tensors, beta1 and beta2 to the power of
-    this step's count."""
+    this step's count; coef: a 1-element fp32 device tensor the gradient is scaled by (g itself is not written)."""
     n = p.numel()
     if n:
-        _adamw_kernel[(triton.cdiv(n, ADAMW_BLOCK),)](p, g, m, v, pow1, pow2, n, float(lr), float(beta1),
-                                                      float(beta2), float(weight_decay), float(eps),
-                                                      BLOCK=ADAMW_BLOCK, num_warps=8)
+        _adamw_kernel[(triton.cdiv(n, ADAMW_BLOCK),)](p, g, m, v, pow1, pow2, coef if coef is not None else pow1, n,
+                                                      float(lr), float(beta1), float(beta2), float(weight_decay),
+                                                      float(eps), HAS_COEF=coef is not None, BLOCK=ADAMW_BLOCK,
+                                                      num_warps=8)

@@ -35,7 +35,11 @@ class AdamW(torch.optim.AdamW):
                    for k in ("exp_avg", "exp_avg_sq") if k in state)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, clip_coef: torch.Tensor | None = None):
+        """One step. clip_coef (a 0-dim fp32 tensor on the gradients' device; plain, unsharded gradients): the
+        gradients are scaled by it first, with the numbers of an in-place scaling (torch._foreach_mul_) before the
+        step; the kernel's tensors get it inside the kernel and their p.grad is left as it was (gradient clipping
+        without a pass over the gradients)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -62,9 +66,13 @@ class AdamW(torch.optim.AdamW):
                 state = self.state[p]
                 beta1, beta2 = group["betas"]
                 tk.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], powers[i, 0], powers[i, 1],
-                              group["lr"], beta1, beta2, group["weight_decay"], group["eps"])
+                              group["lr"], beta1, beta2, group["weight_decay"], group["eps"], clip_coef)
         taken = {id(p) for p, _ in mine}
-        if any(p.grad is not None and id(p) not in taken for group in self.param_groups for p in group["params"]):
+        rest = [p for group in self.param_groups for p in group["params"]
+                if p.grad is not None and id(p) not in taken]
+        if rest:
+            if clip_coef is not None:
+                torch._foreach_mul_([p.grad for p in rest], clip_coef)
             grads = [(p, p.grad) for p, _ in mine]
             for p, _ in grads:  # torch's step skips parameters without a gradient
                 p.grad = None

@@ -266,6 +266,11 @@ def finish_gradients(params: list[nn.Parameter], expert_params: list[nn.Paramete
             _local(p.grad).mul_(ctx.world)
 
 
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that scales gradients of global norm `norm` down to max_norm (1 when below)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: list[nn.Parameter],
                    ctx: ParallelContext) -> torch.Tensor:
     """Global gradient L2 norm over all ranks' shards (an fp32 scalar tensor on the device); scales the
@@ -288,7 +293,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: l
     ctx.all_reduce_(sq)
     norm = sq.sqrt()
     if max_norm > 0:
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        torch._foreach_mul_(grads, clip_coefficient(norm, max_norm))
     return norm
 
 

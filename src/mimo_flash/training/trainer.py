@@ -33,7 +33,8 @@ from ..ops.loss import cross_entropy_sum
 from .checkpointing import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
 from .data import IGNORE, PackedRows, RowSampler, shifted_targets
 from .optim import AdamW
-from .parallel import ParallelContext, clip_grad_norm, finish_gradients, parallelize, set_gradient_sync
+from .parallel import (ParallelContext, clip_coefficient, clip_grad_norm, finish_gradients, parallelize,
+                       set_gradient_sync)
 
 
 @dataclass
@@ -196,8 +197,12 @@ class Trainer:
     def _update(self) -> torch.Tensor:
         """Gradients summed over ranks, clipped, AdamW; returns the gradient norm (a tensor)."""
         finish_gradients(self.params, self.expert_params, self.ctx)
-        norm = clip_grad_norm(self.params, self.cfg.grad_clip, self.expert_params, self.ctx)
-        self.optimizer.step()
+        if self.ctx.distributed or self.cfg.grad_clip <= 0:
+            norm = clip_grad_norm(self.params, self.cfg.grad_clip, self.expert_params, self.ctx)
+            self.optimizer.step()
+        else:  # one process: the clipping factor goes into the AdamW kernel (no pass over the gradients)
+            norm = clip_grad_norm(self.params, 0.0, self.expert_params, self.ctx)
+            self.optimizer.step(clip_coef=clip_coefficient(norm, self.cfg.grad_clip))
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
