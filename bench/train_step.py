@@ -121,7 +121,7 @@ def measure_graphed(model, ids, forward, iters):
         measure_graphed.split = (time_ms(fb_graph.replay, warmup=2, iters=iters),
                                  time_ms(opt.step, warmup=2, iters=iters))
         if measure_graphed.gaps:
-            measure_graphed.gap_note = gap_report(graph.replay)
+            measure_graphed.gap_note = gap_report(graph.replay, "graph")
         del fb_graph
     except Exception as e:  # noqa: BLE001
         print(f"forward + backward graph failed: {type(e).__name__}: {e}"[:300])
@@ -129,10 +129,10 @@ def measure_graphed(model, ids, forward, iters):
     return ms, back, mem, losses[0]
 
 
-def gap_report(replay) -> str:
+def gap_report(replay, name: str = "train_step") -> str:
     """Profile one replay of a CUDA graph (the whole step): the GPU's time by kernel, its busy time (kernels,
     copies, memsets) and its idle time between them, summed by the pair of kernels around it, and the largest
-    single gaps -> $OUT/gaps_train_step.txt; returns a one-line summary."""
+    single gaps -> $OUT/gaps_<name>.txt; returns a one-line summary. replay: any function (one step)."""
     import os
     from collections import Counter
     from pathlib import Path
@@ -167,8 +167,8 @@ def gap_report(replay) -> str:
         lines += ["", f"gap of {gap:.1f} us after event {i} of {len(ev)}:"]
         lines += [f"    {ev[j][2][:100]}  ({ev[j][1] - ev[j][0]:.1f} us)"
                   for j in range(max(0, i - 3), min(len(ev), i + 4))]
-    Path(os.environ.get("OUT", "."), "gaps_train_step.txt").write_text("\n".join(lines) + "\n")
-    return "whole-step graph, one replay profiled: " + lines[0] + "; " + lines[1]
+    Path(os.environ.get("OUT", "."), f"gaps_{name}.txt").write_text("\n".join(lines) + "\n")
+    return f"{name}, one step profiled: " + lines[0] + "; " + lines[1]
 
 
 def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: int):
@@ -198,6 +198,7 @@ def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: i
     trainer.fit()  # ends with its last step's metrics on the host
     back = (time.perf_counter() - t0) / (2 * iters) * 1e3
     measure_trainer.fit_steps = [round(r["step_time"] * 1e3, 1) for r in trainer.history[-2 * iters:]]
+    measure_trainer.gap_note = gap_report(trainer.train_step, "trainer") if measure_graphed.gaps else None
     measure_trainer.losses = [r["loss"] for r in recs[:4]]
     del trainer, model
     torch.cuda.empty_cache()
@@ -232,9 +233,10 @@ def main() -> None:
     ap.add_argument("--torch-adamw", action="store_true", help="also time ours with torch's fused AdamW")
     ap.add_argument("--unfused-loss", action="store_true", help="also time ours with return_logits=True")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one of our steps to $OUT")
-    ap.add_argument("--gaps", action="store_true", help="with --graph: GPU time by kernel and idle time inside the "
-                    "whole-step graph ($OUT/gaps_train_step.txt)")
+    ap.add_argument("--gaps", action="store_true", help="GPU time by kernel and idle time of one step of the "
+                    "whole-step graph (with --graph) and of the Trainer (with --trainer): $OUT/gaps_*.txt")
     args = ap.parse_args()
+    measure_graphed.gaps, measure_graphed.gap_note = args.gaps, None
     config = MiMoConfig.preset("mini")
     peak_tflops, peak_tbps = hardware_limits()
     B, T = args.batch, args.seq
@@ -279,9 +281,10 @@ def main() -> None:
             rows["mimo-flash Trainer.train_step"] = measure_trainer(config, state, ids, args.iters)
             notes.append("Trainer: losses of steps 1-4 " + ", ".join(f"{x:.5f}" for x in measure_trainer.losses)
                          + "; fit()'s own step times (ms): " + ", ".join(map(str, measure_trainer.fit_steps)))
+            if measure_trainer.gap_note:
+                notes.append(measure_trainer.gap_note)
         except Exception as e:  # noqa: BLE001
             notes.append(f"Trainer failed: {type(e).__name__}: {str(e)[:300]}")
-    measure_graphed.gaps, measure_graphed.gap_note = args.gaps, None
     if args.graph:  # last: a failed capture must not spoil the other rows
         ours = build_ours(config)
         ours.load_state_dict(state)

@@ -377,15 +377,20 @@ for lr, b1, b2, wd, eps, coef in ((2.0 ** -10, 0.875, 0.984375, 0.125, 2.0 ** -2
         rp, rm, rv = reference(rp, gs, rm, rv, s, lr, b1, b2, wd, eps)
         for name, a, b in (("p", p, rp), ("m", m, rm), ("v", v, rv)):
             assert torch.equal(a, b), (name, s, (a - b).abs().max().item())
+# the gradient norm's sum of squares: chunks of SQ_CHUNK elements (a tensor of two, one of one, a short one)
+xs = [torch.randn(tk.SQ_CHUNK + 4000), torch.randn(3, 7), torch.randn(tk.SQ_CHUNK)]
+got = tk.sq_sum(xs).item()
+want = sum(float(x.double().square().sum()) for x in xs)
+assert abs(got - want) <= 1e-5 * want, (got, want)
 print("ok")
 """
 
 
-def test_adamw_kernel_in_the_interpreter():
+def test_adamw_and_norm_kernels_in_the_interpreter():
     """ops.triton_kernels.adamw_step (the step of training.optim.AdamW for large CUDA tensors), run by Triton's
     CPU interpreter on fp32 tensors: equal, element for element over three steps with and without weight decay
     and with a clipping factor, to its fp32 arithmetic written out (the GPU test compares it with torch's fused
-    AdamW)."""
+    AdamW); and ops.triton_kernels.sq_sum (the gradient norm's pass) against the fp64 sum of squares."""
     run_in_triton_interpreter(_ADAMW_INTERPRETED)
 
 
@@ -440,3 +445,24 @@ def test_adamw_matches_torch_fused_on_cuda(dtype, clip):
                                            (a.float() - b.float()).abs().max().item())
     assert float(oa.state[ps[0]]["step"]) == 5.0
     ob.load_state_dict(oa.state_dict())
+
+
+@pytest.mark.gpu
+def test_grad_norm_on_cuda():
+    """clip_grad_norm on one CUDA process (ops.triton_kernels.sq_sum) gives the gradients' global norm (fp64
+    reference), the same number every time, and scales the gradients as before."""
+    from mimo_flash.training.parallel import clip_coefficient, clip_grad_norm
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in ((513, 300), (7,), (70000,))]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 3
+    want = sum(float(p.grad.double().square().sum()) for p in ps) ** 0.5
+    ctx = ParallelContext(device=torch.device("cuda"))
+    norms = [clip_grad_norm(ps, 0.0, [], ctx) for _ in range(3)]
+    assert all(torch.equal(n, norms[0]) for n in norms)
+    assert abs(norms[0].item() - want) <= 1e-5 * want
+    before = [p.grad.clone() for p in ps]
+    clip_grad_norm(ps, 1.0, [], ctx)
+    coef = clip_coefficient(norms[0], 1.0).to(torch.bfloat16).float()  # _foreach_mul_ casts it to the grads' dtype
+    for p, b in zip(ps, before):
+        torch.testing.assert_close(p.grad.float(), (b.float() * coef).to(torch.bfloat16).float(), rtol=0, atol=0)

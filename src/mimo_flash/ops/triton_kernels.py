@@ -1180,3 +1180,33 @@ def adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tenso
                                                       float(lr), float(beta1), float(beta2), float(weight_decay),
                                                       float(eps), HAS_COEF=coef is not None, BLOCK=ADAMW_BLOCK,
                                                       num_warps=8)
+
+
+# ----------------------------------------------------------------------------------------- sum of squares
+@launcher
+@triton.jit
+def _sq_sum_kernel(X, OUT, N, out_offset, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """OUT[out_offset + program] = the fp32 sum of x^2 over the program's CHUNK elements of X."""
+    base = tl.program_id(0).to(tl.int64) * CHUNK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = base + i + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(OUT + out_offset + tl.program_id(0), tl.sum(acc, 0))
+
+
+SQ_BLOCK, SQ_CHUNK = 4096, 1 << 16
+
+
+def sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of every element of contiguous CUDA tensors (a 0-dim fp32 tensor): one pass at copy
+    speed, fp32 sums per chunk of SQ_CHUNK elements, then one sum of the chunks (the same order every time)."""
+    chunks = [triton.cdiv(t.numel(), SQ_CHUNK) for t in tensors]
+    part = torch.empty(sum(chunks), device=tensors[0].device, dtype=torch.float32)
+    offset = 0
+    for t, c in zip(tensors, chunks):
+        if c:
+            _sq_sum_kernel[(c,)](t, part, t.numel(), offset, BLOCK=SQ_BLOCK, CHUNK=SQ_CHUNK, num_warps=8)
+        offset += c
+    return part.sum()

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..model.moe import Experts
+from ..ops.fused import triton_kernels
 from ..ops.moe import experts as experts_op
 
 
@@ -285,11 +286,15 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: l
     copies = ctx.world // ctx.ep if ctx.ep > 1 else 1
     is_expert = {id(p) for p in expert_params}
     grads = [_local(p.grad) for p in with_grad]
-    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # fp32 sums, no fp32 copies
-    if copies > 1:
-        norms = norms / torch.tensor([copies ** 0.5 if id(p) in is_expert else 1.0 for p in with_grad],
-                                     device=norms.device)
-    sq = norms.square().sum()
+    tk = triton_kernels()
+    if tk is not None and copies == 1 and all(g.is_cuda and g.is_contiguous() for g in grads):
+        sq = tk.sq_sum(grads)  # one pass at copy speed (torch._foreach_norm: one reduction per tensor)
+    else:
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # fp32 sums, no fp32 copies
+        if copies > 1:
+            norms = norms / torch.tensor([copies ** 0.5 if id(p) in is_expert else 1.0 for p in with_grad],
+                                         device=norms.device)
+        sq = norms.square().sum()
     ctx.all_reduce_(sq)
     norm = sq.sqrt()
     if max_norm > 0:
