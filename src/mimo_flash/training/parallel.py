@@ -287,7 +287,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: l
     is_expert = {id(p) for p in expert_params}
     grads = [_local(p.grad) for p in with_grad]
     tk = triton_kernels()
-    if tk is not None and copies == 1 and all(g.is_cuda and g.is_contiguous() for g in grads):
+    if tk is not None and ctx.world == 1 and all(g.is_cuda and g.is_contiguous() for g in grads):
         sq = tk.sq_sum(grads)  # one pass at copy speed (torch._foreach_norm: one reduction per tensor)
     else:
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # fp32 sums, no fp32 copies
