@@ -4,8 +4,8 @@ torch.optim.AdamW(fused=True) updates every tensor through one multi-tensor kern
 on an H100 (8.0 ms a step for the mini preset's 1.26 B bf16 parameters, where reading p, g, m, v and writing
 p, m, v once takes 6.0 ms at copy speed). Here each large CUDA tensor gets one Triton kernel
 (ops.triton_kernels.adamw_step) with the same arithmetic, so the numbers are those of the fused kernel; the
-rest (small tensors, CPU, sharded DTensors, options the kernel does not take) goes through
-torch.optim.AdamW's own step. Arguments, state and state_dict are torch.optim.AdamW's.
+rest (small tensors, CPU, sharded DTensors, options the kernel does not take, optimizers made without
+fused=True) goes through torch.optim.AdamW's own step. Arguments, state and state_dict are torch.optim.AdamW's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class AdamW(torch.optim.AdamW):
         g = p.grad
         if g is None or not p.is_cuda or type(p.data) is not torch.Tensor or p.numel() < MIN_NUMEL:
             return False
-        if group["amsgrad"] or group["maximize"] or group.get("differentiable") or torch.is_tensor(group["lr"]):
+        if not group.get("fused") or group["amsgrad"] or group["maximize"] or group.get("differentiable"):
+            return False  # the kernel has the numbers of the fused implementation: only where that was asked for
+        if torch.is_tensor(group["lr"]):
             return False
         if p.dtype not in (torch.bfloat16, torch.float16, torch.float32) or g.dtype != p.dtype or g.is_sparse:
             return False
