@@ -21,11 +21,11 @@ class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW; see the module docstring for which tensors take the Triton kernel."""
 
     def _takes(self, p: torch.Tensor, group: dict) -> bool:
-        g = p.grad
-        if g is None or not p.is_cuda or type(p.data) is not torch.Tensor or p.numel() < MIN_NUMEL:
-            return False
         if not group.get("fused") or group["amsgrad"] or group["maximize"] or group.get("differentiable"):
             return False  # the kernel has the numbers of the fused implementation: only where that was asked for
+        g = p.grad
+        if g is None or type(p) not in (torch.nn.Parameter, torch.Tensor) or not p.is_cuda or p.numel() < MIN_NUMEL:
+            return False  # (a sharded DTensor parameter is of its own type)
         if torch.is_tensor(group["lr"]):
             return False
         if p.dtype not in (torch.bfloat16, torch.float16, torch.float32) or g.dtype != p.dtype or g.is_sparse:
