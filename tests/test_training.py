@@ -75,7 +75,7 @@ def test_one_step_matches_hand_computed_loss_and_adamw():
     from mimo_flash.training.trainer import packed_losses, target_counts
 
     sums = packed_losses(out.logits, out.mtp_logits, batch["labels"], batch["segment_ids"])
-    n = target_counts(batch["labels"], batch["segment_ids"], 4)
+    n = target_counts(batch["labels"], batch["segment_ids"], 4).sum(0).tolist()
     loss = sums[0] / n[0] + 0.3 * sum(s / c for s, c in zip(sums[1:], n[1:])) / 3
     assert rec["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert rec["mtp_losses"][0] == pytest.approx((sums[1] / n[1]).item(), rel=1e-5)

@@ -119,10 +119,11 @@ def packed_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: 
     return out
 
 
-def target_counts(labels: torch.Tensor, segment_ids: torch.Tensor | None, n_shifts: int) -> list[int]:
-    """Number of valid targets at shifts 1..n_shifts. labels, segment_ids [B, T]."""
-    return [int(shifted_targets(labels, segment_ids, s).ne(IGNORE).sum()) if labels.shape[1] > s else 0
-            for s in range(1, n_shifts + 1)]
+def target_counts(labels: torch.Tensor, segment_ids: torch.Tensor | None, n_shifts: int) -> torch.Tensor:
+    """Valid targets of each row at shifts 1..n_shifts. labels, segment_ids [B, T] -> [B, n_shifts] int64."""
+    B, T = labels.shape
+    return torch.stack([shifted_targets(labels, segment_ids, s).ne(IGNORE).sum(1) if T > s else labels.new_zeros(B)
+                        for s in range(1, n_shifts + 1)], 1)
 
 
 class Trainer:
@@ -135,6 +136,8 @@ class Trainer:
     def __init__(self, model: nn.Module, rows: PackedRows, cfg: TrainConfig, ctx: ParallelContext | None = None,
                  tokenizer=None) -> None:
         cfg.validate()
+        if len(rows) == 0:
+            raise ValueError("no training rows: the packed data is empty")
         self.cfg, self.rows, self.tokenizer = cfg, rows, tokenizer
         self.ctx = ctx or ParallelContext()
         self.config = model.config
@@ -165,6 +168,10 @@ class Trainer:
         self._last_record = 0.0  # when the last step's metrics were read (perf_counter)
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.plain_rows = rows.one_document_per_row()  # then the model gets no positions or segments
+        # [R, 1 + K] targets of each row at shifts 1..1+K, counted once (in chunks of rows) and kept as numpy: a
+        # step sums its rows' counts with no gather of its rows and no tensor op
+        self.row_targets = torch.cat([target_counts(rows.labels[i:i + 1024], rows.segment_ids[i:i + 1024],
+                                                    1 + self.n_mtp) for i in range(0, len(rows), 1024)]).numpy()
 
     # ----------------------------------------------------------------- one step
     @property
@@ -217,8 +224,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
         rows = self.sampler.take(self.rows_per_step)
-        whole = self.rows.batch(rows)
-        counts = target_counts(whole["labels"], whole["segment_ids"], 1 + self.n_mtp)
+        counts = self.row_targets[rows.numpy()].sum(0).tolist()  # targets per shift over the step's rows
         denom = [max(c, 1) for c in counts]
         B, A = cfg.batch_size, cfg.grad_accum
         batches = [self.rows.batch(rows[(m * ctx.world + ctx.rank) * B:(m * ctx.world + ctx.rank + 1) * B])
