@@ -151,9 +151,8 @@ class Trainer:
         # one GPU: fused (large tensors through the Triton kernel of training.optim, the rest torch's fused
         # kernel; on the mini preset 6 ms a step where torch's fused kernel took 8 and foreach 22); sharded: per tensor
         fused = self.ctx.device.type == "cuda" and not self.ctx.distributed
-        self.optimizer = AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None,
-                                           foreach=False if self.expert_params else None)
+        self.optimizer = AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                               eps=cfg.eps, fused=fused or None, foreach=False if self.expert_params else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         self.sampler = RowSampler(len(rows), seed=cfg.seed, shuffle=cfg.shuffle)
