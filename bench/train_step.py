@@ -2,10 +2,10 @@
 
 Step = forward with labels (next-token cross entropy) + backward + AdamW update + zero_grad, bf16 weights,
 B x T random tokens. AdamW: torch's fused kernel for transformers; mimo-flash's own (training.optim.AdamW, the
-same numbers; --torch-adamw adds a row of ours with torch's). transformers' MiMoV2FlashForCausalLM gets the same weights
-(its MTP-less twin; MTP is off on our side too, and shown separately with --mtp).
+same numbers; --torch-adamw adds a row of ours with torch's). transformers' MiMoV2FlashForCausalLM gets the
+same weights (its MTP-less twin; MTP is off on our side too, and shown separately with --mtp).
 Ours runs with return_logits=False (the loss's backward reuses the logits buffer; ops/loss.py).
---graph adds a row where the whole step (forward, backward, capturable fused AdamW) is one CUDA graph
+--graph adds a row where the whole step (forward, backward, our AdamW, capturable) is one CUDA graph
 replayed per step (same math, no launch gaps); it falls back to a note if capture fails.
 --trainer adds the Trainer's own step on the same rows: bf16 weights (dtype bfloat16), no MTP, no clipping
 and no balancing, as the step above; it also measures the gradient norm, samples and copies its rows and

@@ -377,7 +377,8 @@ for lr, b1, b2, wd, eps, coef in ((2.0 ** -10, 0.875, 0.984375, 0.125, 2.0 ** -2
         rp, rm, rv = reference(rp, gs, rm, rv, s, lr, b1, b2, wd, eps)
         for name, a, b in (("p", p, rp), ("m", m, rm), ("v", v, rv)):
             assert torch.equal(a, b), (name, s, (a - b).abs().max().item())
-# the gradient norm's sum of squares: chunks of SQ_CHUNK elements (a tensor of two, one of one, a short one)
+# the gradient norm's sum of squares over chunks of SQ_CHUNK elements: a tensor of two chunks (the second
+# partial), a short one, one of exactly one chunk
 xs = [torch.randn(tk.SQ_CHUNK + 4000), torch.randn(3, 7), torch.randn(tk.SQ_CHUNK)]
 got = tk.sq_sum(xs).item()
 want = sum(float(x.double().square().sum()) for x in xs)
