@@ -153,6 +153,71 @@ def swa_sweep() -> None:
           header(), ["kernel", "settings", "fwd ms", "fwd+bwd ms", "max rel err vs defaults"], rows)
 
 
+def swa_rope_sweep() -> None:
+    """The gradient through RoPE inside the banded SWA backward kernels (banded_swa_qkv) against RoPE's own
+    backward kernel after banded_swa's, at the mini training size (4 x 4096, 16/8 heads, Q/K 192 with 64 rotary
+    dims, V 128, window 129, sink): fwd and fwd+bwd ms, the backward kernels' tile settings varied one at a time."""
+    import itertools
+
+    from mimo_flash.ops import fused
+    from mimo_flash.ops import triton_kernels as tk
+    B, H, Hkv, T, W, D, Dv, R = 4, 16, 8, 4096, 129, 192, 128, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B, T, H * D + Hkv * (D + Dv), device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    ang = torch.arange(T, device="cuda")[None, :, None] * torch.rand(R // 2, device="cuda", generator=g)
+    cos, sin = (f(torch.cat([ang, ang], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    s = torch.randn(H, device="cuda", generator=g).requires_grad_()
+    dy = torch.randn(B, T, H, Dv, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    dims = (H, Hkv, D, Dv, 0.7)
+
+    def unfused():
+        q, k, v = (t.transpose(1, 2) for t in fused.rope_qkv(qkv, cos, sin, *dims))
+        return tk.banded_swa(q, k, v, None, None, D ** -0.5, W, s)
+
+    def inside():
+        return tk.banded_swa_qkv(qkv, cos, sin, *dims, None, None, D ** -0.5, W, s)
+
+    def fb(fn):
+        def run():
+            qkv.grad = s.grad = None
+            out = fn()
+            out.backward(dy)
+            return [out.detach(), qkv.grad, s.grad]
+        return run
+
+    ref = fb(unfused)()
+
+    def baseline():
+        return ["RoPE kernel + banded_swa", "", fmt(time_ms(unfused, iters=50), ".3f"),
+                fmt(time_ms(fb(unfused), iters=50), ".3f"), "0"]
+
+    rows = [baseline()]
+    defaults = {name: dict(getattr(tk, name)) for name in ("FWD_CFG", "DKDV_CFG", "DQ_CFG")}
+    tiles = {"DKDV_CFG": [(32, 64), (64, 64), (64, 32), (32, 32)]}
+    tiles["DQ_CFG"] = tiles["DKDV_CFG"]
+    stages = {"DKDV_CFG": (1, 2), "DQ_CFG": (1, 2)}
+    for name in ("", "DKDV_CFG", "DQ_CFG"):
+        combos = [None] if not name else itertools.product(tiles[name], (4, 8), stages[name])
+        for combo in combos:
+            cfg = {} if combo is None else dict(BLOCK_M=combo[0][0], BLOCK_N=combo[0][1], num_warps=combo[1],
+                                                 num_stages=combo[2])
+            if name:
+                setattr(tk, name, cfg)
+            try:
+                got = fb(inside)()
+                err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got, ref))
+                rows.append(["RoPE inside " + (name or "defaults"), str(cfg), fmt(time_ms(inside, iters=50), ".3f"),
+                             fmt(time_ms(fb(inside), iters=50), ".3f"), f"{err:.1e}"])
+            except Exception as e:  # noqa: BLE001  (out of shared memory / registers: not a candidate)
+                rows.append(["RoPE inside " + name, str(cfg), "fail", type(e).__name__[:30], ""])
+            torch.cuda.synchronize()
+        if name:
+            setattr(tk, name, defaults[name])
+    rows.append(baseline())  # again: the machine's drift over the sweep
+    table("Banded SWA backward with RoPE's inside vs RoPE's own kernel, mini size 4x16/8x4096, window 129, sink",
+          header(), ["path", "settings", "fwd ms", "fwd+bwd ms", "rel err vs unfused"], rows)
+
+
 def grouped_mm_layouts() -> None:
     """The six grouped GEMMs of one mini-size MoE layer's training step (16384 tokens x top-8, E=64, D=1024,
     I=512, even groups), the weight gradients both ways round: as autograd computes them and as the
@@ -244,11 +309,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--swa-sweep", action="store_true", help="only the banded SWA tile sweep")
+    ap.add_argument("--swa-rope-sweep", action="store_true", help="only RoPE's gradient inside the banded SWA "
+                    "backward vs apart")
     ap.add_argument("--gmm-layouts", action="store_true", help="only the grouped-GEMM layout timings")
     ap.add_argument("--norm-sweep", action="store_true", help="only the add + RMSNorm backward settings")
     args = ap.parse_args()
     if args.swa_sweep:
         return swa_sweep()
+    if args.swa_rope_sweep:
+        return swa_rope_sweep()
     if args.gmm_layouts:
         return grouped_mm_layouts()
     if args.norm_sweep:

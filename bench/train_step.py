@@ -77,6 +77,8 @@ def measure(model, ids, forward, iters, ours: bool = True):
     ms = time_ms(step, warmup=2, iters=iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
     back = time_ms_back_to_back(step, warmup=0, iters=2 * iters)
+    if measure_graphed.gaps and ours and not hasattr(measure, "gap_note"):  # the first (default) row only
+        measure.gap_note = gap_report(step, "eager")
     del opt
     measure.losses = [x.item() for x in losses[:4]]
     return ms, back, mem, losses[0].item()
@@ -198,11 +200,34 @@ def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: i
     trainer.fit()  # ends with its last step's metrics on the host
     back = (time.perf_counter() - t0) / (2 * iters) * 1e3
     measure_trainer.fit_steps = [round(r["step_time"] * 1e3, 1) for r in trainer.history[-2 * iters:]]
-    measure_trainer.gap_note = gap_report(trainer.train_step, "trainer") if measure_graphed.gaps else None
+    measure_trainer.gap_note = None
+    if measure_graphed.gaps:
+        measure_trainer.gap_note = gap_report(trainer.train_step, "trainer")
+        host_profile(trainer, iters)
     measure_trainer.losses = [r["loss"] for r in recs[:4]]
     del trainer, model
     torch.cuda.empty_cache()
     return ms, back, mem, recs[0]["loss"]
+
+
+def host_profile(trainer, iters: int) -> None:
+    """cProfile of the Trainer's fit() over 2 * iters steps -> $OUT/trainer_host.txt (by own time, then by
+    cumulative time): where the host's time goes while it feeds the GPU."""
+    import cProfile
+    import io
+    import os
+    import pstats
+    from pathlib import Path
+    trainer.cfg.steps = trainer.step + 2 * iters
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    trainer.fit()
+    prof.disable()
+    buf = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(35)
+    Path(os.environ.get("OUT", "."), "trainer_host.txt").write_text(buf.getvalue())
 
 
 def profile_step(model, ids) -> None:
@@ -233,8 +258,9 @@ def main() -> None:
     ap.add_argument("--torch-adamw", action="store_true", help="also time ours with torch's fused AdamW")
     ap.add_argument("--unfused-loss", action="store_true", help="also time ours with return_logits=True")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one of our steps to $OUT")
-    ap.add_argument("--gaps", action="store_true", help="GPU time by kernel and idle time of one step of the "
-                    "whole-step graph (with --graph) and of the Trainer (with --trainer): $OUT/gaps_*.txt")
+    ap.add_argument("--gaps", action="store_true", help="GPU time by kernel and idle time of one eager step, "
+                    "of the whole-step graph (with --graph) and of the Trainer (with --trainer): $OUT/gaps_*.txt; "
+                    "with --trainer also a cProfile of its fit(): $OUT/trainer_host.txt")
     args = ap.parse_args()
     measure_graphed.gaps, measure_graphed.gap_note = args.gaps, None
     config = MiMoConfig.preset("mini")
@@ -257,6 +283,8 @@ def main() -> None:
                      "PyTorch loss instead")
         rows["mimo-flash"] = measure(ours, ids, ours_fwd, args.iters)
     eager_losses = measure.losses
+    if getattr(measure, "gap_note", None):
+        notes.append(measure.gap_note)
     if args.torch_adamw:
         rows["mimo-flash with torch's fused AdamW"] = measure(ours, ids, ours_fwd, args.iters, ours=False)
     if args.unfused_loss:

@@ -308,6 +308,37 @@ for meta, sink in ((AttnMeta(pos, pos, seg, seg), True), (AttnMeta(pos, pos, Non
         res.append([out] + [t.grad for t in leaves[:3 + sink]])
     err = max((a - b).abs().max().item() for a, b in zip(*res))
     assert err < 1e-4, err
+# from the projection's output, the gradient through RoPE and the value scale in the kernels (banded_swa_qkv):
+# Q/K 64 (one part) with 32 rotary dims, and Q/K 48 = 32 + 16 with the first part rotated; per-row angles of the
+# packed positions (two rows), or one row of angles for a plain batch
+from mimo_flash.ops import fused
+from mimo_flash.ops.triton_kernels import banded_swa_qkv
+H, Hkv, Dv = 4, 2, 32
+for (meta, sink, B), (D, R) in zip(
+        ((AttnMeta(pos.expand(2, T), pos.expand(2, T), seg.expand(2, T), seg.expand(2, T)), True, 2),
+         (AttnMeta(torch.arange(T)[None], torch.arange(T)[None], None, None, plain=True), False, 1)) * 2,
+        ((64, 32), (64, 32), (48, 32), (48, 32))):
+    ang = meta.q_pos.expand(B, T)[..., None].float() * torch.rand(R // 2, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    if meta.plain:
+        cos, sin = cos[:1], sin[:1]
+    x0, s0 = torch.randn(B, T, H * D + Hkv * (D + Dv), generator=g), torch.randn(H, generator=g)
+    probe = torch.randn(B, H, T, Dv, generator=g)
+    res = []
+    for run in ("triton", "reference"):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        if run == "triton":
+            p = None if meta.plain else meta.q_pos.expand(B, T).int().contiguous()
+            sg = None if meta.q_seg is None else meta.q_seg.expand(B, T).int().contiguous()
+            out = banded_swa_qkv(x, cos, sin, H, Hkv, D, Dv, 0.7, p, sg, 0.2, 9, s if sink else None)
+            assert out.transpose(1, 2).is_contiguous()
+        else:
+            q, k, v = (t.transpose(1, 2) for t in fused._rope_qkv(x, cos, sin, H, Hkv, D, Dv, 0.7))
+            out = attention(q, k, v, meta, 0.2, 9, s if sink else None, backend="reference")
+        (out * probe).sum().backward()
+        res.append([out, x.grad] + ([s.grad] if sink else []))
+    err = max((a - b).abs().max().item() for a, b in zip(*res))
+    assert err < 1e-4, err
 y = torch.randn(15, 40, generator=g)
 idx = torch.randperm(15, generator=g)
 for k in (3, 1):  # 5 or 15 output rows: a partial last block of rows
@@ -329,7 +360,6 @@ for order in (None, perm):
     err = max((a - b).abs().max().item() for a, b in zip(*res))
     assert err < 1e-5, err
 # the gradient of rope_qkv: heads 3 / 1, qk dim 10 (6 rotated), v dim 6; gq in [B, H, T, d] storage
-from mimo_flash.ops import fused
 from mimo_flash.ops.triton_kernels import rope_qkv_grad
 ang = torch.randn(2, 7, 3, generator=g)
 cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
@@ -402,7 +432,8 @@ print("ok")
 
 
 def test_triton_kernels_in_the_interpreter():
-    """The banded SWA kernels (forward, dQ, dK/dV, sink gradient; inputs in both layouts), the gather-sum,
+    """The banded SWA kernels (forward, dQ, dK/dV, sink gradient; inputs in both layouts; from the projection's
+    output, with the gradient through RoPE and the value scale inside), the gather-sum,
     the weighted SwiGLU, RoPE of q/k/v both ways, add + RMSNorm, the counting sort by expert and the router, run by Triton's CPU interpreter in fp32 against the reference: index and mask
     logic without a GPU."""
     run_in_triton_interpreter(_INTERPRETED)

@@ -95,6 +95,45 @@ def test_triton_other_head_dims():
     check(attn_grads(attention_triton, meta, 4, 2, 129, True, seed=6, D=48, Dv=32))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_swa_with_rope_and_value_scale_inside(packed):
+    """banded_swa_qkv (from the projection's output, the gradient through RoPE and the value scale in the kernels)
+    against RoPE, the scale and the reference attention in fp64 on the same bf16 values: output, the projection's
+    gradient (q, k and v columns) and the sink's; Q/K 192 = 128 + 64 with 64 rotary dims, and Q/K 64 with 32."""
+    from mimo_flash.ops.attention import attention_qkv
+    for H, Hkv, D, Dv, R in ((16, 8, 192, 128, 64), (4, 1, 64, 32, 32)):
+        meta = packed_meta([70, 300, 5, 129, 200], pad=9) if packed else plain_meta(2, 1000)
+        B, T = meta.q_pos.shape
+        g = torch.Generator(device=DEV).manual_seed(D + packed)
+        ang = meta.q_pos[..., None].double() * torch.rand(R // 2, generator=g, device=DEV, dtype=torch.float64)
+        cos, sin = (f(torch.cat([ang, ang], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        x0 = torch.randn(B, T, H * D + Hkv * (D + Dv), generator=g, device=DEV).to(torch.bfloat16)
+        s0 = torch.randn(H, generator=g, device=DEV) * 2
+        probe = torch.randn(B, H, T, Dv, generator=g, device=DEV, dtype=torch.float64)
+        dims = (H, Hkv, D, Dv, 0.7)
+        res = []
+        for run in ("triton", "reference"):
+            dt = torch.bfloat16 if run == "triton" else torch.float64
+            x, s = x0.to(dt, copy=True).requires_grad_(), s0.clone().requires_grad_()
+            if run == "triton":
+                out = attention_qkv(x, cos, sin, dims, meta, D ** -0.5, 129, s)
+                assert out is not None  # the fused kernels took it
+            else:
+                q, k, v = (t.transpose(1, 2) for t in fused._rope_qkv(x, cos.double(), sin.double(), *dims))
+                out = attention(q, k, v, meta, D ** -0.5, 129, s.double(), backend="reference")
+            (out.double() * probe).sum().backward()
+            res.append([out, x.grad, s.grad])
+        nq, nk = H * D, Hkv * D
+        (o, gx, gs), (o_ref, gx_ref, gs_ref) = res
+        check([("out", rel(o, o_ref)), ("dq", rel(gx[..., :nq], gx_ref[..., :nq])),
+               ("dk", rel(gx[..., nq:nq + nk], gx_ref[..., nq:nq + nk])), ("dv", rel(gx[..., nq + nk:], gx_ref[..., nq + nk:])),
+               ("dsink", rel(gs, gs_ref))])
+        # and where it does not apply: no window (full attention), or rotary dims that are not the head dim's first
+        # part (or its first half)
+        assert attention_qkv(x0, cos, sin, dims, meta, D ** -0.5, None, None) is None
+        assert attention_qkv(x0, cos[..., :16], sin[..., :16], dims, meta, D ** -0.5, 129, s0) is None
+
+
 @pytest.mark.parametrize("window, with_sink", [(129, True), (None, False)])
 def test_flex_packed_documents_and_padding(window, with_sink):
     meta = packed_meta([70, 300, 5, 129, 200], pad=9)

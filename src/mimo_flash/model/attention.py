@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..config import MiMoConfig
 from ..ops import fused
-from ..ops.attention import AttnMeta, attention
+from ..ops.attention import AttnMeta, attention, attention_qkv
 
 
 class Attention(nn.Module):
@@ -53,6 +53,11 @@ class Attention(nn.Module):
         qkv [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim] -> [B, T, D]
         """
         B, T, _ = qkv.shape
+        if cache is None:  # SWA on CUDA: RoPE and the value scale inside the attention kernels
+            out = attention_qkv(qkv, *rope, (self.heads, self.kv_heads, self.qk_dim, self.v_dim, self.v_scale), meta,
+                                self.scale, self.window, self.attention_sink_bias, self.backend)
+            if out is not None:
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))
         # [B, H, T, d] views of [B, T, H, d] tensors: RoPE keeps the projection's layout, the fast
         # attention kernels read it through strides and write their output (and gradients) in it, so
         # no transposing copy is made on the way in or out (o_proj's reshape below is a view)

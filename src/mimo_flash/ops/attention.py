@@ -157,6 +157,30 @@ def register_backend(name: str, applies: Callable[..., bool], fn: Callable[..., 
     _FAST[name] = (applies, fn)
 
 
+# Fast kernels that also apply RoPE and the value scale, from the q/k/v projection's output (GPU), register
+# here: name -> fn(qkv, cos, sin, dims, meta, scale, window, sink) -> output, or None where they do not apply.
+_FAST_QKV: dict[str, Callable[..., torch.Tensor | None]] = {}
+
+
+def register_qkv_backend(name: str, fn: Callable[..., torch.Tensor | None]) -> None:
+    _FAST_QKV[name] = fn
+
+
+def attention_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: tuple[int, int, int, int, float],
+                  meta: AttnMeta, scale: float, window: int | None = None, sink: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor | None:
+    """Attention straight from the projection's output, where a registered kernel of `backend` ("auto": any)
+    takes it: qkv [B, T, heads * qk_dim + kv_heads * (qk_dim + v_dim)], cos / sin [B or 1, T, R],
+    dims = (heads, kv_heads, qk_dim, v_dim, v_scale) -> [B, heads, T, v_dim], or None (then rotate with
+    ops.fused.rope_qkv and call `attention`; the result is the same up to rounding)."""
+    for name, fn in _FAST_QKV.items():
+        if backend in ("auto", name):
+            out = fn(qkv, cos, sin, dims, meta, scale, window, sink)
+            if out is not None:
+                return out
+    return None
+
+
 def attention(q, k, v, meta: AttnMeta, scale: float, window: int | None = None,
               sink: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Dispatch. q [B, H, Tq, Dqk], k [B, Hkv, Tk, Dqk], v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv]."""

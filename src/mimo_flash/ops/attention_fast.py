@@ -5,7 +5,10 @@
               cuDNN takes Q/K 192 with V 128, which the flash backend refuses.
     "triton" - SWA layers (sink included) whose queries are the keys (no cache), plain or with
               segments (packed documents, padding): the banded Triton kernel of ops/triton_kernels.py,
-              forward and backward, which visits only the key tiles within the window.
+              forward and backward, which visits only the key tiles within the window. Without a cache
+              the model hands it the q/k/v projection's output (ops.attention.attention_qkv): its
+              backward kernels write the projection's gradient, unrotated and scaled, so RoPE's
+              backward costs no pass of its own.
     "flex"  - everything else with at least MIN_FLEX_QUERIES queries: full-attention layers of packed
               documents or padded batches, queries against longer keys (a cache), SWA batches with
               positions but no segments.
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention import flex_attention as _fa
 
-from .attention import AttnMeta, register_backend
+from .attention import AttnMeta, register_backend, register_qkv_backend
 from .fused import COMPILE, sink_scale, triton_kernels
 
 BLOCK = 128  # FlexAttention's tile of the block mask (queries x keys)
@@ -224,6 +227,27 @@ def _flex_applies(q, meta: AttnMeta, window, sink) -> bool:
     return q.is_cuda and q.shape[2] >= MIN_FLEX_QUERIES
 
 
+def rope_attention_triton(qkv, cos, sin, dims, meta: AttnMeta, scale: float, window: int | None = None,
+                          sink: torch.Tensor | None = None) -> torch.Tensor | None:
+    """RoPE's kernel then the banded SWA kernels, the gradient through RoPE and the value scale taken in theirs
+    (ops.triton_kernels.banded_swa_qkv), where the "triton" backend applies and the rotary dims fit the kernels'
+    split of the head dim (rope_fits); else None."""
+    heads, kv_heads, qk_dim, v_dim, v_scale = dims
+    B, T = qkv.shape[:2]
+    if not (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and window is not None and meta.aligned
+            and (meta.plain or meta.q_seg is not None) and meta.q_pos.shape[1] == meta.k_pos.shape[1] == T):
+        return None
+    tk = triton_kernels()
+    if (tk is None or not tk.rope_fits(qk_dim, cos.shape[-1]) or v_dim < 16 or v_dim & (v_dim - 1)
+            or v_dim > 256 or cos.shape[1] != T):
+        return None
+    plain = meta.plain and meta.q_seg is None
+    pos = None if plain else meta.q_pos.expand(B, T).to(torch.int32).contiguous()
+    seg = None if meta.q_seg is None else meta.q_seg.expand(B, T).to(torch.int32).contiguous()
+    return tk.banded_swa_qkv(qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale, pos, seg, scale, window, sink)
+
+
 register_backend("cudnn", _cudnn_applies, attention_cudnn)
 register_backend("triton", _triton_applies, attention_triton)
 register_backend("flex", _flex_applies, attention_flex)
+register_qkv_backend("triton", rope_attention_triton)

@@ -18,6 +18,9 @@ Banded SWA attention ("triton" attention backend)
     dS = P * (dP - Delta), and d sink_h = -sum_i exp(sink_h - lse_i) Delta_i.
     Head dims: Q/K dim = DA + DB with DA a power of two and DB a power of two or 0 (192 = 128 + 64),
     V dim a power of two.
+    banded_swa_qkv takes the q/k/v projection's output: RoPE's kernel rotates q and k and scales v, and
+    the backward kernels store the projection's gradient (dQ and dK unrotated, dV scaled, once per tile of
+    sums) in place of dQ, dK, dV and a pass of RoPE's backward kernel over them.
 """
 
 from __future__ import annotations
@@ -237,6 +240,36 @@ def _swa_fwd(Q, K, V, POS, SEG, SINK, O, LSE,
 
 
 @triton.jit
+def _halves(x, ROWS: tl.constexpr, W: tl.constexpr):
+    """x [ROWS, W] -> (x[:, :W // 2], x[:, W // 2:])."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, W // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _store_unrotated(rows, ga, mask, COS, SIN, cs, ROWS: tl.constexpr, DA: tl.constexpr, R: tl.constexpr):
+    """Store ga [ROWS, DA] (fp32: the gradient of rotated queries or keys, their first R dims rotated, R = DA or
+    DA / 2) at `rows` (pointers [ROWS, 1]) as the gradient before RoPE: the transpose of the rotation of the NeoX
+    pairs (j, j + R / 2) at the angles of the COS / SIN rows at offsets cs [ROWS], with the arithmetic of
+    _rope_part's; in the rows' element type."""
+    ty = rows.dtype.element_ty
+    m = mask[:, None]
+    if R < DA:
+        rot, rest = _halves(ga, ROWS, DA)
+        tl.store(rows + R + tl.arange(0, DA - R)[None, :], rest.to(ty), mask=m)
+    else:
+        rot = ga
+    g1, g2 = _halves(rot, ROWS, R)
+    j = tl.arange(0, R // 2)[None, :]
+    cs_rows = cs[:, None]
+    c1 = tl.load(COS + cs_rows + j, mask=m, other=1.0).to(tl.float32)
+    c2 = tl.load(COS + cs_rows + R // 2 + j, mask=m, other=1.0).to(tl.float32)
+    s1 = tl.load(SIN + cs_rows + j, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cs_rows + R // 2 + j, mask=m, other=0.0).to(tl.float32)
+    tl.store(rows + j, (g1 * c1 + g2 * s2).to(ty), mask=m)
+    tl.store(rows + R // 2 + j, (g2 * c2 + g1 * (-s1)).to(ty), mask=m)
+
+
+@triton.jit
 def _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS, SEG, b, T, m0, q_head, do_head,
                row, sqt, sdt, qk_scale,
                WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr,
@@ -261,15 +294,17 @@ def _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS, 
 
 @launcher
 @triton.jit
-def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, DK, DVO,
+def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, COS, SIN, DK, DVO,
                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-                  sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-                  T, HKV, qk_scale, sm_scale,
+                  sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, scb, sct,
+                  T, HKV, qk_scale, sm_scale, v_scale,
                   REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
-                  DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+                  ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One key tile of one kv head: dK, dV summed over the REP query heads that read it.
-    DK [B, HKV, T, DA + DB] and DVO [B, HKV, T, DV] have strides sdk*, sdv*; DO [B, H, T, DV] sdb, sdh, sdt."""
+    DK [B, HKV, T, DA + DB] and DVO [B, HKV, T, DV] have strides sdk*, sdv*; DO [B, H, T, DV] sdb, sdh, sdt.
+    ROPE: K and V came from RoPE over the first R dims and a value scale (COS / SIN rows at b * scb + t * sct):
+    the gradients stored are those before both, applied once to the sums."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -301,7 +336,12 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, DK, DVO,
                                              qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV, BLOCK_M)
     offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     dk_rows = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt
-    tl.store(dk_rows + tl.arange(0, DA)[None, :], (dka * sm_scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
+    if ROPE:
+        _store_unrotated(dk_rows, dka * sm_scale, mask_n, COS, SIN, b * scb + (n0 + tl.arange(0, BLOCK_N)) * sct,
+                         BLOCK_N, DA, R)
+        dvacc = dvacc * v_scale
+    else:
+        tl.store(dk_rows + tl.arange(0, DA)[None, :], (dka * sm_scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
     if DB > 0:
         tl.store(dk_rows + DA + tl.arange(0, DB)[None, :], (dkb * sm_scale).to(DK.dtype.element_ty),
                  mask=mask_n[:, None])
@@ -327,17 +367,17 @@ def _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T,
 
 @launcher
 @triton.jit
-def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ, SINK, DSINK,
+def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-                sob, soh, sot, sdqb, sdqh, sdqt,
+                sob, soh, sot, sdqb, sdqh, sdqt, scb, sct,
                 T, H, qk_scale, sm_scale,
                 REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
-                HAS_SINK: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
+                HAS_SINK: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One query tile of one head: Delta = rowsum(dO * O) of its rows (stored in DELTA for the dK/dV
     kernel, which runs after this one), then dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt.
     With the sink, the tile's share of d sink_h, -sum_i exp(sink_h - lse_i) Delta_i, goes to
-    DSINK [B * H, tiles]."""
+    DSINK [B * H, tiles]. ROPE: dQ before RoPE (see _swa_bwd_dkdv)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -374,10 +414,14 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, DQ, SINK, DSINK,
             dqa, dqb = _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T, n0,
                                 k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV, BLOCK_N)
     dq_rows = DQ + b * sdqb + h * sdqh + offs_m.to(tl.int64)[:, None] * sdqt
-    tl.store(dq_rows + tl.arange(0, DA)[None, :], (dqa * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
+    if ROPE:
+        _store_unrotated(dq_rows, dqa * sm_scale, mask_m, COS, SIN, b * scb + offs_m * sct, BLOCK_M, DA, R)
+    else:
+        tl.store(dq_rows + tl.arange(0, DA)[None, :], (dqa * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
     if DB > 0:
         tl.store(dq_rows + DA + tl.arange(0, DB)[None, :], (dqb * sm_scale).to(DQ.dtype.element_ty),
                  mask=mask_m[:, None])
+
 
 
 # ----------------------------------------------------------------------------------------- autograd
@@ -398,25 +442,86 @@ def _heads_view(B: int, T: int, H: int, D: int, like: torch.Tensor) -> torch.Ten
     return torch.empty(B, T, H, D, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
+def rope_fits(d: int, rotary_dim: int) -> bool:
+    """Can the backward kernels take the gradient through RoPE over the first rotary_dim of d Q/K dims: the
+    rotary dims are the whole first part of split_dim(d) or its first half (192 = 128 + 64, 64 rotary)."""
+    parts = split_dim(d)
+    return parts is not None and rotary_dim in (parts[0], parts[0] // 2) and rotary_dim >= 4
+
+
+def _qkv_views(x: torch.Tensor, H: int, Hkv: int, D: int, Dv: int):
+    """x [B, T, H * D + Hkv * (D + Dv)] -> its q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (views)."""
+    B, T, _ = x.shape
+    q = x[..., :H * D].view(B, T, H, D).transpose(1, 2)
+    k = x[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)
+    v = x[..., (H + Hkv) * D:].view(B, T, Hkv, Dv).transpose(1, 2)
+    return q, k, v
+
+
+class _Band:
+    """The launches of the banded kernels, for both autograd functions below. rope: None, or (cos, sin, v_scale)
+    with cos / sin [B or 1, T, R]: q, k, v were rotated and scaled by ops.fused.rope_qkv, and the backward
+    returns the gradients before it (the projection's)."""
+
+    def __init__(self, q, k, v, pos, seg, scale: float, window: int, plain: bool, rope=None):
+        self.q, self.k, self.v, self.pos, self.seg = q, k, v, pos, seg
+        self.scale, self.window, self.plain = scale, window, plain
+        B, H, T, D = q.shape
+        self.B, self.H, self.T, self.Hkv, self.Dv = B, H, T, k.shape[1], v.shape[-1]
+        self.DA, self.DB = split_dim(D)
+        if rope is None:
+            self.cos, self.sin, self.scb, self.sct, self.v_scale = None, None, 0, 0, 1.0
+        else:
+            cos, sin, self.v_scale = rope
+            self.cos, self.sin, self.scb = _cos_sin(cos, sin)
+            self.sct = self.cos.stride(1)
+
+    def flags(self) -> dict:
+        return dict(REP=self.H // self.Hkv, WINDOW=self.window, PLAIN=self.plain, HAS_SEG=self.seg is not None,
+                    DA=self.DA, DB=self.DB, DV=self.Dv, STATIC=STATIC_LOOPS)
+
+    def _strides(self):
+        return tuple(s for t in (self.q, self.k, self.v) for s in t.stride()[:3])
+
+    def forward(self, sink) -> tuple[torch.Tensor, torch.Tensor]:
+        q, B, H, T = self.q, self.B, self.H, self.T
+        out = _heads_view(B, T, H, self.Dv, q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base 2, sink included
+        pick = lambda t: t if t is not None else lse  # noqa: E731  (an unused pointer argument)
+        grid = (triton.cdiv(T, FWD_CFG["BLOCK_M"]), B * H)
+        _swa_fwd[grid](q, self.k, self.v, pick(self.pos), pick(self.seg), pick(sink), out, lse, *self._strides(),
+                       *out.stride()[:3], T, H, self.scale * LOG2E, HAS_SINK=sink is not None,
+                       **self.flags(), **FWD_CFG)
+        return out, lse
+
+    def backward(self, dout, out, lse, sink, dq, dk, dv) -> torch.Tensor | None:
+        """dq, dk, dv: [B, H(kv), T, d] outputs (any strides, last dim contiguous); sink None unless its gradient
+        is wanted -> d sink [H] or None."""
+        B, H, T = self.B, self.H, self.T
+        dout = _last_dim_contiguous(dout)
+        delta = torch.empty_like(lse)  # rowsum(dout * out) [B, H, T] fp32: written by the dQ kernel
+        pick = lambda t: t if t is not None else lse  # noqa: E731
+        pos, seg, cos, sin = (pick(t) for t in (self.pos, self.seg, self.cos, self.sin))
+        common = (*self._strides(), *dout.stride()[:3])
+        flags = dict(ROPE=self.cos is not None, R=self.cos.shape[-1] if self.cos is not None else 0, **self.flags())
+        tiles = triton.cdiv(T, DQ_CFG["BLOCK_M"])
+        dsink = torch.empty(B * H, tiles, device=lse.device, dtype=torch.float32) if sink is not None else None
+        _swa_bwd_dq[(tiles, B * H)](
+            self.q, self.k, self.v, dout, out, lse, delta, pos, seg, cos, sin, dq, pick(sink), pick(dsink), *common,
+            *out.stride()[:3], *dq.stride()[:3], self.scb, self.sct, T, H, self.scale * LOG2E, self.scale,
+            HAS_SINK=sink is not None, **flags, **DQ_CFG)
+        _swa_bwd_dkdv[(triton.cdiv(T, DKDV_CFG["BLOCK_N"]), B * self.Hkv)](
+            self.q, self.k, self.v, dout, lse, delta, pos, seg, cos, sin, dk, dv, *common, *dk.stride()[:3],
+            *dv.stride()[:3], self.scb, self.sct, T, self.Hkv, self.scale * LOG2E, self.scale, self.v_scale,
+            **flags, **DKDV_CFG)
+        return dsink.view(B, H, tiles).sum((0, 2)).to(sink.dtype) if sink is not None else None
+
+
 class _BandedSWA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink, pos, seg, scale: float, window: int, plain: bool):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        B, H, T, D = q.shape
-        Hkv, Dv = k.shape[1], v.shape[-1]
-        DA, DB = split_dim(D)
-        out = _heads_view(B, T, H, Dv, q)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base 2, sink included
-        pos_arg = pos if pos is not None else lse
-        seg_arg = seg if seg is not None else lse
-        sink_arg = sink if sink is not None else lse
-        grid = (triton.cdiv(T, FWD_CFG["BLOCK_M"]), B * H)
-        _swa_fwd[grid](q, k, v, pos_arg, seg_arg, sink_arg, out, lse,
-                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                       v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                       T, H, scale * LOG2E,
-                       REP=H // Hkv, WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, HAS_SINK=sink is not None,
-                       DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS, **FWD_CFG)
+        out, lse = _Band(q, k, v, pos, seg, scale, window, plain).forward(sink)
         ctx.save_for_backward(q, k, v, sink, pos, seg, out, lse)
         ctx.args = (scale, window, plain)
         return out
@@ -424,30 +529,37 @@ class _BandedSWA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, sink, pos, seg, out, lse = ctx.saved_tensors
-        scale, window, plain = ctx.args
-        dout = _last_dim_contiguous(dout)
+        band = _Band(q, k, v, pos, seg, *ctx.args)
         B, H, T, D = q.shape
-        Hkv, Dv = k.shape[1], v.shape[-1]
-        DA, DB = split_dim(D)
-        delta = torch.empty_like(lse)  # rowsum(dout * out) [B, H, T] fp32: written by the dQ kernel
-        dq, dk, dv = _heads_view(B, T, H, D, q), _heads_view(B, T, Hkv, D, q), _heads_view(B, T, Hkv, Dv, q)
-        pos_arg = pos if pos is not None else lse
-        seg_arg = seg if seg is not None else lse
-        common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-        flags = dict(WINDOW=window, PLAIN=plain, HAS_SEG=seg is not None, DA=DA, DB=DB, DV=Dv, STATIC=STATIC_LOOPS)
-        tiles = triton.cdiv(T, DQ_CFG["BLOCK_M"])
-        with_sink = sink is not None and ctx.needs_input_grad[3]
-        dsink = torch.empty(B * H, tiles, device=q.device, dtype=torch.float32) if with_sink else lse
-        _swa_bwd_dq[(tiles, B * H)](
-            q, k, v, dout, out, lse, delta, pos_arg, seg_arg, dq, sink if with_sink else lse, dsink, *common,
-            *out.stride()[:3], *dq.stride()[:3], T, H, scale * LOG2E, scale, REP=H // Hkv, HAS_SINK=with_sink,
-            **flags, **DQ_CFG)
-        _swa_bwd_dkdv[(triton.cdiv(T, DKDV_CFG["BLOCK_N"]), B * Hkv)](
-            q, k, v, dout, lse, delta, pos_arg, seg_arg, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
-            T, Hkv, scale * LOG2E, scale, REP=H // Hkv, **flags, **DKDV_CFG)
-        dsink = dsink.view(B, H, tiles).sum((0, 2)).to(sink.dtype) if with_sink else None
+        dq, dk, dv = _heads_view(B, T, H, D, q), _heads_view(B, T, band.Hkv, D, q), _heads_view(B, T, band.Hkv, band.Dv, q)
+        dsink = band.backward(dout, out, lse, sink if ctx.needs_input_grad[3] else None, dq, dk, dv)
         return dq, dk, dv, dsink, None, None, None, None, None
+
+
+class _BandedSWAQKV(torch.autograd.Function):
+    """RoPE (ops.fused.rope_qkv's kernel) then banded attention, with the backward through both in the attention
+    kernels: they write the projection's gradient, unrotated and scaled once per tile, in place of the gradients
+    of q, k and v and a RoPE kernel's pass over them."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, sink, pos, seg, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
+                v_scale: float, scale: float, window: int, plain: bool):
+        q, k, v = (t.transpose(1, 2) for t in rope_qkv(qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale))
+        out, lse = _Band(q, k, v, pos, seg, scale, window, plain).forward(sink)
+        ctx.save_for_backward(q, k, v, cos, sin, sink, pos, seg, out, lse)
+        ctx.args = (scale, window, plain, v_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, cos, sin, sink, pos, seg, out, lse = ctx.saved_tensors
+        scale, window, plain, v_scale = ctx.args
+        band = _Band(q, k, v, pos, seg, scale, window, plain, (cos, sin, v_scale))
+        B, H, T, D = q.shape
+        grad = torch.empty(B, T, H * D + band.Hkv * (D + band.Dv), device=q.device, dtype=q.dtype)
+        dsink = band.backward(dout, out, lse, sink if ctx.needs_input_grad[3] else None,
+                              *_qkv_views(grad, H, band.Hkv, D, band.Dv))
+        return (grad, None, None, dsink) + (None,) * 10
 
 
 def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None,
@@ -459,6 +571,17 @@ def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
     document (see the module docstring).
     """
     return _BandedSWA.apply(q, k, v, sink, pos, seg, scale, window, pos is None)
+
+
+def banded_swa_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, qk_dim: int,
+                   v_dim: int, v_scale: float, pos: torch.Tensor | None, seg: torch.Tensor | None, scale: float,
+                   window: int, sink: torch.Tensor | None) -> torch.Tensor:
+    """banded_swa of ops.fused.rope_qkv(qkv, cos, sin, ...)'s q, k, v, with the gradient through RoPE and the value
+    scale taken in the attention kernels. qkv [B, T, heads * qk_dim + kv_heads * (qk_dim + v_dim)] (last dim
+    contiguous), cos / sin [B or 1, T, R] with rope_fits(qk_dim, R); the rest as banded_swa
+    -> [B, heads, T, v_dim]."""
+    return _BandedSWAQKV.apply(qkv, cos, sin, sink, pos, seg, heads, kv_heads, qk_dim, v_dim, v_scale, scale,
+                               window, pos is None)
 
 
 # ----------------------------------------------------------------------------------------- RoPE of q / k / v
