@@ -126,7 +126,8 @@ def test_triton_swa_with_rope_and_value_scale_inside(packed):
         nq, nk = H * D, Hkv * D
         (o, gx, gs), (o_ref, gx_ref, gs_ref) = res
         check([("out", rel(o, o_ref)), ("dq", rel(gx[..., :nq], gx_ref[..., :nq])),
-               ("dk", rel(gx[..., nq:nq + nk], gx_ref[..., nq:nq + nk])), ("dv", rel(gx[..., nq + nk:], gx_ref[..., nq + nk:])),
+               ("dk", rel(gx[..., nq:nq + nk], gx_ref[..., nq:nq + nk])),
+               ("dv", rel(gx[..., nq + nk:], gx_ref[..., nq + nk:])),
                ("dsink", rel(gs, gs_ref))])
         # and where it does not apply: no window (full attention), or rotary dims that are not the head dim's first
         # part (or its first half)

@@ -53,7 +53,7 @@ class Attention(nn.Module):
         qkv [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim] -> [B, T, D]
         """
         B, T, _ = qkv.shape
-        if cache is None:  # SWA on CUDA: RoPE and the value scale inside the attention kernels
+        if cache is None:  # SWA on CUDA: the backward through RoPE and the value scale in the attention kernels
             out = attention_qkv(qkv, *rope, (self.heads, self.kv_heads, self.qk_dim, self.v_dim, self.v_scale), meta,
                                 self.scale, self.window, self.attention_sink_bias, self.backend)
             if out is not None:

@@ -423,7 +423,6 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
                  mask=mask_m[:, None])
 
 
-
 # ----------------------------------------------------------------------------------------- autograd
 # Tile settings: chosen with `python bench/gpu_check.py --swa-sweep` on an H100 (mini training size) and
 # checked kernel by kernel in the training step's profile (docs/BENCHMARKS.md).
@@ -531,7 +530,8 @@ class _BandedSWA(torch.autograd.Function):
         q, k, v, sink, pos, seg, out, lse = ctx.saved_tensors
         band = _Band(q, k, v, pos, seg, *ctx.args)
         B, H, T, D = q.shape
-        dq, dk, dv = _heads_view(B, T, H, D, q), _heads_view(B, T, band.Hkv, D, q), _heads_view(B, T, band.Hkv, band.Dv, q)
+        Hkv, Dv = band.Hkv, band.Dv
+        dq, dk, dv = _heads_view(B, T, H, D, q), _heads_view(B, T, Hkv, D, q), _heads_view(B, T, Hkv, Dv, q)
         dsink = band.backward(dout, out, lse, sink if ctx.needs_input_grad[3] else None, dq, dk, dv)
         return dq, dk, dv, dsink, None, None, None, None, None
 
