@@ -471,3 +471,21 @@ def test_cuda_graph_decode_matches_eager():
         graphed = generate(model, ids, attention_mask=mask, max_new_tokens=30, num_speculative_tokens=K,
                            cuda_graphs=True)
         assert torch.equal(eager, graphed)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_greedy_stops_at_eos_like_eager():
+    """Graphed greedy decoding checks EOS one chunk late (the next chunk runs meanwhile): the output is still
+    the step-by-step one, for an EOS met in the first, second or third chunk of 16 steps, batch 1 and 3."""
+    model = tiny_model(vocab_size=64).cuda()
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(14)).cuda()
+    free = generate(model, ids, max_new_tokens=50, eos_token_id=[], cuda_graphs=True)
+    for B in (1, 3):
+        for col in (3, 20, 35):
+            eos = int(free[0, 10 + col])
+            eager = generate(model, ids[:B], max_new_tokens=50, eos_token_id=eos, cuda_graphs=False)
+            graphed = generate(model, ids[:B], max_new_tokens=50, eos_token_id=eos, cuda_graphs=True)
+            assert torch.equal(eager, graphed), (B, col)
+            assert (graphed[0, 10:] == eos).any()
+            if B == 1:
+                assert graphed.shape[1] <= 10 + col + 1  # stopped at the EOS

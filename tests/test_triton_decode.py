@@ -61,6 +61,18 @@ for overrides, slack, P, chunk in cases:
     for g in eager.cache.valid:
         assert torch.equal(fused.cache.valid[g], eager.cache.valid[g]) and torch.equal(fused.cache.pos[g], eager.cache.pos[g])
 
+# the L2 prefetch plan: each layer's o_proj and each later layer's q/k/v once, by the router of the layer
+# before where it has one, at most two tensors per kernel; never an expert's weights
+layers = model.model.layers
+moe = [hasattr(layer.mlp, "experts") for layer in layers]
+assert not moe[0] and all(moe[1:])  # the tiny preset: a dense first layer
+pulled = [t.data_ptr() for a, r in step.prefetch for t in a + r]
+want = [l.self_attn.o_proj.weight.data_ptr() for l in layers] + [l.self_attn._mf_fused[1].data_ptr() for l in layers[1:]]
+assert sorted(pulled) == sorted(want + [model.lm_head.weight.data_ptr()])
+assert all(len(a) <= 2 and len(r) <= 2 for a, r in step.prefetch)
+assert step.prefetch[0][1] == [] and all(a == [] for a, _ in step.prefetch[2:])  # MoE after MoE: all by the router
+assert step.prefetch[-1][1][0].data_ptr() == model.lm_head.weight.data_ptr()
+
 # generate() through a GraphRunner whose one-token steps are the Triton step: the same tokens
 model = tiny_model(seed=4)
 ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))

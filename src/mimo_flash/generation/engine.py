@@ -202,12 +202,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)  # last column is a token
 
     out = Output(B, max_new_tokens, eos, pad_token_id, streamer, stopping, device)
-    t0 = time.perf_counter()
+    clock = _Clock(device)
     if K == 0:
         last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
         tok = choose(process(last_logits, params, seen), params, generator)
-        stats.prefill_seconds = _elapsed(t0, device)
-        t1 = time.perf_counter()
+        clock.mark()
         out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
         n_max = int(lengths.max())
         pos = lengths.clone()  # position of tok in each row
@@ -227,8 +226,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     else:
         last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
         tok = choose(process(last_logits, params, seen), params, generator)
-        stats.prefill_seconds = _elapsed(t0, device)
-        t1 = time.perf_counter()
+        clock.mark()
         out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
         state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk)
         while True:
@@ -245,7 +243,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             stats.drafted += K * len(act)
             stats.per_step_accepted.append(sum(act) - len(act))
             out.add(new, count)
-    stats.decode_seconds = _elapsed(t1, device)
+    clock.mark()
+    stats.prefill_seconds, stats.decode_seconds = clock.intervals()
     stats.capture_seconds = getattr(runner, "capture_seconds", 0.0)
     result = out.result(input_ids)
     stats.new_tokens = out.total_new()
@@ -254,7 +253,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     return (result, stats) if return_stats else result
 
 
-GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs (each check waits for the GPU)
+GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs, one graph late
 
 
 def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bool:
@@ -283,12 +282,23 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
     """Plain greedy decoding GREEDY_CHUNK steps per CUDA graph (forward, argmax, next input; no eager work
     between steps), the new tokens handed to `out` after each, where EOS is checked: a row that ended
     mid-chunk ran a few steps more whose tokens `out` drops, so the output is the same as step by step.
-    A chunk's steps share one cache bucket (its last step's). Capturing runs a chunk several times from the
-    same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack (_make_runner).
+    With EOS the host checks a chunk's rows after launching the next chunk, which then runs past the end (its
+    tokens dropped likewise). A chunk's steps share one cache bucket (its last step's). Capturing runs a chunk
+    several times from the same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack
+    (_make_runner).
     Returns (index of the next step, tok, pos): max_new_tokens when done, or where the plain loop takes over
     if capturing failed (said in runner.greedy_graph_failed)."""
     B = tok.shape[0]
     i = 1
+    pending = []  # without a host check (no EOS, stop strings or streamer) the chunks' tokens are added at the end
+    checks = []  # with EOS: per chunk, whether every row was done after it (read when wanted)
+
+    def flush():
+        if pending:
+            new = torch.cat(pending, 1)
+            out.add(new, torch.full((B,), new.shape[1], dtype=torch.long, device=new.device))
+            pending.clear()
+
     while i < max_new_tokens:
         n = min(GREEDY_CHUNK, max_new_tokens - i)
         bucket = kv_bucket(n_max + i + n - 1, runner.cache.S)
@@ -299,20 +309,48 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
             runner.greedy_graph_failed = f"graphed greedy step failed: {type(e).__name__}: {str(e)[:200]}"
             import warnings
             warnings.warn(runner.greedy_graph_failed)
+            flush()
             return i, tok, pos
         tok, pos = res["tok"], res["pos"]
-        out.add(res["new"], torch.full((B,), n, dtype=torch.long, device=tok.device))
         stats.steps += n
         i += n
-        if out.sync and out.all_done():
+        if not out.sync:
+            pending.append(res["new"].clone())  # the graph's output buffer: the next replay overwrites it
+            continue
+        out.add(res["new"], torch.full((B,), n, dtype=torch.long, device=tok.device))
+        # the host reads the previous chunk's flag, not this one's: this chunk runs meanwhile (a graph launch
+        # takes the host about as long as several steps take the GPU); one chunk past the end is harmless
+        checks.append(out.all_done_later())
+        if len(checks) > 1 and checks.pop(0)():
             break
+    flush()
     return max_new_tokens, tok, pos
 
 
-def _elapsed(t0: float, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+class _Clock:
+    """Times between marks without waiting for the GPU at each (a wait after prefill would leave the GPU idle
+    while the host launches the first decode graph): CUDA events on the current stream, else the host clock.
+    The first mark is made at construction."""
+
+    def __init__(self, device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the last one)."""
+        if not self.cuda:
+            return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        self.marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 def prefill(runner: Runner, input_ids, attention_mask, chunk: int, keep_hidden: bool):
@@ -389,6 +427,17 @@ class Output:
 
     def all_done(self) -> bool:
         return bool(self.done.all())
+
+    def all_done_later(self):
+        """A function that returns all_done() as of now, and on CUDA waits for the GPU only when called."""
+        if self.done.device.type != "cuda":
+            done = self.all_done()
+            return lambda: done
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(self.done.all(), non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return lambda: ev.synchronize() or bool(flag)
 
     def total_new(self) -> int:
         return int(self.count.sum())

@@ -27,9 +27,11 @@ EXPERT_WARPS = 8  # router, gate/up, down
 GATE_UP_TILE = TILE // 2  # weight elements per program and matrix (gate, up)
 ATTN_WARPS = 4
 MAX_SPLITS = 16  # key splits per kv head in decode attention
-PREFETCH = os.environ.get("MIMO_FLASH_DECODE_PREFETCH", "1") != "0"  # weights into L2 during attention
+PREFETCH = os.environ.get("MIMO_FLASH_DECODE_PREFETCH", "1") != "0"  # weights into L2 (attention, router)
 PF_CHUNK = 32768  # elements per prefetch program
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
+LM_HEAD_TILE = 4 * TILE  # lm_head: fewer programs, so the last one's argmax over theirs is shorter (8 us a step)
+LM_HEAD_PREFETCH = 4 << 20  # lm_head elements pulled into L2 during the last layer
 
 
 def _pow2(n: int) -> int:
@@ -153,20 +155,49 @@ class TritonStep:
         self.logits = torch.zeros(1, 1, self.V, device=dev, dtype=dt)
         self.hidden = torch.zeros(1, 1, self.D, device=dev, dtype=dt)
         self.token = torch.zeros(1, device=dev, dtype=torch.long)
-        bn, _ = gemv_blocks(self.V, self.D)
+        bn, _ = gemv_blocks(self.V, self.D, LM_HEAD_TILE)
         self.pmax = torch.zeros(_cdiv(self.V, bn), **f32)  # the lm_head programs' best logits and their indices
         self.pidx = torch.zeros(_cdiv(self.V, bn), device=dev, dtype=torch.int32)
+        self.prefetch = self._prefetch_plan()
+
+    def _prefetch_plan(self) -> list[tuple[list, list]]:
+        """Per layer, the weights (at most two tensors each) that extra programs of its attention kernel and of
+        its router kernel pull into L2 while those kernels run (latency-bound, they read little): the next
+        layer's q/k/v, or in the last layer the start of lm_head, by this layer's router, or by its attention
+        where it has none (a dense MLP); a layer's o_proj by the previous layer's router, or by its own
+        attention. (The experts' weights are known only once routed.)"""
+        layers = self.model.model.layers
+        plan = [([], []) for _ in layers]
+        moe = [isinstance(layer.mlp, MoE) for layer in layers]
+        for i, layer in enumerate(layers):
+            (plan[i - 1][1] if i > 0 and moe[i - 1] else plan[i][0]).append(layer.self_attn.o_proj.weight)
+            ahead = (layers[i + 1].self_attn._mf_fused[1] if i + 1 < len(layers)
+                     else self.model.lm_head.weight.view(-1)[:LM_HEAD_PREFETCH])
+            if ahead.numel():
+                plan[i][1 if moe[i] else 0].append(ahead)
+        return plan
 
     def _launch(self, num_warps: int) -> dict:
         """Launch options; with PDL each kernel may start while the previous one finishes (Hopper+)."""
         return dict(num_warps=num_warps, PDL=True, launch_pdl=True) if self.pdl else dict(num_warps=num_warps,
                                                                                         PDL=False)
 
+    def _pf(self, regions):
+        """Prefetch arguments for up to two weight regions, and the number of PF_CHUNK chunks."""
+        assert len(regions) <= 2
+        regions = regions if PREFETCH else []
+        a = regions[0] if regions else self.dummy
+        b = regions[1] if len(regions) > 1 else a
+        an = a.numel() if regions else 0
+        bn = b.numel() if len(regions) > 1 else 0
+        return dict(pfa_ptr=a, pfa_n=an, pfb_ptr=b, pfb_n=bn, dummy_ptr=self.dummy,
+                    PF_CHUNK=PF_CHUNK), _cdiv(an, PF_CHUNK) + _cdiv(bn, PF_CHUNK)
+
     def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None):
         """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); token (lm_head): also the hidden state, and the
         greedy token into `token` [1]."""
         lm_head = token is not None
-        bn, bk = gemv_blocks(n_rows, x.numel())
+        bn, bk = gemv_blocks(n_rows, x.numel(), LM_HEAD_TILE if lm_head else None)
         n_prog = _cdiv(n_rows, bn)
         warps = NUM_WARPS if n_rows * x.numel() >= 1 << 24 else SMALL_GEMV_WARPS
         self.dk.gemv_kernel[(n_prog,)](
@@ -175,7 +206,7 @@ class TritonStep:
             HAS_NORM=norm_w is not None, HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, NPROG=n_prog,
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
 
-    def _attention(self, layer, pos, bucket: int, next_qkv: torch.Tensor | None) -> None:
+    def _attention(self, layer, pos, bucket: int, pf: list) -> None:
         a, cache = layer.self_attn, self.cache
         i = a.layer_idx
         g = cache.group_of[i]
@@ -191,34 +222,30 @@ class TritonStep:
         rep = a.heads // a.kv_heads
         cos, sin = self.rope_tables[a.swa]
         sink = a.attention_sink_bias
-        # extra programs pull o_proj's weights and the next layer's q/k/v weights into L2 meanwhile
-        pfa = a.o_proj.weight
-        pfb = pfa if next_qkv is None else next_qkv
-        pfa_n = pfa.numel() if PREFETCH else 0
-        pfb_n = next_qkv.numel() if PREFETCH and next_qkv is not None else 0
-        n_pf = _cdiv(pfa_n, PF_CHUNK) + _cdiv(pfb_n, PF_CHUNK)
+        pfargs, n_pf = self._pf(pf)  # extra programs pull weights into L2 meanwhile
         self.dk.attn_kernel[(a.kv_heads + _cdiv(n_pf, ns), ns)](
             self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
             self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
             a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
-            BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, pfa_ptr=pfa, pfa_n=pfa_n, pfb_ptr=pfb,
-            pfb_n=pfb_n, dummy_ptr=self.dummy, PF_CHUNK=PF_CHUNK, **self._launch(ATTN_WARPS))
+            BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **pfargs,
+            **self._launch(ATTN_WARPS))
         self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
-    def _mlp(self, layer) -> None:
+    def _mlp(self, layer, pf: list) -> None:
         dk, mlp, D = self.dk, layer.mlp, self.D
         norm_w = layer.post_attention_layernorm.weight
         if isinstance(mlp, MoE):
             r, ex = mlp.gate, mlp.experts
             E, I = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1] // 2
             bn, bk = gemv_blocks(E, D)
-            dk.router_kernel[(_cdiv(E, bn),)](
+            pfargs, n_pf = self._pf(pf)
+            dk.router_kernel[(_cdiv(E, bn) + n_pf,)](
                 self.h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
                 self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
-                **self._launch(EXPERT_WARPS))
+                **pfargs, **self._launch(EXPERT_WARPS))
             bn, bk = gemv_blocks(r.top_k * I, D, GATE_UP_TILE)
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
                                                        I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, **self._launch(EXPERT_WARPS))
@@ -231,7 +258,8 @@ class TritonStep:
         kp = max(2, _pow2(k))
         bn, bk = gemv_blocks(D, min(I, 512), 2 * TILE // kp)  # all k experts' rows in one tile
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
-                                        BLOCK_N=bn, BLOCK_K=bk, **self._launch(EXPERT_WARPS))
+                                        GATED=not isinstance(mlp, MoE), BLOCK_N=bn, BLOCK_K=bk,
+                                        **self._launch(EXPERT_WARPS))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):
         model, cache = self.model, self.cache
@@ -245,8 +273,8 @@ class TritonStep:
             a = layer.self_attn
             self._gemv(self.x, layer.input_layernorm.weight, a._mf_fused[1], self.qkv,
                        a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
-            self._attention(layer, pos, bucket, layers[i + 1].self_attn._mf_fused[1] if i + 1 < len(layers) else None)
-            self._mlp(layer)
+            self._attention(layer, pos, bucket, self.prefetch[i][0])
+            self._mlp(layer, self.prefetch[i][1])
         self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V,
                    token=self.token if token is None else token)
         return self.logits, self.hidden

@@ -12,9 +12,11 @@ to six launches, each a single pass over its weights:
                     head combines the splits and the sink into the head outputs
     router_kernel   the router's fp32 logits; the last program takes the top-k (sigmoid scores + correction
                     bias, weights normalised and scaled as ops.moe.route with one group)
-    gate_up_kernel  the chosen experts' gate/up products
-    down_kernel     silu(gate) * up, the chosen experts' down products (or the dense MLP's), the routing
-                    weights and the residual add
+(attn_kernel and router_kernel read little: extra programs of theirs pull the weights of the kernels that
+follow into L2.)
+    gate_up_kernel  the chosen experts' gate/up products and silu(gate) * up
+    down_kernel     the chosen experts' down products (or the dense MLP's, with its silu(gate) * up), the
+                    routing weights and the residual add
 
 "The last program" uses a counter per kernel: each program stores its part, then adds 1 to the counter;
 the one that sees n - 1 reads every part (past L1) and resets the counter for the next launch.
@@ -306,43 +308,48 @@ def _finish(acc, m_i, l_i, sink, o_ptr, head, rmask, dv, HAS_SINK: tl.constexpr,
 def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, counter_ptr, eps, scaling,
                   E: tl.constexpr, E_PAD: tl.constexpr, TOPK: tl.constexpr, NORM_TOPK: tl.constexpr,
                   D: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, pfa_ptr, pfa_n, pfb_ptr, pfb_n, dummy_ptr, PF_CHUNK: tl.constexpr):
     """logits [E] = W_r [E, D] (fp32) @ rmsnorm(h); then, in the last program, sel [TOPK] (int32) = the experts
     with the largest sigmoid(logit) + bias, best first (ties: lower index), and wt [TOPK] their sigmoid
-    scores (divided by their sum if NORM_TOPK) times `scaling`."""
+    scores (divided by their sum if NORM_TOPK) times `scaling`. Programs from NPROG on pull the next layer's
+    weights into L2 meanwhile (_prefetch of pfa, then pfb)."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < E
-    ar = tl.arange(0, E_PAD)
-    emask = ar < E
-    bias = tl.load(bias_ptr + ar, mask=emask, other=0.0).to(tl.float32)
-    y = _gemv(h_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, True, BLOCK_N, BLOCK_K, PDL)
-    tl.store(logits_ptr + rows, y, mask=rmask)
-    if _last(counter_ptr, NPROG):
-        score = tl.sigmoid(tl.load(logits_ptr + ar, mask=emask, other=0.0, cache_modifier=".cg"))
-        choice = tl.where(emask, score + bias, float("-inf"))
-        # rank of each expert: how many beat it (higher choice, or equal choice and lower index)
-        beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None]) & (ar[None, :] < ar[:, None]))
-        rank = tl.sum(beats.to(tl.int32), axis=1)  # [E_PAD]
-        rank = tl.where(emask, rank, E_PAD)
-        picked = rank < TOPK
-        wsum = tl.sum(tl.where(picked, score, 0.0), axis=0)
-        # slot j (column) holds the expert whose rank is j
-        hit = rank[:, None] == ar[None, :]  # [E_PAD (expert), E_PAD (slot)]
-        sel = tl.sum(tl.where(hit, ar[:, None], 0), axis=0)
-        wt = tl.sum(tl.where(hit, score[:, None], 0.0), axis=0)
-        if NORM_TOPK:
-            wt = wt / (wsum + 1e-20)
-        tl.store(sel_ptr + ar, sel, mask=ar < TOPK)
-        tl.store(wt_ptr + ar, wt * scaling, mask=ar < TOPK)
+    if pid >= NPROG:
+        _prefetch(pfa_ptr, pfa_n, pfb_ptr, pfb_n, pid - NPROG, dummy_ptr, PF_CHUNK)
+    else:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < E
+        ar = tl.arange(0, E_PAD)
+        emask = ar < E
+        bias = tl.load(bias_ptr + ar, mask=emask, other=0.0).to(tl.float32)
+        y = _gemv(h_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, True, BLOCK_N, BLOCK_K, PDL)
+        tl.store(logits_ptr + rows, y, mask=rmask)
+        if _last(counter_ptr, NPROG):
+            score = tl.sigmoid(tl.load(logits_ptr + ar, mask=emask, other=0.0, cache_modifier=".cg"))
+            choice = tl.where(emask, score + bias, float("-inf"))
+            # rank of each expert: how many beat it (higher choice, or equal choice and lower index)
+            beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None])
+                                                           & (ar[None, :] < ar[:, None]))
+            rank = tl.sum(beats.to(tl.int32), axis=1)  # [E_PAD]
+            rank = tl.where(emask, rank, E_PAD)
+            picked = rank < TOPK
+            wsum = tl.sum(tl.where(picked, score, 0.0), axis=0)
+            # slot j (column) holds the expert whose rank is j
+            hit = rank[:, None] == ar[None, :]  # [E_PAD (expert), E_PAD (slot)]
+            sel = tl.sum(tl.where(hit, ar[:, None], 0), axis=0)
+            wt = tl.sum(tl.where(hit, score[:, None], 0.0), axis=0)
+            if NORM_TOPK:
+                wt = wt / (wsum + 1e-20)
+            tl.store(sel_ptr + ar, sel, mask=ar < TOPK)
+            tl.store(wt_ptr + ar, wt * scaling, mask=ar < TOPK)
 
 
 @triton.jit
-def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, gu_ptr, eps, I: tl.constexpr, D: tl.constexpr,
+def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Program (s, b): gu[s, rows] and gu[s, I + rows] (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h),
-    rows = [b*BLOCK_N, +BLOCK_N)."""
+    """Program (s, b): act[s, rows] = silu(gate) * up, where (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h)
+    at rows and I + rows, rows = [b*BLOCK_N, +BLOCK_N); gate, up and act each rounded to the model dtype."""
     _pdl_start(PDL)
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -366,16 +373,18 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, gu_ptr, eps, I: tl.constexpr, 
         acc_g += wg.to(tl.float32) * x[None, :]
         acc_u += wu.to(tl.float32) * x[None, :]
     rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
-    dt = gu_ptr.dtype.element_ty
-    tl.store(gu_ptr + s * (2 * I) + rows, (tl.sum(acc_g, axis=1) * rstd).to(dt), mask=rmask)
-    tl.store(gu_ptr + s * (2 * I) + I + rows, (tl.sum(acc_u, axis=1) * rstd).to(dt), mask=rmask)
+    dt = act_ptr.dtype.element_ty
+    g = (tl.sum(acc_g, axis=1) * rstd).to(dt).to(tl.float32)
+    u = (tl.sum(acc_u, axis=1) * rstd).to(dt).to(tl.float32)
+    tl.store(act_ptr + s * I + rows, (g * tl.sigmoid(g) * u).to(dt), mask=rmask)
 
 
 @triton.jit
 def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
-                TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """out [D] = res + sum_s wt[s] * down[sel[s]] [D, I] @ (silu(gate_s) * up_s), gu [TOPK, 2I] (gate, then up).
+                TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, I: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """out [D] = res + sum_s wt[s] * down[sel[s]] [D, I] @ act_s: with GATED, gu [TOPK, 2I] holds (gate, up) and
+    act_s = silu(gate_s) * up_s; else gu [TOPK, I] holds act_s (gate_up_kernel's output).
 
     All TOPK products of a row block load as one tile. Each product is rounded to the model dtype before its
     fp32 weighting, the sum once more before the residual add (as the expert path does; a dense MLP is
@@ -394,9 +403,12 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < I
         m2 = smask[:, None] & cmask[None, :]
-        gt = tl.load(gu_ptr + s[:, None] * (2 * I) + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        up = tl.load(gu_ptr + s[:, None] * (2 * I) + I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        a = (gt * tl.sigmoid(gt) * up).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_K]
+        if GATED:
+            gt = tl.load(gu_ptr + s[:, None] * (2 * I) + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            up = tl.load(gu_ptr + s[:, None] * (2 * I) + I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            a = (gt * tl.sigmoid(gt) * up).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_K]
+        else:
+            a = tl.load(gu_ptr + s[:, None] * I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
                     mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0,
                     eviction_policy="evict_first")
