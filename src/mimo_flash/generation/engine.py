@@ -196,6 +196,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
 
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     lengths = mask.sum(1)  # [B] prompt tokens per row
+    n_max = int(lengths.max())  # read before prefill: a wait for the GPU after it would leave it idle
     seen = None
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
@@ -207,12 +208,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
         tok = choose(process(last_logits, params, seen), params, generator)
         clock.mark()
-        out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
-        n_max = int(lengths.max())
         pos = lengths.clone()  # position of tok in each row
         start = 1
-        if _greedy_graphable(runner, params, seen, out):
+        if _greedy_graphable(runner, params, seen, out):  # it adds tok to `out` after launching its first graph
             start, tok, pos = _greedy_graphed(runner, out, tok, pos, n_max, max_new_tokens, stats)
+        else:
+            out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
         for i in range(start, max_new_tokens):
             if out.sync and out.all_done():  # without EOS / stopping, no host sync per step
                 break
@@ -280,8 +281,8 @@ def _greedy_chunk(runner, bucket: int, n: int):
 def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, max_new_tokens: int,
                     stats: GenerationStats):
     """Plain greedy decoding GREEDY_CHUNK steps per CUDA graph (forward, argmax, next input; no eager work
-    between steps), the new tokens handed to `out` after each, where EOS is checked: a row that ended
-    mid-chunk ran a few steps more whose tokens `out` drops, so the output is the same as step by step.
+    between steps) after the prefill's token tok; the tokens go to `out`, where EOS is checked: a row that
+    ended mid-chunk ran a few steps more whose tokens `out` drops, so the output is the same as step by step.
     With EOS the host checks a chunk's rows after launching the next chunk, which then runs past the end (its
     tokens dropped likewise). A chunk's steps share one cache bucket (its last step's). Capturing runs a chunk
     several times from the same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack
@@ -290,7 +291,9 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
     if capturing failed (said in runner.greedy_graph_failed)."""
     B = tok.shape[0]
     i = 1
-    pending = []  # without a host check (no EOS, stop strings or streamer) the chunks' tokens are added at the end
+    # tok (the prefill's token) first, then the chunks' tokens: added after the first launch (the host is behind
+    # the GPU after prefill), and without a host check (no EOS) all at the end
+    pending = [tok[:, None]]
     checks = []  # with EOS: per chunk, whether every row was done after it (read when wanted)
 
     def flush():
@@ -314,12 +317,12 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
         tok, pos = res["tok"], res["pos"]
         stats.steps += n
         i += n
+        pending.append(res["new"].clone())  # the graph's output buffer: the next replay overwrites it
         if not out.sync:
-            pending.append(res["new"].clone())  # the graph's output buffer: the next replay overwrites it
             continue
-        out.add(res["new"], torch.full((B,), n, dtype=torch.long, device=tok.device))
-        # the host reads the previous chunk's flag, not this one's: this chunk runs meanwhile (a graph launch
-        # takes the host about as long as several steps take the GPU); one chunk past the end is harmless
+        flush()
+        # the host waits for the previous chunk's flag, not this one's, so the GPU has this chunk to run while
+        # the host adds its tokens and launches the next; one chunk past the end is harmless
         checks.append(out.all_done_later())
         if len(checks) > 1 and checks.pop(0)():
             break
