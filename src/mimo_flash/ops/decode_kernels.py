@@ -12,11 +12,11 @@ to six launches, each a single pass over its weights:
                     head combines the splits and the sink into the head outputs
     router_kernel   the router's fp32 logits; the last program takes the top-k (sigmoid scores + correction
                     bias, weights normalised and scaled as ops.moe.route with one group)
-(attn_kernel and router_kernel read little: extra programs of theirs pull the weights of the kernels that
-follow into L2.)
     gate_up_kernel  the chosen experts' gate/up products and silu(gate) * up
     down_kernel     the chosen experts' down products (or the dense MLP's, with its silu(gate) * up), the
                     routing weights and the residual add
+
+attn_kernel and router_kernel read little; extra programs of theirs pull the weights of later kernels into L2.
 
 "The last program" uses a counter per kernel: each program stores its part, then adds 1 to the counter;
 the one that sees n - 1 reads every part (past L1) and resets the counter for the next launch.
