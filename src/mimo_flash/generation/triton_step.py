@@ -32,6 +32,8 @@ PF_CHUNK = 32768  # elements per prefetch program
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 LM_HEAD_TILE = 4 * TILE  # lm_head: fewer programs, so the last one's argmax over theirs is shorter (8 us a step)
 LM_HEAD_PREFETCH = 4 << 20  # lm_head elements pulled into L2 during the last layer
+DOWN_EARLY = True
+DOWN_TILE = 2 * TILE  # down: weight elements per program (all chosen experts' rows)
 
 
 def _pow2(n: int) -> int:
@@ -248,7 +250,8 @@ class TritonStep:
                 **pfargs, **self._launch(EXPERT_WARPS))
             bn, bk = gemv_blocks(r.top_k * I, D, GATE_UP_TILE)
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
-                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, **self._launch(EXPERT_WARPS))
+                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, DOWN_EARLY=DOWN_EARLY,
+                                                       **self._launch(EXPERT_WARPS))
             sel, wt, down, k = self.sel, self.wt, ex.down_proj, r.top_k
         else:
             w = mlp._mf_fused[1]
@@ -256,9 +259,10 @@ class TritonStep:
             self._gemv(self.h, norm_w, w, self.gu, 2 * I)
             sel, wt, down, k = self.sel_dense, self.wt_dense, mlp.down_proj.weight, 1
         kp = max(2, _pow2(k))
-        bn, bk = gemv_blocks(D, min(I, 512), 2 * TILE // kp)  # all k experts' rows in one tile
+        bn, bk = gemv_blocks(D, min(I, 512), DOWN_TILE // kp)  # all k experts' rows in one tile
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
-                                        GATED=not isinstance(mlp, MoE), BLOCK_N=bn, BLOCK_K=bk,
+                                        GATED=not isinstance(mlp, MoE), BLOCK_N=bn, BLOCK_K=bk, EARLY=DOWN_EARLY,
+                                        RES_EARLY=DOWN_EARLY and self.pdl and isinstance(mlp, MoE),
                                         **self._launch(EXPERT_WARPS))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):

@@ -347,15 +347,18 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
 
 @triton.jit
 def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, DOWN_EARLY: tl.constexpr):
     """Program (s, b): act[s, rows] = silu(gate) * up, where (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h)
     at rows and I + rows, rows = [b*BLOCK_N, +BLOCK_N); gate, up and act each rounded to the model dtype."""
-    _pdl_start(PDL)
+    if not DOWN_EARLY:
+        _pdl_start(PDL)
     s = tl.program_id(0)
     b = tl.program_id(1)
     rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < I
     _pdl_wait(PDL)
+    if DOWN_EARLY:
+        _pdl_start(PDL)  # only now: the down kernel reads the router's output before its wait
     base = w_ptr + tl.load(sel_ptr + s).to(tl.int64) * (2 * I * D)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -382,7 +385,8 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr,
 @triton.jit
 def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, I: tl.constexpr, GATED: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+                RES_EARLY: tl.constexpr):
     """out [D] = res + sum_s wt[s] * down[sel[s]] [D, I] @ act_s: with GATED, gu [TOPK, 2I] holds (gate, up) and
     act_s = silu(gate_s) * up_s; else gu [TOPK, I] holds act_s (gate_up_kernel's output).
 
@@ -396,10 +400,20 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
     s = tl.arange(0, TOPK_PAD)
     smask = s < TOPK
     dt = out_ptr.dtype.element_ty
-    _pdl_wait(PDL)
-    base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0).to(tl.int64) * D * I  # [TOPK_PAD]
+    if not EARLY:
+        _pdl_wait(PDL)
+    base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0, cache_modifier=".cg").to(tl.int64) * D * I
+    ws = tl.load(wt_ptr + s, mask=smask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
+                mask=smask[:, None, None] & rmask[None, :, None] & (cols < I)[None, None, :], other=0.0,
+                eviction_policy="evict_first")
+    if RES_EARLY:
+        res = tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if EARLY:
+        _pdl_wait(PDL)
     acc = tl.zeros([TOPK_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in tl.static_range(0, I, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < I
         m2 = smask[:, None] & cmask[None, :]
@@ -409,14 +423,15 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
             a = (gt * tl.sigmoid(gt) * up).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_K]
         else:
             a = tl.load(gu_ptr + s[:, None] * I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
-                    mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0,
-                    eviction_policy="evict_first")
+        if k0 > 0:
+            w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
+                        mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0,
+                        eviction_policy="evict_first")
         acc += w.to(tl.float32) * a[:, None, :]
     y = tl.sum(acc, axis=2).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_N]
-    ws = tl.load(wt_ptr + s, mask=smask, other=0.0).to(tl.float32)
     total = tl.sum(y * ws[:, None], axis=0).to(dt).to(tl.float32)
-    res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if not RES_EARLY:
+        res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, (res + total).to(dt), mask=rmask)
 
 
