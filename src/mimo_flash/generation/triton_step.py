@@ -32,8 +32,8 @@ PF_CHUNK = 32768  # elements per prefetch program
 PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
 LM_HEAD_TILE = 4 * TILE  # lm_head: fewer programs, so the last one's argmax over theirs is shorter (8 us a step)
 LM_HEAD_PREFETCH = 4 << 20  # lm_head elements pulled into L2 during the last layer
-DOWN_EARLY = True
-DOWN_TILE = 2 * TILE  # down: weight elements per program (all chosen experts' rows)
+DOWN_EARLY = True  # the down kernel loads its weights before its PDL wait (gate/up lets it start late)
+DOWN_TILE = TILE  # down: weight elements per program (all chosen experts' rows)
 
 
 def _pow2(n: int) -> int:

@@ -17,6 +17,7 @@ to six launches, each a single pass over its weights:
                     routing weights and the residual add
 
 attn_kernel and router_kernel read little; extra programs of theirs pull the weights of later kernels into L2.
+The down kernel's programs load their experts' weights before their PDL wait, while gate/up still runs.
 
 "The last program" uses a counter per kernel: each program stores its part, then adds 1 to the counter;
 the one that sees n - 1 reads every part (past L1) and resets the counter for the next launch.
@@ -349,7 +350,9 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
 def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, DOWN_EARLY: tl.constexpr):
     """Program (s, b): act[s, rows] = silu(gate) * up, where (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h)
-    at rows and I + rows, rows = [b*BLOCK_N, +BLOCK_N); gate, up and act each rounded to the model dtype."""
+    at rows and I + rows, rows = [b*BLOCK_N, +BLOCK_N); gate, up and act each rounded to the model dtype.
+    DOWN_EARLY: the programs let the next kernel start only after their PDL wait, so that the router's output
+    is visible to it before its own wait (down_kernel's EARLY)."""
     if not DOWN_EARLY:
         _pdl_start(PDL)
     s = tl.program_id(0)
@@ -392,7 +395,11 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
 
     All TOPK products of a row block load as one tile. Each product is rounded to the model dtype before its
     fp32 weighting, the sum once more before the residual add (as the expert path does; a dense MLP is
-    TOPK = 1 with weight 1)."""
+    TOPK = 1 with weight 1).
+    EARLY: sel, wt and the first weight block load before the PDL wait, so the weights stream in while the
+    gate/up kernel ends (the router wrote sel and wt two kernels back; gate_up_kernel's DOWN_EARLY keeps this
+    kernel from starting before that is visible; a dense MLP's are constants). RES_EARLY: res (h, written three
+    kernels back) too."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
