@@ -420,7 +420,7 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
     if EARLY:
         _pdl_wait(PDL)
     acc = tl.zeros([TOPK_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, I, BLOCK_K):
+    for k0 in tl.static_range(0, I, BLOCK_K):  # unrolled (2 us a step); 32 blocks for the flash dense MLP
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < I
         m2 = smask[:, None] & cmask[None, :]
