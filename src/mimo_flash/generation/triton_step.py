@@ -262,7 +262,6 @@ class TritonStep:
         bn, bk = gemv_blocks(D, min(I, 512), DOWN_TILE // kp)  # all k experts' rows in one tile
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
                                         GATED=not isinstance(mlp, MoE), BLOCK_N=bn, BLOCK_K=bk, EARLY=DOWN_EARLY,
-                                        RES_EARLY=DOWN_EARLY and self.pdl and isinstance(mlp, MoE),
                                         **self._launch(EXPERT_WARPS))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):

@@ -388,8 +388,7 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr,
 @triton.jit
 def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, I: tl.constexpr, GATED: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-                RES_EARLY: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """out [D] = res + sum_s wt[s] * down[sel[s]] [D, I] @ act_s: with GATED, gu [TOPK, 2I] holds (gate, up) and
     act_s = silu(gate_s) * up_s; else gu [TOPK, I] holds act_s (gate_up_kernel's output).
 
@@ -398,8 +397,8 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
     TOPK = 1 with weight 1).
     EARLY: sel, wt and the first weight block load before the PDL wait, so the weights stream in while the
     gate/up kernel ends (the router wrote sel and wt two kernels back; gate_up_kernel's DOWN_EARLY keeps this
-    kernel from starting before that is visible; a dense MLP's are constants). RES_EARLY: res (h, written three
-    kernels back) too."""
+    kernel from starting before that is visible; a dense MLP's are constants). After experts (not GATED), res
+    (h, written three kernels back) too."""
     _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -407,6 +406,7 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
     s = tl.arange(0, TOPK_PAD)
     smask = s < TOPK
     dt = out_ptr.dtype.element_ty
+    RES_EARLY: tl.constexpr = EARLY and not GATED  # a dense MLP's h comes from the kernel just before
     if not EARLY:
         _pdl_wait(PDL)
     base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0, cache_modifier=".cg").to(tl.int64) * D * I
