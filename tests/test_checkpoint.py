@@ -16,7 +16,7 @@ from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import (CheckpointError, CheckpointWarning, convert_checkpoint, dequantize,
                                    is_quantized, load_pretrained, quantize, to_hub, write_synthetic_checkpoint)
 from mimo_flash.checkpoint import files as ckfiles
-from mimo_flash.checkpoint.fp8 import FP8, scale_grid
+from mimo_flash.quant.blocks import FP8, scale_grid
 
 F32 = torch.float32
 
@@ -171,7 +171,7 @@ def test_quantize_real_block_scales_and_zero_blocks():
 def test_quantize_rejects_non_finite():
     w = torch.ones(4, 4)
     w[1, 2] = float("nan")
-    with pytest.raises(CheckpointError, match="w0.*non-finite"):
+    with pytest.raises(ValueError, match="w0.*non-finite"):
         quantize(w, (2, 2), name="w0")
 
 

@@ -1,11 +1,12 @@
-"""Checkpoint I/O: hub-format (and transformers-format) safetensors, FP8 block (de)quantization.
+"""Checkpoint I/O: hub-format (and transformers-format) safetensors, FP8 tensors included (their block format and
+(de)quantization live in quant/blocks.py).
 
 load_pretrained / save_pretrained are what MiMoForCausalLM.from_pretrained / save_pretrained call;
 convert_checkpoint streams one checkpoint into another; write_synthetic_checkpoint makes test data.
 """
 
 from .errors import CheckpointError, CheckpointWarning
-from .fp8 import dequantize, quantize
+from ..quant.blocks import dequantize, quantize
 from .load import load_pretrained, parse_dtype, plan_checkpoint
 from .names import hub_parts, is_quantized, to_hub
 from .reader import CheckpointReader

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import MiMoConfig
 from .errors import CheckpointError, CheckpointWarning
-from .fp8 import FP8, SCALE_SUFFIX, check_scale, dequantize
+from ..quant.blocks import FP8, SCALE_SUFFIX, dequantize, scale_grid
 from .names import (DOWN, GATE_UP, expert_index, hub_parts, is_mtp, layer_index, mtp_index, transformers_name)
 from .reader import DEFAULT_BLOCK, CheckpointReader, block_size, read_config
 
@@ -155,6 +155,23 @@ def _check_source(plan: Plan, s: Source) -> bool:
     return False
 
 
+def check_scale(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int],
+                where: str) -> bool:
+    """True if the scale has extra trailing rows/cols (to be ignored); raises if it cannot serve.
+
+    `where` names the file and tensor for the error message.
+    """
+    need = scale_grid(weight_shape, block)
+    if len(scale_shape) != len(need) or tuple(scale_shape[:-2]) != need[:-2]:
+        raise CheckpointError(f"{where}: scale shape {tuple(scale_shape)} does not fit weight shape "
+                              f"{tuple(weight_shape)} (expected {need} for {block[0]}x{block[1]} blocks)")
+    if scale_shape[-2] < need[-2] or scale_shape[-1] < need[-1]:
+        raise CheckpointError(f"{where}: scale shape {tuple(scale_shape)} has too few rows/cols for weight shape "
+                              f"{tuple(weight_shape)}: {block[0]}x{block[1]} blocks need {need}")
+    return tuple(scale_shape) != need
+
+
+
 def _check_structure(reader: CheckpointReader, raw: dict, config: MiMoConfig, load_mtp: bool, cfg) -> MiMoConfig:
     """Layer, expert and MTP counts of the checkpoint against the config; returns the config to build."""
     keys = reader.keys()
@@ -226,7 +243,7 @@ def progress_bar(total: int, desc: str, progress: bool | None):
 
 
 def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, load_mtp: bool = True,
-                    strict: bool = True, allow_pickle: bool = False, progress: bool | None = None):
+                    strict: bool = True, allow_pickle: bool = False, progress: bool | None = None, fp8: bool = False):
     """Build MiMoForCausalLM from a checkpoint directory or file.
 
     path: a directory with config.json and model.safetensors / sharded safetensors + index (hub or
@@ -234,6 +251,10 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
     dtype ("auto" = config.torch_dtype); the router weight and correction bias stay fp32. FP8 tensors
     are dequantized with their per-block scales. load_mtp=False skips the MTP layers. strict=False
     turns unexpected tensors into a warning. allow_pickle=True accepts .bin/.pt files (weights_only).
+    fp8=True keeps the weights the release quantizes FP8-resident (quant.quantize_model_'s modules, 128x128
+    blocks): FP8 tensors of the checkpoint are copied as they are where their blocks align with ours, a
+    float checkpoint is quantized on load (real amax/448 scales), and a tensor an FP8 checkpoint stores
+    unquantized stays so. Everything else is loaded in `dtype`.
     """
     from ..model import MiMoForCausalLM
 
@@ -245,15 +266,22 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
         plan.config = plan.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
         with torch.device("meta"):
             model = MiMoForCausalLM(plan.config).to(dtype)
+        if fp8:
+            from ..quant import quantize_model_
+            quantize_model_(model, _stored_fp8(plan) if plan.raw.get("quantization_config") else None)
         model.to_empty(device=device or "cpu")
         state = model.state_dict()
         lost = [n for n, _ in model.named_buffers() if n not in state]
         if lost:
             raise RuntimeError(f"internal: non-persistent buffers {lost} are not restored by the loader")
 
-        jobs = [(name, s) for name, (_, sources) in plan.tensors.items() for s in sources]
+        units = _fp8_units(plan, state)
+        jobs = [(name, s) for name, (_, sources) in plan.tensors.items() for s in sources
+                if state[name].dtype != FP8]
         jobs.sort(key=lambda j: (str(reader.info(j[1].key).file), reader.info(j[1].key).start))
         with torch.no_grad(), progress_bar(plan.source_bytes, "loading", progress) as bar:
+            for (name, lead), parts in units.items():
+                bar.update(_fill_fp8(plan, state[name][lead], state[name + SCALE_SUFFIX][lead], parts))
             for name, s in jobs:
                 dst = state[name] if s.dst is None else state[name][s.dst]
                 read_into(dst, reader, s.key, plan.block)
@@ -266,3 +294,66 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
                     n += reader.info(s.key + SCALE_SUFFIX).nbytes
                 bar.update(n)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------- FP8-resident loading
+def _stored_fp8(plan: Plan):
+    """Module name -> whether every checkpoint tensor of its weights is FP8 (an FP8 checkpoint's choice)."""
+    fp8: dict[str, bool] = {}
+    for name, (_, sources) in plan.tensors.items():
+        mod = name.rpartition(".")[0]
+        fp8[mod] = fp8.get(mod, True) and all(plan.reader.info(s.key).dtype == FP8 for s in sources)
+    return lambda module_name: fp8.get(module_name, False)
+
+
+def _fp8_units(plan: Plan, state: dict) -> dict[tuple[str, tuple], list[tuple[str, int, int]]]:
+    """Our FP8 tensors as units of work: (name, leading index (one expert or ())) -> [(checkpoint key, first
+    row, end row)] that fill it, in file order. Source.dst is None, (e,), (e, rows) or (rows,)."""
+    units: dict[tuple[str, tuple], list[tuple[str, int, int]]] = {}
+    for name, (shape, sources) in plan.tensors.items():
+        if state[name].dtype != FP8:
+            continue
+        for s in sources:
+            idx = () if s.dst is None else tuple(s.dst)
+            lead = tuple(i for i in idx if isinstance(i, int))
+            rows = next((i for i in idx if isinstance(i, slice)), slice(0, shape[-2]))
+            units.setdefault((name, lead), []).append((s.key, rows.start or 0, rows.stop))
+    first = {u: min(plan.reader.info(k).start for k, _, _ in parts) for u, parts in units.items()}
+    return dict(sorted(units.items(), key=lambda u: (str(plan.reader.info(u[1][0][0]).file), first[u[0]])))
+
+
+def _fill_fp8(plan: Plan, q: torch.Tensor, scale: torch.Tensor, parts: list[tuple[str, int, int]]) -> int:
+    """Fill FP8 tensor q [..., R, C] and its scale grid from checkpoint tensors covering rows [r0, r1) each.
+
+    FP8 sources whose rows fall on our 128-row block boundaries (the release's q/k/v, experts, MLPs) are
+    copied byte for byte with their scale rows (extra trailing scale rows/cols, the k_proj trap, dropped).
+    Otherwise (a float checkpoint, other block sizes, parts that split a block) the parts are gathered in
+    fp32 (FP8 ones dequantized) and quantized once, with real amax/448 scales. Returns the bytes read."""
+    from ..quant.blocks import BLOCK, quantize, trim_scale
+
+    reader, R = plan.reader, q.shape[-2]
+    br = BLOCK[0]
+    aligned = plan.block == BLOCK and all(
+        reader.info(k).dtype == FP8 and r0 % br == 0 and (r1 % br == 0 or r1 == R) for k, r0, r1 in parts)
+    staging = None if aligned else torch.empty(q.shape, dtype=torch.float32)
+    nbytes = 0
+    for key, r0, r1 in parts:
+        where = plan.where(key)
+        if aligned:
+            t, s = reader.get(key), reader.get(key + SCALE_SUFFIX)
+            q[..., r0:r1, :].copy_(t)
+            scale[..., r0 // br: -(-r1 // br), :].copy_(trim_scale(s, tuple(t.shape)))
+            check_finite(q[..., r0:r1, :], where, True)
+            check_finite(scale[..., r0 // br: -(-r1 // br), :], plan.where(key + SCALE_SUFFIX), False)
+        else:
+            read_into(staging[..., r0:r1, :], reader, key, plan.block)
+            check_finite(staging[..., r0:r1, :], where, reader.info(key).dtype == FP8)
+        for k in (key, key + SCALE_SUFFIX):
+            if k in reader.infos:
+                nbytes += reader.info(k).nbytes
+                reader.release(k)
+    if staging is not None:
+        qs, ss = quantize(staging.to(q.device), BLOCK, parts[0][0])
+        q.copy_(qs)
+        scale.copy_(ss)
+    return nbytes

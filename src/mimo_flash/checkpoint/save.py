@@ -23,7 +23,7 @@ import torch
 
 from .errors import CheckpointError
 from .files import Entry, fsync_dir, write_safetensors
-from .fp8 import FP8, SCALE_SUFFIX, quantize, scale_grid
+from ..quant.blocks import FP8, SCALE_SUFFIX, quantize, scale_grid
 from .load import check_finite, parse_dtype, plan_checkpoint, progress_bar, read_into
 from .names import LAYOUTS, is_fp32, is_quantized, layout_parts
 from .reader import PICKLE_SUFFIXES, CheckpointReader

@@ -17,7 +17,7 @@ import torch
 
 from ..config import MiMoConfig
 from .files import Entry
-from .fp8 import FP8, FP8_MAX, SCALE_SUFFIX, scale_grid
+from ..quant.blocks import FP8, FP8_MAX, SCALE_SUFFIX, scale_grid
 from .names import LAYOUTS, is_fp32, is_quantized, layer_index, layout_parts
 from .save import QuantizedPair, fp8_quantization_config, write_checkpoint
 

@@ -144,8 +144,8 @@ def prepare_fused(model) -> bool:
     changed = False
     for m in model.modules():
         names = FUSED.get(type(m))
-        if names is None:
-            continue
+        if names is None or not all(isinstance(getattr(m, n), nn.Linear) for n in names):
+            continue  # FP8-resident projections (quant.FP8Linear) run as they are
         ws = [getattr(m, n).weight for n in names]
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape)) for w in ws)
         old = m.__dict__.get("_mf_fused")

@@ -63,6 +63,9 @@ def unsupported(model, cache: KVCache, check_fused: bool = True) -> str | None:
         return "batch size is not 1"
     if c.n_group != 1:
         return "grouped routing (n_group > 1)"
+    from ..quant.modules import FP8Experts, FP8Linear
+    if any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules()):
+        return "FP8-resident weights (this step reads bf16 weights)"
     if cache.device.type == "cuda" and model.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {model.dtype} (bf16 / fp16 only on CUDA)"
     if cache.dtype != model.dtype:

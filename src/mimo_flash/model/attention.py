@@ -45,7 +45,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 cache=None) -> torch.Tensor:
         """x [B, T, D]; rope = (cos, sin) [B, T, rotary_dim] -> [B, T, D]"""
-        return self.attend(F.linear(x, self.qkv_weight()), rope, meta, cache)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if all(type(p) is nn.Linear for p in projs):
+            return self.attend(F.linear(x, self.qkv_weight()), rope, meta, cache)
+        # projections swapped from outside (quant.FP8Linear): each computes its own rows
+        return self.attend(torch.cat([p(x) for p in projs], -1), rope, meta, cache)
 
     def attend(self, qkv: torch.Tensor, rope, meta: AttnMeta, cache=None) -> torch.Tensor:
         """Everything after the q/k/v projection: RoPE, value scale, cache, attention, o_proj.

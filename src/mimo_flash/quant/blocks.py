@@ -1,9 +1,13 @@
-"""FP8 block (de)quantization in the release's format.
+"""The FP8 block format of the release: weight blocks, activation groups, (de)quantization.
 
-A quantized weight w [..., R, C] is stored as q = float8_e4m3fn [..., R, C] plus
-scale_inv = float32 [..., ceil(R / br), ceil(C / bc)] with one value per (br x bc) block:
+A quantized weight w [..., R, C] is q = float8_e4m3fn [..., R, C] plus
+scale_inv = float32 [..., ceil(R / br), ceil(C / bc)] with one value per (br x bc) block (128 x 128 in the
+release):
     w[r, c] = q[r, c] * scale_inv[r // br, c // bc]
 Edge blocks are partial. Leading dimensions (fused experts) have one scale grid each.
+Activations (W8A8 "dynamic" scheme) are quantized per token and 128-column group:
+    x[m, k] = xq[m, k] * x_scale[m, k // 128]
+checkpoint/ reads and writes these tensors; quant/ computes with them.
 """
 
 from __future__ import annotations
@@ -14,33 +18,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError
-
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-SCALE_SUFFIX = "_scale_inv"
+SCALE_SUFFIX = "_scale_inv"  # checkpoint name of a weight's scale: <name>_scale_inv
+BLOCK = (128, 128)  # the release's weight block; the GEMM backends need it (fp8_linear)
+GROUP = 128  # activation group: one scale per token and GROUP columns
 
 
 def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     """Weight shape [..., R, C] -> the scale shape [..., ceil(R / br), ceil(C / bc)] it needs."""
     *lead, R, C = shape
     return (*lead, math.ceil(R / block[0]), math.ceil(C / block[1]))
-
-
-def check_scale(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int],
-                where: str) -> bool:
-    """True if the scale has extra trailing rows/cols (to be ignored); raises if it cannot serve.
-
-    `where` names the file and tensor for the error message.
-    """
-    need = scale_grid(weight_shape, block)
-    if len(scale_shape) != len(need) or tuple(scale_shape[:-2]) != need[:-2]:
-        raise CheckpointError(f"{where}: scale shape {tuple(scale_shape)} does not fit weight shape "
-                              f"{tuple(weight_shape)} (expected {need} for {block[0]}x{block[1]} blocks)")
-    if scale_shape[-2] < need[-2] or scale_shape[-1] < need[-1]:
-        raise CheckpointError(f"{where}: scale shape {tuple(scale_shape)} has too few rows/cols for weight shape "
-                              f"{tuple(weight_shape)}: {block[0]}x{block[1]} blocks need {need}")
-    return tuple(scale_shape) != need
 
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
@@ -88,7 +76,8 @@ def quantize(w: torch.Tensor, block: tuple[int, int], name: str = "tensor") -> t
     """w [..., R, C] float -> (q [..., R, C] float8_e4m3fn, scale_inv [..., ceil(R/br), ceil(C/bc)] fp32).
 
     scale_inv = amax(|block|) / 448, so each block's largest value maps to +-448; an all-zero block
-    gets scale 1 (it round-trips to zeros). Raises CheckpointError on non-finite values.
+    gets scale 1 (it round-trips to zeros). Raises ValueError naming `name` on non-finite values.
+    Runs on w's device, one leading index (expert) at a time: the temporaries are one [R, C] fp32 matrix.
     """
     *lead, R, C = w.shape
     br, bc = block
@@ -99,9 +88,50 @@ def quantize(w: torch.Tensor, block: tuple[int, int], name: str = "tensor") -> t
         wi = F.pad(w[idx].float(), (0, c * bc - C, 0, r * br - R)).view(r, br, c, bc)
         amax = wi.abs().amax(dim=(1, 3))  # [r, c]
         if not torch.isfinite(amax).all():
-            raise CheckpointError(f"{name} has non-finite values (NaN or Inf); cannot quantize it")
+            raise ValueError(f"{name} has non-finite values (NaN or Inf); cannot quantize it")
         s = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), 1.0)
         qi = (wi / s.view(r, 1, c, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         q[idx] = qi.view(r * br, c * bc)[:R, :C]
         scale[idx] = s
     return q, scale
+
+
+def quantize_activations(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (xq [..., K] float8_e4m3fn, scale [..., ceil(K / group)] fp32), per token and group.
+
+    scale = amax(|group|) / 448 (an all-zero group gets 1), so x ~= xq * scale[..., k // group]. The "dynamic"
+    activation scheme of the release: computed on the fly for every product.
+    """
+    *lead, K = x.shape
+    g = math.ceil(K / group)
+    xp = F.pad(x.float(), (0, g * group - K)).view(*lead, g, group)
+    amax = xp.abs().amax(-1)
+    s = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
+    xq = (xp / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(*lead, g * group)[..., :K]
+    return xq, s
+
+
+def dequantize_activations(xq: torch.Tensor, scale: torch.Tensor, group: int = GROUP,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """quantize_activations' inverse: xq [..., K], scale [..., ceil(K / group)] -> [..., K] in dtype."""
+    K = xq.shape[-1]
+    return (xq.float() * scale.repeat_interleave(group, -1)[..., :K]).to(dtype)
+
+
+def expand_scale(scale_inv: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """scale_inv [..., >= ceil(R/br), >= ceil(C/bc)] -> the per-element scale [..., R, C] (a temporary)."""
+    *_, R, C = shape
+    return scale_inv.repeat_interleave(block[0], -2)[..., :R, :].repeat_interleave(block[1], -1)[..., :C]
+
+
+def dequantize_fast(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype,
+                    block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """dequantize() in a few whole-tensor ops (for GPUs, where the table loop is slow): same numbers
+    (fp32 product, rounded once to dtype). q [..., R, C], scale_inv [..., ceil(R/br), ceil(C/bc)] -> [..., R, C]."""
+    return (q.float() * expand_scale(scale_inv.float(), tuple(q.shape), block)).to(dtype)
+
+
+def trim_scale(scale_inv: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """The standard ceil grid of a scale that may carry extra trailing rows/cols (the k_proj trap)."""
+    *_, r, c = scale_grid(shape, block)
+    return scale_inv[..., :r, :c]

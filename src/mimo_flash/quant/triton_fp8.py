@@ -1,0 +1,125 @@
+"""Triton kernels that read FP8 block weights directly (decode-sized products, grouped experts).
+
+Both compute y = x @ W^T with W[n, k] = q[n, k] * s[n // 128, k // 128]: the FP8 bytes are loaded (half the
+bytes of bf16), widened in registers, and each 128-wide K block's partial product is scaled once by its
+block scale. Activations stay in their own dtype (bf16 on the GPU): no activation quantization, so these
+are more accurate than the W8A8 scaled_mm path. Accumulation in fp32.
+Run in Triton's CPU interpreter by the tests (TRITON_INTERPRET=1), on CUDA by the GPU tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BK = 128  # = the weight block's columns: one scale per (row block, K step)
+
+
+@triton.jit
+def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, s_stride, KB: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """y [M, N] = x [M, K] @ (q [N, K] * s [ceil(N/128), KB])^T. BLOCK_N divides 128, so a tile's rows share
+    one scale row. DOT=False (M = 1): multiply-and-sum, no tensor-core padding of the single row."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, 128)
+    nmask, mmask = rn < N, rm < M
+    srow = (pid_n * BLOCK_N) // 128
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KB):
+        k = kb * 128 + rk
+        kmask = k < K
+        w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        scale = tl.load(s_ptr + srow * s_stride + kb)
+        if DOT:
+            part = tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32)
+        else:
+            part = tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        acc += part * scale
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def fp8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32, contiguous), q [N, K] float8_e4m3fn, s [>= ceil(N/128), >= ceil(K/128)] fp32
+    -> y [M, N] in x's dtype. Sized for decode (M up to a few dozen rows): the weight is read once per
+    BLOCK_M rows of x."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    dot = M > 1
+    block_m = min(64, max(16, triton.next_power_of_2(M))) if dot else 1
+    block_n = 64 if dot else 32
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _fp8_gemm_kernel[grid](x, q, s, y, M, N, K, s.stride(0), triton.cdiv(K, BK),
+                           BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot)
+    return y
+
+
+@triton.jit
+def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
+                        w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grouped product over rows sorted by expert: tile t covers rows [tile_row[t], +BLOCK_M) of expert
+    tile_expert[t] (its rows end at end[e]); y[r] = x[r] @ (q[e] * s[e])^T. Unused tiles have expert -1."""
+    t = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + t)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + t)
+        end = tl.load(end_ptr + e)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, 128)
+        mmask, nmask = rm < end, rn < N
+        srow = (pid_n * BLOCK_N) // 128
+        w_base = w_ptr + e.to(tl.int64) * w_stride_e
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, KB):
+            k = kb * 128 + rk
+            kmask = k < K
+            w = tl.load(w_base + rn[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            scale = tl.load(s_ptr + e * s_stride_e + srow * s_stride_r + kb)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+def tile_schedule(counts: torch.Tensor, block_m: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """counts [E] rows per expert (rows sorted by expert) -> (tile_expert [T], tile_row [T], end [E]) for a
+    fixed T = ceil(max_rows / block_m) + E tiles (an upper bound, so no host sync): tile t belongs to
+    expert tile_expert[t] (-1: unused) and starts at row tile_row[t]; expert e's rows end at end[e]."""
+    E = counts.numel()
+    T = -(-max_rows // block_m) + E
+    tiles = (counts + block_m - 1) // block_m  # [E]
+    tile_end = tiles.cumsum(0)  # [E]
+    end = counts.cumsum(0)
+    start = end - counts
+    t = torch.arange(T, device=counts.device)
+    e = torch.searchsorted(tile_end, t, right=True)  # [T]
+    valid = e < E
+    ec = e.clamp(max=E - 1)
+    first_tile = tile_end[ec] - tiles[ec]
+    row = start[ec] + (t - first_tile) * block_m
+    return torch.where(valid, ec, -1).to(torch.int32), row.to(torch.int32), end.to(torch.int32)
+
+
+def fp8_grouped_gemm(xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """xs [P, K] rows sorted by expert (counts [E] of them each), q [E, N, K] float8, s [E, ceil(N/128),
+    ceil(K/128)] fp32 -> [P, N] in xs's dtype: row r times its expert's dequantized weight, transposed."""
+    P, K = xs.shape
+    E, N, _ = q.shape
+    y = torch.empty(P, N, dtype=xs.dtype, device=xs.device)
+    if P == 0:
+        return y
+    block_m = 16 if P <= 8 * E else 64
+    block_n = 64
+    tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
+    grid = (triton.cdiv(N, block_n), tile_expert.numel())
+    _fp8_grouped_kernel[grid](xs, q, s, y, tile_expert, tile_row, end, N, K, q.stride(0), s.stride(0), s.stride(1),
+                              triton.cdiv(K, BK), BLOCK_M=block_m, BLOCK_N=block_n)
+    return y
