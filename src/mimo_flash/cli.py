@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "mimo_flash.generation.commands",   # generate, chat
     "mimo_flash.training.commands",     # demo, train
     "mimo_flash.serving.commands",      # serve
+    "mimo_flash.plan",                  # plan
 )
 
 

@@ -60,6 +60,13 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the CUDA-graph decode steps")
+    add_fp8_flag(p)
+
+
+def add_fp8_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fp8", action="store_true", help="keep the weights the release quantizes in FP8 with their "
+                   "128x128 block scales (a float checkpoint is quantized on load); on CPU they are dequantized "
+                   "per use")
 
 
 def register(subparsers) -> None:
@@ -108,7 +115,7 @@ def load(args):
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     tok = Tokenizer(root)
-    model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, device=device).eval()
+    model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, device=device, fp8=args.fp8).eval()
     if tok.vocab_size > model.config.vocab_size:
         print(f"warning: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}", file=sys.stderr)
     return model, tok

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..generation.commands import add_fp8_flag
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -16,6 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     p.add_argument("--speculative", type=int, default=0, metavar="K", help="MTP draft tokens per step by default")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    add_fp8_flag(p)
     p.set_defaults(fn=cmd_serve)
 
 
