@@ -1,0 +1,302 @@
+"""quant/: block format, FP8 products (reference, W8A8, Triton in the interpreter), FP8-resident modules and model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import run_in_triton_interpreter, tiny_model
+from mimo_flash.ops.moe import experts_reference as bf16_experts_reference
+from mimo_flash.quant import (FP8, FP8Experts, FP8Linear, dequantize, fp8_experts, fp8_linear, quantize,
+                              quantize_activations, quantize_model_)
+from mimo_flash.quant.blocks import dequantize_activations, dequantize_fast
+from mimo_flash.quant.modules import slice_blocks
+
+
+def loop_dequant(q: torch.Tensor, s: torch.Tensor, b: int = 128) -> torch.Tensor:
+    """The block format written as loops over blocks, in float64: an oracle independent of quant/."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    R, C = q.shape
+    for i in range(math.ceil(R / b)):
+        for j in range(math.ceil(C / b)):
+            out[i * b:(i + 1) * b, j * b:(j + 1) * b] = q[i * b:(i + 1) * b, j * b:(j + 1) * b].double() * float(s[i, j])
+    return out
+
+
+def rand_fp8(shape, seed):
+    """An FP8 weight and per-block scales, all distinct and far from 1 (so a scale applied to the wrong block shows)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(shape, generator=g) * 64).clamp(-448, 448).to(FP8)
+    grid = (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
+    s = (torch.randperm(math.prod(grid), generator=g).float() + 1).view(grid) * 1e-3
+    return q, s
+
+
+# ----------------------------------------------------------------------------------------------- format
+def test_quantize_activations_per_token_group():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 300, generator=g) * torch.logspace(-3, 2, 300)  # groups of very different magnitude
+    x[1, 128:256] = 0
+    xq, s = quantize_activations(x)
+    assert xq.dtype == FP8 and s.shape == (3, 3) and xq.shape == x.shape
+    for m in range(3):
+        for j in range(3):
+            grp = x[m, j * 128:(j + 1) * 128]
+            amax = grp.abs().max().item()
+            if amax == 0:
+                assert s[m, j] == 1 and not xq[m, j * 128:(j + 1) * 128].float().any()
+            else:
+                assert s[m, j].item() == pytest.approx(amax / 448, rel=1e-6)
+                assert xq[m, j * 128:(j + 1) * 128].float().abs().max() == 448
+    back = dequantize_activations(xq, s)
+    err = (back - x).abs()
+    assert (err <= x.abs() * 2**-4 + s.repeat_interleave(128, -1)[:, :300] * 2**-9).all()
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (128, 256), (5, 7)])
+def test_dequantize_fast_equals_the_block_loops(shape):
+    q, s = rand_fp8(shape, 1)
+    ref = loop_dequant(q, s)
+    assert torch.equal(dequantize_fast(q, s, torch.float32), ref.float())
+    assert torch.equal(dequantize(q, s, (128, 128)), ref.float())
+
+
+def test_quantize_round_trip_error_is_within_fp8_precision():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(300, 260, generator=g) * 0.02
+    w[:128, :128] *= 1e-3  # a block of small weights keeps its relative precision (real amax/448 scales)
+    q, s = quantize(w, (128, 128))
+    assert s.shape == (3, 3)
+    back = loop_dequant(q, s).float()
+    blockscale = s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :260]
+    assert ((back - w).abs() <= w.abs() * 2**-4 + blockscale * 2**-9).all()
+
+
+def test_slice_blocks_keeps_each_block_with_its_scale():
+    q, s = rand_fp8((300, 256), 3)
+    full = loop_dequant(q, s)
+    qs, ss = slice_blocks(q, s, 128, 300)
+    assert torch.equal(loop_dequant(qs, ss), full[128:300])
+    qc, sc = slice_blocks(q, s, 128, 256, dim=-1)
+    assert torch.equal(loop_dequant(qc, sc), full[:, 128:256])
+    with pytest.raises(ValueError, match="block boundaries"):
+        slice_blocks(q, s, 64, 192)
+
+
+# ---------------------------------------------------------------------------------------------- products
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_reference_is_the_dequantized_product(dtype):
+    q, s = rand_fp8((200, 300), 4)
+    x = torch.randn(2, 3, 300, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y = fp8_linear(x, q, s, "reference")
+    assert y.dtype == dtype and y.shape == (2, 3, 200)
+    assert torch.equal(y, F.linear(x, loop_dequant(q, s).to(dtype)))
+
+
+def test_fp8_linear_w8a8_is_close_to_the_unquantized_activation_product():
+    q, s = rand_fp8((256, 384), 6)
+    x = torch.randn(16, 384, generator=torch.Generator().manual_seed(7))
+    ref = (x.double() @ loop_dequant(q, s).T)
+    y = fp8_linear(x, q, s, "w8a8").double()
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert 1e-4 < rel < 4e-2  # the activations' rounding (3 mantissa bits) shows, and no more than that
+
+
+def test_fp8_linear_rejects_unknown_backend():
+    q, s = rand_fp8((16, 16), 0)
+    with pytest.raises(ValueError, match="unknown fp8_linear backend 'nope'"):
+        fp8_linear(torch.zeros(1, 16), q, s, "nope")
+
+
+def _routing(N, E, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(N)])  # expert E-1 never chosen
+    w = torch.rand(N, k, generator=g)
+    return idx, w
+
+
+def test_fp8_experts_reference_is_the_dequantized_experts():
+    E, D, I, N, k = 5, 160, 136, 9, 2
+    gu, gus = rand_fp8((E, 2 * I, D), 8)
+    dn, dns = rand_fp8((E, D, I), 9)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(10)) * 1e-2
+    idx, w = _routing(N, E, k, 11)
+    want = bf16_experts_reference(x, idx, w, torch.stack([loop_dequant(gu[e], gus[e]).float() for e in range(E)]),
+                                  torch.stack([loop_dequant(dn[e], dns[e]).float() for e in range(E)]))
+    got = fp8_experts(x, idx, w, gu, gus, dn, dns, "reference")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+_TRITON = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import math
+import torch
+import torch.nn.functional as F
+from mimo_flash.quant import FP8, fp8_experts, fp8_linear
+from mimo_flash.quant.triton_fp8 import tile_schedule
+
+def rand_fp8(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(shape, generator=g) * 64).clamp(-448, 448).to(FP8)
+    grid = (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
+    return q, (torch.randperm(math.prod(grid), generator=g).float() + 1).view(grid) * 1e-3
+
+def deq(q, s):  # the block format with whole-tensor ops, in float64
+    R, C = q.shape[-2:]
+    return q.double() * s.double().repeat_interleave(128, -2)[..., :R, :].repeat_interleave(128, -1)[..., :C]
+
+torch.set_num_threads(1)
+# decode rows: 1 (multiply-and-sum), 5 and 17 (tensor-core tiles); partial edge blocks in N and K
+for M, N, K in ((1, 200, 300), (5, 130, 256), (17, 64, 100)):
+    q, s = rand_fp8((N, K), M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(N))
+    ref = x.double() @ deq(q, s).T
+    y = fp8_linear(x, q, s, "triton")
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert y.shape == (M, N) and err < 1e-5, (M, N, K, err)
+
+# the tile schedule: every row of every expert in exactly one tile, unused tiles marked -1
+counts = torch.tensor([3, 0, 40, 1, 0, 17])
+te, tr, end = tile_schedule(counts, 16, int(counts.sum()))
+seen = torch.zeros(int(counts.sum()), dtype=torch.long)
+starts = torch.cumsum(counts, 0) - counts
+for e, r in zip(te.tolist(), tr.tolist(), strict=True):
+    if e >= 0:
+        assert starts[e] <= r < end[e]
+        seen[r:min(r + 16, int(end[e]))] += 1
+assert (seen == 1).all() and (te == -1).sum() > 0
+
+# grouped experts: some experts get no token, partial blocks in I and D
+E, D, I, N, k = 6, 160, 72, 11, 3
+gu, gus = rand_fp8((E, 2 * I, D), 1)
+dn, dns = rand_fp8((E, D, I), 2)
+g = torch.Generator().manual_seed(3)
+idx = torch.stack([torch.randperm(E - 2, generator=g)[:k] for _ in range(N)])
+w = torch.rand(N, k, generator=g)
+x = torch.randn(N, D, generator=g) * 1e-2
+ref = torch.zeros(N, D, dtype=torch.float64)
+for n in range(N):
+    for j in range(k):
+        e = int(idx[n, j])
+        h = x[n].double() @ deq(gu[e], gus[e]).T
+        a = F.silu(h[:I]) * h[I:]
+        ref[n] += w[n, j].double() * (a @ deq(dn[e], dns[e]).T)
+got = fp8_experts(x, idx, w, gu, gus, dn, dns, "triton")
+err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+assert err < 1e-5, err
+print("ok")
+"""
+
+
+def test_triton_fp8_kernels_in_the_interpreter():
+    run_in_triton_interpreter(_TRITON)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+def _expected_swaps(model) -> set[str]:
+    """Written out from SPEC.md's FP8 section: q/k/v, dense SwiGLU, experts, eh_proj."""
+    names = set()
+    for prefix, layers in (("model.layers", model.model.layers), ("model.mtp.layers", getattr(model.model, "mtp", None))):
+        if layers is None:
+            continue
+        for i, layer in enumerate(getattr(layers, "layers", layers)):
+            base = f"{prefix}.{i}"
+            names |= {f"{base}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")}
+            if hasattr(layer.mlp, "experts"):
+                names.add(f"{base}.mlp.experts")
+            else:
+                names |= {f"{base}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+            if hasattr(layer, "eh_proj"):
+                names.add(f"{base}.eh_proj")
+    return names
+
+
+def test_quantize_model_swaps_exactly_the_release_tensors():
+    model = tiny_model(num_nextn_predict_layers=2)
+    before = {n: type(m) for n, m in model.named_modules()}
+    swapped = quantize_model_(model)
+    assert set(swapped) == _expected_swaps(model) and len(swapped) == len(set(swapped))
+    assert any(n.endswith("eh_proj") for n in swapped) and any(n.endswith("mlp.experts") for n in swapped)
+    for n, m in model.named_modules():
+        if n in swapped:
+            assert isinstance(m, FP8Linear if before[n] is nn.Linear else FP8Experts), n
+        elif n in before:
+            assert type(m) is before[n], n  # o_proj, lm_head, embeddings, router, norms untouched
+    sd = model.state_dict()
+    assert sd["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float32
+    assert sd["lm_head.weight"].dtype == torch.float32 and sd["model.embed_tokens.weight"].dtype == torch.float32
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == FP8
+    assert sd["model.layers.0.self_attn.q_proj.weight_scale_inv"].dtype == torch.float32
+    model.to(torch.bfloat16)  # a dtype cast keeps FP8 weights FP8 and their scales fp32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == FP8
+    assert model.model.layers[0].self_attn.q_proj.weight_scale_inv.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def dequantized_twin(fp8_model, like):
+    """`like` (the original float model) with every FP8 weight of fp8_model dequantized into it."""
+    twin = copy.deepcopy(like)
+    with torch.no_grad():
+        for n, m in fp8_model.named_modules():
+            if isinstance(m, FP8Linear):
+                twin.get_submodule(n).weight.copy_(loop_dequant(m.weight, m.weight_scale_inv))
+            elif isinstance(m, FP8Experts):
+                t = twin.get_submodule(n)
+                for p in ("gate_up_proj", "down_proj"):
+                    q, s = getattr(m, p), getattr(m, p + "_scale_inv")
+                    getattr(t, p).copy_(torch.stack([loop_dequant(q[e], s[e]) for e in range(q.shape[0])]))
+    return twin
+
+
+def test_fp8_resident_model_equals_the_dequantized_model_on_cpu():
+    """CPU: weights dequantized per use, activations not quantized -> the same fp32 numbers as the dequantized
+    model (bit for bit), and within bf16 rounding in bf16."""
+    model = tiny_model(num_nextn_predict_layers=1)
+    fp8 = copy.deepcopy(model)
+    quantize_model_(fp8)
+    twin = dequantized_twin(fp8, model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    a = fp8(ids, attention_mask=mask).logits
+    b = twin(ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    # and quantization did change the model (the comparison is not between two copies of one thing)
+    assert (model(ids, attention_mask=mask).logits - b).abs().max() > 1e-4
+    a16 = fp8.to(torch.bfloat16)(ids, attention_mask=mask).logits.float()
+    b16 = twin.to(torch.bfloat16)(ids, attention_mask=mask).logits.float()
+    assert (a16 - b16).abs().max() < 0.05 * b16.abs().max()
+
+
+def _trained_tiny(steps: int = 60):
+    """The tiny model fitted to a fixed token pattern, so its next-token choices are confident (greedy
+    agreement is meaningful; on random weights the top two logits are often a rounding apart)."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=1, vocab_size=64, num_nextn_predict_layers=0).train()
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 64, (1, 24), generator=g).repeat(4, 3)  # [4, 72]: a 24-token cycle
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        out = model(data[:, :-1])
+        loss = F.cross_entropy(out.logits.reshape(-1, 64), data[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), data, loss.item()
+
+
+def test_fp8_resident_greedy_agrees_with_float_model_on_a_trained_model():
+    model, data, loss = _trained_tiny()
+    assert loss < 1.0  # it learned the cycle
+    fp8 = copy.deepcopy(model)
+    quantize_model_(fp8)
+    prompt = data[:1, :10]
+    a = model.generate(prompt, max_new_tokens=40, eos_token_id=[])
+    b = fp8.generate(prompt, max_new_tokens=40, eos_token_id=[])
+    assert torch.equal(a, b)

@@ -1,0 +1,272 @@
+"""from_pretrained(fp8=True): FP8 blocks kept as stored, float checkpoints quantized on load, streaming memory,
+the --fp8 flags and the plan command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from mimo_flash import MiMoConfig, MiMoForCausalLM
+from mimo_flash.checkpoint import CheckpointWarning, write_synthetic_checkpoint
+from mimo_flash.checkpoint.reader import CheckpointReader
+from mimo_flash.cli import build_parser, main
+from mimo_flash.quant import FP8, FP8Experts, FP8Linear
+from test_quant import loop_dequant
+
+ALIGNED = dict(moe_intermediate_size=128, num_nextn_predict_layers=1)  # expert gate/up rows on block boundaries
+KPROJ = "model.layers.0.self_attn.k_proj.weight"  # layer 0 is a full-attention layer in the tiny preset
+
+
+def fp8_weights(model):
+    """{checkpoint-style name: (q, scale)} of every FP8 tensor of an FP8-resident model."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            out[n + ".weight"] = (m.weight, m.weight_scale_inv)
+        elif isinstance(m, FP8Experts):
+            for p in ("gate_up_proj", "down_proj"):
+                out[f"{n}.{p}"] = (getattr(m, p), getattr(m, p + "_scale_inv"))
+    return out
+
+
+def deq(q, s):
+    return torch.stack([loop_dequant(q[e], s[e]) for e in range(q.shape[0])]) if q.dim() == 3 else loop_dequant(q, s)
+
+
+def load(path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        return MiMoForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False, **kw)
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+def test_fp8_checkpoint_blocks_are_kept_as_stored(tmp_path, layout):
+    """Aligned blocks: the FP8 bytes and scales are the checkpoint's (k_proj's extra scale rows dropped, with
+    the warning), so the model equals the dequantizing loader's bit for bit on CPU."""
+    cfg = MiMoConfig.preset("tiny", **ALIGNED)
+    write_synthetic_checkpoint(tmp_path, cfg, layout=layout, kproj_extra_scale=(2, 1))
+    with pytest.warns(CheckpointWarning, match="extra trailing rows"):
+        MiMoForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8=True, progress=False)
+    model = load(tmp_path, fp8=True)
+    plain = load(tmp_path)
+    weights = fp8_weights(model)
+    assert "model.mtp.layers.0.eh_proj.weight" not in weights  # stored unquantized: stays as released
+    assert model.model.mtp.layers[0].eh_proj.weight.dtype == torch.float32
+    with CheckpointReader(tmp_path) as r:
+        if layout == "transformers":
+            for name, (q, s) in weights.items():
+                key = name
+                t, ts = r.get(key), r.get(key + "_scale_inv")
+                assert torch.equal(q.view(torch.uint8), t.view(torch.uint8)), name
+                assert torch.equal(s, ts[..., :s.shape[-2], :s.shape[-1]]), name
+        else:
+            q, s = weights[KPROJ]
+            t, ts = r.get(KPROJ), r.get(KPROJ + "_scale_inv")
+            assert ts.shape[0] == s.shape[0] + 2 and torch.equal(s, ts[:s.shape[0], :s.shape[1]])
+            assert torch.equal(q.view(torch.uint8), t.view(torch.uint8))
+            q, s = weights["model.layers.1.mlp.experts.gate_up_proj"]
+            up = r.get("model.layers.1.mlp.experts.3.up_proj.weight")
+            assert torch.equal(q[3, 128:].view(torch.uint8), up.view(torch.uint8))
+            assert torch.equal(s[3, 1:], r.get("model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_unaligned_fp8_parts_are_requantized(tmp_path):
+    """Hub experts with 32-row gate/up parts share one 128-row block once fused: dequantized and quantized
+    again (real scales), so within FP8 precision of the dequantizing loader, not equal to it."""
+    cfg = MiMoConfig.preset("tiny", moe_intermediate_size=32)
+    write_synthetic_checkpoint(tmp_path, cfg)
+    model, plain = load(tmp_path, fp8=True), load(tmp_path)
+    q, s = fp8_weights(model)["model.layers.1.mlp.experts.gate_up_proj"]
+    ref = plain.model.layers[1].mlp.experts.gate_up_proj.detach().double()
+    got = deq(q, s)
+    amax = ref.abs().amax(dim=(1, 2), keepdim=True)
+    assert ((got - ref).abs() <= ref.abs() * 2**-4 + amax / 448 * 2**-9).all()
+    assert not torch.equal(got, ref)
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    a, b = model(ids).logits, plain(ids).logits
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_float_checkpoint_is_quantized_on_load(tmp_path):
+    model = tiny_model(num_nextn_predict_layers=1)
+    model.save_pretrained(tmp_path, dtype="bf16")
+    plain = load(tmp_path)
+    fp8 = load(tmp_path, fp8=True)
+    weights = fp8_weights(fp8)
+    assert "model.mtp.layers.0.eh_proj.weight" in weights  # the release's set, eh_proj included
+    assert fp8.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32
+    ref_state = plain.state_dict()
+    for name, (q, s) in weights.items():
+        ref = ref_state[name].double()
+        got = deq(q, s)
+        # real amax/448 block scales: each block's largest weight maps to +-448
+        R, C = ref.shape[-2:]
+        blocks = torch.nn.functional.pad(ref.abs(), (0, -C % 128, 0, -R % 128))
+        amax = blocks.unflatten(-1, (-1, 128)).unflatten(-3, (-1, 128)).amax(dim=(-3, -1))
+        assert torch.allclose(s.double(), amax / 448, rtol=1e-6), name
+        scale = s.double().repeat_interleave(128, -2)[..., :R, :].repeat_interleave(128, -1)[..., :C]
+        assert ((got - ref).abs() <= ref.abs() * 2**-4 + scale * 2**-9).all(), name
+
+
+MEMORY_CHILD = r"""
+import gc, json, sys
+import torch
+from mimo_flash import MiMoForCausalLM
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+MiMoForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, fp8=True, progress=False)  # warm up
+gc.collect()
+for path in sys.argv[2:]:
+    open("/proc/self/clear_refs", "w").write("5")
+    base = status("VmRSS")
+    model = MiMoForCausalLM.from_pretrained(path, dtype=torch.bfloat16, fp8=True, progress=False)
+    peak = status("VmHWM")
+    sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
+    bf16 = sum(t.numel() * 2 for t in model.state_dict().values() if not t.dtype == torch.float32)
+    print(json.dumps({"base": base, "peak": peak, "model": sum(sizes), "largest": max(sizes), "bf16": bf16}))
+    del model
+    gc.collect()
+"""
+
+
+def _can_reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak(),
+                    reason="needs Linux /proc/self/clear_refs to measure peak RSS")
+def test_fp8_load_streams_tensor_by_tensor(tmp_path):
+    """FP8 and bf16 checkpoints into an FP8-resident model: peak extra memory near the FP8 model plus one
+    tensor's fp32 staging, well below a bf16 copy of the model."""
+    MB = 1 << 20
+    config = MiMoConfig.preset("tiny", vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                               n_routed_experts=32, moe_intermediate_size=256, num_nextn_predict_layers=1)
+    write_synthetic_checkpoint(tmp_path / "tiny", MiMoConfig.preset("tiny"))
+    write_synthetic_checkpoint(tmp_path / "fp8", config, fp8=True, max_shard_size="10MB")
+    write_synthetic_checkpoint(tmp_path / "bf16", config, fp8=False, max_shard_size="10MB")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, *(str(tmp_path / d) for d in ("tiny", "fp8", "bf16"))],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in out.stdout.strip().splitlines()[-2:]:
+        r = json.loads(line)
+        extra = r["peak"] - r["base"]
+        shown = {k: round(v / MB, 1) for k, v in r.items()}
+        assert r["model"] > 40 * MB and r["bf16"] > 1.6 * r["model"], shown  # a bf16 copy would show
+        # the FP8 model, one expert's fp32 staging and quantization temporaries (4 bytes x 4 per element of
+        # the largest unit at most), allocator slack
+        assert r["model"] < extra < r["model"] + 4 * r["largest"] + 24 * MB, shown
+
+
+# ------------------------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("cmd", [["generate", "--prompt", "hi"], ["chat"], ["serve"]])
+def test_fp8_flag_on_generate_chat_serve(cmd):
+    p = build_parser()
+    assert p.parse_args([cmd[0], "--model", "m", *cmd[1:], "--fp8"]).fp8 is True
+    assert p.parse_args([cmd[0], "--model", "m", *cmd[1:]]).fp8 is False
+
+
+def test_generate_fp8_on_cpu_matches_the_python_api(tmp_path, capsys):
+    from test_generation_cli import write_tokenizer
+    from mimo_flash.tokenizer import Tokenizer
+
+    model = tiny_model(num_nextn_predict_layers=0)
+    model.save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "6",
+                 "--device", "cpu", "--fp8"]) == 0
+    text = capsys.readouterr().out.strip()
+    tok = Tokenizer(tmp_path)
+    fp8 = MiMoForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8=True, progress=False)
+    assert isinstance(fp8.model.layers[0].self_attn.q_proj, FP8Linear)
+    ids = torch.tensor([tok.encode("w1 w2 w3")])
+    out = fp8.generate(ids, max_new_tokens=6, eos_token_id=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
+    assert text == tok.decode(out[0, 3:].tolist()).strip()
+
+
+# --------------------------------------------------------------------------------------------------- plan
+def _tensor_bytes(model) -> dict[str, int]:
+    return {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_plan_weights_match_a_built_model(fp8):
+    """One GPU: the plan's weight bytes are the bytes of the model built for real (bf16, fp32 routers; FP8
+    weights and fp32 scales when fp8), MTP layers included."""
+    from mimo_flash.plan import plan
+    from mimo_flash.quant import quantize_model_
+
+    config = MiMoConfig.preset("tiny", num_nextn_predict_layers=2)
+    model = MiMoForCausalLM(config).to(torch.bfloat16)
+    if fp8:
+        quantize_model_(model)
+    p = plan(config, gpus=1, gpu_mem_gib=80, context=64, batch=2, fp8=fp8)
+    assert p["params"] == sum(t.numel() for n, t in model.state_dict().items() if not n.endswith("_scale_inv"))
+    assert p["weight_bytes"] == sum(_tensor_bytes(model).values())
+    (row,) = p["rows"]
+    assert row["weights"] == p["weight_bytes"]
+
+
+def test_plan_sharding_and_kv_replication():
+    """TP 2 (= the full layers' KV heads): each rank holds half of every split tensor and all of the replicated
+    ones; TP 4 replicates the full layers' KV heads, so their K/V weights and cache per GPU stop shrinking."""
+    from mimo_flash.generation.cache import KVCache
+    from mimo_flash.plan import plan
+
+    config = MiMoConfig.preset("tiny", num_key_value_heads=2, swa_num_key_value_heads=4,
+                               num_nextn_predict_layers=0)
+    model = MiMoForCausalLM(config).to(torch.bfloat16)
+    b = _tensor_bytes(model)
+    replicated = sum(v for n, v in b.items() if "norm" in n or n.endswith("mlp.gate.weight")
+                     or n.endswith("e_score_correction_bias"))
+    split = sum(b.values()) - replicated
+    rows = {(r["tp"], r["ep"]): r for r in plan(config, 4, 80, 64, 4, fp8=False)["rows"]}
+    experts = _experts(b)  # every GPU holds 1/N of the experts, whatever the EP degree
+    assert rows[(2, 2)]["weights"] == int(replicated + (split - experts) / 2 + experts / 4)
+    assert rows[(2, 1)]["weights"] == rows[(2, 2)]["weights"]
+    assert rows[(1, 4)]["weights"] == int(replicated + (split - experts) + experts / 4)
+    # KV: batch 4 over N / TP attention groups; TP 4 > 2 full KV heads -> one head each, replicated
+    full = [i for i in range(config.num_hidden_layers) if not config.is_swa(i)]
+    cache = KVCache(config, 4, 64, device="meta", dtype=torch.bfloat16)
+    kv = lambda i: cache.k[i].numel() * 2 + cache.v[i].numel() * 2  # noqa: E731
+    full_b = sum(kv(i) for i in full)
+    swa_b = sum(kv(i) for i in cache.k if i not in full)
+    tables = rows[(4, 1)]["kv"] - (full_b / 2 + swa_b / 4)
+    assert 0 < tables < 0.1 * rows[(4, 1)]["kv"]  # the position/validity tables of 4 sequences
+    assert rows[(2, 1)]["kv"] == pytest.approx((full_b / 2 + swa_b / 2) / 2 + tables / 2, rel=1e-6)
+
+
+def _experts(b: dict[str, int]) -> int:
+    return sum(v for n, v in b.items() if ".mlp.experts." in n)
+
+
+def test_plan_command_answers_the_h200_question(capsys):
+    rc = main(["plan", "--preset", "flash", "--gpus", "4", "--gpu-mem", "141", "--context", "32768", "--batch", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "4 GPU(s) of 141 GiB" in out and "FP8" in out
+    assert "layout(s) fit" in out and " 4   4 |" in out
+    rc = main(["plan", "--preset", "flash", "--gpus", "2", "--context", "32768", "--batch", "16", "--bf16"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "-> 0 layout(s) fit" in out  # 618 GB of bf16 weights do not fit on two H200s
