@@ -24,7 +24,8 @@ def loop_dequant(q: torch.Tensor, s: torch.Tensor, b: int = 128) -> torch.Tensor
     R, C = q.shape
     for i in range(math.ceil(R / b)):
         for j in range(math.ceil(C / b)):
-            out[i * b:(i + 1) * b, j * b:(j + 1) * b] = q[i * b:(i + 1) * b, j * b:(j + 1) * b].double() * float(s[i, j])
+            blk = (slice(i * b, (i + 1) * b), slice(j * b, (j + 1) * b))
+            out[blk] = q[blk].double() * float(s[i, j])
     return out
 
 
@@ -202,10 +203,8 @@ def test_triton_fp8_kernels_in_the_interpreter():
 def _expected_swaps(model) -> set[str]:
     """Written out from SPEC.md's FP8 section: q/k/v, dense SwiGLU, experts, eh_proj."""
     names = set()
-    for prefix, layers in (("model.layers", model.model.layers), ("model.mtp.layers", getattr(model.model, "mtp", None))):
-        if layers is None:
-            continue
-        for i, layer in enumerate(getattr(layers, "layers", layers)):
+    for prefix, layers in (("model.layers", model.model.layers), ("model.mtp.layers", model.model.mtp.layers)):
+        for i, layer in enumerate(layers):
             base = f"{prefix}.{i}"
             names |= {f"{base}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")}
             if hasattr(layer.mlp, "experts"):

@@ -270,3 +270,41 @@ def test_plan_command_answers_the_h200_question(capsys):
     rc = main(["plan", "--preset", "flash", "--gpus", "2", "--context", "32768", "--batch", "16", "--bf16"])
     out = capsys.readouterr().out
     assert rc == 0 and "-> 0 layout(s) fit" in out  # 618 GB of bf16 weights do not fit on two H200s
+
+
+# ------------------------------------------------------------------------------------- the demo's checkpoint
+def fp8_accuracy(ckpt, prompts: list[str], new: int = 48) -> dict:
+    """FP8-resident (quantized on load) against the float model of one checkpoint, on the CPU in fp32:
+    the largest logit difference relative to the largest logit over the prompts, the share of positions whose
+    argmax agrees, and the greedy tokens generated identically (position by position)."""
+    from mimo_flash.tokenizer import Tokenizer
+
+    tok = Tokenizer(ckpt)
+    plain = load(ckpt)
+    fp8 = load(ckpt, fp8=True)
+    diff = top = agree = positions = same = total = 0
+    for text in prompts:
+        ids = torch.tensor([tok.encode(text)])
+        a, b = fp8(ids).logits, plain(ids).logits
+        diff, top = max(diff, (a - b).abs().max().item()), max(top, b.abs().max().item())
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        positions += ids.shape[1]
+        ga = fp8.generate(ids, max_new_tokens=new, eos_token_id=[])[0, ids.shape[1]:]
+        gb = plain.generate(ids, max_new_tokens=new, eos_token_id=[])[0, ids.shape[1]:]
+        same += (ga == gb).sum().item()
+        total += new
+    return dict(logit_diff=diff, logit_max=top, argmax_agreement=agree / positions, greedy_agreement=same / total)
+
+
+@pytest.mark.slow
+def test_fp8_accuracy_on_the_demo_checkpoint(tmp_path):
+    """The demo's trained model (a few minutes of CPU training): FP8 weights change its logits by a few percent
+    and keep nearly every greedy choice. Prints the numbers it measures."""
+    from mimo_flash.training.demo import PROMPT, corpus, run_demo
+
+    res = run_demo(tmp_path, quiet=True)
+    prompts = [PROMPT] + [doc[:200] for doc in corpus()[:7]]
+    acc = fp8_accuracy(res["checkpoint"], prompts)
+    print("demo checkpoint, FP8-resident vs float:", acc)
+    assert 0 < acc["logit_diff"] < 0.1 * acc["logit_max"]
+    assert acc["argmax_agreement"] > 0.95 and acc["greedy_agreement"] > 0.8

@@ -183,9 +183,11 @@ def _rows(config: MiMoConfig) -> dict[str, int]:
 
 def format_plan(p: dict, name: str) -> str:
     g = lambda b: f"{b / GIB:8.1f}"  # noqa: E731
+    fmt = "FP8 (128x128 blocks; o_proj, embeddings, lm_head bf16)" if p["fp8"] else "bf16"
     lines = [f"{name}: {p['params'] / 1e9:.1f}B parameters ({p['mtp']} MTP layers drafting), weights "
-             f"{p['weight_bytes'] / GIB:.1f} GiB in {'FP8 (128x128 blocks; o_proj, embeddings, lm_head bf16)' if p['fp8'] else 'bf16'}",
-             f"serving {p['batch']} sequence(s) x {p['context']} tokens on {p['gpus']} GPU(s) of {p['gpu_mem_gib']:g} GiB",
+             f"{p['weight_bytes'] / GIB:.1f} GiB in {fmt}",
+             f"serving {p['batch']} sequence(s) x {p['context']} tokens on {p['gpus']} GPU(s) of "
+             f"{p['gpu_mem_gib']:g} GiB",
              f"{'TP':>3} {'EP':>3} | {'weights':>8} {'KV cache':>8} {'activ.':>8} {'graphs':>8} {'reserve':>8} | "
              f"{'total':>8} GiB/GPU | fits"]
     for r in p["rows"]:

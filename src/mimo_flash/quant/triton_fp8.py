@@ -62,7 +62,8 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
-                        w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     """Grouped product over rows sorted by expert: tile t covers rows [tile_row[t], +BLOCK_M) of expert
     tile_expert[t] (its rows end at end[e]); y[r] = x[r] @ (q[e] * s[e])^T. Unused tiles have expert -1."""
     t = tl.program_id(1)
