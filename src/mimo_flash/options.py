@@ -9,9 +9,8 @@ module constant is patched). Read the current options with `options()`; change t
         model(ids)
 
 The op files read the fields they own (ops/attention.py `attention`, ops/moe.py `router` / `experts`,
-ops/linear.py `linear`, ops/fused.py `compile`; generation/ the decode fields; quant/modules.py `fp8_*`). A
-module's own `backend` attribute (MiMoForCausalLM.set_backends) takes precedence over the option; "auto"
-defers to it.
+ops/linear.py `linear`, ops/fused.py `compile`; generation/ the decode fields). A module's own `backend`
+attribute (MiMoForCausalLM.set_backends) takes precedence over the option; "auto" defers to it.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ class Options:
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
     linear: str = "auto"  # ops/linear.py: auto (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
-    fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8-resident weights)
-    fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton
+    fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)
+    fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton (FP8Experts modules)
     # decoding (generation/)
     decode_triton: bool = True  # batch-1 decode steps through generation/triton_step.py (CUDA, triton)
     decode_tune: bool = False  # coordinate-descent tuning of compiled one-row steps (slower on an H100)
