@@ -312,3 +312,18 @@ def test_fp8_accuracy_on_the_demo_checkpoint(tmp_path):
     print("demo checkpoint, FP8-resident vs float:", acc)
     assert 0 < acc["logit_diff"] < 0.1 * acc["logit_max"]
     assert acc["argmax_agreement"] > 0.98 and acc["greedy_agreement"] > 0.5 and acc["common_prefix"] > 8
+
+
+def test_plan_reads_a_checkpoint_config(tmp_path, capsys):
+    from mimo_flash.plan import plan
+
+    config = MiMoConfig.preset("tiny", num_nextn_predict_layers=1)
+    tiny_model(num_nextn_predict_layers=1).save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--gpus", "2", "--gpu-mem", "4", "--context", "128",
+                 "--mtp", "0"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "0 MTP layers drafting" in out
+    want = plan(config, 2, 4, 128, 1, mtp=0)
+    assert f"{want['params'] / 1e6:.2f}M parameters" in out
+    assert f"-> {sum(bool(r.get('fits')) for r in want['rows'])} layout(s) fit" in out and "-> 0 layout" not in out
+    assert main(["plan", "--model", str(tmp_path), "--gpus", "2", "--mtp", "3"]) == 2  # the model has 1

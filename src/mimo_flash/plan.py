@@ -184,7 +184,9 @@ def _rows(config: MiMoConfig) -> dict[str, int]:
 def format_plan(p: dict, name: str) -> str:
     g = lambda b: f"{b / GIB:8.1f}"  # noqa: E731
     fmt = "FP8 (128x128 blocks; o_proj, embeddings, lm_head bf16)" if p["fp8"] else "bf16"
-    lines = [f"{name}: {p['params'] / 1e9:.1f}B parameters ({p['mtp']} MTP layers drafting), weights "
+    n = p["params"]
+    count = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    lines = [f"{name}: {count} parameters ({p['mtp']} MTP layers drafting), weights "
              f"{p['weight_bytes'] / GIB:.1f} GiB in {fmt}",
              f"serving {p['batch']} sequence(s) x {p['context']} tokens on {p['gpus']} GPU(s) of "
              f"{p['gpu_mem_gib']:g} GiB",
