@@ -303,7 +303,8 @@ def fp8_accuracy(ckpt, prompts: list[str], new: int = 48) -> dict:
 def test_fp8_accuracy_on_the_demo_checkpoint(tmp_path):
     """The demo's trained model (a few minutes of CPU training): FP8 weights keep nearly every teacher-forced
     argmax; greedy continuations agree for a long prefix (measured 2026-12-04: logit diff 1.06 of max 12.2,
-    argmax agreement 99.5%, greedy tokens 70% position by position). Prints the numbers it measures."""
+    argmax agreement 99.5%, greedy tokens 70% position by position, common greedy prefix 30 of 48 tokens).
+    Prints the numbers it measures."""
     from mimo_flash.training.demo import PROMPT, corpus, run_demo
 
     res = run_demo(tmp_path, quiet=True)
