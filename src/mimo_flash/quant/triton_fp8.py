@@ -53,7 +53,7 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     dot = M > 1
     block_m = min(64, max(16, triton.next_power_of_2(M))) if dot else 1
-    block_n = 64 if dot else 32
+    block_n = 64 if dot else (32 if N >= 4096 else 8)  # one row: enough programs to keep the SMs reading
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _fp8_gemm_kernel[grid](x, q, s, y, M, N, K, s.stride(0), triton.cdiv(K, BK),
                            BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot)
