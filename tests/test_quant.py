@@ -299,3 +299,13 @@ def test_fp8_resident_greedy_agrees_with_float_model_on_a_trained_model():
     a = model.generate(prompt, max_new_tokens=40, eos_token_id=[])
     b = fp8.generate(prompt, max_new_tokens=40, eos_token_id=[])
     assert torch.equal(a, b)
+
+
+def test_saving_an_fp8_resident_model_is_refused_clearly(tmp_path):
+    from mimo_flash.checkpoint import CheckpointError
+
+    model = tiny_model()
+    quantize_model_(model)
+    with pytest.raises(CheckpointError, match="FP8-resident weights .*q_proj.weight"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -251,6 +251,12 @@ def save_pretrained(model, path: str | os.PathLike, dtype=None, fp8: bool = Fals
     cast = parse_dtype(dtype) if dtype is not None else None
     block = tuple(fp8_block_size) if fp8 else None
     state = model.state_dict()
+    resident = [n for n, t in state.items() if t.dtype == FP8]
+    if resident:  # not written yet: the expert tensors would need splitting into per-expert weights and scales
+        raise CheckpointError(f"save_pretrained: the model holds FP8-resident weights ({resident[0]} and "
+                              f"{len(resident) - 1} more, from fp8=True / quantize_model_), which cannot be saved "
+                              "yet; save the float model (fp8=True here writes the release's FP8 format) or use "
+                              "`mimo-flash convert --fp8`")
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     tensors = []
