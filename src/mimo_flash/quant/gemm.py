@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .blocks import BLOCK, dequantize, dequantize_fast, quantize_activations, GROUP
+from .blocks import BLOCK, GROUP, dequantize, dequantize_activations, dequantize_fast, quantize_activations
 
 DECODE_ROWS = 64  # rows at or below which the weight-reading Triton kernel beats scaled_mm
 
@@ -42,9 +42,7 @@ def linear_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch
 def linear_w8a8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: activations quantized per 1x128 group, fp32 product of the two
     dequantized operands."""
-    xq, xs = quantize_activations(x, GROUP)
-    K = x.shape[-1]
-    xd = xq.float() * xs.repeat_interleave(GROUP, -1)[..., :K]
+    xd = dequantize_activations(*quantize_activations(x, GROUP), GROUP)
     return F.linear(xd, _dequant(q, s, torch.float32)).to(x.dtype)
 
 
