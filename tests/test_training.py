@@ -13,7 +13,7 @@ from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.cli import main
 from mimo_flash.training import Document, TrainConfig, Trainer, pack_documents
 from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
-from mimo_flash.training.parallel import ParallelContext
+from mimo_flash.distributed import ParallelContext
 from mimo_flash.training.trainer import WarmupCosine, param_groups
 
 from conftest import run_in_triton_interpreter
@@ -64,13 +64,15 @@ def test_warmup_cosine():
 
 
 def test_one_step_matches_hand_computed_loss_and_adamw():
-    """Step 1's logged loss is CE + 0.3 * mean MTP CE of the model itself; the update is torch's AdamW."""
+    """Step 1's logged losses are the token-weighted means of the documents' own losses (CE + 0.3 * mean MTP
+    CE); its gradients are those of the model's own loss; the update is torch's AdamW."""
     data = rows(n_docs=4, T=64)
     model = tiny()
     ref = tiny()
     batch = data.batch(torch.arange(len(data)))
     tr = Trainer(model, data, quiet(batch_size=len(data), shuffle=False, grad_clip=0.0, lr=1e-3, warmup_steps=0,
                                     steps=1))
+    grads = _capture_grads(tr)
     rec = tr.train_step()
     # the expected losses: every document of every row run alone, its targets the slices of its own tokens
     sums, n = [0.0] * 4, [0] * 4
@@ -87,6 +89,9 @@ def test_one_step_matches_hand_computed_loss_and_adamw():
               labels=batch["labels"], mtp=True)
     assert out.loss.item() == pytest.approx(want, rel=1e-5)
     out.loss.backward()
+    for (name, p), g in zip(ref.named_parameters(), grads[0], strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-7, rtol=1e-5, msg=name)
+        p.grad = g  # AdamW's first step amplifies rounding in near-zero gradients: step on the trainer's own
     opt = torch.optim.AdamW(param_groups(ref, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
     opt.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
@@ -459,7 +464,7 @@ def test_adamw_matches_torch_fused_on_cuda(dtype, clip):
 def test_grad_norm_on_cuda():
     """clip_grad_norm on one CUDA process (ops.triton_kernels.sq_sum) gives the gradients' global norm (fp64
     reference), the same number every time, and scales the gradients as before."""
-    from mimo_flash.training.parallel import clip_coefficient, clip_grad_norm
+    from mimo_flash.distributed import clip_coefficient, clip_grad_norm
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in ((513, 300), (7,), (70000,))]
     for p in ps:
@@ -474,3 +479,17 @@ def test_grad_norm_on_cuda():
     coef = clip_coefficient(norms[0], 1.0).to(torch.bfloat16).float()  # _foreach_mul_ casts it to the grads' dtype
     for p, b in zip(ps, before, strict=True):
         torch.testing.assert_close(p.grad.float(), (b.float() * coef).to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_deterministic_algorithms_only_inside_the_steps():
+    """cfg.deterministic switches torch's deterministic algorithms on while a step runs and gives the
+    process its own setting back afterwards."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    tr = Trainer(tiny(), rows(), quiet(steps=2, deterministic=True))
+    seen = []
+    tr.optimizer.register_step_pre_hook(lambda *_: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert not torch.are_deterministic_algorithms_enabled()
+    tr.train_step()
+    assert not torch.are_deterministic_algorithms_enabled()
+    tr.fit()
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()

@@ -32,8 +32,9 @@ from ..model.loss import head_loss, target_counts
 from .checkpointing import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
 from .data import PackedRows, RowSampler
 from .optim import AdamW
-from .parallel import (ParallelContext, clip_coefficient, clip_grad_norm, finish_gradients, parallelize,
-                       set_gradient_sync)
+from ..distributed.context import ParallelContext
+from ..distributed.training import (clip_coefficient, clip_grad_norm, finish_gradients, parallelize_for_training,
+                                    set_gradient_sync)
 
 
 @dataclass
@@ -102,6 +103,21 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """With enabled, torch's deterministic algorithms (warnings only where an op has none) inside the block;
+    the process's own setting comes back on exit. Without, nothing changes."""
+    if not enabled:
+        yield
+        return
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
 class Trainer:
     """Train `model` on packed rows.
 
@@ -117,12 +133,10 @@ class Trainer:
         self.cfg, self.rows, self.tokenizer = cfg, rows, tokenizer
         self.ctx = ctx or ParallelContext()
         self.config = model.config
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         dt = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.ctx.device.type == "cuda" else "float32")
         self.autocast_dtype = torch.bfloat16 if dt == "bfloat16" else None
         self.model = model.to(self.ctx.device).train()
-        self.expert_params = parallelize(self.model, self.ctx, cfg.activation_checkpointing)
+        self.expert_params = parallelize_for_training(self.model, self.ctx, cfg.activation_checkpointing)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # one GPU: fused (large tensors through the Triton kernel of training.optim, the rest torch's fused
         # kernel; on the mini preset 6 ms a step where torch's fused kernel took 8 and foreach 22); sharded: per tensor
@@ -203,6 +217,10 @@ class Trainer:
         """Queue one optimizer step on the device: micro-batches, update, balancing. Its metrics start on
         their way to the host (one copy, no wait); _record(what this returns) reads them. fit() issues the
         next step before reading a step's metrics, so the host never waits for the device between steps."""
+        with deterministic_algorithms(self.cfg.deterministic):
+            return self._issue_step()
+
+    def _issue_step(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
         rows = self.sampler.take(self.rows_per_step)
