@@ -200,11 +200,17 @@ def test_balancing_evens_out_the_load():
     assert late < 1.0
 
 
-def test_activation_checkpointing_same_result():
+def test_activation_checkpointing_same_result(tmp_path):
     data = rows()
     a, b = tiny(), tiny()
     ha = Trainer(a, data, quiet()).fit()
-    hb = Trainer(b, data, quiet(activation_checkpointing=True)).fit()
+    tb = Trainer(b, data, quiet(activation_checkpointing=True, out_dir=str(tmp_path)))
+    wrapped = type(tb.model.model.layers[0]).__name__
+    assert wrapped == "CheckpointWrapper" and type(tb.model.model.mtp.layers[0]).__name__ == "CheckpointWrapper"
+    hb = tb.fit()
+    # its checkpoint keys the optimizer state by the layers' own names: a run without it resumes from it
+    tc = Trainer(tiny(), data, quiet(steps=5, out_dir=str(tmp_path)))
+    assert tc.resume() and tc.step == 4 and len(tc.optimizer.state) == len(tc.params)
     assert [r["loss"] for r in ha] == pytest.approx([r["loss"] for r in hb], rel=1e-6)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
