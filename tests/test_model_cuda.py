@@ -26,7 +26,8 @@ def _batch():
     g = torch.Generator().manual_seed(12)
     ids = torch.randint(0, 512, (2, T), generator=g)
     lengths = [100, 7, 150, 63]  # row 1: packed documents
-    seg = torch.stack([torch.zeros(T, dtype=torch.long), torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])])
+    packed = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    seg = torch.stack([torch.zeros(T, dtype=torch.long), packed])
     pos = torch.stack([torch.arange(T), torch.cat([torch.arange(n) for n in lengths])])
     return ids, pos, seg
 

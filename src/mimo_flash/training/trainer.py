@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..model.moe import MoE
-from ..model.loss import head_loss, target_counts
-from .checkpointing import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
-from .data import PackedRows, RowSampler
-from .optim import AdamW
 from ..distributed.context import ParallelContext
 from ..distributed.training import (clip_coefficient, clip_grad_norm, finish_gradients, parallelize_for_training,
                                     set_gradient_sync)
+from ..model.loss import head_loss, target_counts
+from ..model.moe import MoE
+from .checkpointing import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
+from .data import PackedRows, RowSampler
+from .optim import AdamW
 
 
 @dataclass
