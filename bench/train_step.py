@@ -179,7 +179,7 @@ def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: i
     2 * iters timed."""
     from mimo_flash.training import TrainConfig, Trainer
     from mimo_flash.training.data import PackedRows
-    from mimo_flash.training.parallel import ParallelContext
+    from mimo_flash.distributed import ParallelContext
     model = build_ours(config)
     model.load_state_dict(state)
     B, T = ids.shape

@@ -153,7 +153,7 @@ def test_save_load_round_trip_is_exact(tmp_path, shard):
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert ("model.safetensors.index.json" in files) == (shard == "200KB")
     again = MiMoForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
-    for (n, a), (m, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (n, a), (m, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert n == m and torch.equal(a, b), n
     ids = torch.randint(0, 512, (1, 25))
     assert torch.equal(model(ids, mtp=True).mtp_logits[2], again(ids, mtp=True).mtp_logits[2])

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from conftest import run_in_triton_interpreter
 from mimo_flash import MiMoConfig, MiMoForCausalLM
-from mimo_flash.model.model import causal_lm_loss
 from mimo_flash.ops import loss as loss_mod
 from mimo_flash.ops.loss import cross_entropy_sum
 
@@ -61,40 +60,6 @@ def test_cross_entropy_sum_no_targets_and_3d():
     torch.testing.assert_close(cross_entropy_sum(x, t), reference(x, t))
     with pytest.raises(ValueError):
         cross_entropy_sum(x, t[:, :4])
-
-
-def old_causal_lm_loss(logits, labels, shift=1, attention_mask=None):
-    """The slicing formulation the model used before ops.loss (kept here as the reference)."""
-    T = logits.shape[1]
-    lg = logits[:, : T - shift].float().reshape(-1, logits.shape[-1])
-    lb = labels[:, shift:]
-    if attention_mask is not None:
-        lb = lb.masked_fill(attention_mask[:, : T - shift] == 0, -100)
-    lb = lb.reshape(-1)
-    return F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum") / (lb != -100).sum().clamp_min(1)
-
-
-@pytest.mark.parametrize("shift", [1, 3])
-@pytest.mark.parametrize("masked", [False, True])
-def test_causal_lm_loss_matches_the_sliced_formula(shift, masked):
-    g = torch.Generator().manual_seed(shift)
-    B, T, V = 3, 13, 50
-    base = torch.randn(B, T, V, generator=g)
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, 4] = -100
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, :3] = 0
-    mask[2, 9] = 0
-    grads = []
-    for fn in (causal_lm_loss, old_causal_lm_loss):
-        x = base.clone().requires_grad_()
-        val = fn(x, labels, shift, mask if masked else None)
-        val.backward()
-        grads.append((val, x.grad))
-    assert grads[0][0].dtype == torch.float32
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
-    assert (grads[0][1][:, T - shift:] == 0).all()
 
 
 @pytest.mark.parametrize("mtp", [False, True])

@@ -224,7 +224,9 @@ def _cudnn_applies(q, meta: AttnMeta, window, sink) -> bool:
 
 
 def _flex_applies(q, meta: AttnMeta, window, sink) -> bool:
-    return q.is_cuda and q.shape[2] >= MIN_FLEX_QUERIES
+    # half precision only: compiled flex in fp32 at head dim 192 needs more shared memory than an H200 SM has
+    # (278784 > 232448 bytes); "auto" sends fp32 (and fp64) to the blocked / SDPA / reference paths
+    return q.is_cuda and q.shape[2] >= MIN_FLEX_QUERIES and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def rope_attention_triton(qkv, cos, sin, dims, meta: AttnMeta, scale: float, window: int | None = None,

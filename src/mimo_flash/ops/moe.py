@@ -162,6 +162,17 @@ class _Combine(torch.autograd.Function):
         return fused.gather_sum(g.contiguous(), tok, 1), None, None, None
 
 
+def dispatch(x: torch.Tensor, tok: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+    """x [N, D] -> [N*k, D]: each token copied to its (token, slot) pairs in expert order (tok, inv from
+    sort_by_expert); differentiable (the backward is combine's gather)."""
+    return _Dispatch.apply(x, tok, inv, k)
+
+
+def combine(ys: torch.Tensor, tok: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+    """ys [N*k, D] in expert order -> [N, D]: each token's k rows summed (in fp32); differentiable."""
+    return _Combine.apply(ys, tok, inv, k)
+
+
 def grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Can torch._grouped_mm take these: bf16 everywhere, last dims contiguous, every row stride
     (D, 2I, I) a multiple of 16 bytes, weights 16-byte aligned."""

@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_rows
-    from .parallel import init_distributed
+    from ..distributed import init_distributed
     from .trainer import TrainConfig, Trainer
 
     ctx = init_distributed(ep=args.ep, device=args.device)
