@@ -9,9 +9,9 @@ module constant is patched). Read the current options with `options()`; change t
         model(ids)
 
 The op files read the fields they own (ops/attention.py `attention`, ops/moe.py `router` / `experts`,
-ops/linear.py `linear`, ops/compiled.py `compile`, ops/kernels/launch.py
-`direct_launch`; generation/ the decode fields). A module's own `backend`
-attribute (MiMoForCausalLM.set_backends) takes precedence over the option; "auto" defers to it.
+ops/linear.py `linear`, ops/compiled.py `compile`, ops/kernels/launch.py `direct_launch`; generation/ the
+decode fields). A module's own `backend` attribute (MiMoForCausalLM.set_backends) takes precedence over the
+option; "auto" defers to it.
 """
 
 from __future__ import annotations

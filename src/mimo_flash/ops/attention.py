@@ -56,7 +56,6 @@ MIN_FLEX_QUERIES = 128  # fewer queries (decode steps) go to the generic paths (
 _FAR = 1 << 40  # a position no query reaches
 
 
-
 @dataclass
 class AttnMeta:
     """Positions and segments of queries and keys.
