@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mimo_flash.ops import rope as rope_ops
-from mimo_flash.ops.attention import _FAST, BLOCK, AttnMeta, allowed_mask, attention, attention_flex, block_tables, sink_scale
+from mimo_flash.ops.attention import (_FAST, BLOCK, AttnMeta, allowed_mask, attention, attention_flex, block_tables,
+                                      sink_scale)
 from mimo_flash.ops.moe import _Combine, _Dispatch, experts, grouped_mm_supported, route
 from mimo_flash.ops.norm import rms_norm
 from mimo_flash.ops.rope import rope

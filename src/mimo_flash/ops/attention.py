@@ -398,8 +398,6 @@ def rope_attention_triton(qkv, cos, sin, dims, meta: AttnMeta, scale: float, win
     return tk.banded_swa_qkv(qkv, cos, sin, heads, kv_heads, qk_dim, v_dim, v_scale, pos, seg, scale, window, sink)
 
 
-
-
 # ----------------------------------------------------------------------------------------- dispatch
 # CUDA backends, in the order "auto" tries them: name -> (applies(q, meta, window, sink) -> bool, fn).
 _FAST: dict[str, tuple[Callable[..., bool], Callable[..., torch.Tensor]]] = {
