@@ -62,7 +62,7 @@ class Attention(nn.Module):
         # attention kernels read it through strides and write their output (and gradients) in it, so
         # no transposing copy is made on the way in or out (o_proj's reshape below is a view)
         q, k, v = (t.transpose(1, 2) for t in rope_qkv(qkv, *rope, self.heads, self.kv_heads, self.qk_dim,
-                                                              self.v_dim, self.v_scale))
+                                                        self.v_dim, self.v_scale))
         cache_attention = None
         if cache is not None:
             k, v, meta = cache.update(self.layer_idx, k, v, meta)

@@ -60,11 +60,12 @@ class Launcher:
             return
         device = torch.cuda.current_device()
         try:
-            bound, spec, opts = self.fn.device_caches[device][4](*args, **meta)
-        except (IndexError, TypeError, ValueError):  # not the internals this was written for (or bad arguments,
-            self.direct = False  # which Triton's own path then reports)
+            binder = self.fn.device_caches[device][4]
+        except (IndexError, KeyError, TypeError):  # not the internals this was written for
+            self.direct = False
             self.fn[grid](*args, **meta)
             return
+        bound, spec, opts = binder(*args, **meta)
         key = (device, *spec, *opts.items())
         hit = self.kernels.get(key)
         if hit is None:
