@@ -1,6 +1,7 @@
 """ops.loss.cross_entropy_sum (the loss that never builds fp32 logits) against F.cross_entropy on
 logits.float(), values and gradients, on CPU; and the model's return_logits=False training path.
-The Triton kernels of the same formulas: test_ops_gpu.py (and the interpreter test at the end)."""
+The Triton kernels of the same formulas (ops/kernels/loss.py): test_ops_gpu.py (and the interpreter test at
+the end)."""
 
 from __future__ import annotations
 
@@ -91,11 +92,10 @@ _INTERPRETED = r'''
 import os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch, torch.nn.functional as F
-from mimo_flash.ops.triton_kernels import ce_backward, ce_forward
+from mimo_flash.ops.kernels.loss import CE_FWD_BLOCK, ce_backward, ce_forward
 g = torch.Generator().manual_seed(0)
-for N, V, block in ((9, 300, 128), (5, 64, 64), (4, 1000, 4096)):
-    import mimo_flash.ops.triton_kernels as tk
-    tk.CE_FWD_BLOCK = tk.CE_BWD_BLOCK = block
+# rows of 2.25 blocks (the forward's loop over blocks, a partial last one), of one block, of less than one
+for N, V in ((3, CE_FWD_BLOCK * 9 // 4), (5, 64), (4, 1000)):
     x = torch.randn(N, V, generator=g) * 4
     t = torch.randint(0, V, (N,), generator=g)
     t[1] = -100

@@ -356,7 +356,7 @@ _ADAMW_INTERPRETED = r"""
 import os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
-from mimo_flash.ops import triton_kernels as tk
+from mimo_flash.training import kernels as tk
 
 def reference(p, g, m, v, step, lr, b1, b2, wd, eps):
     # the kernel's fp32 arithmetic written out, each operation done in fp64 and rounded once to fp32 (which gives
@@ -406,10 +406,10 @@ print("ok")
 
 
 def test_adamw_and_norm_kernels_in_the_interpreter():
-    """ops.triton_kernels.adamw_step (the step of training.optim.AdamW for large CUDA tensors), run by Triton's
+    """training/kernels.py adamw_step (the step of training.optim.AdamW for large CUDA tensors), run by Triton's
     CPU interpreter on fp32 tensors: equal, element for element over three steps with and without weight decay
     and with a clipping factor, to its fp32 arithmetic written out (the GPU test compares it with torch's fused
-    AdamW); and ops.triton_kernels.sq_sum (the gradient norm's pass) against the fp64 sum of squares."""
+    AdamW); and training/kernels.py sq_sum (the gradient norm's pass) against the fp64 sum of squares."""
     run_in_triton_interpreter(_ADAMW_INTERPRETED)
 
 
@@ -468,7 +468,7 @@ def test_adamw_matches_torch_fused_on_cuda(dtype, clip):
 
 @pytest.mark.gpu
 def test_grad_norm_on_cuda():
-    """clip_grad_norm on one CUDA process (ops.triton_kernels.sq_sum) gives the gradients' global norm (fp64
+    """clip_grad_norm on one CUDA process (training/kernels.py sq_sum) gives the gradients' global norm (fp64
     reference), the same number every time, and scales the gradients as before."""
     from mimo_flash.distributed import clip_coefficient, clip_grad_norm
     torch.manual_seed(0)

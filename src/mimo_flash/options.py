@@ -9,8 +9,9 @@ module constant is patched). Read the current options with `options()`; change t
         model(ids)
 
 The op files read the fields they own (ops/attention.py `attention`, ops/moe.py `router` / `experts`,
-ops/linear.py `linear`, ops/fused.py `compile`; generation/ the decode fields). A module's own `backend`
-attribute (MiMoForCausalLM.set_backends) takes precedence over the option; "auto" defers to it.
+ops/linear.py `linear`, ops/compiled.py `compile`, ops/kernels/launch.py `direct_launch`; generation/ the
+decode fields). A module's own `backend` attribute (MiMoForCausalLM.set_backends) takes precedence over the
+option; "auto" defers to it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class Options:
     # fused small ops on CUDA (RMSNorm, RoPE, SwiGLU, gather-sum, ...) as Triton kernels or torch.compile'd
     # bodies; False runs the plain PyTorch bodies everywhere (the definition; what the CPU runs)
     compile: bool = True
+    # Triton kernels launched through the C launcher directly where the Triton version is the one
+    # ops/kernels/launch.py was written for; False: every launch through Triton's own kernel[grid]
+    direct_launch: bool = True
     # default backends of the ops whose modules say "auto"; "auto" lets the op choose by device, dtype, shape
     attention: str = "auto"  # ops/attention.py: auto | reference | blocked | sdpa | flex | cudnn | triton
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)

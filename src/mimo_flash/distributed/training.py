@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..model.moe import Experts
-from ..ops.fused import triton_kernels
+from ..ops.compiled import kernels
 from .context import ParallelContext
 from .experts import AllToAllDispatcher
 
@@ -147,7 +147,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: l
     copies = ctx.world // ctx.ep if ctx.ep > 1 else 1
     is_expert = {id(p) for p in expert_params}
     grads = [_local(p.grad) for p in with_grad]
-    tk = triton_kernels()
+    tk = kernels("mimo_flash.training.kernels")
     if tk is not None and ctx.world == 1 and all(g.is_cuda and g.is_contiguous() for g in grads):
         sq = tk.sq_sum(grads)  # one pass at copy speed (torch._foreach_norm: one reduction per tensor)
     else:

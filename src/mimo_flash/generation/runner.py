@@ -20,7 +20,8 @@ import torch.nn as nn
 from ..model.attention import Attention
 from ..model.layers import MLP
 from ..model.moe import Experts, Router
-from ..ops import fused as fused_ops
+from ..ops.compiled import compile_scoped
+from ..ops.swiglu import silu_mul
 from ..ops import moe as moe_ops
 from .cache import MAIN, KVCache, mtp_group
 
@@ -174,7 +175,7 @@ def _mlp_fused_forward(reduce: bool):
         """MLP.forward with gate and up from one product over the fused weight."""
         h = _proj(x, self._mf_fused[1], reduce)
         i = h.shape[-1] // 2
-        return self.down_proj(fused_ops.silu_mul(h[..., :i], h[..., i:]))
+        return self.down_proj(silu_mul(h[..., :i], h[..., i:]))
     return forward
 
 
@@ -304,9 +305,8 @@ class GraphRunner(Runner):
         if key not in self.fns:
             f = fn
             if self.compile:
-                fused_ops.raise_recompile_limits()
                 opts = {"coordinate_descent_tuning": True} if tune else None
-                f = torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
+                f = compile_scoped(fn, fullgraph=True, dynamic=False, options=opts)
             self.fns[key] = f
         return self.fns[key]
 

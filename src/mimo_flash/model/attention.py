@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import MiMoConfig
-from ..ops import fused
+from ..ops.rope import rope_qkv
 from ..ops.attention import AttnMeta, attention, attention_qkv
 
 
@@ -61,8 +61,8 @@ class Attention(nn.Module):
         # [B, H, T, d] views of [B, T, H, d] tensors: RoPE keeps the projection's layout, the fast
         # attention kernels read it through strides and write their output (and gradients) in it, so
         # no transposing copy is made on the way in or out (o_proj's reshape below is a view)
-        q, k, v = (t.transpose(1, 2) for t in fused.rope_qkv(qkv, *rope, self.heads, self.kv_heads, self.qk_dim,
-                                                              self.v_dim, self.v_scale))
+        q, k, v = (t.transpose(1, 2) for t in rope_qkv(qkv, *rope, self.heads, self.kv_heads, self.qk_dim,
+                                                        self.v_dim, self.v_scale))
         cache_attention = None
         if cache is not None:
             k, v, meta = cache.update(self.layer_idx, k, v, meta)

@@ -1,11 +1,12 @@
-"""RMSNorm, the RoPE tables (partial, per-layer-type base; applied in ops.fused), and the dense SwiGLU MLP."""
+"""RMSNorm, the RoPE tables (partial, per-layer-type base; applied in ops.rope), and the dense SwiGLU MLP."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..ops import fused
+from ..ops.norm import rms_norm
+from ..ops.swiglu import silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -18,7 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]"""
-        return fused.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
@@ -60,4 +61,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden]"""
-        return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..config import MiMoConfig
 from ..ops.attention import AttnMeta
-from ..ops.fused import add_rms_norm
+from ..ops.norm import add_rms_norm
 from .attention import Attention
 from .layers import MLP, RMSNorm, rope_cos_sin
 from .loss import head_loss
@@ -21,7 +21,7 @@ from .mtp import MTPLayer
 class DecoderLayer(nn.Module):
     """h = x + Attn(norm_in(x)); out = h + MLP(norm_post(h)).
 
-    The two residual adds are each fused with the norm that reads their sum (ops.fused.add_rms_norm):
+    The two residual adds are each fused with the norm that reads their sum (ops.norm.add_rms_norm):
     the layer returns (h, MLP(...)) unsummed, and the next layer (or the final norm) adds them.
     """
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from .compiled import acc, cuda_compiled, triton_for
+from .swiglu import swiglu_weighted
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -72,11 +73,11 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """route()'s (indices, weights), plus the tokens per expert [E] when count (else None).
 
-    On CUDA with bf16 x and one expert group: one Triton kernel each way (ops.triton_kernels.route), the
+    On CUDA with bf16 x and one expert group: one Triton kernel each way (ops/kernels/router.py), the
     logits still the fp32 product; the chosen set equals route()'s up to exact ties of score + bias.
     """
     E = weight.shape[0]
-    tk = fused.triton_for(x)
+    tk = triton_for(x, "router")
     if tk is not None and n_group == 1 and tk.router_supported(x, E, top_k):
         idx, w, counts = tk.route(x, weight, bias, top_k, norm_topk_prob, scaling, count)
         return idx, w, counts if count else None
@@ -114,7 +115,7 @@ def sort_by_expert(idx: torch.Tensor, num_experts: int
     """idx [N, k] -> (order [N*k]: the flattened (token, slot) pairs sorted by expert, stably; inv [N*k]: the
     place of each pair in that order; counts [E]; tok [N*k]: the token of each sorted pair, order // k;
     offsets [E] int32: the running sum of counts). On CUDA a counting sort in three Triton kernels."""
-    tk = fused.triton_for(idx)
+    tk = triton_for(idx, "moe")
     if tk is not None:
         return tk.sort_by_expert(idx, num_experts)
     order = torch.argsort(idx.reshape(-1), stable=True)
@@ -122,6 +123,20 @@ def sort_by_expert(idx: torch.Tensor, num_experts: int
     inv[order] = torch.arange(order.numel(), device=order.device)
     counts = expert_counts(idx, num_experts)
     return order, inv, counts, order // idx.shape[1], counts.cumsum(0).to(torch.int32)
+
+
+def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """y [P, D], index [N * k] -> out [N, D], out[n] = sum_s y[index[n * k + s]], summed in fp32
+    (a Triton kernel on CUDA: each output row reads its k rows once)."""
+    tk = triton_for(y, "moe")
+    if tk is not None:
+        return tk.gather_sum(y, index, k)
+    return _gather_sum(y, index, k)
+
+
+@cuda_compiled
+def _gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return acc(y[index].view(-1, k, y.shape[-1])).sum(1).to(y.dtype)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -136,12 +151,12 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x, tok, inv, k):
         ctx.save_for_backward(tok, inv)
         ctx.k = k
-        return fused.gather_sum(x.contiguous(), tok, 1)
+        return gather_sum(x.contiguous(), tok, 1)
 
     @staticmethod
     def backward(ctx, g):
         tok, inv = ctx.saved_tensors
-        return fused.gather_sum(g.contiguous(), inv, ctx.k), None, None, None
+        return gather_sum(g.contiguous(), inv, ctx.k), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -154,12 +169,12 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ys, tok, inv, k):
         ctx.save_for_backward(tok)
-        return fused.gather_sum(ys, inv, k)
+        return gather_sum(ys, inv, k)
 
     @staticmethod
     def backward(ctx, g):
         (tok,) = ctx.saved_tensors
-        return fused.gather_sum(g.contiguous(), tok, 1), None, None, None
+        return gather_sum(g.contiguous(), tok, 1), None, None, None
 
 
 def dispatch(x: torch.Tensor, tok: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
@@ -198,7 +213,7 @@ def experts_grouped_mm(x, idx, w, gate_up, down):
     order, inv, _, tok, offs = sort_by_expert(idx, gate_up.shape[0])
     xs = _Dispatch.apply(x, tok, inv, k)  # [P, D]
     h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [P, 2I]
-    a = fused.swiglu_weighted(h, w.reshape(-1).float(), order)  # [P, I], row r weighted by w[order[r]]
+    a = swiglu_weighted(h, w.reshape(-1).float(), order)  # [P, I], row r weighted by w[order[r]]
     ys = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [P, D]
     return _Combine.apply(ys, tok, inv, k)
 
