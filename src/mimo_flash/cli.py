@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
+import warnings
 
 COMMAND_MODULES = (
     "mimo_flash.checkpoint.commands",   # convert
@@ -20,6 +22,17 @@ COMMAND_MODULES = (
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, no traceback."""
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float option: a finite number (nan and inf are refused by name)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line, no source location
+        print(f"mimo-flash {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return int(args.fn(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return int(args.fn(args) or 0)
     except (UserError, ValueError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mimo-flash {args.command}: error: {msg}", file=sys.stderr)

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from ..cli import finite_float
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="the main job: train a tiny MiMo-V2-Flash from scratch on the CPU, save, "
@@ -38,14 +40,14 @@ def register(sub) -> None:
     t.add_argument("--seq-len", type=int, default=1024)
     t.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=None, help="peak LR (default 3e-4 from scratch, 2e-5 fine-tuning)")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1)
+    t.add_argument("--lr", type=finite_float, default=None, help="peak LR (default 3e-4 from scratch, 2e-5 fine-tuning)")
+    t.add_argument("--min-lr-ratio", type=finite_float, default=0.1)
     t.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--mtp-weight", type=float, default=None, help="MTP loss weight (default: the config's, 0.3)")
+    t.add_argument("--weight-decay", type=finite_float, default=0.1)
+    t.add_argument("--grad-clip", type=finite_float, default=1.0)
+    t.add_argument("--mtp-weight", type=finite_float, default=None, help="MTP loss weight (default: the config's, 0.3)")
     t.add_argument("--no-mtp", action="store_true", help="train the main head only")
-    t.add_argument("--bias-update-rate", type=float, default=None,
+    t.add_argument("--bias-update-rate", type=finite_float, default=None,
                    help="aux-loss-free balancing rate (default 1e-3 from scratch, 0 = frozen when fine-tuning)")
     t.add_argument("--activation-checkpointing", action="store_true")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
