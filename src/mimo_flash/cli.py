@@ -35,6 +35,19 @@ def finite_float(text: str) -> float:
     return v
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default: "(default: X)" after its help, unless the default is None or
+    False (an option whose default depends on something else says so in its own help text)."""
+
+    def _get_help_string(self, action):
+        text = (action.help or "").strip()
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d is argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo-flash", description="MiMo-V2-Flash in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that part of the package does not exist (yet)
             raise
         mod.register(sub)
+    for p in sub.choices.values():
+        p.formatter_class = DefaultsHelpFormatter
+        for a in p._actions:
+            if a.help is None:
+                a.help = " "  # argparse prints no help line, so no default, for an option without help
     return parser
 
 

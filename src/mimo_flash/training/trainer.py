@@ -62,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
+    log_every: int | None = None  # without the progress bar, a log line every N steps (None: a tenth of steps)
     plot: bool = True
     deterministic: bool = False
 
@@ -69,6 +70,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, got {v}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -325,6 +330,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
                    dynamic_ncols=True, desc="train", unit="step")
         tps = None
+        every = cfg.log_every if cfg.log_every is not None else max(1, cfg.steps // 10)
 
         def log(issued: dict) -> None:
             nonlocal tps
@@ -333,6 +339,9 @@ class Trainer:
             tps = rec["tokens_per_s"] if tps is None else 0.9 * tps + 0.1 * rec["tokens_per_s"]
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{rec['lr']:.2e}", refresh=False)
             bar.update(1)
+            if bar.disable and ctx.is_main and every and (rec["step"] % every == 0 or rec["step"] in (1, cfg.steps)):
+                print(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                      f"{tps:,.0f} tokens/s  {rec['step_time']:.3f} s/step", flush=True)
             if metrics is not None:
                 with open(metrics, "a") as f:
                     f.write(json.dumps(rec) + "\n")
