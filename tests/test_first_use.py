@@ -4,6 +4,7 @@ temporaries removed, and the last training step's metrics."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -185,3 +186,144 @@ def test_the_cli_prints_the_warning_as_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mimo-flash kv-cache: warning: ") and "num_experts_per_tok" in err
     assert err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ items 1-3: the train command
+def _small_text(tmp_path):
+    from pydoc_data.topics import topics
+
+    f = tmp_path / "small.txt"
+    f.write_text("\n\n".join(topics[k] for k in sorted(topics)[:4]))
+    return f
+
+
+def test_train_from_scratch_trains_a_tokenizer_of_the_models_vocab_size(tmp_path, capsys):
+    from mimo_flash.cli import main
+    from mimo_flash.tokenizer import Tokenizer
+
+    data = _small_text(tmp_path)
+    argv = ["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--seq-len", "16", "--batch-size", "1", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    tok = Tokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
+    assert 256 < tok.vocab_size <= MiMoConfig.preset("tiny").vocab_size
+    final = MiMoConfig.from_pretrained(tmp_path / "run" / "final")
+    assert final.eos_token_id == tok.eos_id and final.pad_token_id == tok.pad_id
+    assert "trained a" in capsys.readouterr().out
+    # --resume (and any later run into the same --out) reuses that tokenizer, so the data fingerprint matches
+    before = (tmp_path / "run" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    assert main(argv[:-7] + ["--steps", "2", "--seq-len", "16", "--batch-size", "1", "--no-progress",
+                             "--resume"]) == 0
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == before
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_says_how_to_fix_it(tmp_path, capsys):
+    from mimo_flash.cli import main
+    from mimo_flash.training.demo import corpus, train_tokenizer
+
+    train_tokenizer(corpus()[:40], 1024, tmp_path / "tok")
+    data = _small_text(tmp_path)
+    base = ["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(data),
+            "--steps", "1", "--seq-len", "16", "--batch-size", "1", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--set vocab_size=1024" in err, err
+    assert main(base + ["--out", str(tmp_path / "b"), "--set", "vocab_size=1024"]) == 0
+
+
+def test_train_defaults_fit_the_device():
+    import argparse
+
+    from mimo_flash.training.commands import DEVICE_DEFAULTS, resolve_defaults
+
+    def resolved(device, **given):
+        args = argparse.Namespace(steps=None, seq_len=None, batch_size=None, grad_accum=1, ep=1, keep_checkpoints=2,
+                                  log_every=None, save_every=0, warmup_steps=None, **given)
+        resolve_defaults(args, device)
+        return args.steps, args.seq_len, args.batch_size
+
+    assert resolved("cuda") == (1000, 1024, 8)  # unchanged on GPUs
+    cpu = resolved("cpu")
+    assert cpu == tuple(DEVICE_DEFAULTS["cpu"][k] for k in ("steps", "seq_len", "batch_size"))
+    assert cpu[0] * cpu[1] * cpu[2] <= 1000 * 1024 * 8 / 100  # a hundredth of the GPU run's tokens at most
+
+
+def test_train_help_shows_every_default(capsys):
+    import argparse
+
+    from mimo_flash.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    absent_means_none = {"--stop", "--system", "--set", "--preset", "--config", "--init-from"}
+    for name, p in sub.choices.items():
+        entries, current = {}, None  # option -> its text in the printed help
+        for line in p.format_help().splitlines():
+            m = re.match(r"^  (-[^\s,]+)", line)
+            if m:
+                current = m.group(1)
+                entries[current] = line
+            elif current and line.startswith("    "):
+                entries[current] += " " + line.strip()
+            else:
+                current = None
+        for a in p._actions:
+            if (not a.option_strings or a.required or isinstance(a, argparse._HelpAction) or a.default is False
+                    or a.option_strings[0] in absent_means_none):
+                continue
+            text = entries[a.option_strings[0]]
+            assert "default" in text, (name, text)
+            if a.default is not None and "(default:" in text:
+                assert f"(default: {a.default})" in text, (name, text)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 1)" in out and "(default: 0.1)" in out and "100 on a CPU" in out
+
+
+def test_no_progress_prints_a_periodic_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = MiMoForCausalLM(MiMoConfig.preset("tiny"))
+    Trainer(model, _rows(), TrainConfig(steps=6, batch_size=2, warmup_steps=1, progress=False, plot=False,
+                                        log_every=2)).fit()
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in lines] == ["1/6", "2/6", "4/6", "6/6"]
+    assert all("loss" in x and "tokens/s" in x for x in lines)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seq-len", "6000"], "--seq-len 6000 exceeds the max_position_embeddings"),
+    (["--seq-len", "100000"], "use --seq-len 4096 or less"),
+    (["--seq-len", "1"], "--seq-len must be at least 2"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--steps", "-5"], "--steps must be at least 1"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+])
+def test_impossible_sizes_fail_before_anything_is_allocated(tmp_path, capsys, monkeypatch, extra, message):
+    from mimo_flash.cli import main
+    from mimo_flash.model import model as model_module
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(model_module.MiMoForCausalLM, "__init__", no_model)
+    data = _small_text(tmp_path)
+    rc = main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "r")] + extra)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # no tokenizer trained, nothing written
+
+
+def test_seq_len_is_checked_against_a_checkpoint_before_loading_it(tmp_path, capsys, monkeypatch):
+    from mimo_flash.cli import main
+    from mimo_flash.model import model as model_module
+
+    torch.manual_seed(0)
+    MiMoForCausalLM(MiMoConfig.preset("tiny", max_position_embeddings=64)).save_pretrained(tmp_path / "ck")
+    monkeypatch.setattr(model_module.MiMoForCausalLM, "from_pretrained",
+                        classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights loaded"))))
+    rc = main(["train", "--init-from", str(tmp_path / "ck"), "--data", str(_small_text(tmp_path)),
+               "--out", str(tmp_path / "r"), "--seq-len", "65"])
+    assert rc == 2 and "exceeds the max_position_embeddings" in capsys.readouterr().err

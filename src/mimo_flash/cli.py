@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         p.formatter_class = DefaultsHelpFormatter
         for a in p._actions:
-            if a.help is None:
-                a.help = " "  # argparse prints no help line, so no default, for an option without help
+            if a.help is None and a.default is not None and a.default is not False:
+                a.help = "(default: %(default)s)"  # argparse prints nothing for an option without help
     return parser
 
 
