@@ -327,3 +327,54 @@ def test_seq_len_is_checked_against_a_checkpoint_before_loading_it(tmp_path, cap
     rc = main(["train", "--init-from", str(tmp_path / "ck"), "--data", str(_small_text(tmp_path)),
                "--out", str(tmp_path / "r"), "--seq-len", "65"])
     assert rc == 2 and "exceeds the max_position_embeddings" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ item 5: stale convert temporaries
+def _writer(dst, env):
+    """A process that starts writing `dst` (its temporary directory, marked) and then waits."""
+    import subprocess
+    import sys
+
+    script = ("import sys, time; from pathlib import Path; from mimo_flash.checkpoint.files import temp_dir_for; "
+              "print(temp_dir_for(Path(sys.argv[1])), flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(dst)], stdout=subprocess.PIPE, text=True, env=env)
+    from pathlib import Path
+
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_convert_removes_the_temporaries_of_killed_writes_only(tmp_path, capsys):
+    import os
+    import signal
+    from pathlib import Path
+
+    from mimo_flash.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    torch.manual_seed(0)
+    MiMoForCausalLM(MiMoConfig.preset("tiny")).save_pretrained(src)
+    root = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    killed, killed_tmp = _writer(dst, env)
+    live, live_tmp = _writer(dst, env)
+    try:
+        (killed_tmp / "model.safetensors").write_bytes(b"\0" * 4096)  # a half-written shard
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+        foreign = tmp_path / ".dst.tmp-notours"  # our name pattern, no marker: not ours
+        foreign.mkdir()
+        (foreign / "x").write_text("keep")
+        other = tmp_path / ".other.tmp-abc"  # another target's
+        other.mkdir()
+        assert killed_tmp.is_dir() and live_tmp.is_dir()
+
+        assert main(["convert", str(src), str(dst)]) == 0
+        err = capsys.readouterr().err
+        assert not killed_tmp.exists()
+        assert f"removed {killed_tmp}" in err and str(killed.pid) in err
+        assert live_tmp.is_dir() and foreign.is_dir() and other.is_dir()  # in use, or not ours
+        assert (dst / "config.json").exists() and not (dst / ".mimo-flash-writing").exists()
+        assert sorted(p.name for p in tmp_path.glob(".dst.tmp-*")) == sorted([live_tmp.name, foreign.name])
+    finally:
+        live.kill()
+        live.wait(timeout=60)
