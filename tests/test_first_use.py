@@ -378,3 +378,36 @@ def test_convert_removes_the_temporaries_of_killed_writes_only(tmp_path, capsys)
     finally:
         live.kill()
         live.wait(timeout=60)
+
+
+# ------------------------------------------------------------------ item 8: the first `make` says what it does
+def test_first_make_says_what_it_installs_and_how_long_it_takes(tmp_path):
+    """The set-up recipe run for real on a fresh VENV (the virtual environment is created), with the pip
+    installs replaced by `true` (PIP_INSTALL, the Makefile's own switch) so that nothing is downloaded."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.fail("GNU make is needed for `make demo` / `make test`")
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(root), "setup", f"VENV={venv}", f"PYTHON={sys.executable}",
+                        "PIP_INSTALL=true"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("mimo-flash: setting up") and "minutes" in r.stdout.split("[1/3]")[0]
+    steps = [next(i for i, x in enumerate(lines) if f"[{k}/3]" in x) for k in (1, 2, 3)]
+    assert steps == sorted(steps) and "creating the virtual environment" in lines[steps[0]]
+    assert lines[-1].startswith("mimo-flash: set-up done in ")
+    assert (venv / "bin" / "python").exists() and (venv / ".mimo-flash-installed").exists()
+    # the second time: nothing to do, nothing said
+    again = subprocess.run(["make", "--no-print-directory", "-C", str(root), "setup", f"VENV={venv}", "PIP_INSTALL=true"],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "setting up" not in again.stdout
+    # the README's two commands still resolve to the set-up, then the demo / the tests
+    for target, command in (("demo", "mimo-flash demo"), ("test", "-m pytest")):
+        dry = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(root), target, f"VENV={tmp_path / 'fresh'}"],
+                             capture_output=True, text=True, timeout=60)
+        assert dry.returncode == 0 and "setting up" in dry.stdout and command in dry.stdout.splitlines()[-1]
