@@ -411,3 +411,29 @@ def test_first_make_says_what_it_installs_and_how_long_it_takes(tmp_path):
         dry = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(root), target, f"VENV={tmp_path / 'fresh'}"],
                              capture_output=True, text=True, timeout=60)
         assert dry.returncode == 0 and "setting up" in dry.stdout and command in dry.stdout.splitlines()[-1]
+
+
+# ------------------------------------------------------------------ more of the same kind: files the loader reads
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", {"eos_token": 5}, "tokenizer_config.json: eos_token: expected a token string"),
+    ("tokenizer_config.json", {"pad_token": ["a"]}, "tokenizer_config.json: pad_token: expected a token string"),
+    ("generation_config.json", {"eos_token_id": "x"}, "generation_config.json: eos_token_id must be a token id"),
+    ("generation_config.json", {"pad_token_id": -3}, "generation_config.json: pad_token_id must be a token id"),
+    ("config.json", {"torch_dtype": "float99"}, "MiMoConfig.torch_dtype: unknown dtype 'float99'"),
+    ("config.json", {"eos_token_id": "x"}, "MiMoConfig.eos_token_id: must be a token id"),
+    ("config.json", {"bos_token_id": 1.5}, "MiMoConfig.bos_token_id: must be a token id"),
+])
+def test_bad_fields_in_the_files_generate_reads_are_named(tmp_path, capsys, name, content, message):
+    import json
+
+    from mimo_flash.cli import main
+    from mimo_flash.training.demo import corpus, train_tokenizer
+
+    torch.manual_seed(0)
+    MiMoForCausalLM(MiMoConfig.preset("tiny")).save_pretrained(tmp_path)
+    train_tokenizer(corpus()[:10], 300, tmp_path)
+    f = tmp_path / name
+    f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), **content}))
+    rc = main(["generate", "--model", str(tmp_path), "--prompt", "The", "--device", "cpu", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err

@@ -21,6 +21,7 @@ from typing import Any
 
 FULL, SWA = 0, 1  # values of hybrid_layer_pattern
 ACTIVATIONS = ("silu",)
+TORCH_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # checkpoint.load.DTYPES' names
 
 
 def read_json_object(f: Path) -> dict:
@@ -193,6 +194,14 @@ class MiMoConfig:
             bad("scoring_func", f"only 'sigmoid' is used by MiMo-V2-Flash, got {self.scoring_func!r}")
         if self.n_shared_experts not in (None, 0):
             bad("n_shared_experts", "MiMo-V2-Flash has no shared expert; expected null")
+        if self.torch_dtype not in TORCH_DTYPES:
+            bad("torch_dtype", f"unknown dtype {self.torch_dtype!r}; one of {', '.join(TORCH_DTYPES)}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                bad(name, f"must be a token id (an integer >= 0){', a list of them' * (name == 'eos_token_id')} "
+                    f"or null, got {v!r}")
         if self.rms_norm_eps <= 0:
             bad("rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0 or self.swa_rope_theta <= 0:
