@@ -104,7 +104,8 @@ def test_cli_float_options_refuse_non_finite_numbers(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    flag = next(a for a in argv if a.startswith("--") and a not in ("--model", "--prompt", "--preset", "--data")).split("=")[0]
+    given = ("--model", "--prompt", "--preset", "--data")
+    flag = next(a for a in argv if a.startswith("--") and a not in given).split("=")[0]
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "not a finite number" in err, err
 
@@ -393,8 +394,9 @@ def test_first_make_says_what_it_installs_and_how_long_it_takes(tmp_path):
         pytest.fail("GNU make is needed for `make demo` / `make test`")
     root = Path(__file__).resolve().parents[1]
     venv = tmp_path / "venv"
-    r = subprocess.run(["make", "--no-print-directory", "-C", str(root), "setup", f"VENV={venv}", f"PYTHON={sys.executable}",
-                        "PIP_INSTALL=true"], capture_output=True, text=True, timeout=300)
+    make = ["make", "--no-print-directory", "-C", str(root)]
+    r = subprocess.run(make + ["setup", f"VENV={venv}", f"PYTHON={sys.executable}", "PIP_INSTALL=true"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("mimo-flash: setting up") and "minutes" in r.stdout.split("[1/3]")[0]
@@ -403,13 +405,13 @@ def test_first_make_says_what_it_installs_and_how_long_it_takes(tmp_path):
     assert lines[-1].startswith("mimo-flash: set-up done in ")
     assert (venv / "bin" / "python").exists() and (venv / ".mimo-flash-installed").exists()
     # the second time: nothing to do, nothing said
-    again = subprocess.run(["make", "--no-print-directory", "-C", str(root), "setup", f"VENV={venv}", "PIP_INSTALL=true"],
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(make + ["setup", f"VENV={venv}", "PIP_INSTALL=true"], capture_output=True, text=True,
+                           timeout=60)
     assert again.returncode == 0 and "setting up" not in again.stdout
     # the README's two commands still resolve to the set-up, then the demo / the tests
     for target, command in (("demo", "mimo-flash demo"), ("test", "-m pytest")):
-        dry = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(root), target, f"VENV={tmp_path / 'fresh'}"],
-                             capture_output=True, text=True, timeout=60)
+        dry = subprocess.run(make + ["-n", target, f"VENV={tmp_path / 'fresh'}"], capture_output=True, text=True,
+                             timeout=60)
         assert dry.returncode == 0 and "setting up" in dry.stdout and command in dry.stdout.splitlines()[-1]
 
 

@@ -2,8 +2,10 @@
 
 Substitutions, and nothing else: the placeholders (DIR, FILES..., RUN, SRC, DST, N, T, P, K, "...") become
 tiny files and values; each line runs once without its optional [...] groups and once with all of them (the
-first of `a|b` choices); train lines get a few short steps. The torchrun line runs with its two processes
-and --ep 2 (gloo on the CPU). `serve` runs in a subprocess until /v1/models answers.
+first of `a|b` choices); train lines get a few short steps (--steps 2, --seq-len 32, --batch-size 2) and
+the fine-tuning line its own RUN, the torchrun line's `...` the pre-training line's arguments. The torchrun
+line runs with its two processes and --ep 2 (gloo on the CPU). `serve` runs in a subprocess until
+/v1/models answers.
 """
 
 from __future__ import annotations

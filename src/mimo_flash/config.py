@@ -317,7 +317,8 @@ class MiMoConfig:
             if (k := f.name) in out and k not in NOT_MODEL_FIELDS)
         if defaulted and not released:
             warnings.warn(f"this is not the released MiMo-V2-Flash config, but it does not set {', '.join(defaulted)}; "
-                          f"the released model's values were used: {_values(cls, defaulted)}", UserWarning, stacklevel=2)
+                          f"the released model's values were used: {_values(cls, defaulted)}", UserWarning,
+                          stacklevel=2)
         return config
 
     @classmethod

@@ -76,7 +76,8 @@ def register(subparsers) -> None:
     c.set_defaults(fn=cmd_chat)
     b = subparsers.add_parser("kv-cache", help="KV-cache bytes per sequence: sliding-window rings vs all-global")
     b.add_argument("--preset", default="flash", help="config preset (flash, mini, tiny) unless --model is given")
-    b.add_argument("--model", default=None, help="checkpoint directory whose config.json to use (default: the --preset)")
+    b.add_argument("--model", default=None,
+                   help="checkpoint directory whose config.json to use (default: the --preset)")
     b.add_argument("--context", type=int, nargs="+", default=[4096, 32768, 262144])
     b.add_argument("--dtype", default="bfloat16")
     b.set_defaults(fn=cmd_kv_cache)

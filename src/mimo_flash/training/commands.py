@@ -45,7 +45,8 @@ def register(sub) -> None:
                    "max_position_embeddings")
     t.add_argument("--batch-size", type=int, help="rows per micro-batch per process; " + _device_default("batch_size"))
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=finite_float, default=None, help="peak LR (default 3e-4 from scratch, 2e-5 fine-tuning)")
+    t.add_argument("--lr", type=finite_float, default=None,
+                   help="peak LR (default 3e-4 from scratch, 2e-5 fine-tuning)")
     t.add_argument("--min-lr-ratio", type=finite_float, default=0.1)
     t.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
     t.add_argument("--weight-decay", type=finite_float, default=0.1)
