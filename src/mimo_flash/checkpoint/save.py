@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import CheckpointError
-from .files import Entry, fsync_dir, write_safetensors
+from .files import Entry, fsync_dir, temp_dir_for, unmark, write_safetensors
 from .fp8 import FP8, SCALE_SUFFIX, quantize, scale_grid
 from .load import check_finite, parse_dtype, plan_checkpoint, progress_bar, read_into
 from .names import LAYOUTS, is_fp32, is_quantized, layout_parts
@@ -132,7 +131,7 @@ def write_checkpoint(path: str | os.PathLike, config: dict, groups: list[list[En
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = temp_dir_for(path)
     try:
         shards = _shard(groups, limit)
         names = (["model.safetensors"] if len(shards) == 1 else
@@ -151,6 +150,7 @@ def write_checkpoint(path: str | os.PathLike, config: dict, groups: list[list[En
                 shutil.copy2(f, tmp / f.name)
         if path.exists():
             _carry_over(path, tmp)
+        unmark(tmp)
         fsync_dir(tmp)
         _swap(tmp, path)
     except BaseException:

@@ -62,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
+    log_every: int | None = None  # without the progress bar, a log line every N steps (None: a tenth of steps)
     plot: bool = True
     deterministic: bool = False
 
@@ -69,6 +70,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, got {v}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -154,7 +159,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict] = []
-        self._last_record = 0.0  # when the last step's metrics were read (perf_counter)
+        self._last_done = None  # CUDA: the end-of-step event of the last step whose metrics were read
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.plain_rows = rows.one_document_per_row()  # then the model gets no positions or segments
         # [R, 1 + K] targets of each row at shifts 1..1+K, counted once (in chunks of rows) and kept as numpy: a
@@ -254,12 +259,13 @@ class Trainer:
         if pin:
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=True)
             done.record()
         else:
             host = flat
         return {"step": self.step, "lr": lr, "tokens": tokens, "tokens_seen": self.tokens_seen,
-                "epoch": round(self.sampler.epoch, 4), "t0": t0, "host": host, "done": done, "denom": denom}
+                "epoch": round(self.sampler.epoch, 4), "t0": t0, "t1": time.perf_counter(), "host": host,
+                "done": done, "denom": denom}
 
     def _record(self, issued: dict) -> dict:
         """The metrics of a step _issue() queued (waits for that step's numbers only)."""
@@ -268,9 +274,15 @@ class Trainer:
         vals, denom = issued["host"], issued["denom"]
         n = len(denom)
         per = [float(s / d) for s, d in zip(vals[:n].tolist(), denom)]
-        now = time.perf_counter()
-        dt = now - max(issued["t0"], self._last_record)  # back to back: the time between two records
-        self._last_record = now
+        # The step's own time. Not "time since the last record": fit() reads step n after issuing step n + 1,
+        # so the last step's record came right after the one before it (0.6 ms for a 0.4 s step).
+        if issued["done"] is None:  # CPU: the whole step ran inside _issue
+            dt = issued["t1"] - issued["t0"]
+        else:  # CUDA: from its issue to its end, or device time since the previous step ended when shorter
+            dt = time.perf_counter() - issued["t0"]
+            if self._last_done is not None:
+                dt = min(dt, self._last_done.elapsed_time(issued["done"]) / 1e3)
+            self._last_done = issued["done"]
         rec = {"step": issued["step"],
                "loss": per[0] + (self.mtp_weight * sum(per[1:]) / self.n_mtp if self.n_mtp else 0.0),
                "lm_loss": per[0]}
@@ -319,6 +331,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
                    dynamic_ncols=True, desc="train", unit="step")
         tps = None
+        every = cfg.log_every if cfg.log_every is not None else max(1, cfg.steps // 10)
 
         def log(issued: dict) -> None:
             nonlocal tps
@@ -327,6 +340,9 @@ class Trainer:
             tps = rec["tokens_per_s"] if tps is None else 0.9 * tps + 0.1 * rec["tokens_per_s"]
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{rec['lr']:.2e}", refresh=False)
             bar.update(1)
+            if bar.disable and ctx.is_main and every and (rec["step"] % every == 0 or rec["step"] in (1, cfg.steps)):
+                print(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                      f"{tps:,.0f} tokens/s  {rec['step_time']:.3f} s/step", flush=True)
             if metrics is not None:
                 with open(metrics, "a") as f:
                     f.write(json.dumps(rec) + "\n")
