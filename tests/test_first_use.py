@@ -40,7 +40,7 @@ def test_every_steps_time_is_its_own_work_including_the_last():
 
 @pytest.mark.gpu
 def test_last_step_metrics_on_cuda():
-    from mimo_flash.training.parallel import ParallelContext
+    from mimo_flash.distributed import ParallelContext
 
     torch.manual_seed(0)
     model = MiMoForCausalLM(MiMoConfig.preset("tiny"))
