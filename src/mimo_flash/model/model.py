@@ -13,7 +13,7 @@ from ..ops.attention import AttnMeta
 from ..ops.fused import add_rms_norm
 from ..ops.loss import cross_entropy_sum
 from .attention import Attention
-from .layers import MLP, RMSNorm, rope_cos_sin
+from .layers import MLP, Linear, RMSNorm, rope_cos_sin
 from .moe import MoE, Experts, Router
 from .mtp import MTPLayer
 
@@ -145,7 +145,7 @@ class MiMoForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MiMoModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config import MiMoConfig
 from .attention import Attention
-from .layers import MLP, RMSNorm
+from .layers import MLP, Linear, RMSNorm
 
 
 class MTPLayer(nn.Module):
@@ -22,7 +22,7 @@ class MTPLayer(nn.Module):
         D, eps = config.hidden_size, config.rms_norm_eps
         self.enorm = RMSNorm(D, eps)
         self.hnorm = RMSNorm(D, eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D)
         self.input_layernorm = RMSNorm(D, eps)
         # cache slot after the main layers
         self.self_attn = Attention(config, config.num_hidden_layers + k, swa=True)
