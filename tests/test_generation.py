@@ -53,10 +53,11 @@ def test_cache_layout_ring_is_exactly_the_window():
     c = MiMoConfig.preset("tiny")
     cache = KVCache(c, 2, 100, dtype=torch.float32)
     for i in range(c.num_hidden_layers):
-        n = cache.k[i].shape[2]
-        assert n == (c.sliding_window if c.is_swa(i) else 100)
+        slots = cache.layer_slots(i)
+        assert slots.k.shape[1] == (c.sliding_window if c.is_swa(i) else 100)
+        assert slots.ring == c.is_swa(i)
     spec = KVCache(c, 1, 100, num_mtp=2, slack=4)
-    assert spec.k[c.num_hidden_layers].shape[2] == c.sliding_window + 4
+    assert spec.layer_slots(c.num_hidden_layers).k.shape[1] == c.sliding_window + 4
 
 
 def test_bytes_report_flash_is_the_real_allocation():

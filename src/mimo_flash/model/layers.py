@@ -11,15 +11,16 @@ from ..ops.linear import linear
 
 
 class Linear(nn.Linear):
-    """A projection without bias, weight [out, in]; its product runs through ops.linear (backend chosen by
-    options().linear, e.g. the fp32 reduction of one-row decode steps)."""
+    """A projection without bias, weight [out, in]; its product runs through ops.linear. backend "auto" takes
+    options().linear (e.g. the fp32 reduction of one-row decode steps); another name fixes it."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, backend: str = "auto") -> None:
         super().__init__(in_features, out_features, bias=False)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]"""
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.backend)
 
 
 class RMSNorm(nn.Module):
