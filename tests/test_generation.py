@@ -59,6 +59,23 @@ def test_cache_layout_ring_is_exactly_the_window():
     assert spec.layer_slots(c.num_hidden_layers).k.shape[1] == c.sliding_window + 4
 
 
+def test_one_token_tables_rule_is_what_step_does():
+    """KVCache.one_token_tables: the rule its docstring gives (what the Triton step's table kernel applies) leaves
+    the tables exactly as step() does for one valid token of a single row, the ring wrapping included."""
+    c = MiMoConfig.preset("tiny")
+    by_step, by_rule = KVCache(c, 1, 64, dtype=torch.float32), KVCache(c, 1, 64, dtype=torch.float32)
+    for p in range(c.sliding_window + 5):  # past the ring's end
+        by_step.step(MAIN, torch.tensor([[p]]), None, p + 1)
+        tab = by_rule.one_token_tables()
+        assert tab.ring == by_rule.ring_size()
+        tab.full_valid[p] = True
+        tab.ring_valid[p % tab.ring] = True
+        tab.ring_pos[p % tab.ring] = p
+        for i in range(c.num_hidden_layers):
+            a, b = by_rule.layer_slots(i), by_step.layer_slots(i)
+            assert torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos), (p, i)
+
+
 def test_bytes_report_flash_is_the_real_allocation():
     c = MiMoConfig.preset("flash")
     full = [i for i in range(48) if not c.is_swa(i)]

@@ -24,14 +24,14 @@ THE CONTRACT (the only way anything outside this file touches a cache; its tenso
         model/attention.py: attention over what update() returned (decode-shaped kernels)
     cache.rollback(lengths, group) / cache.reset()
         speculative decoding (rejected drafts) / a new generate() call
-    cache.layer_slots(layer_idx, row) -> LayerSlots
+    cache.layers() -> [layer_idx, ...]; cache.layer_slots(layer_idx, row) -> LayerSlots
         the batch-1 Triton step: one row's buffers of one layer, in place (keys, values, slot positions and
         validity, ring or not)
     cache.one_token_tables(row) -> OneTokenTables
         the batch-1 Triton step's table kernel: the tensors that a one-token step of `row` at position p
         updates, and the rule it must apply to them (the one-token, all-valid case of step()):
             full_valid[p] = True; ring_valid[p % ring] = True; ring_pos[p % ring] = p
-        (tests/test_triton_decode.py checks the kernel against step())
+        (tests/test_generation.py checks the rule against step(), tests/test_triton_decode.py the kernel)
     sizes: B (rows), S (max_length), R / ring_size() (ring slots), slack, device, dtype, nbytes()
 
 Two ways to attend in a ring, chosen per step:
