@@ -165,8 +165,8 @@ def graph_report(model, B: int) -> str:
     return "\n".join(lines)
 
 
-def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
-    """Logits of the batch-1 graphed decode step (fused projections, tuned compile: the runner that
+def check_graphed_step(model, ids, new: int, steps: int = 4) -> dict:
+    """Logits of the batch-1 graphed decode step (Triton step or compiled step: the runner that
     generate() then reuses) vs the eager Runner, over `steps` steps fed the same tokens. bf16: ~1e-2."""
     from mimo_flash.generation import KVCache
     from mimo_flash.generation.engine import _make_runner, prefill  # the runner generate() would build
@@ -319,16 +319,16 @@ def main(argv=None) -> int:
     if args.device == "cuda" and 1 in args.batch:
         try:
             ids1 = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-            chk = check_fused_step(model, ids1.to(args.device), args.new)
+            chk = check_graphed_step(model, ids1.to(args.device), args.new)
             ok = chk["max_rel_err"] < 3e-2
             log(f"check: batch-1 graphed step (triton={chk['triton']}, tune={chk['tune']}) vs eager logits: "
                 f"max rel err {chk['max_rel_err']:.2e} over 4 steps -> {'OK' if ok else 'MISMATCH'}"
                 + (f"; notes: {chk['notes']}" if chk["notes"] else ""))
-            results["fused_check"] = dict(chk, ok=ok)
+            results["graphed_check"] = dict(chk, ok=ok)
         except Exception as e:
-            log(f"check of the fused step failed: {type(e).__name__}: {str(e)[:400]}")
+            log(f"check of the graphed step failed: {type(e).__name__}: {str(e)[:400]}")
             traceback.print_exc(limit=4)
-            results["fused_check"] = dict(error=f"{type(e).__name__}: {e}")
+            results["graphed_check"] = dict(error=f"{type(e).__name__}: {e}")
     for B in args.batch:
         ids = torch.randint(0, config.vocab_size, (B, args.prompt), generator=g).to(args.device)
         ref = None
@@ -463,8 +463,8 @@ def main(argv=None) -> int:
     if before is not None:
         print(f"batch 1 K=0 before (compiled step, no Triton step): {before['decode_tok_s']:.0f} tok/s, "
               f"{before['bandwidth'] / 1e12:.2f} TB/s = {before['bandwidth'] / bw:.0%}")
-    if "fused_check" in results:
-        print(f"fused-step check: {results['fused_check']}")
+    if "graphed_check" in results:
+        print(f"graphed-step check: {results['fused_check']}")
     return 0
 
 

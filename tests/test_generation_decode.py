@@ -191,3 +191,28 @@ def test_tuning_failure_falls_back_to_the_plain_compile(monkeypatch):
         out = r._run(("main", 1, 1, 64, True, "all"), lambda x: x + 1, dict(x=torch.zeros(1)), rows=1)
     assert tried == [True, False] and not r.tune and torch.equal(out, torch.ones(1))
     assert "tuning broke" in r.notes[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_decode_step_matches_eager_on_gpu(rows):
+    """The compiled, captured decode step on CUDA (fp32; Triton step off: it is bf16-only and tested in
+    test_triton_decode.py) against the eager step, for one row (reduction products) and several."""
+    model = tiny_model(vocab_size=64).cuda()
+    cfg, P, S = model.config, 10, 128
+    ids = torch.randint(0, 64, (rows, P), generator=torch.Generator().manual_seed(21)).cuda()
+    with override(decode_triton="off"):
+        graphed = GraphRunner(model, KVCache(cfg, rows, S, device="cuda", dtype=model.dtype, slack=15), S,
+                              compile=True)
+    eager = Runner(model, KVCache(cfg, rows, S, device="cuda", dtype=model.dtype, slack=15), S)
+    with torch.no_grad():
+        lg, _ = prefill(eager, ids, None, 8, keep_hidden=False)
+        prefill(graphed, ids, None, 8, keep_hidden=False)
+        tok = lg.argmax(-1)
+        for i in range(8):
+            pos = torch.full((rows, 1), P + i, device="cuda", dtype=torch.long)
+            a, _ = graphed.main(tok[:, None], pos, None, P + i + 1, graph=True)
+            b, _ = eager.main(tok[:, None], pos, None, P + i + 1)
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+            tok = b[:, -1].argmax(-1)
+    assert not graphed.notes and len(graphed.graphs) == 1 and not graphed.triton
