@@ -464,7 +464,7 @@ def main(argv=None) -> int:
         print(f"batch 1 K=0 before (compiled step, no Triton step): {before['decode_tok_s']:.0f} tok/s, "
               f"{before['bandwidth'] / 1e12:.2f} TB/s = {before['bandwidth'] / bw:.0%}")
     if "graphed_check" in results:
-        print(f"graphed-step check: {results['fused_check']}")
+        print(f"graphed-step check: {results['graphed_check']}")
     return 0
 
 
