@@ -46,11 +46,13 @@ class TritonStepTuning:
 
 
 def _check_types(obj) -> None:
-    kinds = {"bool": bool, "str": str, "int": int, "TritonStepTuning": TritonStepTuning}
+    kinds = {"bool": bool, "str": str, "int": int, "float": (int, float), "TritonStepTuning": TritonStepTuning}
     for f in dataclasses.fields(obj):
-        v, want = getattr(obj, f.name), kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+        v, want = getattr(obj, f.name), kinds.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        if want is None:
+            continue
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise TypeError(f"option {f.name} must be a {want.__name__}, got {v!r}")
+            raise TypeError(f"option {f.name} must be a {f.type}, got {v!r}")
 
 
 @dataclass(frozen=True)
