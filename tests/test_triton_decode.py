@@ -42,11 +42,11 @@ for overrides, slack, P, chunk in cases:
     S = 256  # full layers: 4 key splits per kv head
     ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(5))
     eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
-    fused = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
+    stepped = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)  # its cache: the Triton step's
     with torch.no_grad():
         lg, _ = prefill(eager, ids, None, chunk, keep_hidden=False)
-        prefill(fused, ids, None, chunk, keep_hidden=False)
-        step = triton_step.TritonStep(model, fused.cache, fused.rope_tables)
+        prefill(stepped, ids, None, chunk, keep_hidden=False)
+        step = triton_step.TritonStep(model, stepped.cache, stepped.rope_tables)
         tok = lg.argmax(-1)
         for i in range(10):
             pos = torch.full((1, 1), P + i, dtype=torch.long)
@@ -57,9 +57,9 @@ for overrides, slack, P, chunk in cases:
             assert torch.equal(step.token, a[:, -1].argmax(-1))  # the lm_head kernel's greedy token
             tok = b[:, -1].argmax(-1)
     # the cache after the Triton steps (its table kernel applies the cache's one-token rule) = after step()
-    assert eager.cache.layers() == fused.cache.layers()
+    assert eager.cache.layers() == stepped.cache.layers()
     for i in eager.cache.layers():
-        a, b = fused.cache.layer_slots(i), eager.cache.layer_slots(i)
+        a, b = stepped.cache.layer_slots(i), eager.cache.layer_slots(i)
         torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-6)
         assert torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos) and a.ring == b.ring
