@@ -255,7 +255,7 @@ def save_pretrained(model, path: str | os.PathLike, dtype=None, fp8: bool = Fals
         state.pop("lm_head.weight", None)
     tensors = []
     for name, t in state.items():
-        for key, idx in layout_parts(name, t.shape, layout):
+        for key, idx in layout_parts(name, t.shape, layout, model.config):
             v = (t if idx is None else t[idx]).detach()
             tensors.append(OutTensor(key, tuple(v.shape), v.dtype, read=lambda dt, v=v: v.to("cpu", dt)))
     config = model.config.replace(torch_dtype=str(cast or model.dtype).removeprefix("torch."),
@@ -294,7 +294,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype=Non
         for name, (shape, sources) in plan.tensors.items():
             meta = torch.empty(shape, device="meta")
             by_key = {s.key: s for s in sources}
-            for key, idx in layout_parts(name, torch.Size(shape), layout):
+            for key, idx in layout_parts(name, torch.Size(shape), layout, plan.config):
                 if len(sources) == 1 and sources[0].dst is None:  # one checkpoint tensor holds all of ours
                     reads = [(sources[0].key, idx, None)]
                 elif idx is None:  # assemble ours from its parts

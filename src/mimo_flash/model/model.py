@@ -12,7 +12,7 @@ from ..config import MiMoConfig
 from ..ops.attention import AttnMeta
 from ..ops.norm import add_rms_norm
 from .attention import Attention
-from .layers import MLP, RMSNorm, rope_cos_sin
+from .layers import MLP, Linear, RMSNorm, rope_cos_sin
 from .loss import head_loss
 from .moe import MoE, Experts, Router
 from .mtp import MTPLayer
@@ -125,7 +125,8 @@ class MiMoForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MiMoModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # a GEMM even in one-row decode steps: a vocabulary-sized product is bandwidth-bound as it is
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, backend="gemm")
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
@@ -172,9 +173,8 @@ class MiMoForCausalLM(nn.Module):
         """
         layer = self.model.mtp.layers[k]
         rope = (ropes if ropes is not None else self.model.ropes(meta.q_pos, h_prev.dtype))[True]
-        h = layer(self.model.embed_tokens(token_ids), h_prev, rope, meta, cache)
-        hl = h[:, -logits_to_keep:] if logits_to_keep else h
-        return self.lm_head(layer.final_layernorm(hl)), h
+        h, normed = layer(self.model.embed_tokens(token_ids), h_prev, rope, meta, cache, keep=logits_to_keep)
+        return self.lm_head(normed), h
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,

@@ -9,7 +9,12 @@ Expert backends:
                   runs wherever torch._grouped_mm does, CPU included in recent torch).
     "grouped"   - grouped_mm on CUDA when the tensors allow it (grouped_mm_supported), else the same
                   permutation and a loop over the sorted segments.
-    "auto"      - grouped.
+    "decode"    - no sort and no host sync (CUDA-graph safe): each chosen expert's weights read directly for a
+                  few tokens, every expert on every token for many (experts_decode).
+    "auto"      - the backend options().experts names ("auto" there: grouped).
+
+Router backends (options().router): "decode" computes route()'s selection as fusible reductions (route_decode,
+for traced decode steps, one expert group); otherwise the Triton kernel on CUDA where it applies, else route().
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from .compiled import acc, cuda_compiled, triton_for
 from .swiglu import swiglu_weighted
+from ..options import options
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -77,12 +83,38 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
     logits still the fp32 product; the chosen set equals route()'s up to exact ties of score + bias.
     """
     E = weight.shape[0]
+    if options().router == "decode" and n_group == 1:
+        return route_decode(x, weight, bias, top_k, norm_topk_prob, scaling, count)
     tk = triton_for(x, "router")
     if tk is not None and n_group == 1 and tk.router_supported(x, E, top_k):
         idx, w, counts = tk.route(x, weight, bias, top_k, norm_topk_prob, scaling, count)
         return idx, w, counts if count else None
     idx, w, _ = route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
     return idx, w, expert_counts(idx.detach(), E) if count else None
+
+
+def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                 scaling: float, count: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The router for traced decode steps (one expert group): route()'s selection and weights, written as
+    fusible reductions instead of a GEMV call plus a top-k kernel.
+
+    x [N, D], weight [E, D], bias [E] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count
+    else None), as router(). The top-k comes from ranks: expert e is picked when fewer than k experts beat it
+    (higher score, or equal score and lower index).
+    """
+    scores = (x.float()[:, None, :] * weight.float()).sum(-1).sigmoid()  # [N, E]
+    choice = scores + bias.float()
+    E = choice.shape[-1]
+    ar = torch.arange(E, device=x.device)
+    beats = (choice[:, None, :] > choice[:, :, None]) | (
+        (choice[:, None, :] == choice[:, :, None]) & (ar[None, None, :] < ar[None, :, None]))  # [N, e, e']
+    rank = beats.sum(-1)  # [N, E]: experts ahead of e
+    onehot = rank[:, :, None] == torch.arange(top_k, device=x.device)  # [N, E, k]
+    idx = (onehot * ar[None, :, None]).sum(1)  # [N, k], best first
+    w = scores.gather(1, idx)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return idx, w * scaling, expert_counts(idx, E) if count else None
 
 
 def _expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -237,12 +269,47 @@ def experts_grouped(x, idx, w, gate_up, down):
     return out
 
 
+def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """Expert compute for a few tokens without sorting or host syncs (CUDA-graph safe).
+
+    x [N, D], idx [N, k], w [N, k] fp32, gate_up [E, 2I, D], down [E, D, I] -> [N, D].
+    When N * k <= E / 2 each (token, slot) pair reads its expert's weights directly (batch-1 decode reads
+    only the chosen experts); otherwise every expert runs on every token and the routing weights (zero
+    for experts not chosen) combine them (large batches touch every expert anyway).
+    """
+    N, k = idx.shape
+    E = gate_up.shape[0]
+    if N * k * 2 <= E:
+        flat = idx.reshape(-1)
+        xk = x[:, None, :].expand(N, k, x.shape[-1]).reshape(N * k, -1)
+        if torch.compiler.is_compiling():  # a fused gather-multiply-reduce: each chosen weight read once
+            h = (gate_up[flat].float() * xk[:, None, :].float()).sum(-1).to(x.dtype)
+            gate, up = h.chunk(2, dim=-1)
+            a = (F.silu(gate.float()) * up.float()).to(x.dtype)
+            y = (down[flat].float() * a[:, None, :].float()).sum(-1)
+        else:
+            h = torch.bmm(gate_up[flat], xk[:, :, None])[..., 0]
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+            y = torch.bmm(down[flat], a[:, :, None])[..., 0].float()
+        y = y.to(x.dtype).float().view(N, k, -1)
+        return (y * w[..., None]).sum(1).to(x.dtype)
+    h = torch.matmul(x[None], gate_up.transpose(1, 2))  # [E, N, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    y = torch.matmul(F.silu(gate) * up, down.transpose(1, 2))  # [E, N, D]
+    wd = torch.zeros(N, E, device=x.device, dtype=torch.float32).scatter(1, idx, w.float())
+    return (y.float() * wd.t()[..., None]).sum(0).to(x.dtype)
+
+
 EXPERT_BACKENDS = {"reference": experts_reference, "grouped": experts_grouped, "grouped_mm": experts_grouped_mm,
-                   "auto": experts_grouped}
+                   "decode": experts_decode, "auto": experts_grouped}
 
 
 def experts(x, idx, w, gate_up, down, backend: str = "auto") -> torch.Tensor:
-    """Dispatch; see experts_reference for shapes."""
+    """Dispatch; see experts_reference for shapes. backend "auto" defers to options().experts."""
+    if backend == "auto":
+        backend = options().experts
     try:
         fn = EXPERT_BACKENDS[backend]
     except KeyError:
