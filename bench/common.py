@@ -134,10 +134,18 @@ def transformers_config(config: MiMoConfig):
     return tc
 
 
-def transformers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> transformers' names (sinks renamed, MTP dropped)."""
-    return {k.replace("self_attn.attention_sink_bias", "self_attn.sinks"): v
-            for k, v in state.items() if not k.startswith("model.mtp.")}
+def transformers_state(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Our state dict -> transformers' layout (checkpoint/names.py: q/k/v and gate/up split into views, sinks
+    renamed), MTP dropped. config: the model's MiMoConfig (the q/k/v row counts)."""
+    from mimo_flash.checkpoint.names import layout_parts
+
+    out = {}
+    for name, t in state.items():
+        if name.startswith("model.mtp."):
+            continue
+        for key, idx in layout_parts(name, t.shape, "transformers", config):
+            out[key] = t if idx is None else t[idx]
+    return out
 
 
 # ----------------------------------------------------------------------------------------- output

@@ -165,11 +165,11 @@ def graph_report(model, B: int) -> str:
     return "\n".join(lines)
 
 
-def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
-    """Logits of the batch-1 graphed decode step (fused projections, tuned compile: the runner that
+def check_graphed_step(model, ids, new: int, steps: int = 4) -> dict:
+    """Logits of the batch-1 graphed decode step (Triton step or compiled step: the runner that
     generate() then reuses) vs the eager Runner, over `steps` steps fed the same tokens. bf16: ~1e-2."""
     from mimo_flash.generation import KVCache
-    from mimo_flash.generation.engine import _make_runner, prefill
+    from mimo_flash.generation.engine import _make_runner, prefill  # the runner generate() would build
     from mimo_flash.generation.runner import Runner
 
     B, P = ids.shape
@@ -192,26 +192,39 @@ def check_fused_step(model, ids, new: int, steps: int = 4) -> dict:
             assert torch.isfinite(a).all()
             tok = b[:, -1].argmax(-1)
     gr.cache.reset()
-    return dict(max_rel_err=max(errs), fuse=gr.fuse, tune=gr.tune, triton=gr.triton, notes=list(gr.notes))
+    return dict(max_rel_err=max(errs), tune=gr.tune, triton=gr.triton, notes=list(gr.notes))
+
+
+def sweep_settings(cfg: dict) -> dict:
+    """A sweep config -> override() arguments: option names (decode_prefetch, decode_pdl, ...) as they are,
+    field names of options.TritonStepTuning (tile, max_k, down_early, ...) into the triton_step option."""
+    import dataclasses
+
+    from mimo_flash.options import Options, options
+
+    opt_names = {f.name for f in dataclasses.fields(Options)}
+    tuning = {k: v for k, v in cfg.items() if k not in opt_names}
+    out = {k: v for k, v in cfg.items() if k in opt_names}
+    if tuning:
+        out["triton_step"] = dataclasses.replace(options().triton_step, **tuning)  # unknown names: TypeError
+    return out
 
 
 def sweep_triton_step(model, ids, new: int, configs: list[dict]) -> list[dict]:
-    """For each config (module attributes of generation/triton_step.py to set): replay time of the batch-1
+    """For each config (sweep_settings: option names and TritonStepTuning fields): replay time of the batch-1
     greedy step's graph (Triton step) and, without PDL (where kernel times do not overlap), each kernel's
     average time in it."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mimo_flash.generation import triton_step
     from mimo_flash.generation.engine import _RUNNERS
+    from mimo_flash.options import override
 
     rows = []
     for cfg in configs:
-        old = {k: getattr(triton_step, k) for k in cfg}
         try:
-            for k, v in cfg.items():
-                setattr(triton_step, k, v)
             _RUNNERS.pop(model, None)
-            generate(model, ids, max_new_tokens=new, compile=True, eos_token_id=[])
+            with override(**sweep_settings(cfg)):  # read when the runner builds its Triton step
+                generate(model, ids, max_new_tokens=new, compile=True, eos_token_id=[])
             runner = next(iter(_RUNNERS[model].values()))
             for gkey, (g, _, _) in runner.graphs.items():
                 if gkey[0] != "greedy":
@@ -233,8 +246,6 @@ def sweep_triton_step(model, ids, new: int, configs: list[dict]) -> list[dict]:
                 log(f"sweep: {cfg}: {row['us']:.0f} us per step" + ("; per kernel (calls x avg us): " + ", ".join(
                     f"{n} {v['calls']}x{v['avg_us']}" for n, v in row["kernels"].items()) if "kernels" in row else ""))
         finally:
-            for k, v in old.items():
-                setattr(triton_step, k, v)
             _RUNNERS.pop(model, None)
     return rows
 
@@ -260,9 +271,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-report", action="store_true")
     ap.add_argument("--before", action="store_true",
                     help="also time batch 1 K=0 without the Triton step (the torch.compile'd step)")
-    ap.add_argument("--sweep", nargs="?", const="[{}, {\"PREFETCH\": false}, {\"PDL\": false}]", default=None,
-                    help="time the batch-1 Triton step's graph under settings of generation/triton_step.py: a JSON "
-                         "list of dicts of its module attributes (default: as is, no prefetch, no PDL)")
+    ap.add_argument("--sweep", nargs="?", const="[{}, {\"decode_prefetch\": false}, {\"decode_pdl\": false}]",
+                    default=None,
+                    help="time the batch-1 Triton step's graph under other settings: a JSON list of dicts of option "
+                         "names (decode_prefetch, decode_pdl) and options.TritonStepTuning fields (tile, max_k, "
+                         "down_early, ...) (default: as is, no prefetch, no PDL)")
     ap.add_argument("--device", default="cuda", help="cpu only to check this script (tiny sizes)")
     args = ap.parse_args(argv)
     if args.cache_report:
@@ -306,16 +319,16 @@ def main(argv=None) -> int:
     if args.device == "cuda" and 1 in args.batch:
         try:
             ids1 = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-            chk = check_fused_step(model, ids1.to(args.device), args.new)
+            chk = check_graphed_step(model, ids1.to(args.device), args.new)
             ok = chk["max_rel_err"] < 3e-2
-            log(f"check: batch-1 graphed step (triton={chk['triton']}, fuse={chk['fuse']}) vs eager logits: "
+            log(f"check: batch-1 graphed step (triton={chk['triton']}, tune={chk['tune']}) vs eager logits: "
                 f"max rel err {chk['max_rel_err']:.2e} over 4 steps -> {'OK' if ok else 'MISMATCH'}"
                 + (f"; notes: {chk['notes']}" if chk["notes"] else ""))
-            results["fused_check"] = dict(chk, ok=ok)
+            results["graphed_check"] = dict(chk, ok=ok)
         except Exception as e:
-            log(f"check of the fused step failed: {type(e).__name__}: {str(e)[:400]}")
+            log(f"check of the graphed step failed: {type(e).__name__}: {str(e)[:400]}")
             traceback.print_exc(limit=4)
-            results["fused_check"] = dict(error=f"{type(e).__name__}: {e}")
+            results["graphed_check"] = dict(error=f"{type(e).__name__}: {e}")
     for B in args.batch:
         ids = torch.randint(0, config.vocab_size, (B, args.prompt), generator=g).to(args.device)
         ref = None
@@ -347,10 +360,10 @@ def main(argv=None) -> int:
                 row["same_tokens_as_plain"] = agree(toks, ref, args.prompt)
                 row["step_ms"] = r["decode_s"] / max(r["steps"], 1) * 1e3
                 if B == 1 and time.perf_counter() - T0 < args.budget_s:
-                    from mimo_flash.generation import speculative as spec_mod
-                    spec_mod.SPEC_GRAPH = False
+                    from mimo_flash.options import override
                     try:
-                        rb = time_ours(model, ids, args.new, K, compile)
+                        with override(spec_graph=False):
+                            rb = time_ours(model, ids, args.new, K, compile)
                         row["step_ms_before"] = rb["decode_s"] / max(rb["steps"], 1) * 1e3
                         row["decode_tok_s_before"] = rb["decode_tok_s"]
                         row["same_tokens_as_step_by_step"] = bool(torch.equal(rb["tokens"], toks))
@@ -359,8 +372,6 @@ def main(argv=None) -> int:
                             f"same tokens: {row['same_tokens_as_step_by_step']}")
                     except Exception as e:
                         log(f"step-by-step comparison failed: {type(e).__name__}: {str(e)[:300]}")
-                    finally:
-                        spec_mod.SPEC_GRAPH = True
             log(f"ours  B={B} K={K}: decode {row['decode_tok_s']:.0f} tok/s, e2e {row['e2e_tok_s']:.0f} tok/s, "
                 f"prefill {row['prefill_s'] * 1e3:.0f} ms, first call {row['first_call_s']:.1f} s"
                 + (f", acceptance length {row['acceptance_length']:.2f}" if K else "")
@@ -380,9 +391,7 @@ def main(argv=None) -> int:
                 row["ratio_decode"] = row["decode_tok_s"] / tf_row["decode_tok_s"]
                 row["ratio_e2e"] = row["e2e_tok_s"] / tf_row["e2e_tok_s"]
             from mimo_flash.generation.engine import _RUNNERS
-            notes = [n for rn in _RUNNERS.get(model, {}).values() for n in getattr(rn, "notes", [])]
-            notes += [getattr(rn, a) for rn in _RUNNERS.get(model, {}).values()
-                      for a in ("spec_graph_failed", "greedy_graph_failed") if getattr(rn, a, None)]
+            notes = [n for rn in _RUNNERS.get(model, {}).values() for n in rn.notes]
             if notes:
                 row["fallbacks"] = sorted(set(notes))
                 log(f"fallbacks: {row['fallbacks']}")
@@ -402,11 +411,12 @@ def main(argv=None) -> int:
     before = None
     if args.device == "cuda" and args.before and 1 in args.batch and time.perf_counter() - T0 < args.budget_s:
         from mimo_flash.generation.engine import _RUNNERS
+        from mimo_flash.options import override
         _RUNNERS.pop(model, None)
-        os.environ["MIMO_FLASH_DECODE_TRITON"] = "0"
         try:
             ids = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-            before = time_ours(model, ids.to(args.device), args.new, 0, not args.no_compile)
+            with override(decode_triton="off"):
+                before = time_ours(model, ids.to(args.device), args.new, 0, not args.no_compile)
             before.pop("tokens")
             S = -(-(args.prompt + args.new + 2) // 64) * 64
             before["bandwidth"] = step_bytes(model, 1, S, args.prompt + args.new // 2) / (before["decode_s"] / (args.new - 1))
@@ -417,7 +427,6 @@ def main(argv=None) -> int:
         except Exception as e:
             log(f"before pass failed: {type(e).__name__}: {str(e)[:300]}")
         finally:
-            os.environ.pop("MIMO_FLASH_DECODE_TRITON")
             _RUNNERS.pop(model, None)
     if args.device == "cuda" and args.sweep and 1 in args.batch and time.perf_counter() - T0 < args.budget_s:
         try:
@@ -454,8 +463,8 @@ def main(argv=None) -> int:
     if before is not None:
         print(f"batch 1 K=0 before (compiled step, no Triton step): {before['decode_tok_s']:.0f} tok/s, "
               f"{before['bandwidth'] / 1e12:.2f} TB/s = {before['bandwidth'] / bw:.0%}")
-    if "fused_check" in results:
-        print(f"fused-step check: {results['fused_check']}")
+    if "graphed_check" in results:
+        print(f"graphed-step check: {results['graphed_check']}")
     return 0
 
 

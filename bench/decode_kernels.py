@@ -1,4 +1,4 @@
-"""Block shapes of the batch-1 decode kernels (ops/decode_kernels.py), timed one kernel at a time on the GPU.
+"""Block shapes of the batch-1 decode kernels (generation/kernels.py), timed one kernel at a time on the GPU.
 
     python bench/decode_kernels.py
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mimo_flash.ops import decode_kernels as dk  # noqa: E402
+from mimo_flash.generation import kernels as dk  # noqa: E402
 
 
 def timed(fn, reps: int = 20) -> float:

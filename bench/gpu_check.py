@@ -21,8 +21,7 @@ import torch
 
 from common import attention_pairs, fmt, hardware_limits, header, table, time_ms
 
-from mimo_flash.ops.attention import AttnMeta
-from mimo_flash.ops.attention_fast import attention_cudnn, attention_flex, attention_triton
+from mimo_flash.ops.attention import AttnMeta, attention_cudnn, attention_flex, attention_triton
 from mimo_flash.ops.moe import experts, route
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +104,7 @@ def swa_sweep() -> None:
     defaults; each setting's outputs and gradients checked against the defaults'."""
     import itertools
 
-    from mimo_flash.ops import triton_kernels as tk
+    from mimo_flash.ops.kernels import swa_attention as tk
     B, H, Hkv, T, W = 4, 16, 8, 4096, 129
     g = torch.Generator(device="cuda").manual_seed(0)
     # [B, H, T, d] views of [B, T, H, d] tensors, as the model passes them
@@ -159,8 +158,8 @@ def swa_rope_sweep() -> None:
     dims, V 128, window 129, sink): fwd and fwd+bwd ms, the backward kernels' tile settings varied one at a time."""
     import itertools
 
-    from mimo_flash.ops import fused
-    from mimo_flash.ops import triton_kernels as tk
+    from mimo_flash.ops.kernels import swa_attention as tk
+    from mimo_flash.ops.rope import rope_qkv
     B, H, Hkv, T, W, D, Dv, R = 4, 16, 8, 4096, 129, 192, 128, 64
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(B, T, H * D + Hkv * (D + Dv), device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -171,7 +170,7 @@ def swa_rope_sweep() -> None:
     dims = (H, Hkv, D, Dv, 0.7)
 
     def unfused():
-        q, k, v = (t.transpose(1, 2) for t in fused.rope_qkv(qkv, cos, sin, *dims))
+        q, k, v = (t.transpose(1, 2) for t in rope_qkv(qkv, cos, sin, *dims))
         return tk.banded_swa(q, k, v, None, None, D ** -0.5, W, s)
 
     def inside():
@@ -273,7 +272,7 @@ def norm_sweep() -> None:
     against the default's."""
     import triton
 
-    from mimo_flash.ops import triton_kernels as tk
+    from mimo_flash.ops.kernels import norm as tk
     g = torch.Generator(device="cuda").manual_seed(0)
     N, D = 16384, 1024
     h, gh, go = (torch.randn(N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))

@@ -21,7 +21,9 @@ import torch
 from train_step import build_ours
 
 from mimo_flash import MiMoConfig
-from mimo_flash.ops import fused
+from mimo_flash.ops.compiled import kernels
+from mimo_flash.ops.norm import rms_norm
+from mimo_flash.ops.swiglu import silu_mul
 
 
 def host_ms(fn, n: int = 20) -> float:
@@ -64,17 +66,17 @@ def main() -> None:
     x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
     idx = torch.randint(0, 4096, (4096,), device="cuda")
-    tk = fused.triton_kernels()
+    tk = kernels("moe")
     print(f"per call, host: Triton gather_sum {host_ms(lambda: tk.gather_sum(x, idx, 1)) * 1e3:.1f} us, "
-          f"rms_norm (autograd function + Triton) {host_ms(lambda: fused.rms_norm(x, w, 1e-6)) * 1e3:.1f} us, "
-          f"compiled silu_mul {host_ms(lambda: fused.silu_mul(x, x)) * 1e3:.1f} us, "
+          f"rms_norm (autograd function + Triton) {host_ms(lambda: rms_norm(x, w, 1e-6)) * 1e3:.1f} us, "
+          f"compiled silu_mul {host_ms(lambda: silu_mul(x, x)) * 1e3:.1f} us, "
           f"aten add {host_ms(lambda: x + x) * 1e3:.1f} us")
     out_ = torch.empty_like(x)
-    kern = tk._gather_sum_kernel  # the same launch through Triton's own path and through ops' _Launcher
+    kern = tk._gather_sum_kernel  # the same launch through Triton's own path and through ops/kernels/launch.py's Launcher
     raw = getattr(kern, "fn", kern)
     print(f"one gather_sum kernel launch, host: Triton's path "
           f"{host_ms(lambda: raw[(4096, 1)](x, idx, out_, 1024, K=1, BLOCK_D=1024, num_warps=4)) * 1e3:.1f} us, "
-          f"triton_kernels' launcher {host_ms(lambda: kern[(4096, 1)](x, idx, out_, 1024, K=1, BLOCK_D=1024, num_warps=4)) * 1e3:.1f} us")
+          f"ops' Launcher {host_ms(lambda: kern[(4096, 1)](x, idx, out_, 1024, K=1, BLOCK_D=1024, num_warps=4)) * 1e3:.1f} us")
     model.zero_grad(set_to_none=True)
     prof = cProfile.Profile()  # the forward only: the backward's Python runs in autograd's own thread
     prof.enable()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from common import fmt, hardware_limits, header, layer_flops, oom_safe, table, time_ms, transformers_config
+from common import (fmt, hardware_limits, header, layer_flops, oom_safe, table, time_ms, transformers_config,
+                    transformers_state)
 
 from mimo_flash import MiMoConfig
 from mimo_flash.model.layers import rope_cos_sin
@@ -53,9 +54,9 @@ def transformers_layer(config: MiMoConfig, ours: torch.nn.Module, idx: int):
     with torch.device("meta"):
         model = MiMoV2FlashForCausalLM(tc)
     layer = model.model.layers[idx]
-    state = {k.replace("self_attn.attention_sink_bias", "self_attn.sinks"): v
-             for k, v in ours.state_dict(keep_vars=True).items()}
-    layer.load_state_dict(state, strict=True, assign=True)
+    prefix = f"model.layers.{idx}."  # transformers' names of this layer's tensors, views of ours (no copy)
+    state = transformers_state({prefix + k: v for k, v in ours.state_dict(keep_vars=True).items()}, config)
+    layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)
     return layer, tc
 
 

@@ -75,7 +75,7 @@ def fp8_bytes(config: MiMoConfig) -> int:
     with torch.device("meta"):
         state = MiMoForCausalLM(config).state_dict()
     total = 0
-    for k, t in to_hub(state):
+    for k, t in to_hub(state, config):
         n = t.numel()
         total += n * (1 if is_quantized(k) else 4 if is_fp32(k) else 2)
     return total
@@ -124,7 +124,7 @@ def main() -> int:
     config = bench_config(args.size_gb)
     fp8_size = fp8_bytes(config)
     with torch.device("meta"):
-        model_bytes = sum(t.numel() * (4 if is_fp32(k) else 2) for k, t in to_hub(MiMoForCausalLM(config).state_dict()))
+        model_bytes = sum(t.numel() * (4 if is_fp32(k) else 2) for k, t in to_hub(MiMoForCausalLM(config).state_dict(), config))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     need_disk = max(fp8_size if f == "fp8" else model_bytes for f in formats) * 1.1 + 1 * GB
     free = shutil.disk_usage(args.dir).free

@@ -49,7 +49,7 @@ def build_transformers(config: MiMoConfig, state: dict[str, torch.Tensor]):
     with torch.device("cuda"):
         model = MiMoV2FlashForCausalLM(tc)
     model = model.to(torch.bfloat16)
-    missing, unexpected = model.load_state_dict(transformers_state(state), strict=False)
+    missing, unexpected = model.load_state_dict(transformers_state(state, config), strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     return model.train(), tc
 
@@ -179,7 +179,7 @@ def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: i
     2 * iters timed."""
     from mimo_flash.training import TrainConfig, Trainer
     from mimo_flash.training.data import PackedRows
-    from mimo_flash.training.parallel import ParallelContext
+    from mimo_flash.distributed import ParallelContext
     model = build_ours(config)
     model.load_state_dict(state)
     B, T = ids.shape

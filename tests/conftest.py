@@ -75,21 +75,3 @@ def _one_thread():
 @pytest.fixture
 def tiny():
     return tiny_model()
-
-
-def graph_runner_on_cpu(monkeypatch, compile: bool = False, triton: bool = False) -> list:
-    """Make generate() build a GraphRunner on CPU (no CUDA graphs: the same step code, run directly); returns
-    the list of runners it made."""
-    from mimo_flash.generation import KVCache
-    from mimo_flash.generation import engine
-    from mimo_flash.generation.runner import GraphRunner
-
-    made = []
-
-    def make(model, B, S, K, cuda_graphs, compile_):
-        cache = KVCache(model.config, B, S, device=model.device, dtype=model.dtype, num_mtp=K, slack=2 * K)
-        made.append(GraphRunner(model, cache, S, compile=compile, triton=triton))
-        return made[-1]
-
-    monkeypatch.setattr(engine, "_make_runner", make)
-    return made

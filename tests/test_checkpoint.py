@@ -76,7 +76,7 @@ def test_hub_roundtrip_is_exact_and_uses_release_names(model, tmp_path):
     assert not any("gate_up_proj" in n or n.endswith("experts.down_proj") or "sinks" in n for n in names)
     # the hub tensors are exactly ours, split per expert
     on_disk = tensors_of(tmp_path / "ck")
-    ours = dict(to_hub(model.state_dict()))
+    ours = dict(to_hub(model.state_dict(), model.config))
     assert set(on_disk) == set(ours)
     for k, t in ours.items():
         assert torch.equal(on_disk[k], t), k
@@ -113,7 +113,7 @@ def test_transformers_layout_roundtrip(model, tmp_path):
 
 def test_single_file_path_and_mixed_layout(model, tmp_path):
     """A path to the .safetensors file works; a checkpoint mixing fused and per-expert tensors too."""
-    state = dict(to_hub(model.state_dict()))
+    state = dict(to_hub(model.state_dict(), model.config))
     fused = "model.layers.2.mlp.experts.gate_up_proj"
     for k in [k for k in state if k.startswith("model.layers.2.mlp.experts.") and "down" not in k]:
         del state[k]
@@ -181,7 +181,7 @@ def test_fp8_export_quantizes_exactly_the_release_tensors(model, tmp_path):
     assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                           "weight_block_size": [128, 128]}
     disk = tensors_of(tmp_path / "ck")
-    ours = dict(to_hub(model.state_dict()))
+    ours = dict(to_hub(model.state_dict(), model.config))
     fp8_names = {k for k, t in disk.items() if t.dtype == FP8}
     expected = {k for k in ours if any(p in k for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
                                                         "down_proj"))}
@@ -203,7 +203,7 @@ def test_fp8_export_quantizes_exactly_the_release_tensors(model, tmp_path):
                 assert s[i, j].item() == pytest.approx(amax.item() / 448, rel=1e-6), k
     back = MiMoForCausalLM.from_pretrained(tmp_path / "ck", dtype=F32)
     assert back.config.quantization_config is None
-    for k, t in dict(to_hub(back.state_dict())).items():
+    for k, t in dict(to_hub(back.state_dict(), back.config)).items():
         w = ours[k]
         if k in expected:
             grid = disk[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)
@@ -227,7 +227,7 @@ def test_load_synthetic_fp8_against_float64_reference(tmp_path, layout):
     assert len(flat.unique()) > 0.99 * len(flat)  # distinct per block (bar float coincidences)
     m = load_pretrained(tmp_path / "ck", dtype=F32)
     assert m.config.num_nextn_predict_layers == config.num_nextn_predict_layers
-    ours = dict(to_hub(m.state_dict()))
+    ours = dict(to_hub(m.state_dict(), m.config))
     checked = 0
     for k, t in ours.items():
         if layout == "transformers" and ".experts." in k:
@@ -262,8 +262,11 @@ def test_kproj_extra_scale_rows_one_warning(tmp_path):
     assert k0 + "_scale_inv" in msg and "model.layers.5.self_attn.k_proj.weight_scale_inv" in msg
     assert "model.layers.1.self_attn.k_proj" not in msg  # SWA layers have standard scales
     ref = reference_dequant(disk[k0], disk[k0 + "_scale_inv"][:3, :4], (16, 16))
-    assert torch.equal(m.model.layers[0].self_attn.k_proj.weight, ref.float())
-    assert m.model.layers[0].self_attn.k_proj.weight.abs().max() < 1  # the 1e6 extras were not used
+    d = config.attn_dims(False)
+    q = d["heads"] * d["qk_dim"]  # the k rows of the fused q/k/v weight follow the q rows
+    k_rows = m.model.layers[0].self_attn.qkv_proj.weight[q:q + d["kv_heads"] * d["qk_dim"]]
+    assert torch.equal(k_rows, ref.float())
+    assert k_rows.abs().max() < 1  # the 1e6 extras were not used
 
 
 # ------------------------------------------------------------------------------------------------- MTP
@@ -410,7 +413,7 @@ def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_pickle_refused_unless_allowed(model, tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
-    torch.save({k: v.clone() for k, v in to_hub(model.state_dict())}, ck / "pytorch_model.bin")
+    torch.save({k: v.clone() for k, v in to_hub(model.state_dict(), model.config)}, ck / "pytorch_model.bin")
     model.config.save_pretrained(ck)
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*allow_pickle=True"):
         load_pretrained(ck)

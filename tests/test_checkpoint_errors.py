@@ -24,7 +24,7 @@ def model() -> MiMoForCausalLM:
 
 @pytest.fixture
 def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone().contiguous() for k, v in to_hub(model.state_dict())}
+    return {k: v.clone().contiguous() for k, v in to_hub(model.state_dict(), model.config)}
 
 
 def write(path: Path, state: dict[str, torch.Tensor], config: MiMoConfig | dict) -> Path:
@@ -71,7 +71,7 @@ def test_unexpected_tensor_strict_and_not(model, state, tmp_path):
         load_pretrained(ck)
     with pytest.warns(CheckpointWarning, match=r"rotary_emb\.inv_freq.*ignored"):
         m = load_pretrained(ck, dtype=F32, strict=False)
-    assert torch.equal(m.model.layers[1].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(m.model.layers[1].self_attn.qkv_proj.weight, model.model.layers[1].self_attn.qkv_proj.weight)
 
 
 def test_wrong_shape(model, state, tmp_path):
@@ -153,7 +153,7 @@ def test_fp8_without_block_size_warns_and_assumes_128(model, state, tmp_path):
     state = fp8_state(state, block=128)
     with pytest.warns(CheckpointWarning, match="assuming 128x128"):
         m = load_pretrained(write(tmp_path / "ck", state, model.config), dtype=F32)
-    got, want = m.model.layers[1].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight
+    got, want = m.model.layers[1].self_attn.qkv_proj.weight, model.model.layers[1].self_attn.qkv_proj.weight
     assert ((got - want).abs() <= want.abs() * 2**-4 + 1e-6).all()  # 128x128 blocks, not 16x16
 
 

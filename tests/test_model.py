@@ -40,9 +40,10 @@ def mtp_by_formula(model: MiMoForCausalLM, ids: torch.Tensor, h_main: torch.Tens
         h = torch.cat([rms(emb[nxt], p("enorm.weight"), c.rms_norm_eps),
                        rms(h_prev, p("hnorm.weight"), c.rms_norm_eps)], -1) @ p("eh_proj.weight").T
         x = rms(h, p("input_layernorm.weight"), c.rms_norm_eps)
-        q = rope((x @ p("self_attn.q_proj.weight").T).view(T, H, Dq), pos, c.swa_rope_theta, r)
-        kk = rope((x @ p("self_attn.k_proj.weight").T).view(T, KV, Dq), pos, c.swa_rope_theta, r)
-        v = (x @ p("self_attn.v_proj.weight").T).view(T, KV, Dv) * c.attention_value_scale
+        wq, wk, wv = p("self_attn.qkv_proj.weight").split([H * Dq, KV * Dq, KV * Dv])  # rows q, k, v
+        q = rope((x @ wq.T).view(T, H, Dq), pos, c.swa_rope_theta, r)
+        kk = rope((x @ wk.T).view(T, KV, Dq), pos, c.swa_rope_theta, r)
+        v = (x @ wv.T).view(T, KV, Dv) * c.attention_value_scale
         sink = p("self_attn.attention_sink_bias")
         att = torch.zeros(T, H, Dv, dtype=torch.float64)
         for i in range(T):
@@ -53,7 +54,8 @@ def mtp_by_formula(model: MiMoForCausalLM, ids: torch.Tensor, h_main: torch.Tens
                 att[i, hh] = pr @ v[js, hh // (H // KV)]
         h = h + att.reshape(T, H * Dv) @ p("self_attn.o_proj.weight").T
         x = rms(h, p("pre_mlp_layernorm.weight"), c.rms_norm_eps)
-        g, u = x @ p("mlp.gate_proj.weight").T, x @ p("mlp.up_proj.weight").T
+        wg, wu = p("mlp.gate_up_proj.weight").chunk(2)  # gate rows, then up rows
+        g, u = x @ wg.T, x @ wu.T
         h = h + (F.silu(g) * u) @ p("mlp.down_proj.weight").T
         out.append(rms(h, p("final_layernorm.weight"), c.rms_norm_eps) @ P["lm_head.weight"].T)
         h_prev = h
@@ -153,7 +155,7 @@ def test_save_load_round_trip_is_exact(tmp_path, shard):
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert ("model.safetensors.index.json" in files) == (shard == "200KB")
     again = MiMoForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
-    for (n, a), (m, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (n, a), (m, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert n == m and torch.equal(a, b), n
     ids = torch.randint(0, 512, (1, 25))
     assert torch.equal(model(ids, mtp=True).mtp_logits[2], again(ids, mtp=True).mtp_logits[2])

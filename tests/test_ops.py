@@ -1,17 +1,20 @@
 """The fast ops against the reference, on CPU: FlexAttention's block mask and sink, the grouped-GEMM
-experts and their permutation, the fused elementwise ops. GPU runs of the same paths: test_ops_gpu.py."""
+experts and their permutation, the small ops' plain bodies, the compile switch. GPU runs of the same paths:
+test_ops_gpu.py; the Triton kernels in Triton's CPU interpreter: test_ops_kernels.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_in_triton_interpreter
 
-from mimo_flash.ops import fused
-from mimo_flash.ops.attention import _FAST, AttnMeta, allowed_mask, attention
-from mimo_flash.ops.attention_fast import BLOCK, attention_flex, block_tables
+from mimo_flash.ops import rope as rope_ops
+from mimo_flash.ops.attention import (_FAST, BLOCK, AttnMeta, allowed_mask, attention, attention_flex, block_tables,
+                                      sink_scale)
 from mimo_flash.ops.moe import _Combine, _Dispatch, experts, grouped_mm_supported, route
+from mimo_flash.ops.norm import rms_norm
+from mimo_flash.ops.rope import rope
+from mimo_flash.ops.swiglu import silu_mul, swiglu_weighted
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -183,14 +186,14 @@ def test_grouped_mm_experts_match_the_reference():
     truth = moe_run("reference", torch.float64, *args)
     ref_bf16 = moe_run("reference", torch.bfloat16, *args)
     got = moe_run("grouped_mm", torch.bfloat16, *args)
-    for name, t, r, g in zip(("out", "dx", "dgate_up", "ddown", "drouter"), truth, ref_bf16, got):
+    for name, t, r, g in zip(("out", "dx", "dgate_up", "ddown", "drouter"), truth, ref_bf16, got, strict=True):
         assert rel(g, t) < 1e-2, name
         assert rel(g, t) < 2 * rel(r, t) + 1e-3, name
 
 
 def test_grouped_fallback_matches_the_reference_in_fp64():
     args = moe_inputs(seed=1)
-    for a, b in zip(moe_run("grouped", torch.float64, *args), moe_run("reference", torch.float64, *args)):
+    for a, b in zip(moe_run("grouped", torch.float64, *args), moe_run("reference", torch.float64, *args), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -221,21 +224,21 @@ def test_grouped_mm_constraints():
     assert not grouped_mm_supported(x, misaligned, torch.randn(2, 64, 32, dtype=bf))
 
 
-# ----------------------------------------------------------------------------------------- fused ops
-def test_fused_bodies_are_the_formulas():
+# ----------------------------------------------------------------------------------------- small ops
+def test_small_op_bodies_are_the_formulas():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
     w = torch.randn(16, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())
     h = torch.randn(6, 8, generator=g, dtype=torch.float64)
     r = torch.rand(6, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(fused.swiglu_weighted(h, r), r[:, None] * F.silu(h[:, :4]) * h[:, 4:])
-    torch.testing.assert_close(fused.silu_mul(h[:, :4], h[:, 4:]), F.silu(h[:, :4]) * h[:, 4:])
+    torch.testing.assert_close(swiglu_weighted(h, r), r[:, None] * F.silu(h[:, :4]) * h[:, 4:])
+    torch.testing.assert_close(silu_mul(h[:, :4], h[:, 4:]), F.silu(h[:, :4]) * h[:, 4:])
     # rope rotates pairs (j, j + R/2) of the first R dims by the position's angle and keeps the rest
     q = torch.randn(1, 3, 2, 10, generator=g, dtype=torch.float64)  # [B, T, H, D]
     ang = torch.randn(1, 3, 3, generator=g, dtype=torch.float64)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    out = fused.rope(q, cos, sin)
+    out = rope(q, cos, sin)
     c, s = ang.cos()[:, :, None], ang.sin()[:, :, None]
     torch.testing.assert_close(out[..., :3], q[..., :3] * c - q[..., 3:6] * s)
     torch.testing.assert_close(out[..., 3:6], q[..., 3:6] * c + q[..., :3] * s)
@@ -252,15 +255,15 @@ def test_rope_qkv_and_its_hand_written_gradient():
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     probes = [torch.randn(B, T, h, d, generator=g, dtype=torch.float64) for h, d in ((H, D), (Hkv, D), (Hkv, Dv))]
     res = []
-    for fn in (fused._RopeQKV.apply, fused._rope_qkv):
+    for fn in (rope_ops._RopeQKV.apply, rope_ops._rope_qkv):
         qkv = qkv0.clone().requires_grad_()
         outs = fn(qkv, cos, sin, H, Hkv, D, Dv, 0.7)
-        sum((o * p).sum() for o, p in zip(outs, probes)).backward()
+        sum((o * p).sum() for o, p in zip(outs, probes, strict=True)).backward()
         res.append(list(outs) + [qkv.grad])
-    for a, b in zip(*res):
+    for a, b in zip(*res, strict=True):
         torch.testing.assert_close(a, b)
     q, _, v = res[1][:3]
-    torch.testing.assert_close(q, fused.rope(qkv0[..., :H * D].view(B, T, H, D), cos, sin))
+    torch.testing.assert_close(q, rope(qkv0[..., :H * D].view(B, T, H, D), cos, sin))
     torch.testing.assert_close(v, qkv0[..., H * D + Hkv * D:].view(B, T, Hkv, Dv) * 0.7)
 
 
@@ -269,171 +272,38 @@ def test_sink_scale_is_the_sink_softmax():
     q, k, v, sink = attn_inputs(meta, H=2, Hkv=2)
     without = attention(q, k, v, meta, 0.3, 5, None, backend="reference")
     scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~allowed_mask(meta, 5), float("-inf"))
-    got = fused.sink_scale(without, scores.logsumexp(-1), sink)
+    got = sink_scale(without, scores.logsumexp(-1), sink)
     torch.testing.assert_close(got, attention(q, k, v, meta, 0.3, 5, sink, backend="reference"))
 
 
-_INTERPRETED = r'''
-import os, sys
-os.environ["TRITON_INTERPRET"] = "1"
-import torch
-from mimo_flash.ops.attention import AttnMeta, attention
-from mimo_flash.ops.triton_kernels import banded_swa, gather_sum
-g = torch.Generator().manual_seed(0)
-pos = torch.cat([torch.zeros(3, dtype=torch.long), torch.arange(60), torch.arange(90)])[None]
-seg = torch.cat([-torch.arange(2, 5), torch.zeros(60, dtype=torch.long), torch.ones(90, dtype=torch.long)])[None]
-# packed: q/k/v as the model passes them ([B, H, T, d] views of [B, T, H, d] tensors); plain: contiguous
-for meta, sink in ((AttnMeta(pos, pos, seg, seg), True), (AttnMeta(pos, pos, None, None, plain=True), False)):
-    T = pos.shape[1]
-    if meta.plain:
-        meta.q_pos = meta.k_pos = torch.arange(T)[None]
-    heads_second = meta.plain
-    shapes = [(4, 48), (2, 48), (2, 32)]
-    base = [torch.randn(1, h, T, d, generator=g) if heads_second else torch.randn(1, T, h, d, generator=g)
-            for h, d in shapes] + [torch.randn(4, generator=g)]
-    probe = torch.randn(1, 4, T, 32, generator=g)
-    res = []
-    for run in ("triton", "reference"):
-        leaves = [t.clone().requires_grad_() for t in base]
-        qkv = leaves[:3] if heads_second else [t.transpose(1, 2) for t in leaves[:3]]
-        s = leaves[3] if sink else None
-        if run == "triton":
-            p = None if meta.plain else meta.q_pos.int()
-            sg = None if meta.q_seg is None else meta.q_seg.int()
-            out = banded_swa(*qkv, p, sg, 0.2, 9, s)
-            assert out.transpose(1, 2).is_contiguous()  # written in the [B, T, H, d] layout
-        else:
-            out = attention(*qkv, meta, 0.2, 9, s, backend="reference")
-        (out * probe).sum().backward()
-        res.append([out] + [t.grad for t in leaves[:3 + sink]])
-    err = max((a - b).abs().max().item() for a, b in zip(*res))
-    assert err < 1e-4, err
-# from the projection's output, the gradient through RoPE and the value scale in the kernels (banded_swa_qkv):
-# Q/K 64 (one part) with 32 rotary dims, and Q/K 48 = 32 + 16 with the first part rotated; per-row angles of the
-# packed positions (two rows), or one row of angles for a plain batch
-from mimo_flash.ops import fused
-from mimo_flash.ops.triton_kernels import banded_swa_qkv
-H, Hkv, Dv = 4, 2, 32
-for (meta, sink, B), (D, R) in zip(
-        ((AttnMeta(pos.expand(2, T), pos.expand(2, T), seg.expand(2, T), seg.expand(2, T)), True, 2),
-         (AttnMeta(torch.arange(T)[None], torch.arange(T)[None], None, None, plain=True), False, 1)) * 2,
-        ((64, 32), (64, 32), (48, 32), (48, 32))):
-    ang = meta.q_pos.expand(B, T)[..., None].float() * torch.rand(R // 2, generator=g)
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    if meta.plain:
-        cos, sin = cos[:1], sin[:1]
-    x0, s0 = torch.randn(B, T, H * D + Hkv * (D + Dv), generator=g), torch.randn(H, generator=g)
-    probe = torch.randn(B, H, T, Dv, generator=g)
-    res = []
-    for run in ("triton", "reference"):
-        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
-        if run == "triton":
-            p = None if meta.plain else meta.q_pos.expand(B, T).int().contiguous()
-            sg = None if meta.q_seg is None else meta.q_seg.expand(B, T).int().contiguous()
-            out = banded_swa_qkv(x, cos, sin, H, Hkv, D, Dv, 0.7, p, sg, 0.2, 9, s if sink else None)
-            assert out.transpose(1, 2).is_contiguous()
-        else:
-            q, k, v = (t.transpose(1, 2) for t in fused._rope_qkv(x, cos, sin, H, Hkv, D, Dv, 0.7))
-            out = attention(q, k, v, meta, 0.2, 9, s if sink else None, backend="reference")
-        (out * probe).sum().backward()
-        res.append([out, x.grad] + ([s.grad] if sink else []))
-    err = max((a - b).abs().max().item() for a, b in zip(*res))
-    assert err < 1e-4, err
-y = torch.randn(15, 40, generator=g)
-idx = torch.randperm(15, generator=g)
-for k in (3, 1):  # 5 or 15 output rows: a partial last block of rows
-    assert torch.allclose(gather_sum(y, idx, k), y[idx].view(-1, k, 40).sum(1), atol=1e-5)
-# weighted SwiGLU: 300 rows over 3 row blocks, I = 24 in a 32-wide block (both masks used)
-from mimo_flash.ops.triton_kernels import swiglu_weighted
-h0, w0, probe = torch.randn(300, 48, generator=g), torch.rand(300, generator=g), torch.randn(300, 24, generator=g)
-# (and with w in its own order: row r takes w[perm[r]], the gradient lands at perm[r])
-perm = torch.randperm(300, generator=g)
-for order in (None, perm):
-    res = []
-    for run in ("triton", "formula"):
-        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-        wr = w if order is None else w[order]
-        a = (swiglu_weighted(h, w, order) if run == "triton"
-             else wr[:, None] * torch.nn.functional.silu(h[:, :24]) * h[:, 24:])
-        (a * probe).sum().backward()
-        res.append([a, h.grad, w.grad])
-    err = max((a - b).abs().max().item() for a, b in zip(*res))
-    assert err < 1e-5, err
-# the gradient of rope_qkv: heads 3 / 1, qk dim 10 (6 rotated), v dim 6; gq in [B, H, T, d] storage
-from mimo_flash.ops.triton_kernels import rope_qkv_grad
-ang = torch.randn(2, 7, 3, generator=g)
-cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-gq = torch.randn(2, 3, 7, 10, generator=g).transpose(1, 2)
-gk, gv = torch.randn(2, 7, 1, 10, generator=g), torch.randn(2, 7, 1, 6, generator=g)
-want = fused._rope_qkv_grad(gq, gk, gv, cos, sin, 0.7)
-import mimo_flash.ops.triton_kernels as tk
-for block in (4096, 32):  # all heads in one block; 2 heads per block (the loop over blocks, a partial last one)
-    tk.ROPE_BLOCK = block
-    got = rope_qkv_grad(gq, gk, gv, cos, sin, 0.7)
-    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
-# the forward of rope_qkv: the same shapes from one [B, T, 3 * 10 + 10 + 6] projection
-qkv = torch.randn(2, 7, 46, generator=g)
-for block in (4096, 32):
-    tk.ROPE_BLOCK = block
-    got, want = tk.rope_qkv(qkv, cos, sin, 3, 1, 10, 6, 0.7), fused._rope_qkv(qkv, cos, sin, 3, 1, 10, 6, 0.7)
-    assert all(a.shape == b.shape and torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
-# add + RMSNorm, and RMSNorm alone: 150 rows of 600 (4-row blocks, several per backward program, a partial last
-# program; a partial column block), both outputs' gradients
-x0, y0, w0 = torch.randn(150, 600, generator=g), torch.randn(150, 600, generator=g), torch.randn(600, generator=g)
-probes = torch.randn(2, 150, 600, generator=g)
-for with_y in (True, False):
-    res = []
-    for fn in ((tk.add_rms_norm, fused._add_rms_norm) if with_y else (tk.rms_norm, fused._rms_norm)):
-        x, y, w = (t.clone().requires_grad_() for t in (x0, y0, w0))
-        outs = fn(x, y, w, 1e-5) if with_y else (fn(x, w, 1e-5),)
-        sum((o * p).sum() for o, p in zip(outs, probes)).backward()
-        res.append(list(outs) + [x.grad, w.grad] + ([y.grad] if with_y else []))
-    for a, b in zip(*res):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
-# counting sort of (token, slot) pairs by expert: 3 blocks (the last partial), an expert nobody chose
-from mimo_flash.ops.triton_kernels import sort_by_expert
-# (and 24 blocks, the scan over them in two steps of 16, the second partial)
-for n in (100, 1000):
-    idx = torch.randint(0, 6, (n, 3), generator=g)
-    tk.SCAN_ELEMS = 128
-    order, inv, counts, tok, offs = sort_by_expert(idx, 7)
-    want = torch.argsort(idx.reshape(-1), stable=True)
-    assert torch.equal(order, want), (order, want)
-    assert torch.equal(inv[order], torch.arange(3 * n)) and torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=7))
-    assert torch.equal(tok, want // 3) and offs.dtype == torch.int32 and torch.equal(offs, counts.cumsum(0).int())
-# the router: 150 tokens (3 row blocks, the last partial), D = 96 (a partial 64-wide block), 16 experts, top 3,
-# normalised and scaled and not; against ops.moe.route's fp32 logits and autograd through it. The interpreter
-# gets bf16-valued fp32 tokens (its bf16 tl.dot is wrong); the bf16 split of the weight is checked on the GPU.
-from mimo_flash.ops.moe import route as route_plain
-from mimo_flash.ops.triton_kernels import route
-x0 = torch.randn(150, 96, generator=g).bfloat16().float()
-w0, bias = torch.randn(16, 96, generator=g) * 0.2, torch.randn(16, generator=g) * 0.1
-probe = torch.randn(150, 3, generator=g)
-for norm, scaling in ((True, 2.5), (False, 1.0)):
-    res = []
-    for run in ("triton", "plain"):
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        if run == "triton":
-            idx, wt, counts = route(x, w, bias, 3, norm, scaling, True)
-            assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=16))
-        else:
-            idx, wt, _ = route_plain(x, w, bias, 3, 1, 1, norm, scaling)
-        order = idx.argsort(-1)  # the slot order is free (topk with sorted=False)
-        idx, wt = idx.gather(1, order), wt.gather(1, order)
-        (wt * probe).sum().backward()
-        res.append((idx, wt, x.grad, w.grad))
-    (i1, w1, gx1, gw1), (i2, w2, gx2, gw2) = res
-    assert torch.equal(i1, i2)
-    assert torch.allclose(w1, w2, rtol=1e-5, atol=1e-6), (w1 - w2).abs().max()
-    assert torch.allclose(gx1, gx2, rtol=1e-2, atol=1e-3), (gx1 - gx2).abs().max()  # x's: bf16(g) @ bf16(W)
-    assert torch.allclose(gw1, gw2, rtol=1e-5, atol=1e-6), (gw1 - gw2).abs().max()
-print("ok")
-'''
+# ----------------------------------------------------------------------------------------- compile limits
+def test_recompile_limit_is_scoped():
+    """A function compiled through ops.compiled keeps more than dynamo's default 8 variants (with fullgraph=True
+    the 9th would be an error), and dynamo's own limit is what it was, after the calls and after an error."""
+    import torch._dynamo
 
+    from mimo_flash.ops.compiled import RECOMPILE_LIMIT, compile_scoped, recompile_limit
 
-def test_triton_kernels_in_the_interpreter():
-    """The banded SWA kernels (forward, dQ, dK/dV, sink gradient; inputs in both layouts; from the projection's
-    output, with the gradient through RoPE and the value scale inside), the gather-sum,
-    the weighted SwiGLU, RoPE of q/k/v both ways, add + RMSNorm, the counting sort by expert and the router, run by Triton's CPU interpreter in fp32 against the reference: index and mask
-    logic without a GPU."""
-    run_in_triton_interpreter(_INTERPRETED)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    before = getattr(torch._dynamo.config, name)
+    assert before < 12 < RECOMPILE_LIMIT
+
+    def double(x):
+        return x * 2
+
+    torch._dynamo.reset()
+    f = compile_scoped(double, fullgraph=True, dynamic=False, backend="eager")
+    for n in range(1, 13):
+        torch.testing.assert_close(f(torch.ones(n)), torch.full((n,), 2.0))
+        assert getattr(torch._dynamo.config, name) == before
+    # the block form (what compile_scoped uses where torch.compile has no recompile_limit)
+    plain = torch.compile(double, fullgraph=True, dynamic=False, backend="eager")
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError):
+        with recompile_limit():
+            assert getattr(torch._dynamo.config, name) == RECOMPILE_LIMIT
+            for n in range(1, 13):
+                plain(torch.ones(n))
+            raise RuntimeError("leaving the block by an error")
+    assert getattr(torch._dynamo.config, name) == before
+    torch._dynamo.reset()

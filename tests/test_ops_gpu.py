@@ -1,4 +1,4 @@
-"""The CUDA fast paths (cuDNN and compiled FlexAttention, grouped-GEMM experts, compiled fused ops)
+"""The CUDA fast paths (cuDNN and compiled FlexAttention, grouped-GEMM experts, the small ops, the kernels' launcher)
 against the fp64 reference, forward and backward, on fresh random inputs. Skipped without a GPU."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
-from mimo_flash.ops import fused
-from mimo_flash.ops.attention import _FAST, AttnMeta, attention
-from mimo_flash.ops.attention_fast import attention_cudnn, attention_flex, attention_triton
-from mimo_flash.ops.moe import experts, route
+from mimo_flash.ops import norm, rope, swiglu
+from mimo_flash.ops.attention import _FAST, AttnMeta, attention, attention_cudnn, attention_flex, attention_triton
+from mimo_flash.ops.moe import experts, gather_sum, route
+from mimo_flash.options import override
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -62,7 +62,7 @@ def attn_grads(fn, meta, H, Hkv, window, with_sink, seed, dtype=torch.bfloat16, 
         (out.double() * probe).sum().backward()
         results.append([out] + [t.grad for t in leaves[:3]] + [leaves[3].grad if with_sink else None])
     names = ("out", "dq", "dk", "dv", "dsink")
-    return [(n, rel(a, b)) for n, a, b in zip(names, *results) if b is not None]
+    return [(n, rel(a, b)) for n, a, b in zip(names, *results, strict=True) if b is not None]
 
 
 def check(errors, tol=2e-2):
@@ -119,7 +119,7 @@ def test_triton_swa_with_rope_and_value_scale_inside(packed):
                 out = attention_qkv(x, cos, sin, dims, meta, D ** -0.5, 129, s)
                 assert out is not None  # the fused kernels took it
             else:
-                q, k, v = (t.transpose(1, 2) for t in fused._rope_qkv(x, cos.double(), sin.double(), *dims))
+                q, k, v = (t.transpose(1, 2) for t in rope._rope_qkv(x, cos.double(), sin.double(), *dims))
                 out = attention(q, k, v, meta, D ** -0.5, 129, s.double(), backend="reference")
             (out.double() * probe).sum().backward()
             res.append([out, x.grad, s.grad])
@@ -182,7 +182,7 @@ def test_grouped_mm_experts_cuda():
         out = experts(leaves[0], idx, w, leaves[1], leaves[2], backend=backend)
         (out.double() * probe).sum().backward()
         res.append([out] + [t.grad for t in leaves] + [r.grad])
-    check([(n, rel(a, b)) for n, a, b in zip(("out", "dx", "dgu", "ddown", "drouter"), *res)])
+    check([(n, rel(a, b)) for n, a, b in zip(("out", "dx", "dgu", "ddown", "drouter"), *res, strict=True)])
 
 
 @pytest.mark.parametrize("E", [64, 256])
@@ -190,7 +190,7 @@ def test_router_kernel_is_fp32_routing(E):
     """The Triton router (bf16 tokens, the fp32 weight in three bf16 parts) against fp64: the same top-8
     wherever the 8th and 9th choices are apart by more than the fp32 rounding, the weights and both
     gradients (with the same choice) to fp32 precision, x's gradient to bf16's."""
-    from mimo_flash.ops.triton_kernels import route as route_triton
+    from mimo_flash.ops.kernels.router import route as route_triton
     g = torch.Generator(device=DEV).manual_seed(0)
     N, D, k = 4096, 1024, 8
     x0 = torch.randn(N, D, generator=g, device=DEV).bfloat16()
@@ -240,17 +240,17 @@ def test_gather_sum_kernel():
         y = torch.randn(N * k, D, generator=g, device=DEV).bfloat16()
         idx = torch.randperm(N * k, generator=g, device=DEV)
         want = y.double()[idx].view(N, k, D).sum(1)
-        assert rel(fused.gather_sum(y, idx, k), want) < 4e-3
+        assert rel(gather_sum(y, idx, k), want) < 4e-3
 
 
 def test_launcher_keeps_each_specialization_apart():
-    """ops.triton_kernels' launcher reuses a compiled kernel only for arguments Triton specializes the same
+    """ops/kernels/launch.py's Launcher reuses a compiled kernel only for arguments Triton specializes the same
     way: a row length of 1 (a constant to Triton), 16-byte aligned or not (pointer and row length), and
     each dtype get their own kernel, and every launch (the first through Triton, later ones direct) is exact."""
-    from mimo_flash.ops import triton_kernels as tk
+    from mimo_flash.ops.kernels import launch
+    from mimo_flash.ops.kernels.moe import _gather_sum_kernel as kern
 
-    kern = tk._gather_sum_kernel
-    assert isinstance(kern, tk._Launcher)
+    assert isinstance(kern, launch.Launcher) and kern.direct  # the device's Triton is the one it was written for
     g = torch.Generator(device=DEV).manual_seed(0)
     for dtype in (torch.bfloat16, torch.float32):
         for D in (1, 16, 24, 257):
@@ -266,6 +266,46 @@ def test_launcher_keeps_each_specialization_apart():
     assert len(kern.kernels) >= 12
 
 
+def test_launcher_fallback_launches_the_same():
+    """Direct launches turned off (options().direct_launch, or a Launcher made with direct=False: what every
+    other Triton version gets) launch through kernel[grid] with the same results, and keep no kernels of their own."""
+    from mimo_flash.ops.kernels import launch
+    from mimo_flash.ops.kernels.moe import _gather_sum_kernel
+
+    g = torch.Generator(device=DEV).manual_seed(1)
+    y = torch.randn(300, 200, generator=g, device=DEV).bfloat16()
+    idx = torch.randperm(300, generator=g, device=DEV)
+    want = y.double()[idx].view(100, 3, 200).sum(1)
+    plain = launch.Launcher(_gather_sum_kernel.fn, direct=False)
+    with override(direct_launch=False):
+        for kern in (_gather_sum_kernel, plain):
+            n = len(kern.kernels)
+            for _ in range(3):
+                out = torch.empty(100, 200, device=DEV, dtype=torch.bfloat16)
+                kern[(100, 1)](y, idx, out, 200, K=3, BLOCK_D=256, num_warps=1)
+                assert rel(out, want) < 4e-3
+            assert len(kern.kernels) == n
+    out = torch.empty(100, 200, device=DEV, dtype=torch.bfloat16)
+    plain[(100, 1)](y, idx, out, 200, K=3, BLOCK_D=256, num_warps=1)
+    assert rel(out, want) < 4e-3 and plain.kernels == {}
+
+
+def test_compile_off_runs_the_plain_bodies():
+    """options().compile=False: on CUDA the small ops run their plain PyTorch bodies (bit for bit), and no op
+    finds its Triton kernels."""
+    from mimo_flash.ops.compiled import triton_for
+    g = torch.Generator(device=DEV).manual_seed(2)
+    x = torch.randn(4, 300, 192, generator=g, device=DEV).bfloat16()
+    y = torch.randn(4, 300, 192, generator=g, device=DEV).bfloat16()
+    w = torch.randn(192, generator=g, device=DEV).bfloat16()
+    with override(compile=False):
+        assert triton_for(x, "norm") is None
+        assert torch.equal(norm.rms_norm(x, w, 1e-5), norm.rms_norm.plain(x, w, 1e-5))
+        for a, b in zip(norm.add_rms_norm(x, y, w, 1e-5), norm.add_rms_norm.plain(x, y, w, 1e-5), strict=True):
+            assert torch.equal(a, b)
+    assert triton_for(x, "norm") is not None
+
+
 def test_compiled_fused_ops_match_their_bodies():
     g = torch.Generator(device=DEV).manual_seed(0)
     x = torch.randn(2, 300, 8, 192, generator=g, device=DEV).bfloat16().requires_grad_()  # [B, T, H, D]
@@ -278,13 +318,13 @@ def test_compiled_fused_ops_match_their_bodies():
     qkv = torch.randn(2, 300, 3 * 192 + 128, generator=g, device=DEV).bfloat16().requires_grad_()
     x2 = torch.randn(2, 300, 8, 192, generator=g, device=DEV).bfloat16().requires_grad_()
     cases = {
-        "rms_norm": (fused.rms_norm, (x, nw, 1e-5)),
-        "add_rms_norm": (fused.add_rms_norm, (x, x2, nw, 1e-5)),
-        "rope": (fused.rope, (x, cos, sin)),
-        "swiglu_weighted": (fused.swiglu_weighted, (h, w)),
-        "silu_mul": (fused.silu_mul, (gate, up)),
+        "rms_norm": (norm.rms_norm, (x, nw, 1e-5)),
+        "add_rms_norm": (norm.add_rms_norm, (x, x2, nw, 1e-5)),
+        "rope": (rope.rope, (x, cos, sin)),
+        "swiglu_weighted": (swiglu.swiglu_weighted, (h, w)),
+        "silu_mul": (swiglu.silu_mul, (gate, up)),
         # heads 2, kv heads 1, qk 192, v 128 from one [B, T, 2*192 + 192 + 128] projection
-        "rope_qkv": (fused.rope_qkv, (qkv, cos, sin, 2, 1, 192, 128, 0.707)),
+        "rope_qkv": (rope.rope_qkv, (qkv, cos, sin, 2, 1, 192, 128, 0.707)),
     }
     for name, (fn, args) in cases.items():
         outs = []
@@ -297,7 +337,7 @@ def test_compiled_fused_ops_match_their_bodies():
                 y = torch.cat([t.reshape(-1) for t in y])
             y.float().square().sum().backward()
             outs.append([y] + [a.grad.clone() for a in args if isinstance(a, torch.Tensor) and a.requires_grad])
-        check([(f"{name}[{i}]", rel(a, b)) for i, (a, b) in enumerate(zip(*outs))], tol=1e-2)
+        check([(f"{name}[{i}]", rel(a, b)) for i, (a, b) in enumerate(zip(*outs, strict=True))], tol=1e-2)
 
 
 def test_mini_model_step_auto_vs_reference():

@@ -1,6 +1,7 @@
 """ops.loss.cross_entropy_sum (the loss that never builds fp32 logits) against F.cross_entropy on
 logits.float(), values and gradients, on CPU; and the model's return_logits=False training path.
-The Triton kernels of the same formulas: test_ops_gpu.py (and the interpreter test at the end)."""
+The Triton kernels of the same formulas (ops/kernels/loss.py): test_ops_gpu.py (and the interpreter test at
+the end)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 
 from conftest import run_in_triton_interpreter
 from mimo_flash import MiMoConfig, MiMoForCausalLM
-from mimo_flash.model.model import causal_lm_loss
 from mimo_flash.ops import loss as loss_mod
 from mimo_flash.ops.loss import cross_entropy_sum
 
@@ -63,40 +63,6 @@ def test_cross_entropy_sum_no_targets_and_3d():
         cross_entropy_sum(x, t[:, :4])
 
 
-def old_causal_lm_loss(logits, labels, shift=1, attention_mask=None):
-    """The slicing formulation the model used before ops.loss (kept here as the reference)."""
-    T = logits.shape[1]
-    lg = logits[:, : T - shift].float().reshape(-1, logits.shape[-1])
-    lb = labels[:, shift:]
-    if attention_mask is not None:
-        lb = lb.masked_fill(attention_mask[:, : T - shift] == 0, -100)
-    lb = lb.reshape(-1)
-    return F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum") / (lb != -100).sum().clamp_min(1)
-
-
-@pytest.mark.parametrize("shift", [1, 3])
-@pytest.mark.parametrize("masked", [False, True])
-def test_causal_lm_loss_matches_the_sliced_formula(shift, masked):
-    g = torch.Generator().manual_seed(shift)
-    B, T, V = 3, 13, 50
-    base = torch.randn(B, T, V, generator=g)
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, 4] = -100
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, :3] = 0
-    mask[2, 9] = 0
-    grads = []
-    for fn in (causal_lm_loss, old_causal_lm_loss):
-        x = base.clone().requires_grad_()
-        val = fn(x, labels, shift, mask if masked else None)
-        val.backward()
-        grads.append((val, x.grad))
-    assert grads[0][0].dtype == torch.float32
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
-    assert (grads[0][1][:, T - shift:] == 0).all()
-
-
 @pytest.mark.parametrize("mtp", [False, True])
 def test_return_logits_false_gives_the_same_loss_and_gradients(mtp):
     cfg = MiMoConfig.preset("tiny", num_nextn_predict_layers=2)
@@ -126,11 +92,10 @@ _INTERPRETED = r'''
 import os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch, torch.nn.functional as F
-from mimo_flash.ops.triton_kernels import ce_backward, ce_forward
+from mimo_flash.ops.kernels.loss import CE_FWD_BLOCK, ce_backward, ce_forward
 g = torch.Generator().manual_seed(0)
-for N, V, block in ((9, 300, 128), (5, 64, 64), (4, 1000, 4096)):
-    import mimo_flash.ops.triton_kernels as tk
-    tk.CE_FWD_BLOCK = tk.CE_BWD_BLOCK = block
+# rows of 2.25 blocks (the forward's loop over blocks, a partial last one), of one block, of less than one
+for N, V in ((3, CE_FWD_BLOCK * 9 // 4), (5, 64), (4, 1000)):
     x = torch.randn(N, V, generator=g) * 4
     t = torch.randint(0, V, (N,), generator=g)
     t[1] = -100

@@ -201,40 +201,46 @@ def test_triton_fp8_kernels_in_the_interpreter():
 
 # ----------------------------------------------------------------------------------------------- modules
 def _expected_swaps(model) -> set[str]:
-    """Written out from SPEC.md's FP8 section: q/k/v, dense SwiGLU, experts, eh_proj."""
+    """Written out from SPEC.md's FP8 section: q/k/v (however the attention holds them: every projection but
+    o_proj), the dense SwiGLU projections, the experts, eh_proj."""
     names = set()
     for prefix, layers in (("model.layers", model.model.layers), ("model.mtp.layers", model.model.mtp.layers)):
         for i, layer in enumerate(layers):
             base = f"{prefix}.{i}"
-            names |= {f"{base}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")}
+            names |= {f"{base}.self_attn.{n}" for n, m in layer.self_attn.named_children()
+                      if isinstance(m, nn.Linear) and n != "o_proj"}
             if hasattr(layer.mlp, "experts"):
                 names.add(f"{base}.mlp.experts")
             else:
-                names |= {f"{base}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+                names |= {f"{base}.mlp.{n}" for n, m in layer.mlp.named_children() if isinstance(m, nn.Linear)}
             if hasattr(layer, "eh_proj"):
                 names.add(f"{base}.eh_proj")
     return names
 
 
+QKV = "model.layers.0.self_attn.qkv_proj"  # the fused q/k/v projection (q, k, v rows in that order)
+
+
 def test_quantize_model_swaps_exactly_the_release_tensors():
     model = tiny_model(num_nextn_predict_layers=2)
     before = {n: type(m) for n, m in model.named_modules()}
+    expected = _expected_swaps(model)
     swapped = quantize_model_(model)
-    assert set(swapped) == _expected_swaps(model) and len(swapped) == len(set(swapped))
+    assert set(swapped) == expected and len(swapped) == len(set(swapped))
+    assert {QKV, "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"} <= expected
     assert any(n.endswith("eh_proj") for n in swapped) and any(n.endswith("mlp.experts") for n in swapped)
     for n, m in model.named_modules():
         if n in swapped:
-            assert isinstance(m, FP8Linear if before[n] is nn.Linear else FP8Experts), n
+            assert isinstance(m, FP8Linear if issubclass(before[n], nn.Linear) else FP8Experts), n
         elif n in before:
             assert type(m) is before[n], n  # o_proj, lm_head, embeddings, router, norms untouched
     sd = model.state_dict()
     assert sd["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float32
     assert sd["lm_head.weight"].dtype == torch.float32 and sd["model.embed_tokens.weight"].dtype == torch.float32
-    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == FP8
-    assert sd["model.layers.0.self_attn.q_proj.weight_scale_inv"].dtype == torch.float32
+    assert sd[QKV + ".weight"].dtype == FP8 and sd[QKV + ".weight_scale_inv"].dtype == torch.float32
     model.to(torch.bfloat16)  # a dtype cast keeps FP8 weights FP8 and their scales fp32
-    assert model.model.layers[0].self_attn.q_proj.weight.dtype == FP8
-    assert model.model.layers[0].self_attn.q_proj.weight_scale_inv.dtype == torch.float32
+    assert model.get_submodule(QKV).weight.dtype == FP8
+    assert model.get_submodule(QKV).weight_scale_inv.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
@@ -306,6 +312,6 @@ def test_saving_an_fp8_resident_model_is_refused_clearly(tmp_path):
 
     model = tiny_model()
     quantize_model_(model)
-    with pytest.raises(CheckpointError, match="FP8-resident weights .*q_proj.weight"):
+    with pytest.raises(CheckpointError, match="FP8-resident weights .*qkv_proj.weight"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
-from mimo_flash.training.data import (IGNORE, Document, RowSampler, pack_documents, read_documents,
-                                      shifted_targets)
+from mimo_flash.model.loss import IGNORE, shifted_targets
+from mimo_flash.training.data import Document, RowSampler, pack_documents, read_documents
 from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
-from mimo_flash.training.trainer import packed_losses
 
 TEXT = ("The for statement is used to iterate over the elements of a sequence. The while statement is used "
         "for repeated execution as long as an expression is true. ") * 20
@@ -44,9 +43,9 @@ def test_pack_layout():
 def test_shifted_targets_stop_at_boundaries():
     labels = torch.tensor([[10, 11, 12, 20, 21, 22, 23]])
     seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
-    assert shifted_targets(labels, seg, 1).tolist() == [[11, 12, IGNORE, 21, 22, 23]]
-    assert shifted_targets(labels, seg, 2).tolist() == [[12, IGNORE, IGNORE, 22, 23]]
-    assert shifted_targets(labels, seg, 3).tolist() == [[IGNORE, IGNORE, IGNORE, 23]]
+    assert shifted_targets(labels, 1, seg).tolist() == [[11, 12, IGNORE, 21, 22, 23, IGNORE]]
+    assert shifted_targets(labels, 2, seg).tolist() == [[12, IGNORE, IGNORE, 22, 23, IGNORE, IGNORE]]
+    assert shifted_targets(labels, 3, seg).tolist() == [[IGNORE, IGNORE, IGNORE, 23, IGNORE, IGNORE, IGNORE]]
 
 
 def _packed_and_alone(lengths, T, seed=0):
@@ -85,26 +84,6 @@ def test_packed_row_equals_documents_alone(backend):
             start += n
     # the padding after the documents changes nothing either
     assert start < rows.seq_len
-
-
-def test_packed_loss_equals_sum_of_documents():
-    """The summed CE of a packed row = the sum over documents of their CE alone, main head and MTP."""
-    torch.manual_seed(1)
-    model = MiMoForCausalLM(MiMoConfig.preset("tiny")).eval()
-    docs, rows = _packed_and_alone([30, 7, 45, 3], T=100, seed=3)
-    with torch.no_grad():
-        out = model(rows.input_ids, position_ids=rows.position_ids, segment_ids=rows.segment_ids, mtp=True)
-        packed = packed_losses(out.logits, out.mtp_logits, rows.labels, rows.segment_ids)
-        want = torch.zeros(len(packed), dtype=torch.float64)
-        for d in docs:
-            ids = torch.tensor([d])
-            alone = model(ids, labels=ids, mtp=True)
-            for s, loss in enumerate([alone.lm_loss] + alone.mtp_losses):
-                count = max(len(d) - (s + 1), 0)
-                if count:
-                    want[s] += float(loss) * count
-    for got, exp in zip(packed, want):
-        assert float(got) == pytest.approx(float(exp), rel=1e-5)
 
 
 def test_read_documents_text_jsonl_chat(tmp_path, tok):

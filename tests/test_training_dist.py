@@ -129,5 +129,7 @@ def test_distributed_resume_and_export(two_process_results, one_process):
     single = MiMoForCausalLM.from_pretrained(one_process[1] / "final", dtype=torch.float32)
     for name in ("ep1", "ep2"):
         dist_model = MiMoForCausalLM.from_pretrained(out / name / "final", dtype=torch.float32)
-        for (n, p), q in zip(single.state_dict().items(), dist_model.state_dict().values()):
-            torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3, msg=f"{name}: {n}")
+        want, got = single.state_dict(), dist_model.state_dict()
+        assert list(got) == list(want), name
+        for n, p in want.items():
+            torch.testing.assert_close(got[n], p, atol=1e-4, rtol=1e-3, msg=f"{name}: {n}")

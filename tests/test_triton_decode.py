@@ -1,18 +1,19 @@
-"""The batch-1 Triton decode step (generation/triton_step.py, ops/decode_kernels.py) and the graphed greedy
+"""The batch-1 Triton decode step (generation/triton_step.py, generation/kernels.py) and the graphed greedy
 loop of generate().
 
 The kernels run in Triton's CPU interpreter (fp32: the interpreter mishandles bf16 dots and roundings) against
-the eager Runner; on a GPU, in bf16, against the eager Runner too. The greedy loop's one-graph-per-step path
-runs on CPU through a GraphRunner without graphs (the same code)."""
+the eager Runner; on a GPU, in bf16, against the eager Runner too. The greedy loop's one-graph-per-chunk path
+runs on CPU through generate(cuda_graphs=True): the GraphRunner, its steps run directly (no graphs there)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import graph_runner_on_cpu, run_in_triton_interpreter, tiny_model
+from conftest import run_in_triton_interpreter, tiny_model
 from mimo_flash.generation import KVCache, generate
 from mimo_flash.generation.runner import GraphRunner
+from mimo_flash.options import override
 
 _INTERPRETED = r"""
 import os
@@ -22,13 +23,14 @@ from pathlib import Path
 import torch
 import mimo_flash
 sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
-from conftest import graph_runner_on_cpu, tiny_model
+from conftest import tiny_model
 from mimo_flash.generation import KVCache, generate
 from mimo_flash.generation import engine, triton_step
 from mimo_flash.generation.engine import prefill
-from mimo_flash.generation.runner import GraphRunner, Runner, prepare_fused
+from mimo_flash.generation.runner import Runner
+from mimo_flash.options import TritonStepTuning, override, set_options
 
-triton_step.MIN_PROGRAMS = 1  # few programs: the interpreter runs each one in Python
+set_options(triton_step=TritonStepTuning(min_programs=1))  # few programs: the interpreter runs each in Python
 torch.set_num_threads(1)
 # window 9: the SWA rings wrap during the steps below; the second case has the ring slack of graphed greedy
 # decoding (15 slots) and a prompt longer than the ring, prefilled in one chunk
@@ -37,15 +39,14 @@ cases = ((dict(), 0, 8, 5),
 for overrides, slack, P, chunk in cases:
     model = tiny_model(seed=3, **overrides)
     cfg = model.config
-    prepare_fused(model)
     S = 256  # full layers: 4 key splits per kv head
     ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(5))
     eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
-    fused = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
+    stepped = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)  # its cache: the Triton step's
     with torch.no_grad():
         lg, _ = prefill(eager, ids, None, chunk, keep_hidden=False)
-        prefill(fused, ids, None, chunk, keep_hidden=False)
-        step = triton_step.TritonStep(model, fused.cache, fused.rope_tables)
+        prefill(stepped, ids, None, chunk, keep_hidden=False)
+        step = triton_step.TritonStep(model, stepped.cache, stepped.rope_tables)
         tok = lg.argmax(-1)
         for i in range(10):
             pos = torch.full((1, 1), P + i, dtype=torch.long)
@@ -55,11 +56,13 @@ for overrides, slack, P, chunk in cases:
             torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-5)
             assert torch.equal(step.token, a[:, -1].argmax(-1))  # the lm_head kernel's greedy token
             tok = b[:, -1].argmax(-1)
-    for i in eager.cache.k:
-        torch.testing.assert_close(fused.cache.k[i], eager.cache.k[i], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fused.cache.v[i], eager.cache.v[i], rtol=1e-5, atol=1e-6)
-    for g in eager.cache.valid:
-        assert torch.equal(fused.cache.valid[g], eager.cache.valid[g]) and torch.equal(fused.cache.pos[g], eager.cache.pos[g])
+    # the cache after the Triton steps (its table kernel applies the cache's one-token rule) = after step()
+    assert eager.cache.layers() == stepped.cache.layers()
+    for i in eager.cache.layers():
+        a, b = stepped.cache.layer_slots(i), eager.cache.layer_slots(i)
+        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos) and a.ring == b.ring
 
 # the L2 prefetch plan: each layer's o_proj and each later layer's q/k/v once, by the router of the layer
 # before where it has one, at most two tensors per kernel; never an expert's weights
@@ -67,7 +70,7 @@ layers = model.model.layers
 moe = [hasattr(layer.mlp, "experts") for layer in layers]
 assert not moe[0] and all(moe[1:])  # the tiny preset: a dense first layer
 pulled = [t.data_ptr() for a, r in step.prefetch for t in a + r]
-want = [l.self_attn.o_proj.weight.data_ptr() for l in layers] + [l.self_attn._mf_fused[1].data_ptr() for l in layers[1:]]
+want = [l.self_attn.o_proj.weight.data_ptr() for l in layers] + [l.self_attn.qkv_proj.weight.data_ptr() for l in layers[1:]]
 assert sorted(pulled) == sorted(want + [model.lm_head.weight.data_ptr()])
 assert all(len(a) <= 2 and len(r) <= 2 for a, r in step.prefetch)
 assert step.prefetch[0][1] == [] and all(a == [] for a, _ in step.prefetch[2:])  # MoE after MoE: all by the router
@@ -77,15 +80,11 @@ assert step.prefetch[-1][1][0].data_ptr() == model.lm_head.weight.data_ptr()
 model = tiny_model(seed=4)
 ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
 plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
-made = []
-def make(model, B, S, K, cuda_graphs, compile_):
-    r = GraphRunner(model, KVCache(model.config, B, S, dtype=model.dtype), S, triton=True)
-    made.append(r)
-    return r
-engine._make_runner = make
-assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=[]), plain)
-r = made[-1]
-assert r.triton and r._triton_step is not None and not r.notes and not r.fns
+with override(decode_triton="always"):
+    out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], cuda_graphs=True, return_stats=True)
+assert torch.equal(out, plain) and stats.runner == "GraphRunner" and stats.notes == []
+(r,) = engine._RUNNERS[model].values()  # the runner generate() built and keeps for the next call
+assert r.triton and r._triton_step is not None and not r.fns  # every one-token step ran the Triton step
 print("ok")
 """
 
@@ -103,7 +102,6 @@ def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
     plain = generate(model, ids, eos_token_id=[], **kw)
     eos = generate(model, ids, eos_token_id=3, pad_token_id=5, **kw)
     assert (eos[:, 12:] == 5).any()  # rows end at different steps, mid-chunk
-    made = graph_runner_on_cpu(monkeypatch)
     keys = []
     real = GraphRunner.run_step
 
@@ -112,18 +110,17 @@ def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
         return real(self, key, fn, inputs, rows)
 
     monkeypatch.setattr(GraphRunner, "run_step", counted)
-    out, stats = generate(model, ids, eos_token_id=[], return_stats=True, **kw)
-    assert torch.equal(out, plain) and stats.steps == 39
+    out, stats = generate(model, ids, eos_token_id=[], return_stats=True, cuda_graphs=True, **kw)
+    assert torch.equal(out, plain) and stats.steps == 39 and stats.runner == "GraphRunner"
     assert [k[0] for k in keys] == ["greedy"] * 3 and [k[3] for k in keys] == [16, 16, 7]  # steps per graph
-    assert torch.equal(generate(model, ids, eos_token_id=3, pad_token_id=5, **kw), eos)
-    assert not getattr(made[-1], "greedy_graph_failed", None)
+    out, stats = generate(model, ids, eos_token_id=3, pad_token_id=5, return_stats=True, cuda_graphs=True, **kw)
+    assert torch.equal(out, eos) and stats.notes == []
 
 
 def test_graphed_greedy_loop_falls_back(monkeypatch):
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(8))
     plain = generate(model, ids, max_new_tokens=30, eos_token_id=[])
-    made = graph_runner_on_cpu(monkeypatch)
     real = GraphRunner.run_step
     calls = []
 
@@ -135,9 +132,12 @@ def test_graphed_greedy_loop_falls_back(monkeypatch):
 
     monkeypatch.setattr(GraphRunner, "run_step", flaky)
     with pytest.warns(UserWarning, match="graphed greedy step failed"):
-        out = generate(model, ids, max_new_tokens=30, eos_token_id=[])
+        out, stats = generate(model, ids, max_new_tokens=30, eos_token_id=[], cuda_graphs=True, return_stats=True)
     assert torch.equal(out, plain)
-    assert "capture failed" in made[-1].greedy_graph_failed
+    assert len(stats.notes) == 1 and "capture failed" in stats.notes[0]
+    n = len(calls)  # the runner remembers: the next call takes the step-by-step path without trying again
+    assert torch.equal(generate(model, ids, max_new_tokens=30, eos_token_id=[], cuda_graphs=True), plain)
+    assert len(calls) == n
 
 
 def test_triton_step_is_only_used_where_it_applies():
@@ -145,13 +145,16 @@ def test_triton_step_is_only_used_where_it_applies():
 
     model = tiny_model()
     assert unsupported(model, KVCache(model.config, 2, 32, dtype=model.dtype)) == "batch size is not 1"
-    assert "fused" in unsupported(model, KVCache(model.config, 1, 32, dtype=model.dtype))  # before prepare_fused
-    assert unsupported(model, KVCache(model.config, 1, 32, dtype=model.dtype), check_fused=False) is None
+    assert unsupported(model, KVCache(model.config, 1, 32, dtype=model.dtype)) is None
     grouped = tiny_model(n_group=2, topk_group=1)
-    assert "grouped" in unsupported(grouped, KVCache(grouped.config, 1, 32, dtype=grouped.dtype), check_fused=False)
+    assert "grouped" in unsupported(grouped, KVCache(grouped.config, 1, 32, dtype=grouped.dtype))
     r = GraphRunner(model, KVCache(model.config, 1, 32, dtype=model.dtype), 32)  # CPU: off unless asked for
     assert not r.triton
-    assert not GraphRunner(model, KVCache(model.config, 2, 32, dtype=model.dtype), 32, triton=True).triton
+    with override(decode_triton="always"):
+        assert GraphRunner(model, KVCache(model.config, 1, 32, dtype=model.dtype), 32).triton
+        assert not GraphRunner(model, KVCache(model.config, 2, 32, dtype=model.dtype), 32).triton
+    with override(decode_triton="on"), pytest.raises(ValueError, match="decode_triton must be"):
+        GraphRunner(model, KVCache(model.config, 1, 32, dtype=model.dtype), 32)
     # GEMV tiles: K blocks up to 1024, at most `tile` elements, rows halved towards 264 programs
     assert gemv_blocks(32000, 1024, 4096) == (4, 1024)
     assert gemv_blocks(64, 1024, 4096) == (2, 1024)
@@ -161,12 +164,15 @@ def test_triton_step_is_only_used_where_it_applies():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [True, False])
-def test_triton_step_matches_eager_on_gpu(monkeypatch, pdl):
+def test_triton_step_matches_eager_on_gpu(pdl):
+    with override(decode_pdl=pdl):  # read when the runner builds its Triton step (at its first one-token step)
+        _triton_step_matches_eager_on_gpu(pdl)
+
+
+def _triton_step_matches_eager_on_gpu(pdl):
     from mimo_flash.generation import triton_step
     from mimo_flash.generation.engine import prefill
     from mimo_flash.generation.runner import Runner
-
-    monkeypatch.setattr(triton_step, "PDL", pdl)
 
     model = tiny_model(seed=2).to(device="cuda", dtype=torch.bfloat16)
     cfg, P, S = model.config, 20, 128
@@ -200,10 +206,8 @@ def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setattr(triton_step.TritonStep, "__call__", broken)
-    made = graph_runner_on_cpu(monkeypatch, triton=True)
-    with pytest.warns(UserWarning, match="kernel launch failed"):
-        out = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    with override(decode_triton="always"), pytest.warns(UserWarning, match="kernel launch failed"):
+        out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], cuda_graphs=True, return_stats=True)
     assert torch.equal(out, plain)
-    r = made[-1]
-    assert not r.triton and any("Triton decode step failed" in n for n in r.notes)
-    assert not getattr(r, "greedy_graph_failed", None)  # the graphed greedy loop kept going, without Triton
+    # the graphed greedy loop kept going, without Triton: the one fallback is the Triton step's
+    assert len(stats.notes) == 1 and "Triton decode step failed" in stats.notes[0]

@@ -3,21 +3,25 @@
 Reads both config formats that exist for this model (the hub `config.json` of
 XiaomiMiMo/MiMo-V2-Flash and transformers' `MiMoV2FlashConfig`), writes the hub format
 (plus transformers' own keys, so that transformers reconstructs exactly the same model).
-Where a field is missing, the released model's value applies.
+Where a field is missing, the released model's value applies; when the config is not the released
+model's (some field differs), a warning names the fields that took the released values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FULL, SWA = 0, 1  # values of hybrid_layer_pattern
 ACTIVATIONS = ("silu",)
+TORCH_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # checkpoint.load.DTYPES' names
 
 
 def read_json_object(f: Path) -> dict:
@@ -31,6 +35,15 @@ def read_json_object(f: Path) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{f}: expected a JSON object")
     return d
+
+
+# Fields that do not shape the model (or follow a rule when absent): no warning when a config lacks them.
+NOT_MODEL_FIELDS = frozenset({"hybrid_layer_pattern", "moe_layer_freq", "initializer_range", "torch_dtype",
+                              "bos_token_id", "eos_token_id", "pad_token_id", "quantization_config",
+                              "mtp_loss_weight"})
+TRANSFORMERS_FIXED = frozenset({"add_full_attention_sink_bias", "n_shared_experts", "scoring_func", "topk_method",
+                                "num_nextn_predict_layers"})
+CORE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers")  # a config without them is not the release's
 
 
 def _default_pattern(n: int) -> list[int]:
@@ -136,8 +149,15 @@ class MiMoConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, f"must be a positive integer, got {v!r}")
-        if self.num_nextn_predict_layers < 0:
-            bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
+        n_mtp = self.num_nextn_predict_layers
+        if not isinstance(n_mtp, int) or isinstance(n_mtp, bool) or n_mtp < 0:
+            bad("num_nextn_predict_layers", f"must be an integer >= 0, got {n_mtp!r}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                bad(f.name, f"must be a finite number, got {v!r}")
+            if f.type == "bool" and not isinstance(v, bool):
+                bad(f.name, f"must be true or false, got {v!r}")
         for prefix in ("", "swa_"):
             h, kv = getattr(self, prefix + "num_attention_heads"), getattr(self, prefix + "num_key_value_heads")
             if h % kv:
@@ -174,6 +194,14 @@ class MiMoConfig:
             bad("scoring_func", f"only 'sigmoid' is used by MiMo-V2-Flash, got {self.scoring_func!r}")
         if self.n_shared_experts not in (None, 0):
             bad("n_shared_experts", "MiMo-V2-Flash has no shared expert; expected null")
+        if self.torch_dtype not in TORCH_DTYPES:
+            bad("torch_dtype", f"unknown dtype {self.torch_dtype!r}; one of {', '.join(TORCH_DTYPES)}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                bad(name, f"must be a token id (an integer >= 0){', a list of them' * (name == 'eos_token_id')} "
+                    f"or null, got {v!r}")
         if self.rms_norm_eps <= 0:
             bad("rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0 or self.swa_rope_theta <= 0:
@@ -270,7 +298,28 @@ class MiMoConfig:
         for k, v in d.items():
             if k in names and k not in out and k not in skip:
                 out[k] = v
-        return cls(**out)
+        # transformers' format has no key for these (its model hard-codes the release's choice)
+        inexpressible = TRANSFORMERS_FIXED if tf_format else frozenset()
+        defaulted = sorted(names - set(out) - NOT_MODEL_FIELDS - inexpressible)
+        listed = out.get("hybrid_layer_pattern") or out.get("moe_layer_freq")
+        if "num_hidden_layers" not in out and listed is not None and len(listed) != cls.num_hidden_layers:
+            raise ValueError(f"config field num_hidden_layers is missing (its per-layer lists have {len(listed)} "
+                             "entries)")
+        try:
+            config = cls(**out)
+        except ValueError as e:
+            if not defaulted:
+                raise
+            raise ValueError(f"{e} (not in the config, so the released model's values were used: "
+                             f"{_values(cls, defaulted)})") from None
+        released = all(k in out for k in CORE_FIELDS) and all(
+            getattr(config, k) == f.default for f in dataclasses.fields(cls)
+            if (k := f.name) in out and k not in NOT_MODEL_FIELDS)
+        if defaulted and not released:
+            warnings.warn(f"this is not the released MiMo-V2-Flash config, but it does not set {', '.join(defaulted)}; "
+                          f"the released model's values were used: {_values(cls, defaulted)}", UserWarning,
+                          stacklevel=2)
+        return config
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "MiMoConfig":
@@ -281,9 +330,14 @@ class MiMoConfig:
             raise FileNotFoundError(f"no config.json in {p}")
         d = read_json_object(f)
         try:
-            return cls.from_dict(d)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                config = cls.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{f}: {e}") from None
+        for w in caught:  # again, naming the file
+            warnings.warn(f"{f}: {w.message}", w.category, stacklevel=2)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Hub format, with transformers' keys alongside so that transformers builds the same model."""
@@ -333,3 +387,8 @@ class MiMoConfig:
 
     def replace(self, **changes: Any) -> "MiMoConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _values(cls, names: list[str]) -> str:
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return ", ".join(f"{k}={defaults[k]!r}" for k in names)

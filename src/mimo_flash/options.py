@@ -9,8 +9,9 @@ module constant is patched). Read the current options with `options()`; change t
         model(ids)
 
 The op files read the fields they own (ops/attention.py `attention`, ops/moe.py `router` / `experts`,
-ops/linear.py `linear`, ops/fused.py `compile`; generation/ the decode fields). A module's own `backend`
-attribute (MiMoForCausalLM.set_backends) takes precedence over the option; "auto" defers to it.
+ops/linear.py `linear`, ops/compiled.py `compile`, ops/kernels/launch.py `direct_launch`; generation/ the
+decode fields). A module's own `backend` attribute (MiMoForCausalLM.set_backends) takes precedence over the
+option; "auto" defers to it.
 """
 
 from __future__ import annotations
@@ -22,30 +23,66 @@ from typing import Iterator
 
 
 @dataclass(frozen=True)
+class TritonStepTuning:
+    """Block shapes and launch settings of the batch-1 Triton decode step (generation/triton_step.py),
+    chosen by measurement on an H100/H200 (bench/decode.py --sweep takes these field names)."""
+
+    min_programs: int = 264  # a GEMV's row blocks shrink until it has about this many programs (2 per SM)
+    tile: int = 4096  # elements of a GEMV program's weight tile
+    max_k: int = 1024  # widest K block of a GEMV (with PDL the first block loads while the previous kernel ends)
+    num_warps: int = 8  # GEMVs of 16M weights or more (lm_head)
+    small_gemv_warps: int = 4  # smaller GEMVs (q/k/v, o_proj on the mini preset: measured faster)
+    expert_warps: int = 8  # router, gate/up, down
+    gate_up_tile: int = 2048  # gate/up: weight elements per program and matrix (gate, up)
+    attn_warps: int = 4
+    max_splits: int = 16  # key splits per kv head in decode attention
+    pf_chunk: int = 32768  # elements per prefetch program
+    lm_head_tile: int = 16384  # lm_head: fewer programs, so the last one's argmax over theirs is shorter
+    lm_head_prefetch: int = 4 << 20  # lm_head elements pulled into L2 during the last layer
+    down_early: bool = True  # the down kernel loads its weights before its PDL wait (gate/up lets it start late)
+    down_tile: int = 4096  # down: weight elements per program (all chosen experts' rows)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+
+
+def _check_types(obj) -> None:
+    kinds = {"bool": bool, "str": str, "int": int, "float": (int, float), "TritonStepTuning": TritonStepTuning}
+    for f in dataclasses.fields(obj):
+        v, want = getattr(obj, f.name), kinds.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        if want is None:
+            continue
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise TypeError(f"option {f.name} must be a {f.type}, got {v!r}")
+
+
+@dataclass(frozen=True)
 class Options:
     # fused small ops on CUDA (RMSNorm, RoPE, SwiGLU, gather-sum, ...) as Triton kernels or torch.compile'd
     # bodies; False runs the plain PyTorch bodies everywhere (the definition; what the CPU runs)
     compile: bool = True
+    # Triton kernels launched through the C launcher directly where the Triton version is the one
+    # ops/kernels/launch.py was written for; False: every launch through Triton's own kernel[grid]
+    direct_launch: bool = True
     # default backends of the ops whose modules say "auto"; "auto" lets the op choose by device, dtype, shape
     attention: str = "auto"  # ops/attention.py: auto | reference | blocked | sdpa | flex | cudnn | triton
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
-    linear: str = "auto"  # ops/linear.py: auto (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
+    linear: str = "auto"  # ops/linear.py: auto | gemm (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
     fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)
     fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton (FP8Experts modules)
     # decoding (generation/)
-    decode_triton: bool = True  # batch-1 decode steps through generation/triton_step.py (CUDA, triton)
+    # batch-1 decode steps through generation/triton_step.py: "auto" (CUDA, where triton imports) | "always"
+    # (also on CPU: Triton's interpreter, tests) | "off"
+    decode_triton: str = "auto"
     decode_tune: bool = False  # coordinate-descent tuning of compiled one-row steps (slower on an H100)
     decode_prefetch: bool = True  # the Triton step pulls the next weights into L2 (attention, router)
     decode_pdl: bool = True  # programmatic dependent launch in the Triton step where the GPU has it
     spec_graph: bool = True  # a whole speculative step (drafts, verification, acceptance) as one CUDA graph
+    triton_step: TritonStepTuning = TritonStepTuning()  # the Triton step's block shapes (read when it is built)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            want = bool if f.type in ("bool", bool) else str
-            if not isinstance(v, want):
-                raise TypeError(f"option {f.name} must be a {want.__name__}, got {v!r}")
+        _check_types(self)
 
 
 _current = Options()

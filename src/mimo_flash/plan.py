@@ -114,19 +114,14 @@ def layouts(config: MiMoConfig, gpus: int) -> list[tuple[Layout, str | None]]:
 
 
 def kv_bytes_per_gpu(config: MiMoConfig, layout: Layout, context: int, batch: int, mtp: int = 0) -> int:
-    """KV cache bytes one GPU holds: its attention group's share of the batch, its TP share of KV heads."""
-    from .generation.cache import KVCache
+    """KV cache bytes one GPU holds: the cache (generation.cache.cache_bytes, SWA rings included) of its
+    attention group's share of the batch, with the KV heads of one TP rank (one each where TP exceeds them)."""
+    from .generation.cache import cache_bytes
 
     seqs = math.ceil(batch / (layout.gpus // layout.tp))
-    cache = KVCache(config, seqs, context, device="meta", dtype=torch.bfloat16, num_mtp=mtp)
-    total = 0
-    for i, k in cache.k.items():
-        swa = cache.group_of[i] != "full"
-        total += (k.numel() * k.element_size() + cache.v[i].numel() * cache.v[i].element_size()) * \
-            _kv_share(config, swa, layout.tp)
-    tables = sum(t.numel() * t.element_size() for t in cache.valid.values())
-    tables += sum(p.numel() * p.element_size() for g, p in cache.pos.items() if g != "full")
-    return int(total) + tables
+    heads = {swa: round(_kv_share(config, swa, layout.tp) * config.attn_dims(swa)["kv_heads"]) for swa in (False, True)}
+    rank = config.replace(num_key_value_heads=heads[False], swa_num_key_value_heads=heads[True])
+    return cache_bytes(rank, context, batch_size=seqs, dtype=torch.bfloat16, num_mtp=mtp)
 
 
 def activation_bytes(config: MiMoConfig, layout: Layout, batch: int) -> int:

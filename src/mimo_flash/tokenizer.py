@@ -55,10 +55,12 @@ def compile_template(source: str):
     return jinja_environment().from_string(source)
 
 
-def _token_str(t) -> str | None:
-    """tokenizer_config entries are either strings or {"content": ...} dicts."""
+def _token_str(t, where: str) -> str | None:
+    """tokenizer_config entries are either strings or {"content": ...} dicts (or null)."""
     if isinstance(t, dict):
-        return t.get("content")
+        t = t.get("content")
+    if t is not None and not isinstance(t, str):
+        raise ValueError(f"{where}: expected a token string (or {{'content': ...}}), got {t!r}")
     return t
 
 
@@ -101,11 +103,17 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         self.chat_template: str | None = template
 
-        self.bos_token = _token_str(self.config.get("bos_token"))
-        self.eos_token = _token_str(self.config.get("eos_token"))
-        self.pad_token = _token_str(self.config.get("pad_token"))
+        self.bos_token = _token_str(self.config.get("bos_token"), f"{root / 'tokenizer_config.json'}: bos_token")
+        self.eos_token = _token_str(self.config.get("eos_token"), f"{root / 'tokenizer_config.json'}: eos_token")
+        self.pad_token = _token_str(self.config.get("pad_token"), f"{root / 'tokenizer_config.json'}: pad_token")
         self.bos_id = self.token_to_id(self.bos_token)
         # generation stops at any of generation_config's EOS ids, else at the config's eos_token
+        for key in ("eos_token_id", "pad_token_id"):
+            v = gen.get(key)
+            ids = v if isinstance(v, list) and key == "eos_token_id" else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"{root / 'generation_config.json'}: {key} must be a token id (integer >= 0)"
+                                 f"{' or a list of them' * (key == 'eos_token_id')}, got {v!r}")
         eos = gen.get("eos_token_id")
         if eos is None:
             eos = self.token_to_id(self.eos_token)

@@ -8,15 +8,23 @@ Reading maps the whole file (private, read-only use) and hands out tensors that 
 map; `release` drops a tensor's pages from this process's resident set once it has been copied, so
 loading never holds more than about one tensor of file pages. Writing streams: the header is
 computed from names, dtypes and shapes up front, then each tensor is produced, written and dropped.
+
+Also here: the temporary directories checkpoints are written into, and the removal of those that killed
+writers left behind.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
 import os
+import shutil
+import socket
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -212,3 +220,50 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- temporary directories
+# A checkpoint is written into `.DST.tmp-XXXXXXXX` beside DST, then renamed. A process killed on the way
+# (SIGKILL, power) leaves that directory behind; the next write into the same parent removes it when it
+# is certainly ours and certainly abandoned: its name has our pattern, it holds our marker file, and the
+# process the marker names ran on this host and no longer exists.
+MARKER = ".mimo-flash-writing"
+
+
+def temp_dir_for(path: Path) -> Path:
+    """A new empty temporary directory beside `path` for writing it, with the marker of this process
+    (remove it with `unmark` before the rename). Stale ones of earlier runs are removed first."""
+    remove_stale_temp_dirs(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    (tmp / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    return tmp
+
+
+def unmark(tmp: Path) -> None:
+    """Drop the marker of a finished temporary directory (it must not end up in the checkpoint)."""
+    (tmp / MARKER).unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno != errno.ESRCH  # EPERM: it exists, owned by someone else
+    return True
+
+
+def remove_stale_temp_dirs(path: Path) -> list[Path]:
+    """Remove the temporary directories of writes of `path` whose writer is gone; returns them."""
+    removed = []
+    for d in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        try:
+            owner = json.loads((d / MARKER).read_text())
+            pid, host = int(owner["pid"]), owner["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no readable marker: not ours, or ours and still being set up
+        if host != socket.gethostname() or pid == os.getpid() or _process_exists(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+        warnings.warn(f"removed {d}: the temporary directory of an interrupted write (process {pid} is gone)")
+    return removed

@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import MiMoConfig
-from .errors import CheckpointError, CheckpointWarning
 from ..quant.blocks import FP8, SCALE_SUFFIX, dequantize, scale_grid
-from .names import (DOWN, GATE_UP, expert_index, hub_parts, is_mtp, layer_index, mtp_index, transformers_name)
+from .errors import CheckpointError, CheckpointWarning
+from .names import expert_index, hub_parts, is_mtp, layer_index, mtp_index, transformers_name
 from .reader import DEFAULT_BLOCK, CheckpointReader, block_size, read_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
@@ -83,7 +83,7 @@ def plan_checkpoint(reader: CheckpointReader, load_mtp: bool = True, strict: boo
     used: set[str] = set()
     extra_scales: list[str] = []
     for name, t in state.items():
-        sources = _sources(name, tuple(t.shape), keys)
+        sources = _sources(name, tuple(t.shape), keys, config)
         plan.tensors[name] = (tuple(t.shape), sources)
         for s in sources:
             if s.key not in keys:
@@ -121,15 +121,16 @@ def _describe(reader: CheckpointReader) -> str:
     return str(reader.index_path or (next(iter(reader.files)) if len(reader.files) == 1 else reader.root))
 
 
-def _sources(name: str, shape: tuple[int, ...], keys: set[str]) -> list[Source]:
-    """Our tensor `name` [shape] -> the checkpoint tensors that fill it (hub, transformers or mixed layout)."""
+def _sources(name: str, shape: tuple[int, ...], keys: set[str], config: MiMoConfig) -> list[Source]:
+    """Our tensor `name` [shape] -> the checkpoint tensors that fill it (hub, transformers or mixed layout):
+    the whole tensor where the checkpoint has it (transformers' fused experts), else its hub parts (one
+    tensor per expert, q/k/v and a dense gate/up as separate matrices)."""
     for key in (name, transformers_name(name)):
         if key in keys:
             return [Source(key, shape)]
-    if name.endswith(GATE_UP) or name.endswith(DOWN):  # hub layout: one tensor per expert
-        meta = torch.empty(shape, device="meta")
-        return [Source(key, tuple(meta[idx].shape), idx) for key, idx in hub_parts(name, torch.Size(shape))]
-    return [Source(name, shape)]
+    meta = torch.empty(shape, device="meta")
+    return [Source(key, shape if idx is None else tuple(meta[idx].shape), idx)
+            for key, idx in hub_parts(name, torch.Size(shape), config)]
 
 
 def _check_source(plan: Plan, s: Source) -> bool:

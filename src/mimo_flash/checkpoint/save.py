@@ -14,16 +14,15 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from .errors import CheckpointError
-from .files import Entry, fsync_dir, write_safetensors
 from ..quant.blocks import FP8, SCALE_SUFFIX, quantize, scale_grid
+from .errors import CheckpointError
+from .files import Entry, fsync_dir, temp_dir_for, unmark, write_safetensors
 from .load import check_finite, parse_dtype, plan_checkpoint, progress_bar, read_into
 from .names import LAYOUTS, is_fp32, is_quantized, layout_parts
 from .reader import PICKLE_SUFFIXES, CheckpointReader
@@ -132,7 +131,7 @@ def write_checkpoint(path: str | os.PathLike, config: dict, groups: list[list[En
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = temp_dir_for(path)
     try:
         shards = _shard(groups, limit)
         names = (["model.safetensors"] if len(shards) == 1 else
@@ -151,6 +150,7 @@ def write_checkpoint(path: str | os.PathLike, config: dict, groups: list[list[En
                 shutil.copy2(f, tmp / f.name)
         if path.exists():
             _carry_over(path, tmp)
+        unmark(tmp)
         fsync_dir(tmp)
         _swap(tmp, path)
     except BaseException:
@@ -261,7 +261,7 @@ def save_pretrained(model, path: str | os.PathLike, dtype=None, fp8: bool = Fals
         state.pop("lm_head.weight", None)
     tensors = []
     for name, t in state.items():
-        for key, idx in layout_parts(name, t.shape, layout):
+        for key, idx in layout_parts(name, t.shape, layout, model.config):
             v = (t if idx is None else t[idx]).detach()
             tensors.append(OutTensor(key, tuple(v.shape), v.dtype, read=lambda dt, v=v: v.to("cpu", dt)))
     config = model.config.replace(torch_dtype=str(cast or model.dtype).removeprefix("torch."),
@@ -300,7 +300,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype=Non
         for name, (shape, sources) in plan.tensors.items():
             meta = torch.empty(shape, device="meta")
             by_key = {s.key: s for s in sources}
-            for key, idx in layout_parts(name, torch.Size(shape), layout):
+            for key, idx in layout_parts(name, torch.Size(shape), layout, plan.config):
                 if len(sources) == 1 and sources[0].dst is None:  # one checkpoint tensor holds all of ours
                     reads = [(sources[0].key, idx, None)]
                 elif idx is None:  # assemble ours from its parts

@@ -91,7 +91,7 @@ def write_synthetic_checkpoint(path: str | os.PathLike, config: MiMoConfig, *, f
         state.pop("lm_head.weight", None)
     groups = []
     for name, t in state.items():
-        for key, idx in layout_parts(name, t.shape, layout):
+        for key, idx in layout_parts(name, t.shape, layout, config):
             shape = tuple((t if idx is None else t[idx]).shape)
             if fp8 and is_quantized(key):
                 L = layer_index(key)

@@ -14,9 +14,25 @@ segment 0, an empty or rolled-back slot segment -1, an invalid (padding) query s
 Layers that always see the same positions share one table of slot positions/validity ("groups"):
 all main full-attention layers, all main SWA layers, and each MTP layer on its own.
 
-A forward over the cache is: `meta = cache.step(group, q_pos, q_valid, kv_len)` once (plans the writes,
-updates the group's table), then the model runs and each Attention calls `cache.update(layer, k, v, meta)`
-(writes its keys/values, returns the keys/values to attend) and `cache.attention(...)`.
+THE CONTRACT (the only way anything outside this file touches a cache; its tensors are private):
+
+    cache.step(group, q_pos, q_valid, kv_len) -> AttnMeta
+        before a forward (runner): plans the writes of its new tokens, updates the group's slot tables
+    cache.update(layer_idx, k, v, meta) -> (keys, values, meta)
+        model/attention.py, per layer: writes this step's keys/values, returns what to attend over
+    cache.attention(q, k, v, meta, scale, window, sink) -> out
+        model/attention.py: attention over what update() returned (decode-shaped kernels)
+    cache.rollback(lengths, group) / cache.reset()
+        speculative decoding (rejected drafts) / a new generate() call
+    cache.layers() -> [layer_idx, ...]; cache.layer_slots(layer_idx, row) -> LayerSlots
+        the batch-1 Triton step: one row's buffers of one layer, in place (keys, values, slot positions and
+        validity, ring or not)
+    cache.one_token_tables(row) -> OneTokenTables
+        the batch-1 Triton step's table kernel: the tensors that a one-token step of `row` at position p
+        updates, and the rule it must apply to them (the one-token, all-valid case of step()):
+            full_valid[p] = True; ring_valid[p % ring] = True; ring_pos[p % ring] = p
+        (tests/test_generation.py checks the rule against step(), tests/test_triton_decode.py the kernel)
+    sizes: B (rows), S (max_length), R / ring_size() (ring slots), slack, device, dtype, nbytes()
 
 Two ways to attend in a ring, chosen per step:
   - write-then-attend (static shapes, the decode path): valid when the T new tokens cannot overwrite a key
@@ -47,6 +63,28 @@ MAIN = "main"  # group name for a main-model step (covers both the full and the 
 
 def mtp_group(k: int) -> str:
     return f"mtp{k}"
+
+
+@dataclass(frozen=True)
+class LayerSlots:
+    """One row's cache of one layer (views of the cache's buffers: writes go to the cache)."""
+
+    k: torch.Tensor  # [Hkv, n, D] keys (n = S for a full layer, R for a ring)
+    v: torch.Tensor  # [Hkv, n, Dv] values
+    pos: torch.Tensor  # [n] long, the position each slot holds (full layers: the slot index)
+    valid: torch.Tensor  # [n] bool, whether the slot holds a key of this row
+    ring: bool  # a sliding-window ring (slot = position % n) or every position (slot = position)
+
+
+@dataclass(frozen=True)
+class OneTokenTables:
+    """What a one-token step of one row updates (see the module docstring for the rule); None where the
+    model has no layer of that kind."""
+
+    full_valid: torch.Tensor | None  # [S] bool
+    ring_valid: torch.Tensor | None  # [R] bool
+    ring_pos: torch.Tensor | None  # [R] long
+    ring: int  # R
 
 
 @dataclass
@@ -82,38 +120,38 @@ class KVCache:
         self.sliding, self.slack = sliding, slack
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-        self.group_of: dict[int, str] = {}
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+        self._group_of: dict[int, str] = {}
         L = config.num_hidden_layers
         layers = [(i, config.is_swa(i)) for i in range(L)] + [(L + k, True) for k in range(num_mtp)]
         for i, swa in layers:
             d = config.attn_dims(swa)
             ring = swa and sliding
             n = self.R if ring else self.S
-            self.k[i] = torch.zeros(batch_size, d["kv_heads"], n, d["qk_dim"], device=self.device, dtype=dtype)
-            self.v[i] = torch.zeros(batch_size, d["kv_heads"], n, d["v_dim"], device=self.device, dtype=dtype)
+            self._k[i] = torch.zeros(batch_size, d["kv_heads"], n, d["qk_dim"], device=self.device, dtype=dtype)
+            self._v[i] = torch.zeros(batch_size, d["kv_heads"], n, d["v_dim"], device=self.device, dtype=dtype)
             if i >= L:
-                self.group_of[i] = mtp_group(i - L)
+                self._group_of[i] = mtp_group(i - L)
             else:
-                self.group_of[i] = "swa" if ring else "full"
+                self._group_of[i] = "swa" if ring else "full"
         # per-group tables: slot positions [B, n] (long) and validity [B, n] (bool)
-        self.pos: dict[str, torch.Tensor] = {}
-        self.valid: dict[str, torch.Tensor] = {}
-        for g in sorted(set(self.group_of.values())):
+        self._pos: dict[str, torch.Tensor] = {}
+        self._valid: dict[str, torch.Tensor] = {}
+        for g in sorted(set(self._group_of.values())):
             n = self.S if g == "full" else self.R
             if g == "full":  # slot j always holds position j
-                self.pos[g] = torch.arange(n, device=self.device).expand(batch_size, n)
+                self._pos[g] = torch.arange(n, device=self.device).expand(batch_size, n)
             else:
-                self.pos[g] = torch.full((batch_size, n), -1, device=self.device, dtype=torch.long)
-            self.valid[g] = torch.zeros(batch_size, n, device=self.device, dtype=torch.bool)
+                self._pos[g] = torch.full((batch_size, n), -1, device=self.device, dtype=torch.long)
+            self._valid[g] = torch.zeros(batch_size, n, device=self.device, dtype=torch.bool)
         self._plans: dict[str, _Plan] = {}
 
     # ------------------------------------------------------------------ sizes
     def nbytes(self) -> int:
         """Bytes this cache allocated (keys, values and the position/validity tables)."""
-        ts = list(self.k.values()) + list(self.v.values()) + list(self.valid.values())
-        ts += [p for g, p in self.pos.items() if g != "full"]  # the full table is an expanded arange view
+        ts = list(self._k.values()) + list(self._v.values()) + list(self._valid.values())
+        ts += [p for g, p in self._pos.items() if g != "full"]  # the full table is an expanded arange view
         return sum(t.numel() * t.element_size() for t in ts)
 
     def ring_size(self) -> int:
@@ -122,7 +160,7 @@ class KVCache:
     # ------------------------------------------------------------------ steps
     def _ring_groups(self, group: str) -> list[str]:
         if group == MAIN:
-            return [g for g in ("full", "swa") if g in self.valid]
+            return [g for g in ("full", "swa") if g in self._valid]
         return [group]
 
     def step(self, group: str, q_pos: torch.Tensor, q_valid: torch.Tensor | None, kv_len: int) -> AttnMeta:
@@ -164,21 +202,21 @@ class KVCache:
             slots = torch.where(write, slots, torch.where(has[:, None], rep_slot, 0))
         k_seg_new = torch.zeros_like(q_pos) if q_valid is None else torch.where(q_valid, 0, -1)
         if concat:
-            old_pos = self.pos[g].clone()
-            old_seg = torch.where(self.valid[g], 0, -1)
+            old_pos = self._pos[g].clone()
+            old_seg = torch.where(self._valid[g], 0, -1)
         self._write_table(g, slots, write, rep, q_pos)
         if concat:
             k_pos = torch.cat([old_pos, q_pos], 1)
             k_seg = torch.cat([old_seg, k_seg_new], 1)
         else:
-            k_pos = self.pos[g][:, :kv_len] if full else self.pos[g]
-            k_seg = torch.where(self.valid[g][:, :kv_len] if full else self.valid[g], 0, -1)
+            k_pos = self._pos[g][:, :kv_len] if full else self._pos[g]
+            k_seg = torch.where(self._valid[g][:, :kv_len] if full else self._valid[g], 0, -1)
         meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=torch.zeros_like(q_pos) if q_seg is None else q_seg,
                         k_seg=k_seg, aligned=False, plain=False)
         return _Plan(slots=slots, write=write, rep=rep, meta=meta, concat=concat, kv_len=kv_len)
 
     def _write_table(self, g, slots, write, rep, q_pos) -> None:
-        valid = self.valid[g]
+        valid = self._valid[g]
         rows = torch.arange(self.B, device=slots.device)[:, None]
         new_valid = torch.ones_like(slots, dtype=torch.bool)
         if write is not None:  # non-writing tokens repeat their row's representative value
@@ -188,9 +226,9 @@ class KVCache:
         if g != "full":
             pos = q_pos
             if write is not None:
-                rep_pos = torch.where(rep >= 0, q_pos.gather(1, rep.clamp_min(0)[:, None])[:, 0], self.pos[g][:, 0])
+                rep_pos = torch.where(rep >= 0, q_pos.gather(1, rep.clamp_min(0)[:, None])[:, 0], self._pos[g][:, 0])
                 pos = torch.where(write, q_pos, rep_pos[:, None])
-            self.pos[g][rows, slots] = pos
+            self._pos[g][rows, slots] = pos
 
     def _write(self, buf: torch.Tensor, new: torch.Tensor, plan: _Plan) -> None:
         """buf [B, H, n, d] <- new [B, H, T, d] at plan.slots (an index_put_, which torch.compile keeps in place)."""
@@ -205,9 +243,9 @@ class KVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta):
         """The attention hook. k [B, Hkv, T, D], v [B, Hkv, T, Dv] (rotated, value-scaled) ->
         (keys [B, Hkv, Tk, D], values [B, Hkv, Tk, Dv], AttnMeta of queries vs those keys)."""
-        g = self.group_of[layer_idx]
+        g = self._group_of[layer_idx]
         plan = self._plans[g]
-        K, V = self.k[layer_idx], self.v[layer_idx]
+        K, V = self._k[layer_idx], self._v[layer_idx]
         if plan.concat:
             k_all, v_all = torch.cat([K, k.to(K.dtype)], 2), torch.cat([V, v.to(V.dtype)], 2)
         self._write(K, k.to(K.dtype), plan)
@@ -218,6 +256,24 @@ class KVCache:
             return K[:, :, :plan.kv_len], V[:, :, :plan.kv_len], plan.meta
         return K, V, plan.meta
 
+    # ------------------------------------------------------------------ the batch-1 Triton step
+    def layer_slots(self, layer_idx: int, row: int = 0) -> LayerSlots:
+        """Row `row` of layer `layer_idx`'s buffers and slot tables (views, see LayerSlots)."""
+        g = self._group_of[layer_idx]
+        return LayerSlots(k=self._k[layer_idx][row], v=self._v[layer_idx][row], pos=self._pos[g][row],
+                          valid=self._valid[g][row], ring=g != "full")
+
+    def layers(self) -> list[int]:
+        """The layer indices this cache holds (main layers, then the MTP layers' slots)."""
+        return sorted(self._k)
+
+    def one_token_tables(self, row: int = 0) -> OneTokenTables:
+        """The tables a one-token step of `row` updates (see the module docstring for the rule)."""
+        full = self._valid.get("full")
+        return OneTokenTables(full_valid=None if full is None else full[row],
+                              ring_valid=self._valid["swa"][row] if "swa" in self._valid else None,
+                              ring_pos=self._pos["swa"][row] if "swa" in self._pos else None, ring=self.R)
+
     @staticmethod
     def attention(q, k, v, meta, scale, window, sink):
         """Attention over the cache (see generation/attention.py)."""
@@ -227,13 +283,13 @@ class KVCache:
     def rollback(self, lengths: torch.Tensor, group: str = MAIN) -> None:
         """Forget every entry at a position >= lengths[b] in row b. lengths [B] long."""
         for g in self._ring_groups(group):
-            self.valid[g] &= self.pos[g] < lengths[:, None]
+            self._valid[g] &= self._pos[g] < lengths[:, None]
 
     def reset(self) -> None:
-        for g in self.valid:
-            self.valid[g].zero_()
+        for g in self._valid:
+            self._valid[g].zero_()
             if g != "full":
-                self.pos[g].fill_(-1)
+                self._pos[g].fill_(-1)
 
 
 def cache_bytes(config: MiMoConfig, context: int, *, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16,

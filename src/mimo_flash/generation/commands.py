@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..cli import finite_float
+
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -48,15 +50,15 @@ def parse_dtype(name: str, device: torch.device):
 def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--temperature", type=finite_float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=finite_float, default=None, help="nucleus sampling (default: off)")
+    p.add_argument("--top-k", type=int, default=None, help="default: off")
+    p.add_argument("--min-p", type=finite_float, default=None, help="default: off")
+    p.add_argument("--repetition-penalty", type=finite_float, default=None, help="default: off")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="draft K tokens per step with the MTP layers (0 = off)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the CUDA-graph decode steps")
@@ -81,7 +83,8 @@ def register(subparsers) -> None:
     c.set_defaults(fn=cmd_chat)
     b = subparsers.add_parser("kv-cache", help="KV-cache bytes per sequence: sliding-window rings vs all-global")
     b.add_argument("--preset", default="flash", help="config preset (flash, mini, tiny) unless --model is given")
-    b.add_argument("--model", default=None, help="checkpoint directory whose config.json to use")
+    b.add_argument("--model", default=None,
+                   help="checkpoint directory whose config.json to use (default: the --preset)")
     b.add_argument("--context", type=int, nargs="+", default=[4096, 32768, 262144])
     b.add_argument("--dtype", default="bfloat16")
     b.set_defaults(fn=cmd_kv_cache)
@@ -124,11 +127,15 @@ def load(args):
 def _gen_kwargs(args, tok) -> dict:
     if args.max_new_tokens < 1:
         raise _user_error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise _user_error(f"--temperature must be >= 0, got {args.temperature}")
-    sample = args.temperature > 0
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else 1.0,
-              top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+    from .sampling import SamplingParams
+
+    try:
+        p = SamplingParams.from_request(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    except ValueError as e:
+        flag = str(e).split("=", 1)[0].replace("_", "-")
+        raise _user_error(f"--{flag}: {e}") from None
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
+              top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
               num_speculative_tokens=args.speculative, seed=args.seed, compile=args.compile)
     if tok.eos_token_ids:
         kw["eos_token_id"] = tok.eos_token_ids

@@ -34,6 +34,8 @@ class GenerationStats:
     capture_seconds: float = 0.0
     cache_bytes: int = 0
     per_step_accepted: list[int] = field(default_factory=list)
+    runner: str = ""  # "Runner" (eager) or "GraphRunner" (graph-shaped steps: CUDA graphs, compiled code or both)
+    notes: list[str] = field(default_factory=list)  # fallbacks the runner has taken (a failed graph, kernel, ...)
 
     @property
     def acceptance_length(self) -> float:
@@ -112,12 +114,14 @@ _RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> 
 
 def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> Runner:
     """An eager Runner with a fresh cache, or a GraphRunner kept on the model for reuse: its graphs (and
-    compiled code) serve every later call with the same batch size, cache length and K."""
+    compiled code) serve every later call with the same batch size, cache length and K.
+
+    GraphRunner: on CUDA with cuda_graphs "auto" or True; anywhere with compile=True or cuda_graphs=True. On a
+    CPU there are no CUDA graphs: its graph-shaped steps (greedy chunks, whole speculative steps, the decode
+    backends) run directly, compiled with compile=True: the code CUDA captures, checked on the CPU."""
     if cuda_graphs not in ("auto", True, False):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
     cuda = model.device.type == "cuda"
-    if cuda_graphs is True and not cuda:
-        raise ValueError("cuda_graphs=True needs the model on a CUDA device")
     config = model.config
 
     def new_cache():
@@ -126,9 +130,8 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
         return KVCache(config, B, S, device=model.device, dtype=model.dtype, num_mtp=K,
                        slack=2 * K if K else GREEDY_CHUNK - 1)
 
-    if not ((cuda and cuda_graphs in ("auto", True)) or compile):
+    if not ((cuda and cuda_graphs == "auto") or cuda_graphs is True or compile):
         return Runner(model, new_cache(), S)
-    # on CPU, compile=True compiles without graphs (tests); on CUDA graphs, compiled or not
     runners = _RUNNERS.setdefault(model, {})
     key = (B, S, K, model.dtype, str(model.device), bool(compile))
     runner = runners.pop(key, None)
@@ -138,7 +141,6 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
         runner = GraphRunner(model, new_cache(), S, compile=compile)
     else:
         runner.cache.reset()
-        runner.refresh()  # weights changed since the last call: fused copies and their graphs are rebuilt
     runners[key] = runner
     return runner
 
@@ -163,8 +165,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     forward (output identical to K=0 under greedy, same distribution under sampling).
     streamer: an object with put(list[int]) and end() receiving row 0's new tokens (batch 1 only).
     stopping: called each step with every row's new tokens so far; rows it returns True for finish.
-    prefill_chunk: prompt tokens per prefill forward. cuda_graphs: "auto" (on CUDA), True or False;
-    compile: torch.compile the graphed steps. return_stats: also return a GenerationStats.
+    prefill_chunk: prompt tokens per prefill forward. cuda_graphs: "auto" (on CUDA), True or False (True on a
+    CPU model runs the graph-shaped step code directly: there are no graphs there); compile: torch.compile the
+    graphed steps. return_stats: also return a GenerationStats (stats.notes: fallbacks the runner took).
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty).validate()
     input_ids, attention_mask = check_inputs(model, input_ids, attention_mask, max_new_tokens,
@@ -247,6 +250,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     clock.mark()
     stats.prefill_seconds, stats.decode_seconds = clock.intervals()
     stats.capture_seconds = getattr(runner, "capture_seconds", 0.0)
+    stats.runner, stats.notes = type(runner).__name__, list(runner.notes)
     result = out.result(input_ids)
     stats.new_tokens = out.total_new()
     if streamer is not None:
@@ -259,7 +263,7 @@ GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs,
 
 def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bool:
     return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.streamer is None
-            and out.stopping is None and not getattr(runner, "greedy_graph_failed", None))
+            and out.stopping is None and runner.graphs_for("greedy"))
 
 
 def _greedy_chunk(runner, bucket: int, n: int):
@@ -288,7 +292,7 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
     several times from the same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack
     (_make_runner).
     Returns (index of the next step, tok, pos): max_new_tokens when done, or where the plain loop takes over
-    if capturing failed (said in runner.greedy_graph_failed)."""
+    if capturing failed (runner.graph_failed("greedy", ...) records it; runner.failed["greedy"] says why)."""
     B = tok.shape[0]
     i = 1
     # tok (the prefill's token) first, then the chunks' tokens: added after the first launch (the host is behind
@@ -309,9 +313,7 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
             res = runner.run_step(("greedy", B, bucket, n), _greedy_chunk(runner, bucket, n), dict(tok=tok, pos=pos),
                                   rows=B)
         except Exception as e:  # the step-by-step path from here on, for this runner
-            runner.greedy_graph_failed = f"graphed greedy step failed: {type(e).__name__}: {str(e)[:200]}"
-            import warnings
-            warnings.warn(runner.greedy_graph_failed)
+            runner.graph_failed("greedy", e)
             flush()
             return i, tok, pos
         tok, pos = res["tok"], res["pos"]

@@ -5,192 +5,25 @@ of decoding (one token per row, verification of K + 1 tokens, the MTP layers' re
 optionally through torch.compile, as gpt-fast does: one graph per (kind, batch, tokens, cache bucket).
 Full-attention layers read only the cache slots [0, bucket), bucket = the next power of two (>= 256) above
 the longest row, capped at the cache size; SWA and MTP layers read their ring.
+
+Decode steps are traced / captured with the ops' decode backends (options.override: router "decode" when
+compiled, experts "decode", linear "reduction" for compiled one-row steps); the model is never modified.
+A runner owns what it learns about its paths: `graph_failed(path, error)` records that a graphed path (the
+greedy chunk, the speculative step) failed, after which `graphs_for(path)` is False and callers take the
+step-by-step path; `notes` lists every fallback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import os
-import types
+import time
+import warnings
 
 import torch
-import torch.nn as nn
 
-from ..model.attention import Attention
-from ..model.layers import MLP
-from ..model.moe import Experts, Router
-from ..ops import fused as fused_ops
-from ..ops import moe as moe_ops
+from ..ops.compiled import compile_scoped
+from ..options import options, override
 from .cache import MAIN, KVCache, mtp_group
-
-
-def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
-    """Expert compute for a few tokens without sorting or host syncs (CUDA-graph safe).
-
-    x [N, D], idx [N, k], w [N, k] fp32, gate_up [E, 2I, D], down [E, D, I] -> [N, D].
-    When N * k <= E / 2 each (token, slot) pair reads its expert's weights directly (batch-1 decode reads
-    only the chosen experts); otherwise every expert runs on every token and the routing weights (zero
-    for experts not chosen) combine them (large batches touch every expert anyway).
-    """
-    N, k = idx.shape
-    E = gate_up.shape[0]
-    if N * k * 2 <= E:
-        flat = idx.reshape(-1)
-        xk = x[:, None, :].expand(N, k, x.shape[-1]).reshape(N * k, -1)
-        if torch.compiler.is_compiling():  # a fused gather-multiply-reduce: each chosen weight read once
-            h = (gate_up[flat].float() * xk[:, None, :].float()).sum(-1).to(x.dtype)
-            gate, up = h.chunk(2, dim=-1)
-            a = (torch.nn.functional.silu(gate.float()) * up.float()).to(x.dtype)
-            y = (down[flat].float() * a[:, None, :].float()).sum(-1)
-        else:
-            h = torch.bmm(gate_up[flat], xk[:, :, None])[..., 0]
-            gate, up = h.chunk(2, dim=-1)
-            a = torch.nn.functional.silu(gate) * up
-            y = torch.bmm(down[flat], a[:, :, None])[..., 0].float()
-        y = y.to(x.dtype).float().view(N, k, -1)
-        return (y * w[..., None]).sum(1).to(x.dtype)
-    h = torch.matmul(x[None], gate_up.transpose(1, 2))  # [E, N, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    y = torch.matmul(torch.nn.functional.silu(gate) * up, down.transpose(1, 2))  # [E, N, D]
-    wd = torch.zeros(N, E, device=x.device, dtype=torch.float32).scatter(1, idx, w.float())
-    return (y.float() * wd.t()[..., None]).sum(0).to(x.dtype)
-
-
-moe_ops.EXPERT_BACKENDS.setdefault("decode", experts_decode)
-
-
-@contextlib.contextmanager
-def expert_backend(model, name: str):
-    """Temporarily run every Experts module of `model` with backend `name`."""
-    mods = [m for m in model.modules() if isinstance(m, Experts)]
-    old = [m.backend for m in mods]
-    for m in mods:
-        m.backend = name
-    try:
-        yield
-    finally:
-        for m, b in zip(mods, old):
-            m.backend = b
-
-
-def _linear_as_reduction(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] -> [..., out]: the product as a multiply-and-sum that torch.compile turns into one
-    bandwidth-bound reduction kernel (for a single row it beats a GEMM library call); fp32 accumulation."""
-    y = (x.float()[..., None, :] * self.weight.float()).sum(-1).to(x.dtype)
-    return y if self.bias is None else y + self.bias
-
-
-@contextlib.contextmanager
-def _forwards_replaced(mods, fn):
-    """Within the block, each module in `mods` runs `fn` (bound to it) as its forward."""
-    for m in mods:
-        m.forward = types.MethodType(fn, m)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
-
-
-def linears_as_reductions(model):
-    """While tracing a one-token step: every nn.Linear but lm_head (already bandwidth-bound) as a reduction."""
-    mods = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
-    return _forwards_replaced(mods, _linear_as_reduction)
-
-
-def route_decode(self: Router, x: torch.Tensor, count: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Router.forward for traced decode steps (n_group == 1): same selection and weights as ops.moe.route,
-    written as fusible reductions instead of a GEMV call plus a top-k kernel.
-
-    x [N, D] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count else None), as
-    Router.forward. The top-k comes from ranks: expert e is picked when fewer than k experts beat it
-    (higher score, or equal score and lower index).
-    """
-    scores = (x.float()[:, None, :] * self.weight.float()).sum(-1).sigmoid()  # [N, E]
-    choice = scores + self.e_score_correction_bias.float()
-    E = choice.shape[-1]
-    ar = torch.arange(E, device=x.device)
-    beats = (choice[:, None, :] > choice[:, :, None]) | (
-        (choice[:, None, :] == choice[:, :, None]) & (ar[None, None, :] < ar[None, :, None]))  # [N, e, e']
-    rank = beats.sum(-1)  # [N, E]: experts ahead of e
-    onehot = rank[:, :, None] == torch.arange(self.top_k, device=x.device)  # [N, E, k]
-    idx = (onehot * ar[None, :, None]).sum(1)  # [N, k], best first
-    w = scores.gather(1, idx)
-    if self.norm_topk_prob:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx, w * self.scaling, moe_ops.expert_counts(idx, E) if count else None
-
-
-def routers_for_decode(model):
-    """While tracing a decode step: routers without group limits use route_decode."""
-    return _forwards_replaced([m for m in model.modules() if isinstance(m, Router) and m.n_group == 1],
-                              route_decode)
-
-
-# ---------------------------------------------------------------------------- fused decode projections
-FUSED = {Attention: ("q_proj", "k_proj", "v_proj"), MLP: ("gate_proj", "up_proj")}
-
-
-def prepare_fused(model) -> bool:
-    """Give every Attention a fused [q; k; v] weight and every dense MLP a fused [gate; up] weight
-    (module attribute `_mf_fused`, not a parameter: names, state_dict and checkpoints are unchanged).
-
-    A copy, not views: parameters that share one storage would make safetensors refuse to save the model.
-    Rebuilt when a source weight changed (pointer, in-place version, dtype). Returns True if any was rebuilt
-    (CUDA graphs that read the old copies must then be dropped)."""
-    changed = False
-    for m in model.modules():
-        names = FUSED.get(type(m))
-        if names is None or not all(isinstance(getattr(m, n), nn.Linear) for n in names):
-            continue  # FP8-resident projections (quant.FP8Linear) run as they are
-        ws = [getattr(m, n).weight for n in names]
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape)) for w in ws)
-        old = m.__dict__.get("_mf_fused")
-        if old is None or old[0] != key:
-            with torch.no_grad():
-                m.__dict__["_mf_fused"] = (key, torch.cat([w.detach() for w in ws], 0))
-            changed = True
-    return changed
-
-
-def _proj(x: torch.Tensor, w: torch.Tensor, reduce: bool) -> torch.Tensor:
-    if reduce:  # as _linear_as_reduction: one bandwidth-bound fp32 reduction kernel for a single row
-        return (x.float()[..., None, :] * w.float()).sum(-1).to(x.dtype)
-    return torch.nn.functional.linear(x, w)
-
-
-def _attention_fused_forward(reduce: bool):
-    def forward(self: Attention, x, rope, meta, cache=None):
-        """Attention.forward with q, k and v from one product over the fused weight (same math)."""
-        return self.attend(_proj(x, self._mf_fused[1], reduce), rope, meta, cache)
-    return forward
-
-
-def _mlp_fused_forward(reduce: bool):
-    def forward(self: MLP, x):
-        """MLP.forward with gate and up from one product over the fused weight."""
-        h = _proj(x, self._mf_fused[1], reduce)
-        i = h.shape[-1] // 2
-        return self.down_proj(fused_ops.silu_mul(h[..., :i], h[..., i:]))
-    return forward
-
-
-@contextlib.contextmanager
-def fused_projections(model, reduce: bool):
-    """While tracing / capturing a step: Attention and dense MLP forwards over the fused weights
-    (prepare_fused must have run). reduce: one-row steps, products as fp32 reductions."""
-    makers = {Attention: _attention_fused_forward(reduce), MLP: _mlp_fused_forward(reduce)}
-    mods = [m for m in model.modules() if type(m) in makers and "_mf_fused" in m.__dict__]
-    for m in mods:
-        m.forward = types.MethodType(makers[type(m)], m)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
 
 
 class Runner:
@@ -200,6 +33,25 @@ class Runner:
         self.model, self.cache = model, cache
         pos = torch.arange(max_length, device=model.device)[None]
         self.rope_tables = model.model.ropes(pos, model.dtype)  # {swa: (cos, sin) [1, S, rotary]}
+        self.notes: list[str] = []  # fallbacks taken, said once each
+        self.failed: dict[str, str] = {}  # graphed path -> why it failed
+
+    def graphs_for(self, path: str) -> bool:
+        """Whether `path` ("greedy": chunks of greedy steps, "spec": whole speculative steps) may run as one
+        captured step on this runner (never on an eager Runner)."""
+        return False
+
+    def graph_failed(self, path: str, error: Exception) -> str:
+        """Record that the graphed `path` failed: callers take the step-by-step path from now on. Warns;
+        returns the message (also in notes and failed[path])."""
+        msg = f"graphed {path} step failed ({type(error).__name__}: {str(error)[:200]}); step-by-step path"
+        self.failed[path] = msg
+        self._note(msg)
+        return msg
+
+    def _note(self, msg: str) -> None:
+        self.notes.append(msg)
+        warnings.warn(msg)
 
     def ropes(self, pos: torch.Tensor) -> dict:
         """pos [B, T] -> {swa: (cos, sin) [B, T, rotary]}."""
@@ -245,68 +97,53 @@ class GraphRunner(Runner):
     are static tensors that the next replay overwrites (callers consume them at once). Capturing runs the
     step a few times first: cache writes are idempotent (same tokens, same slots), so this is harmless.
 
-    fuse: traced steps compute q/k/v (and a dense MLP's gate/up) with one product over a fused copy of
-    the weights (prepare_fused). tune: one-row main steps compile with inductor's coordinate-descent
-    tuning of block sizes (GEMV-like reductions). fuse defaults on (MIMO_FLASH_DECODE_FUSE=0 turns it off);
-    tune defaults off (MIMO_FLASH_DECODE_TUNE=1): on an H100 it made the decode-attention kernel 3.5x slower
-    and the batch-1 step no faster (730 vs 717 us). If tracing or capturing with either fails, the step
+    options().decode_tune: one-row main steps compile with inductor's coordinate-descent tuning of block
+    sizes (GEMV-like reductions); default (off: on an H100 it made the decode-attention kernel 3.5x
+    slower and the batch-1 step no faster, 730 vs 717 us). If tracing or capturing with it fails, the step
     falls back to the plain path and says so in `notes`.
-    triton: one-token steps of a single sequence run the Triton kernels of generation/triton_step.py
-    instead (76 kernels per step instead of 207 on the mini preset); default on where triton imports and the cache
-    is on CUDA (MIMO_FLASH_DECODE_TRITON=0 turns it off); True forces it (Triton's CPU interpreter, tests).
+    options().decode_triton: one-token steps of a single sequence run the Triton kernels of
+    generation/triton_step.py instead (76 kernels per step instead of 207 on the mini preset): "auto" where
+    triton imports and the cache is on CUDA, "always" also on CPU (Triton's interpreter, tests), "off".
+    Both are read when the runner is built.
     `run_step` captures a whole caller-defined step (speculative decoding: drafts + verification + accept)
     whose model calls run inline (compiled, no nested graphs) inside one graph.
     """
 
     def __init__(self, model, cache: KVCache, max_length: int, compile: bool = False,
-                 max_graph_tokens: int = 16, fuse: bool | None = None, tune: bool | None = None,
-                 triton: bool | None = None) -> None:
+                 max_graph_tokens: int = 16) -> None:
         super().__init__(model, cache, max_length)
         self.compile = compile
         self.max_graph_tokens = max_graph_tokens
-        self.fuse = os.environ.get("MIMO_FLASH_DECODE_FUSE", "1") != "0" if fuse is None else fuse
-        self.tune = os.environ.get("MIMO_FLASH_DECODE_TUNE", "0") == "1" if tune is None else tune
-        if triton is None:
-            triton = (os.environ.get("MIMO_FLASH_DECODE_TRITON", "1") != "0" and cache.device.type == "cuda"
-                      and importlib.util.find_spec("triton") is not None)
+        self.tune = options().decode_tune
+        mode = options().decode_triton
+        if mode not in ("auto", "always", "off"):
+            raise ValueError(f"option decode_triton must be 'auto', 'always' or 'off', got {mode!r}")
+        triton = mode == "always" or (mode == "auto" and cache.device.type == "cuda"
+                                      and importlib.util.find_spec("triton") is not None)
         from .triton_step import unsupported
-        self.triton = bool(triton) and cache.B == 1 and unsupported(model, cache, check_fused=False) is None
+        self.triton = triton and cache.B == 1 and unsupported(model, cache) is None
         self.graphs: dict = {}
         self.fns: dict = {}  # key -> (compiled) step function
-        self.notes: list[str] = []
         self.pool = None
         self.capture_seconds = 0.0
         self._inline = False
         self._triton_step = None
-        self.refresh()
 
-    def refresh(self) -> None:
-        """Before a generate() call: rebuild stale fused weights; graphs that read the old ones are dropped."""
-        if (self.fuse or self.triton) and prepare_fused(self.model):
-            self.graphs.clear()
-            self.fns.clear()
-            self._triton_step = None
+    def graphs_for(self, path: str) -> bool:
+        return path not in self.failed
 
     def _tracing(self, rows: int):
-        """Module swaps active while a step is traced / captured: decode experts; one-row GEMVs as reductions;
-        fused projections."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(expert_backend(self.model, "decode"))
-        if self.compile:
-            stack.enter_context(routers_for_decode(self.model))
-        if self.compile and rows == 1:
-            stack.enter_context(linears_as_reductions(self.model))
-        if self.fuse:
-            stack.enter_context(fused_projections(self.model, reduce=self.compile and rows == 1))
-        return stack
+        """The options a step is traced / captured with: the ops' decode backends (no sort, no host sync, so
+        CUDA-graph safe); compiled one-row steps compute their products as fp32 reductions."""
+        return override(router="decode" if self.compile else options().router, experts="decode",
+                        linear="reduction" if self.compile and rows == 1 else options().linear)
 
     def _fn(self, key, fn, tune: bool):
         if key not in self.fns:
             f = fn
             if self.compile:
-                fused_ops.raise_recompile_limits()
                 opts = {"coordinate_descent_tuning": True} if tune else None
-                f = torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
+                f = compile_scoped(fn, fullgraph=True, dynamic=False, options=opts)
             self.fns[key] = f
         return self.fns[key]
 
@@ -321,23 +158,14 @@ class GraphRunner(Runner):
             tune = self._wants_tune(key, rows)
             try:
                 return self._run_once(key, fn, inputs, rows, tune)
-            except Exception as e:  # a new path failed: fall back to the plain one and say so
+            except Exception as e:  # tuning failed: fall back to the plain compile and say so
                 self.graphs.pop(key, None)
                 self.fns.pop(key, None)
-                if tune:
-                    self.tune = False
-                    what = "coordinate-descent tuning"
-                elif self.fuse:
-                    self.fuse = False
-                    self.graphs.clear()
-                    self.fns.clear()
-                    what = "fused projections"
-                else:
+                if not tune:
                     raise
-                msg = f"{key}: {what} failed ({type(e).__name__}: {str(e)[:200]}); falling back"
-                self.notes.append(msg)
-                import warnings
-                warnings.warn(msg)
+                self.tune = False
+                self._note(f"{key}: coordinate-descent tuning failed ({type(e).__name__}: {str(e)[:200]}); "
+                           "falling back")
 
     def _run_once(self, key, fn, inputs: dict, rows: int, tune: bool):
         if self.cache.device.type != "cuda":  # no CUDA graphs: torch.compile only (tests the traced code on CPU)
@@ -361,7 +189,6 @@ class GraphRunner(Runner):
         """Capture make_fn()(**inputs) as a CUDA graph once per key (3 warm-up runs on a side stream;
         the graphs share one memory pool), then copy the inputs into its static buffers and replay it."""
         if key not in self.graphs:
-            import time
             t0 = time.perf_counter()
             static = {n: t.clone() for n, t in inputs.items()}
             f = make_fn()
@@ -438,10 +265,7 @@ class GraphRunner(Runner):
         except Exception as e:  # also inside a whole-step capture's warm-up runs: the step then uses main's path
             self.graphs.pop(key, None)
             self.triton = False
-            msg = f"{key}: Triton decode step failed ({type(e).__name__}: {str(e)[:200]}); falling back"
-            self.notes.append(msg)
-            import warnings
-            warnings.warn(msg)
+            self._note(f"{key}: Triton decode step failed ({type(e).__name__}: {str(e)[:200]}); falling back")
             return None
 
     def mtp(self, k: int, ids, h_prev, pos, valid, graph: bool = False):

@@ -18,25 +18,41 @@ class SamplingParams:
     min_p: float | None = None
     repetition_penalty: float | None = None
 
+    @classmethod
+    def from_request(cls, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     min_p: float | None = None, repetition_penalty: float | None = None) -> "SamplingParams":
+        """The convention of the command line and the OpenAI API: temperature 0 means greedy. Every value is
+        checked (a NaN temperature is an error, not greedy decoding)."""
+        if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0 = greedy)")
+        sample = temperature > 0
+        return cls(sample, temperature if sample else 1.0, top_k, top_p, min_p, repetition_penalty).validate()
+
     def validate(self) -> "SamplingParams":
+        """Every field checked, whether or not sampling is on: numbers must be finite and in range."""
         def bad(name, value, why):
             raise ValueError(f"{name}={value!r}: {why}")
 
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or self.temperature <= 0:
+        if not isinstance(self.do_sample, bool):
+            bad("do_sample", self.do_sample, "must be True or False")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
             bad("temperature", self.temperature, "must be a finite number > 0 (use do_sample=False for greedy)")
         if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
                                        or self.top_k < 1):
             bad("top_k", self.top_k, "must be an integer >= 1 (or None)")
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
-            bad("top_p", self.top_p, "must be in (0, 1] (or None)")
-        if self.min_p is not None and (not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1):
-            bad("min_p", self.min_p, "must be in [0, 1] (or None)")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            bad("top_p", self.top_p, "must be a number in (0, 1] (or None)")
+        if self.min_p is not None and (not _is_number(self.min_p) or not 0 <= self.min_p <= 1):
+            bad("min_p", self.min_p, "must be a number in [0, 1] (or None)")
         if self.repetition_penalty is not None and (
-                not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty)
+                not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
                 or self.repetition_penalty <= 0):
             bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0 (or None)")
         return self
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -25,20 +25,18 @@ columns, right-aligned on position N-1, invalid columns masked. Rows that are do
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..options import options
 from .cache import MAIN, mtp_group
 from .runner import kv_bucket
 from .sampling import SamplingParams, process
 
 # Greedy steps after the first run as one CUDA graph (drafts + verification + accept + rollback) on a
-# GraphRunner; MIMO_FLASH_SPEC_GRAPH=0 (or setting this to False) keeps the step-by-step path.
-SPEC_GRAPH = os.environ.get("MIMO_FLASH_SPEC_GRAPH", "1") != "0"
+# GraphRunner; options().spec_graph=False keeps the step-by-step path.
 _GREEDY = SamplingParams(do_sample=False)
 
 
@@ -105,8 +103,8 @@ def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingP
                      q=torch.stack(qs, 1) if params.do_sample else None, seen=seen, n_max=int(N.max()))
 
 
-def _draft(runner, st: SpecState, params: SamplingParams, generator) -> None:
-    """Regular draft phase (after a verification): fills st.drafts / st.q and the new stash."""
+def _draft(runner, st: SpecState, params: SamplingParams, generator) -> list:
+    """Regular draft phase (after a verification): fills st.drafts / st.q; returns the new stash."""
     K, B = st.K, st.N.shape[0]
     dev = st.N.device
     ext = st.recent
@@ -130,7 +128,7 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator) -> None:
         stash.append(h_prev[:, K])  # position N - k - 1
     st.drafts = torch.stack(drafts, 1)
     st.q = torch.stack(qs, 1) if params.do_sample else None
-    st._new_stash = stash[:-1]
+    return stash[:-1]
 
 
 def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
@@ -146,10 +144,7 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
         try:
             new, count = _graphed_step(runner, st, frozen)
         except Exception as e:  # fall back to the step-by-step path for the rest of this runner's life
-            msg = f"speculative step graph failed ({type(e).__name__}: {str(e)[:200]}); step-by-step path"
-            runner.spec_graph_failed = msg
-            getattr(runner, "notes", []).append(msg)
-            warnings.warn(msg)
+            runner.graph_failed("spec", e)
             new = None
     if new is None:
         new, count = _step_core(runner, st, params, generator, frozen)
@@ -159,7 +154,7 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
 
 
 def _can_graph(runner, st: SpecState, params: SamplingParams) -> bool:
-    return (SPEC_GRAPH and hasattr(runner, "run_step") and not getattr(runner, "spec_graph_failed", None)
+    return (options().spec_graph and runner.graphs_for("spec")
             and not params.do_sample and st.seen is None and st.h_main is not None and st.K > 0)
 
 
@@ -199,8 +194,7 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     dev = st.N.device
     old = (st.N, st.N_prev, st.tok, st.recent, st.h_main, list(st.stash))
     if st.h_main is not None:  # the first step's drafts come from spec_prefill
-        _draft(runner, st, params, generator)
-        new_stash = st._new_stash
+        new_stash = _draft(runner, st, params, generator)
     else:
         new_stash = list(st.stash)
     d = st.drafts

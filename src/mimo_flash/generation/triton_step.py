@@ -1,39 +1,21 @@
-"""The main model's one-token step for a single sequence through the Triton kernels of ops/decode_kernels.py.
+"""The main model's one-token step for a single sequence through the Triton kernels of generation/kernels.py.
 
 GraphRunner uses it for batch-1 decode steps (one CUDA graph per cache bucket): the embedding row and the
 slot tables, six kernels per MoE layer (five for a dense one), and the final norm with lm_head, the greedy
 token: 73 kernels for the mini preset where the torch.compile'd step has 207. The
-block sizes below were chosen by measurement on an H100 (bench/decode.py --sweep, bench/decode_kernels.py;
-docs/BENCHMARKS.md). It reads the model's parameters and the cache's buffers in place (weights updated in
-place are seen by the next step); the fused q/k/v and dense gate/up weights are the runner's copies
-(runner.prepare_fused), so the runner rebuilds this object when those change.
+block sizes (options().triton_step, read when the step is built; prefetching and PDL: options().decode_prefetch,
+decode_pdl) were chosen by measurement (bench/decode.py --sweep, bench/decode_kernels.py; docs/BENCHMARKS.md).
+It reads the model's parameters (qkv_proj, gate_up_proj: fused as stored) and the cache's buffers
+(KVCache.layer_slots, one_token_tables) in place: weights updated in place are seen by the next step.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..model.moe import MoE
+from ..options import TritonStepTuning, options
 from .cache import KVCache
-
-MIN_PROGRAMS = 264  # a GEMV's row blocks shrink until it has about this many programs (2 per SM of an H100)
-TILE = 4096  # elements of a GEMV program's weight tile
-MAX_K = 1024  # widest K block of a GEMV (with PDL the first block loads while the previous kernel ends)
-NUM_WARPS = 8  # GEMVs of 16M weights or more (lm_head)
-SMALL_GEMV_WARPS = 4  # smaller GEMVs (q/k/v, o_proj on the mini preset: measured faster)
-EXPERT_WARPS = 8  # router, gate/up, down
-GATE_UP_TILE = TILE // 2  # weight elements per program and matrix (gate, up)
-ATTN_WARPS = 4
-MAX_SPLITS = 16  # key splits per kv head in decode attention
-PREFETCH = os.environ.get("MIMO_FLASH_DECODE_PREFETCH", "1") != "0"  # weights into L2 (attention, router)
-PF_CHUNK = 32768  # elements per prefetch program
-PDL = os.environ.get("MIMO_FLASH_DECODE_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it
-LM_HEAD_TILE = 4 * TILE  # lm_head: fewer programs, so the last one's argmax over theirs is shorter (8 us a step)
-LM_HEAD_PREFETCH = 4 << 20  # lm_head elements pulled into L2 during the last layer
-DOWN_EARLY = True  # the down kernel loads its weights before its PDL wait (gate/up lets it start late)
-DOWN_TILE = TILE  # down: weight elements per program (all chosen experts' rows)
 
 
 def _pow2(n: int) -> int:
@@ -44,20 +26,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gemv_blocks(n_rows: int, n_cols: int, tile: int | None = None) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) for a GEMV over [n_rows, n_cols]: K blocks up to MAX_K wide, rows per program
-    halved from 64 until there are MIN_PROGRAMS programs, the tile kept at most `tile` elements."""
-    tile = TILE if tile is None else tile
-    bk = min(_pow2(n_cols), MAX_K, tile // 2)
+def gemv_blocks(n_rows: int, n_cols: int, tile: int | None = None,
+                tuning: TritonStepTuning | None = None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for a GEMV over [n_rows, n_cols]: K blocks up to tuning.max_k wide, rows per program
+    halved from 64 until there are tuning.min_programs programs, the tile kept at most `tile` elements
+    (default tuning.tile). tuning: default options().triton_step."""
+    t = options().triton_step if tuning is None else tuning
+    tile = t.tile if tile is None else tile
+    bk = min(_pow2(n_cols), t.max_k, tile // 2)
     bn = 64
-    while bn > 2 and (_cdiv(n_rows, bn) < MIN_PROGRAMS or bn * bk > tile):
+    while bn > 2 and (_cdiv(n_rows, bn) < t.min_programs or bn * bk > tile):
         bn //= 2
     return bn, bk
 
 
-def unsupported(model, cache: KVCache, check_fused: bool = True) -> str | None:
-    """Why this step cannot run `model` over `cache` (None: it can). check_fused: also require the fused
-    projection weights (prepare_fused)."""
+def unsupported(model, cache: KVCache) -> str | None:
+    """Why this step cannot run `model` over `cache` (None: it can)."""
     c = model.config
     if cache.B != 1:
         return "batch size is not 1"
@@ -76,10 +60,6 @@ def unsupported(model, cache: KVCache, check_fused: bool = True) -> str | None:
             return f"attention dims {d} (V dim a power of two >= 16, Q/K dim <= 256)"
         if d["rotary_dim"] % 2:
             return "odd rotary dim"
-    for layer in model.model.layers if check_fused else []:
-        for m in (layer.self_attn, layer.mlp):
-            if not isinstance(m, MoE) and "_mf_fused" not in m.__dict__:
-                return "fused projection weights missing (prepare_fused)"
     return None
 
 
@@ -94,7 +74,7 @@ def pdl_works(device: torch.device) -> bool:
         ok = False
         if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
             try:
-                from ..ops.decode_kernels import probe_kernel
+                from .kernels import probe_kernel
                 x = torch.zeros(1, device=device, dtype=torch.int32)
                 for _ in range(3):
                     probe_kernel[(1,)](x, PDL=True, launch_pdl=True)
@@ -117,14 +97,17 @@ class TritonStep:
     attribute `token`). Outputs are buffers that the next step overwrites. Full-attention layers read cache
     slots [0, bucket); SWA layers their ring."""
 
-    def __init__(self, model, cache: KVCache, rope_tables: dict, pdl: bool | None = None) -> None:
-        from ..ops import decode_kernels as dk  # needs triton
+    def __init__(self, model, cache: KVCache, rope_tables: dict) -> None:
+        from . import kernels as dk  # needs triton
 
         why = unsupported(model, cache)
         if why:
             raise ValueError(f"TritonStep: {why}")
         self.dk, self.model, self.cache, self.rope_tables = dk, model, cache, rope_tables
-        self.pdl = PDL and pdl_works(cache.device) if pdl is None else pdl
+        opts = options()
+        self.t = opts.triton_step  # block shapes, fixed for this object's life (its graphs bake them in)
+        self.prefetch_on = opts.decode_prefetch
+        self.pdl = opts.decode_pdl and pdl_works(cache.device)
         c = model.config
         dev, dt = cache.device, model.dtype
         self.D, self.V = c.hidden_size, c.vocab_size
@@ -140,15 +123,15 @@ class TritonStep:
                 gu_rows = max(gu_rows, layer.mlp.gate.top_k * ex.gate_up_proj.shape[1])
                 topk = max(topk, layer.mlp.gate.top_k)
             else:
-                gu_rows = max(gu_rows, layer.mlp._mf_fused[1].shape[0])
+                gu_rows = max(gu_rows, layer.mlp.gate_up_proj.weight.shape[0])
         f32 = dict(device=dev, dtype=torch.float32)
         self.x = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream between layers
         self.h = torch.zeros(self.D, device=dev, dtype=dt)  # residual stream after attention
         self.qkv = torch.zeros(qkv_rows, device=dev, dtype=dt)
         self.o = torch.zeros(o_rows, device=dev, dtype=dt)  # attention output (all heads)
-        self.acc = torch.zeros(MAX_SPLITS * heads * dv, **f32)  # split states of the attention
-        self.m = torch.zeros(MAX_SPLITS * heads, **f32)
-        self.l = torch.zeros(MAX_SPLITS * heads, **f32)
+        self.acc = torch.zeros(self.t.max_splits * heads * dv, **f32)  # split states of the attention
+        self.m = torch.zeros(self.t.max_splits * heads, **f32)
+        self.l = torch.zeros(self.t.max_splits * heads, **f32)
         self.counters = torch.zeros(kv_heads, device=dev, dtype=torch.int32)  # each kernel leaves them at 0
         self.dummy = torch.zeros(1, **f32)  # the prefetch programs' sink for their (never stored) sums
         self.router = torch.zeros(max(c.n_routed_experts, 1), **f32)
@@ -160,7 +143,7 @@ class TritonStep:
         self.logits = torch.zeros(1, 1, self.V, device=dev, dtype=dt)
         self.hidden = torch.zeros(1, 1, self.D, device=dev, dtype=dt)
         self.token = torch.zeros(1, device=dev, dtype=torch.long)
-        bn, _ = gemv_blocks(self.V, self.D, LM_HEAD_TILE)
+        bn, _ = gemv_blocks(self.V, self.D, self.t.lm_head_tile, self.t)
         self.pmax = torch.zeros(_cdiv(self.V, bn), **f32)  # the lm_head programs' best logits and their indices
         self.pidx = torch.zeros(_cdiv(self.V, bn), device=dev, dtype=torch.int32)
         self.prefetch = self._prefetch_plan()
@@ -176,8 +159,8 @@ class TritonStep:
         moe = [isinstance(layer.mlp, MoE) for layer in layers]
         for i, layer in enumerate(layers):
             (plan[i - 1][1] if i > 0 and moe[i - 1] else plan[i][0]).append(layer.self_attn.o_proj.weight)
-            ahead = (layers[i + 1].self_attn._mf_fused[1] if i + 1 < len(layers)
-                     else self.model.lm_head.weight.view(-1)[:LM_HEAD_PREFETCH])
+            ahead = (layers[i + 1].self_attn.qkv_proj.weight if i + 1 < len(layers)
+                     else self.model.lm_head.weight.view(-1)[:self.t.lm_head_prefetch])
             if ahead.numel():
                 plan[i][1 if moe[i] else 0].append(ahead)
         return plan
@@ -190,21 +173,23 @@ class TritonStep:
     def _pf(self, regions):
         """Prefetch arguments for up to two weight regions, and the number of PF_CHUNK chunks."""
         assert len(regions) <= 2
-        regions = regions if PREFETCH else []
+        regions = regions if self.prefetch_on else []
         a = regions[0] if regions else self.dummy
         b = regions[1] if len(regions) > 1 else a
         an = a.numel() if regions else 0
         bn = b.numel() if len(regions) > 1 else 0
-        return dict(pfa_ptr=a, pfa_n=an, pfb_ptr=b, pfb_n=bn, dummy_ptr=self.dummy,
-                    PF_CHUNK=PF_CHUNK), _cdiv(an, PF_CHUNK) + _cdiv(bn, PF_CHUNK)
+        c = self.t.pf_chunk
+        return dict(pfa_ptr=a, pfa_n=an, pfb_ptr=b, pfb_n=bn, dummy_ptr=self.dummy, PF_CHUNK=c), \
+            _cdiv(an, c) + _cdiv(bn, c)
 
     def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None):
         """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); token (lm_head): also the hidden state, and the
         greedy token into `token` [1]."""
         lm_head = token is not None
-        bn, bk = gemv_blocks(n_rows, x.numel(), LM_HEAD_TILE if lm_head else None)
+        t = self.t
+        bn, bk = gemv_blocks(n_rows, x.numel(), t.lm_head_tile if lm_head else None, t)
         n_prog = _cdiv(n_rows, bn)
-        warps = NUM_WARPS if n_rows * x.numel() >= 1 << 24 else SMALL_GEMV_WARPS
+        warps = t.num_warps if n_rows * x.numel() >= 1 << 24 else t.small_gemv_warps
         self.dk.gemv_kernel[(n_prog,)](
             x, x if norm_w is None else norm_w, w, out, out if res is None else res, self.hidden, self.pmax,
             self.pidx, token if lm_head else self.token, self.counters, n_rows, self.eps, D=x.numel(),
@@ -212,72 +197,70 @@ class TritonStep:
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
 
     def _attention(self, layer, pos, bucket: int, pf: list) -> None:
-        a, cache = layer.self_attn, self.cache
-        i = a.layer_idx
-        g = cache.group_of[i]
-        ring = g == "swa"
-        kc, vc = cache.k[i][0], cache.v[i][0]
+        a = layer.self_attn
+        slots = self.cache.layer_slots(a.layer_idx)
+        ring, kc, vc = slots.ring, slots.k, slots.v
         n_slots = kc.shape[1]
         n_keys = n_slots if ring else min(bucket, n_slots)
         block_d = max(16, _pow2(a.qk_dim))
         block_s = 64
         # one block of keys per program where MAX_SPLITS allows: their loads all start before the PDL wait
-        split = _cdiv(_cdiv(n_keys, min(MAX_SPLITS, _cdiv(n_keys, block_s))), block_s) * block_s
+        split = _cdiv(_cdiv(n_keys, min(self.t.max_splits, _cdiv(n_keys, block_s))), block_s) * block_s
         ns = _cdiv(n_keys, split)
         rep = a.heads // a.kv_heads
         cos, sin = self.rope_tables[a.swa]
         sink = a.attention_sink_bias
         pfargs, n_pf = self._pf(pf)  # extra programs pull weights into L2 meanwhile
         self.dk.attn_kernel[(a.kv_heads + _cdiv(n_pf, ns), ns)](
-            self.qkv, pos, cos, sin, kc, vc, cache.pos[g][0], cache.valid[g][0].view(torch.uint8),
+            self.qkv, pos, cos, sin, kc, vc, slots.pos, slots.valid.view(torch.uint8),
             self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
             a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
             BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **pfargs,
-            **self._launch(ATTN_WARPS))
+            **self._launch(self.t.attn_warps))
         self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
 
     def _mlp(self, layer, pf: list) -> None:
-        dk, mlp, D = self.dk, layer.mlp, self.D
+        dk, mlp, D, t = self.dk, layer.mlp, self.D, self.t
         norm_w = layer.post_attention_layernorm.weight
         if isinstance(mlp, MoE):
             r, ex = mlp.gate, mlp.experts
             E, I = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1] // 2
-            bn, bk = gemv_blocks(E, D)
+            bn, bk = gemv_blocks(E, D, None, t)
             pfargs, n_pf = self._pf(pf)
             dk.router_kernel[(_cdiv(E, bn) + n_pf,)](
                 self.h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
                 self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
-                **pfargs, **self._launch(EXPERT_WARPS))
-            bn, bk = gemv_blocks(r.top_k * I, D, GATE_UP_TILE)
+                **pfargs, **self._launch(t.expert_warps))
+            bn, bk = gemv_blocks(r.top_k * I, D, t.gate_up_tile, t)
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
-                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, DOWN_EARLY=DOWN_EARLY,
-                                                       **self._launch(EXPERT_WARPS))
+                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, DOWN_EARLY=t.down_early,
+                                                       **self._launch(t.expert_warps))
             sel, wt, down, k = self.sel, self.wt, ex.down_proj, r.top_k
         else:
-            w = mlp._mf_fused[1]
+            w = mlp.gate_up_proj.weight
             I = w.shape[0] // 2
             self._gemv(self.h, norm_w, w, self.gu, 2 * I)
             sel, wt, down, k = self.sel_dense, self.wt_dense, mlp.down_proj.weight, 1
         kp = max(2, _pow2(k))
-        bn, bk = gemv_blocks(D, min(I, 512), DOWN_TILE // kp)  # all k experts' rows in one tile
+        bn, bk = gemv_blocks(D, min(I, 512), t.down_tile // kp, t)  # all k experts' rows in one tile
         dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
-                                        GATED=not isinstance(mlp, MoE), BLOCK_N=bn, BLOCK_K=bk, EARLY=DOWN_EARLY,
-                                        **self._launch(EXPERT_WARPS))
+                                        GATED=not isinstance(mlp, MoE), BLOCK_N=bn, BLOCK_K=bk, EARLY=t.down_early,
+                                        **self._launch(t.expert_warps))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):
-        model, cache = self.model, self.cache
-        full, ring = "full" in cache.valid, "swa" in cache.valid
-        self.dk.tables_kernel[(1,)](
-            ids, model.model.embed_tokens.weight, self.x, pos, cache.valid["full"].view(torch.uint8) if full else pos,
-            cache.valid["swa"].view(torch.uint8) if ring else pos, cache.pos["swa"] if ring else pos, cache.R,
+        model, tab = self.model, self.cache.one_token_tables()
+        full, ring = tab.full_valid is not None, tab.ring_valid is not None
+        self.dk.tables_kernel[(1,)](  # the cache's one-token rule (KVCache.one_token_tables)
+            ids, model.model.embed_tokens.weight, self.x, pos, tab.full_valid.view(torch.uint8) if full else pos,
+            tab.ring_valid.view(torch.uint8) if ring else pos, tab.ring_pos if ring else pos, tab.ring,
             D=self.D, BLOCK=min(4096, _pow2(self.D)), HAS_FULL=full, HAS_RING=ring, **self._launch(1))
         layers = model.model.layers
         for i, layer in enumerate(layers):
             a = layer.self_attn
-            self._gemv(self.x, layer.input_layernorm.weight, a._mf_fused[1], self.qkv,
+            self._gemv(self.x, layer.input_layernorm.weight, a.qkv_proj.weight, self.qkv,
                        a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
             self._attention(layer, pos, bucket, self.prefetch[i][0])
             self._mlp(layer, self.prefetch[i][1])

@@ -1,5 +1,6 @@
-from .model import CausalLMOutput, DecoderLayer, MiMoForCausalLM, MiMoModel, build_meta, causal_lm_loss
+from .loss import head_loss, shifted_targets, target_counts
+from .model import CausalLMOutput, DecoderLayer, MiMoForCausalLM, MiMoModel, build_meta
 from .mtp import MTPLayer
 
 __all__ = ["CausalLMOutput", "DecoderLayer", "MiMoForCausalLM", "MiMoModel", "MTPLayer", "build_meta",
-           "causal_lm_loss"]
+           "head_loss", "shifted_targets", "target_counts"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import MiMoConfig
-from ..ops import fused
+from ..ops.rope import rope_qkv
 from ..ops.attention import AttnMeta, attention, attention_qkv
+from .layers import Linear
 
 
 class Attention(nn.Module):
@@ -30,32 +30,17 @@ class Attention(nn.Module):
         self.scale = self.qk_dim ** -0.5
         self.v_scale = config.attention_value_scale
         D = config.hidden_size
-        self.q_proj = nn.Linear(D, self.heads * self.qk_dim, bias=False)
-        self.k_proj = nn.Linear(D, self.kv_heads * self.qk_dim, bias=False)
-        self.v_proj = nn.Linear(D, self.kv_heads * self.v_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.v_dim, D, bias=False)
+        # q, k and v rows in one weight [heads * qk_dim + kv_heads * (qk_dim + v_dim), D] (the checkpoint's
+        # q_proj / k_proj / v_proj, merged on load: checkpoint/names.py)
+        self.qkv_proj = Linear(D, self.heads * self.qk_dim + self.kv_heads * (self.qk_dim + self.v_dim))
+        self.o_proj = Linear(self.heads * self.v_dim, D)
         self.attention_sink_bias = nn.Parameter(torch.zeros(self.heads)) if d["sink"] else None
         self.backend = "auto"
-
-    def qkv_weight(self) -> torch.Tensor:
-        """[heads * qk_dim + kv_heads * (qk_dim + v_dim), D]: q, k and v rows in one matrix (a copy; its
-        gradient is the three weights' gradients, as views)."""
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], 0)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 cache=None) -> torch.Tensor:
         """x [B, T, D]; rope = (cos, sin) [B, T, rotary_dim] -> [B, T, D]"""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if all(type(p) is nn.Linear for p in projs):
-            return self.attend(F.linear(x, self.qkv_weight()), rope, meta, cache)
-        # projections swapped from outside (quant.FP8Linear): each computes its own rows
-        return self.attend(torch.cat([p(x) for p in projs], -1), rope, meta, cache)
-
-    def attend(self, qkv: torch.Tensor, rope, meta: AttnMeta, cache=None) -> torch.Tensor:
-        """Everything after the q/k/v projection: RoPE, value scale, cache, attention, o_proj.
-
-        qkv [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim] -> [B, T, D]
-        """
+        qkv = self.qkv_proj(x)  # [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim]
         B, T, _ = qkv.shape
         if cache is None:  # SWA on CUDA: the backward through RoPE and the value scale in the attention kernels
             out = attention_qkv(qkv, *rope, (self.heads, self.kv_heads, self.qk_dim, self.v_dim, self.v_scale), meta,
@@ -65,8 +50,8 @@ class Attention(nn.Module):
         # [B, H, T, d] views of [B, T, H, d] tensors: RoPE keeps the projection's layout, the fast
         # attention kernels read it through strides and write their output (and gradients) in it, so
         # no transposing copy is made on the way in or out (o_proj's reshape below is a view)
-        q, k, v = (t.transpose(1, 2) for t in fused.rope_qkv(qkv, *rope, self.heads, self.kv_heads, self.qk_dim,
-                                                              self.v_dim, self.v_scale))
+        q, k, v = (t.transpose(1, 2) for t in rope_qkv(qkv, *rope, self.heads, self.kv_heads, self.qk_dim,
+                                                        self.v_dim, self.v_scale))
         cache_attention = None
         if cache is not None:
             k, v, meta = cache.update(self.layer_idx, k, v, meta)

@@ -1,11 +1,27 @@
-"""RMSNorm, the RoPE tables (partial, per-layer-type base; applied in ops.fused), and the dense SwiGLU MLP."""
+"""Linear (every projection of the model), RMSNorm, the RoPE tables (partial, per-layer-type base; applied in
+ops.rope), and the dense SwiGLU MLP."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..ops import fused
+from ..ops.norm import rms_norm
+from ..ops.swiglu import silu_mul
+from ..ops.linear import linear
+
+
+class Linear(nn.Linear):
+    """A projection without bias, weight [out, in]; its product runs through ops.linear. backend "auto" takes
+    options().linear (e.g. the fp32 reduction of one-row decode steps); another name fixes it."""
+
+    def __init__(self, in_features: int, out_features: int, backend: str = "auto") -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]"""
+        return linear(x, self.weight, self.backend)
 
 
 class RMSNorm(nn.Module):
@@ -18,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]"""
-        return fused.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
@@ -50,14 +66,16 @@ def rope_cos_sin(position_ids: torch.Tensor, theta: float, rotary_dim: int,
 
 
 class MLP(nn.Module):
-    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Dense SwiGLU: down(silu(gate) * up), gate and up from one product: gate_up_proj.weight [2I, D] holds
+    the gate rows, then the up rows (the checkpoint's gate_proj / up_proj, merged on load: checkpoint/names.py)."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.intermediate = intermediate
+        self.gate_up_proj = Linear(hidden, 2 * intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden]"""
-        return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        h = self.gate_up_proj(x)
+        return self.down_proj(silu_mul(h[..., :self.intermediate], h[..., self.intermediate:]))

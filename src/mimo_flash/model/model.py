@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from ..config import MiMoConfig
 from ..ops.attention import AttnMeta
-from ..ops.fused import add_rms_norm
-from ..ops.loss import cross_entropy_sum
+from ..ops.norm import add_rms_norm
 from .attention import Attention
-from .layers import MLP, RMSNorm, rope_cos_sin
+from .layers import MLP, Linear, RMSNorm, rope_cos_sin
+from .loss import head_loss
 from .moe import MoE, Experts, Router
 from .mtp import MTPLayer
 
@@ -21,7 +21,7 @@ from .mtp import MTPLayer
 class DecoderLayer(nn.Module):
     """h = x + Attn(norm_in(x)); out = h + MLP(norm_post(h)).
 
-    The two residual adds are each fused with the norm that reads their sum (ops.fused.add_rms_norm):
+    The two residual adds are each fused with the norm that reads their sum (ops.norm.add_rms_norm):
     the layer returns (h, MLP(...)) unsummed, and the next layer (or the final norm) adds them.
     """
 
@@ -86,26 +86,6 @@ class CausalLMOutput:
     hidden_states: torch.Tensor | None = None  # [B, T, D], after model.norm
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1,
-                   attention_mask: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
-    """Mean cross entropy of logits[:, t] against labels[:, t + shift], ignoring -100.
-
-    logits [B, T, V], labels [B, T], attention_mask [B, T] or None -> scalar fp32.
-    A prediction made at a padding position (attention_mask 0) does not count; with no target, 0.
-    The sum runs through ops.loss.cross_entropy_sum (fp32 math, no fp32 copy of the logits; the last
-    `shift` positions get target -100 instead of being sliced off, so no copy of the logits either);
-    inplace=True lets its backward overwrite `logits` with their gradient (the caller must not read them).
-    """
-    T = logits.shape[1]
-    if T <= shift:
-        return logits.float().sum() * 0.0
-    tgt = F.pad(labels[:, shift:], (0, shift), value=-100)  # target of position t, -100 for the last `shift`
-    if attention_mask is not None:
-        tgt = tgt.masked_fill(attention_mask == 0, -100)
-    total = cross_entropy_sum(logits, tgt, inplace=inplace).float()
-    return total / (tgt != -100).sum().clamp_min(1)  # no target at all -> 0, not NaN
-
-
 class MiMoModel(nn.Module):
     def __init__(self, config: MiMoConfig) -> None:
         super().__init__()
@@ -145,7 +125,8 @@ class MiMoForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MiMoModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # a GEMM even in one-row decode steps: a vocabulary-sized product is bandwidth-bound as it is
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, backend="gemm")
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
@@ -192,9 +173,8 @@ class MiMoForCausalLM(nn.Module):
         """
         layer = self.model.mtp.layers[k]
         rope = (ropes if ropes is not None else self.model.ropes(meta.q_pos, h_prev.dtype))[True]
-        h = layer(self.model.embed_tokens(token_ids), h_prev, rope, meta, cache)
-        hl = h[:, -logits_to_keep:] if logits_to_keep else h
-        return self.lm_head(layer.final_layernorm(hl)), h
+        h, normed = layer(self.model.embed_tokens(token_ids), h_prev, rope, meta, cache, keep=logits_to_keep)
+        return self.lm_head(normed), h
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -207,9 +187,11 @@ class MiMoForCausalLM(nn.Module):
         backward then writes the logits' gradient over them (no second [B, T, V] buffer). For training.
 
         labels [B, T] are the input ids themselves (shifted inside, -100 ignored), as in transformers;
-        unlike transformers, predictions made at padding positions never count.
+        the targets are model.loss.shifted_targets: unlike transformers, nothing is predicted from or into a
+        padding position (attention_mask 0) nor across documents (segment_ids), so a packed row's losses are
+        the token-weighted means of its documents' own losses.
         With mtp=True, MTP layer k sees at position t the token t + k + 1 and predicts token t + k + 2;
-        its loss covers the positions where that token exists.
+        its loss covers the positions where that token exists in the same document.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -224,18 +206,19 @@ class MiMoForCausalLM(nn.Module):
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         out = CausalLMOutput(logits=logits if return_logits else None, hidden_states=h)
         if labels is not None:
-            out.lm_loss = out.loss = causal_lm_loss(logits, labels, 1, attention_mask, inplace=not return_logits)
+            out.lm_loss = out.loss = head_loss(logits, labels, 1, segment_ids, attention_mask,
+                                               inplace=not return_logits)
         del logits
         if mtp and self.config.num_nextn_predict_layers:
             h_prev = h
             for k in range(self.config.num_nextn_predict_layers):
-                shifted = F.pad(input_ids[:, k + 1:], (0, k + 1), value=0)  # token t + k + 1 at t
+                shifted = F.pad(input_ids, (0, k + 1), value=0)[:, k + 1:]  # token t + k + 1 at t (0 past the end)
                 lg, h_prev = self.mtp_step(k, shifted, h_prev, meta)
                 if return_logits:
                     out.mtp_logits.append(lg)
                 if labels is not None:
-                    out.mtp_losses.append(causal_lm_loss(lg, labels, k + 2, attention_mask,
-                                                         inplace=not return_logits))
+                    out.mtp_losses.append(head_loss(lg, labels, k + 2, segment_ids, attention_mask,
+                                                    inplace=not return_logits))
                 del lg
             if labels is not None:
                 mtp_loss = torch.stack(out.mtp_losses).mean()

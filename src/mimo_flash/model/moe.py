@@ -37,8 +37,35 @@ class Router(nn.Module):
                       self.norm_topk_prob, self.scaling, count)
 
 
+def autocast_operands(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inside an autocast region the expert compute runs in autocast's dtype: activations and weights are
+    cast (differentiably, so fp32 master weights get their gradients) as autocast would cast an F.linear's.
+    torch._grouped_mm is not on autocast's list, so without this the grouped GEMMs would see fp32 weights."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, gate_up, down
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), gate_up.to(dt), down.to(dt)
+
+
+class LocalDispatcher:
+    """Every expert on this process: ops.moe.experts on the module's own weights."""
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor, backend: str) -> torch.Tensor:
+        """x [N, D], idx [N, k], w [N, k] fp32, gate_up [E, 2I, D], down [E, D, I] -> [N, D]"""
+        x, gate_up, down = autocast_operands(x, gate_up, down)
+        return experts(x, idx, w, gate_up, down, backend)
+
+
 class Experts(nn.Module):
-    """Fused expert weights: gate_up_proj [E, 2I, D] (gate rows, then up rows), down_proj [E, D, I]."""
+    """Fused expert weights: gate_up_proj [E, 2I, D] (gate rows, then up rows), down_proj [E, D, I].
+
+    `dispatcher` decides where the tokens are computed: LocalDispatcher (all experts here, the default) or
+    an expert-parallel one set from outside (distributed.experts.AllToAllDispatcher, installed by
+    distributed.parallelize_for_training together with the sharded weights).
+    """
 
     def __init__(self, config: MiMoConfig) -> None:
         super().__init__()
@@ -46,10 +73,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.backend = "auto"
+        self.dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx [N, k], w [N, k] -> [N, D]"""
-        return experts(x, idx, w, self.gate_up_proj, self.down_proj, self.backend)
+        return self.dispatcher(x, idx, w, self.gate_up_proj, self.down_proj, self.backend)
 
 
 class MoE(nn.Module):

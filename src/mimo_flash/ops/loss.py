@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from ..options import options
+from .compiled import kernels
+
 IGNORE = -100
 CHUNK_ROWS = 4096
 TRITON = True  # False: the chunked PyTorch path on CUDA too
@@ -27,9 +30,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _triton_ok(logits: torch.Tensor) -> bool:
-    from . import fused
-    return (TRITON and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16) and fused.COMPILE
-            and fused.triton_kernels() is not None)
+    return (TRITON and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16) and options().compile
+            and kernels("loss") is not None)
 
 
 def _fwd_torch(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +67,7 @@ class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, inplace: bool):
         if _triton_ok(logits):
-            from .triton_kernels import ce_forward
-            lse, rows = ce_forward(logits, targets, IGNORE)
+            lse, rows = kernels("loss").ce_forward(logits, targets, IGNORE)
         else:
             lse, rows = _fwd_torch(logits, targets)
         ctx.save_for_backward(logits, targets, lse)
@@ -78,8 +79,7 @@ class _CrossEntropySum(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         out = logits if ctx.inplace else torch.empty_like(logits)
         if _triton_ok(logits):
-            from .triton_kernels import ce_backward
-            ce_backward(logits, targets, lse, g, out, IGNORE)
+            kernels("loss").ce_backward(logits, targets, lse, g, out, IGNORE)
         else:
             _bwd_torch(logits, targets, lse, g, out)
         return out, None, None

@@ -9,7 +9,12 @@ Expert backends:
                   runs wherever torch._grouped_mm does, CPU included in recent torch).
     "grouped"   - grouped_mm on CUDA when the tensors allow it (grouped_mm_supported), else the same
                   permutation and a loop over the sorted segments.
-    "auto"      - grouped.
+    "decode"    - no sort and no host sync (CUDA-graph safe): each chosen expert's weights read directly for a
+                  few tokens, every expert on every token for many (experts_decode).
+    "auto"      - the backend options().experts names ("auto" there: grouped).
+
+Router backends (options().router): "decode" computes route()'s selection as fusible reductions (route_decode,
+for traced decode steps, one expert group); otherwise the Triton kernel on CUDA where it applies, else route().
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from .compiled import acc, cuda_compiled, triton_for
+from .swiglu import swiglu_weighted
+from ..options import options
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -72,16 +79,42 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """route()'s (indices, weights), plus the tokens per expert [E] when count (else None).
 
-    On CUDA with bf16 x and one expert group: one Triton kernel each way (ops.triton_kernels.route), the
+    On CUDA with bf16 x and one expert group: one Triton kernel each way (ops/kernels/router.py), the
     logits still the fp32 product; the chosen set equals route()'s up to exact ties of score + bias.
     """
     E = weight.shape[0]
-    tk = fused.triton_for(x)
+    if options().router == "decode" and n_group == 1:
+        return route_decode(x, weight, bias, top_k, norm_topk_prob, scaling, count)
+    tk = triton_for(x, "router")
     if tk is not None and n_group == 1 and tk.router_supported(x, E, top_k):
         idx, w, counts = tk.route(x, weight, bias, top_k, norm_topk_prob, scaling, count)
         return idx, w, counts if count else None
     idx, w, _ = route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
     return idx, w, expert_counts(idx.detach(), E) if count else None
+
+
+def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                 scaling: float, count: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The router for traced decode steps (one expert group): route()'s selection and weights, written as
+    fusible reductions instead of a GEMV call plus a top-k kernel.
+
+    x [N, D], weight [E, D], bias [E] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count
+    else None), as router(). The top-k comes from ranks: expert e is picked when fewer than k experts beat it
+    (higher score, or equal score and lower index).
+    """
+    scores = (x.float()[:, None, :] * weight.float()).sum(-1).sigmoid()  # [N, E]
+    choice = scores + bias.float()
+    E = choice.shape[-1]
+    ar = torch.arange(E, device=x.device)
+    beats = (choice[:, None, :] > choice[:, :, None]) | (
+        (choice[:, None, :] == choice[:, :, None]) & (ar[None, None, :] < ar[None, :, None]))  # [N, e, e']
+    rank = beats.sum(-1)  # [N, E]: experts ahead of e
+    onehot = rank[:, :, None] == torch.arange(top_k, device=x.device)  # [N, E, k]
+    idx = (onehot * ar[None, :, None]).sum(1)  # [N, k], best first
+    w = scores.gather(1, idx)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return idx, w * scaling, expert_counts(idx, E) if count else None
 
 
 def _expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -114,7 +147,7 @@ def sort_by_expert(idx: torch.Tensor, num_experts: int
     """idx [N, k] -> (order [N*k]: the flattened (token, slot) pairs sorted by expert, stably; inv [N*k]: the
     place of each pair in that order; counts [E]; tok [N*k]: the token of each sorted pair, order // k;
     offsets [E] int32: the running sum of counts). On CUDA a counting sort in three Triton kernels."""
-    tk = fused.triton_for(idx)
+    tk = triton_for(idx, "moe")
     if tk is not None:
         return tk.sort_by_expert(idx, num_experts)
     order = torch.argsort(idx.reshape(-1), stable=True)
@@ -122,6 +155,20 @@ def sort_by_expert(idx: torch.Tensor, num_experts: int
     inv[order] = torch.arange(order.numel(), device=order.device)
     counts = expert_counts(idx, num_experts)
     return order, inv, counts, order // idx.shape[1], counts.cumsum(0).to(torch.int32)
+
+
+def gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """y [P, D], index [N * k] -> out [N, D], out[n] = sum_s y[index[n * k + s]], summed in fp32
+    (a Triton kernel on CUDA: each output row reads its k rows once)."""
+    tk = triton_for(y, "moe")
+    if tk is not None:
+        return tk.gather_sum(y, index, k)
+    return _gather_sum(y, index, k)
+
+
+@cuda_compiled
+def _gather_sum(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return acc(y[index].view(-1, k, y.shape[-1])).sum(1).to(y.dtype)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -136,12 +183,12 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x, tok, inv, k):
         ctx.save_for_backward(tok, inv)
         ctx.k = k
-        return fused.gather_sum(x.contiguous(), tok, 1)
+        return gather_sum(x.contiguous(), tok, 1)
 
     @staticmethod
     def backward(ctx, g):
         tok, inv = ctx.saved_tensors
-        return fused.gather_sum(g.contiguous(), inv, ctx.k), None, None, None
+        return gather_sum(g.contiguous(), inv, ctx.k), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -154,12 +201,23 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ys, tok, inv, k):
         ctx.save_for_backward(tok)
-        return fused.gather_sum(ys, inv, k)
+        return gather_sum(ys, inv, k)
 
     @staticmethod
     def backward(ctx, g):
         (tok,) = ctx.saved_tensors
-        return fused.gather_sum(g.contiguous(), tok, 1), None, None, None
+        return gather_sum(g.contiguous(), tok, 1), None, None, None
+
+
+def dispatch(x: torch.Tensor, tok: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+    """x [N, D] -> [N*k, D]: each token copied to its (token, slot) pairs in expert order (tok, inv from
+    sort_by_expert); differentiable (the backward is combine's gather)."""
+    return _Dispatch.apply(x, tok, inv, k)
+
+
+def combine(ys: torch.Tensor, tok: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+    """ys [N*k, D] in expert order -> [N, D]: each token's k rows summed (in fp32); differentiable."""
+    return _Combine.apply(ys, tok, inv, k)
 
 
 def grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -187,7 +245,7 @@ def experts_grouped_mm(x, idx, w, gate_up, down):
     order, inv, _, tok, offs = sort_by_expert(idx, gate_up.shape[0])
     xs = _Dispatch.apply(x, tok, inv, k)  # [P, D]
     h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [P, 2I]
-    a = fused.swiglu_weighted(h, w.reshape(-1).float(), order)  # [P, I], row r weighted by w[order[r]]
+    a = swiglu_weighted(h, w.reshape(-1).float(), order)  # [P, I], row r weighted by w[order[r]]
     ys = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [P, D]
     return _Combine.apply(ys, tok, inv, k)
 
@@ -211,12 +269,47 @@ def experts_grouped(x, idx, w, gate_up, down):
     return out
 
 
+def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """Expert compute for a few tokens without sorting or host syncs (CUDA-graph safe).
+
+    x [N, D], idx [N, k], w [N, k] fp32, gate_up [E, 2I, D], down [E, D, I] -> [N, D].
+    When N * k <= E / 2 each (token, slot) pair reads its expert's weights directly (batch-1 decode reads
+    only the chosen experts); otherwise every expert runs on every token and the routing weights (zero
+    for experts not chosen) combine them (large batches touch every expert anyway).
+    """
+    N, k = idx.shape
+    E = gate_up.shape[0]
+    if N * k * 2 <= E:
+        flat = idx.reshape(-1)
+        xk = x[:, None, :].expand(N, k, x.shape[-1]).reshape(N * k, -1)
+        if torch.compiler.is_compiling():  # a fused gather-multiply-reduce: each chosen weight read once
+            h = (gate_up[flat].float() * xk[:, None, :].float()).sum(-1).to(x.dtype)
+            gate, up = h.chunk(2, dim=-1)
+            a = (F.silu(gate.float()) * up.float()).to(x.dtype)
+            y = (down[flat].float() * a[:, None, :].float()).sum(-1)
+        else:
+            h = torch.bmm(gate_up[flat], xk[:, :, None])[..., 0]
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+            y = torch.bmm(down[flat], a[:, :, None])[..., 0].float()
+        y = y.to(x.dtype).float().view(N, k, -1)
+        return (y * w[..., None]).sum(1).to(x.dtype)
+    h = torch.matmul(x[None], gate_up.transpose(1, 2))  # [E, N, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    y = torch.matmul(F.silu(gate) * up, down.transpose(1, 2))  # [E, N, D]
+    wd = torch.zeros(N, E, device=x.device, dtype=torch.float32).scatter(1, idx, w.float())
+    return (y.float() * wd.t()[..., None]).sum(0).to(x.dtype)
+
+
 EXPERT_BACKENDS = {"reference": experts_reference, "grouped": experts_grouped, "grouped_mm": experts_grouped_mm,
-                   "auto": experts_grouped}
+                   "decode": experts_decode, "auto": experts_grouped}
 
 
 def experts(x, idx, w, gate_up, down, backend: str = "auto") -> torch.Tensor:
-    """Dispatch; see experts_reference for shapes."""
+    """Dispatch; see experts_reference for shapes. backend "auto" defers to options().experts."""
+    if backend == "auto":
+        backend = options().experts
     try:
         fn = EXPERT_BACKENDS[backend]
     except KeyError:

@@ -1,9 +1,9 @@
-"""Training: data packing, the trainer (resume-exact), FSDP2 + expert parallelism, the demo."""
+"""Training: data packing, the trainer (resume-exact), the demo (parallelism: distributed/)."""
 
 from ..tokenizer import Tokenizer
-from .data import Document, PackedRows, RowSampler, load_rows, pack_documents, read_documents, shifted_targets
-from .parallel import ParallelContext, init_distributed
-from .trainer import TrainConfig, Trainer, packed_losses
+from .data import Document, PackedRows, RowSampler, load_rows, pack_documents, read_documents
+from ..distributed.context import ParallelContext, init_distributed
+from .trainer import TrainConfig, Trainer
 
 __all__ = ["Document", "PackedRows", "ParallelContext", "RowSampler", "Tokenizer", "TrainConfig", "Trainer",
-           "init_distributed", "load_rows", "pack_documents", "packed_losses", "read_documents", "shifted_targets"]
+           "init_distributed", "load_rows", "pack_documents", "read_documents"]

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.files import fsync_dir
-from .parallel import ParallelContext, full_tensor, load_full_
+from ..distributed.context import ParallelContext
+from ..distributed.training import full_tensor, load_full_, parameter_name
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -74,7 +75,7 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Optimizer state keyed by parameter name, tensors whole (collective)."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): parameter_name(n) for n, p in model.named_parameters()}
     state = {}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -88,7 +89,7 @@ def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
-    params = dict(model.named_parameters())
+    params = {parameter_name(n): p for n, p in model.named_parameters()}
     if len(saved["param_groups"]) != len(opt.param_groups):
         raise ValueError("the checkpoint's optimizer has a different number of parameter groups")
     for group, sg in zip(opt.param_groups, saved["param_groups"]):

@@ -6,6 +6,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Iterator
+
+from ..cli import finite_float
 
 
 def register(sub) -> None:
@@ -21,6 +24,8 @@ def register(sub) -> None:
 
     t = sub.add_parser("train", help="pre-train or fine-tune on text / JSONL data (one process or torchrun)",
                        description="Pre-train from a preset or config, or fine-tune a checkpoint (--init-from). "
+                                   "From scratch without --tokenizer, a byte-level BPE of the model's vocab_size is "
+                                   "trained on the data first (saved in OUT/tokenizer, reused by --resume). "
                                    "Under torchrun the model is sharded with FSDP2 and, with --ep N, the experts "
                                    "are split over N ranks.")
     src = t.add_mutually_exclusive_group(required=True)
@@ -29,23 +34,26 @@ def register(sub) -> None:
     src.add_argument("--init-from", help="fine-tune: a hub-format checkpoint directory (weights, config, tokenizer)")
     t.add_argument("--data", nargs="+", required=True,
                    help="text files, JSONL files ({'text'} or chat {'messages'}) or directories of them")
-    t.add_argument("--tokenizer", help="directory with tokenizer.json (default: the --init-from checkpoint's)")
+    t.add_argument("--tokenizer", help="directory with tokenizer.json (default: the --init-from checkpoint's; from "
+                                       "scratch, a byte-level BPE trained on --data)")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for --preset / --config, e.g. vocab_size=4096 (JSON values)")
     t.add_argument("--out", default="runs/train", help="run directory: checkpoints, metrics, plot, final model")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--seq-len", type=int, default=1024)
-    t.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
+    t.add_argument("--steps", type=int, help=_device_default("steps"))
+    t.add_argument("--seq-len", type=int, help=_device_default("seq_len") + "; at most the model's "
+                   "max_position_embeddings")
+    t.add_argument("--batch-size", type=int, help="rows per micro-batch per process; " + _device_default("batch_size"))
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=None, help="peak LR (default 3e-4 from scratch, 2e-5 fine-tuning)")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1)
+    t.add_argument("--lr", type=finite_float, default=None,
+                   help="peak LR (default 3e-4 from scratch, 2e-5 fine-tuning)")
+    t.add_argument("--min-lr-ratio", type=finite_float, default=0.1)
     t.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--mtp-weight", type=float, default=None, help="MTP loss weight (default: the config's, 0.3)")
+    t.add_argument("--weight-decay", type=finite_float, default=0.1)
+    t.add_argument("--grad-clip", type=finite_float, default=1.0)
+    t.add_argument("--mtp-weight", type=finite_float, default=None, help="MTP loss weight (default: the config's, 0.3)")
     t.add_argument("--no-mtp", action="store_true", help="train the main head only")
-    t.add_argument("--bias-update-rate", type=float, default=None,
+    t.add_argument("--bias-update-rate", type=finite_float, default=None,
                    help="aux-loss-free balancing rate (default 1e-3 from scratch, 0 = frozen when fine-tuning)")
     t.add_argument("--activation-checkpointing", action="store_true")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -54,11 +62,22 @@ def register(sub) -> None:
     t.add_argument("--ep", type=int, default=1, help="expert-parallel size (under torchrun)")
     t.add_argument("--attention-backend", help="attention backend (default auto)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     t.add_argument("--keep-checkpoints", type=int, default=2)
     t.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar: one log line every --log-every steps")
+    t.add_argument("--log-every", type=int, default=None,
+                   help="steps between log lines without the progress bar (default: a tenth of --steps)")
     t.set_defaults(fn=cmd_train)
+
+
+# Defaults that fit the device: today's on CUDA; on a CPU, a run of the tiny preset in about a minute.
+DEVICE_DEFAULTS = {"cuda": dict(steps=1000, seq_len=1024, batch_size=8),
+                   "cpu": dict(steps=100, seq_len=128, batch_size=4)}
+
+
+def _device_default(name: str) -> str:
+    return f"default {DEVICE_DEFAULTS['cuda'][name]} on CUDA, {DEVICE_DEFAULTS['cpu'][name]} on a CPU"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -83,8 +102,72 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def build_model(args: argparse.Namespace):
-    """(model on the CPU in fp32, tokenizer, fine-tuning?) from the command line."""
+def resolve_defaults(args: argparse.Namespace, device_type: str) -> None:
+    """Fill the device-dependent defaults (steps, seq_len, batch_size) and check every size: all before
+    anything is allocated."""
+    for name, value in DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("steps", "batch_size", "grad_accum", "ep", "keep_checkpoints", "log_every"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    for name in ("save_every", "warmup_steps"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (a token and its target), got {args.seq_len}")
+
+
+def check_seq_len(args: argparse.Namespace, config, where: str) -> None:
+    if args.seq_len > config.max_position_embeddings:
+        fix = "" if args.init_from else f", or --set max_position_embeddings={args.seq_len}"
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the max_position_embeddings of {where} "
+                         f"({config.max_position_embeddings}): use --seq-len {config.max_position_embeddings} or "
+                         f"less{fix}")
+
+
+def _texts(paths: list[str]) -> Iterator[str]:
+    """The raw text of the training data, for training a tokenizer: text files whole, JSONL lines' 'text'
+    and the messages' 'content' strings (lines that do not parse are left to the data reader to report)."""
+    from .data import data_files
+
+    for f in data_files(paths):
+        if f.suffix not in (".jsonl", ".json"):
+            yield f.read_text(encoding="utf-8", errors="replace")
+            continue
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                yield obj["text"]
+            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                yield from (m["content"] for m in obj["messages"] if isinstance(m, dict)
+                            and isinstance(m.get("content"), str))
+
+
+def data_tokenizer(args: argparse.Namespace, vocab_size: int, ctx):
+    """From scratch without --tokenizer: OUT/tokenizer, a byte-level BPE of `vocab_size` tokens trained on
+    --data the way the demo trains its own (kept and reused by later runs into OUT, --resume included)."""
+    from ..tokenizer import Tokenizer
+    from .demo import train_tokenizer
+
+    out = Path(args.out) / "tokenizer"
+    if ctx.is_main and not (out / "tokenizer.json").exists():
+        t0 = time.perf_counter()
+        tok = train_tokenizer(list(_texts(args.data)), vocab_size, out)
+        print(f"tokenizer: trained a {tok.vocab_size}-token byte-level BPE on --data in "
+              f"{time.perf_counter() - t0:.1f}s -> {out}")
+    ctx.barrier()
+    return Tokenizer.from_pretrained(out)
+
+
+def build_model(args: argparse.Namespace, ctx):
+    """(model on the CPU in fp32, tokenizer, fine-tuning?) from the command line; sizes are checked before
+    the model is allocated."""
     import dataclasses
 
     import torch
@@ -97,49 +180,58 @@ def build_model(args: argparse.Namespace):
     if args.init_from:
         if overrides:
             raise ValueError("--set applies to --preset / --config, not to --init-from")
-        model = MiMoForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        check_seq_len(args, MiMoConfig.from_pretrained(args.init_from), args.init_from)
         tok_dir = args.tokenizer or args.init_from
-        finetune = True
+        tok = Tokenizer.from_pretrained(tok_dir)
+        model = MiMoForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens but the checkpoint's vocab_size "
+                             f"is {model.config.vocab_size}: fine-tune with the checkpoint's own tokenizer")
+        return model, tok, True
+    names = {f.name for f in dataclasses.fields(MiMoConfig)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ValueError(f"--set: unknown config fields {', '.join(bad)}")
+    if args.preset:
+        config = MiMoConfig.preset(args.preset, **overrides)
     else:
-        names = {f.name for f in dataclasses.fields(MiMoConfig)}
-        bad = sorted(set(overrides) - names)
-        if bad:
-            raise ValueError(f"--set: unknown config fields {', '.join(bad)}")
-        if args.preset:
-            config = MiMoConfig.preset(args.preset, **overrides)
-        else:
-            config = MiMoConfig.from_pretrained(args.config).replace(**overrides)
-            config.validate()
-        if not args.tokenizer:
-            raise ValueError("training from scratch needs --tokenizer (a directory with tokenizer.json)")
-        tok_dir = args.tokenizer
-        torch.manual_seed(args.seed)
-        model = MiMoForCausalLM(config)
-        finetune = False
-    tok = Tokenizer.from_pretrained(tok_dir)
-    if tok.vocab_size > model.config.vocab_size:
+        config = MiMoConfig.from_pretrained(args.config).replace(**overrides)
+        config.validate()
+    check_seq_len(args, config, f"the {args.preset or args.config} model")
+    if args.tokenizer:
+        tok = Tokenizer.from_pretrained(args.tokenizer)
+    else:
+        tok = data_tokenizer(args, config.vocab_size, ctx)
+        # the special tokens are the trained tokenizer's, unless --set says otherwise
+        ids = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=None)
+        config = config.replace(**{k: v for k, v in ids.items() if k not in overrides})
+    if tok.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
+                         f"{config.vocab_size}: add --set vocab_size={tok.vocab_size}")
+    torch.manual_seed(args.seed)
+    model = MiMoForCausalLM(config)
     if args.attention_backend:
         model.set_backends(attention=args.attention_backend)
-    return model, tok, finetune
+    return model, tok, False
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_rows
-    from .parallel import init_distributed
+    from ..distributed import init_distributed
     from .trainer import TrainConfig, Trainer
 
     ctx = init_distributed(ep=args.ep, device=args.device)
-    model, tok, finetune = build_model(args)
+    resolve_defaults(args, ctx.device.type)
+    model, tok, finetune = build_model(args, ctx)
     t0 = time.perf_counter()
     rows = load_rows(args.data, tok, args.seq_len)
     if ctx.is_main:
         print(f"data: {len(rows)} rows of {rows.seq_len} tokens ({rows.target_tokens():,} training targets) "
               f"in {time.perf_counter() - t0:.1f}s; {model.num_parameters():,} parameters; "
-              f"{ctx.world} process(es) on {ctx.device.type}" + (f", ep={ctx.ep}" if ctx.ep > 1 else ""))
+              f"{ctx.world} process(es) on {ctx.device.type}" + (f", ep={ctx.ep}" if ctx.ep > 1 else "") +
+              f"; {args.steps} steps of {args.batch_size} x {args.grad_accum} x {ctx.world} rows")
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr if args.lr is not None else (2e-5 if finetune else 3e-4), min_lr_ratio=args.min_lr_ratio,
@@ -148,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bias_update_rate=args.bias_update_rate if args.bias_update_rate is not None else (0.0 if finetune else 1e-3),
         activation_checkpointing=args.activation_checkpointing, dtype=args.dtype, seed=args.seed,
         out_dir=args.out, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        progress=not args.no_progress, deterministic=args.deterministic)
+        progress=not args.no_progress, log_every=args.log_every, deterministic=args.deterministic)
     trainer = Trainer(model, rows, cfg, ctx, tokenizer=tok)
     hist = trainer.fit()
     final = trainer.export(Path(args.out) / "final")

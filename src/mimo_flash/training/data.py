@@ -11,7 +11,7 @@ Packing puts several documents in one row of `seq_len` tokens. Each row carries
     position_ids [T]  restart at 0 at each document
     segment_ids  [T]  0, 1, 2, ... one per document in the row (padding is a segment of its own)
 so that attention never crosses a document boundary (the model masks by segment) and a loss term
-that would predict across a boundary is dropped (see `shifted_targets`).
+that would predict across a boundary is dropped (model.loss.shifted_targets).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..model.loss import IGNORE, shifted_targets
 from ..tokenizer import Tokenizer
 
-IGNORE = -100
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 
 
@@ -125,7 +125,7 @@ class PackedRows:
 
     def target_tokens(self) -> int:
         """How many next-token targets the rows hold (the tokens that train the main head)."""
-        return int(shifted_targets(self.labels, self.segment_ids, 1).ne(IGNORE).sum())
+        return int(shifted_targets(self.labels, 1, self.segment_ids).ne(IGNORE).sum())
 
 
 def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int = 0) -> PackedRows:
@@ -188,18 +188,6 @@ def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int = 0) -> P
     cols = list(zip(*rows))
     t = [torch.tensor(c, dtype=torch.long) for c in cols]
     return PackedRows(*t)
-
-
-def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None, shift: int) -> torch.Tensor:
-    """Targets for predicting `shift` tokens ahead: out[:, t] = labels[:, t + shift] when position t
-    and t + shift lie in the same document, else -100.
-
-    labels [B, T], segment_ids [B, T] or None -> [B, T - shift] (empty when T <= shift).
-    """
-    tgt = labels[:, shift:]
-    if segment_ids is not None:
-        tgt = tgt.masked_fill(segment_ids[:, :-shift] != segment_ids[:, shift:], IGNORE)
-    return tgt
 
 
 class RowSampler:

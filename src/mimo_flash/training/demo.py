@@ -101,11 +101,13 @@ def run_demo(out: str | Path | None = None, steps: int | None = None, quiet: boo
     """The whole demo. Returns a summary dict (losses, paths, timings).
 
     Runs on one intra-op thread: the matrices are small, and on a machine whose cores are busy
-    with other work, torch's spinning OpenMP threads slowed it down five-fold."""
+    with other work, torch's spinning OpenMP threads slowed it down five-fold. The thread count and the
+    random generator (seeded for a reproducible demo) are the caller's again afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(out, steps, quiet)
+        with torch.random.fork_rng(devices=[]):
+            return _run_demo(out, steps, quiet)
     finally:
         torch.set_num_threads(threads)
 

@@ -3,7 +3,7 @@
 torch.optim.AdamW(fused=True) updates every tensor through one multi-tensor kernel that moves about 2.2 TB/s
 on an H100 (8.0 ms a step for the mini preset's 1.26 B bf16 parameters, where reading p, g, m, v and writing
 p, m, v once takes 6.0 ms at copy speed). Here each large CUDA tensor gets one Triton kernel
-(ops.triton_kernels.adamw_step) with the same arithmetic, so the numbers are those of the fused kernel; the
+(training/kernels.py adamw_step) with the same arithmetic, so the numbers are those of the fused kernel; the
 rest (small tensors, CPU, sharded DTensors, options the kernel does not take, optimizers made without
 fused=True) goes through torch.optim.AdamW's own step. Arguments, state and state_dict are torch.optim.AdamW's.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.fused import triton_kernels
+from ..ops.compiled import kernels
 
 MIN_NUMEL = 1 << 16  # smaller tensors stay in torch's multi-tensor launch (one launch for all of them)
 
@@ -46,7 +46,7 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        tk = triton_kernels()
+        tk = kernels("mimo_flash.training.kernels")
         scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
         mine = [] if tk is None or scaled else [(p, group) for group in self.param_groups for p in group["params"]
                                                 if self._takes(p, group)]

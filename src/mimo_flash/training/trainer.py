@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..distributed.context import ParallelContext
+from ..distributed.training import (clip_coefficient, clip_grad_norm, finish_gradients, parallelize_for_training,
+                                    set_gradient_sync)
+from ..model.loss import head_loss, target_counts
 from ..model.moe import MoE
-from ..ops.loss import cross_entropy_sum
 from .checkpointing import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
-from .data import IGNORE, PackedRows, RowSampler, shifted_targets
+from .data import PackedRows, RowSampler
 from .optim import AdamW
-from .parallel import (ParallelContext, clip_coefficient, clip_grad_norm, finish_gradients, parallelize,
-                       set_gradient_sync)
 
 
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
+    log_every: int | None = None  # without the progress bar, a log line every N steps (None: a tenth of steps)
     plot: bool = True
     deterministic: bool = False
 
@@ -69,6 +70,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, got {v}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -103,27 +108,19 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def packed_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: torch.Tensor,
-                  segment_ids: torch.Tensor | None, inplace: bool = False) -> list[torch.Tensor]:
-    """Summed CE of the main head (shift 1) and of each MTP layer k (shift k + 2), counting only targets
-    in the same document as the predicting position (ops.loss.cross_entropy_sum: fp32 math, no fp32
-    copy of the logits; inplace=True lets the backward write the gradient over the logits).
-
-    logits [B, T, V], mtp_logits K x [B, T, V], labels [B, T], segment_ids [B, T] -> K + 1 fp32 scalars.
-    """
-    out = []
-    for shift, lg in enumerate([logits] + list(mtp_logits), start=1):
-        tgt = shifted_targets(labels, segment_ids, shift)  # [B, T - shift]: the target of position t
-        tgt = F.pad(tgt, (0, lg.shape[1] - tgt.shape[1]), value=IGNORE)  # [B, T], no target at the end
-        out.append(cross_entropy_sum(lg, tgt, inplace=inplace).float())
-    return out
-
-
-def target_counts(labels: torch.Tensor, segment_ids: torch.Tensor | None, n_shifts: int) -> torch.Tensor:
-    """Valid targets of each row at shifts 1..n_shifts. labels, segment_ids [B, T] -> [B, n_shifts] int64."""
-    B, T = labels.shape
-    return torch.stack([shifted_targets(labels, segment_ids, s).ne(IGNORE).sum(1) if T > s else labels.new_zeros(B)
-                        for s in range(1, n_shifts + 1)], 1)
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """With enabled, torch's deterministic algorithms (warnings only where an op has none) inside the block;
+    the process's own setting comes back on exit. Without, nothing changes."""
+    if not enabled:
+        yield
+        return
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
 class Trainer:
@@ -141,12 +138,10 @@ class Trainer:
         self.cfg, self.rows, self.tokenizer = cfg, rows, tokenizer
         self.ctx = ctx or ParallelContext()
         self.config = model.config
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         dt = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.ctx.device.type == "cuda" else "float32")
         self.autocast_dtype = torch.bfloat16 if dt == "bfloat16" else None
         self.model = model.to(self.ctx.device).train()
-        self.expert_params = parallelize(self.model, self.ctx, cfg.activation_checkpointing)
+        self.expert_params = parallelize_for_training(self.model, self.ctx, cfg.activation_checkpointing)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # one GPU: fused (large tensors through the Triton kernel of training.optim, the rest torch's fused
         # kernel; on the mini preset 6 ms a step where torch's fused kernel took 8 and foreach 22); sharded: per tensor
@@ -164,13 +159,14 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict] = []
-        self._last_record = 0.0  # when the last step's metrics were read (perf_counter)
+        self._last_done = None  # CUDA: the end-of-step event of the last step whose metrics were read
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.plain_rows = rows.one_document_per_row()  # then the model gets no positions or segments
         # [R, 1 + K] targets of each row at shifts 1..1+K, counted once (in chunks of rows) and kept as numpy: a
         # step sums its rows' counts with no gather of its rows and no tensor op
-        self.row_targets = torch.cat([target_counts(rows.labels[i:i + 1024], rows.segment_ids[i:i + 1024],
-                                                    1 + self.n_mtp) for i in range(0, len(rows), 1024)]).numpy()
+        self.row_targets = torch.cat([target_counts(rows.labels[i:i + 1024], 1 + self.n_mtp,
+                                                    rows.segment_ids[i:i + 1024])
+                                      for i in range(0, len(rows), 1024)]).numpy()
 
     # ----------------------------------------------------------------- one step
     @property
@@ -188,11 +184,17 @@ class Trainer:
         with self._autocast():
             out = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
                              segment_ids=batch.get("segment_ids"), mtp=self.n_mtp > 0)
-        parts = packed_losses(out.logits, out.mtp_logits[: self.n_mtp], batch["labels"], batch.get("segment_ids"),
-                              inplace=True)
+        # summed CE of each head (model.loss: the model's own targets), divided by the step's global counts;
+        # the backward writes each gradient over its logits (nothing reads them again)
+        heads = [out.logits] + out.mtp_logits[: self.n_mtp]
+        del out
+        parts = [head_loss(lg, batch["labels"], shift, batch.get("segment_ids"), reduction="sum", inplace=True)
+                 .float() for shift, lg in enumerate(heads, start=1)]
+        del heads
         loss = parts[0] / denom[0]
         if self.n_mtp:
-            loss = loss + self.mtp_weight * sum(p / d for p, d in zip(parts[1:], denom[1:])) / self.n_mtp
+            mtp = sum(p / d for p, d in zip(parts[1:], denom[1:], strict=True))
+            loss = loss + self.mtp_weight * mtp / self.n_mtp
         loss.backward()
         if not self.moes:
             return torch.stack([p.detach() for p in parts]), None
@@ -220,6 +222,10 @@ class Trainer:
         """Queue one optimizer step on the device: micro-batches, update, balancing. Its metrics start on
         their way to the host (one copy, no wait); _record(what this returns) reads them. fit() issues the
         next step before reading a step's metrics, so the host never waits for the device between steps."""
+        with deterministic_algorithms(self.cfg.deterministic):
+            return self._issue_step()
+
+    def _issue_step(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
         rows = self.sampler.take(self.rows_per_step)
@@ -253,12 +259,13 @@ class Trainer:
         if pin:
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=True)
             done.record()
         else:
             host = flat
         return {"step": self.step, "lr": lr, "tokens": tokens, "tokens_seen": self.tokens_seen,
-                "epoch": round(self.sampler.epoch, 4), "t0": t0, "host": host, "done": done, "denom": denom}
+                "epoch": round(self.sampler.epoch, 4), "t0": t0, "t1": time.perf_counter(), "host": host,
+                "done": done, "denom": denom}
 
     def _record(self, issued: dict) -> dict:
         """The metrics of a step _issue() queued (waits for that step's numbers only)."""
@@ -267,9 +274,15 @@ class Trainer:
         vals, denom = issued["host"], issued["denom"]
         n = len(denom)
         per = [float(s / d) for s, d in zip(vals[:n].tolist(), denom)]
-        now = time.perf_counter()
-        dt = now - max(issued["t0"], self._last_record)  # back to back: the time between two records
-        self._last_record = now
+        # The step's own time. Not "time since the last record": fit() reads step n after issuing step n + 1,
+        # so the last step's record came right after the one before it (0.6 ms for a 0.4 s step).
+        if issued["done"] is None:  # CPU: the whole step ran inside _issue
+            dt = issued["t1"] - issued["t0"]
+        else:  # CUDA: from its issue to its end, or device time since the previous step ended when shorter
+            dt = time.perf_counter() - issued["t0"]
+            if self._last_done is not None:
+                dt = min(dt, self._last_done.elapsed_time(issued["done"]) / 1e3)
+            self._last_done = issued["done"]
         rec = {"step": issued["step"],
                "loss": per[0] + (self.mtp_weight * sum(per[1:]) / self.n_mtp if self.n_mtp else 0.0),
                "lm_loss": per[0]}
@@ -318,6 +331,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
                    dynamic_ncols=True, desc="train", unit="step")
         tps = None
+        every = cfg.log_every if cfg.log_every is not None else max(1, cfg.steps // 10)
 
         def log(issued: dict) -> None:
             nonlocal tps
@@ -326,6 +340,9 @@ class Trainer:
             tps = rec["tokens_per_s"] if tps is None else 0.9 * tps + 0.1 * rec["tokens_per_s"]
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{rec['lr']:.2e}", refresh=False)
             bar.update(1)
+            if bar.disable and ctx.is_main and every and (rec["step"] % every == 0 or rec["step"] in (1, cfg.steps)):
+                print(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                      f"{tps:,.0f} tokens/s  {rec['step_time']:.3f} s/step", flush=True)
             if metrics is not None:
                 with open(metrics, "a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,182 @@
+"""Distributed training on torch.distributed alone: FSDP2 plus expert parallelism, applied from outside.
+
+Layout over W ranks with expert-parallel size P (P divides W):
+    * every rank reads different rows (data parallel over all W ranks);
+    * parameters other than the routed experts are sharded over all W ranks with FSDP2
+      (`torch.distributed.fsdp.fully_shard`, one unit per decoder / MTP layer plus the root);
+    * with P > 1 the routed experts of every MoE layer are split over the P ranks of an "ep" mesh
+      dimension (rank r holds experts [r E/P, (r+1) E/P) as a DTensor sharded on dim 0) and the Experts
+      module gets an AllToAllDispatcher (distributed/experts.py); with W / P > 1 copies of each expert
+      shard, their gradients are summed over the "edp" dimension.
+Activation checkpointing wraps each decoder and MTP layer in torch's checkpoint wrapper.
+
+Gradients are sums: the trainer scales each rank's loss by 1 / (global target count), so the sum
+of all ranks' gradients is the gradient of the global mean loss. FSDP averages over ranks, so its
+gradients are multiplied back by W (`finish_gradients`); expert gradients arrive summed through
+the all-to-all backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..model.moe import Experts
+from ..ops.compiled import kernels
+from .context import ParallelContext
+from .experts import AllToAllDispatcher
+
+
+def apply_expert_parallel(model: nn.Module, ctx: ParallelContext) -> list[nn.Parameter]:
+    """Shard every Experts module's weights over ctx's "ep" mesh dimension and give it an
+    AllToAllDispatcher. Returns the expert parameters that now live on the ep mesh (empty when ctx.ep == 1)."""
+    if ctx.ep == 1:
+        return []
+    from torch.distributed.tensor import DTensor, Shard
+
+    expert_params: list[nn.Parameter] = []
+    r = ctx.ep_mesh.get_local_rank("ep")
+    for m in model.modules():
+        if not isinstance(m, Experts):
+            continue
+        E = m.gate_up_proj.shape[0]
+        m.dispatcher = AllToAllDispatcher(ctx.ep_group, E)  # checks that ctx.ep divides E
+        El = E // ctx.ep
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(m, name).detach()
+            shard = full[r * El:(r + 1) * El].to(ctx.device).clone()
+            p = nn.Parameter(DTensor.from_local(shard, ctx.ep_mesh["ep"], [Shard(0)], run_check=False))
+            setattr(m, name, p)
+            expert_params.append(p)
+    return expert_params
+
+
+def _layers(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+    """(list, index) of every decoder and MTP layer."""
+    return ([(model.model.layers, i) for i in range(len(model.model.layers))]
+            + [(model.model.mtp.layers, i) for i in range(len(model.model.mtp.layers))])
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder and MTP layer in the backward instead of keeping its activations: each layer
+    is replaced in its ModuleList by torch's checkpoint wrapper around it (non-reentrant). The wrapper
+    forwards attribute reads to the layer and its state dict keeps the layer's own names."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for layers, i in _layers(model):
+        layers[i] = checkpoint_wrapper(layers[i])
+
+
+def apply_fsdp(model: nn.Module, ctx: ParallelContext, ignored: list[nn.Parameter]) -> None:
+    """fully_shard each decoder layer, each MTP layer, then the root (embedding, norm, lm_head).
+    Expert-parallel parameters (`ignored`) stay out of FSDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    ign = set(ignored) or None
+    for layer in model.model.mtp.layers:
+        # the model applies final_layernorm outside the MTP layer's own call: give it its own unit
+        fully_shard(layer.final_layernorm, mesh=ctx.mesh, ignored_params=ign)
+    for layers, i in _layers(model):
+        fully_shard(layers[i], mesh=ctx.mesh, ignored_params=ign)
+    fully_shard(model, mesh=ctx.mesh, ignored_params=ign)
+
+
+def parallelize_for_training(model: nn.Module, ctx: ParallelContext,
+                             activation_checkpointing: bool = False) -> list[nn.Parameter]:
+    """Make `model` (on ctx.device) ready for training under ctx: expert parallelism, activation
+    checkpointing, FSDP2, in that order. Returns the expert-parallel parameters."""
+    expert_params = apply_expert_parallel(model, ctx)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if ctx.distributed:
+        apply_fsdp(model, ctx, expert_params)
+    return expert_params
+
+
+def parameter_name(name: str) -> str:
+    """A parameter's name without the checkpoint wrapper's prefix: the same with or without activation
+    checkpointing (optimizer checkpoints key their state by it)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
+    return name.replace(_CHECKPOINT_PREFIX, "")
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP: skip the reduce-scatter on all but the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def finish_gradients(params: list[nn.Parameter], expert_params: list[nn.Parameter], ctx: ParallelContext) -> None:
+    """Turn every gradient into the sum over ranks (see the module docstring)."""
+    if not ctx.distributed:
+        return
+    is_expert = {id(p) for p in expert_params}
+    edp = ctx.edp_group
+    for p in params:
+        if p.grad is None:
+            continue
+        if id(p) in is_expert:
+            if edp is not None:
+                dist.all_reduce(_local(p.grad), group=edp)
+        else:
+            _local(p.grad).mul_(ctx.world)
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that scales gradients of global norm `norm` down to max_norm (1 when below)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: list[nn.Parameter],
+                   ctx: ParallelContext) -> torch.Tensor:
+    """Global gradient L2 norm over all ranks' shards (an fp32 scalar tensor on the device); scales the
+    gradients down to max_norm when above.
+
+    Every element of every gradient lives on exactly one rank (FSDP shards, expert shards), except
+    expert shards copied over `edp` ranks, which count once. max_norm <= 0 only measures.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros((), dtype=torch.float32, device=ctx.device)
+    copies = ctx.world // ctx.ep if ctx.ep > 1 else 1
+    is_expert = {id(p) for p in expert_params}
+    grads = [_local(p.grad) for p in with_grad]
+    tk = kernels("mimo_flash.training.kernels")
+    if tk is not None and ctx.world == 1 and all(g.is_cuda and g.is_contiguous() for g in grads):
+        sq = tk.sq_sum(grads)  # one pass at copy speed (torch._foreach_norm: one reduction per tensor)
+    else:
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # fp32 sums, no fp32 copies
+        if copies > 1:
+            norms = norms / torch.tensor([copies ** 0.5 if id(p) in is_expert else 1.0 for p in with_grad],
+                                         device=norms.device)
+        sq = norms.square().sum()
+    ctx.all_reduce_(sq)
+    norm = sq.sqrt()
+    if max_norm > 0:
+        torch._foreach_mul_(grads, clip_coefficient(norm, max_norm))
+    return norm
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU (gathers a DTensor: collective, every rank must call)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def load_full_(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into `target`, keeping only this rank's shard of a DTensor (collective)."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        part = distribute_tensor(full.to(target.to_local().device, target.dtype), target.device_mesh,
+                                 target.placements)
+        target.to_local().copy_(part.to_local())
+    else:
+        target.copy_(full.to(target.device, target.dtype))

@@ -1,0 +1,162 @@
+"""The sigmoid router in one Triton kernel each way (ops/moe.py router on CUDA, bf16 tokens, one expert group)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import last_dim_contiguous, launcher
+
+
+# The sigmoid router in one kernel per direction. fp32 logits from bf16 tokens without an fp32 copy of them:
+# the fp32 weight is split in the kernel into three bf16 parts (hi + mid + lo == weight, exactly), so every
+# product x * part is exact in fp32 and the three bf16 tensor-core products sum to the fp32 product (up to
+# the order of the fp32 additions). Then sigmoid, top-k of score + bias by k argmax passes (ties to the
+# lower expert), the chosen scores normalised and scaled, and (training) the per-expert token counts.
+@triton.jit
+def _split3(w, DT: tl.constexpr = tl.bfloat16):
+    """fp32 -> three DT (bf16) tensors whose fp32 sum is w (DT fp32: w, 0, 0)."""
+    hi = w.to(DT)
+    r = w - hi.to(tl.float32)
+    mid = r.to(DT)
+    return hi, mid, (r - mid.to(tl.float32)).to(DT)
+
+
+@launcher
+@triton.jit
+def _router_fwd_kernel(X, W, BIAS, IDX, WT, SEL, COUNTS, N, stride_x, scaling, D: tl.constexpr,
+                       E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cols = tl.arange(0, E)
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, E), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dmask = d0 + dd < D
+        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + (d0 + dd)[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        hi, mid, lo = _split3(tl.load(W + cols[:, None] * D + (d0 + dd)[None, :], mask=dmask[None, :], other=0.0),
+                              X.dtype.element_ty)
+        acc = tl.dot(x, tl.trans(hi), acc)
+        acc = tl.dot(x, tl.trans(mid), acc)
+        acc = tl.dot(x, tl.trans(lo), acc)
+    s = tl.sigmoid(acc)
+    choice = s + tl.load(BIAS + cols)[None, :]
+    kcols = tl.arange(0, KP)
+    sel = tl.zeros((BLOCK_N, KP), dtype=tl.float32)
+    ids = tl.zeros((BLOCK_N, KP), dtype=tl.int32)
+    chosen = tl.zeros((BLOCK_N, E), dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.argmax(choice, 1, tie_break_left=True)
+        hit = cols[None, :] == best[:, None]
+        sel = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, s, 0.0), 1)[:, None], sel)
+        ids = tl.where(kcols[None, :] == j, best[:, None], ids)
+        chosen += hit.to(tl.int32)
+        choice = tl.where(hit, float("-inf"), choice)
+    wt = sel
+    if NORM:
+        wt = sel / (tl.sum(sel, 1)[:, None] + 1e-20)
+    out = rows.to(tl.int64)[:, None] * K + kcols[None, :]
+    omask = rmask[:, None] & (kcols < K)[None, :]
+    tl.store(IDX + out, ids.to(tl.int64), mask=omask)
+    tl.store(WT + out, wt * scaling, mask=omask)
+    tl.store(SEL + out, sel, mask=omask)
+    if COUNT:
+        tl.atomic_add(COUNTS + cols, tl.sum(tl.where(rmask[:, None], chosen, 0), 0))
+
+
+@launcher
+@triton.jit
+def _router_bwd_kernel(GWT, IDX, SEL, G3, N, scaling, E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                       NORM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The logits' gradient as dense rows [hi | mid | lo] (bf16 parts, as _split3) of G3 [N, 3E]:
+    w_j = c s_j / Z (Z = sum s + 1e-20) -> dL/ds_i = c (g_i / Z - sum_j g_j s_j / Z^2), times s_i (1 - s_i)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    kcols = tl.arange(0, KP)
+    mask = rmask[:, None] & (kcols < K)[None, :]
+    offs = rows.to(tl.int64)[:, None] * K + kcols[None, :]
+    g = tl.load(GWT + offs, mask=mask, other=0.0)
+    s = tl.load(SEL + offs, mask=mask, other=0.0)
+    ids = tl.load(IDX + offs, mask=mask, other=-1).to(tl.int32)
+    if NORM:
+        z = tl.sum(s, 1) + 1e-20
+        gs = scaling * (g / z[:, None] - (tl.sum(g * s, 1) / (z * z))[:, None])
+    else:
+        gs = scaling * g
+    gl = gs * s * (1.0 - s)
+    cols = tl.arange(0, E)
+    dense = tl.zeros((BLOCK_N, E), dtype=tl.float32)
+    for j in tl.static_range(K):
+        pick = kcols[None, :] == j
+        col = tl.sum(tl.where(pick, ids, 0), 1)
+        dense = tl.where(cols[None, :] == col[:, None], tl.sum(tl.where(pick, gl, 0.0), 1)[:, None], dense)
+    hi, mid, lo = _split3(dense)
+    out = G3 + rows.to(tl.int64)[:, None] * (3 * E) + cols[None, :]
+    tl.store(out, hi, mask=rmask[:, None])
+    tl.store(out + E, mid, mask=rmask[:, None])
+    tl.store(out + 2 * E, lo, mask=rmask[:, None])
+
+
+def router_supported(x: torch.Tensor, num_experts: int, top_k: int) -> bool:
+    """bf16 tokens, a power-of-two expert count of 16..256, top_k <= 16."""
+    return (x.dtype == torch.bfloat16 and 16 <= num_experts <= 256 and num_experts & (num_experts - 1) == 0
+            and 1 <= top_k <= min(16, num_experts))
+
+
+def _router_meta(N: int, E: int, K: int, norm: bool) -> tuple[int, dict]:
+    block_n = 64 if E <= 128 else 32
+    return triton.cdiv(N, block_n), dict(E=E, K=K, KP=max(2, triton.next_power_of_2(K)), NORM=norm,
+                                         BLOCK_N=block_n, num_warps=4 if E <= 64 else 8)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bf16 a @ b with the fp32 sums (cuBLAS's out_dtype; elsewhere the same numbers through fp32 inputs)."""
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return a.float() @ b.float()
+
+
+class _Router(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, top_k: int, norm: bool, scaling: float, count: bool):
+        x = last_dim_contiguous(x)
+        N, D = x.shape
+        E = weight.shape[0]
+        grid, meta = _router_meta(N, E, top_k, norm)
+        idx = torch.empty(N, top_k, device=x.device, dtype=torch.long)
+        w = torch.empty(N, top_k, device=x.device, dtype=torch.float32)
+        sel = torch.empty_like(w)
+        counts = torch.zeros(E if count else 1, device=x.device, dtype=torch.int64)
+        if N:
+            _router_fwd_kernel[(grid,)](x, weight.float().contiguous(), bias.float().contiguous(), idx, w, sel,
+                                        counts, N, x.stride(0), float(scaling), D=D, COUNT=count,
+                                        BLOCK_D=64, **meta)
+        ctx.save_for_backward(x, weight, idx, sel)
+        ctx.top_k, ctx.norm, ctx.scaling = top_k, norm, float(scaling)
+        ctx.mark_non_differentiable(idx, counts)
+        return idx, w, counts
+
+    @staticmethod
+    def backward(ctx, _gidx, gw, _gcounts):
+        x, weight, idx, sel = ctx.saved_tensors
+        N, D = x.shape
+        E = weight.shape[0]
+        grid, meta = _router_meta(N, E, ctx.top_k, ctx.norm)
+        g3 = torch.empty(N, 3 * E, device=x.device, dtype=torch.bfloat16)
+        if N:
+            _router_bwd_kernel[(grid,)](gw.contiguous(), idx, sel, g3, N, ctx.scaling, **meta)
+        # x's gradient bf16(g) @ bf16(W), as _RouterLogits gives a bf16 x
+        gx = g3[:, :E].to(x.dtype) @ weight.to(x.dtype) if ctx.needs_input_grad[0] else None
+        gwt = _mm_fp32(g3.t(), x).view(3, E, D).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gwt, None, None, None, None, None
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, scaling: float,
+          count: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ops.moe.route with one expert group, bf16 x [N, D], weight [E, D] fp32 (see router_supported) ->
+    (indices [N, k] long, weights [N, k] fp32, tokens per expert [E] long (zeros [1] unless count))."""
+    return _Router.apply(x, weight, bias, top_k, norm, scaling, count)
