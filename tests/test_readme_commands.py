@@ -129,6 +129,6 @@ def test_readme_usage_lines_run_as_printed(tmp_path, monkeypatch, capsys):
             rc = main(argv[1:])
             out, err = capsys.readouterr()
             assert rc == 0, (variant, out[-2000:], err[-2000:])
-    assert seen == {"generate", "chat", "serve", "convert", "train", "kv-cache", "torchrun"}
+    assert seen == {"generate", "chat", "serve", "convert", "train", "kv-cache", "plan", "torchrun"}
     assert (paths["dst"] / "config.json").exists() and (paths["ft_run"] / "final" / "config.json").exists()
     assert (paths["run"] / "tokenizer" / "tokenizer.json").exists()  # trained on --data, no --tokenizer given

@@ -202,18 +202,22 @@ def format_plan(p: dict, name: str) -> str:
 
 
 def register(subparsers) -> None:
+    from .cli import finite_float
+
     p = subparsers.add_parser("plan", help="memory per GPU of the tensor x expert parallel layouts that could serve")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="checkpoint directory whose config.json to use")
+    src.add_argument("--model", default=None, help="checkpoint directory whose config.json to use (default: the "
+                     "--preset)")
     src.add_argument("--preset", default="flash", help="config preset (flash, mini, tiny)")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpu-mem", type=float, default=141.0, help="GiB per GPU (an H200: 141)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of one host to spread the model over")
+    p.add_argument("--gpu-mem", type=finite_float, default=141.0, help="GiB per GPU (an H200: 141)")
     p.add_argument("--context", type=int, default=32768, help="tokens per sequence (prompt + generation)")
     p.add_argument("--batch", type=int, default=1, help="sequences served at once")
-    p.add_argument("--mtp", type=int, default=None, help="MTP layers drafting (default: all the model has)")
+    p.add_argument("--mtp", type=int, default=None, help="MTP layers drafting, whose KV rings count (default: all "
+                   "the model has)")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--fp8", dest="fp8", action="store_true", default=True, help="FP8 weights (default)")
-    fmt.add_argument("--bf16", dest="fp8", action="store_false", help="bf16 weights")
+    fmt.add_argument("--fp8", dest="fp8", action="store_true", default=True, help="FP8 weights as released, the default")
+    fmt.add_argument("--bf16", dest="fp8", action="store_false", help="bf16 weights instead of the default FP8")
     p.set_defaults(fn=cmd_plan)
 
 
