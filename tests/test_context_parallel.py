@@ -116,6 +116,17 @@ def _model_case(cp: ContextParallel) -> dict:
         dist.all_reduce(q.grad)
         worst = max(worst, float((p.grad - q.grad).abs().max()))
     diffs["param_grads"] = worst
+    # the Trainer's convention: a target in another document than its position does not count
+    from mimo_flash.training.trainer import packed_losses, target_counts
+
+    n = model.config.num_nextn_predict_layers
+    with torch.no_grad():
+        sums = packed_losses(out.logits, out.mtp_logits, labels, seg)
+        expect = torch.stack(sums) / target_counts(labels, seg, n + 1).sum(0)
+        doc = cp_loss(twin, cp, shard_batch(cp, ids, labels, pos, seg, n_mtp=n, document_targets=True))
+    got = torch.stack([doc.lm_loss] + doc.mtp_losses)
+    diffs["document_targets"] = float((got - expect).abs().max())
+    diffs["document_targets_differ"] = float((got - torch.stack([res.lm_loss] + res.mtp_losses)).abs().max())
     diffs["n_mtp"] = len(res.mtp_losses)
     return diffs
 
@@ -181,6 +192,7 @@ def test_model_loss_and_gradients_match_one_process(cp_results):
     for r in range(world):
         d = results[r]["model"]
         assert d.pop("n_mtp") == 3
+        assert d.pop("document_targets_differ") > 1e-3  # the two conventions are told apart
         assert max(d.values()) <= TOL, (r, d)
 
 
