@@ -1,6 +1,6 @@
 """Context parallelism on CPU with gloo: 2 and 4 processes each hold a zigzag shard of the sequence; attention
 outputs and the gradients of q, k, v and the sink, and a whole model's losses and gradients (MTP included),
-equal one process's (fp32, 1e-5)."""
+equal one process's (fp32, 1e-5), alone and combined with FSDP2 over the same ranks."""
 
 from __future__ import annotations
 
@@ -127,6 +127,24 @@ def _model_case(cp: ContextParallel) -> dict:
     got = torch.stack([doc.lm_loss] + doc.mtp_losses)
     diffs["document_targets"] = float((got - expect).abs().max())
     diffs["document_targets_differ"] = float((got - torch.stack([res.lm_loss] + res.mtp_losses)).abs().max())
+
+    # combined with FSDP2 over the same ranks (cp_loss calls the model's parts, so each part the loss path calls
+    # directly is a unit of its own: MiMoModel reads model.norm.weight itself; mtp_step calls embed_tokens,
+    # lm_head and final_layernorm); FSDP averages the gradients over its ranks, hence the factor
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model)
+    sharded.zero_grad()
+    apply_context_parallel(sharded, cp)
+    m = sharded
+    for unit in ([m.model.embed_tokens, m.lm_head] + [layer.final_layernorm for layer in m.model.mtp.layers]
+                 + list(m.model.layers) + list(m.model.mtp.layers) + [m.model, m]):
+        fully_shard(unit)
+    res = cp_loss(sharded, cp, batch)
+    res.loss.backward()
+    diffs["fsdp_loss"] = abs(float(res.total - out.loss))
+    diffs["fsdp_param_grads"] = max(float((p.grad - cp.world * q.grad.full_tensor()).abs().max())
+                                    for p, q in zip(model.parameters(), sharded.parameters(), strict=True))
     diffs["n_mtp"] = len(res.mtp_losses)
     return diffs
 
