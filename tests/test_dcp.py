@@ -24,13 +24,18 @@ def _model(seed: int) -> MiMoForCausalLM:
     return MiMoForCausalLM(MiMoConfig.preset("tiny", num_hidden_layers=3))
 
 
-def _shard(model: MiMoForCausalLM) -> MiMoForCausalLM:
+def _shard(model: MiMoForCausalLM, experts_on_dim1: bool = False) -> MiMoForCausalLM:
+    """FSDP2 units as training/parallel.py makes them. experts_on_dim1: the fused expert tensors [E, 2I, D] /
+    [E, D, I] are split on dim 1 instead of dim 0 (so the export gathers them whole, and loading reshards
+    between layouts)."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
+    place = (lambda p: Shard(1) if p.dim() == 3 else None) if experts_on_dim1 else None
     for layer in model.model.mtp.layers:  # called outside its layer's forward (by mtp_step): a unit of its own
         fully_shard(layer.final_layernorm)
     for layer in list(model.model.layers) + list(model.model.mtp.layers):
-        fully_shard(layer)
+        fully_shard(layer, shard_placement_fn=place)
     fully_shard(model)
     return model
 
@@ -72,7 +77,8 @@ def _worker(rank: int, world: int, port: int, root: str, q) -> None:
     res = {}
     try:
         if world == 2:  # train one step sharded, save, export
-            model = _shard(_model(0))
+            model = _shard(_model(0), experts_on_dim1=True)
+            res["expert_local"] = tuple(model.model.layers[1].mlp.experts.gate_up_proj.to_local().shape)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             _train_step(model, opt, 1)
             ckpt.save(root, 1, model, opt, extra={"data": {"epoch": 0, "position": 7}})
@@ -136,6 +142,7 @@ def saved(tmp_path_factory):
 def test_saved_by_two_ranks_each_writing_its_shards(saved):
     root, res = saved
     assert res[0]["local_rows"] == res[1]["local_rows"] == 256  # the embedding's 512 rows, half each
+    assert res[0]["expert_local"] == (8, 32, 64)  # 8 experts x (2 x 32 of 64 rows) x hidden 64
     d = ckpt.step_dir(root, 1)
     assert ckpt.latest(root) == 1
     assert sorted(p.name for p in d.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
