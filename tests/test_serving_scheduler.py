@@ -133,3 +133,24 @@ def test_queue_bound_and_context_check(setup):
     with pytest.raises(ValueError, match="context of 64"):
         sched.check(60, 5)
     assert sched.metrics.rejected == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_alone(setup):
+    """On the GPU the decode steps replay CUDA graphs (per batch size and cache bucket); fp32 keeps the
+    greedy argmax stable across batch sizes."""
+    _, tok = setup
+    model = tiny_model(seed=7, vocab_size=tok.vocab_size).cuda()
+    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32).start()
+    try:
+        g = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 50, 17, 90, 8, 33)]
+        sinks = [collector() for _ in prompts]
+        for p, (_, _, sink) in zip(prompts, sinks, strict=True):
+            sched.submit(Request(p, 40, eos=tuple(tok.eos_token_ids), sink=sink))
+        for p, (events, done, _) in zip(prompts, sinks, strict=True):
+            assert done.wait(120)
+            assert [t for e in events for t in e.token_ids] == alone(model, tok, p, 40)
+    finally:
+        sched.stop()

@@ -6,9 +6,10 @@ Every step (Scheduler.step):
   3. prompt prefill: chunks of at most `prefill_chunk` tokens in all, for the slots still prefilling, each
      through a one-row view of the cache (KVCache.rows); a chunk ends at a multiple of `prefill_chunk`
      positions, so a long prompt holds the running streams for one chunk per step at most;
-  4. one decode step for every slot that is generating: one forward over all B rows of the cache (rows
-     that are not generating are masked: valid=False leaves their cache untouched), through the
-     GraphRunner (a CUDA graph per cache bucket on GPU; eager on CPU), then each row's own sampling.
+  4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
+     power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
+     are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
+     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling.
 A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone.
 
 Requests carry a `sink` that receives Events (from the scheduler thread: it must not block).
@@ -133,10 +134,9 @@ class Scheduler:
         # one token per step and graph warm-ups that repeat a step from the same state need no ring slack
         self.cache = KVCache(config, max_slots, S, device=self.device, dtype=model.dtype)
         cuda = self.device.type == "cuda"
-        if (cuda and cuda_graphs in ("auto", True)) or compile:
-            self.runner: Runner = GraphRunner(model, self.cache, S, compile=compile)
-        else:
-            self.runner = Runner(model, self.cache, S)
+        self.graphs = (cuda and cuda_graphs in ("auto", True)) or compile
+        self.compile = compile
+        self.runners: dict[int, Runner] = {}  # decode runners over rows [0, n), n a power of two (or B)
         self.rows = [Runner(model, self.cache.rows(i), S) for i in range(max_slots)]
         self.prefix = PrefixCache(self.cache, prefill_chunk, prefix_blocks) if prefix_blocks else None
         self.slots: list[_Slot | None] = [None] * max_slots
@@ -291,13 +291,31 @@ class Scheduler:
         dev = self.device
         ids = torch.tensor(tok, device=dev)[:, None]
         P = torch.tensor(pos, device=dev)[:, None]
+        n = self._bucket(max(s.i for s in active) + 1)  # slots are taken lowest first: few rows, small batch
+        ids, P, valid = ids[:n], P[:n], valid[:n]
         v = None if all(valid) else torch.tensor(valid, device=dev)[:, None]
-        logits, _ = self.runner.main(ids, P, v, max(pos) + 1, logits="last", graph=True)
+        logits, _ = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
         logits = logits[:, -1]
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
         for s in active:
             s.pos += 1
             self._take(s, logits[s.i], greedy[s.i] if greedy is not None and s.plain_greedy else None)
+
+    def _bucket(self, rows: int) -> int:
+        n = 1
+        while n < rows:
+            n *= 2
+        return min(n, self.B)
+
+    def _runner(self, n: int) -> Runner:
+        """The decode runner over rows [0, n) (a GraphRunner on CUDA: its graphs are per batch size anyway)."""
+        r = self.runners.get(n)
+        if r is None:
+            view = self.cache if n == self.B else self.cache.rows(0, n)
+            r = GraphRunner(self.model, view, self.S, compile=self.compile) if self.graphs \
+                else Runner(self.model, view, self.S)
+            self.runners[n] = r
+        return r
 
     # ------------------------------------------------------------------ output
     def _take(self, s: _Slot, logits: torch.Tensor, token: int | None = None) -> None:
