@@ -280,6 +280,10 @@ def test_malformed_http(live):
     t0 = time.time()
     short = exchange((head + "Content-Length: 100\r\n\r\n{\"prompt\"").encode())  # the rest never comes
     assert short.startswith(b"HTTP/1.1 408") and b'"error"' in short and time.time() - t0 < 10
+    for bad in (b"GARBAGE\r\n\r\n", (head + "Content-Length: -5\r\n\r\n").encode(),
+                (head + "Content-Length: 12abc\r\n\r\n").encode()):
+        got = exchange(bad)
+        assert got.startswith(b"HTTP/1.1 400") and b"application/json" in got and b'"invalid_request_error"' in got
     body = b'{"prompt": "hi", "max_tokens": 2, "temperature": 0}'
     chunked = exchange((head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"%x\r\n" % len(body) + body
                        + b"\r\n0\r\n\r\n")

@@ -18,10 +18,12 @@ import threading
 import time
 import uuid
 
+import h11
 import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import protocol as proto
 from .parsers import ReplyParser, parse_reply
@@ -377,12 +379,28 @@ def make_app(server: OpenAIServer) -> FastAPI:
     return app
 
 
+class JSONErrorH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol whose own 400 (a request line, header or Content-Length it cannot parse,
+    answered before the app sees the request) is OpenAI's error object instead of plain text."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": {"message": f"malformed HTTP request: {msg}", "type": "invalid_request_error",
+                                     "param": None, "code": 400}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
 def make_uvicorn(server: OpenAIServer, host: str = "127.0.0.1", port: int = 8000,
                  log_level: str = "warning") -> uvicorn.Server:
     """A uvicorn server for the app: keep-alive 5 s, headers capped at 64 KiB (slow or huge bodies are the
     handler's: OpenAIServer.body)."""
     config = uvicorn.Config(make_app(server), host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_keep_alive=5, h11_max_incomplete_event_size=64 << 10, lifespan="off")
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=64 << 10, lifespan="off",
+                            http=JSONErrorH11Protocol)
     return uvicorn.Server(config)
 
 

@@ -15,8 +15,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together (continuous batching)")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="longest prompt + output per request (the KV cache length; default the model's limit)")
+    p.add_argument("--max-context", type=int, default=8192,
+                   help="longest prompt + output per request: the KV cache holds max-slots rows of this many "
+                        "positions (capped at the model's max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens per scheduler step (also the prefix cache's block)")
@@ -38,7 +39,8 @@ def cmd_serve(args) -> int:
     model, tok = load(args)
     name = args.name or Path(args.model).resolve().name
     try:
-        sched = Scheduler(model, tok, max_slots=args.max_slots, max_context=args.max_context,
+        sched = Scheduler(model, tok, max_slots=args.max_slots,
+                          max_context=min(args.max_context, model.config.max_position_embeddings),
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
                           cuda_graphs=False if args.no_cuda_graphs else "auto")
     except ValueError as e:
