@@ -306,13 +306,18 @@ def test_cancelled_stream_frees_its_slot(live):
     assert sched.metrics.generation_tokens < 10_000
 
 
-def test_full_queue_answers_429(live):
-    sched = Scheduler(live["model"], live["tok"], max_slots=1, max_context=64, max_queue=0)  # never drains
-    http, url = start_in_thread(OpenAIServer(sched, live["tok"], "tiny"))
+def test_timeout_cancels_and_full_queue_answers_429(live):
+    sched = Scheduler(live["model"], live["tok"], max_slots=1, max_context=64, max_queue=1)  # not started: no step
+    http, url = start_in_thread(OpenAIServer(sched, live["tok"], "tiny", request_timeout=0.5))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APIStatusError, match="longer than 0.5 s") as e:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 408
+        assert len(sched.waiting) == 1 and sched.waiting[0].cancelled  # dropped at the next step
         with pytest.raises(openai.RateLimitError, match="at capacity"):
             client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert sched.metrics.rejected == 1
     finally:
         http.should_exit = True
 
