@@ -109,7 +109,7 @@ def test_prefix_cache_is_exact_and_hits(setup):
     for blocks in (0, 32):
         sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=8, prefix_blocks=blocks).start()
         try:
-            runs = [run_blocking(sched, Request(p, 10), 60) for p in prompts]
+            runs = [run_blocking(sched, Request(p, 10, eos=tuple(tok.eos_token_ids)), 60) for p in prompts]
             again = [run_blocking(sched, Request(p, 1), 60)[-1].cached_tokens for p in prompts]
         finally:
             sched.stop()
@@ -152,5 +152,19 @@ def test_cuda_graph_decode_equals_alone(setup):
         for p, (events, done, _) in zip(prompts, sinks, strict=True):
             assert done.wait(120)
             assert [t for e in events for t in e.token_ids] == alone(model, tok, p, 40)
+    finally:
+        sched.stop()
+
+
+def test_warmup_leaves_no_trace(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=3, max_context=300, prefill_chunk=16)
+    sched.warmup()
+    assert sorted(sched.runners) == [1, 2, 3]
+    sched.start()
+    try:
+        p = tok.encode("the quick brown fox")
+        got = run_blocking(sched, Request(p, 8, eos=tuple(tok.eos_token_ids)), 60)
+        assert [t for e in got for t in e.token_ids] == alone(model, tok, p, 8)
     finally:
         sched.stop()

@@ -47,6 +47,9 @@ def cmd_serve(args) -> int:
         raise UserError(str(e)) from None
     server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,
                           request_timeout=args.request_timeout)
+    if model.device.type == "cuda":
+        print(f"capturing decode graphs for {args.max_slots} slots...", file=sys.stderr, flush=True)
+        print(f"  done in {sched.warmup():.1f} s", file=sys.stderr, flush=True)
     sched.start()
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots (Ctrl-C stops)",
           file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "to
                         "parallel_tool_calls", "response_format", "chat_template_kwargs"}
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_STOP = 16  # OpenAI allows 4; evaluation harnesses send more
 
 
 class RequestError(ValueError):
@@ -118,8 +119,8 @@ def common(body: dict, served: str, chat: bool, limit: int) -> Settings:
                             repetition_penalty=number(body, "repetition_penalty", None, float, 0.0, lo_open=True))
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("'stop' must be a non-empty string or a list of at most 4 of them", "stop")
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
     opts = body.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:

@@ -301,6 +301,24 @@ class Scheduler:
             s.pos += 1
             self._take(s, logits[s.i], greedy[s.i] if greedy is not None and s.plain_greedy else None)
 
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """Before serving: run the decode step of every batch size and cache bucket once (on GPU this captures
+        their CUDA graphs, so no request waits for a capture). Rows are reset at admission, so what these
+        steps write is never read. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        for n in sorted({self._bucket(k) for k in range(1, self.B + 1)}):
+            ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+            kv = 256
+            while True:
+                for valid in (None, torch.zeros(n, 1, dtype=torch.bool, device=self.device)):
+                    self._runner(n).main(ids, ids, valid, min(kv, self.S), logits="last", graph=True)
+                if kv >= self.S:
+                    break
+                kv *= 2
+        self.cache.reset()
+        return time.perf_counter() - t0
+
     def _bucket(self, rows: int) -> int:
         n = 1
         while n < rows:
