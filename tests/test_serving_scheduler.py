@@ -168,3 +168,21 @@ def test_warmup_leaves_no_trace(setup):
         assert [t for e in got for t in e.token_ids] == alone(model, tok, p, 8)
     finally:
         sched.stop()
+
+
+def test_long_prompt_prefills_in_chunks_between_decode_steps(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=2, max_context=256, prefill_chunk=16)  # stepped by hand
+    a_events, _, a_sink = collector()
+    b_events, _, b_sink = collector()
+    sched.submit(Request([5, 6, 7], 100, sink=a_sink))
+    sched.step()  # A prefilled, first token out
+    assert len(a_events) == 1
+    sched.submit(Request(list(range(3, 203)), 4, sink=b_sink))  # 200 tokens: 13 chunks of <= 16
+    steps = 0
+    while not b_events:
+        before = len(a_events)
+        sched.step()
+        steps += 1
+        assert len(a_events) == before + 1  # A moves every step
+    assert steps == 13 and sched.metrics.prompt_tokens == 203

@@ -251,11 +251,13 @@ class Scheduler:
     def _prefill(self) -> None:
         budget = self.chunk
         for s in sorted((s for s in self.slots if s is not None and not s.decoding), key=lambda s: s.order):
-            if budget <= 0:
-                return
             P = len(s.req.prompt)
             c0 = s.done
-            c1 = min(P, (c0 // self.chunk + 1) * self.chunk, c0 + budget)
+            # always the aligned chunk (so a prompt's arithmetic never depends on its neighbours); the first
+            # slot of a step always fits, later ones only if the step's budget still has room
+            c1 = min(P, (c0 // self.chunk + 1) * self.chunk)
+            if c1 - c0 > budget:
+                return
             ids = torch.tensor([s.req.prompt[c0:c1]], device=self.device)
             pos = torch.arange(c0, c1, device=self.device)[None]
             mode = "all" if s.prompt_lp is not None else ("last" if c1 == P else "none")
