@@ -176,8 +176,8 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(setup):
     a_events, _, a_sink = collector()
     b_events, _, b_sink = collector()
     sched.submit(Request([5, 6, 7], 100, sink=a_sink))
-    sched.step()  # A prefilled, first token out
-    assert len(a_events) == 1
+    sched.step()  # A prefilled (its first token) and one decode step (its second)
+    assert len(a_events) == 2
     sched.submit(Request(list(range(3, 203)), 4, sink=b_sink))  # 200 tokens: 13 chunks of <= 16
     steps = 0
     while not b_events:
