@@ -49,6 +49,17 @@ def mtp_group(k: int) -> str:
     return f"mtp{k}"
 
 
+@dataclass(frozen=True)
+class LayerSlots:
+    """One row's cache of one layer (views of the cache's buffers: writes go to the cache)."""
+
+    k: torch.Tensor  # [Hkv, n, D] keys (n = S for a full layer, R for a ring)
+    v: torch.Tensor  # [Hkv, n, Dv] values
+    pos: torch.Tensor  # [n] long, the position each slot holds (full layers: the slot index)
+    valid: torch.Tensor  # [n] bool, whether the slot holds a key of this row
+    ring: bool  # a sliding-window ring (slot = position % n) or every position (slot = position)
+
+
 @dataclass
 class _Plan:
     """One group's writes for the current step (B rows, T new tokens)."""
@@ -246,14 +257,23 @@ class KVCache:
         if not 0 <= start < stop <= self.B:
             raise ValueError(f"KVCache.rows: rows [{start}, {stop}) outside a cache of {self.B} rows")
         view = object.__new__(KVCache)
-        view.__dict__.update(self.__dict__)
+        for name, val in self.__dict__.items():  # every table of per-row tensors [B, ...] is sliced
+            if isinstance(val, dict) and val and all(isinstance(t, torch.Tensor) for t in val.values()):
+                val = {key: t[start:stop] for key, t in val.items()}
+            view.__dict__[name] = val
         view.B = stop - start
-        view.k = {i: t[start:stop] for i, t in self.k.items()}
-        view.v = {i: t[start:stop] for i, t in self.v.items()}
-        view.pos = {g: t[start:stop] for g, t in self.pos.items()}
-        view.valid = {g: t[start:stop] for g, t in self.valid.items()}
         view._plans = {}
         return view
+
+    def layer_slots(self, layer_idx: int, row: int = 0) -> "LayerSlots":
+        """Row `row` of layer `layer_idx`'s buffers and slot tables (views, see LayerSlots)."""
+        g = self.group_of[layer_idx]
+        return LayerSlots(k=self.k[layer_idx][row], v=self.v[layer_idx][row], pos=self.pos[g][row],
+                          valid=self.valid[g][row], ring=g != "full")
+
+    def layers(self) -> list[int]:
+        """The layer indices this cache holds (main layers, then the MTP layers' slots)."""
+        return sorted(self.k)
 
 
 def cache_bytes(config: MiMoConfig, context: int, *, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16,

@@ -34,14 +34,15 @@ class PrefixCache:
     def __init__(self, cache: KVCache, block: int, capacity: int) -> None:
         if block < 1 or capacity < 1:
             raise ValueError(f"PrefixCache: block and capacity must be >= 1, got {block}, {capacity}")
-        if any(g.startswith("mtp") for g in cache.valid):
+        main = cache.config.num_hidden_layers
+        if any(i >= main for i in cache.layers()):
             raise ValueError("PrefixCache: caches with MTP rings are not supported")
         self.block, self.capacity = block, capacity
-        self.full = [i for i, g in cache.group_of.items() if g == "full"]
-        self.ring = [i for i, g in cache.group_of.items() if g == "swa"]
+        self.full = [i for i in cache.layers() if not cache.layer_slots(i).ring]
+        self.ring = [i for i in cache.layers() if cache.layer_slots(i).ring]
         self.entries: OrderedDict[bytes, dict] = OrderedDict()
         self.hits = 0  # blocks restored
-        self.misses = 0  # blocks looked up and not found
+        self.misses = 0  # lookups that stopped short of the longest possible prefix
 
     def _keys(self, tokens: list[int], n: int) -> list[bytes]:
         keys, k = [], b""
@@ -65,25 +66,28 @@ class PrefixCache:
         return [e for _, e in found]
 
     def restore(self, row: KVCache, entries: list[dict]) -> int:
-        """Reset the one-row view `row` and load the prefix of `entries` into it. Returns its length."""
+        """Reset the one-row view `row` and load the prefix of `entries` into it. Returns its length.
+        (The layers of a kind share one slot table, so setting it through one layer sets it for all.)"""
         row.reset()
         if not entries:
             return 0
         b = self.block
-        for j, e in enumerate(entries):
-            for i, (k, v) in zip(self.full, e["full"], strict=True):
-                row.k[i][0, :, j * b:(j + 1) * b] = k
-                row.v[i][0, :, j * b:(j + 1) * b] = v
         n = len(entries) * b
-        if "full" in row.valid:
-            row.valid["full"][0, :n] = True
+        for i in self.full:
+            ls = row.layer_slots(i)
+            for j, e in enumerate(entries):
+                k, v = e["full"][i]
+                ls.k[:, j * b:(j + 1) * b] = k
+                ls.v[:, j * b:(j + 1) * b] = v
+            ls.valid[:n] = True
         last = entries[-1]
-        for i, (k, v) in zip(self.ring, last["ring"], strict=True):
-            row.k[i][0] = k
-            row.v[i][0] = v
-        if "swa" in row.valid:
-            row.pos["swa"][0] = last["pos"]
-            row.valid["swa"][0] = last["valid"]
+        for i in self.ring:
+            ls = row.layer_slots(i)
+            k, v = last["ring"][i]
+            ls.k.copy_(k)
+            ls.v.copy_(v)
+            ls.pos.copy_(last["pos"])
+            ls.valid.copy_(last["valid"])
         return n
 
     def store(self, row: KVCache, tokens: list[int]) -> None:
@@ -96,17 +100,21 @@ class PrefixCache:
             self.entries.move_to_end(key)
             return
         s, e = (n - 1) * self.block, n * self.block
-        entry = {"full": [(row.k[i][0, :, s:e].clone(), row.v[i][0, :, s:e].clone()) for i in self.full],
-                 "ring": [(row.k[i][0].clone(), row.v[i][0].clone()) for i in self.ring]}
-        if "swa" in row.valid:
-            entry["pos"], entry["valid"] = row.pos["swa"][0].clone(), row.valid["swa"][0].clone()
+        entry: dict = {"full": {}, "ring": {}}
+        for i in self.full:
+            ls = row.layer_slots(i)
+            entry["full"][i] = (ls.k[:, s:e].clone(), ls.v[:, s:e].clone())
+        for i in self.ring:
+            ls = row.layer_slots(i)
+            entry["ring"][i] = (ls.k.clone(), ls.v.clone())
+            entry["pos"], entry["valid"] = ls.pos.clone(), ls.valid.clone()
         self.entries[key] = entry
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for e in self.entries.values()
-                   for kv in e["full"] + e["ring"] for t in kv)
+                   for part in ("full", "ring") for kv in e[part].values() for t in kv)
 
     def clear(self) -> None:
         self.entries.clear()
