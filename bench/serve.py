@@ -186,13 +186,15 @@ def main() -> int:
     ap.add_argument("--slots", type=int, nargs="+", default=None,
                     help="started server: scheduler slots per run (default: the largest concurrency); 1 = the "
                          "one-at-a-time baseline")
-    ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--max-context", type=int, default=None, help="default: max(2048, input + output length)")
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--prefix-blocks", type=int, default=64)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
     ap.add_argument("--json", help="append one JSON line per run to this file")
     args = ap.parse_args()
+    if args.max_context is None:
+        args.max_context = max(2048, args.input_len + args.output_len)
     if args.num_prompts is None:
         args.num_prompts = max(8, 4 * max(args.concurrency))
 

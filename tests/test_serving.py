@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 import torch
 
@@ -17,8 +18,6 @@ from mimo_flash.serving import OpenAIServer, Scheduler, start_in_thread
 from mimo_flash.serving.detok import Detokenizer
 from mimo_flash.serving.parsers import ReplyParser, parse_reply
 from serving_helpers import make_tokenizer
-
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
