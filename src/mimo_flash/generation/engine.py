@@ -122,7 +122,7 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
     if cuda_graphs not in ("auto", True, False):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
     cuda = model.device.type == "cuda"
-    config = model.config
+    config = model.kv_config  # this rank's kv heads under tensor parallelism
 
     def new_cache():
         # SWA ring slack: speculative steps write up to 2K slots past the accepted tokens; a graphed greedy

@@ -129,6 +129,8 @@ class MiMoForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, backend="gemm")
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # distributed.inference.InferencePlan once parallelize_for_inference has split this process's share
+        self.parallel = None
         self.apply(self._init_weights)
 
     @torch.no_grad()
@@ -154,6 +156,12 @@ class MiMoForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    @property
+    def kv_config(self) -> MiMoConfig:
+        """The config of the attention this process computes: the model's, or under tensor parallelism a
+        copy with this rank's head counts (what its KV cache holds)."""
+        return self.config if self.parallel is None else self.parallel.local_config
 
     def set_backends(self, attention: str | None = None, experts: str | None = None) -> "MiMoForCausalLM":
         """Choose the ops backend of every attention / expert module (see ops/)."""
@@ -246,7 +254,11 @@ class MiMoForCausalLM(nn.Module):
 
     # checkpoint I/O lives in checkpoint/; these are the entry points users expect
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "MiMoForCausalLM":
+    def from_pretrained(cls, path, tp: int = 1, ep: int = 1, **kwargs) -> "MiMoForCausalLM":
+        """tp / ep > 1 (inside a torchrun process): this rank's share only (distributed.load_parallel)."""
+        if tp != 1 or ep != 1:
+            from ..distributed.inference import load_parallel
+            return load_parallel(path, tp=tp, ep=ep, **kwargs)
         from ..checkpoint import load_pretrained
         return load_pretrained(path, **kwargs)
 
