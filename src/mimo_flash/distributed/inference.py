@@ -95,7 +95,8 @@ class VocabParallelHead(Linear):
         """x [..., D] -> [..., V]"""
         from torch.distributed import _functional_collectives as funcol
         y = linear(x, self.weight, self.backend)
-        y = funcol.wait_tensor(funcol.all_gather_tensor(y.contiguous(), y.dim() - 1, self.group))
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.11
+        y = funcol.wait_tensor(gather(y.contiguous(), y.dim() - 1, self.group))
         return y[..., :self.vocab]
 
 

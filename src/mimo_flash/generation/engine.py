@@ -133,7 +133,7 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
     if not ((cuda and cuda_graphs == "auto") or cuda_graphs is True or compile):
         return Runner(model, new_cache(), S)
     runners = _RUNNERS.setdefault(model, {})
-    key = (B, S, K, model.dtype, str(model.device), bool(compile))
+    key = (B, S, K, model.dtype, str(model.device), bool(compile), model.parallel is None)
     runner = runners.pop(key, None)
     if runner is None:
         while len(runners) >= 4:  # keep a few (graph memory pools are not small)
