@@ -9,6 +9,7 @@ for it (`num_speculative_tokens`, an extension). Bad requests get OpenAI's error
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 import uuid
@@ -49,6 +50,8 @@ class Engine:
         self.speculative, self.max_tokens_limit = speculative, max_tokens_limit
         self.lock = threading.Lock()
         self.created = int(time.time())
+        # a tensor / expert parallel model: rank 0 announces each run to the other ranks (distributed/steps.py)
+        self.steps = None
 
     # ------------------------------------------------------------ parameters
     def _params(self, body: dict) -> dict:
@@ -98,6 +101,10 @@ class Engine:
         ids = self._prompt_ids(text)
         streamer = TextStreamer(self.tok, write=on_text or (lambda s: None), stop_strings=params["stop"])
         with self.lock, torch.no_grad():
+            if self.steps is not None:  # the other ranks run the same generate; they must sample alike
+                if params["gen"].get("seed") is None:
+                    params["gen"]["seed"] = random.randrange(2 ** 31)
+                self.steps.announce(text, params)
             out = generate(self.model, torch.tensor([ids], device=self.model.device), streamer=streamer,
                            stopping=streamer if params["stop"] else None, **params["gen"])
         new = out[0, len(ids):].tolist()
