@@ -3,8 +3,8 @@
 Substitutions, and nothing else: the placeholders (DIR, FILES..., RUN, SRC, DST, N, T, P, K, "...") become
 tiny files and values; each line runs once without its optional [...] groups and once with all of them (the
 first of `a|b` choices); train lines get a few short steps (--steps 2, --seq-len 32, --batch-size 2) and
-the fine-tuning line its own RUN, the torchrun line's `...` the pre-training line's arguments. The torchrun
-line runs with its two processes and --ep 2 (gloo on the CPU). `serve` runs in a subprocess until
+the fine-tuning line its own RUN, the torchrun train line's `...` the pre-training line's arguments. The torchrun
+lines run with their two processes (train with --ep 2, generate with --tp 2; gloo on the CPU). `serve` runs in a subprocess until
 /v1/models answers.
 """
 
@@ -63,7 +63,7 @@ def substitute(line: str, paths: dict) -> list[str]:
             out[out.index("--steps") + 1] = "4"
         if "--init-from" in out:
             out[out.index("--out") + 1] = str(paths["ft_run"])
-    if out[0] == "torchrun":
+    if out[0] == "torchrun" and "train" in out:
         out += SHORT_TRAINING
     return out
 
