@@ -5,7 +5,7 @@ speculative decoding (K=2). The tiny preset has 1 kv head on its full layers and
 TP=2 replicates the full layers' kv head. Each rank also loads its share from an fp32
 checkpoint and from an FP8 checkpoint whose 32-row blocks straddle the 48-row heads, and must get exactly
 the slices of the single-process model; each rank's peak host memory while loading stays well under the
-model's size."""
+model's size. A StepBroadcaster (what `serve` uses) makes the other ranks run rank 0's steps."""
 
 from __future__ import annotations
 
@@ -89,6 +89,18 @@ def _worker(rank: int, world: int, tp: int, ep: int, port: int, ckpts: dict, q) 
             a, b = whole.state_dict(), mine.state_dict()
             assert list(a) == list(b), name
             res[f"load_{name}"] = [n for n in a if not torch.equal(a[n], b[n])]
+        # rank 0 leads two sampled steps; the others follow them and must compute the same tokens
+        from mimo_flash.distributed.steps import StepBroadcaster
+        ran = []
+        steps = StepBroadcaster(lambda ids, seed: ran.append(
+            m.generate(torch.tensor(ids), max_new_tokens=4, do_sample=True, seed=seed).tolist()))
+        if rank == 0:
+            steps.step([[5, 6, 7]], seed=11)
+            steps.step([[8, 9]], seed=12)
+            steps.stop()
+        else:
+            res["followed"] = steps.follow()
+        res["steps"] = ran
     except Exception as e:  # report instead of hanging the parent
         import traceback
 
@@ -144,6 +156,8 @@ def test_parallel_matches_single_process(tp, ep, checkpoints):
         # 4 q heads -> 2; the full layer's single kv head is replicated; 8 experts over ep ranks
         assert res["local"] == dict(heads=2, kv_heads=1, experts=8 // ep, cache_kv=1), res["local"]
         assert res["load_fp32"] == [] and res["load_fp8"] == [], (res["load_fp32"], res["load_fp8"])
+        assert len(res["steps"]) == 2 and res["steps"] == results[0]["steps"], (rank, res["steps"])
+        assert rank == 0 or res["followed"] == 2
 
 
 MEM_CHILD = r"""

@@ -18,9 +18,10 @@ Layout over W = tp * ep ranks, a DeviceMesh ("ep", "tp"): rank = ep_rank * tp + 
 Norms and the router are replicated. Every rank ends a layer with the same hidden states (the collectives
 give every rank the same sum), so control flow (EOS, speculative acceptance) agrees without messages.
 
-The collectives are torch.distributed's functional ones (traceable by torch.compile; NCCL's are
-capturable in CUDA graphs); nothing in a step waits for the host except the eager prefill's expert
-compaction (the graphed decode steps use experts="decode", which does not compact).
+The collectives run in place eagerly (NCCL's are captured by CUDA graphs) and as torch.distributed's
+functional collectives under torch.compile (which traces those); nothing in a step waits for the host
+except the eager prefill's expert compaction (the graphed decode steps use experts="decode", which does
+not compact).
 
 FP8 weights (quant/): the row slices above start on head boundaries; q heads (192 rows) of 8-head ranks
 start on 128-row blocks, but a single kv head's k rows (192) do not. A slice that starts inside a block is
@@ -51,8 +52,26 @@ from ..checkpoint.slices import Piece, whole
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    from torch.distributed import _functional_collectives as funcol
-    return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+    """Sum of x over `group`. Eagerly the in-place collective (NCCL's is captured by CUDA graphs; x is always
+    a fresh activation here); under torch.compile the functional one, which dynamo traces."""
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_last(y: torch.Tensor, group) -> torch.Tensor:
+    """y [..., n] on each of the P ranks of `group` -> [..., P * n], rank order."""
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.11
+        return funcol.wait_tensor(gather(y.contiguous(), y.dim() - 1, group))
+    P = dist.get_world_size(group)
+    y = y.contiguous()
+    out = y.new_empty((P * y.shape[0],) + tuple(y.shape[1:]))  # ranks stacked along dim 0 (gloo's layout too)
+    dist.all_gather_into_tensor(out, y, group=group)
+    return out.view(P, *y.shape).movedim(0, -2).reshape(*y.shape[:-1], P * y.shape[-1])
 
 
 class AllReduce(nn.Module):
@@ -93,11 +112,7 @@ class VocabParallelHead(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., V]"""
-        from torch.distributed import _functional_collectives as funcol
-        y = linear(x, self.weight, self.backend)
-        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.11
-        y = funcol.wait_tensor(gather(y.contiguous(), y.dim() - 1, self.group))
-        return y[..., :self.vocab]
+        return _all_gather_last(linear(x, self.weight, self.backend), self.group)[..., :self.vocab]
 
 
 class ExpertParallelInference:
@@ -228,7 +243,7 @@ def _mesh(tp: int, ep: int, mesh):
                            "see distributed.init_inference)")
     if dist.get_world_size() != tp * ep:
         raise ValueError(f"tp={tp} x ep={ep} = {tp * ep} ranks, but {dist.get_world_size()} processes run")
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    dev = "cuda" if "nccl" in dist.get_backend() else "cpu"
     return init_device_mesh(dev, (ep, tp), mesh_dim_names=("ep", "tp"))
 
 
