@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "mimo_flash.checkpoint.commands",   # convert
     "mimo_flash.generation.commands",   # generate, chat
     "mimo_flash.training.commands",     # demo, train
+    "mimo_flash.training.tokenize_cmd", # tokenize
     "mimo_flash.serving.commands",      # serve
 )
 

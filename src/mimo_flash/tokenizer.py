@@ -162,8 +162,11 @@ class Tokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---------------------------------------------------------------------- chat
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The checkpoint's chat template applied to `messages`; an error when there is none."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None,
+                    **template_kwargs) -> str:
+        """The checkpoint's chat template applied to `messages` (and `tools`, OpenAI function specs, for
+        templates that render them; template_kwargs such as enable_thinking go to the template too);
+        an error when there is none."""
         if not self.chat_template:
             raise ValueError(f"the tokenizer in {self.source} has no chat_template (tokenizer_config.json or "
                              "chat_template.jinja), so chat data cannot be rendered")
@@ -173,18 +176,19 @@ class Tokenizer:
         try:
             return compile_template(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "", pad_token=self.pad_token or "", tools=None)
+                eos_token=self.eos_token or "", pad_token=self.pad_token or "", tools=tools, **template_kwargs)
         except TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None, **template_kwargs) -> str:
         """messages: [{"role": ..., "content": ...}] -> the prompt text (to encode without special tokens),
         with the checkpoint's template, else ChatML or "role: content" lines."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
         if self.chat_template:
-            return self.render_chat(messages, add_generation_prompt)
+            return self.render_chat(messages, add_generation_prompt, tools, **template_kwargs)
         if self.token_to_id("<|im_start|>") is not None and self.token_to_id("<|im_end|>") is not None:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")

@@ -1,7 +1,8 @@
 """Parallelism applied from outside the model: process groups and meshes (context.py), expert dispatchers
-(experts.py), parallelize_for_inference / load_parallel (inference.py: tensor and expert parallel
-inference), and parallelize_for_training (training.py: expert parallelism, activation checkpointing, FSDP2,
-gradient finishing and clipping)."""
+(experts.py), parallelize_for_inference / load_parallel (inference.py: tensor and expert parallel inference),
+parallelize_for_training (training.py: expert parallelism, activation checkpointing, FSDP2,
+gradient finishing and clipping), context parallelism (context_parallel.py: sequences sharded over ranks,
+SWA halos exchanged, full-attention K/V gathered)."""
 
 from .context import ParallelContext, init_distributed
 from .experts import AllToAllDispatcher, all_to_all

@@ -65,6 +65,10 @@ class StepBroadcaster:
             n += 1
 
     def stop(self) -> None:
-        """On the leader: release the followers from follow()."""
+        """On the leader: release the followers from follow(). Followers already gone (a Ctrl-C reaches every
+        process torchrun started) are not an error at shutdown."""
         if self.leader:
-            self._send(None)
+            try:
+                self._send(None)
+            except RuntimeError:  # gloo / NCCL: the peer closed the connection
+                pass

@@ -291,6 +291,25 @@ class KVCache:
             if g != "full":
                 self._pos[g].fill_(-1)
 
+    # ------------------------------------------------------------------ row views (serving)
+    def rows(self, start: int, stop: int | None = None) -> "KVCache":
+        """A cache over rows [start, stop) (default: the one row `start`) that shares this cache's storage:
+        a forward, rollback() or reset() through it changes those rows here and no others. The serving
+        scheduler prefills one slot's prompt through such a view while the whole batch decodes through
+        this cache. The view has its own write plans, so do not interleave a step() on it and on this cache
+        before their update()s have run."""
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start < stop <= self.B:
+            raise ValueError(f"KVCache.rows: rows [{start}, {stop}) outside a cache of {self.B} rows")
+        view = object.__new__(KVCache)
+        for name, val in self.__dict__.items():  # every table of per-row tensors [B, ...] is sliced
+            if isinstance(val, dict) and val and all(isinstance(t, torch.Tensor) for t in val.values()):
+                val = {key: t[start:stop] for key, t in val.items()}
+            view.__dict__[name] = val
+        view.B = stop - start
+        view._plans = {}
+        return view
+
 
 def cache_bytes(config: MiMoConfig, context: int, *, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16,
                 num_mtp: int = 0, slack: int = 0, sliding: bool = True) -> int:

@@ -39,13 +39,15 @@ class Attention(nn.Module):
         # sums o_proj's partial outputs over tensor-parallel ranks (distributed.inference sets an AllReduce)
         self.out_reduce: nn.Module = nn.Identity()
         self.backend = "auto"
+        # a distributed.context_parallel.ContextParallelAttention when the sequence is sharded (set from outside)
+        self.context_parallel = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 cache=None) -> torch.Tensor:
         """x [B, T, D]; rope = (cos, sin) [B, T, rotary_dim] -> [B, T, D]"""
         qkv = self.qkv_proj(x)  # [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim]
         B, T, _ = qkv.shape
-        if cache is None:  # SWA on CUDA: the backward through RoPE and the value scale in the attention kernels
+        if cache is None and self.context_parallel is None:  # SWA on CUDA: RoPE and value scale in the kernels
             out = attention_qkv(qkv, *rope, (self.heads, self.kv_heads, self.qk_dim, self.v_dim, self.v_scale), meta,
                                 self.scale, self.window, self.attention_sink_bias, self.backend)
             if out is not None:
@@ -62,5 +64,6 @@ class Attention(nn.Module):
         if cache_attention is not None:
             out = cache_attention(q, k, v, meta, self.scale, self.window, self.attention_sink_bias)
         else:
-            out = attention(q, k, v, meta, self.scale, self.window, self.attention_sink_bias, self.backend)
+            attend = attention if self.context_parallel is None else self.context_parallel.attention
+            out = attend(q, k, v, meta, self.scale, self.window, self.attention_sink_bias, self.backend)
         return self.out_reduce(self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim)))

@@ -1,5 +1,8 @@
-"""OpenAI-compatible HTTP serving over the generation engine."""
+"""OpenAI-compatible serving: a continuous-batching scheduler with prefix caching, and the HTTP API."""
 
-from .server import Engine, RequestError, make_server
+from .api import OpenAIServer, make_app, make_uvicorn, start_in_thread
+from .protocol import RequestError
+from .scheduler import Event, QueueFull, Request, Scheduler, run_blocking
 
-__all__ = ["Engine", "RequestError", "make_server"]
+__all__ = ["Event", "OpenAIServer", "QueueFull", "Request", "RequestError", "Scheduler", "make_app", "make_uvicorn",
+           "run_blocking", "start_in_thread"]

@@ -11,13 +11,22 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="model name clients send (default: the directory's name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
-    p.add_argument("--speculative", type=int, default=0, metavar="K", help="MTP draft tokens per step by default")
+    p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together (continuous batching)")
+    p.add_argument("--max-context", type=int, default=8192,
+                   help="longest prompt + output per request: the KV cache holds max-slots rows of this many "
+                        "positions (capped at the model's max_position_embeddings)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per scheduler step (also the prefix cache's block)")
+    p.add_argument("--prefix-blocks", type=int, default=64, help="prefix-cache blocks kept (0: off)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may run")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
     add_parallel_options(p)
     p.set_defaults(fn=cmd_serve)
 
@@ -25,35 +34,40 @@ def register(subparsers) -> None:
 def cmd_serve(args) -> int:
     from ..cli import UserError
     from ..generation.commands import load
-    from .server import Engine, make_server
+    from .api import OpenAIServer, make_uvicorn
+    from .scheduler import Scheduler
 
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     model, tok = load(args)
-    if not 0 <= args.speculative <= model.config.num_nextn_predict_layers:
-        raise UserError(f"--speculative must be in 0..{model.config.num_nextn_predict_layers}")
     name = args.name or Path(args.model).resolve().name
-    engine = Engine(model, tok, name, speculative=args.speculative, max_tokens_limit=args.max_tokens_limit)
-    if model.parallel is not None:  # rank 0 serves; the others run each request's generate with it
+    try:
+        sched = Scheduler(model, tok, max_slots=args.max_slots,
+                          max_context=min(args.max_context, model.config.max_position_embeddings),
+                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
+                          cuda_graphs=False if args.no_cuda_graphs else "auto")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,
+                          request_timeout=args.request_timeout)
+    if model.device.type == "cuda":
+        print(f"capturing decode graphs for {args.max_slots} slots...", file=sys.stderr, flush=True)
+        print(f"  done in {sched.warmup():.1f} s", file=sys.stderr, flush=True)
+    if model.parallel is not None:  # rank 0 serves; the others step their replicas with it (scheduler.py)
         from ..distributed.steps import StepBroadcaster
         from ..generation.commands import leader
-        steps = StepBroadcaster(lambda text, params: engine.run(text, params))
+        steps = StepBroadcaster(sched.follow_step)
         if not leader():
             steps.follow()
             return 0
-        engine.steps = steps
+        sched.broadcaster = steps
+    sched.start()
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
     try:
-        server = make_server(engine, args.host, args.port)
-    except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    host, port = server.server_address[:2]
-    print(f"serving {name!r} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        make_uvicorn(server, args.host, args.port).run()
     finally:
-        server.server_close()
-        if engine.steps is not None:
-            engine.steps.stop()
+        sched.stop()
+        if sched.broadcaster is not None:
+            sched.broadcaster.stop()
     return 0

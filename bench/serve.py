@@ -1,0 +1,241 @@
+"""Serving benchmark in the shape of `vllm bench serve`: requests of given lengths at a given concurrency or
+request rate against an OpenAI-compatible server; request throughput, output tok/s, TTFT, TPOT, ITL.
+
+    # against a running server (any OpenAI-compatible one: mimo-flash, vLLM, SGLang)
+    python bench/serve.py --url http://127.0.0.1:8000 --input-len 64 --output-len 64 --concurrency 16
+    # a server it starts itself (a subprocess running `mimo-flash serve`), random weights of a preset
+    python bench/serve.py --preset mini --device cuda --concurrency 1 16 64 --slots 64 1
+    python bench/serve.py --model CKPT_DIR --concurrency 16 --request-rate 8
+
+--slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
+one-request-at-a-time behaviour). --shared-prefix N: every prompt starts with the same N tokens (prefix
+caching's TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id prompts,
+streamed, greedy, ignore_eos (every request produces exactly --output-len tokens, as vLLM's benchmark does).
+TTFT: request sent -> first streamed token; TPOT: (latency - TTFT) / (output tokens - 1) per request; ITL:
+the gaps between streamed chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summary(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs) if xs else float("nan"), "p50": percentile(xs, 50),
+            "p99": percentile(xs, 99)}
+
+
+async def one_request(client, url: str, model: str, prompt: list[int], out_len: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, last, itl, tokens, err = None, t0, [], 0, None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False, "error": f"{r.status_code} {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    err = chunk["error"]["message"]
+                    continue
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                else:
+                    itl.append(now - last)
+                last = now
+    except Exception as e:  # a refused connection, a reset: counted as failed
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    latency = time.perf_counter() - t0
+    if err is not None or ttft is None:
+        return {"ok": False, "error": err or "no output"}
+    return {"ok": True, "ttft": ttft, "latency": latency, "itl": itl, "tokens": tokens,
+            "tpot": (latency - ttft) / (tokens - 1) if tokens > 1 else None}
+
+
+async def run_load(url: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int,
+                   rate: float) -> dict:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        async def go(p):
+            async with sem:
+                return await one_request(client, url, model, p, out_len)
+
+        t0 = time.perf_counter()
+        tasks = []
+        rng = random.Random(0)
+        for p in prompts:
+            tasks.append(asyncio.create_task(go(p)))
+            if rate != float("inf"):  # Poisson arrivals
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    out_tokens = sum(r["tokens"] for r in ok)
+    return {"completed": len(ok), "failed": len(results) - len(ok),
+            "errors": sorted({r["error"] for r in results if not r["ok"]})[:3], "duration_s": duration,
+            "request_throughput": len(ok) / duration, "output_tok_s": out_tokens / duration,
+            "total_tok_s": (out_tokens + sum(len(p) for p in prompts)) / duration,
+            "ttft_s": summary([r["ttft"] for r in ok]),
+            "tpot_s": summary([r["tpot"] for r in ok if r["tpot"] is not None]),
+            "itl_s": summary([x for r in ok for x in r["itl"]]), "e2el_s": summary([r["latency"] for r in ok])}
+
+
+def make_prompts(n: int, in_len: int, vocab: int, shared: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(shared)]
+    return [prefix + [rng.randrange(3, vocab) for _ in range(max(1, in_len - shared))] for _ in range(n)]
+
+
+def random_checkpoint(preset: str, device: str) -> Path:
+    """A preset with random weights saved with a word-level tokenizer covering its vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mimo_flash import MiMoConfig, MiMoForCausalLM
+
+    d = Path(tempfile.mkdtemp(prefix=f"mimo-serve-{preset}-"))
+    torch.manual_seed(0)
+    config = MiMoConfig.preset(preset, torch_dtype="bfloat16" if device == "cuda" else "float32")
+    MiMoForCausalLM(config).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
+    return d
+
+
+def start_server(args, ckpt: Path, slots: int, port: int):
+    cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
+           "--name", "bench", "--device", args.device, "--max-slots", str(slots),
+           "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
+           "--prefix-blocks", str(args.prefix_blocks), "--max-queue", str(max(256, args.num_prompts))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env)
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("the server did not come up within 600 s")
+
+
+def report(tag: str, r: dict) -> None:
+    ms = lambda d: f"{d['mean'] * 1e3:8.1f} {d['p50'] * 1e3:8.1f} {d['p99'] * 1e3:8.1f}"  # noqa: E731
+    print(f"{tag}: {r['completed']} ok, {r['failed']} failed{' ' + str(r['errors']) if r['failed'] else ''}; "
+          f"{r['duration_s']:.2f} s; {r['request_throughput']:.2f} req/s; output {r['output_tok_s']:.1f} tok/s; "
+          f"total {r['total_tok_s']:.1f} tok/s", flush=True)
+    print(f"    (ms)  mean      p50      p99\n    TTFT {ms(r['ttft_s'])}\n    TPOT {ms(r['tpot_s'])}\n"
+          f"    ITL  {ms(r['itl_s'])}\n    E2EL {ms(r['e2el_s'])}", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (otherwise one is started)")
+    ap.add_argument("--model", help="checkpoint directory for the server this starts")
+    ap.add_argument("--preset", default="mini", help="random weights of this preset when no --model/--url")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--served-name", default=None, help="model name to send (default: the server's first)")
+    ap.add_argument("--vocab", type=int, default=None, help="token ids drawn below this (default: from the model)")
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--shared-prefix", type=int, default=0, help="leading prompt tokens all requests share")
+    ap.add_argument("--num-prompts", type=int, default=None, help="default: 4 x concurrency (at least 8)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); default all at once")
+    ap.add_argument("--slots", type=int, nargs="+", default=None,
+                    help="started server: scheduler slots per run (default: the largest concurrency); 1 = the "
+                         "one-at-a-time baseline")
+    ap.add_argument("--max-context", type=int, default=None, help="default: max(2048, input + output length)")
+    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--prefix-blocks", type=int, default=64)
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
+    ap.add_argument("--json", help="append one JSON line per run to this file")
+    args = ap.parse_args()
+    if args.max_context is None:
+        args.max_context = max(2048, args.input_len + args.output_len)
+    if args.num_prompts is None:
+        args.num_prompts = max(8, 4 * max(args.concurrency))
+
+    ckpt = None
+    if args.url is None:
+        ckpt = Path(args.model) if args.model else random_checkpoint(args.preset, args.device)
+    slot_runs = [None] if args.url else (args.slots or [max(args.concurrency)])
+    for slots in slot_runs:
+        proc = None
+        url = args.url
+        if url is None:
+            proc, url = start_server(args, ckpt, slots, args.port)
+        try:
+            import urllib.request
+            with urllib.request.urlopen(url + "/v1/models") as r:
+                info = json.loads(r.read())["data"][0]
+            name = args.served_name or info["id"]
+            vocab = args.vocab
+            if vocab is None:
+                from mimo_flash import MiMoConfig
+                vocab = MiMoConfig.from_pretrained(ckpt).vocab_size if ckpt else 1000
+            warm = make_prompts(args.warmup, args.input_len, vocab, 0, seed=1)
+            if warm:
+                asyncio.run(run_load(url, name, warm, args.output_len, len(warm), float("inf")))
+            for c in args.concurrency:
+                prompts = make_prompts(args.num_prompts if c > 1 else max(4, args.num_prompts // 8), args.input_len,
+                                       vocab, args.shared_prefix, seed=c)
+                r = asyncio.run(run_load(url, name, prompts, args.output_len, c, args.request_rate))
+                tag = f"slots={slots if slots else '?'} concurrency={c} in={args.input_len} out={args.output_len}"
+                report(tag, r)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps({"slots": slots, "concurrency": c, "input_len": args.input_len,
+                                            "output_len": args.output_len, "shared_prefix": args.shared_prefix,
+                                            "request_rate": args.request_rate, "device": args.device, **r}) + "\n")
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

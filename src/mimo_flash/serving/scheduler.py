@@ -1,0 +1,450 @@
+"""Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
+
+Every step (Scheduler.step):
+  1. requests cancelled by their client leave (their slot is free at once);
+  2. waiting requests take free slots (with a prefix-cache hit, their slot starts from the cached prefix);
+  3. prompt prefill: chunks of at most `prefill_chunk` tokens in all, for the slots still prefilling, each
+     through a one-row view of the cache (KVCache.rows); a chunk ends at a multiple of `prefill_chunk`
+     positions, so a long prompt holds the running streams for one chunk per step at most;
+  4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
+     power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
+     are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
+     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling.
+A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone.
+
+Requests carry a `sink` that receives Events (from the scheduler thread: it must not block).
+
+A tensor / expert parallel model (distributed/inference.py) runs one replica of this scheduler per rank:
+rank 0's serves, and before each step sends the step's inputs (the requests that arrived, with a seed
+each, and the cancellations) through its `broadcaster` (distributed/steps.py); every other rank applies
+them to its replica and steps it (`follow_step`), so all ranks run the same forwards. While idle, rank 0
+steps every HEARTBEAT seconds anyway, so that the others' wait never reaches the collectives' timeout.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..generation.cache import KVCache
+from ..generation.runner import GraphRunner, Runner
+from ..generation.sampling import SamplingParams, choose, process
+from .detok import Detokenizer
+from .metrics import Metrics
+from .prefix import PrefixCache
+
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: the HTTP layer answers 429."""
+
+
+@dataclass
+class Event:
+    """A piece of a request's output. token_ids / text: new since the last event; logprobs: per new token
+    (logprob of the token, top alternatives) when asked; finish: None, "stop", "length", "cancelled" or
+    "error" (with `error`). prompt_logprobs (first event, when asked): per prompt token, None for the first."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[tuple[float, TopLogprobs]] | None = None
+    finish: str | None = None
+    error: str | None = None
+    prompt_logprobs: list[tuple[float, TopLogprobs] | None] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Request:
+    """One sequence to generate. logprobs: None, or the number of top alternatives (0: the token's only).
+    prompt_logprobs: also the prompt's logprobs (the prefill then computes logits at every position)."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    sink: Callable[[Event], None] = lambda e: None
+    cancelled: bool = False
+    submitted: float = 0.0
+    rid: int = -1  # its number among the requests sent to the other ranks (parallel models; -1: not sent)
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop the request at its next step boundary (any thread)."""
+        self.cancelled = True
+
+
+class _Slot:
+    def __init__(self, i: int, req: Request, row: KVCache, runner: Runner, tokenizer, device) -> None:
+        self.i, self.req, self.row, self.runner = i, req, row, runner
+        self.detok = Detokenizer(tokenizer, req.stop)
+        self.done = 0  # prompt tokens prefilled
+        self.cached = 0  # of which restored from the prefix cache
+        self.decoding = False
+        self.order = 0  # admission order: prefill goes oldest first
+        self.last = 0  # last token (the next decode step's input) at position `pos`
+        self.pos = 0
+        self.n_out = 0
+        self.first_at = 0.0
+        self.prompt_lp: list | None = [None] if req.prompt_logprobs else None
+        self.generator = None
+        if req.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(req.seed))
+        self.seen = None
+        p = req.params
+        if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, runner.model.config.vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(req.prompt, device=device)] = True
+
+    @property
+    def plain_greedy(self) -> bool:
+        return not self.req.params.do_sample and self.seen is None
+
+
+def _top(lsm: torch.Tensor, k: int) -> TopLogprobs:
+    if k <= 0:
+        return []
+    v, i = lsm.topk(min(k, lsm.shape[-1]))
+    return list(zip(i.tolist(), v.tolist(), strict=True))
+
+
+class Scheduler:
+    """Continuous batching over `max_slots` rows. max_context: longest prompt + output (the cache length,
+    default the model's max_position_embeddings); max_queue: requests waiting for a slot before submit()
+    refuses; prefill_chunk: prompt tokens per step (also the prefix cache's block); prefix_blocks: blocks
+    the prefix cache keeps (0: no prefix caching); cuda_graphs / compile: as generate()'s."""
+
+    def __init__(self, model, tokenizer, max_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
+                 prefill_chunk: int = 256, prefix_blocks: int = 64, cuda_graphs="auto", compile: bool = False):
+        config = model.config
+        limit = config.max_position_embeddings
+        S = limit if max_context is None else max_context
+        if not 1 <= S <= limit:
+            raise ValueError(f"max_context must be in [1, {limit}] (max_position_embeddings), got {S}")
+        if max_slots < 1 or max_queue < 0 or prefill_chunk < 1 or prefix_blocks < 0:
+            raise ValueError("max_slots and prefill_chunk must be >= 1, max_queue and prefix_blocks >= 0")
+        self.model, self.tok, self.S, self.B = model, tokenizer, S, max_slots
+        self.max_queue, self.chunk = max_queue, prefill_chunk
+        self.device = model.device
+        # one token per step and graph warm-ups that repeat a step from the same state need no ring slack
+        self.cache = KVCache(model.kv_config, max_slots, S, device=self.device, dtype=model.dtype)
+        cuda = self.device.type == "cuda"
+        self.graphs = (cuda and cuda_graphs in ("auto", True)) or compile
+        self.compile = compile
+        self.runners: dict[int, Runner] = {}  # decode runners over rows [0, n), n a power of two (or B)
+        self.rows = [Runner(model, self.cache.rows(i), S) for i in range(max_slots)]
+        self.prefix = PrefixCache(self.cache, prefill_chunk, prefix_blocks) if prefix_blocks else None
+        self.slots: list[_Slot | None] = [None] * max_slots
+        self.waiting: deque[Request] = deque()
+        self.metrics = Metrics()
+        self.cv = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.steps = 0
+        self._admitted = 0
+        # a parallel model's rank 0: a distributed.steps.StepBroadcaster (serving/commands.py sets it)
+        self.broadcaster = None
+        self._sent = 0
+
+    # ------------------------------------------------------------------ front
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise ValueError if a request of this size cannot run here."""
+        if prompt_len < 1:
+            raise ValueError("the prompt has no tokens")
+        if prompt_len + max_tokens > self.S:
+            raise ValueError(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more "
+                             f"than this server's context of {self.S} tokens")
+
+    def submit(self, req: Request) -> None:
+        self.check(len(req.prompt), req.max_tokens)
+        vocab = self.model.config.vocab_size
+        if min(req.prompt) < 0 or max(req.prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        req.submitted = time.perf_counter()
+        with self.cv:
+            if len(self.waiting) >= self.max_queue:
+                self.metrics.rejected += 1
+                raise QueueFull(f"the server is at capacity: {self.running()} requests running and "
+                                f"{len(self.waiting)} waiting (limit {self.max_queue}); retry later")
+            self.waiting.append(req)
+            self.cv.notify()
+
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def start(self) -> "Scheduler":
+        self.thread = threading.Thread(target=self._loop, name="mimo-flash-scheduler", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.stopping and not self.waiting and not self.running():
+                    if not self.cv.wait(self.HEARTBEAT if self.broadcaster is not None else None):
+                        break  # idle: an empty step, the other ranks' heartbeat
+                if self.stopping:
+                    return
+            try:
+                with torch.no_grad():
+                    self.step()
+            except Exception as e:  # a failed forward: end what was running, keep serving
+                msg = f"{type(e).__name__}: {e}"
+                for s in self.slots:
+                    if s is not None:
+                        self._finish(s, "error", error=msg)
+                self.cache.reset()
+
+    # ------------------------------------------------------------------ step
+    HEARTBEAT = 60.0
+
+    def _step_inputs(self) -> tuple[list[tuple], list[int]]:
+        """Rank 0: the requests that arrived since the last step (numbered, seeded) and the numbers of those
+        cancelled, for the other ranks' replicas."""
+        new, cancelled = [], []
+        with self.cv:
+            for r in self.waiting:
+                if r.rid < 0:
+                    r.rid, self._sent = self._sent, self._sent + 1
+                    if r.seed is None:  # every rank must draw the same samples
+                        r.seed = random.randrange(2 ** 31)
+                    new.append((r.rid, r.prompt, r.max_tokens, r.params, r.seed, r.stop, r.eos, r.logprobs,
+                                r.prompt_logprobs))
+            reqs = list(self.waiting) + [s.req for s in self.slots if s is not None]
+            cancelled = [r.rid for r in reqs if r.cancelled and r.rid >= 0]
+        return new, cancelled
+
+    @torch.no_grad()
+    def follow_step(self, new: list[tuple], cancelled: list[int]) -> None:
+        """Another rank: apply rank 0's step inputs to this replica, then step it."""
+        for rid, prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs in new:
+            self.waiting.append(Request(prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs,
+                                        rid=rid, submitted=time.perf_counter()))
+        gone = set(cancelled)
+        for r in list(self.waiting) + [s.req for s in self.slots if s is not None]:
+            if r.rid in gone:
+                r.cancel()
+        self.step()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.announce(*self._step_inputs())
+        self.steps += 1
+        self._reap()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _reap(self) -> None:
+        with self.cv:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            self.metrics.finished("cancelled")
+            r.sink(Event([], "", finish="cancelled"))
+        for s in self.slots:
+            if s is not None and s.req.cancelled:
+                self._finish(s, "cancelled")
+
+    def _admit(self) -> None:
+        for i in range(self.B):
+            if self.slots[i] is not None:
+                continue
+            with self.cv:
+                if not self.waiting or (self.broadcaster is not None and self.waiting[0].rid < 0):
+                    return  # (arrived after this step's inputs were sent: the next step takes it)
+                req = self.waiting.popleft()
+            runner = self.rows[i]
+            s = _Slot(i, req, runner.cache, runner, self.tok, self.device)
+            s.order = self._admitted
+            self._admitted += 1
+            entries = []
+            if self.prefix is not None and not req.prompt_logprobs:
+                entries = self.prefix.lookup(req.prompt, len(req.prompt) - 1)  # >= 1 token left for logits
+            if self.prefix is not None:
+                s.done = s.cached = self.prefix.restore(s.row, entries)
+            else:
+                s.row.reset()
+            self.slots[i] = s
+            with self.metrics.lock:
+                self.metrics.prompt_tokens += len(req.prompt)
+                self.metrics.cached_prompt_tokens += s.cached
+
+    def _prefill(self) -> None:
+        budget = self.chunk
+        for s in sorted((s for s in self.slots if s is not None and not s.decoding), key=lambda s: s.order):
+            P = len(s.req.prompt)
+            c0 = s.done
+            # always the aligned chunk (so a prompt's arithmetic never depends on its neighbours); the first
+            # slot of a step always fits, later ones only if the step's budget still has room
+            c1 = min(P, (c0 // self.chunk + 1) * self.chunk)
+            if c1 - c0 > budget:
+                return
+            ids = torch.tensor([s.req.prompt[c0:c1]], device=self.device)
+            pos = torch.arange(c0, c1, device=self.device)[None]
+            mode = "all" if s.prompt_lp is not None else ("last" if c1 == P else "none")
+            logits, _ = s.runner.main(ids, pos, None, c1, logits=mode)
+            budget -= c1 - c0
+            s.done = c1
+            if s.prompt_lp is not None:
+                lsm = torch.log_softmax(logits[0].float(), -1)
+                k = s.req.logprobs or 0
+                for j in range(c1 - c0):
+                    t = c0 + j + 1
+                    if t < P:
+                        s.prompt_lp.append((lsm[j, s.req.prompt[t]].item(), _top(lsm[j], k)))
+            if self.prefix is not None and c1 % self.chunk == 0:
+                self.prefix.store(s.row, s.req.prompt[:c1])
+            if c1 < P:
+                continue
+            if s.req.max_tokens == 0:
+                self._finish(s, "length")
+                continue
+            s.decoding = True
+            s.pos = P
+            self._take(s, logits[0, -1])
+
+    def _decode(self) -> None:
+        active = [s for s in self.slots if s is not None and s.decoding]
+        if not active:
+            return
+        B = self.B
+        tok, pos, valid = [0] * B, [0] * B, [False] * B
+        for s in active:
+            tok[s.i], pos[s.i], valid[s.i] = s.last, s.pos, True
+        dev = self.device
+        ids = torch.tensor(tok, device=dev)[:, None]
+        P = torch.tensor(pos, device=dev)[:, None]
+        n = self._bucket(max(s.i for s in active) + 1)  # slots are taken lowest first: few rows, small batch
+        ids, P, valid = ids[:n], P[:n], valid[:n]
+        v = None if all(valid) else torch.tensor(valid, device=dev)[:, None]
+        logits, _ = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
+        logits = logits[:, -1]
+        greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
+        for s in active:
+            s.pos += 1
+            self._take(s, logits[s.i], greedy[s.i] if greedy is not None and s.plain_greedy else None)
+
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """Before serving: run the decode step of every batch size and cache bucket once (on GPU this captures
+        their CUDA graphs, so no request waits for a capture). Rows are reset at admission, so what these
+        steps write is never read. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        for n in sorted({self._bucket(k) for k in range(1, self.B + 1)}):
+            ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+            kv = 256
+            while True:
+                for valid in (None, torch.zeros(n, 1, dtype=torch.bool, device=self.device)):
+                    self._runner(n).main(ids, ids, valid, min(kv, self.S), logits="last", graph=True)
+                if kv >= self.S:
+                    break
+                kv *= 2
+        self.cache.reset()
+        return time.perf_counter() - t0
+
+    def _bucket(self, rows: int) -> int:
+        n = 1
+        while n < rows:
+            n *= 2
+        return min(n, self.B)
+
+    def _runner(self, n: int) -> Runner:
+        """The decode runner over rows [0, n) (a GraphRunner on CUDA: its graphs are per batch size anyway)."""
+        r = self.runners.get(n)
+        if r is None:
+            view = self.cache if n == self.B else self.cache.rows(0, n)
+            r = GraphRunner(self.model, view, self.S, compile=self.compile) if self.graphs \
+                else Runner(self.model, view, self.S)
+            self.runners[n] = r
+        return r
+
+    # ------------------------------------------------------------------ output
+    def _take(self, s: _Slot, logits: torch.Tensor, token: int | None = None) -> None:
+        """Choose the next token of slot s from its logits [V] (unless given), emit it, finish if done."""
+        req = s.req
+        if token is None:
+            x = process(logits[None], req.params, s.seen)
+            token = int(choose(x, req.params, s.generator)[0])
+        if s.seen is not None:
+            s.seen[0, token] = True
+        now = time.perf_counter()
+        if s.n_out == 0:
+            s.first_at = now
+            with self.metrics.lock:
+                self.metrics.ttft.observe(now - req.submitted)
+        s.n_out += 1
+        s.last = token
+        lps = None
+        if req.logprobs is not None:
+            lsm = torch.log_softmax(logits.float(), -1)
+            lps = [(lsm[token].item(), _top(lsm, req.logprobs))]
+        text = s.detok.add([token])
+        finish = None
+        if token in req.eos or s.detok.stopped:
+            finish = "stop"
+        elif s.n_out >= req.max_tokens or s.pos + 1 >= self.S:
+            finish = "length"
+        with self.metrics.lock:
+            self.metrics.generation_tokens += 1
+        if finish is None:
+            req.sink(Event([token], text, lps, prompt_logprobs=self._take_prompt_lp(s)))
+        else:
+            self._finish(s, finish, token=token, text=text, lps=lps)
+
+    def _take_prompt_lp(self, s: _Slot):
+        lp, s.prompt_lp = s.prompt_lp, None
+        return lp
+
+    def _finish(self, s: _Slot, reason: str, token: int | None = None, text: str = "", lps=None,
+                error: str | None = None) -> None:
+        self.slots[s.i] = None
+        if reason in ("stop", "length"):
+            text += s.detok.finish()
+        if s.n_out > 1:
+            with self.metrics.lock:
+                self.metrics.tpot.observe((time.perf_counter() - s.first_at) / (s.n_out - 1))
+        self.metrics.finished(reason)
+        s.req.sink(Event([] if token is None else [token], text, lps, finish=reason, error=error,
+                         prompt_logprobs=self._take_prompt_lp(s), prompt_tokens=len(s.req.prompt),
+                         completion_tokens=s.n_out, cached_tokens=s.cached))
+
+
+def run_blocking(scheduler: Scheduler, req: Request, timeout: float | None = None) -> list[Event]:
+    """Submit req to a started scheduler and wait for all its events (tests, benchmarks)."""
+    events: list[Event] = []
+    done = threading.Event()
+
+    def sink(e: Event) -> None:
+        events.append(e)
+        if e.finish is not None:
+            done.set()
+
+    req.sink = sink
+    scheduler.submit(req)
+    if not done.wait(timeout):
+        req.cancel()
+        raise TimeoutError("the request did not finish in time")
+    return events

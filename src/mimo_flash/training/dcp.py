@@ -1,0 +1,114 @@
+"""Training checkpoints with torch.distributed.checkpoint: every rank writes its own shards.
+
+    root/step-00000120/        one complete checkpoint: DCP's files (.metadata, __<rank>_<n>.distcp) and
+                               extra.json (the caller's small JSON state: step, data position, ...)
+    root/.step-00000120.tmp/   being written; renamed to step-00000120 by rank 0 once every rank is done
+
+A step directory is therefore complete or absent: a save killed midway leaves only a hidden .tmp directory,
+which `latest` ignores and the next save of that step removes. The state is gathered with
+torch.distributed.checkpoint.state_dict.get_state_dict (FSDP2 DTensors stay sharded: no rank holds the whole
+model) and loading goes through set_state_dict, so a checkpoint saved on N ranks loads on M ranks or into an
+unsharded model (DCP reshards on read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from ..checkpoint.files import fsync_dir
+
+_STEP = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def latest(root: str | os.PathLike) -> int | None:
+    """The newest complete step under root, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / ".metadata").exists()]
+    return max(steps) if steps else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(d)
+
+
+def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         extra: dict | None = None) -> Path:
+    """Write step `step` of model (+ optimizer) under root; every rank calls it. -> the step directory.
+
+    extra: a JSON-serialisable dict (rank 0's is written). An existing step directory is replaced.
+    """
+    root = Path(root)
+    final, tmp = step_dir(root, step), root / f".step-{step:08d}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a save of this step that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": msd}
+    if optimizer is not None:
+        state["optim"] = osd
+    dcp.save(state, checkpoint_id=tmp)
+    if _rank() == 0:
+        with open(tmp / "extra.json", "w") as f:
+            json.dump({"step": step, **(extra or {})}, f, indent=2)
+    _barrier()  # every rank's shards are on disk
+    if _rank() == 0:
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(root)
+    _barrier()
+    return final
+
+
+def load(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         step: int | None = None) -> dict:
+    """Fill model (+ optimizer) in place from step `step` (default: the newest complete one) under root,
+    resharding to however the model is sharded now. Every rank calls it. -> the extra dict (with "step")."""
+    step = latest(root) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{root}: no complete checkpoint (step-XXXXXXXX directories)")
+    d = step_dir(root, step)
+    if not (d / ".metadata").exists():
+        raise FileNotFoundError(f"{d}: not a complete checkpoint (no .metadata)")
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": msd}
+    if optimizer is not None:
+        state["optim"] = osd
+    dcp.load(state, checkpoint_id=d)
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+    return json.loads((d / "extra.json").read_text())

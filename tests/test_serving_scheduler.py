@@ -1,0 +1,188 @@
+"""The continuous-batching scheduler and the prefix cache, without HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from mimo_flash.generation.sampling import SamplingParams
+from mimo_flash.serving.scheduler import QueueFull, Request, Scheduler, run_blocking
+from serving_helpers import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
+    model = tiny_model(seed=7, vocab_size=tok.vocab_size)
+    return model, tok
+
+
+def alone(model, tok, prompt, n):
+    """Greedy tokens of model.generate for one prompt, cut after the first EOS."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=tok.eos_token_ids)
+    new = out[0, len(prompt):].tolist()
+    eos = tok.eos_token_ids[0]
+    return new[: new.index(eos) + 1] if eos in new else new
+
+
+def collector():
+    events, done = [], threading.Event()
+
+    def sink(e):
+        events.append(e)
+        if e.finish is not None:
+            done.set()
+    return events, done, sink
+
+
+def test_concurrent_greedy_equals_alone_with_sampling_and_cancels(setup):
+    model, tok = setup
+    torch.manual_seed(0)
+    sched = Scheduler(model, tok, max_slots=4, max_context=256, prefill_chunk=8, prefix_blocks=16).start()
+    try:
+        V = model.config.vocab_size
+        greedy = [(torch.randint(3, V, (n,)).tolist(), m) for n, m in
+                  [(3, 12), (21, 7), (9, 20), (30, 5), (1, 9), (14, 16), (25, 11)]]
+        reqs = []
+        for p, m in greedy:
+            events, done, sink = collector()
+            reqs.append(("greedy", p, m, Request(p, m, eos=tuple(tok.eos_token_ids), sink=sink), events, done))
+        for i in range(3):  # sampled neighbours
+            events, done, sink = collector()
+            p = torch.randint(3, V, (7 + 5 * i,)).tolist()
+            reqs.append(("sampled", p, 15, Request(p, 15, SamplingParams(True, 0.9, top_k=20), seed=i, sink=sink),
+                         events, done))
+        for i in range(2):  # cancelled midway
+            events, done, sink = collector()
+            p = torch.randint(3, V, (12,)).tolist()
+            reqs.append(("cancel", p, 200, Request(p, 200, sink=sink), events, done))
+        for r in reqs:
+            sched.submit(r[3])
+        deadline = time.time() + 60
+        while not all(len(r[4]) >= 2 for r in reqs if r[0] == "cancel") and time.time() < deadline:
+            time.sleep(0.01)
+        for r in reqs:
+            if r[0] == "cancel":
+                r[3].cancel()
+        for r in reqs:
+            assert r[5].wait(60), f"{r[0]} request did not finish"
+        for kind, p, m, req, events, _ in reqs:
+            ids = [t for e in events for t in e.token_ids]
+            if kind == "greedy":
+                assert ids == alone(model, tok, p, m)
+                assert events[-1].finish == ("stop" if ids[-1] in tok.eos_token_ids else "length")
+            elif kind == "sampled":
+                assert len(ids) == 15 or ids[-1] in tok.eos_token_ids
+            else:
+                assert events[-1].finish == "cancelled" and len(ids) < 200
+        assert sched.running() == 0 and not sched.waiting
+    finally:
+        sched.stop()
+
+
+def test_sampled_request_is_reproducible_and_follows_seed(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=16).start()
+    try:
+        p = tok.encode("hello world")
+        params = SamplingParams(True, 1.0)
+
+        def run(seed):
+            return [t for e in run_blocking(sched, Request(p, 12, params, seed=seed), 60) for t in e.token_ids]
+        a, b, c = run(1), run(1), run(2)
+        assert a == b and a != c
+    finally:
+        sched.stop()
+
+
+def test_prefix_cache_is_exact_and_hits(setup):
+    model, tok = setup
+    torch.manual_seed(1)
+    V = model.config.vocab_size
+    system = torch.randint(3, V, (40,)).tolist()
+    prompts = [system + torch.randint(3, V, (n,)).tolist() for n in (5, 9, 3)]
+    outs = {}
+    for blocks in (0, 32):
+        sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=8, prefix_blocks=blocks).start()
+        try:
+            runs = [run_blocking(sched, Request(p, 10, eos=tuple(tok.eos_token_ids)), 60) for p in prompts]
+            again = [run_blocking(sched, Request(p, 1), 60)[-1].cached_tokens for p in prompts]
+        finally:
+            sched.stop()
+        outs[blocks] = [[t for e in r for t in e.token_ids] for r in runs]
+        first = [r[-1].cached_tokens for r in runs]
+        if blocks:
+            assert first == [0, 40, 40]  # the system prompt's 5 blocks of 8
+            assert again == [(len(p) - 1) // 8 * 8 for p in prompts]  # each prompt's own full blocks
+        else:
+            assert first == again == [0, 0, 0]
+    assert outs[0] == outs[32]
+    assert outs[0] == [alone(model, tok, p, 10) for p in prompts]
+
+
+def test_queue_bound_and_context_check(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=1, max_context=64, max_queue=1)  # not started: nothing drains
+    sched.submit(Request([5, 6], 4))
+    with pytest.raises(QueueFull, match="at capacity"):
+        sched.submit(Request([5, 6], 4))
+    with pytest.raises(ValueError, match="context of 64"):
+        sched.check(60, 5)
+    assert sched.metrics.rejected == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_alone(setup):
+    """On the GPU the decode steps replay CUDA graphs (per batch size and cache bucket); fp32 keeps the
+    greedy argmax stable across batch sizes."""
+    _, tok = setup
+    model = tiny_model(seed=7, vocab_size=tok.vocab_size).cuda()
+    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32).start()
+    try:
+        g = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 50, 17, 90, 8, 33)]
+        sinks = [collector() for _ in prompts]
+        for p, (_, _, sink) in zip(prompts, sinks, strict=True):
+            sched.submit(Request(p, 40, eos=tuple(tok.eos_token_ids), sink=sink))
+        for p, (events, done, _) in zip(prompts, sinks, strict=True):
+            assert done.wait(120)
+            assert [t for e in events for t in e.token_ids] == alone(model, tok, p, 40)
+    finally:
+        sched.stop()
+
+
+def test_warmup_leaves_no_trace(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=3, max_context=300, prefill_chunk=16)
+    sched.warmup()
+    assert sorted(sched.runners) == [1, 2, 3]
+    sched.start()
+    try:
+        p = tok.encode("the quick brown fox")
+        got = run_blocking(sched, Request(p, 8, eos=tuple(tok.eos_token_ids)), 60)
+        assert [t for e in got for t in e.token_ids] == alone(model, tok, p, 8)
+    finally:
+        sched.stop()
+
+
+def test_long_prompt_prefills_in_chunks_between_decode_steps(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=2, max_context=256, prefill_chunk=16)  # stepped by hand
+    a_events, _, a_sink = collector()
+    b_events, _, b_sink = collector()
+    sched.submit(Request([5, 6, 7], 100, sink=a_sink))
+    sched.step()  # A prefilled (its first token) and one decode step (its second)
+    assert len(a_events) == 2
+    sched.submit(Request(list(range(3, 203)), 4, sink=b_sink))  # 200 tokens: 13 chunks of <= 16
+    steps = 0
+    while not b_events:
+        before = len(a_events)
+        sched.step()
+        steps += 1
+        assert len(a_events) == before + 1  # A moves every step
+    assert steps == 13 and sched.metrics.prompt_tokens == 203
