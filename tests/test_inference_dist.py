@@ -5,7 +5,8 @@ speculative decoding (K=2). The tiny preset has 1 kv head on its full layers and
 TP=2 replicates the full layers' kv head. Each rank also loads its share from an fp32
 checkpoint and from an FP8 checkpoint whose 32-row blocks straddle the 48-row heads, and must get exactly
 the slices of the single-process model; each rank's peak host memory while loading stays well under the
-model's size. A StepBroadcaster (what `serve` uses) makes the other ranks run rank 0's steps."""
+model's size. The serving scheduler, replicated on every rank and led by rank 0 through a StepBroadcaster,
+gives the single process's tokens."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,12 @@ TOL = 1e-5
 NEW = 10
 
 
+VOCAB = 301  # odd: the vocabulary-parallel shards are padded
+
+
 def _model() -> MiMoForCausalLM:
     torch.manual_seed(0)
-    m = MiMoForCausalLM(MiMoConfig.preset("tiny", num_nextn_predict_layers=2)).eval()
+    m = MiMoForCausalLM(MiMoConfig.preset("tiny", num_nextn_predict_layers=2, vocab_size=VOCAB)).eval()
     with torch.no_grad():  # non-zero sinks and norm weights: a wrong slice of them shows
         for n, p in m.named_parameters():
             if "sink" in n or "norm" in n:
@@ -39,7 +44,7 @@ def _model() -> MiMoForCausalLM:
 
 def _batch():
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 512, (3, 31), generator=g)  # window 9: 31 tokens cross it three times
+    ids = torch.randint(0, VOCAB, (3, 31), generator=g)  # window 9: 31 tokens cross it three times
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
     mask[2, :19] = 0
@@ -61,6 +66,37 @@ def _outputs(m: MiMoForCausalLM) -> dict:
         }
 
 
+def _serve(m, tok, leader: bool | None = None) -> list[list[int]] | None:
+    """Requests through the continuous-batching scheduler: greedy, seeded sampling, alongside each other.
+    leader None: one process; True: rank 0 of a parallel model, whose steps the others follow (False)."""
+    from mimo_flash.distributed.steps import StepBroadcaster
+    from mimo_flash.generation.sampling import SamplingParams
+    from mimo_flash.serving.scheduler import Request, Scheduler, run_blocking
+
+    sched = Scheduler(m, tok, max_slots=2, max_context=64, prefill_chunk=8, prefix_blocks=4)
+    if leader is False:
+        StepBroadcaster(sched.follow_step).follow()
+        return None
+    if leader:
+        sched.broadcaster = StepBroadcaster(sched.follow_step)
+    sched.start()
+    reqs = [Request(list(range(5, 5 + n)), 6, SamplingParams(True, 0.9, top_k=20) if n % 2 else SamplingParams(),
+                    seed=n) for n in (3, 12, 20, 7)]
+    out = [None] * len(reqs)
+
+    def run(i):
+        out[i] = [t for e in run_blocking(sched, reqs[i], timeout=120) for t in e.token_ids]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sched.stop()
+    if leader:
+        sched.broadcaster.stop()
+    return out
+
+
 def _worker(rank: int, world: int, tp: int, ep: int, port: int, ckpts: dict, q) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -71,10 +107,14 @@ def _worker(rank: int, world: int, tp: int, ep: int, port: int, ckpts: dict, q) 
     res = {}
     try:
         dist.init_process_group("gloo")
+        from mimo_flash.tokenizer import Tokenizer
+        tok = Tokenizer(ckpts["tokenizer"])
         m = _model()
         ref = _outputs(m)
+        served = _serve(m, tok)
         plan = parallelize_for_inference(m, tp=tp, ep=ep)
         got = _outputs(m)
+        res["served"] = (_serve(m, tok, leader=rank == 0), served)
         res["diff"] = {k: (got[k].float() - ref[k].float()).abs().max().item() for k in ("logits", "mtp")}
         res["equal"] = {k: torch.equal(got[k], ref[k]) for k in ref if k not in ("logits", "mtp")}
         layer0 = m.model.layers[0].self_attn
@@ -83,6 +123,8 @@ def _worker(rank: int, world: int, tp: int, ep: int, port: int, ckpts: dict, q) 
                             cache_kv=m.kv_config.num_key_value_heads)
         # per-rank loading: exactly this rank's slices of the whole checkpoint
         for name, path in ckpts.items():
+            if name == "tokenizer":
+                continue
             whole = load_pretrained(path, dtype=torch.float32)
             parallelize_for_inference(whole, tp=tp, ep=ep, mesh=plan_mesh(tp, ep))
             mine = load_parallel(path, tp=tp, ep=ep, dtype=torch.float32, mesh=plan_mesh(tp, ep))
@@ -144,7 +186,9 @@ def checkpoints(tmp_path_factory):
     _model().save_pretrained(root / "fp32", dtype=torch.float32, max_shard_size="200KB")
     write_synthetic_checkpoint(root / "fp8", MiMoConfig.preset("tiny", num_nextn_predict_layers=2), fp8=True,
                                block_size=(32, 32), max_shard_size="200KB")
-    return {"fp32": str(root / "fp32"), "fp8": str(root / "fp8")}
+    from serving_helpers import make_tokenizer
+    make_tokenizer(root)
+    return {"fp32": str(root / "fp32"), "fp8": str(root / "fp8"), "tokenizer": str(root)}
 
 
 @pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2)])
@@ -156,6 +200,8 @@ def test_parallel_matches_single_process(tp, ep, checkpoints):
         # 4 q heads -> 2; the full layer's single kv head is replicated; 8 experts over ep ranks
         assert res["local"] == dict(heads=2, kv_heads=1, experts=8 // ep, cache_kv=1), res["local"]
         assert res["load_fp32"] == [] and res["load_fp8"] == [], (res["load_fp32"], res["load_fp8"])
+        if rank == 0:  # the scheduler's replicas on the other ranks followed rank 0's steps
+            assert res["served"][0] == res["served"][1] and all(len(t) == 6 for t in res["served"][0])
         assert len(res["steps"]) == 2 and res["steps"] == results[0]["steps"], (rank, res["steps"])
         assert rank == 0 or res["followed"] == 2
 
