@@ -70,7 +70,8 @@ def _all_gather_last(y: torch.Tensor, group) -> torch.Tensor:
     P = dist.get_world_size(group)
     y = y.contiguous()
     out = y.new_empty((P * y.shape[0],) + tuple(y.shape[1:]))  # ranks stacked along dim 0 (gloo's layout too)
-    dist.all_gather_into_tensor(out, y, group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.11
+    gather(out, y, group=group)
     return out.view(P, *y.shape).movedim(0, -2).reshape(*y.shape[:-1], P * y.shape[-1])
 
 
