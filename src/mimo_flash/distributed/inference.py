@@ -33,7 +33,6 @@ does), which is what quantizing such a shard after loading it does.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +47,7 @@ from ..model.moe import Experts, autocast_operands
 from ..ops.linear import linear
 from ..ops.moe import experts as experts_op, experts_decode
 from ..options import options
-from ..checkpoint.slices import Piece, whole
+from ..checkpoint.slices import Piece
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -271,6 +270,8 @@ def parallelize_for_inference(model, tp: int = 1, ep: int = 1, mesh=None) -> Inf
         local[swa] = (hl, kl)
     local_config = c.replace(num_attention_heads=local[False][0], num_key_value_heads=local[False][1],
                              swa_num_attention_heads=local[True][0], swa_num_key_value_heads=local[True][1])
+    if tp > 1 and ep > 1 and mesh.size() != dist.get_world_size():
+        raise ValueError(f"the ('ep', 'tp') mesh has {mesh.size()} ranks; it must span all {dist.get_world_size()}")
     # the MoE output is summed over every rank of the mesh, which spans the default group
     world_group = mesh.get_group("tp") if ep == 1 else mesh.get_group("ep") if tp == 1 else dist.group.WORLD
     plan = InferencePlan(tp, ep, tr, er, mesh.get_group("tp"), world_group, local_config)
@@ -352,18 +353,14 @@ def _vocab(model, plan: InferencePlan) -> None:
 
 
 def init_inference(tp: int = 1, ep: int = 1, device: str | None = None):
-    """Join torchrun's process group for tp * ep ranks (NCCL on GPUs, gloo on CPUs) -> (DeviceMesh
-    ("ep", "tp"), this rank's device). Reads torch.distributed's launch variables, as init_distributed."""
+    """Join torchrun's process group for tp * ep ranks (context.init_distributed: NCCL on GPUs, gloo on CPUs)
+    -> (DeviceMesh ("ep", "tp"), or None in one process; this rank's device)."""
     from .context import init_distributed
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp * ep:
-        raise ValueError(f"tp={tp} x ep={ep} = {tp * ep} ranks, but {world} processes were launched "
-                         f"(torchrun --nproc-per-node {tp * ep})")
-    if world == 1:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return None, dev
     ctx = init_distributed(device=device)
-    return _mesh(tp, ep, None), ctx.device
+    if ctx.world != tp * ep:
+        raise ValueError(f"tp={tp} x ep={ep} = {tp * ep} ranks, but {ctx.world} process(es) were launched "
+                         f"(torchrun --nproc-per-node {tp * ep})")
+    return (_mesh(tp, ep, None) if ctx.world > 1 else None), ctx.device
 
 
 def load_parallel(path, tp: int = 1, ep: int = 1, device=None, mesh=None, **kwargs):
