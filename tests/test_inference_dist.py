@@ -115,6 +115,9 @@ def _worker(rank: int, world: int, tp: int, ep: int, port: int, ckpts: dict, q) 
         plan = parallelize_for_inference(m, tp=tp, ep=ep)
         got = _outputs(m)
         res["served"] = (_serve(m, tok, leader=rank == 0), served)
+        from mimo_flash.generation.cache import KVCache
+        from mimo_flash.generation.triton_step import unsupported
+        res["triton"] = unsupported(m, KVCache(m.kv_config, 1, 64, dtype=torch.float32))
         res["diff"] = {k: (got[k].float() - ref[k].float()).abs().max().item() for k in ("logits", "mtp")}
         res["equal"] = {k: torch.equal(got[k], ref[k]) for k in ref if k not in ("logits", "mtp")}
         layer0 = m.model.layers[0].self_attn
@@ -202,6 +205,7 @@ def test_parallel_matches_single_process(tp, ep, checkpoints):
         assert res["load_fp32"] == [] and res["load_fp8"] == [], (res["load_fp32"], res["load_fp8"])
         if rank == 0:  # the scheduler's replicas on the other ranks followed rank 0's steps
             assert res["served"][0] == res["served"][1] and all(len(t) == 6 for t in res["served"][0])
+        assert "parallel" in res["triton"]  # the one-process batch-1 Triton step declines, the graph path serves
         assert len(res["steps"]) == 2 and res["steps"] == results[0]["steps"], (rank, res["steps"])
         assert rank == 0 or res["followed"] == 2
 
