@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from ..cli import finite_float
     from ..generation.commands import add_parallel_options
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
                    help="prompt tokens per scheduler step (also the prefix cache's block)")
     p.add_argument("--prefix-blocks", type=int, default=64, help="prefix-cache blocks kept (0: off)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may run")
+    p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
     add_parallel_options(p)
     p.set_defaults(fn=cmd_serve)
