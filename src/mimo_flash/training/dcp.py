@@ -1,7 +1,8 @@
 """Training checkpoints with torch.distributed.checkpoint: every rank writes its own shards.
 
-    root/step-00000120/        one complete checkpoint: DCP's files (.metadata, __<rank>_<n>.distcp) and
-                               extra.json (the caller's small JSON state: step, data position, ...)
+    root/step-00000120/        one complete checkpoint: DCP's files (.metadata, __<rank>_<n>.distcp),
+                               extra.json (the caller's small JSON state: step, data position, ...) and
+                               rank-<r>.pt (each rank's own small state, e.g. its RNG; optional)
     root/.step-00000120.tmp/   being written; renamed to step-00000120 by rank 0 once every rank is done
 
 A step directory is therefore complete or absent: a save killed midway leaves only a hidden .tmp directory,
@@ -60,10 +61,12 @@ def _fsync_tree(d: Path) -> None:
 
 
 def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         extra: dict | None = None) -> Path:
+         extra: dict | None = None, rank_state=None, keep: int = 0) -> Path:
     """Write step `step` of model (+ optimizer) under root; every rank calls it. -> the step directory.
 
-    extra: a JSON-serialisable dict (rank 0's is written). An existing step directory is replaced.
+    extra: a JSON-serialisable dict (rank 0's is written). rank_state: anything torch.save takes, written by
+    every rank for itself (read back with `load_rank_state`). An existing step directory is replaced.
+    keep > 0: afterwards only the newest `keep` complete steps stay.
     """
     root = Path(root)
     final, tmp = step_dir(root, step), root / f".step-{step:08d}.tmp"
@@ -78,6 +81,9 @@ def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: 
     if optimizer is not None:
         state["optim"] = osd
     dcp.save(state, checkpoint_id=tmp)
+    if rank_state is not None:
+        with open(tmp / f"rank-{_rank()}.pt", "wb") as f:
+            torch.save(rank_state, f)
     if _rank() == 0:
         with open(tmp / "extra.json", "w") as f:
             json.dump({"step": step, **(extra or {})}, f, indent=2)
@@ -88,8 +94,18 @@ def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: 
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(root)
+        if keep > 0:
+            done = sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP.match(p.name)))
+            for old in done[:-keep]:
+                shutil.rmtree(step_dir(root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def load_rank_state(root: str | os.PathLike, step: int, rank: int | None = None):
+    """What rank `rank` (default: this one) saved as rank_state at step `step`; None when it saved none."""
+    f = step_dir(root, step) / f"rank-{_rank() if rank is None else rank}.pt"
+    return torch.load(f, weights_only=False) if f.exists() else None
 
 
 def load(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
