@@ -262,8 +262,7 @@ class Trainer:
         return torch.stack([p.detach() for p in parts]), loads
 
     def _update(self) -> torch.Tensor:
-        """Gradients summed over ranks, clipped, AdamW; returns the gradient norm (a tensor)."""
-        finish_gradients(self.params, self.expert_params, self.ctx)
+        """Gradients (finished by compute_gradients) clipped, AdamW; returns the gradient norm (a tensor)."""
         if self.ctx.distributed or self.cfg.grad_clip <= 0:
             norm = clip_grad_norm(self.params, self.cfg.grad_clip, self.expert_params, self.ctx)
             self.optimizer.step()
@@ -284,16 +283,17 @@ class Trainer:
         with deterministic_algorithms(self.cfg.deterministic):
             return self._issue_step()
 
-    def _issue_step(self) -> dict:
-        cfg, ctx = self.cfg, self.ctx
-        t0 = time.perf_counter()
-        A = cfg.grad_accum
+    def compute_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of the next step's micro-batches (the data advances one step), gradients
+        finished: each parameter's .grad (its shard) is then the gradient of the step's global loss, whatever
+        the layout. -> (this rank's summed CEs per head [1 + K] float64, the step's global target counts
+        [1 + K] fp32, this rank's expert loads [L, E] float64 or None)."""
+        ctx, A = self.ctx, self.cfg.grad_accum
         batches = self._next_batches()
         denom = self._step_counts(batches)
         if self.plain_rows:  # a plain batch: the same masks, and the plain-batch attention kernels
             batches = [{k: b[k] for k in ("input_ids", "labels")} for b in batches]
         pin = ctx.device.type == "cuda"
-        lr = self.optimizer.param_groups[0]["lr"]
         parts, step_loads = 0, None
         for m, b in enumerate(batches):
             set_gradient_sync(self.model, m == A - 1)
@@ -302,6 +302,14 @@ class Trainer:
             parts = parts + p.double()
             if lo is not None:
                 step_loads = lo.double() if step_loads is None else step_loads + lo.double()
+        finish_gradients(self.params, self.expert_params, ctx)
+        return parts, denom, step_loads
+
+    def _issue_step(self) -> dict:
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        parts, denom, step_loads = self.compute_gradients()
         norm = self._update()
         self.scheduler.step()
         loads = self._balance(step_loads)
@@ -309,11 +317,11 @@ class Trainer:
         self.step += 1
         tokens = self.rows_per_step * self.rows.seq_len
         self.tokens_seen += tokens
-        # [sums (1 + K), grad norm, loads [L, E]] in one float64 vector, copied to the host behind the step
+        # [sums (1 + K), counts (1 + K), grad norm, loads [L, E]] in one float64 vector, copied to the host behind the step
         flat = torch.cat([sums, denom.double(), norm.double().reshape(1)]
                          + ([loads.reshape(-1)] if loads is not None else []))
         done = None
-        if pin:
+        if ctx.device.type == "cuda":
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
             done = torch.cuda.Event(enable_timing=True)
