@@ -14,7 +14,7 @@ from mimo_flash.cli import main
 from mimo_flash.training import Document, TrainConfig, Trainer, pack_documents
 from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
 from mimo_flash.distributed import ParallelContext
-from mimo_flash.training.trainer import WarmupCosine, param_groups
+from mimo_flash.training.optim import WarmupCosine, param_groups
 
 from conftest import run_in_triton_interpreter
 from loss_reference import document_loss_sums

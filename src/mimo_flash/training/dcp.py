@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -128,3 +129,18 @@ def load(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     else:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     return json.loads((d / "extra.json").read_text())
+
+
+def rng_state() -> dict:
+    """This process's python, torch and CUDA RNG states (for a rank_state)."""
+    out = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -28,7 +28,6 @@ import dataclasses
 import itertools
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from ..model.loss import head_loss, target_counts
 from ..model.moe import MoE
 from . import dcp
 from .data import PackedRows, RowSampler
-from .optim import AdamW
+from .optim import AdamW, WarmupCosine, param_groups
 from .sharded_export import export_sharded
 from .tokens import TokenLoader, TokenRows
 
@@ -95,30 +94,6 @@ class TrainConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.bias_update_rate < 0:
             raise ValueError(f"bias-update-rate must be >= 0, got {self.bias_update_rate}")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (ndim >= 2: projections, experts, embedding, router); none on vectors
-    (norm weights, attention sinks, biases)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class WarmupCosine:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        span = max(1, self.total - self.warmup)
-        t = min(1.0, (step - self.warmup) / span)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 @contextlib.contextmanager
@@ -451,7 +426,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a training checkpoint of the current step (collective: every rank writes its own shards)."""
-        rank_state = {"rng": _rng_state(), **self._layout()}
+        rank_state = {"rng": dcp.rng_state(), **self._layout()}
         return dcp.save(self.checkpoint_root, self.step, self.model, self.optimizer, extra=self._meta(),
                         rank_state=rank_state, keep=self.cfg.keep_checkpoints)
 
@@ -493,7 +468,7 @@ class Trainer:
             self.load_total = torch.tensor(meta["load_total"], dtype=torch.float64)
         mine = dcp.load_rank_state(root, step, self.ctx.rank)
         if mine is not None and {k: mine.get(k) for k in self._layout()} == self._layout():
-            _set_rng_state(mine["rng"])
+            dcp.set_rng_state(mine["rng"])
         if self.ctx.is_main:
             print(f"resumed from {dcp.step_dir(root, step)} at step {self.step}")
         return True
@@ -535,16 +510,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in keep))
 
-
-def _rng_state() -> dict:
-    out = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
