@@ -128,10 +128,9 @@ def resolve_defaults(args: argparse.Namespace, device_type: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (a token and its target), got {args.seq_len}")
-    if args.seq_len % (2 * args.cp):
-        raise ValueError(f"--seq-len {args.seq_len} must be divisible by 2 * --cp = {2 * args.cp}")
-    if args.data_dir and not (args.tokenizer or args.init_from):
-        raise ValueError("--data-dir needs the tokenizer it was written with: --tokenizer DIR (or --init-from)")
+    if args.cp > 1 and args.seq_len % (2 * args.cp):
+        raise ValueError(f"--seq-len {args.seq_len} must be divisible by 2 * --cp = {2 * args.cp} (the zigzag's "
+                         "chunks)")
 
 
 def check_seq_len(args: argparse.Namespace, config, where: str) -> None:
@@ -192,6 +191,8 @@ def build_model(args: argparse.Namespace, ctx):
     from ..tokenizer import Tokenizer
 
     overrides = _parse_overrides(args.set)
+    if args.data_dir and not (args.tokenizer or args.init_from):
+        raise ValueError("--data-dir needs the tokenizer it was written with: --tokenizer DIR (or --init-from)")
     if args.init_from:
         if overrides:
             raise ValueError("--set applies to --preset / --config, not to --init-from")
