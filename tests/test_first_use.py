@@ -239,8 +239,8 @@ def test_train_defaults_fit_the_device():
     from mimo_flash.training.commands import DEVICE_DEFAULTS, resolve_defaults
 
     def resolved(device, **given):
-        args = argparse.Namespace(steps=None, seq_len=None, batch_size=None, grad_accum=1, ep=1, cp=1, keep_checkpoints=2,
-                                  log_every=None, save_every=0, warmup_steps=None, **given)
+        args = argparse.Namespace(steps=None, seq_len=None, batch_size=None, grad_accum=1, ep=1, cp=1,
+                                  keep_checkpoints=2, log_every=None, save_every=0, warmup_steps=None, **given)
         resolve_defaults(args, device)
         return args.steps, args.seq_len, args.batch_size
 

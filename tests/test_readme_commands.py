@@ -1,9 +1,10 @@
 """Every command line of README.md's "Using it" block, run as printed on tiny inputs (issue 25).
 
-Substitutions, and nothing else: the placeholders (DIR, FILES..., RUN, SRC, DST, N, T, P, K, "...") become
-tiny files and values (TOKENS: the token directory the tokenize line writes); each line runs once without its optional [...] groups and once with all of them (the
-first of `a|b` choices); train lines get a few short steps (--steps 2, --seq-len 32, --batch-size 2) and
-the fine-tuning line its own RUN, the torchrun line's `...` the pre-training line's arguments. The torchrun
+Substitutions, and nothing else: the placeholders (DIR, FILES..., RUN, SRC, DST, TOKENS, N, T, P, K, "...")
+become tiny files and values (TOKENS: the token directory the tokenize line writes); each line runs once
+without its optional [...] groups and once with all of them (the first of `a|b` choices); train lines get a
+few short steps (--steps 2, --seq-len 32, --batch-size 2) and the fine-tuning lines their own RUN, the
+torchrun line's `...` the pre-training line's arguments. The torchrun
 line runs with its two processes, --ep 2 and --cp 2 (gloo on the CPU). `serve` runs in a subprocess until
 /v1/models answers.
 """

@@ -292,7 +292,8 @@ class Trainer:
         self.step += 1
         tokens = self.rows_per_step * self.rows.seq_len
         self.tokens_seen += tokens
-        # [sums (1 + K), counts (1 + K), grad norm, loads [L, E]] in one float64 vector, copied to the host behind the step
+        # [sums (1 + K), counts (1 + K), grad norm, loads [L, E]] in one float64 vector, copied to the host
+        # behind the step
         flat = torch.cat([sums, denom.double(), norm.double().reshape(1)]
                          + ([loads.reshape(-1)] if loads is not None else []))
         done = None
