@@ -131,6 +131,38 @@ def load(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     return json.loads((d / "extra.json").read_text())
 
 
+def export_step(step_path: str | os.PathLike, dst: str | os.PathLike, dtype=None, fp8: bool = False,
+                max_shard_size: int | str = "5GB") -> dict | None:
+    """A training checkpoint's step directory -> the hub format at dst (training.sharded_export). Under torchrun
+    the model is sharded with FSDP2 over the ranks (each rank reads its shards); in one process it is whole.
+    The model config is the one the run saved (extra.json). Every rank calls; -> rank 0's summary."""
+    from ..config import MiMoConfig
+    from ..distributed.context import ParallelContext
+    from ..distributed.training import apply_fsdp
+    from ..model import MiMoForCausalLM
+    from .sharded_export import export_sharded
+
+    step_path = Path(step_path)
+    if not (step_path / ".metadata").exists() or not (step_path / "extra.json").exists():
+        raise FileNotFoundError(f"{step_path}: not a complete training checkpoint (.metadata and extra.json)")
+    extra = json.loads((step_path / "extra.json").read_text())
+    if "model_config" not in extra:
+        raise ValueError(f"{step_path / 'extra.json'}: no model_config (not written by the Trainer)")
+    config = MiMoConfig.from_dict(extra["model_config"])
+    with torch.device("meta"):
+        model = MiMoForCausalLM(config)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world, dev = dist.get_world_size(), torch.device("cpu")
+        ctx = ParallelContext(rank=_rank(), world=world, device=dev,
+                              mesh=init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",)))
+        apply_fsdp(model, ctx, [])
+    model.to_empty(device="cpu")
+    load(step_path.parent, model, step=int(step_path.name.removeprefix("step-")))
+    return export_sharded(model, dst, dtype=dtype or config.torch_dtype, fp8=fp8, max_shard_size=max_shard_size)
+
+
 def rng_state() -> dict:
     """This process's python, torch and CUDA RNG states (for a rank_state)."""
     out = {"python": random.getstate(), "torch": torch.get_rng_state()}
