@@ -1,4 +1,5 @@
-"""The Trainer with context parallelism (CPU, gloo): cp 2 on 2 ranks, and cp 2 x 2 data-parallel groups on 4 ranks
+"""The Trainer with context parallelism (CPU, gloo): cp 2 on 2 ranks (activation checkpointing: the recomputation
+repeats the halo exchange and K/V gather), and cp 2 x 2 data-parallel groups on 4 ranks
 (FSDP2 over all 4, experts split over 2 with EP), each from a meta-built model filled by the seeded init; the step's
 loss parts and every parameter's gradient equal one process's (fp32, 1e-5), and so does the loss curve."""
 
@@ -32,10 +33,10 @@ def _meta_model():
         return MiMoForCausalLM(MiMoConfig.preset("tiny"))
 
 
-def _cfg(dp: int) -> TrainConfig:
+def _cfg(dp: int, ac: bool = False) -> TrainConfig:
     # 4 rows a step whatever the layout: 2 micro-batches of 2 // dp rows on each data-parallel rank
     return TrainConfig(steps=STEPS, batch_size=2 // dp, grad_accum=2, warmup_steps=1, lr=3e-3,
-                       bias_update_rate=1e-2, progress=False, plot=False)
+                       bias_update_rate=1e-2, progress=False, plot=False, activation_checkpointing=ac)
 
 
 def _run(trainer: Trainer) -> dict:
@@ -43,20 +44,22 @@ def _run(trainer: Trainer) -> dict:
 
     parts, denom, _ = trainer.compute_gradients()
     trainer.ctx.all_reduce_(parts)
-    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+    from mimo_flash.distributed.training import parameter_name
+
+    grads = {parameter_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
              for n, p in trainer.model.named_parameters()}
     trainer.optimizer.zero_grad(set_to_none=True)
     curve = [(r["loss"], r["lm_loss"], r["grad_norm"], r["load_maxvio"]) for r in trainer.fit()]
     return {"parts": parts / denom.double(), "grads": grads, "curve": curve}
 
 
-def _worker(rank: int, world: int, cp: int, ep: int, port: int, q) -> None:
+def _worker(rank: int, world: int, cp: int, ep: int, ac: bool, port: int, q) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         ctx = init_distributed(ep=ep, device="cpu", cp=cp)
-        tr = Trainer(_meta_model(), _rows(), _cfg(ctx.dp_world), ctx, init=SeededInit(7))
+        tr = Trainer(_meta_model(), _rows(), _cfg(ctx.dp_world, ac), ctx, init=SeededInit(7))
         assert tr.cp is not None and tr.cp.world == cp
         res = {k: v.numpy() if torch.is_tensor(v) else v for k, v in _run(tr).items()}  # by value through the queue
         res["grads"] = {n: g.numpy() for n, g in res["grads"].items()}
@@ -79,13 +82,14 @@ def one_process():
     return _run(Trainer(_meta_model(), _rows(), _cfg(1), init=SeededInit(7)))
 
 
-@pytest.mark.parametrize("world,cp,ep", [(2, 2, 1), (4, 2, 2)], ids=["cp2", "cp2xdp2-ep2"])
-def test_trainer_with_context_parallelism_matches_one_process(one_process, world, cp, ep):
+@pytest.mark.parametrize("world,cp,ep,ac", [(2, 2, 1, True), (4, 2, 2, False)],
+                         ids=["cp2-activation-checkpointing", "cp2xdp2-ep2"])
+def test_trainer_with_context_parallelism_matches_one_process(one_process, world, cp, ep, ac):
     # fork: the children start at once (this process never starts a process group)
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, cp, ep, port, q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, cp, ep, ac, port, q)) for r in range(world)]
     for p in procs:
         p.start()
     results = dict(q.get(timeout=300) for _ in range(world))
