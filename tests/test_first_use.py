@@ -239,8 +239,8 @@ def test_train_defaults_fit_the_device():
     from mimo_flash.training.commands import DEVICE_DEFAULTS, resolve_defaults
 
     def resolved(device, **given):
-        args = argparse.Namespace(steps=None, seq_len=None, batch_size=None, grad_accum=1, ep=1, keep_checkpoints=2,
-                                  log_every=None, save_every=0, warmup_steps=None, **given)
+        args = argparse.Namespace(steps=None, seq_len=None, batch_size=None, grad_accum=1, ep=1, cp=1,
+                                  keep_checkpoints=2, log_every=None, save_every=0, warmup_steps=None, **given)
         resolve_defaults(args, device)
         return args.steps, args.seq_len, args.batch_size
 
@@ -257,7 +257,7 @@ def test_train_help_shows_every_default(capsys):
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    absent_means_none = {"--stop", "--system", "--set", "--preset", "--config", "--init-from"}
+    absent_means_none = {"--stop", "--system", "--set", "--preset", "--config", "--init-from", "--data", "--data-dir"}
     for name, p in sub.choices.items():
         entries, current = {}, None  # option -> its text in the printed help
         for line in p.format_help().splitlines():

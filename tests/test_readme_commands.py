@@ -1,10 +1,11 @@
 """Every command line of README.md's "Using it" block, run as printed on tiny inputs (issue 25).
 
-Substitutions, and nothing else: the placeholders (DIR, FILES..., RUN, SRC, DST, N, T, P, K, "...") become
-tiny files and values; each line runs once without its optional [...] groups and once with all of them (the
-first of `a|b` choices); train lines get a few short steps (--steps 2, --seq-len 32, --batch-size 2) and
-the fine-tuning line its own RUN, the torchrun line's `...` the pre-training line's arguments. The torchrun
-line runs with its two processes and --ep 2 (gloo on the CPU). `serve` runs in a subprocess until
+Substitutions, and nothing else: the placeholders (DIR, FILES..., RUN, SRC, DST, TOKENS, N, T, P, K, "...")
+become tiny files and values (TOKENS: the token directory the tokenize line writes); each line runs once
+without its optional [...] groups and once with all of them (the first of `a|b` choices); train lines get a
+few short steps (--steps 2, --seq-len 32, --batch-size 2) and the fine-tuning lines their own RUN, the
+torchrun line's `...` the pre-training line's arguments. The torchrun
+lines run with their two processes (train with --ep 2 --cp 2, generate with --tp 2; gloo on the CPU). `serve` runs in a subprocess until
 /v1/models answers.
 """
 
@@ -56,6 +57,7 @@ def substitute(line: str, paths: dict) -> list[str]:
         else:
             out.append({"DIR": str(paths["dir"]), "FILES...": str(paths["small"]), "RUN": str(paths["run"]),
                         "chat.jsonl": str(paths["chat"]), "SRC": str(paths["dir"]), "DST": str(paths["dst"]),
+                        "TOKENS": str(paths["tokens"]),
                         "N": "4", "T": "0.8", "P": "0.9", "K": "1"}.get(a, a))
     if out[0] == "mimo-flash" and out[1] == "train":
         out += SHORT_TRAINING
@@ -63,7 +65,7 @@ def substitute(line: str, paths: dict) -> list[str]:
             out[out.index("--steps") + 1] = "4"
         if "--init-from" in out:
             out[out.index("--out") + 1] = str(paths["ft_run"])
-    if out[0] == "torchrun":
+    if out[0] == "torchrun" and "train" in out:
         out += SHORT_TRAINING
     return out
 
@@ -98,7 +100,8 @@ def test_readme_usage_lines_run_as_printed(tmp_path, monkeypatch, capsys):
     from pydoc_data.topics import topics
 
     paths = {"small": tmp_path / "small.txt", "run": tmp_path / "RUN", "ft_run": tmp_path / "FT",
-             "dist_run": tmp_path / "DIST", "chat": tmp_path / "chat.jsonl", "dst": tmp_path / "DST"}
+             "dist_run": tmp_path / "DIST", "chat": tmp_path / "chat.jsonl", "dst": tmp_path / "DST",
+             "tokens": tmp_path / "TOKENS"}
     paths["dir"] = paths["run"] / "final"
     paths["small"].write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]))
     paths["chat"].write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {w}?"},
@@ -107,8 +110,9 @@ def test_readme_usage_lines_run_as_printed(tmp_path, monkeypatch, capsys):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
 
     lines = readme_lines()
-    # training first: the other lines use what it wrote (DIR)
-    lines.sort(key=lambda line: (" train " not in line, "--init-from" in line, line.startswith("torchrun")))
+    # training first: the other lines use what it wrote (DIR); tokenize (which reads DIR) before the fine-tuning
+    lines.sort(key=lambda line: (" train " not in line and " tokenize " not in line, "--init-from" in line,
+                                 line.startswith("torchrun")))
     seen = set()
     for line in lines:
         for variant in variants(line):
@@ -129,6 +133,7 @@ def test_readme_usage_lines_run_as_printed(tmp_path, monkeypatch, capsys):
             rc = main(argv[1:])
             out, err = capsys.readouterr()
             assert rc == 0, (variant, out[-2000:], err[-2000:])
-    assert seen == {"generate", "chat", "serve", "convert", "train", "kv-cache", "plan", "torchrun"}
+    assert seen == {"generate", "chat", "serve", "convert", "train", "tokenize", "kv-cache", "plan", "torchrun"}
     assert (paths["dst"] / "config.json").exists() and (paths["ft_run"] / "final" / "config.json").exists()
+    assert (paths["tokens"] / "header.json").exists()
     assert (paths["run"] / "tokenizer" / "tokenizer.json").exists()  # trained on --data, no --tokenizer given

@@ -14,7 +14,7 @@ from mimo_flash.cli import main
 from mimo_flash.training import Document, TrainConfig, Trainer, pack_documents
 from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
 from mimo_flash.distributed import ParallelContext
-from mimo_flash.training.trainer import WarmupCosine, param_groups
+from mimo_flash.training.optim import WarmupCosine, param_groups
 
 from conftest import run_in_triton_interpreter
 from loss_reference import document_loss_sums
@@ -497,3 +497,28 @@ def test_deterministic_algorithms_only_inside_the_steps():
     assert not torch.are_deterministic_algorithms_enabled()
     tr.fit()
     assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_convert_writes_a_training_checkpoint_in_hub_format(tmp_path):
+    """`mimo-flash convert RUN/checkpoints/step-N DST` (a DCP checkpoint) writes the weights the Trainer had,
+    bf16 and FP8 as asked."""
+    from mimo_flash.quant.blocks import FP8
+    from mimo_flash.cli import main
+
+    tr = Trainer(tiny(num_hidden_layers=2), rows(),
+                 quiet(steps=2, out_dir=str(tmp_path / "run"), bias_update_rate=1e-2))
+    tr.fit()
+    step = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert main(["convert", str(step), str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
+    assert main(["convert", str(step), str(tmp_path / "fp8"), "--fp8"]) == 0
+    got = MiMoForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.float32).state_dict()
+    want = tr.model.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    assert any(v.abs().sum() > 0 for k, v in got.items() if k.endswith("e_score_correction_bias"))
+    from safetensors import safe_open
+
+    with safe_open(str(next((tmp_path / "fp8").glob("*.safetensors"))), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == FP8
+    assert main(["convert", str(step), str(tmp_path / "bad"), "--layout", "transformers"]) == 2

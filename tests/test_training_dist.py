@@ -1,10 +1,13 @@
 """Distributed training on CPU with gloo: 2 processes with FSDP2, and with expert parallelism (EP=2,
-experts split over the ranks, tokens through all-to-all), reproduce the 1-process loss curve; the
-distributed checkpoint resumes and the exported model matches the 1-process one."""
+experts split over the ranks, tokens through all-to-all), reproduce the 1-process loss curve, every run
+starting from a model built on the meta device whose shards the seeded init fills (the same weights on any
+layout); a DCP checkpoint saved on 2 ranks with EP=2 resumes on 2 ranks with EP=2 or without EP and on 1
+process, continuing the uninterrupted curve; the streamed export matches the 1-process one."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
+from mimo_flash.distributed.materialize import SeededInit
 from mimo_flash.training import Document, TrainConfig, Trainer, init_distributed, pack_documents
 
 STEPS = 5
@@ -24,8 +28,12 @@ def _rows():
 
 
 def _model():
-    torch.manual_seed(0)
-    return MiMoForCausalLM(MiMoConfig.preset("tiny", num_hidden_layers=4))
+    with torch.device("meta"):
+        return MiMoForCausalLM(MiMoConfig.preset("tiny", num_hidden_layers=4))
+
+
+def _trainer(ctx, **kw) -> Trainer:
+    return Trainer(_model(), _rows(), _cfg(ctx.world if ctx else 1, **kw), ctx, init=SeededInit(0))
 
 
 def _cfg(world: int, **kw) -> TrainConfig:
@@ -48,20 +56,29 @@ def _worker(rank: int, world: int, port: int, out: str, q) -> None:
         for ep in (1, 2):
             ctx = init_distributed(ep=ep, device="cpu")
             run = os.path.join(out, f"ep{ep}")
-            tr = Trainer(_model(), _rows(), _cfg(world, out_dir=run, activation_checkpointing=ep == 2), ctx)
+            tr = _trainer(ctx, out_dir=run, activation_checkpointing=ep == 2)
             if ep == 2:
                 local = tr.model.model.layers[1].mlp.experts.gate_up_proj.to_local().shape[0]
                 res["local_experts"] = local
             res[f"ep{ep}"] = _curve(tr.fit())
             tr.export(os.path.join(run, "final"))
-        # resume the EP run from a mid-run checkpoint: same curve as the uninterrupted one
+        # resume the EP run from a mid-run checkpoint: same curve as the uninterrupted one, on the same layout,
+        # without EP, and (in the parent) on one process
         ctx = init_distributed(ep=2, device="cpu")
         run = os.path.join(out, "resume")
-        first = Trainer(_model(), _rows(), _cfg(world, out_dir=run), ctx)
+        first = _trainer(ctx, out_dir=run)
         first.cfg.steps = 2  # stop early, as a killed run would (the LR schedule still spans STEPS)
         first.fit()
-        second = Trainer(_model(), _rows(), _cfg(world, out_dir=run, resume=True), ctx)
+        res["first"] = _curve(first.history)
+        if rank == 0:
+            for copy in ("resume-ep1", "resume-1proc"):
+                shutil.copytree(os.path.join(run, "checkpoints"), os.path.join(out, copy, "checkpoints"))
+        ctx.barrier()
+        second = _trainer(ctx, out_dir=run, resume=True)
         res["resumed"] = _curve(first.history + second.fit())
+        ctx = init_distributed(ep=1, device="cpu")
+        third = _trainer(ctx, out_dir=os.path.join(out, "resume-ep1"), resume=True)
+        res["resumed_ep1"] = _curve(first.history + third.fit())
     except Exception as e:  # report instead of hanging the parent
         import traceback
 
@@ -98,7 +115,7 @@ def two_process_results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    tr = Trainer(_model(), _rows(), _cfg(1, out_dir=str(out)))
+    tr = _trainer(None, out_dir=str(out))
     hist = tr.fit()
     tr.export(out / "final")
     return _curve(hist), out
@@ -126,6 +143,9 @@ def test_expert_parallel_reproduces_single_process(two_process_results, one_proc
 def test_distributed_resume_and_export(two_process_results, one_process):
     res, out = two_process_results
     _close(res["resumed"], res["ep2"])
+    _close(res["resumed_ep1"], res["ep2"])  # resharded: experts from EP=2 onto FSDP's layout
+    single = _trainer(None, out_dir=str(out / "resume-1proc"), resume=True)  # saved by 2 ranks, EP=2
+    _close(res["first"] + _curve(single.fit()), res["ep2"])
     single = MiMoForCausalLM.from_pretrained(one_process[1] / "final", dtype=torch.float32)
     for name in ("ep1", "ep2"):
         dist_model = MiMoForCausalLM.from_pretrained(out / name / "final", dtype=torch.float32)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mimo_flash.training.checkpointing import latest_checkpoint
+from mimo_flash.training.dcp import latest
 from mimo_flash.training.demo import train_tokenizer
 
 TEXT = ("The for statement is used to iterate over the elements of a sequence (such as a string, tuple or "
@@ -48,14 +48,14 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(tmp_path, run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while latest_checkpoint(run / "checkpoints") is None:
+    while latest(run / "checkpoints") is None:
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = int(latest_checkpoint(run / "checkpoints").name.split("_")[1])
+    killed_at = latest(run / "checkpoints")
     assert killed_at < STEPS and not (run / "final").exists()
 
     # resumed: picks up the newest complete checkpoint and finishes

@@ -88,4 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mimo_flash.cli` (torchrun's form) runs this file as __main__: take main from the package
+    # module, whose UserError is the one the commands raise
+    from mimo_flash.cli import main as package_main
+    sys.exit(package_main())

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         description="Convert a MiMo-V2-Flash checkpoint tensor by tensor (one tensor in memory at a time). "
                     "Reads the hub format (FP8 or not), transformers' fused-expert layout, or pickle files "
                     "with --allow-pickle; writes the hub format (or --layout transformers) into DST atomically, "
-                    "with tokenizer and other non-weight files of SRC copied along.")
+                    "with tokenizer and other non-weight files of SRC copied along. SRC may also be a training "
+                    "checkpoint's step directory (RUN/checkpoints/step-N, torch.distributed.checkpoint).")
     p.add_argument("src", help="checkpoint directory (or a .safetensors / .index.json file beside config.json)")
     p.add_argument("dst", help="output directory (replaced atomically; its non-checkpoint files are kept)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="dtype of the unquantized tensors "
@@ -43,6 +44,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"mimo-flash convert: warning: {message}", file=sys.stderr)
 
+    if (src / ".metadata").exists():  # a training checkpoint (torch.distributed.checkpoint) step directory
+        from ..training.dcp import export_step
+
+        if args.no_mtp or args.layout != "hub" or args.allow_pickle or args.non_strict:
+            raise UserError("a training checkpoint converts to the hub layout only (with --dtype, --fp8, "
+                            "--max-shard-size)")
+        summary = export_step(src, dst, dtype=args.dtype, fp8=args.fp8, max_shard_size=args.max_shard_size)
+        print(f"wrote {dst}: {summary['tensors']} tensors, {summary['bytes'] / 1e9:.3f} GB in {summary['shards']} "
+              "shard(s)")
+        return 0
     with warnings.catch_warnings():
         warnings.showwarning = show
         summary = convert_checkpoint(src, dst, dtype=args.dtype, fp8=args.fp8, load_mtp=not args.no_mtp,

@@ -3,11 +3,13 @@
 The model is built on the meta device in the target dtype, every checkpoint tensor is checked
 (names, shapes, dtypes, FP8 scales) from the file headers alone, then memory is allocated once and
 filled in file order from memory-mapped files, each FP8 tensor dequantized straight into its place.
-Peak host memory: the model plus about one tensor.
+Peak host memory: the model plus about one tensor. Under tensor / expert parallelism (`parallelize`) each
+process builds and reads only its own parts (checkpoint/slices.py).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -21,6 +23,7 @@ from ..quant.blocks import FP8, SCALE_SUFFIX, dequantize, scale_grid
 from .errors import CheckpointError, CheckpointWarning
 from .names import expert_index, hub_parts, is_mtp, layer_index, mtp_index, transformers_name
 from .reader import DEFAULT_BLOCK, CheckpointReader, block_size, read_config
+from .slices import intersect, read_slice, whole
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -244,7 +247,8 @@ def progress_bar(total: int, desc: str, progress: bool | None):
 
 
 def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, load_mtp: bool = True,
-                    strict: bool = True, allow_pickle: bool = False, progress: bool | None = None, fp8: bool = False):
+                    strict: bool = True, allow_pickle: bool = False, progress: bool | None = None,
+                    parallelize=None, fp8: bool = False):
     """Build MiMoForCausalLM from a checkpoint directory or file.
 
     path: a directory with config.json and model.safetensors / sharded safetensors + index (hub or
@@ -252,6 +256,9 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
     dtype ("auto" = config.torch_dtype); the router weight and correction bias stay fp32. FP8 tensors
     are dequantized with their per-block scales. load_mtp=False skips the MTP layers. strict=False
     turns unexpected tensors into a warning. allow_pickle=True accepts .bin/.pt files (weights_only).
+    parallelize: called with the model while it is still on the meta device, returns {our tensor name:
+    [slices.Piece]} for the tensors this process keeps only part of (distributed.inference); only those
+    parts are read, so the process never holds the whole model.
     fp8=True keeps the weights the release quantizes FP8-resident (quant.quantize_model_'s modules, 128x128
     blocks): FP8 tensors of the checkpoint are copied as they are where their blocks align with ours, a
     float checkpoint is quantized on load (real amax/448 scales), and a tensor an FP8 checkpoint stores
@@ -268,32 +275,47 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
         with torch.device("meta"):
             model = MiMoForCausalLM(plan.config).to(dtype)
         if fp8:
+            if parallelize is not None:
+                raise ValueError("fp8=True with tensor/expert parallelism is not supported yet; load FP8-resident "
+                                 "weights in one process, or without fp8 across ranks")
             from ..quant import quantize_model_
             quantize_model_(model, _stored_fp8(plan) if plan.raw.get("quantization_config") else None)
+        shards = parallelize(model) if parallelize is not None else {}
         model.to_empty(device=device or "cpu")
         state = model.state_dict()
         lost = [n for n, _ in model.named_buffers() if n not in state]
         if lost:
             raise RuntimeError(f"internal: non-persistent buffers {lost} are not restored by the loader")
 
-        units = _fp8_units(plan, state)
-        jobs = [(name, s) for name, (_, sources) in plan.tensors.items() for s in sources
-                if state[name].dtype != FP8]
-        jobs.sort(key=lambda j: (str(reader.info(j[1].key).file), reader.info(j[1].key).start))
-        with torch.no_grad(), progress_bar(plan.source_bytes, "loading", progress) as bar:
+        units = _fp8_units(plan, state)  # FP8-resident tensors: filled whole, below
+        jobs = []  # (our name, checkpoint key, index into the checkpoint tensor, local box)
+        for name, (shape, sources) in plan.tensors.items():
+            if state[name].dtype == FP8:
+                continue
+            pieces = shards.get(name) or [whole(shape)]
+            if sum(math.prod(sl.stop - sl.start for sl in p.local) for p in pieces) < state[name].numel():
+                state[name].zero_()  # padding (a vocabulary that does not split evenly) reads as zeros
+            for piece in pieces:
+                for s in sources:
+                    hit = intersect(piece, s.dst, shape)
+                    if hit is not None:
+                        jobs.append((name, s.key, *hit))
+        jobs.sort(key=lambda j: (str(reader.info(j[1]).file), reader.info(j[1]).start))
+        total = sum(_read_bytes(reader, j[1], j[2]) for j in jobs)
+        total += sum(reader.info(k).nbytes + (reader.info(k + SCALE_SUFFIX).nbytes if k + SCALE_SUFFIX in reader.infos
+                                               else 0) for parts in units.values() for k, _, _ in parts)
+        with torch.no_grad(), progress_bar(total, "loading", progress) as bar:
             for (name, lead), parts in units.items():
                 bar.update(_fill_fp8(plan, state[name][lead], state[name + SCALE_SUFFIX][lead], parts))
-            for name, s in jobs:
-                dst = state[name] if s.dst is None else state[name][s.dst]
-                read_into(dst, reader, s.key, plan.block)
-                fp8 = reader.info(s.key).dtype == FP8
-                check_finite(dst, plan.where(s.key), fp8)
-                reader.release(s.key)
-                n = reader.info(s.key).nbytes
-                if fp8:
-                    reader.release(s.key + SCALE_SUFFIX)
-                    n += reader.info(s.key + SCALE_SUFFIX).nbytes
-                bar.update(n)
+            for name, key, index, box in jobs:
+                dst = state[name][box]
+                read_slice(dst, reader, key, plan.block, index)
+                is_fp8 = reader.info(key).dtype == FP8
+                check_finite(dst, plan.where(key), is_fp8)
+                reader.release(key)
+                if is_fp8:
+                    reader.release(key + SCALE_SUFFIX)
+                bar.update(_read_bytes(reader, key, index))
     return model.eval()
 
 
@@ -358,3 +380,13 @@ def _fill_fp8(plan: Plan, q: torch.Tensor, scale: torch.Tensor, parts: list[tupl
         q.copy_(qs)
         scale.copy_(ss)
     return nbytes
+
+
+def _read_bytes(reader: CheckpointReader, key: str, index: tuple) -> int:
+    """Bytes of checkpoint tensor `key`[index] (its scale included), for the progress bar."""
+    info = reader.info(key)
+    part = math.prod(i.stop - i.start if isinstance(i, slice) else 1 for i in index)
+    n = part * info.dtype.itemsize
+    if info.dtype == FP8:
+        n += reader.info(key + SCALE_SUFFIX).nbytes * part // max(1, math.prod(info.shape))
+    return n

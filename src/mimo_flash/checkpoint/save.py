@@ -248,6 +248,9 @@ def save_pretrained(model, path: str | os.PathLike, dtype=None, fp8: bool = Fals
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if getattr(model, "parallel", None) is not None:
+        raise ValueError("save_pretrained: this model holds one tensor / expert parallel rank's share; save the "
+                         "checkpoint it was loaded from, or a model loaded in one process")
     cast = parse_dtype(dtype) if dtype is not None else None
     block = tuple(fp8_block_size) if fp8 else None
     state = model.state_dict()

@@ -20,6 +20,8 @@ class ParallelContext:
     ep: int = 1
     mesh: object = None  # DeviceMesh over all ranks (FSDP)
     ep_mesh: object = None  # 2-D DeviceMesh ("edp", "ep")
+    cp: int = 1  # context-parallel size: consecutive ranks r * cp .. r * cp + cp - 1 split each row
+    cp_mesh: object = None  # 2-D DeviceMesh ("dp", "cp"); set: the Trainer takes the context-parallel path
 
     @property
     def distributed(self) -> bool:
@@ -37,6 +39,19 @@ class ParallelContext:
     def edp_group(self):
         return self.ep_mesh.get_group("edp") if self.ep_mesh is not None and self.world // self.ep > 1 else None
 
+    @property
+    def cp_group(self):
+        return self.cp_mesh.get_group("cp") if self.cp_mesh is not None else None
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel rank this is: the ranks of one CP group read the same rows."""
+        return self.rank // self.cp
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.cp
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -48,23 +63,27 @@ class ParallelContext:
         return t
 
 
-def init_distributed(ep: int = 1, device: str | None = None) -> ParallelContext:
+def init_distributed(ep: int = 1, device: str | None = None, cp: int = 1) -> ParallelContext:
     """Join the process group torchrun (or the caller) set up through RANK / WORLD_SIZE / MASTER_ADDR
     (torch.distributed's own launch protocol: the one place below the CLI that reads the environment).
 
     Without WORLD_SIZE > 1 this is single-process training on `device` (default: cuda if present).
-    NCCL on GPUs (one per local rank), gloo on CPUs.
+    NCCL on GPUs (one per local rank), gloo on CPUs. cp > 1: context parallelism over groups of cp consecutive
+    ranks (FSDP2 still shards over all ranks; expert parallelism over ep ranks as without it).
     """
     from torch.distributed.device_mesh import init_device_mesh
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        if ep != 1:
-            raise ValueError(f"expert parallelism (ep={ep}) needs several processes; launch with torchrun")
+        if ep != 1 or cp != 1:
+            raise ValueError(f"expert parallelism (ep={ep}) and context parallelism (cp={cp}) need several "
+                             "processes; launch with torchrun")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return ParallelContext(device=dev)
     if ep < 1 or world % ep:
         raise ValueError(f"ep={ep} must divide the number of processes ({world})")
+    if cp < 1 or world % cp:
+        raise ValueError(f"cp={cp} must divide the number of processes ({world})")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -78,4 +97,6 @@ def init_distributed(ep: int = 1, device: str | None = None) -> ParallelContext:
                                 **({"device_id": dev} if use_cuda else {}))
     mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
     ep_mesh = init_device_mesh(dev.type, (world // ep, ep), mesh_dim_names=("edp", "ep")) if ep > 1 else None
-    return ParallelContext(rank=rank, world=world, device=dev, ep=ep, mesh=mesh, ep_mesh=ep_mesh)
+    cp_mesh = init_device_mesh(dev.type, (world // cp, cp), mesh_dim_names=("dp", "cp")) if cp > 1 else None
+    return ParallelContext(rank=rank, world=world, device=dev, ep=ep, mesh=mesh, ep_mesh=ep_mesh, cp=cp,
+                           cp_mesh=cp_mesh)

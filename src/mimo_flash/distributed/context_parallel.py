@@ -306,13 +306,15 @@ class CPBatch:
 
 def shard_batch(cp: ContextParallel, input_ids: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                n_mtp: int = 0, document_targets: bool = True) -> CPBatch:
+                n_mtp: int = 0) -> CPBatch:
     """Shift on the whole sequence, then shard. input_ids, labels [B, T] (labels = the ids, -100 where not a
     target, as the model takes them); position_ids / segment_ids [B, T] or None.
 
-    document_targets=True drops a target in another document than its position (training.data's
-    shifted_targets, what the Trainer uses); False keeps it (MiMoForCausalLM.forward's loss).
+    The targets are model.loss.shifted_targets (the rule MiMoForCausalLM.forward and the Trainer share: none
+    across a document boundary).
     """
+    from ..model.loss import shifted_targets
+
     B, T = input_ids.shape
     check_seq_len(T, cp.world)
     for name, t in (("labels", labels), ("position_ids", position_ids), ("segment_ids", segment_ids)):
@@ -320,12 +322,7 @@ def shard_batch(cp: ContextParallel, input_ids: torch.Tensor, labels: torch.Tens
             raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}")
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-    targets = []
-    for s in range(1, n_mtp + 2):
-        tgt = labels[:, s:]
-        if document_targets and segment_ids is not None:
-            tgt = tgt.masked_fill(segment_ids[:, :-s] != segment_ids[:, s:], IGNORE)
-        targets.append(cp.shard(F.pad(tgt, (0, s), value=IGNORE)))
+    targets = [cp.shard(shifted_targets(labels, s, segment_ids)) for s in range(1, n_mtp + 2)]
     mtp_ids = [cp.shard(F.pad(input_ids[:, k + 1:], (0, k + 1), value=0)) for k in range(n_mtp)]
     return CPBatch(cp.shard(input_ids), cp.shard(position_ids),
                    cp.shard(segment_ids) if segment_ids is not None else None, targets, mtp_ids)
@@ -342,13 +339,10 @@ class CPLoss:
     mtp_losses: list[torch.Tensor]
 
 
-def cp_loss(model, cp: ContextParallel, batch: CPBatch) -> CPLoss:
-    """Forward a MiMoForCausalLM (with `apply_context_parallel` done) on a shard -> CPLoss.
-
-    Each head's loss is the mean over the targets of the whole sequence (token-weighted: local sums,
-    global counts); with MTP, total = lm + mtp_loss_weight * mean of the MTP layers' losses, as in
-    MiMoForCausalLM.forward. Backward on `loss`, then sum the parameter gradients over the group.
-    """
+def cp_head_sums(model, batch: CPBatch) -> list[torch.Tensor]:
+    """Forward a MiMoForCausalLM (with `apply_context_parallel` done) on this rank's shard -> the summed cross
+    entropy of each head over this rank's targets (main head, then MTP layer k), fp32 scalars, differentiable.
+    The backward of each head writes its gradient over its logits (nothing reads them again)."""
     from ..ops.loss import cross_entropy_sum
 
     seg = batch.segment_ids
@@ -360,6 +354,17 @@ def cp_loss(model, cp: ContextParallel, batch: CPBatch) -> CPLoss:
         lg, h_prev = model.mtp_step(k, ids, h_prev, meta)
         sums.append(cross_entropy_sum(lg, batch.targets[k + 1], inplace=True).float())
         del lg
+    return sums
+
+
+def cp_loss(model, cp: ContextParallel, batch: CPBatch) -> CPLoss:
+    """Forward a MiMoForCausalLM (with `apply_context_parallel` done) on a shard -> CPLoss.
+
+    Each head's loss is the mean over the targets of the whole sequence (token-weighted: local sums,
+    global counts); with MTP, total = lm + mtp_loss_weight * mean of the MTP layers' losses, as in
+    MiMoForCausalLM.forward. Backward on `loss`, then sum the parameter gradients over the group.
+    """
+    sums = cp_head_sums(model, batch)
     counts = torch.stack([(t != IGNORE).sum() for t in batch.targets]).float()
     dist.all_reduce(counts, group=cp.group)
     shares = [s / c.clamp_min(1) for s, c in zip(sums, counts, strict=True)]

@@ -45,7 +45,10 @@ def apply_expert_parallel(model: nn.Module, ctx: ParallelContext) -> list[nn.Par
         El = E // ctx.ep
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(m, name).detach()
-            shard = full[r * El:(r + 1) * El].to(ctx.device).clone()
+            if full.is_meta:  # built on the meta device: materialize.py fills the shard later
+                shard = torch.empty((El,) + tuple(full.shape[1:]), dtype=full.dtype, device="meta")
+            else:
+                shard = full[r * El:(r + 1) * El].to(ctx.device).clone()
             p = nn.Parameter(DTensor.from_local(shard, ctx.ep_mesh["ep"], [Shard(0)], run_check=False))
             setattr(m, name, p)
             expert_params.append(p)
@@ -69,17 +72,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, ctx: ParallelContext, ignored: list[nn.Parameter]) -> None:
-    """fully_shard each decoder layer, each MTP layer, then the root (embedding, norm, lm_head).
+    """fully_shard every part that a loss path calls directly: the embedding, the LM head, each MTP layer's
+    final_layernorm (the model applies it outside the layer's own call), each decoder and MTP layer, the
+    decoder stack (model.model: its final norm), then the root. The context-parallel loss
+    (context_parallel.cp_head_sums) calls model.model, lm_head and mtp_step without the root's forward.
     Expert-parallel parameters (`ignored`) stay out of FSDP."""
     from torch.distributed.fsdp import fully_shard
 
     ign = set(ignored) or None
-    for layer in model.model.mtp.layers:
-        # the model applies final_layernorm outside the MTP layer's own call: give it its own unit
-        fully_shard(layer.final_layernorm, mesh=ctx.mesh, ignored_params=ign)
-    for layers, i in _layers(model):
-        fully_shard(layers[i], mesh=ctx.mesh, ignored_params=ign)
-    fully_shard(model, mesh=ctx.mesh, ignored_params=ign)
+    units = [model.model.embed_tokens] + ([model.lm_head] if not model.config.tie_word_embeddings else [])
+    units += [layer.final_layernorm for layer in model.model.mtp.layers]
+    units += [layers[i] for layers, i in _layers(model)] + [model.model, model]
+    for unit in units:
+        fully_shard(unit, mesh=ctx.mesh, ignored_params=ign)
 
 
 def parallelize_for_training(model: nn.Module, ctx: ParallelContext,
@@ -161,22 +166,3 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, expert_params: l
     if max_norm > 0:
         torch._foreach_mul_(grads, clip_coefficient(norm, max_norm))
     return norm
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU (gathers a DTensor: collective, every rank must call)."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().cpu()
-
-
-def load_full_(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a whole tensor into `target`, keeping only this rank's shard of a DTensor (collective)."""
-    if hasattr(target, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        part = distribute_tensor(full.to(target.to_local().device, target.dtype), target.device_mesh,
-                                 target.placements)
-        target.to_local().copy_(part.to_local())
-    else:
-        target.copy_(full.to(target.device, target.dtype))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import sys
 from pathlib import Path
 
@@ -62,6 +64,7 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the CUDA-graph decode steps")
+    add_parallel_options(p)
     add_fp8_flag(p)
 
 
@@ -69,6 +72,11 @@ def add_fp8_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="keep the weights the release quantizes in FP8 with their "
                    "128x128 block scales (a float checkpoint is quantized on load); on CPU they are dequantized "
                    "per use")
+
+
+def add_parallel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch tp x ep processes with torchrun)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
 
 
 def register(subparsers) -> None:
@@ -118,10 +126,37 @@ def load(args):
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     tok = Tokenizer(root)
-    model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, device=device, fp8=args.fp8).eval()
-    if tok.vocab_size > model.config.vocab_size:
+    tp, ep = args.tp, args.ep
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if tp < 1 or ep < 1 or world != tp * ep:
+        raise _user_error(f"{world} process(es) run, but --tp {tp} x --ep {ep} = {tp * ep}: launch tp x ep "
+                          "processes (`torchrun --nproc-per-node N -m mimo_flash.cli ... --tp N`)")
+    if world > 1 and args.fp8:
+        raise _user_error("--fp8 with --tp / --ep is not supported yet: FP8-resident weights run in one process")
+    if world > 1:  # this rank's share; "auto": this rank's GPU
+        model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, tp=tp, ep=ep,
+                                                device=None if args.device == "auto" else device).eval()
+    else:
+        model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, device=device, fp8=args.fp8).eval()
+    if tok.vocab_size > model.config.vocab_size and leader():
         print(f"warning: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}", file=sys.stderr)
     return model, tok
+
+
+def leader() -> bool:
+    """Whether this process prints (rank 0 of a torchrun launch, or the only process)."""
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def shared(obj):
+    """rank 0's `obj` on every rank (as is in one process): what the others must agree on."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _gen_kwargs(args, tok) -> dict:
@@ -159,18 +194,28 @@ def _run(model, tok, text: str, args, write) -> tuple[str, object]:
 
 
 def _stdout(s: str) -> None:
-    sys.stdout.write(s)
-    sys.stdout.flush()
+    if leader():
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+
+def _shared_seed(args, model) -> None:
+    """A parallel model's ranks must sample alike: rank 0's seed (drawn when none was given) on every rank."""
+    if model.parallel is not None:
+        args.seed = shared(args.seed if args.seed is not None else random.randrange(2 ** 31))
 
 
 def cmd_generate(args) -> int:
     if not args.prompt:
         raise _user_error("empty prompt: --prompt is ''")
     model, tok = load(args)
+    _shared_seed(args, model)
     text = args.prompt
     if args.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     _, stats = _run(model, tok, text, args, _stdout)
+    if not leader():
+        return 0
     print()
     if args.speculative:
         print(f"[speculative K={args.speculative}: acceptance length {stats.acceptance_length:.2f} "
@@ -180,15 +225,22 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     model, tok = load(args)
+    _shared_seed(args, model)
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
     start = len(messages)
-    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    if leader():
+        print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    seeds = random.Random(args.seed)
     while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
-            break
-        line = line.strip()
+        line = "/exit"
+        if leader():  # the other ranks of a parallel model take rank 0's line
+            try:
+                line = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                pass
+        line = shared(line).strip()
+        if model.parallel is not None:  # its ranks sample alike: a seed per turn, the same on every rank
+            args.seed = seeds.randrange(2 ** 31)
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -199,6 +251,6 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         reply, _ = _run(model, tok, prompt, args, _stdout)
-        print()
+        _stdout("\n")
         messages.append({"role": "assistant", "content": reply})
     return 0

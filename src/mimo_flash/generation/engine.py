@@ -122,7 +122,7 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
     if cuda_graphs not in ("auto", True, False):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
     cuda = model.device.type == "cuda"
-    config = model.config
+    config = model.kv_config  # this rank's kv heads under tensor parallelism
 
     def new_cache():
         # SWA ring slack: speculative steps write up to 2K slots past the accepted tokens; a graphed greedy
@@ -133,7 +133,7 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
     if not ((cuda and cuda_graphs == "auto") or cuda_graphs is True or compile):
         return Runner(model, new_cache(), S)
     runners = _RUNNERS.setdefault(model, {})
-    key = (B, S, K, model.dtype, str(model.device), bool(compile))
+    key = (B, S, K, model.dtype, str(model.device), bool(compile), model.parallel is None)
     runner = runners.pop(key, None)
     if runner is None:
         while len(runners) >= 4:  # keep a few (graph memory pools are not small)

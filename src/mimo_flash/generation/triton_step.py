@@ -43,6 +43,8 @@ def gemv_blocks(n_rows: int, n_cols: int, tile: int | None = None,
 def unsupported(model, cache: KVCache) -> str | None:
     """Why this step cannot run `model` over `cache` (None: it can)."""
     c = model.config
+    if getattr(model, "parallel", None) is not None:
+        return "tensor / expert parallel model (this step runs one process's whole model)"
     if cache.B != 1:
         return "batch size is not 1"
     if c.n_group != 1:

@@ -16,7 +16,8 @@ class Attention(nn.Module):
 
     The KV cache hook: `cache.update(layer_idx, k, v, meta)` receives this step's keys [B, Hkv, T, Dqk]
     and values [B, Hkv, T, Dv] (rotated and value-scaled) and returns the keys/values to attend with the
-    matching AttnMeta. A cache that has an `attention(q, k, v, meta, scale, window, sink)` method attends
+    matching AttnMeta. `heads` / `kv_heads` are the heads this process computes (all of them, or a
+    tensor-parallel rank's share: distributed.inference sets them with the sliced weights). A cache that has an `attention(q, k, v, meta, scale, window, sink)` method attends
     over its own buffers with it (decode attention); otherwise the module's backend does.
     """
 
@@ -35,6 +36,8 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(D, self.heads * self.qk_dim + self.kv_heads * (self.qk_dim + self.v_dim))
         self.o_proj = Linear(self.heads * self.v_dim, D)
         self.attention_sink_bias = nn.Parameter(torch.zeros(self.heads)) if d["sink"] else None
+        # sums o_proj's partial outputs over tensor-parallel ranks (distributed.inference sets an AllReduce)
+        self.out_reduce: nn.Module = nn.Identity()
         self.backend = "auto"
         # a distributed.context_parallel.ContextParallelAttention when the sequence is sharded (set from outside)
         self.context_parallel = None
@@ -48,7 +51,7 @@ class Attention(nn.Module):
             out = attention_qkv(qkv, *rope, (self.heads, self.kv_heads, self.qk_dim, self.v_dim, self.v_scale), meta,
                                 self.scale, self.window, self.attention_sink_bias, self.backend)
             if out is not None:
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))
+                return self.out_reduce(self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim)))
         # [B, H, T, d] views of [B, T, H, d] tensors: RoPE keeps the projection's layout, the fast
         # attention kernels read it through strides and write their output (and gradients) in it, so
         # no transposing copy is made on the way in or out (o_proj's reshape below is a view)
@@ -63,4 +66,4 @@ class Attention(nn.Module):
         else:
             attend = attention if self.context_parallel is None else self.context_parallel.attention
             out = attend(q, k, v, meta, self.scale, self.window, self.attention_sink_bias, self.backend)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))
+        return self.out_reduce(self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim)))

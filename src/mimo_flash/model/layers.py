@@ -74,8 +74,10 @@ class MLP(nn.Module):
         self.intermediate = intermediate
         self.gate_up_proj = Linear(hidden, 2 * intermediate)
         self.down_proj = Linear(intermediate, hidden)
+        # sums down_proj's partial outputs over tensor-parallel ranks (distributed.inference sets an AllReduce)
+        self.out_reduce: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden]"""
         h = self.gate_up_proj(x)
-        return self.down_proj(silu_mul(h[..., :self.intermediate], h[..., self.intermediate:]))
+        return self.out_reduce(self.down_proj(silu_mul(h[..., :self.intermediate], h[..., self.intermediate:])))

@@ -120,6 +120,23 @@ class MiMoModel(nn.Module):
         return add_rms_norm(x, branch, self.norm.weight, self.norm.eps)[1]
 
 
+def init_rules(m: nn.Module, config: MiMoConfig) -> list[tuple[str, str | float]]:
+    """How the tensors module `m` owns directly start: [(attribute, "normal" | constant)], "normal" drawn from
+    N(0, config.initializer_range), in the order they are drawn. The one definition of the initialisation:
+    MiMoForCausalLM draws from the global RNG in this order; distributed/materialize.py fills shards from it."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        return [("weight", "normal")]
+    if isinstance(m, Experts):
+        return [("gate_up_proj", "normal"), ("down_proj", "normal")]
+    if isinstance(m, Router):
+        return [("weight", "normal"), ("e_score_correction_bias", 0.0)]
+    if isinstance(m, RMSNorm):
+        return [("weight", 1.0)]
+    if isinstance(m, Attention) and m.attention_sink_bias is not None:
+        return [("attention_sink_bias", "normal")]
+    return []
+
+
 class MiMoForCausalLM(nn.Module):
     def __init__(self, config: MiMoConfig) -> None:
         super().__init__()
@@ -129,23 +146,18 @@ class MiMoForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, backend="gemm")
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # distributed.inference.InferencePlan once parallelize_for_inference has split this process's share
+        self.parallel = None
         self.apply(self._init_weights)
 
     @torch.no_grad()
     def _init_weights(self, m: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            m.weight.normal_(0.0, std)
-        elif isinstance(m, Experts):
-            m.gate_up_proj.normal_(0.0, std)
-            m.down_proj.normal_(0.0, std)
-        elif isinstance(m, Router):
-            m.weight.normal_(0.0, std)
-            m.e_score_correction_bias.zero_()
-        elif isinstance(m, RMSNorm):
-            m.weight.fill_(1.0)
-        elif isinstance(m, Attention) and m.attention_sink_bias is not None:
-            m.attention_sink_bias.normal_(0.0, std)
+        for name, kind in init_rules(m, self.config):
+            t = getattr(m, name)
+            if kind == "normal":
+                t.normal_(0.0, self.config.initializer_range)
+            else:
+                t.fill_(kind)
 
     @property
     def device(self) -> torch.device:
@@ -154,6 +166,12 @@ class MiMoForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    @property
+    def kv_config(self) -> MiMoConfig:
+        """The config of the attention this process computes: the model's, or under tensor parallelism a
+        copy with this rank's head counts (what its KV cache holds)."""
+        return self.config if self.parallel is None else self.parallel.local_config
 
     def set_backends(self, attention: str | None = None, experts: str | None = None) -> "MiMoForCausalLM":
         """Choose the ops backend of every attention / expert module (see ops/)."""
@@ -246,7 +264,11 @@ class MiMoForCausalLM(nn.Module):
 
     # checkpoint I/O lives in checkpoint/; these are the entry points users expect
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "MiMoForCausalLM":
+    def from_pretrained(cls, path, tp: int = 1, ep: int = 1, **kwargs) -> "MiMoForCausalLM":
+        """tp / ep > 1 (inside a torchrun process): this rank's share only (distributed.load_parallel)."""
+        if tp != 1 or ep != 1:
+            from ..distributed.inference import load_parallel
+            return load_parallel(path, tp=tp, ep=ep, **kwargs)
         from ..checkpoint import load_pretrained
         return load_pretrained(path, **kwargs)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli import finite_float
-from ..generation.commands import add_fp8_flag
-
 
 def register(subparsers) -> None:
+    from ..cli import finite_float
+    from ..generation.commands import add_fp8_flag, add_parallel_options
+
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
+    add_parallel_options(p)
     add_fp8_flag(p)
     p.set_defaults(fn=cmd_serve)
 
@@ -54,6 +55,14 @@ def cmd_serve(args) -> int:
     if model.device.type == "cuda":
         print(f"capturing decode graphs for {args.max_slots} slots...", file=sys.stderr, flush=True)
         print(f"  done in {sched.warmup():.1f} s", file=sys.stderr, flush=True)
+    if model.parallel is not None:  # rank 0 serves; the others step their replicas with it (scheduler.py)
+        from ..distributed.steps import StepBroadcaster
+        from ..generation.commands import leader
+        steps = StepBroadcaster(sched.follow_step)
+        if not leader():
+            steps.follow()
+            return 0
+        sched.broadcaster = steps
     sched.start()
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots (Ctrl-C stops)",
           file=sys.stderr, flush=True)
@@ -61,4 +70,6 @@ def cmd_serve(args) -> int:
         make_uvicorn(server, args.host, args.port).run()
     finally:
         sched.stop()
+        if sched.broadcaster is not None:
+            sched.broadcaster.stop()
     return 0

@@ -13,10 +13,17 @@ Every step (Scheduler.step):
 A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone.
 
 Requests carry a `sink` that receives Events (from the scheduler thread: it must not block).
+
+A tensor / expert parallel model (distributed/inference.py) runs one replica of this scheduler per rank:
+rank 0's serves, and before each step sends the step's inputs (the requests that arrived, with a seed
+each, and the cancellations) through its `broadcaster` (distributed/steps.py); every other rank applies
+them to its replica and steps it (`follow_step`), so all ranks run the same forwards. While idle, rank 0
+steps every HEARTBEAT seconds anyway, so that the others' wait never reaches the collectives' timeout.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import deque
@@ -72,6 +79,7 @@ class Request:
     sink: Callable[[Event], None] = lambda e: None
     cancelled: bool = False
     submitted: float = 0.0
+    rid: int = -1  # its number among the requests sent to the other ranks (parallel models; -1: not sent)
 
     def cancel(self) -> None:
         """Ask the scheduler to drop the request at its next step boundary (any thread)."""
@@ -132,7 +140,7 @@ class Scheduler:
         self.max_queue, self.chunk = max_queue, prefill_chunk
         self.device = model.device
         # one token per step and graph warm-ups that repeat a step from the same state need no ring slack
-        self.cache = KVCache(config, max_slots, S, device=self.device, dtype=model.dtype)
+        self.cache = KVCache(model.kv_config, max_slots, S, device=self.device, dtype=model.dtype)
         cuda = self.device.type == "cuda"
         self.graphs = (cuda and cuda_graphs in ("auto", True)) or compile
         self.compile = compile
@@ -147,6 +155,9 @@ class Scheduler:
         self.stopping = False
         self.steps = 0
         self._admitted = 0
+        # a parallel model's rank 0: a distributed.steps.StepBroadcaster (serving/commands.py sets it)
+        self.broadcaster = None
+        self._sent = 0
 
     # ------------------------------------------------------------------ front
     def check(self, prompt_len: int, max_tokens: int) -> None:
@@ -190,7 +201,8 @@ class Scheduler:
         while True:
             with self.cv:
                 while not self.stopping and not self.waiting and not self.running():
-                    self.cv.wait()
+                    if not self.cv.wait(self.HEARTBEAT if self.broadcaster is not None else None):
+                        break  # idle: an empty step, the other ranks' heartbeat
                 if self.stopping:
                     return
             try:
@@ -204,8 +216,40 @@ class Scheduler:
                 self.cache.reset()
 
     # ------------------------------------------------------------------ step
+    HEARTBEAT = 60.0
+
+    def _step_inputs(self) -> tuple[list[tuple], list[int]]:
+        """Rank 0: the requests that arrived since the last step (numbered, seeded) and the numbers of those
+        cancelled, for the other ranks' replicas."""
+        new, cancelled = [], []
+        with self.cv:
+            for r in self.waiting:
+                if r.rid < 0:
+                    r.rid, self._sent = self._sent, self._sent + 1
+                    if r.seed is None:  # every rank must draw the same samples
+                        r.seed = random.randrange(2 ** 31)
+                    new.append((r.rid, r.prompt, r.max_tokens, r.params, r.seed, r.stop, r.eos, r.logprobs,
+                                r.prompt_logprobs))
+            reqs = list(self.waiting) + [s.req for s in self.slots if s is not None]
+            cancelled = [r.rid for r in reqs if r.cancelled and r.rid >= 0]
+        return new, cancelled
+
+    @torch.no_grad()
+    def follow_step(self, new: list[tuple], cancelled: list[int]) -> None:
+        """Another rank: apply rank 0's step inputs to this replica, then step it."""
+        for rid, prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs in new:
+            self.waiting.append(Request(prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs,
+                                        rid=rid, submitted=time.perf_counter()))
+        gone = set(cancelled)
+        for r in list(self.waiting) + [s.req for s in self.slots if s is not None]:
+            if r.rid in gone:
+                r.cancel()
+        self.step()
+
     @torch.no_grad()
     def step(self) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.announce(*self._step_inputs())
         self.steps += 1
         self._reap()
         self._admit()
@@ -229,8 +273,8 @@ class Scheduler:
             if self.slots[i] is not None:
                 continue
             with self.cv:
-                if not self.waiting:
-                    return
+                if not self.waiting or (self.broadcaster is not None and self.waiting[0].rid < 0):
+                    return  # (arrived after this step's inputs were sent: the next step takes it)
                 req = self.waiting.popleft()
             runner = self.rows[i]
             s = _Slot(i, req, runner.cache, runner, self.tok, self.device)

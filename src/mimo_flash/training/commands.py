@@ -26,14 +26,20 @@ def register(sub) -> None:
                        description="Pre-train from a preset or config, or fine-tune a checkpoint (--init-from). "
                                    "From scratch without --tokenizer, a byte-level BPE of the model's vocab_size is "
                                    "trained on the data first (saved in OUT/tokenizer, reused by --resume). "
-                                   "Under torchrun the model is sharded with FSDP2 and, with --ep N, the experts "
-                                   "are split over N ranks.")
+                                   "The model is built on the meta device and each process fills only its own "
+                                   "shards (from --init-from, or a seeded init that is the same on any number of "
+                                   "processes). Under torchrun the model is sharded with FSDP2; --ep N splits the "
+                                   "experts over N ranks, --cp N each sequence over N ranks. Checkpoints are "
+                                   "torch.distributed.checkpoint shards that resume on another layout.")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="train from scratch: a preset (tiny, mini, flash)")
     src.add_argument("--config", help="train from scratch: a config.json")
     src.add_argument("--init-from", help="fine-tune: a hub-format checkpoint directory (weights, config, tokenizer)")
-    t.add_argument("--data", nargs="+", required=True,
-                   help="text files, JSONL files ({'text'} or chat {'messages'}) or directories of them")
+    data = t.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", nargs="+",
+                      help="text files, JSONL files ({'text'} or chat {'messages'}) or directories of them")
+    data.add_argument("--data-dir", help="a token directory written by `mimo-flash tokenize` (memory-mapped, "
+                                         "read row by row; needs the tokenizer it was written with)")
     t.add_argument("--tokenizer", help="directory with tokenizer.json (default: the --init-from checkpoint's; from "
                                        "scratch, a byte-level BPE trained on --data)")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -60,6 +66,10 @@ def register(sub) -> None:
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.add_argument("--ep", type=int, default=1, help="expert-parallel size (under torchrun)")
+    t.add_argument("--cp", type=int, default=1, help="context-parallel size (under torchrun): each sequence split "
+                                                     "over N ranks; --seq-len must be divisible by 2N")
+    t.add_argument("--export-fp8", action="store_true",
+                   help="write the final model with FP8 weights and 128x128 block scales (as the release)")
     t.add_argument("--attention-backend", help="attention backend (default auto)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
@@ -108,7 +118,7 @@ def resolve_defaults(args: argparse.Namespace, device_type: str) -> None:
     for name, value in DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("steps", "batch_size", "grad_accum", "ep", "keep_checkpoints", "log_every"):
+    for name in ("steps", "batch_size", "grad_accum", "ep", "cp", "keep_checkpoints", "log_every"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -118,6 +128,9 @@ def resolve_defaults(args: argparse.Namespace, device_type: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (a token and its target), got {args.seq_len}")
+    if args.cp > 1 and args.seq_len % (2 * args.cp):
+        raise ValueError(f"--seq-len {args.seq_len} must be divisible by 2 * --cp = {2 * args.cp} (the zigzag's "
+                         "chunks)")
 
 
 def check_seq_len(args: argparse.Namespace, config, where: str) -> None:
@@ -166,53 +179,58 @@ def data_tokenizer(args: argparse.Namespace, vocab_size: int, ctx):
 
 
 def build_model(args: argparse.Namespace, ctx):
-    """(model on the CPU in fp32, tokenizer, fine-tuning?) from the command line; sizes are checked before
-    the model is allocated."""
+    """(model on the meta device, its init, tokenizer, fine-tuning?) from the command line; sizes are checked
+    before anything is allocated. The Trainer fills each rank's shards through the init after sharding."""
     import dataclasses
 
     import torch
 
     from ..config import MiMoConfig
+    from ..distributed.materialize import CheckpointInit, SeededInit
     from ..model import MiMoForCausalLM
     from ..tokenizer import Tokenizer
 
     overrides = _parse_overrides(args.set)
+    if args.data_dir and not (args.tokenizer or args.init_from):
+        raise ValueError("--data-dir needs the tokenizer it was written with: --tokenizer DIR (or --init-from)")
     if args.init_from:
         if overrides:
             raise ValueError("--set applies to --preset / --config, not to --init-from")
-        check_seq_len(args, MiMoConfig.from_pretrained(args.init_from), args.init_from)
+        init = CheckpointInit(args.init_from)
+        config = init.config()
+        check_seq_len(args, config, args.init_from)
         tok_dir = args.tokenizer or args.init_from
         tok = Tokenizer.from_pretrained(tok_dir)
-        model = MiMoForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
-        if tok.vocab_size > model.config.vocab_size:
+        if tok.vocab_size > config.vocab_size:
             raise ValueError(f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens but the checkpoint's vocab_size "
-                             f"is {model.config.vocab_size}: fine-tune with the checkpoint's own tokenizer")
-        return model, tok, True
-    names = {f.name for f in dataclasses.fields(MiMoConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ValueError(f"--set: unknown config fields {', '.join(bad)}")
-    if args.preset:
-        config = MiMoConfig.preset(args.preset, **overrides)
+                             f"is {config.vocab_size}: fine-tune with the checkpoint's own tokenizer")
     else:
-        config = MiMoConfig.from_pretrained(args.config).replace(**overrides)
-        config.validate()
-    check_seq_len(args, config, f"the {args.preset or args.config} model")
-    if args.tokenizer:
-        tok = Tokenizer.from_pretrained(args.tokenizer)
-    else:
-        tok = data_tokenizer(args, config.vocab_size, ctx)
-        # the special tokens are the trained tokenizer's, unless --set says otherwise
-        ids = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=None)
-        config = config.replace(**{k: v for k, v in ids.items() if k not in overrides})
-    if tok.vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{config.vocab_size}: add --set vocab_size={tok.vocab_size}")
-    torch.manual_seed(args.seed)
-    model = MiMoForCausalLM(config)
+        names = {f.name for f in dataclasses.fields(MiMoConfig)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ValueError(f"--set: unknown config fields {', '.join(bad)}")
+        if args.preset:
+            config = MiMoConfig.preset(args.preset, **overrides)
+        else:
+            config = MiMoConfig.from_pretrained(args.config).replace(**overrides)
+            config.validate()
+        check_seq_len(args, config, f"the {args.preset or args.config} model")
+        if args.tokenizer:
+            tok = Tokenizer.from_pretrained(args.tokenizer)
+        else:
+            tok = data_tokenizer(args, config.vocab_size, ctx)
+            # the special tokens are the trained tokenizer's, unless --set says otherwise
+            ids = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=None)
+            config = config.replace(**{k: v for k, v in ids.items() if k not in overrides})
+        if tok.vocab_size > config.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                             f"{config.vocab_size}: add --set vocab_size={tok.vocab_size}")
+        init = SeededInit(args.seed)
+    with torch.device("meta"):
+        model = MiMoForCausalLM(config)  # fp32 master weights, allocated shard by shard by the Trainer
     if args.attention_backend:
         model.set_backends(attention=args.attention_backend)
-    return model, tok, False
+    return model, init, tok, bool(args.init_from)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -220,18 +238,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .data import load_rows
     from ..distributed import init_distributed
+    from .tokens import TokenRows
     from .trainer import TrainConfig, Trainer
 
-    ctx = init_distributed(ep=args.ep, device=args.device)
+    ctx = init_distributed(ep=args.ep, device=args.device, cp=args.cp)
     resolve_defaults(args, ctx.device.type)
-    model, tok, finetune = build_model(args, ctx)
+    model, init, tok, finetune = build_model(args, ctx)
     t0 = time.perf_counter()
-    rows = load_rows(args.data, tok, args.seq_len)
+    if args.data_dir:
+        rows = TokenRows(args.data_dir, args.seq_len, tok)
+        what = f"{rows.header['num_tokens']:,} tokens memory-mapped from {args.data_dir}"
+    else:
+        rows = load_rows(args.data, tok, args.seq_len)
+        what = f"{rows.target_tokens():,} training targets"
     if ctx.is_main:
-        print(f"data: {len(rows)} rows of {rows.seq_len} tokens ({rows.target_tokens():,} training targets) "
+        print(f"data: {len(rows)} rows of {rows.seq_len} tokens ({what}) "
               f"in {time.perf_counter() - t0:.1f}s; {model.num_parameters():,} parameters; "
               f"{ctx.world} process(es) on {ctx.device.type}" + (f", ep={ctx.ep}" if ctx.ep > 1 else "") +
-              f"; {args.steps} steps of {args.batch_size} x {args.grad_accum} x {ctx.world} rows")
+              (f", cp={ctx.cp}" if ctx.cp > 1 else "") +
+              f"; {args.steps} steps of {args.batch_size} x {args.grad_accum} x {ctx.dp_world} rows")
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr if args.lr is not None else (2e-5 if finetune else 3e-4), min_lr_ratio=args.min_lr_ratio,
@@ -241,9 +266,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         activation_checkpointing=args.activation_checkpointing, dtype=args.dtype, seed=args.seed,
         out_dir=args.out, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         progress=not args.no_progress, log_every=args.log_every, deterministic=args.deterministic)
-    trainer = Trainer(model, rows, cfg, ctx, tokenizer=tok)
+    trainer = Trainer(model, rows, cfg, ctx, tokenizer=tok, init=init)
     hist = trainer.fit()
-    final = trainer.export(Path(args.out) / "final")
+    final = trainer.export(Path(args.out) / "final", fp8=args.export_fp8)
     if ctx.is_main:
         if hist:
             print(f"loss {hist[0]['loss']:.4f} (step {hist[0]['step']}) -> {hist[-1]['loss']:.4f} "

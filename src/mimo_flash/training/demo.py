@@ -156,7 +156,7 @@ def _run_demo(out, steps, quiet) -> dict:
     final_loss = sum(r["loss"] for r in tail) / len(tail)
     final_lm = sum(r["lm_loss"] for r in tail) / len(tail)
     final_mtp = sum(r.get("mtp_loss", float("nan")) for r in tail) / len(tail)
-    print(f"trained {len(hist)} steps ({trainer.tokens_seen:,} tokens, {trainer.sampler.epoch:.1f} epochs) "
+    print(f"trained {len(hist)} steps ({trainer.tokens_seen:,} tokens, {trainer.epoch:.1f} epochs) "
           f"in {train_s:.0f}s, {trainer.tokens_seen / train_s:,.0f} tokens/s")
     print(f"loss {first['loss']:.3f} -> {final_loss:.3f} (main-head CE {first['lm_loss']:.3f} -> {final_lm:.3f}, "
           f"MTP CE {first.get('mtp_loss', float('nan')):.3f} -> {final_mtp:.3f}; "

@@ -10,7 +10,10 @@ fused=True) goes through torch.optim.AdamW's own step. Arguments, state and stat
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn as nn
 
 from ..ops.compiled import kernels
 
@@ -100,3 +103,27 @@ class AdamW(torch.optim.AdamW):
         if getattr(fn, "hooked", False):
             fn = fn.__wrapped__
         fn(self)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (ndim >= 2: projections, experts, embedding, router); none on vectors
+    (norm weights, attention sinks, biases)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        t = min(1.0, (step - self.warmup) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))

@@ -102,7 +102,7 @@ def export_sharded(model: torch.nn.Module, path: str | os.PathLike, dtype=None, 
     tensors = []
     for name, t in state.items():
         src = _Source(t.detach())
-        parts = layout_parts(name, t.shape, "hub")
+        parts = layout_parts(name, t.shape, "hub", model.config)
         for j, (key, idx) in enumerate(parts):
             shape = tuple(t.shape) if idx is None else tuple(torch.empty(t.shape, device="meta")[idx].shape)
 

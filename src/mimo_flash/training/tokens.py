@@ -163,6 +163,11 @@ class TokenRows:
     def __len__(self) -> int:
         return self.starts.shape[0]
 
+    def fingerprint(self) -> str:
+        """What resuming checks: the header (token counts, tokenizer, sources) and the row length."""
+        h = hashlib.sha256(json.dumps(self.header, sort_keys=True).encode() + f"/{self.seq_len}".encode())
+        return h.hexdigest()[:16]
+
     def row(self, i: int) -> dict[str, torch.Tensor]:
         """Row i -> {input_ids, labels, position_ids, segment_ids}, each [seq_len] int64."""
         if not 0 <= i < len(self):
@@ -218,7 +223,9 @@ class TokenLoader:
     Epoch e orders the rows by randperm(R, seed + e) (or in order, shuffle=False); rank r takes every
     world-th row of that order from r, R // world rows an epoch (the R % world rows left over sit out that
     epoch), so the ranks partition the epoch. state_dict() = {epoch, position, seed} (position: rows this
-    rank has taken in the epoch; the same on every rank).
+    rank has taken in the epoch; the same on every rank). The ranks together have taken the first
+    position * world rows of the epoch's order, so a state loads on another number of ranks whenever that
+    count divides among them.
     """
 
     def __init__(self, rows: TokenRows, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
@@ -270,6 +277,9 @@ class TokenLoader:
     def load_state_dict(self, state: dict) -> None:
         if state["num_rows"] != len(self.rows):
             raise ValueError(f"the state was saved over {state['num_rows']} rows, the data has {len(self.rows)}")
-        if state["world"] != self.world:
-            raise ValueError(f"the state was saved with {state['world']} data-parallel ranks, now {self.world}")
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        taken = state["position"] * state["world"]  # rows of this epoch's order read by all ranks together
+        if taken % self.world:
+            raise ValueError(f"the state was saved with {state['world']} data-parallel ranks after {taken} rows of "
+                             f"epoch {state['epoch']}, which {self.world} ranks cannot share out evenly")
+        self.epoch, self.position, self.seed = state["epoch"], taken // self.world, state["seed"]
+        self._order = None
