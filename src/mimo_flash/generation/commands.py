@@ -47,6 +47,19 @@ def parse_dtype(name: str, device: torch.device):
     return dt
 
 
+def speculative_k(text: str):
+    """--speculative: an integer >= 0 or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or 'auto', got {text!r}") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or 'auto', got {text!r}")
+    return k
+
+
 def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -55,8 +68,9 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=None, help="default: off")
     p.add_argument("--min-p", type=finite_float, default=None, help="default: off")
     p.add_argument("--repetition-penalty", type=finite_float, default=None, help="default: off")
-    p.add_argument("--speculative", type=int, default=0, metavar="K",
-                   help="draft K tokens per step with the MTP layers (0 = off)")
+    p.add_argument("--speculative", type=speculative_k, default=0, metavar="K",
+                   help="draft K tokens per step with the MTP layers (0 = off); 'auto': up to 3, chosen per step "
+                        "from the measured acceptance and step times (never slower than plain)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -165,7 +179,12 @@ def cmd_generate(args) -> int:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     _, stats = _run(model, tok, text, args, _stdout)
     print()
-    if args.speculative:
+    if args.speculative == "auto":
+        spec = sum(1 for k in stats.spec_k if k)
+        print(f"[speculative auto: {spec} of {len(stats.spec_k)} steps drafted (mean k "
+              f"{sum(stats.spec_k) / max(1, spec):.2f}); acceptance length {stats.acceptance_length:.2f} "
+              f"tokens/step]", file=sys.stderr)
+    elif args.speculative:
         print(f"[speculative K={args.speculative}: acceptance length {stats.acceptance_length:.2f} "
               f"tokens/step]", file=sys.stderr)
     return 0

@@ -232,14 +232,17 @@ class GraphRunner(Runner):
 
         return self._run(key, fn, inputs)
 
-    def greedy_next(self, ids, pos, kv_len: int, out: torch.Tensor) -> None:
+    def greedy_next(self, ids, pos, kv_len: int, out: torch.Tensor) -> torch.Tensor:
         """ids, pos [B, 1] -> the greedy next token of each row (argmax of the logits, first index on ties)
-        written to out [B]; the Triton step writes it from inside its lm_head kernel."""
+        written to out [B]; the Triton step writes it from inside its lm_head kernel. Returns the hidden state
+        after model.norm [B, 1, D] (a buffer the next step may overwrite)."""
         if self.triton and ids.numel() == 1:
-            if self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S), out) is not None:
-                return
-        logits, _ = self.main(ids, pos, None, kv_len, logits="last", graph=True)
+            res = self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S), out)
+            if res is not None:
+                return res[1]
+        logits, h = self.main(ids, pos, None, kv_len, logits="last", graph=True)
         out.copy_(logits[:, -1].argmax(-1))
+        return h
 
     def _main_triton(self, ids, pos, kv_len: int, bucket: int, token: torch.Tensor | None = None):
         """The one-token step through TritonStep (one graph per bucket); None if it failed (the runner then
