@@ -109,6 +109,8 @@ def test_adaptive_greedy_equals_plain_and_fixed_k(cuda_graphs):
     out, stats = generate(model, ids, num_speculative_tokens="auto", return_stats=True, **kw)
     assert torch.equal(out, plain) and stats.notes == []
     assert 0 in stats.spec_k and 3 in stats.spec_k  # explored both ends
+    again, stats = generate(model, ids, num_speculative_tokens="auto", return_stats=True, **kw)
+    assert torch.equal(again, plain)  # a GraphRunner's second call: its rings and controller are kept
     # free drafts: the controller stays at 3; costly drafts: it drops to plain steps after the first
     out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=True, step_costs=[1, 1, 1, 1],
                           return_stats=True, **kw)
@@ -181,3 +183,36 @@ def test_adaptive_sampling_keeps_the_target_distribution(script, extra):
     assert 0.02 < stats.acceptance_rate < 0.95, stats.acceptance_rate
     assert _chi2_pvalue(counts, target, n) > 1e-3
     assert 0.5 * sum(abs(counts.get(c, 0) / n - q) for c, q in target.items()) < 0.05
+
+
+# ------------------------------------------------------------------ CUDA: real graphs (python -m pytest -m gpu)
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3])
+def test_adaptive_on_cuda_graphs_equals_plain(rows):
+    """fp32 on CUDA: the captured speculative steps of every k, the captured plain chunks and the rings they
+    write in place (kept with the runner: a second call replays the same graphs) give plain greedy's tokens."""
+    model = tiny_model(vocab_size=6).cuda()
+    ids, mask = _batch()
+    ids, mask = ids[:rows].cuda(), mask[:rows].cuda()
+    kw = dict(attention_mask=mask, max_new_tokens=60, prefill_chunk=5)
+    plain = generate(model, ids, **kw)
+    for script in ([3, 0, 0, 1, 2, 3, 3], [0, 2, 2, 1]):
+        for _ in range(2):
+            out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ScriptedK(3, script),
+                                  return_stats=True, **kw)
+            assert torch.equal(out, plain) and stats.runner == "GraphRunner" and stats.notes == []
+    for _ in range(2):
+        out, stats = generate(model, ids, num_speculative_tokens="auto", return_stats=True, **kw)
+        assert torch.equal(out, plain) and stats.notes == []
+
+
+@pytest.mark.gpu
+def test_adaptive_plain_chunks_through_the_triton_step_equal_plain():
+    """bf16, batch 1 (the Triton step): costs that make drafting lose leave plain chunks only, which run the
+    same one-token Triton step as plain decoding and record the rings: the same tokens, no fallback."""
+    model = tiny_model(vocab_size=64).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(3)).cuda()
+    plain, ps = generate(model, ids, max_new_tokens=40, eos_token_id=[], return_stats=True)
+    out, stats = generate(model, ids, max_new_tokens=40, eos_token_id=[], num_speculative_tokens=2, adaptive=True,
+                          step_costs=[1.0, 9.0, 9.0], return_stats=True)
+    assert torch.equal(out, plain) and stats.notes == [] and set(stats.spec_k[1:]) == {0}

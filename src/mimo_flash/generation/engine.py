@@ -176,7 +176,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     num_speculative_tokens="auto", or K with adaptive=True: adaptive K (generation/adaptive.py): each step
     drafts k = 0 .. K tokens (K for "auto": min(3, the MTP layers)), chosen from the running acceptance and the
     steps' costs (measured, or step_costs: seconds per step for k = 0 .. K) to maximise tokens per second;
-    adaptive may also be an AdaptiveK (its settings; it keeps what it learns across calls). stats.spec_k: each
+    adaptive may also be an AdaptiveK (its settings; it keeps what it learns across calls; by default the
+    runner's, kept with its graphs, carries the measured costs and rates to the next call). stats.spec_k: each
     step's k.
     streamer: an object with put(list[int]) and end() receiving row 0's new tokens (batch 1 only).
     stopping: called each step with every row's new tokens so far; rows it returns True for finish.
@@ -205,6 +206,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     S = P + max_new_tokens + 2 * K + 2  # rows that finish early keep verifying K + 1 tokens
     S = min(-(-S // 64) * 64, config.max_position_embeddings + 2 * K + 2)  # round up: reuse across calls
     runner = _make_runner(model, B, S, K, cuda_graphs, compile, adaptive=ctl is not None)
+    if ctl is True:  # measured costs belong to the runner: its controller carries them (and the rates) across calls
+        if runner.adaptive is None or runner.adaptive.k_max != K:
+            runner.adaptive = AdaptiveK(K)
+        ctl = runner.adaptive
     cache = runner.cache
     stats.cache_bytes = cache.nbytes()
     generator = None
@@ -247,8 +252,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         tok = choose(process(last_logits, params, seen), params, generator)
         clock.mark()
         out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
-        rings = None if ctl is None else SpecRings(B, config.sliding_window + 2 * K + 2, config.hidden_size,
-                                                   device, hidden.dtype)
+        rings = None
+        if ctl is not None:
+            rings = runner.spec_rings
+            size = config.sliding_window + 2 * K + 2
+            if rings is None or rings.size != size or rings.h.dtype != hidden.dtype:
+                rings = runner.spec_rings = SpecRings(B, size, config.hidden_size, device, hidden.dtype)
         state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,
                              rings=rings)
         if ctl is not None:
@@ -278,8 +287,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     return (result, stats) if return_stats else result
 
 
-def _controller(adaptive, K: int, step_costs) -> AdaptiveK | None:
-    """The AdaptiveK of a call (None: fixed K)."""
+def _controller(adaptive, K: int, step_costs) -> AdaptiveK | bool | None:
+    """The AdaptiveK of a call (None: fixed K; True: the runner's, whose costs are measured)."""
     if isinstance(adaptive, AdaptiveK):
         if adaptive.k_max != K:
             raise ValueError(f"adaptive is an AdaptiveK for k_max={adaptive.k_max}, num_speculative_tokens is {K}")
@@ -292,7 +301,7 @@ def _controller(adaptive, K: int, step_costs) -> AdaptiveK | None:
         if step_costs is not None and K > 0:
             raise ValueError("step_costs needs adaptive K (num_speculative_tokens='auto' or adaptive=True)")
         return None
-    return AdaptiveK(K, costs=step_costs)
+    return True if step_costs is None else AdaptiveK(K, costs=step_costs)
 
 
 GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs, one graph late

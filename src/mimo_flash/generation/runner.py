@@ -35,6 +35,10 @@ class Runner:
         self.rope_tables = model.model.ropes(pos, model.dtype)  # {swa: (cos, sin) [1, S, rotary]}
         self.notes: list[str] = []  # fallbacks taken, said once each
         self.failed: dict[str, str] = {}  # graphed path -> why it failed
+        # adaptive K's rings of committed tokens / hidden states (speculative.SpecRings): made by the engine on
+        # first use and kept here, like the cache, because captured steps write them in place
+        self.spec_rings = None
+        self.adaptive = None  # adaptive K's controller with measured costs (adaptive.AdaptiveK), kept across calls
 
     def graphs_for(self, path: str) -> bool:
         """Whether `path` ("greedy": chunks of greedy steps, "spec": whole speculative steps) may run as one
