@@ -207,22 +207,25 @@ def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None):
 
 
 def measure(model, all_prompts, args, bandwidth) -> list[list]:
+    """One row per (batch, mode, K); K = 0 (plain) first: the base of the speed-ups. Greedy and sampled share
+    each K's runner (its graphs), so the loop runs K outside the mode."""
     rows = []
     k_max = min(3, model.config.num_nextn_predict_layers)
     settings = [0] + [k for k in (1, 2, 3) if k <= k_max] + ["auto"]
     for B in args.batches:
         ids = all_prompts[:B].to(args.device)
         S_est = -(-(args.prompt_len + args.new_tokens + 2 * k_max + 2) // 64) * 64
-        for sample in (False, True):
-            base = None
-            for K in settings:
-                ctl = AdaptiveK(k_max) if K == "auto" else None
-                kk = k_max if K == "auto" else K
-                run(model, ids, args.new_tokens, kk, sample, args.seed, ctl)  # warm-up: captures graphs
-                toks, st, wall = run(model, ids, args.new_tokens, kk, sample, args.seed, ctl)
-                if base is None:
-                    base = (toks, st, wall)
-                same = "" if sample else f"{(toks == base[0]).all(1).float().mean().item():.2f}"
+        base, table_rows = {}, {False: [], True: []}
+        for K in settings:
+            ctl = {False: AdaptiveK(k_max), True: AdaptiveK(k_max)} if K == "auto" else {False: None, True: None}
+            kk = k_max if K == "auto" else K
+            for sample in (False, True):
+                run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])  # warm-up: captures graphs
+                toks, st, wall = run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])
+                if K == 0:
+                    base[sample] = (toks, st, wall)
+                b = base[sample]
+                same = "" if sample else f"{(toks == b[0]).all(1).float().mean().item():.2f}"
                 step_ms = 1e3 * st.decode_seconds / max(1, st.steps)
                 floor = ""
                 if B == 1 and not sample and K != "auto" and bandwidth:
@@ -230,11 +233,17 @@ def measure(model, all_prompts, args, bandwidth) -> list[list]:
                     floor = f"{1e3 * fb / bandwidth:.3f} ({step_ms / (1e3 * fb / bandwidth):.2f}x)"
                 mean_k = ""
                 if K == "auto":
+                    c = ctl[sample]
                     mean_k = f"{statistics.mean(st.spec_k):.2f}" if st.spec_k else "0"
-                rows.append([B, "sampled" if sample else "greedy", K, f"{st.acceptance_length:.2f}" if K else "1.00",
-                             mean_k, f"{st.new_tokens / st.decode_seconds:,.0f}", f"{step_ms:.3f}", floor,
-                             f"{base[1].decode_seconds / st.decode_seconds:.2f}x", f"{base[2] / wall:.2f}x", same])
-                log(" | ".join(str(x) for x in rows[-1]))
+                    log(f"auto, batch {B}, {'sampled' if sample else 'greedy'}: k per step {st.spec_k}; rates "
+                        f"{[round(a, 2) for a in c.alpha]}; ms per step for k = 0..{k_max}: "
+                        f"{[None if c.cost(k) is None else round(1e3 * c.cost(k), 3) for k in range(k_max + 1)]}")
+                row = [B, "sampled" if sample else "greedy", K, f"{st.acceptance_length:.2f}" if K else "1.00",
+                       mean_k, f"{st.new_tokens / st.decode_seconds:,.0f}", f"{step_ms:.3f}", floor,
+                       f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same]
+                table_rows[sample].append(row)
+                log(" | ".join(str(x) for x in row))
+        rows += table_rows[False] + table_rows[True]
     return rows
 
 
