@@ -54,9 +54,9 @@ def speculative_k(text: str):
     try:
         k = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or 'auto', got {text!r}") from None
+        k = -1
     if k < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or 'auto', got {text!r}")
+        raise _user_error(f"--speculative must be an integer >= 0 or 'auto', got {text!r}")
     return k
 
 
@@ -68,7 +68,7 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=None, help="default: off")
     p.add_argument("--min-p", type=finite_float, default=None, help="default: off")
     p.add_argument("--repetition-penalty", type=finite_float, default=None, help="default: off")
-    p.add_argument("--speculative", type=speculative_k, default=0, metavar="K",
+    p.add_argument("--speculative", default="0", metavar="K",
                    help="draft K tokens per step with the MTP layers (0 = off); 'auto': up to 3, chosen per step "
                         "from the measured acceptance and step times (never slower than plain)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
@@ -143,7 +143,7 @@ def _gen_kwargs(args, tok) -> dict:
         raise _user_error(f"--{flag}: {e}") from None
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
               top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-              num_speculative_tokens=args.speculative, seed=args.seed, compile=args.compile)
+              num_speculative_tokens=speculative_k(args.speculative), seed=args.seed, compile=args.compile)
     if tok.eos_token_ids:
         kw["eos_token_id"] = tok.eos_token_ids
     if tok.pad_token_id is not None:
@@ -179,13 +179,14 @@ def cmd_generate(args) -> int:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     _, stats = _run(model, tok, text, args, _stdout)
     print()
-    if args.speculative == "auto":
+    k = speculative_k(args.speculative)
+    if k == "auto":
         spec = sum(1 for k in stats.spec_k if k)
         print(f"[speculative auto: {spec} of {len(stats.spec_k)} steps drafted (mean k "
               f"{sum(stats.spec_k) / max(1, spec):.2f}); acceptance length {stats.acceptance_length:.2f} "
               f"tokens/step]", file=sys.stderr)
-    elif args.speculative:
-        print(f"[speculative K={args.speculative}: acceptance length {stats.acceptance_length:.2f} "
+    elif k:
+        print(f"[speculative K={k}: acceptance length {stats.acceptance_length:.2f} "
               f"tokens/step]", file=sys.stderr)
     return 0
 
