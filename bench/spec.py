@@ -206,9 +206,10 @@ def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None):
     return out[:, ids.shape[1]:], stats, time.perf_counter() - t
 
 
-def measure(model, all_prompts, args, bandwidth) -> list[list]:
+def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
     """One row per (batch, mode, K); K = 0 (plain) first: the base of the speed-ups. Greedy and sampled share
-    each K's runner (its graphs), so the loop runs K outside the mode."""
+    each K's runner (its graphs), so the loop runs K outside the mode. Settings that would start after
+    --budget-minutes are skipped (listed in `skipped`)."""
     rows = []
     k_max = min(3, model.config.num_nextn_predict_layers)
     settings = [0] + [k for k in (1, 2, 3) if k <= k_max] + ["auto"]
@@ -217,6 +218,9 @@ def measure(model, all_prompts, args, bandwidth) -> list[list]:
         S_est = -(-(args.prompt_len + args.new_tokens + 2 * k_max + 2) // 64) * 64
         base, table_rows = {}, {False: [], True: []}
         for K in settings:
+            if time.perf_counter() - T0 > 60 * args.budget_minutes:
+                skipped.append(f"batch {B} K={K}")
+                continue
             ctl = {False: AdaptiveK(k_max), True: AdaptiveK(k_max)} if K == "auto" else {False: None, True: None}
             kk = k_max if K == "auto" else K
             for sample in (False, True):
@@ -256,6 +260,8 @@ def main(argv=None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=type(DEFAULTS["cuda"][name]), default=None,
                        help="default: per device (%s)" % ", ".join(f"{d}: {v[name]}" for d, v in DEFAULTS.items()))
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 16 64 on cuda, 1 4 on cpu")
+    p.add_argument("--budget-minutes", type=float, default=5.5,
+                   help="no new setting starts after this much wall time (the table says which were skipped)")
     p.add_argument("--out", default=None, help="where the tokenizer and checkpoint go (default: a temp dir)")
     args = p.parse_args(argv)
     for name, v in DEFAULTS[args.device].items():
@@ -273,7 +279,8 @@ def main(argv=None) -> int:
     tok, model, trained = train(args, texts, out)
     all_prompts = prompts(tok, held, max(args.batches), args.prompt_len)
     bandwidth = copy_bandwidth(args.device)
-    rows = measure(model, all_prompts, args, bandwidth)
+    skipped: list[str] = []
+    rows = measure(model, all_prompts, args, bandwidth, skipped)
     c = model.config
     notes = [f"{args.preset} preset (vocab {c.vocab_size}), trained {trained['steps']} steps / "
              f"{trained['tokens']:,} tokens in {trained['seconds']:.0f}s; prompts {args.prompt_len} tokens of held-out "
@@ -282,7 +289,8 @@ def main(argv=None) -> int:
              "speed-up: plain decode time / this one; e2e: with prefill; same: rows equal to plain greedy",
              "floor (batch 1 greedy): bytes the step must read / copy bandwidth "
              + (f"({bandwidth / 1e12:.2f} TB/s)" if bandwidth else "(n/a off CUDA)") + ", and step / floor",
-             f"total wall time {time.perf_counter() - T0:.0f}s"]
+             f"total wall time {time.perf_counter() - T0:.0f}s"
+             + (f"; skipped (past --budget-minutes {args.budget_minutes}): {', '.join(skipped)}" if skipped else "")]
     table("MTP speculative decoding, trained weights", header(),
                 ["batch", "mode", "K", "acc len", "mean k", "tok/s", "step ms", "floor ms (x)", "speed-up", "e2e",
                  "same"], rows, notes)
