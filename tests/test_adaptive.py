@@ -135,8 +135,10 @@ def test_any_schedule_of_k_gives_plain_greedy(cuda_graphs, script):
         assert stats.accepted > 0 and set(ctl.seen_k) == set(script)
 
 
-def test_layer_zero_drafts_follow_the_training_forward_after_reprime(monkeypatch):
-    """After k drops to 0 and comes back, the re-primed MTP layer 0 drafts what the full forward predicts."""
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_layer_zero_drafts_follow_the_training_forward_after_reprime(monkeypatch, cuda_graphs):
+    """After k drops to 0 and comes back, the re-primed MTP layer 0 drafts what the full forward predicts
+    (graph-shaped: from rings written by plain chunks of 8, 16 and 32 steps, longer than the rings)."""
     model = tiny_model(vocab_size=6)
     log = []
     orig = spec_mod._draft
@@ -148,8 +150,9 @@ def test_layer_zero_drafts_follow_the_training_forward_after_reprime(monkeypatch
 
     monkeypatch.setattr(spec_mod, "_draft", spy)
     ids = torch.randint(0, 6, (1, 15), generator=torch.Generator().manual_seed(8))
-    ctl = ScriptedK(2, [2, 2, 0, 0, 0, 1, 2, 2, 0, 2, 2])
-    out = generate(model, ids, max_new_tokens=60, num_speculative_tokens=2, adaptive=ctl)
+    ctl = ScriptedK(2, [2, 2, 2, 2, 0, 0, 0, 1, 2, 2, 2, 2, 0, 2, 2, 2])
+    out = generate(model, ids, max_new_tokens=120, num_speculative_tokens=2, adaptive=ctl, cuda_graphs=cuda_graphs)
+    assert torch.equal(out, generate(model, ids, max_new_tokens=120))
     with torch.no_grad():
         first = model(out, mtp=True).mtp_logits[0][0]
     checked = 0

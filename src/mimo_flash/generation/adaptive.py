@@ -15,8 +15,8 @@ observed; every `probe_every` decisions one step runs at the largest k to refres
 
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
 behind are re-primed first), k = 0 through the same step with no drafts, or, for greedy decoding on a
-GraphRunner, through chunks of plain greedy steps captured as one graph (what plain decoding runs), which also
-record their tokens and hidden states for a later re-prime. Greedy output equals plain greedy for any
+GraphRunner, through chunks of plain greedy steps captured as one graph (what plain decoding runs; 8 steps, then
+16 and 32 while k stays 0), which also record their tokens and hidden states for a later re-prime. Greedy output equals plain greedy for any
 sequence of choices: every step emits the target model's own tokens.
 """
 
@@ -32,7 +32,9 @@ import torch
 from .runner import GraphRunner, kv_bucket
 from .speculative import SpecState, spec_reprime, spec_step
 
-PLAIN_CHUNK = 8  # greedy steps per captured chunk when k = 0 (the controller decides again after each)
+# greedy steps per captured chunk when k = 0: the controller decides again after each; chunks in a row grow
+# (fewer host syncs once plain decoding has won)
+PLAIN_CHUNKS = (8, 16, 32)
 
 
 @dataclass
@@ -133,7 +135,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
     chunks = (isinstance(runner, GraphRunner) and not params.do_sample and st.seen is None
               and out.streamer is None and out.stopping is None)
     t_prev = None
-    k_prev, n_prev = 0, 0
+    k_prev, n_prev, plain_run = 0, 0, 0
     while True:
         done = out.done.tolist()  # the loop's host sync: the previous phase has finished
         now = time.perf_counter()
@@ -144,12 +146,14 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
             break
         k = ctl.choose()
         if k == 0 and chunks and runner.graphs_for("greedy"):
-            n = _plain_chunk(runner, out, st, done)
+            n = _plain_chunk(runner, out, st, done, PLAIN_CHUNKS[min(plain_run, len(PLAIN_CHUNKS) - 1)])
+            plain_run += 1
             if n:
                 stats.steps += n
                 stats.spec_k.extend([0] * n)
                 k_prev, n_prev = 0, n
                 continue
+        plain_run = 0
         if k > st.fresh:
             spec_reprime(runner, st, k, params, generator, chunk)
         st.k = k
@@ -168,8 +172,8 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         k_prev, n_prev = k, 1
 
 
-def _plain_chunk(runner, out, st: SpecState, done: list[bool]) -> int:
-    """Up to PLAIN_CHUNK plain greedy steps as one captured chunk from the state's x_N, recorded in the rings;
+def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int:
+    """Up to `size` plain greedy steps as one captured chunk from the state's x_N, recorded in the rings;
     the state moves past them (its MTP layers fall behind). Returns the steps taken (0: the chunk failed and the
     runner now takes the step-by-step path)."""
     from .engine import _greedy_chunk
@@ -177,7 +181,7 @@ def _plain_chunk(runner, out, st: SpecState, done: list[bool]) -> int:
     B = st.N.shape[0]
     counts = out.count.tolist()
     left = max(out.max_new - c for c, d in zip(counts, done, strict=True) if not d)
-    n = min(PLAIN_CHUNK, left)
+    n = min(size, left)
     bucket = kv_bucket(st.n_max + n, runner.cache.S)
     try:
         res = runner.run_step(("adaptive-greedy", B, bucket, n), _greedy_chunk(runner, bucket, n, st.rings),

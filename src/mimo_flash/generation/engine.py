@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .adaptive import PLAIN_CHUNK, AdaptiveK, adaptive_decode
+from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
 from .cache import KVCache
 from .runner import GraphRunner, Runner, kv_bucket
 from .sampling import SamplingParams, choose, process
@@ -137,7 +137,7 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool, adap
 
     slack = 2 * K if K else GREEDY_CHUNK - 1
     if adaptive:
-        slack = max(slack, PLAIN_CHUNK - 1)
+        slack = max(slack, PLAIN_CHUNKS[-1] - 1)
 
     if not ((cuda and cuda_graphs == "auto") or cuda_graphs is True or compile):
         return Runner(model, new_cache(), S)
@@ -321,12 +321,17 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None):
         rings (speculative.SpecRings, adaptive K): each step's token and hidden state are recorded there."""
         P = pos[:, None] + torch.arange(n + 1, device=pos.device)
         new = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
+        hs = None if rings is None else torch.empty(tok.shape[0], n, rings.h.shape[-1], dtype=rings.h.dtype,
+                                                    device=tok.device)
         ids = tok[:, None]
         for j in range(n):
             h = runner.greedy_next(ids, P[:, j:j + 1], bucket, new[:, j])
-            if rings is not None:
-                rings.write(P[:, j:j + 1], ids, h)
+            if hs is not None:
+                hs[:, j] = h[:, 0]
             ids = new[:, j:j + 1]
+        if rings is not None:  # the inputs at positions pos .. pos + n - 1 and their hidden states (the last
+            m = min(n, rings.size)  # `size` of them: one write per slot)
+            rings.write(P[:, n - m:n], torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], hs[:, n - m:])
         return dict(tok=new[:, -1], pos=P[:, -1], new=new)
     return fn
 
