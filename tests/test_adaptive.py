@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import run_in_triton_interpreter, tiny_model
 from mimo_flash.generation import generate
 from mimo_flash.generation import speculative as spec_mod
 from mimo_flash.generation.adaptive import AdaptiveK
@@ -186,6 +186,42 @@ def test_adaptive_sampling_keeps_the_target_distribution(script, extra):
     assert 0.02 < stats.acceptance_rate < 0.95, stats.acceptance_rate
     assert _chi2_pvalue(counts, target, n) > 1e-3
     assert 0.5 * sum(abs(counts.get(c, 0) / n - q) for c, q in target.items()) < 0.05
+
+
+_INTERPRETED = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import sys
+from pathlib import Path
+import torch
+import mimo_flash
+sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
+from conftest import run_in_triton_interpreter, tiny_model
+from test_adaptive import ScriptedK
+from mimo_flash.generation import engine, generate
+from mimo_flash.options import TritonStepTuning, override, set_options
+
+set_options(triton_step=TritonStepTuning(min_programs=1))  # few programs: the interpreter runs each in Python
+torch.set_num_threads(1)
+model = tiny_model(seed=4)
+ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+plain = generate(model, ids, max_new_tokens=40, eos_token_id=[])
+with override(decode_triton="always"):
+    ctl = ScriptedK(3, [3, 0, 0, 2, 1, 3, 0])
+    out, stats = generate(model, ids, max_new_tokens=40, eos_token_id=[], cuda_graphs=True, num_speculative_tokens=3,
+                          adaptive=ctl, return_stats=True)
+assert torch.equal(out, plain), (out, plain)
+assert stats.notes == [] and set(ctl.seen_k) == {0, 1, 2, 3}
+(r,) = engine._RUNNERS[model].values()
+assert r.triton and r._triton_step is not None  # plain chunks and k = 0 steps ran the Triton step
+print("ok")
+"""
+
+
+def test_adaptive_through_the_triton_step_equals_plain():
+    """Batch 1 with the Triton one-token step (Triton's interpreter): plain chunks record the step's hidden
+    states in the rings, re-primes read them; the tokens are plain greedy's."""
+    run_in_triton_interpreter(_INTERPRETED)
 
 
 # ------------------------------------------------------------------ CUDA: real graphs (python -m pytest -m gpu)

@@ -50,10 +50,10 @@ class AdaptiveK:
     explore: int = 3  # timed steps of k = k_max and k = 0 before the model decides (measured costs)
     probe_every: int = 64  # decisions at k < k_max between probes at k_max
     samples: int = 9  # cost(k) = median of the last `samples` timings of k
-    alpha: list[float] = field(default_factory=list)
-    k: int = -1  # the current choice
-    _times: dict = field(default_factory=dict)
-    _since_probe: int = 0
+    alpha: list[float] = field(init=False)  # per draft position: P(accepted | the drafts before it were)
+    k: int = field(init=False)  # the current choice
+    _times: dict = field(init=False)  # k -> seconds per step, as timed
+    _since_probe: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_max, int) or self.k_max < 1:

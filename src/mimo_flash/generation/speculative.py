@@ -203,8 +203,8 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator) -> list:
 
 
 def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
-    """One draft + verify + accept step. Returns (new tokens [B, K+1], count [B], count as a host list):
-    row b emits new[b, :count[b]].
+    """One draft + verify + accept step with st.k drafts. Returns (new tokens [B, k+1], count [B], count as a host
+    list): row b emits new[b, :count[b]].
 
     frozen [B] bool or None: rows that are done; their state does not change.
     Greedy steps after the first (no repetition penalty) replay one CUDA graph of the whole step on a
