@@ -237,9 +237,10 @@ def _graphed_step(runner, st: SpecState, frozen):
     key = ("spec", B, K, k, bucket)
     fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)
     inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main, frozen=fz)
-    for j, t in enumerate(st.stash):
+    n_stash = max(k - 1, 0)  # what the step reads (a step after a larger k holds more): fixed per key
+    for j, t in enumerate(st.stash[:n_stash]):
         inputs[f"stash{j}"] = t
-    n_max, n_stash, rings = st.n_max, len(st.stash), st.rings
+    n_max, rings = st.n_max, st.rings
 
     def fn(N, N_prev, tok, recent, h_main, frozen, **stash):
         s = SpecState(K=K, N=N, N_prev=N_prev, tok=tok, recent=recent, h_main=h_main,
@@ -255,7 +256,7 @@ def _graphed_step(runner, st: SpecState, frozen):
 
     out = runner.run_step(key, fn, inputs)
     st.N, st.N_prev, st.tok, st.recent, st.h_main = out["N"], out["N_prev"], out["tok"], out["recent"], out["h_main"]
-    st.stash = [out[f"stash{j}"] for j in range(max(k - 1, 0))]
+    st.stash = [out[f"stash{j}"] for j in range(n_stash)]
     st.drafts, st.q = out["drafts"], None
     st.fresh = min(st.fresh, k)
     return out["new"], out["count"]
