@@ -255,3 +255,27 @@ def test_adaptive_plain_chunks_through_the_triton_step_equal_plain():
     out, stats = generate(model, ids, max_new_tokens=40, eos_token_id=[], num_speculative_tokens=2, adaptive=True,
                           step_costs=[1.0, 9.0, 9.0], return_stats=True)
     assert torch.equal(out, plain) and stats.notes == [] and set(stats.spec_k) == {0}
+
+
+def test_each_captured_step_has_one_input_set(monkeypatch):
+    """A CUDA graph replays with the inputs it was captured with: every key run_step sees (speculative steps of
+    each k, plain chunks) must always come with the same input names and shapes, whatever k ran before."""
+    from mimo_flash.generation.runner import GraphRunner
+
+    seen: dict = {}
+    real = GraphRunner.run_step
+
+    def recording(self, key, fn, inputs, rows=2):
+        sig = tuple((n, tuple(t.shape)) for n, t in inputs.items())
+        assert seen.setdefault(key, sig) == sig, (key, seen[key], sig)
+        return real(self, key, fn, inputs, rows)
+
+    monkeypatch.setattr(GraphRunner, "run_step", recording)
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    out, stats = generate(model, ids, attention_mask=mask, max_new_tokens=60, num_speculative_tokens=3,
+                          cuda_graphs=True, adaptive=ScriptedK(3, [3, 3, 1, 3, 3, 2, 1, 1, 0, 3, 3, 2, 2, 3]),
+                          return_stats=True)
+    assert torch.equal(out, generate(model, ids, attention_mask=mask, max_new_tokens=60))
+    assert stats.notes == []  # no captured step failed (a failure falls back, with the same tokens)
+    assert {key[3] for key in seen if key[0] == "spec"} == {1, 2, 3} and any(k[0] == "adaptive-greedy" for k in seen)
