@@ -80,7 +80,10 @@ def test_probe_refreshes_later_positions():
     ctl = AdaptiveK(2, costs=[1.0, 2.0, 3.0], probe_every=4)
     ctl.alpha = [0.1, 0.1]
     picks = [ctl.choose() for _ in range(9)]
-    assert picks == [0, 0, 0, 0, 2, 0, 0, 0, 2] and ctl.k == 0  # four plain decisions, then one probe
+    assert picks == [0, 0, 0, 0, 1, 0, 0, 0, 1] and ctl.k == 0  # four plain decisions, then one probe at k + 1
+    ctl.alpha = [0.9, 0.1]  # the probe found position 1 good: k = 1 wins (1.9 / 2 < 1: not yet)
+    ctl.costs = [1.0, 1.5, 3.0]
+    assert ctl.choose() == 1 and [ctl.choose() for _ in range(5)] == [1, 1, 1, 2, 1]
 
 
 def test_bad_settings_are_refused():

@@ -11,7 +11,8 @@ tokens, so the controller picks argmax_k E[tokens | k] / cost(k), and changes k 
 promises `margin` more tokens per second than the current one. Unmeasured costs are interpolated linearly in k
 between measured ones; without given costs the loop first measures k = K and k = 0 (`explore` steps of each,
 the first of each discarded: it includes capturing graphs). While k < K the later positions' rates are not
-observed; every `probe_every` decisions one step runs at the largest k to refresh them.
+observed; every `probe_every` decisions one step runs at k + 1 to refresh the next one (a probe re-primes the MTP
+layers, so it is rare).
 
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
 behind are re-primed first), k = 0 through the same step with no drafts, or, for greedy decoding on a
@@ -48,7 +49,7 @@ class AdaptiveK:
     margin: float = 0.05  # a new k must promise this much more tokens per second than the current one
     prior: float = 0.6  # acceptance rate assumed for a position before it is observed
     explore: int = 3  # timed steps of k = k_max and k = 0 before the model decides (measured costs)
-    probe_every: int = 64  # decisions at k < k_max between probes at k_max
+    probe_every: int = 128  # decisions at k < k_max between probes at k + 1
     samples: int = 9  # cost(k) = median of the last `samples` timings of k
     alpha: list[float] = field(init=False)  # per draft position: P(accepted | the drafts before it were)
     k: int = field(init=False)  # the current choice
@@ -120,12 +121,12 @@ class AdaptiveK:
             self._since_probe += 1
             if self._since_probe >= self.probe_every:
                 self._since_probe = 0
-                return self.k_max  # one step, without changing the current choice
+                return self.k + 1  # one step, without changing the current choice
         rates = {k: self.rate(k) for k in range(self.k_max + 1)}
         best = max((k for k in rates if rates[k] is not None), key=lambda k: rates[k])
         cur = rates.get(self.k)
-        if cur is None or rates[best] > cur * (1 + self.margin):
-            self.k = best
+        if best != self.k and (cur is None or rates[best] > cur * (1 + self.margin)):
+            self.k, self._since_probe = best, 0
         return self.k
 
 
