@@ -17,8 +17,8 @@ layers, so it is rare).
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
 behind are re-primed first), k = 0 through the same step with no drafts, or, for greedy decoding on a
 GraphRunner, through chunks of plain greedy steps captured as one graph (what plain decoding runs; 8 steps, then
-16 and 32 while k stays 0), which also record their tokens and hidden states for a later re-prime. Greedy output equals plain greedy for any
-sequence of choices: every step emits the target model's own tokens.
+16 and 32 while k stays 0), which also record their tokens and hidden states for a later re-prime. Greedy output
+equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
 """
 
 from __future__ import annotations
