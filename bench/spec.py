@@ -130,9 +130,10 @@ def train(args, texts, out: Path):
             t_mid = time.perf_counter()
     train_s = time.perf_counter() - t0
     tail = hist[-max(1, len(hist) // 10):]
+    mtp = [r.get("mtp_loss", float("nan")) for r in hist]
     log(f"trained {len(hist)} steps ({trainer.tokens_seen:,} tokens) in {train_s:.0f}s: loss "
         f"{hist[0]['loss']:.3f} -> {statistics.mean(r['loss'] for r in tail):.3f}, MTP CE "
-        f"{hist[0].get('mtp_loss', float('nan')):.3f} -> {statistics.mean(r.get('mtp_loss', float('nan')) for r in tail):.3f}")
+        f"{mtp[0]:.3f} -> {statistics.mean(mtp[-len(tail):]):.3f}")
     ckpt = trainer.export(out / "checkpoint")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     return tok, MiMoForCausalLM.from_pretrained(ckpt, dtype=dtype, device=torch.device(args.device)).eval(), \
