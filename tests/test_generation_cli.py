@@ -123,6 +123,9 @@ def test_generate_command_streams_the_greedy_text(ckpt, capsys):
     rc, out2, err = run_cli(["generate", "--model", str(ckpt), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "8",
                              "--device", "cpu", "--speculative", "2"], capsys)
     assert rc == 0 and out2 == out and "acceptance length" in err
+    rc, out2, err = run_cli(["generate", "--model", str(ckpt), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "8",
+                             "--device", "cpu", "--speculative", "auto"], capsys)
+    assert rc == 0 and out2 == out and "speculative auto" in err
     # a stop string cuts the text and ends generation
     words = text.split(" ")
     stop = words[3]
@@ -179,6 +182,7 @@ def test_command_errors(ckpt, tmp_path, capsys):
         (base + ["--temperature", "-1"], "temperature"),
         (base + ["--temperature", "1", "--top-p", "1.5"], "top_p"),
         (base + ["--speculative", "9"], "MTP layers"),
+        (base + ["--speculative", "most"], "integer >= 0 or 'auto'"),
         (base + ["--max-new-tokens", "0"], "max-new-tokens"),
         (["generate", "--model", str(short), "--prompt", " ".join(["w1"] * 20), "--device", "cpu"],
          "longer than the model's max_position_embeddings"),

@@ -49,6 +49,19 @@ def parse_dtype(name: str, device: torch.device):
     return dt
 
 
+def speculative_k(text: str):
+    """--speculative: an integer >= 0 or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise _user_error(f"--speculative must be an integer >= 0 or 'auto', got {text!r}")
+    return k
+
+
 def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -57,8 +70,9 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=None, help="default: off")
     p.add_argument("--min-p", type=finite_float, default=None, help="default: off")
     p.add_argument("--repetition-penalty", type=finite_float, default=None, help="default: off")
-    p.add_argument("--speculative", type=int, default=0, metavar="K",
-                   help="draft K tokens per step with the MTP layers (0 = off)")
+    p.add_argument("--speculative", default="0", metavar="K",
+                   help="draft K tokens per step with the MTP layers (0 = off); 'auto': up to 3, chosen per step "
+                        "from the measured acceptance and step times (never slower than plain)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -171,7 +185,7 @@ def _gen_kwargs(args, tok) -> dict:
         raise _user_error(f"--{flag}: {e}") from None
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
               top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-              num_speculative_tokens=args.speculative, seed=args.seed, compile=args.compile)
+              num_speculative_tokens=speculative_k(args.speculative), seed=args.seed, compile=args.compile)
     if tok.eos_token_ids:
         kw["eos_token_id"] = tok.eos_token_ids
     if tok.pad_token_id is not None:
@@ -217,8 +231,14 @@ def cmd_generate(args) -> int:
     if not leader():
         return 0
     print()
-    if args.speculative:
-        print(f"[speculative K={args.speculative}: acceptance length {stats.acceptance_length:.2f} "
+    k = speculative_k(args.speculative)
+    if k == "auto":
+        spec = sum(1 for k in stats.spec_k if k)
+        print(f"[speculative auto: {spec} of {len(stats.spec_k)} steps drafted (mean k "
+              f"{sum(stats.spec_k) / max(1, spec):.2f}); acceptance length {stats.acceptance_length:.2f} "
+              f"tokens/step]", file=sys.stderr)
+    elif k:
+        print(f"[speculative K={k}: acceptance length {stats.acceptance_length:.2f} "
               f"tokens/step]", file=sys.stderr)
     return 0
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
 from .cache import KVCache
 from .runner import GraphRunner, Runner, kv_bucket
 from .sampling import SamplingParams, choose, process
-from .speculative import spec_prefill, spec_step
+from .speculative import SpecRings, spec_prefill, spec_step
 
 
 @dataclass
@@ -34,6 +35,7 @@ class GenerationStats:
     capture_seconds: float = 0.0
     cache_bytes: int = 0
     per_step_accepted: list[int] = field(default_factory=list)
+    spec_k: list[int] = field(default_factory=list)  # adaptive K: the drafts of each step (0: a plain step)
     runner: str = ""  # "Runner" (eager) or "GraphRunner" (graph-shaped steps: CUDA graphs, compiled code or both)
     notes: list[str] = field(default_factory=list)  # fallbacks the runner has taken (a failed graph, kernel, ...)
 
@@ -101,18 +103,22 @@ def check_inputs(model, input_ids, attention_mask, max_new_tokens, num_speculati
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_position_embeddings ({limit})")
     K = num_speculative_tokens
+    if K == "auto":
+        K = min(AUTO_MAX_K, config.num_nextn_predict_layers)
     if not isinstance(K, int) or isinstance(K, bool) or K < 0:
-        raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {K!r}")
+        raise ValueError(f"num_speculative_tokens must be an integer >= 0 or 'auto', got {K!r}")
     if K > config.num_nextn_predict_layers:
         raise ValueError(f"num_speculative_tokens={K} needs {K} MTP layers; the model has "
                          f"{config.num_nextn_predict_layers}")
-    return input_ids, attention_mask
+    return input_ids, attention_mask, K
 
+
+AUTO_MAX_K = 3  # num_speculative_tokens="auto": adaptive with up to this many drafts (the released model's MTP layers)
 
 _RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: GraphRunner}
 
 
-def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> Runner:
+def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool, adaptive: bool = False) -> Runner:
     """An eager Runner with a fresh cache, or a GraphRunner kept on the model for reuse: its graphs (and
     compiled code) serve every later call with the same batch size, cache length and K.
 
@@ -126,14 +132,17 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
 
     def new_cache():
         # SWA ring slack: speculative steps write up to 2K slots past the accepted tokens; a graphed greedy
-        # chunk runs several times from one state while it is captured
-        return KVCache(config, B, S, device=model.device, dtype=model.dtype, num_mtp=K,
-                       slack=2 * K if K else GREEDY_CHUNK - 1)
+        # chunk runs several times from one state while it is captured (adaptive K: both)
+        return KVCache(config, B, S, device=model.device, dtype=model.dtype, num_mtp=K, slack=slack)
+
+    slack = 2 * K if K else GREEDY_CHUNK - 1
+    if adaptive:
+        slack = max(slack, PLAIN_CHUNKS[-1] - 1)
 
     if not ((cuda and cuda_graphs == "auto") or cuda_graphs is True or compile):
         return Runner(model, new_cache(), S)
     runners = _RUNNERS.setdefault(model, {})
-    key = (B, S, K, model.dtype, str(model.device), bool(compile), model.parallel is None)
+    key = (B, S, K, slack, model.dtype, str(model.device), bool(compile), model.parallel is None)
     runner = runners.pop(key, None)
     if runner is None:
         while len(runners) >= 4:  # keep a few (graph memory pools are not small)
@@ -149,9 +158,10 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool) -> R
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=None,
-             pad_token_id: int | None = None, num_speculative_tokens: int = 0, streamer=None,
+             pad_token_id: int | None = None, num_speculative_tokens: int | str = 0, streamer=None,
              seed: int | None = None, stopping: Callable[[list[list[int]]], list[bool]] | None = None,
-             prefill_chunk: int = 512, cuda_graphs="auto", compile: bool = False, return_stats: bool = False):
+             prefill_chunk: int = 512, cuda_graphs="auto", compile: bool = False, return_stats: bool = False,
+             adaptive: bool | AdaptiveK = False, step_costs: Sequence[float] | None = None):
     """Generate continuations of a batch of prompts.
 
     input_ids [B, P] LongTensor, left-padded where rows differ (attention_mask [B, P]: 1 token, 0 padding).
@@ -163,6 +173,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     Greedy when do_sample=False (temperature/top_k/top_p/min_p ignored); repetition_penalty applies to both.
     num_speculative_tokens=K > 0 drafts K tokens with the K first MTP layers and verifies them in one
     forward (output identical to K=0 under greedy, same distribution under sampling).
+    num_speculative_tokens="auto", or K with adaptive=True: adaptive K (generation/adaptive.py): each step
+    drafts k = 0 .. K tokens (K for "auto": min(3, the MTP layers)), chosen from the running acceptance and the
+    steps' costs (measured, or step_costs: seconds per step for k = 0 .. K) to maximise tokens per second;
+    adaptive may also be an AdaptiveK (its settings; it keeps what it learns across calls; by default the
+    runner's, kept with its graphs, carries the measured costs and rates to the next call). stats.spec_k: each
+    step's k.
     streamer: an object with put(list[int]) and end() receiving row 0's new tokens (batch 1 only).
     stopping: called each step with every row's new tokens so far; rows it returns True for finish.
     prefill_chunk: prompt tokens per prefill forward. cuda_graphs: "auto" (on CUDA), True or False (True on a
@@ -170,8 +186,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     graphed steps. return_stats: also return a GenerationStats (stats.notes: fallbacks the runner took).
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty).validate()
-    input_ids, attention_mask = check_inputs(model, input_ids, attention_mask, max_new_tokens,
-                                             num_speculative_tokens)
+    input_ids, attention_mask, K = check_inputs(model, input_ids, attention_mask, max_new_tokens,
+                                                num_speculative_tokens)
+    ctl = _controller(adaptive or num_speculative_tokens == "auto", K, step_costs)
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
     B, P = input_ids.shape
@@ -185,11 +202,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     if max_new_tokens == 0:
         return (input_ids, stats) if return_stats else input_ids
 
-    K = num_speculative_tokens
     device = model.device
     S = P + max_new_tokens + 2 * K + 2  # rows that finish early keep verifying K + 1 tokens
     S = min(-(-S // 64) * 64, config.max_position_embeddings + 2 * K + 2)  # round up: reuse across calls
-    runner = _make_runner(model, B, S, K, cuda_graphs, compile)
+    runner = _make_runner(model, B, S, K, cuda_graphs, compile, adaptive=ctl is not None)
+    if ctl is True:  # measured costs belong to the runner: its controller carries them (and the rates) across calls
+        if runner.adaptive is None or runner.adaptive.k_max != K:
+            runner.adaptive = AdaptiveK(K)
+        ctl = runner.adaptive
     cache = runner.cache
     stats.cache_bytes = cache.nbytes()
     generator = None
@@ -232,14 +252,23 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         tok = choose(process(last_logits, params, seen), params, generator)
         clock.mark()
         out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
-        state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk)
-        while True:
+        rings = None
+        if ctl is not None:
+            rings = runner.spec_rings
+            size = config.sliding_window + 2 * K + 2
+            if rings is None or rings.size != size or rings.h.dtype != hidden.dtype:
+                rings = runner.spec_rings = SpecRings(B, size, config.hidden_size, device, hidden.dtype)
+        state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,
+                             rings=rings)
+        if ctl is not None:
+            adaptive_decode(runner, out, state, params, generator, ctl, stats, prefill_chunk)
+        while ctl is None:
             done = out.done.tolist()
             if all(done):
                 break
             new, count, counts = spec_step(runner, state, params, generator,
                                            frozen=out.done.clone() if any(done) else None)
-            act = [c for c, d in zip(counts, done) if not d]
+            act = [c for c, d in zip(counts, done, strict=True) if not d]
             stats.steps += 1
             stats.row_steps += len(act)
             stats.emitted += sum(act)
@@ -258,6 +287,23 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     return (result, stats) if return_stats else result
 
 
+def _controller(adaptive, K: int, step_costs) -> AdaptiveK | bool | None:
+    """The AdaptiveK of a call (None: fixed K; True: the runner's, whose costs are measured)."""
+    if isinstance(adaptive, AdaptiveK):
+        if adaptive.k_max != K:
+            raise ValueError(f"adaptive is an AdaptiveK for k_max={adaptive.k_max}, num_speculative_tokens is {K}")
+        if step_costs is not None:
+            raise ValueError("step_costs goes into the AdaptiveK passed as adaptive, not beside it")
+        return adaptive
+    if adaptive not in (True, False):
+        raise ValueError(f"adaptive must be a bool or an AdaptiveK, got {adaptive!r}")
+    if not adaptive or K == 0:
+        if step_costs is not None and K > 0:
+            raise ValueError("step_costs needs adaptive K (num_speculative_tokens='auto' or adaptive=True)")
+        return None
+    return True if step_costs is None else AdaptiveK(K, costs=step_costs)
+
+
 GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs, one graph late
 
 
@@ -266,18 +312,26 @@ def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bo
             and out.stopping is None and runner.graphs_for("greedy"))
 
 
-def _greedy_chunk(runner, bucket: int, n: int):
+def _greedy_chunk(runner, bucket: int, n: int, rings=None):
     def fn(tok, pos):
         """tok, pos [B]: n plain greedy steps (each the argmax of the logits: what choose(process(...)) gives
         without sampling or repetition penalty) -> their tokens `new` [B, n], the last token and the position
         after it. Step j reads its token from column j - 1 of `new`, where the previous step wrote it, and its
-        position from a table made before the first step: a step's kernels need nothing from the host."""
+        position from a table made before the first step: a step's kernels need nothing from the host.
+        rings (speculative.SpecRings, adaptive K): each step's token and hidden state are recorded there."""
         P = pos[:, None] + torch.arange(n + 1, device=pos.device)
         new = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
+        hs = None if rings is None else torch.empty(tok.shape[0], n, rings.h.shape[-1], dtype=rings.h.dtype,
+                                                    device=tok.device)
         ids = tok[:, None]
         for j in range(n):
-            runner.greedy_next(ids, P[:, j:j + 1], bucket, new[:, j])
+            h = runner.greedy_next(ids, P[:, j:j + 1], bucket, new[:, j])
+            if hs is not None:
+                hs[:, j] = h[:, 0]
             ids = new[:, j:j + 1]
+        if rings is not None:  # the inputs at positions pos .. pos + n - 1 and their hidden states (the last
+            m = min(n, rings.size)  # `size` of them: one write per slot)
+            rings.write(P[:, n - m:n], torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], hs[:, n - m:])
         return dict(tok=new[:, -1], pos=P[:, -1], new=new)
     return fn
 

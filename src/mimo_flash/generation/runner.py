@@ -35,6 +35,10 @@ class Runner:
         self.rope_tables = model.model.ropes(pos, model.dtype)  # {swa: (cos, sin) [1, S, rotary]}
         self.notes: list[str] = []  # fallbacks taken, said once each
         self.failed: dict[str, str] = {}  # graphed path -> why it failed
+        # adaptive K's rings of committed tokens / hidden states (speculative.SpecRings): made by the engine on
+        # first use and kept here, like the cache, because captured steps write them in place
+        self.spec_rings = None
+        self.adaptive = None  # adaptive K's controller with measured costs (adaptive.AdaptiveK), kept across calls
 
     def graphs_for(self, path: str) -> bool:
         """Whether `path` ("greedy": chunks of greedy steps, "spec": whole speculative steps) may run as one
@@ -232,14 +236,17 @@ class GraphRunner(Runner):
 
         return self._run(key, fn, inputs)
 
-    def greedy_next(self, ids, pos, kv_len: int, out: torch.Tensor) -> None:
+    def greedy_next(self, ids, pos, kv_len: int, out: torch.Tensor) -> torch.Tensor:
         """ids, pos [B, 1] -> the greedy next token of each row (argmax of the logits, first index on ties)
-        written to out [B]; the Triton step writes it from inside its lm_head kernel."""
+        written to out [B]; the Triton step writes it from inside its lm_head kernel. Returns the hidden state
+        after model.norm [B, 1, D] (a buffer the next step may overwrite)."""
         if self.triton and ids.numel() == 1:
-            if self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S), out) is not None:
-                return
-        logits, _ = self.main(ids, pos, None, kv_len, logits="last", graph=True)
+            res = self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S), out)
+            if res is not None:
+                return res[1]
+        logits, h = self.main(ids, pos, None, kv_len, logits="last", graph=True)
         out.copy_(logits[:, -1].argmax(-1))
+        return h
 
     def _main_triton(self, ids, pos, kv_len: int, bucket: int, token: torch.Tensor | None = None):
         """The one-token step through TritonStep (one graph per bucket); None if it failed (the runner then

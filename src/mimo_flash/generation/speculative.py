@@ -21,6 +21,12 @@ main model, whose cache holds positions 0 .. N-1). One step:
 
 Rows accept different numbers of tokens; all tensors keep static shapes: layer k always runs T_k = K+1+k
 columns, right-aligned on position N-1, invalid columns masked. Rows that are done are frozen.
+
+Adaptive K (generation/adaptive.py): the state is sized for K (its column count) and each step drafts
+`st.k` <= K tokens with the first st.k layers (k = 0: a plain step through the same code). Layers that did not
+run fall behind; `st.fresh` counts the layers whose caches are current, and a step wanting more re-primes
+them (`spec_reprime`) from rings of the last committed tokens and main hidden states (`SpecRings`), which
+every step records.
 """
 
 from __future__ import annotations
@@ -53,6 +59,41 @@ class SpecState:
     q: torch.Tensor | None  # [B, K, V] draft probabilities (sampling only)
     seen: torch.Tensor | None  # [B, V] tokens in each sequence (repetition penalty)
     n_max: int  # host: max over rows of N
+    k: int = -1  # drafts this step (<= K; -1: K)
+    fresh: int = -1  # MTP layers whose caches are current (-1: K)
+    rings: "SpecRings | None" = None  # adaptive K only
+
+    def __post_init__(self) -> None:
+        self.k = self.K if self.k < 0 else self.k
+        self.fresh = self.K if self.fresh < 0 else self.fresh
+
+
+class SpecRings:
+    """The last `size` committed tokens and main hidden states of every row, slot p % size for position p
+    (written for every verified position; committed ones are final): what spec_reprime re-runs the MTP layers
+    over. ids [B, size] long, h [B, size, D]."""
+
+    def __init__(self, B: int, size: int, D: int, device, dtype) -> None:
+        self.size = size
+        self.ids = torch.zeros(B, size, dtype=torch.long, device=device)
+        self.h = torch.zeros(B, size, D, dtype=dtype, device=device)
+
+    def write(self, pos: torch.Tensor, ids: torch.Tensor, h: torch.Tensor, valid: torch.Tensor | None = None):
+        """pos, ids [B, T] (distinct positions per row where valid, at most `size` apart); h [B, T, D];
+        valid [B, T] or None (all valid). In place, graph-safe."""
+        if valid is not None:  # left padding (position -1): rewrite what the row's position 0 writes to slot 0
+            first = valid.long().argmax(1, keepdim=True)
+            pos = torch.where(valid, pos, 0)
+            ids = torch.where(valid, ids, ids.gather(1, first))
+            h = torch.where(valid[..., None], h, h.gather(1, first[..., None].expand(-1, 1, h.shape[-1])))
+        slot = pos % self.size
+        self.ids.scatter_(1, slot, ids)
+        self.h.scatter_(1, slot[..., None].expand(*slot.shape, self.h.shape[-1]), h.to(self.h.dtype))
+
+    def read(self, pos: torch.Tensor):
+        """pos [B, T] -> (ids [B, T], h [B, T, D])."""
+        slot = pos % self.size
+        return self.ids.gather(1, slot), self.h.gather(1, slot[..., None].expand(*slot.shape, self.h.shape[-1]))
 
 
 def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
@@ -65,22 +106,54 @@ def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
 
 
 def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingParams, seen, generator,
-                 chunk: int):
-    """State after the prompt: runs every MTP layer over the prompt (in chunks) and drafts d_1 .. d_K.
+                 chunk: int, k: int | None = None, rings: SpecRings | None = None):
+    """State after the prompt: runs the first k (default K) MTP layers over the prompt (in chunks) and drafts
+    d_1 .. d_k; the state is sized for K.
 
     input_ids, mask [B, P] (left padding); hidden [B, P, D] main hidden states; tok [B] = x_N (N = prompt length).
+    rings: recorded from the prompt (adaptive K).
     """
     B, P = input_ids.shape
-    dev = input_ids.device
     N = mask.sum(1)
     if seen is not None:
         seen.scatter_(1, tok[:, None], True)
     pos = (mask.cumsum(1) - 1).clamp_min(-1)
+    if rings is not None:  # the prompt's last positions (a row's padding lies before its tokens)
+        c = max(0, P - rings.size)
+        rings.write(pos[:, c:], input_ids[:, c:], hidden[:, c:], mask[:, c:].bool())
+    st = _prime(runner, input_ids, mask, pos, hidden, tok, K, K if k is None else k, params, seen, generator, chunk)
+    dev = input_ids.device
+    ar = torch.arange(K + 1, device=dev)
+    rpos = (N[:, None] - K + ar[None])  # positions N-K .. N
+    rcol = (rpos + (P - N)[:, None]).clamp(0, P)
+    st.recent = torch.where(rpos >= 0, torch.cat([input_ids, tok[:, None]], 1).gather(1, rcol), 0)
+    st.N, st.n_max, st.rings = N.clone(), int(N.max()), rings
+    return st
+
+
+def spec_reprime(runner, st: SpecState, k: int, params: SamplingParams, generator, chunk: int) -> None:
+    """Bring the first k MTP layers up to date after steps that ran fewer (adaptive K): re-run them over the
+    last positions the rings hold (up to the MTP window, the same count for every row) and draft d_1 .. d_k.
+    The next step verifies those drafts, as the first step after spec_prefill does."""
+    L = min(runner.model.config.sliding_window, st.rings.size - 2 * st.K - 2, int(st.N.min()))
+    pos = st.N[:, None] - L + torch.arange(L, device=st.N.device)[None]  # [B, L]: positions N-L .. N-1
+    ids, hidden = st.rings.read(pos)
+    for j in range(k):  # entries in the window are rewritten; none may stay twice
+        runner.cache.rollback(st.N - L, mtp_group(j))
+    new = _prime(runner, ids, torch.ones_like(ids), pos, hidden, st.tok, st.K, k, params, st.seen, generator, chunk)
+    st.N_prev, st.h_main, st.stash, st.drafts, st.q = new.N_prev, None, new.stash, new.drafts, new.q
+    st.k = st.fresh = k
+
+
+def _prime(runner, input_ids, mask, pos, hidden, tok, K: int, k_run: int, params, seen, generator, chunk: int):
+    """Run MTP layers 0 .. k_run-1 over input_ids / hidden [B, P(, D)] at positions pos (the token after the
+    last column is tok) and draft d_1 .. d_k_run: a SpecState without N / recent (the caller's)."""
+    B, P = input_ids.shape
     valid = mask.bool()
     all_valid = bool(valid.all())
     ext = torch.cat([input_ids, tok[:, None]], 1)  # column c holds the token at position c - pad
     h_in, stash, drafts, qs = hidden, [], [], []
-    for k in range(K):
+    for k in range(k_run):
         ids_k = ext[:, k + 1: k + 1 + P]
         outs = []
         for c0 in range(0, P, chunk):
@@ -94,13 +167,11 @@ def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingP
         qs.append(q)
         ext = torch.cat([ext, d[:, None]], 1)
         stash.append(h_in[:, max(P - k - 1, 0)])  # position N - k - 1
-    ar = torch.arange(K + 1, device=dev)
-    rpos = (N[:, None] - K + ar[None])  # positions N-K .. N
-    rcol = (rpos + (P - N)[:, None]).clamp(0, P)
-    recent = torch.where(rpos >= 0, torch.cat([input_ids, tok[:, None]], 1).gather(1, rcol), 0)
-    return SpecState(K=K, N=N.clone(), N_prev=torch.zeros_like(N), tok=tok, recent=recent, h_main=None,
-                     stash=stash[:-1], drafts=torch.stack(drafts, 1),
-                     q=torch.stack(qs, 1) if params.do_sample else None, seen=seen, n_max=int(N.max()))
+    zero = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    drafts = torch.stack(drafts, 1) if drafts else torch.zeros(B, 0, dtype=torch.long, device=input_ids.device)
+    return SpecState(K=K, N=zero, N_prev=zero.clone(), tok=tok, recent=None, h_main=None,
+                     stash=stash[:-1], drafts=drafts, q=torch.stack(qs, 1) if params.do_sample and qs else None,
+                     seen=seen, n_max=0, k=k_run, fresh=k_run)
 
 
 def _draft(runner, st: SpecState, params: SamplingParams, generator) -> list:
@@ -110,7 +181,7 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator) -> list:
     ext = st.recent
     h_prev = st.h_main
     drafts, qs, stash = [], [], []
-    for k in range(K):
+    for k in range(st.k):
         T = K + 1 + k
         pos = st.N[:, None] - T + torch.arange(T, device=dev)[None]
         valid = (pos >= (st.N_prev[:, None] - k)) & (pos >= 0)
@@ -126,14 +197,14 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator) -> list:
         qs.append(q)
         ext = torch.cat([ext, d[:, None]], 1)
         stash.append(h_prev[:, K])  # position N - k - 1
-    st.drafts = torch.stack(drafts, 1)
-    st.q = torch.stack(qs, 1) if params.do_sample else None
+    st.drafts = torch.stack(drafts, 1) if drafts else torch.zeros(B, 0, dtype=torch.long, device=dev)
+    st.q = torch.stack(qs, 1) if params.do_sample and qs else None
     return stash[:-1]
 
 
 def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
-    """One draft + verify + accept step. Returns (new tokens [B, K+1], count [B], count as a host list):
-    row b emits new[b, :count[b]].
+    """One draft + verify + accept step with st.k drafts. Returns (new tokens [B, k+1], count [B], count as a host
+    list): row b emits new[b, :count[b]].
 
     frozen [B] bool or None: rows that are done; their state does not change.
     Greedy steps after the first (no repetition penalty) replay one CUDA graph of the whole step on a
@@ -159,20 +230,22 @@ def _can_graph(runner, st: SpecState, params: SamplingParams) -> bool:
 
 
 def _graphed_step(runner, st: SpecState, frozen):
-    """_step_core as one captured step over static copies of the state (keyed by batch, K, kv bucket)."""
-    K, B = st.K, st.N.shape[0]
-    bucket = kv_bucket(st.n_max + K + 1, runner.cache.S)
-    key = ("spec", B, K, bucket)
+    """_step_core as one captured step over static copies of the state (keyed by batch, K, k, kv bucket).
+    The rings (adaptive K) are written in place, like the cache."""
+    K, k, B = st.K, st.k, st.N.shape[0]
+    bucket = kv_bucket(st.n_max + k + 1, runner.cache.S)
+    key = ("spec", B, K, k, bucket)
     fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)
     inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main, frozen=fz)
-    for j, t in enumerate(st.stash):
+    n_stash = max(k - 1, 0)  # what the step reads (a step after a larger k holds more): fixed per key
+    for j, t in enumerate(st.stash[:n_stash]):
         inputs[f"stash{j}"] = t
-    n_max, n_stash = st.n_max, len(st.stash)
+    n_max, rings = st.n_max, st.rings
 
     def fn(N, N_prev, tok, recent, h_main, frozen, **stash):
         s = SpecState(K=K, N=N, N_prev=N_prev, tok=tok, recent=recent, h_main=h_main,
                       stash=[stash[f"stash{j}"] for j in range(n_stash)], drafts=None, q=None, seen=None,
-                      n_max=n_max)
+                      n_max=n_max, k=k, rings=rings)
         new, count = _step_core(runner, s, _GREEDY, None, frozen)
         out = dict(new=new, count=count, N=s.N, N_prev=s.N_prev, tok=s.tok, recent=s.recent, h_main=s.h_main,
                    drafts=s.drafts)
@@ -185,42 +258,53 @@ def _graphed_step(runner, st: SpecState, frozen):
     st.N, st.N_prev, st.tok, st.recent, st.h_main = out["N"], out["N_prev"], out["tok"], out["recent"], out["h_main"]
     st.stash = [out[f"stash{j}"] for j in range(n_stash)]
     st.drafts, st.q = out["drafts"], None
+    st.fresh = min(st.fresh, k)
     return out["new"], out["count"]
 
 
 def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen):
-    """Draft, verify, accept, roll back; updates st (not n_max). Returns (new [B, K+1], count [B])."""
-    K, B = st.K, st.N.shape[0]
+    """Draft st.k tokens, verify, accept, roll back; updates st (not n_max). Returns (new [B, k+1], count [B])."""
+    K, k, B = st.K, st.k, st.N.shape[0]
+    if k > st.fresh:
+        raise RuntimeError(f"a step with {k} drafts needs {k} current MTP layers, {st.fresh} are: spec_reprime first")
     dev = st.N.device
     old = (st.N, st.N_prev, st.tok, st.recent, st.h_main, list(st.stash))
-    if st.h_main is not None:  # the first step's drafts come from spec_prefill
+    if st.h_main is not None:  # the first step's drafts come from spec_prefill / spec_reprime
         new_stash = _draft(runner, st, params, generator)
-    else:
+    else:  # the drafts of spec_prefill / spec_reprime: this step may verify fewer
         new_stash = list(st.stash)
+        st.drafts = st.drafts[:, :k]
+        st.q = None if st.q is None else st.q[:, :k]
     d = st.drafts
-    ar = torch.arange(K + 1, device=dev)
+    ar = torch.arange(k + 1, device=dev)
     ids = torch.cat([st.tok[:, None], d], 1)
     pos = st.N[:, None] + ar[None]
-    logits, h = runner.main(ids, pos, None, st.n_max + K + 1, graph=True)
+    logits, h = runner.main(ids, pos, None, st.n_max + k + 1, graph=True)
+    if st.rings is not None:  # committed positions among these are final; the others are rewritten later
+        st.rings.write(pos, ids, h)
     seen_j = None
     if st.seen is not None:  # the prefix before column j holds d_1 .. d_j
         oh = F.one_hot(d, logits.shape[-1]).bool()
-        seen_j = st.seen[:, None] | torch.cat([torch.zeros_like(oh[:, :1]), oh.cumsum(1).bool()], 1)
-    pl = process(logits.float(), params, seen_j)  # [B, K+1, V]
+        none = torch.zeros(B, 1, oh.shape[-1], dtype=torch.bool, device=dev)
+        seen_j = st.seen[:, None] | torch.cat([none, oh.cumsum(1).bool()], 1)
+    pl = process(logits.float(), params, seen_j)  # [B, k+1, V]
     if not params.do_sample:
         g = pl.argmax(-1)
-        a = torch.cumprod((d == g[:, :K]).long(), 1).sum(1)
+        a = torch.cumprod((d == g[:, :k]).long(), 1).sum(1)
         y = g.gather(1, a[:, None])[:, 0]
+    elif k == 0:
+        a = torch.zeros(B, dtype=torch.long, device=dev)
+        y = torch.multinomial(pl[:, 0].softmax(-1), 1, generator=generator)[:, 0]
     else:
         p = pl.softmax(-1)
-        pd = p[:, :K].gather(2, d[..., None])[..., 0]
+        pd = p[:, :k].gather(2, d[..., None])[..., 0]
         qd = st.q.gather(2, d[..., None])[..., 0]
-        u = torch.rand(B, K, device=dev, generator=generator)
+        u = torch.rand(B, k, device=dev, generator=generator)
         a = torch.cumprod((u * qd < pd).long(), 1).sum(1)
-        r = (p[:, :K] - st.q).clamp_min(0)
+        r = (p[:, :k] - st.q).clamp_min(0)
         rs = r.sum(-1, keepdim=True)
-        r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :K])
-        dist = torch.cat([r, p[:, K:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
+        r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :k])
+        dist = torch.cat([r, p[:, k:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
         y = torch.multinomial(dist, 1, generator=generator)[:, 0]
     new = torch.cat([d, torch.zeros_like(y[:, None])], 1).scatter(1, a[:, None], y[:, None])
     count = a + 1
@@ -229,17 +313,20 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     # --- new state
     N_new = st.N + count
     runner.cache.rollback(st.N + count, MAIN)  # keeps positions <= N + a
-    for k in range(K):
-        runner.cache.rollback(torch.where(frozen, st.N_prev - k, st.N - k) if frozen is not None else st.N - k,
-                              mtp_group(k))
-    idx = (ar[None] - (K - a)[:, None]).clamp_min(0)  # right-align columns 0 .. a on position N_new - 1
-    h_main = h.gather(1, idx[..., None].expand(B, K + 1, h.shape[-1]))
-    seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+K+1
-    recent = seq.gather(1, count[:, None] + ar[None])
+    for j in range(k):  # layers that did not run this step wrote nothing
+        runner.cache.rollback(torch.where(frozen, st.N_prev - j, st.N - j) if frozen is not None else st.N - j,
+                              mtp_group(j))
+    arK = torch.arange(K + 1, device=dev)
+    h_old = st.h_main if st.h_main is not None else torch.zeros_like(h[:, :1]).expand(B, K + 1, h.shape[-1])
+    hseq = torch.cat([h_old, h], 1)  # positions N-K-1 .. N+k
+    h_main = hseq.gather(1, (count[:, None] + arK[None])[..., None].expand(B, K + 1, h.shape[-1]))
+    seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+k+1
+    recent = seq.gather(1, count[:, None] + arK[None])
     if st.seen is not None:
         st.seen.scatter_(1, torch.where(ar[None] < count[:, None], new, st.tok[:, None]), True)
     st.N_prev, st.N, st.tok, st.recent, st.h_main, st.stash = st.N, N_new, new.gather(
         1, (count - 1).clamp_min(0)[:, None])[:, 0], recent, h_main, new_stash
+    st.fresh = min(st.fresh, k)
     if frozen is not None:
         f = frozen
         oN, oNp, otok, orecent, oh, ostash = old
@@ -248,5 +335,6 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
         st.recent = torch.where(f[:, None], orecent, st.recent)
         if oh is not None:
             st.h_main = torch.where(f[:, None, None], oh, st.h_main)
-        st.stash = [torch.where(f[:, None], o, n) for o, n in zip(ostash, st.stash)]
+        if len(ostash) == len(st.stash):  # else (k changed) a frozen row's stash is never read again
+            st.stash = [torch.where(f[:, None], o, n) for o, n in zip(ostash, st.stash, strict=True)]
     return new, count

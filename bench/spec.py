@@ -1,0 +1,302 @@
+"""MTP speculative decoding with weights that accept: train, then measure acceptance and speed-up.
+
+    python bench/spec.py                                   # GPU: mini preset, 3 minutes of training (~6 min in all)
+    python bench/spec.py --device cpu --train-minutes 0.2  # CPU: tiny preset, small sizes (checks that it works)
+
+1. Corpus (offline, no download): the Python standard library's sources under this interpreter's lib directory
+   and pydoc_data's topics. Source files whose path hashes to 0 mod 10 are held out: the prompts come from them.
+2. A byte-level BPE (--vocab tokens) trained on the training text; the preset (its vocabulary replaced) trained
+   with its MTP loss by the project's Trainer (bf16 autocast on CUDA) for --train-minutes of wall time (the LR
+   schedule's length is set from the speed of the first steps).
+3. Decoding of held-out prompts (--prompt-len tokens, --new-tokens new, no EOS) at each batch size, greedy and
+   sampled (temperature 0.8), plain (K=0), K = 1, 2, 3 and adaptive ("auto"; its controller is kept from the
+   warm-up call to the timed one). Every setting runs once to warm up (graph capture) and once timed.
+   speed-up = plain decode time / this decode time (the same tokens: no EOS); e2e includes the prefill.
+   Batch 1 greedy: the step's time against its byte floor (weights and cache it must read, the experts of all
+   k+1 verified tokens counted, and the k MTP layers with their lm_head reads) at the measured copy bandwidth.
+Everything is seeded (--seed): the command alone reproduces the recipe (timings and the number of training
+steps depend on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import header, table  # noqa: E402
+
+from mimo_flash import MiMoConfig, MiMoForCausalLM  # noqa: E402
+from mimo_flash.generation import generate  # noqa: E402
+from mimo_flash.generation.adaptive import AdaptiveK  # noqa: E402
+from mimo_flash.generation.runner import kv_bucket  # noqa: E402
+from mimo_flash.model.moe import MoE  # noqa: E402
+
+T0 = time.perf_counter()
+DEFAULTS = {  # per device: what fits the GPU run's ~6 minutes, and a CPU check of a minute or two
+    "cuda": dict(preset="mini", vocab=8192, corpus_mb=8.0, seq_len=512, batch_size=32, lr=1e-3, batches=[1, 16, 64],
+                 prompt_len=256, new_tokens=128),
+    "cpu": dict(preset="tiny", vocab=1024, corpus_mb=0.6, seq_len=128, batch_size=8, lr=3e-3, batches=[1, 4],
+                prompt_len=48, new_tokens=24),
+}
+TEMPERATURE = 0.8
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ data
+def corpus(seed: int, max_mb: float) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): stdlib sources (shuffled with `seed`, up to max_mb of training text)
+    plus pydoc topics for training; held out: sources whose relative path's crc32 is 0 mod 10."""
+    from pydoc_data.topics import topics
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    if not files:
+        raise SystemExit(f"no Python sources under {root}: the corpus needs the standard library's sources")
+    train, held = [], []
+    for p in files:
+        rel = str(p.relative_to(root))
+        (held if zlib.crc32(rel.encode()) % 10 == 0 else train).append(p)
+    random.Random(seed).shuffle(train)
+    texts, size = [topics[k].strip() for k in sorted(topics)], 0
+    size = sum(len(t) for t in texts)
+    for p in train:
+        if size >= max_mb * 1e6:
+            break
+        t = p.read_text(encoding="utf-8", errors="replace")
+        texts.append(t)
+        size += len(t)
+    return texts, [p.read_text(encoding="utf-8", errors="replace") for p in held]
+
+
+def prompts(tok, held: list[str], n: int, length: int) -> torch.Tensor:
+    """[n, length] prompts: consecutive windows of the held-out files' tokens, in file order."""
+    rows = []
+    for text in held:
+        ids = tok.encode(text)
+        for s in range(0, len(ids) - length + 1, length):
+            rows.append(ids[s:s + length])
+            if len(rows) == n:
+                return torch.tensor(rows)
+    raise SystemExit(f"the held-out files give {len(rows)} prompts of {length} tokens, {n} wanted")
+
+
+# ------------------------------------------------------------------------------------------ training
+def train(args, texts, out: Path):
+    from mimo_flash.training.data import Document, pack_documents
+    from mimo_flash.training.demo import train_tokenizer
+    from mimo_flash.training.trainer import TrainConfig, Trainer
+
+    tok = train_tokenizer(texts, args.vocab, out / "tokenizer")
+    docs = [Document(tok.encode(t) + [tok.eos_id]) for t in texts]
+    rows = pack_documents(docs, args.seq_len, tok.pad_id)
+    n_tokens = sum(len(d.ids) for d in docs)
+    log(f"corpus: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB -> {n_tokens:,} tokens "
+        f"({tok.vocab_size}-token BPE), {len(rows)} rows of {args.seq_len}")
+    torch.manual_seed(args.seed)
+    config = MiMoConfig.preset(args.preset, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=None,
+                               pad_token_id=tok.pad_id, torch_dtype="bfloat16" if args.device == "cuda" else "float32")
+    model = MiMoForCausalLM(config)
+    budget = args.train_minutes * 60
+    est = 10 ** 6  # the schedule's length until the first steps are timed
+    tc = TrainConfig(steps=est, batch_size=args.batch_size, lr=args.lr, warmup_steps=20, min_lr_ratio=0.1,
+                     bias_update_rate=1e-3, out_dir=None, progress=False, plot=False, seed=args.seed)
+    trainer = Trainer(model, rows, tc, tokenizer=tok)
+    schedule = trainer.scheduler.lr_lambdas[0]  # WarmupCosine: its total is set once the speed is known
+    t0 = time.perf_counter()
+    hist, calibrated = [], False
+    while time.perf_counter() - t0 < budget:
+        hist.append(trainer.train_step())
+        if not calibrated and len(hist) == 8:  # the first steps include compilation: time steps 4..8
+            per = (time.perf_counter() - t_mid) / 4
+            schedule.total = max(len(hist) + 1, int(len(hist) + (budget - (time.perf_counter() - t0)) / per))
+            schedule.warmup = min(schedule.warmup, max(1, schedule.total // 10))
+            calibrated = True
+        if len(hist) == 4:
+            t_mid = time.perf_counter()
+    train_s = time.perf_counter() - t0
+    tail = hist[-max(1, len(hist) // 10):]
+    mtp = [r.get("mtp_loss", float("nan")) for r in hist]
+    log(f"trained {len(hist)} steps ({trainer.tokens_seen:,} tokens) in {train_s:.0f}s: loss "
+        f"{hist[0]['loss']:.3f} -> {statistics.mean(r['loss'] for r in tail):.3f}, MTP CE "
+        f"{mtp[0]:.3f} -> {statistics.mean(mtp[-len(tail):]):.3f}")
+    ckpt = trainer.export(out / "checkpoint")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return tok, MiMoForCausalLM.from_pretrained(ckpt, dtype=dtype, device=torch.device(args.device)).eval(), \
+        dict(steps=len(hist), tokens=trainer.tokens_seen, seconds=train_s)
+
+
+# ------------------------------------------------------------------------------------------ bytes
+def _nbytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
+        sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def step_floor_bytes(model, S: int, kv_len: int, k: int) -> int:
+    """Bytes a batch-1 step with k drafts must read: the main model over k + 1 tokens (every weight once, the
+    experts of all k + 1 tokens: min(E, (k + 1) * top-k) per MoE layer, the cache once) and k MTP layers (their
+    weights, lm_head and ring each; re-run columns read nothing more)."""
+    c = model.config
+    isz = model.dtype.itemsize
+    total = (k + 1) * c.hidden_size * isz + _nbytes(model.model.norm) + _nbytes(model.lm_head)
+    for layer in model.model.layers:
+        total += _nbytes(layer)
+        if isinstance(layer.mlp, MoE):
+            ex = layer.mlp.experts
+            per_expert = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.gate_up_proj.element_size()
+            total -= _nbytes(ex)
+            total += min(c.n_routed_experts, (k + 1) * c.num_experts_per_tok) * per_expert
+    bucket = kv_bucket(kv_len, S)
+    ring = c.sliding_window + 2 * k
+    for i in range(c.num_hidden_layers):
+        d = c.attn_dims(c.is_swa(i))
+        total += (ring if c.is_swa(i) else bucket) * d["kv_heads"] * (d["qk_dim"] + d["v_dim"]) * isz
+    d = c.attn_dims(True)
+    for j in range(k):
+        total += _nbytes(model.model.mtp.layers[j]) + _nbytes(model.lm_head)
+        total += ring * d["kv_heads"] * (d["qk_dim"] + d["v_dim"]) * isz
+    return total
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Bytes read + written per second by a 1 GiB device copy (median of 10); None off CUDA."""
+    if device != "cuda":
+        return None
+    x = torch.empty(1 << 29, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ts = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    del x, y
+    return 2 * (1 << 30) / statistics.median(ts[2:])
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None):
+    """One timed generate call (after the caller's warm-up) -> (tokens [B, new], stats, wall seconds)."""
+    kw = dict(max_new_tokens=new, eos_token_id=[], num_speculative_tokens=K, seed=seed, return_stats=True)
+    if sample:
+        kw.update(do_sample=True, temperature=TEMPERATURE)
+    if adaptive is not None:
+        kw["adaptive"] = adaptive
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out, stats = generate(model, ids, **kw)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    return out[:, ids.shape[1]:], stats, time.perf_counter() - t
+
+
+def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
+    """One row per (batch, mode, K); K = 0 (plain) first: the base of the speed-ups. Greedy and sampled share
+    each K's runner (its graphs), so the loop runs K outside the mode. Settings that would start after
+    --budget-minutes are skipped (listed in `skipped`)."""
+    rows = []
+    k_max = min(3, model.config.num_nextn_predict_layers)
+    settings = [0] + [k for k in (1, 2, 3) if k <= k_max] + ["auto"]
+    for B in args.batches:
+        ids = all_prompts[:B].to(args.device)
+        S_est = -(-(args.prompt_len + args.new_tokens + 2 * k_max + 2) // 64) * 64
+        base, table_rows = {}, {False: [], True: []}
+        for K in settings:
+            if time.perf_counter() - T0 > 60 * args.budget_minutes:
+                skipped.append(f"batch {B} K={K}")
+                continue
+            ctl = {False: AdaptiveK(k_max), True: AdaptiveK(k_max)} if K == "auto" else {False: None, True: None}
+            kk = k_max if K == "auto" else K
+            for sample in (False, True):
+                run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])  # warm-up: captures graphs
+                toks, st, wall = run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])
+                if K == 0:
+                    base[sample] = (toks, st, wall)
+                b = base[sample]
+                same = "" if sample else f"{(toks == b[0]).all(1).float().mean().item():.2f}"
+                step_ms = 1e3 * st.decode_seconds / max(1, st.steps)
+                floor = ""
+                if B == 1 and not sample and K != "auto" and bandwidth:
+                    fb = step_floor_bytes(model, S_est, args.prompt_len + args.new_tokens, K)
+                    floor = f"{1e3 * fb / bandwidth:.3f} ({step_ms / (1e3 * fb / bandwidth):.2f}x)"
+                mean_k = ""
+                if K == "auto":
+                    c = ctl[sample]
+                    mean_k = f"{statistics.mean(st.spec_k):.2f}" if st.spec_k else "0"
+                    log(f"auto, batch {B}, {'sampled' if sample else 'greedy'}: k per step {st.spec_k}; rates "
+                        f"{[round(a, 2) for a in c.alpha]}; ms per step for k = 0..{k_max}: "
+                        f"{[None if c.cost(k) is None else round(1e3 * c.cost(k), 3) for k in range(k_max + 1)]}")
+                row = [B, "sampled" if sample else "greedy", K, f"{st.acceptance_length:.2f}" if K else "1.00",
+                       mean_k, f"{st.new_tokens / st.decode_seconds:,.0f}", f"{step_ms:.3f}", floor,
+                       f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same]
+                table_rows[sample].append(row)
+                log(" | ".join(str(x) for x in row))
+        rows += table_rows[False] + table_rows[True]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--train-minutes", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("preset", "vocab", "corpus_mb", "seq_len", "batch_size", "lr", "prompt_len", "new_tokens"):
+        p.add_argument("--" + name.replace("_", "-"), type=type(DEFAULTS["cuda"][name]), default=None,
+                       help="default: per device (%s)" % ", ".join(f"{d}: {v[name]}" for d, v in DEFAULTS.items()))
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 16 64 on cuda, 1 4 on cpu")
+    p.add_argument("--budget-minutes", type=float, default=5.5,
+                   help="no new setting starts after this much wall time (the table says which were skipped)")
+    p.add_argument("--out", default=None, help="where the tokenizer and checkpoint go (default: a temp dir)")
+    args = p.parse_args(argv)
+    for name, v in DEFAULTS[args.device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, v)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (use --device cpu)")
+    if args.train_minutes <= 0:
+        raise SystemExit("--train-minutes must be > 0")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    print(header(), flush=True)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mimo-spec-"))
+    texts, held = corpus(args.seed, args.corpus_mb)
+    tok, model, trained = train(args, texts, out)
+    all_prompts = prompts(tok, held, max(args.batches), args.prompt_len)
+    bandwidth = copy_bandwidth(args.device)
+    skipped: list[str] = []
+    rows = measure(model, all_prompts, args, bandwidth, skipped)
+    c = model.config
+    notes = [f"{args.preset} preset (vocab {c.vocab_size}), trained {trained['steps']} steps / "
+             f"{trained['tokens']:,} tokens in {trained['seconds']:.0f}s; prompts {args.prompt_len} tokens of held-out "
+             f"stdlib sources, {args.new_tokens} new tokens, no EOS; sampled: temperature {TEMPERATURE}",
+             "acc len: tokens per verification step per row; mean k: adaptive's drafts per step (0 = plain step); "
+             "speed-up: plain decode time / this one; e2e: with prefill; same: rows equal to plain greedy",
+             "floor (batch 1 greedy): bytes the step must read / copy bandwidth "
+             + (f"({bandwidth / 1e12:.2f} TB/s)" if bandwidth else "(n/a off CUDA)") + ", and step / floor",
+             f"total wall time {time.perf_counter() - T0:.0f}s"
+             + (f"; skipped (past --budget-minutes {args.budget_minutes}): {', '.join(skipped)}" if skipped else "")]
+    table("MTP speculative decoding, trained weights", header(),
+                ["batch", "mode", "K", "acc len", "mean k", "tok/s", "step ms", "floor ms (x)", "speed-up", "e2e",
+                 "same"], rows, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

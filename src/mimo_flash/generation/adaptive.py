@@ -1,0 +1,206 @@
+"""Adaptive K: MTP speculative decoding that chooses its drafts per step so that it never loses to plain decoding.
+
+The controller (`AdaptiveK`) keeps, per draft position j = 1 .. K, the running rate at which draft j is
+accepted given that drafts 1 .. j-1 were (an exponential moving average over the batch's active rows), and the
+cost of a step with k drafts (k = 0: a plain step), measured by the decode loop itself as wall-clock seconds
+between its host syncs (on CUDA: the replays of its graphs) or passed in. A step with k drafts emits, per row,
+
+    E[tokens | k] = 1 + sum_{j <= k} prod_{i <= j} alpha_i
+
+tokens, so the controller picks argmax_k E[tokens | k] / cost(k), and changes k only when the new choice
+promises `margin` more tokens per second than the current one. Unmeasured costs are interpolated linearly in k
+between measured ones; without given costs the loop first measures k = K and k = 0 (`explore` steps of each,
+the first of each discarded: it includes capturing graphs). While k < K the later positions' rates are not
+observed; every `probe_every` decisions one step runs at k + 1 to refresh the next one (a probe re-primes the MTP
+layers, so it is rare).
+
+`adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
+behind are re-primed first), k = 0 through the same step with no drafts, or, for greedy decoding on a
+GraphRunner, through chunks of plain greedy steps captured as one graph (what plain decoding runs; 8 steps, then
+16 and 32 while k stays 0), which also record their tokens and hidden states for a later re-prime. Greedy output
+equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .runner import GraphRunner, kv_bucket
+from .speculative import SpecState, spec_reprime, spec_step
+
+# greedy steps per captured chunk when k = 0: the controller decides again after each; chunks in a row grow
+# (fewer host syncs once plain decoding has won)
+PLAIN_CHUNKS = (8, 16, 32)
+
+
+@dataclass
+class AdaptiveK:
+    """Chooses the drafts per step. k_max: the largest k; costs: seconds per step for k = 0 .. k_max (None:
+    measured). See the module docstring."""
+
+    k_max: int
+    costs: Sequence[float] | None = None
+    decay: float = 0.25  # weight of a step's acceptance in the running rates
+    margin: float = 0.05  # a new k must promise this much more tokens per second than the current one
+    prior: float = 0.6  # acceptance rate assumed for a position before it is observed
+    explore: int = 3  # timed steps of k = k_max and k = 0 before the model decides (measured costs)
+    probe_every: int = 128  # decisions at k < k_max between probes at k + 1
+    samples: int = 9  # cost(k) = median of the last `samples` timings of k
+    alpha: list[float] = field(init=False)  # per draft position: P(accepted | the drafts before it were)
+    k: int = field(init=False)  # the current choice
+    _times: dict = field(init=False)  # k -> seconds per step, as timed
+    _since_probe: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k_max, int) or self.k_max < 1:
+            raise ValueError(f"AdaptiveK needs k_max >= 1, got {self.k_max!r}")
+        if self.costs is not None:
+            self.costs = [float(c) for c in self.costs]
+            if len(self.costs) != self.k_max + 1 or not all(c > 0 for c in self.costs):
+                raise ValueError(f"step_costs must hold {self.k_max + 1} positive seconds per step "
+                                 f"(k = 0 .. {self.k_max}), got {self.costs!r}")
+        self.alpha = [self.prior] * self.k_max
+        self._times = {k: [] for k in range(self.k_max + 1)}
+        self.k = self.k_max
+
+    # --- the model
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a row emits per step with k drafts, from the running acceptance rates."""
+        e, p = 1.0, 1.0
+        for j in range(k):
+            p *= self.alpha[j]
+            e += p
+        return e
+
+    def cost(self, k: int) -> float | None:
+        """Seconds per step with k drafts: given, measured, or interpolated (None: nothing measured yet)."""
+        if self.costs is not None:
+            return self.costs[k]
+        known = {j: statistics.median(t[1:]) for j, t in self._times.items() if len(t) > 1}
+        if k in known:
+            return known[k]
+        lo = max((j for j in known if j < k), default=None)
+        hi = min((j for j in known if j > k), default=None)
+        if lo is None or hi is None:
+            return None
+        return known[lo] + (known[hi] - known[lo]) * (k - lo) / (hi - lo)
+
+    def rate(self, k: int) -> float | None:
+        c = self.cost(k)
+        return None if c is None else self.expected_tokens(k) / c
+
+    # --- observations
+    def observe(self, k: int, accepted: Sequence[int]) -> None:
+        """accepted: drafts accepted by each active row in a step with k drafts."""
+        for j in range(1, k + 1):
+            reach = sum(1 for a in accepted if a >= j - 1)
+            if reach:
+                hit = sum(1 for a in accepted if a >= j)
+                self.alpha[j - 1] += self.decay * (hit / reach - self.alpha[j - 1])
+
+    def timed(self, k: int, seconds_per_step: float) -> None:
+        t = self._times[k]
+        t.append(seconds_per_step)
+        if len(t) > self.samples + 1:
+            del t[1]  # t[0] (the first, with capture) is never used
+
+    # --- the choice
+    def choose(self) -> int:
+        """The k of the next step (also self.k)."""
+        if self.costs is None:
+            for k in (self.k_max, 0):  # measure both ends first (one timing more: the first is dropped)
+                if len(self._times[k]) < self.explore + 1:
+                    self.k = k
+                    return k
+        if self.k < self.k_max:
+            self._since_probe += 1
+            if self._since_probe >= self.probe_every:
+                self._since_probe = 0
+                return self.k + 1  # one step, without changing the current choice
+        rates = {k: self.rate(k) for k in range(self.k_max + 1)}
+        best = max((k for k in rates if rates[k] is not None), key=lambda k: rates[k])
+        cur = rates.get(self.k)
+        if best != self.k and (cur is None or rates[best] > cur * (1 + self.margin)):
+            self.k, self._since_probe = best, 0
+        return self.k
+
+
+def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: AdaptiveK, stats, chunk: int) -> None:
+    """Decode until every row of `out` is done, choosing k per step with `ctl` (see the module docstring).
+    st: the state after spec_prefill (with rings); stats: GenerationStats, updated."""
+    chunks = (isinstance(runner, GraphRunner) and not params.do_sample and st.seen is None
+              and out.streamer is None and out.stopping is None)
+    t_prev = None
+    k_prev, n_prev, plain_run = 0, 0, 0
+    while True:
+        done = out.done.tolist()  # the loop's host sync: the previous phase has finished
+        now = time.perf_counter()
+        if t_prev is not None and n_prev:
+            ctl.timed(k_prev, (now - t_prev) / n_prev)
+        t_prev = now
+        if all(done):
+            break
+        k = ctl.choose()
+        if k == 0 and chunks and runner.graphs_for("greedy"):
+            n = _plain_chunk(runner, out, st, done, PLAIN_CHUNKS[min(plain_run, len(PLAIN_CHUNKS) - 1)])
+            plain_run += 1
+            if n:
+                stats.steps += n
+                stats.spec_k.extend([0] * n)
+                k_prev, n_prev = 0, n
+                continue
+        plain_run = 0
+        if k > st.fresh:
+            spec_reprime(runner, st, k, params, generator, chunk)
+        st.k = k
+        new, count, counts = spec_step(runner, st, params, generator,
+                                       frozen=out.done.clone() if any(done) else None)
+        act = [c for c, d in zip(counts, done, strict=True) if not d]
+        ctl.observe(k, [c - 1 for c in act])
+        stats.steps += 1
+        stats.spec_k.append(k)
+        stats.row_steps += len(act)
+        stats.emitted += sum(act)
+        stats.accepted += sum(act) - len(act)
+        stats.drafted += k * len(act)
+        stats.per_step_accepted.append(sum(act) - len(act))
+        out.add(new, count)
+        k_prev, n_prev = k, 1
+
+
+def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int:
+    """Up to `size` plain greedy steps as one captured chunk from the state's x_N, recorded in the rings;
+    the state moves past them (its MTP layers fall behind). Returns the steps taken (0: the chunk failed and the
+    runner now takes the step-by-step path)."""
+    from .engine import _greedy_chunk
+
+    B = st.N.shape[0]
+    counts = out.count.tolist()
+    left = max(out.max_new - c for c, d in zip(counts, done, strict=True) if not d)
+    n = min(size, left)
+    bucket = kv_bucket(st.n_max + n, runner.cache.S)
+    try:
+        res = runner.run_step(("adaptive-greedy", B, bucket, n), _greedy_chunk(runner, bucket, n, st.rings),
+                              dict(tok=st.tok, pos=st.N), rows=B)
+    except Exception as e:
+        runner.graph_failed("greedy", e)
+        return 0
+    new = res["new"].clone()  # the graph's buffer: the next replay overwrites it
+    K = st.K
+    ar = torch.arange(K + 1, device=new.device)
+    seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+n
+    st.recent = seq[:, n:n + K + 1]
+    st.N = st.N + n
+    st.tok = new[:, -1]
+    st.N_prev = st.N.clone()
+    _, st.h_main = st.rings.read((st.N[:, None] - K - 1 + ar[None]).clamp_min(0))
+    st.stash, st.drafts, st.q = [], new[:, :0], None
+    st.k = st.fresh = 0
+    st.n_max += n
+    out.add(new, torch.full((B,), n, dtype=torch.long, device=new.device))
+    return n

@@ -1,0 +1,284 @@
+"""Adaptive K (generation/adaptive.py): the controller's model and choices, and decoding whose k changes per step
+(re-priming the MTP layers, plain chunks in between) against plain decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_in_triton_interpreter, tiny_model
+from mimo_flash.generation import generate
+from mimo_flash.generation import speculative as spec_mod
+from mimo_flash.generation.adaptive import AdaptiveK
+
+
+class ScriptedK(AdaptiveK):
+    """A controller whose choices follow a fixed cycle: every schedule of k must give plain greedy's tokens."""
+
+    def __init__(self, k_max: int, script: list[int]) -> None:
+        super().__init__(k_max)
+        self.script, self.i, self.seen_k = script, 0, []
+
+    def choose(self) -> int:
+        k = self.script[self.i % len(self.script)]
+        self.i += 1
+        self.seen_k.append(k)
+        return k
+
+
+def _batch():
+    ids = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :10] = 0  # a 2-token prompt
+    return ids, mask
+
+
+# ------------------------------------------------------------------ the controller
+def test_expected_tokens_and_choice_from_given_costs():
+    ctl = AdaptiveK(3, costs=[1.0, 1.5, 1.8, 2.6])
+    ctl.alpha = [0.8, 0.5, 0.25]
+    want = [1.0, 1.8, 2.2, 2.3]  # 1 + 0.8 + 0.8*0.5 + 0.8*0.5*0.25
+    assert [ctl.expected_tokens(k) for k in range(4)] == pytest.approx(want)
+    # tokens per second: 1.0, 1.2, 1.222, 0.885 -> k = 2 (current 3; 2 beats it by more than the margin)
+    assert ctl.choose() == 2
+    ctl.alpha = [0.2, 0.2, 0.2]  # 1.0, 0.8, 0.69, ...: plain wins
+    assert ctl.choose() == 0
+    ctl.alpha = [0.52, 0.2, 0.2]  # k = 1: 1.52 / 1.5 = 1.013 tokens/s: within the margin of plain's 1.0
+    assert ctl.choose() == 0
+    ctl.alpha = [0.7, 0.2, 0.2]  # 1.7 / 1.5 = 1.133: beyond the margin
+    assert ctl.choose() == 1
+
+
+def test_acceptance_rates_are_conditional_per_position():
+    ctl = AdaptiveK(3, decay=1.0)  # decay 1: the rates of the last step alone
+    ctl.observe(3, [0, 1, 3, 3])  # position 1: 3 of 4 rows; position 2: 2 of the 3 that reached it; 3: 2 of 2
+    assert ctl.alpha == pytest.approx([0.75, 2 / 3, 1.0])
+    ctl.observe(1, [0, 0])  # a step with one draft says nothing about positions 2 and 3
+    assert ctl.alpha == pytest.approx([0.0, 2 / 3, 1.0])
+    half = AdaptiveK(2, decay=0.5, prior=0.6)
+    half.observe(2, [2])
+    assert half.alpha == pytest.approx([0.8, 0.8])
+
+
+def test_measured_costs_explore_both_ends_then_interpolate():
+    ctl = AdaptiveK(3, explore=2, margin=0.0)
+    ctl.alpha = [0.9, 0.9, 0.9]
+    order = []
+    for t3, t0 in ((9.0, None), (2.0, None), (2.2, None), (None, 5.0), (None, 1.0), (None, 1.1)):
+        k = ctl.choose()
+        order.append(k)
+        ctl.timed(k, t3 if k == 3 else t0)
+    assert order == [3, 3, 3, 0, 0, 0]  # the first timing of each (graph capture) is dropped
+    assert ctl.cost(3) == pytest.approx(2.1) and ctl.cost(0) == pytest.approx(1.05)
+    assert ctl.cost(1) == pytest.approx(1.05 + (2.1 - 1.05) / 3)  # linear between the measured ends
+    # rates: 1/1.05 = 0.95, 1.9/1.4 = 1.357, 2.71/1.75 = 1.549, 3.439/2.1 = 1.638
+    assert ctl.choose() == 3
+
+
+def test_probe_refreshes_later_positions():
+    ctl = AdaptiveK(2, costs=[1.0, 2.0, 3.0], probe_every=4)
+    ctl.alpha = [0.1, 0.1]
+    picks = [ctl.choose() for _ in range(9)]
+    assert picks == [0, 0, 0, 0, 1, 0, 0, 0, 1] and ctl.k == 0  # four plain decisions, then one probe at k + 1
+    ctl.alpha = [0.9, 0.1]  # the probe found position 1 good: k = 1 wins (1.9 / 2 < 1: not yet)
+    ctl.costs = [1.0, 1.5, 3.0]
+    assert ctl.choose() == 1 and [ctl.choose() for _ in range(5)] == [1, 1, 1, 2, 1]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="step_costs must hold 3"):
+        AdaptiveK(2, costs=[1.0, 2.0])
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (1, 5), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="step_costs needs adaptive"):
+        generate(model, ids, max_new_tokens=4, num_speculative_tokens=2, step_costs=[1, 2, 3])
+    with pytest.raises(ValueError, match="k_max=3"):
+        generate(model, ids, max_new_tokens=4, num_speculative_tokens=2, adaptive=AdaptiveK(3))
+    with pytest.raises(ValueError, match="or 'auto'"):
+        generate(model, ids, max_new_tokens=4, num_speculative_tokens="most")
+
+
+# ------------------------------------------------------------------ decoding with k chosen per step
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_adaptive_greedy_equals_plain_and_fixed_k(cuda_graphs):
+    """Auto (measured costs), fixed K = 1, 2, 3 and given costs that make each k the best all give plain's tokens."""
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=50, prefill_chunk=5, cuda_graphs=cuda_graphs)
+    plain = generate(model, ids, **kw)
+    for K in (1, 2, 3):
+        assert torch.equal(generate(model, ids, num_speculative_tokens=K, **kw), plain)
+    out, stats = generate(model, ids, num_speculative_tokens="auto", return_stats=True, **kw)
+    assert torch.equal(out, plain) and stats.notes == []
+    assert 0 in stats.spec_k and 3 in stats.spec_k  # explored both ends
+    again, stats = generate(model, ids, num_speculative_tokens="auto", return_stats=True, **kw)
+    assert torch.equal(again, plain)  # a GraphRunner's second call: its rings and controller are kept
+    # free drafts: the controller stays at 3; costly drafts: it drops to plain steps after the first
+    out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=True, step_costs=[1, 1, 1, 1],
+                          return_stats=True, **kw)
+    assert torch.equal(out, plain) and set(stats.spec_k) == {3}
+    out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=True, step_costs=[1, 9, 9, 9],
+                          return_stats=True, **kw)
+    assert torch.equal(out, plain) and set(stats.spec_k) == {0} and stats.drafted == 0
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("script", [[3, 0, 0, 1, 2, 3, 3], [1, 3, 2, 0, 3], [0, 2, 2, 1]])
+def test_any_schedule_of_k_gives_plain_greedy(cuda_graphs, script):
+    """Drops (layers fall behind), rises (re-prime from the rings), plain chunks, EOS and frozen rows."""
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=45, prefill_chunk=5, cuda_graphs=cuda_graphs)
+    for extra in ({}, dict(eos_token_id=3, pad_token_id=5), dict(repetition_penalty=1.3)):
+        plain = generate(model, ids, **kw, **extra)
+        ctl = ScriptedK(3, script)
+        out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ctl, return_stats=True, **kw, **extra)
+        assert torch.equal(out, plain), (script, extra)
+        assert stats.accepted > 0 and set(ctl.seen_k) == set(script)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_layer_zero_drafts_follow_the_training_forward_after_reprime(monkeypatch, cuda_graphs):
+    """After k drops to 0 and comes back, the re-primed MTP layer 0 drafts what the full forward predicts
+    (graph-shaped: from rings written by plain chunks of 8, 16 and 32 steps, longer than the rings)."""
+    model = tiny_model(vocab_size=6)
+    log = []
+    orig = spec_mod._draft
+
+    def spy(runner, st, params, generator):
+        stash = orig(runner, st, params, generator)
+        log.append((st.N.clone(), st.drafts.clone()))
+        return stash
+
+    monkeypatch.setattr(spec_mod, "_draft", spy)
+    ids = torch.randint(0, 6, (1, 15), generator=torch.Generator().manual_seed(8))
+    ctl = ScriptedK(2, [2, 2, 2, 2, 0, 0, 0, 1, 2, 2, 2, 2, 0, 2, 2, 2])
+    out = generate(model, ids, max_new_tokens=120, num_speculative_tokens=2, adaptive=ctl, cuda_graphs=cuda_graphs)
+    assert torch.equal(out, generate(model, ids, max_new_tokens=120))
+    with torch.no_grad():
+        first = model(out, mtp=True).mtp_logits[0][0]
+    checked = 0
+    for N, d in log:
+        n = int(N[0])
+        if d.shape[1] and n < out.shape[1]:
+            assert int(d[0, 0]) == int(first[n - 1].argmax())
+            checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("script,extra", [([2, 0, 1], {}), ([1, 0, 3], dict(temperature=0.8, top_p=0.9))])
+def test_adaptive_sampling_keeps_the_target_distribution(script, extra):
+    """Sampling with k changing per step (plain steps and re-primes included) keeps the target distribution."""
+    from test_generation import _chi2_pvalue, _target_joint
+
+    from mimo_flash.generation.sampling import SamplingParams
+
+    model = tiny_model(vocab_size=4, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)
+    prompt = [1, 3, 0, 2, 2, 1]
+    target = _target_joint(model, prompt, 3, SamplingParams(do_sample=True, **extra))
+    n = 6000
+    out, stats = generate(model, torch.tensor([prompt] * n), max_new_tokens=3, do_sample=True,
+                          num_speculative_tokens=3, adaptive=ScriptedK(3, script), seed=1234, return_stats=True,
+                          **extra)
+    counts: dict = {}
+    for row in out[:, -3:].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert 0.02 < stats.acceptance_rate < 0.95, stats.acceptance_rate
+    assert _chi2_pvalue(counts, target, n) > 1e-3
+    assert 0.5 * sum(abs(counts.get(c, 0) / n - q) for c, q in target.items()) < 0.05
+
+
+_INTERPRETED = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import sys
+from pathlib import Path
+import torch
+import mimo_flash
+sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
+from conftest import run_in_triton_interpreter, tiny_model
+from test_adaptive import ScriptedK
+from mimo_flash.generation import engine, generate
+from mimo_flash.options import TritonStepTuning, override, set_options
+
+set_options(triton_step=TritonStepTuning(min_programs=1))  # few programs: the interpreter runs each in Python
+torch.set_num_threads(1)
+model = tiny_model(seed=4)
+ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+plain = generate(model, ids, max_new_tokens=40, eos_token_id=[])
+with override(decode_triton="always"):
+    ctl = ScriptedK(3, [3, 0, 0, 2, 1, 3, 0])
+    out, stats = generate(model, ids, max_new_tokens=40, eos_token_id=[], cuda_graphs=True, num_speculative_tokens=3,
+                          adaptive=ctl, return_stats=True)
+assert torch.equal(out, plain), (out, plain)
+assert stats.notes == [] and set(ctl.seen_k) == {0, 1, 2, 3}
+(r,) = engine._RUNNERS[model].values()
+assert r.triton and r._triton_step is not None  # plain chunks and k = 0 steps ran the Triton step
+print("ok")
+"""
+
+
+def test_adaptive_through_the_triton_step_equals_plain():
+    """Batch 1 with the Triton one-token step (Triton's interpreter): plain chunks record the step's hidden
+    states in the rings, re-primes read them; the tokens are plain greedy's."""
+    run_in_triton_interpreter(_INTERPRETED)
+
+
+# ------------------------------------------------------------------ CUDA: real graphs (python -m pytest -m gpu)
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3])
+def test_adaptive_on_cuda_graphs_equals_plain(rows):
+    """fp32 on CUDA: the captured speculative steps of every k, the captured plain chunks and the rings they
+    write in place (kept with the runner: a second call replays the same graphs) give plain greedy's tokens."""
+    model = tiny_model(vocab_size=6).cuda()
+    ids, mask = _batch()
+    ids, mask = ids[:rows].cuda(), mask[:rows].cuda()
+    kw = dict(attention_mask=mask, max_new_tokens=60, prefill_chunk=5)
+    plain = generate(model, ids, **kw)
+    for script in ([3, 0, 0, 1, 2, 3, 3], [0, 2, 2, 1]):
+        for _ in range(2):
+            out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ScriptedK(3, script),
+                                  return_stats=True, **kw)
+            assert torch.equal(out, plain) and stats.runner == "GraphRunner" and stats.notes == []
+    for _ in range(2):
+        out, stats = generate(model, ids, num_speculative_tokens="auto", return_stats=True, **kw)
+        assert torch.equal(out, plain) and stats.notes == []
+
+
+@pytest.mark.gpu
+def test_adaptive_plain_chunks_through_the_triton_step_equal_plain():
+    """bf16, batch 1 (the Triton step): costs that make drafting lose leave plain chunks only, which run the
+    same one-token Triton step as plain decoding and record the rings: the same tokens, no fallback."""
+    model = tiny_model(vocab_size=64).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(3)).cuda()
+    plain, ps = generate(model, ids, max_new_tokens=40, eos_token_id=[], return_stats=True)
+    out, stats = generate(model, ids, max_new_tokens=40, eos_token_id=[], num_speculative_tokens=2, adaptive=True,
+                          step_costs=[1.0, 9.0, 9.0], return_stats=True)
+    assert torch.equal(out, plain) and stats.notes == [] and set(stats.spec_k) == {0}
+
+
+def test_each_captured_step_has_one_input_set(monkeypatch):
+    """A CUDA graph replays with the inputs it was captured with: every key run_step sees (speculative steps of
+    each k, plain chunks) must always come with the same input names and shapes, whatever k ran before."""
+    from mimo_flash.generation.runner import GraphRunner
+
+    seen: dict = {}
+    real = GraphRunner.run_step
+
+    def recording(self, key, fn, inputs, rows=2):
+        sig = tuple((n, tuple(t.shape)) for n, t in inputs.items())
+        assert seen.setdefault(key, sig) == sig, (key, seen[key], sig)
+        return real(self, key, fn, inputs, rows)
+
+    monkeypatch.setattr(GraphRunner, "run_step", recording)
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    out, stats = generate(model, ids, attention_mask=mask, max_new_tokens=60, num_speculative_tokens=3,
+                          cuda_graphs=True, adaptive=ScriptedK(3, [3, 3, 1, 3, 3, 2, 1, 1, 0, 3, 3, 2, 2, 3]),
+                          return_stats=True)
+    assert torch.equal(out, generate(model, ids, attention_mask=mask, max_new_tokens=60))
+    assert stats.notes == []  # no captured step failed (a failure falls back, with the same tokens)
+    assert {key[3] for key in seen if key[0] == "spec"} == {1, 2, 3} and any(k[0] == "adaptive-greedy" for k in seen)

@@ -1,0 +1,30 @@
+"""bench/spec.py end to end on the CPU at tiny sizes (slow: it trains for 12 s and decodes 20 settings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_spec_runs_on_cpu(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--train-minutes", "0.2",
+                        "--batches", "1", "2", "--new-tokens", "16", "--budget-minutes", "30",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| batch")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+    assert len(cells) == 2 * 2 * 5  # batches x modes x (plain, K = 1, 2, 3, auto)
+    assert {(c[0], c[1], c[2]) for c in cells} == {(b, m, k) for b in ("1", "2") for m in ("greedy", "sampled")
+                                                  for k in ("0", "1", "2", "3", "auto")}
+    for c in cells:
+        if c[1] == "greedy":
+            assert c[10] == "1.00", c  # every row's tokens equal plain greedy's
+        if c[2] in ("1", "2", "3"):
+            assert 1.0 <= float(c[3]) <= int(c[2]) + 1, c  # acceptance length within [1, K + 1]
+    assert (tmp_path / "checkpoint" / "config.json").exists()
