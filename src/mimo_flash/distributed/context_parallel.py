@@ -95,14 +95,16 @@ class _AllGatherRows(torch.autograd.Function):
         ctx.group = group
         world = dist.get_world_size(group)
         out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous(), group=group)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed after torch 2.11
+        gather(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, g):
         world = dist.get_world_size(ctx.group)
         gx = g.new_empty((g.shape[0] // world,) + tuple(g.shape[1:]))
-        dist.reduce_scatter_single(gx, g.contiguous(), group=ctx.group)
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed after 2.11
+        scatter(gx, g.contiguous(), group=ctx.group)
         return gx, None
 
 
