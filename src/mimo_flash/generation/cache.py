@@ -50,6 +50,7 @@ duplicate writes of identical data leave a deterministic result.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -301,11 +302,9 @@ class KVCache:
         stop = start + 1 if stop is None else stop
         if not 0 <= start < stop <= self.B:
             raise ValueError(f"KVCache.rows: rows [{start}, {stop}) outside a cache of {self.B} rows")
-        view = object.__new__(KVCache)
-        for name, val in self.__dict__.items():  # every table of per-row tensors [B, ...] is sliced
-            if isinstance(val, dict) and val and all(isinstance(t, torch.Tensor) for t in val.values()):
-                val = {key: t[start:stop] for key, t in val.items()}
-            view.__dict__[name] = val
+        view = copy.copy(self)  # sizes and settings shared; the per-row tables below become row slices
+        for name in ("_k", "_v", "_pos", "_valid"):
+            setattr(view, name, {key: t[start:stop] for key, t in getattr(self, name).items()})
         view.B = stop - start
         view._plans = {}
         return view

@@ -19,6 +19,7 @@ With context parallelism (ctx.cp_mesh), the W / cp data-parallel groups each rea
 ranks of a group split every row (distributed.context_parallel: shard_batch, cp_head_sums); every rank's loss
 is its own summed CEs over the step's global counts, so gradients summed over all ranks (FSDP's average times W)
 are one process's. Checkpoints are training.dcp's: each rank writes its shards; they load on any layout.
+(Slightly over 500 lines: one Trainer class whose step, checkpoint and context-parallel paths share its state.)
 """
 
 from __future__ import annotations
