@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 
 import h11
 import uvicorn
@@ -36,6 +37,27 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
                         status_code=status)
 
 
+class _Bridge:
+    """Carries events from the scheduler thread into one event loop: the first event of a burst wakes the
+    loop (call_soon_threadsafe, a syscall); the rest of the step's events, of every request, ride along."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.items = loop, threading.Lock(), []
+
+    def put(self, q: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((q, item))
+            wake = len(self.items) == 1  # otherwise a drain is already scheduled and will take it
+        if wake:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for q, item in items:
+            q.put_nowait(item)
+
+
 class OpenAIServer:
     """The request handling behind the routes. max_tokens_limit: largest max_tokens a request may ask;
     request_timeout: seconds a request may run; max_body / body_timeout: request body bytes and seconds."""
@@ -49,6 +71,7 @@ class OpenAIServer:
         self.eos = tuple(tokenizer.eos_token_ids or [])
         self.created = int(time.time())
         self._tokstr: dict[int, str] = {}
+        self._bridges: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Bridge
 
     # ------------------------------------------------------------------ plumbing
     async def body(self, http: HTTPRequest) -> dict:
@@ -91,9 +114,12 @@ class OpenAIServer:
         """Submit reqs; yield (index, Event) until all finish. http: poll it for a disconnect (non-streamed
         responses; a stream's disconnect cancels this generator). Leaving early cancels what is left."""
         loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop)
+        if bridge is None:
+            bridge = self._bridges[loop] = _Bridge(loop)
         q: asyncio.Queue = asyncio.Queue()
         for i, r in enumerate(reqs):
-            r.sink = lambda e, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, e))
+            r.sink = lambda e, i=i: bridge.put(q, (i, e))
         try:
             for r in reqs:
                 self.sched.submit(r)
@@ -111,8 +137,8 @@ class OpenAIServer:
                 if left <= 0:
                     raise RequestError(f"the request ran longer than {self.request_timeout:g} s", status=408,
                                        kind="timeout_error")
-                try:
-                    i, e = await asyncio.wait_for(q.get(), min(0.25, left))
+                try:  # (wait_for makes a task per call: only when there is nothing to take)
+                    i, e = q.get_nowait() if not q.empty() else await asyncio.wait_for(q.get(), min(0.25, left))
                 except asyncio.TimeoutError:
                     if http is not None and await http.is_disconnected():
                         return

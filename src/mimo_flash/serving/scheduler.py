@@ -444,16 +444,13 @@ class Scheduler:
         active = [s for s in self.slots if s is not None and s.decoding]
         if not active:
             return
-        B = self.B
-        tok, pos, valid = [0] * B, [0] * B, [False] * B
-        for s in active:
-            tok[s.i], pos[s.i], valid[s.i] = s.last, s.pos, True
-        dev = self.device
-        ids = torch.tensor(tok, device=dev)[:, None]
-        P = torch.tensor(pos, device=dev)[:, None]
         n = self._bucket(max(s.i for s in active) + 1)  # slots are taken lowest first: few rows, small batch
-        ids, P, valid = ids[:n], P[:n], valid[:n]
-        v = None if all(valid) else torch.tensor(valid, device=dev)[:, None]
+        tok, pos, valid = [0] * n, [0] * n, [0] * n
+        for s in active:
+            tok[s.i], pos[s.i], valid[s.i] = s.last, s.pos, 1
+        x = torch.tensor([tok, pos, valid], device=self.device)[:, :, None]  # one host-to-device copy
+        ids, P = x[0], x[1]
+        v = None if len(active) == n else x[2] != 0
         logits, _ = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
         logits = logits[:, -1]
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
