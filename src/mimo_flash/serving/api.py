@@ -12,6 +12,7 @@ arrive in time, 413 a body too large, 429 a full queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -29,12 +30,30 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from . import protocol as proto
 from .parsers import ReplyParser, parse_reply
 from .protocol import RequestError
-from .scheduler import QueueFull, Request, Scheduler
+from .scheduler import Event, QueueFull, Request, Scheduler
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status)
+
+
+def merge_events(items: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """Queued (index, Event)s with consecutive events of one index joined into one: when the response falls
+    behind the scheduler (many streams at once), it sends one chunk for the tokens that piled up instead of
+    one per token, so its per-chunk cost does not hold back the steps. Order and content are kept."""
+    out: list[tuple[int, Event]] = []
+    for i, e in items:
+        if out and out[-1][0] == i and out[-1][1].finish is None:
+            a = out[-1][1]
+            lps = None if a.logprobs is None and e.logprobs is None else (a.logprobs or []) + (e.logprobs or [])
+            e = dataclasses.replace(e, token_ids=a.token_ids + e.token_ids, text=a.text + e.text, logprobs=lps,
+                                    prompt_logprobs=a.prompt_logprobs if e.prompt_logprobs is None
+                                    else e.prompt_logprobs)
+            out[-1] = (i, e)
+        else:
+            out.append((i, e))
+    return out
 
 
 class _Bridge:
@@ -138,16 +157,19 @@ class OpenAIServer:
                     raise RequestError(f"the request ran longer than {self.request_timeout:g} s", status=408,
                                        kind="timeout_error")
                 try:  # (wait_for makes a task per call: only when there is nothing to take)
-                    i, e = q.get_nowait() if not q.empty() else await asyncio.wait_for(q.get(), min(0.25, left))
+                    items = [q.get_nowait() if not q.empty() else await asyncio.wait_for(q.get(), min(0.25, left))]
                 except asyncio.TimeoutError:
                     if http is not None and await http.is_disconnected():
                         return
                     continue
-                if e.finish is not None:
-                    pending -= 1
-                    if e.finish == "error":
-                        raise RequestError(f"generation failed: {e.error}", status=500, kind="server_error")
-                yield i, e
+                while not q.empty():
+                    items.append(q.get_nowait())
+                for i, e in merge_events(items):
+                    if e.finish is not None:
+                        pending -= 1
+                        if e.finish == "error":
+                            raise RequestError(f"generation failed: {e.error}", status=500, kind="server_error")
+                    yield i, e
         finally:
             for r in reqs:
                 r.cancel()
