@@ -137,12 +137,14 @@ def test_queue_bound_and_context_check(setup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decode_equals_alone(setup):
-    """On the GPU the decode steps replay CUDA graphs (per batch size and cache bucket); fp32 keeps the
-    greedy argmax stable across batch sizes."""
+@pytest.mark.parametrize("admit_wait", [0.0, 0.01])
+def test_cuda_graph_decode_equals_alone(setup, admit_wait):
+    """On the GPU the decode steps replay CUDA graphs (per batch size and cache bucket) and prefills of one
+    chunk length that meet in a step share a forward over a block of rows; fp32 keeps the greedy argmax
+    stable across batch sizes."""
     _, tok = setup
     model = tiny_model(seed=7, vocab_size=tok.vocab_size).cuda()
-    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32).start()
+    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32, admit_wait=admit_wait).start()
     try:
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 50, 17, 90, 8, 33)]

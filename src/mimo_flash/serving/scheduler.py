@@ -28,9 +28,10 @@ Requests carry a `sink` that receives Events (from the scheduler thread: it must
 
 A tensor / expert parallel model (distributed/inference.py) runs one replica of this scheduler per rank:
 rank 0's serves, and before each step sends the step's inputs (the requests that arrived, with a seed
-each, the cancellations, and whether this step admits) through its `broadcaster` (distributed/steps.py); every other rank applies
-them to its replica and steps it (`follow_step`), so all ranks run the same forwards. While idle, rank 0
-steps every HEARTBEAT seconds anyway, so that the others' wait never reaches the collectives' timeout.
+each, the cancellations, and whether this step admits) through its `broadcaster` (distributed/steps.py);
+every other rank applies them to its replica and steps it (`follow_step`), so all ranks run the same
+forwards (admission timing is decided on rank 0 only). While idle, rank 0 steps every HEARTBEAT seconds
+anyway, so that the others' wait never reaches the collectives' timeout.
 """
 
 from __future__ import annotations
