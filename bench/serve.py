@@ -142,6 +142,9 @@ def start_server(args, ckpt: Path, slots: int, port: int):
            "--name", "bench", "--device", args.device, "--max-slots", str(slots),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
            "--prefix-blocks", str(args.prefix_blocks), "--max-queue", str(max(256, args.num_prompts))]
+    for flag, v in (("--admit-wait", args.admit_wait), ("--prefill-tokens", args.prefill_tokens)):
+        if v is not None:  # otherwise the server's default
+            cmd += [flag, str(v)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
     import urllib.request
@@ -189,6 +192,8 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=None, help="default: max(2048, input + output length)")
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--prefix-blocks", type=int, default=64)
+    ap.add_argument("--admit-wait", type=float, default=None, help="started server: its --admit-wait")
+    ap.add_argument("--prefill-tokens", type=int, default=None, help="started server: its --prefill-tokens")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
     ap.add_argument("--json", help="append one JSON line per run to this file")

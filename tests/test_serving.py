@@ -326,3 +326,19 @@ def test_serve_command_names_a_bad_model_dir(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_merge_events_joins_a_requests_piled_up_events_in_order():
+    from mimo_flash.serving.api import merge_events
+    from mimo_flash.serving.scheduler import Event
+
+    items = [(0, Event([5], "a", prompt_logprobs=[None])), (0, Event([6], "b")), (1, Event([7], "c", [(-1.0, [])])),
+             (1, Event([8], "d", [(-2.0, [])], finish="stop", completion_tokens=2)), (1, Event([], "", finish=None)),
+             (0, Event([9], "e", finish="length", completion_tokens=3))]
+    out = merge_events(items)
+    assert [i for i, _ in out] == [0, 1, 1, 0]  # nothing joins across another index or past a finish
+    (_, a), (_, b), (_, c), (_, d) = out
+    assert (a.token_ids, a.text, a.prompt_logprobs, a.logprobs, a.finish) == ([5, 6], "ab", [None], None, None)
+    assert (b.token_ids, b.text, b.logprobs, b.finish, b.completion_tokens) == \
+        ([7, 8], "cd", [(-1.0, []), (-2.0, [])], "stop", 2)
+    assert c.token_ids == [] and d.token_ids == [9] and d.finish == "length"

@@ -137,12 +137,14 @@ def test_queue_bound_and_context_check(setup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decode_equals_alone(setup):
-    """On the GPU the decode steps replay CUDA graphs (per batch size and cache bucket); fp32 keeps the
-    greedy argmax stable across batch sizes."""
+@pytest.mark.parametrize("admit_wait", [0.0, 0.01])
+def test_cuda_graph_decode_equals_alone(setup, admit_wait):
+    """On the GPU the decode steps replay CUDA graphs (per batch size and cache bucket) and prefills of one
+    chunk length that meet in a step share a forward over a block of rows; fp32 keeps the greedy argmax
+    stable across batch sizes."""
     _, tok = setup
     model = tiny_model(seed=7, vocab_size=tok.vocab_size).cuda()
-    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32).start()
+    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32, admit_wait=admit_wait).start()
     try:
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 50, 17, 90, 8, 33)]
@@ -186,3 +188,84 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(setup):
         steps += 1
         assert len(a_events) == before + 1  # A moves every step
     assert steps == 13 and sched.metrics.prompt_tokens == 203
+
+
+def test_prefills_of_one_step_share_a_forward_and_equal_alone(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0)  # by hand
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (10, 10, 5, 10)]
+    runs = []
+    for p in prompts:
+        events, _, sink = collector()
+        runs.append((Request(p, 9, sink=sink), events))
+    for r, _ in runs:
+        sched.submit(r)
+    sched.step()
+    # three chunks of 10 tokens in one forward over rows [0, 4) (row 2 idle), the 5-token one in another
+    assert sched.prefill_forwards == 2
+    assert all(len(ev) == 2 for _, ev in runs)  # first token (prefill) and second (decode step)
+    while any(not any(e.finish for e in ev) for _, ev in runs):
+        sched.step()
+    for p, (_, ev) in zip(prompts, runs, strict=True):
+        assert [t for e in ev for t in e.token_ids] == alone(model, tok, p, 9)
+
+
+def test_admit_wait_admits_arrivals_in_groups(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0, admit_wait=2.0)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, model.config.vocab_size, (6,), generator=g).tolist() for _ in range(5)]
+    runs = []
+    for p in prompts:
+        events, _, sink = collector()
+        runs.append((Request(p, 40, sink=sink), events))
+    sched.submit(runs[0][0])
+    sched.step()  # nothing decoding: admitted at once
+    assert sched.running() == 1 and len(runs[0][1]) == 2
+    sched.submit(runs[1][0])
+    sched.step()  # A decodes; B (1 waiting, 3 slots free, waited < 2 s) waits
+    assert sched.running() == 1 and len(sched.waiting) == 1 and not runs[1][1]
+    sched.submit(runs[2][0])
+    sched.submit(runs[3][0])
+    before = sched.prefill_forwards
+    sched.step()  # 3 waiting fill the 3 free slots: admitted together, one prefill forward
+    assert sched.running() == 4 and sched.prefill_forwards == before + 1
+    assert all(len(ev) == 2 for _, ev in runs[1:4])
+    while any(not any(e.finish for e in ev) for _, ev in runs[:4]):
+        sched.step()
+    sched.submit(runs[4][0])  # alone again: admitted at once
+    sched.step()
+    assert runs[4][1]
+    while not any(e.finish for e in runs[4][1]):
+        sched.step()
+    for p, (_, ev) in zip(prompts, runs, strict=True):
+        assert [t for e in ev for t in e.token_ids] == alone(model, tok, p, 40)
+
+
+def test_admit_wait_bounds_the_wait(setup):
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=4, max_context=2048, prefill_chunk=16, prefix_blocks=0, admit_wait=0.5)
+    a_events, _, a_sink = collector()
+    b_events, _, b_sink = collector()
+    a = Request([5, 6, 7], 2000, sink=a_sink)  # still decoding when B is admitted
+    sched.submit(a)
+    sched.step()
+    t0 = time.perf_counter()
+    sched.submit(Request([8, 9], 4, sink=b_sink))
+    while not b_events:
+        sched.step()
+    assert time.perf_counter() - t0 >= 0.5  # held back for admit_wait (t0 precedes submit's stamp)
+    assert len(a_events) > 2 and not any(e.finish for e in a_events)  # A kept decoding meanwhile
+    a.cancel()
+    sched.step()
+    assert a_events[-1].finish == "cancelled"
+
+
+def test_bad_admission_settings_are_refused(setup):
+    model, tok = setup
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        Scheduler(model, tok, max_slots=1, max_context=64, prefill_chunk=16, prefill_tokens=8)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="admit_wait"):
+            Scheduler(model, tok, max_slots=1, max_context=64, admit_wait=bad)

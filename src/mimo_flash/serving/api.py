@@ -12,11 +12,13 @@ arrive in time, 413 a body too large, 429 a full queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
 import time
 import uuid
+import weakref
 
 import h11
 import uvicorn
@@ -28,12 +30,51 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from . import protocol as proto
 from .parsers import ReplyParser, parse_reply
 from .protocol import RequestError
-from .scheduler import QueueFull, Request, Scheduler
+from .scheduler import Event, QueueFull, Request, Scheduler
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status)
+
+
+def merge_events(items: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """Queued (index, Event)s with consecutive events of one index joined into one: when the response falls
+    behind the scheduler (many streams at once), it sends one chunk for the tokens that piled up instead of
+    one per token, so its per-chunk cost does not hold back the steps. Order and content are kept."""
+    out: list[tuple[int, Event]] = []
+    for i, e in items:
+        if out and out[-1][0] == i and out[-1][1].finish is None:
+            a = out[-1][1]
+            lps = None if a.logprobs is None and e.logprobs is None else (a.logprobs or []) + (e.logprobs or [])
+            e = dataclasses.replace(e, token_ids=a.token_ids + e.token_ids, text=a.text + e.text, logprobs=lps,
+                                    prompt_logprobs=a.prompt_logprobs if e.prompt_logprobs is None
+                                    else e.prompt_logprobs)
+            out[-1] = (i, e)
+        else:
+            out.append((i, e))
+    return out
+
+
+class _Bridge:
+    """Carries events from the scheduler thread into one event loop: the first event of a burst wakes the
+    loop (call_soon_threadsafe, a syscall); the rest of the step's events, of every request, ride along."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.items = loop, threading.Lock(), []
+
+    def put(self, q: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((q, item))
+            wake = len(self.items) == 1  # otherwise a drain is already scheduled and will take it
+        if wake:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for q, item in items:
+            q.put_nowait(item)
 
 
 class OpenAIServer:
@@ -49,6 +90,7 @@ class OpenAIServer:
         self.eos = tuple(tokenizer.eos_token_ids or [])
         self.created = int(time.time())
         self._tokstr: dict[int, str] = {}
+        self._bridges: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Bridge
 
     # ------------------------------------------------------------------ plumbing
     async def body(self, http: HTTPRequest) -> dict:
@@ -91,9 +133,12 @@ class OpenAIServer:
         """Submit reqs; yield (index, Event) until all finish. http: poll it for a disconnect (non-streamed
         responses; a stream's disconnect cancels this generator). Leaving early cancels what is left."""
         loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop)
+        if bridge is None:
+            bridge = self._bridges[loop] = _Bridge(loop)
         q: asyncio.Queue = asyncio.Queue()
         for i, r in enumerate(reqs):
-            r.sink = lambda e, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, e))
+            r.sink = lambda e, i=i: bridge.put(q, (i, e))
         try:
             for r in reqs:
                 self.sched.submit(r)
@@ -111,17 +156,20 @@ class OpenAIServer:
                 if left <= 0:
                     raise RequestError(f"the request ran longer than {self.request_timeout:g} s", status=408,
                                        kind="timeout_error")
-                try:
-                    i, e = await asyncio.wait_for(q.get(), min(0.25, left))
+                try:  # (wait_for makes a task per call: only when there is nothing to take)
+                    items = [q.get_nowait() if not q.empty() else await asyncio.wait_for(q.get(), min(0.25, left))]
                 except asyncio.TimeoutError:
                     if http is not None and await http.is_disconnected():
                         return
                     continue
-                if e.finish is not None:
-                    pending -= 1
-                    if e.finish == "error":
-                        raise RequestError(f"generation failed: {e.error}", status=500, kind="server_error")
-                yield i, e
+                while not q.empty():
+                    items.append(q.get_nowait())
+                for i, e in merge_events(items):
+                    if e.finish is not None:
+                        pending -= 1
+                        if e.finish == "error":
+                            raise RequestError(f"generation failed: {e.error}", status=500, kind="server_error")
+                    yield i, e
         finally:
             for r in reqs:
                 r.cancel()

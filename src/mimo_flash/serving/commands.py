@@ -24,6 +24,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens per scheduler step (also the prefix cache's block)")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="prompt tokens prefilled per step over all slots, batched into one forward per chunk "
+                        "length (default max(4096, prefill-chunk))")
+    p.add_argument("--admit-wait", type=finite_float, default=0.005,
+                   help="seconds: while requests are decoding, new ones join in groups once the oldest has "
+                        "waited this long or they fill the free slots (fewer prefill forwards between decode "
+                        "steps; TTFT grows by this at most); 0: admit at every step")
     p.add_argument("--prefix-blocks", type=int, default=64, help="prefix-cache blocks kept (0: off)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
@@ -47,7 +54,8 @@ def cmd_serve(args) -> int:
         sched = Scheduler(model, tok, max_slots=args.max_slots,
                           max_context=min(args.max_context, model.config.max_position_embeddings),
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
-                          cuda_graphs=False if args.no_cuda_graphs else "auto")
+                          cuda_graphs=False if args.no_cuda_graphs else "auto", prefill_tokens=args.prefill_tokens,
+                          admit_wait=args.admit_wait)
     except ValueError as e:
         raise UserError(str(e)) from None
     server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,

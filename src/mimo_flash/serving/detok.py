@@ -20,6 +20,7 @@ class Detokenizer:
         self.read = 0
         self.text = ""  # all stable text so far (may include a held-back stop-string prefix)
         self.emitted = 0  # characters of `text` handed out
+        self._before: str | None = None  # decode of ids[prefix:read] (changes only when they move)
         self.stopped = False
 
     def _decode(self, ids) -> str:
@@ -30,12 +31,15 @@ class Detokenizer:
         if self.stopped:
             return ""
         self.ids.extend(ids)
-        before = self._decode(self.ids[self.prefix:self.read])
+        if self._before is None:
+            self._before = self._decode(self.ids[self.prefix:self.read])
+        before = self._before
         now = self._decode(self.ids[self.prefix:])
         if not now.endswith("\ufffd") and len(now) > len(before):
             self.text += now[len(before):]
             # the last piece's ids stay as context: decoders join tokens differently at a sequence's start
             self.prefix, self.read = self.read, len(self.ids)
+            self._before = None
         return self._release(final=False)
 
     def _release(self, final: bool) -> str:

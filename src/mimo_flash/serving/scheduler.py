@@ -1,24 +1,37 @@
 """Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
+(Over 500 lines: admission, batched prefill, decode and output all work on the slots' state; one class.)
 
 Every step (Scheduler.step):
   1. requests cancelled by their client leave (their slot is free at once);
-  2. waiting requests take free slots (with a prefix-cache hit, their slot starts from the cached prefix);
-  3. prompt prefill: chunks of at most `prefill_chunk` tokens in all, for the slots still prefilling, each
-     through a one-row view of the cache (KVCache.rows); a chunk ends at a multiple of `prefill_chunk`
-     positions, so a long prompt holds the running streams for one chunk per step at most;
+  2. waiting requests take free slots (with a prefix-cache hit, their slot starts from the cached prefix),
+     every step, or (admit_wait > 0) in groups: see Scheduler._admit_now;
+  3. prompt prefill: one chunk for each slot still prefilling (oldest first, up to `prefill_tokens` tokens
+     in all); a chunk ends at the next multiple of `prefill_chunk` positions, so a long prompt holds the
+     running streams for one chunk per step at most. Slots whose chunks have the same length (and the
+     same logits need) run in ONE forward over a row view of the cache (KVCache.rows) covering them, the
+     view's other rows invalid (their cache untouched): a step costs one prefill forward per distinct chunk
+     length, not one per slot (on GPU a forward costs ~20 ms of host time whatever its size);
   4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
      CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling.
 A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone.
+What that rests on, for prefill: a slot's chunk is [c0, c1) with c1 the next multiple of prefill_chunk
+(or the prompt's end) whatever its neighbours, and a batched prefill only groups chunks of the same
+length T, so each row is never padded and takes the same attention path (ring write or concat, chosen by
+T) as alone; rows meet only as more rows of the same GEMMs and a larger kv_len bound whose extra keys
+are masked out, exactly as in a batched decode step. On CPU in fp32 that gives identical per-row results
+(tests/test_serving_scheduler.py); on GPU the batch size can pick other GEMM kernels, so exact equality is
+claimed (and tested) in fp32 only, as for the decode step.
 
 Requests carry a `sink` that receives Events (from the scheduler thread: it must not block).
 
 A tensor / expert parallel model (distributed/inference.py) runs one replica of this scheduler per rank:
 rank 0's serves, and before each step sends the step's inputs (the requests that arrived, with a seed
-each, and the cancellations) through its `broadcaster` (distributed/steps.py); every other rank applies
-them to its replica and steps it (`follow_step`), so all ranks run the same forwards. While idle, rank 0
-steps every HEARTBEAT seconds anyway, so that the others' wait never reaches the collectives' timeout.
+each, the cancellations, and whether this step admits) through its `broadcaster` (distributed/steps.py);
+every other rank applies them to its replica and steps it (`follow_step`), so all ranks run the same
+forwards (admission timing is decided on rank 0 only). While idle, rank 0 steps every HEARTBEAT seconds
+anyway, so that the others' wait never reaches the collectives' timeout.
 """
 
 from __future__ import annotations
@@ -87,8 +100,8 @@ class Request:
 
 
 class _Slot:
-    def __init__(self, i: int, req: Request, row: KVCache, runner: Runner, tokenizer, device) -> None:
-        self.i, self.req, self.row, self.runner = i, req, row, runner
+    def __init__(self, i: int, req: Request, row: KVCache, tokenizer, device, vocab: int) -> None:
+        self.i, self.req, self.row = i, req, row
         self.detok = Detokenizer(tokenizer, req.stop)
         self.done = 0  # prompt tokens prefilled
         self.cached = 0  # of which restored from the prefix cache
@@ -106,7 +119,7 @@ class _Slot:
         self.seen = None
         p = req.params
         if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, runner.model.config.vocab_size, dtype=torch.bool, device=device)
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
             self.seen[0, torch.tensor(req.prompt, device=device)] = True
 
     @property
@@ -124,11 +137,15 @@ def _top(lsm: torch.Tensor, k: int) -> TopLogprobs:
 class Scheduler:
     """Continuous batching over `max_slots` rows. max_context: longest prompt + output (the cache length,
     default the model's max_position_embeddings); max_queue: requests waiting for a slot before submit()
-    refuses; prefill_chunk: prompt tokens per step (also the prefix cache's block); prefix_blocks: blocks
-    the prefix cache keeps (0: no prefix caching); cuda_graphs / compile: as generate()'s."""
+    refuses; prefill_chunk: the prompt chunk (at most one per slot and step; also the prefix cache's block);
+    prefill_tokens: prompt tokens prefilled per step over all slots (default max(4096, prefill_chunk));
+    prefix_blocks: blocks the prefix cache keeps (0: no prefix caching); admit_wait: 0 admits waiting
+    requests at every step; > 0 (seconds), while slots are decoding, admits them in groups (_admit_now);
+    cuda_graphs / compile: as generate()'s."""
 
     def __init__(self, model, tokenizer, max_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
-                 prefill_chunk: int = 256, prefix_blocks: int = 64, cuda_graphs="auto", compile: bool = False):
+                 prefill_chunk: int = 256, prefix_blocks: int = 64, cuda_graphs="auto", compile: bool = False,
+                 prefill_tokens: int | None = None, admit_wait: float = 0.0):
         config = model.config
         limit = config.max_position_embeddings
         S = limit if max_context is None else max_context
@@ -136,8 +153,14 @@ class Scheduler:
             raise ValueError(f"max_context must be in [1, {limit}] (max_position_embeddings), got {S}")
         if max_slots < 1 or max_queue < 0 or prefill_chunk < 1 or prefix_blocks < 0:
             raise ValueError("max_slots and prefill_chunk must be >= 1, max_queue and prefix_blocks >= 0")
+        prefill_tokens = max(4096, prefill_chunk) if prefill_tokens is None else prefill_tokens
+        if prefill_tokens < prefill_chunk:
+            raise ValueError(f"prefill_tokens ({prefill_tokens}) must be >= prefill_chunk ({prefill_chunk})")
+        if not admit_wait >= 0:  # (also refuses NaN)
+            raise ValueError(f"admit_wait must be >= 0 seconds, got {admit_wait}")
         self.model, self.tok, self.S, self.B = model, tokenizer, S, max_slots
         self.max_queue, self.chunk = max_queue, prefill_chunk
+        self.prefill_tokens, self.admit_wait = prefill_tokens, admit_wait
         self.device = model.device
         # one token per step and graph warm-ups that repeat a step from the same state need no ring slack
         self.cache = KVCache(model.kv_config, max_slots, S, device=self.device, dtype=model.dtype)
@@ -145,15 +168,18 @@ class Scheduler:
         self.graphs = (cuda and cuda_graphs in ("auto", True)) or compile
         self.compile = compile
         self.runners: dict[int, Runner] = {}  # decode runners over rows [0, n), n a power of two (or B)
-        self.rows = [Runner(model, self.cache.rows(i), S) for i in range(max_slots)]
+        self.prefill_runners: dict[tuple[int, int], Runner] = {}  # eager runners over rows [a, b) (_span)
+        self.row_views = [self.cache.rows(i) for i in range(max_slots)]  # slot i's row (prefix cache, reset)
         self.prefix = PrefixCache(self.cache, prefill_chunk, prefix_blocks) if prefix_blocks else None
         self.slots: list[_Slot | None] = [None] * max_slots
         self.waiting: deque[Request] = deque()
         self.metrics = Metrics()
+        self._generated = 0  # tokens emitted this step: added to metrics once per step (one lock, not per token)
         self.cv = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.steps = 0
+        self.prefill_forwards = 0  # prompt forwards run (one per group of same-length chunks per step)
         self._admitted = 0
         # a parallel model's rank 0: a distributed.steps.StepBroadcaster (serving/commands.py sets it)
         self.broadcaster = None
@@ -235,8 +261,8 @@ class Scheduler:
         return new, cancelled
 
     @torch.no_grad()
-    def follow_step(self, new: list[tuple], cancelled: list[int]) -> None:
-        """Another rank: apply rank 0's step inputs to this replica, then step it."""
+    def follow_step(self, new: list[tuple], cancelled: list[int], admit: bool = True) -> None:
+        """Another rank: apply rank 0's step inputs to this replica, then step it (admitting if rank 0 does)."""
         for rid, prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs in new:
             self.waiting.append(Request(prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs,
                                         rid=rid, submitted=time.perf_counter()))
@@ -244,17 +270,47 @@ class Scheduler:
         for r in list(self.waiting) + [s.req for s in self.slots if s is not None]:
             if r.rid in gone:
                 r.cancel()
-        self.step()
+        self._step(admit)
 
     @torch.no_grad()
     def step(self) -> None:
+        admit = self._admit_now()
         if self.broadcaster is not None:
-            self.broadcaster.announce(*self._step_inputs())
+            self.broadcaster.announce(*self._step_inputs(), admit)
+        self._step(admit)
+
+    def _step(self, admit: bool) -> None:
         self.steps += 1
         self._reap()
-        self._admit()
+        if admit:
+            self._admit()
         self._prefill()
         self._decode()
+        self._count()
+
+    def _count(self) -> None:
+        """Add the tokens emitted since the last call to the metrics (once per step, and before a final event
+        so that a client that saw its request end sees its tokens counted)."""
+        if self._generated:
+            with self.metrics.lock:
+                self.metrics.generation_tokens += self._generated
+            self._generated = 0
+
+    def _admit_now(self) -> bool:
+        """Whether this step admits waiting requests. admit_wait 0: always. Otherwise a prefill forward
+        (tens of ms of host time on GPU) would delay every decode step while requests trickle in one by one,
+        so while slots are decoding, waiting requests are admitted together once the oldest has waited
+        admit_wait seconds or they fill every free slot; with nothing decoding, at once. A request's TTFT
+        grows by admit_wait at most."""
+        if self.admit_wait <= 0:
+            return True
+        with self.cv:
+            if not self.waiting:
+                return False
+            n, oldest = len(self.waiting), self.waiting[0].submitted
+        busy = [s for s in self.slots if s is not None]
+        return (not any(s.decoding for s in busy) or n >= self.B - len(busy)
+                or time.perf_counter() - oldest >= self.admit_wait)
 
     def _reap(self) -> None:
         with self.cv:
@@ -276,8 +332,7 @@ class Scheduler:
                 if not self.waiting or (self.broadcaster is not None and self.waiting[0].rid < 0):
                     return  # (arrived after this step's inputs were sent: the next step takes it)
                 req = self.waiting.popleft()
-            runner = self.rows[i]
-            s = _Slot(i, req, runner.cache, runner, self.tok, self.device)
+            s = _Slot(i, req, self.row_views[i], self.tok, self.device, self.model.config.vocab_size)
             s.order = self._admitted
             self._admitted += 1
             entries = []
@@ -293,23 +348,83 @@ class Scheduler:
                 self.metrics.cached_prompt_tokens += s.cached
 
     def _prefill(self) -> None:
-        budget = self.chunk
+        """One chunk for each prefilling slot, oldest first, within the step's prefill_tokens; chunks of the
+        same length (and logits need) in one forward (see the module docstring for why that is exact)."""
+        budget = self.prefill_tokens
+        groups: dict[tuple[int, bool], list[tuple[_Slot, int, int]]] = {}
         for s in sorted((s for s in self.slots if s is not None and not s.decoding), key=lambda s: s.order):
-            P = len(s.req.prompt)
             c0 = s.done
             # always the aligned chunk (so a prompt's arithmetic never depends on its neighbours); the first
             # slot of a step always fits, later ones only if the step's budget still has room
-            c1 = min(P, (c0 // self.chunk + 1) * self.chunk)
+            c1 = min(len(s.req.prompt), (c0 // self.chunk + 1) * self.chunk)
             if c1 - c0 > budget:
-                return
-            ids = torch.tensor([s.req.prompt[c0:c1]], device=self.device)
-            pos = torch.arange(c0, c1, device=self.device)[None]
-            mode = "all" if s.prompt_lp is not None else ("last" if c1 == P else "none")
-            logits, _ = s.runner.main(ids, pos, None, c1, logits=mode)
+                break
             budget -= c1 - c0
+            groups.setdefault((c1 - c0, s.prompt_lp is not None), []).append((s, c0, c1))
+        for (T, all_logits), group in groups.items():
+            for part in self._split(T, sorted(group, key=lambda g: g[0].i)):
+                self._prefill_group(T, all_logits, part)
+
+    def _split(self, T: int, group: list) -> list[list]:
+        """Slot-ordered chunks of one length T -> the groups that share a forward. A forward runs over a block
+        of rows (_block) whose rows outside the group compute for nothing: a group is split where more than
+        half its block would idle, except on CUDA while the block holds at most prefill_tokens tokens (there a
+        forward's ~20 ms of host time costs more than the idle rows' arithmetic)."""
+        parts: list[list] = []
+        for g in group:
+            if parts:
+                cand = parts[-1] + [g]
+                a, b = self._block(cand[0][0].i, g[0].i + 1)
+                cheap = self.device.type == "cuda" and (b - a) * T <= self.prefill_tokens
+                if cheap or b - a <= 2 * len(cand):
+                    parts[-1] = cand
+                    continue
+            parts.append([g])
+        return parts
+
+    def _block(self, lo: int, hi: int) -> tuple[int, int]:
+        """The aligned block of rows [a, b) (a a multiple of a power of two n, b = min(a + n, max_slots))
+        covering rows [lo, hi): at most 2 * max_slots - 1 blocks exist."""
+        n = 1
+        while lo // n != (hi - 1) // n:
+            n *= 2
+        a = lo // n * n
+        return a, min(a + n, self.B)
+
+    def _span(self, lo: int, hi: int) -> tuple[int, Runner]:
+        """An eager runner over _block(lo, hi), made on first use. Returns (its first row, runner)."""
+        a, b = self._block(lo, hi)
+        r = self.prefill_runners.get((a, b))
+        if r is None:
+            r = self.prefill_runners[(a, b)] = Runner(self.model, self.cache.rows(a, b), self.S)
+        return a, r
+
+    def _prefill_group(self, T: int, all_logits: bool, group: list[tuple[_Slot, int, int]]) -> None:
+        """One forward [rows, T] for the chunks [c0, c1) (all c1 - c0 == T) of the slots in `group`."""
+        a, runner = self._span(min(s.i for s, _, _ in group), max(s.i for s, _, _ in group) + 1)
+        R = runner.cache.B
+        ids, pos = [[0] * T for _ in range(R)], [[0] * T for _ in range(R)]
+        valid = [[False] * T for _ in range(R)]
+        finishing = False
+        for s, c0, c1 in group:
+            r = s.i - a
+            ids[r], pos[r], valid[r] = s.req.prompt[c0:c1], list(range(c0, c1)), [True] * T
+            finishing |= c1 == len(s.req.prompt)
+        dev = self.device
+        v = None if len(group) == R else torch.tensor(valid, device=dev)
+        mode = "all" if all_logits else ("last" if finishing else "none")
+        self.prefill_forwards += 1
+        logits, _ = runner.main(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
+                                max(c1 for _, _, c1 in group), logits=mode)
+        greedy = None
+        if finishing and any(s.plain_greedy for s, _, _ in group):
+            greedy = logits[:, -1].argmax(-1).tolist()  # one host sync for the group's greedy first tokens
+        for s, c0, c1 in group:
+            r = s.i - a
+            P = len(s.req.prompt)
             s.done = c1
             if s.prompt_lp is not None:
-                lsm = torch.log_softmax(logits[0].float(), -1)
+                lsm = torch.log_softmax(logits[r].float(), -1)
                 k = s.req.logprobs or 0
                 for j in range(c1 - c0):
                     t = c0 + j + 1
@@ -324,28 +439,28 @@ class Scheduler:
                 continue
             s.decoding = True
             s.pos = P
-            self._take(s, logits[0, -1])
+            token = greedy[r] if greedy is not None and s.plain_greedy else None
+            self._take(s, logits[r, -1], token)
 
     def _decode(self) -> None:
         active = [s for s in self.slots if s is not None and s.decoding]
         if not active:
             return
-        B = self.B
-        tok, pos, valid = [0] * B, [0] * B, [False] * B
-        for s in active:
-            tok[s.i], pos[s.i], valid[s.i] = s.last, s.pos, True
-        dev = self.device
-        ids = torch.tensor(tok, device=dev)[:, None]
-        P = torch.tensor(pos, device=dev)[:, None]
         n = self._bucket(max(s.i for s in active) + 1)  # slots are taken lowest first: few rows, small batch
-        ids, P, valid = ids[:n], P[:n], valid[:n]
-        v = None if all(valid) else torch.tensor(valid, device=dev)[:, None]
+        tok, pos, valid = [0] * n, [0] * n, [0] * n
+        for s in active:
+            tok[s.i], pos[s.i], valid[s.i] = s.last, s.pos, 1
+        x = torch.tensor([tok, pos, valid], device=self.device)[:, :, None]  # one host-to-device copy
+        ids, P = x[0], x[1]
+        v = None if len(active) == n else x[2] != 0
         logits, _ = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
         logits = logits[:, -1]
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
         for s in active:
             s.pos += 1
-            self._take(s, logits[s.i], greedy[s.i] if greedy is not None and s.plain_greedy else None)
+            token = greedy[s.i] if greedy is not None and s.plain_greedy else None
+            # (a row view only where it is read: indexing a device tensor costs microseconds per slot)
+            self._take(s, logits[s.i] if token is None or s.req.logprobs is not None else None, token)
 
     @torch.no_grad()
     def warmup(self) -> float:
@@ -382,8 +497,9 @@ class Scheduler:
         return r
 
     # ------------------------------------------------------------------ output
-    def _take(self, s: _Slot, logits: torch.Tensor, token: int | None = None) -> None:
-        """Choose the next token of slot s from its logits [V] (unless given), emit it, finish if done."""
+    def _take(self, s: _Slot, logits: torch.Tensor | None, token: int | None = None) -> None:
+        """Choose the next token of slot s from its logits [V] (unless given), emit it, finish if done.
+        logits may be None when the token is given and no logprobs are asked."""
         req = s.req
         if token is None:
             x = process(logits[None], req.params, s.seen)
@@ -407,8 +523,7 @@ class Scheduler:
             finish = "stop"
         elif s.n_out >= req.max_tokens or s.pos + 1 >= self.S:
             finish = "length"
-        with self.metrics.lock:
-            self.metrics.generation_tokens += 1
+        self._generated += 1
         if finish is None:
             req.sink(Event([token], text, lps, prompt_logprobs=self._take_prompt_lp(s)))
         else:
@@ -421,6 +536,7 @@ class Scheduler:
     def _finish(self, s: _Slot, reason: str, token: int | None = None, text: str = "", lps=None,
                 error: str | None = None) -> None:
         self.slots[s.i] = None
+        self._count()
         if reason in ("stop", "length"):
             text += s.detok.finish()
         if s.n_out > 1:
