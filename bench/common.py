@@ -81,6 +81,25 @@ def hardware_limits() -> tuple[float, float]:
     return tflops, tbps
 
 
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
+    n = 1 << 30
+    x = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    del x, y
+    return 2 * n / sorted(ts)[len(ts) // 2]
+
+
 # ----------------------------------------------------------------------------------------- FLOPs
 def attention_pairs(T: int, window: int | None) -> int:
     """Query-key pairs one causal row of T tokens computes: sum_i min(i + 1, window)."""

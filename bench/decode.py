@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import copy_bandwidth  # noqa: E402
 from mimo_flash import MiMoConfig, MiMoForCausalLM  # noqa: E402
 from mimo_flash.generation import format_bytes_report, generate  # noqa: E402
 from mimo_flash.generation.runner import kv_bucket  # noqa: E402
@@ -37,25 +38,6 @@ T0 = time.perf_counter()
 
 def log(*a):
     print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 10)."""
-    n = 1 << 30
-    x = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    del x, y
-    return 2 * n / sorted(ts)[len(ts) // 2]
 
 
 def step_bytes(model, B: int, S: int, kv_len: int, K: int = 0) -> int:

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import header, table  # noqa: E402
+from common import copy_bandwidth, header, table  # noqa: E402
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM  # noqa: E402
 from mimo_flash.generation import generate  # noqa: E402
@@ -172,24 +172,6 @@ def step_floor_bytes(model, S: int, kv_len: int, k: int) -> int:
     return total
 
 
-def copy_bandwidth(device: str) -> float | None:
-    """Bytes read + written per second by a 1 GiB device copy (median of 10); None off CUDA."""
-    if device != "cuda":
-        return None
-    x = torch.empty(1 << 29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    ts = []
-    for _ in range(12):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    del x, y
-    return 2 * (1 << 30) / statistics.median(ts[2:])
-
-
 # ------------------------------------------------------------------------------------------ decoding
 def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None):
     """One timed generate call (after the caller's warm-up) -> (tokens [B, new], stats, wall seconds)."""
@@ -279,7 +261,7 @@ def main(argv=None) -> int:
     texts, held = corpus(args.seed, args.corpus_mb)
     tok, model, trained = train(args, texts, out)
     all_prompts = prompts(tok, held, max(args.batches), args.prompt_len)
-    bandwidth = copy_bandwidth(args.device)
+    bandwidth = copy_bandwidth() if args.device == "cuda" else None
     skipped: list[str] = []
     rows = measure(model, all_prompts, args, bandwidth, skipped)
     c = model.config

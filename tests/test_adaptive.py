@@ -8,8 +8,8 @@ import torch
 
 from conftest import run_in_triton_interpreter, tiny_model
 from mimo_flash.generation import generate
-from mimo_flash.generation import speculative as spec_mod
 from mimo_flash.generation.adaptive import AdaptiveK
+from test_generation import record_drafts
 
 
 class ScriptedK(AdaptiveK):
@@ -143,15 +143,7 @@ def test_layer_zero_drafts_follow_the_training_forward_after_reprime(monkeypatch
     """After k drops to 0 and comes back, the re-primed MTP layer 0 drafts what the full forward predicts
     (graph-shaped: from rings written by plain chunks of 8, 16 and 32 steps, longer than the rings)."""
     model = tiny_model(vocab_size=6)
-    log = []
-    orig = spec_mod._draft
-
-    def spy(runner, st, params, generator):
-        stash = orig(runner, st, params, generator)
-        log.append((st.N.clone(), st.drafts.clone()))
-        return stash
-
-    monkeypatch.setattr(spec_mod, "_draft", spy)
+    log = record_drafts(monkeypatch)
     ids = torch.randint(0, 6, (1, 15), generator=torch.Generator().manual_seed(8))
     ctl = ScriptedK(2, [2, 2, 2, 2, 0, 0, 0, 1, 2, 2, 2, 2, 0, 2, 2, 2])
     out = generate(model, ids, max_new_tokens=120, num_speculative_tokens=2, adaptive=ctl, cuda_graphs=cuda_graphs)

@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
+from harness import needs_peak_rss, run_python
 from mimo_flash import MiMoConfig
 from mimo_flash.checkpoint import write_synthetic_checkpoint
 
 CHILD = r"""
 import gc, json, sys
 import torch
+from harness import peak_rss_growth
 from mimo_flash.checkpoint import load_pretrained
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
 
 # warm up on a tiny checkpoint: lazy imports and first-use initialisation are not the loader's memory
 load_pretrained(sys.argv[1], dtype=torch.bfloat16, progress=False)
 gc.collect()
 for path in sys.argv[2:]:
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    base = status("VmRSS")
-    model = load_pretrained(path, dtype=torch.bfloat16, progress=False)
-    peak = status("VmHWM")
+    model, extra = peak_rss_growth(load_pretrained, path, dtype=torch.bfloat16, progress=False)
     sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
-    print(json.dumps({"base": base, "peak": peak, "model": sum(sizes), "largest": max(sizes)}))
+    print(json.dumps({"extra": extra, "model": sum(sizes), "largest": max(sizes)}))
     del model
     gc.collect()
 """
@@ -41,17 +28,7 @@ for path in sys.argv[2:]:
 MB = 1 << 20
 
 
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak(),
-                    reason="needs Linux /proc/self/clear_refs to measure peak RSS")
+@needs_peak_rss
 def test_load_peak_memory_is_model_plus_one_tensor(tmp_path):
     config = MiMoConfig.preset("tiny", vocab_size=16384, hidden_size=256, intermediate_size=1024,
                                n_routed_experts=16, moe_intermediate_size=256, num_nextn_predict_layers=1)
@@ -63,15 +40,10 @@ def test_load_peak_memory_is_model_plus_one_tensor(tmp_path):
         write_synthetic_checkpoint(tmp_path / "bf16", config, fp8=False, max_shard_size="10MB")
     finally:
         torch.set_num_threads(threads)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", CHILD, *(str(tmp_path / d) for d in ("tiny", "fp8", "bf16"))],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    results = run_python("-c", CHILD, *(str(tmp_path / d) for d in ("tiny", "fp8", "bf16")))
+    assert len(results) == 2
     for r in results:  # FP8 checkpoint, then bf16 checkpoint
-        extra = r["peak"] - r["base"]
+        extra = r["extra"]
         shown = {k: round(v / MB, 1) for k, v in r.items()}
         assert r["model"] > 40 * MB  # tens of MB, so that a second copy of the model would show
         # one model, one tensor (its file pages while copied, its dequantization rows), allocator slack;

@@ -5,14 +5,12 @@ equal one process's (fp32, 1e-5), alone and combined with FSDP2 over the same ra
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from harness import run_ranks
 from mimo_flash.distributed.context_parallel import (ContextParallel, apply_context_parallel, cp_loss, shard,
                                                      shard_batch, unshard, zigzag_index)
 from mimo_flash.ops.attention import AttnMeta, attention
@@ -148,49 +146,18 @@ def _model_case(cp: ContextParallel) -> dict:
     return diffs
 
 
-def _worker(rank: int, world: int, port: int, q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int, world: int) -> dict:
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    res = {}
-    try:
-        cp = ContextParallel()
-        for case in ATTN_CASES:
-            res[case] = _attention_case(cp, *case)
-        res["model"] = _model_case(cp)
-    except Exception as e:  # report instead of hanging the parent
-        import traceback
-
-        res = {"error": f"rank {rank}: {e}\n{traceback.format_exc()}"}
-    q.put((rank, res))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    cp = ContextParallel()
+    res = {case: _attention_case(cp, *case) for case in ATTN_CASES}
+    res["model"] = _model_case(cp)
+    return res
 
 
 @pytest.fixture(scope="module", params=[2, 4])
 def cp_results(request):
     world = request.param
-    # fork: the children start at once instead of re-importing torch (spawn takes ~10 s a process on two shared
-    # cores); safe here because this process never starts a process group or CUDA
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=240) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    for r in range(world):
-        assert "error" not in results[r], results[r]["error"]
-    return world, results
+    return world, run_ranks(_rank, world)  # fork: this process never starts a process group or CUDA
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[f"T{c[0]}-W{c[1]}-sink{int(c[2])}-packed{int(c[3])}-{c[4]}"

@@ -6,14 +6,13 @@ quantizer's)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+from harness import run_ranks
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.training import dcp as ckpt
 from mimo_flash.training.sharded_export import export_sharded
@@ -70,72 +69,43 @@ def _train_step(model, opt, seed: int) -> None:
     opt.zero_grad()
 
 
-def _worker(rank: int, world: int, port: int, root: str, q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int, world: int, root: str) -> dict:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     res = {}
-    try:
-        if world == 2:  # train one step sharded, save, export
-            model = _shard(_model(0), experts_on_dim1=True)
-            res["expert_local"] = tuple(model.model.layers[1].mlp.experts.gate_up_proj.to_local().shape)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            _train_step(model, opt, 1)
-            ckpt.save(root, 1, model, opt, extra={"data": {"epoch": 0, "position": 7}})
-            full = _full_state(model, opt)
-            export_sharded(model, os.path.join(root, "export"))
-            export_sharded(model, os.path.join(root, "export-fp8"), fp8=True)
-            if rank == 0:
-                torch.save(full, os.path.join(root, "reference.pt"))
-            res["local_rows"] = model.model.embed_tokens.weight.to_local().shape[0]
-        else:  # a different model and optimizer, sharded over 4, filled from the checkpoint
-            model = _shard(_model(1))
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            res["extra"] = ckpt.load(root, model, opt)
-            # each rank checks its own shards against the saved full tensors (no gathering)
-            ref = torch.load(os.path.join(root, "reference.pt"))
-            mine = _local_state(model, opt)
-            res["keys_equal"] = sorted(ref) == sorted(mine)
-            worst = 0.0
-            for k, v in mine.items():
-                expect = torch.chunk(ref[k], world)[rank] if isinstance(v, tuple) else ref[k]  # FSDP2's dim-0 split
-                got = v[0] if isinstance(v, tuple) else v
-                assert got.shape == expect.shape, (k, got.shape, expect.shape)
-                worst = max(worst, float((got.float() - expect.float()).abs().max()) if got.numel() else 0.0)
-            res["max_diff"] = worst
-    except Exception as e:  # report instead of hanging the parent
-        import traceback
-
-        res = {"error": f"rank {rank}: {e}\n{traceback.format_exc()}"}
-    q.put((rank, res))
-    dist.destroy_process_group()
-
-
-def _run(world: int, root) -> dict:
-    # fork: the children start at once instead of re-importing torch (spawn takes ~10 s a process on two shared
-    # cores); safe here because this process never starts a process group or CUDA
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(root), q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=240) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    errors = [results[r]["error"] for r in range(world) if "error" in results[r]]
-    assert not errors, "\n".join(errors)
-    return results
+    if world == 2:  # train one step sharded, save, export
+        model = _shard(_model(0), experts_on_dim1=True)
+        res["expert_local"] = tuple(model.model.layers[1].mlp.experts.gate_up_proj.to_local().shape)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        _train_step(model, opt, 1)
+        ckpt.save(root, 1, model, opt, extra={"data": {"epoch": 0, "position": 7}})
+        full = _full_state(model, opt)
+        export_sharded(model, os.path.join(root, "export"))
+        export_sharded(model, os.path.join(root, "export-fp8"), fp8=True)
+        if rank == 0:
+            torch.save(full, os.path.join(root, "reference.pt"))
+        res["local_rows"] = model.model.embed_tokens.weight.to_local().shape[0]
+    else:  # a different model and optimizer, sharded over 4, filled from the checkpoint
+        model = _shard(_model(1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        res["extra"] = ckpt.load(root, model, opt)
+        # each rank checks its own shards against the saved full tensors (no gathering)
+        ref = torch.load(os.path.join(root, "reference.pt"))
+        mine = _local_state(model, opt)
+        res["keys_equal"] = sorted(ref) == sorted(mine)
+        worst = 0.0
+        for k, v in mine.items():
+            expect = torch.chunk(ref[k], world)[rank] if isinstance(v, tuple) else ref[k]  # FSDP2's dim-0 split
+            got = v[0] if isinstance(v, tuple) else v
+            assert got.shape == expect.shape, (k, got.shape, expect.shape)
+            worst = max(worst, float((got.float() - expect.float()).abs().max()) if got.numel() else 0.0)
+        res["max_diff"] = worst
+    return res
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("dcp")
-    res = _run(2, root)
+    res = run_ranks(_rank, 2, str(root))  # fork: this process never starts a process group or CUDA
     return root, res
 
 
@@ -151,7 +121,7 @@ def test_saved_by_two_ranks_each_writing_its_shards(saved):
 
 def test_loads_on_four_ranks(saved):
     root, _ = saved
-    res = _run(4, root)
+    res = run_ranks(_rank, 4, str(root))
     assert res[0]["extra"] == {"step": 1, "data": {"epoch": 0, "position": 7}}
     assert res[0]["keys_equal"]
     assert res[0]["max_diff"] == 0.0

@@ -176,11 +176,8 @@ def test_speculative_with_eos_and_repetition_penalty():
             assert torch.equal(generate(model, ids, max_new_tokens=25, num_speculative_tokens=K, **kw), plain)
 
 
-def test_mtp_drafts_follow_the_training_forward(monkeypatch):
-    """The chained MTP caches hold what the training forward computes: at each step, layer k's draft is
-    the argmax of the full forward's mtp_logits[k] at position N-1 whenever d_1..d_k were right."""
-    model = tiny_model(vocab_size=6)
-    K = 3
+def record_drafts(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A list that gets (N [B], drafts [B, k]) at every draft of speculative decoding (the state after it)."""
     log = []
     orig = spec_mod._draft
 
@@ -190,6 +187,15 @@ def test_mtp_drafts_follow_the_training_forward(monkeypatch):
         return stash
 
     monkeypatch.setattr(spec_mod, "_draft", spy)
+    return log
+
+
+def test_mtp_drafts_follow_the_training_forward(monkeypatch):
+    """The chained MTP caches hold what the training forward computes: at each step, layer k's draft is
+    the argmax of the full forward's mtp_logits[k] at position N-1 whenever d_1..d_k were right."""
+    model = tiny_model(vocab_size=6)
+    K = 3
+    log = record_drafts(monkeypatch)
     ids = torch.randint(0, 6, (1, 15), generator=torch.Generator().manual_seed(8))
     out = generate(model, ids, max_new_tokens=40, num_speculative_tokens=K)
     with torch.no_grad():

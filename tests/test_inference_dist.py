@@ -10,18 +10,12 @@ gives the single process's tokens."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from harness import free_port, needs_peak_rss, run_python, run_ranks
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import load_pretrained, write_synthetic_checkpoint
 
@@ -97,90 +91,57 @@ def _serve(m, tok, leader: bool | None = None) -> list[list[int]] | None:
     return out
 
 
-def _worker(rank: int, world: int, tp: int, ep: int, port: int, ckpts: dict, q) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int, world: int, tp: int, ep: int, ckpts: dict) -> dict:
     import torch.distributed as dist
     from mimo_flash.distributed import load_parallel, parallelize_for_inference
 
     res = {}
-    try:
-        dist.init_process_group("gloo")
-        from mimo_flash.tokenizer import Tokenizer
-        tok = Tokenizer(ckpts["tokenizer"])
-        m = _model()
-        ref = _outputs(m)
-        served = _serve(m, tok)
-        plan = parallelize_for_inference(m, tp=tp, ep=ep)
-        got = _outputs(m)
-        res["served"] = (_serve(m, tok, leader=rank == 0), served)
-        from mimo_flash.generation.cache import KVCache
-        from mimo_flash.generation.triton_step import unsupported
-        res["triton"] = unsupported(m, KVCache(m.kv_config, 1, 64, dtype=torch.float32))
-        res["diff"] = {k: (got[k].float() - ref[k].float()).abs().max().item() for k in ("logits", "mtp")}
-        res["equal"] = {k: torch.equal(got[k], ref[k]) for k in ref if k not in ("logits", "mtp")}
-        layer0 = m.model.layers[0].self_attn
-        res["local"] = dict(heads=layer0.heads, kv_heads=layer0.kv_heads,
-                            experts=m.model.layers[1].mlp.experts.gate_up_proj.shape[0],
-                            cache_kv=m.kv_config.num_key_value_heads)
-        # per-rank loading: exactly this rank's slices of the whole checkpoint
-        for name, path in ckpts.items():
-            if name == "tokenizer":
-                continue
-            whole = load_pretrained(path, dtype=torch.float32)
-            parallelize_for_inference(whole, tp=tp, ep=ep, mesh=plan_mesh(tp, ep))
-            mine = load_parallel(path, tp=tp, ep=ep, dtype=torch.float32, mesh=plan_mesh(tp, ep))
-            a, b = whole.state_dict(), mine.state_dict()
-            assert list(a) == list(b), name
-            res[f"load_{name}"] = [n for n in a if not torch.equal(a[n], b[n])]
-        # rank 0 leads two sampled steps; the others follow them and must compute the same tokens
-        from mimo_flash.distributed.steps import StepBroadcaster
-        ran = []
-        steps = StepBroadcaster(lambda ids, seed: ran.append(
-            m.generate(torch.tensor(ids), max_new_tokens=4, do_sample=True, seed=seed).tolist()))
-        if rank == 0:
-            steps.step([[5, 6, 7]], seed=11)
-            steps.step([[8, 9]], seed=12)
-            steps.stop()
-        else:
-            res["followed"] = steps.follow()
-        res["steps"] = ran
-    except Exception as e:  # report instead of hanging the parent
-        import traceback
-
-        res["error"] = f"rank {rank}: {e}\n{traceback.format_exc()}"
-    q.put((rank, res))
-    dist.destroy_process_group()
+    dist.init_process_group("gloo")
+    from mimo_flash.tokenizer import Tokenizer
+    tok = Tokenizer(ckpts["tokenizer"])
+    m = _model()
+    ref = _outputs(m)
+    served = _serve(m, tok)
+    plan = parallelize_for_inference(m, tp=tp, ep=ep)
+    got = _outputs(m)
+    res["served"] = (_serve(m, tok, leader=rank == 0), served)
+    from mimo_flash.generation.cache import KVCache
+    from mimo_flash.generation.triton_step import unsupported
+    res["triton"] = unsupported(m, KVCache(m.kv_config, 1, 64, dtype=torch.float32))
+    res["diff"] = {k: (got[k].float() - ref[k].float()).abs().max().item() for k in ("logits", "mtp")}
+    res["equal"] = {k: torch.equal(got[k], ref[k]) for k in ref if k not in ("logits", "mtp")}
+    layer0 = m.model.layers[0].self_attn
+    res["local"] = dict(heads=layer0.heads, kv_heads=layer0.kv_heads,
+                        experts=m.model.layers[1].mlp.experts.gate_up_proj.shape[0],
+                        cache_kv=m.kv_config.num_key_value_heads)
+    # per-rank loading: exactly this rank's slices of the whole checkpoint
+    for name, path in ckpts.items():
+        if name == "tokenizer":
+            continue
+        whole = load_pretrained(path, dtype=torch.float32)
+        parallelize_for_inference(whole, tp=tp, ep=ep, mesh=plan_mesh(tp, ep))
+        mine = load_parallel(path, tp=tp, ep=ep, dtype=torch.float32, mesh=plan_mesh(tp, ep))
+        a, b = whole.state_dict(), mine.state_dict()
+        assert list(a) == list(b), name
+        res[f"load_{name}"] = [n for n in a if not torch.equal(a[n], b[n])]
+    # rank 0 leads two sampled steps; the others follow them and must compute the same tokens
+    from mimo_flash.distributed.steps import StepBroadcaster
+    ran = []
+    steps = StepBroadcaster(lambda ids, seed: ran.append(
+        m.generate(torch.tensor(ids), max_new_tokens=4, do_sample=True, seed=seed).tolist()))
+    if rank == 0:
+        steps.step([[5, 6, 7]], seed=11)
+        steps.step([[8, 9]], seed=12)
+        steps.stop()
+    else:
+        res["followed"] = steps.follow()
+    res["steps"] = ran
+    return res
 
 
 def plan_mesh(tp: int, ep: int):
     from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh("cpu", (ep, tp), mesh_dim_names=("ep", "tp"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(tp: int, ep: int, ckpts: dict) -> list[dict]:
-    world = tp * ep
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, tp, ep, port, ckpts, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=300) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    for r in range(world):
-        assert "error" not in results[r], results[r]["error"]
-    return [results[r] for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +157,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2)])
 def test_parallel_matches_single_process(tp, ep, checkpoints):
-    results = _run(tp, ep, checkpoints)
+    results = run_ranks(_rank, tp * ep, tp, ep, checkpoints, start="spawn", timeout=300)
     for rank, res in enumerate(results):
         assert res["diff"]["logits"] <= TOL and res["diff"]["mtp"] <= TOL, (rank, res["diff"])
         assert all(res["equal"].values()), (rank, res["equal"])
@@ -211,61 +172,37 @@ def test_parallel_matches_single_process(tp, ep, checkpoints):
 
 
 MEM_CHILD = r"""
-import json, os, sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
+from harness import peak_rss_growth
 from mimo_flash.distributed import load_parallel
-from mimo_flash.checkpoint import load_pretrained
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 load_parallel(sys.argv[1], tp=2, dtype=torch.bfloat16, progress=False)  # warm up: imports, first use
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-base = status("VmRSS")
-model = load_parallel(sys.argv[2], tp=2, dtype=torch.bfloat16, progress=False)
-peak = status("VmHWM")
+model, extra = peak_rss_growth(load_parallel, sys.argv[2], tp=2, dtype=torch.bfloat16, progress=False)
 sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
-print(json.dumps({"rank": dist.get_rank(), "base": base, "peak": peak, "local": sum(sizes), "largest": max(sizes)}))
+print(json.dumps({"rank": dist.get_rank(), "extra": extra, "local": sum(sizes), "largest": max(sizes)}))
 dist.destroy_process_group()
 """
 
 MB = 1 << 20
 
 
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak(),
-                    reason="needs Linux /proc/self/clear_refs to measure peak RSS")
+@needs_peak_rss
 def test_each_rank_loads_only_its_share(tmp_path):
     config = MiMoConfig.preset("tiny", vocab_size=16384, hidden_size=256, intermediate_size=1024,
                                n_routed_experts=16, moe_intermediate_size=256, num_nextn_predict_layers=1)
     write_synthetic_checkpoint(tmp_path / "tiny", MiMoConfig.preset("tiny"), block_size=(16, 16))
     write_synthetic_checkpoint(tmp_path / "big", config, fp8=False, max_shard_size="10MB")
     full = sum(t.numel() * t.element_size() for t in load_pretrained(tmp_path / "big").state_dict().values())
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     (tmp_path / "child.py").write_text(MEM_CHILD)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), str(tmp_path / "child.py"),
-                          str(tmp_path / "tiny"), str(tmp_path / "big")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    results = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                         str(tmp_path / "child.py"), str(tmp_path / "tiny"), str(tmp_path / "big"))
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert full > 40 * MB  # a second copy of the model, or of half of it, would show
     for r in results:
         shown = {k: round(v / MB, 1) for k, v in {**r, "full": full}.items()}
-        extra = r["peak"] - r["base"]
+        extra = r["extra"]
         assert r["local"] < 0.6 * full, shown  # the rank keeps about half of the model
         assert extra > r["local"], shown  # the measurement sees the rank's share
         # its share, one tensor's file pages while copied, allocator slack: well under the whole model

@@ -3,18 +3,14 @@ the --fp8 flags and the plan command."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_model
+from harness import needs_peak_rss, run_python
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import CheckpointWarning, write_synthetic_checkpoint
 from mimo_flash.checkpoint.reader import CheckpointReader
@@ -127,39 +123,23 @@ def test_float_checkpoint_is_quantized_on_load(tmp_path):
 MEMORY_CHILD = r"""
 import gc, json, sys
 import torch
+from harness import peak_rss_growth
 from mimo_flash import MiMoForCausalLM
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
 
 MiMoForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, fp8=True, progress=False)  # warm up
 gc.collect()
 for path in sys.argv[2:]:
-    open("/proc/self/clear_refs", "w").write("5")
-    base = status("VmRSS")
-    model = MiMoForCausalLM.from_pretrained(path, dtype=torch.bfloat16, fp8=True, progress=False)
-    peak = status("VmHWM")
+    model, extra = peak_rss_growth(MiMoForCausalLM.from_pretrained, path, dtype=torch.bfloat16, fp8=True,
+                                   progress=False)
     sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
     bf16 = sum(t.numel() * 2 for t in model.state_dict().values() if not t.dtype == torch.float32)
-    print(json.dumps({"base": base, "peak": peak, "model": sum(sizes), "largest": max(sizes), "bf16": bf16}))
+    print(json.dumps({"extra": extra, "model": sum(sizes), "largest": max(sizes), "bf16": bf16}))
     del model
     gc.collect()
 """
 
 
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak(),
-                    reason="needs Linux /proc/self/clear_refs to measure peak RSS")
+@needs_peak_rss
 def test_fp8_load_streams_tensor_by_tensor(tmp_path):
     """FP8 and bf16 checkpoints into an FP8-resident model: peak extra memory near the FP8 model plus one
     tensor's fp32 staging, well below a bf16 copy of the model."""
@@ -169,14 +149,10 @@ def test_fp8_load_streams_tensor_by_tensor(tmp_path):
     write_synthetic_checkpoint(tmp_path / "tiny", MiMoConfig.preset("tiny"))
     write_synthetic_checkpoint(tmp_path / "fp8", config, fp8=True, max_shard_size="10MB")
     write_synthetic_checkpoint(tmp_path / "bf16", config, fp8=False, max_shard_size="10MB")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, *(str(tmp_path / d) for d in ("tiny", "fp8", "bf16"))],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for line in out.stdout.strip().splitlines()[-2:]:
-        r = json.loads(line)
-        extra = r["peak"] - r["base"]
+    results = run_python("-c", MEMORY_CHILD, *(str(tmp_path / d) for d in ("tiny", "fp8", "bf16")))
+    assert len(results) == 2
+    for r in results:  # FP8 checkpoint, then bf16 checkpoint
+        extra = r["extra"]
         shown = {k: round(v / MB, 1) for k, v in r.items()}
         assert r["model"] > 40 * MB and r["bf16"] > 1.6 * r["model"], shown  # a bf16 copy would show
         # the FP8 model, one expert's fp32 staging and quantization temporaries (4 bytes x 4 per element of

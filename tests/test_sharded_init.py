@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
-import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from harness import needs_peak_rss, peak_rss_growth, run_ranks
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import write_synthetic_checkpoint
 from mimo_flash.distributed.materialize import CheckpointInit, SeededInit, local_rows
@@ -22,14 +20,6 @@ WORLD = 4
 MB = 1 << 20
 BIG = dict(vocab_size=16384, hidden_size=256, intermediate_size=1024, n_routed_experts=16,
            moe_intermediate_size=256, num_nextn_predict_layers=1)
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def _sharded(path, ctx) -> torch.nn.Module:
@@ -43,59 +33,30 @@ def _sharded(path, ctx) -> torch.nn.Module:
     return model
 
 
-def _worker(rank: int, port: int, root: str, q) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int, world: int, root: str) -> dict:
+    from mimo_flash.checkpoint import load_pretrained
+    from mimo_flash.distributed import init_distributed
+
     res = {}
-    try:
-        from mimo_flash.checkpoint import load_pretrained
-        from mimo_flash.distributed import init_distributed
-
-        ctx = init_distributed(ep=WORLD, device="cpu")
-        _sharded(os.path.join(root, "small"), ctx)  # first use of every code path is not the loader's memory
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # heap the parent freed before the fork: not counted
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the peak (VmHWM) restarts from the current RSS
-        base = _status("VmRSS")
-        model = _sharded(os.path.join(root, "big"), ctx)
-        res["extra"] = _status("VmHWM") - base
-        state = model.state_dict()
-        res["local"] = sum(local_rows(t)[0].numel() * 4 for t in state.values())
-        ref = load_pretrained(os.path.join(root, "big"), dtype=torch.float32, progress=False).state_dict()
-        res["model"] = sum(t.numel() * 4 for t in ref.values())
-        res["names_match"] = sorted(state) == sorted(ref)
-        res["experts_split"] = local_rows(state["model.layers.1.mlp.experts.gate_up_proj"])[0].shape[0]
-        worst = 0.0
-        for name, t in state.items():
-            local, lo, hi = local_rows(t)
-            worst = max(worst, float((local - ref[name][lo:hi]).abs().max()) if local.numel() else 0.0)
-        res["worst"] = worst
-    except Exception as e:  # report instead of hanging the parent
-        import traceback
-
-        res = {"error": f"rank {rank}: {e}\n{traceback.format_exc()}"}
-    q.put((rank, res))
-    torch.distributed.destroy_process_group()
+    ctx = init_distributed(ep=world, device="cpu")
+    _sharded(os.path.join(root, "small"), ctx)  # first use of every code path is not the loader's memory
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # heap the parent freed before the fork: not counted
+    model, res["extra"] = peak_rss_growth(_sharded, os.path.join(root, "big"), ctx)
+    state = model.state_dict()
+    res["local"] = sum(local_rows(t)[0].numel() * 4 for t in state.values())
+    ref = load_pretrained(os.path.join(root, "big"), dtype=torch.float32, progress=False).state_dict()
+    res["model"] = sum(t.numel() * 4 for t in ref.values())
+    res["names_match"] = sorted(state) == sorted(ref)
+    res["experts_split"] = local_rows(state["model.layers.1.mlp.experts.gate_up_proj"])[0].shape[0]
+    worst = 0.0
+    for name, t in state.items():
+        local, lo, hi = local_rows(t)
+        worst = max(worst, float((local - ref[name][lo:hi]).abs().max()) if local.numel() else 0.0)
+    res["worst"] = worst
+    return res
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak(),
-                    reason="needs Linux /proc/self/clear_refs to measure peak RSS")
+@needs_peak_rss
 def test_each_rank_reads_and_holds_only_its_shards(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -105,20 +66,9 @@ def test_each_rank_reads_and_holds_only_its_shards(tmp_path):
                                    max_shard_size="10MB")
     finally:
         torch.set_num_threads(threads)
-    ctx = mp.get_context("fork")  # this process never starts a process group
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), q)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=300) for _ in range(WORLD))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
+    results = run_ranks(_rank, WORLD, str(tmp_path), timeout=300)  # fork: this process never starts a process group
     for r in range(WORLD):
         res = results[r]
-        assert "error" not in res, res["error"]
         shown = {k: round(v / MB, 1) if k in ("extra", "local", "model") else v for k, v in res.items()}
         assert res["names_match"] and res["experts_split"] == 4, shown  # 16 experts over EP 4
         assert res["worst"] == 0.0, shown  # the same dequantized values as the whole-model loader's

@@ -5,13 +5,10 @@ loss parts and every parameter's gradient equal one process's (fp32, 1e-5), and 
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from harness import run_ranks
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.distributed.materialize import SeededInit
 from mimo_flash.training import Document, TrainConfig, Trainer, init_distributed, pack_documents
@@ -53,28 +50,13 @@ def _run(trainer: Trainer) -> dict:
     return {"parts": parts / denom.double(), "grads": grads, "curve": curve}
 
 
-def _worker(rank: int, world: int, cp: int, ep: int, ac: bool, port: int, q) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        ctx = init_distributed(ep=ep, device="cpu", cp=cp)
-        tr = Trainer(_meta_model(), _rows(), _cfg(ctx.dp_world, ac), ctx, init=SeededInit(7))
-        assert tr.cp is not None and tr.cp.world == cp
-        res = {k: v.numpy() if torch.is_tensor(v) else v for k, v in _run(tr).items()}  # by value through the queue
-        res["grads"] = {n: g.numpy() for n, g in res["grads"].items()}
-    except Exception as e:  # report instead of hanging the parent
-        import traceback
-
-        res = {"error": f"rank {rank}: {e}\n{traceback.format_exc()}"}
-    q.put((rank, res))
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank: int, world: int, cp: int, ep: int, ac: bool) -> dict:
+    ctx = init_distributed(ep=ep, device="cpu", cp=cp)
+    tr = Trainer(_meta_model(), _rows(), _cfg(ctx.dp_world, ac), ctx, init=SeededInit(7))
+    assert tr.cp is not None and tr.cp.world == cp
+    res = {k: v.numpy() if torch.is_tensor(v) else v for k, v in _run(tr).items()}  # by value through the queue
+    res["grads"] = {n: g.numpy() for n, g in res["grads"].items()}
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +67,7 @@ def one_process():
 @pytest.mark.parametrize("world,cp,ep,ac", [(2, 2, 1, True), (4, 2, 2, False)],
                          ids=["cp2-activation-checkpointing", "cp2xdp2-ep2"])
 def test_trainer_with_context_parallelism_matches_one_process(one_process, world, cp, ep, ac):
-    # fork: the children start at once (this process never starts a process group)
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, cp, ep, ac, port, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=300) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    for r in range(world):
-        assert "error" not in results[r], results[r]["error"]
+    results = run_ranks(_rank, world, cp, ep, ac, timeout=300)  # fork: this process never starts a process group
     want = one_process
     assert len(want["parts"]) == 4  # the main head and 3 MTP layers
     for r in range(world):

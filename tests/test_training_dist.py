@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from harness import run_ranks
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.distributed.materialize import SeededInit
 from mimo_flash.training import Document, TrainConfig, Trainer, init_distributed, pack_documents
@@ -47,68 +46,41 @@ def _curve(hist):
     return [(r["loss"], r["lm_loss"], r["grad_norm"], r["load_maxvio"]) for r in hist]
 
 
-def _worker(rank: int, world: int, port: int, out: str, q) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int, world: int, out: str) -> dict:
     res = {}
-    try:
-        for ep in (1, 2):
-            ctx = init_distributed(ep=ep, device="cpu")
-            run = os.path.join(out, f"ep{ep}")
-            tr = _trainer(ctx, out_dir=run, activation_checkpointing=ep == 2)
-            if ep == 2:
-                local = tr.model.model.layers[1].mlp.experts.gate_up_proj.to_local().shape[0]
-                res["local_experts"] = local
-            res[f"ep{ep}"] = _curve(tr.fit())
-            tr.export(os.path.join(run, "final"))
-        # resume the EP run from a mid-run checkpoint: same curve as the uninterrupted one, on the same layout,
-        # without EP, and (in the parent) on one process
-        ctx = init_distributed(ep=2, device="cpu")
-        run = os.path.join(out, "resume")
-        first = _trainer(ctx, out_dir=run)
-        first.cfg.steps = 2  # stop early, as a killed run would (the LR schedule still spans STEPS)
-        first.fit()
-        res["first"] = _curve(first.history)
-        if rank == 0:
-            for copy in ("resume-ep1", "resume-1proc"):
-                shutil.copytree(os.path.join(run, "checkpoints"), os.path.join(out, copy, "checkpoints"))
-        ctx.barrier()
-        second = _trainer(ctx, out_dir=run, resume=True)
-        res["resumed"] = _curve(first.history + second.fit())
-        ctx = init_distributed(ep=1, device="cpu")
-        third = _trainer(ctx, out_dir=os.path.join(out, "resume-ep1"), resume=True)
-        res["resumed_ep1"] = _curve(first.history + third.fit())
-    except Exception as e:  # report instead of hanging the parent
-        import traceback
-
-        res["error"] = f"rank {rank}: {e}\n{traceback.format_exc()}"
-    if rank == 0 or "error" in res:
-        q.put(res)
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for ep in (1, 2):
+        ctx = init_distributed(ep=ep, device="cpu")
+        run = os.path.join(out, f"ep{ep}")
+        tr = _trainer(ctx, out_dir=run, activation_checkpointing=ep == 2)
+        if ep == 2:
+            local = tr.model.model.layers[1].mlp.experts.gate_up_proj.to_local().shape[0]
+            res["local_experts"] = local
+        res[f"ep{ep}"] = _curve(tr.fit())
+        tr.export(os.path.join(run, "final"))
+    # resume the EP run from a mid-run checkpoint: same curve as the uninterrupted one, on the same layout,
+    # without EP, and (in the parent) on one process
+    ctx = init_distributed(ep=2, device="cpu")
+    run = os.path.join(out, "resume")
+    first = _trainer(ctx, out_dir=run)
+    first.cfg.steps = 2  # stop early, as a killed run would (the LR schedule still spans STEPS)
+    first.fit()
+    res["first"] = _curve(first.history)
+    if rank == 0:
+        for copy in ("resume-ep1", "resume-1proc"):
+            shutil.copytree(os.path.join(run, "checkpoints"), os.path.join(out, copy, "checkpoints"))
+    ctx.barrier()
+    second = _trainer(ctx, out_dir=run, resume=True)
+    res["resumed"] = _curve(first.history + second.fit())
+    ctx = init_distributed(ep=1, device="cpu")
+    third = _trainer(ctx, out_dir=os.path.join(out, "resume-ep1"), resume=True)
+    res["resumed_ep1"] = _curve(first.history + third.fit())
+    return res
 
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out), q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = q.get(timeout=240)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    assert "error" not in res, res["error"]
+    res = run_ranks(_rank, 2, str(out), start="spawn")[0]
     return res, out
 
 

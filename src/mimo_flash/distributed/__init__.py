@@ -1,11 +1,12 @@
-"""Parallelism applied from outside the model: process groups and meshes (context.py), expert dispatchers
-(experts.py), parallelize_for_inference / load_parallel (inference.py: tensor and expert parallel inference),
-parallelize_for_training (training.py: expert parallelism, activation checkpointing, FSDP2,
-gradient finishing and clipping), context parallelism (context_parallel.py: sequences sharded over ranks,
-SWA halos exchanged, full-attention K/V gathered)."""
+"""Parallelism applied from outside the model: process groups and meshes (context.py), differentiable
+collectives (collectives.py), expert dispatchers (experts.py), parallelize_for_inference / load_parallel
+(inference.py: tensor and expert parallel inference), parallelize_for_training (training.py: expert
+parallelism, activation checkpointing, FSDP2, gradient finishing and clipping), context parallelism
+(context_parallel.py: sequences sharded over ranks, SWA halos exchanged, full-attention K/V gathered)."""
 
 from .context import ParallelContext, init_distributed
-from .experts import AllToAllDispatcher, all_to_all
+from .collectives import all_to_all
+from .experts import AllToAllDispatcher
 from .inference import (ExpertParallelInference, InferencePlan, init_inference, load_parallel,
                         parallelize_for_inference)
 from .training import (apply_activation_checkpointing, apply_expert_parallel, apply_fsdp, clip_coefficient,

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..ops.attention import AttnMeta, attention
+from .collectives import all_to_all
 
 IGNORE = -100
 
@@ -69,24 +70,6 @@ def unshard(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- collectives with autograd
-class _AllToAllRows(torch.autograd.Function):
-    """rows [n_send, F] (destination-major) -> [n_recv, F]; backward: the reverse all-to-all."""
-
-    @staticmethod
-    def forward(ctx, x, send_counts, recv_counts, group):
-        ctx.counts, ctx.group = (send_counts, recv_counts), group
-        out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        send_counts, recv_counts = ctx.counts
-        gx = g.new_empty((sum(send_counts),) + tuple(g.shape[1:]))
-        dist.all_to_all_single(gx, g.contiguous(), send_counts, recv_counts, group=ctx.group)
-        return gx, None, None, None
-
-
 class _AllGatherRows(torch.autograd.Function):
     """x [n, F] -> [world * n, F] (rank order); backward: reduce-scatter of the gradient."""
 
@@ -192,8 +175,8 @@ class ContextParallel:
         """rows [T / world, F] (local tokens) -> [2, halo, F]: the `halo` rows before each local chunk, in
         token order (zeros before the sequence start). Differentiable: gradients return to the owners."""
         plan = self.halo_plan(rows.shape[0] * self.world, halo)
-        out = _AllToAllRows.apply(rows.index_select(0, plan.send.to(rows.device)), plan.send_counts,
-                                  plan.recv_counts, self.group)
+        out = all_to_all(rows.index_select(0, plan.send.to(rows.device)), plan.recv_counts, plan.send_counts,
+                         self.group)
         out = torch.cat([out, out.new_zeros((1,) + tuple(out.shape[1:]))])
         return out.index_select(0, plan.gather.view(-1).to(rows.device)).view(2, halo, *rows.shape[1:])
 

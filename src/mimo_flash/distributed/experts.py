@@ -12,29 +12,7 @@ import torch.distributed as dist
 
 from ..model.moe import autocast_operands
 from ..ops.moe import combine, dispatch, experts, sort_by_expert
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single over dim 0 with uneven splits; the backward sends gradients back the same way."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """x [sum(in_splits), ...] -> [sum(out_splits), ...]; differentiable."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+from .collectives import all_to_all
 
 
 class AllToAllDispatcher:

@@ -162,13 +162,8 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
                                        frozen=out.done.clone() if any(done) else None)
         act = [c for c, d in zip(counts, done, strict=True) if not d]
         ctl.observe(k, [c - 1 for c in act])
-        stats.steps += 1
         stats.spec_k.append(k)
-        stats.row_steps += len(act)
-        stats.emitted += sum(act)
-        stats.accepted += sum(act) - len(act)
-        stats.drafted += k * len(act)
-        stats.per_step_accepted.append(sum(act) - len(act))
+        stats.verified(k, act)
         out.add(new, count)
         k_prev, n_prev = k, 1
 

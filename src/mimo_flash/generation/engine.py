@@ -49,6 +49,15 @@ class GenerationStats:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def verified(self, k: int, counts: list[int]) -> None:
+        """Count one verification step of k drafts; counts: the tokens each active row emitted (accepted + 1)."""
+        self.steps += 1
+        self.row_steps += len(counts)
+        self.emitted += sum(counts)
+        self.accepted += sum(counts) - len(counts)
+        self.drafted += k * len(counts)
+        self.per_step_accepted.append(sum(counts) - len(counts))
+
 
 def _as_eos_list(eos) -> list[int]:
     if eos is None:
@@ -270,13 +279,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
                 break
             new, count, counts = spec_step(runner, state, params, generator,
                                            frozen=out.done.clone() if any(done) else None)
-            act = [c for c, d in zip(counts, done, strict=True) if not d]
-            stats.steps += 1
-            stats.row_steps += len(act)
-            stats.emitted += sum(act)
-            stats.accepted += sum(act) - len(act)
-            stats.drafted += K * len(act)
-            stats.per_step_accepted.append(sum(act) - len(act))
+            stats.verified(K, [c for c, d in zip(counts, done, strict=True) if not d])
             out.add(new, count)
     clock.mark()
     stats.prefill_seconds, stats.decode_seconds = clock.intervals()

@@ -185,6 +185,31 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
         return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def collect(self, reqs: list[Request], http: HTTPRequest, n: int, prefix=None):
+        """A non-streamed response's events gathered per choice. reqs: n choices per prompt, prompt by prompt;
+        prefix(i, first event of choice i) -> (text, tokens, logprobs) that choice i starts with (the echoed
+        prompt). -> ([{"text", "tokens", "lps", "finish"} per choice], usage [prompt, completion, cached]
+        tokens, each prompt counted once), or None when the client went away before every choice finished."""
+        acc = [None] * len(reqs)
+        usage = [0, 0, 0]
+        async for i, e in self.events(reqs, http):
+            if acc[i] is None:
+                text, tokens, lps = prefix(i, e) if prefix is not None else ("", [], [])
+                acc[i] = {"text": text, "tokens": list(tokens), "lps": list(lps), "finish": None}
+            a = acc[i]
+            a["text"] += e.text
+            a["tokens"] += e.token_ids
+            a["lps"] += e.logprobs or []
+            if e.finish is not None:
+                a["finish"] = e.finish
+                usage[1] += e.completion_tokens
+                if i % n == 0:
+                    usage[0] += e.prompt_tokens
+                    usage[2] += e.cached_tokens
+        if any(a is None or a["finish"] is None for a in acc):
+            return None
+        return acc, usage
+
     @staticmethod
     def usage(prompt: int, completion: int, cached: int = 0) -> dict:
         u = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -252,25 +277,10 @@ class OpenAIServer:
                     yield {**head, "choices": [], "usage": self.usage(*usage)}
             return self.sse(chunks())
 
-        acc = [{"text": "", "tokens": [], "lps": [], "finish": None, "first": True} for _ in reqs]
-        usage = [0, 0, 0]
-        async for i, e in self.events(reqs, http):
-            a = acc[i]
-            if a["first"]:
-                a["first"] = False
-                a["text"], a["tokens"], a["lps"] = prompt_part(i, e)
-                a["lps"] = list(a["lps"])
-            a["text"] += e.text
-            a["tokens"] += e.token_ids
-            a["lps"] += e.logprobs or []
-            if e.finish is not None:
-                a["finish"] = e.finish
-                usage[1] += e.completion_tokens
-                if i % n == 0:
-                    usage[0] += e.prompt_tokens
-                    usage[2] += e.cached_tokens
-        if any(a["finish"] is None for a in acc):  # the client went away
+        got = await self.collect(reqs, http, n, prompt_part)
+        if got is None:  # the client went away
             return None
+        acc, usage = got
         choices = []
         for i, a in enumerate(acc):
             lp = self.completion_logprobs(a["tokens"], a["lps"], 0) if st.logprobs is not None else None
@@ -345,20 +355,10 @@ class OpenAIServer:
                     yield {**chunk, "choices": [], "usage": self.usage(*usage)}
             return self.sse(chunks())
 
-        acc = [{"text": "", "tokens": [], "lps": [], "finish": None} for _ in reqs]
-        usage = [0, 0, 0]
-        async for i, e in self.events(reqs, http):
-            a = acc[i]
-            a["text"] += e.text
-            a["tokens"] += e.token_ids
-            a["lps"] += e.logprobs or []
-            if e.finish is not None:
-                a["finish"] = e.finish
-                usage[1] += e.completion_tokens
-                if i == 0:
-                    usage[0], usage[2] = e.prompt_tokens, e.cached_tokens
-        if any(a["finish"] is None for a in acc):
+        got = await self.collect(reqs, http, len(reqs))  # one prompt, n choices
+        if got is None:  # the client went away
             return None
+        acc, usage = got
         choices = []
         for i, a in enumerate(acc):
             r = parse_reply(a["text"], thinking, bool(tools))

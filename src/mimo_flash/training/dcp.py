@@ -61,6 +61,13 @@ def _fsync_tree(d: Path) -> None:
     fsync_dir(d)
 
 
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """{"model": ..., "optim": ...} as DCP saves and fills it (FSDP2 shards stay sharded); no "optim" without
+    an optimizer."""
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
+    return {"model": msd} if optimizer is None else {"model": msd, "optim": osd}
+
+
 def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          extra: dict | None = None, rank_state=None, keep: int = 0) -> Path:
     """Write step `step` of model (+ optimizer) under root; every rank calls it. -> the step directory.
@@ -77,10 +84,7 @@ def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: 
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": msd}
-    if optimizer is not None:
-        state["optim"] = osd
+    state = _state(model, optimizer)
     dcp.save(state, checkpoint_id=tmp)
     if rank_state is not None:
         with open(tmp / f"rank-{_rank()}.pt", "wb") as f:
@@ -119,10 +123,7 @@ def load(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     d = step_dir(root, step)
     if not (d / ".metadata").exists():
         raise FileNotFoundError(f"{d}: not a complete checkpoint (no .metadata)")
-    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": msd}
-    if optimizer is not None:
-        state["optim"] = osd
+    state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=d)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
