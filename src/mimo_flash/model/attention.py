@@ -16,9 +16,10 @@ class Attention(nn.Module):
 
     The KV cache hook: `cache.update(layer_idx, k, v, meta)` receives this step's keys [B, Hkv, T, Dqk]
     and values [B, Hkv, T, Dv] (rotated and value-scaled) and returns the keys/values to attend with the
-    matching AttnMeta. `heads` / `kv_heads` are the heads this process computes (all of them, or a
-    tensor-parallel rank's share: distributed.inference sets them with the sliced weights). A cache that has an `attention(q, k, v, meta, scale, window, sink)` method attends
+    matching AttnMeta. A cache that has an `attention(q, k, v, meta, scale, window, sink)` method attends
     over its own buffers with it (decode attention); otherwise the module's backend does.
+    `heads` / `kv_heads` are the heads this process computes: all of them, or a tensor-parallel rank's share
+    (distributed.inference sets them with the sliced weights).
     """
 
     def __init__(self, config: MiMoConfig, layer_idx: int, swa: bool) -> None:
