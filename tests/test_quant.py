@@ -15,7 +15,6 @@ from mimo_flash.ops.moe import experts_reference as bf16_experts_reference
 from mimo_flash.quant import (FP8, FP8Experts, FP8Linear, dequantize, fp8_experts, fp8_linear, quantize,
                               quantize_activations, quantize_model_)
 from mimo_flash.quant.blocks import dequantize_activations, dequantize_fast
-from mimo_flash.quant.modules import slice_blocks
 
 
 def loop_dequant(q: torch.Tensor, s: torch.Tensor, b: int = 128) -> torch.Tensor:
@@ -76,17 +75,6 @@ def test_quantize_round_trip_error_is_within_fp8_precision():
     back = loop_dequant(q, s).float()
     blockscale = s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :260]
     assert ((back - w).abs() <= w.abs() * 2**-4 + blockscale * 2**-9).all()
-
-
-def test_slice_blocks_keeps_each_block_with_its_scale():
-    q, s = rand_fp8((300, 256), 3)
-    full = loop_dequant(q, s)
-    qs, ss = slice_blocks(q, s, 128, 300)
-    assert torch.equal(loop_dequant(qs, ss), full[128:300])
-    qc, sc = slice_blocks(q, s, 128, 256, dim=-1)
-    assert torch.equal(loop_dequant(qc, sc), full[:, 128:256])
-    with pytest.raises(ValueError, match="block boundaries"):
-        slice_blocks(q, s, 64, 192)
 
 
 # ---------------------------------------------------------------------------------------------- products

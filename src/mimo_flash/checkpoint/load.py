@@ -275,9 +275,6 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
         with torch.device("meta"):
             model = MiMoForCausalLM(plan.config).to(dtype)
         if fp8:
-            if parallelize is not None:
-                raise ValueError("fp8=True with tensor/expert parallelism is not supported yet; load FP8-resident "
-                                 "weights in one process, or without fp8 across ranks")
             from ..quant import quantize_model_
             quantize_model_(model, _stored_fp8(plan) if plan.raw.get("quantization_config") else None)
         shards = parallelize(model) if parallelize is not None else {}
@@ -287,7 +284,8 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
         if lost:
             raise RuntimeError(f"internal: non-persistent buffers {lost} are not restored by the loader")
 
-        units = _fp8_units(plan, state)  # FP8-resident tensors: filled whole, below
+        units = _fp8_units(plan, state, shards)  # FP8-resident tensors kept whole: filled whole, below
+        fp8_shards = {n: _fp8_hits(plan, n, shards[n]) for n in plan.tensors if n in shards and state[n].dtype == FP8}
         jobs = []  # (our name, checkpoint key, index into the checkpoint tensor, local box)
         for name, (shape, sources) in plan.tensors.items():
             if state[name].dtype == FP8:
@@ -304,9 +302,12 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
         total = sum(_read_bytes(reader, j[1], j[2]) for j in jobs)
         total += sum(reader.info(k).nbytes + (reader.info(k + SCALE_SUFFIX).nbytes if k + SCALE_SUFFIX in reader.infos
                                                else 0) for parts in units.values() for k, _, _ in parts)
+        total += sum(_read_bytes(reader, k, ck) for hits in fp8_shards.values() for k, ck, _ in hits)
         with torch.no_grad(), progress_bar(total, "loading", progress) as bar:
             for (name, lead), parts in units.items():
                 bar.update(_fill_fp8(plan, state[name][lead], state[name + SCALE_SUFFIX][lead], parts))
+            for name, hits in fp8_shards.items():
+                bar.update(_fill_fp8_shard(plan, state[name], state[name + SCALE_SUFFIX], hits))
             for name, key, index, box in jobs:
                 dst = state[name][box]
                 read_slice(dst, reader, key, plan.block, index)
@@ -329,12 +330,13 @@ def _stored_fp8(plan: Plan):
     return lambda module_name: fp8.get(module_name, False)
 
 
-def _fp8_units(plan: Plan, state: dict) -> dict[tuple[str, tuple], list[tuple[str, int, int]]]:
-    """Our FP8 tensors as units of work: (name, leading index (one expert or ())) -> [(checkpoint key, first
-    row, end row)] that fill it, in file order. Source.dst is None, (e,), (e, rows) or (rows,)."""
+def _fp8_units(plan: Plan, state: dict, shards: dict) -> dict[tuple[str, tuple], list[tuple[str, int, int]]]:
+    """Our whole (not sharded) FP8 tensors as units of work: (name, leading index (one expert or ())) ->
+    [(checkpoint key, first row, end row)] that fill it, in file order. Source.dst is None, (e,), (e, rows) or
+    (rows,)."""
     units: dict[tuple[str, tuple], list[tuple[str, int, int]]] = {}
     for name, (shape, sources) in plan.tensors.items():
-        if state[name].dtype != FP8:
+        if state[name].dtype != FP8 or name in shards:
             continue
         for s in sources:
             idx = () if s.dst is None else tuple(s.dst)
@@ -377,6 +379,52 @@ def _fill_fp8(plan: Plan, q: torch.Tensor, scale: torch.Tensor, parts: list[tupl
                 reader.release(k)
     if staging is not None:
         qs, ss = quantize(staging.to(q.device), BLOCK, parts[0][0])
+        q.copy_(qs)
+        scale.copy_(ss)
+    return nbytes
+
+
+def _fp8_hits(plan: Plan, name: str, pieces) -> list[tuple[str, tuple, tuple]]:
+    """A sharded FP8-resident tensor's reads: [(checkpoint key, index into it, local box it fills)]."""
+    shape, sources = plan.tensors[name]
+    return [(s.key, *hit) for piece in pieces for s in sources
+            if (hit := intersect(piece, s.dst, shape)) is not None]
+
+
+def _fill_fp8_shard(plan: Plan, q: torch.Tensor, scale: torch.Tensor, hits: list[tuple[str, tuple, tuple]]) -> int:
+    """Fill a rank's FP8 shard q [..., r, c] and its scale grid from the parts of checkpoint tensors it keeps.
+
+    Where every part is FP8 in our block size and starts and ends on block boundaries both in the checkpoint
+    tensor and in q (quant.blocks.block_aligned: the release's q and v rows, intermediate shares that are
+    multiples of 128) only those FP8 bytes and their scale rows/cols are read and copied, so the shard
+    computes with the release's numbers. Otherwise (the k rows of a 192-row kv head starting inside a block, a
+    float checkpoint) each part's covering blocks are read and dequantized into an fp32 staging tensor of the
+    shard's size, which is quantized once with scales of its own (an FP8 rounding of the released values,
+    as vLLM does). Never more than the shard plus one part in memory. Returns the bytes read."""
+    from ..quant.blocks import BLOCK, block_aligned, block_box, quantize
+
+    reader = plan.reader
+    aligned = plan.block == BLOCK and all(
+        reader.info(k).dtype == FP8 and block_aligned(ck, box, reader.info(k).shape, tuple(q.shape), BLOCK)
+        for k, ck, box in hits)
+    staging = None if aligned else torch.zeros(q.shape, dtype=torch.float32)
+    nbytes = 0
+    for key, ck, box in hits:
+        where = plan.where(key)
+        if aligned:
+            q[box].copy_(reader.get(key)[ck])
+            scale[block_box(box, BLOCK)].copy_(reader.get(key + SCALE_SUFFIX)[block_box(ck, BLOCK)])
+            check_finite(q[box], where, True)
+            check_finite(scale[block_box(box, BLOCK)], plan.where(key + SCALE_SUFFIX), False)
+        else:
+            read_slice(staging[box], reader, key, plan.block, ck)
+            check_finite(staging[box], where, reader.info(key).dtype == FP8)
+        nbytes += _read_bytes(reader, key, ck)
+        for k in (key, key + SCALE_SUFFIX):
+            if k in reader.infos:
+                reader.release(k)
+    if staging is not None:
+        qs, ss = quantize(staging.to(q.device), BLOCK, hits[0][0])
         q.copy_(qs)
         scale.copy_(ss)
     return nbytes

@@ -10,12 +10,11 @@ block reads the whole block: the scale is per block, so nothing is requantized h
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..quant.blocks import FP8, SCALE_SUFFIX, dequantize
+from ..quant.blocks import FP8, SCALE_SUFFIX, dequantize_box
 
 
 @dataclass(frozen=True)
@@ -69,12 +68,4 @@ def read_slice(dst: torch.Tensor, reader, key: str, block: tuple[int, int], inde
     if t.dtype != FP8:
         dst.copy_(t[index])
         return
-    s = reader.get(key + SCALE_SUFFIX)
-    *lead, rows, cols = index
-    br, bc = block
-    r0, r1 = rows.start // br * br, min(t.shape[-2], math.ceil(rows.stop / br) * br)
-    c0, c1 = cols.start // bc * bc, min(t.shape[-1], math.ceil(cols.stop / bc) * bc)
-    q = t[(*lead, slice(r0, r1), slice(c0, c1))]
-    sc = s[(*lead, slice(r0 // br, math.ceil(r1 / br)), slice(c0 // bc, math.ceil(c1 / bc)))]
-    full = dequantize(q, sc, block, dtype=dst.dtype)
-    dst.copy_(full[..., rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0])
+    dst.copy_(dequantize_box(t, reader.get(key + SCALE_SUFFIX), index, block, dtype=dst.dtype))

@@ -24,10 +24,13 @@ except the eager prefill's expert compaction (the graphed decode steps use exper
 not compact).
 
 FP8 weights (quant/): the row slices above start on head boundaries; q heads (192 rows) of 8-head ranks
-start on 128-row blocks, but a single kv head's k rows (192) do not. A slice that starts inside a block is
-read through the whole block and dequantized (checkpoint/slices.py), so the loaded shard is exact; an
-FP8-resident shard whose rows do not start on a block must be requantized with its own scales (as vLLM
-does), which is what quantizing such a shard after loading it does.
+start on 128-row blocks, but a single kv head's k rows (192) do not. A float model loading an FP8
+checkpoint reads a slice that starts inside a block through the whole block and dequantizes it
+(checkpoint/slices.py), so the loaded shard is exact. An FP8-resident model (FP8Linear / FP8Experts) keeps
+FP8 shards (quant.modules.shard_fp8): the release's bytes and block scales where the shard's rows/columns
+fall on 128-blocks (q and v rows, intermediate shares that are multiples of 128), else the local tensor
+requantized with scales of its own (k rows of an odd kv head; as vLLM does). FP8Experts gets the FP8 twin of
+the expert-parallel dispatcher.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ from ..ops.linear import linear
 from ..ops.moe import experts as experts_op, experts_decode
 from ..options import options
 from ..checkpoint.slices import Piece
+from ..quant.blocks import BLOCK, SCALE_SUFFIX, scale_grid
+from ..quant.gemm import fp8_experts
+from ..quant.modules import FP8Experts, FP8Linear, shard_fp8
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -163,6 +169,31 @@ class ExpertParallelInference:
         return (y.float() * wd.t()[..., None]).sum(0).to(x.dtype)
 
 
+class FP8ExpertParallelInference(ExpertParallelInference):
+    """ExpertParallelInference for FP8Experts (fp8_experts' signature): this rank's experts computed from their
+    FP8 weights and block scales, zero for the others, then the one all-reduce over `group`."""
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                 gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor,
+                 backend: str) -> torch.Tensor:
+        """x [N, D], idx [N, k] global expert ids, w [N, k], gate_up [El, 2Il, D] fp8 + scale, down [El, D, Il]
+        fp8 + scale -> [N, D], the sum over all ranks."""
+        weights = (gate_up, gate_up_scale, down, down_scale)
+        local = idx - self.first
+        mine = (local >= 0) & (local < self.count)
+        if self.count == self.n_experts:
+            y = fp8_experts(x, idx, w, *weights, backend)
+        elif options().experts == "decode":  # graph-safe: other ranks' pairs read expert 0 with weight 0
+            y = fp8_experts(x, torch.where(mine, local, 0), torch.where(mine, w, 0.0), *weights, backend)
+        else:  # eager: only the pairs routed here (a host sync)
+            tok, slot = mine.nonzero(as_tuple=True)
+            y = torch.zeros_like(x)
+            if tok.numel():
+                y.index_add_(0, tok, fp8_experts(x[tok], local[tok, slot, None], w[tok, slot, None], *weights,
+                                                 backend))
+        return _all_reduce(y, self.group)
+
+
 @dataclass
 class InferencePlan:
     """What parallelize_for_inference did; held by the model as `model.parallel`."""
@@ -221,8 +252,21 @@ def _pieces(full_shape, boxes: list[tuple], dim: int) -> tuple[list[Piece], tupl
 
 def _shard(module: nn.Module, attr: str, name: str, pieces: list[Piece], shape, plan: InferencePlan,
            pad: bool = False) -> None:
-    """Replace module.attr by its local part (filled from the full tensor unless on the meta device)."""
+    """Replace module.attr by its local part (filled from the full tensor unless on the meta device); an FP8
+    weight (FP8Linear, FP8Experts) together with its block scales (quant.modules.shard_fp8)."""
     full = getattr(module, attr)
+    if isinstance(module, (FP8Linear, FP8Experts)):
+        scale = getattr(module, attr + SCALE_SUFFIX)
+        if full.device.type == "meta":  # the loader fills both (checkpoint/load.py)
+            q = torch.empty(shape, dtype=full.dtype, device="meta")
+            s = torch.empty(scale_grid(tuple(shape), BLOCK), dtype=scale.dtype, device="meta")
+        else:
+            with torch.no_grad():
+                q, s = shard_fp8(full, scale, pieces, tuple(shape))
+        setattr(module, attr, nn.Parameter(q, requires_grad=False))
+        setattr(module, attr + SCALE_SUFFIX, nn.Parameter(s, requires_grad=False))
+        plan.shards[name] = pieces
+        return
     local = torch.empty(shape, dtype=full.dtype, device=full.device)
     if full.device.type != "meta":
         with torch.no_grad():
@@ -281,7 +325,7 @@ def parallelize_for_inference(model, tp: int = 1, ep: int = 1, mesh=None) -> Inf
             _attention(m, prefix, plan)
         elif isinstance(m, MLP):
             _mlp(m, prefix, plan)
-        elif isinstance(m, Experts):
+        elif isinstance(m, (Experts, FP8Experts)):
             _experts(m, prefix, plan)
     _vocab(model, plan)
     model.parallel = plan
@@ -302,6 +346,7 @@ def _attention(m: Attention, prefix: str, plan: InferencePlan) -> None:
     if m.attention_sink_bias is not None:
         _shard(m, "attention_sink_bias", f"{prefix}.attention_sink_bias",
                *_pieces((H,), [(slice(q0, q0 + hl),)], 0), plan)
+    _local_features(m.qkv_proj)
     m.heads, m.kv_heads = hl, kl
     m.out_reduce = AllReduce(plan.tp_group)
 
@@ -315,11 +360,18 @@ def _mlp(m: MLP, prefix: str, plan: InferencePlan) -> None:
            *_pieces(gu.shape, [_rows(a, a + il, 2), _rows(I + a, I + a + il, 2)], 0), plan)
     dn = m.down_proj.weight
     _shard(m.down_proj, "weight", f"{prefix}.down_proj.weight", *_pieces(dn.shape, [_rows(a, a + il, 2, dim=1)], 1), plan)
+    _local_features(m.gate_up_proj, m.down_proj)
     m.intermediate = il
     m.out_reduce = AllReduce(plan.tp_group)
 
 
-def _experts(m: Experts, prefix: str, plan: InferencePlan) -> None:
+def _local_features(*mods: nn.Module) -> None:
+    """A sliced projection's in/out_features (what its repr shows) from its local weight."""
+    for m in mods:
+        m.out_features, m.in_features = m.weight.shape
+
+
+def _experts(m: Experts | FP8Experts, prefix: str, plan: InferencePlan) -> None:
     E, I2, _ = m.gate_up_proj.shape
     I, el = I2 // 2, E // plan.ep
     il = I // plan.tp
@@ -328,7 +380,8 @@ def _experts(m: Experts, prefix: str, plan: InferencePlan) -> None:
     _shard(m, "gate_up_proj", f"{prefix}.gate_up_proj",
            *_pieces(m.gate_up_proj.shape, [_rows(a, a + il, 3, 1, (e,)), _rows(I + a, I + a + il, 3, 1, (e,))], 1), plan)
     _shard(m, "down_proj", f"{prefix}.down_proj", *_pieces(m.down_proj.shape, [_rows(a, a + il, 3, 2, (e,))], 2), plan)
-    m.dispatcher = ExpertParallelInference(plan.world_group, e.start, el, E)
+    parallel = FP8ExpertParallelInference if isinstance(m, FP8Experts) else ExpertParallelInference
+    m.dispatcher = parallel(plan.world_group, e.start, el, E)
 
 
 def _vocab(model, plan: InferencePlan) -> None:

@@ -145,10 +145,8 @@ def load(args):
     if tp < 1 or ep < 1 or world != tp * ep:
         raise _user_error(f"{world} process(es) run, but --tp {tp} x --ep {ep} = {tp * ep}: launch tp x ep "
                           "processes (`torchrun --nproc-per-node N -m mimo_flash.cli ... --tp N`)")
-    if world > 1 and args.fp8:
-        raise _user_error("--fp8 with --tp / --ep is not supported yet: FP8-resident weights run in one process")
     if world > 1:  # this rank's share; "auto": this rank's GPU
-        model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, tp=tp, ep=ep,
+        model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, tp=tp, ep=ep, fp8=args.fp8,
                                                 device=None if args.device == "auto" else device).eval()
     else:
         model = MiMoForCausalLM.from_pretrained(root, dtype=dtype, device=device, fp8=args.fp8).eval()

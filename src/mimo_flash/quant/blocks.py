@@ -135,3 +135,37 @@ def trim_scale(scale_inv: torch.Tensor, shape: tuple[int, ...], block: tuple[int
     """The standard ceil grid of a scale that may carry extra trailing rows/cols (the k_proj trap)."""
     *_, r, c = scale_grid(shape, block)
     return scale_inv[..., :r, :c]
+
+
+def dequantize_box(q: torch.Tensor, scale_inv: torch.Tensor, index: tuple, block: tuple[int, int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q[index] dequantized: index is one slice per dim of q [..., R, C] (step 1, concrete); the blocks that
+    cover the last two dims' slices are read whole with their scales (a slice starting inside a block needs
+    that block's scale), dequantized, then cut. -> [selected shape] in dtype."""
+    *lead, rows, cols = index
+    br, bc = block
+    r0, r1 = rows.start // br * br, min(q.shape[-2], math.ceil(rows.stop / br) * br)
+    c0, c1 = cols.start // bc * bc, min(q.shape[-1], math.ceil(cols.stop / bc) * bc)
+    part = q[(*lead, slice(r0, r1), slice(c0, c1))]
+    sc = scale_inv[(*lead, slice(r0 // br, math.ceil(r1 / br)), slice(c0 // bc, math.ceil(c1 / bc)))]
+    return dequantize(part, sc, block, dtype=dtype)[..., rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0]
+
+
+def block_aligned(src: tuple, dst: tuple, src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
+                  block: tuple[int, int]) -> bool:
+    """Whether dst[dst box] = src[src box] (one concrete slice per dim each; only the last two dims are
+    checked) can copy the FP8 bytes and the scale rows/cols as they are: both boxes start on a block
+    boundary in both dims, and each extent is whole blocks or runs to the end of both tensors (an edge
+    block, partial in both)."""
+    for s, d, sn, dn, b in zip(src[-2:], dst[-2:], src_shape[-2:], dst_shape[-2:], block, strict=True):
+        n = s.stop - s.start
+        if s.start % b or d.start % b or not (n % b == 0 or (s.stop == sn and d.stop == dn)):
+            return False
+    return True
+
+
+def block_box(box: tuple, block: tuple[int, int]) -> tuple:
+    """A block-aligned box of a weight (one concrete slice per dim) -> the box of its scale grid."""
+    *lead, rows, cols = box
+    return (*lead, slice(rows.start // block[0], math.ceil(rows.stop / block[0])),
+            slice(cols.start // block[1], math.ceil(cols.stop / block[1])))

@@ -4,11 +4,13 @@ FP8Linear replaces a projection (same call: y = module(x)); FP8Experts replaces 
 y = module(x, idx, w)). Their weights stay float8_e4m3fn with fp32 128x128 block scales, named as in the
 checkpoint: `weight` + `weight_scale_inv`, `gate_up_proj` + `gate_up_proj_scale_inv`, `down_proj` +
 `down_proj_scale_inv`. The swap is applied from outside (a module replaced in its parent, no forward
-assigned), so the model classes know nothing of FP8.
+assigned), so the model classes know nothing of FP8. FP8Experts, like Experts, computes through its
+`dispatcher` (fp8_experts here; distributed.inference's expert-parallel one under EP).
 
 Which modules: QUANTIZED_MODULES below, the one table of the rule (matched against qualified module names, so
-it holds before and after q/k/v and gate/up fusion). For tensor/expert parallelism later, a rank's slice of
-an FP8 weight is a slice of whole 128-row blocks with the matching scale rows (see slice_blocks).
+it holds before and after q/k/v and gate/up fusion). Under tensor/expert parallelism a rank's slice of an FP8
+weight is cut by shard_fp8: whole blocks with their scale rows/cols where it falls on block boundaries,
+requantized with scales of its own where it does not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .blocks import BLOCK, FP8, quantize, scale_grid
+from .blocks import BLOCK, FP8, block_aligned, block_box, dequantize_box, quantize, scale_grid
 from .gemm import fp8_experts, fp8_linear
 
 # The modules whose weights the release stores in FP8 (SPEC.md, "FP8 block format"): every q/k/v projection
@@ -117,7 +119,11 @@ class FP8Linear(nn.Module):
 class FP8Experts(nn.Module):
     """Routed experts with FP8 weights: gate_up_proj [E, 2I, D] (gate rows, then up rows) + gate_up_proj_scale_inv
     [E, ceil(2I/128), ceil(D/128)], down_proj [E, D, I] + down_proj_scale_inv [E, ceil(D/128), ceil(I/128)].
-    forward(x [N, D], idx [N, k], w [N, k]) -> [N, D], as the bf16 Experts module."""
+    forward(x [N, D], idx [N, k], w [N, k]) -> [N, D], as the bf16 Experts module.
+
+    `dispatcher` (fp8_experts' signature) computes the routed sum: fp8_experts itself (every expert here), or
+    distributed.inference.ExpertParallelInference's FP8 twin (this rank's experts, then the all-reduce),
+    installed from outside as Experts' is."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, device=None) -> None:
         super().__init__()
@@ -127,6 +133,7 @@ class FP8Experts(nn.Module):
         self.down_proj = _fp8_param((E, D, I), device)
         self.down_proj_scale_inv = _scale_param((E, D, I), BLOCK, device)
         self.backend = "auto"
+        self.dispatcher = fp8_experts
 
     @classmethod
     def from_experts(cls, experts: nn.Module) -> "FP8Experts":
@@ -149,8 +156,8 @@ class FP8Experts(nn.Module):
         """x [N, D], idx [N, k], w [N, k] -> [N, D]"""
         from ..options import options
         backend = options().fp8_experts if self.backend == "auto" else self.backend
-        return fp8_experts(x, idx, w, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
-                           self.down_proj_scale_inv, backend)
+        return self.dispatcher(x, idx, w, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
+                               self.down_proj_scale_inv, backend)
 
 
 def quantize_model_(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
@@ -174,12 +181,24 @@ def quantize_model_(model: nn.Module, include: Callable[[str], bool] | None = No
     return [n for n, _ in swaps]
 
 
-def slice_blocks(q: torch.Tensor, s: torch.Tensor, start: int, stop: int, dim: int = -2,
-                 block: tuple[int, int] = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (dim=-2) or columns (dim=-1) [start, stop) of an FP8 weight q and the scale rows/cols that
-    serve them; start must be on a block boundary and stop too unless it is the end (a rank's shard)."""
-    size, b = q.shape[dim], block[0 if dim in (-2, q.dim() - 2) else 1]
-    if start % b or (stop % b and stop != size):
-        raise ValueError(f"slice [{start}, {stop}) of {size} does not fall on {b}-element block boundaries; "
-                         "dequantize and requantize such a shard")
-    return q.narrow(dim, start, stop - start), s.narrow(dim, start // b, -(-stop // b) - start // b)
+def shard_fp8(q: torch.Tensor, s: torch.Tensor, pieces, shape: tuple[int, ...],
+              block: tuple[int, int] = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank's local FP8 tensor [shape] and its scale grid from the full q [..., R, C] + s, where each piece
+    (checkpoint.slices.Piece) says local[piece.local] = full[piece.full].
+
+    Where every piece starts and ends on block boundaries (locally and in the full tensor; quant.blocks.
+    block_aligned) the FP8 bytes and their scale rows/cols are copied as they are: the shard computes with the
+    same numbers as the whole. Otherwise (a k slice of a 192-row kv head; an intermediate share that is not a
+    multiple of 128) the covering blocks are dequantized, the local tensor assembled in fp32 and quantized
+    again with scales of its own (real amax/448, what vLLM does): an FP8 rounding of the original values."""
+    ql = torch.empty(shape, dtype=FP8, device=q.device)
+    sl = torch.empty(scale_grid(tuple(shape), block), dtype=torch.float32, device=q.device)
+    if all(block_aligned(p.full, p.local, tuple(q.shape), tuple(shape), block) for p in pieces):
+        for p in pieces:
+            ql[p.local] = q[p.full]
+            sl[block_box(p.local, block)] = s[block_box(p.full, block)]
+        return ql, sl
+    staging = torch.zeros(shape, dtype=torch.float32, device=q.device)
+    for p in pieces:
+        staging[p.local] = dequantize_box(q, s, p.full, block)
+    return quantize(staging, block, "FP8 shard")
