@@ -11,22 +11,21 @@ checked against the single-process model within FP8 rounding. `torchrun ... gene
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import load_pretrained, write_synthetic_checkpoint
 from mimo_flash.checkpoint.slices import Piece
 from mimo_flash.quant.blocks import FP8, dequantize, quantize
 from mimo_flash.quant.modules import FP8Experts, FP8Linear, shard_fp8
+
+from harness import SRC, free_port, needs_peak_rss, run_ranks
+from test_inference_dist import check_two_rank_load
 
 TOL = 1e-5
 VOCAB = 301
@@ -60,80 +59,47 @@ def _fp8_state(m) -> dict:
     return {n: t for n, t in m.state_dict().items() if t.dtype == FP8 or n.endswith("_scale_inv")}
 
 
-def _worker(rank: int, world: int, tp: int, ep: int, port: int, ckpts: dict, q) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int, world: int, tp: int, ep: int, ckpts: dict) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from mimo_flash.distributed import load_parallel, parallelize_for_inference
     from mimo_flash.distributed.inference import FP8ExpertParallelInference
 
     res = {}
-    try:
-        dist.init_process_group("gloo")
-        mesh = init_device_mesh("cpu", (ep, tp), mesh_dim_names=("ep", "tp"))
-        # aligned: the single-process FP8-resident model, then its shards
-        m = load_pretrained(ckpts["aligned"], dtype=torch.float32, fp8=True, progress=False)
-        ref = _outputs(m)
-        parallelize_for_inference(m, tp=tp, ep=ep, mesh=mesh)
-        got = _outputs(m)
-        res["diff"] = {k: (got[k] - ref[k]).abs().max().item() for k in ("logits", "mtp")}
-        res["equal"] = {k: torch.equal(got[k], ref[k]) for k in ref if k not in ("logits", "mtp")}
-        experts = m.model.layers[1].mlp.experts
-        qkv = m.model.layers[0].self_attn.qkv_proj
-        res["modules"] = dict(experts=type(experts).__name__, dispatcher=type(experts.dispatcher).__name__,
-                              local_experts=experts.gate_up_proj.shape[0], qkv=type(qkv).__name__,
-                              qkv_rows=qkv.weight.shape[0], out_features=qkv.out_features,
-                              dtypes=sorted({str(t.dtype) for t in _fp8_state(m).values()}))
-        assert isinstance(experts, FP8Experts) and isinstance(qkv, FP8Linear)
-        assert isinstance(experts.dispatcher, FP8ExpertParallelInference)  # tp alone: each expert's share, summed
-        # the per-rank loader: the same bytes and scales, read from the checkpoint's covering blocks only
-        mine = load_parallel(ckpts["aligned"], tp=tp, ep=ep, dtype=torch.float32, fp8=True, mesh=mesh,
-                             progress=False)
-        a, b = m.state_dict(), mine.state_dict()
-        assert list(a) == list(b)
-        res["load_differs"] = [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])]
-        res["loaded_logits"] = (_outputs(mine)["logits"] - ref["logits"]).abs().max().item()
-        # unaligned (tiny preset: 48-row heads, 32-wide expert shares): shards requantized with their own scales
-        u = load_pretrained(ckpts["unaligned"], dtype=torch.float32, fp8=True, progress=False)
-        uref = _outputs(u)["logits"]
-        parallelize_for_inference(u, tp=tp, ep=ep, mesh=mesh)
-        uload = load_parallel(ckpts["unaligned"], tp=tp, ep=ep, dtype=torch.float32, fp8=True, mesh=mesh,
-                              progress=False)
-        res["unaligned"] = dict(sliced=(_outputs(u)["logits"] - uref).abs().max().item(),
-                                loaded=(_outputs(uload)["logits"] - uref).abs().max().item(),
-                                scale=uref.abs().max().item())
-    except Exception as e:  # report instead of hanging the parent
-        import traceback
-
-        res["error"] = f"rank {rank}: {e}\n{traceback.format_exc()}"
-    q.put((rank, res))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(tp: int, ep: int, ckpts: dict) -> list[dict]:
-    world = tp * ep
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, tp, ep, port, ckpts, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=300) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    for r in range(world):
-        assert "error" not in results[r], results[r]["error"]
-    return [results[r] for r in range(world)]
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (ep, tp), mesh_dim_names=("ep", "tp"))
+    # aligned: the single-process FP8-resident model, then its shards
+    m = load_pretrained(ckpts["aligned"], dtype=torch.float32, fp8=True, progress=False)
+    ref = _outputs(m)
+    parallelize_for_inference(m, tp=tp, ep=ep, mesh=mesh)
+    got = _outputs(m)
+    res["diff"] = {k: (got[k] - ref[k]).abs().max().item() for k in ("logits", "mtp")}
+    res["equal"] = {k: torch.equal(got[k], ref[k]) for k in ref if k not in ("logits", "mtp")}
+    experts = m.model.layers[1].mlp.experts
+    qkv = m.model.layers[0].self_attn.qkv_proj
+    res["modules"] = dict(experts=type(experts).__name__, dispatcher=type(experts.dispatcher).__name__,
+                          local_experts=experts.gate_up_proj.shape[0], qkv=type(qkv).__name__,
+                          qkv_rows=qkv.weight.shape[0], out_features=qkv.out_features,
+                          dtypes=sorted({str(t.dtype) for t in _fp8_state(m).values()}))
+    assert isinstance(experts, FP8Experts) and isinstance(qkv, FP8Linear)
+    assert isinstance(experts.dispatcher, FP8ExpertParallelInference)  # tp alone: each expert's share, summed
+    # the per-rank loader: the same bytes and scales, read from the checkpoint's covering blocks only
+    mine = load_parallel(ckpts["aligned"], tp=tp, ep=ep, dtype=torch.float32, fp8=True, mesh=mesh,
+                         progress=False)
+    a, b = m.state_dict(), mine.state_dict()
+    assert list(a) == list(b)
+    res["load_differs"] = [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])]
+    res["loaded_logits"] = (_outputs(mine)["logits"] - ref["logits"]).abs().max().item()
+    # unaligned (tiny preset: 48-row heads, 32-wide expert shares): shards requantized with their own scales
+    u = load_pretrained(ckpts["unaligned"], dtype=torch.float32, fp8=True, progress=False)
+    uref = _outputs(u)["logits"]
+    parallelize_for_inference(u, tp=tp, ep=ep, mesh=mesh)
+    uload = load_parallel(ckpts["unaligned"], tp=tp, ep=ep, dtype=torch.float32, fp8=True, mesh=mesh,
+                          progress=False)
+    res["unaligned"] = dict(sliced=(_outputs(u)["logits"] - uref).abs().max().item(),
+                            loaded=(_outputs(uload)["logits"] - uref).abs().max().item(),
+                            scale=uref.abs().max().item())
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +114,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2)])
 def test_fp8_resident_parallel_matches_single_process(tp, ep, checkpoints):
-    results = _run(tp, ep, checkpoints)
+    results = run_ranks(_rank, tp * ep, tp, ep, checkpoints, timeout=300)
     for rank, res in enumerate(results):
         assert res["diff"]["logits"] <= TOL and res["diff"]["mtp"] <= TOL, (rank, res["diff"])
         assert all(res["equal"].values()), (rank, res["equal"])
@@ -193,12 +159,12 @@ def test_torchrun_generate_fp8_tp2_on_cpu(tmp_path):
     torch.manual_seed(0)
     MiMoForCausalLM(MiMoConfig.preset("tiny", **{**ALIGNED, "vocab_size": 512})).save_pretrained(tmp_path)
     write_tokenizer(tmp_path)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(SRC)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     args = ["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--device", "cpu",
             "--fp8"]
     par = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(_free_port()), "-m", "mimo_flash.cli", *args, "--tp", "2"],
+                          str(free_port()), "-m", "mimo_flash.cli", *args, "--tp", "2"],
                          capture_output=True, text=True, env=env, timeout=240)
     assert par.returncode == 0, par.stderr[-3000:]
     from mimo_flash.tokenizer import Tokenizer
@@ -211,40 +177,7 @@ def test_torchrun_generate_fp8_tp2_on_cpu(tmp_path):
     assert par.stdout.strip() == tok.decode(out[0, 3:].tolist()).strip() != ""
 
 
-MEM_CHILD = r"""
-import json, sys, torch, torch.distributed as dist
-from mimo_flash.distributed import load_parallel
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-torch.set_num_threads(1)
-dist.init_process_group("gloo")
-load_parallel(sys.argv[1], tp=2, dtype=torch.bfloat16, fp8=True, progress=False)  # warm up: imports, first use
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-base = status("VmRSS")
-model = load_parallel(sys.argv[2], tp=2, dtype=torch.bfloat16, fp8=True, progress=False)
-peak = status("VmHWM")
-sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
-print(json.dumps({"rank": dist.get_rank(), "base": base, "peak": peak, "local": sum(sizes), "largest": max(sizes)}))
-dist.destroy_process_group()
-"""
-MB = 1 << 20
-
-
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak(),
-                    reason="needs Linux /proc/self/clear_refs to measure peak RSS")
+@needs_peak_rss
 def test_each_rank_loads_only_its_fp8_share(tmp_path):
     """Two ranks load an FP8 checkpoint FP8-resident: each one's peak host memory is its share plus about one
     tensor, well under the whole FP8-resident model (expert and dense MLP shares copied as blocks; the qkv
@@ -261,22 +194,4 @@ def test_each_rank_loads_only_its_fp8_share(tmp_path):
         whole = MiMoForCausalLM(config).to(torch.bfloat16)
     quantize_model_(whole)
     full = sum(t.numel() * t.element_size() for t in whole.state_dict().values())
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    (tmp_path / "child.py").write_text(MEM_CHILD)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), str(tmp_path / "child.py"),
-                          str(tmp_path / "tiny"), str(tmp_path / "big")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["rank"] for r in results) == [0, 1]
-    assert full > 40 * MB  # a second copy of the model, or of half of it, would show
-    for r in results:
-        shown = {k: round(v / MB, 1) for k, v in {**r, "full": full}.items()}
-        extra = r["peak"] - r["base"]
-        assert r["local"] < 0.6 * full, shown  # the rank keeps about half of the model
-        assert extra > r["local"], shown  # the measurement sees the rank's share
-        # its share, one tensor's file pages (and the small requantized qkv shards' fp32 staging), slack
-        assert extra < r["local"] + r["largest"] + 16 * MB, shown
-        assert extra < 0.75 * full, shown
+    check_two_rank_load(tmp_path, full, "fp8")

@@ -3,7 +3,6 @@ the --fp8 flags and the plan command."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import CheckpointWarning, write_synthetic_checkpoint
 from mimo_flash.checkpoint.reader import CheckpointReader
 from mimo_flash.cli import build_parser, main
-from mimo_flash.quant import FP8, FP8Experts, FP8Linear
+from mimo_flash.quant import FP8Experts, FP8Linear
 from test_quant import loop_dequant
 
 # every part of every fused FP8 tensor on a 128-row block boundary, as in the release: q 4 x 64 = 256 rows,

@@ -23,8 +23,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from mimo_flash.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

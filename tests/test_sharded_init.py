@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-import pytest
 import torch
 
 from harness import needs_peak_rss, peak_rss_growth, run_ranks

@@ -123,7 +123,7 @@ def experts_triton(x, idx, w, gate_up, gate_up_scale, down, down_scale):
     from ..ops.moe import sort_by_expert
     from .triton_fp8 import fp8_grouped_gemm
 
-    E, k = gate_up.shape[0], idx.shape[1]
+    E = gate_up.shape[0]
     order, _, counts, tok, _ = sort_by_expert(idx, E)
     xs = x[tok].contiguous()  # [N*k, D]
     h = fp8_grouped_gemm(xs, gate_up, gate_up_scale, counts)  # [N*k, 2I]
