@@ -354,7 +354,7 @@ def _fill_fp8(plan: Plan, q: torch.Tensor, scale: torch.Tensor, parts: list[tupl
     copied byte for byte with their scale rows (extra trailing scale rows/cols, the k_proj trap, dropped).
     Otherwise (a float checkpoint, other block sizes, parts that split a block) the parts are gathered in
     fp32 (FP8 ones dequantized) and quantized once, with real amax/448 scales. Returns the bytes read."""
-    from ..quant.blocks import BLOCK, quantize, trim_scale
+    from ..quant.blocks import BLOCK, trim_scale
 
     reader, R = plan.reader, q.shape[-2]
     br = BLOCK[0]
@@ -373,15 +373,27 @@ def _fill_fp8(plan: Plan, q: torch.Tensor, scale: torch.Tensor, parts: list[tupl
         else:
             read_into(staging[..., r0:r1, :], reader, key, plan.block)
             check_finite(staging[..., r0:r1, :], where, reader.info(key).dtype == FP8)
-        for k in (key, key + SCALE_SUFFIX):
-            if k in reader.infos:
-                nbytes += reader.info(k).nbytes
-                reader.release(k)
+        nbytes += sum(reader.info(k).nbytes for k in (key, key + SCALE_SUFFIX) if k in reader.infos)
+        _release(reader, key)
     if staging is not None:
-        qs, ss = quantize(staging.to(q.device), BLOCK, parts[0][0])
-        q.copy_(qs)
-        scale.copy_(ss)
+        _store_quantized(staging, q, scale, parts[0][0])
     return nbytes
+
+
+def _release(reader: CheckpointReader, key: str) -> None:
+    """Drop the pages of checkpoint tensor `key` and of its scale (if it has one)."""
+    for k in (key, key + SCALE_SUFFIX):
+        if k in reader.infos:
+            reader.release(k)
+
+
+def _store_quantized(staging: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, name: str) -> None:
+    """Quantize the fp32 staging tensor once (real amax/448 block scales) into FP8 q and its scale grid."""
+    from ..quant.blocks import BLOCK, quantize
+
+    qs, ss = quantize(staging.to(q.device), BLOCK, name)
+    q.copy_(qs)
+    scale.copy_(ss)
 
 
 def _fp8_hits(plan: Plan, name: str, pieces) -> list[tuple[str, tuple, tuple]]:
@@ -401,7 +413,7 @@ def _fill_fp8_shard(plan: Plan, q: torch.Tensor, scale: torch.Tensor, hits: list
     float checkpoint) each part's covering blocks are read and dequantized into an fp32 staging tensor of the
     shard's size, which is quantized once with scales of its own (an FP8 rounding of the released values,
     as vLLM does). Never more than the shard plus one part in memory. Returns the bytes read."""
-    from ..quant.blocks import BLOCK, block_aligned, block_box, quantize
+    from ..quant.blocks import BLOCK, block_aligned, block_box
 
     reader = plan.reader
     aligned = plan.block == BLOCK and all(
@@ -420,13 +432,9 @@ def _fill_fp8_shard(plan: Plan, q: torch.Tensor, scale: torch.Tensor, hits: list
             read_slice(staging[box], reader, key, plan.block, ck)
             check_finite(staging[box], where, reader.info(key).dtype == FP8)
         nbytes += _read_bytes(reader, key, ck)
-        for k in (key, key + SCALE_SUFFIX):
-            if k in reader.infos:
-                reader.release(k)
+        _release(reader, key)
     if staging is not None:
-        qs, ss = quantize(staging.to(q.device), BLOCK, hits[0][0])
-        q.copy_(qs)
-        scale.copy_(ss)
+        _store_quantized(staging, q, scale, hits[0][0])
     return nbytes
 
 
