@@ -75,16 +75,34 @@ def main(argv: list[str] | None = None) -> int:
     def show(message, category, filename, lineno, file=None, line=None):  # one line, no source location
         print(f"mimo-flash {args.command}: warning: {message}", file=sys.stderr)
 
+    ok = False
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show
-            return int(args.fn(args) or 0)
+            code = int(args.fn(args) or 0)
+        ok = True
+        return code
     except (UserError, ValueError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mimo-flash {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        _leave_process_group(ok)
+
+
+def _leave_process_group(ok: bool) -> None:
+    """A command run under torchrun leaves its process group before the process exits: after a barrier when
+    it succeeded (no rank tears its connections down while a peer still talks to it, which gloo answers with
+    an abort), at once when it failed (a peer may never reach the barrier)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -277,6 +277,4 @@ def cmd_train(args: argparse.Namespace) -> int:
         plot = getattr(trainer, "plot_path", None)
         print(f"final model (hub format, with tokenizer): {final}")
         print(f"metrics: {Path(args.out) / 'metrics.jsonl'}" + (f"; loss curve: {plot}" if plot else ""))
-    if ctx.distributed:
-        torch.distributed.destroy_process_group()
     return 0
