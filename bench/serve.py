@@ -8,7 +8,8 @@ request rate against an OpenAI-compatible server; request throughput, output tok
     python bench/serve.py --model CKPT_DIR --concurrency 16 --request-rate 8
 
 --slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
-one-request-at-a-time behaviour). --shared-prefix N: every prompt starts with the same N tokens (prefix
+one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count.
+--shared-prefix N: every prompt starts with the same N tokens (prefix
 caching's TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id prompts,
 streamed, greedy, ignore_eos (every request produces exactly --output-len tokens, as vLLM's benchmark does).
 TTFT: request sent -> first streamed token; TPOT: (latency - TTFT) / (output tokens - 1) per request; ITL:
@@ -137,12 +138,13 @@ def random_checkpoint(preset: str, device: str) -> Path:
     return d
 
 
-def start_server(args, ckpt: Path, slots: int, port: int):
+def start_server(args, ckpt: Path, slots: int, threads: int | None, port: int):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
            "--name", "bench", "--device", args.device, "--max-slots", str(slots),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
            "--prefix-blocks", str(args.prefix_blocks), "--max-queue", str(max(256, args.num_prompts))]
-    for flag, v in (("--admit-wait", args.admit_wait), ("--prefill-tokens", args.prefill_tokens)):
+    for flag, v in (("--admit-wait", args.admit_wait), ("--prefill-tokens", args.prefill_tokens),
+                    ("--threads", threads)):
         if v is not None:  # otherwise the server's default
             cmd += [flag, str(v)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -194,6 +196,8 @@ def main() -> int:
     ap.add_argument("--prefix-blocks", type=int, default=64)
     ap.add_argument("--admit-wait", type=float, default=None, help="started server: its --admit-wait")
     ap.add_argument("--prefill-tokens", type=int, default=None, help="started server: its --prefill-tokens")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="started CPU server: its --threads, one run per value (default: the server's default)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
     ap.add_argument("--json", help="append one JSON line per run to this file")
@@ -207,11 +211,11 @@ def main() -> int:
     if args.url is None:
         ckpt = Path(args.model) if args.model else random_checkpoint(args.preset, args.device)
     slot_runs = [None] if args.url else (args.slots or [max(args.concurrency)])
-    for slots in slot_runs:
+    for slots, threads in [(s, t) for s in slot_runs for t in (args.threads or [None])]:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args, ckpt, slots, args.port)
+            proc, url = start_server(args, ckpt, slots, threads, args.port)
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/v1/models") as r:
@@ -228,11 +232,13 @@ def main() -> int:
                 prompts = make_prompts(args.num_prompts if c > 1 else max(4, args.num_prompts // 8), args.input_len,
                                        vocab, args.shared_prefix, seed=c)
                 r = asyncio.run(run_load(url, name, prompts, args.output_len, c, args.request_rate))
-                tag = f"slots={slots if slots else '?'} concurrency={c} in={args.input_len} out={args.output_len}"
+                tag = (f"slots={slots if slots else '?'}{'' if threads is None else f' threads={threads}'} "
+                       f"concurrency={c} in={args.input_len} out={args.output_len}")
                 report(tag, r)
                 if args.json:
                     with open(args.json, "a") as f:
-                        f.write(json.dumps({"slots": slots, "concurrency": c, "input_len": args.input_len,
+                        f.write(json.dumps({"slots": slots, "threads": threads, "concurrency": c,
+                                            "input_len": args.input_len,
                                             "output_len": args.output_len, "shared_prefix": args.shared_prefix,
                                             "request_rate": args.request_rate, "device": args.device, **r}) + "\n")
         finally:

@@ -328,6 +328,19 @@ def test_serve_command_names_a_bad_model_dir(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_serve_threads(tmp_path, capsys, monkeypatch):
+    from mimo_flash.cli import main
+    from mimo_flash.serving.commands import cpu_threads
+
+    assert main(["serve", "--model", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert cpu_threads(3) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cpu_threads(None) == 1  # one core left to the HTTP side
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cpu_threads(None) == 1
+
+
 def test_merge_events_joins_a_requests_piled_up_events_in_order():
     from mimo_flash.serving.api import merge_events
     from mimo_flash.serving.scheduler import Event

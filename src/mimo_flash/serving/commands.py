@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,9 +36,27 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model's arithmetic on a CPU device (default: every core this "
+                        "process may use but one, at least 1: the HTTP side and the clients get the last core "
+                        "instead of preempting the threads of every step)")
     add_parallel_options(p)
     add_fp8_flag(p)
     p.set_defaults(fn=cmd_serve)
+
+
+def cpu_threads(asked: int | None) -> int:
+    """Threads for the scheduler's forwards on a CPU: `asked`, or every core this process may use but one.
+    A step's threads meet at a barrier after every op; while the event loop or a client on the same cores
+    preempts one of them, the others wait (measured: docs/BENCHMARKS.md, serving on the CPU)."""
+    from ..cli import UserError
+
+    if asked is not None:
+        if asked < 1:
+            raise UserError(f"--threads must be >= 1, got {asked}")
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def cmd_serve(args) -> int:
@@ -48,7 +67,11 @@ def cmd_serve(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    threads = cpu_threads(args.threads)
     model, tok = load(args)
+    if model.device.type == "cpu":
+        import torch
+        torch.set_num_threads(threads)
     name = args.name or Path(args.model).resolve().name
     try:
         sched = Scheduler(model, tok, max_slots=args.max_slots,
