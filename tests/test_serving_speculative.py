@@ -106,7 +106,7 @@ def test_speculative_serving_equals_plain(setup, K):
         reqs = make_requests(model, tok)
         cancel = tuple(i for i, (kind, _) in enumerate(reqs) if kind == "cancel")
         runs[k] = (sched, reqs, run_all(sched, [r for _, r in reqs], cancel))
-    (plain, reqs, ev0), (spec, _, ev1) = runs[0], runs[K]
+    (_, reqs, ev0), (spec, _, ev1) = runs[0], runs[K]
     assert spec.metrics.spec_accepted_tokens > 0  # drafts were accepted ...
     assert spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens  # ... and rejected
     eos = tuple(tok.eos_token_ids)
