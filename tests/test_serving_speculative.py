@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 import torch
 
@@ -179,6 +181,33 @@ def test_a_slot_drafts_what_generate_drafts(setup):
     assert 0 < stats.accepted < stats.drafted
     assert (sched.metrics.spec_accepted_tokens, sched.metrics.spec_draft_tokens) == (stats.accepted, stats.drafted)
     assert sched.decode_forwards == stats.steps
+
+
+def test_over_http_with_metrics(setup):
+    """Through the OpenAI server: a greedy completion speculates (the /metrics counters move) and equals
+    generate() alone; a sampled one beside it is served too."""
+    import openai
+
+    from mimo_flash.serving import OpenAIServer, start_in_thread
+
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=16, speculative_k=2).start()
+    http, url = start_in_thread(OpenAIServer(sched, tok, "tiny"))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        ids = tok.encode("the quick brown fox")
+        got = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == tok.decode(alone(model, ids, 20))
+        assert client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=1.0,
+                                         seed=3).usage.completion_tokens >= 1
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            lines = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines() if line[:1] not in ("#", ""))
+        drafted = float(lines["mimo_flash_spec_decode_draft_tokens_total"])
+        assert drafted > 0 and 0 < float(lines["mimo_flash_spec_decode_accepted_tokens_total"]) < drafted
+    finally:
+        http.should_exit = True
+        sched.stop()
 
 
 @pytest.mark.gpu
