@@ -278,16 +278,16 @@ def _graphed_step(runner, st: SpecState, frozen):
     The rings (adaptive K) are written in place, like the cache."""
     K, k, B = st.K, st.k, st.N.shape[0]
     bucket = kv_bucket(st.n_max + k + 1, runner.cache.S)
-    key = ("spec", B, K, k, bucket, frozen is not None)
-    inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main)
-    if frozen is not None:
-        inputs["frozen"] = frozen
+    key = ("spec", B, K, k, bucket)
+    # (always a frozen mask: one graph whether or not rows are done)
+    fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)
+    inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main, frozen=fz)
     n_stash = max(k - 1, 0)  # what the step reads (a step after a larger k holds more): fixed per key
     for j, t in enumerate(st.stash[:n_stash]):
         inputs[f"stash{j}"] = t
     n_max, rings = st.n_max, st.rings
 
-    def fn(N, N_prev, tok, recent, h_main, frozen=None, **stash):
+    def fn(N, N_prev, tok, recent, h_main, frozen, **stash):
         s = SpecState(K=K, N=N, N_prev=N_prev, tok=tok, recent=recent, h_main=h_main,
                       stash=[stash[f"stash{j}"] for j in range(n_stash)], drafts=None, q=None, seen=None,
                       n_max=n_max, k=k, rings=rings)
@@ -296,7 +296,7 @@ def _graphed_step(runner, st: SpecState, frozen):
                    drafts=s.drafts)
         for j, t in enumerate(s.stash):
             out[f"stash{j}"] = t
-        ptrs = {t.data_ptr() for t in [N, N_prev, tok, recent, h_main, *stash.values()]}
+        ptrs = {t.data_ptr() for t in [N, N_prev, tok, recent, h_main, frozen, *stash.values()]}
         return {n: (t.clone() if t.data_ptr() in ptrs else t) for n, t in out.items()}  # no output aliases an input
 
     out = runner.run_step(key, fn, inputs)

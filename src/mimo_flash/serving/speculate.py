@@ -28,6 +28,11 @@ from ..generation.speculative import SpecState, spec_enter, spec_step
 _GREEDY = SamplingParams(do_sample=False)
 
 
+def _per_row(st: SpecState) -> list[torch.Tensor]:
+    """A greedy SpecState's per-row tensors (each [B, ...]), in one order."""
+    return [st.N, st.N_prev, st.tok, st.recent, st.h_main, st.drafts, *st.stash]
+
+
 class SpecSlots:
     """Speculative state of `B` cache rows for K drafts per step. tail: prompt positions whose hidden states
     join() needs (K * sliding_window, see spec_enter)."""
@@ -37,7 +42,7 @@ class SpecSlots:
         if not isinstance(K, int) or isinstance(K, bool) or not 0 < K <= config.num_nextn_predict_layers:
             raise ValueError(f"speculative_k={K!r}: speculation drafts with the MTP layers, of which the model has "
                              f"{config.num_nextn_predict_layers}; use 0 (off) .. {config.num_nextn_predict_layers}")
-        self.K, self.B = K, B
+        self.K = K
         self.tail = K * config.sliding_window
         dev, D = model.device, config.hidden_size
         z = torch.zeros(B, dtype=torch.long, device=dev)
@@ -71,9 +76,7 @@ class SpecSlots:
         dev = h.device
         row = spec_enter(runner, torch.tensor([prompt[P - L:]], device=dev), h, torch.tensor([tok], device=dev),
                          P, self.K, chunk)
-        st = self.st
-        for mine, new in [(st.N, row.N), (st.N_prev, row.N_prev), (st.tok, row.tok), (st.recent, row.recent),
-                          (st.h_main, row.h_main), (st.drafts, row.drafts), *zip(st.stash, row.stash, strict=True)]:
+        for mine, new in zip(_per_row(self.st), _per_row(row), strict=True):
             mine[i] = new[0]
 
     def step(self, runner, rows: list[int], n_max: int) -> list[list[int]]:
@@ -87,8 +90,7 @@ class SpecSlots:
                         h_main=st.h_main[:n], stash=[t[:n] for t in st.stash], drafts=st.drafts[:n], q=None,
                         seen=None, n_max=n_max)
         new, _, counts = spec_step(runner, sub, _GREEDY, None, frozen.to(st.N.device))
-        for mine, got in [(st.N, sub.N), (st.N_prev, sub.N_prev), (st.tok, sub.tok), (st.recent, sub.recent),
-                          (st.h_main, sub.h_main), (st.drafts, sub.drafts), *zip(st.stash, sub.stash, strict=True)]:
+        for mine, got in zip(_per_row(st), _per_row(sub), strict=True):
             mine[:n].copy_(got)  # (a graphed step's outputs are buffers its next replay overwrites)
         tokens = new.tolist()
         return [tokens[i][:counts[i]] for i in rows]
