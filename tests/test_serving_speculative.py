@@ -183,6 +183,34 @@ def test_a_slot_drafts_what_generate_drafts(setup):
     assert sched.decode_forwards == stats.steps
 
 
+def test_frozen_rows_are_untouched(setup):
+    """A speculative step leaves every row it does not step (plain decoding, idle) exactly as it was: keys,
+    values, slot tables, MTP rings included; the stepped row changes."""
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0, speculative_k=2)
+    g = torch.Generator().manual_seed(14)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (7, 12, 30)]
+    for r in (Request(prompts[0], 50), Request(prompts[1], 50, SamplingParams(True, 0.8), seed=1),
+              Request(prompts[2], 50)):
+        sched.submit(r)
+    for _ in range(3):
+        sched.step()
+    assert [s.spec for s in sched.slots[:3]] == [True, False, True]
+    cache = sched.cache
+
+    def snapshot(row):
+        return [t.clone() for i in cache.layers() for t in vars(cache.layer_slots(i, row)).values()
+                if isinstance(t, torch.Tensor)]
+
+    before = [snapshot(r) for r in range(4)]
+    s = sched.slots[2]
+    sched.spec.step(sched._runner(4), [2], s.pos)
+    after = [snapshot(r) for r in range(4)]
+    for r in (0, 1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(before[r], after[r], strict=True)), r
+    assert not all(torch.equal(a, b) for a, b in zip(before[2], after[2], strict=True))
+
+
 def test_over_http_with_metrics(setup):
     """Through the OpenAI server: a greedy completion speculates (the /metrics counters move) and equals
     generate() alone; a sampled one beside it is served too."""
