@@ -9,11 +9,13 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 
 --slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count.
---shared-prefix N: every prompt starts with the same N tokens (prefix
-caching's TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id prompts,
-streamed, greedy, ignore_eos (every request produces exactly --output-len tokens, as vLLM's benchmark does).
-TTFT: request sent -> first streamed token; TPOT: (latency - TTFT) / (output tokens - 1) per request; ITL:
-the gaps between streamed chunks.
+--speculative 0 3: the same runs without and with MTP speculation (a started server's --speculative K; every
+request is greedy, so all of them speculate); a run's MTP acceptance (from the server's /metrics counters) is
+reported when it speculated. --shared-prefix N: every prompt starts with the same N tokens (prefix caching's
+TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id prompts, streamed,
+greedy, ignore_eos (every request produces exactly --output-len tokens, as vLLM's benchmark does). TTFT:
+request sent -> first streamed token; TPOT: (latency - TTFT) / (output tokens - 1) per request; ITL: the gaps
+between streamed chunks.
 """
 
 from __future__ import annotations
@@ -138,9 +140,9 @@ def random_checkpoint(preset: str, device: str) -> Path:
     return d
 
 
-def start_server(args, ckpt: Path, slots: int, threads: int | None, port: int):
+def start_server(args, ckpt: Path, slots: int, port: int, speculative: int = 0, threads: int | None = None):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
-           "--name", "bench", "--device", args.device, "--max-slots", str(slots),
+           "--name", "bench", "--device", args.device, "--max-slots", str(slots), "--speculative", str(speculative),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
            "--prefix-blocks", str(args.prefix_blocks), "--max-queue", str(max(256, args.num_prompts))]
     for flag, v in (("--admit-wait", args.admit_wait), ("--prefill-tokens", args.prefill_tokens),
@@ -165,6 +167,22 @@ def start_server(args, ckpt: Path, slots: int, threads: int | None, port: int):
     raise SystemExit("the server did not come up within 600 s")
 
 
+def spec_counters(url: str) -> tuple[int, int]:
+    """(draft tokens verified, accepted) from a mimo-flash server's /metrics; (0, 0) when it has none."""
+    import urllib.request
+
+    found = {}
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                found[name] = value
+    except OSError:
+        return 0, 0
+    get = lambda n: int(float(found.get(f"mimo_flash_spec_decode_{n}_tokens_total", 0)))  # noqa: E731
+    return get("draft"), get("accepted")
+
+
 def report(tag: str, r: dict) -> None:
     ms = lambda d: f"{d['mean'] * 1e3:8.1f} {d['p50'] * 1e3:8.1f} {d['p99'] * 1e3:8.1f}"  # noqa: E731
     print(f"{tag}: {r['completed']} ok, {r['failed']} failed{' ' + str(r['errors']) if r['failed'] else ''}; "
@@ -172,6 +190,9 @@ def report(tag: str, r: dict) -> None:
           f"total {r['total_tok_s']:.1f} tok/s", flush=True)
     print(f"    (ms)  mean      p50      p99\n    TTFT {ms(r['ttft_s'])}\n    TPOT {ms(r['tpot_s'])}\n"
           f"    ITL  {ms(r['itl_s'])}\n    E2EL {ms(r['e2el_s'])}", flush=True)
+    if r.get("spec_draft_tokens"):
+        print(f"    MTP drafts accepted {r['spec_accepted_tokens']} / {r['spec_draft_tokens']} "
+              f"({r['spec_accepted_tokens'] / r['spec_draft_tokens']:.1%})", flush=True)
 
 
 def main() -> int:
@@ -195,6 +216,8 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--prefix-blocks", type=int, default=64)
     ap.add_argument("--admit-wait", type=float, default=None, help="started server: its --admit-wait")
+    ap.add_argument("--speculative", type=int, nargs="+", default=[0],
+                    help="started server: its --speculative K, one run per value (default 0: off)")
     ap.add_argument("--prefill-tokens", type=int, default=None, help="started server: its --prefill-tokens")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="started CPU server: its --threads, one run per value (default: the server's default)")
@@ -210,12 +233,14 @@ def main() -> int:
     ckpt = None
     if args.url is None:
         ckpt = Path(args.model) if args.model else random_checkpoint(args.preset, args.device)
-    slot_runs = [None] if args.url else (args.slots or [max(args.concurrency)])
-    for slots, threads in [(s, t) for s in slot_runs for t in (args.threads or [None])]:
+    slot_runs = [(None, None, None)] if args.url else [(slots, k, t) for k in args.speculative
+                                                        for slots in (args.slots or [max(args.concurrency)])
+                                                        for t in (args.threads or [None])]
+    for slots, spec, threads in slot_runs:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args, ckpt, slots, threads, args.port)
+            proc, url = start_server(args, ckpt, slots, args.port, spec, threads)
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/v1/models") as r:
@@ -231,14 +256,18 @@ def main() -> int:
             for c in args.concurrency:
                 prompts = make_prompts(args.num_prompts if c > 1 else max(4, args.num_prompts // 8), args.input_len,
                                        vocab, args.shared_prefix, seed=c)
+                before = spec_counters(url)
                 r = asyncio.run(run_load(url, name, prompts, args.output_len, c, args.request_rate))
-                tag = (f"slots={slots if slots else '?'}{'' if threads is None else f' threads={threads}'} "
-                       f"concurrency={c} in={args.input_len} out={args.output_len}")
+                after = spec_counters(url)
+                r["spec_draft_tokens"], r["spec_accepted_tokens"] = after[0] - before[0], after[1] - before[1]
+                tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec else ''}"
+                       f"{'' if threads is None else f' threads={threads}'} concurrency={c} "
+                       f"in={args.input_len} out={args.output_len}")
                 report(tag, r)
                 if args.json:
                     with open(args.json, "a") as f:
-                        f.write(json.dumps({"slots": slots, "threads": threads, "concurrency": c,
-                                            "input_len": args.input_len,
+                        f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads,
+                                            "concurrency": c, "input_len": args.input_len,
                                             "output_len": args.output_len, "shared_prefix": args.shared_prefix,
                                             "request_rate": args.request_rate, "device": args.device, **r}) + "\n")
         finally:

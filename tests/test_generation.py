@@ -181,8 +181,8 @@ def record_drafts(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     log = []
     orig = spec_mod._draft
 
-    def spy(runner, st, params, generator):
-        stash = orig(runner, st, params, generator)
+    def spy(runner, st, *rest):
+        stash = orig(runner, st, *rest)
         log.append((st.N.clone(), st.drafts.clone()))
         return stash
 

@@ -20,7 +20,12 @@ main model, whose cache holds positions 0 .. N-1). One step:
    final entries. Ring slack 2K keeps every key still needed (cache.py).
 
 Rows accept different numbers of tokens; all tensors keep static shapes: layer k always runs T_k = K+1+k
-columns, right-aligned on position N-1, invalid columns masked. Rows that are done are frozen.
+columns, right-aligned on position N-1, invalid columns masked. Frozen rows (done in generate(); in the serving
+scheduler, rows that are not speculating) take no part: masked out of every forward, their cache entries and
+state unchanged.
+
+Rows may also start speculating after a plain prefill (`spec_enter`: a serving slot joining a running batch):
+their state says a step has just committed x_N (N_prev = N - 1), so their first step drafts like every later one.
 
 Adaptive K (generation/adaptive.py): the state is sized for K (its column count) and each step drafts
 `st.k` <= K tokens with the first st.k layers (k = 0: a plain step through the same code). Layers that did not
@@ -174,8 +179,44 @@ def _prime(runner, input_ids, mask, pos, hidden, tok, K: int, k_run: int, params
                      seen=seen, n_max=0, k=k_run, fresh=k_run)
 
 
-def _draft(runner, st: SpecState, params: SamplingParams, generator) -> list:
-    """Regular draft phase (after a verification): fills st.drafts / st.q; returns the new stash."""
+def spec_enter(runner, ids: torch.Tensor, hidden: torch.Tensor, tok: torch.Tensor, N: int, K: int,
+               chunk: int) -> SpecState:
+    """The state of rows that start speculating after a plain prefill of their prompt (greedy drafts).
+
+    ids [B, L] the committed tokens at positions N-L .. N-1 (the prompt's tail), hidden [B, L, D] the main
+    model's hidden states there, tok [B] = x_N (the prefill's token). The state says N_prev = N - 1, so the
+    first spec_step re-runs layer k over positions N-1-k .. N-1 and drafts as every later step does; this runs
+    each layer k over the rest, positions N-L .. N-2-k, and stashes h_k at N-2-k (= N_prev - k - 1).
+    L = min(N, K * window) gives the MTP caches what a run over the whole prompt gives: layer 0's keys at t
+    depend only on (x_{t+1}, h_main[t]), so they are exact from N-L on; layer k's keys depend on h_{k-1}[t],
+    exact once layer k-1's window at t is, i.e. from N-L + k * (window-1) on; and decoding reads no MTP key
+    before position N - window. A shorter tail only makes early drafts worse, never the output.
+    """
+    B, L = ids.shape
+    dev = ids.device
+    pos = (N - L + torch.arange(L, device=dev))[None].expand(B, L)
+    h_in, stash = hidden, []
+    for k in range(K):
+        n = L - 1 - k  # positions N-L .. N-2-k: they read the committed tokens at N-L+k+1 .. N-1
+        if n > 0:
+            outs = []
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                outs.append(runner.mtp(k, ids[:, k + 1 + c0: k + 1 + c1], h_in[:, c0:c1], pos[:, c0:c1], None)[1])
+            h_in = torch.cat(outs, 1)
+        if k < K - 1:  # (a short prompt: h_k at N-2-k < 0 is masked wherever it is read)
+            stash.append(h_in[:, n - 1] if n > 0 else torch.zeros_like(hidden[:, 0]))
+    ext = torch.cat([torch.zeros(B, K + 1, dtype=ids.dtype, device=dev), ids, tok[:, None]], 1)
+    hid = torch.cat([torch.zeros_like(hidden[:, :1]).expand(B, K + 1, hidden.shape[-1]), hidden], 1)
+    n_t = torch.full((B,), N, dtype=torch.long, device=dev)
+    return SpecState(K=K, N=n_t, N_prev=n_t - 1, tok=tok, recent=ext[:, -(K + 1):], h_main=hid[:, -(K + 1):],
+                     stash=stash, drafts=torch.zeros(B, K, dtype=torch.long, device=dev), q=None, seen=None,
+                     n_max=N)
+
+
+def _draft(runner, st: SpecState, params: SamplingParams, generator, frozen=None) -> list:
+    """Regular draft phase (after a verification): fills st.drafts / st.q; returns the new stash.
+    frozen [B] or None: rows masked out of the MTP forwards."""
     K, B = st.K, st.N.shape[0]
     dev = st.N.device
     ext = st.recent
@@ -185,6 +226,8 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator) -> list:
         T = K + 1 + k
         pos = st.N[:, None] - T + torch.arange(T, device=dev)[None]
         valid = (pos >= (st.N_prev[:, None] - k)) & (pos >= 0)
+        if frozen is not None:
+            valid &= ~frozen[:, None]
         if k > 0:  # h_{k-1}: stash at position N_prev - k, then layer k-1's outputs
             col = T - (st.N - st.N_prev + k)
             h_prev = torch.cat([torch.zeros_like(h_prev[:, :1]), h_prev], 1)
@@ -206,7 +249,8 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
     """One draft + verify + accept step with st.k drafts. Returns (new tokens [B, k+1], count [B], count as a host
     list): row b emits new[b, :count[b]].
 
-    frozen [B] bool or None: rows that are done; their state does not change.
+    frozen [B] bool or None: rows that take no part (done, or not speculating): masked out of every forward,
+    their cache entries and state unchanged, count 0.
     Greedy steps after the first (no repetition penalty) replay one CUDA graph of the whole step on a
     GraphRunner: no eager work and no host sync inside it; the same code, so the same tokens.
     """
@@ -235,6 +279,7 @@ def _graphed_step(runner, st: SpecState, frozen):
     K, k, B = st.K, st.k, st.N.shape[0]
     bucket = kv_bucket(st.n_max + k + 1, runner.cache.S)
     key = ("spec", B, K, k, bucket)
+    # (always a frozen mask: one graph whether or not rows are done)
     fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)
     inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main, frozen=fz)
     n_stash = max(k - 1, 0)  # what the step reads (a step after a larger k holds more): fixed per key
@@ -270,7 +315,7 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     dev = st.N.device
     old = (st.N, st.N_prev, st.tok, st.recent, st.h_main, list(st.stash))
     if st.h_main is not None:  # the first step's drafts come from spec_prefill / spec_reprime
-        new_stash = _draft(runner, st, params, generator)
+        new_stash = _draft(runner, st, params, generator, frozen)
     else:  # the drafts of spec_prefill / spec_reprime: this step may verify fewer
         new_stash = list(st.stash)
         st.drafts = st.drafts[:, :k]
@@ -279,7 +324,8 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     ar = torch.arange(k + 1, device=dev)
     ids = torch.cat([st.tok[:, None], d], 1)
     pos = st.N[:, None] + ar[None]
-    logits, h = runner.main(ids, pos, None, st.n_max + k + 1, graph=True)
+    valid = None if frozen is None else (~frozen)[:, None].expand(B, k + 1)
+    logits, h = runner.main(ids, pos, valid, st.n_max + k + 1, graph=True)
     if st.rings is not None:  # committed positions among these are final; the others are rewritten later
         st.rings.write(pos, ids, h)
     seen_j = None
@@ -312,10 +358,10 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
         count = torch.where(frozen, 0, count)
     # --- new state
     N_new = st.N + count
-    runner.cache.rollback(st.N + count, MAIN)  # keeps positions <= N + a
-    for j in range(k):  # layers that did not run this step wrote nothing
-        runner.cache.rollback(torch.where(frozen, st.N_prev - j, st.N - j) if frozen is not None else st.N - j,
-                              mtp_group(j))
+    keep = runner.cache.S  # (frozen rows: every position is below it)
+    runner.cache.rollback(st.N + count if frozen is None else torch.where(frozen, keep, st.N + count), MAIN)
+    for j in range(k):  # keeps positions < N - j (later ones read drafts); layers that did not run wrote nothing
+        runner.cache.rollback(st.N - j if frozen is None else torch.where(frozen, keep, st.N - j), mtp_group(j))
     arK = torch.arange(K + 1, device=dev)
     h_old = st.h_main if st.h_main is not None else torch.zeros_like(h[:, :1]).expand(B, K + 1, h.shape[-1])
     hseq = torch.cat([h_old, h], 1)  # positions N-K-1 .. N+k

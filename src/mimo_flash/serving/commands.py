@@ -33,6 +33,11 @@ def register(subparsers) -> None:
                         "waited this long or they fill the free slots (fewer prefill forwards between decode "
                         "steps; TTFT grows by this at most); 0: admit at every step")
     p.add_argument("--prefix-blocks", type=int, default=64, help="prefix-cache blocks kept (0: off)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="MTP speculative decoding for greedy requests (no sampling, repetition penalty or "
+                        "logprobs): K drafts per step from the model's first K MTP layers, verified in one forward "
+                        "(0: off; at most the model's MTP layers). Their prompts reuse prefix-cache blocks only up "
+                        "to K x sliding_window tokens before their end (the MTP layers are primed there)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
@@ -68,17 +73,23 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     threads = cpu_threads(args.threads)
+    if args.speculative < 0:
+        raise UserError(f"--speculative must be an integer >= 0 (0: off), got {args.speculative}")
     model, tok = load(args)
     if model.device.type == "cpu":
         import torch
         torch.set_num_threads(threads)
+    n_mtp = model.config.num_nextn_predict_layers
+    if args.speculative > n_mtp:
+        raise UserError(f"--speculative {args.speculative}: drafts come from the MTP layers, and the model has "
+                        f"{n_mtp} MTP layers; use 0 (off) .. {n_mtp}")
     name = args.name or Path(args.model).resolve().name
     try:
         sched = Scheduler(model, tok, max_slots=args.max_slots,
                           max_context=min(args.max_context, model.config.max_position_embeddings),
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
                           cuda_graphs=False if args.no_cuda_graphs else "auto", prefill_tokens=args.prefill_tokens,
-                          admit_wait=args.admit_wait)
+                          admit_wait=args.admit_wait, speculative_k=args.speculative)
     except ValueError as e:
         raise UserError(str(e)) from None
     server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,
@@ -95,7 +106,8 @@ def cmd_serve(args) -> int:
             return 0
         sched.broadcaster = steps
     sched.start()
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots (Ctrl-C stops)",
+    spec = f", MTP speculation with {args.speculative} drafts" if args.speculative else ""
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots{spec} (Ctrl-C stops)",
           file=sys.stderr, flush=True)
     try:
         make_uvicorn(server, args.host, args.port).run()

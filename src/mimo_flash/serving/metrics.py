@@ -38,6 +38,8 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens restored from the prefix cache
+        self.spec_draft_tokens = 0  # MTP drafts verified (speculative serving), summed over rows
+        self.spec_accepted_tokens = 0  # of which the target model agreed with
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
 
@@ -56,7 +58,11 @@ class Metrics:
                     ("prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
                     ("prompt_tokens_cached_total", self.cached_prompt_tokens,
                      "Prompt tokens whose KV came from the prefix cache."),
-                    ("generation_tokens_total", self.generation_tokens, "Tokens generated.")):
+                    ("generation_tokens_total", self.generation_tokens, "Tokens generated."),
+                    ("spec_decode_draft_tokens_total", self.spec_draft_tokens,
+                     "MTP draft tokens verified (speculative decoding)."),
+                    ("spec_decode_accepted_tokens_total", self.spec_accepted_tokens,
+                     "MTP draft tokens accepted by verification.")):
                 lines += [f"# HELP {p}_{name} {help_}", f"# TYPE {p}_{name} counter", f"{p}_{name} {v}"]
             for name, v, help_ in (("num_requests_waiting", waiting, "Requests queued for a slot."),
                                    ("num_requests_running", running, "Requests holding a slot.")):

@@ -11,6 +11,8 @@ block in place; SWA rings: entry n's ring) and prefills from n * block on, in th
 fresh prefill: the KV and therefore the outputs are the same bits as without the cache.
 Eviction is least-recently-used; a lookup touches an entry after its descendants, so prefixes outlive
 their extensions.
+Only the main model's layers are kept: a cache with MTP rings (speculative serving) has its slot's rings
+reset by restore() and primed from the prompt's tail, which the scheduler always prefills (speculate.py).
 """
 
 from __future__ import annotations
@@ -34,12 +36,10 @@ class PrefixCache:
     def __init__(self, cache: KVCache, block: int, capacity: int) -> None:
         if block < 1 or capacity < 1:
             raise ValueError(f"PrefixCache: block and capacity must be >= 1, got {block}, {capacity}")
-        main = cache.config.num_hidden_layers
-        if any(i >= main for i in cache.layers()):
-            raise ValueError("PrefixCache: caches with MTP rings are not supported")
+        layers = [i for i in cache.layers() if i < cache.config.num_hidden_layers]  # (not the MTP rings)
         self.block, self.capacity = block, capacity
-        self.full = [i for i in cache.layers() if not cache.layer_slots(i).ring]
-        self.ring = [i for i in cache.layers() if cache.layer_slots(i).ring]
+        self.full = [i for i in layers if not cache.layer_slots(i).ring]
+        self.ring = [i for i in layers if cache.layer_slots(i).ring]
         self.entries: OrderedDict[bytes, dict] = OrderedDict()
         self.hits = 0  # blocks restored
         self.misses = 0  # lookups that stopped short of the longest possible prefix

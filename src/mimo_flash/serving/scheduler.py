@@ -14,8 +14,12 @@ Every step (Scheduler.step):
   4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
-     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling.
-A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone.
+     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling;
+  5. with speculative_k=K > 0: one MTP-speculative step for the plain greedy slots (serving/speculate.py),
+     which step 4 leaves out: K drafts each, one verification forward over rows [0, n) (the other rows
+     frozen: masked, their cache untouched), 1 .. K + 1 tokens per row, each through the same output path.
+A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone
+(with speculation too: verification accepts exactly the tokens greedy decoding would choose).
 What that rests on, for prefill: a slot's chunk is [c0, c1) with c1 the next multiple of prefill_chunk
 (or the prompt's end) whatever its neighbours, and a batched prefill only groups chunks of the same
 length T, so each row is never padded and takes the same attention path (ring write or concat, chosen by
@@ -51,6 +55,7 @@ from ..generation.sampling import SamplingParams, choose, process
 from .detok import Detokenizer
 from .metrics import Metrics
 from .prefix import PrefixCache
+from .speculate import SpecSlots
 
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
 
@@ -116,6 +121,8 @@ class _Slot:
         if req.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(int(req.seed))
+        self.spec = False  # decodes speculatively (serving/speculate.py)
+        self.hidden: list[torch.Tensor] = []  # then, until it joins: main hidden states of its prompt's tail
         self.seen = None
         p = req.params
         if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
@@ -141,11 +148,14 @@ class Scheduler:
     prefill_tokens: prompt tokens prefilled per step over all slots (default max(4096, prefill_chunk));
     prefix_blocks: blocks the prefix cache keeps (0: no prefix caching); admit_wait: 0 admits waiting
     requests at every step; > 0 (seconds), while slots are decoding, admits them in groups (_admit_now);
-    cuda_graphs / compile: as generate()'s."""
+    cuda_graphs / compile: as generate()'s. speculative_k: K > 0 decodes plain greedy requests (no sampling,
+    repetition penalty or logprobs) with K MTP drafts per step (serving/speculate.py; at most the model's
+    MTP layers); their prompts reuse prefix-cache blocks only up to K * sliding_window positions before
+    their end (the MTP layers are primed from the main model's hidden states there)."""
 
     def __init__(self, model, tokenizer, max_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, prefix_blocks: int = 64, cuda_graphs="auto", compile: bool = False,
-                 prefill_tokens: int | None = None, admit_wait: float = 0.0):
+                 prefill_tokens: int | None = None, admit_wait: float = 0.0, speculative_k: int = 0):
         config = model.config
         limit = config.max_position_embeddings
         S = limit if max_context is None else max_context
@@ -162,8 +172,13 @@ class Scheduler:
         self.max_queue, self.chunk = max_queue, prefill_chunk
         self.prefill_tokens, self.admit_wait = prefill_tokens, admit_wait
         self.device = model.device
-        # one token per step and graph warm-ups that repeat a step from the same state need no ring slack
-        self.cache = KVCache(model.kv_config, max_slots, S, device=self.device, dtype=model.dtype)
+        # one token per step and graph warm-ups that repeat a step from the same state need no ring slack;
+        # speculation: the MTP layers' rings, slack 2K (speculative.py) and K positions past the context
+        # (verification runs K drafts past the last token)
+        self.spec = SpecSlots(model, speculative_k, max_slots) if speculative_k else None
+        K = speculative_k if self.spec is not None else 0
+        self.cache = KVCache(model.kv_config, max_slots, S + K, device=self.device, dtype=model.dtype, num_mtp=K,
+                             slack=2 * K)
         cuda = self.device.type == "cuda"
         self.graphs = (cuda and cuda_graphs in ("auto", True)) or compile
         self.compile = compile
@@ -180,6 +195,7 @@ class Scheduler:
         self.stopping = False
         self.steps = 0
         self.prefill_forwards = 0  # prompt forwards run (one per group of same-length chunks per step)
+        self.decode_forwards = 0  # decode forwards run (plain and speculative: one each per step at most)
         self._admitted = 0
         # a parallel model's rank 0: a distributed.steps.StepBroadcaster (serving/commands.py sets it)
         self.broadcaster = None
@@ -286,6 +302,7 @@ class Scheduler:
             self._admit()
         self._prefill()
         self._decode()
+        self._speculate()
         self._count()
 
     def _count(self) -> None:
@@ -335,9 +352,11 @@ class Scheduler:
             s = _Slot(i, req, self.row_views[i], self.tok, self.device, self.model.config.vocab_size)
             s.order = self._admitted
             self._admitted += 1
+            s.spec = self.spec is not None and self.spec.qualifies(req)
             entries = []
-            if self.prefix is not None and not req.prompt_logprobs:
-                entries = self.prefix.lookup(req.prompt, len(req.prompt) - 1)  # >= 1 token left for logits
+            if self.prefix is not None and not req.prompt_logprobs:  # >= 1 token left for logits (speculation:
+                keep = self.spec.tail if s.spec else 1  # the tail whose hidden states prime the MTP layers)
+                entries = self.prefix.lookup(req.prompt, len(req.prompt) - keep)
             if self.prefix is not None:
                 s.done = s.cached = self.prefix.restore(s.row, entries)
             else:
@@ -396,7 +415,7 @@ class Scheduler:
         a, b = self._block(lo, hi)
         r = self.prefill_runners.get((a, b))
         if r is None:
-            r = self.prefill_runners[(a, b)] = Runner(self.model, self.cache.rows(a, b), self.S)
+            r = self.prefill_runners[(a, b)] = Runner(self.model, self.cache.rows(a, b), self.cache.S)
         return a, r
 
     def _prefill_group(self, T: int, all_logits: bool, group: list[tuple[_Slot, int, int]]) -> None:
@@ -414,7 +433,7 @@ class Scheduler:
         v = None if len(group) == R else torch.tensor(valid, device=dev)
         mode = "all" if all_logits else ("last" if finishing else "none")
         self.prefill_forwards += 1
-        logits, _ = runner.main(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
+        logits, h = runner.main(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
                                 max(c1 for _, _, c1 in group), logits=mode)
         greedy = None
         if finishing and any(s.plain_greedy for s, _, _ in group):
@@ -423,6 +442,8 @@ class Scheduler:
             r = s.i - a
             P = len(s.req.prompt)
             s.done = c1
+            if s.spec:
+                s.hidden += self.spec.tail_part(c0, P, h[r])
             if s.prompt_lp is not None:
                 lsm = torch.log_softmax(logits[r].float(), -1)
                 k = s.req.logprobs or 0
@@ -441,9 +462,12 @@ class Scheduler:
             s.pos = P
             token = greedy[r] if greedy is not None and s.plain_greedy else None
             self._take(s, logits[r, -1], token)
+            if s.spec and self.slots[s.i] is s:  # prime its MTP layers: it speculates from the next step on
+                self.spec.join(self._span(s.i, s.i + 1)[1], s.i, s.req.prompt, s.last, s.hidden, self.chunk)
+                s.hidden = []
 
     def _decode(self) -> None:
-        active = [s for s in self.slots if s is not None and s.decoding]
+        active = [s for s in self.slots if s is not None and s.decoding and not s.spec]
         if not active:
             return
         n = self._bucket(max(s.i for s in active) + 1)  # slots are taken lowest first: few rows, small batch
@@ -454,6 +478,7 @@ class Scheduler:
         ids, P = x[0], x[1]
         v = None if len(active) == n else x[2] != 0
         logits, _ = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
+        self.decode_forwards += 1
         logits = logits[:, -1]
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
         for s in active:
@@ -462,11 +487,30 @@ class Scheduler:
             # (a row view only where it is read: indexing a device tensor costs microseconds per slot)
             self._take(s, logits[s.i] if token is None or s.req.logprobs is not None else None, token)
 
+    def _speculate(self) -> None:
+        """One speculative step for the slots that speculate (the module docstring's step 5)."""
+        active = [s for s in self.slots if s is not None and s.decoding and s.spec]
+        if not active:
+            return
+        n = self._bucket(max(s.i for s in active) + 1)
+        new = self.spec.step(self._runner(n), [s.i for s in active], max(s.pos for s in active))
+        self.decode_forwards += 1
+        with self.metrics.lock:
+            self.metrics.spec_draft_tokens += self.spec.K * len(active)
+            self.metrics.spec_accepted_tokens += sum(len(t) - 1 for t in new)
+        for s, tokens in zip(active, new, strict=True):
+            for token in tokens:
+                if self.slots[s.i] is not s:  # finished (EOS, stop string, length): the rest is dropped
+                    break
+                s.pos += 1
+                self._take(s, None, token)
+
     @torch.no_grad()
     def warmup(self) -> float:
         """Before serving: run the decode step of every batch size and cache bucket once (on GPU this captures
         their CUDA graphs, so no request waits for a capture). Rows are reset at admission, so what these
-        steps write is never read. Returns the seconds it took."""
+        steps write is never read. With speculation, also its step, every row frozen (which writes nothing).
+        Returns the seconds it took."""
         t0 = time.perf_counter()
         for n in sorted({self._bucket(k) for k in range(1, self.B + 1)}):
             ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
@@ -474,6 +518,8 @@ class Scheduler:
             while True:
                 for valid in (None, torch.zeros(n, 1, dtype=torch.bool, device=self.device)):
                     self._runner(n).main(ids, ids, valid, min(kv, self.S), logits="last", graph=True)
+                if self.spec is not None:
+                    self.spec.step(self._runner(n), [], max(min(kv, self.S) - self.spec.K - 1, 0))
                 if kv >= self.S:
                     break
                 kv *= 2
@@ -491,8 +537,8 @@ class Scheduler:
         r = self.runners.get(n)
         if r is None:
             view = self.cache if n == self.B else self.cache.rows(0, n)
-            r = GraphRunner(self.model, view, self.S, compile=self.compile) if self.graphs \
-                else Runner(self.model, view, self.S)
+            r = GraphRunner(self.model, view, self.cache.S, compile=self.compile) if self.graphs \
+                else Runner(self.model, view, self.cache.S)
             self.runners[n] = r
         return r
 

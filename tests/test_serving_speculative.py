@@ -1,0 +1,261 @@
+"""MTP speculative decoding inside the continuous-batching scheduler (Scheduler(speculative_k=K), serve
+--speculative K)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from mimo_flash.cli import main
+from mimo_flash.generation.sampling import SamplingParams
+from mimo_flash.serving.scheduler import Request, Scheduler
+from serving_helpers import make_tokenizer
+
+
+def drafting_model(vocab: int, eps: float = 0.3):
+    """A tiny model whose MTP layers mostly agree with it: the main layers' outputs are scaled by eps, so
+    the main model is nearly a function of the current token (norm(embed(x))), and each MTP layer passes
+    enorm(embed(its token)) through (eh_proj = [I, 0], its block scaled by eps) to a final norm equal to the
+    main one: a draft is what the main model would say after the drafted token, give or take the eps
+    terms. Acceptance is high but not total (both branches of verification run)."""
+    model = tiny_model(seed=7, vocab_size=vocab)
+    D = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.model.layers.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                p.mul_(eps)
+        for layer in model.model.mtp.layers:
+            layer.enorm.weight.fill_(1.0)
+            layer.eh_proj.weight.zero_()
+            layer.eh_proj.weight[:, :D] = torch.eye(D)
+            layer.self_attn.o_proj.weight.mul_(eps)
+            layer.mlp.down_proj.weight.mul_(eps)
+            layer.final_layernorm.weight.copy_(model.model.norm.weight)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
+    return drafting_model(tok.vocab_size), tok
+
+
+def alone(model, prompt, n, eos=()):
+    """Plain greedy generate() of one prompt (no speculation), cut after the first EOS."""
+    new = model.generate(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=list(eos))[0, len(prompt):].tolist()
+    cut = [new.index(e) for e in eos if e in new]
+    return new[: min(cut) + 1] if cut else new
+
+
+def run_all(sched: Scheduler, reqs: list[Request], cancel: tuple[int, ...] = ()) -> list[list]:
+    """Submit every request, step the scheduler by hand until all finish; the requests numbered in `cancel`
+    are cancelled once they have 3 events. Returns each request's events."""
+    events = [[] for _ in reqs]
+    for r, ev in zip(reqs, events, strict=True):
+        r.sink = ev.append
+        sched.submit(r)
+    while sched.running() or sched.waiting:
+        for i in cancel:
+            if len(events[i]) >= 3:
+                reqs[i].cancel()
+        sched.step()
+    return events
+
+
+def ids_of(events):
+    return [t for e in events for t in e.token_ids]
+
+
+def make_requests(model, tok):
+    """Greedy requests of many prompt / output lengths (EOS, stop strings, the context limit, shared prefixes
+    for the prefix cache), sampled ones and plain-path greedy ones (logprobs, repetition penalty) in between,
+    and two cancelled midway. Returns (kind, request) pairs."""
+    V, eos = model.config.vocab_size, tuple(tok.eos_token_ids)
+    g = torch.Generator().manual_seed(11)
+    rand = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
+    system = rand(48)
+    out = []
+    for n, m in [(3, 12), (21, 7), (9, 20), (30, 5), (1, 9), (14, 16), (25, 11), (2, 30)]:
+        out.append(("greedy", Request(rand(n), m, eos=eos)))
+    for n, m in [(5, 14), (11, 9), (20, 25)]:  # share a 48-token prefix (6 blocks of 8)
+        out.append(("greedy", Request(system + rand(n), m, eos=eos)))
+    out.append(("greedy", Request(rand(100), 28, eos=eos)))  # ends at the context limit (128)
+    for n in (6, 17):  # a stop string from the middle of the request's own greedy text
+        p = rand(n)
+        text = tok.decode(alone(model, p, 24))
+        out.append(("stop", Request(p, 24, eos=eos, stop=(text[len(text) // 2: len(text) // 2 + 3],))))
+    for i in range(3):
+        out.append(("sampled", Request(rand(7 + 5 * i), 15, SamplingParams(True, 0.9, top_k=20), seed=i, eos=eos)))
+    out.append(("plain", Request(rand(8), 12, logprobs=2, eos=eos)))
+    out.append(("plain", Request(rand(13), 12, SamplingParams(repetition_penalty=1.3), eos=eos)))
+    for n in (12, 4):
+        out.append(("cancel", Request(rand(n), 100)))
+    return out
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_speculative_serving_equals_plain(setup, K):
+    """Greedy requests decode speculatively beside sampled and plain-path ones; every request's events equal
+    those of a scheduler without speculation, and greedy tokens equal generate() alone."""
+    model, tok = setup
+    kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32)
+    runs = {}
+    for k in (0, K):
+        sched = Scheduler(model, tok, speculative_k=k, **kw)
+        reqs = make_requests(model, tok)
+        cancel = tuple(i for i, (kind, _) in enumerate(reqs) if kind == "cancel")
+        runs[k] = (sched, reqs, run_all(sched, [r for _, r in reqs], cancel))
+    (_, reqs, ev0), (spec, _, ev1) = runs[0], runs[K]
+    assert spec.metrics.spec_accepted_tokens > 0  # drafts were accepted ...
+    assert spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens  # ... and rejected
+    eos = tuple(tok.eos_token_ids)
+    for (kind, req), a, b in zip(reqs, ev0, ev1, strict=True):
+        ids = ids_of(b)
+        if kind == "cancel":
+            assert a[-1].finish == b[-1].finish == "cancelled"
+            assert 0 < len(ids) < 100 and ids == alone(model, req.prompt, len(ids))
+            continue
+        assert ids == ids_of(a), kind
+        assert "".join(e.text for e in b) == "".join(e.text for e in a)
+        assert b[-1].finish == a[-1].finish and b[-1].completion_tokens == len(ids)
+        if kind == "greedy":
+            assert ids == alone(model, req.prompt, req.max_tokens, eos)
+            assert b[-1].finish == ("stop" if ids[-1] in eos else "length")
+        if kind == "stop":
+            assert b[-1].finish == "stop" and ids[-1] not in eos and len(ids) < req.max_tokens
+    # the prefix cache served the shared prompts, up to K * window positions before their end
+    for (_, req), e in zip(reqs[9:11], ev1[9:11], strict=True):  # (the first of the three stored it)
+        assert 0 < e[-1].cached_tokens <= len(req.prompt) - K * model.config.sliding_window
+    assert spec.metrics.generation_tokens == sum(len(ids_of(e)) for e in ev1)
+    assert sum(spec.metrics.ttft.counts) == len(reqs)
+    assert spec.running() == 0
+
+
+def test_speculation_cuts_main_forwards_per_token(setup):
+    """One main forward per scheduler step decodes every speculating slot; with accepted drafts, fewer
+    forwards than tokens. (Warm-up steps run with every row frozen first: they leave no trace.)"""
+    model, tok = setup
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 16, 3)]
+    forwards, tokens = {}, {}
+    for K in (0, 2):
+        sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0,
+                          speculative_k=K)
+        sched.warmup()
+        events = run_all(sched, [Request(p, 40) for p in prompts])
+        assert [ids_of(e) for e in events] == [alone(model, p, 40) for p in prompts]
+        forwards[K], tokens[K] = sched.decode_forwards, sum(len(ids_of(e)) - 1 for e in events)  # after prefill
+    assert forwards[0] == 39 and tokens[0] == tokens[2] == 4 * 39  # plain: one forward per token of a slot
+    assert forwards[2] < 39 * 0.8  # speculative: 1 .. 3 tokens per slot and forward
+
+
+def test_bad_speculative_values_are_refused(setup, tmp_path, capsys):
+    model, tok = setup
+    for bad in (4, -1, True):
+        with pytest.raises(ValueError, match="MTP layers"):
+            Scheduler(model, tok, max_slots=1, max_context=64, speculative_k=bad)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    make_tokenizer(ckpt)
+    base = ["serve", "--model", str(ckpt), "--device", "cpu", "--speculative"]
+    for k, msg in (("4", "the model has 3 MTP layers; use 0 (off) .. 3"), ("-2", "integer >= 0")):
+        assert main(base + [k]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_a_slot_drafts_what_generate_drafts(setup):
+    """A slot primes its MTP layers from its prompt's last K * window positions only (speculative.spec_enter),
+    yet drafts as generate() does after priming over the whole prompt: the same drafts are accepted."""
+    model, tok = setup
+    K = 3
+    p = torch.randint(3, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(13)).tolist()
+    assert len(p) > K * model.config.sliding_window
+    out, stats = model.generate(torch.tensor([p]), max_new_tokens=40, eos_token_id=[], num_speculative_tokens=K,
+                                return_stats=True)
+    sched = Scheduler(model, tok, max_slots=2, max_context=160, prefill_chunk=16, speculative_k=K)
+    events = run_all(sched, [Request(p, 40)])
+    assert ids_of(events[0]) == out[0, len(p):].tolist()
+    assert 0 < stats.accepted < stats.drafted
+    assert (sched.metrics.spec_accepted_tokens, sched.metrics.spec_draft_tokens) == (stats.accepted, stats.drafted)
+    assert sched.decode_forwards == stats.steps
+
+
+def test_frozen_rows_are_untouched(setup):
+    """A speculative step leaves every row it does not step (plain decoding, idle) exactly as it was: keys,
+    values, slot tables, MTP rings included; the stepped row changes."""
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0, speculative_k=2)
+    g = torch.Generator().manual_seed(14)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (7, 12, 30)]
+    for r in (Request(prompts[0], 50), Request(prompts[1], 50, SamplingParams(True, 0.8), seed=1),
+              Request(prompts[2], 50)):
+        sched.submit(r)
+    for _ in range(3):
+        sched.step()
+    assert [s.spec for s in sched.slots[:3]] == [True, False, True]
+    cache = sched.cache
+
+    def snapshot(row):
+        return [t.clone() for i in cache.layers() for t in vars(cache.layer_slots(i, row)).values()
+                if isinstance(t, torch.Tensor)]
+
+    before = [snapshot(r) for r in range(4)]
+    s = sched.slots[2]
+    sched.spec.step(sched._runner(4), [2], s.pos)
+    after = [snapshot(r) for r in range(4)]
+    for r in (0, 1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(before[r], after[r], strict=True)), r
+    assert not all(torch.equal(a, b) for a, b in zip(before[2], after[2], strict=True))
+
+
+def test_over_http_with_metrics(setup):
+    """Through the OpenAI server: a greedy completion speculates (the /metrics counters move) and equals
+    generate() alone; a sampled one beside it is served too."""
+    import openai
+
+    from mimo_flash.serving import OpenAIServer, start_in_thread
+
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=16, speculative_k=2).start()
+    http, url = start_in_thread(OpenAIServer(sched, tok, "tiny"))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        ids = tok.encode("the quick brown fox")
+        got = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == tok.decode(alone(model, ids, 20))
+        assert client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=1.0,
+                                         seed=3).usage.completion_tokens >= 1
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            lines = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines() if line[:1] not in ("#", ""))
+        drafted = float(lines["mimo_flash_spec_decode_draft_tokens_total"])
+        assert drafted > 0 and 0 < float(lines["mimo_flash_spec_decode_accepted_tokens_total"]) < drafted
+    finally:
+        http.should_exit = True
+        sched.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_speculative_serving_equals_plain(setup):
+    """On the GPU the speculative steps replay CUDA graphs (whole steps: drafts, verification, acceptance,
+    rollback; captured at warm-up with every row frozen); fp32 keeps the greedy argmax stable."""
+    model, tok = setup
+    model = drafting_model(tok.vocab_size).cuda()
+    runs = {}
+    for K in (0, 3):
+        sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32, speculative_k=K)
+        sched.warmup()
+        reqs = make_requests(model, tok)
+        cancel = tuple(i for i, (kind, _) in enumerate(reqs) if kind == "cancel")
+        runs[K] = (sched, run_all(sched, [r for _, r in reqs], cancel))
+    for (kind, req), a, b in zip(reqs, runs[0][1], runs[3][1], strict=True):
+        if kind != "cancel":
+            assert ids_of(a) == ids_of(b), kind
+        if kind == "greedy":
+            assert ids_of(b) == alone(model, req.prompt, req.max_tokens, tuple(tok.eos_token_ids))
+    assert runs[3][0].metrics.spec_accepted_tokens > 0
+    assert not any(r.notes for r in runs[3][0].runners.values())  # no graphed path fell back
