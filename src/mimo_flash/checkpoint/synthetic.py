@@ -19,6 +19,7 @@ Tensors are generated one at a time, so checkpoints of many GB take no more memo
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import zlib
@@ -44,6 +45,13 @@ def _generator(name: str, seed: int, stripe: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((((zlib.crc32(name.encode()) << 16) ^ seed) * 65599 + stripe) % (1 << 63))
 
 
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """A pool of `threads` threads, made once (not per tensor: tens of thousands of them); keyed by the process
+    id too, since a forked child inherits the pool object but not its threads."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="synthetic")
+
+
 def _fill(out: torch.Tensor, name: str, seed: int, transform: Callable[[torch.Tensor], torch.Tensor],
           threads: int) -> torch.Tensor:
     """out [..., C] (any dtype) = transform(standard normal fp32), stripe by stripe of its 2-D view (see the
@@ -58,8 +66,7 @@ def _fill(out: torch.Tensor, name: str, seed: int, transform: Callable[[torch.Te
         rows.copy_(transform(torch.randn(rows.shape, generator=_generator(name, seed, i))))
 
     if threads > 1 and n > 1 and out.numel() >= PARALLEL_MIN:
-        with ThreadPoolExecutor(min(threads, n)) as pool:  # torch ops release the GIL
-            list(pool.map(stripe, range(n)))
+        list(_pool(threads, os.getpid()).map(stripe, range(n)))  # torch ops release the GIL
     else:
         for i in range(n):
             stripe(i)
