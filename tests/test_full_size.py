@@ -12,7 +12,6 @@ rounding.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
@@ -141,38 +140,58 @@ def _tables(text: str) -> dict[str, list[list[str]]]:
     return out
 
 
-def test_bench_cpu_check_runs_under_torchrun():
+def _bench(*argv: str, nproc: int = 0) -> str:
+    """Run bench/full_size.py (under torchrun with `nproc` processes when nproc > 0) -> its stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     env.pop("OUT", None)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), str(BENCH), "--cpu-check", "--tp", "1", "--ep", "2", "--gen-threads", "1"],
-                         capture_output=True, text=True, env=env, timeout=240)
+    launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    run = subprocess.run([sys.executable, *(launch if nproc else []), str(BENCH), *argv], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    t = _tables(run.stdout)
-    assert set(t) == {"load", "memory per GPU", "decode", "TTFT", "largest context at batch 1"}, run.stdout[-3000:]
-    num = lambda c: float(c)  # noqa: E731 - a cell that is not a number fails the test
+    return run.stdout
+
+
+def _check_tables(text: str, ranks: int, batches: list[int], prompts: list[int], K: int, ttft: list[int],
+                  capped: bool) -> None:
+    """Every table and every row the bench promises, with positive numbers."""
+    t = _tables(text)
+    assert set(t) == {"load", "memory per GPU", "decode", "TTFT", "largest context at batch 1"}, text[-3000:]
+    num = float  # a cell that is not a number fails the test
     load = t["load"][1:]
-    assert [r[0] for r in load] == ["0", "1"]  # every rank's row, gathered to rank 0
+    assert [r[0] for r in load] == [str(r) for r in range(ranks)]  # every rank's row, gathered to rank 0
     for r in load:
-        assert num(r[1]) > 0 and num(r[4]) > 0 and num(r[3]) > 0
-        assert num(r[4]) == pytest.approx(num(t["load"][1][4]))  # both ranks hold the same share
+        assert num(r[1]) > 0 and num(r[3]) > 0 and num(r[4]) > 0
+        assert num(r[4]) == pytest.approx(num(load[0][4]))  # every rank holds the same share
     mem = t["memory per GPU"][1:]
-    assert [r[0] for r in mem] == ["0", "1"] and all(num(r[1]) > 0 and num(r[3]) > 0 for r in mem)
+    assert [r[0] for r in mem] == [str(r) for r in range(ranks)]
+    assert all(num(r[1]) > 0 and num(r[3]) > 0 and num(r[5]) >= num(r[3]) for r in mem)
     decode = t["decode"][1:]
-    # every batch x prompt x K of the CPU check (bench CPU_CHECK: batch 1 2, prompt 16 40, K 0 and 3)
-    assert [(r[0], r[1], r[2]) for r in decode] == [(b, p, k) for b in ("1", "2") for p in ("16", "40")
-                                                    for k in ("0", "3")]
+    assert [(r[0], r[1], r[2]) for r in decode] == [(str(b), str(p), str(k)) for b in batches for p in prompts
+                                                    for k in (0, K)]
     for r in decode:
         assert num(r[3]) > 0 and num(r[4]) > 0 and num(r[5]) >= 1.0, r
-        if r[2] == "3":
+        if r[2] != "0":
             assert num(r[6]) > 0, r  # break-even acceptance length
-    ttft = t["TTFT"][1:]
-    assert [r[0] for r in ttft] == ["24", "48"] and all(num(r[1]) > 0 and num(r[2]) > 0 for r in ttft)
+    rows = t["TTFT"][1:]
+    assert [r[0] for r in rows] == [str(p) for p in ttft] and all(num(r[1]) > 0 and num(r[2]) > 0 for r in rows)
     (ctx,) = t["largest context at batch 1"][1:]
-    assert int(ctx[0]) == _tiny_max_positions() and ctx[2] == "yes"  # the host has room: capped by the config
-    assert all(num(b) > 0 for b in ctx[1].split())
+    assert int(ctx[0]) > max(ttft) and (ctx[2] == "yes") == capped, ctx
+    assert [num(b) > 0 for b in ctx[1].split()] == [True] * ranks
 
 
-def _tiny_max_positions() -> int:
-    return MiMoConfig.preset("tiny").max_position_embeddings
+def test_bench_cpu_check_runs_under_torchrun():
+    out = _bench("--cpu-check", "--tp", "1", "--ep", "2", "--gen-threads", "1", nproc=2)
+    # bench CPU_CHECK: batch 1 2, prompt 16 40, K 0 and 3 (the tiny preset's 3 MTP layers), TTFT 24 48; the host
+    # has room for the tiny preset's whole max_position_embeddings
+    _check_tables(out, 2, [1, 2], [16, 40], 3, [24, 48], capped=True)
+    (ctx,) = _tables(out)["largest context at batch 1"][1:]
+    assert int(ctx[0]) == MiMoConfig.preset("tiny").max_position_embeddings
+
+
+@pytest.mark.gpu
+def test_bench_on_one_gpu_with_the_released_dims_cut_to_two_layers():
+    """What a session with one H200 runs: the released dimensions (2 layers + 3 MTP layers, FP8) built from the
+    synthetic source on the GPU, every measurement at small sizes."""
+    out = _bench("--layers", "2", "--batch", "1", "4", "--prompt", "256", "--new", "8", "--ttft", "512", "2048")
+    _check_tables(out, 1, [1, 4], [256], 3, [512, 2048], capped=True)  # 262144 positions fit beside 2 layers
