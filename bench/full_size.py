@@ -1,15 +1,22 @@
 """The released MiMo-V2-Flash dimensions end to end on tensor x expert parallel GPUs, random FP8 weights built
 directly sharded (issue #20): no checkpoint on disk, no whole copy of the model anywhere.
 
-    # 8 H200s, the whole released model (48 layers, 3 MTP layers, 256 experts, FP8 128x128 blocks, ~291 GiB):
+    # 8 H200s, the whole released model (48 layers, 3 MTP layers, 256 experts, FP8 128x128 blocks, 291.5 GiB;
+    # plan: 40.1 GiB of weights per GPU at TP 2 x EP 4, 44.6 at TP 1 x EP 8):
     torchrun --nproc-per-node 8 bench/full_size.py --tp 2 --ep 4 --json full_size.json
     torchrun --nproc-per-node 8 bench/full_size.py --tp 1 --ep 8      # each rank generates 1/8 of the experts
-    # 4 H200s (73 GiB of weights each):
+    # 4 H200s (plan: 75.4 GiB of weights per GPU):
     torchrun --nproc-per-node 4 bench/full_size.py --tp 2 --ep 2
-    # 1 H200, the released dimensions cut to 4 layers (checks every code path on one GPU):
+    # 1 H200, the released dimensions cut to 4 layers (22 GiB; checks every code path on one GPU):
     python bench/full_size.py --layers 4
-    # the CPU check (tiny preset, gloo, seconds): what tests/test_full_size_bench.py runs
+    # the CPU check (tiny preset, gloo, seconds): what tests/test_full_size.py runs
     torchrun --nproc-per-node 2 bench/full_size.py --cpu-check --tp 2
+
+The load is bound by the host generating random numbers (~0.3 G elements/s per thread measured on a shared
+2-core CPU; --gen-threads, default this rank's share of the CPUs): under EP each rank generates only its experts
+(1/ep of ~310 G), under TP it generates whole tensors and keeps its slices. --budget-s (default 540 s, for a
+10-minute command) skips the measurements left when time runs out; --batch / --prompt / --ttft / --new cut the
+grid.
 
 Every rank loads its share of checkpoint.synthetic.SyntheticCheckpoint (the values write_synthetic_checkpoint
 would write, generated tensor by tensor on the host as the loader reads them, FP8 kept resident) through
@@ -18,8 +25,10 @@ load, TTFT, largest context, decode (the decode grid, the longest part, last):
   * load: wall time (and how much of it was the host generating random tensors), weights per rank;
   * memory per GPU: parameter bytes, torch.cuda.max_memory_allocated / memory_reserved after the load and at
     the end of the run, per rank (gathered to rank 0), against `mimo-flash plan`'s prediction for the same
-    layout (plan.py: weights counted exactly; its KV term assumes attention data-parallel over the EP groups,
-    while distributed/inference.py replicates attention there, so it matches at batch 1 only);
+    layout (plan.py counts the weights from the model, but the MTP eh_proj as FP8 where the release stores it
+    bf16: ~0.1 GiB per GPU under the measured weights at the released dims; its KV term assumes attention
+    data-parallel over the EP groups, while distributed/inference.py replicates attention there, so it matches
+    at batch 1 only);
   * decode at each --batch x --prompt, plain and with K = min(3, MTP layers) speculative tokens: step time and
     tokens/s from the second of two identical generate() calls (the first captures the CUDA graphs); random
     weights accept no drafts, so the speculative rows give the break-even acceptance length = speculative step
@@ -32,7 +41,7 @@ load, TTFT, largest context, decode (the decode grid, the longest part, last):
 Each measurement first allocates its KV cache (and plan's activation estimate) on every rank and all ranks
 agree on whether that fits: a row that does not says OOM and the run goes on. (An OOM later inside a
 measurement is caught too, but under NCCL the other ranks would then wait in a collective: the probe exists so
-that this does not happen.) --budget-s skips the measurements left when time runs out (rows say so).
+that this does not happen.) Rows skipped for --budget-s say so.
 Timing on CUDA: generate()'s CUDA events; on the CPU the host clock.
 """
 
