@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
-from harness import SRC, free_port, run_ranks
-from mimo_flash import MiMoConfig
+from harness import SRC, free_port, needs_peak_rss, run_python, run_ranks
+from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import SyntheticCheckpoint, load_pretrained, write_synthetic_checkpoint
 from mimo_flash.checkpoint.names import expert_index
 from mimo_flash.quant.blocks import FP8
@@ -195,3 +195,49 @@ def test_bench_on_one_gpu_with_the_released_dims_cut_to_two_layers():
     synthetic source on the GPU, every measurement at small sizes."""
     out = _bench("--layers", "2", "--batch", "1", "4", "--prompt", "256", "--new", "8", "--ttft", "512", "2048")
     _check_tables(out, 1, [1, 4], [256], 3, [512, 2048], capped=True)  # 262144 positions fit beside 2 layers
+
+
+PEAK_CHILD = r"""
+import json, torch, torch.distributed as dist
+from harness import peak_rss_growth
+from mimo_flash import MiMoConfig, MiMoForCausalLM
+from mimo_flash.checkpoint import SyntheticCheckpoint
+from mimo_flash.distributed import load_parallel
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+kw = dict(tp=1, ep=2, dtype=torch.bfloat16, fp8=True, progress=False)
+load_parallel(SyntheticCheckpoint(MiMoConfig.preset("tiny")), **kw)  # warm up: imports, first use
+config = MiMoConfig.preset("tiny", vocab_size=8192, hidden_size=512, intermediate_size=1024, n_routed_experts=32,
+                           moe_intermediate_size=512, num_nextn_predict_layers=1)
+model, extra = peak_rss_growth(load_parallel, SyntheticCheckpoint(config), **kw)
+sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
+print(json.dumps({"rank": dist.get_rank(), "extra": extra, "local": sum(sizes), "largest": max(sizes)}))
+dist.destroy_process_group()
+"""
+MB = 1 << 20
+
+
+@needs_peak_rss
+def test_each_rank_holds_its_share_plus_one_generated_tensor(tmp_path):
+    """Two ranks (EP=2) load FP8-resident from the synthetic source: each one's peak host memory rises by its
+    share plus about one generated tensor (the largest: an fp32 stripe buffer aside, the tensor itself), well
+    under the whole model."""
+    from mimo_flash.quant import quantize_model_
+
+    config = MiMoConfig.preset("tiny", vocab_size=8192, hidden_size=512, intermediate_size=1024, n_routed_experts=32,
+                               moe_intermediate_size=512, num_nextn_predict_layers=1)
+    with torch.device("meta"):
+        whole = MiMoForCausalLM(config).to(torch.bfloat16)
+    quantize_model_(whole)
+    full = sum(t.numel() * t.element_size() for t in whole.state_dict().values())
+    (tmp_path / "child.py").write_text(PEAK_CHILD)
+    results = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                         str(tmp_path / "child.py"))
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert full > 40 * MB  # a second copy of the model, or of half of it, would show
+    for r in results:
+        shown = {k: round(v / MB, 1) for k, v in {**r, "full": full}.items()}
+        assert r["local"] < 0.6 * full, shown  # about half: its experts, the rest whole
+        assert r["local"] < r["extra"] < r["local"] + r["largest"] + 16 * MB, shown
+        assert r["extra"] < 0.75 * full, shown
