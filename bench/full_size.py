@@ -393,7 +393,9 @@ def main(argv=None) -> int:
                 gib(x["params"]), gib(predicted.get("weights"))] for r, x in enumerate(loads)],
               [f"{args.preset} preset, {config.num_hidden_layers} layers + {config.num_nextn_predict_layers} MTP, "
                f"FP8 128x128 blocks, random weights generated on the host as loaded (SyntheticCheckpoint, seed "
-               f"{args.seed}), tp {args.tp} x ep {args.ep}"])
+               f"{args.seed}), tp {args.tp} x ep {args.ep}",
+               f"the tensors the release keeps unquantized in {str(args.dtype).removeprefix('torch.')} (plan counts "
+               "bf16); plan counts the MTP eh_proj as FP8, the release stores it bf16"])
 
     # ------------------------------------------------------------------ measurements
     ttft = ttft_rows(run, args, model, layout)  # the cheap ones first: the decode grid may run out of --budget-s
@@ -432,7 +434,7 @@ def main(argv=None) -> int:
         table("largest context at batch 1", longest["method"],
               ["context", "KV bytes/rank (GiB)", "capped by max_position_embeddings", "contexts tried"],
               [[longest["context"] if longest["status"] == "ok" else "OOM",
-                " ".join(fmt(b / GIB, ".3f") for b in longest["kv_bytes_per_rank"]),
+                " ".join(gib(b) for b in longest["kv_bytes_per_rank"]),
                 "yes" if longest["capped"] else "no", " ".join(map(str, longest["tries"]))]],
               [f"K={K} MTP rings included; free memory read after the TTFT runs (their caches freed), less plan's "
                "activation estimate"])
