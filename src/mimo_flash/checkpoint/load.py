@@ -22,7 +22,7 @@ from ..config import MiMoConfig
 from ..quant.blocks import FP8, SCALE_SUFFIX, dequantize, scale_grid
 from .errors import CheckpointError, CheckpointWarning
 from .names import expert_index, hub_parts, is_mtp, layer_index, mtp_index, transformers_name
-from .reader import DEFAULT_BLOCK, CheckpointReader, block_size, read_config
+from .reader import DEFAULT_BLOCK, CheckpointReader, block_size, open_checkpoint
 from .slices import intersect, read_slice, whole
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
@@ -66,9 +66,9 @@ def plan_checkpoint(reader: CheckpointReader, load_mtp: bool = True, strict: boo
     Raises CheckpointError for anything that does not fit; warns (CheckpointWarning) for unexpected
     tensors when not strict and for FP8 scales with extra trailing rows/cols.
     """
-    raw, config = read_config(reader.root)
-    cfg = reader.root / "config.json"
-    block = block_size(raw, str(cfg))
+    raw, config = reader.config()
+    cfg = reader.config_path
+    block = block_size(raw, cfg)
     keys = reader.keys()
     config = _check_structure(reader, raw, config, load_mtp, cfg)
 
@@ -100,13 +100,13 @@ def plan_checkpoint(reader: CheckpointReader, load_mtp: bool = True, strict: boo
                     plan.source_bytes += reader.info(k).nbytes
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{_describe(reader)}: missing {len(missing)} tensor(s) that config.json implies: "
+        raise CheckpointError(f"{reader.describe()}: missing {len(missing)} tensor(s) that config.json implies: "
                               f"{', '.join(missing[:5])}{more}")
     unexpected = sorted(k for k in keys - used if load_mtp or not is_mtp(k))
     if unexpected:
         listed = ", ".join(f"{k} (in {reader.info(k).file.name})" for k in unexpected[:5])
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        msg = f"{_describe(reader)}: {len(unexpected)} unexpected tensor(s), not part of the model config.json describes: {listed}{more}"
+        msg = f"{reader.describe()}: {len(unexpected)} unexpected tensor(s), not part of the model config.json describes: {listed}{more}"
         if strict:
             raise CheckpointError(msg + "; pass strict=False to ignore them")
         warnings.warn(msg + "; ignored (strict=False)", CheckpointWarning, stacklevel=3)
@@ -114,14 +114,10 @@ def plan_checkpoint(reader: CheckpointReader, load_mtp: bool = True, strict: boo
         listed = "; ".join(f"{k} {reader.info(k).shape} for weight {reader.info(k[: -len(SCALE_SUFFIX)]).shape}"
                            for k in extra_scales[:10])
         more = f" (and {len(extra_scales) - 10} more)" if len(extra_scales) > 10 else ""
-        warnings.warn(f"{_describe(reader)}: FP8 scale(s) with extra trailing rows/cols, read as standard "
+        warnings.warn(f"{reader.describe()}: FP8 scale(s) with extra trailing rows/cols, read as standard "
                       f"{plan.block[0]}x{plan.block[1]} ceil blocks with the extras ignored: {listed}{more}",
                       CheckpointWarning, stacklevel=3)
     return plan
-
-
-def _describe(reader: CheckpointReader) -> str:
-    return str(reader.index_path or (next(iter(reader.files)) if len(reader.files) == 1 else reader.root))
 
 
 def _sources(name: str, shape: tuple[int, ...], keys: set[str], config: MiMoConfig) -> list[Source]:
@@ -190,7 +186,7 @@ def _check_structure(reader: CheckpointReader, raw: dict, config: MiMoConfig, lo
     mtp = {i for i in map(mtp_index, keys) if i is not None}
     found = max(mtp) + 1 if mtp else 0
     if mtp and mtp != set(range(found)):
-        raise CheckpointError(f"{_describe(reader)}: MTP layers {sorted(mtp)} are not numbered 0..{found - 1}")
+        raise CheckpointError(f"{reader.describe()}: MTP layers {sorted(mtp)} are not numbered 0..{found - 1}")
     n = config.num_nextn_predict_layers
     if not load_mtp:
         n = 0
@@ -252,7 +248,8 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
     """Build MiMoForCausalLM from a checkpoint directory or file.
 
     path: a directory with config.json and model.safetensors / sharded safetensors + index (hub or
-    transformers layout, FP8 or not), or one such file beside its config.json. dtype: the model's
+    transformers layout, FP8 or not), or one such file beside its config.json, or a checkpoint source object
+    (reader.open_checkpoint: a synthetic.SyntheticCheckpoint, generated as it is read). dtype: the model's
     dtype ("auto" = config.torch_dtype); the router weight and correction bias stay fp32. FP8 tensors
     are dequantized with their per-block scales. load_mtp=False skips the MTP layers. strict=False
     turns unexpected tensors into a warning. allow_pickle=True accepts .bin/.pt files (weights_only).
@@ -266,9 +263,9 @@ def load_pretrained(path: str | os.PathLike, dtype=torch.bfloat16, device=None, 
     """
     from ..model import MiMoForCausalLM
 
-    with CheckpointReader(path, allow_pickle=allow_pickle) as reader:
+    with open_checkpoint(path, allow_pickle=allow_pickle) as reader:
         if isinstance(dtype, str) and dtype == "auto":
-            dtype = read_config(reader.root)[1].torch_dtype
+            dtype = reader.config()[1].torch_dtype
         dtype = parse_dtype(dtype)
         plan = plan_checkpoint(reader, load_mtp=load_mtp, strict=strict)
         plan.config = plan.config.replace(torch_dtype=str(dtype).removeprefix("torch."))

@@ -2,7 +2,9 @@
 
 Accepted: a directory or a file; one safetensors file, several, or shards listed by an index
 (`model.safetensors.index.json`); pickle files (.bin/.pt) only when the caller opts in, and then
-through torch.load(weights_only=True).
+through torch.load(weights_only=True). open_checkpoint also takes a checkpoint source object (one with
+open_reader(), e.g. checkpoint.synthetic.SyntheticCheckpoint) whose reader serves the same interface:
+keys / info / infos / get / release / close, config(), config_path, describe().
 """
 
 from __future__ import annotations
@@ -89,6 +91,19 @@ class CheckpointReader:
                         raise CheckpointError(f"tensor {name} is in both {self.infos[name].file} and {info.file}")
                     self.infos[name] = info
 
+    def config(self) -> tuple[dict, MiMoConfig]:
+        """config.json -> (the raw dict, MiMoConfig)."""
+        return read_config(self.root)
+
+    @property
+    def config_path(self) -> str:
+        """Where the config comes from, for messages."""
+        return str(self.root / "config.json")
+
+    def describe(self) -> str:
+        """The checkpoint, for messages: its index, its one file, or its directory."""
+        return str(self.index_path or (next(iter(self.files)) if len(self.files) == 1 else self.root))
+
     def keys(self) -> set[str]:
         return set(self.infos)
 
@@ -114,6 +129,14 @@ class CheckpointReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+def open_checkpoint(path, allow_pickle: bool = False):
+    """A reader over `path`: a CheckpointReader for a checkpoint directory or file, or, for a checkpoint source
+    object (one with open_reader(): checkpoint.synthetic.SyntheticCheckpoint), the reader it opens."""
+    opener = getattr(path, "open_reader", None)
+    if callable(opener):
+        return opener()
+    return CheckpointReader(path, allow_pickle=allow_pickle)
 
 
 def _find_files(p: Path) -> tuple[list[Path], dict[str, Path] | None, Path | None]:
