@@ -209,8 +209,10 @@ def test_plan_weights_match_a_built_model(fp8):
 
 
 def test_plan_sharding_and_kv_replication():
-    """TP 2 (= the full layers' KV heads): each rank holds half of every split tensor and all of the replicated
-    ones; TP 4 replicates the full layers' KV heads, so their K/V weights and cache per GPU stop shrinking."""
+    """The layouts distributed/inference.py runs: TP x EP = the GPUs. TP 2 (= the full layers' KV heads): each
+    rank holds half of every split tensor and all of the replicated ones; TP 4 replicates the full layers' KV
+    heads, so their K/V weights and cache per GPU stop shrinking. Attention is replicated over the EP groups:
+    every GPU holds the cache of the whole batch for its heads."""
     from mimo_flash.plan import plan
 
     config = MiMoConfig.preset("tiny", num_key_value_heads=2, swa_num_key_value_heads=4,
@@ -221,24 +223,25 @@ def test_plan_sharding_and_kv_replication():
                      or n.endswith("e_score_correction_bias"))
     split = sum(b.values()) - replicated
     rows = {(r["tp"], r["ep"]): r for r in plan(config, 4, 80, 64, 4, fp8=False)["rows"]}
+    assert set(rows) == {(1, 4), (2, 2), (4, 1)}
     experts = _experts(b)  # every GPU holds 1/N of the experts, whatever the EP degree
     assert rows[(2, 2)]["weights"] == int(replicated + (split - experts) / 2 + experts / 4)
-    assert rows[(2, 1)]["weights"] == rows[(2, 2)]["weights"]
     assert rows[(1, 4)]["weights"] == int(replicated + (split - experts) + experts / 4)
-    # KV: batch 4 over N / TP attention groups; TP 4 > 2 full KV heads -> one head each, replicated. K and V
-    # bytes written out per layer (full layers hold the context, SWA layers a ring of the window)
-    def kv(tp, seqs):
+    # KV: all 4 sequences on every GPU; TP 4 > 2 full KV heads -> one head each, replicated. K and V bytes
+    # written out per layer (full layers hold the context, SWA layers a ring of the window)
+    def kv(tp):
         total = 0
         for i in range(config.num_hidden_layers):
             d = config.attn_dims(config.is_swa(i))
             n = min(config.sliding_window, 64) if config.is_swa(i) else 64
-            total += seqs * max(d["kv_heads"] // tp, 1) * n * (d["qk_dim"] + d["v_dim"]) * 2
+            total += 4 * max(d["kv_heads"] // tp, 1) * n * (d["qk_dim"] + d["v_dim"]) * 2
         return total
 
-    tables4 = rows[(4, 1)]["kv"] - kv(4, 4)  # position / validity tables of 4 sequences
-    assert 0 < tables4 < 0.1 * rows[(4, 1)]["kv"]
-    assert rows[(2, 1)]["kv"] == kv(2, 2) + tables4 // 2
-    assert rows[(1, 1)]["kv"] == kv(1, 1) + tables4 // 4
+    tables = rows[(4, 1)]["kv"] - kv(4)  # position / validity tables of 4 sequences
+    assert 0 < tables < 0.1 * rows[(4, 1)]["kv"]
+    assert rows[(2, 2)]["kv"] == kv(2) + tables
+    assert rows[(1, 4)]["kv"] == kv(1) + tables
+    assert rows[(4, 1)]["kv"] > kv(2) / 2  # the full layers' K/V heads replicated at TP 4
 
 
 def _experts(b: dict[str, int]) -> int:
@@ -250,7 +253,7 @@ def test_plan_command_answers_the_h200_question(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "4 GPU(s) of 141 GiB" in out and "FP8" in out
-    assert "layout(s) fit" in out and " 4   4 |" in out
+    assert "layout(s) fit" in out and " 2   2 |" in out and " 4   4 |" not in out  # TP x EP = 4
     rc = main(["plan", "--preset", "flash", "--gpus", "2", "--context", "32768", "--batch", "16", "--bf16"])
     out = capsys.readouterr().out
     assert rc == 0 and "-> 0 layout(s) fit" in out  # 618 GB of bf16 weights do not fit on two H200s

@@ -2,10 +2,11 @@
 
     mimo-flash plan --preset flash --gpus 4 --gpu-mem 141 --context 32768 --batch 16
 
-A layout (TP, EP) over N GPUs: attention, dense MLPs, embedding and lm_head split over TP ranks (attention
-heads; KV heads replicated where TP exceeds them), attention data-parallel over the N / TP groups (each
-group serves batch / (N / TP) sequences); routed experts split over EP ranks (E / EP experts each) and each
-expert's intermediate dimension over the N / EP ranks that share it, so every GPU holds 1/N of the experts.
+A layout (TP, EP) over N = TP x EP GPUs, as distributed/inference.py runs it: attention, dense MLPs, embedding
+and lm_head split over TP ranks (attention heads; KV heads replicated where TP exceeds them) and replicated over
+the EP groups, every rank running every sequence (so each GPU holds the KV cache of the whole batch for its
+heads); routed experts split over EP ranks (E / EP experts each) and each expert's intermediate dimension over
+the TP ranks that share them, so every GPU holds 1/N of the experts.
 Norms, routers, biases and eh_proj are replicated. Weights are counted from the model built on the meta
 device (the MTP layers included), FP8 tensors (quant.QUANTIZED_MODULES) at 1 byte plus fp32 128x128 block
 scales; the KV cache from generation.cache.KVCache's own buffers. Activations and CUDA graphs are estimates.
@@ -93,58 +94,54 @@ def rank_fraction(config: MiMoConfig, name: str, shape_rows: int, layout: Layout
 
 
 def layouts(config: MiMoConfig, gpus: int) -> list[tuple[Layout, str | None]]:
-    """Every (TP, EP) with TP and EP dividing the GPU count, with the reason it cannot serve (None: it can)."""
+    """Every (TP, EP) with TP x EP = the GPU count, with the reason it cannot serve (None: it can)."""
     out = []
-    divs = [d for d in range(1, gpus + 1) if gpus % d == 0]
-    for tp in divs:
-        for ep in divs:
-            why = None
-            for swa in (False, True):
-                d = config.attn_dims(swa)
-                if d["heads"] % tp:
-                    why = f"{d['heads']} {'SWA' if swa else 'full'} heads do not split over TP {tp}"
-                elif d["kv_heads"] % tp and tp % d["kv_heads"]:
-                    why = f"{d['kv_heads']} KV heads neither split over nor replicate evenly to TP {tp}"
-            if why is None and config.n_routed_experts % ep:
-                why = f"{config.n_routed_experts} experts do not split over EP {ep}"
-            elif why is None and config.moe_intermediate_size % (gpus // ep):
-                why = f"expert intermediate {config.moe_intermediate_size} does not split over {gpus // ep} ranks"
-            out.append((Layout(tp, ep, gpus), why))
+    for tp in (d for d in range(1, gpus + 1) if gpus % d == 0):
+        ep = gpus // tp
+        why = None
+        for swa in (False, True):
+            d = config.attn_dims(swa)
+            if d["heads"] % tp:
+                why = f"{d['heads']} {'SWA' if swa else 'full'} heads do not split over TP {tp}"
+            elif d["kv_heads"] % tp and tp % d["kv_heads"]:
+                why = f"{d['kv_heads']} KV heads neither split over nor replicate evenly to TP {tp}"
+        if why is None and config.n_routed_experts % ep:
+            why = f"{config.n_routed_experts} experts do not split over EP {ep}"
+        elif why is None and config.moe_intermediate_size % tp:
+            why = f"expert intermediate {config.moe_intermediate_size} does not split over TP {tp}"
+        out.append((Layout(tp, ep, gpus), why))
     return out
 
 
 def kv_bytes_per_gpu(config: MiMoConfig, layout: Layout, context: int, batch: int, mtp: int = 0) -> int:
-    """KV cache bytes one GPU holds: the cache (generation.cache.cache_bytes, SWA rings included) of its
-    attention group's share of the batch, with the KV heads of one TP rank (one each where TP exceeds them)."""
+    """KV cache bytes one GPU holds: the cache (generation.cache.cache_bytes, SWA rings included) of the whole
+    batch, with the KV heads of one TP rank (one each where TP exceeds them)."""
     from .generation.cache import cache_bytes
 
-    seqs = math.ceil(batch / (layout.gpus // layout.tp))
     heads = {swa: round(_kv_share(config, swa, layout.tp) * config.attn_dims(swa)["kv_heads"]) for swa in (False, True)}
     rank = config.replace(num_key_value_heads=heads[False], swa_num_key_value_heads=heads[True])
-    return cache_bytes(rank, context, batch_size=seqs, dtype=torch.bfloat16, num_mtp=mtp)
+    return cache_bytes(rank, context, batch_size=batch, dtype=torch.bfloat16, num_mtp=mtp)
 
 
 def activation_bytes(config: MiMoConfig, layout: Layout, batch: int) -> int:
     """Estimate of the largest live activations: one prefill chunk of PREFILL_CHUNK tokens through one layer
     (residual, normed input, q/k/v, attention output, MLP / routed-expert intermediates in bf16) plus fp32
-    logits for the group's sequences."""
-    D, tp, n = config.hidden_size, layout.tp, layout.gpus
+    logits for the batch."""
+    D, tp = config.hidden_size, layout.tp
     d = config.attn_dims(False)
     qkv = (d["heads"] * d["qk_dim"] + d["kv_heads"] * (d["qk_dim"] + d["v_dim"])) / tp
     dense = 3 * config.intermediate_size / tp
-    moe = config.num_experts_per_tok * (2 * D + 3 * config.moe_intermediate_size / (n // layout.ep))
+    moe = config.num_experts_per_tok * (2 * D + 3 * config.moe_intermediate_size / tp)
     per_token = 4 * D + qkv + d["heads"] * d["v_dim"] / tp + max(dense, moe)
-    seqs = math.ceil(batch / (n // tp))
-    return int(PREFILL_CHUNK * per_token * 2 + seqs * config.vocab_size / tp * 4 * 2)
+    return int(PREFILL_CHUNK * per_token * 2 + batch * config.vocab_size / tp * 4 * 2)
 
 
 def graph_bytes(config: MiMoConfig, layout: Layout, batch: int) -> int:
     """Estimate of CUDA-graph memory pools: GRAPH_BUCKETS decode graphs, each holding one step's activations
-    for the group's sequences (a greedy chunk of generate() captures 16 steps sharing one pool)."""
-    seqs = math.ceil(batch / (layout.gpus // layout.tp))
+    for the batch (a greedy chunk of generate() captures 16 steps sharing one pool)."""
     D, tp = config.hidden_size, layout.tp
     per_row = 16 * D + 4 * config.vocab_size / tp + config.num_experts_per_tok * 3 * config.moe_intermediate_size
-    return int(GRAPH_BUCKETS * seqs * per_row * 4)
+    return int(GRAPH_BUCKETS * batch * per_row * 4)
 
 
 def plan(config: MiMoConfig, gpus: int, gpu_mem_gib: float, context: int, batch: int, fp8: bool = True,
