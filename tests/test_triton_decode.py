@@ -346,6 +346,28 @@ def test_triton_step_fp8_matches_the_fp8_torch_step_on_gpu():
     assert not graphed.notes and ("main-triton", 128) in graphed.graphs
 
 
+@pytest.mark.gpu
+def test_fp8_trained_model_greedy_through_the_triton_step_on_gpu():
+    """generate() at batch 1 on CUDA (the Triton step, reading FP8) gives the greedy tokens of the CPU fp32 run
+    on a model confident enough that bf16 rounding does not flip them."""
+    import copy
+
+    from test_quant import _trained_tiny
+
+    from mimo_flash.generation import engine
+    from mimo_flash.quant import quantize_model_
+
+    model, data, _ = _trained_tiny()
+    quantize_model_(model)
+    prompt = data[:1, :10]
+    cpu = generate(model, prompt, max_new_tokens=40, eos_token_id=[])
+    gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    out, stats = generate(gpu, prompt.cuda(), max_new_tokens=40, eos_token_id=[], return_stats=True)
+    (r,) = engine._RUNNERS[gpu].values()
+    assert r.triton and r._triton_step is not None and stats.notes == []
+    assert torch.equal(out.cpu(), cpu)
+
+
 def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
     from mimo_flash.generation import triton_step
 
