@@ -32,6 +32,8 @@ rounded to the model dtype where the PyTorch modules round them; the normalised 
 (the module rounds x * rstd and its product with the weight; here rstd is applied after the sum).
 Tested against the modules in fp32 in Triton's CPU interpreter (tests/test_triton_decode.py; the
 interpreter mishandles bf16 dots and roundings) and in bf16 on the GPU.
+Over 500 lines: the step's kernels share their helpers (_gemv, _fp8_x, _last, the PDL calls) and are read
+together, so they stay in one file.
 """
 
 from __future__ import annotations
