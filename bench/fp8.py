@@ -2,13 +2,15 @@
 
     python bench/fp8.py                          # 8 layers (about 105 GB in bf16, 55 GB in FP8), one H200
     python bench/fp8.py --layers 4 --skip-micro  # quicker
+    python bench/fp8.py --torch-step             # also the FP8 batch-1 step with the Triton step off
     python bench/fp8.py --device cpu --tiny      # every path at tiny sizes on the CPU (a smoke test)
 
 Per format (the bf16 model is built, measured and freed, then the FP8 one; random weights built on the device):
 prefill tok/s over --prefill tokens (one sequence, last-token logits), and decode step time at batch 1 and 64
-through generate() (the bf16 batch-1 step is the Triton decode step; the FP8 model takes the CUDA-graph path,
-its projections the FP8 Triton kernels), with the bytes one step reads (weights touched: every non-expert
-tensor, the expected number of distinct experts E (1 - (1 - k/E)^B), embedding rows, KV cache) and their
+through generate() (batch 1, bf16 and FP8 alike: the Triton decode step of generation/triton_step.py, which
+reads FP8 weights with their block scales; batch 64: the CUDA-graph torch step, FP8 projections through
+quant/'s Triton kernels; the table says which step ran), with the bytes one step reads (weights touched: every
+non-expert tensor, the expected number of distinct experts E (1 - (1 - k/E)^B), embedding rows, KV cache) and their
 share of the device's copy bandwidth. Then micro-benchmarks of the quant/ backends against torch bf16.
 Decode time = (time of 1 + n steps - time of 1 step) / n, so prefill and graph capture drop out.
 """
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM  # noqa: E402
-from mimo_flash.generation import generate  # noqa: E402
+from mimo_flash.generation import engine, generate  # noqa: E402
+from mimo_flash.options import override  # noqa: E402
 from mimo_flash.ops.moe import experts as bf16_experts  # noqa: E402
 from mimo_flash.quant import FP8, FP8Experts, FP8Linear, fp8_experts, fp8_linear, quantize_model_  # noqa: E402
 
@@ -112,6 +115,32 @@ def step_bytes(model, B: int, kv_len: int) -> int:
     return int(total)
 
 
+def step_path(model, B: int) -> str:
+    """Which one-token step generate() ran at batch B: "triton" (TritonStep), "graphed" (the GraphRunner's torch
+    step) or "eager", with "+fallback" where the runner noted one."""
+    for r in engine._RUNNERS.get(model, {}).values():
+        if r.cache.B == B:
+            path = "triton" if r.triton and r._triton_step is not None else "graphed"
+            return path + ("+fallback" if r.notes else "")
+    return "eager"
+
+
+def time_decode(model, args, device, bw, B: int, g: torch.Generator) -> dict:
+    """Decode step time at batch B through generate(): (time of 1 + n steps - time of 1 step) / n."""
+    c = model.config
+    prompt = torch.randint(0, c.vocab_size, (B, args.prompt), generator=g).to(device)
+    run = lambda n: generate(model, prompt, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+    run(args.new)  # capture / compile
+    t1 = timed(lambda: run(1), device, 0, 3, best=True)  # least of each: the difference is then least noisy
+    tn = timed(lambda: run(args.new), device, 0, 3, best=True)
+    step = (tn - t1) / (args.new - 1)
+    nbytes = step_bytes(model, B, args.prompt + args.new // 2)
+    path = step_path(model, B)
+    log(f"  batch {B} ({path} step): {step * 1e3:.2f} ms, {B / step:.0f} tok/s, {nbytes / 1e9:.3g} GB/step, "
+        f"{100 * nbytes / step / bw:.0f}% of copy bandwidth")
+    return dict(step_ms=step * 1e3, tok_s=B / step, gb=nbytes / 1e9, share=nbytes / step / bw, path=path)
+
+
 def measure_model(model, args, device, bw) -> dict:
     c = model.config
     g = torch.Generator().manual_seed(0)
@@ -123,16 +152,12 @@ def measure_model(model, args, device, bw) -> dict:
     log(f"  prefill {args.prefill} tokens: {t * 1e3:.0f} ms, {out['prefill_tok_s']:.0f} tok/s")
     del ids
     for B in args.batch:
-        prompt = torch.randint(0, c.vocab_size, (B, args.prompt), generator=g).to(device)
-        run = lambda n: generate(model, prompt, max_new_tokens=n, eos_token_id=[])  # noqa: E731
-        run(args.new)  # capture / compile
-        t1 = timed(lambda: run(1), device, 0, 3, best=True)  # least of each: the difference is then least noisy
-        tn = timed(lambda: run(args.new), device, 0, 3, best=True)
-        step = (tn - t1) / (args.new - 1)
-        nbytes = step_bytes(model, B, args.prompt + args.new // 2)
-        out[f"b{B}"] = dict(step_ms=step * 1e3, tok_s=B / step, gb=nbytes / 1e9, share=nbytes / step / bw)
-        log(f"  batch {B}: step {step * 1e3:.2f} ms, {B / step:.0f} tok/s, {nbytes / 1e9:.3g} GB/step, "
-            f"{100 * nbytes / step / bw:.0f}% of copy bandwidth")
+        out[f"b{B}"] = time_decode(model, args, device, bw, B, g)
+    if args.torch_step:  # batch 1 once more through the graphed torch step (new runners read decode_triton)
+        engine._RUNNERS.pop(model, None)
+        with override(decode_triton="off"):
+            out["b1-torch"] = time_decode(model, args, device, bw, 1, g)
+        engine._RUNNERS.pop(model, None)
     return out
 
 
@@ -193,6 +218,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="decode steps timed")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--skip-micro", action="store_true")
+    ap.add_argument("--torch-step", action="store_true",
+                    help="also time each format's batch-1 step with the Triton step off (decode_triton='off')")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -215,12 +242,18 @@ def main() -> None:
             torch.cuda.empty_cache()
     b, f = results["bf16"], results["fp8"]
     print(f"\n| {args.layers} layers | weights GB | prefill tok/s | " +
-          " | ".join(f"b{B} step ms | b{B} tok/s | b{B} GB/step | b{B} % copy bw" for B in args.batch) + " |")
-    print("|---" * (3 + 4 * len(args.batch)) + "|")
+          " | ".join(f"b{B} step | b{B} step ms | b{B} tok/s | b{B} GB/step | b{B} % copy bw" for B in args.batch)
+          + " |")
+    print("|---" * (3 + 5 * len(args.batch)) + "|")
     for name, r in results.items():
         print(f"| {name} | {r['weights_gb']:.1f} | {r['prefill_tok_s']:.0f} | " + " | ".join(
-            f"{r[f'b{B}']['step_ms']:.2f} | {r[f'b{B}']['tok_s']:.0f} | {r[f'b{B}']['gb']:.3g} | "
-            f"{100 * r[f'b{B}']['share']:.0f}" for B in args.batch) + " |")
+            f"{r[f'b{B}']['path']} | {r[f'b{B}']['step_ms']:.2f} | {r[f'b{B}']['tok_s']:.0f} | "
+            f"{r[f'b{B}']['gb']:.3g} | {100 * r[f'b{B}']['share']:.0f}" for B in args.batch) + " |")
+    if args.torch_step:
+        print("\n| batch 1, Triton step off | step | step ms | tok/s | % copy bw |\n|---|---|---|---|---|")
+        for name, r in results.items():
+            t = r["b1-torch"]
+            print(f"| {name} | {t['path']} | {t['step_ms']:.2f} | {t['tok_s']:.0f} | {100 * t['share']:.0f} |")
     print(f"\nFP8 prefill speed-up: {f['prefill_tok_s'] / b['prefill_tok_s']:.2f}x (target >= 1.3x)")
     for B in args.batch:
         ratio = b[f"b{B}"]["gb"] / f[f"b{B}"]["gb"]

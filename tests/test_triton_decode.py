@@ -93,6 +93,126 @@ def test_triton_step_matches_the_eager_step():
     run_in_triton_interpreter(_INTERPRETED)
 
 
+_INTERPRETED_FP8 = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import sys
+from pathlib import Path
+import torch
+import mimo_flash
+sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
+from conftest import tiny_model
+from mimo_flash.generation import KVCache, generate
+from mimo_flash.generation import engine, triton_step
+from mimo_flash.generation.engine import prefill
+from mimo_flash.generation.runner import Runner
+from mimo_flash.options import TritonStepTuning, override, set_options
+from mimo_flash.quant import FP8, FP8Linear, quantize_model_
+
+torch.set_num_threads(1)
+
+
+def check(model, P=8, chunk=5, steps=10):
+    # the Triton step of an FP8-resident model against the eager step of the same model (FP8Linear /
+    # FP8Experts' reference products), 10 steps: the SWA rings (window 9) wrap
+    cfg, S = model.config, 256
+    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(5))
+    eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
+    stepped = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype), S)
+    with torch.no_grad():
+        lg, _ = prefill(eager, ids, None, chunk, keep_hidden=False)
+        prefill(stepped, ids, None, chunk, keep_hidden=False)
+        step = triton_step.TritonStep(model, stepped.cache, stepped.rope_tables)
+        tok = lg.argmax(-1)
+        for i in range(steps):
+            pos = torch.full((1, 1), P + i, dtype=torch.long)
+            a, ha = step(tok[:, None], pos, 256)
+            b, hb = eager.main(tok[:, None], pos, None, P + i + 1)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-5)
+            assert torch.equal(step.token, b[:, -1].argmax(-1))  # the greedy token of the reference
+            tok = b[:, -1].argmax(-1)
+    for i in eager.cache.layers():
+        torch.testing.assert_close(stepped.cache.layer_slots(i).k, eager.cache.layer_slots(i).k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stepped.cache.layer_slots(i).v, eager.cache.layer_slots(i).v, rtol=1e-5, atol=1e-6)
+
+
+def fp8(t):
+    return t.dtype == FP8
+
+
+# 1. the tiny preset, every projection the release quantizes in FP8 (MTP layers too: the step skips them);
+#    its widths (64 columns, 272 / 352 q/k/v rows, 32-row experts) are all partial 128 blocks
+set_options(triton_step=TritonStepTuning(min_programs=1))  # few programs: the interpreter runs each in Python
+model = tiny_model(seed=3)
+quantize_model_(model)
+assert fp8(model.model.layers[0].mlp.down_proj.weight) and fp8(model.model.layers[1].mlp.experts.down_proj)
+check(model)
+
+# generate() through a GraphRunner picks the Triton step for the FP8 model: the same tokens as the eager loop
+ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+plain = generate(model, ids, max_new_tokens=8, eos_token_id=[])
+with override(decode_triton="always"):
+    out, stats = generate(model, ids, max_new_tokens=8, eos_token_id=[], cuda_graphs=True, return_stats=True)
+assert torch.equal(out, plain) and stats.runner == "GraphRunner" and stats.notes == []
+(r,) = engine._RUNNERS[model].values()
+assert r.triton and r._triton_step is not None and not r.fns  # every one-token step ran the Triton step
+
+# 2. widths spanning several 128 blocks, the last partial, in rows and columns: D = 192 (2 scale columns; K
+#    tiles of 256 columns take both), q/k/v 272 rows (3 scale rows; 16-row tiles), the experts' I = 80 (their
+#    up rows start inside a block: 64-row gate/up tiles would straddle one, so the step takes 16), dense 2 x 200
+set_options(triton_step=TritonStepTuning(min_programs=1, gate_up_tile=16384))
+model = tiny_model(seed=7, hidden_size=192, intermediate_size=200, moe_intermediate_size=80)
+quantize_model_(model)
+a, ex = model.model.layers[1].self_attn, model.model.layers[1].mlp.experts
+assert tuple(a.qkv_proj.weight_scale_inv.shape) == (3, 2) and tuple(ex.gate_up_proj_scale_inv.shape[1:]) == (2, 2)
+assert tuple(model.model.layers[0].mlp.down_proj.weight_scale_inv.shape) == (2, 2)
+assert triton_step.gemv_blocks(272, 192)[1] == 256 and triton_step.gemv_blocks(2 * 80, 192, 16384)[0] == 64
+check(model, steps=6)
+
+# 3. a mixed model, as a checkpoint that stores some quantizable tensors unquantized loads (quantize_model_'s
+#    include): FP8 in the dense MLP, two layers' q/k/v and one layer's experts; one o_proj made FP8 too. K tiles
+#    of 64 columns: D = 192 and the dense MLP's 200 take several, the scale column changing between them
+set_options(triton_step=TritonStepTuning(min_programs=1, max_k=64))
+model = tiny_model(seed=4, add_full_attention_sink_bias=True, hidden_size=192, intermediate_size=200)
+keep = {"model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.qkv_proj",
+        "model.layers.4.self_attn.qkv_proj", "model.layers.2.mlp.experts"}
+assert sorted(quantize_model_(model, include=keep.__contains__)) == sorted(keep)
+model.model.layers[3].self_attn.o_proj = FP8Linear.from_linear(model.model.layers[3].self_attn.o_proj)
+layers = model.model.layers
+assert [fp8(l.self_attn.qkv_proj.weight) for l in layers] == [False, True, False, False, True, False]
+assert [fp8(l.mlp.experts.gate_up_proj) for l in layers[1:]] == [False, True, False, False, False]
+check(model, P=12, chunk=12)
+print("ok")
+"""
+
+
+def test_triton_step_fp8_matches_the_eager_fp8_step():
+    """FP8-resident models (whole, partial 128 blocks in rows and columns, mixed) through the Triton step, and
+    generate()'s GraphRunner choosing it (Triton's CPU interpreter, fp32 model)."""
+    run_in_triton_interpreter(_INTERPRETED_FP8)
+
+
+def test_triton_step_takes_fp8_models_and_refuses_what_it_cannot_read():
+    from mimo_flash.generation.triton_step import unsupported
+    from mimo_flash.quant import FP8Linear, quantize_model_
+
+    model = tiny_model()
+    quantize_model_(model)
+    cache = KVCache(model.config, 1, 32, dtype=model.dtype)
+    assert unsupported(model, cache) is None
+    with override(decode_triton="always"):
+        assert GraphRunner(model, cache, 32).triton  # the runner's one-token steps: the Triton step
+    qkv = model.model.layers[2].self_attn.qkv_proj
+    full = qkv.weight_scale_inv
+    qkv.weight_scale_inv = torch.nn.Parameter(full[:2], requires_grad=False)  # 272 rows need 3 scale rows
+    why = unsupported(model, cache)
+    assert "model.layers.2.self_attn.qkv_proj.weight" in why and "(3, 1)" in why
+    qkv.weight_scale_inv = full
+    model.lm_head = FP8Linear.from_linear(model.lm_head)  # not a projection the step reads as FP8
+    assert "FP8 weight lm_head.weight" in unsupported(model, cache)
+
+
 def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(6))
@@ -193,6 +313,59 @@ def _triton_step_matches_eager_on_gpu(pdl):
             tok = b[:, -1].argmax(-1)
     assert not graphed.notes and ("main-triton", 128) in graphed.graphs
     assert graphed._triton_step.pdl == (pdl and triton_step.pdl_works(torch.device("cuda")))
+
+
+@pytest.mark.gpu
+def test_triton_step_fp8_matches_the_fp8_torch_step_on_gpu():
+    """An FP8-resident model in bf16 on CUDA: the graphed Triton step (FP8 bytes read by its kernels) against
+    the eager step (FP8Linear / FP8Experts through quant/triton_fp8.py), 30 steps across the SWA window."""
+    from mimo_flash.generation.engine import prefill
+    from mimo_flash.generation.runner import Runner
+    from mimo_flash.quant import FP8, quantize_model_
+
+    model = tiny_model(seed=2, hidden_size=192, moe_intermediate_size=80)  # partial 128 blocks, 2 scale columns
+    quantize_model_(model)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == FP8 and model.dtype == torch.bfloat16
+    cfg, P, S = model.config, 20, 128
+    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(2)).cuda()
+    graphed = GraphRunner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16), S)
+    eager = Runner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16), S)
+    assert graphed.triton
+    with torch.no_grad():
+        lg, _ = prefill(eager, ids, None, 8, keep_hidden=False)
+        prefill(graphed, ids, None, 8, keep_hidden=False)
+        tok = lg.argmax(-1)
+        for i in range(30):
+            pos = torch.full((1, 1), P + i, device="cuda", dtype=torch.long)
+            a, _ = graphed.main(tok[:, None], pos, None, P + i + 1, graph=True)
+            b, _ = eager.main(tok[:, None], pos, None, P + i + 1)
+            a, b = a.float(), b.float()
+            assert float((a - b).norm() / b.norm()) < 3e-2
+            tok = b[:, -1].argmax(-1)
+    assert not graphed.notes and ("main-triton", 128) in graphed.graphs
+
+
+@pytest.mark.gpu
+def test_fp8_trained_model_greedy_through_the_triton_step_on_gpu():
+    """generate() at batch 1 on CUDA (the Triton step, reading FP8) gives the greedy tokens of the CPU fp32 run
+    on a model confident enough that bf16 rounding does not flip them."""
+    import copy
+
+    from test_quant import _trained_tiny
+
+    from mimo_flash.generation import engine
+    from mimo_flash.quant import quantize_model_
+
+    model, data, _ = _trained_tiny()
+    quantize_model_(model)
+    prompt = data[:1, :10]
+    cpu = generate(model, prompt, max_new_tokens=40, eos_token_id=[])
+    gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    out, stats = generate(gpu, prompt.cuda(), max_new_tokens=40, eos_token_id=[], return_stats=True)
+    (r,) = engine._RUNNERS[gpu].values()
+    assert r.triton and r._triton_step is not None and stats.notes == []
+    assert torch.equal(out.cpu(), cpu)
 
 
 def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):

@@ -22,11 +22,18 @@ The down kernel's programs load their experts' weights before their PDL wait, wh
 "The last program" uses a counter per kernel: each program stores its part, then adds 1 to the counter;
 the one that sees n - 1 reads every part (past L1) and resets the counter for the next launch.
 
+FP8-resident weights (quant.FP8Linear / FP8Experts: float8_e4m3fn bytes + fp32 128x128 block scales) are read
+as they are by gemv_kernel, gate_up_kernel and down_kernel (W_FP8): the bytes widen to fp32 in registers and
+the input is multiplied by the scale of each 128-column block (_fp8_x); row tiles never straddle a 128-row
+block, so a tile's scales are one row of the grid. Half the weight bytes of bf16 for the same pass.
+
 Rounding: sums in fp32; projection outputs, the attention output, the activations and the residual stream
 rounded to the model dtype where the PyTorch modules round them; the normalised inputs are not rounded
 (the module rounds x * rstd and its product with the weight; here rstd is applied after the sum).
 Tested against the modules in fp32 in Triton's CPU interpreter (tests/test_triton_decode.py; the
 interpreter mishandles bf16 dots and roundings) and in bf16 on the GPU.
+Over 500 lines: the step's kernels share their helpers (_gemv, _fp8_x, _last, the PDL calls) and are read
+together, so they stay in one file.
 """
 
 from __future__ import annotations
@@ -63,9 +70,23 @@ def _last(counter_ptr, n):
 
 
 @triton.jit
-def _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _fp8_x(x, s_ptr, cols, cmask, BLOCK_N: tl.constexpr):
+    """x [BLOCK_K] (or [TOPK_PAD, BLOCK_K], one row per expert) fp32 times the block scales of its columns,
+    s_ptr + cols // 128 (s_ptr: the scale row, or [TOPK_PAD, 1] of them). For a float8 weight tile
+    q [BLOCK_N, BLOCK_K] (quant.blocks' format: W = q * s[row // 128, col // 128]) whose rows lie in one
+    128-row block, sum_k q[n, k] * (s[k // 128] * x[k]) = (W x)[n]: one scale load per column, not per
+    weight element. Along K the scale varies (BLOCK_K may span several 128-column blocks, the last one
+    partial: masked columns load no scale)."""
+    tl.static_assert(128 % BLOCK_N == 0)  # the host picks row tiles that never straddle a 128-row block
+    return x * tl.load(s_ptr + cols // 128, mask=cmask, other=0.0)
+
+
+@triton.jit
+def _gemv(x_ptr, nw_ptr, w_ptr, s_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.constexpr,
+          W_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """[BLOCK_N] fp32: rows of W [*, D] times rmsnorm(x [D]) (times x when not HAS_NORM), in one pass.
+    W_FP8: W is float8 with block scales; s_ptr points at the scale row [ceil(D/128)] of the rows' block (the
+    rows lie in one: BLOCK_N divides 128 and they start at a multiple of it), see _fp8_x.
     The first weight block loads before _pdl_wait (x is the previous kernel's output)."""
     w_rows = w_ptr + rows[:, None].to(tl.int64) * D
     cols = tl.arange(0, BLOCK_K)
@@ -82,6 +103,8 @@ def _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.
         if HAS_NORM:
             ss += x * x
             x = x * tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if W_FP8:
+            x = _fp8_x(x, s_ptr, cols, cmask, BLOCK_N)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_NORM:
@@ -90,12 +113,13 @@ def _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.
 
 
 @triton.jit
-def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_ptr, tok_ptr, counter_ptr, N, eps,
-                D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, WRITE_XN: tl.constexpr,
-                ARGMAX: tl.constexpr, NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+def gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_ptr, tok_ptr, counter_ptr,
+                N, eps, s_stride, D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                WRITE_XN: tl.constexpr, ARGMAX: tl.constexpr, W_FP8: tl.constexpr, NPROG: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """out [N] = W [N, D] @ rmsnorm(x [D]) (+ res [N]), rounded to out's dtype (res added to the rounded product
-    and rounded again). WRITE_XN: program 0 also writes rmsnorm(x) to xn [D] (the hidden state after the
+    and rounded again). W_FP8: W = q [N, D] float8 * s [ceil(N/128), ceil(D/128)] fp32 (row stride s_stride)
+    per 128x128 block. WRITE_XN: program 0 also writes rmsnorm(x) to xn [D] (the hidden state after the
     final norm). ARGMAX: tok [1] (int64) = the first index of the largest rounded output, each program's
     best in pmax/pidx [NPROG], reduced by the last program in blocks of BLOCK_P."""
     _pdl_start(PDL)
@@ -103,7 +127,8 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr, pidx_p
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     dt = out_ptr.dtype.element_ty
-    y = _gemv(x_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, HAS_NORM, BLOCK_N, BLOCK_K, PDL).to(dt)
+    s_row = s_ptr + (pid * BLOCK_N // 128) * s_stride  # used only if W_FP8
+    y = _gemv(x_ptr, nw_ptr, w_ptr, s_row, rows, rmask, eps, D, HAS_NORM, W_FP8, BLOCK_N, BLOCK_K, PDL).to(dt)
     if HAS_RES:
         y = (tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
     tl.store(out_ptr + rows, y, mask=rmask)
@@ -324,7 +349,7 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
         ar = tl.arange(0, E_PAD)
         emask = ar < E
         bias = tl.load(bias_ptr + ar, mask=emask, other=0.0).to(tl.float32)
-        y = _gemv(h_ptr, nw_ptr, w_ptr, rows, rmask, eps, D, True, BLOCK_N, BLOCK_K, PDL)
+        y = _gemv(h_ptr, nw_ptr, w_ptr, w_ptr, rows, rmask, eps, D, True, False, BLOCK_N, BLOCK_K, PDL)
         tl.store(logits_ptr + rows, y, mask=rmask)
         if _last(counter_ptr, NPROG):
             score = tl.sigmoid(tl.load(logits_ptr + ar, mask=emask, other=0.0, cache_modifier=".cg"))
@@ -347,10 +372,13 @@ def router_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, logits_ptr, sel_ptr, wt_ptr, c
 
 
 @triton.jit
-def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, DOWN_EARLY: tl.constexpr):
+def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, s_ptr, act_ptr, eps, s_stride_e, s_stride_r, I: tl.constexpr,
+                   D: tl.constexpr, W_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr, DOWN_EARLY: tl.constexpr):
     """Program (s, b): act[s, rows] = silu(gate) * up, where (gate, up) = gate_up[sel[s]] [2I, D] @ rmsnorm(h)
     at rows and I + rows, rows = [b*BLOCK_N, +BLOCK_N); gate, up and act each rounded to the model dtype.
+    W_FP8: gate_up = q [E, 2I, D] float8 * s [E, ceil(2I/128), ceil(D/128)] (strides s_stride_e, s_stride_r)
+    per 128x128 block; I a multiple of BLOCK_N, so that the up rows too lie in one 128-row block.
     DOWN_EARLY: the programs let the next kernel start only after their PDL wait, so that the router's output
     is visible to it before its own wait (down_kernel's EARLY)."""
     if not DOWN_EARLY:
@@ -362,7 +390,12 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr,
     _pdl_wait(PDL)
     if DOWN_EARLY:
         _pdl_start(PDL)  # only now: the down kernel reads the router's output before its wait
-    base = w_ptr + tl.load(sel_ptr + s).to(tl.int64) * (2 * I * D)
+    e = tl.load(sel_ptr + s).to(tl.int64)
+    base = w_ptr + e * (2 * I * D)
+    if W_FP8:
+        tl.static_assert(I % BLOCK_N == 0)
+    s_gate = s_ptr + e * s_stride_e + (b * BLOCK_N // 128) * s_stride_r  # used only if W_FP8
+    s_up = s_ptr + e * s_stride_e + ((I + b * BLOCK_N) // 128) * s_stride_r
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -376,8 +409,12 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr,
         x = tl.load(h_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         ss += x * x
         x = x * tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc_g += wg.to(tl.float32) * x[None, :]
-        acc_u += wu.to(tl.float32) * x[None, :]
+        if W_FP8:
+            acc_g += wg.to(tl.float32) * _fp8_x(x, s_gate, cols, cmask, BLOCK_N)[None, :]
+            acc_u += wu.to(tl.float32) * _fp8_x(x, s_up, cols, cmask, BLOCK_N)[None, :]
+        else:
+            acc_g += wg.to(tl.float32) * x[None, :]
+            acc_u += wu.to(tl.float32) * x[None, :]
     rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
     dt = act_ptr.dtype.element_ty
     g = (tl.sum(acc_g, axis=1) * rstd).to(dt).to(tl.float32)
@@ -386,11 +423,14 @@ def gate_up_kernel(h_ptr, nw_ptr, sel_ptr, w_ptr, act_ptr, eps, I: tl.constexpr,
 
 
 @triton.jit
-def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
+def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, s_ptr, res_ptr, out_ptr, D, s_stride_e, s_stride_r,
                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, I: tl.constexpr, GATED: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+                W_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                EARLY: tl.constexpr):
     """out [D] = res + sum_s wt[s] * down[sel[s]] [D, I] @ act_s: with GATED, gu [TOPK, 2I] holds (gate, up) and
     act_s = silu(gate_s) * up_s; else gu [TOPK, I] holds act_s (gate_up_kernel's output).
+    W_FP8: down = q [E, D, I] float8 * s [E, ceil(D/128), ceil(I/128)] (strides s_stride_e, s_stride_r) per
+    128x128 block (a dense MLP: E = 1).
 
     All TOPK products of a row block load as one tile. Each product is rounded to the model dtype before its
     fp32 weighting, the sum once more before the residual add (as the expert path does; a dense MLP is
@@ -409,7 +449,9 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
     RES_EARLY: tl.constexpr = EARLY and not GATED  # a dense MLP's h comes from the kernel just before
     if not EARLY:
         _pdl_wait(PDL)
-    base = w_ptr + tl.load(sel_ptr + s, mask=smask, other=0, cache_modifier=".cg").to(tl.int64) * D * I
+    e = tl.load(sel_ptr + s, mask=smask, other=0, cache_modifier=".cg").to(tl.int64)
+    base = w_ptr + e * D * I
+    s_rows = s_ptr + e * s_stride_e + (pid * BLOCK_N // 128) * s_stride_r  # [TOPK_PAD]; used only if W_FP8
     ws = tl.load(wt_ptr + s, mask=smask, other=0.0, cache_modifier=".cg").to(tl.float32)
     cols = tl.arange(0, BLOCK_K)
     w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
@@ -430,6 +472,8 @@ def down_kernel(gu_ptr, sel_ptr, wt_ptr, w_ptr, res_ptr, out_ptr, D,
             a = (gt * tl.sigmoid(gt) * up).to(dt).to(tl.float32)  # [TOPK_PAD, BLOCK_K]
         else:
             a = tl.load(gu_ptr + s[:, None] * I + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        if W_FP8:
+            a = _fp8_x(a, s_rows[:, None], cols[None, :], m2, BLOCK_N)
         if k0 > 0:
             w = tl.load(base[:, None, None] + rows[None, :, None] * I + cols[None, None, :],
                         mask=smask[:, None, None] & rmask[None, :, None] & cmask[None, None, :], other=0.0,

@@ -7,6 +7,9 @@ block sizes (options().triton_step, read when the step is built; prefetching and
 decode_pdl) were chosen by measurement (bench/decode.py --sweep, bench/decode_kernels.py; docs/BENCHMARKS.md).
 It reads the model's parameters (qkv_proj, gate_up_proj: fused as stored) and the cache's buffers
 (KVCache.layer_slots, one_token_tables) in place: weights updated in place are seen by the next step.
+FP8-resident projections (quant.FP8Linear, FP8Experts: the ones quant.QUANTIZED_MODULES names, or any subset
+of them in a model loaded from a checkpoint that stores some unquantized) are read as FP8 bytes with their
+128x128 block scales by the same kernels (W_FP8); the others in the model dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from ..model.moe import MoE
 from ..options import TritonStepTuning, options
+from ..quant.blocks import BLOCK, FP8, scale_grid
 from .cache import KVCache
 
 
@@ -40,6 +44,51 @@ def gemv_blocks(n_rows: int, n_cols: int, tile: int | None = None,
     return bn, bk
 
 
+def block_scales(module, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection's weight `name` and, if it is FP8-resident, its block scales `name`_scale_inv (else None)."""
+    w = getattr(module, name)
+    return w, (getattr(module, name + "_scale_inv", None) if w.dtype == FP8 else None)
+
+
+def _projections(model) -> dict[str, torch.nn.Module]:
+    """Qualified weight name -> its module, for every projection the step reads that may be FP8-resident."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.qkv_proj.weight"] = layer.self_attn.qkv_proj
+        out[p + "self_attn.o_proj.weight"] = layer.self_attn.o_proj
+        if isinstance(layer.mlp, MoE):
+            out[p + "mlp.experts.gate_up_proj"] = layer.mlp.experts
+            out[p + "mlp.experts.down_proj"] = layer.mlp.experts
+        else:
+            out[p + "mlp.gate_up_proj.weight"] = layer.mlp.gate_up_proj
+            out[p + "mlp.down_proj.weight"] = layer.mlp.down_proj
+    return out
+
+
+def _fp8_unsupported(model) -> str | None:
+    """Why the step cannot read the model's FP8 tensors (None: it can). It reads FP8 in the projections of
+    _projections only (MTP layers are not part of the step), scales as quant.blocks lays them out."""
+    if BLOCK != (128, 128):
+        return f"FP8 block {BLOCK} (the kernels read 128x128 blocks)"
+    names = _projections(model)
+    for name, module in names.items():
+        w, s = block_scales(module, name.rpartition(".")[2])
+        if w.dtype != FP8:
+            continue
+        if s is None:
+            return f"FP8 weight {name} has no block scales"
+        want = scale_grid(tuple(w.shape), BLOCK)
+        if (s.dtype != torch.float32 or s.dim() != w.dim() or s.stride(-1) != 1 or not w.is_contiguous()
+                or any(a < b for a, b in zip(s.shape, want, strict=True))):
+            return (f"FP8 weight {name} {tuple(w.shape)} with scales {s.dtype} {tuple(s.shape)} (this step reads "
+                    f"a contiguous weight and fp32 scales of at least {want}, rows of contiguous columns)")
+    for name, t in model.named_parameters():
+        if t.dtype == FP8 and name not in names and not name.startswith("model.mtp."):
+            return f"FP8 weight {name} (this step reads FP8 only in q/k/v, o_proj and the MLP projections)"
+    return None
+
+
 def unsupported(model, cache: KVCache) -> str | None:
     """Why this step cannot run `model` over `cache` (None: it can)."""
     c = model.config
@@ -49,9 +98,9 @@ def unsupported(model, cache: KVCache) -> str | None:
         return "batch size is not 1"
     if c.n_group != 1:
         return "grouped routing (n_group > 1)"
-    from ..quant.modules import FP8Experts, FP8Linear
-    if any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules()):
-        return "FP8-resident weights (this step reads bf16 weights)"
+    why = _fp8_unsupported(model)
+    if why:
+        return why
     if cache.device.type == "cuda" and model.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {model.dtype} (bf16 / fp16 only on CUDA)"
     if cache.dtype != model.dtype:
@@ -63,6 +112,13 @@ def unsupported(model, cache: KVCache) -> str | None:
         if d["rotary_dim"] % 2:
             return "odd rotary dim"
     return None
+
+
+def _strides(scale: torch.Tensor | None) -> tuple[int, int]:
+    """(expert stride, row stride) of block scales [E, rows, cols] or [rows, cols] (a dense MLP: one expert)."""
+    if scale is None:
+        return 0, 0
+    return (scale.stride(0), scale.stride(1)) if scale.dim() == 3 else (0, scale.stride(0))
 
 
 _PDL_OK: dict = {}
@@ -184,18 +240,19 @@ class TritonStep:
         return dict(pfa_ptr=a, pfa_n=an, pfb_ptr=b, pfb_n=bn, dummy_ptr=self.dummy, PF_CHUNK=c), \
             _cdiv(an, c) + _cdiv(bn, c)
 
-    def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None):
+    def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None, scale=None):
         """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); token (lm_head): also the hidden state, and the
-        greedy token into `token` [1]."""
+        greedy token into `token` [1]. scale: w's block scales if w is FP8 (block_scales)."""
         lm_head = token is not None
         t = self.t
         bn, bk = gemv_blocks(n_rows, x.numel(), t.lm_head_tile if lm_head else None, t)
         n_prog = _cdiv(n_rows, bn)
         warps = t.num_warps if n_rows * x.numel() >= 1 << 24 else t.small_gemv_warps
         self.dk.gemv_kernel[(n_prog,)](
-            x, x if norm_w is None else norm_w, w, out, out if res is None else res, self.hidden, self.pmax,
-            self.pidx, token if lm_head else self.token, self.counters, n_rows, self.eps, D=x.numel(),
-            HAS_NORM=norm_w is not None, HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, NPROG=n_prog,
+            x, x if norm_w is None else norm_w, w, w if scale is None else scale, out, out if res is None else res,
+            self.hidden, self.pmax, self.pidx, token if lm_head else self.token, self.counters, n_rows, self.eps,
+            0 if scale is None else scale.stride(0), D=x.numel(), HAS_NORM=norm_w is not None,
+            HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, W_FP8=scale is not None, NPROG=n_prog,
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
 
     def _attention(self, layer, pos, bucket: int, pf: list) -> None:
@@ -221,7 +278,8 @@ class TritonStep:
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
             BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **pfargs,
             **self._launch(self.t.attn_warps))
-        self._gemv(self.o, None, a.o_proj.weight, self.h, self.D, res=self.x)
+        w, s = block_scales(a.o_proj)
+        self._gemv(self.o, None, w, self.h, self.D, res=self.x, scale=s)
 
     def _mlp(self, layer, pf: list) -> None:
         dk, mlp, D, t = self.dk, layer.mlp, self.D, self.t
@@ -237,20 +295,24 @@ class TritonStep:
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
                 **pfargs, **self._launch(t.expert_warps))
             bn, bk = gemv_blocks(r.top_k * I, D, t.gate_up_tile, t)
-            dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](self.h, norm_w, self.sel, ex.gate_up_proj, self.gu, self.eps,
-                                                       I=I, D=D, BLOCK_N=bn, BLOCK_K=bk, DOWN_EARLY=t.down_early,
-                                                       **self._launch(t.expert_warps))
-            sel, wt, down, k = self.sel, self.wt, ex.down_proj, r.top_k
+            w, s = block_scales(ex, "gate_up_proj")
+            while s is not None and I % bn:  # FP8: the up rows' tiles, from row I on, within 128-row blocks too
+                bn //= 2
+            dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](
+                self.h, norm_w, self.sel, w, w if s is None else s, self.gu, self.eps, *_strides(s), I=I, D=D,
+                W_FP8=s is not None, BLOCK_N=bn, BLOCK_K=bk, DOWN_EARLY=t.down_early, **self._launch(t.expert_warps))
+            sel, wt, (down, down_s), k = self.sel, self.wt, block_scales(ex, "down_proj"), r.top_k
         else:
-            w = mlp.gate_up_proj.weight
+            w, s = block_scales(mlp.gate_up_proj)
             I = w.shape[0] // 2
-            self._gemv(self.h, norm_w, w, self.gu, 2 * I)
-            sel, wt, down, k = self.sel_dense, self.wt_dense, mlp.down_proj.weight, 1
+            self._gemv(self.h, norm_w, w, self.gu, 2 * I, scale=s)
+            sel, wt, (down, down_s), k = self.sel_dense, self.wt_dense, block_scales(mlp.down_proj), 1
         kp = max(2, _pow2(k))
         bn, bk = gemv_blocks(D, min(I, 512), t.down_tile // kp, t)  # all k experts' rows in one tile
-        dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, self.h, self.x, D, TOPK=k, TOPK_PAD=kp, I=I,
-                                        GATED=not isinstance(mlp, MoE), BLOCK_N=bn, BLOCK_K=bk, EARLY=t.down_early,
-                                        **self._launch(t.expert_warps))
+        dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, down if down_s is None else down_s, self.h, self.x,
+                                        D, *_strides(down_s), TOPK=k, TOPK_PAD=kp, I=I,
+                                        GATED=not isinstance(mlp, MoE), W_FP8=down_s is not None, BLOCK_N=bn,
+                                        BLOCK_K=bk, EARLY=t.down_early, **self._launch(t.expert_warps))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):
         model, tab = self.model, self.cache.one_token_tables()
@@ -262,8 +324,9 @@ class TritonStep:
         layers = model.model.layers
         for i, layer in enumerate(layers):
             a = layer.self_attn
-            self._gemv(self.x, layer.input_layernorm.weight, a.qkv_proj.weight, self.qkv,
-                       a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
+            w, s = block_scales(a.qkv_proj)
+            self._gemv(self.x, layer.input_layernorm.weight, w, self.qkv,
+                       a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim), scale=s)
             self._attention(layer, pos, bucket, self.prefetch[i][0])
             self._mlp(layer, self.prefetch[i][1])
         self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V,
