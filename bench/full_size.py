@@ -26,9 +26,7 @@ load, TTFT, largest context, decode (the decode grid, the longest part, last):
   * memory per GPU: parameter bytes, torch.cuda.max_memory_allocated / memory_reserved after the load and at
     the end of the run, per rank (gathered to rank 0), against `mimo-flash plan`'s prediction for the same
     layout (plan.py counts the weights from the model, but the MTP eh_proj as FP8 where the release stores it
-    bf16: ~0.1 GiB per GPU under the measured weights at the released dims; its KV term assumes attention
-    data-parallel over the EP groups, while distributed/inference.py replicates attention there, so it matches
-    at batch 1 only);
+    bf16: ~0.1 GiB per GPU under the measured weights at the released dims);
   * decode at each --batch x --prompt, plain and with K = min(3, MTP layers) speculative tokens: step time and
     tokens/s from the second of two identical generate() calls (the first captures the CUDA graphs); random
     weights accept no drafts, so the speculative rows give the break-even acceptance length = speculative step
