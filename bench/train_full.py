@@ -2,22 +2,25 @@
 (issue #22): per layout and sequence length tokens/s, TFLOP/s and peak memory per GPU; then a DCP checkpoint
 written on one layout and resumed on another, its loss curve beside the run that never stopped.
 
-    # 8 GPUs (split in three commands where one command may run at most 10 minutes; --out keeps the tables)
-    python bench/train_full.py --nproc 8 --fit --layouts w8-ep8 w8-ep4 --seqs 4096 32768
-    python bench/train_full.py --nproc 8 --fit --layouts w8-ep8-cp2 w8-ep8-cp4 --cp-seqs 65536 131072
-    python bench/train_full.py --nproc 8 --layouts --reshard 8:4 4:8 --check-dir /big/disk/ckpt
-    # the same in one command (the defaults for --nproc 8: those four layouts, then no resharding check)
-    python bench/train_full.py --nproc 8 --fit --reshard 8:4 4:8 --check-dir /big/disk/ckpt
+    # 8 GPUs, everything in one command (the default layouts for --nproc 8 are these four)
+    python bench/train_full.py --nproc 8 --fit --layouts w8-ep8 w8-ep4 w8-ep8-cp2 w8-ep8-cp4 \
+        --seqs 4096 32768 --cp-seqs 65536 131072 --reshard 8:4 4:8 --check-dir /big/disk --json full8.json
+    # the same in parts, where one command may run at most ~10 minutes (a row takes 1-3 minutes: start-up, the
+    # seeded init of ~6 G parameters a rank on the CPU, 5 steps); after one --fit run, fix --layers N
+    python bench/train_full.py --nproc 8 --fit --layouts w8-ep8 --seqs 4096 32768
+    python bench/train_full.py --nproc 8 --layers N --layouts w8-ep4 --seqs 4096 32768
+    python bench/train_full.py --nproc 8 --layers N --layouts w8-ep8-cp2 w8-ep8-cp4 --cp-seqs 65536 131072
+    python bench/train_full.py --nproc 8 --layouts --reshard 8:4 4:8 --check-dir /big/disk
     # 4 GPUs
     python bench/train_full.py --nproc 4 --fit --layouts w4-ep4 w4-ep2 --seqs 4096 32768
-    python bench/train_full.py --nproc 4 --fit --layouts w4-ep4-cp2 w4-ep4-cp4 --cp-seqs 65536 131072
-    python bench/train_full.py --nproc 4 --layouts --reshard 4:2 2:4 --check-dir /big/disk/ckpt
+    python bench/train_full.py --nproc 4 --layers N --layouts w4-ep4-cp2 w4-ep4-cp4 --cp-seqs 65536 131072
+    python bench/train_full.py --nproc 4 --layouts --reshard 4:2 2:4 --check-dir /big/disk
     # 1 GPU: the code paths at the flash widths, 32 experts instead of 256, 3 layers; a same-layout resume
-    python bench/train_full.py --nproc 1 --layouts w1 --layers 3 --set n_routed_experts=32 --seqs 4096 32768 \\
+    python bench/train_full.py --nproc 1 --layouts w1 --layers 3 --set n_routed_experts=32 --seqs 4096 32768 \
         --reshard 1:1 --check-set n_routed_experts=32
-    # CPU check of the whole flow (gloo, tiny preset, a few seconds a row)
-    python bench/train_full.py --device cpu --preset tiny --nproc 4 --layouts w4-ep4 w4-ep2-cp2 --seqs 64 \\
-        --cp-seqs 128 --steps 2 --warmup 1 --reshard 4:2 2:4 --check-seq 64
+    # CPU check of the whole flow (gloo, tiny preset, ~15 s a launch here)
+    python bench/train_full.py --device cpu --preset tiny --nproc 4 --layouts w4-ep4 w4-ep2-cp2 --seqs 64 \
+        --cp-seqs 128 --steps 2 --warmup 1 --reshard 4:2 2:4 --check-seq 64 --check-lr 1e-2
 
 Layouts: `w{W}[-ep{E}][-cp{C}]`: W processes, FSDP2 over all W (everything but the routed experts), the routed
 experts split over E of them (W / E copies of each split), each row split over C of them (context parallelism;
@@ -31,16 +34,19 @@ state, MTP on, one document per row, --batch rows per data-parallel rank). A ran
 its launch (torchrun stops the others) and the row reads OOM; the next row starts afresh.
 Per row: tokens/s per GPU = tokens per step / median step time / W; TFLOP/s per GPU = model_flops (bench/common.py)
 / median step time / W; peak = max over ranks of torch.cuda.max_memory_allocated (the process's peak RSS on CPUs).
---fit: per layout, the most layers whose training state (16 bytes a parameter: fp32 weights, gradients, two
-AdamW moments; experts / E, the rest / W) fills at most --fit-fraction of a GPU, then one fewer at a time until
-the layout's longest sequence runs; its other sequences run at that depth.
+--fit: per layout, the most layers (at most the preset's) whose training state (16 bytes a parameter: fp32
+weights, gradients, two AdamW moments; experts / E, the rest / W) fills at most --fit-fraction of a GPU, then one
+fewer at a time until the layout's longest sequence runs; its other sequences run at that depth.
 
 Resharding check (--reshard A:B, layouts as above): a reference run on A trains 2 S steps (S = --check-steps),
 writing a DCP checkpoint at step S; a run on B resumes from it and trains steps S + 1 .. 2 S. Both from the
 seeded init on the same data (rows of repeated motifs, so the loss falls), the same global batch (--check-batch
 rows a step), --check-dtype (float32: the layouts differ only in the order of their sums), --check-layers layers
-(a checkpoint holds 12 bytes a parameter: ~108 GB at the flash widths with 2 layers; it is deleted once resumed).
-It passes when every resumed loss is within --check-tol (relative) of the reference's.
+(a checkpoint holds 12 bytes a parameter: ~108 GB at the flash widths with 2 layers, written under --check-dir,
+default --out, a temporary directory; it is deleted once no later pair reads it).
+It passes when every resumed loss is within --check-tol (relative) of the reference's; the exit status is 1 when
+a check fails or a row fails for another reason than memory.
+(Over 500 lines, a sixth of them this docstring: one bench's layouts, workers, driver, checks and tables.)
 """
 
 from __future__ import annotations
@@ -337,8 +343,9 @@ def fit_rows(args, layout: Layout, seqs: list[int]) -> list[dict]:
     """--fit for one layout: the estimate, then one fewer layer per OOM at the longest sequence; the other
     sequences at the depth found. Each row records the depths tried."""
     budget = args.fit_fraction * gpu_gib(args) * 2**30
+    most = model_config(args.preset, 0, args.set, 1).num_hidden_layers  # never deeper than the preset itself
     n = 1
-    while n < 4096 and state_bytes(model_config(args.preset, n + 1, args.set, 1), layout) <= budget:
+    while n < most and state_bytes(model_config(args.preset, n + 1, args.set, 1), layout) <= budget:
         n += 1
     tried, longest = [], max(seqs)
     while True:

@@ -21,9 +21,9 @@ sys.path.insert(0, str(BENCH))
 from train_full import Layout  # noqa: E402
 
 
-def _bench(tmp_path: Path, *argv: str) -> dict:
+def _bench(tmp_path: Path, *argv: str, device: str = "cpu", preset: str = "tiny") -> dict:
     out = tmp_path / "result.json"
-    run_python(str(BENCH / "train_full.py"), "--device", "cpu", "--preset", "tiny", "--out", str(tmp_path / "work"),
+    run_python(str(BENCH / "train_full.py"), "--device", device, "--preset", preset, "--out", str(tmp_path / "work"),
                "--json", str(out), *argv, timeout=600)
     return json.loads(out.read_text())
 
@@ -80,3 +80,20 @@ def test_reshard_four_ranks_to_two_continues_the_curve(tmp_path):
     for a, b in zip(c["resumed_grad_norms"], c["reference_grad_norms"][S:], strict=True):
         assert a == pytest.approx(b, rel=1e-4)
     assert c["ok"] and c["max_rel_diff"] <= 1e-5
+
+
+@pytest.mark.gpu
+def test_one_gpu_cut_runs_and_resumes(tmp_path):
+    """The 1-GPU cut of the docstring at the mini preset's sizes: a timed row in bf16 autocast, then a same-layout
+    resume in fp32."""
+    res = _bench(tmp_path, "--nproc", "1", "--layouts", "w1", "--layers", "2", "--seqs", "2048", "--steps", "2",
+                 "--warmup", "1", "--reshard", "1:1", "--check-seq", "1024", "--check-steps", "2", device="cuda",
+                 preset="mini")
+    (r,) = res["rows"]
+    assert r["status"] == "ok", r
+    assert r["device_name"] != "cpu" and 0 < r["peak_gib"] <= r["reserved_gib"]
+    assert r["tflops_per_gpu"] > 1  # any H200-class GPU; mainly: the FLOP count and the timing reached the table
+    (c,) = res["checks"]
+    assert c["status"] == "ok" and c["checkpoint_files"] == ["__0_0.distcp"]
+    for a, b in zip(c["resumed"], c["reference"][2:], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
