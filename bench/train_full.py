@@ -31,7 +31,8 @@ Each (layout, sequence length) row is its own torchrun launch (common.torchrun):
 the meta device, shard it (parallelize_for_training: EP, activation checkpointing, FSDP2) and fill only their
 shards (SeededInit); the Trainer runs --warmup + --steps steps (bf16 autocast, fp32 master weights and AdamW
 state, MTP on, one document per row, --batch rows per data-parallel rank). A rank that runs out of memory ends
-its launch (torchrun stops the others) and the row reads OOM; the next row starts afresh.
+its launch (torchrun stops the others) and the row reads OOM; the next row starts afresh. On GPUs the workers run
+with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless it is set.
 Per row: tokens/s per GPU = tokens per step / median step time / W; TFLOP/s per GPU = model_flops (bench/common.py)
 / median step time / W; peak = max over ranks of torch.cuda.max_memory_allocated (the process's peak RSS on CPUs).
 --fit: per layout, the most layers (at most the preset's) whose training state (16 bytes a parameter: fp32
@@ -450,6 +451,8 @@ def main() -> None:
         p.error("--fit chooses the layers: drop --layers")
     if args.reshard and not args.check_batch:
         args.check_batch = math.lcm(*(x.dp for pair in args.reshard for x in pair))
+    if args.device == "cuda":  # the workers' allocator: less fragmentation at the edge of the memory
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args.out = args.out or tempfile.mkdtemp(prefix="train-full-")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -488,11 +491,11 @@ def print_rows(args, rows: list[dict], head: str) -> None:
         cells = [r["layout"], r["world"], r["ep"], r["cp"], r["layers"], fmt(r["params"] / 1e9, ".2f"), r["seq"],
                  fmt(r["state_gib_est"], ".1f")]
         if r["status"] != "ok":
-            out.append(cells + [r["status"], "", "", "", "", "", ""])
+            out.append(cells + [r["status"], "", "", "", "", "", "", ""])
             continue
         out.append(cells + [r["rows_per_step"], fmt(r["step_s"], ".3f"), fmt(r["tokens_per_s_per_gpu"], ",.0f"),
                             fmt(r["tflops_per_gpu"], ".1f"), fmt(r["peak_gib"], ".1f"), fmt(r["reserved_gib"], ".1f"),
-                            f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"])
+                            f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", fmt(r["build_s"], ".0f")])
     notes = [f"{args.preset} preset{' with ' + json.dumps(args.set) if args.set else ''}, MTP on, "
              f"{'activation checkpointing' if not args.no_ac else 'no activation checkpointing'}, dtype {args.dtype} "
              "(auto: bf16 autocast with fp32 master weights on GPUs), AdamW; model built on meta, each rank fills "
@@ -506,14 +509,15 @@ def print_rows(args, rows: list[dict], head: str) -> None:
              "global ones; lm_head 3 x 2*N*D*V; each MTP layer its eh_proj, SWA attention, dense MLP and lm_head; "
              "activation recomputation, elementwise work and the optimizer not counted",
              "peak GiB: max over ranks of torch.cuda.max_memory_allocated (CPU: peak RSS); reserved: "
-             "max_memory_reserved"]
+             "max_memory_reserved (PYTORCH_CUDA_ALLOC_CONF=" + os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + ")",
+             "build s: the model built on meta, sharded and filled on every rank (before the first step)"]
     if any("fit" in r for r in rows):
         notes.append("--fit, layers tried per layout at its longest sequence: "
                      + "; ".join(sorted({f"{r['layout']} ({r['fit']})" for r in rows if 'fit' in r})))
     notes += [f"{r['layout']} seq {r['seq']}: {r['error'][:300]}" for r in rows if r["status"] == "failed"]
     table("Training at the flash dimensions, one host" if args.preset == "flash" else f"Training, {args.preset} preset",
           head, ["layout", "GPUs", "EP", "CP", "layers", "params B", "tokens/row", "state GiB", "rows/step", "s/step",
-                 "tokens/s/GPU", "TFLOP/s/GPU", "peak GiB", "reserved GiB", "loss"], out, notes)
+                 "tokens/s/GPU", "TFLOP/s/GPU", "peak GiB", "reserved GiB", "loss", "build s"], out, notes)
 
 
 def print_check(args, c: dict, head: str) -> None:
