@@ -15,8 +15,9 @@ written on one layout and resumed on another, its loss curve beside the run that
     python bench/train_full.py --nproc 4 --fit --layouts w4-ep4 w4-ep2 --seqs 4096 32768
     python bench/train_full.py --nproc 4 --layers N --layouts w4-ep4-cp2 w4-ep4-cp4 --cp-seqs 65536 131072
     python bench/train_full.py --nproc 4 --layouts --reshard 4:2 2:4 --check-dir /big/disk
-    # 1 GPU: the code paths at the flash widths, 32 experts instead of 256, 3 layers; a same-layout resume
-    python bench/train_full.py --nproc 1 --layouts w1 --layers 3 --set n_routed_experts=32 --seqs 4096 32768 \
+    # 1 GPU: the code paths at the flash widths, 32 experts instead of 256, 3 layers (~65 GiB of state; 32k may
+    # read OOM: four heads' logits), then a same-layout resume (no process group: DCP's single-process path)
+    python bench/train_full.py --nproc 1 --layouts w1 --layers 3 --set n_routed_experts=32 --seqs 4096 16384 32768 \
         --reshard 1:1 --check-set n_routed_experts=32
     # CPU check of the whole flow (gloo, tiny preset, ~15 s a launch here)
     python bench/train_full.py --device cpu --preset tiny --nproc 4 --layouts w4-ep4 w4-ep2-cp2 --seqs 64 \
