@@ -1,11 +1,14 @@
 """Shared pieces of the GPU benchmarks: timing, the device's two ceilings, FLOP counts, the
-transformers twin, and the one table each script prints."""
+transformers twin, launching a bench's workers under torchrun, and the one table each script prints."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,6 +111,17 @@ def attention_pairs(T: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (T - window) * window
 
 
+def attention_flops(config: MiMoConfig, swa: bool, B: int, T: int) -> tuple[float, float]:
+    """One attention block of either kind on B rows of T tokens, forward: (projection matmul FLOPs, attention
+    core FLOPs: QK^T and PV over the pairs the causal mask and the window allow)."""
+    D = config.hidden_size
+    a = config.attn_dims(swa)
+    H, Hkv, Dqk, Dv = a["heads"], a["kv_heads"], a["qk_dim"], a["v_dim"]
+    N = B * T
+    proj = 2 * N * D * (H * Dqk + Hkv * Dqk + Hkv * Dv) + 2 * N * H * Dv * D
+    return proj, 2 * B * H * attention_pairs(T, a["window"]) * (Dqk + Dv)
+
+
 def layer_flops(config: MiMoConfig, idx: int, B: int, T: int, train: bool) -> float:
     """FLOPs of decoder layer idx on B rows of T tokens (multiply-add = 2).
 
@@ -116,25 +130,33 @@ def layer_flops(config: MiMoConfig, idx: int, B: int, T: int, train: bool) -> fl
     (FlashAttention's convention: the backward recomputes the scores). Elementwise work is not counted.
     """
     D = config.hidden_size
-    a = config.attn_dims(config.is_swa(idx))
-    H, Hkv, Dqk, Dv = a["heads"], a["kv_heads"], a["qk_dim"], a["v_dim"]
     N = B * T
-    mm = 2 * N * D * (H * Dqk + Hkv * Dqk + Hkv * Dv) + 2 * N * H * Dv * D
+    mm, attn = attention_flops(config, config.is_swa(idx), B, T)
     if config.is_moe(idx):
         mm += 2 * N * D * config.n_routed_experts  # router
         mm += 2 * N * config.num_experts_per_tok * 3 * D * config.moe_intermediate_size
     else:
         mm += 2 * N * 3 * D * config.intermediate_size
-    attn = 2 * B * H * attention_pairs(T, a["window"]) * (Dqk + Dv)
     return 3 * mm + 3.5 * attn if train else mm + attn
 
 
-def model_flops(config: MiMoConfig, B: int, T: int, train: bool, logits_tokens: int | None = None) -> float:
-    """All decoder layers plus the lm_head over `logits_tokens` positions (default all B*T)."""
+def mtp_layer_flops(config: MiMoConfig, B: int, T: int, train: bool) -> float:
+    """One MTP layer on B rows of T tokens, its share of the shared lm_head included: eh_proj [2D -> D], a
+    sliding-window attention block, a dense SwiGLU MLP, the head over all B*T positions (model/mtp.py)."""
+    D, N = config.hidden_size, B * T
+    mm, attn = attention_flops(config, True, B, T)
+    mm += 2 * N * 2 * D * D + 2 * N * 3 * D * config.intermediate_size + 2 * N * D * config.vocab_size
+    return 3 * mm + 3.5 * attn if train else mm + attn
+
+
+def model_flops(config: MiMoConfig, B: int, T: int, train: bool, logits_tokens: int | None = None,
+                mtp_layers: int = 0) -> float:
+    """All decoder layers plus the lm_head over `logits_tokens` positions (default all B*T), plus the first
+    `mtp_layers` MTP layers (mtp_layer_flops)."""
     total = sum(layer_flops(config, i, B, T, train) for i in range(config.num_hidden_layers))
     n = B * T if logits_tokens is None else logits_tokens
     head = 2 * n * config.hidden_size * config.vocab_size
-    return total + (3 * head if train else head)
+    return total + (3 * head if train else head) + mtp_layers * mtp_layer_flops(config, B, T, train)
 
 
 # ----------------------------------------------------------------------------------------- transformers twin
@@ -165,6 +187,45 @@ def transformers_state(state: dict[str, torch.Tensor], config) -> dict[str, torc
         for key, idx in layout_parts(name, t.shape, "transformers", config):
             out[key] = t if idx is None else t[idx]
     return out
+
+
+# ----------------------------------------------------------------------------------------- torchrun workers
+def torchrun(script: str | Path, nproc: int, argv: list[str], device: str, timeout: float | None = None) -> int:
+    """Run `python script --worker *argv` as nproc processes of this host under torch.distributed.run (its
+    own free port); -> the exit status, 124 when it ran past `timeout` seconds (the launcher and every worker
+    are then killed). The workers get src/ on PYTHONPATH and NVLink multicast off (NCCL NVLS, symmetric
+    memory, NVSHMEM); on CPUs one OpenMP thread each. A worker that fails makes the launcher stop the others."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), "--worker", *argv]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own process group: killed as one
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return 124
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def write_rank_result(out: str | Path, rank: int, result: dict) -> None:
+    """A worker's results -> out/rank{rank}.json (written under a temporary name, then renamed)."""
+    path = Path(out) / f"rank{rank}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+
+
+def read_rank_results(out: str | Path) -> dict[int, dict]:
+    """{rank: results} of every rank that wrote out/rank{r}.json."""
+    return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in Path(out).glob("rank*.json")}
 
 
 # ----------------------------------------------------------------------------------------- output

@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -109,20 +108,15 @@ def worker(args) -> None:
 
 
 def launch(nproc: int, args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--worker", "--device", args.device, "--preset", args.preset,
-           "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--check-steps", str(args.check_steps), "--out", args.out]
-    if args.layers:
-        cmd += ["--layers", str(args.layers)]
-    if args.ac:
-        cmd += ["--ac"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NCCL_NVLS_ENABLE": "0",
-           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "PYTHONUNBUFFERED": "1"}
-    if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = "1"
+    from common import torchrun
+
+    argv = ["--device", args.device, "--preset", args.preset, "--seq", str(args.seq), "--batch", str(args.batch),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--check-steps", str(args.check_steps),
+            "--out", args.out] + (["--layers", str(args.layers)] if args.layers else []) + (["--ac"] if args.ac else [])
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    rc = torchrun(Path(__file__).resolve(), nproc, argv, args.device)
+    if rc:
+        raise SystemExit(f"the {nproc}-process run failed (exit status {rc})")
     res = json.loads(Path(args.out, f"world{nproc}.json").read_text())
     res["wall_s"] = time.perf_counter() - t0
     return res

@@ -1,6 +1,7 @@
 """Experts hold a dispatcher (local by default): under autocast a plain forward (no Trainer) computes the
 experts in autocast's dtype, with gradients reaching the fp32 weights; a dispatcher set from outside
-takes over the expert compute."""
+takes over the expert compute; with expert parallelism a rank whose experts receive no token still joins
+the backward's all-to-alls."""
 
 from __future__ import annotations
 
@@ -54,3 +55,48 @@ def test_the_module_uses_the_dispatcher_it_holds():
     m.dispatcher = _Doubling()
     torch.testing.assert_close(m(x, idx, w), 2 * plain)
     assert m.dispatcher.calls == 1
+
+
+def _nothing_for_rank_zero(rank: int, world: int) -> dict:
+    """Expert parallelism over 2 gloo ranks, every (token, slot) pair of both ranks routed to rank 1's experts."""
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from mimo_flash.distributed.experts import AllToAllDispatcher
+    from mimo_flash.ops.moe import experts_reference
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    E, D, I, N = 4, 8, 6, 5
+    g = torch.Generator().manual_seed(0)
+    gate_up, down = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
+    x = torch.randn(world, N, D, generator=g)[rank].clone().requires_grad_()
+    w = torch.rand(world, N, 2, generator=g)[rank]
+    idx = torch.tensor([[2, 3]] * N)  # experts 2 and 3 live on rank 1
+    El = E // world
+    shard = lambda t: nn.Parameter(DTensor.from_local(t[rank * El:(rank + 1) * El].clone(), mesh, [Shard(0)],  # noqa: E731
+                                                      run_check=False))
+    gu, dn = shard(gate_up), shard(down)
+    y = AllToAllDispatcher(mesh.get_group(), E)(x, idx, w, gu, dn, "auto")
+    y.square().sum().backward()  # hangs if one rank skips the backward's all-to-alls
+    xr = x.detach().clone().requires_grad_()
+    ref = experts_reference(xr, idx, w, gate_up, down)
+    ref.square().sum().backward()
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    return {"y": rel(y, ref), "x_grad": rel(x.grad, xr.grad),
+            "gate_up_grad": None if gu.grad is None else gu.grad.to_local().abs().sum().item(),
+            "down_grad": None if dn.grad is None else dn.grad.to_local().abs().sum().item()}
+
+
+def test_expert_parallel_rank_that_receives_nothing_still_joins_the_backward():
+    """A rank none of whose experts is chosen still runs the backward's all-to-alls (else the ranks hang) and its
+    expert shards get zero gradients, not none (their data-parallel all-reduce runs on every copy)."""
+    from harness import run_ranks
+
+    r0, r1 = run_ranks(_nothing_for_rank_zero, 2, timeout=90)
+    for r in (r0, r1):
+        assert r["y"] < 1e-5 and r["x_grad"] < 1e-5, r  # the same numbers as all experts in one process
+    assert r0["gate_up_grad"] == 0.0 and r0["down_grad"] == 0.0
+    assert r1["gate_up_grad"] > 0 and r1["down_grad"] > 0

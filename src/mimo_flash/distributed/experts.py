@@ -43,5 +43,10 @@ class AllToAllDispatcher:
         local = torch.arange(El, device=x.device).repeat(P).repeat_interleave(recv_counts)  # [M]
         ones = torch.ones(local.shape[0], 1, device=x.device, dtype=torch.float32)
         yr = experts(xr, local[:, None], ones, gate_up, down, backend)  # [M, D]
+        if yr.grad_fn is None and torch.is_grad_enabled():
+            # No pair came to this rank's experts (M = 0) and the backend returned a constant. Tie it to its
+            # inputs: every rank must run the backward's two all-to-alls, and the expert shards need (zero)
+            # gradients for their all-reduce over the copies (distributed.training.finish_gradients).
+            yr = yr + (xr.sum() + gate_up.sum() + down.sum()) * 0
         ys = all_to_all(yr, send, recv, self.group) * w.reshape(-1)[order, None]  # [N*k, D] in expert order
         return combine(ys.to(x.dtype), tok, inv, k)
