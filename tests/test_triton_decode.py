@@ -291,10 +291,17 @@ def test_triton_step_matches_eager_on_gpu(pdl):
 
 def _triton_step_matches_eager_on_gpu(pdl):
     from mimo_flash.generation import triton_step
+
+    graphed = _graphed_matches_eager_on_gpu(tiny_model(seed=2).to(device="cuda", dtype=torch.bfloat16))
+    assert graphed._triton_step.pdl == (pdl and triton_step.pdl_works(torch.device("cuda")))
+
+
+def _graphed_matches_eager_on_gpu(model):
+    """A bf16 CUDA model: the graphed runner's one-token steps (the Triton step) against eager steps, 30 steps
+    after a 20-token prompt, across the SWA window. Returns the graphed runner."""
     from mimo_flash.generation.engine import prefill
     from mimo_flash.generation.runner import Runner
 
-    model = tiny_model(seed=2).to(device="cuda", dtype=torch.bfloat16)
     cfg, P, S = model.config, 20, 128
     ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(2)).cuda()
     graphed = GraphRunner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16), S)
@@ -312,38 +319,20 @@ def _triton_step_matches_eager_on_gpu(pdl):
             assert float((a - b).norm() / b.norm()) < 3e-2
             tok = b[:, -1].argmax(-1)
     assert not graphed.notes and ("main-triton", 128) in graphed.graphs
-    assert graphed._triton_step.pdl == (pdl and triton_step.pdl_works(torch.device("cuda")))
+    return graphed
 
 
 @pytest.mark.gpu
 def test_triton_step_fp8_matches_the_fp8_torch_step_on_gpu():
     """An FP8-resident model in bf16 on CUDA: the graphed Triton step (FP8 bytes read by its kernels) against
     the eager step (FP8Linear / FP8Experts through quant/triton_fp8.py), 30 steps across the SWA window."""
-    from mimo_flash.generation.engine import prefill
-    from mimo_flash.generation.runner import Runner
     from mimo_flash.quant import FP8, quantize_model_
 
     model = tiny_model(seed=2, hidden_size=192, moe_intermediate_size=80)  # partial 128 blocks, 2 scale columns
     quantize_model_(model)
     model = model.to(device="cuda", dtype=torch.bfloat16)
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == FP8 and model.dtype == torch.bfloat16
-    cfg, P, S = model.config, 20, 128
-    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(2)).cuda()
-    graphed = GraphRunner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16), S)
-    eager = Runner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16), S)
-    assert graphed.triton
-    with torch.no_grad():
-        lg, _ = prefill(eager, ids, None, 8, keep_hidden=False)
-        prefill(graphed, ids, None, 8, keep_hidden=False)
-        tok = lg.argmax(-1)
-        for i in range(30):
-            pos = torch.full((1, 1), P + i, device="cuda", dtype=torch.long)
-            a, _ = graphed.main(tok[:, None], pos, None, P + i + 1, graph=True)
-            b, _ = eager.main(tok[:, None], pos, None, P + i + 1)
-            a, b = a.float(), b.float()
-            assert float((a - b).norm() / b.norm()) < 3e-2
-            tok = b[:, -1].argmax(-1)
-    assert not graphed.notes and ("main-triton", 128) in graphed.graphs
+    _graphed_matches_eager_on_gpu(model)
 
 
 @pytest.mark.gpu
