@@ -5,8 +5,8 @@ for one tensor at a time) and every other rank walks the same list of tensors, c
 one being written. A tensor whose ranks each hold a block of rows (distributed.materialize.row_blocks: FSDP2's
 dim-0 layout, the experts' "ep" and ("edp", "ep") layouts) reaches rank 0 by point-to-point sends of just the
 rows it needs (one expert's slice of a fused expert tensor comes from the rank that holds it); any other layout
-is gathered with DTensor.full_tensor() (one parameter at a time, kept while its per-expert parts are written). With fp8=True, the tensors the release quantizes are written as float8_e4m3fn
-with real 128 x 128 block scales.
+is gathered with DTensor.full_tensor() (one parameter at a time, kept while its per-expert parts are written).
+With fp8=True, the tensors the release quantizes are written as float8_e4m3fn with real 128 x 128 block scales.
 """
 
 from __future__ import annotations
