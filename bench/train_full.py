@@ -24,7 +24,8 @@ written on one layout and resumed on another, its loss curve beside the run that
         --cp-seqs 128 --steps 2 --warmup 1 --reshard 4:2 2:4 --check-seq 64 --check-lr 1e-2
 
 Layouts: `w{W}[-ep{E}][-cp{C}]`: W processes, FSDP2 over all W (everything but the routed experts), the routed
-experts split over E of them (W / E copies of each split), each row split over C of them (context parallelism;
+experts split over E of them and each split FSDP2-sharded over the W / E ranks that share it (every rank holds
+1 / W of the experts), each row split over C of them (context parallelism;
 the W / C data-parallel groups read different rows); a bare number N is wN-epN. Defaults for --nproc N:
 wN-epN, wN-ep(N/2), wN-epN-cp2, wN-epN-cp4. Layouts with C > 1 run the --cp-seqs, the others the --seqs.
 
@@ -37,7 +38,7 @@ with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless it is set.
 Per row: tokens/s per GPU = tokens per step / median step time / W; TFLOP/s per GPU = model_flops (bench/common.py)
 / median step time / W; peak = max over ranks of torch.cuda.max_memory_allocated (the process's peak RSS on CPUs).
 --fit: per layout, the most layers (at most the preset's) whose training state (16 bytes a parameter: fp32
-weights, gradients, two AdamW moments; experts / E, the rest / W) fills at most --fit-fraction of a GPU, then one
+weights, gradients, two AdamW moments; everything / W) fills at most --fit-fraction of a GPU, then one
 fewer at a time until the layout's longest sequence runs; its other sequences run at that depth.
 
 Resharding check (--reshard A:B, layouts as above): a reference run on A trains 2 S steps (S = --check-steps),
@@ -153,9 +154,10 @@ def parameter_split(config: MiMoConfig) -> tuple[int, int]:
 
 
 def state_bytes(config: MiMoConfig, layout: Layout) -> float:
-    """AdamW training state per GPU (STATE_BYTES a parameter): the experts split over ep ranks, the rest over all."""
+    """AdamW training state per GPU (STATE_BYTES a parameter): everything sharded over all ranks (the experts over
+    ep x edp); the transient all-gathered units (a layer, one MoE layer's expert split) are not counted."""
     experts, others = parameter_split(config)
-    return STATE_BYTES * (experts / layout.ep + others / layout.world)
+    return STATE_BYTES * (experts + others) / layout.world
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -502,8 +504,9 @@ def print_rows(args, rows: list[dict], head: str) -> None:
              "(auto: bf16 autocast with fp32 master weights on GPUs), AdamW; model built on meta, each rank fills "
              f"its shards (SeededInit); {args.batch} row(s) of one document per data-parallel rank per micro-batch, "
              f"{args.grad_accum} micro-batch(es) a step; median of {args.steps} steps after {args.warmup}",
-             "layout w<W>-ep<E>-cp<C>: FSDP2 over W ranks, routed experts over E, each row over C",
-             "state GiB: AdamW training state per GPU, 16 bytes a parameter (experts / E, the rest / W)",
+             "layout w<W>-ep<E>-cp<C>: FSDP2 over W ranks, routed experts over E (each split FSDP2 over W / E), each "
+             "row over C",
+             "state GiB: AdamW training state per GPU, 16 bytes a parameter / W",
              "TFLOP/s per GPU: model_flops (bench/common.py) / step time / W: per decoder layer 3 x 2*N*(QKV and O "
              "projections + router + top-k experts' SwiGLU, or the dense MLP) + 3.5 x 2*B*H*pairs*(Dqk + Dv) with "
              "pairs = sum_i min(i + 1, W_swa) on sliding-window layers (W_swa = sliding_window) and T(T+1)/2 on "

@@ -475,11 +475,11 @@ def test_grad_norm_on_cuda():
         p.grad = torch.randn_like(p) * 3
     want = sum(float(p.grad.double().square().sum()) for p in ps) ** 0.5
     ctx = ParallelContext(device=torch.device("cuda"))
-    norms = [clip_grad_norm(ps, 0.0, [], ctx) for _ in range(3)]
+    norms = [clip_grad_norm(ps, 0.0, ctx) for _ in range(3)]
     assert all(torch.equal(n, norms[0]) for n in norms)
     assert abs(norms[0].item() - want) <= 1e-5 * want
     before = [p.grad.clone() for p in ps]
-    clip_grad_norm(ps, 1.0, [], ctx)
+    clip_grad_norm(ps, 1.0, ctx)
     coef = clip_coefficient(norms[0], 1.0).to(torch.bfloat16).float()  # _foreach_mul_ casts it to the grads' dtype
     for p, b in zip(ps, before, strict=True):
         torch.testing.assert_close(p.grad.float(), (b.float() * coef).to(torch.bfloat16).float(), rtol=0, atol=0)

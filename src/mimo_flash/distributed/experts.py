@@ -46,7 +46,7 @@ class AllToAllDispatcher:
         if yr.grad_fn is None and torch.is_grad_enabled():
             # No pair came to this rank's experts (M = 0) and the backend returned a constant. Tie it to its
             # inputs: every rank must run the backward's two all-to-alls, and the expert shards need (zero)
-            # gradients for their all-reduce over the copies (distributed.training.finish_gradients).
+            # gradients for the reduce-scatter of their FSDP unit over "edp" (distributed.training.apply_fsdp).
             yr = yr + (xr.sum() + gate_up.sum() + down.sum()) * 0
         ys = all_to_all(yr, send, recv, self.group) * w.reshape(-1)[order, None]  # [N*k, D] in expert order
         return combine(ys.to(x.dtype), tok, inv, k)

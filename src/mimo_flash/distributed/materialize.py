@@ -10,13 +10,16 @@ parallelism, FSDP2), then calls `init.fill(model, device)` with one of
     CheckpointInit(path)  a hub / transformers checkpoint (checkpoint/load.py's plan): each rank reads only
                           the rows of each tensor that its shard holds, straight from the memory-mapped
                           safetensors, FP8 dequantized one 128-row block at a time.
-Every sharded tensor here is a DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout, and the experts'
-"ep" layout) or a plain tensor (whole on every rank); `local_rows` gives the rows a rank holds.
+Every sharded tensor here is a plain tensor (whole on every rank) or a DTensor whose ranks each hold one
+contiguous block of rows: sharded on dim 0 over a 1-D mesh (FSDP2's layout, and the experts' "ep" layout), or
+the experts' FSDP2 layout over ("edp", "ep") (distributed/training.py: the "ep" shard, then its "edp" chunk).
+`row_blocks` gives every rank's rows, `local_rows` this rank's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -28,21 +31,54 @@ from .training import parameter_name
 BLOCK_ELEMENTS = 1 << 20
 
 
+def _chunk(lo: int, hi: int, n: int, i: int) -> tuple[int, int]:
+    """Rows of piece i when rows lo..hi are cut into n as torch.chunk cuts them (DTensor's and FSDP2's split)."""
+    size = -(-(hi - lo) // n)
+    a = min(lo + i * size, hi)
+    return a, min(a + size, hi)
+
+
+def row_blocks(t: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """[(global rank, first row, end row)] of every rank of a DTensor's mesh, each holding one contiguous block
+    of dim 0: Shard(0) on every mesh dimension (cut in mesh order), or FSDP2's 2-D composition
+    (_StridedShard(0, split_factor=n1), Shard(0)) over a mesh of shape (n0, n1): the rows cut over dim 1 first,
+    then each piece over dim 0. None for any other placement (or a plain tensor)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if not isinstance(t, DTensor):
+        return None
+    mesh, pl = t.device_mesh, tuple(t.placements)
+    if all(type(p) is Shard and p.dim == 0 for p in pl):
+        order = list(range(mesh.ndim))
+    elif (mesh.ndim == 2 and isinstance(pl[0], _StridedShard) and pl[0].dim == 0
+          and pl[0].split_factor == mesh.size(1) and type(pl[1]) is Shard and pl[1].dim == 0):
+        order = [1, 0]
+    else:
+        return None
+    ranks = mesh.mesh
+    out = []
+    for coord in itertools.product(*(range(n) for n in ranks.shape)):
+        lo, hi = 0, t.shape[0]
+        for d in order:
+            lo, hi = _chunk(lo, hi, mesh.size(d), coord[d])
+        out.append((int(ranks[coord]), lo, hi))
+    return out
+
+
 def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(this rank's local tensor, first row, end row) of t along dim 0: the whole of a plain tensor; the
-    torch.chunk share of a DTensor sharded on dim 0 over a 1-D mesh."""
+    """(this rank's local tensor, first row, end row) of t along dim 0: the whole of a plain tensor; this
+    rank's block of a DTensor whose ranks hold blocks of rows (row_blocks)."""
     if not hasattr(t, "device_mesh"):
         return t, 0, t.shape[0] if t.dim() else 1
-    from torch.distributed.tensor import Shard
+    import torch.distributed as dist
 
-    mesh, pl = t.device_mesh, t.placements
-    if mesh.ndim != 1 or len(pl) != 1 or pl[0] != Shard(0):
-        raise ValueError(f"cannot materialize a DTensor with placements {pl} over a {mesh.ndim}-D mesh "
-                         "(expected Shard(0) over one mesh dimension)")
-    rows, n = t.shape[0], mesh.size()
-    size = -(-rows // n)
-    lo = min(mesh.get_local_rank() * size, rows)
-    hi = min(lo + size, rows)
+    blocks = row_blocks(t)
+    if blocks is None:
+        raise ValueError(f"cannot materialize a DTensor with placements {t.placements} over a {t.device_mesh.ndim}-D "
+                         "mesh (expected Shard(0) over each mesh dimension, or FSDP2's (_StridedShard(0), Shard(0)))")
+    me = dist.get_rank()
+    (lo, hi), = [(a, b) for r, a, b in blocks if r == me]
     local = t.to_local()
     if local.shape[0] != hi - lo:
         raise RuntimeError(f"a {tuple(t.shape)} DTensor's local shard has {local.shape[0]} rows, expected {hi - lo}")

@@ -2,11 +2,11 @@
 
 No rank gathers the whole model: rank 0 writes the checkpoint (checkpoint/save.py write_checkpoint, which asks
 for one tensor at a time) and every other rank walks the same list of tensors, contributing its shard of the
-one being written. A tensor sharded on dim 0 over a 1-D mesh (FSDP2's layout) reaches rank 0 by point-to-point
-sends of just the rows it needs (one expert's slice of a fused expert tensor comes from the rank that holds
-it); any other layout is gathered with DTensor.full_tensor() (one parameter at a time, kept while its
-per-expert parts are written). With fp8=True, the tensors the release quantizes are written as float8_e4m3fn
-with real 128 x 128 block scales.
+one being written. A tensor whose ranks each hold a block of rows (distributed.materialize.row_blocks: FSDP2's
+dim-0 layout, the experts' "ep" and ("edp", "ep") layouts) reaches rank 0 by point-to-point sends of just the
+rows it needs (one expert's slice of a fused expert tensor comes from the rank that holds it); any other layout
+is gathered with DTensor.full_tensor() (one parameter at a time, kept while its per-expert parts are written).
+With fp8=True, the tensors the release quantizes are written as float8_e4m3fn with real 128 x 128 block scales.
 """
 
 from __future__ import annotations
@@ -16,41 +16,40 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from ..checkpoint.load import parse_dtype
 from ..checkpoint.names import layout_parts
 from ..checkpoint.save import OutTensor, export_groups, fp8_quantization_config, write_checkpoint
+from ..distributed.materialize import row_blocks
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _row_shardable(t: torch.Tensor) -> bool:
-    """Sharded on dim 0 over a 1-D mesh that holds global rank 0 (the same answer on every rank)."""
-    return (isinstance(t, DTensor) and t.device_mesh.ndim == 1 and len(t.placements) == 1
-            and t.placements[0] == Shard(0) and 0 in t.device_mesh.mesh.flatten().tolist())
+def _row_blocks(t: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """Every rank's block of rows of t (row_blocks), when its mesh holds global rank 0 (the same answer on every
+    rank); else None."""
+    blocks = row_blocks(t)
+    return blocks if blocks is not None and any(r == 0 for r, _, _ in blocks) else None
 
 
-def _rows_to_rank0(t: DTensor, lo: int, hi: int) -> torch.Tensor | None:
-    """Rows lo..hi of a Shard(0) DTensor on rank 0 (None elsewhere); only the owners of those rows send."""
-    mesh = t.device_mesh
-    ranks = mesh.mesh.flatten().tolist()
-    n, rows = len(ranks), t.shape[0]
-    size = -(-rows // n)  # torch.chunk's split, which DTensor and FSDP2 use
+def _rows_to_rank0(t: DTensor, blocks: list[tuple[int, int, int]], lo: int, hi: int) -> torch.Tensor | None:
+    """Rows lo..hi of a DTensor held in blocks of rows on rank 0 (None elsewhere); only the owners of those rows
+    send."""
     me = dist.get_rank()
     local = t.to_local()
     out = local.new_empty((hi - lo,) + tuple(t.shape[1:])) if me == 0 else None
-    for i, gr in enumerate(ranks):
-        a, b = max(lo, i * size), min(hi, (i + 1) * size, rows)
+    for gr, first, end in blocks:
+        a, b = max(lo, first), min(hi, end)
         if a >= b:
             continue
         if gr == me:
-            piece = local[a - i * size: b - i * size]
+            piece = local[a - first: b - first]
             if piece.shape[0] != b - a:
                 raise RuntimeError(f"rank {me}: its shard of a {tuple(t.shape)} tensor has {local.shape[0]} rows, "
-                                   f"expected rows {i * size}..{min((i + 1) * size, rows)}")
+                                   f"expected rows {first}..{end}")
             if me == 0:
                 out[a - lo:b - lo] = piece
             else:
@@ -72,11 +71,12 @@ class _Source:
         t = self.t
         if not isinstance(t, DTensor):
             return t if idx is None else t[idx]
-        if _row_shardable(t):
+        blocks = _row_blocks(t)
+        if blocks is not None:
             if idx is None:
-                return _rows_to_rank0(t, 0, t.shape[0])
+                return _rows_to_rank0(t, blocks, 0, t.shape[0])
             if isinstance(idx[0], int):
-                got = _rows_to_rank0(t, idx[0], idx[0] + 1)
+                got = _rows_to_rank0(t, blocks, idx[0], idx[0] + 1)
                 return None if got is None else got[(0, *idx[1:])]
         if self.full is None:
             self.full = t.full_tensor()

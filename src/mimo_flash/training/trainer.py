@@ -240,10 +240,10 @@ class Trainer:
     def _update(self) -> torch.Tensor:
         """Gradients (finished by compute_gradients) clipped, AdamW; returns the gradient norm (a tensor)."""
         if self.ctx.distributed or self.cfg.grad_clip <= 0:
-            norm = clip_grad_norm(self.params, self.cfg.grad_clip, self.expert_params, self.ctx)
+            norm = clip_grad_norm(self.params, self.cfg.grad_clip, self.ctx)
             self.optimizer.step()
         else:  # one process: the clipping factor goes into the AdamW kernel (no pass over the gradients)
-            norm = clip_grad_norm(self.params, 0.0, self.expert_params, self.ctx)
+            norm = clip_grad_norm(self.params, 0.0, self.ctx)
             self.optimizer.step(clip_coef=clip_coefficient(norm, self.cfg.grad_clip))
         self.optimizer.zero_grad(set_to_none=True)
         return norm
