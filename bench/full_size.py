@@ -176,6 +176,23 @@ def guarded(run: Run, model, fn):
         run.release(model)
 
 
+def measured_row(run: Run, args, model, layout: Layout, row: dict, batch: int, length: int, k: int, fn):
+    """One table row's measurement: fn()'s stats, or None with row["status"] saying why not (the time budget
+    spent, the KV cache of batch x length tokens (k MTP rings) and the activations not fitting on every rank, or
+    an OOM on any rank while fn ran)."""
+    if time.perf_counter() - T0 > args.budget_s:
+        row["status"] = "skipped (budget)"
+        return None
+    if not probe(run, model, batch, length, k, layout):
+        row["status"] = "OOM (KV cache + activations do not fit)"
+        return None
+    st = guarded(run, model, fn)
+    if not run.all_ok(st != "OOM"):
+        row["status"] = "OOM"
+        return None
+    return st
+
+
 def parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -228,13 +245,6 @@ def decode_rows(run: Run, args, model, layout: Layout, K: int) -> list[dict]:
             for k in ([0, K] if K else [0]):
                 row = dict(batch=B, prompt=P, K=k)
                 rows.append(row)
-                if time.perf_counter() - T0 > args.budget_s:
-                    row["status"] = "skipped (budget)"
-                    continue
-                S = P + args.new + 2 * k + 2
-                if not probe(run, model, B, S, k, layout):
-                    row["status"] = "OOM (KV cache + activations do not fit)"
-                    continue
                 ids = torch.randint(0, vocab, (B, P), generator=torch.Generator().manual_seed(B * 7919 + P))
                 kw = dict(max_new_tokens=args.new, num_speculative_tokens=k, eos_token_id=[], return_stats=True)
 
@@ -245,9 +255,8 @@ def decode_rows(run: Run, args, model, layout: Layout, K: int) -> list[dict]:
                     run.sync()
                     return st
 
-                st = guarded(run, model, measure)
-                if not run.all_ok(st != "OOM"):
-                    row["status"] = "OOM"
+                st = measured_row(run, args, model, layout, row, B, P + args.new + 2 * k + 2, k, measure)
+                if st is None:
                     continue
                 step = st.decode_seconds / max(st.steps, 1)
                 row.update(status="ok", step_ms=step * 1e3, steps=st.steps, tok_s=B * (args.new - 1) / st.decode_seconds,
@@ -271,14 +280,8 @@ def ttft_rows(run: Run, args, model, layout: Layout) -> list[dict]:
     for P in args.ttft:
         row = dict(prompt=P)
         rows.append(row)
-        if time.perf_counter() - T0 > args.budget_s:
-            row["status"] = "skipped (budget)"
-            continue
         if P + 1 > model.config.max_position_embeddings:
             row["status"] = f"longer than max_position_embeddings ({model.config.max_position_embeddings})"
-            continue
-        if not probe(run, model, 1, P + 64, 0, layout):
-            row["status"] = "OOM (KV cache + activations do not fit)"
             continue
         ids = torch.randint(0, vocab, (1, P), generator=torch.Generator().manual_seed(P))
 
@@ -288,9 +291,8 @@ def ttft_rows(run: Run, args, model, layout: Layout) -> list[dict]:
             run.sync()
             return st
 
-        st = guarded(run, model, measure)
-        if not run.all_ok(st != "OOM"):
-            row["status"] = "OOM"
+        st = measured_row(run, args, model, layout, row, 1, P + 64, 0, measure)
+        if st is None:
             continue
         row.update(status="ok", ttft_s=st.prefill_seconds, prefill_tok_s=P / st.prefill_seconds)
         run.log(f"TTFT {P} tokens: {st.prefill_seconds:.3f} s ({P / st.prefill_seconds:.0f} tok/s)")

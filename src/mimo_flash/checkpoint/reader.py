@@ -58,7 +58,32 @@ class PickleFile:
         self.tensors = {}
 
 
-class CheckpointReader:
+class TensorIndex:
+    """What every checkpoint reader shares: `infos` {name: TensorInfo} and the lookups over it; a context
+    manager that calls close(). Subclasses fill infos and define get / release / close."""
+
+    infos: dict[str, TensorInfo]
+
+    def keys(self) -> set[str]:
+        return set(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CheckpointReader(TensorIndex):
     """Tensor name -> file over a checkpoint's files; headers checked on open, tensors read lazily.
 
     get(name) returns a view valid until release(name) / close(); copy what you keep.
@@ -104,15 +129,6 @@ class CheckpointReader:
         """The checkpoint, for messages: its index, its one file, or its directory."""
         return str(self.index_path or (next(iter(self.files)) if len(self.files) == 1 else self.root))
 
-    def keys(self) -> set[str]:
-        return set(self.infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def info(self, name: str) -> TensorInfo:
-        return self.infos[name]
-
     def get(self, name: str) -> torch.Tensor:
         return self.files[self.infos[name].file].get(name)
 
@@ -122,12 +138,6 @@ class CheckpointReader:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-
-    def __enter__(self) -> "CheckpointReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_checkpoint(path, allow_pickle: bool = False):

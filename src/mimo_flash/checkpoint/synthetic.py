@@ -34,6 +34,7 @@ from ..config import MiMoConfig
 from .files import Entry, TensorInfo
 from ..quant.blocks import FP8, FP8_MAX, SCALE_SUFFIX, scale_grid
 from .names import LAYOUTS, is_fp32, is_quantized, layer_index, layout_parts
+from .reader import TensorIndex
 from .save import fp8_quantization_config, write_checkpoint
 
 WEIGHT_STD = 0.02
@@ -188,7 +189,7 @@ class SyntheticCheckpoint:
         return SyntheticReader(self)
 
 
-class SyntheticReader:
+class SyntheticReader(TensorIndex):
     """A CheckpointReader over a SyntheticCheckpoint: the same names, dtypes, shapes and values as the files
     write_synthetic_checkpoint writes, each tensor generated when get() asks for it. It keeps the last weight
     asked for and its scale (so the loader's reads of both, or of several slices of one tensor, generate it
@@ -224,15 +225,6 @@ class SyntheticReader:
     def describe(self) -> str:
         return self.source.name
 
-    def keys(self) -> set[str]:
-        return set(self.infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def info(self, name: str) -> TensorInfo:
-        return self.infos[name]
-
     def get(self, name: str) -> torch.Tensor:
         base = name.removesuffix(SCALE_SUFFIX)
         if base != self._base:
@@ -256,12 +248,6 @@ class SyntheticReader:
     def close(self) -> None:
         self._cache.clear()
         self._base = None
-
-    def __enter__(self) -> "SyntheticReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def write_synthetic_checkpoint(path: str | os.PathLike, config: MiMoConfig, *, fp8: bool = True,
