@@ -442,10 +442,13 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(out, indent=1, default=str))
         run.log("done")
     run.sync()
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:  # leave the group before the interpreter's teardown, which a live gloo group can abort
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)

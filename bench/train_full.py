@@ -203,6 +203,10 @@ def worker(spec_path: str) -> None:
             sys.stdout.flush()
             os._exit(3)
         traceback.print_exc()
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # leave the group before the interpreter's teardown (a live gloo group aborts it)
+            dist.destroy_process_group()
         raise
     res["rank"] = rank
     write_rank_result(spec["out"], rank, res)

@@ -106,9 +106,10 @@ def peak_rss_growth(fn: Callable[..., Any], *args: Any, **kw: Any) -> tuple[Any,
 
 def run_python(*argv: str, timeout: float = 300) -> list[dict]:
     """Run `python *argv` with src/ and tests/ importable (so it can use this module) and one OpenMP thread;
-    fail with its stderr unless it exits 0. -> the JSON objects it printed, one a line starting with '{'."""
+    fail with the ends of its stdout and stderr unless it exits 0. -> the JSON objects it printed, one a line
+    starting with '{'."""
     path = os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
