@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import fmt, header, table  # noqa: E402
 from mimo_flash import MiMoConfig  # noqa: E402
+from mimo_flash.distributed import leave_distributed  # noqa: E402
 from mimo_flash.checkpoint import SyntheticCheckpoint  # noqa: E402
 from mimo_flash.distributed import init_inference, load_parallel  # noqa: E402
 from mimo_flash.generation import KVCache, generate  # noqa: E402
@@ -446,9 +447,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    ok = False
     try:
         code = main()
-    finally:  # leave the group before the interpreter's teardown, which a live gloo group can abort
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        ok = True
+    finally:
+        leave_distributed(ok)
     sys.exit(code)

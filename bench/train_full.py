@@ -76,6 +76,7 @@ import torch
 from common import fmt, model_flops, read_rank_results, table, torchrun, write_rank_result
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
+from mimo_flash.distributed import leave_distributed
 
 SCRIPT = Path(__file__).resolve()
 STATE_BYTES = 16  # per parameter: fp32 weight, fp32 gradient, AdamW's two fp32 moments
@@ -203,17 +204,11 @@ def worker(spec_path: str) -> None:
             sys.stdout.flush()
             os._exit(3)
         traceback.print_exc()
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # leave the group before the interpreter's teardown (a live gloo group aborts it)
-            dist.destroy_process_group()
+        leave_distributed(ok=False)
         raise
     res["rank"] = rank
     write_rank_result(spec["out"], rank, res)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_distributed()
 
 
 def _train_config(spec: dict, steps: int, batch: int, **kw):

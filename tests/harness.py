@@ -37,8 +37,8 @@ def _rank_main(fn: Callable[..., dict], rank: int, world: int, port: int, args: 
 
         res = {"error": f"rank {rank}: {e}\n{traceback.format_exc()}"}
     q.put((rank, res))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from mimo_flash.distributed.context import leave_distributed
+    leave_distributed(ok="error" not in res)
 
 
 def run_ranks(fn: Callable[..., dict], world: int, *args: Any, start: str = "fork", timeout: float = 240) -> list[dict]:

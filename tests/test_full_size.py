@@ -202,7 +202,7 @@ import json, torch, torch.distributed as dist
 from harness import peak_rss_growth
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.checkpoint import SyntheticCheckpoint
-from mimo_flash.distributed import load_parallel
+from mimo_flash.distributed import leave_distributed, load_parallel
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -213,7 +213,7 @@ config = MiMoConfig.preset("tiny", vocab_size=8192, hidden_size=512, intermediat
 model, extra = peak_rss_growth(load_parallel, SyntheticCheckpoint(config), **kw)
 sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
 print(json.dumps({"rank": dist.get_rank(), "extra": extra, "local": sum(sizes), "largest": max(sizes)}))
-dist.destroy_process_group()
+leave_distributed()
 """
 MB = 1 << 20
 

@@ -174,7 +174,7 @@ def test_parallel_matches_single_process(tp, ep, checkpoints):
 MEM_CHILD = r"""
 import json, sys, torch, torch.distributed as dist
 from harness import peak_rss_growth
-from mimo_flash.distributed import load_parallel
+from mimo_flash.distributed import leave_distributed, load_parallel
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -183,7 +183,7 @@ load_parallel(sys.argv[1], tp=2, dtype=torch.bfloat16, fp8=fp8, progress=False) 
 model, extra = peak_rss_growth(load_parallel, sys.argv[2], tp=2, dtype=torch.bfloat16, fp8=fp8, progress=False)
 sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
 print(json.dumps({"rank": dist.get_rank(), "extra": extra, "local": sum(sizes), "largest": max(sizes)}))
-dist.destroy_process_group()
+leave_distributed()
 """
 
 MB = 1 << 20

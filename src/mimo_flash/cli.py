@@ -89,20 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        _leave_process_group(ok)
-
-
-def _leave_process_group(ok: bool) -> None:
-    """A command run under torchrun leaves its process group before the process exits: after a barrier when
-    it succeeded (no rank tears its connections down while a peer still talks to it, which gloo answers with
-    an abort), at once when it failed (a peer may never reach the barrier)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if ok:
-        dist.barrier()
-    dist.destroy_process_group()
+        from .distributed.context import leave_distributed
+        leave_distributed(ok)  # (a command under torchrun)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,15 @@ def init_distributed(ep: int = 1, device: str | None = None, cp: int = 1) -> Par
     cp_mesh = init_device_mesh(dev.type, (world // cp, cp), mesh_dim_names=("dp", "cp")) if cp > 1 else None
     return ParallelContext(rank=rank, world=world, device=dev, ep=ep, mesh=mesh, ep_mesh=ep_mesh, cp=cp,
                            cp_mesh=cp_mesh)
+
+
+def leave_distributed(ok: bool = True) -> None:
+    """Leave the process group (and every group made from it) before the process exits: after a barrier when
+    this rank finished normally, so that no rank tears its connections down while a peer's last collectives
+    are still in flight (gloo answers that with an abort, seen as SIGABRT at exit); at once when it failed (a
+    peer may never reach the barrier). Nothing when no group is up."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
