@@ -9,10 +9,10 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 
 --slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count.
---speculative 0 3: the same runs without and with MTP speculation (a started server's --speculative K; every
-request is greedy, so all of them speculate); a run's MTP acceptance (from the server's /metrics counters) is
-reported when it speculated. --shared-prefix N: every prompt starts with the same N tokens (prefix caching's
-TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id prompts, streamed,
+--speculative 0 3 auto: the same runs without and with MTP speculation (a started server's --speculative K or
+auto; every request is greedy, so all of them speculate); a run's MTP acceptance and its steps by drafts per
+request (from the server's /metrics counters) are reported when it speculated. --shared-prefix N: every
+prompt starts with the same N tokens (prefix caching's TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id prompts, streamed,
 greedy, ignore_eos (every request produces exactly --output-len tokens, as vLLM's benchmark does). TTFT:
 request sent -> first streamed token; TPOT: (latency - TTFT) / (output tokens - 1) per request; ITL: the gaps
 between streamed chunks.
@@ -140,7 +140,7 @@ def random_checkpoint(preset: str, device: str) -> Path:
     return d
 
 
-def start_server(args, ckpt: Path, slots: int, port: int, speculative: int = 0, threads: int | None = None):
+def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
            "--name", "bench", "--device", args.device, "--max-slots", str(slots), "--speculative", str(speculative),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
@@ -167,20 +167,23 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: int = 0, 
     raise SystemExit("the server did not come up within 600 s")
 
 
-def spec_counters(url: str) -> tuple[int, int]:
-    """(draft tokens verified, accepted) from a mimo-flash server's /metrics; (0, 0) when it has none."""
+def spec_counters(url: str) -> dict[str, int]:
+    """A mimo-flash server's speculation counters from /metrics: draft tokens verified ("draft"), accepted
+    ("accepted"), and steps by drafts per request ("k=0", "k=1", ...); {} from a server without them."""
     import urllib.request
 
     found = {}
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             for line in r.read().decode().splitlines():
-                name, _, value = line.partition(" ")
+                name, _, value = line.rpartition(" ")
                 found[name] = value
     except OSError:
-        return 0, 0
-    get = lambda n: int(float(found.get(f"mimo_flash_spec_decode_{n}_tokens_total", 0)))  # noqa: E731
-    return get("draft"), get("accepted")
+        return {}
+    out = {n: int(float(found.get(f"mimo_flash_spec_decode_{n}_tokens_total", 0))) for n in ("draft", "accepted")}
+    steps = "mimo_flash_spec_decode_steps_total{k="
+    out.update({f"k={n[len(steps) + 1:-2]}": int(float(v)) for n, v in found.items() if n.startswith(steps)})
+    return out
 
 
 def report(tag: str, r: dict) -> None:
@@ -193,6 +196,8 @@ def report(tag: str, r: dict) -> None:
     if r.get("spec_draft_tokens"):
         print(f"    MTP drafts accepted {r['spec_accepted_tokens']} / {r['spec_draft_tokens']} "
               f"({r['spec_accepted_tokens'] / r['spec_draft_tokens']:.1%})", flush=True)
+    if r.get("spec_steps"):
+        print("    steps by drafts: " + ", ".join(f"{k} {n}" for k, n in sorted(r["spec_steps"].items())), flush=True)
 
 
 def main() -> int:
@@ -216,8 +221,8 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--prefix-blocks", type=int, default=64)
     ap.add_argument("--admit-wait", type=float, default=None, help="started server: its --admit-wait")
-    ap.add_argument("--speculative", type=int, nargs="+", default=[0],
-                    help="started server: its --speculative K, one run per value (default 0: off)")
+    ap.add_argument("--speculative", nargs="+", default=["0"],
+                    help="started server: its --speculative K or auto, one run per value (default 0: off)")
     ap.add_argument("--prefill-tokens", type=int, default=None, help="started server: its --prefill-tokens")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="started CPU server: its --threads, one run per value (default: the server's default)")
@@ -259,8 +264,10 @@ def main() -> int:
                 before = spec_counters(url)
                 r = asyncio.run(run_load(url, name, prompts, args.output_len, c, args.request_rate))
                 after = spec_counters(url)
-                r["spec_draft_tokens"], r["spec_accepted_tokens"] = after[0] - before[0], after[1] - before[1]
-                tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec else ''}"
+                delta = {n: v - before.get(n, 0) for n, v in after.items()}
+                r["spec_draft_tokens"], r["spec_accepted_tokens"] = delta.get("draft", 0), delta.get("accepted", 0)
+                r["spec_steps"] = {n: v for n, v in delta.items() if n.startswith("k=") and v}
+                tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
                        f"{'' if threads is None else f' threads={threads}'} concurrency={c} "
                        f"in={args.input_len} out={args.output_len}")
                 report(tag, r)

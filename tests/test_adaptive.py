@@ -86,6 +86,25 @@ def test_probe_refreshes_later_positions():
     assert ctl.choose() == 1 and [ctl.choose() for _ in range(5)] == [1, 1, 1, 2, 1]
 
 
+def test_probes_refresh_the_plain_cost_while_drafting():
+    """With measured costs, a controller that drafts (0 < k < k_max) probes in turn at k + 1 and at k = 0 (the
+    plain step's cost is otherwise measured only at the start); at k = k_max, at k = 0 only."""
+    ctl = AdaptiveK(2, probe_every=3, explore=1, margin=0.0)
+    ctl.alpha = [0.9, 0.1]
+    for k, t in ((2, 9.0), (2, 3.0), (0, 9.0), (0, 1.0)):  # explore: both ends (first timings dropped)
+        assert ctl.choose() == k
+        ctl.timed(k, t)
+    ctl.timed(1, 9.0)
+    ctl.timed(1, 1.2)  # k = 1: 1.9 / 1.2 beats 1 / 1 and 1.99 / 3
+    picks = [ctl.choose() for _ in range(9)]
+    assert picks == [1, 1, 1, 0, 1, 1, 2, 1, 1] and ctl.k == 1  # (the switch to k = 1 restarts the count)
+    ctl.alpha = [0.9, 0.95]  # position 2 now accepted, and k = 2 cheaper: 2.755 / 1.3 beats 1.9 / 1.2
+    ctl.timed(2, 1.3)
+    ctl.timed(2, 1.3)
+    # (a plain probe is due first), then k = 2; at k_max the probes are plain steps only
+    assert [ctl.choose() for _ in range(5)] == [0, 2, 2, 2, 0] and ctl.k == 2
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="step_costs must hold 3"):
         AdaptiveK(2, costs=[1.0, 2.0])

@@ -61,13 +61,14 @@ def _outputs(m: MiMoForCausalLM) -> dict:
 
 
 def _serve(m, tok, leader: bool | None = None) -> list[list[int]] | None:
-    """Requests through the continuous-batching scheduler: greedy, seeded sampling, alongside each other.
+    """Requests through the continuous-batching scheduler: greedy (speculating, adaptive K: rank 0's choice of
+    drafts each step is every rank's), seeded sampling, alongside each other.
     leader None: one process; True: rank 0 of a parallel model, whose steps the others follow (False)."""
     from mimo_flash.distributed.steps import StepBroadcaster
     from mimo_flash.generation.sampling import SamplingParams
     from mimo_flash.serving.scheduler import Request, Scheduler, run_blocking
 
-    sched = Scheduler(m, tok, max_slots=2, max_context=64, prefill_chunk=8, prefix_blocks=4)
+    sched = Scheduler(m, tok, max_slots=2, max_context=64, prefill_chunk=8, prefix_blocks=4, speculative_k="auto")
     if leader is False:
         StepBroadcaster(sched.follow_step).follow()
         return None

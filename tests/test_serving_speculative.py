@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_model
 from mimo_flash.cli import main
+from mimo_flash.generation.adaptive import AdaptiveK
 from mimo_flash.generation.sampling import SamplingParams
 from mimo_flash.serving.scheduler import Request, Scheduler
 from serving_helpers import make_tokenizer
@@ -134,6 +135,156 @@ def test_speculative_serving_equals_plain(setup, K):
     assert spec.running() == 0
 
 
+def test_adaptive_serving_equals_plain(setup):
+    """speculative_k="auto": the drafts change from step to step (here forced through a cycle that visits
+    k = 3 -> 0 -> 0 -> 1 -> 2 -> 0 -> 3 -> 2 -> 1, so steps both re-prime layers that fell behind during plain
+    steps and draft with fewer layers than are current); every request's events still equal a plain scheduler's,
+    and k = 0 steps decode the speculating slots in the plain forward beside the others."""
+    model, tok = setup
+    kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32)
+    plain = Scheduler(model, tok, speculative_k=0, **kw)
+    reqs0 = make_requests(model, tok)
+    cancel = tuple(i for i, (kind, _) in enumerate(reqs0) if kind == "cancel")
+    ev0 = run_all(plain, [r for _, r in reqs0], cancel)
+    sched = Scheduler(model, tok, speculative_k="auto", **kw)
+    assert sched.spec.K == 3 and sched.spec.adaptive
+    cycle = [3, 0, 0, 1, 2, 0, 3, 2, 1]
+    chosen = []
+
+    def choose(n):  # (the test's schedule in place of the measured one)
+        chosen.append(cycle[len(chosen) % len(cycle)])
+        return chosen[-1]
+    sched.spec.choose = choose
+    reqs = make_requests(model, tok)
+    ev1 = run_all(sched, [r for _, r in reqs], cancel)
+    for (kind, req), a, b in zip(reqs, ev0, ev1, strict=True):
+        if kind == "cancel":
+            assert b[-1].finish == "cancelled"
+            assert ids_of(b) == alone(model, req.prompt, len(ids_of(b)))
+            continue
+        assert ids_of(b) == ids_of(a), kind
+        assert b[-1].finish == a[-1].finish
+    ks = sched.spec.steps_k
+    assert len(chosen) > 2 * len(cycle) and set(ks) == {0, 1, 2, 3}
+    assert ks.count(0) > 0 and sched.metrics.spec_accepted_tokens > 0
+    # every step ran one decode forward at most (k = 0: speculating and plain slots together)
+    assert sched.decode_forwards < plain.decode_forwards
+
+
+class Forced(AdaptiveK):
+    """A controller whose choices are a given cycle (from index `start`; its current k is seq[0] before)."""
+
+    def __init__(self, K: int, seq: list[int], start: int = 0):
+        super().__init__(K)
+        self.seq, self.i, self.k = seq, start, seq[0]
+
+    def choose(self) -> int:
+        self.k = self.seq[self.i % len(self.seq)]
+        self.i += 1
+        return self.k
+
+
+def test_adaptive_slot_drafts_what_generate_drafts(setup):
+    """The same schedule of k through generate(adaptive=...) and through a slot: re-primed after plain steps from
+    the slot's rings, its drafts are accepted exactly as generate()'s (re-primed from its own rings) are."""
+    model, tok = setup
+    p = torch.randint(3, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(16)).tolist()
+    seq = [3, 0, 0, 1, 2, 0, 3, 2, 1, 0]
+    out, stats = model.generate(torch.tensor([p]), max_new_tokens=60, eos_token_id=[], num_speculative_tokens=3,
+                                adaptive=Forced(3, seq), return_stats=True)
+    sched = Scheduler(model, tok, max_slots=1, max_context=200, prefill_chunk=16, speculative_k="auto")
+    sched.spec.ctls[1] = Forced(3, seq, start=1)  # (the slot's first step takes the current k: seq[0])
+    events = run_all(sched, [Request(p, 60)])
+    assert ids_of(events[0]) == out[0, len(p):].tolist()
+    assert sched.spec.steps_k == stats.spec_k and {0, 1, 2, 3} <= set(stats.spec_k)
+    assert 0 < stats.accepted < stats.drafted
+    assert (sched.metrics.spec_accepted_tokens, sched.metrics.spec_draft_tokens) == (stats.accepted, stats.drafted)
+
+
+def test_adaptive_rings_hold_the_committed_window(setup):
+    """What a re-prime reads: after every step, whatever its k, each speculating slot's rings hold the tokens
+    of its last `window` committed positions and the main model's hidden states there (those of one forward
+    over the whole sequence)."""
+    model, tok = setup
+    W = model.config.sliding_window
+    g = torch.Generator().manual_seed(17)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (40, 6)]
+    sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=16, speculative_k="auto")
+    seq = [0, 3, 0, 0, 2, 1, 0, 3]
+    for n in (1, 2):
+        sched.spec.ctls[n] = Forced(3, seq)
+    events = [[], []]
+    for r, ev in zip(prompts, events, strict=True):
+        sched.submit(Request(r, 60, sink=ev.append))
+    checked = 0
+    while sched.running() or sched.waiting:
+        sched.step()
+        for s in sched.slots:
+            if s is None or not s.decoding:
+                continue
+            N, full = s.pos, s.req.prompt + ids_of(events[s.i])  # the last token, at N, is not run yet
+            assert len(full) == N + 1
+            h = model(torch.tensor([full[:N]])).hidden_states[0]
+            P = torch.arange(max(0, N - W), N)
+            rings = sched.spec.rings
+            assert rings.ids[s.i, P % rings.size].tolist() == [full[p] for p in P.tolist()]
+            torch.testing.assert_close(rings.h[s.i, P % rings.size], h[P], atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked > 20 and {0, 1, 2, 3} <= set(sched.spec.steps_k)
+
+
+def test_followers_take_the_leaders_drafts(setup):
+    """Tensor-parallel serving: every rank steps a replica of the scheduler with rank 0's step inputs. The
+    drafts per step are rank 0's choice (its timings are its own): a follower whose controller would choose
+    otherwise takes the leader's k at every step, and so emits the same tokens."""
+    model, tok = setup
+    kw = dict(max_slots=2, max_context=128, prefill_chunk=8, prefix_blocks=0, speculative_k="auto")
+    leader, follower = Scheduler(model, tok, **kw), Scheduler(model, tok, **kw)
+    for n in (1, 2):
+        leader.spec.ctls[n] = Forced(3, [2, 0, 3, 0, 1])
+        follower.spec.ctls[n] = Forced(3, [1])  # (what it would choose alone)
+
+    class Relay:  # a StepBroadcaster in one process: the follower steps with what the leader announces
+        def announce(self, *args):
+            self.args = args
+    leader.broadcaster = Relay()
+    g = torch.Generator().manual_seed(18)
+    events = {id(leader): [[], []], id(follower): [[], []]}
+    leader_reqs = [Request(torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist(), 30)
+                   for n in (9, 20)]
+    for r, ev in zip(leader_reqs, events[id(leader)], strict=True):
+        r.sink = ev.append
+        leader.submit(r)
+    assert min(len(r.prompt) for r in leader_reqs) > 8
+    while leader.running() or leader.waiting:
+        leader.step()
+        follower.follow_step(*leader.broadcaster.args)
+        for s in follower.slots:  # the follower's own requests (prompts longer than a prefill chunk: the step
+            if s is not None:  # that admits one emits no token yet)
+                s.req.sink = events[id(follower)][s.i].append
+    assert follower.spec.steps_k == leader.spec.steps_k and {0, 2, 3} <= set(leader.spec.steps_k)
+    assert [ids_of(e) for e in events[id(follower)]] == [ids_of(e) for e in events[id(leader)]]
+    assert [ids_of(e) for e in events[id(leader)]] == [alone(model, r.prompt, 30) for r in leader_reqs]
+    assert follower.metrics.generation_tokens == 60
+
+
+def test_adaptive_serving_chooses_plain_where_speculation_loses(setup):
+    """The real controller: with costs that make drafting a loss (a step with k drafts costs 1 + k plain
+    steps), it settles on k = 0 and the slots decode in the plain forward; with cheap drafting, on k = 3."""
+    model, tok = setup
+    g = torch.Generator().manual_seed(15)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 16, 3)]
+    for costs, want in (([1.0, 2.0, 3.0, 4.0], 0), ([1.0, 1.01, 1.02, 1.03], 3)):
+        sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0,
+                          speculative_k="auto")
+        for n in (1, 2, 4):
+            sched.spec.ctls[n] = AdaptiveK(3, costs=costs)
+        events = run_all(sched, [Request(p, 40) for p in prompts])
+        assert [ids_of(e) for e in events] == [alone(model, p, 40) for p in prompts]
+        ks = sched.spec.steps_k
+        assert ks[-10:] == [want] * 10, ks
+
+
 def test_speculation_cuts_main_forwards_per_token(setup):
     """One main forward per scheduler step decodes every speculating slot; with accepted drafts, fewer
     forwards than tokens. (Warm-up steps run with every row frozen first: they leave no trace.)"""
@@ -154,14 +305,15 @@ def test_speculation_cuts_main_forwards_per_token(setup):
 
 def test_bad_speculative_values_are_refused(setup, tmp_path, capsys):
     model, tok = setup
-    for bad in (4, -1, True):
+    for bad in (4, -1, True, "3"):
         with pytest.raises(ValueError, match="MTP layers"):
             Scheduler(model, tok, max_slots=1, max_context=64, speculative_k=bad)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     make_tokenizer(ckpt)
     base = ["serve", "--model", str(ckpt), "--device", "cpu", "--speculative"]
-    for k, msg in (("4", "the model has 3 MTP layers; use 0 (off) .. 3"), ("-2", "integer >= 0")):
+    for k, msg in (("4", "the model has 3 MTP layers; use 0 (off) .. 3 or auto"), ("-2", "integer >= 0"),
+                   ("two", "integer >= 0 or 'auto'")):
         assert main(base + [k]) == 2
         assert msg in capsys.readouterr().err
 

@@ -12,7 +12,8 @@ promises `margin` more tokens per second than the current one. Unmeasured costs 
 between measured ones; without given costs the loop first measures k = K and k = 0 (`explore` steps of each,
 the first of each discarded: it includes capturing graphs). While k < K the later positions' rates are not
 observed; every `probe_every` decisions one step runs at k + 1 to refresh the next one (a probe re-primes the MTP
-layers, so it is rare).
+layers, so it is rare). While k > 0 with measured costs, probes alternate with plain steps (k = 0) that refresh
+the plain step's cost, which otherwise is never measured again after the start.
 
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
 behind are re-primed first), k = 0 through the same step with no drafts, or, for greedy decoding on a
@@ -55,6 +56,7 @@ class AdaptiveK:
     k: int = field(init=False)  # the current choice
     _times: dict = field(init=False)  # k -> seconds per step, as timed
     _since_probe: int = field(init=False, default=0)
+    _probed_down: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_max, int) or self.k_max < 1:
@@ -117,11 +119,14 @@ class AdaptiveK:
                 if len(self._times[k]) < self.explore + 1:
                     self.k = k
                     return k
-        if self.k < self.k_max:
+        up = self.k < self.k_max
+        down = self.k > 0 and self.costs is None
+        if up or down:
             self._since_probe += 1
-            if self._since_probe >= self.probe_every:
+            if self._since_probe >= self.probe_every:  # one step, without changing the current choice
                 self._since_probe = 0
-                return self.k + 1  # one step, without changing the current choice
+                self._probed_down = down and not (up and self._probed_down)  # (both: in turn)
+                return 0 if self._probed_down else self.k + 1
         rates = {k: self.rate(k) for k in range(self.k_max + 1)}
         best = max((k for k in rates if rates[k] is not None), key=lambda k: rates[k])
         cur = rates.get(self.k)

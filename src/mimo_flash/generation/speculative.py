@@ -179,39 +179,51 @@ def _prime(runner, input_ids, mask, pos, hidden, tok, K: int, k_run: int, params
                      seen=seen, n_max=0, k=k_run, fresh=k_run)
 
 
-def spec_enter(runner, ids: torch.Tensor, hidden: torch.Tensor, tok: torch.Tensor, N: int, K: int,
-               chunk: int) -> SpecState:
-    """The state of rows that start speculating after a plain prefill of their prompt (greedy drafts).
+def spec_enter(runner, ids: torch.Tensor, hidden: torch.Tensor, tok: torch.Tensor, N, K: int, chunk: int,
+               k_run: int | None = None, frozen: torch.Tensor | None = None) -> SpecState:
+    """The state of rows that start speculating after a plain prefill of their prompt (greedy drafts), or
+    after plain steps.
 
     ids [B, L] the committed tokens at positions N-L .. N-1 (the prompt's tail), hidden [B, L, D] the main
-    model's hidden states there, tok [B] = x_N (the prefill's token). The state says N_prev = N - 1, so the
-    first spec_step re-runs layer k over positions N-1-k .. N-1 and drafts as every later step does; this runs
-    each layer k over the rest, positions N-L .. N-2-k, and stashes h_k at N-2-k (= N_prev - k - 1).
+    model's hidden states there, tok [B] = x_N (the prefill's token); N an int or [B] long (per row). Columns
+    at positions < 0 (a row with fewer than L positions) are masked, as left padding is. The state says
+    N_prev = N - 1, so the first spec_step re-runs layer k over positions N-1-k .. N-1 and drafts as every later
+    step does; this runs each layer k < k_run (default K) over the rest, positions N-L .. N-2-k, and stashes
+    h_k at N-2-k (= N_prev - k - 1): a state for steps of at most k_run drafts.
     L = min(N, K * window) gives the MTP caches what a run over the whole prompt gives: layer 0's keys at t
     depend only on (x_{t+1}, h_main[t]), so they are exact from N-L on; layer k's keys depend on h_{k-1}[t],
     exact once layer k-1's window at t is, i.e. from N-L + k * (window-1) on; and decoding reads no MTP key
     before position N - window. A shorter tail only makes early drafts worse, never the output.
+    frozen [B] or None: rows left out, masked out of every forward (their caches untouched; their part of the
+    returned state is meaningless).
     """
     B, L = ids.shape
     dev = ids.device
-    pos = (N - L + torch.arange(L, device=dev))[None].expand(B, L)
+    k_run = K if k_run is None else k_run
+    n_row = torch.full((B,), N, dtype=torch.long, device=dev) if isinstance(N, int) else N
+    pos = n_row[:, None] - L + torch.arange(L, device=dev)[None]
+    exists = pos >= 0
+    valid = exists if frozen is None else exists & ~frozen[:, None]
+    all_valid = bool(valid.all())
+    ids = torch.where(exists, ids, 0)
+    hidden = torch.where(exists[..., None], hidden, 0)
     h_in, stash = hidden, []
-    for k in range(K):
+    for k in range(k_run):
         n = L - 1 - k  # positions N-L .. N-2-k: they read the committed tokens at N-L+k+1 .. N-1
         if n > 0:
             outs = []
             for c0 in range(0, n, chunk):
                 c1 = min(n, c0 + chunk)
-                outs.append(runner.mtp(k, ids[:, k + 1 + c0: k + 1 + c1], h_in[:, c0:c1], pos[:, c0:c1], None)[1])
+                outs.append(runner.mtp(k, ids[:, k + 1 + c0: k + 1 + c1], h_in[:, c0:c1], pos[:, c0:c1],
+                                       None if all_valid else valid[:, c0:c1])[1])
             h_in = torch.cat(outs, 1)
-        if k < K - 1:  # (a short prompt: h_k at N-2-k < 0 is masked wherever it is read)
+        if k < k_run - 1:  # (a short prompt: h_k at N-2-k < 0 is masked wherever it is read)
             stash.append(h_in[:, n - 1] if n > 0 else torch.zeros_like(hidden[:, 0]))
     ext = torch.cat([torch.zeros(B, K + 1, dtype=ids.dtype, device=dev), ids, tok[:, None]], 1)
     hid = torch.cat([torch.zeros_like(hidden[:, :1]).expand(B, K + 1, hidden.shape[-1]), hidden], 1)
-    n_t = torch.full((B,), N, dtype=torch.long, device=dev)
-    return SpecState(K=K, N=n_t, N_prev=n_t - 1, tok=tok, recent=ext[:, -(K + 1):], h_main=hid[:, -(K + 1):],
+    return SpecState(K=K, N=n_row, N_prev=n_row - 1, tok=tok, recent=ext[:, -(K + 1):], h_main=hid[:, -(K + 1):],
                      stash=stash, drafts=torch.zeros(B, K, dtype=torch.long, device=dev), q=None, seen=None,
-                     n_max=N)
+                     n_max=N if isinstance(N, int) else 0, k=k_run, fresh=k_run)
 
 
 def _draft(runner, st: SpecState, params: SamplingParams, generator, frozen=None) -> list:

@@ -33,11 +33,13 @@ def register(subparsers) -> None:
                         "waited this long or they fill the free slots (fewer prefill forwards between decode "
                         "steps; TTFT grows by this at most); 0: admit at every step")
     p.add_argument("--prefix-blocks", type=int, default=64, help="prefix-cache blocks kept (0: off)")
-    p.add_argument("--speculative", type=int, default=0, metavar="K",
+    p.add_argument("--speculative", default="0", metavar="K|auto",
                    help="MTP speculative decoding for greedy requests (no sampling, repetition penalty or "
                         "logprobs): K drafts per step from the model's first K MTP layers, verified in one forward "
-                        "(0: off; at most the model's MTP layers). Their prompts reuse prefix-cache blocks only up "
-                        "to K x sliding_window tokens before their end (the MTP layers are primed there)")
+                        "(0: off; at most the model's MTP layers); 'auto': 0 .. min(3, MTP layers) drafts, chosen "
+                        "every step from the measured acceptance and step times (never slower than plain once "
+                        "measured). Their prompts reuse prefix-cache blocks only up to K x sliding_window tokens "
+                        "before their end (the MTP layers are primed there)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
@@ -66,30 +68,29 @@ def cpu_threads(asked: int | None) -> int:
 
 def cmd_serve(args) -> int:
     from ..cli import UserError
-    from ..generation.commands import load
+    from ..generation.commands import load, speculative_k
     from .api import OpenAIServer, make_uvicorn
     from .scheduler import Scheduler
 
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     threads = cpu_threads(args.threads)
-    if args.speculative < 0:
-        raise UserError(f"--speculative must be an integer >= 0 (0: off), got {args.speculative}")
+    spec_k = speculative_k(args.speculative)
     model, tok = load(args)
     if model.device.type == "cpu":
         import torch
         torch.set_num_threads(threads)
     n_mtp = model.config.num_nextn_predict_layers
-    if args.speculative > n_mtp:
-        raise UserError(f"--speculative {args.speculative}: drafts come from the MTP layers, and the model has "
-                        f"{n_mtp} MTP layers; use 0 (off) .. {n_mtp}")
+    if spec_k == "auto" and not n_mtp or spec_k != "auto" and spec_k > n_mtp:
+        raise UserError(f"--speculative {spec_k}: drafts come from the MTP layers, and the model has "
+                        f"{n_mtp} MTP layers; use 0 (off) .. {n_mtp}" + (" or auto" if n_mtp else ""))
     name = args.name or Path(args.model).resolve().name
     try:
         sched = Scheduler(model, tok, max_slots=args.max_slots,
                           max_context=min(args.max_context, model.config.max_position_embeddings),
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
                           cuda_graphs=False if args.no_cuda_graphs else "auto", prefill_tokens=args.prefill_tokens,
-                          admit_wait=args.admit_wait, speculative_k=args.speculative)
+                          admit_wait=args.admit_wait, speculative_k=spec_k)
     except ValueError as e:
         raise UserError(str(e)) from None
     server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,
@@ -106,7 +107,8 @@ def cmd_serve(args) -> int:
             return 0
         sched.broadcaster = steps
     sched.start()
-    spec = f", MTP speculation with {args.speculative} drafts" if args.speculative else ""
+    spec = ("" if not spec_k else f", MTP speculation with {sched.spec.K} drafts" if spec_k != "auto" else
+            f", MTP speculation with 0 .. {sched.spec.K} drafts chosen per step")
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots{spec} (Ctrl-C stops)",
           file=sys.stderr, flush=True)
     try:

@@ -40,6 +40,7 @@ class Metrics:
         self.cached_prompt_tokens = 0  # prompt tokens restored from the prefix cache
         self.spec_draft_tokens = 0  # MTP drafts verified (speculative serving), summed over rows
         self.spec_accepted_tokens = 0  # of which the target model agreed with
+        self.spec_steps: dict[int, int] = {}  # drafts k -> decode steps that carried speculating slots
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
 
@@ -64,6 +65,11 @@ class Metrics:
                     ("spec_decode_accepted_tokens_total", self.spec_accepted_tokens,
                      "MTP draft tokens accepted by verification.")):
                 lines += [f"# HELP {p}_{name} {help_}", f"# TYPE {p}_{name} counter", f"{p}_{name} {v}"]
+            if self.spec_steps:
+                name = f"{p}_spec_decode_steps_total"
+                lines += [f"# HELP {name} Decode steps of speculating requests, by drafts per request (k; "
+                          f"0: a plain step).", f"# TYPE {name} counter"]
+                lines += [f'{name}{{k="{k}"}} {v}' for k, v in sorted(self.spec_steps.items())]
             for name, v, help_ in (("num_requests_waiting", waiting, "Requests queued for a slot."),
                                    ("num_requests_running", running, "Requests holding a slot.")):
                 lines += [f"# HELP {p}_{name} {help_}", f"# TYPE {p}_{name} gauge", f"{p}_{name} {v}"]

@@ -18,6 +18,8 @@ Every step (Scheduler.step):
   5. with speculative_k=K > 0: one MTP-speculative step for the plain greedy slots (serving/speculate.py),
      which step 4 leaves out: K drafts each, one verification forward over rows [0, n) (the other rows
      frozen: masked, their cache untouched), 1 .. K + 1 tokens per row, each through the same output path.
+     speculative_k="auto": k = 0 .. K drafts, chosen before each step (rank 0's choice on every rank);
+     at k = 0 those slots take step 4 with the others.
 A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone
 (with speculation too: verification accepts exactly the tokens greedy decoding would choose).
 What that rests on, for prefill: a slot's chunk is [c0, c1) with c1 the next multiple of prefill_chunk
@@ -50,6 +52,7 @@ from typing import Callable
 import torch
 
 from ..generation.cache import KVCache
+from ..generation.engine import AUTO_MAX_K
 from ..generation.runner import GraphRunner, Runner
 from ..generation.sampling import SamplingParams, choose, process
 from .detok import Detokenizer
@@ -122,7 +125,6 @@ class _Slot:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(int(req.seed))
         self.spec = False  # decodes speculatively (serving/speculate.py)
-        self.hidden: list[torch.Tensor] = []  # then, until it joins: main hidden states of its prompt's tail
         self.seen = None
         p = req.params
         if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
@@ -151,11 +153,13 @@ class Scheduler:
     cuda_graphs / compile: as generate()'s. speculative_k: K > 0 decodes plain greedy requests (no sampling,
     repetition penalty or logprobs) with K MTP drafts per step (serving/speculate.py; at most the model's
     MTP layers); their prompts reuse prefix-cache blocks only up to K * sliding_window positions before
-    their end (the MTP layers are primed from the main model's hidden states there)."""
+    their end (the MTP layers are primed from the main model's hidden states there). "auto": adaptive K,
+    0 .. min(3, the MTP layers) drafts per step, whichever gives the most tokens per second (never slower
+    than plain decoding once it has measured both)."""
 
     def __init__(self, model, tokenizer, max_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, prefix_blocks: int = 64, cuda_graphs="auto", compile: bool = False,
-                 prefill_tokens: int | None = None, admit_wait: float = 0.0, speculative_k: int = 0):
+                 prefill_tokens: int | None = None, admit_wait: float = 0.0, speculative_k: int | str = 0):
         config = model.config
         limit = config.max_position_embeddings
         S = limit if max_context is None else max_context
@@ -175,7 +179,12 @@ class Scheduler:
         # one token per step and graph warm-ups that repeat a step from the same state need no ring slack;
         # speculation: the MTP layers' rings, slack 2K (speculative.py) and K positions past the context
         # (verification runs K drafts past the last token)
-        self.spec = SpecSlots(model, speculative_k, max_slots) if speculative_k else None
+        auto = speculative_k == "auto"
+        if auto:
+            if not config.num_nextn_predict_layers:
+                raise ValueError("speculative_k='auto' drafts with the MTP layers, and the model has none")
+            speculative_k = min(AUTO_MAX_K, config.num_nextn_predict_layers)
+        self.spec = SpecSlots(model, speculative_k, max_slots, adaptive=auto) if speculative_k else None
         K = speculative_k if self.spec is not None else 0
         self.cache = KVCache(model.kv_config, max_slots, S + K, device=self.device, dtype=model.dtype, num_mtp=K,
                              slack=2 * K)
@@ -277,8 +286,10 @@ class Scheduler:
         return new, cancelled
 
     @torch.no_grad()
-    def follow_step(self, new: list[tuple], cancelled: list[int], admit: bool = True) -> None:
-        """Another rank: apply rank 0's step inputs to this replica, then step it (admitting if rank 0 does)."""
+    def follow_step(self, new: list[tuple], cancelled: list[int], admit: bool = True,
+                    spec_k: int | None = None) -> None:
+        """Another rank: apply rank 0's step inputs to this replica, then step it (admitting if rank 0 does,
+        with rank 0's speculative drafts)."""
         for rid, prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs in new:
             self.waiting.append(Request(prompt, max_tokens, params, seed, stop, eos, logprobs, prompt_logprobs,
                                         rid=rid, submitted=time.perf_counter()))
@@ -286,24 +297,39 @@ class Scheduler:
         for r in list(self.waiting) + [s.req for s in self.slots if s is not None]:
             if r.rid in gone:
                 r.cancel()
-        self._step(admit)
+        self._step(admit, spec_k)
 
     @torch.no_grad()
     def step(self) -> None:
         admit = self._admit_now()
+        k = self._spec_choice()
         if self.broadcaster is not None:
-            self.broadcaster.announce(*self._step_inputs(), admit)
-        self._step(admit)
+            self.broadcaster.announce(*self._step_inputs(), admit, k)
+        self._step(admit, k)
 
-    def _step(self, admit: bool) -> None:
+    def _step(self, admit: bool, spec_k: int | None = None) -> None:
         self.steps += 1
         self._reap()
         if admit:
             self._admit()
         self._prefill()
-        self._decode()
-        self._speculate()
+        k = spec_k if spec_k is not None else (self.spec.K if self.spec is not None else 0)
+        t0 = time.perf_counter()
+        self._decode(with_spec=k == 0)
+        if k:
+            self._speculate(k)
+        if self.spec is not None:
+            self.spec.timed(time.perf_counter() - t0)
         self._count()
+
+    def _spec_choice(self) -> int | None:
+        """The drafts of this step's speculating slots (None: no speculation), chosen from the slots decoding
+        before it (slots that join during the step take the same k)."""
+        if self.spec is None:
+            return None
+        busy = [s for s in self.slots if s is not None and s.decoding]
+        n = self._bucket(max(s.i for s in busy) + 1) if busy else 1
+        return self.spec.choose(n) if any(s.spec for s in busy) else self.spec.current(n)
 
     def _count(self) -> None:
         """Add the tokens emitted since the last call to the metrics (once per step, and before a final event
@@ -443,7 +469,7 @@ class Scheduler:
             P = len(s.req.prompt)
             s.done = c1
             if s.spec:
-                s.hidden += self.spec.tail_part(c0, P, h[r])
+                self.spec.record_prompt(s.i, s.req.prompt, c0, h[r])
             if s.prompt_lp is not None:
                 lsm = torch.log_softmax(logits[r].float(), -1)
                 k = s.req.logprobs or 0
@@ -462,12 +488,12 @@ class Scheduler:
             s.pos = P
             token = greedy[r] if greedy is not None and s.plain_greedy else None
             self._take(s, logits[r, -1], token)
-            if s.spec and self.slots[s.i] is s:  # prime its MTP layers: it speculates from the next step on
-                self.spec.join(self._span(s.i, s.i + 1)[1], s.i, s.req.prompt, s.last, s.hidden, self.chunk)
-                s.hidden = []
+            if s.spec and self.slots[s.i] is s:  # it speculates from the next step on (which primes its MTP layers)
+                self.spec.join(s.i, P, s.last)
 
-    def _decode(self) -> None:
-        active = [s for s in self.slots if s is not None and s.decoding and not s.spec]
+    def _decode(self, with_spec: bool = False) -> None:
+        """One plain decode step: the slots that do not speculate, and (with_spec: k = 0) those that do."""
+        active = [s for s in self.slots if s is not None and s.decoding and (with_spec or not s.spec)]
         if not active:
             return
         n = self._bucket(max(s.i for s in active) + 1)  # slots are taken lowest first: few rows, small batch
@@ -477,26 +503,34 @@ class Scheduler:
         x = torch.tensor([tok, pos, valid], device=self.device)[:, :, None]  # one host-to-device copy
         ids, P = x[0], x[1]
         v = None if len(active) == n else x[2] != 0
-        logits, _ = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
+        logits, h = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
         self.decode_forwards += 1
         logits = logits[:, -1]
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
+        spec = [s for s in active if s.spec]
+        if spec:  # (speculating slots are plain greedy: `greedy` was read, which waited for the forward)
+            self.spec.plain(n, [s.i for s in spec], [s.pos for s in spec], [s.last for s in spec],
+                            [greedy[s.i] for s in spec], h)
+            with self.metrics.lock:
+                self.metrics.spec_steps[0] = self.metrics.spec_steps.get(0, 0) + 1
         for s in active:
             s.pos += 1
             token = greedy[s.i] if greedy is not None and s.plain_greedy else None
             # (a row view only where it is read: indexing a device tensor costs microseconds per slot)
             self._take(s, logits[s.i] if token is None or s.req.logprobs is not None else None, token)
 
-    def _speculate(self) -> None:
-        """One speculative step for the slots that speculate (the module docstring's step 5)."""
+    def _speculate(self, k: int) -> None:
+        """One speculative step with k > 0 drafts for the slots that speculate (the module docstring's step 5)."""
         active = [s for s in self.slots if s is not None and s.decoding and s.spec]
         if not active:
             return
         n = self._bucket(max(s.i for s in active) + 1)
-        new = self.spec.step(self._runner(n), [s.i for s in active], max(s.pos for s in active))
+        new = self.spec.step(self._runner(n), [s.i for s in active], max(s.pos for s in active), k, self.chunk,
+                             self._span)
         self.decode_forwards += 1
         with self.metrics.lock:
-            self.metrics.spec_draft_tokens += self.spec.K * len(active)
+            self.metrics.spec_draft_tokens += k * len(active)
+            self.metrics.spec_steps[k] = self.metrics.spec_steps.get(k, 0) + 1
             self.metrics.spec_accepted_tokens += sum(len(t) - 1 for t in new)
         for s, tokens in zip(active, new, strict=True):
             for token in tokens:
@@ -512,14 +546,15 @@ class Scheduler:
         steps write is never read. With speculation, also its step, every row frozen (which writes nothing).
         Returns the seconds it took."""
         t0 = time.perf_counter()
+        spec_ks = [] if self.spec is None else range(1, self.spec.K + 1) if self.spec.adaptive else [self.spec.K]
         for n in sorted({self._bucket(k) for k in range(1, self.B + 1)}):
             ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
             kv = 256
             while True:
                 for valid in (None, torch.zeros(n, 1, dtype=torch.bool, device=self.device)):
                     self._runner(n).main(ids, ids, valid, min(kv, self.S), logits="last", graph=True)
-                if self.spec is not None:
-                    self.spec.step(self._runner(n), [], max(min(kv, self.S) - self.spec.K - 1, 0))
+                for k in spec_ks:
+                    self.spec.step(self._runner(n), [], max(min(kv, self.S) - self.spec.K - 1, 0), k)
                 if kv >= self.S:
                     break
                 kv *= 2

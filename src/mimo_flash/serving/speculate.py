@@ -1,16 +1,23 @@
-"""MTP speculative decoding for the serving scheduler's slots (Scheduler(speculative_k=K)).
+"""MTP speculative decoding for the serving scheduler's slots (Scheduler(speculative_k=K or "auto")).
 
 The algorithm is generation/speculative.py's; this module keeps its state for a scheduler whose rows come
 and go. One SpecState covers every row of the scheduler's KVCache; row i is live while slot i speculates.
   - A slot qualifies (`qualifies`) when its request is plain greedy: no sampling, no repetition penalty, no
     logprobs. (Sampled rows would need each row's draws from its own generator to stay independent of its
     neighbours, which the batched accept step does not do; they decode through the plain path.)
-  - While its prompt is prefilled the slot keeps the main model's hidden states of the prompt's last `tail`
-    positions (`tail_part`); after the prefill's token, `join` primes the MTP layers over them
-    (speculative.spec_enter) and writes the row's state.
-  - Each scheduler step, `step` drafts K tokens for every speculating row, verifies K + 1 in one main
-    forward over rows [0, n) and accepts per row; every other row of [0, n) is frozen: masked out of the
-    forwards, its cache and state untouched. It returns each row's new tokens (1 .. K + 1).
+  - Rings (speculative.SpecRings) hold every speculating row's last `tail` + 2K + 2 committed tokens and main
+    hidden states: the prompt's tail as it is prefilled (`record_prompt`), then every verified or plain step.
+  - `join` (the prompt prefilled, its first token x_N sampled) only sets the row's N and x_N: its MTP layers
+    are not current yet. Each row counts its current MTP layers (`fresh`); a step with k drafts first catches
+    up the rows with fewer, all of them in one batched pass (`_catch_up`: speculative.spec_enter over the rings'
+    last `tail` positions, the other rows masked), then drafts k tokens for every speculating row, verifies
+    k + 1 in one main forward over rows [0, n) and accepts per row (`step`); every other row of [0, n) is
+    frozen: masked out of the forwards, its cache and state untouched. It returns each row's new tokens.
+  - Adaptive K ("auto"): each step's k = 0 .. K is chosen by an AdaptiveK (generation/adaptive.py) from the
+    running acceptance and the measured seconds of the decode part of a step with each k (one controller per
+    decode batch bucket: costs depend on the batch; the acceptance rates they share). At k = 0 the speculating
+    slots decode through the scheduler's plain step with the others, and `plain` records that step in the
+    rings; their MTP layers fall behind until a step with drafts catches them up.
 A slot that finishes just stops being passed to `step`; the next request in its slot joins afresh (its
 cache row, MTP rings included, is reset at admission).
 
@@ -20,38 +27,51 @@ prompt positions from it (Scheduler._admit), so the tail is always prefilled and
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from ..generation.adaptive import AdaptiveK
+from ..generation.cache import mtp_group
 from ..generation.sampling import SamplingParams
-from ..generation.speculative import SpecState, spec_enter, spec_step
+from ..generation.speculative import SpecRings, SpecState, spec_enter, spec_step
 
 _GREEDY = SamplingParams(do_sample=False)
 
 
 def _per_row(st: SpecState) -> list[torch.Tensor]:
-    """A greedy SpecState's per-row tensors (each [B, ...]), in one order."""
-    return [st.N, st.N_prev, st.tok, st.recent, st.h_main, st.drafts, *st.stash]
+    """A greedy SpecState's per-row tensors (each [B, ...]) that a step carries to the next one."""
+    return [st.N, st.N_prev, st.tok, st.recent, st.h_main]
 
 
 class SpecSlots:
-    """Speculative state of `B` cache rows for K drafts per step. tail: prompt positions whose hidden states
-    join() needs (K * sliding_window, see spec_enter)."""
+    """Speculative state of `B` cache rows for K drafts per step (adaptive: 0 .. K, chosen per step). tail:
+    the prompt positions whose hidden states prime a row's MTP layers (K * sliding_window, see spec_enter)."""
 
-    def __init__(self, model, K: int, B: int) -> None:
+    def __init__(self, model, K: int, B: int, adaptive: bool = False) -> None:
         config = model.config
         if not isinstance(K, int) or isinstance(K, bool) or not 0 < K <= config.num_nextn_predict_layers:
             raise ValueError(f"speculative_k={K!r}: speculation drafts with the MTP layers, of which the model has "
                              f"{config.num_nextn_predict_layers}; use 0 (off) .. {config.num_nextn_predict_layers}")
-        self.K = K
-        self.tail = K * config.sliding_window
+        self.K, self.adaptive = K, adaptive
+        self.window = config.sliding_window
+        self.tail = K * self.window
         dev, D = model.device, config.hidden_size
         z = torch.zeros(B, dtype=torch.long, device=dev)
         h = torch.zeros(B, D, dtype=model.dtype, device=dev)
+        # (a step writes its k + 1 verified positions, committed or not: 2K + 2 slots more than a catch-up reads)
+        self.rings = SpecRings(B, self.tail + 2 * K + 2, D, dev, model.dtype)
         self.st = SpecState(K=K, N=z, N_prev=z.clone(), tok=z.clone(),
                             recent=torch.zeros(B, K + 1, dtype=torch.long, device=dev),
                             h_main=torch.zeros(B, K + 1, D, dtype=model.dtype, device=dev),
                             stash=[h.clone() for _ in range(K - 1)],
-                            drafts=torch.zeros(B, K, dtype=torch.long, device=dev), q=None, seen=None, n_max=0)
+                            drafts=torch.zeros(B, K, dtype=torch.long, device=dev), q=None, seen=None, n_max=0,
+                            rings=self.rings)
+        self.fresh = [0] * B  # per row: the MTP layers whose caches are current
+        self.ctls: dict[int, AdaptiveK] = {}  # decode batch bucket -> its controller (adaptive)
+        self.steps_k: list[int] = []  # the k of every step that carried speculating rows
+        self._timing: tuple[int, int] | None = None  # (bucket, k) of this step's speculating rows, until timed
+        self.catch_up_seconds = 0.0  # spent catching rows up
 
     @staticmethod
     def qualifies(req) -> bool:
@@ -60,37 +80,127 @@ class SpecSlots:
         return (not p.do_sample and (p.repetition_penalty is None or p.repetition_penalty == 1.0)
                 and req.logprobs is None)
 
-    def tail_part(self, c0: int, P: int, h: torch.Tensor) -> list[torch.Tensor]:
-        """A prefill chunk at positions c0 .. c0 + T - 1 of a P-token prompt had main hidden states h [T, D]:
-        those of the tail (positions >= P - tail), as a list of at most one [t, D] tensor (a copy)."""
-        start = max(P - self.tail - c0, 0)
-        return [h[start:].clone()] if start < h.shape[0] else []
+    # ------------------------------------------------------------------ what the rings record
+    def record_prompt(self, i: int, prompt: list[int], c0: int, h: torch.Tensor) -> None:
+        """Slot i's prefill chunk at positions c0 .. c0 + T - 1 had main hidden states h [T, D]: record the
+        positions of the prompt's tail among them."""
+        start = max(len(prompt) - self.tail, c0)
+        c1 = c0 + h.shape[0]
+        if start < c1:
+            self._record([i], list(range(start, c1)), torch.tensor(prompt[start:c1], device=h.device), h[start - c0:])
 
-    def join(self, runner, i: int, prompt: list[int], tok: int, hidden: list[torch.Tensor], chunk: int) -> None:
-        """Slot i's prompt is prefilled (hidden: tail_part's pieces, in order) and its first token is `tok`:
-        prime the MTP layers through `runner` (over slot i's cache row alone) and write row i's state."""
-        h = torch.cat(hidden, 0)[None]  # [1, L, D]
-        P, L = len(prompt), h.shape[1]
-        if L != min(P, self.tail):
-            raise RuntimeError(f"slot {i}: {L} hidden states kept for a prompt tail of {min(P, self.tail)}")
+    def join(self, i: int, P: int, tok: int) -> None:
+        """Slot i's P-token prompt is prefilled (and recorded) and its first token is `tok`: it speculates from
+        the next step on (whose drafts first catch its MTP layers up)."""
+        self.st.N[i], self.st.tok[i] = P, tok
+        self.fresh[i] = 0
+
+    def plain(self, n: int, rows: list[int], pos: list[int], ids: list[int], new: list[int], h: torch.Tensor) -> None:
+        """Speculating rows took a plain step (k = 0) in a decode forward over bucket n: ids at positions pos
+        were run, new are their next tokens, h [n, 1, D] the forward's hidden states."""
         dev = h.device
-        row = spec_enter(runner, torch.tensor([prompt[P - L:]], device=dev), h, torch.tensor([tok], device=dev),
-                         P, self.K, chunk)
-        for mine, new in zip(_per_row(self.st), _per_row(row), strict=True):
-            mine[i] = new[0]
+        r = torch.tensor(rows, device=dev)
+        self._record(rows, pos, torch.tensor(ids, device=dev), h[r, -1])
+        self.st.N[r] = torch.tensor(pos, device=dev) + 1
+        self.st.tok[r] = torch.tensor(new, device=dev)
+        for i in rows:
+            self.fresh[i] = 0
+        self.steps_k.append(0)
+        self._timing = (n, 0)
 
-    def step(self, runner, rows: list[int], n_max: int) -> list[list[int]]:
-        """One speculative step for the slots `rows` through `runner` (over cache rows [0, n), n > max(rows));
-        n_max: the largest position of their last tokens. Returns each row's new tokens (1 .. K + 1)."""
+    def _record(self, rows: list[int], pos: list[int], ids: torch.Tensor, h: torch.Tensor) -> None:
+        """Ring entries: row rows[j] (or rows[0] for all) at position pos[j] held token ids[j], hidden h[j]."""
+        r = torch.tensor(rows, device=ids.device).expand(len(pos))
+        slot = torch.tensor(pos, device=ids.device) % self.rings.size
+        self.rings.ids[r, slot] = ids
+        self.rings.h[r, slot] = h.to(self.rings.h.dtype)
+
+    # ------------------------------------------------------------------ adaptive K
+    def _ctl(self, n: int) -> AdaptiveK:
+        c = self.ctls.get(n)
+        if c is None:
+            c = AdaptiveK(self.K)
+            if self.ctls:  # acceptance is the text's, not the batch's: start from what is known
+                c.alpha = list(next(iter(self.ctls.values())).alpha)
+            self.ctls[n] = c
+        return c
+
+    def choose(self, n: int) -> int:
+        """The drafts of the next step whose decode batch bucket is n (fixed K: K; 0: plain step)."""
+        return self._ctl(n).choose() if self.adaptive else self.K
+
+    def current(self, n: int) -> int:
+        """The controller's current k for bucket n, without counting a decision."""
+        return self._ctl(n).k if self.adaptive else self.K
+
+    def timed(self, seconds: float) -> None:
+        """The decode part of a scheduler step (its forwards, catch-ups and output: what a step's choice of k
+        changes) took `seconds`: the cost of the speculating rows' k at their batch bucket (adaptive). (A
+        catch-up after a stretch of plain steps falls in one step: the median of the costs leaves it out.)"""
+        if self._timing is not None:
+            n, k = self._timing
+            if self.adaptive:
+                self._ctl(n).timed(k, seconds)
+            self._timing = None
+
+
+    # ------------------------------------------------------------------ the step
+    def _catch_up(self, span, behind: list[int], k: int, L: int, chunk: int) -> None:
+        """Prime MTP layers 0 .. k-1 of the rows `behind` over their last L (<= tail) positions from the rings, in
+        one batched pass over the block of rows span(lo, hi) gives (its first row, a runner over it; the block's
+        other rows masked), and write those rows' states."""
+        a, runner = span(min(behind), max(behind) + 1)
+        n, st = runner.cache.B, self.st
+        dev = st.N.device
+        m = torch.zeros(n, dtype=torch.bool)
+        m[[i - a for i in behind]] = True
+        m = m.to(dev)
+        N, tok = st.N[a:a + n], st.tok[a:a + n]
+        start = torch.where(m, N - L, runner.cache.S)
+        for j in range(k):  # (the positions a catch-up writes: any older entries there go first)
+            runner.cache.rollback(start, mtp_group(j))
+        pos = N[:, None] - L + torch.arange(L, device=dev)[None]
+        slot = pos.clamp_min(0) % self.rings.size
+        ids = self.rings.ids[a:a + n].gather(1, slot)
+        h = self.rings.h[a:a + n].gather(1, slot[..., None].expand(n, L, self.rings.h.shape[-1]))
+        new = spec_enter(runner, ids, h, tok, N, self.K, chunk, k_run=k, frozen=~m)
+        for mine, got in zip(_per_row(st) + st.stash, _per_row(new) + new.stash):
+            part = mine[a:a + n]
+            part.copy_(torch.where(m.view(-1, *[1] * (got.dim() - 1)), got, part))
+
+    def step(self, runner, rows: list[int], n_max: int, k: int | None = None, chunk: int = 256,
+             span=None) -> list[list[int]]:
+        """One speculative step with k drafts (default K) for the slots `rows` through `runner` (over cache rows
+        [0, n), n > max(rows)); n_max: the largest position of their last tokens. Rows whose MTP layers are
+        behind are caught up first (spec_enter in prompt chunks of `chunk`, through span(lo, hi): (first row, a
+        runner) over a block of rows covering [lo, hi); default: `runner`). Returns each row's new tokens
+        (1 .. k + 1). With no rows (graph warm-up) nothing changes."""
+        k = self.K if k is None else k
         n = runner.cache.B
         st = self.st
         frozen = torch.ones(n, dtype=torch.bool)
         frozen[rows] = False
+        frozen = frozen.to(st.N.device)
+        behind = [i for i in rows if self.fresh[i] < k]
+        if behind:
+            t0 = time.perf_counter()  # (layers 0 .. k-1 are exact over the last k windows: spec_enter)
+            self._catch_up(span or (lambda lo, hi: (0, runner)), behind, k, min(k * self.window, n_max), chunk)
+            self.catch_up_seconds += time.perf_counter() - t0
         sub = SpecState(K=self.K, N=st.N[:n], N_prev=st.N_prev[:n], tok=st.tok[:n], recent=st.recent[:n],
                         h_main=st.h_main[:n], stash=[t[:n] for t in st.stash], drafts=st.drafts[:n], q=None,
-                        seen=None, n_max=n_max)
-        new, _, counts = spec_step(runner, sub, _GREEDY, None, frozen.to(st.N.device))
-        for mine, got in zip(_per_row(st), _per_row(sub), strict=True):
-            mine[:n].copy_(got)  # (a graphed step's outputs are buffers its next replay overwrites)
+                        seen=None, n_max=n_max, k=k, fresh=k, rings=self.rings)
+        new, _, counts = spec_step(runner, sub, _GREEDY, None, frozen)
+        # (a graphed step's outputs are buffers its next replay overwrites: copy. A step with k drafts leaves
+        # k - 1 stash entries, those the next step reads)
+        for mine, got in zip(_per_row(st) + st.stash, _per_row(sub) + sub.stash):
+            mine[:n].copy_(got)
+        if rows:
+            for i in rows:  # (layers past k did not run)
+                self.fresh[i] = k
+            self.steps_k.append(k)
+            self._timing = (n, k)
+            accepted = [counts[i] - 1 for i in rows]
+            for c in self.ctls.values():
+                c.observe(k, accepted)
         tokens = new.tolist()
         return [tokens[i][:counts[i]] for i in rows]
