@@ -145,6 +145,21 @@ class SpecSlots:
 
 
     # ------------------------------------------------------------------ the step
+    def _groups(self, span, rows: list[int]) -> list[list[int]]:
+        """Rows to catch up -> the groups that share a pass: a pass computes every row of the block span()
+        gives, so a group grows while its block is at most twice its rows (on CUDA always: a forward's host
+        time costs more than the idle rows' arithmetic), as the scheduler groups prefill chunks."""
+        groups: list[list[int]] = []
+        for i in sorted(rows):
+            if groups:
+                cand = groups[-1] + [i]
+                _, r = span(cand[0], i + 1)
+                if self.st.N.device.type == "cuda" or r.cache.B <= 2 * len(cand):
+                    groups[-1] = cand
+                    continue
+            groups.append([i])
+        return groups
+
     def _catch_up(self, span, behind: list[int], k: int, L: int, chunk: int) -> None:
         """Prime MTP layers 0 .. k-1 of the rows `behind` over their last L (<= tail) positions from the rings, in
         one batched pass over the block of rows span(lo, hi) gives (its first row, a runner over it; the block's
@@ -183,8 +198,10 @@ class SpecSlots:
         frozen = frozen.to(st.N.device)
         behind = [i for i in rows if self.fresh[i] < k]
         if behind:
-            t0 = time.perf_counter()  # (layers 0 .. k-1 are exact over the last k windows: spec_enter)
-            self._catch_up(span or (lambda lo, hi: (0, runner)), behind, k, min(k * self.window, n_max), chunk)
+            t0 = time.perf_counter()
+            span = span or (lambda lo, hi: (0, runner))
+            for group in self._groups(span, behind):  # (layers 0 .. k-1 are exact over the last k windows)
+                self._catch_up(span, group, k, min(k * self.window, n_max), chunk)
             self.catch_up_seconds += time.perf_counter() - t0
         sub = SpecState(K=self.K, N=st.N[:n], N_prev=st.N_prev[:n], tok=st.tok[:n], recent=st.recent[:n],
                         h_main=st.h_main[:n], stash=[t[:n] for t in st.stash], drafts=st.drafts[:n], q=None,
