@@ -10,12 +10,12 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 --slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count.
 --speculative 0 3 auto: the same runs without and with MTP speculation (a started server's --speculative K or
-auto; every request is greedy, so all of them speculate); a run's MTP acceptance and its steps by drafts per
-request (from the server's /metrics counters) are reported when it speculated. --shared-prefix N: every
-prompt starts with the same N tokens (prefix caching's TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id prompts, streamed,
-greedy, ignore_eos (every request produces exactly --output-len tokens, as vLLM's benchmark does). TTFT:
-request sent -> first streamed token; TPOT: (latency - TTFT) / (output tokens - 1) per request; ITL: the gaps
-between streamed chunks.
+auto; every request speculates); a run's MTP acceptance and its steps by drafts per request (from the server's
+/metrics counters) are reported when it speculated. --shared-prefix N: every prompt starts with the same N tokens
+(prefix caching's TTFT gain: compare with --prefix-blocks 0). Prompts are random token ids sent as token-id
+prompts, streamed, greedy (--temperature T: sampled), ignore_eos (every request produces exactly --output-len
+tokens, as vLLM's benchmark does). TTFT: request sent -> first streamed token; TPOT: (latency - TTFT) / (output
+tokens - 1) per request; ITL: the gaps between streamed chunks.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def summary(xs: list[float]) -> dict:
             "p99": percentile(xs, 99)}
 
 
-async def one_request(client, url: str, model: str, prompt: list[int], out_len: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "stream": True,
+async def one_request(client, url: str, model: str, prompt: list[int], out_len: int,
+                      temperature: float = 0.0) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": temperature, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, last, itl, tokens, err = None, t0, [], 0, None
@@ -86,7 +87,7 @@ async def one_request(client, url: str, model: str, prompt: list[int], out_len: 
 
 
 async def run_load(url: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int,
-                   rate: float) -> dict:
+                   rate: float, temperature: float = 0.0) -> dict:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -94,7 +95,7 @@ async def run_load(url: str, model: str, prompts: list[list[int]], out_len: int,
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         async def go(p):
             async with sem:
-                return await one_request(client, url, model, p, out_len)
+                return await one_request(client, url, model, p, out_len, temperature)
 
         t0 = time.perf_counter()
         tasks = []
@@ -213,6 +214,7 @@ def main() -> int:
     ap.add_argument("--shared-prefix", type=int, default=0, help="leading prompt tokens all requests share")
     ap.add_argument("--num-prompts", type=int, default=None, help="default: 4 x concurrency (at least 8)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--temperature", type=float, default=0.0, help="of every request (default 0: greedy)")
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); default all at once")
     ap.add_argument("--slots", type=int, nargs="+", default=None,
                     help="started server: scheduler slots per run (default: the largest concurrency); 1 = the "
@@ -262,7 +264,7 @@ def main() -> int:
                 prompts = make_prompts(args.num_prompts if c > 1 else max(4, args.num_prompts // 8), args.input_len,
                                        vocab, args.shared_prefix, seed=c)
                 before = spec_counters(url)
-                r = asyncio.run(run_load(url, name, prompts, args.output_len, c, args.request_rate))
+                r = asyncio.run(run_load(url, name, prompts, args.output_len, c, args.request_rate, args.temperature))
                 after = spec_counters(url)
                 delta = {n: v - before.get(n, 0) for n, v in after.items()}
                 r["spec_draft_tokens"], r["spec_accepted_tokens"] = delta.get("draft", 0), delta.get("accepted", 0)
@@ -274,6 +276,7 @@ def main() -> int:
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads,
+                                            "temperature": args.temperature,
                                             "concurrency": c, "input_len": args.input_len,
                                             "output_len": args.output_len, "shared_prefix": args.shared_prefix,
                                             "request_rate": args.request_rate, "device": args.device, **r}) + "\n")

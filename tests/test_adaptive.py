@@ -13,17 +13,18 @@ from test_generation import record_drafts
 
 
 class ScriptedK(AdaptiveK):
-    """A controller whose choices follow a fixed cycle: every schedule of k must give plain greedy's tokens."""
+    """A controller whose choices follow a fixed cycle (from index `start`; its current k is script[0] before
+    the first choice): every schedule of k must give plain greedy's tokens."""
 
-    def __init__(self, k_max: int, script: list[int]) -> None:
+    def __init__(self, k_max: int, script: list[int], start: int = 0) -> None:
         super().__init__(k_max)
-        self.script, self.i, self.seen_k = script, 0, []
+        self.script, self.i, self.seen_k, self.k = script, start, [], script[0]
 
     def choose(self) -> int:
-        k = self.script[self.i % len(self.script)]
+        self.k = self.script[self.i % len(self.script)]
         self.i += 1
-        self.seen_k.append(k)
-        return k
+        self.seen_k.append(self.k)
+        return self.k
 
 
 def _batch():

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model
 from mimo_flash.cli import main
 from mimo_flash.generation.adaptive import AdaptiveK
+from test_adaptive import ScriptedK
 from mimo_flash.generation.sampling import SamplingParams
 from mimo_flash.serving.scheduler import Request, Scheduler
 from serving_helpers import make_tokenizer
@@ -99,8 +100,10 @@ def make_requests(model, tok):
 
 @pytest.mark.parametrize("K", [1, 3])
 def test_speculative_serving_equals_plain(setup, K):
-    """Greedy requests decode speculatively beside sampled and plain-path ones; every request's events equal
-    those of a scheduler without speculation, and greedy tokens equal generate() alone."""
+    """Greedy and seeded sampled requests decode speculatively beside plain-path ones (logprobs, repetition
+    penalty); every greedy and plain-path request's events equal those of a scheduler without speculation, greedy
+    tokens equal generate() alone, and a sampled request's tokens equal its own run alone through a speculative
+    scheduler (each row samples from its own generator: its neighbours change nothing)."""
     model, tok = setup
     kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32)
     runs = {}
@@ -118,6 +121,13 @@ def test_speculative_serving_equals_plain(setup, K):
         if kind == "cancel":
             assert a[-1].finish == b[-1].finish == "cancelled"
             assert 0 < len(ids) < 100 and ids == alone(model, req.prompt, len(ids))
+            continue
+        if kind == "sampled":
+            solo = Scheduler(model, tok, speculative_k=K, **kw)
+            assert ids == ids_of(run_all(solo, [Request(req.prompt, req.max_tokens, req.params, req.seed,
+                                                        eos=req.eos)])[0])
+            assert solo.metrics.spec_draft_tokens > 0  # (it speculated)
+            assert b[-1].finish in ("stop", "length") and b[-1].completion_tokens == len(ids)
             continue
         assert ids == ids_of(a), kind
         assert "".join(e.text for e in b) == "".join(e.text for e in a)
@@ -137,9 +147,9 @@ def test_speculative_serving_equals_plain(setup, K):
 
 def test_adaptive_serving_equals_plain(setup):
     """speculative_k="auto": the drafts change from step to step (here forced through a cycle that visits
-    k = 3 -> 0 -> 0 -> 1 -> 2 -> 0 -> 3 -> 2 -> 1, so steps both re-prime layers that fell behind during plain
-    steps and draft with fewer layers than are current); every request's events still equal a plain scheduler's,
-    and k = 0 steps decode the speculating slots in the plain forward beside the others."""
+    k = 3 -> 0 -> 0 -> 1 -> 2 -> 0 -> 3 -> 2 -> 1, so steps both catch up layers that fell behind during plain
+    steps and draft with fewer layers than are current); every greedy and plain-path request's events still equal
+    a plain scheduler's, and k = 0 steps decode the speculating slots in the plain forward beside the others."""
     model, tok = setup
     kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32)
     plain = Scheduler(model, tok, speculative_k=0, **kw)
@@ -149,12 +159,8 @@ def test_adaptive_serving_equals_plain(setup):
     sched = Scheduler(model, tok, speculative_k="auto", **kw)
     assert sched.spec.K == 3 and sched.spec.adaptive
     cycle = [3, 0, 0, 1, 2, 0, 3, 2, 1]
-    chosen = []
-
-    def choose(n):  # (the test's schedule in place of the measured one)
-        chosen.append(cycle[len(chosen) % len(cycle)])
-        return chosen[-1]
-    sched.spec.choose = choose
+    ctls = [ScriptedK(3, cycle) for _ in range(3)]  # (the test's schedule in place of the measured one)
+    sched.spec.ctls.update(zip((1, 2, 4), ctls))
     reqs = make_requests(model, tok)
     ev1 = run_all(sched, [r for _, r in reqs], cancel)
     for (kind, req), a, b in zip(reqs, ev0, ev1, strict=True):
@@ -162,26 +168,16 @@ def test_adaptive_serving_equals_plain(setup):
             assert b[-1].finish == "cancelled"
             assert ids_of(b) == alone(model, req.prompt, len(ids_of(b)))
             continue
+        if kind == "sampled":  # (its draws follow the schedule of k: its own check is the distribution test)
+            assert b[-1].finish in ("stop", "length") and len(ids_of(b)) == b[-1].completion_tokens
+            continue
         assert ids_of(b) == ids_of(a), kind
         assert b[-1].finish == a[-1].finish
     ks = sched.spec.steps_k
-    assert len(chosen) > 2 * len(cycle) and set(ks) == {0, 1, 2, 3}
+    assert sum(len(c.seen_k) for c in ctls) > 2 * len(cycle) and set(ks) == {0, 1, 2, 3}
     assert ks.count(0) > 0 and sched.metrics.spec_accepted_tokens > 0
     # every step ran one decode forward at most (k = 0: speculating and plain slots together)
     assert sched.decode_forwards < plain.decode_forwards
-
-
-class Forced(AdaptiveK):
-    """A controller whose choices are a given cycle (from index `start`; its current k is seq[0] before)."""
-
-    def __init__(self, K: int, seq: list[int], start: int = 0):
-        super().__init__(K)
-        self.seq, self.i, self.k = seq, start, seq[0]
-
-    def choose(self) -> int:
-        self.k = self.seq[self.i % len(self.seq)]
-        self.i += 1
-        return self.k
 
 
 def test_adaptive_slot_drafts_what_generate_drafts(setup):
@@ -191,9 +187,9 @@ def test_adaptive_slot_drafts_what_generate_drafts(setup):
     p = torch.randint(3, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(16)).tolist()
     seq = [3, 0, 0, 1, 2, 0, 3, 2, 1, 0]
     out, stats = model.generate(torch.tensor([p]), max_new_tokens=60, eos_token_id=[], num_speculative_tokens=3,
-                                adaptive=Forced(3, seq), return_stats=True)
+                                adaptive=ScriptedK(3, seq), return_stats=True)
     sched = Scheduler(model, tok, max_slots=1, max_context=200, prefill_chunk=16, speculative_k="auto")
-    sched.spec.ctls[1] = Forced(3, seq, start=1)  # (the slot's first step takes the current k: seq[0])
+    sched.spec.ctls[1] = ScriptedK(3, seq, start=1)  # (the slot's first step takes the current k: seq[0])
     events = run_all(sched, [Request(p, 60)])
     assert ids_of(events[0]) == out[0, len(p):].tolist()
     assert sched.spec.steps_k == stats.spec_k and {0, 1, 2, 3} <= set(stats.spec_k)
@@ -212,7 +208,7 @@ def test_adaptive_rings_hold_the_committed_window(setup):
     sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=16, speculative_k="auto")
     seq = [0, 3, 0, 0, 2, 1, 0, 3]
     for n in (1, 2):
-        sched.spec.ctls[n] = Forced(3, seq)
+        sched.spec.ctls[n] = ScriptedK(3, seq)
     events = [[], []]
     for r, ev in zip(prompts, events, strict=True):
         sched.submit(Request(r, 60, sink=ev.append))
@@ -241,8 +237,8 @@ def test_followers_take_the_leaders_drafts(setup):
     kw = dict(max_slots=2, max_context=128, prefill_chunk=8, prefix_blocks=0, speculative_k="auto")
     leader, follower = Scheduler(model, tok, **kw), Scheduler(model, tok, **kw)
     for n in (1, 2):
-        leader.spec.ctls[n] = Forced(3, [2, 0, 3, 0, 1])
-        follower.spec.ctls[n] = Forced(3, [1])  # (what it would choose alone)
+        leader.spec.ctls[n] = ScriptedK(3, [2, 0, 3, 0, 1])
+        follower.spec.ctls[n] = ScriptedK(3, [1])  # (what it would choose alone)
 
     class Relay:  # a StepBroadcaster in one process: the follower steps with what the leader announces
         def announce(self, *args):
@@ -283,6 +279,34 @@ def test_adaptive_serving_chooses_plain_where_speculation_loses(setup):
         assert [ids_of(e) for e in events] == [alone(model, p, 40) for p in prompts]
         ks = sched.spec.steps_k
         assert ks[-10:] == [want] * 10, ks
+
+
+@pytest.mark.parametrize("K,extra", [(2, {}), (3, dict(temperature=0.8, top_p=0.9))])
+def test_speculative_sampling_through_the_scheduler_keeps_the_distribution(K, extra, tmp_path):
+    """Seeded sampled requests that speculate, each row drawing from its own generator: the joint distribution of
+    3 new tokens over 3000 requests (vocab 4: 64 cells) is the target's, and not a nearby one (power check)."""
+    from test_generation import _chi2_pvalue, _target_joint
+
+    model = tiny_model(vocab_size=4, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)  # peaked, distinct target and draft distributions
+    prompt = [1, 3, 0, 2, 2, 1]
+    params = SamplingParams(do_sample=True, **extra)
+    target = _target_joint(model, prompt, 3, params)
+    n = 3000
+    sched = Scheduler(model, make_tokenizer(tmp_path), max_slots=64, max_context=32, prefill_chunk=8,
+                      prefix_blocks=0, max_queue=n, speculative_k=K)
+    events = run_all(sched, [Request(prompt, 3, params, seed=i) for i in range(n)])
+    counts: dict = {}
+    for e in events:
+        counts[tuple(ids_of(e))] = counts.get(tuple(ids_of(e)), 0) + 1
+    m = sched.metrics
+    assert 0.02 < m.spec_accepted_tokens / m.spec_draft_tokens < 0.95  # both branches of acceptance ran often
+    assert _chi2_pvalue(counts, target, n) > 1e-3
+    assert 0.5 * sum(abs(counts.get(c, 0) / n - q) for c, q in target.items()) < 0.05
+    t = 1.25 * extra.get("temperature", 1.0)
+    assert _chi2_pvalue(counts, _target_joint(model, prompt, 3, SamplingParams(True, **{**extra, "temperature": t})),
+                        n) < 1e-6
 
 
 def test_speculation_cuts_main_forwards_per_token(setup):
@@ -342,7 +366,7 @@ def test_frozen_rows_are_untouched(setup):
     sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0, speculative_k=2)
     g = torch.Generator().manual_seed(14)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (7, 12, 30)]
-    for r in (Request(prompts[0], 50), Request(prompts[1], 50, SamplingParams(True, 0.8), seed=1),
+    for r in (Request(prompts[0], 50), Request(prompts[1], 50, SamplingParams(True, 0.8), seed=1, logprobs=1),
               Request(prompts[2], 50)):
         sched.submit(r)
     for _ in range(3):

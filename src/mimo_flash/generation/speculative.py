@@ -101,8 +101,71 @@ class SpecRings:
         return self.ids.gather(1, slot), self.h.gather(1, slot[..., None].expand(*slot.shape, self.h.shape[-1]))
 
 
+class RowSampling:
+    """Sampling for a speculative step whose rows each carry their own parameters and generator (the serving
+    scheduler's slots), in place of one SamplingParams and generator for the batch: rows[b] = (params,
+    generator or None) or None for a frozen row. Row b draws from its own generator only (one draw per draft,
+    then the acceptance's uniforms and the final token), so its samples do not depend on the other rows. Greedy
+    rows accept by argmax as in the batched path; sampled ones by the same rejection rule. No repetition
+    penalty (it needs each row's seen tokens). A loop over the rows: eager, never in a graph."""
+
+    do_sample = True
+
+    def __init__(self, rows: list) -> None:
+        self.rows = rows
+
+    def draft(self, logits: torch.Tensor):
+        """logits [B, V] -> (tokens [B], probabilities [B, V]: one-hot for greedy and frozen rows)."""
+        V = logits.shape[-1]
+        toks, qs = [], []
+        for b, row in enumerate(self.rows):
+            params, gen = row if row is not None else (_GREEDY, None)
+            x = process(logits[b], params, None)
+            if params.do_sample:
+                q = x.softmax(-1)
+                t = torch.multinomial(q, 1, generator=gen)[0]
+            else:
+                t = x.argmax(-1)
+                q = F.one_hot(t, V).to(x.dtype)
+            toks.append(t)
+            qs.append(q)
+        return torch.stack(toks), torch.stack(qs)
+
+    def accept(self, logits: torch.Tensor, d: torch.Tensor, q: torch.Tensor | None):
+        """Verification logits [B, k+1, V], drafts d [B, k], their probabilities q [B, k, V] -> (drafts accepted
+        a [B], the token after them y [B])."""
+        k = d.shape[1]
+        a_all, y_all = [], []
+        for b, row in enumerate(self.rows):
+            params, gen = row if row is not None else (_GREEDY, None)
+            x = process(logits[b].float(), params, None)  # [k+1, V]
+            if not params.do_sample:
+                g = x.argmax(-1)
+                a = torch.cumprod((d[b] == g[:k]).long(), 0).sum()
+                y = g[a]
+            else:
+                p = x.softmax(-1)
+                if k:
+                    pd = p[:k].gather(1, d[b, :, None])[:, 0]
+                    qd = q[b].gather(1, d[b, :, None])[:, 0]
+                    u = torch.rand(k, device=x.device, generator=gen)
+                    a = torch.cumprod((u * qd < pd).long(), 0).sum()
+                    r = (p[:k] - q[b]).clamp_min(0)
+                    rs = r.sum(-1, keepdim=True)
+                    r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:k])
+                    dist = torch.cat([r, p[k:]], 0)[a]
+                else:
+                    a, dist = torch.zeros((), dtype=torch.long, device=x.device), p[0]
+                y = torch.multinomial(dist, 1, generator=gen)[0]
+            a_all.append(a)
+            y_all.append(y)
+        return torch.stack(a_all), torch.stack(y_all)
+
+
 def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
     """logits [B, V] -> (tokens [B], probabilities [B, V] or None when greedy)."""
+    if isinstance(params, RowSampling):
+        return params.draft(logits)
     x = process(logits, params, seen)
     if not params.do_sample:
         return x.argmax(-1), None
@@ -319,6 +382,30 @@ def _graphed_step(runner, st: SpecState, frozen):
     return out["new"], out["count"]
 
 
+def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
+    """Verification logits [B, k+1, V] of drafts d [B, k] (probabilities q [B, k, V] when sampling) ->
+    (drafts accepted a [B], the token after them y [B]), for the batch's one params and generator."""
+    B, k = d.shape
+    pl = process(logits.float(), params, seen_j)  # [B, k+1, V]
+    if not params.do_sample:
+        g = pl.argmax(-1)
+        a = torch.cumprod((d == g[:, :k]).long(), 1).sum(1)
+        return a, g.gather(1, a[:, None])[:, 0]
+    if k == 0:
+        a = torch.zeros(B, dtype=torch.long, device=d.device)
+        return a, torch.multinomial(pl[:, 0].softmax(-1), 1, generator=generator)[:, 0]
+    p = pl.softmax(-1)
+    pd = p[:, :k].gather(2, d[..., None])[..., 0]
+    qd = q.gather(2, d[..., None])[..., 0]
+    u = torch.rand(B, k, device=d.device, generator=generator)
+    a = torch.cumprod((u * qd < pd).long(), 1).sum(1)
+    r = (p[:, :k] - q).clamp_min(0)
+    rs = r.sum(-1, keepdim=True)
+    r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :k])
+    dist = torch.cat([r, p[:, k:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
+    return a, torch.multinomial(dist, 1, generator=generator)[:, 0]
+
+
 def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen):
     """Draft st.k tokens, verify, accept, roll back; updates st (not n_max). Returns (new [B, k+1], count [B])."""
     K, k, B = st.K, st.k, st.N.shape[0]
@@ -345,25 +432,10 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
         oh = F.one_hot(d, logits.shape[-1]).bool()
         none = torch.zeros(B, 1, oh.shape[-1], dtype=torch.bool, device=dev)
         seen_j = st.seen[:, None] | torch.cat([none, oh.cumsum(1).bool()], 1)
-    pl = process(logits.float(), params, seen_j)  # [B, k+1, V]
-    if not params.do_sample:
-        g = pl.argmax(-1)
-        a = torch.cumprod((d == g[:, :k]).long(), 1).sum(1)
-        y = g.gather(1, a[:, None])[:, 0]
-    elif k == 0:
-        a = torch.zeros(B, dtype=torch.long, device=dev)
-        y = torch.multinomial(pl[:, 0].softmax(-1), 1, generator=generator)[:, 0]
+    if isinstance(params, RowSampling):
+        a, y = params.accept(logits, d, st.q)
     else:
-        p = pl.softmax(-1)
-        pd = p[:, :k].gather(2, d[..., None])[..., 0]
-        qd = st.q.gather(2, d[..., None])[..., 0]
-        u = torch.rand(B, k, device=dev, generator=generator)
-        a = torch.cumprod((u * qd < pd).long(), 1).sum(1)
-        r = (p[:, :k] - st.q).clamp_min(0)
-        rs = r.sum(-1, keepdim=True)
-        r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :k])
-        dist = torch.cat([r, p[:, k:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
-        y = torch.multinomial(dist, 1, generator=generator)[:, 0]
+        a, y = _accept(logits, d, st.q, params, generator, seen_j)
     new = torch.cat([d, torch.zeros_like(y[:, None])], 1).scatter(1, a[:, None], y[:, None])
     count = a + 1
     if frozen is not None:

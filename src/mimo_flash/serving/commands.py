@@ -34,8 +34,8 @@ def register(subparsers) -> None:
                         "steps; TTFT grows by this at most); 0: admit at every step")
     p.add_argument("--prefix-blocks", type=int, default=64, help="prefix-cache blocks kept (0: off)")
     p.add_argument("--speculative", default="0", metavar="K|auto",
-                   help="MTP speculative decoding for greedy requests (no sampling, repetition penalty or "
-                        "logprobs): K drafts per step from the model's first K MTP layers, verified in one forward "
+                   help="MTP speculative decoding for requests without repetition penalty or logprobs (greedy "
+                        "or sampled): K drafts per step from the model's first K MTP layers, verified in one forward "
                         "(0: off; at most the model's MTP layers); 'auto': 0 .. min(3, MTP layers) drafts, chosen "
                         "every step from the measured acceptance and step times (never slower than plain once "
                         "measured). Their prompts reuse prefix-cache blocks only up to K x sliding_window tokens "

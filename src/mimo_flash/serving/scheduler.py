@@ -15,13 +15,16 @@ Every step (Scheduler.step):
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
      CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling;
-  5. with speculative_k=K > 0: one MTP-speculative step for the plain greedy slots (serving/speculate.py),
+  5. with speculative_k=K > 0: one MTP-speculative step for the slots without logprobs or repetition penalty
+     (greedy or sampled, each row with its own parameters and generator: serving/speculate.py),
      which step 4 leaves out: K drafts each, one verification forward over rows [0, n) (the other rows
      frozen: masked, their cache untouched), 1 .. K + 1 tokens per row, each through the same output path.
      speculative_k="auto": k = 0 .. K drafts, chosen before each step (rank 0's choice on every rank);
      at k = 0 those slots take step 4 with the others.
 A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone
-(with speculation too: verification accepts exactly the tokens greedy decoding would choose).
+(with speculation too: verification accepts exactly the tokens greedy decoding would choose), and a seeded
+sampled request's output is what it gives alone (with speculation: what it gives alone with speculation, the
+same distribution as without).
 What that rests on, for prefill: a slot's chunk is [c0, c1) with c1 the next multiple of prefill_chunk
 (or the prompt's end) whatever its neighbours, and a batched prefill only groups chunks of the same
 length T, so each row is never padded and takes the same attention path (ring write or concat, chosen by
@@ -150,8 +153,8 @@ class Scheduler:
     prefill_tokens: prompt tokens prefilled per step over all slots (default max(4096, prefill_chunk));
     prefix_blocks: blocks the prefix cache keeps (0: no prefix caching); admit_wait: 0 admits waiting
     requests at every step; > 0 (seconds), while slots are decoding, admits them in groups (_admit_now);
-    cuda_graphs / compile: as generate()'s. speculative_k: K > 0 decodes plain greedy requests (no sampling,
-    repetition penalty or logprobs) with K MTP drafts per step (serving/speculate.py; at most the model's
+    cuda_graphs / compile: as generate()'s. speculative_k: K > 0 decodes the requests without repetition penalty
+    or logprobs (greedy or sampled) with K MTP drafts per step (serving/speculate.py; at most the model's
     MTP layers); their prompts reuse prefix-cache blocks only up to K * sliding_window positions before
     their end (the MTP layers are primed from the main model's hidden states there). "auto": adaptive K,
     0 .. min(3, the MTP layers) drafts per step, whichever gives the most tokens per second (never slower
@@ -508,16 +511,16 @@ class Scheduler:
         logits = logits[:, -1]
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
         spec = [s for s in active if s.spec]
-        if spec:  # (speculating slots are plain greedy: `greedy` was read, which waited for the forward)
-            self.spec.plain(n, [s.i for s in spec], [s.pos for s in spec], [s.last for s in spec],
-                            [greedy[s.i] for s in spec], h)
-            with self.metrics.lock:
-                self.metrics.spec_steps[0] = self.metrics.spec_steps.get(0, 0) + 1
+        pos0, ids0 = [s.pos for s in spec], [s.last for s in spec]
         for s in active:
             s.pos += 1
             token = greedy[s.i] if greedy is not None and s.plain_greedy else None
             # (a row view only where it is read: indexing a device tensor costs microseconds per slot)
             self._take(s, logits[s.i] if token is None or s.req.logprobs is not None else None, token)
+        if spec:  # (k = 0) their tokens and hidden states go to the rings (s.last: the token just taken)
+            self.spec.plain(n, [s.i for s in spec], pos0, ids0, [s.last for s in spec], h)
+            with self.metrics.lock:
+                self.metrics.spec_steps[0] = self.metrics.spec_steps.get(0, 0) + 1
 
     def _speculate(self, k: int) -> None:
         """One speculative step with k > 0 drafts for the slots that speculate (the module docstring's step 5)."""
@@ -525,8 +528,9 @@ class Scheduler:
         if not active:
             return
         n = self._bucket(max(s.i for s in active) + 1)
+        sampled = {s.i: (s.req.params, s.generator) for s in active if s.req.params.do_sample}
         new = self.spec.step(self._runner(n), [s.i for s in active], max(s.pos for s in active), k, self.chunk,
-                             self._span)
+                             self._span, sampled)
         self.decode_forwards += 1
         with self.metrics.lock:
             self.metrics.spec_draft_tokens += k * len(active)

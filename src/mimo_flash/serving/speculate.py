@@ -2,9 +2,10 @@
 
 The algorithm is generation/speculative.py's; this module keeps its state for a scheduler whose rows come
 and go. One SpecState covers every row of the scheduler's KVCache; row i is live while slot i speculates.
-  - A slot qualifies (`qualifies`) when its request is plain greedy: no sampling, no repetition penalty, no
-    logprobs. (Sampled rows would need each row's draws from its own generator to stay independent of its
-    neighbours, which the batched accept step does not do; they decode through the plain path.)
+  - A slot qualifies (`qualifies`) when its request asks for no repetition penalty and no logprobs. Greedy rows
+    accept by argmax; sampled ones by the rejection rule, each with its own parameters and generator
+    (speculative.RowSampling: its samples do not depend on its neighbours; a step with sampled rows runs eagerly,
+    a greedy-only one as one graph on CUDA).
   - Rings (speculative.SpecRings) hold every speculating row's last `tail` + 2K + 2 committed tokens and main
     hidden states: the prompt's tail as it is prefilled (`record_prompt`), then every verified or plain step.
   - `join` (the prompt prefilled, its first token x_N sampled) only sets the row's N and x_N: its MTP layers
@@ -34,13 +35,14 @@ import torch
 from ..generation.adaptive import AdaptiveK
 from ..generation.cache import mtp_group
 from ..generation.sampling import SamplingParams
-from ..generation.speculative import SpecRings, SpecState, spec_enter, spec_step
+from ..generation.speculative import RowSampling, SpecRings, SpecState, spec_enter, spec_step
 
 _GREEDY = SamplingParams(do_sample=False)
 
 
 def _per_row(st: SpecState) -> list[torch.Tensor]:
-    """A greedy SpecState's per-row tensors (each [B, ...]) that a step carries to the next one."""
+    """A SpecState's per-row tensors (each [B, ...]) that a step carries to the next one (a step drafts afresh:
+    drafts and their probabilities are not carried)."""
     return [st.N, st.N_prev, st.tok, st.recent, st.h_main]
 
 
@@ -75,10 +77,9 @@ class SpecSlots:
 
     @staticmethod
     def qualifies(req) -> bool:
-        """Whether a request decodes speculatively: greedy, no repetition penalty, no logprobs."""
+        """Whether a request decodes speculatively: no repetition penalty, no logprobs."""
         p = req.params
-        return (not p.do_sample and (p.repetition_penalty is None or p.repetition_penalty == 1.0)
-                and req.logprobs is None)
+        return (p.repetition_penalty is None or p.repetition_penalty == 1.0) and req.logprobs is None
 
     # ------------------------------------------------------------------ what the rings record
     def record_prompt(self, i: int, prompt: list[int], c0: int, h: torch.Tensor) -> None:
@@ -184,11 +185,12 @@ class SpecSlots:
             part.copy_(torch.where(m.view(-1, *[1] * (got.dim() - 1)), got, part))
 
     def step(self, runner, rows: list[int], n_max: int, k: int | None = None, chunk: int = 256,
-             span=None) -> list[list[int]]:
+             span=None, sampled: dict | None = None) -> list[list[int]]:
         """One speculative step with k drafts (default K) for the slots `rows` through `runner` (over cache rows
         [0, n), n > max(rows)); n_max: the largest position of their last tokens. Rows whose MTP layers are
         behind are caught up first (spec_enter in prompt chunks of `chunk`, through span(lo, hi): (first row, a
-        runner) over a block of rows covering [lo, hi); default: `runner`). Returns each row's new tokens
+        runner) over a block of rows covering [lo, hi); default: `runner`). sampled: {row: (SamplingParams,
+        generator or None)} for the rows that sample (the others are greedy). Returns each row's new tokens
         (1 .. k + 1). With no rows (graph warm-up) nothing changes."""
         k = self.K if k is None else k
         n = runner.cache.B
@@ -206,7 +208,12 @@ class SpecSlots:
         sub = SpecState(K=self.K, N=st.N[:n], N_prev=st.N_prev[:n], tok=st.tok[:n], recent=st.recent[:n],
                         h_main=st.h_main[:n], stash=[t[:n] for t in st.stash], drafts=st.drafts[:n], q=None,
                         seen=None, n_max=n_max, k=k, fresh=k, rings=self.rings)
-        new, _, counts = spec_step(runner, sub, _GREEDY, None, frozen)
+        params = _GREEDY
+        if sampled:
+            params = RowSampling([None] * n)
+            for i in rows:
+                params.rows[i] = sampled.get(i, (_GREEDY, None))
+        new, _, counts = spec_step(runner, sub, params, None, frozen)
         # (a graphed step's outputs are buffers its next replay overwrites: copy. A step with k drafts leaves
         # k - 1 stash entries, those the next step reads)
         for mine, got in zip(_per_row(st) + st.stash, _per_row(sub) + sub.stash):
