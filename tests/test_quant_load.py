@@ -104,7 +104,8 @@ def test_float_checkpoint_is_quantized_on_load(tmp_path):
     plain = load(tmp_path)
     fp8 = load(tmp_path, fp8=True)
     weights = fp8_weights(fp8)
-    assert "model.mtp.layers.0.eh_proj.weight" in weights  # the release's set, eh_proj included
+    assert "model.mtp.layers.0.eh_proj.weight" not in weights  # the release's set: eh_proj stays unquantized
+    assert fp8.model.mtp.layers[0].eh_proj.weight.dtype == torch.float32
     assert fp8.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32
     ref_state = plain.state_dict()
     for name, (q, s) in weights.items():

@@ -25,11 +25,13 @@ from .blocks import BLOCK, FP8, block_aligned, block_box, dequantize_box, quanti
 from .gemm import fp8_experts, fp8_linear
 
 # The modules whose weights the release stores in FP8 (SPEC.md, "FP8 block format"): every q/k/v projection
-# (separate or fused), the dense SwiGLU projections (separate or fused gate/up), the MTP layers' eh_proj, and
-# the routed experts. Not: o_proj, lm_head, embed_tokens, the router (mlp.gate), norms, sinks, biases.
+# (separate or fused), the dense SwiGLU projections (separate or fused gate/up) and the routed experts. Not:
+# o_proj, the MTP layers' eh_proj, lm_head, embed_tokens, the router (mlp.gate), norms, sinks, biases. (eh_proj:
+# SPEC's list does not name it either way; vLLM's and SGLang's MTP modules build it as a plain unquantized
+# nn.Linear whose loader has no place for a weight_scale_inv, and checkpoint/names.py stores it unquantized.)
 QUANTIZED_MODULES = {
     "linear": re.compile(r"(^|\.)(self_attn\.(q_proj|k_proj|v_proj|qkv_proj)|mlp\.(gate_proj|up_proj|gate_up_proj"
-                         r"|down_proj)|eh_proj)$"),
+                         r"|down_proj))$"),
     "experts": re.compile(r"(^|\.)mlp\.experts$"),
 }
 
