@@ -161,7 +161,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
                 continue
         plain_run = 0
         if k > st.fresh:
-            spec_reprime(runner, st, k, params, generator, chunk)
+            spec_reprime(runner, st, k, chunk)
         st.k = k
         new, count, counts = spec_step(runner, st, params, generator,
                                        frozen=out.done.clone() if any(done) else None)

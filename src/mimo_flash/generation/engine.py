@@ -266,7 +266,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         rings = None
         if ctl is not None:
             rings = runner.spec_rings
-            size = config.sliding_window + 2 * K + 2
+            size = K * config.sliding_window + 2 * K + 2  # (spec_reprime reads up to K windows)
             if rings is None or rings.size != size or rings.h.dtype != hidden.dtype:
                 rings = runner.spec_rings = SpecRings(B, size, config.hidden_size, device, hidden.dtype)
         state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,

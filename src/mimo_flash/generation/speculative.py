@@ -95,6 +95,12 @@ class SpecRings:
         self.ids.scatter_(1, slot, ids)
         self.h.scatter_(1, slot[..., None].expand(*slot.shape, self.h.shape[-1]), h.to(self.h.dtype))
 
+    def rows(self, start: int, stop: int) -> "SpecRings":
+        """The rings of rows [start, stop), sharing this one's storage."""
+        view = SpecRings.__new__(SpecRings)
+        view.size, view.ids, view.h = self.size, self.ids[start:stop], self.h[start:stop]
+        return view
+
     def read(self, pos: torch.Tensor):
         """pos [B, T] -> (ids [B, T], h [B, T, D])."""
         slot = pos % self.size
@@ -104,9 +110,8 @@ class SpecRings:
 class RowSampling:
     """Sampling for a speculative step whose rows each carry their own parameters and generator (the serving
     scheduler's slots), in place of one SamplingParams and generator for the batch: rows[b] = (params,
-    generator or None) or None for a frozen row. Row b draws from its own generator only (one draw per draft,
-    then the acceptance's uniforms and the final token), so its samples do not depend on the other rows. Greedy
-    rows accept by argmax as in the batched path; sampled ones by the same rejection rule. No repetition
+    generator or None) or None for a frozen row. Row b goes through the batched rules alone (_draft_token,
+    _accept on its slice) with its own generator, so its samples do not depend on the other rows. No repetition
     penalty (it needs each row's seen tokens). A loop over the rows: eager, never in a graph."""
 
     do_sample = True
@@ -114,52 +119,27 @@ class RowSampling:
     def __init__(self, rows: list) -> None:
         self.rows = rows
 
+    def _row(self, b: int):
+        return self.rows[b] if self.rows[b] is not None else (_GREEDY, None)
+
     def draft(self, logits: torch.Tensor):
         """logits [B, V] -> (tokens [B], probabilities [B, V]: one-hot for greedy and frozen rows)."""
-        V = logits.shape[-1]
         toks, qs = [], []
-        for b, row in enumerate(self.rows):
-            params, gen = row if row is not None else (_GREEDY, None)
-            x = process(logits[b], params, None)
-            if params.do_sample:
-                q = x.softmax(-1)
-                t = torch.multinomial(q, 1, generator=gen)[0]
-            else:
-                t = x.argmax(-1)
-                q = F.one_hot(t, V).to(x.dtype)
+        for b in range(len(self.rows)):
+            params, gen = self._row(b)
+            t, q = _draft_token(logits[b:b + 1], params, None, gen)
             toks.append(t)
-            qs.append(q)
-        return torch.stack(toks), torch.stack(qs)
+            qs.append(F.one_hot(t, logits.shape[-1]).float() if q is None else q)
+        return torch.cat(toks), torch.cat(qs)
 
     def accept(self, logits: torch.Tensor, d: torch.Tensor, q: torch.Tensor | None):
         """Verification logits [B, k+1, V], drafts d [B, k], their probabilities q [B, k, V] -> (drafts accepted
         a [B], the token after them y [B])."""
-        k = d.shape[1]
-        a_all, y_all = [], []
-        for b, row in enumerate(self.rows):
-            params, gen = row if row is not None else (_GREEDY, None)
-            x = process(logits[b].float(), params, None)  # [k+1, V]
-            if not params.do_sample:
-                g = x.argmax(-1)
-                a = torch.cumprod((d[b] == g[:k]).long(), 0).sum()
-                y = g[a]
-            else:
-                p = x.softmax(-1)
-                if k:
-                    pd = p[:k].gather(1, d[b, :, None])[:, 0]
-                    qd = q[b].gather(1, d[b, :, None])[:, 0]
-                    u = torch.rand(k, device=x.device, generator=gen)
-                    a = torch.cumprod((u * qd < pd).long(), 0).sum()
-                    r = (p[:k] - q[b]).clamp_min(0)
-                    rs = r.sum(-1, keepdim=True)
-                    r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:k])
-                    dist = torch.cat([r, p[k:]], 0)[a]
-                else:
-                    a, dist = torch.zeros((), dtype=torch.long, device=x.device), p[0]
-                y = torch.multinomial(dist, 1, generator=gen)[0]
-            a_all.append(a)
-            y_all.append(y)
-        return torch.stack(a_all), torch.stack(y_all)
+        out = []
+        for b in range(len(self.rows)):
+            params, gen = self._row(b)
+            out.append(_accept(logits[b:b + 1], d[b:b + 1], None if q is None else q[b:b + 1], params, gen, None))
+        return torch.cat([a for a, _ in out]), torch.cat([y for _, y in out])
 
 
 def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
@@ -199,17 +179,28 @@ def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingP
     return st
 
 
-def spec_reprime(runner, st: SpecState, k: int, params: SamplingParams, generator, chunk: int) -> None:
-    """Bring the first k MTP layers up to date after steps that ran fewer (adaptive K): re-run them over the
-    last positions the rings hold (up to the MTP window, the same count for every row) and draft d_1 .. d_k.
-    The next step verifies those drafts, as the first step after spec_prefill does."""
-    L = min(runner.model.config.sliding_window, st.rings.size - 2 * st.K - 2, int(st.N.min()))
+def spec_reprime(runner, st: SpecState, k: int, chunk: int, frozen: torch.Tensor | None = None) -> None:
+    """Bring the first k MTP layers up to date after steps that ran fewer (adaptive K; a serving slot that
+    joined or decoded plainly): re-run them over each row's last L = k * window positions (fewer where the
+    sequence is shorter) from the rings, with spec_enter, which leaves every row as if a step had just committed
+    its x_N: the next step drafts as every step does. k windows make layers 0 .. k-1 exact (spec_enter).
+    st.N / st.tok / st.n_max must be current and the rings must hold positions N-L .. N-1 (size >= L + 2K + 2).
+    frozen [B] or None: rows left out: their caches and state are untouched."""
+    K = st.K
+    L = max(1, min(k * runner.model.config.sliding_window, st.rings.size - 2 * K - 2, st.n_max))
     pos = st.N[:, None] - L + torch.arange(L, device=st.N.device)[None]  # [B, L]: positions N-L .. N-1
-    ids, hidden = st.rings.read(pos)
-    for j in range(k):  # entries in the window are rewritten; none may stay twice
-        runner.cache.rollback(st.N - L, mtp_group(j))
-    new = _prime(runner, ids, torch.ones_like(ids), pos, hidden, st.tok, st.K, k, params, st.seen, generator, chunk)
-    st.N_prev, st.h_main, st.stash, st.drafts, st.q = new.N_prev, None, new.stash, new.drafts, new.q
+    ids, hidden = st.rings.read(pos.clamp_min(0))
+    start = st.N - L if frozen is None else torch.where(frozen, runner.cache.S, st.N - L)
+    for j in range(k):  # the positions this rewrites: any older entries there go first
+        runner.cache.rollback(start, mtp_group(j))
+    new = spec_enter(runner, ids, hidden, st.tok, st.N, K, chunk, k_run=k, frozen=frozen)
+
+    def keep(old, got):  # (frozen rows keep their own)
+        return got if frozen is None else torch.where(frozen.view(-1, *[1] * (got.dim() - 1)), old, got)
+    st.N_prev, st.recent = keep(st.N_prev, new.N_prev), keep(st.recent, new.recent)
+    st.h_main = new.h_main if st.h_main is None else keep(st.h_main, new.h_main)
+    st.stash = [new_s if j >= len(st.stash) else keep(st.stash[j], new_s) for j, new_s in enumerate(new.stash)]
+    st.drafts, st.q = new.drafts, None
     st.k = st.fresh = k
 
 

@@ -10,8 +10,8 @@ and go. One SpecState covers every row of the scheduler's KVCache; row i is live
     hidden states: the prompt's tail as it is prefilled (`record_prompt`), then every verified or plain step.
   - `join` (the prompt prefilled, its first token x_N sampled) only sets the row's N and x_N: its MTP layers
     are not current yet. Each row counts its current MTP layers (`fresh`); a step with k drafts first catches
-    up the rows with fewer, all of them in one batched pass (`_catch_up`: speculative.spec_enter over the rings'
-    last `tail` positions, the other rows masked), then drafts k tokens for every speculating row, verifies
+    up the rows with fewer in batched passes over blocks of nearby rows (`_catch_up`: speculative.spec_reprime,
+    spec_enter over the rings' last k windows of positions, the block's other rows masked), then drafts k tokens for every speculating row, verifies
     k + 1 in one main forward over rows [0, n) and accepts per row (`step`); every other row of [0, n) is
     frozen: masked out of the forwards, its cache and state untouched. It returns each row's new tokens.
   - Adaptive K ("auto"): each step's k = 0 .. K is chosen by an AdaptiveK (generation/adaptive.py) from the
@@ -33,9 +33,8 @@ import time
 import torch
 
 from ..generation.adaptive import AdaptiveK
-from ..generation.cache import mtp_group
 from ..generation.sampling import SamplingParams
-from ..generation.speculative import RowSampling, SpecRings, SpecState, spec_enter, spec_step
+from ..generation.speculative import RowSampling, SpecRings, SpecState, spec_reprime, spec_step
 
 _GREEDY = SamplingParams(do_sample=False)
 
@@ -161,35 +160,40 @@ class SpecSlots:
             groups.append([i])
         return groups
 
-    def _catch_up(self, span, behind: list[int], k: int, L: int, chunk: int) -> None:
-        """Prime MTP layers 0 .. k-1 of the rows `behind` over their last L (<= tail) positions from the rings, in
-        one batched pass over the block of rows span(lo, hi) gives (its first row, a runner over it; the block's
-        other rows masked), and write those rows' states."""
+    def _view(self, a: int, n: int, n_max: int, k: int) -> SpecState:
+        """A SpecState over rows [a, a + n) whose tensors are views of self.st's."""
+        st = self.st
+        return SpecState(K=self.K, N=st.N[a:a + n], N_prev=st.N_prev[a:a + n], tok=st.tok[a:a + n],
+                         recent=st.recent[a:a + n], h_main=st.h_main[a:a + n], stash=[t[a:a + n] for t in st.stash],
+                         drafts=st.drafts[a:a + n], q=None, seen=None, n_max=n_max, k=k, fresh=k,
+                         rings=self.rings.rows(a, a + n))
+
+    def _write(self, a: int, sub: SpecState) -> None:
+        """Copy a state over rows [a, a + n) back (a graphed step's outputs are buffers its next replay
+        overwrites; drafts are not carried; a step with k drafts leaves k - 1 stash entries, those the next
+        step reads)."""
+        n = sub.N.shape[0]
+        for mine, got in zip(_per_row(self.st) + self.st.stash, _per_row(sub) + sub.stash):
+            mine[a:a + n].copy_(got)
+
+    def _catch_up(self, span, behind: list[int], k: int, n_max: int, chunk: int) -> None:
+        """Prime MTP layers 0 .. k-1 of the rows `behind` from the rings (speculative.spec_reprime), in one
+        batched pass over the block of rows span(lo, hi) gives (its first row, a runner over it), its other rows
+        masked."""
         a, runner = span(min(behind), max(behind) + 1)
-        n, st = runner.cache.B, self.st
-        dev = st.N.device
-        m = torch.zeros(n, dtype=torch.bool)
-        m[[i - a for i in behind]] = True
-        m = m.to(dev)
-        N, tok = st.N[a:a + n], st.tok[a:a + n]
-        start = torch.where(m, N - L, runner.cache.S)
-        for j in range(k):  # (the positions a catch-up writes: any older entries there go first)
-            runner.cache.rollback(start, mtp_group(j))
-        pos = N[:, None] - L + torch.arange(L, device=dev)[None]
-        slot = pos.clamp_min(0) % self.rings.size
-        ids = self.rings.ids[a:a + n].gather(1, slot)
-        h = self.rings.h[a:a + n].gather(1, slot[..., None].expand(n, L, self.rings.h.shape[-1]))
-        new = spec_enter(runner, ids, h, tok, N, self.K, chunk, k_run=k, frozen=~m)
-        for mine, got in zip(_per_row(st) + st.stash, _per_row(new) + new.stash):
-            part = mine[a:a + n]
-            part.copy_(torch.where(m.view(-1, *[1] * (got.dim() - 1)), got, part))
+        n = runner.cache.B
+        frozen = torch.ones(n, dtype=torch.bool)
+        frozen[[i - a for i in behind]] = False
+        sub = self._view(a, n, n_max, k)
+        spec_reprime(runner, sub, k, chunk, frozen.to(sub.N.device))
+        self._write(a, sub)
 
     def step(self, runner, rows: list[int], n_max: int, k: int | None = None, chunk: int = 256,
              span=None, sampled: dict | None = None) -> list[list[int]]:
         """One speculative step with k drafts (default K) for the slots `rows` through `runner` (over cache rows
         [0, n), n > max(rows)); n_max: the largest position of their last tokens. Rows whose MTP layers are
-        behind are caught up first (spec_enter in prompt chunks of `chunk`, through span(lo, hi): (first row, a
-        runner) over a block of rows covering [lo, hi); default: `runner`). sampled: {row: (SamplingParams,
+        behind are caught up first (spec_reprime in prompt chunks of `chunk`, through span(lo, hi): (first row,
+        a runner) over a block of rows covering [lo, hi); default: `runner`). sampled: {row: (SamplingParams,
         generator or None)} for the rows that sample (the others are greedy). Returns each row's new tokens
         (1 .. k + 1). With no rows (graph warm-up) nothing changes."""
         k = self.K if k is None else k
@@ -202,22 +206,17 @@ class SpecSlots:
         if behind:
             t0 = time.perf_counter()
             span = span or (lambda lo, hi: (0, runner))
-            for group in self._groups(span, behind):  # (layers 0 .. k-1 are exact over the last k windows)
-                self._catch_up(span, group, k, min(k * self.window, n_max), chunk)
+            for group in self._groups(span, behind):
+                self._catch_up(span, group, k, n_max, chunk)
             self.catch_up_seconds += time.perf_counter() - t0
-        sub = SpecState(K=self.K, N=st.N[:n], N_prev=st.N_prev[:n], tok=st.tok[:n], recent=st.recent[:n],
-                        h_main=st.h_main[:n], stash=[t[:n] for t in st.stash], drafts=st.drafts[:n], q=None,
-                        seen=None, n_max=n_max, k=k, fresh=k, rings=self.rings)
+        sub = self._view(0, n, n_max, k)
         params = _GREEDY
         if sampled:
             params = RowSampling([None] * n)
             for i in rows:
                 params.rows[i] = sampled.get(i, (_GREEDY, None))
         new, _, counts = spec_step(runner, sub, params, None, frozen)
-        # (a graphed step's outputs are buffers its next replay overwrites: copy. A step with k drafts leaves
-        # k - 1 stash entries, those the next step reads)
-        for mine, got in zip(_per_row(st) + st.stash, _per_row(sub) + sub.stash):
-            mine[:n].copy_(got)
+        self._write(0, sub)
         if rows:
             for i in rows:  # (layers past k did not run)
                 self.fresh[i] = k
