@@ -182,14 +182,11 @@ def test_layer_zero_drafts_follow_the_training_forward_after_reprime(monkeypatch
 @pytest.mark.parametrize("script,extra", [([2, 0, 1], {}), ([1, 0, 3], dict(temperature=0.8, top_p=0.9))])
 def test_adaptive_sampling_keeps_the_target_distribution(script, extra):
     """Sampling with k changing per step (plain steps and re-primes included) keeps the target distribution."""
-    from test_generation import _chi2_pvalue, _target_joint
+    from test_generation import _chi2_pvalue, _target_joint, peaked_model
 
     from mimo_flash.generation.sampling import SamplingParams
 
-    model = tiny_model(vocab_size=4, seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(60)
-    prompt = [1, 3, 0, 2, 2, 1]
+    model, prompt = peaked_model()
     target = _target_joint(model, prompt, 3, SamplingParams(do_sample=True, **extra))
     n = 6000
     out, stats = generate(model, torch.tensor([prompt] * n), max_new_tokens=3, do_sample=True,

@@ -242,6 +242,15 @@ def test_rollback_keeps_the_window():
     assert torch.allclose(o1, o2, atol=1e-6)
 
 
+def peaked_model():
+    """A vocabulary-4 model whose untrained MTP layers draft a distribution distinct from its peaked target (the
+    sampling distribution tests), and their prompt."""
+    model = tiny_model(vocab_size=4, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)
+    return model, [1, 3, 0, 2, 2, 1]
+
+
 def _target_joint(model, prompt, n, params):
     """Exact distribution of the next n tokens [V] * n under `params` (enumerating prefixes)."""
     V = model.config.vocab_size
@@ -311,10 +320,7 @@ def test_speculative_sampling_keeps_the_target_distribution(K, extra):
 
     The MTP layers are untrained, so drafts disagree with the target often (both accept and reject run);
     the same test rejects the draft distribution itself (power check)."""
-    model = tiny_model(vocab_size=4, seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(60)  # peaked, distinct target and draft distributions
-    prompt = [1, 3, 0, 2, 2, 1]
+    model, prompt = peaked_model()
     params = SamplingParams(do_sample=True, **extra)
     target = _target_joint(model, prompt, 3, params)
     n = 6000
@@ -335,10 +341,7 @@ def test_speculative_sampling_keeps_the_target_distribution(K, extra):
 
 
 def test_plain_sampling_distribution_and_seed():
-    model = tiny_model(vocab_size=4, seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(60)
-    prompt = [1, 3, 0, 2, 2, 1]
+    model, prompt = peaked_model()
     params = SamplingParams(do_sample=True, top_k=3)
     target = _target_joint(model, prompt, 2, params)
     n = 4000

@@ -285,12 +285,9 @@ def test_adaptive_serving_chooses_plain_where_speculation_loses(setup):
 def test_speculative_sampling_through_the_scheduler_keeps_the_distribution(K, extra, tmp_path):
     """Seeded sampled requests that speculate, each row drawing from its own generator: the joint distribution of
     3 new tokens over 3000 requests (vocab 4: 64 cells) is the target's, and not a nearby one (power check)."""
-    from test_generation import _chi2_pvalue, _target_joint
+    from test_generation import _chi2_pvalue, _target_joint, peaked_model
 
-    model = tiny_model(vocab_size=4, seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(60)  # peaked, distinct target and draft distributions
-    prompt = [1, 3, 0, 2, 2, 1]
+    model, prompt = peaked_model()
     params = SamplingParams(do_sample=True, **extra)
     target = _target_joint(model, prompt, 3, params)
     n = 3000
