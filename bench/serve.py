@@ -86,22 +86,22 @@ async def one_request(client, url: str, model: str, prompt: list[int], out_len: 
             "tpot": (latency - ttft) / (tokens - 1) if tokens > 1 else None}
 
 
-async def run_load(url: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int,
+async def run_load(url: str, model: str, prompts: list[list[int]], out_lens: list[int], concurrency: int,
                    rate: float, temperature: float = 0.0) -> dict:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
-        async def go(p):
+        async def go(p, n):
             async with sem:
-                return await one_request(client, url, model, p, out_len, temperature)
+                return await one_request(client, url, model, p, n, temperature)
 
         t0 = time.perf_counter()
         tasks = []
         rng = random.Random(0)
-        for p in prompts:
-            tasks.append(asyncio.create_task(go(p)))
+        for p, n in zip(prompts, out_lens, strict=True):
+            tasks.append(asyncio.create_task(go(p, n)))
             if rate != float("inf"):  # Poisson arrivals
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
@@ -117,10 +117,19 @@ async def run_load(url: str, model: str, prompts: list[list[int]], out_len: int,
             "itl_s": summary([x for r in ok for x in r["itl"]]), "e2el_s": summary([r["latency"] for r in ok])}
 
 
-def make_prompts(n: int, in_len: int, vocab: int, shared: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, in_len: int, out_len: int, vocab: int, shared: int, seed: int,
+                 ratio: float = 0.0) -> tuple[list[list[int]], list[int]]:
+    """n prompts of random token ids (the first `shared` the same in all) and their output lengths: in_len and
+    out_len each, or (ratio > 0, as vllm bench serve's --random-range-ratio) drawn uniformly from
+    [L * (1 - ratio), L * (1 + ratio)]."""
     rng = random.Random(seed)
     prefix = [rng.randrange(3, vocab) for _ in range(shared)]
-    return [prefix + [rng.randrange(3, vocab) for _ in range(max(1, in_len - shared))] for _ in range(n)]
+    length = lambda L: max(1, round(rng.uniform(L * (1 - ratio), L * (1 + ratio)))) if ratio else L  # noqa: E731
+    prompts, outs = [], []
+    for _ in range(n):
+        prompts.append(prefix + [rng.randrange(3, vocab) for _ in range(max(1, length(in_len) - shared))])
+        outs.append(length(out_len))
+    return prompts, outs
 
 
 def random_checkpoint(preset: str, device: str) -> Path:
@@ -215,6 +224,9 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=None, help="default: 4 x concurrency (at least 8)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--temperature", type=float, default=0.0, help="of every request (default 0: greedy)")
+    ap.add_argument("--range-ratio", type=float, default=0.0,
+                    help="input and output lengths uniform in [L(1-r), L(1+r)] (vllm bench serve's "
+                         "--random-range-ratio; default 0: exactly --input-len and --output-len)")
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); default all at once")
     ap.add_argument("--slots", type=int, nargs="+", default=None,
                     help="started server: scheduler slots per run (default: the largest concurrency); 1 = the "
@@ -232,6 +244,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
     ap.add_argument("--json", help="append one JSON line per run to this file")
     args = ap.parse_args()
+    if not 0 <= args.range_ratio < 1:
+        ap.error(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.max_context is None:
         args.max_context = max(2048, args.input_len + args.output_len)
     if args.num_prompts is None:
@@ -257,28 +271,31 @@ def main() -> int:
             if vocab is None:
                 from mimo_flash import MiMoConfig
                 vocab = MiMoConfig.from_pretrained(ckpt).vocab_size if ckpt else 1000
-            warm = make_prompts(args.warmup, args.input_len, vocab, 0, seed=1)
+            warm, warm_out = make_prompts(args.warmup, args.input_len, args.output_len, vocab, 0, seed=1)
             if warm:
-                asyncio.run(run_load(url, name, warm, args.output_len, len(warm), float("inf")))
+                asyncio.run(run_load(url, name, warm, warm_out, len(warm), float("inf")))
             for c in args.concurrency:
-                prompts = make_prompts(args.num_prompts if c > 1 else max(4, args.num_prompts // 8), args.input_len,
-                                       vocab, args.shared_prefix, seed=c)
+                prompts, out_lens = make_prompts(args.num_prompts if c > 1 else max(4, args.num_prompts // 8),
+                                                 args.input_len, args.output_len, vocab, args.shared_prefix, seed=c,
+                                                 ratio=args.range_ratio)
                 before = spec_counters(url)
-                r = asyncio.run(run_load(url, name, prompts, args.output_len, c, args.request_rate, args.temperature))
+                r = asyncio.run(run_load(url, name, prompts, out_lens, c, args.request_rate, args.temperature))
                 after = spec_counters(url)
                 delta = {n: v - before.get(n, 0) for n, v in after.items()}
                 r["spec_draft_tokens"], r["spec_accepted_tokens"] = delta.get("draft", 0), delta.get("accepted", 0)
                 r["spec_steps"] = {n: v for n, v in delta.items() if n.startswith("k=") and v}
                 tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
                        f"{'' if threads is None else f' threads={threads}'} concurrency={c} "
-                       f"in={args.input_len} out={args.output_len}")
+                       f"in={args.input_len} out={args.output_len}"
+                       f"{f' range-ratio={args.range_ratio}' if args.range_ratio else ''}")
                 report(tag, r)
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads,
                                             "temperature": args.temperature,
                                             "concurrency": c, "input_len": args.input_len,
-                                            "output_len": args.output_len, "shared_prefix": args.shared_prefix,
+                                            "output_len": args.output_len, "range_ratio": args.range_ratio,
+                                            "shared_prefix": args.shared_prefix,
                                             "request_rate": args.request_rate, "device": args.device, **r}) + "\n")
         finally:
             if proc is not None:

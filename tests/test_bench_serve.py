@@ -1,0 +1,39 @@
+"""bench/serve.py end to end on the CPU at tiny sizes: it starts `mimo-flash serve` (plain, then with adaptive
+speculation) on a tiny checkpoint, sends requests of varied lengths and reports each run as a JSON line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import tiny_model
+from harness import free_port
+from serving_helpers import make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_serve_runs_on_cpu(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    tok = make_tokenizer(tmp_path / "ckpt")
+    tiny_model(seed=5, vocab_size=tok.vocab_size).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "runs.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tmp_path / "ckpt"),
+                        "--input-len", "12", "--output-len", "8", "--range-ratio", "0.5", "--concurrency", "1", "3",
+                        "--num-prompts", "6", "--speculative", "0", "auto", "--max-context", "64", "--warmup", "1",
+                        "--port", str(free_port()), "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["speculative"], x["concurrency"]) for x in runs] == [("0", 1), ("0", 3), ("auto", 1), ("auto", 3)]
+    for x in runs:
+        assert x["failed"] == 0 and x["completed"] == (4 if x["concurrency"] == 1 else 6), x
+        assert x["range_ratio"] == 0.5 and x["output_tok_s"] > 0 and x["ttft_s"]["p50"] > 0
+    # requests of varied lengths (ignore_eos: each produces its own max_tokens, 4 .. 12)
+    assert len({round(x["output_tok_s"] * x["duration_s"]) for x in runs}) > 1
+    spec = [x for x in runs if x["speculative"] == "auto"]
+    # (random weights: drafts are never accepted, and once it has measured, auto decodes plainly)
+    assert all(x["spec_steps"] for x in spec) and sum(x["spec_draft_tokens"] for x in spec) > 0, spec
+    assert sum(x["spec_accepted_tokens"] for x in spec) == 0 and spec[-1]["spec_steps"].get("k=0", 0) > 0
+    assert all(k.startswith("k=") for x in spec for k in x["spec_steps"])
