@@ -33,7 +33,7 @@ def test_bench_serve_runs_on_cpu(tmp_path):
     # requests of varied lengths (ignore_eos: each produces its own max_tokens, 4 .. 12)
     assert len({round(x["output_tok_s"] * x["duration_s"]) for x in runs}) > 1
     spec = [x for x in runs if x["speculative"] == "auto"]
-    # (random weights: drafts are never accepted, and once it has measured, auto decodes plainly)
+    # (auto starts by timing k = 3 steps: drafts were verified; its steps are counted by k)
     assert all(x["spec_steps"] for x in spec) and sum(x["spec_draft_tokens"] for x in spec) > 0, spec
-    assert sum(x["spec_accepted_tokens"] for x in spec) == 0 and spec[-1]["spec_steps"].get("k=0", 0) > 0
+    assert all(0 <= x["spec_accepted_tokens"] <= x["spec_draft_tokens"] for x in spec)
     assert all(k.startswith("k=") for x in spec for k in x["spec_steps"])
