@@ -98,14 +98,14 @@ def make_requests(model, tok):
     return out
 
 
-@pytest.mark.parametrize("K", [1, 3])
-def test_speculative_serving_equals_plain(setup, K):
+@pytest.mark.parametrize("K,graphs", [(1, False), (3, False), (2, True)], ids=["K1", "K3", "K2-graph-shaped"])
+def test_speculative_serving_equals_plain(setup, K, graphs):
     """Greedy and seeded sampled requests decode speculatively beside plain-path ones (logprobs, repetition
     penalty); every greedy and plain-path request's events equal those of a scheduler without speculation, greedy
     tokens equal generate() alone, and a sampled request's tokens equal its own run alone through a speculative
     scheduler (each row samples from its own generator: its neighbours change nothing)."""
     model, tok = setup
-    kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32)
+    kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32, cuda_graphs=graphs)
     runs = {}
     for k in (0, K):
         sched = Scheduler(model, tok, speculative_k=k, **kw)
@@ -145,13 +145,14 @@ def test_speculative_serving_equals_plain(setup, K):
     assert spec.running() == 0
 
 
-def test_adaptive_serving_equals_plain(setup):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-shaped"])
+def test_adaptive_serving_equals_plain(setup, graphs):
     """speculative_k="auto": the drafts change from step to step (here forced through a cycle that visits
     k = 3 -> 0 -> 0 -> 1 -> 2 -> 0 -> 3 -> 2 -> 1, so steps both catch up layers that fell behind during plain
     steps and draft with fewer layers than are current); every greedy and plain-path request's events still equal
     a plain scheduler's, and k = 0 steps decode the speculating slots in the plain forward beside the others."""
     model, tok = setup
-    kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32)
+    kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32, cuda_graphs=graphs)
     plain = Scheduler(model, tok, speculative_k=0, **kw)
     reqs0 = make_requests(model, tok)
     cancel = tuple(i for i, (kind, _) in enumerate(reqs0) if kind == "cancel")

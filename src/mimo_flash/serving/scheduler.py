@@ -192,7 +192,8 @@ class Scheduler:
         self.cache = KVCache(model.kv_config, max_slots, S + K, device=self.device, dtype=model.dtype, num_mtp=K,
                              slack=2 * K)
         cuda = self.device.type == "cuda"
-        self.graphs = (cuda and cuda_graphs in ("auto", True)) or compile
+        # (as generate(): cuda_graphs=True on a CPU runs the graph-shaped steps directly, the code CUDA captures)
+        self.graphs = (cuda and cuda_graphs == "auto") or cuda_graphs is True or compile
         self.compile = compile
         self.runners: dict[int, Runner] = {}  # decode runners over rows [0, n), n a power of two (or B)
         self.prefill_runners: dict[tuple[int, int], Runner] = {}  # eager runners over rows [a, b) (_span)
