@@ -235,8 +235,8 @@ def _prime(runner, input_ids, mask, pos, hidden, tok, K: int, k_run: int, params
 
 def spec_enter(runner, ids: torch.Tensor, hidden: torch.Tensor, tok: torch.Tensor, N, K: int, chunk: int,
                k_run: int | None = None, frozen: torch.Tensor | None = None) -> SpecState:
-    """The state of rows that start speculating after a plain prefill of their prompt (greedy drafts), or
-    after plain steps.
+    """The state of rows that start speculating after a plain prefill of their prompt, or after plain steps
+    (spec_reprime). It drafts nothing: the next step drafts, greedy or sampled.
 
     ids [B, L] the committed tokens at positions N-L .. N-1 (the prompt's tail), hidden [B, L, D] the main
     model's hidden states there, tok [B] = x_N (the prefill's token); N an int or [B] long (per row). Columns
