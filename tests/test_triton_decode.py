@@ -187,6 +187,87 @@ print("ok")
 """
 
 
+_INTERPRETED_VERIFY = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import sys
+from pathlib import Path
+import torch
+import mimo_flash
+sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
+from conftest import tiny_model
+from mimo_flash.generation import KVCache, generate
+from mimo_flash.generation import engine, triton_step
+from mimo_flash.generation.cache import MAIN
+from mimo_flash.generation.engine import prefill
+from mimo_flash.generation.runner import Runner
+from mimo_flash.options import TritonStepTuning, override, set_options
+from mimo_flash.quant import quantize_model_
+
+set_options(triton_step=TritonStepTuning(min_programs=1))  # few programs: the interpreter runs each in Python
+torch.set_num_threads(1)
+
+
+def check(model, rounds=8, P=8, slack=6):
+    # TritonStep.verify of T = 2 .. 4 tokens against the eager step of the same T tokens, each round followed by
+    # the rollback verification makes (some tokens accepted): positions run past the SWA ring (window 9, 15 slots)
+    cfg, S = model.config, 256
+    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(5))
+    eager = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
+    stepped = Runner(model, KVCache(cfg, 1, S, dtype=model.dtype, slack=slack), S)
+    g = torch.Generator().manual_seed(6)
+    n = P
+    with torch.no_grad():
+        prefill(eager, ids, None, 5, keep_hidden=False)
+        prefill(stepped, ids, None, 5, keep_hidden=False)
+        step = triton_step.TritonStep(model, stepped.cache, stepped.rope_tables)
+        for i in range(rounds):
+            T = (2, 4, 3, 4)[i % 4]
+            toks = torch.randint(0, cfg.vocab_size, (1, T), generator=g)
+            pos = (n + torch.arange(T))[None]
+            a, ha = step.verify(toks, pos, 256)
+            b, hb = eager.main(toks, pos, None, n + T)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-5)
+            n += 1 + i % T  # accepted; the rest rolled back
+            for c in (eager.cache, stepped.cache):
+                c.rollback(torch.tensor([n]), MAIN)
+    assert n > 15  # positions past the SWA ring's 15 slots
+    for i in eager.cache.layers():
+        a, b = stepped.cache.layer_slots(i), eager.cache.layer_slots(i)
+        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos)
+
+
+check(tiny_model(seed=3))
+check(tiny_model(seed=4, add_full_attention_sink_bias=True, norm_topk_prob=False, routed_scaling_factor=2.5))
+fp8 = tiny_model(seed=3)
+quantize_model_(fp8)  # every projection the release quantizes, FP8-resident (partial 128 blocks)
+check(fp8, rounds=4)
+
+# generate() with MTP speculation at batch 1 through a GraphRunner: the verification forwards run verify()
+# (inside the whole-step graph's code), the drafts the compiled path; the tokens are plain greedy's
+model = tiny_model(seed=4)
+ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+with override(decode_triton="always"):
+    out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=3,
+                          cuda_graphs=True, return_stats=True)
+assert torch.equal(out, plain) and stats.notes == []
+(r,) = engine._RUNNERS[model].values()
+assert r.triton and set(r._triton_step._multi) == {4} and stats.drafted > 0  # T = K + 1 verifications
+assert not any(k[0] == "main" for k in r.fns)  # no main forward took the compiled path
+print("ok")
+"""
+
+
+def test_triton_verification_matches_the_eager_step():
+    """TritonStep.verify (speculative verification of T tokens at batch 1) against the eager step, fp32 and FP8,
+    with the rollbacks verification makes; and generate()'s speculative decoding through it (interpreter)."""
+    run_in_triton_interpreter(_INTERPRETED_VERIFY)
+
+
 def test_triton_step_fp8_matches_the_eager_fp8_step():
     """FP8-resident models (whole, partial 128 blocks in rows and columns, mixed) through the Triton step, and
     generate()'s GraphRunner choosing it (Triton's CPU interpreter, fp32 model)."""
@@ -355,6 +436,52 @@ def test_fp8_trained_model_greedy_through_the_triton_step_on_gpu():
     (r,) = engine._RUNNERS[gpu].values()
     assert r.triton and r._triton_step is not None and stats.notes == []
     assert torch.equal(out.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_triton_verification_matches_eager_on_gpu(fp8):
+    """A bf16 CUDA model (and its FP8-resident twin): the graphed runner's verification forwards of T = 2 .. 4
+    tokens (TritonStep.verify, captured) against eager forwards of the same tokens, with the rollbacks
+    verification makes, across the SWA window; then speculative generate() gives the eager greedy tokens."""
+    from mimo_flash.generation import engine
+    from mimo_flash.generation.cache import MAIN
+    from mimo_flash.generation.engine import prefill
+    from mimo_flash.generation.runner import Runner
+    from mimo_flash.quant import quantize_model_
+
+    model = tiny_model(seed=2, hidden_size=192, moe_intermediate_size=80)
+    if fp8:
+        quantize_model_(model)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    cfg, P, S = model.config, 20, 128
+    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(2)).cuda()
+    graphed = GraphRunner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16, slack=6), S)
+    eager = Runner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16, slack=6), S)
+    g = torch.Generator().manual_seed(3)
+    n = P
+    with torch.no_grad():
+        prefill(eager, ids, None, 8, keep_hidden=False)
+        prefill(graphed, ids, None, 8, keep_hidden=False)
+        for i in range(12):
+            T = (2, 4, 3, 4)[i % 4]
+            toks = torch.randint(0, cfg.vocab_size, (1, T), generator=g).cuda()
+            pos = (n + torch.arange(T, device="cuda"))[None]
+            a, ha = graphed.main(toks, pos, None, n + T, graph=True)
+            b, hb = eager.main(toks, pos, None, n + T)
+            for x, y in ((a, b), (ha, hb)):
+                assert float((x.float() - y.float()).norm() / y.float().norm()) < 3e-2
+            n += 1 + i % T
+            for c in (eager.cache, graphed.cache):
+                c.rollback(torch.tensor([n], device="cuda"), MAIN)
+    assert graphed.triton and set(graphed._triton_step._multi) == {2, 3, 4} and not graphed.notes
+    prompt = ids[:, :10]
+    plain = generate(model, prompt, max_new_tokens=30, eos_token_id=[], cuda_graphs=False)
+    out, stats = generate(model, prompt, max_new_tokens=30, eos_token_id=[], num_speculative_tokens=3,
+                          return_stats=True)
+    (r,) = [r for r in engine._RUNNERS[model].values() if r._triton_step is not None]
+    assert stats.notes == [] and 4 in r._triton_step._multi
+    assert (out == plain).float().mean() > 0.9  # bf16: a near tie may flip a token, and the rest follows
 
 
 def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):

@@ -19,6 +19,10 @@ to six launches, each a single pass over its weights:
 attn_kernel and router_kernel read little; extra programs of theirs pull the weights of later kernels into L2.
 The down kernel's programs load their experts' weights before their PDL wait, while gate/up still runs.
 
+Speculative verification of T tokens (TritonStep.verify) reuses these kernels once per token, except that the
+projections every token shares (q/k/v, o_proj, a dense MLP's gate/up, lm_head) go through gemv_multi_kernel,
+which reads each weight tile once for the T tokens.
+
 "The last program" uses a counter per kernel: each program stores its part, then adds 1 to the counter;
 the one that sees n - 1 reads every part (past L1) and resets the counter for the next launch.
 
@@ -165,6 +169,69 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr,
                 ibest = tl.where(take, i, ibest)
             top = tl.max(vbest, axis=0)
             tl.store(tok_ptr, tl.min(tl.where(vbest == top, ibest, N), axis=0).to(tl.int64))
+
+
+@triton.jit
+def gemv_multi_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, N, eps, s_stride, x_stride, out_stride,
+                      T: tl.constexpr,
+                      T_PAD: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                      WRITE_XN: tl.constexpr, W_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gemv_kernel for T tokens of one sequence (speculative verification): out [T, N] = rmsnorm(x [T, D]) @ W.T
+    (+ res [T, N]), each weight tile loaded once for all T (a [T_PAD, BLOCK_N, BLOCK_K] accumulator: the host
+    divides the tile by T_PAD); each token's norm and rounding as gemv_kernel's. Row strides: x_stride for x,
+    out_stride for out and res; xn is [T, D] contiguous. WRITE_XN: program 0 also writes rmsnorm(x) to xn.
+    No PDL (the verification step launches without it)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    t = tl.arange(0, T_PAD)
+    tmask = t < T
+    dt = out_ptr.dtype.element_ty
+    s_row = s_ptr + (pid * BLOCK_N // 128) * s_stride  # used only if W_FP8 (rows lie in one 128-row block)
+    if W_FP8:
+        tl.static_assert(128 % BLOCK_N == 0)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * D
+    acc = tl.zeros([T_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([T_PAD, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < D
+        w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + t[:, None] * x_stride + cols[None, :], mask=tmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_NORM:
+            ss += x * x
+            x = x * tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if W_FP8:
+            x = x * tl.load(s_row + cols // 128, mask=cmask, other=0.0)[None, :]
+        acc += w[None, :, :] * x[:, None, :]
+    y = tl.sum(acc, axis=2)  # [T_PAD, BLOCK_N]
+    if HAS_NORM:
+        y = y / tl.sqrt(tl.sum(ss, axis=1) / D + eps)[:, None]
+    y = y.to(dt)
+    m2 = tmask[:, None] & rmask[None, :]
+    if HAS_RES:
+        y = (tl.load(res_ptr + t[:, None] * out_stride + rows[None, :], mask=m2, other=0.0).to(tl.float32)
+             + y.to(tl.float32)).to(dt)
+    tl.store(out_ptr + t[:, None] * out_stride + rows[None, :], y, mask=m2)
+    if WRITE_XN:
+        if pid == 0:
+            ss = tl.zeros([T_PAD, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + t[:, None] * x_stride + cols[None, :], mask=tmask[:, None] & (cols < D)[None, :],
+                            other=0.0).to(tl.float32)
+                ss += x * x
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / D + eps)  # [T_PAD]
+            for k0 in range(0, D, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                cmask = cols < D
+                m = tmask[:, None] & cmask[None, :]
+                x = tl.load(x_ptr + t[:, None] * x_stride + cols[None, :], mask=m, other=0.0)
+                xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+                nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(xn_ptr + t[:, None] * D + cols[None, :], (nw[None, :] * xn).to(xn_ptr.dtype.element_ty),
+                         mask=m)
 
 
 @triton.jit

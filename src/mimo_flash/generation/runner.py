@@ -85,6 +85,11 @@ class Runner:
         return self.model.mtp_step(k, ids, h_prev, meta, self.cache, ropes=self.ropes(pos), logits_to_keep=1)
 
 
+# batch-1 graphed steps of up to this many tokens run the Triton step (one token: __call__; more: speculative
+# verification, TritonStep.verify, whose GEMV tile shrinks with the tokens)
+MAX_VERIFY_TOKENS = 8
+
+
 def kv_bucket(kv_len: int, size: int) -> int:
     """Smallest power of two >= max(kv_len, 256), capped at the cache size."""
     b = 256
@@ -105,8 +110,9 @@ class GraphRunner(Runner):
     sizes (GEMV-like reductions); default (off: on an H100 it made the decode-attention kernel 3.5x
     slower and the batch-1 step no faster, 730 vs 717 us). If tracing or capturing with it fails, the step
     falls back to the plain path and says so in `notes`.
-    options().decode_triton: one-token steps of a single sequence run the Triton kernels of
-    generation/triton_step.py instead (76 kernels per step instead of 207 on the mini preset): "auto" where
+    options().decode_triton: one-token steps of a single sequence, and its verification forwards of up to
+    MAX_VERIFY_TOKENS tokens (speculative decoding), run the Triton kernels of generation/triton_step.py
+    instead (76 kernels per one-token step instead of 207 on the mini preset): "auto" where
     triton imports and the cache is on CUDA, "always" also on CPU (Triton's interpreter, tests), "off".
     Both are read when the runner is built.
     `run_step` captures a whole caller-defined step (speculative decoding: drafts + verification + accept)
@@ -222,10 +228,11 @@ class GraphRunner(Runner):
         if not graph or T > self.max_graph_tokens:  # prefill stays eager
             return super().main(ids, pos, valid, kv_len, logits)
         bucket = kv_bucket(kv_len, self.cache.S)
-        if self.triton and B * T == 1 and valid is None:
+        if self.triton and B == 1 and T <= MAX_VERIFY_TOKENS and valid is None:
             out = self._main_triton(ids, pos, kv_len, bucket)
             if out is not None:
-                return (None, out[1]) if logits == "none" else out
+                lg, h = out
+                return None if logits == "none" else lg[:, -1:] if logits == "last" else lg, h
         key = ("main", B, T, bucket, valid is None, logits)
         inputs = dict(ids=ids, pos=pos.clamp_min(0))
         if valid is not None:
@@ -249,21 +256,24 @@ class GraphRunner(Runner):
         return h
 
     def _main_triton(self, ids, pos, kv_len: int, bucket: int, token: torch.Tensor | None = None):
-        """The one-token step through TritonStep (one graph per bucket); None if it failed (the runner then
-        keeps the compiled path and says so in `notes`). token [1]: where the greedy token goes."""
+        """The one-token step through TritonStep, or T <= MAX_VERIFY_TOKENS consecutive tokens through its
+        verify() (speculative verification), one graph per (bucket, T); None if it failed (the runner then keeps
+        the compiled path and says so in `notes`). token [1]: where the greedy token goes (one token)."""
         if kv_len > self.cache.S:
             raise ValueError(f"position {kv_len - 1} does not fit in a KV cache of max_length {self.cache.S}")
-        key = ("main-triton", bucket)
+        T = ids.shape[1]
+        key = ("main-triton", bucket) if T == 1 else ("main-triton", bucket, T)
         try:
             if self._triton_step is None:
                 from .triton_step import TritonStep
                 self._triton_step = TritonStep(self.model, self.cache, self.rope_tables)
             step = self._triton_step
+            run = step if T == 1 else (lambda ids, pos, bucket, token=None: step.verify(ids, pos, bucket))
             if self._inline or self.cache.device.type != "cuda":
-                return step(ids, pos, bucket, token)
+                return run(ids, pos, bucket, token)
 
             def fn(ids, pos):
-                return step(ids, pos, bucket)
+                return run(ids, pos, bucket)
 
             out = self._replay(key, lambda: fn, dict(ids=ids, pos=pos), 1)  # one row: no negative position
             if token is not None:

@@ -357,7 +357,9 @@ def _graphed_step(runner, st: SpecState, frozen):
         s = SpecState(K=K, N=N, N_prev=N_prev, tok=tok, recent=recent, h_main=h_main,
                       stash=[stash[f"stash{j}"] for j in range(n_stash)], drafts=None, q=None, seen=None,
                       n_max=n_max, k=k, rings=rings)
-        new, count = _step_core(runner, s, _GREEDY, None, frozen)
+        # (one row: no mask, so that verification may take the batch-1 Triton step; a single frozen row never
+        # steps: generate() has ended, and the server's warm-up steps write a row that admission resets)
+        new, count = _step_core(runner, s, _GREEDY, None, frozen if B > 1 else None)
         out = dict(new=new, count=count, N=s.N, N_prev=s.N_prev, tok=s.tok, recent=s.recent, h_main=s.h_main,
                    drafts=s.drafts)
         for j, t in enumerate(s.stash):

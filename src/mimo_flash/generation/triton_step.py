@@ -7,6 +7,8 @@ block sizes (options().triton_step, read when the step is built; prefetching and
 decode_pdl) were chosen by measurement (bench/decode.py --sweep, bench/decode_kernels.py; docs/BENCHMARKS.md).
 It reads the model's parameters (qkv_proj, gate_up_proj: fused as stored) and the cache's buffers
 (KVCache.layer_slots, one_token_tables) in place: weights updated in place are seen by the next step.
+`verify` runs T consecutive tokens (speculative verification, batch 1): the shared projections read once for
+the T tokens (gemv_multi_kernel), the attention, router and expert kernels once per token in order.
 FP8-resident projections (quant.FP8Linear, FP8Experts: the ones quant.QUANTIZED_MODULES names, or any subset
 of them in a model loaded from a checkpoint that stores some unquantized) are read as FP8 bytes with their
 128x128 block scales by the same kernels (W_FP8); the others in the model dtype.
@@ -205,6 +207,8 @@ class TritonStep:
         self.pmax = torch.zeros(_cdiv(self.V, bn), **f32)  # the lm_head programs' best logits and their indices
         self.pidx = torch.zeros(_cdiv(self.V, bn), device=dev, dtype=torch.int32)
         self.prefetch = self._prefetch_plan()
+        self._verifying = False
+        self._multi: dict[int, dict] = {}  # T -> the verification step's buffers (verify)
 
     def _prefetch_plan(self) -> list[tuple[list, list]]:
         """Per layer, the weights (at most two tensors each) that extra programs of its attention kernel and of
@@ -224,9 +228,11 @@ class TritonStep:
         return plan
 
     def _launch(self, num_warps: int) -> dict:
-        """Launch options; with PDL each kernel may start while the previous one finishes (Hopper+)."""
-        return dict(num_warps=num_warps, PDL=True, launch_pdl=True) if self.pdl else dict(num_warps=num_warps,
-                                                                                        PDL=False)
+        """Launch options; with PDL each kernel may start while the previous one finishes (Hopper+). Never in
+        the verification step (`verify`): there a kernel's early loads could read a cache slot the previous
+        token's attention kernel is still writing."""
+        pdl = self.pdl and not self._verifying
+        return dict(num_warps=num_warps, PDL=True, launch_pdl=True) if pdl else dict(num_warps=num_warps, PDL=False)
 
     def _pf(self, regions):
         """Prefetch arguments for up to two weight regions, and the number of PF_CHUNK chunks."""
@@ -256,6 +262,12 @@ class TritonStep:
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
 
     def _attention(self, layer, pos, bucket: int, pf: list) -> None:
+        self._attend(layer, self.qkv, self.o, pos, bucket, pf)
+        w, s = block_scales(layer.self_attn.o_proj)
+        self._gemv(self.o, None, w, self.h, self.D, res=self.x, scale=s)
+
+    def _attend(self, layer, qkv, o, pos, bucket: int, pf: list) -> None:
+        """The attention kernel: one token's projections qkv -> its head outputs o, its k/v into the cache."""
         a = layer.self_attn
         slots = self.cache.layer_slots(a.layer_idx)
         ring, kc, vc = slots.ring, slots.k, slots.v
@@ -271,18 +283,21 @@ class TritonStep:
         sink = a.attention_sink_bias
         pfargs, n_pf = self._pf(pf)  # extra programs pull weights into L2 meanwhile
         self.dk.attn_kernel[(a.kv_heads + _cdiv(n_pf, ns), ns)](
-            self.qkv, pos, cos, sin, kc, vc, slots.pos, slots.valid.view(torch.uint8),
-            self.o if sink is None else sink, self.o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
+            qkv, pos, cos, sin, kc, vc, slots.pos, slots.valid.view(torch.uint8),
+            o if sink is None else sink, o, self.acc, self.m, self.l, self.counters, n_keys, n_slots,
             a.window if a.window is not None else 1 << 30, a.scale, float(a.v_scale),
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
             BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **pfargs,
             **self._launch(self.t.attn_warps))
-        w, s = block_scales(a.o_proj)
-        self._gemv(self.o, None, w, self.h, self.D, res=self.x, scale=s)
 
-    def _mlp(self, layer, pf: list) -> None:
+    def _mlp(self, layer, pf: list, h: torch.Tensor | None = None, x: torch.Tensor | None = None,
+             gu: torch.Tensor | None = None) -> None:
+        """The MLP of one token: x = h + mlp(post_attention_layernorm(h)) (default: the step's own h and x).
+        gu: a dense MLP's gate/up products of h, computed already (the verification step's)."""
         dk, mlp, D, t = self.dk, layer.mlp, self.D, self.t
+        h = self.h if h is None else h
+        x = self.x if x is None else x
         norm_w = layer.post_attention_layernorm.weight
         if isinstance(mlp, MoE):
             r, ex = mlp.gate, mlp.experts
@@ -290,7 +305,7 @@ class TritonStep:
             bn, bk = gemv_blocks(E, D, None, t)
             pfargs, n_pf = self._pf(pf)
             dk.router_kernel[(_cdiv(E, bn) + n_pf,)](
-                self.h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
+                h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
                 self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
                 **pfargs, **self._launch(t.expert_warps))
@@ -299,28 +314,36 @@ class TritonStep:
             while s is not None and I % bn:  # FP8: the up rows' tiles, from row I on, within 128-row blocks too
                 bn //= 2
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](
-                self.h, norm_w, self.sel, w, w if s is None else s, self.gu, self.eps, *_strides(s), I=I, D=D,
+                h, norm_w, self.sel, w, w if s is None else s, self.gu, self.eps, *_strides(s), I=I, D=D,
                 W_FP8=s is not None, BLOCK_N=bn, BLOCK_K=bk, DOWN_EARLY=t.down_early, **self._launch(t.expert_warps))
             sel, wt, (down, down_s), k = self.sel, self.wt, block_scales(ex, "down_proj"), r.top_k
+            gu = self.gu
         else:
             w, s = block_scales(mlp.gate_up_proj)
             I = w.shape[0] // 2
-            self._gemv(self.h, norm_w, w, self.gu, 2 * I, scale=s)
+            if gu is None:
+                gu = self.gu
+                self._gemv(h, norm_w, w, gu, 2 * I, scale=s)
             sel, wt, (down, down_s), k = self.sel_dense, self.wt_dense, block_scales(mlp.down_proj), 1
         kp = max(2, _pow2(k))
         bn, bk = gemv_blocks(D, min(I, 512), t.down_tile // kp, t)  # all k experts' rows in one tile
-        dk.down_kernel[(_cdiv(D, bn),)](self.gu, sel, wt, down, down if down_s is None else down_s, self.h, self.x,
+        dk.down_kernel[(_cdiv(D, bn),)](gu, sel, wt, down, down if down_s is None else down_s, h, x,
                                         D, *_strides(down_s), TOPK=k, TOPK_PAD=kp, I=I,
                                         GATED=not isinstance(mlp, MoE), W_FP8=down_s is not None, BLOCK_N=bn,
                                         BLOCK_K=bk, EARLY=t.down_early, **self._launch(t.expert_warps))
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):
-        model, tab = self.model, self.cache.one_token_tables()
+    def _tables(self, ids: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> None:
+        """One token's start: x = its embedding row; the cache's one-token rule (KVCache.one_token_tables)."""
+        tab = self.cache.one_token_tables()
         full, ring = tab.full_valid is not None, tab.ring_valid is not None
-        self.dk.tables_kernel[(1,)](  # the cache's one-token rule (KVCache.one_token_tables)
-            ids, model.model.embed_tokens.weight, self.x, pos, tab.full_valid.view(torch.uint8) if full else pos,
+        self.dk.tables_kernel[(1,)](
+            ids, self.model.model.embed_tokens.weight, x, pos, tab.full_valid.view(torch.uint8) if full else pos,
             tab.ring_valid.view(torch.uint8) if ring else pos, tab.ring_pos if ring else pos, tab.ring,
             D=self.D, BLOCK=min(4096, _pow2(self.D)), HAS_FULL=full, HAS_RING=ring, **self._launch(1))
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):
+        model = self.model
+        self._tables(ids, self.x, pos)
         layers = model.model.layers
         for i, layer in enumerate(layers):
             a = layer.self_attn
@@ -332,3 +355,72 @@ class TritonStep:
         self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V,
                    token=self.token if token is None else token)
         return self.logits, self.hidden
+
+    # ------------------------------------------------------------------ T tokens (speculative verification)
+    def _gemv_multi(self, x, norm_w, w, out, n_rows, res=None, xn=None, scale=None, lm_head: bool = False):
+        """out [T, n_rows] = rmsnorm(x [T, D]) @ w.T (norm_w None: x @ w.T) (+ res [T, n_rows], out's strides);
+        xn [T, D] contiguous: also the normalised x (the hidden states after the final norm). x and out may be
+        column slices of wider buffers (rows contiguous). Each weight tile is read once for the T tokens."""
+        T, D = x.shape
+        assert x.stride(1) == 1 and out.stride(1) == 1 and (res is None or res.stride() == out.stride())
+        tp = max(2, _pow2(T))
+        t = self.t
+        bn, bk = gemv_blocks(n_rows, D, (t.lm_head_tile if lm_head else t.tile) // tp, t)
+        warps = t.num_warps if n_rows * D >= 1 << 24 else t.small_gemv_warps
+        self.dk.gemv_multi_kernel[(_cdiv(n_rows, bn),)](
+            x, x if norm_w is None else norm_w, w, w if scale is None else scale, out, out if res is None else res,
+            x if xn is None else xn, n_rows, self.eps, 0 if scale is None else scale.stride(0), x.stride(0),
+            out.stride(0), T=T, T_PAD=tp, D=D,
+            HAS_NORM=norm_w is not None, HAS_RES=res is not None, WRITE_XN=xn is not None, W_FP8=scale is not None,
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+    def _buffers(self, T: int) -> dict:
+        b = self._multi.get(T)
+        if b is None:
+            dev, dt = self.x.device, self.x.dtype
+            b = self._multi[T] = dict(
+                x=torch.zeros(T, self.D, device=dev, dtype=dt), h=torch.zeros(T, self.D, device=dev, dtype=dt),
+                qkv=torch.zeros(T, self.qkv.numel(), device=dev, dtype=dt),
+                o=torch.zeros(T, self.o.numel(), device=dev, dtype=dt),
+                gu=torch.zeros(T, self.gu.numel(), device=dev, dtype=dt),
+                logits=torch.zeros(1, T, self.V, device=dev, dtype=dt),
+                hidden=torch.zeros(1, T, self.D, device=dev, dtype=dt))
+        return b
+
+    def verify(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int):
+        """T consecutive tokens of the sequence (speculative verification): ids, pos [1, T] -> (logits [1, T, V],
+        hidden after the final norm [1, T, D]), buffers that the next call overwrites. Each projection's weights
+        (q/k/v, o_proj, a dense MLP's gate/up, lm_head) are read once for the T tokens (gemv_multi_kernel); the
+        attention kernel runs once per token in order (token t's key is in the cache when token t + 1 attends;
+        later tokens' slots, already in the tables, are masked by position), and so do the router, the experts
+        (each token's own) and the down projections. Launched without PDL and without prefetch programs."""
+        T = ids.shape[1]
+        b = self._buffers(T)
+        ids1, pos1 = ids.reshape(-1), pos.reshape(-1)
+        model = self.model
+        self._verifying = True
+        try:
+            for t in range(T):
+                self._tables(ids1[t:t + 1], b["x"][t], pos1[t:t + 1])
+            for layer in model.model.layers:
+                a = layer.self_attn
+                w, s = block_scales(a.qkv_proj)
+                self._gemv_multi(b["x"], layer.input_layernorm.weight, w, b["qkv"][:, :a.heads * a.qk_dim + a.kv_heads
+                                 * (a.qk_dim + a.v_dim)], a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim),
+                                 scale=s)
+                for t in range(T):
+                    self._attend(layer, b["qkv"][t], b["o"][t], pos1[t:t + 1], bucket, [])
+                w, s = block_scales(a.o_proj)
+                self._gemv_multi(b["o"][:, :a.heads * a.v_dim], None, w, b["h"], self.D, res=b["x"], scale=s)
+                gu = None
+                if not isinstance(layer.mlp, MoE):  # the dense gate/up weights, once for the T tokens
+                    w, s = block_scales(layer.mlp.gate_up_proj)
+                    gu = b["gu"][:, :w.shape[0]]
+                    self._gemv_multi(b["h"], layer.post_attention_layernorm.weight, w, gu, w.shape[0], scale=s)
+                for t in range(T):
+                    self._mlp(layer, [], b["h"][t], b["x"][t], None if gu is None else gu[t])
+            self._gemv_multi(b["x"], model.model.norm.weight, model.lm_head.weight, b["logits"].view(T, self.V),
+                             self.V, xn=b["hidden"].view(T, self.D), lm_head=True)
+        finally:
+            self._verifying = False
+        return b["logits"], b["hidden"]

@@ -215,7 +215,8 @@ class SpecSlots:
             params = RowSampling([None] * n)
             for i in rows:
                 params.rows[i] = sampled.get(i, (_GREEDY, None))
-        new, _, counts = spec_step(runner, sub, params, None, frozen)
+        # (a one-row step of that row: no mask, so that verification may take the batch-1 Triton step)
+        new, _, counts = spec_step(runner, sub, params, None, None if rows == [0] and n == 1 else frozen)
         self._write(0, sub)
         if rows:
             for i in rows:  # (layers past k did not run)
