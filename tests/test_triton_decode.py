@@ -500,3 +500,23 @@ def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
     assert torch.equal(out, plain)
     # the graphed greedy loop kept going, without Triton: the one fallback is the Triton step's
     assert len(stats.notes) == 1 and "Triton decode step failed" in stats.notes[0]
+
+
+def test_triton_verification_failure_falls_back_and_keeps_the_one_token_step(monkeypatch):
+    from mimo_flash.generation import engine, triton_step
+
+    model = tiny_model(vocab_size=6, seed=1)
+    ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(10))
+    plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+
+    def broken(self, ids, pos, bucket):
+        raise RuntimeError("verify kernel failed")
+
+    monkeypatch.setattr(triton_step.TritonStep, "verify", broken)
+    with override(decode_triton="always"), pytest.warns(UserWarning, match="verify kernel failed"):
+        out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=2,
+                              cuda_graphs=True, return_stats=True)
+    assert torch.equal(out, plain)
+    assert len(stats.notes) == 1 and "Triton verification failed" in stats.notes[0]
+    (r,) = engine._RUNNERS[model].values()
+    assert r.triton and not r.triton_verify  # the one-token step stays; verification takes the compiled path

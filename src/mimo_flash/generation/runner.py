@@ -138,6 +138,7 @@ class GraphRunner(Runner):
         self.capture_seconds = 0.0
         self._inline = False
         self._triton_step = None
+        self.triton_verify = True  # (until TritonStep.verify fails once: the one-token step is kept then)
 
     def graphs_for(self, path: str) -> bool:
         return path not in self.failed
@@ -228,7 +229,7 @@ class GraphRunner(Runner):
         if not graph or T > self.max_graph_tokens:  # prefill stays eager
             return super().main(ids, pos, valid, kv_len, logits)
         bucket = kv_bucket(kv_len, self.cache.S)
-        if self.triton and B == 1 and T <= MAX_VERIFY_TOKENS and valid is None:
+        if self.triton and B == 1 and (T == 1 or (T <= MAX_VERIFY_TOKENS and self.triton_verify)) and valid is None:
             out = self._main_triton(ids, pos, kv_len, bucket)
             if out is not None:
                 lg, h = out
@@ -281,8 +282,12 @@ class GraphRunner(Runner):
             return out
         except Exception as e:  # also inside a whole-step capture's warm-up runs: the step then uses main's path
             self.graphs.pop(key, None)
-            self.triton = False
-            self._note(f"{key}: Triton decode step failed ({type(e).__name__}: {str(e)[:200]}); falling back")
+            if T == 1:
+                self.triton = False
+            else:
+                self.triton_verify = False
+            self._note(f"{key}: Triton {'decode step' if T == 1 else 'verification'} failed ({type(e).__name__}: "
+                       f"{str(e)[:200]}); falling back")
             return None
 
     def mtp(self, k: int, ids, h_prev, pos, valid, graph: bool = False):
