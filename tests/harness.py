@@ -112,4 +112,12 @@ def run_python(*argv: str, timeout: float = 300) -> list[dict]:
     out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    objs = []
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                objs.append(json.loads(line))
+            except json.JSONDecodeError as e:  # (say which line: e.g. two processes' output on one line)
+                raise AssertionError(f"not a JSON line ({e}): {line[:500]!r}\nstdout: {out.stdout[-3000:]}\n"
+                                     f"stderr: {out.stderr[-3000:]}") from None
+    return objs
