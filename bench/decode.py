@@ -259,7 +259,13 @@ def main(argv=None) -> int:
                          "names (decode_prefetch, decode_pdl) and options.TritonStepTuning fields (tile, max_k, "
                          "down_early, ...) (default: as is, no prefetch, no PDL)")
     ap.add_argument("--device", default="cuda", help="cpu only to check this script (tiny sizes)")
+    ap.add_argument("--no-triton", action="store_true",
+                    help="options().decode_triton='off' for the whole run: batch-1 steps and speculative "
+                         "verifications through the compiled path (to compare with a run without this flag)")
     args = ap.parse_args(argv)
+    if args.no_triton:
+        from mimo_flash.options import set_options
+        set_options(decode_triton="off")
     if args.cache_report:
         print(format_bytes_report(MiMoConfig.preset("flash"), name="flash"))
         return 0
