@@ -19,6 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mimo_flash import MiMoConfig  # noqa: E402
 
 
+def end_rank(ok: bool = True, code: int | None = None) -> None:
+    """The end of a bench worker process that may be one rank of several: leave the process group
+    (distributed.leave_distributed), flush stdout and stderr, and exit at once (status `code`, default 0, or 1
+    when not ok) without the interpreter's teardown. Its results are written by then; what teardown adds is C++ destructors
+    of process-group objects that Python still references, and one of those aborted a rank (SIGABRT) after it
+    had reported, even past leave_distributed's barrier (CI, bench/train_full.py's EP row, once in many runs)."""
+    from mimo_flash.distributed import leave_distributed
+
+    leave_distributed(ok)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if code is not None else 0 if ok else 1)
+
+
 def header() -> str:
     """One line: device, date, torch / transformers / triton versions, command."""
     try:

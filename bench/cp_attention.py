@@ -15,9 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import header, time_ms
+from common import end_rank, header, time_ms
 
-from mimo_flash.distributed.context import leave_distributed
 from mimo_flash.distributed.context_parallel import ContextParallel, ContextParallelAttention
 from mimo_flash.ops.attention import AttnMeta, attention
 
@@ -62,7 +61,7 @@ def main() -> None:
         for swa in (True, False):
             plain, ours, peak = run(T, swa)
             print(f"| {'SWA' if swa else 'full'} | {T} | {plain:.1f} | {ours:.1f} | {peak:.1f} |", flush=True)
-    leave_distributed()
+    end_rank()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,9 +60,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import fmt, header, table  # noqa: E402
+from common import end_rank, fmt, header, table  # noqa: E402
 from mimo_flash import MiMoConfig  # noqa: E402
-from mimo_flash.distributed import leave_distributed  # noqa: E402
 from mimo_flash.checkpoint import SyntheticCheckpoint  # noqa: E402
 from mimo_flash.distributed import init_inference, load_parallel  # noqa: E402
 from mimo_flash.generation import KVCache, generate  # noqa: E402
@@ -447,10 +447,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    ok = False
     try:
         code = main()
-        ok = True
-    finally:
-        leave_distributed(ok)
-    sys.exit(code)
+    except BaseException:  # (end_rank skips the interpreter's own report)
+        traceback.print_exc()
+        end_rank(False)
+    end_rank(True, code)

@@ -50,7 +50,6 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from mimo_flash import MiMoConfig, MiMoForCausalLM
-    from mimo_flash.distributed import leave_distributed
     from mimo_flash.training import TrainConfig, Trainer, init_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,7 +103,8 @@ def worker(args) -> None:
             torch.cuda.reset_peak_memory_stats(ctx.device)
     if rank == 0:
         Path(args.out, f"world{world}.json").write_text(json.dumps(results))
-    leave_distributed()
+    from common import end_rank
+    end_rank()
 
 
 def launch(nproc: int, args) -> dict:

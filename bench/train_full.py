@@ -73,7 +73,7 @@ from pathlib import Path
 
 import torch
 
-from common import fmt, model_flops, read_rank_results, table, torchrun, write_rank_result
+from common import end_rank, fmt, model_flops, read_rank_results, table, torchrun, write_rank_result
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.distributed import leave_distributed
@@ -208,7 +208,7 @@ def worker(spec_path: str) -> None:
         raise
     res["rank"] = rank
     write_rank_result(spec["out"], rank, res)
-    leave_distributed()
+    end_rank()
 
 
 def _train_config(spec: dict, steps: int, batch: int, **kw):

@@ -23,10 +23,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import fmt, header, oom_safe, table
+from common import end_rank, fmt, header, oom_safe, table
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
-from mimo_flash.distributed import ParallelContext, leave_distributed
+from mimo_flash.distributed import ParallelContext
 from mimo_flash.distributed.materialize import SeededInit
 from mimo_flash.training import Document, TrainConfig, Trainer, pack_documents
 
@@ -107,7 +107,7 @@ def main() -> None:
           notes=["tokens/s over the timed steps, each step's own time (Trainer metrics)",
                  "peak: torch.cuda.max_memory_allocated (CUDA) or the process's peak RSS (CPU)",
                  "cp=1: the context-parallel path on a 1-rank process group; plain: the ordinary path"])
-    leave_distributed()
+    end_rank()
 
 
 if __name__ == "__main__":
