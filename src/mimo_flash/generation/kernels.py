@@ -1,4 +1,6 @@
 """Triton kernels for one-token decoding of a single sequence: few, bandwidth-bound kernels per layer.
+(Over 500 lines: the batch-1 step's kernels, its T-token verification's included, share their helpers
+(_gemv, _fp8_x, _last, the PDL calls) and the rounding rules stated here, and are read together.)
 
 At batch 1 a decode step reads every weight once and does almost no arithmetic, so its time is the bytes
 it reads plus a fixed cost per kernel and per chain of dependent loads. These kernels cut a decoder layer
@@ -36,8 +38,6 @@ rounded to the model dtype where the PyTorch modules round them; the normalised 
 (the module rounds x * rstd and its product with the weight; here rstd is applied after the sum).
 Tested against the modules in fp32 in Triton's CPU interpreter (tests/test_triton_decode.py; the
 interpreter mishandles bf16 dots and roundings) and in bf16 on the GPU.
-Over 500 lines: the step's kernels share their helpers (_gemv, _fp8_x, _last, the PDL calls) and are read
-together, so they stay in one file.
 """
 
 from __future__ import annotations
@@ -188,8 +188,6 @@ def gemv_multi_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, N, 
     tmask = t < T
     dt = out_ptr.dtype.element_ty
     s_row = s_ptr + (pid * BLOCK_N // 128) * s_stride  # used only if W_FP8 (rows lie in one 128-row block)
-    if W_FP8:
-        tl.static_assert(128 % BLOCK_N == 0)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * D
     acc = tl.zeros([T_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([T_PAD, BLOCK_K], dtype=tl.float32)
@@ -203,7 +201,7 @@ def gemv_multi_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, N, 
             ss += x * x
             x = x * tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if W_FP8:
-            x = x * tl.load(s_row + cols // 128, mask=cmask, other=0.0)[None, :]
+            x = _fp8_x(x, s_row, cols[None, :], cmask[None, :], BLOCK_N)
         acc += w[None, :, :] * x[:, None, :]
     y = tl.sum(acc, axis=2)  # [T_PAD, BLOCK_N]
     if HAS_NORM:
