@@ -40,10 +40,14 @@ def log(*a):
     print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
 
 
-def step_bytes(model, B: int, S: int, kv_len: int, K: int = 0) -> int:
-    """Bytes one plain decode step reads: weights it touches (k of E experts at batch 1) + cache."""
+def step_bytes(model, B: int, S: int, kv_len: int, K: int = 0, spec: bool = False) -> int:
+    """Bytes one decode step must read: the weights it touches + the cache. Plain (spec=False): one token per
+    row, top-k of E experts per token. A speculative step with K drafts (spec=True): the verification's K + 1
+    tokens per row, the experts of all of them counted (up to E), and K MTP layers (each with lm_head and its
+    ring); its byte floor."""
     c = model.config
-    total = B * c.hidden_size * model.dtype.itemsize  # embedding rows
+    T = K + 1 if spec else 1
+    total = B * T * c.hidden_size * model.dtype.itemsize  # embedding rows
     for layer in model.model.layers:
         for name, p in layer.named_parameters():
             if ".experts." in name:
@@ -52,7 +56,7 @@ def step_bytes(model, B: int, S: int, kv_len: int, K: int = 0) -> int:
         if isinstance(layer.mlp, MoE):
             ex = layer.mlp.experts
             per_expert = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.gate_up_proj.element_size()
-            total += min(c.n_routed_experts, B * c.num_experts_per_tok) * per_expert
+            total += min(c.n_routed_experts, B * T * c.num_experts_per_tok) * per_expert
         total += sum(b.numel() * b.element_size() for b in layer.buffers())
     total += model.model.norm.weight.numel() * model.model.norm.weight.element_size()
     total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
@@ -62,6 +66,12 @@ def step_bytes(model, B: int, S: int, kv_len: int, K: int = 0) -> int:
         d = c.attn_dims(c.is_swa(i))
         n = R if c.is_swa(i) else bucket
         total += B * n * d["kv_heads"] * (d["qk_dim"] + d["v_dim"]) * model.dtype.itemsize
+    if spec:
+        d = c.attn_dims(True)
+        for layer in model.model.mtp.layers[:K]:
+            total += sum(p.numel() * p.element_size() for p in layer.parameters())
+            total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+            total += B * R * d["kv_heads"] * (d["qk_dim"] + d["v_dim"]) * model.dtype.itemsize
     return total
 
 
@@ -260,8 +270,8 @@ def main(argv=None) -> int:
                          "down_early, ...) (default: as is, no prefetch, no PDL)")
     ap.add_argument("--device", default="cuda", help="cpu only to check this script (tiny sizes)")
     ap.add_argument("--no-triton", action="store_true",
-                    help="options().decode_triton='off' for the whole run: batch-1 steps and speculative "
-                         "verifications through the compiled path (to compare with a run without this flag)")
+                    help="options().decode_triton='off' for the whole run: batch-1 steps, speculative verifications "
+                         "and MTP drafts through the compiled path (to compare with a run without this flag)")
     args = ap.parse_args(argv)
     if args.no_triton:
         from mimo_flash.options import set_options
@@ -347,6 +357,9 @@ def main(argv=None) -> int:
             else:
                 row["same_tokens_as_plain"] = agree(toks, ref, args.prompt)
                 row["step_ms"] = r["decode_s"] / max(r["steps"], 1) * 1e3
+                S = -(-(args.prompt + args.new + 2 * K + 2) // 64) * 64
+                row["step_bytes"] = step_bytes(model, B, S, args.prompt + args.new // 2, K, spec=True)
+                row["floor_ms"] = row["step_bytes"] / bw * 1e3
                 if B == 1 and time.perf_counter() - T0 < args.budget_s:
                     from mimo_flash.options import override
                     try:
@@ -447,6 +460,8 @@ def main(argv=None) -> int:
             print(f"batch {row['batch']} K={row['K']}: {row['step_ms']:.2f} ms per speculative step"
                   + (f" (step-by-step before: {row['step_ms_before']:.2f} ms, same tokens: "
                      f"{row.get('same_tokens_as_step_by_step')})" if "step_ms_before" in row else "")
+                  + f"; byte floor {row['floor_ms']:.3f} ms ({row['step_bytes'] / 1e9:.3f} GB at the copy bandwidth): "
+                  f"{row['step_ms'] / row['floor_ms']:.2f}x it"
                   + f"; plain token {tok_ms:.3f} ms -> break-even acceptance length {row['step_ms'] / tok_ms:.2f}")
     if before is not None:
         print(f"batch 1 K=0 before (compiled step, no Triton step): {before['decode_tok_s']:.0f} tok/s, "

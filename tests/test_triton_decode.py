@@ -268,6 +268,93 @@ def test_triton_verification_matches_the_eager_step():
     run_in_triton_interpreter(_INTERPRETED_VERIFY)
 
 
+_INTERPRETED_DRAFT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import sys
+from pathlib import Path
+import torch
+import mimo_flash
+sys.path.insert(0, str(Path(mimo_flash.__file__).resolve().parents[2] / "tests"))
+from conftest import tiny_model
+from mimo_flash.generation import KVCache, generate
+from mimo_flash.generation import engine, triton_step
+from mimo_flash.generation.cache import mtp_group
+from mimo_flash.generation.runner import Runner
+from mimo_flash.options import TritonStepTuning, override, set_options
+from mimo_flash.quant import quantize_model_
+
+set_options(triton_step=TritonStepTuning(min_programs=1))  # few programs: the interpreter runs each in Python
+torch.set_num_threads(1)
+K = 3
+
+
+def check(model, rounds=9):
+    # TritonStep.draft of MTP layer k over T = K + 1 + k columns, the first ones masked as a speculative step masks
+    # them (positions already computed), against the eager MTP forward; then the rollback the step makes.
+    # Positions run past the MTP rings (window 9 + slack 2K = 15 slots).
+    cfg, S = model.config, 256
+    caches = [KVCache(cfg, 1, S, dtype=model.dtype, num_mtp=K, slack=2 * K) for _ in range(2)]
+    eager, stepped = Runner(model, caches[0], S), Runner(model, caches[1], S)
+    step = triton_step.TritonStep(model, stepped.cache, stepped.rope_tables)
+    g = torch.Generator().manual_seed(7)
+    n, n_prev, masked = 6, 0, 0
+    with torch.no_grad():
+        for i in range(rounds):
+            for k in range(K):
+                T = K + 1 + k
+                pos = (n - T + torch.arange(T))[None]
+                valid = (pos >= n_prev - k) & (pos >= 0)
+                masked += int((~valid).sum())
+                ids = torch.randint(0, cfg.vocab_size, (1, T), generator=g)
+                h = torch.randn(1, T, cfg.hidden_size, generator=g)
+                la, ha = step.draft(k, ids, h, pos.clamp_min(0), None if bool(valid.all()) else valid)
+                lb, hb = eager.mtp(k, ids, h, pos, valid)
+                torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(ha[valid], hb[valid], rtol=1e-5, atol=1e-5)
+            n_prev, n = n, n + 1 + i % (K + 1)  # accepted drafts + 1
+            for j in range(K):  # what _step_core keeps of each MTP layer
+                for c in caches:
+                    c.rollback(torch.tensor([n_prev - j]), mtp_group(j))
+    assert n > 15 and masked > 0  # the rings (15 slots) wrapped
+    for j in range(K):
+        i = cfg.num_hidden_layers + j
+        a, b = stepped.cache.layer_slots(i), eager.cache.layer_slots(i)
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos) and a.ring
+        v = a.valid
+        torch.testing.assert_close(a.k[:, v], b.k[:, v], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.v[:, v], b.v[:, v], rtol=1e-5, atol=1e-6)
+
+
+check(tiny_model(seed=3, num_nextn_predict_layers=K))
+check(tiny_model(seed=4, num_nextn_predict_layers=K, add_swa_attention_sink_bias=False))
+fp8 = tiny_model(seed=3, num_nextn_predict_layers=K)
+quantize_model_(fp8)  # the MTP layers' q/k/v and MLP projections too (partial 128 blocks)
+assert fp8.model.mtp.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+check(fp8, rounds=4)
+
+# speculative generate() at batch 1 through a GraphRunner: drafts through draft(), verification through verify(),
+# inside the whole-step code; the tokens are plain greedy's, and no MTP forward took the compiled path
+model = tiny_model(seed=4, num_nextn_predict_layers=K)
+ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+with override(decode_triton="always"):
+    out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=K,
+                          cuda_graphs=True, return_stats=True)
+assert torch.equal(out, plain) and stats.notes == [] and stats.drafted > 0
+(r,) = engine._RUNNERS[model].values()
+assert set(r._triton_step._drafts) == {(0, 4), (1, 5), (2, 6)}  # (k, K + 1 + k)
+assert not any(key[0] in ("main", "mtp") for key in r.fns)
+print("ok")
+"""
+
+
+def test_triton_drafting_matches_the_eager_mtp_layers():
+    """TritonStep.draft (an MTP layer's T columns at batch 1, masked ones included) against the eager MTP
+    forward and its cache writes, with sinks and without, FP8-resident; and speculative generate() through it."""
+    run_in_triton_interpreter(_INTERPRETED_DRAFT)
+
+
 def test_triton_step_fp8_matches_the_eager_fp8_step():
     """FP8-resident models (whole, partial 128 blocks in rows and columns, mixed) through the Triton step, and
     generate()'s GraphRunner choosing it (Triton's CPU interpreter, fp32 model)."""
@@ -484,6 +571,55 @@ def test_triton_verification_matches_eager_on_gpu(fp8):
     assert (out == plain).float().mean() > 0.9  # bf16: a near tie may flip a token, and the rest follows
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_triton_drafting_matches_eager_on_gpu(fp8):
+    """A bf16 CUDA model with 3 MTP layers (and its FP8-resident twin): the graphed runner's MTP forwards of
+    K + 1 + k columns (TritonStep.draft, captured), the first ones masked as a speculative step masks them,
+    against eager MTP forwards, with the rollbacks a step makes, across the MTP rings; then speculative generate()
+    gives the eager greedy tokens with every draft through draft()."""
+    from mimo_flash.generation import engine
+    from mimo_flash.generation.cache import mtp_group
+    from mimo_flash.generation.runner import Runner
+    from mimo_flash.quant import quantize_model_
+
+    K = 3
+    model = tiny_model(seed=2, hidden_size=192, moe_intermediate_size=80, num_nextn_predict_layers=K)
+    if fp8:
+        quantize_model_(model)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    cfg, S = model.config, 128
+    caches = [KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16, num_mtp=K, slack=2 * K) for _ in range(2)]
+    graphed, eager = GraphRunner(model, caches[0], S), Runner(model, caches[1], S)
+    g = torch.Generator().manual_seed(3)
+    n, n_prev = 6, 0
+    with torch.no_grad():
+        for i in range(10):
+            for k in range(K):
+                T = K + 1 + k
+                pos = (n - T + torch.arange(T, device="cuda"))[None]
+                valid = (pos >= n_prev - k) & (pos >= 0)
+                ids = torch.randint(0, cfg.vocab_size, (1, T), generator=g).cuda()
+                h = torch.randn(1, T, cfg.hidden_size, generator=g).to("cuda", torch.bfloat16)
+                la, ha = graphed.mtp(k, ids, h, pos, valid, graph=True)
+                lb, hb = eager.mtp(k, ids, h, pos, valid)
+                for x, y in ((la, lb), (ha[valid], hb[valid])):
+                    assert float((x.float() - y.float()).norm() / y.float().norm()) < 3e-2
+            n_prev, n = n, n + 1 + i % (K + 1)
+            for j in range(K):
+                for c in caches:
+                    c.rollback(torch.tensor([n_prev - j], device="cuda"), mtp_group(j))
+    assert graphed.triton_draft and set(graphed._triton_step._drafts) == {(0, 4), (1, 5), (2, 6)}
+    assert not graphed.notes and not any(key[0] == "mtp" for key in graphed.fns)
+    ids = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2)).cuda()
+    plain = generate(model, ids, max_new_tokens=30, eos_token_id=[], cuda_graphs=False)
+    out, stats = generate(model, ids, max_new_tokens=30, eos_token_id=[], num_speculative_tokens=K,
+                          return_stats=True)
+    (r,) = [r for r in engine._RUNNERS[model].values() if r._triton_step is not None]
+    assert stats.notes == [] and (0, 4) in r._triton_step._drafts
+    assert (out == plain).float().mean() > 0.9  # bf16: a near tie may flip a token, and the rest follows
+
+
 def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
     from mimo_flash.generation import triton_step
 
@@ -502,21 +638,30 @@ def test_triton_step_failure_falls_back_to_the_compiled_step(monkeypatch):
     assert len(stats.notes) == 1 and "Triton decode step failed" in stats.notes[0]
 
 
-def test_triton_verification_failure_falls_back_and_keeps_the_one_token_step(monkeypatch):
+def test_triton_verification_and_drafting_failures_fall_back_and_keep_the_one_token_step(monkeypatch):
     from mimo_flash.generation import engine, triton_step
 
     model = tiny_model(vocab_size=6, seed=1)
+    assert model.config.num_nextn_predict_layers >= 2
     ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(10))
     plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
 
-    def broken(self, ids, pos, bucket):
+    def broken_verify(self, ids, pos, bucket):
         raise RuntimeError("verify kernel failed")
 
-    monkeypatch.setattr(triton_step.TritonStep, "verify", broken)
-    with override(decode_triton="always"), pytest.warns(UserWarning, match="verify kernel failed"):
+    def broken_draft(self, k, ids, h_prev, pos, valid):
+        raise RuntimeError("draft kernel failed")
+
+    monkeypatch.setattr(triton_step.TritonStep, "verify", broken_verify)
+    monkeypatch.setattr(triton_step.TritonStep, "draft", broken_draft)
+    with override(decode_triton="always"), pytest.warns(UserWarning, match="kernel failed"):
         out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=2,
                               cuda_graphs=True, return_stats=True)
     assert torch.equal(out, plain)
-    assert len(stats.notes) == 1 and "Triton verification failed" in stats.notes[0]
+    assert len(stats.notes) == 2
+    assert any("Triton verification failed" in n and "verify kernel failed" in n for n in stats.notes)
+    assert any("Triton MTP drafting failed" in n and "draft kernel failed" in n for n in stats.notes)
     (r,) = engine._RUNNERS[model].values()
-    assert r.triton and not r.triton_verify  # the one-token step stays; verification takes the compiled path
+    # the one-token step stays; verification and drafting take the compiled path
+    assert r.triton and not r.triton_verify and not r.triton_draft
+    assert any(key[0] == "main" for key in r.fns) and any(key[0] == "mtp" for key in r.fns)

@@ -27,9 +27,10 @@ THE CONTRACT (the only way anything outside this file touches a cache; its tenso
     cache.layers() -> [layer_idx, ...]; cache.layer_slots(layer_idx, row) -> LayerSlots
         the batch-1 Triton step: one row's buffers of one layer, in place (keys, values, slot positions and
         validity, ring or not)
-    cache.one_token_tables(row) -> OneTokenTables
-        the batch-1 Triton step's table kernel: the tensors that a one-token step of `row` at position p
-        updates, and the rule it must apply to them (the one-token, all-valid case of step()):
+    cache.one_token_tables(row, group) -> OneTokenTables
+        the batch-1 Triton step's table kernels: the tensors that a one-token step of `row` at position p
+        updates (the main model's, or an MTP layer's ring), and the rule it must apply to them (the
+        one-token, all-valid case of step()):
             full_valid[p] = True; ring_valid[p % ring] = True; ring_pos[p % ring] = p
         (tests/test_generation.py checks the rule against step(), tests/test_triton_decode.py the kernel)
     sizes: B (rows), S (max_length), R / ring_size() (ring slots), slack, device, dtype, nbytes()
@@ -268,8 +269,12 @@ class KVCache:
         """The layer indices this cache holds (main layers, then the MTP layers' slots)."""
         return sorted(self._k)
 
-    def one_token_tables(self, row: int = 0) -> OneTokenTables:
-        """The tables a one-token step of `row` updates (see the module docstring for the rule)."""
+    def one_token_tables(self, row: int = 0, group: str = MAIN) -> OneTokenTables:
+        """The tables a one-token step of `row` updates (see the module docstring for the rule): the main
+        model's, or an MTP layer's (group mtp_group(k): its ring only)."""
+        if group != MAIN:
+            return OneTokenTables(full_valid=None, ring_valid=self._valid[group][row], ring_pos=self._pos[group][row],
+                                  ring=self.R)
         full = self._valid.get("full")
         return OneTokenTables(full_valid=None if full is None else full[row],
                               ring_valid=self._valid["swa"][row] if "swa" in self._valid else None,

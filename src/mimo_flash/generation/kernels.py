@@ -1,6 +1,6 @@
 """Triton kernels for one-token decoding of a single sequence: few, bandwidth-bound kernels per layer.
-(Over 500 lines: the batch-1 step's kernels, its T-token verification's included, share their helpers
-(_gemv, _fp8_x, _last, the PDL calls) and the rounding rules stated here, and are read together.)
+(Over 500 lines: the batch-1 step's kernels, its T-token verification's and drafting's included, share their
+helpers (_gemv, _fp8_x, _last, the PDL calls) and the rounding rules stated here, and are read together.)
 
 At batch 1 a decode step reads every weight once and does almost no arithmetic, so its time is the bytes
 it reads plus a fixed cost per kernel and per chain of dependent loads. These kernels cut a decoder layer
@@ -22,8 +22,10 @@ attn_kernel and router_kernel read little; extra programs of theirs pull the wei
 The down kernel's programs load their experts' weights before their PDL wait, while gate/up still runs.
 
 Speculative verification of T tokens (TritonStep.verify) reuses these kernels once per token, except that the
-projections every token shares (q/k/v, o_proj, a dense MLP's gate/up, lm_head) go through gemv_multi_kernel,
-which reads each weight tile once for the T tokens.
+projections every token shares (q/k/v, o_proj, a dense MLP's gate/up and down, lm_head) go through
+gemv_multi_kernel, which reads each weight tile once for the T tokens. An MTP layer's T draft columns
+(TritonStep.draft) run the same way after mtp_input_kernel (the two norms of its input, its ring's tables);
+attn_kernel skips the cache write of a masked column (HAS_WRITE).
 
 "The last program" uses a counter per kernel: each program stores its part, then adds 1 to the counter;
 the one that sees n - 1 reads every part (past L1) and resets the counter for the next launch.
@@ -175,12 +177,14 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr,
 def gemv_multi_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, N, eps, s_stride, x_stride, out_stride,
                       T: tl.constexpr,
                       T_PAD: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                      WRITE_XN: tl.constexpr, W_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gemv_kernel for T tokens of one sequence (speculative verification): out [T, N] = rmsnorm(x [T, D]) @ W.T
-    (+ res [T, N]), each weight tile loaded once for all T (a [T_PAD, BLOCK_N, BLOCK_K] accumulator: the host
-    divides the tile by T_PAD); each token's norm and rounding as gemv_kernel's. Row strides: x_stride for x,
-    out_stride for out and res; xn is [T, D] contiguous. WRITE_XN: program 0 also writes rmsnorm(x) to xn.
-    No PDL (the verification step launches without it)."""
+                      WRITE_XN: tl.constexpr, GATED: tl.constexpr, W_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """gemv_kernel for T tokens of one sequence (speculative verification, MTP drafting): out [T, N] =
+    rmsnorm(x [T, D]) @ W.T (+ res [T, N]), each weight tile loaded once for all T (a [T_PAD, BLOCK_N, BLOCK_K]
+    accumulator: the host divides the tile by T_PAD); each token's norm and rounding as gemv_kernel's. Row
+    strides: x_stride for x, out_stride for out and res; xn is [T, D] contiguous. WRITE_XN: program 0 also
+    writes rmsnorm(x) to xn. GATED (a dense MLP's down projection, no norm): x [T, 2D] holds (gate, up) and the
+    input is silu(gate) * up, rounded as down_kernel's. No PDL (these steps launch without it)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -197,6 +201,10 @@ def gemv_multi_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, N, 
         w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + t[:, None] * x_stride + cols[None, :], mask=tmask[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(x_ptr + t[:, None] * x_stride + D + cols[None, :], mask=tmask[:, None] & cmask[None, :],
+                         other=0.0).to(tl.float32)
+            x = (x * tl.sigmoid(x) * up).to(out_ptr.dtype.element_ty).to(tl.float32)
         if HAS_NORM:
             ss += x * x
             x = x * tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -297,7 +305,7 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
                 RING: tl.constexpr, HAS_SINK: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
                 REP_PAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_S: tl.constexpr, PDL: tl.constexpr, pfa_ptr, pfa_n, pfb_ptr, pfb_n, dummy_ptr,
-                PF_CHUNK: tl.constexpr):
+                PF_CHUNK: tl.constexpr, write_ptr, HAS_WRITE: tl.constexpr):
     """One new token of one sequence against its cache: program (g, sp) = kv head g, keys [sp*SPLIT, +SPLIT).
 
     qkv [H*DQK + HKV*DQK + HKV*DV]: the new token's projections. RoPE (NeoX style over dims [0, ROT), the
@@ -310,6 +318,8 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
     and sum l [NS, H], fp32) meet in the last program of each kv head.
     Programs (g >= HKV, sp) pull the next kernels' weights into L2 meanwhile (_prefetch of pfa, then pfb):
     attention reads little, and the GPU would idle.
+    HAS_WRITE: the new key and value go to the cache only if write[0] != 0 (an MTP draft's masked column: it
+    changes nothing; its output is not read).
     """
     _pdl_start(PDL)
     g = tl.program_id(0)
@@ -349,8 +359,12 @@ def attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, tpos_ptr, tval
         k_new = _rope_rows(qkv_ptr + H * DQK + g * DQK + r[:, None] * 0, d, c, sn, r >= 0, ROT, DQK).to(dt)
         v_new = (tl.load(qkv_ptr + H * DQK + HKV * DQK + g * DV + dv).to(tl.float32) * v_scale).to(dt)  # [DV]
         if sp == 0:
-            tl.store(k_head + slot * DQK + r[:, None] * 0 + d[None, :], k_new, mask=(r == 0)[:, None] & dmask[None, :])
-            tl.store(v_head + slot * DV + dv, v_new)
+            ok = tl.full([], 1, tl.int32)
+            if HAS_WRITE:
+                ok = tl.load(write_ptr).to(tl.int32)
+            tl.store(k_head + slot * DQK + r[:, None] * 0 + d[None, :], k_new,
+                     mask=(r == 0)[:, None] & dmask[None, :] & (ok != 0))
+            tl.store(v_head + slot * DV + dv, v_new, mask=(dv >= 0) & (ok != 0))
         first = sp == 0
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [BLOCK_R]
         m_i = tl.where(first, s_new, -1.0e30)
@@ -570,6 +584,44 @@ def tables_kernel(ids_ptr, emb_ptr, x_ptr, pos_ptr, fvalid_ptr, svalid_ptr, spos
         slot = pos % n_ring
         tl.store(svalid_ptr + slot, 1)
         tl.store(spos_ptr + slot, pos)
+
+
+@triton.jit
+def _rms_row(src, nw_ptr, dst, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+    """dst [D] = nw * (x * rstd rounded to x's dtype), x = src [D]: rms_norm as the module rounds it."""
+    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(src + cols, mask=cols < D, other=0.0).to(tl.float32)
+        ss += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
+    for k0 in range(0, D, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        cmask = cols < D
+        x = tl.load(src + cols, mask=cmask, other=0.0)
+        xn = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+        nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(dst + cols, (nw * xn).to(dst.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def mtp_input_kernel(ids_ptr, emb_ptr, h_ptr, enw_ptr, hnw_ptr, out_ptr, valid_ptr, pos_ptr, svalid_ptr, spos_ptr,
+                     n_ring, eps, h_stride, D: tl.constexpr, BLOCK: tl.constexpr):
+    """The start of an MTP layer over T columns of one sequence (speculative drafting). Program (t, 0):
+    out[t, :D] = enorm(the embedding row of ids[t]), and, if valid[t], the one-token table rule of tables_kernel
+    for position pos[t] in the layer's ring (a masked column changes nothing in the cache); program (t, 1):
+    out[t, D:] = hnorm(h[t]) (row stride h_stride). Both norms rounded as the module rounds them (_rms_row):
+    their concatenation is eh_proj's input as it is."""
+    t = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        _rms_row(emb_ptr + tl.load(ids_ptr + t).to(tl.int64) * D, enw_ptr, out_ptr + t * (2 * D), eps, D, BLOCK)
+        if tl.load(valid_ptr + t) != 0:
+            pos = tl.load(pos_ptr + t)
+            slot = pos % n_ring
+            tl.store(svalid_ptr + slot, 1)
+            tl.store(spos_ptr + slot, pos)
+    else:
+        _rms_row(h_ptr + t * h_stride, hnw_ptr, out_ptr + t * (2 * D) + D, eps, D, BLOCK)
 
 
 @triton.jit

@@ -86,7 +86,7 @@ class Runner:
 
 
 # batch-1 graphed steps of up to this many tokens run the Triton step (one token: __call__; more: speculative
-# verification, TritonStep.verify, whose GEMV tile shrinks with the tokens)
+# verification, TritonStep.verify, and MTP drafting, TritonStep.draft, whose GEMV tiles shrink with the tokens)
 MAX_VERIFY_TOKENS = 8
 
 
@@ -110,9 +110,9 @@ class GraphRunner(Runner):
     sizes (GEMV-like reductions); default (off: on an H100 it made the decode-attention kernel 3.5x
     slower and the batch-1 step no faster, 730 vs 717 us). If tracing or capturing with it fails, the step
     falls back to the plain path and says so in `notes`.
-    options().decode_triton: one-token steps of a single sequence, and its verification forwards of up to
-    MAX_VERIFY_TOKENS tokens (speculative decoding), run the Triton kernels of generation/triton_step.py
-    instead (76 kernels per one-token step instead of 207 on the mini preset): "auto" where
+    options().decode_triton: one-token steps of a single sequence, and its verification forwards and MTP
+    drafting layers of up to MAX_VERIFY_TOKENS tokens (speculative decoding), run the Triton kernels of
+    generation/triton_step.py instead (76 kernels per one-token step instead of 207 on the mini preset): "auto" where
     triton imports and the cache is on CUDA, "always" also on CPU (Triton's interpreter, tests), "off".
     Both are read when the runner is built.
     `run_step` captures a whole caller-defined step (speculative decoding: drafts + verification + accept)
@@ -139,6 +139,7 @@ class GraphRunner(Runner):
         self._inline = False
         self._triton_step = None
         self.triton_verify = True  # (until TritonStep.verify fails once: the one-token step is kept then)
+        self.triton_draft = True  # (until TritonStep.draft fails once)
 
     def graphs_for(self, path: str) -> bool:
         return path not in self.failed
@@ -256,6 +257,36 @@ class GraphRunner(Runner):
         out.copy_(logits[:, -1].argmax(-1))
         return h
 
+    def _step(self):
+        if self._triton_step is None:
+            from .triton_step import TritonStep
+            self._triton_step = TritonStep(self.model, self.cache, self.rope_tables)
+        return self._triton_step
+
+    def _mtp_triton(self, k: int, ids, h_prev, pos, valid):
+        """MTP layer k over T <= MAX_VERIFY_TOKENS columns of the one sequence through TritonStep.draft, one graph
+        per (k, T, mask or not) outside a whole-step capture; None if it failed (the runner then drafts through
+        the compiled path and says so in `notes`)."""
+        T = ids.shape[1]
+        key = ("mtp-triton", k, T, valid is None)
+        try:
+            step = self._step()
+            if self._inline or self.cache.device.type != "cuda":
+                return step.draft(k, ids, h_prev, pos, valid)
+            inputs = dict(ids=ids, h_prev=h_prev, pos=pos)
+            if valid is not None:
+                inputs["valid"] = valid
+
+            def fn(ids, h_prev, pos, valid=None):
+                return step.draft(k, ids, h_prev, pos, valid)
+
+            return self._replay(key, lambda: fn, inputs, 1)
+        except Exception as e:  # also inside a whole-step capture's warm-up runs
+            self.graphs.pop(key, None)
+            self.triton_draft = False
+            self._note(f"{key}: Triton MTP drafting failed ({type(e).__name__}: {str(e)[:200]}); falling back")
+            return None
+
     def _main_triton(self, ids, pos, kv_len: int, bucket: int, token: torch.Tensor | None = None):
         """The one-token step through TritonStep, or T <= MAX_VERIFY_TOKENS consecutive tokens through its
         verify() (speculative verification), one graph per (bucket, T); None if it failed (the runner then keeps
@@ -265,10 +296,7 @@ class GraphRunner(Runner):
         T = ids.shape[1]
         key = ("main-triton", bucket) if T == 1 else ("main-triton", bucket, T)
         try:
-            if self._triton_step is None:
-                from .triton_step import TritonStep
-                self._triton_step = TritonStep(self.model, self.cache, self.rope_tables)
-            step = self._triton_step
+            step = self._step()
             run = step if T == 1 else (lambda ids, pos, bucket, token=None: step.verify(ids, pos, bucket))
             if self._inline or self.cache.device.type != "cuda":
                 return run(ids, pos, bucket, token)
@@ -294,6 +322,10 @@ class GraphRunner(Runner):
         B, T = ids.shape
         if not graph or T > self.max_graph_tokens:
             return super().mtp(k, ids, h_prev, pos, valid)
+        if self.triton and self.triton_draft and B == 1 and T <= MAX_VERIFY_TOKENS:
+            out = self._mtp_triton(k, ids, h_prev, pos.clamp_min(0), valid)
+            if out is not None:
+                return out
         key = ("mtp", k, B, T, valid is None)
         inputs = dict(ids=ids, h_prev=h_prev, pos=pos.clamp_min(0))
         if valid is not None:

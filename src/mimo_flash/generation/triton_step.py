@@ -8,7 +8,8 @@ decode_pdl) were chosen by measurement (bench/decode.py --sweep, bench/decode_ke
 It reads the model's parameters (qkv_proj, gate_up_proj: fused as stored) and the cache's buffers
 (KVCache.layer_slots, one_token_tables) in place: weights updated in place are seen by the next step.
 `verify` runs T consecutive tokens (speculative verification, batch 1): the shared projections read once for
-the T tokens (gemv_multi_kernel), the attention, router and expert kernels once per token in order.
+the T tokens (gemv_multi_kernel), the attention, router and expert kernels once per token in order. `draft`
+runs an MTP layer over its T columns the same way (speculative drafting, batch 1), masked columns included.
 FP8-resident projections (quant.FP8Linear, FP8Experts: the ones quant.QUANTIZED_MODULES names, or any subset
 of them in a model loaded from a checkpoint that stores some unquantized) are read as FP8 bytes with their
 128x128 block scales by the same kernels (W_FP8); the others in the model dtype.
@@ -21,7 +22,7 @@ import torch
 from ..model.moe import MoE
 from ..options import TritonStepTuning, options
 from ..quant.blocks import BLOCK, FP8, scale_grid
-from .cache import KVCache
+from .cache import KVCache, mtp_group
 
 
 def _pow2(n: int) -> int:
@@ -53,10 +54,12 @@ def block_scales(module, name: str = "weight") -> tuple[torch.Tensor, torch.Tens
 
 
 def _projections(model) -> dict[str, torch.nn.Module]:
-    """Qualified weight name -> its module, for every projection the step reads that may be FP8-resident."""
+    """Qualified weight name -> its module, for every projection the step reads that may be FP8-resident (the
+    main layers' and the MTP layers')."""
     out = {}
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
+    layers = [(f"model.layers.{i}.", layer) for i, layer in enumerate(model.model.layers)]
+    layers += [(f"model.mtp.layers.{k}.", layer) for k, layer in enumerate(model.model.mtp.layers)]
+    for p, layer in layers:
         out[p + "self_attn.qkv_proj.weight"] = layer.self_attn.qkv_proj
         out[p + "self_attn.o_proj.weight"] = layer.self_attn.o_proj
         if isinstance(layer.mlp, MoE):
@@ -65,12 +68,14 @@ def _projections(model) -> dict[str, torch.nn.Module]:
         else:
             out[p + "mlp.gate_up_proj.weight"] = layer.mlp.gate_up_proj
             out[p + "mlp.down_proj.weight"] = layer.mlp.down_proj
+        if p.startswith("model.mtp."):
+            out[p + "eh_proj.weight"] = layer.eh_proj
     return out
 
 
 def _fp8_unsupported(model) -> str | None:
     """Why the step cannot read the model's FP8 tensors (None: it can). It reads FP8 in the projections of
-    _projections only (MTP layers are not part of the step), scales as quant.blocks lays them out."""
+    _projections only, scales as quant.blocks lays them out."""
     if BLOCK != (128, 128):
         return f"FP8 block {BLOCK} (the kernels read 128x128 blocks)"
     names = _projections(model)
@@ -86,8 +91,8 @@ def _fp8_unsupported(model) -> str | None:
             return (f"FP8 weight {name} {tuple(w.shape)} with scales {s.dtype} {tuple(s.shape)} (this step reads "
                     f"a contiguous weight and fp32 scales of at least {want}, rows of contiguous columns)")
     for name, t in model.named_parameters():
-        if t.dtype == FP8 and name not in names and not name.startswith("model.mtp."):
-            return f"FP8 weight {name} (this step reads FP8 only in q/k/v, o_proj and the MLP projections)"
+        if t.dtype == FP8 and name not in names:
+            return f"FP8 weight {name} (this step reads FP8 only in q/k/v, o_proj, eh_proj and the MLP projections)"
     return None
 
 
@@ -209,6 +214,7 @@ class TritonStep:
         self.prefetch = self._prefetch_plan()
         self._verifying = False
         self._multi: dict[int, dict] = {}  # T -> the verification step's buffers (verify)
+        self._drafts: dict[tuple, dict] = {}  # (k, T) -> MTP layer k's buffers (draft)
 
     def _prefetch_plan(self) -> list[tuple[list, list]]:
         """Per layer, the weights (at most two tensors each) that extra programs of its attention kernel and of
@@ -246,12 +252,13 @@ class TritonStep:
         return dict(pfa_ptr=a, pfa_n=an, pfb_ptr=b, pfb_n=bn, dummy_ptr=self.dummy, PF_CHUNK=c), \
             _cdiv(an, c) + _cdiv(bn, c)
 
-    def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None, scale=None):
+    def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None, scale=None, wide: bool = False):
         """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); token (lm_head): also the hidden state, and the
-        greedy token into `token` [1]. scale: w's block scales if w is FP8 (block_scales)."""
+        greedy token into `token` [1]. scale: w's block scales if w is FP8 (block_scales). wide: lm_head's
+        tile without the token (an MTP layer's logits)."""
         lm_head = token is not None
         t = self.t
-        bn, bk = gemv_blocks(n_rows, x.numel(), t.lm_head_tile if lm_head else None, t)
+        bn, bk = gemv_blocks(n_rows, x.numel(), t.lm_head_tile if lm_head or wide else None, t)
         n_prog = _cdiv(n_rows, bn)
         warps = t.num_warps if n_rows * x.numel() >= 1 << 24 else t.small_gemv_warps
         self.dk.gemv_kernel[(n_prog,)](
@@ -266,8 +273,9 @@ class TritonStep:
         w, s = block_scales(layer.self_attn.o_proj)
         self._gemv(self.o, None, w, self.h, self.D, res=self.x, scale=s)
 
-    def _attend(self, layer, qkv, o, pos, bucket: int, pf: list) -> None:
-        """The attention kernel: one token's projections qkv -> its head outputs o, its k/v into the cache."""
+    def _attend(self, layer, qkv, o, pos, bucket: int, pf: list, write: torch.Tensor | None = None) -> None:
+        """The attention kernel: one token's projections qkv -> its head outputs o, its k/v into the cache (if
+        write [1] (uint8) is None or nonzero)."""
         a = layer.self_attn
         slots = self.cache.layer_slots(a.layer_idx)
         ring, kc, vc = slots.ring, slots.k, slots.v
@@ -289,12 +297,10 @@ class TritonStep:
             H=a.heads, HKV=a.kv_heads, DQK=a.qk_dim, DV=a.v_dim, ROT=a.rotary_dim, RING=ring,
             HAS_SINK=sink is not None, NS=ns, NS_PAD=max(2, _pow2(ns)), REP_PAD=max(2, _pow2(rep)), SPLIT=split,
             BLOCK_R=max(16, _pow2(rep)), BLOCK_D=block_d, BLOCK_S=block_s, **pfargs,
-            **self._launch(self.t.attn_warps))
+            write_ptr=pos if write is None else write, HAS_WRITE=write is not None, **self._launch(self.t.attn_warps))
 
-    def _mlp(self, layer, pf: list, h: torch.Tensor | None = None, x: torch.Tensor | None = None,
-             gu: torch.Tensor | None = None) -> None:
-        """The MLP of one token: x = h + mlp(post_attention_layernorm(h)) (default: the step's own h and x).
-        gu: a dense MLP's gate/up products of h, computed already (the verification step's)."""
+    def _mlp(self, layer, pf: list, h: torch.Tensor | None = None, x: torch.Tensor | None = None) -> None:
+        """The MLP of one token: x = h + mlp(post_attention_layernorm(h)) (default: the step's own h and x)."""
         dk, mlp, D, t = self.dk, layer.mlp, self.D, self.t
         h = self.h if h is None else h
         x = self.x if x is None else x
@@ -321,9 +327,8 @@ class TritonStep:
         else:
             w, s = block_scales(mlp.gate_up_proj)
             I = w.shape[0] // 2
-            if gu is None:
-                gu = self.gu
-                self._gemv(h, norm_w, w, gu, 2 * I, scale=s)
+            gu = self.gu
+            self._gemv(h, norm_w, w, gu, 2 * I, scale=s)
             sel, wt, (down, down_s), k = self.sel_dense, self.wt_dense, block_scales(mlp.down_proj), 1
         kp = max(2, _pow2(k))
         bn, bk = gemv_blocks(D, min(I, 512), t.down_tile // kp, t)  # all k experts' rows in one tile
@@ -357,11 +362,14 @@ class TritonStep:
         return self.logits, self.hidden
 
     # ------------------------------------------------------------------ T tokens (speculative verification)
-    def _gemv_multi(self, x, norm_w, w, out, n_rows, res=None, xn=None, scale=None, lm_head: bool = False):
+    def _gemv_multi(self, x, norm_w, w, out, n_rows, res=None, xn=None, scale=None, lm_head: bool = False,
+                    gated: bool = False):
         """out [T, n_rows] = rmsnorm(x [T, D]) @ w.T (norm_w None: x @ w.T) (+ res [T, n_rows], out's strides);
         xn [T, D] contiguous: also the normalised x (the hidden states after the final norm). x and out may be
-        column slices of wider buffers (rows contiguous). Each weight tile is read once for the T tokens."""
+        column slices of wider buffers (rows contiguous). Each weight tile is read once for the T tokens.
+        gated: x [T, 2D] holds a dense MLP's (gate, up) and the input is silu(gate) * up (its down projection)."""
         T, D = x.shape
+        D = D // 2 if gated else D
         assert x.stride(1) == 1 and out.stride(1) == 1 and (res is None or res.stride() == out.stride())
         tp = max(2, _pow2(T))
         t = self.t
@@ -371,8 +379,17 @@ class TritonStep:
             x, x if norm_w is None else norm_w, w, w if scale is None else scale, out, out if res is None else res,
             x if xn is None else xn, n_rows, self.eps, 0 if scale is None else scale.stride(0), x.stride(0),
             out.stride(0), T=T, T_PAD=tp, D=D,
-            HAS_NORM=norm_w is not None, HAS_RES=res is not None, WRITE_XN=xn is not None, W_FP8=scale is not None,
-            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            HAS_NORM=norm_w is not None, HAS_RES=res is not None, WRITE_XN=xn is not None, GATED=gated,
+            W_FP8=scale is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+    def _dense_multi(self, mlp, norm_w, h, gu, out) -> None:
+        """out [T, D] = h + mlp(rmsnorm(h)) for T tokens of a dense MLP, each weight read once for all of them
+        (gu: a [T, >= 2I] buffer for the gate/up products)."""
+        w, s = block_scales(mlp.gate_up_proj)
+        gu = gu[:, :w.shape[0]]
+        self._gemv_multi(h, norm_w, w, gu, w.shape[0], scale=s)
+        w, s = block_scales(mlp.down_proj)
+        self._gemv_multi(gu, None, w, out, self.D, res=h, scale=s, gated=True)
 
     def _buffers(self, T: int) -> dict:
         b = self._multi.get(T)
@@ -412,15 +429,64 @@ class TritonStep:
                     self._attend(layer, b["qkv"][t], b["o"][t], pos1[t:t + 1], bucket, [])
                 w, s = block_scales(a.o_proj)
                 self._gemv_multi(b["o"][:, :a.heads * a.v_dim], None, w, b["h"], self.D, res=b["x"], scale=s)
-                gu = None
-                if not isinstance(layer.mlp, MoE):  # the dense gate/up weights, once for the T tokens
-                    w, s = block_scales(layer.mlp.gate_up_proj)
-                    gu = b["gu"][:, :w.shape[0]]
-                    self._gemv_multi(b["h"], layer.post_attention_layernorm.weight, w, gu, w.shape[0], scale=s)
-                for t in range(T):
-                    self._mlp(layer, [], b["h"][t], b["x"][t], None if gu is None else gu[t])
+                if isinstance(layer.mlp, MoE):  # each token's own experts
+                    for t in range(T):
+                        self._mlp(layer, [], b["h"][t], b["x"][t])
+                else:  # a dense MLP's weights, once for the T tokens
+                    self._dense_multi(layer.mlp, layer.post_attention_layernorm.weight, b["h"], b["gu"], b["x"])
             self._gemv_multi(b["x"], model.model.norm.weight, model.lm_head.weight, b["logits"].view(T, self.V),
                              self.V, xn=b["hidden"].view(T, self.D), lm_head=True)
         finally:
             self._verifying = False
         return b["logits"], b["hidden"]
+
+    # ------------------------------------------------------------------ an MTP layer's T columns (drafting)
+    def draft(self, k: int, ids: torch.Tensor, h_prev: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None):
+        """MTP layer k over T columns of the sequence (speculative drafting; Runner.mtp's contract): ids, pos [1, T]
+        (pos >= 0), h_prev [1, T, D], valid [1, T] bool or None (all valid) -> (logits of the last column
+        [1, 1, V], the block outputs [1, T, D]), buffers that the next call for the same (k, T) overwrites.
+        Columns are consecutive positions; a masked one (valid False: already computed by an earlier step)
+        writes nothing to the cache and its outputs are not meaningful. One kernel for the norms of the
+        embedding and of h_prev (and the ring's table update), then, each weight read once for the T columns:
+        eh_proj, q/k/v, the attention once per column in order (as in verify), o_proj, the dense MLP; the
+        final norm and lm_head for the last column only. Launched without PDL and prefetch programs."""
+        layer = self.model.model.mtp.layers[k]
+        a = layer.self_attn
+        T, D = ids.shape[1], self.D
+        b = self._drafts.get((k, T))
+        if b is None:
+            dev, dt = self.x.device, self.x.dtype
+            n_qkv = a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim)
+            b = self._drafts[(k, T)] = dict(
+                xcat=torch.zeros(T, 2 * D, device=dev, dtype=dt), h0=torch.zeros(T, D, device=dev, dtype=dt),
+                h1=torch.zeros(T, D, device=dev, dtype=dt), out=torch.zeros(1, T, D, device=dev, dtype=dt),
+                qkv=torch.zeros(T, n_qkv, device=dev, dtype=dt),
+                o=torch.zeros(T, a.heads * a.v_dim, device=dev, dtype=dt),
+                gu=torch.zeros(T, layer.mlp.gate_up_proj.weight.shape[0], device=dev, dtype=dt),
+                logits=torch.zeros(1, 1, self.V, device=dev, dtype=dt),
+                all=torch.ones(T, device=dev, dtype=torch.uint8))
+        ids1, pos1 = ids.reshape(-1), pos.reshape(-1)
+        write = b["all"] if valid is None else valid.reshape(-1).to(torch.uint8)
+        h_in = h_prev[0] if h_prev[0].stride(-1) == 1 else h_prev[0].contiguous()
+        tab = self.cache.one_token_tables(group=mtp_group(k))
+        self._verifying = True
+        try:
+            self.dk.mtp_input_kernel[(T, 2)](
+                ids1, self.model.model.embed_tokens.weight, h_in, layer.enorm.weight, layer.hnorm.weight, b["xcat"],
+                write, pos1, tab.ring_valid.view(torch.uint8), tab.ring_pos, tab.ring, self.eps, h_in.stride(0),
+                D=D, BLOCK=min(4096, _pow2(D)), num_warps=4)
+            w, s = block_scales(layer.eh_proj)
+            self._gemv_multi(b["xcat"], None, w, b["h0"], D, scale=s)
+            w, s = block_scales(a.qkv_proj)
+            self._gemv_multi(b["h0"], layer.input_layernorm.weight, w, b["qkv"], b["qkv"].shape[1], scale=s)
+            for t in range(T):
+                self._attend(layer, b["qkv"][t], b["o"][t], pos1[t:t + 1], self.cache.S, [], write[t:t + 1])
+            w, s = block_scales(a.o_proj)
+            self._gemv_multi(b["o"], None, w, b["h1"], D, res=b["h0"], scale=s)
+            out = b["out"].view(T, D)
+            self._dense_multi(layer.mlp, layer.pre_mlp_layernorm.weight, b["h1"], b["gu"], out)
+            w, s = block_scales(self.model.lm_head)
+            self._gemv(out[T - 1], layer.final_layernorm.weight, w, b["logits"], self.V, scale=s, wide=True)
+        finally:
+            self._verifying = False
+        return b["logits"], b["out"]
