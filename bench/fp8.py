@@ -195,16 +195,37 @@ def micro(args, device, dtype) -> list[str]:
             getattr(ex, name).copy_(q)
             getattr(ex, name + "_scale_inv").copy_(s)
     g = torch.Generator(device=device).manual_seed(0)
+    from mimo_flash.quant.gemm import experts_w8a8
     for T in ([1, 64, 8192] if not args.tiny else [1, 64]):
         x = torch.randn(T, D, device=device, dtype=dtype)
         idx = torch.rand(T, E, device=device, generator=g).topk(k, -1).indices
         wts = torch.rand(T, k, device=device, generator=g)
         tb = timed(lambda: bf16_experts(x, idx, wts, gu, dn), device, 2, 10)
-        be = "triton" if cuda else "reference"
-        tf = timed(lambda: fp8_experts(x, idx, wts, ex.gate_up_proj, ex.gate_up_proj_scale_inv, ex.down_proj,
-                                       ex.down_proj_scale_inv, be), device, 2, 10)
-        lines.append(f"| experts {E}x({2 * I}+{I})x{D}, top-{k} | {T} | {tb * 1e3:.3f} | {be} | {tf * 1e3:.3f} | "
-                     f"{tf / tb:.2f} |")
+        fp8_args = (ex.gate_up_proj, ex.gate_up_proj_scale_inv, ex.down_proj, ex.down_proj_scale_inv)
+        runs = [("triton", None), ("w8a8", None)] if cuda else [("reference", None)]
+        if cuda and T >= 4096:  # tiles of the W8A8 grouped product (triton_fp8.W8A8_TILE is the default)
+            runs += [("w8a8", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=wp, num_stages=st))
+                     for bm, bn, wp, st in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3), (64, 64, 4, 5))]
+        for be, tile in runs:
+            fn = (lambda: experts_w8a8(x, idx, wts, *fp8_args, tile)) if tile else \
+                (lambda: fp8_experts(x, idx, wts, *fp8_args, be))
+            try:
+                tf = timed(fn, device, 2, 10)
+            except Exception as e:  # (a tile the compiler or the GPU refuses: reported, the others still run)
+                lines.append(f"| experts {E}x({2 * I}+{I})x{D}, top-{k} | {T} | {tb * 1e3:.3f} | {be} {tile or ''} | "
+                             f"failed: {str(e)[:60]} | |")
+                continue
+            lines.append(f"| experts {E}x({2 * I}+{I})x{D}, top-{k} | {T} | {tb * 1e3:.3f} | {be} {tile or ''} | "
+                         f"{tf * 1e3:.3f} | {tf / tb:.2f} |")
+    if cuda:  # the activation quantizer of the W8A8 products, alone
+        from mimo_flash.quant.blocks import quantize_activations
+        from mimo_flash.quant.triton_fp8 import quantize_activations_fast
+        x = torch.randn(8192, D, device=device, dtype=dtype)
+        tq = timed(lambda: quantize_activations_fast(x), device, 3, 20)
+        tt = timed(lambda: quantize_activations(x), device, 3, 20)
+        gb = x.numel() * (x.element_size() + 1) / 1e9
+        lines.append(f"\nactivation quantizer, 8192x{D}: Triton {tq * 1e3:.3f} ms ({gb / tq:.0f} GB/s), torch ops "
+                     f"{tt * 1e3:.3f} ms")
     return lines
 
 

@@ -169,7 +169,7 @@ g = torch.Generator().manual_seed(3)
 idx = torch.stack([torch.randperm(E - 2, generator=g)[:k] for _ in range(N)])
 w = torch.rand(N, k, generator=g)
 x = torch.randn(N, D, generator=g) * 1e-2
-ref = torch.zeros(N, D, dtype=torch.float64)
+ref = ref_e = torch.zeros(N, D, dtype=torch.float64)
 for n in range(N):
     for j in range(k):
         e = int(idx[n, j])
@@ -179,6 +179,54 @@ for n in range(N):
 got = fp8_experts(x, idx, w, gu, gus, dn, dns, "triton")
 err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
 assert err < 1e-5, err
+
+# W8A8 (prefill): the activation quantizer is blocks.quantize_activations bit for bit: values over 12 decades,
+# an all-zero group, a partial last group, and rows of amax 448 (scale 1) holding every FP8 value, every
+# midpoint between neighbours (ties go to even) and the floats just beside each midpoint
+from mimo_flash.quant.blocks import dequantize_activations, quantize_activations
+from mimo_flash.quant.triton_fp8 import quantize_activations_fast, w8a8_grouped_gemm
+xw = torch.randn(7, 300, generator=g) * torch.logspace(-6, 6, 300)
+xw[0, :128] = 0
+vals = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+vals = vals[vals.isfinite()].sort().values
+mids = (vals[1:] + vals[:-1]) / 2
+grid = torch.cat([vals, mids, mids.nextafter(torch.tensor(1e9)), mids.nextafter(torch.tensor(-1e9))])
+grid = torch.cat([grid, torch.full((-grid.numel() % 127,), 1.0)]).view(-1, 127)
+grid = torch.cat([grid, torch.full((grid.shape[0], 1), 448.0)], 1)
+for xa in (xw, grid):
+    for major in (True, False):
+        q8, sc = quantize_activations_fast(xa, scales_column_major=major)
+        qr, sr = quantize_activations(xa)
+        assert torch.equal(q8.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(sc, sr)
+assert (quantize_activations_fast(grid)[1] == 1).all()
+
+# the grouped FP8 x FP8 product: each row's dequantized activations times its expert's dequantized weight
+counts = torch.tensor([5, 0, 37, 2])
+wq, wsc = rand_fp8((4, 200, 300), 4)
+xq8, xsc = quantize_activations_fast(torch.randn(int(counts.sum()), 300, generator=g))
+for tile in (dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=32, BLOCK_N=128)):
+    y = w8a8_grouped_gemm(xq8, xsc, wq, wsc, counts, torch.float32, tile)
+    xd = dequantize_activations(xq8, xsc).double()
+    e_of = torch.repeat_interleave(torch.arange(4), counts)
+    ref = torch.stack([xd[r] @ deq(wq[e], wsc[e]).T for r, e in enumerate(e_of.tolist())])
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert y.shape == (int(counts.sum()), 200) and err < 1e-6, (tile, err)
+
+# the W8A8 experts: against the same recipe in float64 (activations quantized per token and 1x128 group before
+# each projection; a rounding tie may fall the other way), and against the unquantized-activation product,
+# from which they differ by the activations' FP8 rounding
+xd = dequantize_activations(*quantize_activations(x)).double()
+ref_q = torch.zeros(N, D, dtype=torch.float64)
+for n in range(N):
+    for j in range(k):
+        e = int(idx[n, j])
+        h = xd[n] @ deq(gu[e], gus[e]).T
+        a = (w[n, j].double() * F.silu(h[:I]) * h[I:]).float()
+        ref_q[n] += dequantize_activations(*quantize_activations(a[None]))[0].double() @ deq(dn[e], dns[e]).T
+got = fp8_experts(x, idx, w, gu, gus, dn, dns, "w8a8")
+err_q = ((got.double() - ref_q).norm() / ref_q.norm()).item()
+err = ((got.double() - ref_e).norm() / ref_e.norm()).item()
+assert err_q < 1e-3 and 1e-3 < err < 8e-2, (err_q, err)
 print("ok")
 """
 

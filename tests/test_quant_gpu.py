@@ -1,5 +1,5 @@
-"""The FP8 CUDA backends (torch._scaled_mm, the Triton FP8 GEMV/GEMM and grouped-expert kernels) against their
-references, and an FP8-resident model generating on the GPU. Skipped without a GPU.
+"""The FP8 CUDA backends (torch._scaled_mm, the Triton FP8 GEMV/GEMM and grouped-expert kernels, the W8A8 activation
+quantizer and grouped experts) against their references, and an FP8-resident model generating on the GPU. Skipped without a GPU.
 
     pytest tests/test_quant_gpu.py -m gpu -q
 """
@@ -60,6 +60,48 @@ def test_triton_fp8_experts_match_reference(T):
     w = torch.rand(T, k, device=DEV, generator=g)
     ref = fp8_experts(x.float(), idx, w, gu, gus, dn, dns, "reference")
     assert rel(fp8_experts(x, idx, w, gu, gus, dn, dns, "triton"), ref) < 1e-2
+
+
+
+def test_activation_quantizer_is_the_reference_bit_for_bit():
+    from mimo_flash.quant.blocks import quantize_activations
+    from mimo_flash.quant.triton_fp8 import quantize_activations_fast
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for M, K in ((1, 4096), (4099, 2048), (64, 300)):
+        x = (torch.randn(M, K, device=DEV, generator=g) * torch.logspace(-4, 4, K, device=DEV)).bfloat16()
+        x[0, :128] = 0
+        q, s = quantize_activations_fast(x)
+        qr, sr = quantize_activations(x)
+        assert s.stride() == (1, M)  # torch._scaled_mm's layout for scale_a
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+
+
+@pytest.mark.parametrize("T", [64, 2048])
+def test_w8a8_experts_match_the_recipe_and_the_reference(T):
+    """The W8A8 grouped experts against the same recipe written with the w8a8 linear per expert (quantized
+    operands, fp32 sums), and against the unquantized-activation reference (the activations' FP8 rounding)."""
+    from mimo_flash.quant.gemm import experts_w8a8, linear_w8a8
+
+    E, D, I, k = 32, 1024, 512, 8
+    g = torch.Generator(device=DEV).manual_seed(T)
+    gu, gus = quantize(torch.randn(E, 2 * I, D, device=DEV, generator=g) * 0.02, (128, 128))
+    dn, dns = quantize(torch.randn(E, D, I, device=DEV, generator=g) * 0.02, (128, 128))
+    x = torch.randn(T, D, device=DEV, generator=g).bfloat16()
+    idx = torch.rand(T, E, device=DEV, generator=g).topk(k, -1).indices
+    w = torch.rand(T, k, device=DEV, generator=g)
+    recipe = torch.zeros(T, D, device=DEV)
+    for e in range(E):
+        tok, slot = torch.where(idx == e)
+        h = linear_w8a8(x[tok], gu[e], gus[e]).float()
+        a = (torch.nn.functional.silu(h[:, :I]) * h[:, I:] * w[tok, slot, None]).bfloat16()
+        recipe.index_add_(0, tok, linear_w8a8(a, dn[e], dns[e]).float())
+    tiles = [None, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)]
+    for tile in tiles:
+        got = experts_w8a8(x, idx, w, gu, gus, dn, dns, tile)
+        assert got.dtype == torch.bfloat16 and rel(got, recipe) < 1e-2
+    ref = fp8_experts(x.float(), idx, w, gu, gus, dn, dns, "reference")
+    assert rel(fp8_experts(x, idx, w, gu, gus, dn, dns, "w8a8"), ref) < 8e-2
 
 
 def test_fp8_model_on_gpu_agrees_with_cpu_and_generates():

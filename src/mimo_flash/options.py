@@ -70,7 +70,7 @@ class Options:
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
     linear: str = "auto"  # ops/linear.py: auto | gemm (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
     fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)
-    fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton (FP8Experts modules)
+    fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton | w8a8 (FP8Experts modules)
     # decoding (generation/)
     # batch-1 decode steps through generation/triton_step.py: "auto" (CUDA, where triton imports) | "always"
     # (also on CPU: Triton's interpreter, tests) | "off"

@@ -5,8 +5,9 @@ fp8_linear backends (x [..., K], weight q [N, K] float8_e4m3fn, scale_inv [ceil(
                   fp32 model it equals the dequantized model's F.linear to the last bit.
     "w8a8"      - the W8A8 numbers, written plainly: activations quantized per token and 128-column group,
                   both operands dequantized to fp32, fp32 product. What "scaled_mm" computes (tests).
-    "scaled_mm" - CUDA (Hopper): torch._scaled_mm with activations scaled per 1x128 group and the weight
-                  per 128x128 block, fp32 accumulation, output in x's dtype. Prefill-sized products.
+    "scaled_mm" - CUDA (Hopper): torch._scaled_mm with activations scaled per 1x128 group (quantized by one
+                  Triton kernel, triton_fp8.quantize_activations_fast) and the weight per 128x128 block, fp32
+                  accumulation, output in x's dtype. Prefill-sized products.
     "triton"    - CUDA (or the Triton interpreter): quant/triton_fp8.py reads the FP8 bytes with their
                   block scales, activations unquantized. For decode (1-64 rows), where scaled_mm is slower
                   than bf16 (measured on the H200: 33 us vs 23-29 us).
@@ -14,8 +15,11 @@ fp8_linear backends (x [..., K], weight q [N, K] float8_e4m3fn, scale_inv [ceil(
                   rules hold, else dequantize into x's dtype and F.linear).
 fp8_experts backends (weights [E, ...] with [E, rows/128, cols/128] scales): "reference" dequantizes the
 chosen experts one at a time; "triton" runs both projections as grouped Triton products over the rows
-sorted by expert (torch._scaled_grouped_mm takes only row-wise weight scales, so it cannot use the
-release's 128x128 blocks without requantizing them); "auto" picks triton on CUDA.
+sorted by expert, reading the FP8 weights with unquantized activations (decode); "w8a8" quantizes the
+activations per 1x128 group and runs both projections as grouped FP8 x FP8 tensor-core products
+(triton_fp8.w8a8_grouped_gemm; prefill: torch._scaled_grouped_mm takes only row-wise weight scales, so it
+cannot use the release's 128x128 blocks without requantizing them); "auto" on CUDA picks w8a8 from
+W8A8_ROWS_PER_EXPERT sorted rows per expert on average, triton below.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from .blocks import BLOCK, GROUP, dequantize, dequantize_activations, dequantize_fast, quantize_activations
 
 DECODE_ROWS = 64  # rows at or below which the weight-reading Triton kernel beats scaled_mm
+W8A8_ROWS_PER_EXPERT = 32  # routed rows per expert (mean) from which the experts run W8A8 (not yet measured)
 
 
 def _dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -59,9 +64,9 @@ def linear_scaled_mm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch
     blocks). scale_a [M, K/128] must be outer-dim-major (column-major); scale_b is the weight scale grid
     transposed, [K/128, N/128]; the weight operand is q^T, column-major as _scaled_mm wants."""
     lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    xq, xs = quantize_activations(x2, GROUP)
-    xs = xs.t().contiguous().t()
+    from .triton_fp8 import quantize_activations_fast
+
+    xq, xs = quantize_activations_fast(x.reshape(-1, K).contiguous())  # scales outer-dim-major
     y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.t(), out_dtype=x.dtype)
     return y.view(*lead, q.shape[0])
 
@@ -135,11 +140,37 @@ def experts_triton(x, idx, w, gate_up, gate_up_scale, down, down_scale):
     return out.to(x.dtype)
 
 
+def experts_w8a8(x, idx, w, gate_up, gate_up_scale, down, down_scale, tile: dict | None = None):
+    """experts_reference's contract, W8A8: rows sorted by expert once, quantized per 1x128 group, both projections
+    grouped FP8 x FP8 Triton products (fp32 sums), the SwiGLU and routing weight in between (rounded to x's dtype,
+    then quantized for the down projection), outputs summed back per token. tile: triton_fp8.W8A8_TILE's keys."""
+    from ..ops.moe import sort_by_expert
+    from .triton_fp8 import quantize_activations_fast, w8a8_grouped_gemm
+
+    E = gate_up.shape[0]
+    order, _, counts, tok, _ = sort_by_expert(idx, E)
+    xq, xs = quantize_activations_fast(x.contiguous())  # each token once, gathered in expert order below
+    h = w8a8_grouped_gemm(xq[tok], xs[tok], gate_up, gate_up_scale, counts, x.dtype, tile)  # [N*k, 2I]
+    g, u = h.float().chunk(2, dim=-1)
+    a = (F.silu(g) * u * w.reshape(-1)[order, None].float()).to(x.dtype)
+    aq, as_ = quantize_activations_fast(a)
+    ys = w8a8_grouped_gemm(aq, as_, down, down_scale, counts, x.dtype, tile)  # [N*k, D]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, tok, ys.float())
+    return out.to(x.dtype)
+
+
 def experts_auto(*args):
-    return (experts_triton if args[0].is_cuda else experts_reference)(*args)
+    x, idx, gate_up = args[0], args[1], args[3]
+    if not x.is_cuda:
+        return experts_reference(*args)
+    if idx.numel() >= W8A8_ROWS_PER_EXPERT * gate_up.shape[0]:
+        return experts_w8a8(*args)
+    return experts_triton(*args)
 
 
-EXPERT_BACKENDS = {"reference": experts_reference, "triton": experts_triton, "auto": experts_auto}
+EXPERT_BACKENDS = {"reference": experts_reference, "triton": experts_triton, "w8a8": experts_w8a8,
+                   "auto": experts_auto}
 
 
 def fp8_experts(x, idx, w, gate_up, gate_up_scale, down, down_scale, backend: str = "auto") -> torch.Tensor:

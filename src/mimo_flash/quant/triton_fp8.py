@@ -1,9 +1,15 @@
-"""Triton kernels that read FP8 block weights directly (decode-sized products, grouped experts).
+"""Triton kernels for FP8 block weights.
 
-Both compute y = x @ W^T with W[n, k] = q[n, k] * s[n // 128, k // 128]: the FP8 bytes are loaded (half the
-bytes of bf16), widened in registers, and each 128-wide K block's partial product is scaled once by its
-block scale. Activations stay in their own dtype (bf16 on the GPU): no activation quantization, so these
-are more accurate than the W8A8 scaled_mm path. Accumulation in fp32.
+fp8_gemm and fp8_grouped_gemm (decode-sized products) compute y = x @ W^T with W[n, k] = q[n, k] *
+s[n // 128, k // 128]: the FP8 bytes are loaded (half the bytes of bf16), widened in registers, and each
+128-wide K block's partial product is scaled once by its block scale. Activations stay in their own dtype
+(bf16 on the GPU): no activation quantization, so these are more accurate than the W8A8 paths. Accumulation
+in fp32.
+
+For prefill-sized products the tensor cores' FP8 rate is what pays (the W8A8 recipe of the release, vLLM and
+SGLang): quantize_activations_fast quantizes activations per token and 128-column group in one pass (the
+numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert, each 128-wide
+K step's product scaled by its activation scales (per row) and its weight block's scale.
 Run in Triton's CPU interpreter by the tests (TRITON_INTERPRET=1), on CUDA by the GPU tests.
 """
 
@@ -123,4 +129,114 @@ def fp8_grouped_gemm(xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts:
     grid = (triton.cdiv(N, block_n), tile_expert.numel())
     _fp8_grouped_kernel[grid](xs, q, s, y, tile_expert, tile_row, end, N, K, q.stride(0), s.stride(0), s.stride(1),
                               triton.cdiv(K, BK), BLOCK_M=block_m, BLOCK_N=block_n)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- W8A8 (prefill)
+W8A8_TILE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)  # per launch, options for the bench
+
+
+@triton.jit
+def _round_e4m3(v):
+    """fp32 v (|v| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, still fp32: the rounding
+    made explicit (the cast of an exact value is exact everywhere; Triton's CPU interpreter rounds inexact ones
+    wrongly). The step at |v| is 2^(exponent - 3), 2^-9 below the normal range; adding and removing
+    1.5 * 2^23 steps rounds to a multiple of the step."""
+    a = tl.abs(v)
+    e = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
+    step_e = tl.maximum(e - 127, -6) - 3 + 127
+    step = (step_e << 23).to(tl.float32, bitcast=True)
+    magic = step * 12582912.0
+    r = (a + magic) - magic
+    sign = v.to(tl.int32, bitcast=True) & -2147483648  # (negative values rounding to 0 keep their sign)
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_stride_g, ROWS: tl.constexpr):
+    """Program (i, g): rows [i*ROWS, +ROWS), columns [g*128, +128): s = amax(|x|) / 448 per row (1 for an
+    all-zero group, at least the smallest normal fp32), q = clamp(x / s, +-448) as float8_e4m3fn. Divisions
+    rounded to nearest as torch's are, so q and s equal blocks.quantize_activations'."""
+    rm = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    g = tl.program_id(1)
+    k = g * 128 + tl.arange(0, 128)
+    m2 = (rm < M)[:, None] & (k < K)[None, :]
+    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * x_stride + k[None, :], mask=m2, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, tl.full([ROWS], 448.0, tl.float32)),
+                                      1.1754943508222875e-38), 1.0)  # (448 = blocks.FP8_MAX)
+    q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], (ROWS, 128)))
+    q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
+    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + k[None, :], q.to(q_ptr.dtype.element_ty), mask=m2)
+    tl.store(s_ptr + rm * s_stride_m + g * s_stride_g, s, mask=rm < M)
+
+
+def quantize_activations_fast(x: torch.Tensor, scales_column_major: bool = True):
+    """blocks.quantize_activations(x, 128) for x [M, K] in one kernel: (xq [M, K] float8_e4m3fn, scale
+    [M, ceil(K/128)] fp32), the scales outer-dim-major (strides (1, M): torch._scaled_mm's layout for
+    scale_a) unless scales_column_major=False."""
+    M, K = x.shape
+    G = triton.cdiv(K, 128)
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(G, M, dtype=torch.float32, device=x.device).t() if scales_column_major else \
+        torch.empty(M, G, dtype=torch.float32, device=x.device)
+    if M:
+        rows = 16
+        _quant_act_kernel[(triton.cdiv(M, rows), G)](x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
+                                                     ROWS=rows, num_warps=4)
+    return q, s
+
+
+@triton.jit
+def _w8a8_grouped_kernel(xq_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
+                         xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_fp8_grouped_kernel's tiles with both operands FP8: y[r] = sum over 128-wide K steps kb of
+    (xq[r, kb] . q[e][:, kb]) * xs[r, kb] * s[e][n // 128, kb], the dot products on the FP8 tensor cores with
+    fp32 sums. BLOCK_N divides 128: a tile's rows share one weight scale per K step."""
+    t = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + t)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + t)
+        end = tl.load(end_ptr + e)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, 128)
+        mmask, nmask = rm < end, rn < N
+        s_row = s_ptr + e * s_stride_e + ((pid_n * BLOCK_N) // 128) * s_stride_r
+        w_rows = w_ptr + e.to(tl.int64) * w_stride_e + rn[:, None] * K
+        x_rows = xq_ptr + rm[:, None].to(tl.int64) * K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, KB):
+            k = kb * 128 + rk
+            kmask = k < K
+            a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            sa = tl.load(xs_ptr + rm * xs_stride_m + kb * xs_stride_g, mask=mmask, other=0.0)
+            sb = tl.load(s_row + kb)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32) * (sa[:, None] * sb)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts: torch.Tensor,
+                      dtype: torch.dtype, tile: dict | None = None) -> torch.Tensor:
+    """xq [P, K] float8 rows sorted by expert (counts [E] of them each) with scales xs [P, ceil(K/128)] (any
+    strides), q [E, N, K] float8, s [E, ceil(N/128), ceil(K/128)] fp32 -> [P, N] in dtype: each row's
+    dequantized activations times its expert's dequantized weight, transposed. tile: W8A8_TILE's keys."""
+    P, K = xq.shape
+    E, N, _ = q.shape
+    y = torch.empty(P, N, dtype=dtype, device=xq.device)
+    if P == 0:
+        return y
+    cfg = dict(W8A8_TILE, **(tile or {}))
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    if 128 % block_n:
+        raise ValueError(f"w8a8_grouped_gemm: BLOCK_N {block_n} must divide the weight's 128-row blocks")
+    tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
+    grid = (triton.cdiv(N, block_n), tile_expert.numel())
+    _w8a8_grouped_kernel[grid](xq, xs, q, s, y, tile_expert, tile_row, end, N, K, xs.stride(0), xs.stride(1),
+                               q.stride(0), s.stride(0), s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m,
+                               BLOCK_N=block_n, **cfg)
     return y
