@@ -73,8 +73,8 @@ def ids_of(events):
 
 def make_requests(model, tok):
     """Greedy requests of many prompt / output lengths (EOS, stop strings, the context limit, shared prefixes
-    for the prefix cache), sampled ones and plain-path greedy ones (logprobs, repetition penalty) in between,
-    and two cancelled midway. Returns (kind, request) pairs."""
+    for the prefix cache), sampled ones (one with a repetition penalty) and greedy ones with logprobs or a
+    repetition penalty in between, and two cancelled midway. Returns (kind, request) pairs."""
     V, eos = model.config.vocab_size, tuple(tok.eos_token_ids)
     g = torch.Generator().manual_seed(11)
     rand = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
@@ -91,8 +91,10 @@ def make_requests(model, tok):
         out.append(("stop", Request(p, 24, eos=eos, stop=(text[len(text) // 2: len(text) // 2 + 3],))))
     for i in range(3):
         out.append(("sampled", Request(rand(7 + 5 * i), 15, SamplingParams(True, 0.9, top_k=20), seed=i, eos=eos)))
-    out.append(("plain", Request(rand(8), 12, logprobs=2, eos=eos)))
-    out.append(("plain", Request(rand(13), 12, SamplingParams(repetition_penalty=1.3), eos=eos)))
+    out.append(("sampled", Request(rand(9), 15, SamplingParams(True, 0.9, top_k=20, repetition_penalty=1.3), seed=7,
+                                   eos=eos)))
+    out.append(("logprobs", Request(rand(8), 12, logprobs=2, eos=eos)))
+    out.append(("penalty", Request(rand(13), 20, SamplingParams(repetition_penalty=1.3), eos=eos)))
     for n in (12, 4):
         out.append(("cancel", Request(rand(n), 100)))
     return out
@@ -100,10 +102,10 @@ def make_requests(model, tok):
 
 @pytest.mark.parametrize("K,graphs", [(1, False), (3, False), (2, True)], ids=["K1", "K3", "K2-graph-shaped"])
 def test_speculative_serving_equals_plain(setup, K, graphs):
-    """Greedy and seeded sampled requests decode speculatively beside plain-path ones (logprobs, repetition
-    penalty); every greedy and plain-path request's events equal those of a scheduler without speculation, greedy
-    tokens equal generate() alone, and a sampled request's tokens equal its own run alone through a speculative
-    scheduler (each row samples from its own generator: its neighbours change nothing)."""
+    """Greedy and seeded sampled requests, some with logprobs or a repetition penalty, decode speculatively side
+    by side; every greedy request's events equal those of a scheduler without speculation (logprobs included, to
+    rounding), greedy tokens equal generate() alone, and a sampled request's tokens equal its own run alone through
+    a speculative scheduler (each row samples from its own generator: its neighbours change nothing)."""
     model, tok = setup
     kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32, cuda_graphs=graphs)
     runs = {}
@@ -122,14 +124,24 @@ def test_speculative_serving_equals_plain(setup, K, graphs):
             assert a[-1].finish == b[-1].finish == "cancelled"
             assert 0 < len(ids) < 100 and ids == alone(model, req.prompt, len(ids))
             continue
-        if kind == "sampled":
+        if kind in ("sampled", "logprobs", "penalty"):  # (alone, it speculates too)
             solo = Scheduler(model, tok, speculative_k=K, **kw)
-            assert ids == ids_of(run_all(solo, [Request(req.prompt, req.max_tokens, req.params, req.seed,
-                                                        eos=req.eos)])[0])
-            assert solo.metrics.spec_draft_tokens > 0  # (it speculated)
+            got = run_all(solo, [Request(req.prompt, req.max_tokens, req.params, req.seed, eos=req.eos,
+                                         logprobs=req.logprobs)])[0]
+            assert ids == ids_of(got) and solo.metrics.spec_accepted_tokens > 0, (kind, req.params)
+        if kind == "sampled":
             assert b[-1].finish in ("stop", "length") and b[-1].completion_tokens == len(ids)
             continue
         assert ids == ids_of(a), kind
+        if kind == "logprobs":  # each token's logprob and top 2 as plain decoding reports them
+            la = [lp for e in a for lp in e.logprobs]
+            lb = [lp for e in b for lp in e.logprobs]
+            assert len(la) == len(lb) == len(ids)
+            for (x, tx), (y, ty) in zip(la, lb, strict=True):
+                assert abs(x - y) < 1e-4 and [t for t, _ in tx] == [t for t, _ in ty] and len(tx) == 2
+                assert all(abs(p - q) < 1e-4 for (_, p), (_, q) in zip(tx, ty, strict=True))
+        if kind == "penalty":  # (the penalty changed the tokens: it was applied)
+            assert ids != alone(model, req.prompt, req.max_tokens, eos)
         assert "".join(e.text for e in b) == "".join(e.text for e in a)
         assert b[-1].finish == a[-1].finish and b[-1].completion_tokens == len(ids)
         if kind == "greedy":
@@ -149,8 +161,8 @@ def test_speculative_serving_equals_plain(setup, K, graphs):
 def test_adaptive_serving_equals_plain(setup, graphs):
     """speculative_k="auto": the drafts change from step to step (here forced through a cycle that visits
     k = 3 -> 0 -> 0 -> 1 -> 2 -> 0 -> 3 -> 2 -> 1, so steps both catch up layers that fell behind during plain
-    steps and draft with fewer layers than are current); every greedy and plain-path request's events still equal
-    a plain scheduler's, and k = 0 steps decode the speculating slots in the plain forward beside the others."""
+    steps and draft with fewer layers than are current); every greedy request's events (logprobs and repetition
+    penalty included) still equal a plain scheduler's, and k = 0 steps decode the slots in the plain forward."""
     model, tok = setup
     kw = dict(max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=32, cuda_graphs=graphs)
     plain = Scheduler(model, tok, speculative_k=0, **kw)
@@ -177,7 +189,7 @@ def test_adaptive_serving_equals_plain(setup, graphs):
     ks = sched.spec.steps_k
     assert sum(len(c.seen_k) for c in ctls) > 2 * len(cycle) and set(ks) == {0, 1, 2, 3}
     assert ks.count(0) > 0 and sched.metrics.spec_accepted_tokens > 0
-    # every step ran one decode forward at most (k = 0: speculating and plain slots together)
+    # every step ran one decode forward at most (k = 0: the plain forward)
     assert sched.decode_forwards < plain.decode_forwards
 
 
@@ -357,8 +369,31 @@ def test_a_slot_drafts_what_generate_drafts(setup):
     assert sched.decode_forwards == stats.steps
 
 
+def test_a_one_row_eager_step_keeps_its_previous_position(setup):
+    """The state after a speculative step of one row that masks nothing and runs eagerly (a sampled request alone:
+    its N_prev is its old N, a view of the state's own rows while the step ran) says N_prev = the N before the step
+    (a bug had it equal to the new N: the next draft then re-ran none of the new positions)."""
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=1, max_context=128, prefill_chunk=16, prefix_blocks=0, speculative_k=3)
+    p = torch.randint(3, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(15)).tolist()
+    events = []
+    r = Request(p, 30, SamplingParams(True, 0.9, top_k=20), seed=3)
+    r.sink = events.append
+    sched.submit(r)
+    checked = 0
+    while sched.running() or sched.waiting:
+        before = int(sched.spec.st.N[0])
+        was = sched.slots[0] is not None and sched.slots[0].decoding  # (its first token came from its prefill)
+        steps = len(sched.spec.steps_k)
+        sched.step()
+        if was and len(sched.spec.steps_k) > steps and sched.running():  # a speculative step ran, the request goes on
+            assert int(sched.spec.st.N_prev[0]) == before and int(sched.spec.st.N[0]) > before
+            checked += 1
+    assert checked >= 3 and sched.metrics.spec_accepted_tokens > 0
+
+
 def test_frozen_rows_are_untouched(setup):
-    """A speculative step leaves every row it does not step (plain decoding, idle) exactly as it was: keys,
+    """A speculative step leaves every row it does not step (other slots, idle) exactly as it was: keys,
     values, slot tables, MTP rings included; the stepped row changes."""
     model, tok = setup
     sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0, speculative_k=2)
@@ -369,7 +404,7 @@ def test_frozen_rows_are_untouched(setup):
         sched.submit(r)
     for _ in range(3):
         sched.step()
-    assert [s.spec for s in sched.slots[:3]] == [True, False, True]
+    assert [s.spec for s in sched.slots[:3]] == [True, True, True]
     cache = sched.cache
 
     def snapshot(row):

@@ -67,6 +67,7 @@ class SpecState:
     k: int = -1  # drafts this step (<= K; -1: K)
     fresh: int = -1  # MTP layers whose caches are current (-1: K)
     rings: "SpecRings | None" = None  # adaptive K only
+    logits: torch.Tensor | None = None  # [B, k+1, V] the last step's verification logits (a buffer it may reuse)
 
     def __post_init__(self) -> None:
         self.k = self.K if self.k < 0 else self.k
@@ -108,11 +109,12 @@ class SpecRings:
 
 
 class RowSampling:
-    """Sampling for a speculative step whose rows each carry their own parameters and generator (the serving
-    scheduler's slots), in place of one SamplingParams and generator for the batch: rows[b] = (params,
-    generator or None) or None for a frozen row. Row b goes through the batched rules alone (_draft_token,
-    _accept on its slice) with its own generator, so its samples do not depend on the other rows. No repetition
-    penalty (it needs each row's seen tokens). A loop over the rows: eager, never in a graph."""
+    """Sampling for a speculative step whose rows each carry their own parameters, generator and seen tokens (the
+    serving scheduler's slots), in place of one SamplingParams, generator and seen tensor for the batch:
+    rows[b] = (params, generator or None, seen [1, V] bool or None) or None for a frozen (or plain greedy) row;
+    seen: the tokens of row b's sequence up to x_N (its repetition penalty; the caller adds the tokens it takes).
+    Row b goes through the batched rules alone (_draft_token, _accept on its slice) with its own generator, so
+    its samples do not depend on the other rows. A loop over the rows: eager, never in a graph."""
 
     do_sample = True
 
@@ -120,14 +122,14 @@ class RowSampling:
         self.rows = rows
 
     def _row(self, b: int):
-        return self.rows[b] if self.rows[b] is not None else (_GREEDY, None)
+        return self.rows[b] if self.rows[b] is not None else (_GREEDY, None, None)
 
     def draft(self, logits: torch.Tensor):
         """logits [B, V] -> (tokens [B], probabilities [B, V]: one-hot for greedy and frozen rows)."""
         toks, qs = [], []
         for b in range(len(self.rows)):
-            params, gen = self._row(b)
-            t, q = _draft_token(logits[b:b + 1], params, None, gen)
+            params, gen, seen = self._row(b)
+            t, q = _draft_token(logits[b:b + 1], params, seen, gen)
             toks.append(t)
             qs.append(F.one_hot(t, logits.shape[-1]).float() if q is None else q)
         return torch.cat(toks), torch.cat(qs)
@@ -137,9 +139,18 @@ class RowSampling:
         a [B], the token after them y [B])."""
         out = []
         for b in range(len(self.rows)):
-            params, gen = self._row(b)
-            out.append(_accept(logits[b:b + 1], d[b:b + 1], None if q is None else q[b:b + 1], params, gen, None))
+            params, gen, seen = self._row(b)
+            seen_j = None if seen is None else _seen_prefixes(seen, d[b:b + 1], logits.shape[-1])
+            out.append(_accept(logits[b:b + 1], d[b:b + 1], None if q is None else q[b:b + 1], params, gen, seen_j))
         return torch.cat([a for a, _ in out]), torch.cat([y for _, y in out])
+
+
+def _seen_prefixes(seen: torch.Tensor, d: torch.Tensor, V: int) -> torch.Tensor:
+    """seen [B, V] (the tokens up to x_N), drafts d [B, k] -> [B, k + 1, V]: the tokens before each verified
+    column (column j also has d_1 .. d_j), for the repetition penalty of its target distribution."""
+    oh = F.one_hot(d, V).bool()
+    none = torch.zeros(d.shape[0], 1, V, dtype=torch.bool, device=d.device)
+    return seen[:, None] | torch.cat([none, oh.cumsum(1).bool()], 1)
 
 
 def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
@@ -361,7 +372,7 @@ def _graphed_step(runner, st: SpecState, frozen):
         # steps: generate() has ended, and the server's warm-up steps write a row that admission resets)
         new, count = _step_core(runner, s, _GREEDY, None, frozen if B > 1 else None)
         out = dict(new=new, count=count, N=s.N, N_prev=s.N_prev, tok=s.tok, recent=s.recent, h_main=s.h_main,
-                   drafts=s.drafts)
+                   drafts=s.drafts, logits=s.logits)
         for j, t in enumerate(s.stash):
             out[f"stash{j}"] = t
         ptrs = {t.data_ptr() for t in [N, N_prev, tok, recent, h_main, frozen, *stash.values()]}
@@ -370,7 +381,7 @@ def _graphed_step(runner, st: SpecState, frozen):
     out = runner.run_step(key, fn, inputs)
     st.N, st.N_prev, st.tok, st.recent, st.h_main = out["N"], out["N_prev"], out["tok"], out["recent"], out["h_main"]
     st.stash = [out[f"stash{j}"] for j in range(n_stash)]
-    st.drafts, st.q = out["drafts"], None
+    st.drafts, st.q, st.logits = out["drafts"], None, out["logits"]
     st.fresh = min(st.fresh, k)
     return out["new"], out["count"]
 
@@ -420,11 +431,8 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     logits, h = runner.main(ids, pos, valid, st.n_max + k + 1, graph=True)
     if st.rings is not None:  # committed positions among these are final; the others are rewritten later
         st.rings.write(pos, ids, h)
-    seen_j = None
-    if st.seen is not None:  # the prefix before column j holds d_1 .. d_j
-        oh = F.one_hot(d, logits.shape[-1]).bool()
-        none = torch.zeros(B, 1, oh.shape[-1], dtype=torch.bool, device=dev)
-        seen_j = st.seen[:, None] | torch.cat([none, oh.cumsum(1).bool()], 1)
+    st.logits = logits
+    seen_j = None if st.seen is None else _seen_prefixes(st.seen, d, logits.shape[-1])
     if isinstance(params, RowSampling):
         a, y = params.accept(logits, d, st.q)
     else:

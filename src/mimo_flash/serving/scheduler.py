@@ -15,9 +15,9 @@ Every step (Scheduler.step):
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
      CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling;
-  5. with speculative_k=K > 0: one MTP-speculative step for the slots without logprobs or repetition penalty
-     (greedy or sampled, each row with its own parameters and generator: serving/speculate.py),
-     which step 4 leaves out: K drafts each, one verification forward over rows [0, n) (the other rows
+  5. with speculative_k=K > 0: one MTP-speculative step for every decoding slot (greedy or sampled, each row
+     with its own parameters, generator and repetition penalty; logprobs from the verification logits:
+     serving/speculate.py), which step 4 then leaves out: K drafts each, one verification forward over rows [0, n) (the other rows
      frozen: masked, their cache untouched), 1 .. K + 1 tokens per row, each through the same output path.
      speculative_k="auto": k = 0 .. K drafts, chosen before each step (rank 0's choice on every rank);
      at k = 0 those slots take step 4 with the others.
@@ -153,8 +153,8 @@ class Scheduler:
     prefill_tokens: prompt tokens prefilled per step over all slots (default max(4096, prefill_chunk));
     prefix_blocks: blocks the prefix cache keeps (0: no prefix caching); admit_wait: 0 admits waiting
     requests at every step; > 0 (seconds), while slots are decoding, admits them in groups (_admit_now);
-    cuda_graphs / compile: as generate()'s. speculative_k: K > 0 decodes the requests without repetition penalty
-    or logprobs (greedy or sampled) with K MTP drafts per step (serving/speculate.py; at most the model's
+    cuda_graphs / compile: as generate()'s. speculative_k: K > 0 decodes every request (greedy or sampled,
+    logprobs and repetition penalty included) with K MTP drafts per step (serving/speculate.py; at most the model's
     MTP layers); their prompts reuse prefix-cache blocks only up to K * sliding_window positions before
     their end (the MTP layers are primed from the main model's hidden states there). "auto": adaptive K,
     0 .. min(3, the MTP layers) drafts per step, whichever gives the most tokens per second (never slower
@@ -382,7 +382,7 @@ class Scheduler:
             s = _Slot(i, req, self.row_views[i], self.tok, self.device, self.model.config.vocab_size)
             s.order = self._admitted
             self._admitted += 1
-            s.spec = self.spec is not None and self.spec.qualifies(req)
+            s.spec = self.spec is not None
             entries = []
             if self.prefix is not None and not req.prompt_logprobs:  # >= 1 token left for logits (speculation:
                 keep = self.spec.tail if s.spec else 1  # the tail whose hidden states prime the MTP layers)
@@ -529,20 +529,21 @@ class Scheduler:
         if not active:
             return
         n = self._bucket(max(s.i for s in active) + 1)
-        sampled = {s.i: (s.req.params, s.generator) for s in active if s.req.params.do_sample}
+        special = {s.i: (s.req.params, s.generator, s.seen) for s in active if not s.plain_greedy}
         new = self.spec.step(self._runner(n), [s.i for s in active], max(s.pos for s in active), k, self.chunk,
-                             self._span, sampled)
+                             self._span, special)
+        logits = self.spec.logits
         self.decode_forwards += 1
         with self.metrics.lock:
             self.metrics.spec_draft_tokens += k * len(active)
             self.metrics.spec_steps[k] = self.metrics.spec_steps.get(k, 0) + 1
             self.metrics.spec_accepted_tokens += sum(len(t) - 1 for t in new)
         for s, tokens in zip(active, new, strict=True):
-            for token in tokens:
+            for j, token in enumerate(tokens):
                 if self.slots[s.i] is not s:  # finished (EOS, stop string, length): the rest is dropped
                     break
                 s.pos += 1
-                self._take(s, None, token)
+                self._take(s, None if s.req.logprobs is None else logits[s.i, j], token)
 
     @torch.no_grad()
     def warmup(self) -> float:

@@ -2,10 +2,11 @@
 
 The algorithm is generation/speculative.py's; this module keeps its state for a scheduler whose rows come
 and go. One SpecState covers every row of the scheduler's KVCache; row i is live while slot i speculates.
-  - A slot qualifies (`qualifies`) when its request asks for no repetition penalty and no logprobs. Greedy rows
-    accept by argmax; sampled ones by the rejection rule, each with its own parameters and generator
-    (speculative.RowSampling: its samples do not depend on its neighbours; a step with sampled rows runs eagerly,
-    a greedy-only one as one graph on CUDA).
+  - Every slot speculates. Greedy rows accept by argmax; sampled ones by the rejection rule, each with its own
+    parameters and generator; rows with a repetition penalty with their own seen tokens, each verified column's
+    target penalised by the tokens before it (speculative.RowSampling: a row's samples do not depend on its
+    neighbours; a step with such rows runs eagerly, a plain-greedy-only one as one graph on CUDA). Logprobs
+    come from the verification logits (`logits`), as a plain step's come from its logits.
   - Rings (speculative.SpecRings) hold every speculating row's last `tail` + 2K + 2 committed tokens and main
     hidden states: the prompt's tail as it is prefilled (`record_prompt`), then every verified or plain step.
   - `join` (the prompt prefilled, its first token x_N sampled) only sets the row's N and x_N: its MTP layers
@@ -73,12 +74,7 @@ class SpecSlots:
         self.steps_k: list[int] = []  # the k of every step that carried speculating rows
         self._timing: tuple[int, int] | None = None  # (bucket, k) of this step's speculating rows, until timed
         self.catch_up_seconds = 0.0  # spent catching rows up
-
-    @staticmethod
-    def qualifies(req) -> bool:
-        """Whether a request decodes speculatively: no repetition penalty, no logprobs."""
-        p = req.params
-        return (p.repetition_penalty is None or p.repetition_penalty == 1.0) and req.logprobs is None
+        self.logits: torch.Tensor | None = None  # [n, k + 1, V] the last step's verification logits
 
     # ------------------------------------------------------------------ what the rings record
     def record_prompt(self, i: int, prompt: list[int], c0: int, h: torch.Tensor) -> None:
@@ -173,7 +169,12 @@ class SpecSlots:
         overwrites; drafts are not carried; a step with k drafts leaves k - 1 stash entries, those the next
         step reads)."""
         n = sub.N.shape[0]
-        for mine, got in zip(_per_row(self.st) + self.st.stash, _per_row(sub) + sub.stash):
+        dst, src = _per_row(self.st) + self.st.stash, _per_row(sub) + sub.stash
+        # (read every source before writing: a step's N_prev is its old N, a view of self.st.N when the step ran on
+        # this state's own views and masked no row)
+        own = {t.untyped_storage().data_ptr() for t in dst}
+        src = [t.clone() if t.untyped_storage().data_ptr() in own else t for t in src]
+        for mine, got in zip(dst, src):
             mine[a:a + n].copy_(got)
 
     def _catch_up(self, span, behind: list[int], k: int, n_max: int, chunk: int) -> None:
@@ -189,13 +190,14 @@ class SpecSlots:
         self._write(a, sub)
 
     def step(self, runner, rows: list[int], n_max: int, k: int | None = None, chunk: int = 256,
-             span=None, sampled: dict | None = None) -> list[list[int]]:
+             span=None, special: dict | None = None) -> list[list[int]]:
         """One speculative step with k drafts (default K) for the slots `rows` through `runner` (over cache rows
         [0, n), n > max(rows)); n_max: the largest position of their last tokens. Rows whose MTP layers are
         behind are caught up first (spec_reprime in prompt chunks of `chunk`, through span(lo, hi): (first row,
-        a runner) over a block of rows covering [lo, hi); default: `runner`). sampled: {row: (SamplingParams,
-        generator or None)} for the rows that sample (the others are greedy). Returns each row's new tokens
-        (1 .. k + 1). With no rows (graph warm-up) nothing changes."""
+        a runner) over a block of rows covering [lo, hi); default: `runner`). special: {row: (SamplingParams,
+        generator or None, seen [1, V] or None)} for the rows that sample or have a repetition penalty (the
+        others are plain greedy). Returns each row's new tokens (1 .. k + 1); row i's j-th one was chosen from
+        self.logits[i, j]. With no rows (graph warm-up) nothing changes."""
         k = self.K if k is None else k
         n = runner.cache.B
         st = self.st
@@ -211,13 +213,14 @@ class SpecSlots:
             self.catch_up_seconds += time.perf_counter() - t0
         sub = self._view(0, n, n_max, k)
         params = _GREEDY
-        if sampled:
+        if special:
             params = RowSampling([None] * n)
             for i in rows:
-                params.rows[i] = sampled.get(i, (_GREEDY, None))
+                params.rows[i] = special.get(i)
         # (a one-row step of that row: no mask, so that verification may take the batch-1 Triton step)
         new, _, counts = spec_step(runner, sub, params, None, None if rows == [0] and n == 1 else frozen)
         self._write(0, sub)
+        self.logits = sub.logits
         if rows:
             for i in rows:  # (layers past k did not run)
                 self.fresh[i] = k
