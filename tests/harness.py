@@ -106,18 +106,22 @@ def peak_rss_growth(fn: Callable[..., Any], *args: Any, **kw: Any) -> tuple[Any,
 
 def run_python(*argv: str, timeout: float = 300) -> list[dict]:
     """Run `python *argv` with src/ and tests/ importable (so it can use this module) and one OpenMP thread;
-    fail with the ends of its stdout and stderr unless it exits 0. -> the JSON objects it printed, one a line
-    starting with '{'."""
+    fail with the ends of its stdout and stderr unless it exits 0. -> the JSON objects it printed, each on a
+    line starting with '{' (processes that share the stdout, as torchrun's ranks do, may put several on one
+    line: an unbuffered print writes its text and its newline separately, each write whole)."""
     path = os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     objs = []
+    decoder = json.JSONDecoder()
     for line in out.stdout.splitlines():
-        if line.startswith("{"):
+        at = 0
+        while line.startswith("{", at):
             try:
-                objs.append(json.loads(line))
-            except json.JSONDecodeError as e:  # (say which line: e.g. two processes' output on one line)
+                obj, at = decoder.raw_decode(line, at)
+            except json.JSONDecodeError as e:  # (say which line)
                 raise AssertionError(f"not a JSON line ({e}): {line[:500]!r}\nstdout: {out.stdout[-3000:]}\n"
                                      f"stderr: {out.stderr[-3000:]}") from None
+            objs.append(obj)
     return objs
