@@ -212,6 +212,18 @@ for tile in (dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK
     err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
     assert y.shape == (int(counts.sum()), 200) and err < 1e-6, (tile, err)
 
+# the experts' activation quantized in the same pass as its SwiGLU and routing weight: what quantizing the unfused
+# activation gives (a 1-ulp difference of silu may move a rare value across a rounding boundary)
+from mimo_flash.quant.triton_fp8 import swiglu_quantize
+h = torch.randn(37, 2 * 200, generator=g) * 3
+wr = torch.rand(37, generator=g)
+aq, asc = swiglu_quantize(h, wr)
+qr, sr = quantize_activations(F.silu(h[:, :200]) * h[:, 200:] * wr[:, None])
+assert aq.shape == (37, 200) and asc.shape == (37, 2)
+torch.testing.assert_close(asc, sr, rtol=1e-6, atol=0)
+assert (aq.view(torch.uint8) == qr.view(torch.uint8)).float().mean() > 0.999
+torch.testing.assert_close(dequantize_activations(aq, asc), dequantize_activations(qr, sr), rtol=0.07, atol=0)
+
 # the W8A8 experts: against the same recipe in float64 (activations quantized per token and 1x128 group before
 # each projection; a rounding tie may fall the other way), and against the unquantized-activation product,
 # from which they differ by the activations' FP8 rounding

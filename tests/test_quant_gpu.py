@@ -49,15 +49,20 @@ def test_triton_fp8_gemm_matches_reference(M, N, K):
     assert rel(y, fp8_linear(x.float(), q, s, "reference")) < 1e-2  # bf16 output rounding
 
 
-@pytest.mark.parametrize("T", [1, 16, 512])
-def test_triton_fp8_experts_match_reference(T):
-    E, D, I, k = 32, 1024, 512, 8
+def experts_case(T: int, E: int = 32, D: int = 1024, I: int = 512, k: int = 8):
+    """FP8 experts (gate_up, its scales, down, its scales) and T bf16 tokens routed to k of them with weights."""
     g = torch.Generator(device=DEV).manual_seed(T)
     gu, gus = quantize(torch.randn(E, 2 * I, D, device=DEV, generator=g) * 0.02, (128, 128))
     dn, dns = quantize(torch.randn(E, D, I, device=DEV, generator=g) * 0.02, (128, 128))
     x = torch.randn(T, D, device=DEV, generator=g).bfloat16()
     idx = torch.rand(T, E, device=DEV, generator=g).topk(k, -1).indices
     w = torch.rand(T, k, device=DEV, generator=g)
+    return (gu, gus, dn, dns), x, idx, w
+
+
+@pytest.mark.parametrize("T", [1, 16, 512])
+def test_triton_fp8_experts_match_reference(T):
+    (gu, gus, dn, dns), x, idx, w = experts_case(T)
     ref = fp8_experts(x.float(), idx, w, gu, gus, dn, dns, "reference")
     assert rel(fp8_experts(x, idx, w, gu, gus, dn, dns, "triton"), ref) < 1e-2
 
@@ -83,13 +88,8 @@ def test_w8a8_experts_match_the_recipe_and_the_reference(T):
     operands, fp32 sums), and against the unquantized-activation reference (the activations' FP8 rounding)."""
     from mimo_flash.quant.gemm import experts_w8a8, linear_w8a8
 
-    E, D, I, k = 32, 1024, 512, 8
-    g = torch.Generator(device=DEV).manual_seed(T)
-    gu, gus = quantize(torch.randn(E, 2 * I, D, device=DEV, generator=g) * 0.02, (128, 128))
-    dn, dns = quantize(torch.randn(E, D, I, device=DEV, generator=g) * 0.02, (128, 128))
-    x = torch.randn(T, D, device=DEV, generator=g).bfloat16()
-    idx = torch.rand(T, E, device=DEV, generator=g).topk(k, -1).indices
-    w = torch.rand(T, k, device=DEV, generator=g)
+    E, D, I = 32, 1024, 512
+    (gu, gus, dn, dns), x, idx, w = experts_case(T, E, D, I)
     recipe = torch.zeros(T, D, device=DEV)
     for e in range(E):
         tok, slot = torch.where(idx == e)

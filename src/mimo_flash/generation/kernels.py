@@ -88,6 +88,24 @@ def _fp8_x(x, s_ptr, cols, cmask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _rms_row(src, nw_ptr, dst, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+    """dst [D] = nw * (x * rstd rounded to x's dtype), x = src [D]: rms_norm as the module rounds it."""
+    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(src + cols, mask=cols < D, other=0.0).to(tl.float32)
+        ss += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
+    for k0 in range(0, D, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        cmask = cols < D
+        x = tl.load(src + cols, mask=cmask, other=0.0)
+        xn = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+        nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(dst + cols, (nw * xn).to(dst.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
 def _gemv(x_ptr, nw_ptr, w_ptr, s_ptr, rows, rmask, eps, D: tl.constexpr, HAS_NORM: tl.constexpr,
           W_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """[BLOCK_N] fp32: rows of W [*, D] times rmsnorm(x [D]) (times x when not HAS_NORM), in one pass.
@@ -140,19 +158,7 @@ def gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, pmax_ptr,
     tl.store(out_ptr + rows, y, mask=rmask)
     if WRITE_XN:
         if pid == 0:
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-                ss += x * x
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
-            for k0 in range(0, D, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                cmask = cols < D
-                x = tl.load(x_ptr + cols, mask=cmask, other=0.0)
-                xn = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
-                nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                tl.store(xn_ptr + cols, (nw * xn).to(xn_ptr.dtype.element_ty), mask=cmask)
+            _rms_row(x_ptr, nw_ptr, xn_ptr, eps, D, BLOCK_K)
     if ARGMAX:
         yf = tl.where(rmask, y.to(tl.float32), float("-inf"))
         best = tl.max(yf, axis=0)
@@ -584,24 +590,6 @@ def tables_kernel(ids_ptr, emb_ptr, x_ptr, pos_ptr, fvalid_ptr, svalid_ptr, spos
         slot = pos % n_ring
         tl.store(svalid_ptr + slot, 1)
         tl.store(spos_ptr + slot, pos)
-
-
-@triton.jit
-def _rms_row(src, nw_ptr, dst, eps, D: tl.constexpr, BLOCK: tl.constexpr):
-    """dst [D] = nw * (x * rstd rounded to x's dtype), x = src [D]: rms_norm as the module rounds it."""
-    ss = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        x = tl.load(src + cols, mask=cols < D, other=0.0).to(tl.float32)
-        ss += x * x
-    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
-    for k0 in range(0, D, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        cmask = cols < D
-        x = tl.load(src + cols, mask=cmask, other=0.0)
-        xn = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
-        nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(dst + cols, (nw * xn).to(dst.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

@@ -142,18 +142,17 @@ def experts_triton(x, idx, w, gate_up, gate_up_scale, down, down_scale):
 
 def experts_w8a8(x, idx, w, gate_up, gate_up_scale, down, down_scale, tile: dict | None = None):
     """experts_reference's contract, W8A8: rows sorted by expert once, quantized per 1x128 group, both projections
-    grouped FP8 x FP8 Triton products (fp32 sums), the SwiGLU and routing weight in between (rounded to x's dtype,
-    then quantized for the down projection), outputs summed back per token. tile: triton_fp8.W8A8_TILE's keys."""
+    grouped FP8 x FP8 Triton products (fp32 sums), the SwiGLU and routing weight in between (rounded to x's dtype
+    and quantized for the down projection in the same pass), outputs summed back per token. tile:
+    triton_fp8.W8A8_TILE's keys."""
     from ..ops.moe import sort_by_expert
-    from .triton_fp8 import quantize_activations_fast, w8a8_grouped_gemm
+    from .triton_fp8 import quantize_activations_fast, swiglu_quantize, w8a8_grouped_gemm
 
     E = gate_up.shape[0]
     order, _, counts, tok, _ = sort_by_expert(idx, E)
     xq, xs = quantize_activations_fast(x.contiguous())  # each token once, gathered in expert order below
     h = w8a8_grouped_gemm(xq[tok], xs[tok], gate_up, gate_up_scale, counts, x.dtype, tile)  # [N*k, 2I]
-    g, u = h.float().chunk(2, dim=-1)
-    a = (F.silu(g) * u * w.reshape(-1)[order, None].float()).to(x.dtype)
-    aq, as_ = quantize_activations_fast(a)
+    aq, as_ = swiglu_quantize(h, w.reshape(-1)[order].float())  # silu(gate) * up * weight, quantized: one pass
     ys = w8a8_grouped_gemm(aq, as_, down, down_scale, counts, x.dtype, tile)  # [N*k, D]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, ys.float())

@@ -8,8 +8,9 @@ in fp32.
 
 For prefill-sized products the tensor cores' FP8 rate is what pays (the W8A8 recipe of the release, vLLM and
 SGLang): quantize_activations_fast quantizes activations per token and 128-column group in one pass (the
-numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert, each 128-wide
-K step's product scaled by its activation scales (per row) and its weight block's scale.
+numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert (the grouped
+kernel's W8A8 form), each 128-wide K step's product scaled by its activation scales (per row) and its weight
+block's scale.
 Run in Triton's CPU interpreter by the tests (TRITON_INTERPRET=1), on CUDA by the GPU tests.
 """
 
@@ -67,11 +68,15 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
-                        w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
+                        xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W8A8: tl.constexpr):
     """Grouped product over rows sorted by expert: tile t covers rows [tile_row[t], +BLOCK_M) of expert
-    tile_expert[t] (its rows end at end[e]); y[r] = x[r] @ (q[e] * s[e])^T. Unused tiles have expert -1."""
+    tile_expert[t] (its rows end at end[e]); y[r] = x[r] @ (q[e] * s[e])^T, each 128-wide K step's product scaled
+    by its weight block's scale (BLOCK_N divides 128: a tile's rows share one). Unused tiles have expert -1.
+    W8A8: x holds float8 activations with scales xs [P, ceil(K/128)] (strides xs_stride_m, xs_stride_g): the dots
+    run on the FP8 tensor cores, each step's also scaled by its rows' activation scales. Else x is in its own
+    dtype and the weight widens to it."""
     t = tl.program_id(1)
     pid_n = tl.program_id(0)
     e = tl.load(tile_expert_ptr + t)
@@ -82,16 +87,21 @@ def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_pt
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, 128)
         mmask, nmask = rm < end, rn < N
-        srow = (pid_n * BLOCK_N) // 128
-        w_base = w_ptr + e.to(tl.int64) * w_stride_e
+        s_row = s_ptr + e * s_stride_e + ((pid_n * BLOCK_N) // 128) * s_stride_r
+        w_rows = w_ptr + e.to(tl.int64) * w_stride_e + rn[:, None] * K
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, KB):
             k = kb * 128 + rk
             kmask = k < K
-            w = tl.load(w_base + rn[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            scale = tl.load(s_ptr + e * s_stride_e + srow * s_stride_r + kb)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            scale = tl.load(s_row + kb)
+            if W8A8:
+                sa = tl.load(xs_ptr + rm * xs_stride_m + kb * xs_stride_g, mask=mmask, other=0.0)
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * scale)
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
@@ -127,8 +137,8 @@ def fp8_grouped_gemm(xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts:
     block_n = 64
     tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
     grid = (triton.cdiv(N, block_n), tile_expert.numel())
-    _fp8_grouped_kernel[grid](xs, q, s, y, tile_expert, tile_row, end, N, K, q.stride(0), s.stride(0), s.stride(1),
-                              triton.cdiv(K, BK), BLOCK_M=block_m, BLOCK_N=block_n)
+    _fp8_grouped_kernel[grid](xs, xs, q, s, y, tile_expert, tile_row, end, N, K, 0, 0, q.stride(0), s.stride(0),
+                              s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m, BLOCK_N=block_n, W8A8=False)
     return y
 
 
@@ -153,15 +163,24 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_stride_g, ROWS: tl.constexpr):
+def _quant_act_kernel(x_ptr, w_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_stride_g, ROWS: tl.constexpr,
+                      SWIGLU: tl.constexpr):
     """Program (i, g): rows [i*ROWS, +ROWS), columns [g*128, +128): s = amax(|x|) / 448 per row (1 for an
     all-zero group, at least the smallest normal fp32), q = clamp(x / s, +-448) as float8_e4m3fn. Divisions
-    rounded to nearest as torch's are, so q and s equal blocks.quantize_activations'."""
+    rounded to nearest as torch's are, so q and s equal blocks.quantize_activations'.
+    SWIGLU: x [M, K] is the experts' activation, computed here from their gate/up products h [M, 2K] (x_ptr,
+    row stride x_stride) and the rows' routing weights w [M] fp32: silu(gate) * up * w in fp32, rounded to h's
+    dtype (what the unfused path quantizes)."""
     rm = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     g = tl.program_id(1)
     k = g * 128 + tl.arange(0, 128)
     m2 = (rm < M)[:, None] & (k < K)[None, :]
-    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * x_stride + k[None, :], mask=m2, other=0.0).to(tl.float32)
+    rows = x_ptr + rm[:, None].to(tl.int64) * x_stride
+    x = tl.load(rows + k[None, :], mask=m2, other=0.0).to(tl.float32)
+    if SWIGLU:
+        up = tl.load(rows + K + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + rm, mask=rm < M, other=0.0)
+        x = (x * tl.sigmoid(x) * up * wt[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     s = tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, tl.full([ROWS], 448.0, tl.float32)),
                                       1.1754943508222875e-38), 1.0)  # (448 = blocks.FP8_MAX)
@@ -182,42 +201,24 @@ def quantize_activations_fast(x: torch.Tensor, scales_column_major: bool = True)
         torch.empty(M, G, dtype=torch.float32, device=x.device)
     if M:
         rows = 16
-        _quant_act_kernel[(triton.cdiv(M, rows), G)](x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
-                                                     ROWS=rows, num_warps=4)
+        _quant_act_kernel[(triton.cdiv(M, rows), G)](x, x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
+                                                     ROWS=rows, SWIGLU=False, num_warps=4)
     return q, s
 
 
-@triton.jit
-def _w8a8_grouped_kernel(xq_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
-                         xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """_fp8_grouped_kernel's tiles with both operands FP8: y[r] = sum over 128-wide K steps kb of
-    (xq[r, kb] . q[e][:, kb]) * xs[r, kb] * s[e][n // 128, kb], the dot products on the FP8 tensor cores with
-    fp32 sums. BLOCK_N divides 128: a tile's rows share one weight scale per K step."""
-    t = tl.program_id(1)
-    pid_n = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + t)
-    if e >= 0:
-        row0 = tl.load(tile_row_ptr + t)
-        end = tl.load(end_ptr + e)
-        rm = row0 + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, 128)
-        mmask, nmask = rm < end, rn < N
-        s_row = s_ptr + e * s_stride_e + ((pid_n * BLOCK_N) // 128) * s_stride_r
-        w_rows = w_ptr + e.to(tl.int64) * w_stride_e + rn[:, None] * K
-        x_rows = xq_ptr + rm[:, None].to(tl.int64) * K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, KB):
-            k = kb * 128 + rk
-            kmask = k < K
-            a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            sa = tl.load(xs_ptr + rm * xs_stride_m + kb * xs_stride_g, mask=mmask, other=0.0)
-            sb = tl.load(s_row + kb)
-            acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32) * (sa[:, None] * sb)
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
+def swiglu_quantize(h: torch.Tensor, w: torch.Tensor):
+    """The experts' down-projection input, quantized in one pass: h [M, 2I] (gate columns, then up; rows
+    contiguous), w [M] fp32 routing weights -> quantize_activations_fast(silu(gate) * up * w rounded to h's
+    dtype), scales row-major: (aq [M, I] float8_e4m3fn, scale [M, ceil(I/128)] fp32)."""
+    M, I = h.shape[0], h.shape[1] // 2
+    G = triton.cdiv(I, 128)
+    q = torch.empty(M, I, dtype=torch.float8_e4m3fn, device=h.device)
+    s = torch.empty(M, G, dtype=torch.float32, device=h.device)
+    if M:
+        rows = 16
+        _quant_act_kernel[(triton.cdiv(M, rows), G)](h, w.contiguous(), q, s, M, I, h.stride(0), s.stride(0),
+                                                     s.stride(1), ROWS=rows, SWIGLU=True, num_warps=4)
+    return q, s
 
 
 def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts: torch.Tensor,
@@ -236,7 +237,7 @@ def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: to
         raise ValueError(f"w8a8_grouped_gemm: BLOCK_N {block_n} must divide the weight's 128-row blocks")
     tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
     grid = (triton.cdiv(N, block_n), tile_expert.numel())
-    _w8a8_grouped_kernel[grid](xq, xs, q, s, y, tile_expert, tile_row, end, N, K, xs.stride(0), xs.stride(1),
-                               q.stride(0), s.stride(0), s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m,
-                               BLOCK_N=block_n, **cfg)
+    _fp8_grouped_kernel[grid](xq, xs, q, s, y, tile_expert, tile_row, end, N, K, xs.stride(0), xs.stride(1),
+                              q.stride(0), s.stride(0), s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m,
+                              BLOCK_N=block_n, W8A8=True, **cfg)
     return y
