@@ -178,7 +178,7 @@ class TritonStep:
         self.D, self.V = c.hidden_size, c.vocab_size
         self.eps = model.model.norm.eps
         qkv_rows, o_rows, heads, dv, kv_heads, gu_rows, topk = 0, 0, 0, 0, 1, 0, 1
-        for layer in model.model.layers:
+        for layer in [*model.model.layers, *model.model.mtp.layers]:  # (the split buffers serve draft() too)
             a = layer.self_attn
             qkv_rows = max(qkv_rows, a.heads * a.qk_dim + a.kv_heads * (a.qk_dim + a.v_dim))
             o_rows = max(o_rows, a.heads * a.v_dim)
