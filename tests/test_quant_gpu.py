@@ -1,5 +1,6 @@
-"""The FP8 CUDA backends (torch._scaled_mm, the Triton FP8 GEMV/GEMM and grouped-expert kernels, the W8A8 activation
-quantizer and grouped experts) against their references, and an FP8-resident model generating on the GPU. Skipped without a GPU.
+"""The FP8 CUDA backends (torch._scaled_mm, the Triton FP8 GEMV/GEMM and grouped-expert kernels, the W8A8
+activation quantizer and grouped experts) against their references, and an FP8-resident model generating on the
+GPU. Skipped without a GPU.
 
     pytest tests/test_quant_gpu.py -m gpu -q
 """

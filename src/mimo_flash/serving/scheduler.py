@@ -17,8 +17,9 @@ Every step (Scheduler.step):
      CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling;
   5. with speculative_k=K > 0: one MTP-speculative step for every decoding slot (greedy or sampled, each row
      with its own parameters, generator and repetition penalty; logprobs from the verification logits:
-     serving/speculate.py), which step 4 then leaves out: K drafts each, one verification forward over rows [0, n) (the other rows
-     frozen: masked, their cache untouched), 1 .. K + 1 tokens per row, each through the same output path.
+     serving/speculate.py), which step 4 then leaves out: K drafts each, one verification forward over rows
+     [0, n) (the other rows frozen: masked, their cache untouched), 1 .. K + 1 tokens per row, each through the
+     same output path.
      speculative_k="auto": k = 0 .. K drafts, chosen before each step (rank 0's choice on every rank);
      at k = 0 those slots take step 4 with the others.
 A row's arithmetic does not depend on the other rows, so greedy output is what the request gives alone

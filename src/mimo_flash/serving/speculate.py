@@ -12,9 +12,10 @@ and go. One SpecState covers every row of the scheduler's KVCache; row i is live
   - `join` (the prompt prefilled, its first token x_N sampled) only sets the row's N and x_N: its MTP layers
     are not current yet. Each row counts its current MTP layers (`fresh`); a step with k drafts first catches
     up the rows with fewer in batched passes over blocks of nearby rows (`_catch_up`: speculative.spec_reprime,
-    spec_enter over the rings' last k windows of positions, the block's other rows masked), then drafts k tokens for every speculating row, verifies
-    k + 1 in one main forward over rows [0, n) and accepts per row (`step`); every other row of [0, n) is
-    frozen: masked out of the forwards, its cache and state untouched. It returns each row's new tokens.
+    spec_enter over the rings' last k windows of positions, the block's other rows masked), then drafts k tokens
+    for every speculating row, verifies k + 1 in one main forward over rows [0, n) and accepts per row (`step`);
+    every other row of [0, n) is frozen: masked out of the forwards, its cache and state untouched. It returns
+    each row's new tokens.
   - Adaptive K ("auto"): each step's k = 0 .. K is chosen by an AdaptiveK (generation/adaptive.py) from the
     running acceptance and the measured seconds of the decode part of a step with each k (one controller per
     decode batch bucket: costs depend on the batch; the acceptance rates they share). At k = 0 the speculating
