@@ -203,6 +203,37 @@ def transformers_state(state: dict[str, torch.Tensor], config) -> dict[str, torc
     return out
 
 
+# ----------------------------------------------------------------------------------------- random models
+def random_model(config: MiMoConfig, device, dtype: torch.dtype, fp8: bool = False):
+    """Random weights made in place on the device (built on the meta device in `dtype`: no fp32 copy, which at
+    8 released layers would not fit): normal(0, initializer_range) like the model's init; FP8 as the structure
+    of quantize_model_ filled with random FP8 bytes and scales of that size (no bf16 copy ever exists)."""
+    from mimo_flash import MiMoForCausalLM
+    from mimo_flash.quant import FP8, quantize_model_
+
+    with torch.device("meta"):
+        model = MiMoForCausalLM(config).to(dtype)
+    if fp8:
+        quantize_model_(model)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.dtype == FP8:
+                w = torch.randn(t.shape, device=device, generator=g, dtype=torch.bfloat16).mul_(64)
+                t.copy_(w.clamp_(-448, 448).to(FP8))  # e4m3fn has no infinity: out of range would be NaN
+                del w
+            elif name.endswith("_scale_inv"):
+                t.fill_(config.initializer_range / 64)
+            elif "norm" in name:
+                t.fill_(1.0)
+            elif name.endswith("e_score_correction_bias") or name.endswith("attention_sink_bias"):
+                t.zero_()
+            else:
+                t.normal_(0, config.initializer_range, generator=g)
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------------------- torchrun workers
 def torchrun(script: str | Path, nproc: int, argv: list[str], device: str, timeout: float | None = None) -> int:
     """Run `python script --worker *argv` as nproc processes of this host under torch.distributed.run (its

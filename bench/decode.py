@@ -3,6 +3,8 @@
     python bench/decode.py                       # mini preset, batch 1 and 64, prompt 512, 256 new tokens
     python bench/decode.py --batch 1 --spec 0 3  # subsets
     python bench/decode.py --cache-report        # KV-cache bytes per sequence (flash preset), no GPU needed
+    python bench/decode.py --preset flash --layers 4 --fp8 --batch 1 16 64 --spec 0 1 2 3 --no-transformers
+                                                 # the released dimensions cut to 4 layers (+ the 3 MTP layers)
 
 mimo-flash decodes through CUDA graphs of torch.compile'd steps (static KV cache, ring buffers for SWA
 layers); transformers runs its default generate (eager attention, DynamicCache). Random weights: greedy
@@ -27,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import copy_bandwidth  # noqa: E402
-from mimo_flash import MiMoConfig, MiMoForCausalLM  # noqa: E402
+from common import copy_bandwidth, random_model  # noqa: E402
+from mimo_flash import MiMoConfig  # noqa: E402
 from mimo_flash.generation import format_bytes_report, generate  # noqa: E402
 from mimo_flash.generation.runner import kv_bucket  # noqa: E402
 from mimo_flash.model.moe import MoE  # noqa: E402
@@ -253,6 +255,9 @@ def agree(a: torch.Tensor, b: torch.Tensor, P: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mini")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="cut the preset to this many layers (the released dimensions: --preset flash --layers 4)")
+    ap.add_argument("--fp8", action="store_true", help="FP8-resident weights, as released (128x128 block scales)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=256)
@@ -293,11 +298,11 @@ def main(argv=None) -> int:
     log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
 
     torch.manual_seed(0)
-    config = MiMoConfig.preset(args.preset, torch_dtype="bfloat16")
-    with torch.device(args.device):
-        model = MiMoForCausalLM(config)
-    model = model.to(torch.bfloat16).eval()
-    log(f"{args.preset}: {model.num_parameters() / 1e9:.2f}B parameters "
+    cut = {} if args.layers is None else dict(num_hidden_layers=args.layers)
+    config = MiMoConfig.preset(args.preset, torch_dtype="bfloat16", **cut)
+    model = random_model(config, torch.device(args.device), torch.bfloat16, fp8=args.fp8)
+    log(f"{args.preset}{'' if args.layers is None else f' cut to {args.layers} layers'}"
+        f"{', FP8-resident' if args.fp8 else ''}: {model.num_parameters() / 1e9:.2f}B parameters "
         f"({model.num_parameters(active=True) / 1e9:.2f}B active)")
     tf = None
     if not args.no_transformers:

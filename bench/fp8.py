@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mimo_flash import MiMoConfig, MiMoForCausalLM  # noqa: E402
+from common import random_model  # noqa: E402
+from mimo_flash import MiMoConfig  # noqa: E402
 from mimo_flash.generation import engine, generate  # noqa: E402
 from mimo_flash.options import override  # noqa: E402
 from mimo_flash.ops.moe import experts as bf16_experts  # noqa: E402
-from mimo_flash.quant import FP8, FP8Experts, FP8Linear, fp8_experts, fp8_linear, quantize_model_  # noqa: E402
+from mimo_flash.quant import FP8Experts, FP8Linear, fp8_experts, fp8_linear  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -67,33 +67,6 @@ def copy_bandwidth(device) -> float:
     x = torch.empty(n, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     return 2 * n / timed(lambda: y.copy_(x), device, 2, 10)
-
-
-def build(config: MiMoConfig, fp8: bool, device, dtype) -> MiMoForCausalLM:
-    """Random weights made in place on the device (built on the meta device in `dtype`: no fp32 copy, which at
-    8 released layers would not fit): normal(0, initializer_range) like the model's init; FP8 as the structure
-    of quantize_model_ filled with random FP8 bytes and scales of that size (no bf16 copy ever exists)."""
-    with torch.device("meta"):
-        model = MiMoForCausalLM(config).to(dtype)
-    if fp8:
-        quantize_model_(model)
-    model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.dtype == FP8:
-                w = torch.randn(t.shape, device=device, generator=g, dtype=torch.bfloat16).mul_(64)
-                t.copy_(w.clamp_(-448, 448).to(FP8))  # e4m3fn has no infinity: out of range would be NaN
-                del w
-            elif name.endswith("_scale_inv"):
-                t.fill_(config.initializer_range / 64)
-            elif "norm" in name:
-                t.fill_(1.0)
-            elif name.endswith("e_score_correction_bias") or name.endswith("attention_sink_bias"):
-                t.zero_()
-            else:
-                t.normal_(0, config.initializer_range, generator=g)
-    return model.eval()
 
 
 def step_bytes(model, B: int, kv_len: int) -> int:
@@ -255,7 +228,7 @@ def main() -> None:
     results = {}
     for name, fp8 in (("bf16", False), ("fp8", True)):
         log(f"{name}: building")
-        model = build(config, fp8, device, dtype)
+        model = random_model(config, device, dtype, fp8)
         results[name] = measure_model(model, args, device, bw)
         del model
         gc.collect()
