@@ -227,23 +227,9 @@ def gemv_multi_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_ptr, xn_ptr, N, 
              + y.to(tl.float32)).to(dt)
     tl.store(out_ptr + t[:, None] * out_stride + rows[None, :], y, mask=m2)
     if WRITE_XN:
-        if pid == 0:
-            ss = tl.zeros([T_PAD, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + t[:, None] * x_stride + cols[None, :], mask=tmask[:, None] & (cols < D)[None, :],
-                            other=0.0).to(tl.float32)
-                ss += x * x
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / D + eps)  # [T_PAD]
-            for k0 in range(0, D, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                cmask = cols < D
-                m = tmask[:, None] & cmask[None, :]
-                x = tl.load(x_ptr + t[:, None] * x_stride + cols[None, :], mask=m, other=0.0)
-                xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-                nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                tl.store(xn_ptr + t[:, None] * D + cols[None, :], (nw[None, :] * xn).to(xn_ptr.dtype.element_ty),
-                         mask=m)
+        if pid == 0:  # (in a helper: its loop variables must not meet this kernel's x, of another dtype)
+            for i in tl.static_range(T):
+                _rms_row(x_ptr + i * x_stride, nw_ptr, xn_ptr + i * D, eps, D, BLOCK_K)
 
 
 @triton.jit

@@ -143,7 +143,7 @@ def fp8_grouped_gemm(xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts:
 
 
 # ---------------------------------------------------------------------------------------------- W8A8 (prefill)
-W8A8_TILE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)  # per launch, options for the bench
+W8A8_TILE = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)  # the best of bench/fp8.py's five (H200)
 
 
 @triton.jit
@@ -192,13 +192,14 @@ def _quant_act_kernel(x_ptr, w_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_
 
 def quantize_activations_fast(x: torch.Tensor, scales_column_major: bool = True):
     """blocks.quantize_activations(x, 128) for x [M, K] in one kernel: (xq [M, K] float8_e4m3fn, scale
-    [M, ceil(K/128)] fp32), the scales outer-dim-major (strides (1, M): torch._scaled_mm's layout for
-    scale_a) unless scales_column_major=False."""
+    [M, ceil(K/128)] fp32), the scales outer-dim-major (strides (1, M rounded up to 4): torch._scaled_mm's layout
+    for scale_a) unless scales_column_major=False."""
     M, K = x.shape
     G = triton.cdiv(K, 128)
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(G, M, dtype=torch.float32, device=x.device).t() if scales_column_major else \
-        torch.empty(M, G, dtype=torch.float32, device=x.device)
+    # (column-major: the leading dimension padded to 16 bytes, as cuBLASLt wants it: M = 129 is refused otherwise)
+    s = torch.empty(G, -(-M // 4) * 4, dtype=torch.float32, device=x.device)[:, :M].t() if scales_column_major \
+        else torch.empty(M, G, dtype=torch.float32, device=x.device)
     if M:
         rows = 16
         _quant_act_kernel[(triton.cdiv(M, rows), G)](x, x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
