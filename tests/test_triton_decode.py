@@ -251,7 +251,7 @@ check(fp8, rounds=4)
 model = tiny_model(seed=4)
 ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
 plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
-with override(decode_triton="always"):
+with override(decode_triton="always", decode_triton_verify=True):
     out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=3,
                           cuda_graphs=True, return_stats=True)
 assert torch.equal(out, plain) and stats.notes == []
@@ -338,7 +338,7 @@ check(fp8, rounds=4)
 model = tiny_model(seed=4, num_nextn_predict_layers=K)
 ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
 plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
-with override(decode_triton="always"):
+with override(decode_triton="always", decode_triton_verify=True):
     out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=K,
                           cuda_graphs=True, return_stats=True)
 assert torch.equal(out, plain) and stats.notes == [] and stats.drafted > 0
@@ -543,7 +543,8 @@ def test_triton_verification_matches_eager_on_gpu(fp8):
     model = model.to(device="cuda", dtype=torch.bfloat16)
     cfg, P, S = model.config, 20, 128
     ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(2)).cuda()
-    graphed = GraphRunner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16, slack=6), S)
+    with override(decode_triton_verify=True):  # (off by default: see options.decode_triton_verify)
+        graphed = GraphRunner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16, slack=6), S)
     eager = Runner(model, KVCache(cfg, 1, S, device="cuda", dtype=torch.bfloat16, slack=6), S)
     g = torch.Generator().manual_seed(3)
     n = P
@@ -564,8 +565,9 @@ def test_triton_verification_matches_eager_on_gpu(fp8):
     assert graphed.triton and set(graphed._triton_step._multi) == {2, 3, 4} and not graphed.notes
     prompt = ids[:, :10]
     plain = generate(model, prompt, max_new_tokens=30, eos_token_id=[], cuda_graphs=False)
-    out, stats = generate(model, prompt, max_new_tokens=30, eos_token_id=[], num_speculative_tokens=3,
-                          return_stats=True)
+    with override(decode_triton_verify=True):
+        out, stats = generate(model, prompt, max_new_tokens=30, eos_token_id=[], num_speculative_tokens=3,
+                              return_stats=True)
     (r,) = [r for r in engine._RUNNERS[model].values() if r._triton_step is not None]
     assert stats.notes == [] and 4 in r._triton_step._multi
     assert (out == plain).float().mean() > 0.9  # bf16: a near tie may flip a token, and the rest follows
@@ -654,7 +656,7 @@ def test_triton_verification_and_drafting_failures_fall_back_and_keep_the_one_to
 
     monkeypatch.setattr(triton_step.TritonStep, "verify", broken_verify)
     monkeypatch.setattr(triton_step.TritonStep, "draft", broken_draft)
-    with override(decode_triton="always"), pytest.warns(UserWarning, match="kernel failed"):
+    with override(decode_triton="always", decode_triton_verify=True), pytest.warns(UserWarning, match="kernel failed"):
         out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=2,
                               cuda_graphs=True, return_stats=True)
     assert torch.equal(out, plain)

@@ -78,6 +78,10 @@ class Options:
     decode_tune: bool = False  # coordinate-descent tuning of compiled one-row steps (slower on an H100)
     decode_prefetch: bool = True  # the Triton step pulls the next weights into L2 (attention, router)
     decode_pdl: bool = True  # programmatic dependent launch in the Triton step where the GPU has it
+    # batch-1 speculative verification through the Triton step (TritonStep.verify). Off: on the H200 (2026-12-05)
+    # its logits were 5.5-6.5% (relative norm) from the eager forward's, growing with the token's index, where
+    # the interpreter (fp32) agrees to 1e-5; the compiled verification runs instead until that is understood
+    decode_triton_verify: bool = False
     spec_graph: bool = True  # a whole speculative step (drafts, verification, acceptance) as one CUDA graph
     triton_step: TritonStepTuning = TritonStepTuning()  # the Triton step's block shapes (read when it is built)
 

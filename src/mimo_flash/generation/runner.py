@@ -138,7 +138,8 @@ class GraphRunner(Runner):
         self.capture_seconds = 0.0
         self._inline = False
         self._triton_step = None
-        self.triton_verify = True  # (until TritonStep.verify fails once: the one-token step is kept then)
+        # (until TritonStep.verify fails once: the one-token step is kept then)
+        self.triton_verify = options().decode_triton_verify
         self.triton_draft = True  # (until TritonStep.draft fails once)
 
     def graphs_for(self, path: str) -> bool:

@@ -99,14 +99,17 @@ def quantize(w: torch.Tensor, block: tuple[int, int], name: str = "tensor") -> t
 def quantize_activations(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] float -> (xq [..., K] float8_e4m3fn, scale [..., ceil(K / group)] fp32), per token and group.
 
-    scale = amax(|group|) / 448 (an all-zero group gets 1), so x ~= xq * scale[..., k // group]. The "dynamic"
-    activation scheme of the release: computed on the fly for every product.
+    scale = amax(|group|) * fp32(1 / 448) (an all-zero group gets 1), so x ~= xq * scale[..., k // group]. The
+    "dynamic" activation scheme of the release: computed on the fly for every product.
     """
     *lead, K = x.shape
     g = math.ceil(K / group)
     xp = F.pad(x.float(), (0, g * group - K)).view(*lead, g, group)
     amax = xp.abs().amax(-1)
-    s = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
+    # (times the fp32 reciprocal, not a division: torch's CUDA division by a scalar multiplies by it, its CPU one
+    # divides, so this is the one formula that gives the same scales everywhere, the Triton kernel's included)
+    s = torch.where(amax > 0, (amax * (1.0 / FP8_MAX)).clamp_min(torch.finfo(torch.float32).tiny),
+                    torch.ones_like(amax))
     xq = (xp / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(*lead, g * group)[..., :K]
     return xq, s
 

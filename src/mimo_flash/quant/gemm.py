@@ -66,9 +66,12 @@ def linear_scaled_mm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch
     lead, K = x.shape[:-1], x.shape[-1]
     from .triton_fp8 import quantize_activations_fast
 
-    xq, xs = quantize_activations_fast(x.reshape(-1, K).contiguous())  # scales outer-dim-major
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    pad = -M % 4  # (rows padded to a multiple of 4: cuBLASLt refused the scales of M = 129 on the H200)
+    xq, xs = quantize_activations_fast(F.pad(x2, (0, 0, 0, pad)) if pad else x2.contiguous())
     y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.t(), out_dtype=x.dtype)
-    return y.view(*lead, q.shape[0])
+    return (y[:M] if pad else y).view(*lead, q.shape[0])
 
 
 def linear_triton(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

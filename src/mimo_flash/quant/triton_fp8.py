@@ -165,9 +165,9 @@ def _round_e4m3(v):
 @triton.jit
 def _quant_act_kernel(x_ptr, w_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_stride_g, ROWS: tl.constexpr,
                       SWIGLU: tl.constexpr):
-    """Program (i, g): rows [i*ROWS, +ROWS), columns [g*128, +128): s = amax(|x|) / 448 per row (1 for an
-    all-zero group, at least the smallest normal fp32), q = clamp(x / s, +-448) as float8_e4m3fn. Divisions
-    rounded to nearest as torch's are, so q and s equal blocks.quantize_activations'.
+    """Program (i, g): rows [i*ROWS, +ROWS), columns [g*128, +128): s = amax(|x|) * fp32(1 / 448) per row (1 for an
+    all-zero group, at least the smallest normal fp32), q = clamp(x / s, +-448) as float8_e4m3fn, the division
+    rounded to nearest as torch's is, so q and s equal blocks.quantize_activations'.
     SWIGLU: x [M, K] is the experts' activation, computed here from their gate/up products h [M, 2K] (x_ptr,
     row stride x_stride) and the rows' routing weights w [M] fp32: silu(gate) * up * w in fp32, rounded to h's
     dtype (what the unfused path quantizes)."""
@@ -182,8 +182,7 @@ def _quant_act_kernel(x_ptr, w_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_
         wt = tl.load(w_ptr + rm, mask=rm < M, other=0.0)
         x = (x * tl.sigmoid(x) * up * wt[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
-    s = tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, tl.full([ROWS], 448.0, tl.float32)),
-                                      1.1754943508222875e-38), 1.0)  # (448 = blocks.FP8_MAX)
+    s = tl.where(amax > 0, tl.maximum(amax * (1.0 / 448.0), 1.1754943508222875e-38), 1.0)  # (blocks.FP8_MAX)
     q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], (ROWS, 128)))
     q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
     tl.store(q_ptr + rm[:, None].to(tl.int64) * K + k[None, :], q.to(q_ptr.dtype.element_ty), mask=m2)
@@ -192,14 +191,13 @@ def _quant_act_kernel(x_ptr, w_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_
 
 def quantize_activations_fast(x: torch.Tensor, scales_column_major: bool = True):
     """blocks.quantize_activations(x, 128) for x [M, K] in one kernel: (xq [M, K] float8_e4m3fn, scale
-    [M, ceil(K/128)] fp32), the scales outer-dim-major (strides (1, M rounded up to 4): torch._scaled_mm's layout
-    for scale_a) unless scales_column_major=False."""
+    [M, ceil(K/128)] fp32), the scales outer-dim-major (strides (1, M): torch._scaled_mm's layout for
+    scale_a) unless scales_column_major=False."""
     M, K = x.shape
     G = triton.cdiv(K, 128)
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
-    # (column-major: the leading dimension padded to 16 bytes, as cuBLASLt wants it: M = 129 is refused otherwise)
-    s = torch.empty(G, -(-M // 4) * 4, dtype=torch.float32, device=x.device)[:, :M].t() if scales_column_major \
-        else torch.empty(M, G, dtype=torch.float32, device=x.device)
+    s = torch.empty(G, M, dtype=torch.float32, device=x.device).t() if scales_column_major else \
+        torch.empty(M, G, dtype=torch.float32, device=x.device)
     if M:
         rows = 16
         _quant_act_kernel[(triton.cdiv(M, rows), G)](x, x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
