@@ -178,7 +178,8 @@ def micro(args, device, dtype) -> list[str]:
         runs = [("triton", None), ("w8a8", None)] if cuda else [("reference", None)]
         if cuda and T >= 4096:  # tiles of the W8A8 grouped product (triton_fp8.W8A8_TILE is the default)
             runs += [("w8a8", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=wp, num_stages=st))
-                     for bm, bn, wp, st in ((128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 4, 3), (64, 64, 4, 5))]
+                     for bm, bn, wp, st in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 4, 3),
+                                               (64, 128, 8, 4))]
         for be, tile in runs:
             fn = (lambda: experts_w8a8(x, idx, wts, *fp8_args, tile)) if tile else \
                 (lambda: fp8_experts(x, idx, wts, *fp8_args, be))

@@ -201,10 +201,12 @@ for xa in (xw, grid):
 assert (quantize_activations_fast(grid)[1] == 1).all()
 
 # the grouped FP8 x FP8 product: each row's dequantized activations times its expert's dequantized weight
+# (K = 300 with column masks, K = 256 without; a 256-row tile spans two weight blocks)
 counts = torch.tensor([5, 0, 37, 2])
-wq, wsc = rand_fp8((4, 200, 300), 4)
-xq8, xsc = quantize_activations_fast(torch.randn(int(counts.sum()), 300, generator=g))
-for tile in (dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=32, BLOCK_N=128)):
+for K, tile in ((300, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)), (300, dict(BLOCK_M=32, BLOCK_N=128)),
+                (256, dict(BLOCK_M=16, BLOCK_N=256))):
+    wq, wsc = rand_fp8((4, 200, K), 4)
+    xq8, xsc = quantize_activations_fast(torch.randn(int(counts.sum()), K, generator=g))
     y = w8a8_grouped_gemm(xq8, xsc, wq, wsc, counts, torch.float32, tile)
     xd = dequantize_activations(xq8, xsc).double()
     e_of = torch.repeat_interleave(torch.arange(4), counts)

@@ -41,6 +41,7 @@ class TritonStepTuning:
     lm_head_prefetch: int = 4 << 20  # lm_head elements pulled into L2 during the last layer
     down_early: bool = True  # the down kernel loads its weights before its PDL wait (gate/up lets it start late)
     down_tile: int = 4096  # down: weight elements per program (all chosen experts' rows)
+    fp8_tile: int = 1  # FP8 weights: tiles and max_k this many times as many elements (2: bf16's bytes in flight)
 
     def __post_init__(self) -> None:
         _check_types(self)

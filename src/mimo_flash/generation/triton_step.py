@@ -34,13 +34,14 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def gemv_blocks(n_rows: int, n_cols: int, tile: int | None = None,
-                tuning: TritonStepTuning | None = None) -> tuple[int, int]:
+                tuning: TritonStepTuning | None = None, fp8: bool = False) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) for a GEMV over [n_rows, n_cols]: K blocks up to tuning.max_k wide, rows per program
     halved from 64 until there are tuning.min_programs programs, the tile kept at most `tile` elements
-    (default tuning.tile). tuning: default options().triton_step."""
+    (default tuning.tile); both times tuning.fp8_tile for an FP8 weight. tuning: default options().triton_step."""
     t = options().triton_step if tuning is None else tuning
-    tile = t.tile if tile is None else tile
-    bk = min(_pow2(n_cols), t.max_k, tile // 2)
+    f = t.fp8_tile if fp8 else 1
+    tile = (t.tile if tile is None else tile) * f
+    bk = min(_pow2(n_cols), t.max_k * f, tile // 2)
     bn = 64
     while bn > 2 and (_cdiv(n_rows, bn) < t.min_programs or bn * bk > tile):
         bn //= 2
@@ -258,7 +259,7 @@ class TritonStep:
         tile without the token (an MTP layer's logits)."""
         lm_head = token is not None
         t = self.t
-        bn, bk = gemv_blocks(n_rows, x.numel(), t.lm_head_tile if lm_head or wide else None, t)
+        bn, bk = gemv_blocks(n_rows, x.numel(), t.lm_head_tile if lm_head or wide else None, t, scale is not None)
         n_prog = _cdiv(n_rows, bn)
         warps = t.num_warps if n_rows * x.numel() >= 1 << 24 else t.small_gemv_warps
         self.dk.gemv_kernel[(n_prog,)](
@@ -315,8 +316,8 @@ class TritonStep:
                 self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
                 **pfargs, **self._launch(t.expert_warps))
-            bn, bk = gemv_blocks(r.top_k * I, D, t.gate_up_tile, t)
             w, s = block_scales(ex, "gate_up_proj")
+            bn, bk = gemv_blocks(r.top_k * I, D, t.gate_up_tile, t, s is not None)
             while s is not None and I % bn:  # FP8: the up rows' tiles, from row I on, within 128-row blocks too
                 bn //= 2
             dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](
@@ -331,7 +332,9 @@ class TritonStep:
             self._gemv(h, norm_w, w, gu, 2 * I, scale=s)
             sel, wt, (down, down_s), k = self.sel_dense, self.wt_dense, block_scales(mlp.down_proj), 1
         kp = max(2, _pow2(k))
-        bn, bk = gemv_blocks(D, min(I, 512), t.down_tile // kp, t)  # all k experts' rows in one tile
+        f8 = down_s is not None
+        # all k experts' rows in one tile
+        bn, bk = gemv_blocks(D, min(I, 512 * (t.fp8_tile if f8 else 1)), t.down_tile // kp, t, f8)
         dk.down_kernel[(_cdiv(D, bn),)](gu, sel, wt, down, down if down_s is None else down_s, h, x,
                                         D, *_strides(down_s), TOPK=k, TOPK_PAD=kp, I=I,
                                         GATED=not isinstance(mlp, MoE), W_FP8=down_s is not None, BLOCK_N=bn,
@@ -373,7 +376,7 @@ class TritonStep:
         assert x.stride(1) == 1 and out.stride(1) == 1 and (res is None or res.stride() == out.stride())
         tp = max(2, _pow2(T))
         t = self.t
-        bn, bk = gemv_blocks(n_rows, D, (t.lm_head_tile if lm_head else t.tile) // tp, t)
+        bn, bk = gemv_blocks(n_rows, D, (t.lm_head_tile if lm_head else t.tile) // tp, t, scale is not None)
         warps = t.num_warps if n_rows * D >= 1 << 24 else t.small_gemv_warps
         self.dk.gemv_multi_kernel[(_cdiv(n_rows, bn),)](
             x, x if norm_w is None else norm_w, w, w if scale is None else scale, out, out if res is None else res,

@@ -70,13 +70,13 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
                         xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W8A8: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W8A8: tl.constexpr, EVEN_K: tl.constexpr):
     """Grouped product over rows sorted by expert: tile t covers rows [tile_row[t], +BLOCK_M) of expert
     tile_expert[t] (its rows end at end[e]); y[r] = x[r] @ (q[e] * s[e])^T, each 128-wide K step's product scaled
-    by its weight block's scale (BLOCK_N divides 128: a tile's rows share one). Unused tiles have expert -1.
+    by its weight blocks' scales (one per 128 rows of the tile). Unused tiles have expert -1.
     W8A8: x holds float8 activations with scales xs [P, ceil(K/128)] (strides xs_stride_m, xs_stride_g): the dots
     run on the FP8 tensor cores, each step's also scaled by its rows' activation scales. Else x is in its own
-    dtype and the weight widens to it."""
+    dtype and the weight widens to it. EVEN_K: K is a multiple of 128 (no column masks)."""
     t = tl.program_id(1)
     pid_n = tl.program_id(0)
     e = tl.load(tile_expert_ptr + t)
@@ -87,21 +87,25 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, til
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, 128)
         mmask, nmask = rm < end, rn < N
-        s_row = s_ptr + e * s_stride_e + ((pid_n * BLOCK_N) // 128) * s_stride_r
+        s_rows = s_ptr + e * s_stride_e + (rn // 128) * s_stride_r  # [BLOCK_N]: each row's scale row
         w_rows = w_ptr + e.to(tl.int64) * w_stride_e + rn[:, None] * K
         x_rows = x_ptr + rm[:, None].to(tl.int64) * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, KB):
             k = kb * 128 + rk
-            kmask = k < K
-            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            scale = tl.load(s_row + kb)
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=nmask[:, None], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
+            else:
+                kmask = k < K
+                w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            scale = tl.load(s_rows + kb, mask=nmask, other=0.0)  # [BLOCK_N]
             if W8A8:
                 sa = tl.load(xs_ptr + rm * xs_stride_m + kb * xs_stride_g, mask=mmask, other=0.0)
-                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * scale)
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * scale[None, :])
             else:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale[None, :]
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
@@ -138,7 +142,8 @@ def fp8_grouped_gemm(xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts:
     tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
     grid = (triton.cdiv(N, block_n), tile_expert.numel())
     _fp8_grouped_kernel[grid](xs, xs, q, s, y, tile_expert, tile_row, end, N, K, 0, 0, q.stride(0), s.stride(0),
-                              s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m, BLOCK_N=block_n, W8A8=False)
+                              s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m, BLOCK_N=block_n, W8A8=False,
+                              EVEN_K=K % BK == 0)
     return y
 
 
@@ -232,11 +237,9 @@ def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: to
         return y
     cfg = dict(W8A8_TILE, **(tile or {}))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    if 128 % block_n:
-        raise ValueError(f"w8a8_grouped_gemm: BLOCK_N {block_n} must divide the weight's 128-row blocks")
     tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
     grid = (triton.cdiv(N, block_n), tile_expert.numel())
     _fp8_grouped_kernel[grid](xq, xs, q, s, y, tile_expert, tile_row, end, N, K, xs.stride(0), xs.stride(1),
                               q.stride(0), s.stride(0), s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m,
-                              BLOCK_N=block_n, W8A8=True, **cfg)
+                              BLOCK_N=block_n, W8A8=True, EVEN_K=K % BK == 0, **cfg)
     return y
