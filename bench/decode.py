@@ -142,7 +142,7 @@ def graph_report(model, B: int) -> str:
                 continue
             n = gkey[3] if gkey[0] == "greedy" else 1  # steps per replay
             lines.append(f"graph {gkey}: {replay_us(g) / n:.0f} us per step")
-            if gkey[0] == "main-triton" or (gkey[0] == "main" and gkey[2] == 1):
+            if gkey[0] in ("main-triton", "spec") or (gkey[0] == "main" and gkey[2] == 1):  # (a spec step: per k)
                 try:
                     from torch.profiler import ProfilerActivity, profile
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -153,7 +153,8 @@ def graph_report(model, B: int) -> str:
                     table = prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=90)
                     lines.append("\n".join(table.splitlines()[:17]))
                     if os.environ.get("OUT"):
-                        Path(os.environ["OUT"], f"profile_b{B}_{gkey[0]}.txt").write_text(table)
+                        name = "_".join(map(str, gkey[:4] if gkey[0] == "spec" else gkey[:1]))
+                        Path(os.environ["OUT"], f"profile_b{B}_{name}.txt").write_text(table)
                 except Exception as e:  # profiler support for graph kernels varies
                     lines.append(f"  (profiler: {type(e).__name__}: {e})")
     return "\n".join(lines)
