@@ -8,7 +8,8 @@ request rate against an OpenAI-compatible server; request throughput, output tok
     python bench/serve.py --model CKPT_DIR --concurrency 16 --request-rate 8
 
 --slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
-one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count.
+one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count; --overlap on
+off the server with and without the look-ahead of its greedy decode steps.
 --speculative 0 3 auto: the same runs without and with MTP speculation (a started server's --speculative K or
 auto; every request speculates); a run's MTP acceptance and its steps by drafts per request (from the server's
 /metrics counters) are reported when it speculated. --shared-prefix N: every prompt starts with the same N tokens
@@ -150,7 +151,8 @@ def random_checkpoint(preset: str, device: str) -> Path:
     return d
 
 
-def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None):
+def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None,
+                 overlap: str = "on"):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
            "--name", "bench", "--device", args.device, "--max-slots", str(slots), "--speculative", str(speculative),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
@@ -159,6 +161,8 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0"
                     ("--threads", threads)):
         if v is not None:  # otherwise the server's default
             cmd += [flag, str(v)]
+    if overlap == "off":
+        cmd.append("--no-overlap")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
     import urllib.request
@@ -240,6 +244,8 @@ def main() -> int:
     ap.add_argument("--prefill-tokens", type=int, default=None, help="started server: its --prefill-tokens")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="started CPU server: its --threads, one run per value (default: the server's default)")
+    ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
+                    help="started server: on (its default) or off (--no-overlap), one run per value")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
     ap.add_argument("--json", help="append one JSON line per run to this file")
@@ -254,14 +260,15 @@ def main() -> int:
     ckpt = None
     if args.url is None:
         ckpt = Path(args.model) if args.model else random_checkpoint(args.preset, args.device)
-    slot_runs = [(None, None, None)] if args.url else [(slots, k, t) for k in args.speculative
-                                                        for slots in (args.slots or [max(args.concurrency)])
-                                                        for t in (args.threads or [None])]
-    for slots, spec, threads in slot_runs:
+    slot_runs = [(None, None, None, None)] if args.url else [(slots, k, t, o) for k in args.speculative
+                                                              for slots in (args.slots or [max(args.concurrency)])
+                                                              for t in (args.threads or [None])
+                                                              for o in args.overlap]
+    for slots, spec, threads, overlap in slot_runs:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args, ckpt, slots, args.port, spec, threads)
+            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap)
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/v1/models") as r:
@@ -285,13 +292,14 @@ def main() -> int:
                 r["spec_draft_tokens"], r["spec_accepted_tokens"] = delta.get("draft", 0), delta.get("accepted", 0)
                 r["spec_steps"] = {n: v for n, v in delta.items() if n.startswith("k=") and v}
                 tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
-                       f"{'' if threads is None else f' threads={threads}'} concurrency={c} "
+                       f"{'' if threads is None else f' threads={threads}'}"
+                       f"{' overlap=off' if overlap == 'off' else ''} concurrency={c} "
                        f"in={args.input_len} out={args.output_len}"
                        f"{f' range-ratio={args.range_ratio}' if args.range_ratio else ''}")
                 report(tag, r)
                 if args.json:
                     with open(args.json, "a") as f:
-                        f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads,
+                        f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads, "overlap": overlap,
                                             "temperature": args.temperature,
                                             "concurrency": c, "input_len": args.input_len,
                                             "output_len": args.output_len, "range_ratio": args.range_ratio,

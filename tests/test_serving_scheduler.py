@@ -84,6 +84,49 @@ def test_concurrent_greedy_equals_alone_with_sampling_and_cancels(setup):
         sched.stop()
 
 
+def test_overlapped_steps_give_the_synchronous_outputs(setup):
+    """Greedy decode steps launched ahead of the host (overlap) against the synchronous scheduler, stepped by
+    hand: requests ended by max_tokens, by EOS, by a stop string and by a cancel while their next token is in
+    flight, joined by a request mid-run; the same events' tokens and texts, and the in-flight rows of ended
+    requests dropped."""
+    model, tok = setup
+    g = torch.Generator().manual_seed(5)
+    V = model.config.vocab_size
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (4, 9, 6, 12, 7)]
+    ref = alone(model, tok, prompts[2], 12)
+    stop = tok.decode([ref[4]])  # request 2 stops at (or before) its fifth token
+    assert stop.strip()
+
+    def run(overlap):
+        sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=8, prefix_blocks=0,
+                          overlap=overlap)
+        reqs = [Request(prompts[0], 3), Request(prompts[1], 40, eos=tuple(tok.eos_token_ids)),
+                Request(prompts[2], 12, stop=(stop,)), Request(prompts[3], 30), Request(prompts[4], 6)]
+        logs = []
+        for r in reqs:
+            events, _, r.sink = collector()
+            logs.append(events)
+        for r in reqs[:4]:
+            sched.submit(r)
+        for i in range(60):
+            if i == 6:
+                reqs[3].cancel()
+            if i == 8:
+                sched.submit(reqs[4])
+            sched.step()
+        assert all(log and log[-1].finish for log in logs)
+        return sched, [([t for e in log for t in e.token_ids], "".join(e.text for e in log), log[-1].finish)
+                       for log in logs]
+
+    sync, want = run(False)
+    ahead, got = run(True)
+    assert got[:3] == want[:3] and got[4] == want[4]
+    # cancelled at the same step: the token in flight then is dropped, so it has emitted one fewer
+    assert got[3][0] == want[3][0][:-1] and len(want[3][0]) >= 3
+    assert [f for _, _, f in got] == ["length", want[1][2], "stop", "cancelled", "length"]
+    assert sync.ahead_rows == 0 and ahead.ahead_rows > 20 and ahead.ahead_dropped >= 2  # (the stop, the cancel)
+
+
 def test_sampled_request_is_reproducible_and_follows_seed(setup):
     model, tok = setup
     sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=16).start()
@@ -172,14 +215,15 @@ def test_warmup_leaves_no_trace(setup):
         sched.stop()
 
 
-def test_long_prompt_prefills_in_chunks_between_decode_steps(setup):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_long_prompt_prefills_in_chunks_between_decode_steps(setup, overlap):
     model, tok = setup
-    sched = Scheduler(model, tok, max_slots=2, max_context=256, prefill_chunk=16)  # stepped by hand
+    sched = Scheduler(model, tok, max_slots=2, max_context=256, prefill_chunk=16, overlap=overlap)  # by hand
     a_events, _, a_sink = collector()
     b_events, _, b_sink = collector()
     sched.submit(Request([5, 6, 7], 100, sink=a_sink))
-    sched.step()  # A prefilled (its first token) and one decode step (its second)
-    assert len(a_events) == 2
+    sched.step()  # A prefilled (its first token) and one decode step (its second: in flight with overlap)
+    assert len(a_events) == (1 if overlap else 2)
     sched.submit(Request(list(range(3, 203)), 4, sink=b_sink))  # 200 tokens: 13 chunks of <= 16
     steps = 0
     while not b_events:
@@ -190,9 +234,11 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(setup):
     assert steps == 13 and sched.metrics.prompt_tokens == 203
 
 
-def test_prefills_of_one_step_share_a_forward_and_equal_alone(setup):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prefills_of_one_step_share_a_forward_and_equal_alone(setup, overlap):
     model, tok = setup
-    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0)  # by hand
+    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0,
+                      overlap=overlap)  # stepped by hand
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (10, 10, 5, 10)]
     runs = []
@@ -204,16 +250,20 @@ def test_prefills_of_one_step_share_a_forward_and_equal_alone(setup):
     sched.step()
     # three chunks of 10 tokens in one forward over rows [0, 4) (row 2 idle), the 5-token one in another
     assert sched.prefill_forwards == 2
-    assert all(len(ev) == 2 for _, ev in runs)  # first token (prefill) and second (decode step)
+    # first token (prefill) and second (decode step; in flight with overlap)
+    assert all(len(ev) == (1 if overlap else 2) for _, ev in runs)
     while any(not any(e.finish for e in ev) for _, ev in runs):
         sched.step()
     for p, (_, ev) in zip(prompts, runs, strict=True):
         assert [t for e in ev for t in e.token_ids] == alone(model, tok, p, 9)
 
 
-def test_admit_wait_admits_arrivals_in_groups(setup):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_admit_wait_admits_arrivals_in_groups(setup, overlap):
     model, tok = setup
-    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0, admit_wait=2.0)
+    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0, admit_wait=2.0,
+                      overlap=overlap)
+    first = 1 if overlap else 2  # events after a request's first step: the decode step's token is in flight
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, model.config.vocab_size, (6,), generator=g).tolist() for _ in range(5)]
     runs = []
@@ -222,7 +272,7 @@ def test_admit_wait_admits_arrivals_in_groups(setup):
         runs.append((Request(p, 40, sink=sink), events))
     sched.submit(runs[0][0])
     sched.step()  # nothing decoding: admitted at once
-    assert sched.running() == 1 and len(runs[0][1]) == 2
+    assert sched.running() == 1 and len(runs[0][1]) == first
     sched.submit(runs[1][0])
     sched.step()  # A decodes; B (1 waiting, 3 slots free, waited < 2 s) waits
     assert sched.running() == 1 and len(sched.waiting) == 1 and not runs[1][1]
@@ -231,7 +281,7 @@ def test_admit_wait_admits_arrivals_in_groups(setup):
     before = sched.prefill_forwards
     sched.step()  # 3 waiting fill the 3 free slots: admitted together, one prefill forward
     assert sched.running() == 4 and sched.prefill_forwards == before + 1
-    assert all(len(ev) == 2 for _, ev in runs[1:4])
+    assert all(len(ev) == first for _, ev in runs[1:4])
     while any(not any(e.finish for e in ev) for _, ev in runs[:4]):
         sched.step()
     sched.submit(runs[4][0])  # alone again: admitted at once

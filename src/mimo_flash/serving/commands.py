@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="take each greedy decode step's tokens before launching the next (default: the next step is "
+                        "launched first, and the host's output work overlaps the GPU's)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's arithmetic on a CPU device (default: every core this "
                         "process may use but one, at least 1: the HTTP side and the clients get the last core "
@@ -90,7 +93,8 @@ def cmd_serve(args) -> int:
                           max_context=min(args.max_context, model.config.max_position_embeddings),
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
                           cuda_graphs=False if args.no_cuda_graphs else "auto", prefill_tokens=args.prefill_tokens,
-                          admit_wait=args.admit_wait, speculative_k=spec_k)
+                          admit_wait=args.admit_wait, speculative_k=spec_k,
+                          overlap=not args.no_overlap)
     except ValueError as e:
         raise UserError(str(e)) from None
     server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,

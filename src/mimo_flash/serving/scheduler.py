@@ -14,7 +14,13 @@ Every step (Scheduler.step):
   4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
-     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling;
+     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling.
+     overlap=True (default): while every decoding row is greedy without logprobs or speculation, the step
+     is launched before the previous one's tokens are taken: its inputs are those tokens as the previous
+     step left them on the device, and the host emits them (detokenizing, stop strings, events) while the
+     GPU computes the next step. A row whose previous token could end it by length is not launched ahead;
+     one that a stop string or EOS ends computes one token for nothing, dropped (its slot is reset at the
+     next admission, in stream order after that step);
   5. with speculative_k=K > 0: one MTP-speculative step for every decoding slot (greedy or sampled, each row
      with its own parameters, generator and repetition penalty; logprobs from the verification logits:
      serving/speculate.py), which step 4 then leaves out: K drafts each, one verification forward over rows
@@ -140,6 +146,16 @@ class _Slot:
         return not self.req.params.do_sample and self.seen is None
 
 
+@dataclass
+class _Inflight:
+    """A launched greedy decode step (Scheduler._decode_ahead): (slot, input position) per row, the tokens
+    [rows] on their way to the host, the event after their copy (None on CPU)."""
+
+    rows: list[tuple[_Slot, int]]
+    host: torch.Tensor
+    done: object
+
+
 def _top(lsm: torch.Tensor, k: int) -> TopLogprobs:
     if k <= 0:
         return []
@@ -159,11 +175,13 @@ class Scheduler:
     MTP layers); their prompts reuse prefix-cache blocks only up to K * sliding_window positions before
     their end (the MTP layers are primed from the main model's hidden states there). "auto": adaptive K,
     0 .. min(3, the MTP layers) drafts per step, whichever gives the most tokens per second (never slower
-    than plain decoding once it has measured both)."""
+    than plain decoding once it has measured both). overlap: greedy decode steps launched one ahead of the
+    host's output work (the module docstring's step 4; not for a tensor / expert parallel model)."""
 
     def __init__(self, model, tokenizer, max_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, prefix_blocks: int = 64, cuda_graphs="auto", compile: bool = False,
-                 prefill_tokens: int | None = None, admit_wait: float = 0.0, speculative_k: int | str = 0):
+                 prefill_tokens: int | None = None, admit_wait: float = 0.0, speculative_k: int | str = 0,
+                 overlap: bool = True):
         config = model.config
         limit = config.max_position_embeddings
         S = limit if max_context is None else max_context
@@ -214,6 +232,12 @@ class Scheduler:
         # a parallel model's rank 0: a distributed.steps.StepBroadcaster (serving/commands.py sets it)
         self.broadcaster = None
         self._sent = 0
+        # (every rank of a parallel model must launch the same forwards: no look-ahead there)
+        self.overlap = overlap and getattr(model, "parallel", None) is None
+        self._inflight: _Inflight | None = None  # a launched decode step whose tokens are not taken yet
+        self._ahead_tok = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # its tokens, per row
+        self.ahead_rows = 0  # rows launched ahead of their previous token (overlap)
+        self.ahead_dropped = 0  # rows whose token in flight was dropped (their request had ended)
 
     # ------------------------------------------------------------------ front
     def check(self, prompt_len: int, max_tokens: int) -> None:
@@ -266,6 +290,7 @@ class Scheduler:
                     self.step()
             except Exception as e:  # a failed forward: end what was running, keep serving
                 msg = f"{type(e).__name__}: {e}"
+                self._inflight = None
                 for s in self.slots:
                     if s is not None:
                         self._finish(s, "error", error=msg)
@@ -499,6 +524,11 @@ class Scheduler:
     def _decode(self, with_spec: bool = False) -> None:
         """One plain decode step: the slots that do not speculate, and (with_spec: k = 0) those that do."""
         active = [s for s in self.slots if s is not None and s.decoding and (with_spec or not s.spec)]
+        if self.overlap and active and all(s.plain_greedy and s.req.logprobs is None and not s.spec
+                                           for s in active):
+            self._decode_ahead(active)
+            return
+        self._flush()
         if not active:
             return
         n = self._bucket(max(s.i for s in active) + 1)  # slots are taken lowest first: few rows, small batch
@@ -523,6 +553,61 @@ class Scheduler:
             self.spec.plain(n, [s.i for s in spec], pos0, ids0, [s.last for s in spec], h)
             with self.metrics.lock:
                 self.metrics.spec_steps[0] = self.metrics.spec_steps.get(0, 0) + 1
+
+    def _decode_ahead(self, active: list[_Slot]) -> None:
+        """A greedy decode step launched before the tokens of the step in flight are taken (overlap): rows in
+        that step read their input token from it on the device, at the position after its input's."""
+        prev = self._inflight
+        ahead = {} if prev is None else {s.i: p + 1 for s, p in prev.rows if self.slots[s.i] is s}
+        rows = []
+        for s in active:
+            if s.i not in ahead:
+                rows.append((s, s.pos))
+            elif s.n_out + 1 < s.req.max_tokens and ahead[s.i] + 1 < self.S:  # (else _take ends it by length)
+                rows.append((s, ahead[s.i]))
+        if not rows:
+            self._flush()
+            return
+        n = self._bucket(max(s.i for s, _ in rows) + 1)
+        tok, pos, valid, dev = [0] * n, [0] * n, [0] * n, [0] * n
+        for s, p in rows:
+            tok[s.i], pos[s.i], valid[s.i], dev[s.i] = s.last, p, 1, int(s.i in ahead)
+        x = torch.tensor([tok, pos, valid, dev], device=self.device)[:, :, None]  # one host-to-device copy
+        ids = torch.where(x[3] != 0, self._ahead_tok[:n, None], x[0])
+        v = None if len(rows) == n else x[2] != 0
+        logits, _ = self._runner(n).main(ids, x[1], v, max(pos) + 1, logits="last", graph=True)
+        self.decode_forwards += 1
+        new = logits[:, -1].argmax(-1)
+        self._ahead_tok[:n].copy_(new)
+        if self.device.type == "cuda":  # to the host without waiting: the host waits when it takes them
+            host = torch.empty(n, dtype=torch.long, pin_memory=True)
+            host.copy_(new, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = new, None
+        self._inflight = _Inflight(rows, host, done)
+        self.ahead_rows += sum(s.i in ahead for s, _ in rows)
+        if prev is not None:
+            self._take_inflight(prev)
+
+    def _flush(self) -> None:
+        """Take the tokens of the decode step in flight, if any."""
+        if self._inflight is not None:
+            prev, self._inflight = self._inflight, None
+            self._take_inflight(prev)
+
+    def _take_inflight(self, step: _Inflight) -> None:
+        if step.done is not None:
+            step.done.synchronize()
+        toks = step.host.tolist()
+        for s, p in step.rows:
+            if self.slots[s.i] is not s:  # ended by an earlier token (stop, EOS) or cancelled: dropped
+                self.ahead_dropped += 1
+                continue
+            assert s.pos == p, (s.pos, p)
+            s.pos += 1
+            self._take(s, None, toks[s.i])
 
     def _speculate(self, k: int) -> None:
         """One speculative step with k > 0 drafts for the slots that speculate (the module docstring's step 5)."""
