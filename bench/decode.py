@@ -278,7 +278,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true",
                     help="options().decode_triton='off' for the whole run: batch-1 steps, speculative verifications "
                          "and MTP drafts through the compiled path (to compare with a run without this flag)")
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
+                    help="set options().NAME for the whole run (e.g. decode_grouped_experts=true); repeatable")
     args = ap.parse_args(argv)
+    if args.option:  # before anything reads the options
+        from mimo_flash.options import set_options
+        try:
+            set_options(**{k: json.loads(v) for k, _, v in (o.partition("=") for o in args.option)})
+        except (ValueError, TypeError) as e:
+            ap.error(f"--option: {e}")
     if args.no_triton:
         from mimo_flash.options import set_options
         set_options(decode_triton="off")

@@ -43,7 +43,7 @@ def test_router_decode_backend_equals_route(N):
 @pytest.mark.parametrize("N", [1, 2, 16])  # gather path (N * k <= E / 2) and the all-experts path
 def test_experts_decode_backend_equals_reference(N):
     g = torch.Generator().manual_seed(4 + N)
-    E, D, I, k = 8, 16, 12, 2
+    E, D, I, k = 8, 16, 16, 2  # (rows of 16-byte multiples: what torch._grouped_mm takes)
     gate_up, down = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
     x = torch.randn(N, D, generator=g)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
@@ -54,6 +54,20 @@ def test_experts_decode_backend_equals_reference(N):
         fixed = moe_ops.experts(x, idx, w, gate_up, down, "reference")  # a module's own choice wins
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(fixed, want)
+    # decode_grouped_experts: the all-experts path as grouped GEMMs over the sorted pairs (some experts get none),
+    # eager and traced by torch.compile; the gather path (N * k <= E / 2) is unchanged
+    idx[:, 0] = idx[:, 0] % 3  # experts 3.. are chosen less, and some not at all
+    idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % 3, idx[:, 1] % 6)
+    want = moe_ops.experts_reference(x, idx, w, gate_up, down)
+    bf = [t.bfloat16() for t in (x, gate_up, down)]  # (torch.compile's _grouped_mm takes bf16 only)
+    with override(experts="decode", decode_grouped_experts=True):
+        eager = moe_ops.experts(x, idx, w, gate_up, down, "auto")
+        traced = torch.compile(moe_ops.experts_decode, fullgraph=True, dynamic=False)(bf[0], idx, w, *bf[1:])
+    torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-4)
+    assert float((traced.float() - want).norm() / want.norm()) < 2e-2
+    if N * k * 2 > E:
+        assert not torch.equal(moe_ops.experts_sorted(x, idx, w, gate_up, down),
+                               moe_ops.experts_decode(x, idx, w, gate_up, down))  # (the other path ran above)
 
 
 def test_linear_reduction_backend_equals_f_linear():

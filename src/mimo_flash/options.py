@@ -69,6 +69,9 @@ class Options:
     attention: str = "auto"  # ops/attention.py: auto | reference | blocked | sdpa | flex | cudnn | triton
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
+    # the decode backend with at least E/2 (token, expert) pairs: torch._grouped_mm over the pairs sorted by
+    # expert (argsort; traceable, no host sync) instead of every expert on every token
+    decode_grouped_experts: bool = False
     linear: str = "auto"  # ops/linear.py: auto | gemm (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
     fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)
     fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton | w8a8 (FP8Experts modules)

@@ -276,10 +276,15 @@ def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     x [N, D], idx [N, k], w [N, k] fp32, gate_up [E, 2I, D], down [E, D, I] -> [N, D].
     When N * k <= E / 2 each (token, slot) pair reads its expert's weights directly (batch-1 decode reads
     only the chosen experts); otherwise every expert runs on every token and the routing weights (zero
-    for experts not chosen) combine them (large batches touch every expert anyway).
+    for experts not chosen) combine them (large batches touch every expert anyway), or, with
+    options().decode_grouped_experts, one grouped GEMM per projection over the pairs sorted by expert
+    (experts_sorted: the same bytes, k/E of the arithmetic).
     """
     N, k = idx.shape
     E = gate_up.shape[0]
+    if N * k * 2 > E and options().decode_grouped_experts and hasattr(torch, "_grouped_mm") and \
+            (not x.is_cuda or grouped_mm_supported(x, gate_up, down)):
+        return experts_sorted(x, idx, w, gate_up, down)
     if N * k * 2 <= E:
         flat = idx.reshape(-1)
         xk = x[:, None, :].expand(N, k, x.shape[-1]).reshape(N * k, -1)
@@ -300,6 +305,23 @@ def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     y = torch.matmul(F.silu(gate) * up, down.transpose(1, 2))  # [E, N, D]
     wd = torch.zeros(N, E, device=x.device, dtype=torch.float32).scatter(1, idx, w.float())
     return (y.float() * wd.t()[..., None]).sum(0).to(x.dtype)
+
+
+def experts_sorted(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """experts_grouped_mm in torch ops only (a stable argsort for the expert order, a gather, index_add_ for the
+    sum in fp32): traceable by torch.compile, no host sync (CUDA-graph safe). Same contract as
+    experts_reference."""
+    N, k = idx.shape
+    E = gate_up.shape[0]
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    offs = expert_counts(idx, E).cumsum(0).to(torch.int32)
+    tok = order // k
+    h = torch._grouped_mm(x[tok], gate_up.transpose(-2, -1), offs=offs)  # [N*k, 2I]
+    gate, up = h.float().chunk(2, dim=-1)
+    a = (F.silu(gate) * up * w.reshape(-1)[order, None].float()).to(x.dtype)  # routing weight before down
+    y = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [N*k, D]
+    return torch.zeros(N, x.shape[-1], device=x.device, dtype=torch.float32).index_add_(0, tok, y.float()).to(x.dtype)
 
 
 EXPERT_BACKENDS = {"reference": experts_reference, "grouped": experts_grouped, "grouped_mm": experts_grouped_mm,
