@@ -140,7 +140,7 @@ def graph_report(model, B: int) -> str:
         for gkey, (g, _, _) in runner.graphs.items():
             if not isinstance(g, torch.cuda.CUDAGraph):
                 continue
-            n = gkey[3] if gkey[0] == "greedy" else 1  # steps per replay
+            n = gkey[3] if gkey[0] == "greedy" else gkey[5] if gkey[0] == "spec" and len(gkey) > 5 else 1  # steps
             lines.append(f"graph {gkey}: {replay_us(g) / n:.0f} us per step")
             if gkey[0] in ("main-triton", "spec") or (gkey[0] == "main" and gkey[2] == 1):  # (a spec step: per k)
                 try:

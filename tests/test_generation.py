@@ -167,6 +167,39 @@ def test_speculative_greedy_equals_plain(K):
     assert torch.equal(one, plain[:1])
 
 
+def test_speculative_chunks_of_graphed_steps_equal_plain(monkeypatch):
+    """generate()'s greedy speculative steps in chunks of up to SPEC_CHUNK per graph (cuda_graphs=True runs the
+    graph-shaped code on the CPU): plain greedy's tokens, on a left-padded batch, with an EOS met inside a chunk
+    (rows then finish at different steps); the last steps, near the cache's end, one at a time."""
+    from mimo_flash.generation import engine
+
+    sizes = []
+    orig = engine.spec_chunk
+    monkeypatch.setattr(engine, "spec_chunk", lambda runner, st, n, frozen=None: sizes.append(n) or
+                        orig(runner, st, n, frozen))
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    for K in (1, 3):
+        plain = generate(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[], num_speculative_tokens=K,
+                       cuda_graphs=True)
+        assert torch.equal(out, plain), K
+        eos = int(plain[0, 12 + 17])
+        plain = generate(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=0,
+                       num_speculative_tokens=K, cuda_graphs=True)
+        assert torch.equal(out, plain), K
+    # chunks whose steps cross the 256-key bucket (the graph's bucket covers the chunk's last step)
+    wide = tiny_model(vocab_size=256)
+    long = torch.randint(0, 256, (1, 253), generator=torch.Generator().manual_seed(17))
+    plain = generate(wide, long, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(generate(wide, long, max_new_tokens=30, eos_token_id=[], num_speculative_tokens=1,
+                                cuda_graphs=True), plain)
+    assert sizes.count(engine.SPEC_CHUNK) >= 5 and min(sizes) >= 2
+
+
 def test_speculative_with_eos_and_repetition_penalty():
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (2, 8), generator=torch.Generator().manual_seed(7))

@@ -18,7 +18,7 @@ from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
 from .cache import KVCache
 from .runner import GraphRunner, Runner, kv_bucket
 from .sampling import SamplingParams, choose, process
-from .speculative import SpecRings, spec_prefill, spec_step
+from .speculative import SPEC_CHUNK, SpecRings, spec_chunk, spec_chunk_size, spec_prefill, spec_step
 
 
 @dataclass
@@ -143,10 +143,11 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool, adap
 
     def new_cache():
         # SWA ring slack: speculative steps write up to 2K slots past the accepted tokens; a graphed greedy
-        # chunk runs several times from one state while it is captured (adaptive K: both)
+        # chunk runs several times from one state while it is captured, and so does a graphed chunk of
+        # speculative steps, which advances up to (SPEC_CHUNK - 1)(K + 1) positions more (adaptive K: both)
         return KVCache(config, B, S, device=model.device, dtype=model.dtype, num_mtp=K, slack=slack)
 
-    slack = 2 * K if K else GREEDY_CHUNK - 1
+    slack = 2 * K + (SPEC_CHUNK - 1) * (K + 1) if K else GREEDY_CHUNK - 1
     if adaptive:
         slack = max(slack, PLAIN_CHUNKS[-1] - 1)
 
@@ -277,8 +278,16 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             done = out.done.tolist()
             if all(done):
                 break
-            new, count, counts = spec_step(runner, state, params, generator,
-                                           frozen=out.done.clone() if any(done) else None)
+            frozen = out.done.clone() if any(done) else None
+            n = spec_chunk_size(runner, state, params) if out.streamer is None and out.stopping is None else 1
+            chunk = spec_chunk(runner, state, n, frozen) if n > 1 else None
+            if chunk is not None:  # (a row that finishes inside the chunk verifies to its end: counted in stats too)
+                news, count_n, counts_n = chunk
+                for j in range(n):
+                    stats.verified(K, [c for c, d in zip(counts_n[j], done, strict=True) if not d])
+                    out.add(news[j], count_n[j])
+                continue
+            new, count, counts = spec_step(runner, state, params, generator, frozen=frozen)
             stats.verified(K, [c for c, d in zip(counts, done, strict=True) if not d])
             out.add(new, count)
     clock.mark()

@@ -49,6 +49,9 @@ from .sampling import SamplingParams, process
 # Greedy steps after the first run as one CUDA graph (drafts + verification + accept + rollback) on a
 # GraphRunner; options().spec_graph=False keeps the step-by-step path.
 _GREEDY = SamplingParams(do_sample=False)
+# greedy steps of generate() (fixed K) per CUDA graph: one host sync, and the host's work between steps, per
+# chunk instead of per step (0.5-0.6 ms a step on an H200, docs/BENCHMARKS.md); EOS is seen a chunk late
+SPEC_CHUNK = 4
 
 
 @dataclass
@@ -350,19 +353,21 @@ def _can_graph(runner, st: SpecState, params: SamplingParams) -> bool:
             and not params.do_sample and st.seen is None and st.h_main is not None and st.K > 0)
 
 
-def _graphed_step(runner, st: SpecState, frozen):
-    """_step_core as one captured step over static copies of the state (keyed by batch, K, k, kv bucket).
-    The rings (adaptive K) are written in place, like the cache."""
+def _graphed_step(runner, st: SpecState, frozen, n: int = 1):
+    """n x _step_core as one captured graph over static copies of the state (keyed by batch, K, k, kv bucket, n).
+    The rings (adaptive K) are written in place, like the cache. Returns (new [n, B, k+1], count [n, B]) for
+    n > 1, else (new [B, k+1], count [B])."""
     K, k, B = st.K, st.k, st.N.shape[0]
-    bucket = kv_bucket(st.n_max + k + 1, runner.cache.S)
-    key = ("spec", B, K, k, bucket)
+    n_max = st.n_max + (n - 1) * (k + 1)  # (a bound on every row's N at the chunk's last step)
+    bucket = kv_bucket(n_max + k + 1, runner.cache.S)
+    key = ("spec", B, K, k, bucket) if n == 1 else ("spec", B, K, k, bucket, n)
     # (always a frozen mask: one graph whether or not rows are done)
     fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)
     inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main, frozen=fz)
     n_stash = max(k - 1, 0)  # what the step reads (a step after a larger k holds more): fixed per key
     for j, t in enumerate(st.stash[:n_stash]):
         inputs[f"stash{j}"] = t
-    n_max, rings = st.n_max, st.rings
+    rings = st.rings
 
     def fn(N, N_prev, tok, recent, h_main, frozen, **stash):
         s = SpecState(K=K, N=N, N_prev=N_prev, tok=tok, recent=recent, h_main=h_main,
@@ -370,7 +375,12 @@ def _graphed_step(runner, st: SpecState, frozen):
                       n_max=n_max, k=k, rings=rings)
         # (one row: no mask, so that verification may take the batch-1 Triton step; a single frozen row never
         # steps: generate() has ended, and the server's warm-up steps write a row that admission resets)
-        new, count = _step_core(runner, s, _GREEDY, None, frozen if B > 1 else None)
+        news, counts = [], []
+        for _ in range(n):
+            new, count = _step_core(runner, s, _GREEDY, None, frozen if B > 1 else None)
+            news.append(new)
+            counts.append(count)
+        new, count = (news[0], counts[0]) if n == 1 else (torch.stack(news), torch.stack(counts))
         out = dict(new=new, count=count, N=s.N, N_prev=s.N_prev, tok=s.tok, recent=s.recent, h_main=s.h_main,
                    drafts=s.drafts, logits=s.logits)
         for j, t in enumerate(s.stash):
@@ -384,6 +394,27 @@ def _graphed_step(runner, st: SpecState, frozen):
     st.drafts, st.q, st.logits = out["drafts"], None, out["logits"]
     st.fresh = min(st.fresh, k)
     return out["new"], out["count"]
+
+
+def spec_chunk_size(runner, st: SpecState, params: SamplingParams) -> int:
+    """How many greedy speculative steps the next captured graph may run (1: one step, spec_step): up to
+    SPEC_CHUNK where whole steps are graphed, as long as every row's positions stay inside the cache (rows that
+    finish inside a chunk keep stepping to its end)."""
+    if not _can_graph(runner, st, params):
+        return 1
+    room = (runner.cache.S - 1 - st.K - st.n_max) // (st.k + 1)
+    return max(1, min(SPEC_CHUNK, room))
+
+
+def spec_chunk(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None):
+    """n > 1 greedy speculative steps (spec_chunk_size) as one CUDA graph and one host sync: returns (new
+    [n, B, k+1], count [n, B], counts as host lists per step). Each step is spec_step's; rows frozen at the
+    start stay frozen, and rows that finish inside the chunk keep stepping (the caller drops their tokens)."""
+    new, count = _graphed_step(runner, st, frozen, n)
+    host = torch.cat([count.reshape(-1), st.N.max()[None]]).tolist()  # the chunk's one host sync
+    st.n_max = host[-1]
+    B = count.shape[1]
+    return new, count, [host[j * B:(j + 1) * B] for j in range(n)]
 
 
 def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
