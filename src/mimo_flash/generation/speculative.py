@@ -409,8 +409,13 @@ def spec_chunk_size(runner, st: SpecState, params: SamplingParams) -> int:
 def spec_chunk(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None):
     """n > 1 greedy speculative steps (spec_chunk_size) as one CUDA graph and one host sync: returns (new
     [n, B, k+1], count [n, B], counts as host lists per step). Each step is spec_step's; rows frozen at the
-    start stay frozen, and rows that finish inside the chunk keep stepping (the caller drops their tokens)."""
-    new, count = _graphed_step(runner, st, frozen, n)
+    start stay frozen, and rows that finish inside the chunk keep stepping (the caller drops their tokens). None
+    if the graph failed (the runner then takes single steps, step by step, and says so in `notes`)."""
+    try:
+        new, count = _graphed_step(runner, st, frozen, n)
+    except Exception as e:
+        runner.graph_failed("spec", e)
+        return None
     host = torch.cat([count.reshape(-1), st.N.max()[None]]).tolist()  # the chunk's one host sync
     st.n_max = host[-1]
     B = count.shape[1]
