@@ -2,7 +2,7 @@
 
 Shapes: B rows, P prompt columns (left padding), V vocabulary, D hidden size, K speculative tokens.
 (Slightly over 500 lines: the input checks, the runner choice and the three decode loops (plain, graphed
-greedy chunks, speculative with adaptive K) share the Output/_Clock bookkeeping kept here.)
+greedy chunks, speculative in graphed chunks or with adaptive K) share the Output/_Clock bookkeeping kept here.)
 """
 
 from __future__ import annotations

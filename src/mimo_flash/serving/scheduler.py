@@ -1,5 +1,6 @@
 """Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
-(Over 500 lines: admission, batched prefill, decode and output all work on the slots' state; one class.)
+(Over 500 lines: admission, batched prefill, decode (overlapped greedy steps included) and output all read and
+write the slots' state; one class.)
 
 Every step (Scheduler.step):
   1. requests cancelled by their client leave (their slot is free at once);
