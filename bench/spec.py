@@ -10,7 +10,9 @@
    schedule's length is set from the speed of the first steps).
 3. Decoding of held-out prompts (--prompt-len tokens, --new-tokens new, no EOS) at each batch size, greedy and
    sampled (temperature 0.8), plain (K=0), K = 1, 2, 3 and adaptive ("auto"; its controller is kept from the
-   warm-up call to the timed one). Every setting runs once to warm up (graph capture) and once timed.
+   warm-up call to the timed one). On CUDA the graphed steps are compiled (generate(compile=True), as
+   bench/decode.py times them). Every setting runs to warm up (compile, graph capture) until a call captures
+   nothing new (at most three calls), then once timed.
    speed-up = plain decode time / this decode time (the same tokens: no EOS); e2e includes the prefill.
    Batch 1 greedy: the step's time against its byte floor (weights and cache it must read, the experts of all
    k+1 verified tokens counted, and the k MTP layers with their lm_head reads) at the measured copy bandwidth.
@@ -175,7 +177,8 @@ def step_floor_bytes(model, S: int, kv_len: int, k: int) -> int:
 # ------------------------------------------------------------------------------------------ decoding
 def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None):
     """One timed generate call (after the caller's warm-up) -> (tokens [B, new], stats, wall seconds)."""
-    kw = dict(max_new_tokens=new, eos_token_id=[], num_speculative_tokens=K, seed=seed, return_stats=True)
+    kw = dict(max_new_tokens=new, eos_token_id=[], num_speculative_tokens=K, seed=seed, return_stats=True,
+              compile=ids.is_cuda)  # the compiled graphed steps (bench/decode.py's), not graphs of eager code
     if sample:
         kw.update(do_sample=True, temperature=TEMPERATURE)
     if adaptive is not None:
@@ -207,8 +210,18 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
             ctl = {False: AdaptiveK(k_max), True: AdaptiveK(k_max)} if K == "auto" else {False: None, True: None}
             kk = k_max if K == "auto" else K
             for sample in (False, True):
-                run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])  # warm-up: captures graphs
+                # warm-up: compiles and captures graphs, until a call needs no new ones (auto's controller, kept
+                # from call to call, may choose differently in the next call)
+                built = run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])[1].capture_seconds
+                for _ in range(2):
+                    again = run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])[1].capture_seconds
+                    if again == built:
+                        break
+                    built = again
                 toks, st, wall = run(model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample])
+                if st.capture_seconds != built:
+                    log(f"batch {B} K={K} {'sampled' if sample else 'greedy'}: the timed call captured graphs "
+                        f"({st.capture_seconds - built:.2f} s)")
                 if K == 0:
                     base[sample] = (toks, st, wall)
                 b = base[sample]

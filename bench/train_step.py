@@ -9,7 +9,10 @@ Ours runs with return_logits=False (the loss's backward reuses the logits buffer
 replayed per step (same math, no launch gaps); it falls back to a note if capture fails.
 --trainer adds the Trainer's own step on the same rows: bf16 weights (dtype bfloat16), no MTP, no clipping
 and no balancing, as the step above; it also measures the gradient norm, samples and copies its rows and
-reads its metrics back every step (its back-to-back time is its fit() loop).
+reads its metrics back every step (its back-to-back time is its fit() loop). --packed gives the Trainer the
+same tokens as documents of random lengths packed with segments (the masked attention paths that real data
+takes), and its first step's time (compilation) is printed; with --mtp its MTP loss is on. A stuck run prints
+every thread's stack on SIGUSR1 (`timeout -s USR1 -k 20 300 python bench/train_step.py ...`).
 Each row has two times: "ms/step", the median of steps each synchronised and timed on its own (the host
 issues every step from an idle GPU), and "back to back", the mean over twice as many steps issued one after
 the other with no synchronisation between them, as a training loop runs (the host issues a step while the
@@ -21,6 +24,8 @@ GPU finishes the one before). Speed-ups compare like with like.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import time
 
 import torch
@@ -173,10 +178,26 @@ def gap_report(replay, name: str = "train_step") -> str:
     return f"{name}, one step profiled: " + lines[0] + "; " + lines[1]
 
 
-def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: int):
-    """The Trainer's train_step on the rows of ids (one document each), from the same weights; then its
-    fit() loop (which issues each step before it reads the last one's metrics): 2 steps to warm up, then
-    2 * iters timed."""
+def packed_rows(ids: torch.Tensor):
+    """The tokens of ids cut into documents of random lengths (8 .. T), packed as pack_documents packs them:
+    positions restart at each document, one segment per document (the model masks attention by segment)."""
+    from mimo_flash.training.data import Document, pack_documents
+    B, T = ids.shape
+    flat, g = ids.cpu().reshape(-1).tolist(), torch.Generator().manual_seed(0)
+    docs, i = [], 0
+    while i < len(flat):
+        n = int(torch.randint(8, T + 1, (1,), generator=g))
+        docs.append(Document(flat[i:i + n]))
+        i += n
+    return pack_documents(docs, T)
+
+
+def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: int, packed: bool = False,
+                    mtp: bool = False):
+    """The Trainer's train_step on the rows of ids (one document each; packed: documents of random lengths, see
+    packed_rows), from the same weights; then its fit() loop (which issues each step before it reads the last
+    one's metrics): 2 steps to warm up, then 2 * iters timed. The first step's time (compilation included) is
+    kept in measure_trainer.first_s."""
     from mimo_flash.training import TrainConfig, Trainer
     from mimo_flash.training.data import PackedRows
     from mimo_flash.distributed import ParallelContext
@@ -184,11 +205,17 @@ def measure_trainer(config: MiMoConfig, state: dict, ids: torch.Tensor, iters: i
     model.load_state_dict(state)
     B, T = ids.shape
     x = ids.cpu()
-    rows = PackedRows(x, x.clone(), torch.arange(T).expand(B, T).clone(), torch.zeros(B, T, dtype=torch.long))
-    cfg = TrainConfig(steps=1000, batch_size=B, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, mtp=False,
+    rows = packed_rows(ids) if packed else \
+        PackedRows(x, x.clone(), torch.arange(T).expand(B, T).clone(), torch.zeros(B, T, dtype=torch.long))
+    cfg = TrainConfig(steps=1000, batch_size=B, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, mtp=mtp,
                       bias_update_rate=0.0, dtype="bfloat16", shuffle=False, progress=False, plot=False)
     trainer = Trainer(model, rows, cfg, ParallelContext(device=torch.device("cuda")))
     recs = []
+    t0 = time.perf_counter()
+    recs.append(trainer.train_step())
+    torch.cuda.synchronize()
+    measure_trainer.first_s = time.perf_counter() - t0
+    print(f"Trainer: first step {measure_trainer.first_s:.1f} s (packed={packed}, mtp={mtp})", flush=True)
     torch.cuda.reset_peak_memory_stats()
     ms = time_ms(lambda: recs.append(trainer.train_step()), warmup=2, iters=iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -255,6 +282,8 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time ours with the whole step as one CUDA graph")
     ap.add_argument("--trainer", action="store_true", help="also time the Trainer's own step")
+    ap.add_argument("--packed", action="store_true",
+                    help="the Trainer's rows are documents of random lengths packed with segments (with --trainer)")
     ap.add_argument("--torch-adamw", action="store_true", help="also time ours with torch's fused AdamW")
     ap.add_argument("--unfused-loss", action="store_true", help="also time ours with return_logits=True")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one of our steps to $OUT")
@@ -306,8 +335,11 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.trainer:
         try:
-            rows["mimo-flash Trainer.train_step"] = measure_trainer(config, state, ids, args.iters)
-            notes.append("Trainer: losses of steps 1-4 " + ", ".join(f"{x:.5f}" for x in measure_trainer.losses)
+            rows["mimo-flash Trainer.train_step"] = measure_trainer(config, state, ids, args.iters, args.packed,
+                                                                    args.mtp)
+            notes.append(f"Trainer ({'packed documents' if args.packed else 'one document a row'}, MTP "
+                         f"{'on' if args.mtp else 'off'}): first step {measure_trainer.first_s:.1f} s; "
+                         "losses of steps 1-4 " + ", ".join(f"{x:.5f}" for x in measure_trainer.losses)
                          + "; fit()'s own step times (ms): " + ", ".join(map(str, measure_trainer.fit_steps)))
             if measure_trainer.gap_note:
                 notes.append(measure_trainer.gap_note)
@@ -351,4 +383,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     main()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -66,11 +68,11 @@ def test_measured_costs_explore_both_ends_then_interpolate():
     ctl = AdaptiveK(3, explore=2, margin=0.0)
     ctl.alpha = [0.9, 0.9, 0.9]
     order = []
-    for t3, t0 in ((9.0, None), (2.0, None), (2.2, None), (None, 5.0), (None, 1.0), (None, 1.1)):
+    for t3, t0 in ((2.0, None), (2.2, None), (None, 1.0), (None, 1.1)):
         k = ctl.choose()
         order.append(k)
         ctl.timed(k, t3 if k == 3 else t0)
-    assert order == [3, 3, 3, 0, 0, 0]  # the first timing of each (graph capture) is dropped
+    assert order == [3, 3, 0, 0]
     assert ctl.cost(3) == pytest.approx(2.1) and ctl.cost(0) == pytest.approx(1.05)
     assert ctl.cost(1) == pytest.approx(1.05 + (2.1 - 1.05) / 3)  # linear between the measured ends
     # rates: 1/1.05 = 0.95, 1.9/1.4 = 1.357, 2.71/1.75 = 1.549, 3.439/2.1 = 1.638
@@ -92,16 +94,16 @@ def test_probes_refresh_the_plain_cost_while_drafting():
     plain step's cost is otherwise measured only at the start); at k = k_max, at k = 0 only."""
     ctl = AdaptiveK(2, probe_every=3, explore=1, margin=0.0)
     ctl.alpha = [0.9, 0.1]
-    for k, t in ((2, 9.0), (2, 3.0), (0, 9.0), (0, 1.0)):  # explore: both ends (first timings dropped)
+    for k, t in ((2, 3.0), (0, 1.0)):  # explore: both ends
         assert ctl.choose() == k
         ctl.timed(k, t)
-    ctl.timed(1, 9.0)
     ctl.timed(1, 1.2)  # k = 1: 1.9 / 1.2 beats 1 / 1 and 1.99 / 3
     picks = [ctl.choose() for _ in range(9)]
     assert picks == [1, 1, 1, 0, 1, 1, 2, 1, 1] and ctl.k == 1  # (the switch to k = 1 restarts the count)
     ctl.alpha = [0.9, 0.95]  # position 2 now accepted, and k = 2 cheaper: 2.755 / 1.3 beats 1.9 / 1.2
     ctl.timed(2, 1.3)
     ctl.timed(2, 1.3)
+    ctl.timed(2, 1.3)  # (the median of 3.0, 1.3, 1.3, 1.3)
     # (a plain probe is due first), then k = 2; at k_max the probes are plain steps only
     assert [ctl.choose() for _ in range(5)] == [0, 2, 2, 2, 0] and ctl.k == 2
 
@@ -141,6 +143,39 @@ def test_adaptive_greedy_equals_plain_and_fixed_k(cuda_graphs):
     out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=True, step_costs=[1, 9, 9, 9],
                           return_stats=True, **kw)
     assert torch.equal(out, plain) and set(stats.spec_k) == {0} and stats.drafted == 0
+
+
+def test_steps_that_build_graphs_are_not_timed(monkeypatch):
+    """A stretch of decoding during which the runner captured a graph or compiled a step (made slow here: 0.3 s
+    per build) gives the controller no cost: capture time is not a step's cost, and a costly first k = 0 chunk
+    must not make plain decoding look dear."""
+    from mimo_flash.generation.runner import GraphRunner
+
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=40, prefill_chunk=5, cuda_graphs=True,
+              num_speculative_tokens=3)
+    seen: list[float] = []
+
+    class Recording(AdaptiveK):
+        def timed(self, k, seconds_per_step):
+            seen.append(seconds_per_step)
+            super().timed(k, seconds_per_step)
+
+    build = GraphRunner._fn
+
+    def slow_build(self, key, fn, tune):
+        if key not in self.fns:
+            time.sleep(0.3)
+        return build(self, key, fn, tune)
+
+    monkeypatch.setattr(GraphRunner, "_fn", slow_build)
+    ctl = Recording(3)
+    out, stats = generate(model, ids, adaptive=ctl, return_stats=True, **kw)
+    assert torch.equal(out, generate(model, ids, attention_mask=mask, max_new_tokens=40, prefill_chunk=5))
+    assert len(seen) >= 4 and 0 in stats.spec_k and 3 in stats.spec_k
+    assert max(seen) < 0.25, seen  # every stretch that built something (0.3 s at least) was left out
+    assert max(ctl.cost(k) for k in range(4)) < 0.25
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])

@@ -3,14 +3,15 @@
 The controller (`AdaptiveK`) keeps, per draft position j = 1 .. K, the running rate at which draft j is
 accepted given that drafts 1 .. j-1 were (an exponential moving average over the batch's active rows), and the
 cost of a step with k drafts (k = 0: a plain step), measured by the decode loop itself as wall-clock seconds
-between its host syncs (on CUDA: the replays of its graphs) or passed in. A step with k drafts emits, per row,
+between its host syncs (on CUDA: the replays of its graphs; a stretch during which the runner captured a graph or
+compiled a step is not timed) or passed in. A step with k drafts emits, per row,
 
     E[tokens | k] = 1 + sum_{j <= k} prod_{i <= j} alpha_i
 
 tokens, so the controller picks argmax_k E[tokens | k] / cost(k), and changes k only when the new choice
 promises `margin` more tokens per second than the current one. Unmeasured costs are interpolated linearly in k
-between measured ones; without given costs the loop first measures k = K and k = 0 (`explore` steps of each,
-the first of each discarded: it includes capturing graphs). While k < K the later positions' rates are not
+between measured ones; without given costs the loop first measures k = K and k = 0 (`explore` timed steps of
+each). While k < K the later positions' rates are not
 observed; every `probe_every` decisions one step runs at k + 1 to refresh the next one (a probe re-primes the MTP
 layers, so it is rare). While k > 0 with measured costs, probes alternate with plain steps (k = 0) that refresh
 the plain step's cost, which otherwise is never measured again after the start.
@@ -83,7 +84,7 @@ class AdaptiveK:
         """Seconds per step with k drafts: given, measured, or interpolated (None: nothing measured yet)."""
         if self.costs is not None:
             return self.costs[k]
-        known = {j: statistics.median(t[1:]) for j, t in self._times.items() if len(t) > 1}
+        known = {j: statistics.median(t) for j, t in self._times.items() if t}
         if k in known:
             return known[k]
         lo = max((j for j in known if j < k), default=None)
@@ -106,17 +107,18 @@ class AdaptiveK:
                 self.alpha[j - 1] += self.decay * (hit / reach - self.alpha[j - 1])
 
     def timed(self, k: int, seconds_per_step: float) -> None:
+        """A step with k drafts took this long (callers leave out steps that built graphs or compiled code)."""
         t = self._times[k]
         t.append(seconds_per_step)
-        if len(t) > self.samples + 1:
-            del t[1]  # t[0] (the first, with capture) is never used
+        if len(t) > self.samples:
+            del t[0]
 
     # --- the choice
     def choose(self) -> int:
         """The k of the next step (also self.k)."""
         if self.costs is None:
-            for k in (self.k_max, 0):  # measure both ends first (one timing more: the first is dropped)
-                if len(self._times[k]) < self.explore + 1:
+            for k in (self.k_max, 0):  # measure both ends first
+                if len(self._times[k]) < self.explore:
                     self.k = k
                     return k
         up = self.k < self.k_max
@@ -140,14 +142,14 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
     st: the state after spec_prefill (with rings); stats: GenerationStats, updated."""
     chunks = (isinstance(runner, GraphRunner) and not params.do_sample and st.seen is None
               and out.streamer is None and out.stopping is None)
-    t_prev = None
+    t_prev, built = None, runner.builds
     k_prev, n_prev, plain_run = 0, 0, 0
     while True:
         done = out.done.tolist()  # the loop's host sync: the previous phase has finished
         now = time.perf_counter()
-        if t_prev is not None and n_prev:
+        if t_prev is not None and n_prev and runner.builds == built:
             ctl.timed(k_prev, (now - t_prev) / n_prev)
-        t_prev = now
+        t_prev, built = now, runner.builds
         if all(done):
             break
         k = ctl.choose()

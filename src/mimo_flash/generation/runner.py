@@ -39,6 +39,9 @@ class Runner:
         # first use and kept here, like the cache, because captured steps write them in place
         self.spec_rings = None
         self.adaptive = None  # adaptive K's controller with measured costs (adaptive.AdaptiveK), kept across calls
+        # graphs captured and step functions compiled so far (GraphRunner): a call during which it grew paid for
+        # building them, so adaptive K does not take its time as a step's cost
+        self.builds = 0
 
     def graphs_for(self, path: str) -> bool:
         """Whether `path` ("greedy": chunks of greedy steps, "spec": whole speculative steps) may run as one
@@ -153,6 +156,7 @@ class GraphRunner(Runner):
 
     def _fn(self, key, fn, tune: bool):
         if key not in self.fns:
+            self.builds += 1
             f = fn
             if self.compile:
                 opts = {"coordinate_descent_tuning": True} if tune else None
@@ -202,6 +206,7 @@ class GraphRunner(Runner):
         """Capture make_fn()(**inputs) as a CUDA graph once per key (3 warm-up runs on a side stream;
         the graphs share one memory pool), then copy the inputs into its static buffers and replay it."""
         if key not in self.graphs:
+            self.builds += 1
             t0 = time.perf_counter()
             static = {n: t.clone() for n, t in inputs.items()}
             f = make_fn()

@@ -345,12 +345,12 @@ class Scheduler:
             self._admit()
         self._prefill()
         k = spec_k if spec_k is not None else (self.spec.K if self.spec is not None else 0)
-        t0 = time.perf_counter()
+        t0, built = time.perf_counter(), self._builds()
         self._decode(with_spec=k == 0)
         if k:
             self._speculate(k)
         if self.spec is not None:
-            self.spec.timed(time.perf_counter() - t0)
+            self.spec.timed(time.perf_counter() - t0, built=self._builds() != built)
         self._count()
 
     def _spec_choice(self) -> int | None:
@@ -659,6 +659,10 @@ class Scheduler:
         while n < rows:
             n *= 2
         return min(n, self.B)
+
+    def _builds(self) -> int:
+        """Graphs captured and steps compiled by the decode runners so far."""
+        return sum(r.builds for r in self.runners.values())
 
     def _runner(self, n: int) -> Runner:
         """The decode runner over rows [0, n) (a GraphRunner on CUDA: its graphs are per batch size anyway)."""

@@ -130,13 +130,14 @@ class SpecSlots:
         """The controller's current k for bucket n, without counting a decision."""
         return self._ctl(n).k if self.adaptive else self.K
 
-    def timed(self, seconds: float) -> None:
+    def timed(self, seconds: float, built: bool = False) -> None:
         """The decode part of a scheduler step (its forwards, catch-ups and output: what a step's choice of k
         changes) took `seconds`: the cost of the speculating rows' k at their batch bucket (adaptive). (A
-        catch-up after a stretch of plain steps falls in one step: the median of the costs leaves it out.)"""
+        catch-up after a stretch of plain steps falls in one step: the median of the costs leaves it out.)
+        built: the step captured a graph or compiled a step; its time is not a step's cost and is dropped."""
         if self._timing is not None:
             n, k = self._timing
-            if self.adaptive:
+            if self.adaptive and not built:
                 self._ctl(n).timed(k, seconds)
             self._timing = None
 
