@@ -9,7 +9,8 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 
 --slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count; --overlap on
-off the server with and without the look-ahead of its greedy decode steps.
+off the server with and without the look-ahead of its greedy decode steps; --compile: a started server's decode
+graphs compiled (serve --compile; generate's figures in bench/decode.py are of compiled graphs).
 --speculative 0 3 auto: the same runs without and with MTP speculation (a started server's --speculative K or
 auto; every request speculates); a run's MTP acceptance and its steps by drafts per request (from the server's
 /metrics counters) are reported when it speculated. --shared-prefix N: every prompt starts with the same N tokens
@@ -163,6 +164,8 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0"
             cmd += [flag, str(v)]
     if overlap == "off":
         cmd.append("--no-overlap")
+    if args.compile:
+        cmd.append("--compile")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
     import urllib.request
@@ -246,6 +249,7 @@ def main() -> int:
                     help="started CPU server: its --threads, one run per value (default: the server's default)")
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="started server: on (its default) or off (--no-overlap), one run per value")
+    ap.add_argument("--compile", action="store_true", help="started server: its --compile (compiled decode graphs)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
     ap.add_argument("--json", help="append one JSON line per run to this file")

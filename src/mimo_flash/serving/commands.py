@@ -7,6 +7,13 @@ import sys
 from pathlib import Path
 
 
+# The interpreter's thread switch interval while serving (Python's default: 5 ms). The scheduler thread gives up
+# the GIL at every torch call, and the event loop, busy sending every stream's chunks, then keeps it until the
+# interval ends: at 64 streams the steps waited on it. bench/serve.py, tiny preset on the 2-core CPU, 64 slots,
+# concurrency 64 (docs/BENCHMARKS.md): 0.5 ms gave 1.15-1.20x output tok/s over 5 ms; 1 ms and 0.2 ms less.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def register(subparsers) -> None:
     from ..cli import finite_float
     from ..generation.commands import add_fp8_flag, add_parallel_options
@@ -43,6 +50,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may run")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the CUDA-graph decode steps (generate --compile's); the start-up warm-up then "
+                        "compiles one step per batch-size bucket and cache bucket (minutes each on large models: "
+                        "bound them with --max-slots and --max-context)")
     p.add_argument("--no-overlap", action="store_true",
                    help="take each greedy decode step's tokens before launching the next (default: the next step is "
                         "launched first, and the host's output work overlaps the GPU's)")
@@ -94,13 +105,14 @@ def cmd_serve(args) -> int:
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
                           cuda_graphs=False if args.no_cuda_graphs else "auto", prefill_tokens=args.prefill_tokens,
                           admit_wait=args.admit_wait, speculative_k=spec_k,
-                          overlap=not args.no_overlap)
+                          overlap=not args.no_overlap, compile=args.compile)
     except ValueError as e:
         raise UserError(str(e)) from None
     server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,
                           request_timeout=args.request_timeout)
     if model.device.type == "cuda":
-        print(f"capturing decode graphs for {args.max_slots} slots...", file=sys.stderr, flush=True)
+        print(f"{'compiling and ' if args.compile else ''}capturing decode graphs for {args.max_slots} slots...",
+              file=sys.stderr, flush=True)
         print(f"  done in {sched.warmup():.1f} s", file=sys.stderr, flush=True)
     if model.parallel is not None:  # rank 0 serves; the others step their replicas with it (scheduler.py)
         from ..distributed.steps import StepBroadcaster
@@ -110,6 +122,7 @@ def cmd_serve(args) -> int:
             steps.follow()
             return 0
         sched.broadcaster = steps
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     sched.start()
     spec = ("" if not spec_k else f", MTP speculation with {sched.spec.K} drafts" if spec_k != "auto" else
             f", MTP speculation with 0 .. {sched.spec.K} drafts chosen per step")
