@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
+import multiprocessing
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,21 +22,41 @@ import torch
 
 from conftest import tiny_model
 from mimo_flash.serving import OpenAIServer, Scheduler, start_in_thread
+from mimo_flash.serving.scheduler import Event, QueueFull, Request
 from mimo_flash.serving.detok import Detokenizer
 from mimo_flash.serving.parsers import ReplyParser, parse_reply
+from mimo_flash.serving.remote import EngineLink, RemoteScheduler
 from serving_helpers import make_tokenizer
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def over(sched, remote: bool):
+    """What the OpenAIServer drives: the Scheduler itself, or (remote) a RemoteScheduler joined to it by a pipe
+    through an EngineLink, as `serve` joins its two processes (here both ends in this process)."""
+    if not remote:
+        return sched, lambda: None
+    ours, theirs = multiprocessing.Pipe()
+    link = EngineLink(sched, ours).start()
+    rs = RemoteScheduler(theirs, sched.S, sched.vocab_size)
+
+    def close():
+        theirs.close()
+        ours.close()
+        link.closed.wait(5)
+    return rs, close
+
+
+@pytest.fixture(scope="module", params=["in-process", "remote"])
+def live(tmp_path_factory, request):
     tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
     model = tiny_model(seed=7, vocab_size=tok.vocab_size)
     sched = Scheduler(model, tok, max_slots=4, max_context=256, prefill_chunk=16, prefix_blocks=16).start()
-    server = OpenAIServer(sched, tok, "tiny", max_tokens_limit=240, body_timeout=1.0)
+    front, close = over(sched, request.param == "remote")
+    server = OpenAIServer(front, tok, "tiny", max_tokens_limit=240, body_timeout=1.0)
     http, url = start_in_thread(server)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     yield {"url": url, "client": client, "model": model, "tok": tok, "sched": sched}
     http.should_exit = True
+    close()
     sched.stop()
 
 
@@ -305,20 +332,129 @@ def test_cancelled_stream_frees_its_slot(live):
     assert sched.metrics.generation_tokens < 10_000
 
 
-def test_timeout_cancels_and_full_queue_answers_429(live):
+@pytest.mark.parametrize("remote", [False, True])
+def test_timeout_cancels_and_full_queue_answers_429(live, remote):
     sched = Scheduler(live["model"], live["tok"], max_slots=1, max_context=64, max_queue=1)  # not started: no step
-    http, url = start_in_thread(OpenAIServer(sched, live["tok"], "tiny", request_timeout=0.5))
+    front, close = over(sched, remote)
+    http, url = start_in_thread(OpenAIServer(front, live["tok"], "tiny", request_timeout=0.5))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.APIStatusError, match="longer than 0.5 s") as e:
             client.completions.create(model="tiny", prompt="hi", max_tokens=2)
         assert e.value.status_code == 408
+        deadline = time.time() + 5  # (remote: the cancel crosses the pipe)
+        while not sched.waiting[0].cancelled and time.time() < deadline:
+            time.sleep(0.01)
         assert len(sched.waiting) == 1 and sched.waiting[0].cancelled  # dropped at the next step
         with pytest.raises(openai.RateLimitError, match="at capacity"):
             client.completions.create(model="tiny", prompt="hi", max_tokens=2)
         assert sched.metrics.rejected == 1
+        if remote:  # what the model's side refuses comes back as the Scheduler's own error
+            with pytest.raises(ValueError, match="prompt token ids must be in"):
+                asyncio.run(front.asubmit(Request([5, 10_000], 2)))
+            with pytest.raises(QueueFull, match="at capacity"):
+                asyncio.run(front.asubmit(Request([5], 2)))
     finally:
         http.should_exit = True
+        close()
+
+
+def test_requests_die_with_the_models_process(live):
+    """Remote: when the model's end of the pipe goes away (its process ended), a stream in flight ends with an
+    error chunk and the HTTP side's on_close runs (in `serve` it stops uvicorn); when the HTTP end goes away, the
+    EngineLink cancels what it had submitted. (The model's end is played by hand here: a pipe end that a thread of
+    this process reads cannot be closed under it.)"""
+    ours, theirs = multiprocessing.Pipe()
+    closed = threading.Event()
+    rs = RemoteScheduler(theirs, 64, live["tok"].vocab_size, on_close=closed.set)
+    http, url = start_in_thread(OpenAIServer(rs, live["tok"], "tiny"))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(lambda: list(client.completions.create(model="tiny", prompt="hi", max_tokens=5,
+                                                                   stream=True)))
+            assert ours.poll(10)
+            kind, rid, fields = ours.recv()
+            assert kind == "submit" and fields["max_tokens"] == 5 and fields["prompt"]
+            ours.send(("ack", rid, None))
+            ours.send(("events", [(rid, Event([7], "x"))]))
+            time.sleep(0.2)
+            ours.close()
+            with pytest.raises(openai.APIError, match="the model's process exited"):
+                fut.result(30)
+        assert closed.wait(5) and rs.reqs == {}
+    finally:
+        http.should_exit = True
+
+    sched = Scheduler(live["model"], live["tok"], max_slots=1, max_context=64)  # not started: nothing runs
+    ours, theirs = multiprocessing.Pipe()
+    link = EngineLink(sched, ours).start()
+    theirs.send(("submit", 0, {"prompt": [5, 6], "max_tokens": 2}))
+    deadline = time.time() + 5
+    while not sched.waiting and time.time() < deadline:
+        time.sleep(0.01)
+    assert theirs.recv() == ("ack", 0, None)
+    theirs.close()  # the HTTP process ended
+    assert link.closed.wait(5) and sched.waiting[0].cancelled
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs Linux /proc")
+def test_serve_runs_the_http_side_in_its_own_process(tmp_path):
+    """`mimo-flash serve`: the model's process spawns the HTTP process; a completion through it is greedy
+    generate()'s; SIGTERM to the model's process ends both; a port that is taken ends `serve` with an error."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    tok = make_tokenizer(ckpt)
+    model = tiny_model(seed=7, vocab_size=tok.vocab_size)
+    model.save_pretrained(ckpt)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--device", "cpu",
+           "--port", str(port), "--max-context", "128", "--name", "tiny"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "serve did not answer within 120 s"
+                time.sleep(0.3)
+        kids = _children(proc.pid)  # the HTTP process (and multiprocessing's resource tracker)
+        assert sum("spawn_main" in open(f"/proc/{k}/cmdline").read() for k in kids) == 1
+        ids = tok.encode("hello world")
+        r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+        assert r.choices[0].text == shown(tok, greedy_alone(model, tok, ids, 8))
+        with socket.socket() as s:  # the same port again: uvicorn cannot bind, `serve` says so and fails
+            busy = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and "address already in use" in (busy.stdout + busy.stderr).lower()
+        proc.terminate()
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while any(map(_alive, kids)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, kids))  # none left behind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_command_names_a_bad_model_dir(tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import socket
 import threading
@@ -78,7 +79,8 @@ class _Bridge:
 
 
 class OpenAIServer:
-    """The request handling behind the routes. max_tokens_limit: largest max_tokens a request may ask;
+    """The request handling behind the routes. scheduler: the Scheduler (same process) or a RemoteScheduler
+    (serving/remote.py: the model in another process); max_tokens_limit: largest max_tokens a request may ask;
     request_timeout: seconds a request may run; max_body / body_timeout: request body bytes and seconds."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, name: str, max_tokens_limit: int = 4096,
@@ -86,7 +88,7 @@ class OpenAIServer:
         self.sched, self.tok, self.name = scheduler, tokenizer, name
         self.limit, self.request_timeout = max_tokens_limit, request_timeout
         self.max_body, self.body_timeout = max_body, body_timeout
-        self.vocab = scheduler.model.config.vocab_size
+        self.vocab = scheduler.vocab_size
         self.eos = tuple(tokenizer.eos_token_ids or [])
         self.created = int(time.time())
         self._tokstr: dict[int, str] = {}
@@ -141,7 +143,7 @@ class OpenAIServer:
             r.sink = lambda e, i=i: bridge.put(q, (i, e))
         try:
             for r in reqs:
-                self.sched.submit(r)
+                await self.sched.asubmit(r)
         except QueueFull as e:
             for r in reqs:
                 r.cancel()
@@ -420,8 +422,8 @@ def make_app(server: OpenAIServer) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        s = server.sched
-        return PlainTextResponse(s.metrics.text(len(s.waiting), s.running()),
+        text = server.sched.metrics_text()  # (a RemoteScheduler's asks the model's process)
+        return PlainTextResponse(await text if inspect.isawaitable(text) else text,
                                  media_type="text/plain; version=0.0.4")
 
     return app

@@ -7,13 +7,6 @@ import sys
 from pathlib import Path
 
 
-# The interpreter's thread switch interval while serving (Python's default: 5 ms). The scheduler thread gives up
-# the GIL at every torch call, and the event loop, busy sending every stream's chunks, then keeps it until the
-# interval ends: at 64 streams the steps waited on it. bench/serve.py, tiny preset on the 2-core CPU, 64 slots,
-# concurrency 64 (docs/BENCHMARKS.md): 0.5 ms gave 1.15-1.20x output tok/s over 5 ms; 1 ms and 0.2 ms less.
-SWITCH_INTERVAL_S = 0.0005
-
-
 def register(subparsers) -> None:
     from ..cli import finite_float
     from ..generation.commands import add_fp8_flag, add_parallel_options
@@ -83,7 +76,6 @@ def cpu_threads(asked: int | None) -> int:
 def cmd_serve(args) -> int:
     from ..cli import UserError
     from ..generation.commands import load, speculative_k
-    from .api import OpenAIServer, make_uvicorn
     from .scheduler import Scheduler
 
     if not 0 <= args.port < 65536:
@@ -108,8 +100,6 @@ def cmd_serve(args) -> int:
                           overlap=not args.no_overlap, compile=args.compile)
     except ValueError as e:
         raise UserError(str(e)) from None
-    server = OpenAIServer(sched, tok, name, max_tokens_limit=args.max_tokens_limit,
-                          request_timeout=args.request_timeout)
     if model.device.type == "cuda":
         print(f"{'compiling and ' if args.compile else ''}capturing decode graphs for {args.max_slots} slots...",
               file=sys.stderr, flush=True)
@@ -122,16 +112,50 @@ def cmd_serve(args) -> int:
             steps.follow()
             return 0
         sched.broadcaster = steps
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     sched.start()
     spec = ("" if not spec_k else f", MTP speculation with {sched.spec.K} drafts" if spec_k != "auto" else
             f", MTP speculation with 0 .. {sched.spec.K} drafts chosen per step")
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots{spec} (Ctrl-C stops)",
-          file=sys.stderr, flush=True)
+    banner = (f"serving {name!r} on http://{args.host}:{args.port}/v1 with {args.max_slots} slots{spec} "
+              "(Ctrl-C stops)")
     try:
-        make_uvicorn(server, args.host, args.port).run()
+        return serve_http(sched, args, name, banner)
     finally:
         sched.stop()
         if sched.broadcaster is not None:
             sched.broadcaster.stop()
-    return 0
+
+
+def serve_http(sched, args, name: str, banner: str) -> int:
+    """The HTTP side in a process of its own (serving/remote.py) until it exits; SIGTERM and Ctrl-C end it.
+    -> its exit code (uvicorn's 1 when it could not bind the port, say)."""
+    import multiprocessing
+    import signal
+
+    from .remote import EngineLink, http_main
+
+    ctx = multiprocessing.get_context("spawn")  # (a fork would copy the scheduler's threads' locks)
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=http_main, name="mimo-flash-http", daemon=True,
+                       args=(theirs, str(Path(args.model)), name, args.host, args.port, sched.S, sched.vocab_size,
+                             args.max_tokens_limit, args.request_timeout, banner))
+    link = EngineLink(sched, ours).start()
+    proc.start()
+    theirs.close()
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        while proc.is_alive() and not link.closed.wait(0.5):
+            pass
+        proc.join(5)
+        return 0 if proc.exitcode in (0, None, -signal.SIGINT) else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(10)
+        ours.close()

@@ -78,6 +78,15 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound: the HTTP layer answers 429."""
 
 
+def check_size(prompt_len: int, max_tokens: int, S: int) -> None:
+    """Raise ValueError if a request of this size cannot run in a context of S tokens."""
+    if prompt_len < 1:
+        raise ValueError("the prompt has no tokens")
+    if prompt_len + max_tokens > S:
+        raise ValueError(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more "
+                         f"than this server's context of {S} tokens")
+
+
 @dataclass
 class Event:
     """A piece of a request's output. token_ids / text: new since the last event; logprobs: per new token
@@ -112,10 +121,13 @@ class Request:
     cancelled: bool = False
     submitted: float = 0.0
     rid: int = -1  # its number among the requests sent to the other ranks (parallel models; -1: not sent)
+    on_cancel: Callable[[], None] | None = None  # cancel() calls it too (serving/remote.py: tells the model's process)
 
     def cancel(self) -> None:
         """Ask the scheduler to drop the request at its next step boundary (any thread)."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 class _Slot:
@@ -243,11 +255,19 @@ class Scheduler:
     # ------------------------------------------------------------------ front
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """Raise ValueError if a request of this size cannot run here."""
-        if prompt_len < 1:
-            raise ValueError("the prompt has no tokens")
-        if prompt_len + max_tokens > self.S:
-            raise ValueError(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more "
-                             f"than this server's context of {self.S} tokens")
+        check_size(prompt_len, max_tokens, self.S)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def metrics_text(self) -> str:
+        """/metrics: the Prometheus text of the counters and histograms, with the queue's length now."""
+        return self.metrics.text(len(self.waiting), self.running())
+
+    async def asubmit(self, req: Request) -> None:
+        """submit() for the HTTP side's event loop (serving/remote.py's RemoteScheduler has the same)."""
+        self.submit(req)
 
     def submit(self, req: Request) -> None:
         self.check(len(req.prompt), req.max_tokens)
