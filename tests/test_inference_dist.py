@@ -166,7 +166,11 @@ def test_parallel_matches_single_process(tp, ep, checkpoints):
         assert res["local"] == dict(heads=2, kv_heads=1, experts=8 // ep, cache_kv=1), res["local"]
         assert res["load_fp32"] == [] and res["load_fp8"] == [], (res["load_fp32"], res["load_fp8"])
         if rank == 0:  # the scheduler's replicas on the other ranks followed rank 0's steps
-            assert res["served"][0] == res["served"][1] and all(len(t) == 6 for t in res["served"][0])
+            par, one = res["served"]
+            assert all(len(t) == 6 for t in par + one)
+            # greedy requests (2 and 3) equal the one-process run's; a sampled request's tokens depend on how many
+            # drafts each step took, which adaptive K chooses from measured step times (not the same in two runs)
+            assert par[1:3] == one[1:3], (par, one)
         assert "parallel" in res["triton"]  # the one-process batch-1 Triton step declines, the graph path serves
         assert len(res["steps"]) == 2 and res["steps"] == results[0]["steps"], (rank, res["steps"])
         assert rank == 0 or res["followed"] == 2
