@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with server-sent-event streams),
 GET /v1/models, /health, /metrics (Prometheus text). Each choice of a request is one scheduler Request; the
-scheduler thread hands events to the event loop (call_soon_threadsafe) and the handler turns them into
+scheduler thread (under `serve`, the pipe's reader thread: the scheduler runs in the model's process,
+serving/remote.py) hands events to the event loop (call_soon_threadsafe) and the handler turns them into
 OpenAI objects. A client that disconnects, or a request past --request-timeout, cancels its Requests at
 the scheduler's next step. Every error is OpenAI's error object: {"error": {"message", "type", "param",
 "code"}}: 400 for a bad request (naming the field), 404 unknown model or route, 408 a body that does not
