@@ -70,7 +70,8 @@ class Options:
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
     # the decode backend with at least E/2 (token, expert) pairs: torch._grouped_mm over the pairs sorted by
-    # expert (argsort; traceable, no host sync) instead of every expert on every token
+    # expert (argsort; traceable, no host sync) instead of every expert on every token. Off: at batch 64 its plain
+    # step was slower on the H200 (29,866 against 37,829 decode tok/s; docs/BENCHMARKS.md)
     decode_grouped_experts: bool = False
     linear: str = "auto"  # ops/linear.py: auto | gemm (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
     fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)
