@@ -66,7 +66,8 @@ def _serve(m, tok, leader: bool | None = None) -> list[list[int]] | None:
     leader None: one process; True: rank 0 of a parallel model, whose steps the others follow (False)."""
     from mimo_flash.distributed.steps import StepBroadcaster
     from mimo_flash.generation.sampling import SamplingParams
-    from mimo_flash.serving.scheduler import Request, Scheduler, run_blocking
+    from mimo_flash.serving.requests import Request, run_blocking
+    from mimo_flash.serving.scheduler import Scheduler
 
     sched = Scheduler(m, tok, max_slots=2, max_context=64, prefill_chunk=8, prefix_blocks=4, speculative_k="auto")
     if leader is False:

@@ -22,7 +22,7 @@ import torch
 
 from conftest import tiny_model
 from mimo_flash.serving import OpenAIServer, Scheduler, start_in_thread
-from mimo_flash.serving.scheduler import Event, QueueFull, Request
+from mimo_flash.serving.requests import Event, QueueFull, Request
 from mimo_flash.serving.detok import Detokenizer
 from mimo_flash.serving.parsers import ReplyParser, parse_reply
 from mimo_flash.serving.remote import EngineLink, RemoteScheduler
@@ -479,7 +479,7 @@ def test_serve_threads(tmp_path, capsys, monkeypatch):
 
 def test_merge_events_joins_a_requests_piled_up_events_in_order():
     from mimo_flash.serving.api import merge_events
-    from mimo_flash.serving.scheduler import Event
+    from mimo_flash.serving.requests import Event
 
     items = [(0, Event([5], "a", prompt_logprobs=[None])), (0, Event([6], "b")), (1, Event([7], "c", [(-1.0, [])])),
              (1, Event([8], "d", [(-2.0, [])], finish="stop", completion_tokens=2)), (1, Event([], "", finish=None)),

@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_model
 from mimo_flash.generation.sampling import SamplingParams
-from mimo_flash.serving.scheduler import QueueFull, Request, Scheduler, run_blocking
+from mimo_flash.serving.requests import QueueFull, Request, run_blocking
+from mimo_flash.serving.scheduler import Scheduler
 from serving_helpers import make_tokenizer
 
 

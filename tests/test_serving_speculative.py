@@ -13,7 +13,8 @@ from mimo_flash.cli import main
 from mimo_flash.generation.adaptive import AdaptiveK
 from test_adaptive import ScriptedK
 from mimo_flash.generation.sampling import SamplingParams
-from mimo_flash.serving.scheduler import Request, Scheduler
+from mimo_flash.serving.requests import Request
+from mimo_flash.serving.scheduler import Scheduler
 from serving_helpers import make_tokenizer
 
 

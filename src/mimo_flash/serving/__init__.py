@@ -2,7 +2,8 @@
 
 from .api import OpenAIServer, make_app, make_uvicorn, start_in_thread
 from .protocol import RequestError
-from .scheduler import Event, QueueFull, Request, Scheduler, run_blocking
+from .requests import Event, QueueFull, Request, run_blocking
+from .scheduler import Scheduler
 
 __all__ = ["Event", "OpenAIServer", "QueueFull", "Request", "RequestError", "Scheduler", "make_app", "make_uvicorn",
            "run_blocking", "start_in_thread"]

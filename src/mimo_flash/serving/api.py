@@ -32,7 +32,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from . import protocol as proto
 from .parsers import ReplyParser, parse_reply
 from .protocol import RequestError
-from .scheduler import Event, QueueFull, Request, Scheduler
+from .requests import Event, QueueFull, Request
+from .scheduler import Scheduler
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):

@@ -29,7 +29,8 @@ import sys
 import threading
 import time
 
-from .scheduler import Event, QueueFull, Request, Scheduler, check_size
+from .requests import Event, QueueFull, Request, check_size
+from .scheduler import Scheduler
 
 # Request fields that travel (the rest belong to one process: the sink, cancellation, timing)
 _LOCAL = {"sink", "cancelled", "submitted", "rid", "on_cancel"}

@@ -1,6 +1,6 @@
 """Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
 (Over 500 lines: admission, batched prefill, decode (overlapped greedy steps included) and output all read and
-write the slots' state; one class.)
+write the slots' state; one class. What a request is and what it gets back is serving/requests.py.)
 
 Every step (Scheduler.step):
   1. requests cancelled by their client leave (their slot is free at once);
@@ -41,7 +41,7 @@ are masked out, exactly as in a batched decode step. On CPU in fp32 that gives i
 (tests/test_serving_scheduler.py); on GPU the batch size can pick other GEMM kernels, so exact equality is
 claimed (and tested) in fp32 only, as for the decode step.
 
-Requests carry a `sink` that receives Events (from the scheduler thread: it must not block).
+Requests (serving/requests.py) carry a `sink` that receives Events (from the scheduler thread: it must not block).
 
 A tensor / expert parallel model (distributed/inference.py) runs one replica of this scheduler per rank:
 rank 0's serves, and before each step sends the step's inputs (the requests that arrived, with a seed
@@ -57,78 +57,19 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..generation.cache import KVCache
 from ..generation.engine import AUTO_MAX_K
 from ..generation.runner import GraphRunner, Runner
-from ..generation.sampling import SamplingParams, choose, process
+from ..generation.sampling import choose, process
 from .detok import Detokenizer
 from .metrics import Metrics
 from .prefix import PrefixCache
+from .requests import Event, QueueFull, Request, TopLogprobs, check_size
 from .speculate import SpecSlots
-
-TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its bound: the HTTP layer answers 429."""
-
-
-def check_size(prompt_len: int, max_tokens: int, S: int) -> None:
-    """Raise ValueError if a request of this size cannot run in a context of S tokens."""
-    if prompt_len < 1:
-        raise ValueError("the prompt has no tokens")
-    if prompt_len + max_tokens > S:
-        raise ValueError(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more "
-                         f"than this server's context of {S} tokens")
-
-
-@dataclass
-class Event:
-    """A piece of a request's output. token_ids / text: new since the last event; logprobs: per new token
-    (logprob of the token, top alternatives) when asked; finish: None, "stop", "length", "cancelled" or
-    "error" (with `error`). prompt_logprobs (first event, when asked): per prompt token, None for the first."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[tuple[float, TopLogprobs]] | None = None
-    finish: str | None = None
-    error: str | None = None
-    prompt_logprobs: list[tuple[float, TopLogprobs] | None] | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass
-class Request:
-    """One sequence to generate. logprobs: None, or the number of top alternatives (0: the token's only).
-    prompt_logprobs: also the prompt's logprobs (the prefill then computes logits at every position)."""
-
-    prompt: list[int]
-    max_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    eos: tuple[int, ...] = ()
-    logprobs: int | None = None
-    prompt_logprobs: bool = False
-    sink: Callable[[Event], None] = lambda e: None
-    cancelled: bool = False
-    submitted: float = 0.0
-    rid: int = -1  # its number among the requests sent to the other ranks (parallel models; -1: not sent)
-    on_cancel: Callable[[], None] | None = None  # cancel() calls it too (serving/remote.py: tells the model's process)
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop the request at its next step boundary (any thread)."""
-        self.cancelled = True
-        if self.on_cancel is not None:
-            self.on_cancel()
-
 
 class _Slot:
     def __init__(self, i: int, req: Request, row: KVCache, tokenizer, device, vocab: int) -> None:
@@ -744,21 +685,3 @@ class Scheduler:
         s.req.sink(Event([] if token is None else [token], text, lps, finish=reason, error=error,
                          prompt_logprobs=self._take_prompt_lp(s), prompt_tokens=len(s.req.prompt),
                          completion_tokens=s.n_out, cached_tokens=s.cached))
-
-
-def run_blocking(scheduler: Scheduler, req: Request, timeout: float | None = None) -> list[Event]:
-    """Submit req to a started scheduler and wait for all its events (tests, benchmarks)."""
-    events: list[Event] = []
-    done = threading.Event()
-
-    def sink(e: Event) -> None:
-        events.append(e)
-        if e.finish is not None:
-            done.set()
-
-    req.sink = sink
-    scheduler.submit(req)
-    if not done.wait(timeout):
-        req.cancel()
-        raise TimeoutError("the request did not finish in time")
-    return events
