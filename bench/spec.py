@@ -6,7 +6,7 @@
 1. Corpus (offline, no download): the Python standard library's sources under this interpreter's lib directory
    and pydoc_data's topics. Source files whose path hashes to 0 mod 10 are held out: the prompts come from them.
 2. A byte-level BPE (--vocab tokens) trained on the training text; the preset (its vocabulary replaced) trained
-   with its MTP loss by the project's Trainer (bf16 autocast on CUDA) for --train-minutes of wall time (the LR
+   with its MTP loss by the project's Trainer (bf16 autocast on CUDA) for --train-minutes of wall time after its first three steps (the LR
    schedule's length is set from the speed of the first steps).
 3. Decoding of held-out prompts (--prompt-len tokens, --new-tokens new, no EOS) at each batch size, greedy and
    sampled (temperature 0.8), plain (K=0), K = 1, 2, 3 and adaptive ("auto"; its controller is kept from the
@@ -119,21 +119,30 @@ def train(args, texts, out: Path):
                      bias_update_rate=1e-3, out_dir=None, progress=False, plot=False, seed=args.seed)
     trainer = Trainer(model, rows, tc, tokenizer=tok)
     schedule = trainer.scheduler.lr_lambdas[0]  # WarmupCosine: its total is set once the speed is known
+    # the first steps compile (and on CUDA tune) the training step: they run before the budget's clock starts,
+    # each timed, so that a slow compilation shows as such instead of eating the budget
+    hist, warm = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        hist.append(trainer.train_step())
+        warm.append(time.perf_counter() - t)
+    log("first steps (compilation; outside the budget): " + " / ".join(f"{w:.1f}" for w in warm) + " s")
     t0 = time.perf_counter()
-    hist, calibrated = [], False
+    per, shown = None, t0
     while time.perf_counter() - t0 < budget:
         hist.append(trainer.train_step())
-        if not calibrated and len(hist) == 8:  # the first steps include compilation: time steps 4..8
-            per = (time.perf_counter() - t_mid) / 4
+        if per is None and len(hist) == 8:  # steps 4..8 set the schedule's length from their speed
+            per = (time.perf_counter() - t0) / 5
             schedule.total = max(len(hist) + 1, int(len(hist) + (budget - (time.perf_counter() - t0)) / per))
             schedule.warmup = min(schedule.warmup, max(1, schedule.total // 10))
-            calibrated = True
-        if len(hist) == 4:
-            t_mid = time.perf_counter()
+            log(f"{per * 1e3:.0f} ms a step: {schedule.total} steps in the budget")
+        if time.perf_counter() - shown > 30:
+            shown = time.perf_counter()
+            log(f"step {len(hist)}: loss {hist[-1]['loss']:.3f}")
     train_s = time.perf_counter() - t0
     tail = hist[-max(1, len(hist) // 10):]
     mtp = [r.get("mtp_loss", float("nan")) for r in hist]
-    log(f"trained {len(hist)} steps ({trainer.tokens_seen:,} tokens) in {train_s:.0f}s: loss "
+    log(f"trained {len(hist)} steps ({trainer.tokens_seen:,} tokens) in {train_s:.0f} s + {sum(warm):.0f} s: loss "
         f"{hist[0]['loss']:.3f} -> {statistics.mean(r['loss'] for r in tail):.3f}, MTP CE "
         f"{mtp[0]:.3f} -> {statistics.mean(mtp[-len(tail):]):.3f}")
     ckpt = trainer.export(out / "checkpoint")
