@@ -499,7 +499,9 @@ class Scheduler:
             tok[s.i], pos[s.i], valid[s.i] = s.last, s.pos, 1
         x = torch.tensor([tok, pos, valid], device=self.device)[:, :, None]  # one host-to-device copy
         ids, P = x[0], x[1]
-        v = None if len(active) == n else x[2] != 0
+        # a row mask even when every row runs: one graph (one compile) per batch bucket, not two; one row (the
+        # batch-1 Triton step's shape) is always full
+        v = None if n == 1 else x[2] != 0
         logits, h = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
         self.decode_forwards += 1
         logits = logits[:, -1]
@@ -536,7 +538,7 @@ class Scheduler:
             tok[s.i], pos[s.i], valid[s.i], dev[s.i] = s.last, p, 1, int(s.i in ahead)
         x = torch.tensor([tok, pos, valid, dev], device=self.device)[:, :, None]  # one host-to-device copy
         ids = torch.where(x[3] != 0, self._ahead_tok[:n, None], x[0])
-        v = None if len(rows) == n else x[2] != 0
+        v = None if n == 1 else x[2] != 0
         logits, _ = self._runner(n).main(ids, x[1], v, max(pos) + 1, logits="last", graph=True)
         self.decode_forwards += 1
         new = logits[:, -1].argmax(-1)
@@ -605,8 +607,8 @@ class Scheduler:
             ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
             kv = 256
             while True:
-                for valid in (None, torch.zeros(n, 1, dtype=torch.bool, device=self.device)):
-                    self._runner(n).main(ids, ids, valid, min(kv, self.S), logits="last", graph=True)
+                valid = None if n == 1 else torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+                self._runner(n).main(ids, ids, valid, min(kv, self.S), logits="last", graph=True)
                 for k in spec_ks:
                     self.spec.step(self._runner(n), [], max(min(kv, self.S) - self.spec.K - 1, 0), k)
                 if kv >= self.S:
