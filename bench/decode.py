@@ -279,7 +279,7 @@ def main(argv=None) -> int:
                     help="options().decode_triton='off' for the whole run: batch-1 steps, speculative verifications "
                          "and MTP drafts through the compiled path (to compare with a run without this flag)")
     ap.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
-                    help="set options().NAME for the whole run (e.g. decode_grouped_experts=true); repeatable")
+                    help="set options().NAME for the whole run (e.g. decode_experts=\"triton\"); repeatable")
     args = ap.parse_args(argv)
     if args.option:  # before anything reads the options
         from mimo_flash.options import set_options

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import run_in_triton_interpreter, tiny_model
 from mimo_flash.generation import KVCache, generate
 from mimo_flash.generation import speculative as spec_mod
 from mimo_flash.generation.engine import prefill
@@ -54,13 +54,13 @@ def test_experts_decode_backend_equals_reference(N):
         fixed = moe_ops.experts(x, idx, w, gate_up, down, "reference")  # a module's own choice wins
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(fixed, want)
-    # decode_grouped_experts: the all-experts path as grouped GEMMs over the sorted pairs (some experts get none),
+    # decode_experts="grouped_mm": the all-experts path as grouped GEMMs over the sorted pairs (some experts get none),
     # eager and traced by torch.compile; the gather path (N * k <= E / 2) is unchanged
     idx[:, 0] = idx[:, 0] % 3  # experts 3.. are chosen less, and some not at all
     idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % 3, idx[:, 1] % 6)
     want = moe_ops.experts_reference(x, idx, w, gate_up, down)
     bf = [t.bfloat16() for t in (x, gate_up, down)]  # (torch.compile's _grouped_mm takes bf16 only)
-    with override(experts="decode", decode_grouped_experts=True):
+    with override(experts="decode", decode_experts="grouped_mm"):
         eager = moe_ops.experts(x, idx, w, gate_up, down, "auto")
         traced = torch.compile(moe_ops.experts_decode, fullgraph=True, dynamic=False)(bf[0], idx, w, *bf[1:])
     torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-4)
@@ -68,6 +68,52 @@ def test_experts_decode_backend_equals_reference(N):
     if N * k * 2 > E:
         assert not torch.equal(moe_ops.experts_sorted(x, idx, w, gate_up, down),
                                moe_ops.experts_decode(x, idx, w, gate_up, down))  # (the other path ran above)
+
+
+_TRITON_EXPERTS = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from mimo_flash.ops import moe as moe_ops
+from mimo_flash.options import override
+
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(7)
+# decode_experts="triton": the pairs sorted by expert through ops/kernels/moe.py's grouped kernel. E = 6 and k = 2:
+# 3 tokens are past E/2 pairs; 40 tokens give one expert more than 16 rows (two tiles); experts 4 and 5 get none;
+# K = 160 and I = 72 leave partial K steps and N tiles
+E, D, I, k = 6, 160, 72, 2
+gate_up, down = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
+for N in (3, 40):
+    x = torch.randn(N, D, generator=g)
+    idx = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(N)])
+    idx[: N // 2, 0] = 0
+    idx[: N // 2, 1] = 1 + torch.randint(0, 3, (N // 2,), generator=g)
+    w = torch.rand(N, k, generator=g)
+    want = moe_ops.experts_reference(x, idx, w, gate_up, down)
+    with override(experts="decode", decode_experts="triton"):
+        got = moe_ops.experts(x, idx, w, gate_up, down, "auto")
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err < 1e-5, (N, err)
+    # half precision, each product rounded once as torch._grouped_mm rounds (fp16: the interpreter's dots in bf16
+    # are wrong in Triton 3.6; the GPU test runs bf16)
+    xh, gh, dh = x.half(), gate_up.half(), down.half()
+    with override(decode_experts="triton"):
+        got = moe_ops.experts_decode(xh, idx, w, gh, dh)
+    ref = moe_ops.experts_reference(xh.float(), idx, w, gh.float(), dh.float())
+    assert got.dtype == torch.float16 and float((got.float() - ref).norm() / ref.norm()) < 1e-2
+with override(decode_experts="nope"):
+    try:
+        moe_ops.experts_decode(x, idx, w, gate_up, down)
+        raise AssertionError("accepted decode_experts='nope'")
+    except ValueError as e:
+        assert "decode_experts" in str(e) and "nope" in str(e)
+print("ok")
+"""
+
+
+def test_experts_decode_triton_equals_reference():
+    run_in_triton_interpreter(_TRITON_EXPERTS)
 
 
 def test_linear_reduction_backend_equals_f_linear():

@@ -185,6 +185,28 @@ def test_grouped_mm_experts_cuda():
     check([(n, rel(a, b)) for n, a, b in zip(("out", "dx", "dgu", "ddown", "drouter"), *res, strict=True)])
 
 
+@pytest.mark.parametrize("mode", ["grouped_mm", "triton"])
+def test_sorted_decode_experts_cuda(mode):
+    """options().decode_experts past E/2 pairs (batched decode, verification), bf16 at the mini preset's sizes:
+    eager and traced by torch.compile (fullgraph, as the decode graphs trace it) against fp64; one expert empty,
+    one with more than a tile of pairs."""
+    from mimo_flash.ops.moe import experts_decode
+    g = torch.Generator(device=DEV).manual_seed(1)
+    D, I, E, k = 1024, 512, 64, 8
+    gate_up = (torch.randn(E, 2 * I, D, generator=g, device=DEV) * D ** -0.5).bfloat16()
+    down = (torch.randn(E, D, I, generator=g, device=DEV) * I ** -0.5).bfloat16()
+    for N in (16, 128):
+        x = torch.randn(N, D, generator=g, device=DEV).bfloat16()
+        idx = torch.stack([torch.randperm(E - 1, generator=g, device=DEV)[:k] + 1 for _ in range(N)])
+        idx[:, 0] = 5  # expert 5 in every token; expert 0 in none
+        w = torch.rand(N, k, generator=g, device=DEV)
+        want = experts(x.double(), idx, w.double(), gate_up.double(), down.double(), backend="reference")
+        with override(decode_experts=mode):
+            eager = experts_decode(x, idx, w, gate_up, down)
+            traced = torch.compile(experts_decode, fullgraph=True, dynamic=False)(x, idx, w, gate_up, down)
+        assert rel(eager, want) < 1e-2 and rel(traced, want) < 1e-2, (N, rel(eager, want), rel(traced, want))
+
+
 @pytest.mark.parametrize("E", [64, 256])
 def test_router_kernel_is_fp32_routing(E):
     """The Triton router (bf16 tokens, the fp32 weight in three bf16 parts) against fp64: the same top-8

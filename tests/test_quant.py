@@ -128,7 +128,7 @@ import math
 import torch
 import torch.nn.functional as F
 from mimo_flash.quant import FP8, fp8_experts, fp8_linear
-from mimo_flash.quant.triton_fp8 import tile_schedule
+from mimo_flash.ops.kernels.moe import tile_schedule
 
 def rand_fp8(shape, seed):
     g = torch.Generator().manual_seed(seed)

@@ -69,10 +69,12 @@ class Options:
     attention: str = "auto"  # ops/attention.py: auto | reference | blocked | sdpa | flex | cudnn | triton
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
-    # the decode backend with at least E/2 (token, expert) pairs: torch._grouped_mm over the pairs sorted by
-    # expert (argsort; traceable, no host sync) instead of every expert on every token. Off: at batch 64 its plain
-    # step was slower on the H200 (29,866 against 37,829 decode tok/s; docs/BENCHMARKS.md)
-    decode_grouped_experts: bool = False
+    # the decode backend with more than E/2 (token, expert) pairs (batched decode, verification): "dense" every expert
+    # on every token, the routing weights (zero where not chosen) combining them; "grouped_mm" torch._grouped_mm over
+    # the pairs sorted by expert (argsort; traceable, no host sync; at batch 64 its plain step was slower on the
+    # H200: 29,866 against 37,829 decode tok/s, docs/BENCHMARKS.md); "triton" ops/kernels/moe.py's grouped kernel
+    # over the sorted pairs (each chosen expert's weights read once per 16 of its pairs; CUDA, not yet timed)
+    decode_experts: str = "dense"
     linear: str = "auto"  # ops/linear.py: auto | gemm (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
     fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)
     fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton | w8a8 (FP8Experts modules)

@@ -271,20 +271,28 @@ def experts_grouped(x, idx, w, gate_up, down):
     return out
 
 
+DECODE_EXPERTS = ("dense", "grouped_mm", "triton")  # options().decode_experts
+
+
 def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor) -> torch.Tensor:
-    """Expert compute for a few tokens without sorting or host syncs (CUDA-graph safe).
+    """Expert compute for a few tokens without sorting on the host or host syncs (CUDA-graph safe).
 
     x [N, D], idx [N, k], w [N, k] fp32, gate_up [E, 2I, D], down [E, D, I] -> [N, D].
     When N * k <= E / 2 each (token, slot) pair reads its expert's weights directly (batch-1 decode reads
-    only the chosen experts); otherwise every expert runs on every token and the routing weights (zero
-    for experts not chosen) combine them (large batches touch every expert anyway), or, with
-    options().decode_grouped_experts, one grouped GEMM per projection over the pairs sorted by expert
+    only the chosen experts); otherwise options().decode_experts: "dense" runs every expert on every token and
+    the routing weights (zero for experts not chosen) combine them (large batches touch every expert anyway);
+    "grouped_mm" and "triton" sort the pairs by expert on the device and run one grouped product per projection
     (experts_sorted: the same bytes, k/E of the arithmetic).
     """
     N, k = idx.shape
     E = gate_up.shape[0]
-    if N * k * 2 > E and options().decode_grouped_experts and hasattr(torch, "_grouped_mm") and \
+    mode = options().decode_experts
+    if mode not in DECODE_EXPERTS:
+        raise ValueError(f"option decode_experts must be one of {DECODE_EXPERTS}, got {mode!r}")
+    if N * k * 2 > E and mode == "triton":
+        return experts_sorted(x, idx, w, gate_up, down, "triton")
+    if N * k * 2 > E and mode == "grouped_mm" and hasattr(torch, "_grouped_mm") and \
             (not x.is_cuda or grouped_mm_supported(x, gate_up, down)):
         return experts_sorted(x, idx, w, gate_up, down)
     if N * k * 2 <= E:
@@ -310,19 +318,30 @@ def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
 
 
 def experts_sorted(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
-    """experts_grouped_mm in torch ops only (a stable argsort for the expert order, a gather, index_add_ for the
+                   down: torch.Tensor, product: str = "grouped_mm") -> torch.Tensor:
+    """experts_grouped_mm in device ops only (a stable argsort for the expert order, a gather, index_add_ for the
     sum in fp32): traceable by torch.compile, no host sync (CUDA-graph safe). Same contract as
-    experts_reference."""
+    experts_reference. product: "grouped_mm" (torch._grouped_mm) or "triton" (ops/kernels/moe.py's grouped_gemm:
+    CUDA, or Triton's interpreter)."""
     N, k = idx.shape
     E = gate_up.shape[0]
     order = torch.argsort(idx.reshape(-1), stable=True)
-    offs = expert_counts(idx, E).cumsum(0).to(torch.int32)
+    counts = expert_counts(idx, E)
     tok = order // k
-    h = torch._grouped_mm(x[tok], gate_up.transpose(-2, -1), offs=offs)  # [N*k, 2I]
+    if product == "triton":
+        from .kernels.moe import grouped_gemm
+
+        def mm(rows, weight):
+            return grouped_gemm(rows.contiguous(), weight, counts)
+    else:
+        offs = counts.cumsum(0).to(torch.int32)
+
+        def mm(rows, weight):
+            return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offs)
+    h = mm(x[tok], gate_up)  # [N*k, 2I]
     gate, up = h.float().chunk(2, dim=-1)
     a = (F.silu(gate) * up * w.reshape(-1)[order, None].float()).to(x.dtype)  # routing weight before down
-    y = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [N*k, D]
+    y = mm(a, down)  # [N*k, D]
     return torch.zeros(N, x.shape[-1], device=x.device, dtype=torch.float32).index_add_(0, tok, y.float()).to(x.dtype)
 
 

@@ -128,16 +128,16 @@ def experts_reference(x, idx, w, gate_up, gate_up_scale, down, down_scale):
 def experts_triton(x, idx, w, gate_up, gate_up_scale, down, down_scale):
     """experts_reference's contract: rows sorted by expert once, both projections grouped Triton products
     reading the FP8 bytes, the SwiGLU and routing weight in between, outputs summed back per token."""
+    from ..ops.kernels.moe import grouped_gemm
     from ..ops.moe import sort_by_expert
-    from .triton_fp8 import fp8_grouped_gemm
 
     E = gate_up.shape[0]
     order, _, counts, tok, _ = sort_by_expert(idx, E)
     xs = x[tok].contiguous()  # [N*k, D]
-    h = fp8_grouped_gemm(xs, gate_up, gate_up_scale, counts)  # [N*k, 2I]
+    h = grouped_gemm(xs, gate_up, counts, scale=gate_up_scale)  # [N*k, 2I]
     g, u = h.float().chunk(2, dim=-1)
     a = (F.silu(g) * u * w.reshape(-1)[order, None].float()).to(x.dtype)
-    ys = fp8_grouped_gemm(a.contiguous(), down, down_scale, counts)  # [N*k, D]
+    ys = grouped_gemm(a.contiguous(), down, counts, scale=down_scale)  # [N*k, D]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, ys.float())
     return out.to(x.dtype)

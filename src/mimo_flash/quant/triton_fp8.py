@@ -1,15 +1,15 @@
 """Triton kernels for FP8 block weights.
 
-fp8_gemm and fp8_grouped_gemm (decode-sized products) compute y = x @ W^T with W[n, k] = q[n, k] *
-s[n // 128, k // 128]: the FP8 bytes are loaded (half the bytes of bf16), widened in registers, and each
-128-wide K block's partial product is scaled once by its block scale. Activations stay in their own dtype
-(bf16 on the GPU): no activation quantization, so these are more accurate than the W8A8 paths. Accumulation
-in fp32.
+fp8_gemm (decode-sized products) computes y = x @ W^T with W[n, k] = q[n, k] * s[n // 128, k // 128]: the FP8
+bytes are loaded (half the bytes of bf16), widened in registers, and each 128-wide K block's partial product is
+scaled once by its block scale (the experts' grouped form is ops/kernels/moe.py's grouped_gemm). Activations
+stay in their own dtype (bf16 on the GPU): no activation quantization, so these are more accurate than the W8A8
+paths. Accumulation in fp32.
 
 For prefill-sized products the tensor cores' FP8 rate is what pays (the W8A8 recipe of the release, vLLM and
 SGLang): quantize_activations_fast quantizes activations per token and 128-column group in one pass (the
-numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert (the grouped
-kernel's W8A8 form), each 128-wide K step's product scaled by its activation scales (per row) and its weight
+numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert (grouped_gemm's
+W8A8 form), each 128-wide K step's product scaled by its activation scales (per row) and its weight
 block's scale.
 Run in Triton's CPU interpreter by the tests (TRITON_INTERPRET=1), on CUDA by the GPU tests.
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..ops.kernels.moe import grouped_gemm
 
 BK = 128  # = the weight block's columns: one scale per (row block, K step)
 
@@ -64,86 +66,6 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _fp8_gemm_kernel[grid](x, q, s, y, M, N, K, s.stride(0), triton.cdiv(K, BK),
                            BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot)
-    return y
-
-
-@triton.jit
-def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
-                        xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W8A8: tl.constexpr, EVEN_K: tl.constexpr):
-    """Grouped product over rows sorted by expert: tile t covers rows [tile_row[t], +BLOCK_M) of expert
-    tile_expert[t] (its rows end at end[e]); y[r] = x[r] @ (q[e] * s[e])^T, each 128-wide K step's product scaled
-    by its weight blocks' scales (one per 128 rows of the tile). Unused tiles have expert -1.
-    W8A8: x holds float8 activations with scales xs [P, ceil(K/128)] (strides xs_stride_m, xs_stride_g): the dots
-    run on the FP8 tensor cores, each step's also scaled by its rows' activation scales. Else x is in its own
-    dtype and the weight widens to it. EVEN_K: K is a multiple of 128 (no column masks)."""
-    t = tl.program_id(1)
-    pid_n = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + t)
-    if e >= 0:
-        row0 = tl.load(tile_row_ptr + t)
-        end = tl.load(end_ptr + e)
-        rm = row0 + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, 128)
-        mmask, nmask = rm < end, rn < N
-        s_rows = s_ptr + e * s_stride_e + (rn // 128) * s_stride_r  # [BLOCK_N]: each row's scale row
-        w_rows = w_ptr + e.to(tl.int64) * w_stride_e + rn[:, None] * K
-        x_rows = x_ptr + rm[:, None].to(tl.int64) * K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, KB):
-            k = kb * 128 + rk
-            if EVEN_K:
-                w = tl.load(w_rows + k[None, :], mask=nmask[:, None], other=0.0)
-                x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
-            else:
-                kmask = k < K
-                w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-                x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            scale = tl.load(s_rows + kb, mask=nmask, other=0.0)  # [BLOCK_N]
-            if W8A8:
-                sa = tl.load(xs_ptr + rm * xs_stride_m + kb * xs_stride_g, mask=mmask, other=0.0)
-                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * scale[None, :])
-            else:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
-
-
-def tile_schedule(counts: torch.Tensor, block_m: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """counts [E] rows per expert (rows sorted by expert) -> (tile_expert [T], tile_row [T], end [E]) for a
-    fixed T = ceil(max_rows / block_m) + E tiles (an upper bound, so no host sync): tile t belongs to
-    expert tile_expert[t] (-1: unused) and starts at row tile_row[t]; expert e's rows end at end[e]."""
-    E = counts.numel()
-    T = -(-max_rows // block_m) + E
-    tiles = (counts + block_m - 1) // block_m  # [E]
-    tile_end = tiles.cumsum(0)  # [E]
-    end = counts.cumsum(0)
-    start = end - counts
-    t = torch.arange(T, device=counts.device)
-    e = torch.searchsorted(tile_end, t, right=True)  # [T]
-    valid = e < E
-    ec = e.clamp(max=E - 1)
-    first_tile = tile_end[ec] - tiles[ec]
-    row = start[ec] + (t - first_tile) * block_m
-    return torch.where(valid, ec, -1).to(torch.int32), row.to(torch.int32), end.to(torch.int32)
-
-
-def fp8_grouped_gemm(xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """xs [P, K] rows sorted by expert (counts [E] of them each), q [E, N, K] float8, s [E, ceil(N/128),
-    ceil(K/128)] fp32 -> [P, N] in xs's dtype: row r times its expert's dequantized weight, transposed."""
-    P, K = xs.shape
-    E, N, _ = q.shape
-    y = torch.empty(P, N, dtype=xs.dtype, device=xs.device)
-    if P == 0:
-        return y
-    block_m = 16 if P <= 8 * E else 64
-    block_n = 64
-    tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
-    grid = (triton.cdiv(N, block_n), tile_expert.numel())
-    _fp8_grouped_kernel[grid](xs, xs, q, s, y, tile_expert, tile_row, end, N, K, 0, 0, q.stride(0), s.stride(0),
-                              s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m, BLOCK_N=block_n, W8A8=False,
-                              EVEN_K=K % BK == 0)
     return y
 
 
@@ -229,17 +151,7 @@ def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: to
                       dtype: torch.dtype, tile: dict | None = None) -> torch.Tensor:
     """xq [P, K] float8 rows sorted by expert (counts [E] of them each) with scales xs [P, ceil(K/128)] (any
     strides), q [E, N, K] float8, s [E, ceil(N/128), ceil(K/128)] fp32 -> [P, N] in dtype: each row's
-    dequantized activations times its expert's dequantized weight, transposed. tile: W8A8_TILE's keys."""
-    P, K = xq.shape
-    E, N, _ = q.shape
-    y = torch.empty(P, N, dtype=dtype, device=xq.device)
-    if P == 0:
-        return y
+    dequantized activations times its expert's dequantized weight, transposed (ops/kernels/moe.py's grouped
+    kernel on the FP8 tensor cores). tile: W8A8_TILE's keys."""
     cfg = dict(W8A8_TILE, **(tile or {}))
-    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
-    grid = (triton.cdiv(N, block_n), tile_expert.numel())
-    _fp8_grouped_kernel[grid](xq, xs, q, s, y, tile_expert, tile_row, end, N, K, xs.stride(0), xs.stride(1),
-                              q.stride(0), s.stride(0), s.stride(1), triton.cdiv(K, BK), BLOCK_M=block_m,
-                              BLOCK_N=block_n, W8A8=True, EVEN_K=K % BK == 0, **cfg)
-    return y
+    return grouped_gemm(xq, q, counts, scale=s, x_scale=xs, out_dtype=dtype, **cfg)

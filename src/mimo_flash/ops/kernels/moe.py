@@ -137,3 +137,106 @@ def sort_by_expert(idx: torch.Tensor, num_experts: int
     if P:
         _expert_place_kernel[(nb,)](flat, first, order, inv, tok, P, nb, k, BLOCK=SORT_BLOCK, num_warps=4)
     return order, inv, counts, tok, offs
+
+
+# ----------------------------------------------------------------------------------------- grouped products
+# The experts' products over (token, slot) rows sorted by expert (sort_by_expert's order), for few rows per expert
+# (decode and verification; FP8 weights at any size). A program owns BLOCK_M rows of one expert and BLOCK_N
+# output columns, so each expert's weights are read once per BLOCK_M of its rows, and only the experts that have
+# rows are read. The weights may be bf16 / fp16 / fp32 (widened to the rows' dtype), FP8 with 128x128 block
+# scales (each 128-wide K step's partial product scaled by its block's scale), or FP8 times FP8 rows with per-row
+# 1x128 scales (W8A8: the tensor cores' FP8 rate, for prefill). The tiles are laid out on the device (tile_schedule),
+# so nothing waits for the GPU: CUDA-graph and torch.compile safe.
+BK = 128  # the K step: an FP8 weight block's columns (one scale per row block and step)
+
+
+@triton.jit
+def _grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
+                    xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, W8A8: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+    """Tile t covers rows [tile_row[t], +BLOCK_M) of expert tile_expert[t] (its rows end at end[e]; unused tiles
+    have expert -1): y[r] = x[r] @ W[e]^T. SCALED: W = w * s per 128x128 block. W8A8 (with SCALED): x holds
+    float8 rows with scales xs [P, ceil(K/128)] (strides xs_stride_m, xs_stride_g), each step's product also
+    scaled by its rows' scales. Else the weight widens to x's dtype. EVEN_K: K is a multiple of BK."""
+    t = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + t)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + t)
+        end = tl.load(end_ptr + e)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BK)
+        mmask, nmask = rm < end, rn < N
+        s_rows = s_ptr + e * s_stride_e + (rn // 128) * s_stride_r  # [BLOCK_N]: each row's scale row
+        w_rows = w_ptr + e.to(tl.int64) * w_stride_e + rn[:, None] * K
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, KB):
+            k = kb * BK + rk
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=nmask[:, None], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
+            else:
+                kmask = k < K
+                w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if W8A8:
+                scale = tl.load(s_rows + kb, mask=nmask, other=0.0)  # [BLOCK_N]
+                sa = tl.load(xs_ptr + rm * xs_stride_m + kb * xs_stride_g, mask=mmask, other=0.0)
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * scale[None, :])
+            elif SCALED:
+                scale = tl.load(s_rows + kb, mask=nmask, other=0.0)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale[None, :]
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, out_dtype=tl.float32)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+def tile_schedule(counts: torch.Tensor, block_m: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """counts [E] rows per expert (rows sorted by expert) -> (tile_expert [T], tile_row [T], end [E]) for a
+    fixed T = ceil(max_rows / block_m) + E tiles (an upper bound, so no host sync): tile t belongs to
+    expert tile_expert[t] (-1: unused) and starts at row tile_row[t]; expert e's rows end at end[e]."""
+    E = counts.numel()
+    T = -(-max_rows // block_m) + E
+    tiles = (counts + block_m - 1) // block_m  # [E]
+    tile_end = tiles.cumsum(0)  # [E]
+    end = counts.cumsum(0)
+    start = end - counts
+    t = torch.arange(T, device=counts.device)
+    e = torch.searchsorted(tile_end, t, right=True)  # [T]
+    valid = e < E
+    ec = e.clamp(max=E - 1)
+    first_tile = tile_end[ec] - tiles[ec]
+    row = start[ec] + (t - first_tile) * block_m
+    return torch.where(valid, ec, -1).to(torch.int32), row.to(torch.int32), end.to(torch.int32)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None,
+                 x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 BLOCK_M: int | None = None, BLOCK_N: int = 64, **launch) -> torch.Tensor:
+    """x [P, K] rows sorted by expert (counts [E] of them each), w [E, N, K] -> y [P, N] (out_dtype, default
+    x's), y[r] = x[r] @ W[e]^T of its expert e. scale [E, ceil(N/128), ceil(K/128)] fp32: w is FP8 and
+    W = w * scale per 128x128 block; x_scale [P, ceil(K/128)] (with scale): x is FP8 too, W8A8. BLOCK_M: rows per
+    tile (default 16 while the rows average at most 8 per expert, else 64); launch: num_warps, num_stages."""
+    P, K = x.shape
+    E, N, _ = w.shape
+    if x.stride() != (K, 1) or w.stride()[1:] != (K, 1):
+        raise ValueError(f"grouped_gemm takes row-major x and w (strides {x.stride()}, {w.stride()})")
+    y = torch.empty(P, N, dtype=out_dtype or x.dtype, device=x.device)
+    if P == 0:
+        return y
+    block_m = BLOCK_M or (16 if P <= 8 * E else 64)
+    tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
+    s = scale if scale is not None else y  # (unread placeholders)
+    xs = x_scale if x_scale is not None else y
+    grid = (triton.cdiv(N, BLOCK_N), tile_expert.numel())
+    _grouped_kernel[grid](x, xs, w, s, y, tile_expert, tile_row, end, N, K,
+                          xs.stride(0) if x_scale is not None else 0, xs.stride(1) if x_scale is not None else 0,
+                          w.stride(0), s.stride(0) if scale is not None else 0,
+                          s.stride(1) if scale is not None else 0, triton.cdiv(K, BK), BLOCK_M=block_m,
+                          BLOCK_N=BLOCK_N, SCALED=scale is not None, W8A8=x_scale is not None, EVEN_K=K % BK == 0,
+                          **launch)
+    return y
