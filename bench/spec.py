@@ -101,6 +101,7 @@ def prompts(tok, held: list[str], n: int, length: int) -> torch.Tensor:
 def train(args, texts, out: Path):
     from mimo_flash.training.data import Document, pack_documents
     from mimo_flash.training.demo import train_tokenizer
+    from mimo_flash.distributed.context import ParallelContext
     from mimo_flash.training.trainer import TrainConfig, Trainer
 
     tok = train_tokenizer(texts, args.vocab, out / "tokenizer")
@@ -117,7 +118,7 @@ def train(args, texts, out: Path):
     est = 10 ** 6  # the schedule's length until the first steps are timed
     tc = TrainConfig(steps=est, batch_size=args.batch_size, lr=args.lr, warmup_steps=20, min_lr_ratio=0.1,
                      bias_update_rate=1e-3, out_dir=None, progress=False, plot=False, seed=args.seed)
-    trainer = Trainer(model, rows, tc, tokenizer=tok)
+    trainer = Trainer(model, rows, tc, ParallelContext(device=torch.device(args.device)), tokenizer=tok)
     schedule = trainer.scheduler.lr_lambdas[0]  # WarmupCosine: its total is set once the speed is known
     # the first steps compile (and on CUDA tune) the training step: they run before the budget's clock starts,
     # each timed, so that a slow compilation shows as such instead of eating the budget

@@ -156,6 +156,15 @@ def test_fit_issuing_ahead_on_cuda():
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.gpu
+def test_trainer_without_a_context_trains_on_the_gpu():
+    """A Trainer given no ParallelContext takes the GPU where there is one (as `mimo-flash train` does): bench/spec.py
+    built one so on the H200 and trained the mini preset on the CPU (one step in 231 s)."""
+    tr = Trainer(tiny(), rows(), quiet(steps=1))
+    assert tr.ctx.device.type == "cuda" and all(p.is_cuda for p in tr.model.parameters())
+    tr.train_step()
+
+
 def test_balancing_moves_biases_by_sign_of_load():
     data = rows()
     model = tiny()

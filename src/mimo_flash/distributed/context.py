@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
+def default_device() -> torch.device:
+    """Where a run that names no device goes: the GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass
 class ParallelContext:
-    """Where this process stands. Single-process training uses the default (world 1)."""
+    """Where this process stands. Single-process training uses the default (world 1, on default_device())."""
 
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=default_device)
     ep: int = 1
     mesh: object = None  # DeviceMesh over all ranks (FSDP)
     ep_mesh: object = None  # 2-D DeviceMesh ("edp", "ep")
@@ -78,15 +83,14 @@ def init_distributed(ep: int = 1, device: str | None = None, cp: int = 1) -> Par
         if ep != 1 or cp != 1:
             raise ValueError(f"expert parallelism (ep={ep}) and context parallelism (cp={cp}) need several "
                              "processes; launch with torchrun")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return ParallelContext(device=dev)
+        return ParallelContext(device=torch.device(device) if device else default_device())
     if ep < 1 or world % ep:
         raise ValueError(f"ep={ep} must divide the number of processes ({world})")
     if cp < 1 or world % cp:
         raise ValueError(f"cp={cp} must divide the number of processes ({world})")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    use_cuda = (torch.device(device) if device else default_device()).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -117,7 +117,7 @@ class Trainer:
 
     model: MiMoForCausalLM, either built on the meta device (then `init` fills each rank's shards after
     sharding: distributed.materialize.SeededInit / CheckpointInit) or whole on the CPU (moved to ctx.device,
-    then sharded when ctx is distributed).
+    then sharded when ctx is distributed). ctx: default one process on the GPU where there is one, else the CPU.
     rows: PackedRows (in memory, the same on every rank; each data-parallel rank takes its own rows of every
     step) or TokenRows (memory-mapped; a TokenLoader deals rows to the data-parallel ranks).
     """
