@@ -178,6 +178,34 @@ def test_steps_that_build_graphs_are_not_timed(monkeypatch):
     assert max(ctl.cost(k) for k in range(4)) < 0.25
 
 
+def test_adaptive_greedy_drafting_steps_run_in_chunks(monkeypatch):
+    """On a GraphRunner, greedy steps with k > 0 run up to SPEC_CHUNK to a graph (one host sync), as fixed K's do:
+    plain greedy's tokens with an EOS met inside a chunk, every step of a chunk observed and counted, and the
+    controller asked again after each chunk."""
+    from mimo_flash.generation import adaptive
+    from mimo_flash.generation.speculative import SPEC_CHUNK
+
+    sizes = []
+    orig = adaptive.spec_chunk
+    monkeypatch.setattr(adaptive, "spec_chunk", lambda runner, st, n, frozen=None: sizes.append(n) or
+                        orig(runner, st, n, frozen))
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    for extra in ({}, dict(eos_token_id=3, pad_token_id=5)):
+        kw = dict(attention_mask=mask, max_new_tokens=45, prefill_chunk=5, **extra)
+        plain = generate(model, ids, **kw)
+        ctl = ScriptedK(3, [2, 2, 0, 3])
+        seen = []
+        observe = ctl.observe
+        ctl.observe = lambda k, accepted: seen.append(k) or observe(k, accepted)
+        out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ctl, return_stats=True,
+                              cuda_graphs=True, **kw)
+        assert torch.equal(out, plain), extra
+        drafting = [k for k in stats.spec_k if k]
+        assert seen == drafting and len(drafting) > len([k for k in ctl.seen_k if k])  # chunks of several steps
+    assert sizes.count(SPEC_CHUNK) >= 4
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("script", [[3, 0, 0, 1, 2, 3, 3], [1, 3, 2, 0, 3], [0, 2, 2, 1]])
 def test_any_schedule_of_k_gives_plain_greedy(cuda_graphs, script):

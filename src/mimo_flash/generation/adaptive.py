@@ -19,7 +19,9 @@ the plain step's cost, which otherwise is never measured again after the start.
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
 behind are re-primed first), k = 0 through the same step with no drafts, or, for greedy decoding on a
 GraphRunner, through chunks of plain greedy steps captured as one graph (what plain decoding runs; 8 steps, then
-16 and 32 while k stays 0), which also record their tokens and hidden states for a later re-prime. Greedy output
+16 and 32 while k stays 0), which also record their tokens and hidden states for a later re-prime; greedy steps
+with k > 0 run there as fixed-K decoding runs them, up to SPEC_CHUNK to a graph and one host sync (the controller
+decides again after each chunk, and observes each of its steps). Greedy output
 equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
 """
 
@@ -33,7 +35,7 @@ from typing import Sequence
 import torch
 
 from .runner import GraphRunner, kv_bucket
-from .speculative import SpecState, spec_reprime, spec_step
+from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_reprime, spec_step
 
 # greedy steps per captured chunk when k = 0: the controller decides again after each; chunks in a row grow
 # (fewer host syncs once plain decoding has won)
@@ -165,14 +167,20 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         if k > st.fresh:
             spec_reprime(runner, st, k, chunk)
         st.k = k
-        new, count, counts = spec_step(runner, st, params, generator,
-                                       frozen=out.done.clone() if any(done) else None)
-        act = [c for c, d in zip(counts, done, strict=True) if not d]
-        ctl.observe(k, [c - 1 for c in act])
-        stats.spec_k.append(k)
-        stats.verified(k, act)
-        out.add(new, count)
-        k_prev, n_prev = k, 1
+        frozen = out.done.clone() if any(done) else None
+        n = spec_chunk_size(runner, st, params) if chunks else 1
+        steps = spec_chunk(runner, st, n, frozen) if n > 1 else None  # greedy: n steps, one graph, one host sync
+        if steps is None:
+            new, count, counts = spec_step(runner, st, params, generator, frozen=frozen)
+            steps = new[None], count[None], [counts]
+        news, count_n, counts_n = steps
+        for j, counts in enumerate(counts_n):  # (a row that finishes inside a chunk steps to its end: observed too)
+            act = [c for c, d in zip(counts, done, strict=True) if not d]
+            ctl.observe(k, [c - 1 for c in act])
+            stats.spec_k.append(k)
+            stats.verified(k, act)
+            out.add(news[j], count_n[j])
+        k_prev, n_prev = k, len(counts_n)
 
 
 def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int:
