@@ -11,6 +11,10 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count; --overlap on
 off the server with and without the look-ahead of its greedy decode steps; --compile: a started server's decode
 graphs compiled (serve --compile; generate's figures in bench/decode.py are of compiled graphs).
+--baseline: before the servers, generate() at batch = the largest concurrency on the same checkpoint and device
+(prompts of --input-len, --output-len new tokens, no EOS; compiled with --compile, as the server's graphs are; a warm-up
+call, then one timed) in a process of its own, and each run's output tok/s as a fraction of it (issue 23's target: at
+concurrency 64, 0.7x generate's batch 64).
 --speculative 0 3 auto: the same runs without and with MTP speculation (a started server's --speculative K or
 auto; every request speculates); a run's MTP acceptance and its steps by drafts per request (from the server's
 /metrics counters) are reported when it speculated. --shared-prefix N: every prompt starts with the same N tokens
@@ -152,6 +156,45 @@ def random_checkpoint(preset: str, device: str) -> Path:
     return d
 
 
+def generate_baseline(ckpt: str, device: str, batch: int, in_len: int, out_len: int, compile: bool, result) -> None:
+    """(A spawned process) generate()'s end-to-end output tok/s at `batch` rows, put into `result`."""
+    import torch
+
+    from mimo_flash import MiMoForCausalLM
+    from mimo_flash.generation import generate
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # (serve's --dtype auto)
+    model = MiMoForCausalLM.from_pretrained(ckpt, dtype=dtype, device=dev).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, in_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    kw = dict(max_new_tokens=out_len, eos_token_id=[], compile=compile)
+    generate(model, ids, **kw)  # warm-up: graphs, compilation
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = generate(model, ids, **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    result.put((out.shape[1] - in_len) * batch / (time.perf_counter() - t0))
+
+
+def baseline(args, ckpt: Path) -> float:
+    import multiprocessing
+
+    mp = multiprocessing.get_context("spawn")
+    result = mp.Queue()
+    p = mp.Process(target=generate_baseline, args=(str(ckpt), args.device, max(args.concurrency), args.input_len,
+                                                   args.output_len, args.compile, result))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise SystemExit(f"the generate() baseline failed (exit {p.exitcode})")
+    tok_s = result.get()
+    print(f"generate() baseline: batch {max(args.concurrency)}, in={args.input_len} out={args.output_len}"
+          f"{' compiled' if args.compile else ''}: {tok_s:.1f} output tok/s (prefill included)", flush=True)
+    return tok_s
+
+
 def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None,
                  overlap: str = "on"):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
@@ -204,10 +247,11 @@ def spec_counters(url: str) -> dict[str, int]:
 
 
 def report(tag: str, r: dict) -> None:
+    ratio = f" ({r['of_generate']:.2f}x generate)" if "of_generate" in r else ""
     ms = lambda d: f"{d['mean'] * 1e3:8.1f} {d['p50'] * 1e3:8.1f} {d['p99'] * 1e3:8.1f}"  # noqa: E731
     print(f"{tag}: {r['completed']} ok, {r['failed']} failed{' ' + str(r['errors']) if r['failed'] else ''}; "
           f"{r['duration_s']:.2f} s; {r['request_throughput']:.2f} req/s; output {r['output_tok_s']:.1f} tok/s; "
-          f"total {r['total_tok_s']:.1f} tok/s", flush=True)
+          f"total {r['total_tok_s']:.1f} tok/s{ratio}", flush=True)
     print(f"    (ms)  mean      p50      p99\n    TTFT {ms(r['ttft_s'])}\n    TPOT {ms(r['tpot_s'])}\n"
           f"    ITL  {ms(r['itl_s'])}\n    E2EL {ms(r['e2el_s'])}", flush=True)
     if r.get("spec_draft_tokens"):
@@ -250,6 +294,8 @@ def main() -> int:
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="started server: on (its default) or off (--no-overlap), one run per value")
     ap.add_argument("--compile", action="store_true", help="started server: its --compile (compiled decode graphs)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also time generate() at batch = the largest concurrency on the same checkpoint (see above)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
     ap.add_argument("--json", help="append one JSON line per run to this file")
@@ -264,6 +310,9 @@ def main() -> int:
     ckpt = None
     if args.url is None:
         ckpt = Path(args.model) if args.model else random_checkpoint(args.preset, args.device)
+    elif args.baseline:
+        ap.error("--baseline needs the checkpoint of a server this starts (not --url)")
+    base = baseline(args, ckpt) if args.baseline else None
     slot_runs = [(None, None, None, None)] if args.url else [(slots, k, t, o) for k in args.speculative
                                                               for slots in (args.slots or [max(args.concurrency)])
                                                               for t in (args.threads or [None])
@@ -300,6 +349,8 @@ def main() -> int:
                        f"{' overlap=off' if overlap == 'off' else ''} concurrency={c} "
                        f"in={args.input_len} out={args.output_len}"
                        f"{f' range-ratio={args.range_ratio}' if args.range_ratio else ''}")
+                if base:
+                    r["generate_tok_s"], r["of_generate"] = base, r["output_tok_s"] / base
                 report(tag, r)
                 if args.json:
                     with open(args.json, "a") as f:
