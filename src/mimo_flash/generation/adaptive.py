@@ -54,7 +54,7 @@ class AdaptiveK:
     prior: float = 0.6  # acceptance rate assumed for a position before it is observed
     explore: int = 3  # timed steps of k = k_max and k = 0 before the model decides (measured costs)
     probe_every: int = 128  # decisions at k < k_max between probes at k + 1
-    samples: int = 9  # cost(k) = median of the last `samples` timings of k
+    samples: int = 9  # cost(k) = median over the last `samples` timed steps of k
     alpha: list[float] = field(init=False)  # per draft position: P(accepted | the drafts before it were)
     k: int = field(init=False)  # the current choice
     _times: dict = field(init=False)  # k -> seconds per step, as timed
@@ -108,12 +108,12 @@ class AdaptiveK:
                 hit = sum(1 for a in accepted if a >= j)
                 self.alpha[j - 1] += self.decay * (hit / reach - self.alpha[j - 1])
 
-    def timed(self, k: int, seconds_per_step: float) -> None:
-        """A step with k drafts took this long (callers leave out steps that built graphs or compiled code)."""
+    def timed(self, k: int, seconds_per_step: float, steps: int = 1) -> None:
+        """`steps` steps with k drafts took this long each (one timing of a chunk of steps counts as that many: the
+        exploration and the median are over steps; callers leave out steps that built graphs or compiled code)."""
         t = self._times[k]
-        t.append(seconds_per_step)
-        if len(t) > self.samples:
-            del t[0]
+        t.extend([seconds_per_step] * min(steps, self.samples))
+        del t[:max(0, len(t) - self.samples)]
 
     # --- the choice
     def choose(self) -> int:
@@ -150,7 +150,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         done = out.done.tolist()  # the loop's host sync: the previous phase has finished
         now = time.perf_counter()
         if t_prev is not None and n_prev and runner.builds == built:
-            ctl.timed(k_prev, (now - t_prev) / n_prev)
+            ctl.timed(k_prev, (now - t_prev) / n_prev, n_prev)
         t_prev, built = now, runner.builds
         if all(done):
             break
