@@ -202,6 +202,29 @@ def test_cuda_graph_decode_equals_alone(setup, admit_wait):
         sched.stop()
 
 
+def test_compiled_decode_steps_equal_alone(setup):
+    """serve --compile: the decode steps torch.compile'd (on a CPU without graphs: the code CUDA captures), warmed up
+    for every batch bucket, then three requests of different lengths over two slots (one waits, rows join and
+    leave, steps launched ahead): each request's greedy tokens are its tokens alone."""
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=2, max_context=96, prefill_chunk=16, prefix_blocks=0, compile=True)
+    sched.warmup()
+    assert sorted(sched.runners) == [1, 2] and all(r.compile for r in sched.runners.values())
+    sched.start()
+    try:
+        g = torch.Generator().manual_seed(9)
+        prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (5, 21, 9)]
+        sinks = [collector() for _ in prompts]
+        for p, n, (_, _, sink) in zip(prompts, (12, 20, 7), sinks, strict=True):
+            sched.submit(Request(p, n, eos=tuple(tok.eos_token_ids), sink=sink))
+        for p, n, (events, done, _) in zip(prompts, (12, 20, 7), sinks, strict=True):
+            assert done.wait(300)
+            assert [t for e in events for t in e.token_ids] == alone(model, tok, p, n)
+        assert sched.ahead_rows > 0
+    finally:
+        sched.stop()
+
+
 def test_warmup_leaves_no_trace(setup):
     model, tok = setup
     sched = Scheduler(model, tok, max_slots=3, max_context=300, prefill_chunk=16)
