@@ -3,6 +3,8 @@
     python bench/decode.py                       # mini preset, batch 1 and 64, prompt 512, 256 new tokens
     python bench/decode.py --batch 1 --spec 0 3  # subsets
     python bench/decode.py --cache-report        # KV-cache bytes per sequence (flash preset), no GPU needed
+    python bench/decode.py --batch 16 64 --spec 0 1 3 --experts dense triton --no-transformers
+                                                 # the batched decode's expert paths side by side
     python bench/decode.py --preset flash --layers 4 --fp8 --batch 1 16 64 --spec 0 1 2 3 --no-transformers
                                                  # the released dimensions cut to 4 layers (+ the 3 MTP layers)
 
@@ -278,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true",
                     help="options().decode_triton='off' for the whole run: batch-1 steps, speculative verifications "
                          "and MTP drafts through the compiled path (to compare with a run without this flag)")
+    ap.add_argument("--experts", nargs="+", default=None, choices=["dense", "grouped_mm", "triton"],
+                    help="options().decode_experts variants, side by side: each batch and K runs once per variant "
+                         "(fresh graphs each; default: the option's value alone)")
     ap.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
                     help="set options().NAME for the whole run (e.g. decode_experts=\"triton\"); repeatable")
     args = ap.parse_args(argv)
@@ -341,11 +346,18 @@ def main(argv=None) -> int:
             log(f"check of the graphed step failed: {type(e).__name__}: {str(e)[:400]}")
             traceback.print_exc(limit=4)
             results["graphed_check"] = dict(error=f"{type(e).__name__}: {e}")
-    for B in args.batch:
-        ids = torch.randint(0, config.vocab_size, (B, args.prompt), generator=g).to(args.device)
-        ref = None
-        tf_row = None
-        for K in args.spec:
+    from mimo_flash.generation.engine import _RUNNERS
+    from mimo_flash.options import options, override
+    variants = args.experts or [options().decode_experts]
+    for B, variant, K in ((B, v, K) for B in args.batch for v in variants for K in args.spec):
+        if K == args.spec[0] and variant == variants[0]:
+            ids = torch.randint(0, config.vocab_size, (B, args.prompt), generator=g).to(args.device)
+            tf_row = None
+        if K == args.spec[0]:  # each variant: its own graphs, and its plain tokens as the reference
+            ref = None
+            if len(variants) > 1:
+                _RUNNERS.pop(model, None)
+        with override(decode_experts=variant):
             if time.perf_counter() - T0 > args.budget_s:
                 log(f"batch {B} K={K}: skipped (time budget)")
                 continue
@@ -362,7 +374,7 @@ def main(argv=None) -> int:
             toks = r.pop("tokens")
             if ref is None:
                 ref = toks
-            row = dict(batch=B, K=K, compile=compile, **r)
+            row = dict(batch=B, K=K, compile=compile, experts=variant, **r)
             if K == 0:
                 S = -(-(args.prompt + args.new + 2) // 64) * 64
                 nbytes = step_bytes(model, B, S, args.prompt + args.new // 2)
@@ -412,6 +424,8 @@ def main(argv=None) -> int:
                 log(f"fallbacks: {row['fallbacks']}")
             results["runs"].append(dict(engine="mimo-flash", **row))
             table.append((row, tf_row))
+        if K != args.spec[-1] or variant != variants[-1]:
+            continue
         if args.device == "cuda":  # replay time of every graph of this batch size (decode, verify, MTP)
             try:
                 rep = graph_report(model, B)
@@ -458,20 +472,24 @@ def main(argv=None) -> int:
     print("| batch | K | ours decode tok/s | transformers decode tok/s | ratio | ours e2e tok/s | tf e2e tok/s | "
           "e2e ratio | accept len | batch-1 bandwidth |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    def k_txt(row):
+        return f"{row['K']}" + (f" [{row['experts']}]" if len(variants) > 1 else "")
+
     for row, tfr in table:
         bwtxt = (f"{row['bandwidth'] / 1e12:.2f} TB/s = {row['bandwidth'] / bw:.0%}"
                  if row["K"] == 0 and row["batch"] == 1 else "")
-        print(f"| {row['batch']} | {row['K']}{'' if row['compile'] else ' (eager graphs)'} | "
+        print(f"| {row['batch']} | {k_txt(row)}{'' if row['compile'] else ' (eager graphs)'} | "
               f"{row['decode_tok_s']:.0f} | {tfr['decode_tok_s']:.0f} | {row['ratio_decode']:.1f}x | "
               f"{row['e2e_tok_s']:.0f} | {tfr['e2e_tok_s']:.0f} | {row['ratio_e2e']:.1f}x | "
               f"{row['acceptance_length']:.2f} | {bwtxt} |" if tfr else
-              f"| {row['batch']} | {row['K']} | {row['decode_tok_s']:.0f} | - | - | {row['e2e_tok_s']:.0f} | - | - | "
+              f"| {row['batch']} | {k_txt(row)} | {row['decode_tok_s']:.0f} | - | - | {row['e2e_tok_s']:.0f} | - | - | "
               f"{row['acceptance_length']:.2f} | {bwtxt} |")
     for row, _ in table:
         if row["K"] and "step_ms" in row:
-            plain = next((r for r, _ in table if r["batch"] == row["batch"] and r["K"] == 0), None)
+            plain = next((r for r, _ in table if r["batch"] == row["batch"] and r["K"] == 0
+                          and r["experts"] == row["experts"]), None)
             tok_ms = plain["decode_s"] / (args.new - 1) * 1e3 if plain else float("nan")
-            print(f"batch {row['batch']} K={row['K']}: {row['step_ms']:.2f} ms per speculative step"
+            print(f"batch {row['batch']} K={k_txt(row)}: {row['step_ms']:.2f} ms per speculative step"
                   + (f" (step-by-step before: {row['step_ms_before']:.2f} ms, same tokens: "
                      f"{row.get('same_tokens_as_step_by_step')})" if "step_ms_before" in row else "")
                   + f"; byte floor {row['floor_ms']:.3f} ms ({row['step_bytes'] / 1e9:.3f} GB at the copy bandwidth): "
