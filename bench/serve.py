@@ -10,7 +10,8 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 --slots 64 1: the same run against the scheduler with 64 slots and then with 1 slot (the previous server's
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count; --overlap on
 off the server with and without the look-ahead of its greedy decode steps; --compile: a started server's decode
-graphs compiled (serve --compile; generate's figures in bench/decode.py are of compiled graphs).
+graphs compiled (serve --compile; generate's figures in bench/decode.py are of compiled graphs); --decode-experts dense
+triton: one run per value of the server's --decode-experts.
 --baseline: before the servers, generate() at batch = the largest concurrency on the same checkpoint and device
 (prompts of --input-len, --output-len new tokens, no EOS; compiled with --compile, as the server's graphs are; a warm-up
 call, then one timed) in a process of its own, and each run's output tok/s as a fraction of it (issue 23's target: at
@@ -196,13 +197,13 @@ def baseline(args, ckpt: Path) -> float:
 
 
 def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None,
-                 overlap: str = "on"):
+                 overlap: str = "on", experts: str | None = None):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
            "--name", "bench", "--device", args.device, "--max-slots", str(slots), "--speculative", str(speculative),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
            "--prefix-blocks", str(args.prefix_blocks), "--max-queue", str(max(256, args.num_prompts))]
     for flag, v in (("--admit-wait", args.admit_wait), ("--prefill-tokens", args.prefill_tokens),
-                    ("--threads", threads)):
+                    ("--threads", threads), ("--decode-experts", experts)):
         if v is not None:  # otherwise the server's default
             cmd += [flag, str(v)]
     if overlap == "off":
@@ -294,6 +295,8 @@ def main() -> int:
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="started server: on (its default) or off (--no-overlap), one run per value")
     ap.add_argument("--compile", action="store_true", help="started server: its --compile (compiled decode graphs)")
+    ap.add_argument("--decode-experts", nargs="+", default=[None], choices=["dense", "grouped_mm", "triton"],
+                    help="started server: its --decode-experts, one run per value (default: the server's default)")
     ap.add_argument("--baseline", action="store_true",
                     help="also time generate() at batch = the largest concurrency on the same checkpoint (see above)")
     ap.add_argument("--port", type=int, default=8765)
@@ -313,15 +316,14 @@ def main() -> int:
     elif args.baseline:
         ap.error("--baseline needs the checkpoint of a server this starts (not --url)")
     base = baseline(args, ckpt) if args.baseline else None
-    slot_runs = [(None, None, None, None)] if args.url else [(slots, k, t, o) for k in args.speculative
-                                                              for slots in (args.slots or [max(args.concurrency)])
-                                                              for t in (args.threads or [None])
-                                                              for o in args.overlap]
-    for slots, spec, threads, overlap in slot_runs:
+    slot_runs = [(None, None, None, None, None)] if args.url else [
+        (slots, k, t, o, e) for k in args.speculative for slots in (args.slots or [max(args.concurrency)])
+        for t in (args.threads or [None]) for o in args.overlap for e in args.decode_experts]
+    for slots, spec, threads, overlap, experts in slot_runs:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap)
+            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap, experts)
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/v1/models") as r:
@@ -346,7 +348,8 @@ def main() -> int:
                 r["spec_steps"] = {n: v for n, v in delta.items() if n.startswith("k=") and v}
                 tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
                        f"{'' if threads is None else f' threads={threads}'}"
-                       f"{' overlap=off' if overlap == 'off' else ''} concurrency={c} "
+                       f"{' overlap=off' if overlap == 'off' else ''}"
+                       f"{'' if experts is None else f' decode-experts={experts}'} concurrency={c} "
                        f"in={args.input_len} out={args.output_len}"
                        f"{f' range-ratio={args.range_ratio}' if args.range_ratio else ''}")
                 if base:
@@ -355,6 +358,7 @@ def main() -> int:
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads, "overlap": overlap,
+                                            "decode_experts": experts,
                                             "temperature": args.temperature,
                                             "concurrency": c, "input_len": args.input_len,
                                             "output_len": args.output_len, "range_ratio": args.range_ratio,

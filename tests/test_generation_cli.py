@@ -13,6 +13,7 @@ from conftest import tiny_model
 from mimo_flash.cli import main
 from mimo_flash.generation import engine, generate
 from mimo_flash.generation.streamer import StopStrings, TextStreamer
+from mimo_flash.options import options, override
 from mimo_flash.tokenizer import Tokenizer
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -126,6 +127,13 @@ def test_generate_command_streams_the_greedy_text(ckpt, capsys):
     rc, out2, err = run_cli(["generate", "--model", str(ckpt), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "8",
                              "--device", "cpu", "--speculative", "auto"], capsys)
     assert rc == 0 and out2 == out and "speculative auto" in err
+    # --decode-experts sets the option before the model runs (override(): restored after this test); the text is the
+    # same (this CPU run decodes eagerly: the option's paths are tested in test_generation_decode.py)
+    with override():
+        rc, out2, err = run_cli(["generate", "--model", str(ckpt), "--prompt", "w1 w2 w3 w4", "--max-new-tokens",
+                                 "8", "--device", "cpu", "--decode-experts", "grouped_mm"], capsys)
+        assert rc == 0 and out2 == out and options().decode_experts == "grouped_mm"
+    assert options().decode_experts == "dense"
     # a stop string cuts the text and ends generation
     words = text.split(" ")
     stop = words[3]

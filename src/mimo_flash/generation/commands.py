@@ -80,6 +80,16 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the CUDA-graph decode steps")
     add_parallel_options(p)
     add_fp8_flag(p)
+    add_decode_experts_flag(p)
+
+
+def add_decode_experts_flag(p: argparse.ArgumentParser) -> None:
+    from ..ops.moe import DECODE_EXPERTS
+
+    p.add_argument("--decode-experts", default=None, choices=DECODE_EXPERTS,
+                   help="the routed experts of batched decode steps (options().decode_experts): dense (every expert "
+                        "on every token; the default), grouped_mm or triton (the token-expert pairs sorted on the "
+                        "device, one grouped product per projection)")
 
 
 def add_fp8_flag(p: argparse.ArgumentParser) -> None:
@@ -139,6 +149,9 @@ def load(args):
                           "(tokenizer.json, tokenizer_config.json) into it")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
+    if args.decode_experts is not None:  # (before any step is traced or captured)
+        from ..options import set_options
+        set_options(decode_experts=args.decode_experts)
     tok = Tokenizer(root)
     tp, ep = args.tp, args.ep
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
