@@ -230,8 +230,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: 
         return y
     block_m = BLOCK_M or (16 if P <= 8 * E else 64)
     tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
-    s = scale if scale is not None else y  # (unread placeholders)
-    xs = x_scale if x_scale is not None else y
+    s = scale if scale is not None else end  # (unread placeholders; not the output, which the kernel writes)
+    xs = x_scale if x_scale is not None else end
     grid = (triton.cdiv(N, BLOCK_N), tile_expert.numel())
     _grouped_kernel[grid](x, xs, w, s, y, tile_expert, tile_row, end, N, K,
                           xs.stride(0) if x_scale is not None else 0, xs.stride(1) if x_scale is not None else 0,
