@@ -116,6 +116,87 @@ def test_experts_decode_triton_equals_reference():
     run_in_triton_interpreter(_TRITON_EXPERTS)
 
 
+_TRITON_CACHE_ATTENTION = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from mimo_flash.generation.attention import cache_attention
+from mimo_flash.generation.attention_triton import cache_attention_triton
+from mimo_flash.ops.attention import AttnMeta
+
+torch.set_num_threads(1)
+
+def case(B, H, Hkv, Tq, S, D, Dv, window, sink, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, H, Tq, D, generator=g).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, Dv, generator=g).to(dtype)
+    last = torch.randint(Tq, S if window is None else 3 * S, (B,), generator=g)  # each row's last position
+    q_pos = last[:, None] - Tq + 1 + torch.arange(Tq)[None]
+    q_seg = torch.zeros(B, Tq, dtype=torch.long)
+    q_seg[0, 0] = -2  # a masked query column
+    if window is None:  # full layer: slot j holds position j; a few slots of row 1 empty
+        k_pos = torch.arange(S).expand(B, S)
+        k_seg = torch.zeros(B, S, dtype=torch.long)
+        k_seg[1, 5:9] = -1
+    else:  # a ring: the last S positions of each row in a shuffled slot order, one slot empty
+        k_pos = torch.stack([torch.randperm(S, generator=g) + int(x) - S + 1 for x in last])
+        k_seg = torch.where(k_pos >= 0, 0, -1)
+        k_seg[:, 3] = -1
+    meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, aligned=False, plain=False)
+    sk = torch.randn(H, generator=g) if sink else None
+    want = cache_attention(q.double(), k.double(), v.double(), meta, 0.1, window, None if sk is None else sk.double())
+    got = cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, 0.1, window, sk)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got[0, :, 0] == 0).all()  # the masked column sees nothing
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+# decode (Tq 1) and verification (Tq 3, 4) rows; 1100 keys: three splits; full layers with and without a sink,
+# rings with windows shorter and longer than the ring; head dims that are not powers of two (192 in the release)
+for B, H, Hkv, Tq, S, D, Dv, window, sink in [(3, 4, 2, 1, 300, 48, 32, None, True),
+                                              (3, 4, 2, 3, 1100, 48, 32, None, False),
+                                              (2, 8, 2, 4, 150, 40, 16, 7, True),
+                                              (2, 8, 2, 1, 136, 40, 16, 129, False)]:
+    err = case(B, H, Hkv, Tq, S, D, Dv, window, sink, torch.float32, S + Tq)
+    assert err < 1e-6, (B, H, Tq, S, window, err)
+err = case(3, 4, 2, 3, 700, 48, 32, None, True, torch.float16, 5)  # half precision: p rounded for the PV product
+assert err < 2e-3, err
+print("ok")
+"""
+
+
+def test_cache_attention_triton_equals_the_torch_body():
+    run_in_triton_interpreter(_TRITON_CACHE_ATTENTION)
+
+
+def test_triton_cache_attention_graphs_need_no_cache_bucket(monkeypatch):
+    """options().cache_attention="triton": graphed steps of several rows are keyed and sliced by the whole cache
+    (graph_bucket), one graph per batch size across the 256-key bucket boundary; on a CPU the torch body attends
+    over every slot, so the tokens are plain greedy's, speculative chunks included. One row keeps its buckets."""
+    from mimo_flash.generation import engine
+
+    model = tiny_model(vocab_size=256)
+    ids = torch.randint(0, 256, (3, 250), generator=torch.Generator().manual_seed(18))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    with override(cache_attention="triton"):
+        for K in (0, 2):
+            out = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[],
+                           num_speculative_tokens=K, cuda_graphs=True)
+            assert torch.equal(out, plain), K
+        runners = list(engine._RUNNERS[model].values())
+        S = {r.cache.S for r in runners}
+        keys = [key for r in runners for key in list(r.fns) + list(r.graphs)]
+        buckets = {key[3] for key in keys if key[0] == "main"} | {key[2] for key in keys if key[0] == "greedy"}
+        assert len(S) == 1 and buckets == S, (S, keys)  # (steps ran past position 256: buckets 256 and 512 before)
+        one = generate(model, ids[:1, :230], max_new_tokens=40, eos_token_id=[], cuda_graphs=True)
+        with override(cache_attention="torch"):
+            assert torch.equal(one, generate(model, ids[:1, :230], max_new_tokens=40, eos_token_id=[]))
+        r1 = [r for r in engine._RUNNERS[model].values() if r.cache.B == 1]
+        assert {key[3] for r in r1 for key in r.fns if key[0] == "main"} == {256, r1[0].cache.S} != {256}
+    engine._RUNNERS.pop(model, None)
+
+
 def test_linear_reduction_backend_equals_f_linear():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(48, 40, generator=g)
@@ -277,3 +358,41 @@ def test_compiled_decode_step_matches_eager_on_gpu(rows):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
             tok = b[:, -1].argmax(-1)
     assert not graphed.notes and len(graphed.graphs) == 1 and not graphed.triton
+
+
+@pytest.mark.gpu
+def test_triton_cache_attention_on_gpu():
+    """The kernel on CUDA in bf16 at the released attention shapes (Q/K 192, V 128; full layers 64 query heads over 4
+    kv heads, SWA 64 over 8 with a window of 128 and sinks), decode and verification rows, against the torch body in
+    fp64; then compiled, graphed decoding of three rows through it gives the eager tokens (fp32, IEEE dots)."""
+    from mimo_flash.generation.attention import cache_attention
+    from mimo_flash.generation.attention_triton import cache_attention_triton
+    from mimo_flash.ops.attention import AttnMeta
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for Hkv, S, window, Tq in ((4, 3000, None, 1), (4, 3000, None, 4), (8, 140, 128, 1), (8, 140, 128, 3)):
+        B, H = 3, 64
+        q = torch.randn(B, H, Tq, 192, generator=g, device="cuda").bfloat16()
+        k = torch.randn(B, Hkv, S, 192, generator=g, device="cuda").bfloat16()
+        v = torch.randn(B, Hkv, S, 128, generator=g, device="cuda").bfloat16()
+        last = torch.tensor([S - 1, S // 3, Tq + 5], device="cuda") if window is None else \
+            torch.tensor([900, 500, 2000], device="cuda")
+        q_pos = last[:, None] - Tq + 1 + torch.arange(Tq, device="cuda")[None]
+        if window is None:
+            k_pos = torch.arange(S, device="cuda").expand(B, S)
+        else:
+            k_pos = torch.stack([torch.randperm(S, generator=g, device="cuda") + int(x) - S + 1 for x in last])
+        q_seg, k_seg = torch.zeros_like(q_pos), torch.zeros_like(k_pos)
+        meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, aligned=False, plain=False)
+        sink = torch.randn(H, generator=g, device="cuda") if window else None
+        want = cache_attention(q.double(), k.double(), v.double(), meta, 192 ** -0.5, window,
+                               None if sink is None else sink.double())
+        got = cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, 192 ** -0.5, window, sink)
+        err = float((got.double() - want).norm() / want.norm())
+        assert err < 1e-2, (Hkv, S, window, Tq, err)
+    model = tiny_model(vocab_size=64).cuda()
+    ids = torch.randint(0, 64, (3, 250), generator=torch.Generator().manual_seed(4)).cuda()
+    eager = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graphs=False)
+    with override(cache_attention="triton"):
+        out, stats = generate(model, ids, max_new_tokens=24, eos_token_id=[], compile=True, return_stats=True)
+    assert torch.equal(out, eager) and stats.notes == []

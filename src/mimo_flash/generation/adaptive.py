@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from .runner import GraphRunner, kv_bucket
+from .runner import GraphRunner, graph_bucket
 from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_reprime, spec_step
 
 # greedy steps per captured chunk when k = 0: the controller decides again after each; chunks in a row grow
@@ -193,7 +193,7 @@ def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int
     counts = out.count.tolist()
     left = max(out.max_new - c for c, d in zip(counts, done, strict=True) if not d)
     n = min(size, left)
-    bucket = kv_bucket(st.n_max + n, runner.cache.S)
+    bucket = graph_bucket(st.n_max + n, runner.cache.S, B)
     try:
         res = runner.run_step(("adaptive-greedy", B, bucket, n), _greedy_chunk(runner, bucket, n, st.rings),
                               dict(tok=st.tok, pos=st.N), rows=B)

@@ -3,6 +3,10 @@
 Grouped-query: the query heads that share a kv head are folded into the query rows, so keys and values
 are read once per kv head (no repeat_interleave copy of the cache). The rules of ops/attention.py apply
 (positions, window, segments, sink); this function is tested against attention_reference.
+Backends (options().cache_attention): "torch", the body below (what torch.compile fuses into a decode step; a full
+layer reads the keys of the step's cache bucket); "triton", generation/attention_triton.py on CUDA, whose programs
+read each row's keys only up to its own position, so that graphed steps of more than one row need no cache
+bucket (runner.graph_bucket); prefill-sized calls (more than MAX_ROWS query rows per kv head) keep the body.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..ops.attention import AttnMeta
+from ..options import options
+
+CACHE_ATTENTION = ("torch", "triton")  # options().cache_attention
 
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float,
@@ -22,6 +29,14 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     which fuse with the softmax instead of two tiny GEMM calls.
     A query that sees no key and has no sink gets zeros.
     """
+    mode = options().cache_attention
+    if mode not in CACHE_ATTENTION:
+        raise ValueError(f"option cache_attention must be one of {CACHE_ATTENTION}, got {mode!r}")
+    if mode == "triton" and q.is_cuda:
+        from .attention_triton import cache_attention_triton, fits
+        if fits(q, k, v):
+            return cache_attention_triton(q, k, v, meta.q_pos, meta.q_seg, meta.k_pos, meta.k_seg, scale, window,
+                                          sink)
     B, H, Tq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep = H // Hkv

@@ -16,7 +16,7 @@ import torch
 
 from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
 from .cache import KVCache
-from .runner import GraphRunner, Runner, kv_bucket
+from .runner import GraphRunner, Runner, graph_bucket
 from .sampling import SamplingParams, choose, process
 from .speculative import SPEC_CHUNK, SpecRings, spec_chunk, spec_chunk_size, spec_prefill, spec_step
 
@@ -376,7 +376,7 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
 
     while i < max_new_tokens:
         n = min(GREEDY_CHUNK, max_new_tokens - i)
-        bucket = kv_bucket(n_max + i + n - 1, runner.cache.S)
+        bucket = graph_bucket(n_max + i + n - 1, runner.cache.S, B)
         try:
             res = runner.run_step(("greedy", B, bucket, n), _greedy_chunk(runner, bucket, n), dict(tok=tok, pos=pos),
                                   rows=B)

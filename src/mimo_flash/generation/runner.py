@@ -101,6 +101,13 @@ def kv_bucket(kv_len: int, size: int) -> int:
     return min(b, size)
 
 
+def graph_bucket(kv_len: int, size: int, rows: int) -> int:
+    """The cache length a graphed step of `rows` rows is keyed and sliced by: kv_bucket's, or the whole cache where
+    options().cache_attention is "triton" and rows > 1 (its kernel reads each row's keys only up to its own
+    position: one graph per batch size; one row keeps the buckets, which size the batch-1 Triton step's reads)."""
+    return size if rows > 1 and options().cache_attention == "triton" else kv_bucket(kv_len, size)
+
+
 class GraphRunner(Runner):
     """Runner whose decode-shaped calls replay CUDA graphs (optionally of torch.compile'd code).
     On CPU it only compiles (no graphs), which lets tests trace the same code.
@@ -235,7 +242,7 @@ class GraphRunner(Runner):
         B, T = ids.shape
         if not graph or T > self.max_graph_tokens:  # prefill stays eager
             return super().main(ids, pos, valid, kv_len, logits)
-        bucket = kv_bucket(kv_len, self.cache.S)
+        bucket = graph_bucket(kv_len, self.cache.S, B)
         if self.triton and B == 1 and (T == 1 or (T <= MAX_VERIFY_TOKENS and self.triton_verify)) and valid is None:
             out = self._main_triton(ids, pos, kv_len, bucket)
             if out is not None:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..options import options
 from .cache import MAIN, mtp_group
-from .runner import kv_bucket
+from .runner import graph_bucket
 from .sampling import SamplingParams, process
 
 # Greedy steps after the first run as one CUDA graph (drafts + verification + accept + rollback) on a
@@ -359,7 +359,7 @@ def _graphed_step(runner, st: SpecState, frozen, n: int = 1):
     n > 1, else (new [B, k+1], count [B])."""
     K, k, B = st.K, st.k, st.N.shape[0]
     n_max = st.n_max + (n - 1) * (k + 1)  # (a bound on every row's N at the chunk's last step)
-    bucket = kv_bucket(n_max + k + 1, runner.cache.S)
+    bucket = graph_bucket(n_max + k + 1, runner.cache.S, B)
     key = ("spec", B, K, k, bucket) if n == 1 else ("spec", B, K, k, bucket, n)
     # (always a frozen mask: one graph whether or not rows are done)
     fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)

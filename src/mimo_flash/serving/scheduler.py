@@ -63,7 +63,7 @@ import torch
 
 from ..generation.cache import KVCache
 from ..generation.engine import AUTO_MAX_K
-from ..generation.runner import GraphRunner, Runner
+from ..generation.runner import GraphRunner, Runner, graph_bucket
 from ..generation.sampling import choose, process
 from .detok import Detokenizer
 from .metrics import Metrics
@@ -603,17 +603,14 @@ class Scheduler:
         Returns the seconds it took."""
         t0 = time.perf_counter()
         spec_ks = [] if self.spec is None else range(1, self.spec.K + 1) if self.spec.adaptive else [self.spec.K]
+        lengths = [min(256 << i, self.S) for i in range(max(1, (self.S - 1) // 256).bit_length() + 1)]
         for n in sorted({self._bucket(k) for k in range(1, self.B + 1)}):
             ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-            kv = 256
-            while True:
+            for kv in sorted({graph_bucket(x, self.S, n) for x in lengths}):  # (the graphs' cache buckets)
                 valid = None if n == 1 else torch.zeros(n, 1, dtype=torch.bool, device=self.device)
-                self._runner(n).main(ids, ids, valid, min(kv, self.S), logits="last", graph=True)
+                self._runner(n).main(ids, ids, valid, kv, logits="last", graph=True)
                 for k in spec_ks:
-                    self.spec.step(self._runner(n), [], max(min(kv, self.S) - self.spec.K - 1, 0), k)
-                if kv >= self.S:
-                    break
-                kv *= 2
+                    self.spec.step(self._runner(n), [], max(kv - self.spec.K - 1, 0), k)
         self.cache.reset()
         return time.perf_counter() - t0
 

@@ -1,0 +1,145 @@
+"""The Triton backend of cache_attention (generation/attention.py): a few new queries per row against the KV cache,
+each row reading its keys only up to its own positions, so that a decode step's CUDA graph needs no bucket of the
+cache length (options().cache_attention = "triton").
+
+Program (b, g, sp): row b, kv head g, key split sp. Its query rows are the REP query heads of kv head g times the
+Tq new tokens (rows (r, t) as cache_attention folds them), padded to BLOCK_M; it visits the key blocks of its split
+that lie below the row's bound: on a full layer (no window) the cache slot j holds position j, so no key at or past
+max_t(q_pos[b, t]) + 1 can be seen; a ring (window) is read whole. Inside a block the rule of ops/attention.py is
+applied per pair (k_pos <= q_pos, q_pos - k_pos < window, q_seg == k_seg), with an online softmax in fp32. Each
+program stores its unnormalised output, running max and sum; `combine` joins the splits and the sink (a term
+exp(sink_h) of the denominator, no value) in torch ops, which torch.compile fuses into the step.
+Run on CUDA, and in Triton's CPU interpreter by the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 64  # query rows (heads per kv head x new tokens) a program takes; more: the torch path
+BLOCK_N = 64  # keys per block
+SPLIT_KEYS = 512  # keys per split (the last split takes the rest); at most MAX_SPLITS splits
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_ptr, acc_ptr, m_ptr, l_ptr,
+                       S, Tq, window, scale, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                       REP: tl.constexpr, HKV: tl.constexpr, NS: tl.constexpr, DQK: tl.constexpr,
+                       DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = pid // HKV
+    g = pid % HKV
+    rows = tl.arange(0, BLOCK_M)
+    head = g * REP + rows // Tq  # row (r, t): query head g * REP + r, token t
+    t = rows % Tq
+    rmask = rows < REP * Tq
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, DV)
+    qpos = tl.load(qpos_ptr + b * Tq + t, mask=rmask, other=-1)
+    qseg = tl.load(qseg_ptr + b * Tq + t, mask=rmask, other=-3)
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :],
+                mask=rmask[:, None] & (d[None, :] < DQK), other=0.0)
+    if HAS_WINDOW:
+        bound = S
+    else:  # slot j holds position j: nothing at or past the row's last position + 1 is seen
+        bound = tl.minimum(tl.max(tl.where(rmask, qpos, -1), 0) + 1, S)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    k_row = k_ptr + b * skb + g * skh
+    v_row = v_ptr + b * svb + g * svh
+    for j in range(BLOCKS):
+        n0 = sp * BLOCKS * BLOCK_N + j * BLOCK_N
+        if n0 < bound:
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < bound
+            kpos = tl.load(kpos_ptr + b * S + n, mask=nmask, other=0)
+            kseg = tl.load(kseg_ptr + b * S + n, mask=nmask, other=-4)
+            k = tl.load(k_row + n[None, :] * sks + d[:, None], mask=nmask[None, :] & (d[:, None] < DQK), other=0.0)
+            if IEEE:
+                s = tl.dot(q, k, input_precision="ieee")
+            else:
+                s = tl.dot(q, k)
+            ok = (kpos[None, :] <= qpos[:, None]) & (qseg[:, None] == kseg[None, :]) & nmask[None, :]
+            if HAS_WINDOW:
+                ok = ok & (qpos[:, None] - kpos[None, :] < window)
+            s = tl.where(ok, s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_row + n[:, None] * svs + dv[None, :], mask=nmask[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    base = (pid * NS + sp) * BLOCK_M + rows
+    tl.store(m_ptr + base, m_i)
+    tl.store(l_ptr + base, l_i)
+    tl.store(acc_ptr + base[:, None] * DV + dv[None, :], acc)
+
+
+def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Shapes the kernel takes: at most MAX_ROWS query rows per kv head, a power-of-two value dim of 16 .. 256."""
+    B, H, Tq, D = q.shape
+    dv = v.shape[-1]
+    return H // k.shape[1] * Tq <= MAX_ROWS and 16 <= dv <= 256 and dv & (dv - 1) == 0 and D <= 256
+
+
+def cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, window: int | None,
+                           sink: torch.Tensor | None) -> torch.Tensor:
+    """cache_attention's contract (generation/attention.py) with the positions and segments given: q [B, H, Tq, Dqk],
+    k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv] (last dims contiguous), q_pos / q_seg [B, Tq], k_pos / k_seg [B, S]
+    (segments None: one segment),
+    sink [H] or None -> [B, H, Tq, Dv] in v's dtype. Without a window, slot j must hold position j (the full layers'
+    cache)."""
+    B, H, Tq, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    rep = H // Hkv
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("cache_attention_triton takes tensors whose last dimension is contiguous")
+    block_m = max(16, triton.next_power_of_2(rep * Tq))
+    blocks = -(-min(S, SPLIT_KEYS) // BLOCK_N)
+    ns = min(MAX_SPLITS, -(-S // (blocks * BLOCK_N)))
+    blocks = -(-S // (ns * BLOCK_N))  # (the splits cover S)
+    dev = q.device
+    acc = torch.empty(B * Hkv, ns, block_m, Dv, device=dev, dtype=torch.float32)
+    m = torch.empty(B * Hkv, ns, block_m, device=dev, dtype=torch.float32)
+    l = torch.empty_like(m)
+    qp = q_pos.expand(B, Tq).to(torch.int32).contiguous()
+    kp = k_pos.expand(B, S).to(torch.int32).contiguous()
+    qs = torch.zeros_like(qp) if q_seg is None else q_seg.expand(B, Tq).to(torch.int32).contiguous()
+    ks = torch.zeros_like(kp) if k_seg is None else k_seg.expand(B, S).to(torch.int32).contiguous()
+    _cache_attn_kernel[(B * Hkv, ns)](
+        q, k, v, qp, qs, kp, ks, acc, m, l, S, Tq, 0 if window is None else window, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_N=BLOCK_N, BLOCKS=blocks, HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32)
+    return combine(acc, m, l, sink, B, H, Tq, rep).to(v.dtype)
+
+
+def combine(acc, m, l, sink, B: int, H: int, Tq: int, rep: int) -> torch.Tensor:
+    """The splits' unnormalised outputs acc [B * Hkv, NS, BLOCK_M, Dv], maxima and sums m, l [B * Hkv, NS, BLOCK_M]
+    and the sink [H] -> [B, H, Tq, Dv] fp32 (a row that sees nothing, and no sink: zeros)."""
+    Hkv, Dv = H // rep, acc.shape[-1]
+    rows = rep * Tq
+    acc, m, l = acc[:, :, :rows], m[:, :, :rows], l[:, :, :rows]
+    mx = m.amax(1)  # [B * Hkv, rows]
+    if sink is not None:
+        s = sink.float().view(Hkv, rep, 1).expand(Hkv, rep, Tq).reshape(1, Hkv, rows)
+        s = s.expand(B, Hkv, rows).reshape(B * Hkv, rows)
+        mx = torch.maximum(mx, s)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    w = torch.exp(m - mx[:, None])  # [B * Hkv, NS, rows] (0 for empty splits)
+    den = (w * l).sum(1)
+    if sink is not None:
+        den = den + torch.exp(s - mx)
+    out = (acc * w[..., None]).sum(1) / den.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return out.view(B, Hkv, rep, Tq, Dv).reshape(B, H, Tq, Dv)
