@@ -210,6 +210,7 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0"
         cmd.append("--no-overlap")
     if args.compile:
         cmd.append("--compile")
+    cmd += args.server_args.split()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
     import urllib.request
@@ -295,6 +296,8 @@ def main() -> int:
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="started server: on (its default) or off (--no-overlap), one run per value")
     ap.add_argument("--compile", action="store_true", help="started server: its --compile (compiled decode graphs)")
+    ap.add_argument("--server-args", default="", help="started server: more `serve` flags for every run, as one "
+                    "string (e.g. \"--cache-attention triton\")")
     ap.add_argument("--decode-experts", nargs="+", default=[None], choices=["dense", "grouped_mm", "triton"],
                     help="started server: its --decode-experts, one run per value (default: the server's default)")
     ap.add_argument("--baseline", action="store_true",

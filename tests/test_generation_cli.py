@@ -127,13 +127,15 @@ def test_generate_command_streams_the_greedy_text(ckpt, capsys):
     rc, out2, err = run_cli(["generate", "--model", str(ckpt), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "8",
                              "--device", "cpu", "--speculative", "auto"], capsys)
     assert rc == 0 and out2 == out and "speculative auto" in err
-    # --decode-experts sets the option before the model runs (override(): restored after this test); the text is the
+    # --decode-experts and --cache-attention set the options before the model runs (override(): restored after this test); the text is the
     # same (this CPU run decodes eagerly: the option's paths are tested in test_generation_decode.py)
     with override():
         rc, out2, err = run_cli(["generate", "--model", str(ckpt), "--prompt", "w1 w2 w3 w4", "--max-new-tokens",
-                                 "8", "--device", "cpu", "--decode-experts", "grouped_mm"], capsys)
-        assert rc == 0 and out2 == out and options().decode_experts == "grouped_mm"
-    assert options().decode_experts == "dense"
+                                 "8", "--device", "cpu", "--decode-experts", "grouped_mm", "--cache-attention", "triton"],
+                                capsys)
+        assert rc == 0 and out2 == out
+        assert (options().decode_experts, options().cache_attention) == ("grouped_mm", "triton")
+    assert (options().decode_experts, options().cache_attention) == ("dense", "torch")
     # a stop string cuts the text and ends generation
     words = text.split(" ")
     stop = words[3]

@@ -80,16 +80,21 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the CUDA-graph decode steps")
     add_parallel_options(p)
     add_fp8_flag(p)
-    add_decode_experts_flag(p)
+    add_decode_flags(p)
 
 
-def add_decode_experts_flag(p: argparse.ArgumentParser) -> None:
+def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    from ..generation.attention import CACHE_ATTENTION
     from ..ops.moe import DECODE_EXPERTS
 
     p.add_argument("--decode-experts", default=None, choices=DECODE_EXPERTS,
                    help="the routed experts of batched decode steps (options().decode_experts): dense (every expert "
                         "on every token; the default), grouped_mm or triton (the token-expert pairs sorted on the "
                         "device, one grouped product per projection)")
+    p.add_argument("--cache-attention", default=None, choices=CACHE_ATTENTION,
+                   help="attention over the KV cache in decode steps (options().cache_attention): torch (the "
+                        "default) or triton (CUDA: each row reads its keys up to its own position; graphs of several "
+                        "rows need no cache-length bucket)")
 
 
 def add_fp8_flag(p: argparse.ArgumentParser) -> None:
@@ -149,9 +154,11 @@ def load(args):
                           "(tokenizer.json, tokenizer_config.json) into it")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
-    if args.decode_experts is not None:  # (before any step is traced or captured)
+    chosen = {k: v for k, v in (("decode_experts", args.decode_experts), ("cache_attention", args.cache_attention))
+              if v is not None}
+    if chosen:  # (before any step is traced or captured)
         from ..options import set_options
-        set_options(decode_experts=args.decode_experts)
+        set_options(**chosen)
     tok = Tokenizer(root)
     tp, ep = args.tp, args.ep
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's

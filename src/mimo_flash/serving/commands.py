@@ -9,7 +9,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     from ..cli import finite_float
-    from ..generation.commands import add_decode_experts_flag, add_fp8_flag, add_parallel_options
+    from ..generation.commands import add_decode_flags, add_fp8_flag, add_parallel_options
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
@@ -56,7 +56,7 @@ def register(subparsers) -> None:
                         "instead of preempting the threads of every step)")
     add_parallel_options(p)
     add_fp8_flag(p)
-    add_decode_experts_flag(p)
+    add_decode_flags(p)
     p.set_defaults(fn=cmd_serve)
 
 
