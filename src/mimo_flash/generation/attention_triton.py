@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.kernels.launch import STATIC_LOOPS
+
 MAX_ROWS = 64  # query rows (heads per kv head x new tokens) a program takes; more: the torch path
 BLOCK_N = 64  # keys per block
 SPLIT_KEYS = 512  # keys per split (the last split takes the rest); at most MAX_SPLITS splits
@@ -25,11 +27,40 @@ MAX_SPLITS = 32
 
 
 @triton.jit
+def _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, n0, hi, window, scale, sks, svs, d, dv,
+           DQK: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """One block of keys [n0, n0 + BLOCK_N) (those below hi) into the online softmax of the program's rows."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    nmask = n < hi
+    kpos = tl.load(kpos_ptr + n, mask=nmask, other=0)
+    kseg = tl.load(kseg_ptr + n, mask=nmask, other=-4)
+    k = tl.load(k_row + n[None, :] * sks + d[:, None], mask=nmask[None, :] & (d[:, None] < DQK), other=0.0)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    ok = (kpos[None, :] <= qpos[:, None]) & (qseg[:, None] == kseg[None, :]) & nmask[None, :]
+    if HAS_WINDOW:
+        ok = ok & (qpos[:, None] - kpos[None, :] < window)
+    s = tl.where(ok, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    v = tl.load(v_row + n[:, None] * svs + dv[None, :], mask=nmask[:, None], other=0.0)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_ptr, acc_ptr, m_ptr, l_ptr,
                        S, Tq, window, scale, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                        REP: tl.constexpr, HKV: tl.constexpr, NS: tl.constexpr, DQK: tl.constexpr,
                        DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, STATIC: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = pid // HKV
@@ -48,38 +79,23 @@ def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_p
         bound = S
     else:  # slot j holds position j: nothing at or past the row's last position + 1 is seen
         bound = tl.minimum(tl.max(tl.where(rmask, qpos, -1), 0) + 1, S)
+    lo = sp * BLOCKS * BLOCK_N
+    hi = tl.minimum(lo + BLOCKS * BLOCK_N, bound)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
     k_row = k_ptr + b * skb + g * skh
     v_row = v_ptr + b * svb + g * svh
-    for j in range(BLOCKS):
-        n0 = sp * BLOCKS * BLOCK_N + j * BLOCK_N
-        if n0 < bound:
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < bound
-            kpos = tl.load(kpos_ptr + b * S + n, mask=nmask, other=0)
-            kseg = tl.load(kseg_ptr + b * S + n, mask=nmask, other=-4)
-            k = tl.load(k_row + n[None, :] * sks + d[:, None], mask=nmask[None, :] & (d[:, None] < DQK), other=0.0)
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-            ok = (kpos[None, :] <= qpos[:, None]) & (qseg[:, None] == kseg[None, :]) & nmask[None, :]
-            if HAS_WINDOW:
-                ok = ok & (qpos[:, None] - kpos[None, :] < window)
-            s = tl.where(ok, s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_row + n[:, None] * svs + dv[None, :], mask=nmask[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    if STATIC:  # Triton's interpreter: no loop to a runtime bound
+        for j in range(BLOCKS):
+            if lo + j * BLOCK_N < hi:
+                m_i, l_i, acc = _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S, kseg_ptr + b * S,
+                                       lo + j * BLOCK_N, hi, window, scale, sks, svs, d, dv, DQK, BLOCK_N, HAS_WINDOW,
+                                       IEEE)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S, kseg_ptr + b * S,
+                                   n0, hi, window, scale, sks, svs, d, dv, DQK, BLOCK_N, HAS_WINDOW, IEEE)
     base = (pid * NS + sp) * BLOCK_M + rows
     tl.store(m_ptr + base, m_i)
     tl.store(l_ptr + base, l_i)
@@ -121,7 +137,8 @@ def cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, wi
         q, k, v, qp, qs, kp, ks, acc, m, l, S, Tq, 0 if window is None else window, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_N=BLOCK_N, BLOCKS=blocks, HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32)
+        BLOCK_N=BLOCK_N, BLOCKS=blocks, HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32,
+        STATIC=STATIC_LOOPS)
     return combine(acc, m, l, sink, B, H, Tq, rep).to(v.dtype)
 
 
