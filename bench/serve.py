@@ -229,9 +229,10 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0"
     raise SystemExit("the server did not come up within 600 s")
 
 
-def spec_counters(url: str) -> dict[str, int]:
-    """A mimo-flash server's speculation counters from /metrics: draft tokens verified ("draft"), accepted
-    ("accepted"), and steps by drafts per request ("k=0", "k=1", ...); {} from a server without them."""
+def server_counters(url: str) -> dict[str, int]:
+    """A mimo-flash server's counters from /metrics: draft tokens verified ("draft"), accepted ("accepted"), steps by
+    drafts per request ("k=0", "k=1", ...), the scheduler thread's seconds per phase ("s:admit", "s:prefill",
+    "s:decode") and forwards per phase ("n:prefill", "n:decode"); {} from a server without them."""
     import urllib.request
 
     found = {}
@@ -245,6 +246,8 @@ def spec_counters(url: str) -> dict[str, int]:
     out = {n: int(float(found.get(f"mimo_flash_spec_decode_{n}_tokens_total", 0))) for n in ("draft", "accepted")}
     steps = "mimo_flash_spec_decode_steps_total{k="
     out.update({f"k={n[len(steps) + 1:-2]}": int(float(v)) for n, v in found.items() if n.startswith(steps)})
+    for name, kind in (("mimo_flash_scheduler_seconds_total", "s"), ("mimo_flash_forwards_total", "n")):
+        out.update({f"{kind}:{n[len(name) + 8:-2]}": float(v) for n, v in found.items() if n.startswith(name + "{")})
     return out
 
 
@@ -259,6 +262,10 @@ def report(tag: str, r: dict) -> None:
     if r.get("spec_draft_tokens"):
         print(f"    MTP drafts accepted {r['spec_accepted_tokens']} / {r['spec_draft_tokens']} "
               f"({r['spec_accepted_tokens'] / r['spec_draft_tokens']:.1%})", flush=True)
+    if r.get("scheduler_s"):
+        print("    scheduler thread: " + ", ".join(
+            f"{p} {r['scheduler_s'][p]:.2f} s" + (f" ({r['forwards'][p]} forwards)" if p in r.get("forwards", {}) else "")
+            for p in r["scheduler_s"]), flush=True)
     if r.get("spec_steps"):
         print("    steps by drafts: " + ", ".join(f"{k} {n}" for k, n in sorted(r["spec_steps"].items())), flush=True)
 
@@ -343,12 +350,14 @@ def main() -> int:
                 prompts, out_lens = make_prompts(args.num_prompts if c > 1 else max(4, args.num_prompts // 8),
                                                  args.input_len, args.output_len, vocab, args.shared_prefix, seed=c,
                                                  ratio=args.range_ratio)
-                before = spec_counters(url)
+                before = server_counters(url)
                 r = asyncio.run(run_load(url, name, prompts, out_lens, c, args.request_rate, args.temperature))
-                after = spec_counters(url)
+                after = server_counters(url)
                 delta = {n: v - before.get(n, 0) for n, v in after.items()}
                 r["spec_draft_tokens"], r["spec_accepted_tokens"] = delta.get("draft", 0), delta.get("accepted", 0)
                 r["spec_steps"] = {n: v for n, v in delta.items() if n.startswith("k=") and v}
+                r["scheduler_s"] = {n[2:]: v for n, v in delta.items() if n.startswith("s:")}
+                r["forwards"] = {n[2:]: int(v) for n, v in delta.items() if n.startswith("n:")}
                 tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
                        f"{'' if threads is None else f' threads={threads}'}"
                        f"{' overlap=off' if overlap == 'off' else ''}"

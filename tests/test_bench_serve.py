@@ -36,6 +36,11 @@ def test_bench_serve_runs_on_cpu(tmp_path):
         assert x["generate_tok_s"] == runs[0]["generate_tok_s"] > 0
         assert x["of_generate"] == x["output_tok_s"] / x["generate_tok_s"]
     assert "generate() baseline: batch 3, in=12 out=8" in r.stdout
+    # the server's scheduler-thread seconds and forwards per phase, over each run
+    for x in runs:
+        assert set(x["scheduler_s"]) == {"admit", "prefill", "decode"} and all(v > 0 for v in x["scheduler_s"].values())
+        assert x["forwards"]["prefill"] >= 1 and x["forwards"]["decode"] >= 1, x["forwards"]
+    assert "scheduler thread: admit" in r.stdout
     # requests of varied lengths (ignore_eos: each produces its own max_tokens, 4 .. 12)
     assert len({round(x["output_tok_s"] * x["duration_s"]) for x in runs}) > 1
     spec = [x for x in runs if x["speculative"] == "auto"]

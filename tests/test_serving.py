@@ -100,6 +100,10 @@ def test_models_health_metrics(live):
     assert float(lines["mimo_flash_generation_tokens_total"]) >= 3
     assert float(lines['mimo_flash_time_to_first_token_seconds_bucket{le="+Inf"}']) >= 1
     assert "mimo_flash_num_requests_waiting" in lines and "mimo_flash_time_per_output_token_seconds_sum" in lines
+    # the scheduler thread's time per phase and its forwards: the request was prefilled once, then decoded
+    phase = {p: float(lines[f'mimo_flash_scheduler_seconds_total{{phase="{p}"}}']) for p in ("admit", "prefill", "decode")}
+    runs = {p: int(lines[f'mimo_flash_forwards_total{{phase="{p}"}}']) for p in ("prefill", "decode")}
+    assert all(v > 0 for v in phase.values()) and runs["prefill"] >= 1 and runs["decode"] >= 2, (phase, runs)
 
 
 def test_completion_is_greedy_generate_for_text_and_token_prompts(live):

@@ -41,6 +41,10 @@ class Metrics:
         self.spec_draft_tokens = 0  # MTP drafts verified (speculative serving), summed over rows
         self.spec_accepted_tokens = 0  # of which the target model agreed with
         self.spec_steps: dict[int, int] = {}  # drafts k -> decode steps that carried speculating slots
+        # the scheduler thread's wall time per phase of its steps ("admit", "prefill", "decode": what the host spent
+        # issuing them and waiting for their results), and the model forwards each phase ran
+        self.phase_seconds = {"admit": 0.0, "prefill": 0.0, "decode": 0.0}
+        self.forwards = {"prefill": 0, "decode": 0}
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
 
@@ -70,6 +74,13 @@ class Metrics:
                 lines += [f"# HELP {name} Decode steps of speculating requests, by drafts per request (k; "
                           f"0: a plain step).", f"# TYPE {name} counter"]
                 lines += [f'{name}{{k="{k}"}} {v}' for k, v in sorted(self.spec_steps.items())]
+            name = f"{p}_scheduler_seconds_total"
+            lines += [f"# HELP {name} The scheduler thread's wall time in each phase of its steps.",
+                      f"# TYPE {name} counter"]
+            lines += [f'{name}{{phase="{k}"}} {v}' for k, v in self.phase_seconds.items()]
+            name = f"{p}_forwards_total"
+            lines += [f"# HELP {name} Model forwards run, by phase.", f"# TYPE {name} counter"]
+            lines += [f'{name}{{phase="{k}"}} {v}' for k, v in self.forwards.items()]
             for name, v, help_ in (("num_requests_waiting", waiting, "Requests queued for a slot."),
                                    ("num_requests_running", running, "Requests holding a slot.")):
                 lines += [f"# HELP {p}_{name} {help_}", f"# TYPE {p}_{name} gauge", f"{p}_{name} {v}"]

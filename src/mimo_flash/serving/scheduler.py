@@ -301,18 +301,27 @@ class Scheduler:
 
     def _step(self, admit: bool, spec_k: int | None = None) -> None:
         self.steps += 1
+        t = [time.perf_counter()]
         self._reap()
         if admit:
             self._admit()
+        t.append(time.perf_counter())
         self._prefill()
         k = spec_k if spec_k is not None else (self.spec.K if self.spec is not None else 0)
-        t0, built = time.perf_counter(), self._builds()
+        t.append(time.perf_counter())
+        built = self._builds()
         self._decode(with_spec=k == 0)
         if k:
             self._speculate(k)
+        t.append(time.perf_counter())
         if self.spec is not None:
-            self.spec.timed(time.perf_counter() - t0, built=self._builds() != built)
+            self.spec.timed(t[3] - t[2], built=self._builds() != built)
         self._count()
+        m = self.metrics
+        with m.lock:
+            for phase, a, b in (("admit", 0, 1), ("prefill", 1, 2), ("decode", 2, 3)):
+                m.phase_seconds[phase] += t[b] - t[a]
+            m.forwards["prefill"], m.forwards["decode"] = self.prefill_forwards, self.decode_forwards
 
     def _spec_choice(self) -> int | None:
         """The drafts of this step's speculating slots (None: no speculation), chosen from the slots decoding
