@@ -197,12 +197,12 @@ def baseline(args, ckpt: Path) -> float:
 
 
 def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None,
-                 overlap: str = "on", experts: str | None = None):
+                 overlap: str = "on", experts: str | None = None, admit_wait: float | None = None):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
            "--name", "bench", "--device", args.device, "--max-slots", str(slots), "--speculative", str(speculative),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
            "--prefix-blocks", str(args.prefix_blocks), "--max-queue", str(max(256, args.num_prompts))]
-    for flag, v in (("--admit-wait", args.admit_wait), ("--prefill-tokens", args.prefill_tokens),
+    for flag, v in (("--admit-wait", admit_wait), ("--prefill-tokens", args.prefill_tokens),
                     ("--threads", threads), ("--decode-experts", experts)):
         if v is not None:  # otherwise the server's default
             cmd += [flag, str(v)]
@@ -294,7 +294,8 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=None, help="default: max(2048, input + output length)")
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--prefix-blocks", type=int, default=64)
-    ap.add_argument("--admit-wait", type=float, default=None, help="started server: its --admit-wait")
+    ap.add_argument("--admit-wait", type=float, nargs="+", default=[None],
+                    help="started server: its --admit-wait, one run per value (default: the server's default)")
     ap.add_argument("--speculative", nargs="+", default=["0"],
                     help="started server: its --speculative K or auto, one run per value (default 0: off)")
     ap.add_argument("--prefill-tokens", type=int, default=None, help="started server: its --prefill-tokens")
@@ -326,14 +327,14 @@ def main() -> int:
     elif args.baseline:
         ap.error("--baseline needs the checkpoint of a server this starts (not --url)")
     base = baseline(args, ckpt) if args.baseline else None
-    slot_runs = [(None, None, None, None, None)] if args.url else [
-        (slots, k, t, o, e) for k in args.speculative for slots in (args.slots or [max(args.concurrency)])
-        for t in (args.threads or [None]) for o in args.overlap for e in args.decode_experts]
-    for slots, spec, threads, overlap, experts in slot_runs:
+    slot_runs = [(None, None, None, None, None, None)] if args.url else [
+        (slots, k, t, o, e, w) for k in args.speculative for slots in (args.slots or [max(args.concurrency)])
+        for t in (args.threads or [None]) for o in args.overlap for e in args.decode_experts for w in args.admit_wait]
+    for slots, spec, threads, overlap, experts, wait in slot_runs:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap, experts)
+            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap, experts, wait)
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/v1/models") as r:
@@ -361,7 +362,8 @@ def main() -> int:
                 tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
                        f"{'' if threads is None else f' threads={threads}'}"
                        f"{' overlap=off' if overlap == 'off' else ''}"
-                       f"{'' if experts is None else f' decode-experts={experts}'} concurrency={c} "
+                       f"{'' if experts is None else f' decode-experts={experts}'}"
+                       f"{'' if wait is None else f' admit-wait={wait}'} concurrency={c} "
                        f"in={args.input_len} out={args.output_len}"
                        f"{f' range-ratio={args.range_ratio}' if args.range_ratio else ''}")
                 if base:
@@ -370,7 +372,7 @@ def main() -> int:
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads, "overlap": overlap,
-                                            "decode_experts": experts,
+                                            "decode_experts": experts, "admit_wait": wait,
                                             "temperature": args.temperature,
                                             "concurrency": c, "input_len": args.input_len,
                                             "output_len": args.output_len, "range_ratio": args.range_ratio,
