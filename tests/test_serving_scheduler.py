@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model
 from mimo_flash.generation.sampling import SamplingParams
 from mimo_flash.serving.requests import QueueFull, Request, run_blocking
+from mimo_flash.generation.runner import GraphRunner
 from mimo_flash.serving.scheduler import Scheduler
 from serving_helpers import make_tokenizer
 
@@ -223,6 +224,32 @@ def test_compiled_decode_steps_equal_alone(setup):
         assert sched.ahead_rows > 0
     finally:
         sched.stop()
+
+
+@pytest.mark.parametrize("speculative_k", [0, 2])
+def test_graphed_prefill_equals_alone(setup, speculative_k):
+    """graph_prefill: prefill chunks left-padded to 16 tokens (masked) through graph-shaped runners (on a CPU the
+    code CUDA captures, run directly), their experts through the sorted pairs; prompts of one, two and three chunks
+    (the last ones partial), some sharing a forward: each request's greedy tokens are its tokens alone (with
+    speculation too: its MTP layers primed from the chunks' own hidden states)."""
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0,
+                      cuda_graphs=True, graph_prefill=True, speculative_k=speculative_k)
+    sched.start()
+    try:
+        g = torch.Generator().manual_seed(12)
+        prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (5, 21, 40, 9)]
+        sinks = [collector() for _ in prompts]
+        for p, (_, _, sink) in zip(prompts, sinks, strict=True):
+            sched.submit(Request(p, 12, eos=tuple(tok.eos_token_ids), sink=sink))
+        for p, (events, done, _) in zip(prompts, sinks, strict=True):
+            assert done.wait(120)
+            assert [t for e in events for t in e.token_ids] == alone(model, tok, p, 12)
+    finally:
+        sched.stop()
+    keys = [key for r in sched.prefill_runners.values() for key in r.fns]
+    assert all(isinstance(r, GraphRunner) for r in sched.prefill_runners.values()) and keys
+    assert {key[2] for key in keys} == {16} and {key[5] for key in keys} == {"none", "last"}, keys
 
 
 def test_warmup_leaves_no_trace(setup):

@@ -127,10 +127,12 @@ class GraphRunner(Runner):
     Both are read when the runner is built.
     `run_step` captures a whole caller-defined step (speculative decoding: drafts + verification + accept)
     whose model calls run inline (compiled, no nested graphs) inside one graph.
+    max_graph_tokens: main() calls of more new tokens per row run eagerly (prefill); pool: a memory pool that other
+    runners' graphs share (torch.cuda.graph_pool_handle(); default: this runner's own).
     """
 
     def __init__(self, model, cache: KVCache, max_length: int, compile: bool = False,
-                 max_graph_tokens: int = 16) -> None:
+                 max_graph_tokens: int = 16, pool=None) -> None:
         super().__init__(model, cache, max_length)
         self.compile = compile
         self.max_graph_tokens = max_graph_tokens
@@ -144,7 +146,7 @@ class GraphRunner(Runner):
         self.triton = triton and cache.B == 1 and unsupported(model, cache) is None
         self.graphs: dict = {}
         self.fns: dict = {}  # key -> (compiled) step function
-        self.pool = None
+        self.pool = pool  # the graphs' memory pool (None: the first capture's; runners may share one)
         self.capture_seconds = 0.0
         self._inline = False
         self._triton_step = None

@@ -47,6 +47,10 @@ def register(subparsers) -> None:
                    help="torch.compile the CUDA-graph decode steps (generate --compile's); the start-up warm-up then "
                         "compiles one step per batch-size bucket and cache bucket (minutes each on large models: "
                         "bound them with --max-slots and --max-context)")
+    p.add_argument("--graph-prefill", action="store_true",
+                   help="prefill chunks through CUDA graphs of eager code (padded to a power of two >= 16 tokens, a "
+                        "graph per row block and length captured on first use): an eager forward's tens of ms of host "
+                        "time each become a replay; matches the eager prefill up to rounding")
     p.add_argument("--no-overlap", action="store_true",
                    help="take each greedy decode step's tokens before launching the next (default: the next step is "
                         "launched first, and the host's output work overlaps the GPU's)")
@@ -98,7 +102,7 @@ def cmd_serve(args) -> int:
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_blocks=args.prefix_blocks,
                           cuda_graphs=False if args.no_cuda_graphs else "auto", prefill_tokens=args.prefill_tokens,
                           admit_wait=args.admit_wait, speculative_k=spec_k,
-                          overlap=not args.no_overlap, compile=args.compile)
+                          overlap=not args.no_overlap, compile=args.compile, graph_prefill=args.graph_prefill)
     except ValueError as e:
         raise UserError(str(e)) from None
     if model.device.type == "cuda":

@@ -11,7 +11,8 @@ Every step (Scheduler.step):
      running streams for one chunk per step at most. Slots whose chunks have the same length (and the
      same logits need) run in ONE forward over a row view of the cache (KVCache.rows) covering them, the
      view's other rows invalid (their cache untouched): a step costs one prefill forward per distinct chunk
-     length, not one per slot (on GPU a forward costs ~20 ms of host time whatever its size);
+     length, not one per slot (on GPU a forward costs ~20 ms of host time whatever its size; graph_prefill
+     replays CUDA graphs of them instead, chunks padded to a few lengths);
   4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
@@ -53,6 +54,7 @@ anyway, so that the others' wait never reaches the collectives' timeout.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -65,6 +67,7 @@ from ..generation.cache import KVCache
 from ..generation.engine import AUTO_MAX_K
 from ..generation.runner import GraphRunner, Runner, graph_bucket
 from ..generation.sampling import choose, process
+from ..options import options, override
 from .detok import Detokenizer
 from .metrics import Metrics
 from .prefix import PrefixCache
@@ -130,12 +133,18 @@ class Scheduler:
     their end (the MTP layers are primed from the main model's hidden states there). "auto": adaptive K,
     0 .. min(3, the MTP layers) drafts per step, whichever gives the most tokens per second (never slower
     than plain decoding once it has measured both). overlap: greedy decode steps launched one ahead of the
-    host's output work (the module docstring's step 4; not for a tensor / expert parallel model)."""
+    host's output work (the module docstring's step 4; not for a tensor / expert parallel model). graph_prefill
+    (with graphs: CUDA, or cuda_graphs=True): prefill forwards without prompt logprobs replay CUDA graphs of eager
+    code, a chunk of T tokens left-padded (masked) to the next power of two >= 16 (at most prefill_chunk), one
+    graph per (row block, padded length, cache bucket, logits kept) captured on first use, all in one memory pool:
+    an eager forward costs tens of ms of host time on a GPU whatever its size. The padding changes which
+    attention path a chunk takes (ring write or concat), so a prompt's arithmetic matches its own alone up to
+    rounding, not bit for bit."""
 
     def __init__(self, model, tokenizer, max_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, prefix_blocks: int = 64, cuda_graphs="auto", compile: bool = False,
                  prefill_tokens: int | None = None, admit_wait: float = 0.0, speculative_k: int | str = 0,
-                 overlap: bool = True):
+                 overlap: bool = True, graph_prefill: bool = False):
         config = model.config
         limit = config.max_position_embeddings
         S = limit if max_context is None else max_context
@@ -169,7 +178,10 @@ class Scheduler:
         self.graphs = (cuda and cuda_graphs == "auto") or cuda_graphs is True or compile
         self.compile = compile
         self.runners: dict[int, Runner] = {}  # decode runners over rows [0, n), n a power of two (or B)
-        self.prefill_runners: dict[tuple[int, int], Runner] = {}  # eager runners over rows [a, b) (_span)
+        self.prefill_runners: dict[tuple[int, int], Runner] = {}  # runners over rows [a, b) (_span)
+        self.graph_prefill = graph_prefill and self.graphs
+        # (graphed prefill: its runners share one memory pool)
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.graph_prefill and cuda else None
         self.row_views = [self.cache.rows(i) for i in range(max_slots)]  # slot i's row (prefix cache, reset)
         self.prefix = PrefixCache(self.cache, prefill_chunk, prefix_blocks) if prefix_blocks else None
         self.slots: list[_Slot | None] = [None] * max_slots
@@ -438,30 +450,50 @@ class Scheduler:
         return a, min(a + n, self.B)
 
     def _span(self, lo: int, hi: int) -> tuple[int, Runner]:
-        """An eager runner over _block(lo, hi), made on first use. Returns (its first row, runner)."""
+        """A runner over _block(lo, hi), made on first use (eager, or with graph_prefill a GraphRunner whose
+        main() graphs chunks of up to prefill_chunk tokens). Returns (its first row, runner)."""
         a, b = self._block(lo, hi)
         r = self.prefill_runners.get((a, b))
         if r is None:
-            r = self.prefill_runners[(a, b)] = Runner(self.model, self.cache.rows(a, b), self.cache.S)
+            view = self.cache.rows(a, b)
+            r = GraphRunner(self.model, view, self.cache.S, max_graph_tokens=self.chunk, pool=self._prefill_pool) \
+                if self.graph_prefill else Runner(self.model, view, self.cache.S)
+            self.prefill_runners[(a, b)] = r
         return a, r
+
+    def _padded(self, T: int) -> int:
+        """The length a graphed prefill chunk of T tokens is padded to."""
+        n = 16
+        while n < T:
+            n *= 2
+        return max(T, min(n, self.chunk))
 
     def _prefill_group(self, T: int, all_logits: bool, group: list[tuple[_Slot, int, int]]) -> None:
         """One forward [rows, T] for the chunks [c0, c1) (all c1 - c0 == T) of the slots in `group`."""
         a, runner = self._span(min(s.i for s, _, _ in group), max(s.i for s, _, _ in group) + 1)
         R = runner.cache.B
-        ids, pos = [[0] * T for _ in range(R)], [[0] * T for _ in range(R)]
-        valid = [[False] * T for _ in range(R)]
+        graphed = self.graph_prefill and not all_logits
+        W = self._padded(T) if graphed else T  # (graphed: left-padded with masked tokens to W)
+        ids, pos = [[0] * W for _ in range(R)], [[0] * W for _ in range(R)]
+        valid = [[False] * W for _ in range(R)]
         finishing = False
         for s, c0, c1 in group:
             r = s.i - a
-            ids[r], pos[r], valid[r] = s.req.prompt[c0:c1], list(range(c0, c1)), [True] * T
+            ids[r] = [0] * (W - T) + s.req.prompt[c0:c1]
+            pos[r] = [c0] * (W - T) + list(range(c0, c1))
+            valid[r] = [False] * (W - T) + [True] * T
             finishing |= c1 == len(s.req.prompt)
         dev = self.device
-        v = None if len(group) == R else torch.tensor(valid, device=dev)
+        v = None if len(group) == R and W == T and not graphed else torch.tensor(valid, device=dev)
         mode = "all" if all_logits else ("last" if finishing else "none")
         self.prefill_forwards += 1
-        logits, h = runner.main(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
-                                max(c1 for _, _, c1 in group), logits=mode)
+        # (a graph's experts run the decode backend: for prefill-sized chunks the sorted pairs, never every expert
+        # on every token, whose intermediate would hold E x tokens rows)
+        experts = options().decode_experts if options().decode_experts != "dense" else "grouped_mm"
+        with override(decode_experts=experts) if graphed else contextlib.nullcontext():
+            logits, h = runner.main(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
+                                    max(c1 for _, _, c1 in group), logits=mode, graph=graphed)
+        h = h[:, W - T:]  # (the chunk's own columns)
         greedy = None
         if finishing and any(s.plain_greedy for s, _, _ in group):
             greedy = logits[:, -1].argmax(-1).tolist()  # one host sync for the group's greedy first tokens
