@@ -182,14 +182,15 @@ def test_queue_bound_and_context_check(setup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("admit_wait", [0.0, 0.01])
-def test_cuda_graph_decode_equals_alone(setup, admit_wait):
+@pytest.mark.parametrize("admit_wait, graph_prefill", [(0.0, False), (0.01, False), (0.01, True)])
+def test_cuda_graph_decode_equals_alone(setup, admit_wait, graph_prefill):
     """On the GPU the decode steps replay CUDA graphs (per batch size and cache bucket) and prefills of one
-    chunk length that meet in a step share a forward over a block of rows; fp32 keeps the greedy argmax
-    stable across batch sizes."""
+    chunk length that meet in a step share a forward over a block of rows (graph_prefill: replayed graphs of
+    padded chunks); fp32 keeps the greedy argmax stable across batch sizes."""
     _, tok = setup
     model = tiny_model(seed=7, vocab_size=tok.vocab_size).cuda()
-    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32, admit_wait=admit_wait).start()
+    sched = Scheduler(model, tok, max_slots=8, max_context=512, prefill_chunk=32, admit_wait=admit_wait,
+                      graph_prefill=graph_prefill).start()
     try:
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 50, 17, 90, 8, 33)]
@@ -199,6 +200,8 @@ def test_cuda_graph_decode_equals_alone(setup, admit_wait):
         for p, (events, done, _) in zip(prompts, sinks, strict=True):
             assert done.wait(120)
             assert [t for e in events for t in e.token_ids] == alone(model, tok, p, 40)
+        graphs = [key for r in sched.prefill_runners.values() for key in getattr(r, "graphs", {})]
+        assert bool(graphs) == graph_prefill and all(key[2] in (16, 32) for key in graphs), graphs
     finally:
         sched.stop()
 
