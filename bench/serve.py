@@ -11,7 +11,7 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count; --overlap on
 off the server with and without the look-ahead of its greedy decode steps; --compile: a started server's decode
 graphs compiled (serve --compile; generate's figures in bench/decode.py are of compiled graphs); --decode-experts dense
-triton: one run per value of the server's --decode-experts.
+triton, --admit-wait 0.005 0.05 and --server-args "" "--graph-prefill": one run per value.
 --baseline: before the servers, generate() at batch = the largest concurrency on the same checkpoint and device
 (prompts of --input-len, --output-len new tokens, no EOS; compiled with --compile, as the server's graphs are; a warm-up
 call, then one timed) in a process of its own, and each run's output tok/s as a fraction of it (issue 23's target: at
@@ -197,7 +197,7 @@ def baseline(args, ckpt: Path) -> float:
 
 
 def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None,
-                 overlap: str = "on", experts: str | None = None, admit_wait: float | None = None):
+                 overlap: str = "on", experts: str | None = None, admit_wait: float | None = None, extra: str = ""):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
            "--name", "bench", "--device", args.device, "--max-slots", str(slots), "--speculative", str(speculative),
            "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
@@ -210,7 +210,7 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0"
         cmd.append("--no-overlap")
     if args.compile:
         cmd.append("--compile")
-    cmd += args.server_args.split()
+    cmd += extra.split()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
     import urllib.request
@@ -304,8 +304,9 @@ def main() -> int:
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="started server: on (its default) or off (--no-overlap), one run per value")
     ap.add_argument("--compile", action="store_true", help="started server: its --compile (compiled decode graphs)")
-    ap.add_argument("--server-args", default="", help="started server: more `serve` flags for every run, as one "
-                    "string (e.g. \"--cache-attention triton\")")
+    ap.add_argument("--server-args", nargs="+", default=[""],
+                    help="started server: more `serve` flags, one string per run (e.g. \"\" \"--graph-prefill\": "
+                         "a run without and one with)")
     ap.add_argument("--decode-experts", nargs="+", default=[None], choices=["dense", "grouped_mm", "triton"],
                     help="started server: its --decode-experts, one run per value (default: the server's default)")
     ap.add_argument("--baseline", action="store_true",
@@ -327,14 +328,15 @@ def main() -> int:
     elif args.baseline:
         ap.error("--baseline needs the checkpoint of a server this starts (not --url)")
     base = baseline(args, ckpt) if args.baseline else None
-    slot_runs = [(None, None, None, None, None, None)] if args.url else [
-        (slots, k, t, o, e, w) for k in args.speculative for slots in (args.slots or [max(args.concurrency)])
-        for t in (args.threads or [None]) for o in args.overlap for e in args.decode_experts for w in args.admit_wait]
-    for slots, spec, threads, overlap, experts, wait in slot_runs:
+    slot_runs = [(None, None, None, None, None, None, "")] if args.url else [
+        (slots, k, t, o, e, w, x) for k in args.speculative for slots in (args.slots or [max(args.concurrency)])
+        for t in (args.threads or [None]) for o in args.overlap for e in args.decode_experts for w in args.admit_wait
+        for x in args.server_args]
+    for slots, spec, threads, overlap, experts, wait, extra in slot_runs:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap, experts, wait)
+            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap, experts, wait, extra)
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/v1/models") as r:
@@ -363,7 +365,7 @@ def main() -> int:
                        f"{'' if threads is None else f' threads={threads}'}"
                        f"{' overlap=off' if overlap == 'off' else ''}"
                        f"{'' if experts is None else f' decode-experts={experts}'}"
-                       f"{'' if wait is None else f' admit-wait={wait}'} concurrency={c} "
+                       f"{'' if wait is None else f' admit-wait={wait}'}{f' [{extra}]' if extra else ''} concurrency={c} "
                        f"in={args.input_len} out={args.output_len}"
                        f"{f' range-ratio={args.range_ratio}' if args.range_ratio else ''}")
                 if base:
@@ -372,7 +374,7 @@ def main() -> int:
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads, "overlap": overlap,
-                                            "decode_experts": experts, "admit_wait": wait,
+                                            "decode_experts": experts, "admit_wait": wait, "server_args": extra,
                                             "temperature": args.temperature,
                                             "concurrency": c, "input_len": args.input_len,
                                             "output_len": args.output_len, "range_ratio": args.range_ratio,
