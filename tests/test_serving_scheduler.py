@@ -41,6 +41,17 @@ def collector():
     return events, done, sink
 
 
+def each_alone(sched, model, tok, prompts, max_tokens, timeout=120.0) -> None:
+    """Submit every prompt (with its max_tokens) to the started scheduler at once; each one's greedy tokens must
+    be its tokens alone."""
+    sinks = [collector() for _ in prompts]
+    for p, n, (_, _, sink) in zip(prompts, max_tokens, sinks, strict=True):
+        sched.submit(Request(p, n, eos=tuple(tok.eos_token_ids), sink=sink))
+    for p, n, (events, done, _) in zip(prompts, max_tokens, sinks, strict=True):
+        assert done.wait(timeout)
+        assert [t for e in events for t in e.token_ids] == alone(model, tok, p, n)
+
+
 def test_concurrent_greedy_equals_alone_with_sampling_and_cancels(setup):
     model, tok = setup
     torch.manual_seed(0)
@@ -194,12 +205,7 @@ def test_cuda_graph_decode_equals_alone(setup, admit_wait, graph_prefill):
     try:
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 50, 17, 90, 8, 33)]
-        sinks = [collector() for _ in prompts]
-        for p, (_, _, sink) in zip(prompts, sinks, strict=True):
-            sched.submit(Request(p, 40, eos=tuple(tok.eos_token_ids), sink=sink))
-        for p, (events, done, _) in zip(prompts, sinks, strict=True):
-            assert done.wait(120)
-            assert [t for e in events for t in e.token_ids] == alone(model, tok, p, 40)
+        each_alone(sched, model, tok, prompts, [40] * len(prompts))
         graphs = [key for r in sched.prefill_runners.values() for key in getattr(r, "graphs", {})]
         assert bool(graphs) == graph_prefill and all(key[2] in (16, 32) for key in graphs), graphs
     finally:
@@ -218,12 +224,7 @@ def test_compiled_decode_steps_equal_alone(setup):
     try:
         g = torch.Generator().manual_seed(9)
         prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (5, 21, 9)]
-        sinks = [collector() for _ in prompts]
-        for p, n, (_, _, sink) in zip(prompts, (12, 20, 7), sinks, strict=True):
-            sched.submit(Request(p, n, eos=tuple(tok.eos_token_ids), sink=sink))
-        for p, n, (events, done, _) in zip(prompts, (12, 20, 7), sinks, strict=True):
-            assert done.wait(300)
-            assert [t for e in events for t in e.token_ids] == alone(model, tok, p, n)
+        each_alone(sched, model, tok, prompts, (12, 20, 7), timeout=300)
         assert sched.ahead_rows > 0
     finally:
         sched.stop()
@@ -242,12 +243,7 @@ def test_graphed_prefill_equals_alone(setup, speculative_k):
     try:
         g = torch.Generator().manual_seed(12)
         prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (5, 21, 40, 9)]
-        sinks = [collector() for _ in prompts]
-        for p, (_, _, sink) in zip(prompts, sinks, strict=True):
-            sched.submit(Request(p, 12, eos=tuple(tok.eos_token_ids), sink=sink))
-        for p, (events, done, _) in zip(prompts, sinks, strict=True):
-            assert done.wait(120)
-            assert [t for e in events for t in e.token_ids] == alone(model, tok, p, 12)
+        each_alone(sched, model, tok, prompts, [12] * len(prompts))
     finally:
         sched.stop()
     keys = [key for r in sched.prefill_runners.values() for key in r.fns]
