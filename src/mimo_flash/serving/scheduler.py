@@ -1,6 +1,7 @@
 """Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
-(Over 500 lines: admission, batched prefill, decode (overlapped greedy steps included) and output all read and
-write the slots' state; one class. What a request is and what it gets back is serving/requests.py.)
+(Over 500 lines: admission, batched prefill (graphed prefill included), decode (overlapped greedy steps included),
+output and the per-phase timings all read and write the slots' state; one class. What a request is and what it gets
+back is serving/requests.py.)
 
 Every step (Scheduler.step):
   1. requests cancelled by their client leave (their slot is free at once);
