@@ -232,13 +232,17 @@ def test_compiled_decode_steps_equal_alone(setup):
 
 @pytest.mark.parametrize("speculative_k", [0, 2])
 def test_graphed_prefill_equals_alone(setup, speculative_k):
-    """graph_prefill: prefill chunks left-padded to 16 tokens (masked) through graph-shaped runners (on a CPU the
-    code CUDA captures, run directly), their experts through the sorted pairs; prompts of one, two and three chunks
-    (the last ones partial), some sharing a forward: each request's greedy tokens are its tokens alone (with
-    speculation too: its MTP layers primed from the chunks' own hidden states)."""
+    """graph_prefill: prefill chunks left-padded to 16 tokens (masked) through graph-shaped runners over blocks of
+    at least 16 rows (on a CPU the code CUDA captures, run directly), their experts through the sorted pairs, every
+    shape made at warm-up; prompts of one, two and three chunks (the last ones partial), some sharing a forward:
+    each request's greedy tokens are its tokens alone (with speculation too: its MTP layers primed from the chunks'
+    own hidden states)."""
     model, tok = setup
     sched = Scheduler(model, tok, max_slots=4, max_context=128, prefill_chunk=16, prefix_blocks=0,
                       cuda_graphs=True, graph_prefill=True, speculative_k=speculative_k)
+    sched.warmup()  # the prefill graphs too: one block of the 4 rows (at least 16), width 16, the whole cache
+    want = {("main", 4, 16, sched.cache.S, False, "last")}  # (128 positions, + K with speculation)
+    assert {key for r in sched.prefill_runners.values() for key in r.fns} == want
     sched.start()
     try:
         g = torch.Generator().manual_seed(12)
@@ -246,9 +250,34 @@ def test_graphed_prefill_equals_alone(setup, speculative_k):
         each_alone(sched, model, tok, prompts, [12] * len(prompts))
     finally:
         sched.stop()
-    keys = [key for r in sched.prefill_runners.values() for key in r.fns]
-    assert all(isinstance(r, GraphRunner) for r in sched.prefill_runners.values()) and keys
-    assert {key[2] for key in keys} == {16} and {key[5] for key in keys} == {"none", "last"}, keys
+    assert all(isinstance(r, GraphRunner) for r in sched.prefill_runners.values())
+    assert {key for r in sched.prefill_runners.values() for key in r.fns} == want  # nothing new after warm-up
+
+
+def test_graphed_prefill_warmup_covers_every_forward_split_asks_for(setup):
+    """With 20 slots, 32-token chunks and 512 prefill tokens the warm-up makes the prefill graphs of blocks (0, 16)
+    and (16, 20) at widths 16 and 32, and (0, 20) at 16 (20 x 32 tokens are more than 512); every forward that _split
+    and _block make of random groups of slots (merged while their block's padded tokens fit) is one of them."""
+    import random
+
+    model, tok = setup
+    sched = Scheduler(model, tok, max_slots=20, max_context=64, prefill_chunk=32, prefix_blocks=0, cuda_graphs=True,
+                      graph_prefill=True, prefill_tokens=512)
+    sched.warmup()
+    made = {(a, b, key[2]) for (a, b), r in sched.prefill_runners.items() for key in r.fns}
+    assert made == {(0, 16, 16), (0, 16, 32), (16, 20, 16), (16, 20, 32), (0, 20, 16)}
+
+    class Slot:
+        def __init__(self, i):
+            self.i = i
+
+    rng = random.Random(0)
+    for _ in range(300):
+        T = rng.randint(1, 32)
+        rows = sorted(rng.sample(range(20), rng.randint(1, 20)))
+        for part in sched._split(T, [(Slot(i), 0, T) for i in rows]):
+            a, b = sched._block(part[0][0].i, part[-1][0].i + 1)
+            assert (a, b, sched._padded(T)) in made, (rows, T, a, b)
 
 
 def test_warmup_leaves_no_trace(setup):

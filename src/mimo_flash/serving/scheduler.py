@@ -55,7 +55,6 @@ anyway, so that the others' wait never reaches the collectives' timeout.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 import time
@@ -74,6 +73,8 @@ from .metrics import Metrics
 from .prefix import PrefixCache
 from .requests import Event, QueueFull, Request, TopLogprobs, check_size
 from .speculate import SpecSlots
+
+GRAPH_PREFILL_ROWS = 16  # graph_prefill: the smallest row block a prefill forward runs over (fewer blocks, fewer graphs)
 
 class _Slot:
     def __init__(self, i: int, req: Request, row: KVCache, tokenizer, device, vocab: int) -> None:
@@ -428,14 +429,16 @@ class Scheduler:
         """Slot-ordered chunks of one length T -> the groups that share a forward. A forward runs over a block
         of rows (_block) whose rows outside the group compute for nothing: a group is split where more than
         half its block would idle, except on CUDA while the block holds at most prefill_tokens tokens (there a
-        forward's ~20 ms of host time costs more than the idle rows' arithmetic)."""
+        forward's ~20 ms of host time costs more than the idle rows' arithmetic). graph_prefill: groups merge
+        only while the block holds at most prefill_tokens padded tokens (the shapes warmup() makes)."""
         parts: list[list] = []
+        W = self._padded(T) if self.graph_prefill else T  # (the forward's width)
         for g in group:
             if parts:
                 cand = parts[-1] + [g]
                 a, b = self._block(cand[0][0].i, g[0].i + 1)
-                cheap = self.device.type == "cuda" and (b - a) * T <= self.prefill_tokens
-                if cheap or b - a <= 2 * len(cand):
+                cheap = (self.device.type == "cuda" or self.graph_prefill) and (b - a) * W <= self.prefill_tokens
+                if cheap or (b - a <= 2 * len(cand) and not self.graph_prefill):
                     parts[-1] = cand
                     continue
             parts.append([g])
@@ -443,8 +446,9 @@ class Scheduler:
 
     def _block(self, lo: int, hi: int) -> tuple[int, int]:
         """The aligned block of rows [a, b) (a a multiple of a power of two n, b = min(a + n, max_slots))
-        covering rows [lo, hi): at most 2 * max_slots - 1 blocks exist."""
-        n = 1
+        covering rows [lo, hi): at most 2 * max_slots - 1 blocks exist (graph_prefill: n >= GRAPH_PREFILL_ROWS,
+        so that few blocks, and few graphs, exist)."""
+        n = GRAPH_PREFILL_ROWS if self.graph_prefill else 1
         while lo // n != (hi - 1) // n:
             n *= 2
         a = lo // n * n
@@ -461,6 +465,16 @@ class Scheduler:
                 if self.graph_prefill else Runner(self.model, view, self.cache.S)
             self.prefill_runners[(a, b)] = r
         return a, r
+
+    @staticmethod
+    def _prefill_forward(runner, ids, pos, valid, kv_len: int, logits: str, graphed: bool):
+        """runner.main for a prefill chunk; graphed: a graph-shaped call whose experts run the decode backend over
+        the sorted pairs (never every expert on every token, whose intermediate would hold E x tokens rows)."""
+        if not graphed:
+            return runner.main(ids, pos, valid, kv_len, logits=logits)
+        experts = options().decode_experts if options().decode_experts != "dense" else "grouped_mm"
+        with override(decode_experts=experts):
+            return runner.main(ids, pos, valid, kv_len, logits=logits, graph=True)
 
     def _padded(self, T: int) -> int:
         """The length a graphed prefill chunk of T tokens is padded to."""
@@ -486,14 +500,11 @@ class Scheduler:
             finishing |= c1 == len(s.req.prompt)
         dev = self.device
         v = None if len(group) == R and W == T and not graphed else torch.tensor(valid, device=dev)
-        mode = "all" if all_logits else ("last" if finishing else "none")
+        # (graphed: always the last column's logits, a few rows of lm_head, so that one graph serves both)
+        mode = "all" if all_logits else ("last" if finishing or graphed else "none")
         self.prefill_forwards += 1
-        # (a graph's experts run the decode backend: for prefill-sized chunks the sorted pairs, never every expert
-        # on every token, whose intermediate would hold E x tokens rows)
-        experts = options().decode_experts if options().decode_experts != "dense" else "grouped_mm"
-        with override(decode_experts=experts) if graphed else contextlib.nullcontext():
-            logits, h = runner.main(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
-                                    max(c1 for _, _, c1 in group), logits=mode, graph=graphed)
+        logits, h = self._prefill_forward(runner, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
+                                          max(c1 for _, _, c1 in group), mode, graphed)
         h = h[:, W - T:]  # (the chunk's own columns)
         greedy = None
         if finishing and any(s.plain_greedy for s, _, _ in group):
@@ -641,7 +652,8 @@ class Scheduler:
     def warmup(self) -> float:
         """Before serving: run the decode step of every batch size and cache bucket once (on GPU this captures
         their CUDA graphs, so no request waits for a capture). Rows are reset at admission, so what these
-        steps write is never read. With speculation, also its step, every row frozen (which writes nothing).
+        steps write is never read. With speculation, also its step, every row frozen (which writes nothing);
+        with graph_prefill, the prefill forward of every row block and padded length, every row masked.
         Returns the seconds it took."""
         t0 = time.perf_counter()
         spec_ks = [] if self.spec is None else range(1, self.spec.K + 1) if self.spec.adaptive else [self.spec.K]
@@ -653,6 +665,21 @@ class Scheduler:
                 self._runner(n).main(ids, ids, valid, kv, logits="last", graph=True)
                 for k in spec_ks:
                     self.spec.step(self._runner(n), [], max(kv - self.spec.K - 1, 0), k)
+        if self.graph_prefill:  # the prefill graphs _split can ask for: every row masked
+            widths = sorted({self._padded(t) for t in range(1, self.chunk + 1)})
+            blocks, n = set(), GRAPH_PREFILL_ROWS
+            while True:
+                blocks |= {(a, min(a + n, self.B)) for a in range(0, self.B, n)}
+                if n >= self.B:
+                    break
+                n *= 2
+            for a, b in sorted(blocks):
+                runner, R = self._span(a, b)[1], b - a
+                for W in (w for w in widths if R * w <= max(self.prefill_tokens, GRAPH_PREFILL_ROWS * w)):  # (_split)
+                    ids = torch.zeros(R, W, dtype=torch.long, device=self.device)
+                    valid = torch.zeros(R, W, dtype=torch.bool, device=self.device)
+                    for kv in sorted({graph_bucket(x, self.S, R) for x in lengths}):
+                        self._prefill_forward(runner, ids, ids, valid, kv, "last", True)
         self.cache.reset()
         return time.perf_counter() - t0
 
