@@ -206,7 +206,7 @@ def test_cuda_graph_decode_equals_alone(setup, admit_wait, graph_prefill):
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 50, 17, 90, 8, 33)]
         each_alone(sched, model, tok, prompts, [40] * len(prompts))
-        graphs = [key for r in sched.prefill_runners.values() for key in getattr(r, "graphs", {})]
+        graphs = [key for r in sched.prefill.runners.values() for key in getattr(r, "graphs", {})]
         assert bool(graphs) == graph_prefill and all(key[2] in (16, 32) for key in graphs), graphs
     finally:
         sched.stop()
@@ -242,7 +242,7 @@ def test_graphed_prefill_equals_alone(setup, speculative_k):
                       cuda_graphs=True, graph_prefill=True, speculative_k=speculative_k)
     sched.warmup()  # the prefill graphs too: one block of the 4 rows (at least 16), width 16, the whole cache
     want = {("main", 4, 16, sched.cache.S, False, "last")}  # (128 positions, + K with speculation)
-    assert {key for r in sched.prefill_runners.values() for key in r.fns} == want
+    assert {key for r in sched.prefill.runners.values() for key in r.fns} == want
     sched.start()
     try:
         g = torch.Generator().manual_seed(12)
@@ -250,21 +250,21 @@ def test_graphed_prefill_equals_alone(setup, speculative_k):
         each_alone(sched, model, tok, prompts, [12] * len(prompts))
     finally:
         sched.stop()
-    assert all(isinstance(r, GraphRunner) for r in sched.prefill_runners.values())
-    assert {key for r in sched.prefill_runners.values() for key in r.fns} == want  # nothing new after warm-up
+    assert all(isinstance(r, GraphRunner) for r in sched.prefill.runners.values())
+    assert {key for r in sched.prefill.runners.values() for key in r.fns} == want  # nothing new after warm-up
 
 
 def test_graphed_prefill_warmup_covers_every_forward_split_asks_for(setup):
     """With 20 slots, 32-token chunks and 512 prefill tokens the warm-up makes the prefill graphs of blocks (0, 16)
-    and (16, 20) at widths 16 and 32, and (0, 20) at 16 (20 x 32 tokens are more than 512); every forward that _split
-    and _block make of random groups of slots (merged while their block's padded tokens fit) is one of them."""
+    and (16, 20) at widths 16 and 32, and (0, 20) at 16 (20 x 32 tokens are more than 512); every forward that split()
+    and block() make of random groups of slots (merged while their block's padded tokens fit) is one of them."""
     import random
 
     model, tok = setup
     sched = Scheduler(model, tok, max_slots=20, max_context=64, prefill_chunk=32, prefix_blocks=0, cuda_graphs=True,
                       graph_prefill=True, prefill_tokens=512)
     sched.warmup()
-    made = {(a, b, key[2]) for (a, b), r in sched.prefill_runners.items() for key in r.fns}
+    made = {(a, b, key[2]) for (a, b), r in sched.prefill.runners.items() for key in r.fns}
     assert made == {(0, 16, 16), (0, 16, 32), (16, 20, 16), (16, 20, 32), (0, 20, 16)}
 
     class Slot:
@@ -275,9 +275,9 @@ def test_graphed_prefill_warmup_covers_every_forward_split_asks_for(setup):
     for _ in range(300):
         T = rng.randint(1, 32)
         rows = sorted(rng.sample(range(20), rng.randint(1, 20)))
-        for part in sched._split(T, [(Slot(i), 0, T) for i in rows]):
-            a, b = sched._block(part[0][0].i, part[-1][0].i + 1)
-            assert (a, b, sched._padded(T)) in made, (rows, T, a, b)
+        for part in sched.prefill.split(T, [(Slot(i), 0, T) for i in rows]):
+            a, b = sched.prefill.block(part[0][0].i, part[-1][0].i + 1)
+            assert (a, b, sched.prefill.padded(T)) in made, (rows, T, a, b)
 
 
 def test_warmup_leaves_no_trace(setup):
@@ -328,7 +328,7 @@ def test_prefills_of_one_step_share_a_forward_and_equal_alone(setup, overlap):
         sched.submit(r)
     sched.step()
     # three chunks of 10 tokens in one forward over rows [0, 4) (row 2 idle), the 5-token one in another
-    assert sched.prefill_forwards == 2
+    assert sched.prefill.count == 2
     # first token (prefill) and second (decode step; in flight with overlap)
     assert all(len(ev) == (1 if overlap else 2) for _, ev in runs)
     while any(not any(e.finish for e in ev) for _, ev in runs):
@@ -357,9 +357,9 @@ def test_admit_wait_admits_arrivals_in_groups(setup, overlap):
     assert sched.running() == 1 and len(sched.waiting) == 1 and not runs[1][1]
     sched.submit(runs[2][0])
     sched.submit(runs[3][0])
-    before = sched.prefill_forwards
+    before = sched.prefill.count
     sched.step()  # 3 waiting fill the 3 free slots: admitted together, one prefill forward
-    assert sched.running() == 4 and sched.prefill_forwards == before + 1
+    assert sched.running() == 4 and sched.prefill.count == before + 1
     assert all(len(ev) == first for _, ev in runs[1:4])
     while any(not any(e.finish for e in ev) for _, ev in runs[:4]):
         sched.step()

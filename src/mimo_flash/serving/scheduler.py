@@ -1,7 +1,7 @@
 """Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
-(Over 500 lines: admission, batched prefill (graphed prefill included), decode (overlapped greedy steps included),
-output and the per-phase timings all read and write the slots' state; one class. What a request is and what it gets
-back is serving/requests.py.)
+(Over 500 lines: admission, prefill, decode (overlapped greedy steps included), output and the per-phase timings all
+read and write the slots' state; one class. What a request is and what it gets back is serving/requests.py; how
+prompt chunks are grouped into forwards and run, serving/prefill.py.)
 
 Every step (Scheduler.step):
   1. requests cancelled by their client leave (their slot is free at once);
@@ -13,7 +13,7 @@ Every step (Scheduler.step):
      same logits need) run in ONE forward over a row view of the cache (KVCache.rows) covering them, the
      view's other rows invalid (their cache untouched): a step costs one prefill forward per distinct chunk
      length, not one per slot (on GPU a forward costs ~20 ms of host time whatever its size; graph_prefill
-     replays CUDA graphs of them instead, chunks padded to a few lengths);
+     replays CUDA graphs of them instead, chunks padded to a few lengths: serving/prefill.py);
   4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
@@ -67,14 +67,12 @@ from ..generation.cache import KVCache
 from ..generation.engine import AUTO_MAX_K
 from ..generation.runner import GraphRunner, Runner, graph_bucket
 from ..generation.sampling import choose, process
-from ..options import options, override
 from .detok import Detokenizer
 from .metrics import Metrics
 from .prefix import PrefixCache
 from .requests import Event, QueueFull, Request, TopLogprobs, check_size
+from .prefill import PrefillForwards
 from .speculate import SpecSlots
-
-GRAPH_PREFILL_ROWS = 16  # graph_prefill: the smallest row block a prefill forward runs over (fewer blocks, fewer graphs)
 
 class _Slot:
     def __init__(self, i: int, req: Request, row: KVCache, tokenizer, device, vocab: int) -> None:
@@ -180,10 +178,7 @@ class Scheduler:
         self.graphs = (cuda and cuda_graphs == "auto") or cuda_graphs is True or compile
         self.compile = compile
         self.runners: dict[int, Runner] = {}  # decode runners over rows [0, n), n a power of two (or B)
-        self.prefill_runners: dict[tuple[int, int], Runner] = {}  # runners over rows [a, b) (_span)
-        self.graph_prefill = graph_prefill and self.graphs
-        # (graphed prefill: its runners share one memory pool)
-        self._prefill_pool = torch.cuda.graph_pool_handle() if self.graph_prefill and cuda else None
+        self.prefill = PrefillForwards(model, self.cache, prefill_chunk, prefill_tokens, graph_prefill and self.graphs)
         self.row_views = [self.cache.rows(i) for i in range(max_slots)]  # slot i's row (prefix cache, reset)
         self.prefix = PrefixCache(self.cache, prefill_chunk, prefix_blocks) if prefix_blocks else None
         self.slots: list[_Slot | None] = [None] * max_slots
@@ -194,7 +189,6 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.steps = 0
-        self.prefill_forwards = 0  # prompt forwards run (one per group of same-length chunks per step)
         self.decode_forwards = 0  # decode forwards run (plain and speculative: one each per step at most)
         self._admitted = 0
         # a parallel model's rank 0: a distributed.steps.StepBroadcaster (serving/commands.py sets it)
@@ -335,7 +329,7 @@ class Scheduler:
         with m.lock:
             for phase, a, b in (("admit", 0, 1), ("prefill", 1, 2), ("decode", 2, 3)):
                 m.phase_seconds[phase] += t[b] - t[a]
-            m.forwards["prefill"], m.forwards["decode"] = self.prefill_forwards, self.decode_forwards
+            m.forwards["prefill"], m.forwards["decode"] = self.prefill.count, self.decode_forwards
 
     def _spec_choice(self) -> int | None:
         """The drafts of this step's speculating slots (None: no speculation), chosen from the slots decoding
@@ -422,90 +416,14 @@ class Scheduler:
             budget -= c1 - c0
             groups.setdefault((c1 - c0, s.prompt_lp is not None), []).append((s, c0, c1))
         for (T, all_logits), group in groups.items():
-            for part in self._split(T, sorted(group, key=lambda g: g[0].i)):
-                self._prefill_group(T, all_logits, part)
+            for part in self.prefill.split(T, sorted(group, key=lambda g: g[0].i)):
+                self._prefill_group(all_logits, part)
 
-    def _split(self, T: int, group: list) -> list[list]:
-        """Slot-ordered chunks of one length T -> the groups that share a forward. A forward runs over a block
-        of rows (_block) whose rows outside the group compute for nothing: a group is split where more than
-        half its block would idle, except on CUDA while the block holds at most prefill_tokens tokens (there a
-        forward's ~20 ms of host time costs more than the idle rows' arithmetic). graph_prefill: groups merge
-        only while the block holds at most prefill_tokens padded tokens (the shapes warmup() makes)."""
-        parts: list[list] = []
-        W = self._padded(T) if self.graph_prefill else T  # (the forward's width)
-        for g in group:
-            if parts:
-                cand = parts[-1] + [g]
-                a, b = self._block(cand[0][0].i, g[0].i + 1)
-                cheap = (self.device.type == "cuda" or self.graph_prefill) and (b - a) * W <= self.prefill_tokens
-                if cheap or (b - a <= 2 * len(cand) and not self.graph_prefill):
-                    parts[-1] = cand
-                    continue
-            parts.append([g])
-        return parts
-
-    def _block(self, lo: int, hi: int) -> tuple[int, int]:
-        """The aligned block of rows [a, b) (a a multiple of a power of two n, b = min(a + n, max_slots))
-        covering rows [lo, hi): at most 2 * max_slots - 1 blocks exist (graph_prefill: n >= GRAPH_PREFILL_ROWS,
-        so that few blocks, and few graphs, exist)."""
-        n = GRAPH_PREFILL_ROWS if self.graph_prefill else 1
-        while lo // n != (hi - 1) // n:
-            n *= 2
-        a = lo // n * n
-        return a, min(a + n, self.B)
-
-    def _span(self, lo: int, hi: int) -> tuple[int, Runner]:
-        """A runner over _block(lo, hi), made on first use (eager, or with graph_prefill a GraphRunner whose
-        main() graphs chunks of up to prefill_chunk tokens). Returns (its first row, runner)."""
-        a, b = self._block(lo, hi)
-        r = self.prefill_runners.get((a, b))
-        if r is None:
-            view = self.cache.rows(a, b)
-            r = GraphRunner(self.model, view, self.cache.S, max_graph_tokens=self.chunk, pool=self._prefill_pool) \
-                if self.graph_prefill else Runner(self.model, view, self.cache.S)
-            self.prefill_runners[(a, b)] = r
-        return a, r
-
-    @staticmethod
-    def _prefill_forward(runner, ids, pos, valid, kv_len: int, logits: str, graphed: bool):
-        """runner.main for a prefill chunk; graphed: a graph-shaped call whose experts run the decode backend over
-        the sorted pairs (never every expert on every token, whose intermediate would hold E x tokens rows)."""
-        if not graphed:
-            return runner.main(ids, pos, valid, kv_len, logits=logits)
-        experts = options().decode_experts if options().decode_experts != "dense" else "grouped_mm"
-        with override(decode_experts=experts):
-            return runner.main(ids, pos, valid, kv_len, logits=logits, graph=True)
-
-    def _padded(self, T: int) -> int:
-        """The length a graphed prefill chunk of T tokens is padded to."""
-        n = 16
-        while n < T:
-            n *= 2
-        return max(T, min(n, self.chunk))
-
-    def _prefill_group(self, T: int, all_logits: bool, group: list[tuple[_Slot, int, int]]) -> None:
-        """One forward [rows, T] for the chunks [c0, c1) (all c1 - c0 == T) of the slots in `group`."""
-        a, runner = self._span(min(s.i for s, _, _ in group), max(s.i for s, _, _ in group) + 1)
-        R = runner.cache.B
-        graphed = self.graph_prefill and not all_logits
-        W = self._padded(T) if graphed else T  # (graphed: left-padded with masked tokens to W)
-        ids, pos = [[0] * W for _ in range(R)], [[0] * W for _ in range(R)]
-        valid = [[False] * W for _ in range(R)]
-        finishing = False
-        for s, c0, c1 in group:
-            r = s.i - a
-            ids[r] = [0] * (W - T) + s.req.prompt[c0:c1]
-            pos[r] = [c0] * (W - T) + list(range(c0, c1))
-            valid[r] = [False] * (W - T) + [True] * T
-            finishing |= c1 == len(s.req.prompt)
-        dev = self.device
-        v = None if len(group) == R and W == T and not graphed else torch.tensor(valid, device=dev)
-        # (graphed: always the last column's logits, a few rows of lm_head, so that one graph serves both)
-        mode = "all" if all_logits else ("last" if finishing or graphed else "none")
-        self.prefill_forwards += 1
-        logits, h = self._prefill_forward(runner, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), v,
-                                          max(c1 for _, _, c1 in group), mode, graphed)
-        h = h[:, W - T:]  # (the chunk's own columns)
+    def _prefill_group(self, all_logits: bool, group: list[tuple[_Slot, int, int]]) -> None:
+        """One forward for the chunks [c0, c1) (all of one length) of the slots in `group` (serving/prefill.py)."""
+        finishing = any(c1 == len(s.req.prompt) for s, _, c1 in group)
+        a, logits, h = self.prefill.forward([(s.i, s.req.prompt[c0:c1], c0) for s, c0, c1 in group], all_logits,
+                                            finishing)
         greedy = None
         if finishing and any(s.plain_greedy for s, _, _ in group):
             greedy = logits[:, -1].argmax(-1).tolist()  # one host sync for the group's greedy first tokens
@@ -634,7 +552,7 @@ class Scheduler:
         n = self._bucket(max(s.i for s in active) + 1)
         special = {s.i: (s.req.params, s.generator, s.seen) for s in active if not s.plain_greedy}
         new = self.spec.step(self._runner(n), [s.i for s in active], max(s.pos for s in active), k, self.chunk,
-                             self._span, special)
+                             self.prefill.span, special)
         logits = self.spec.logits
         self.decode_forwards += 1
         with self.metrics.lock:
@@ -665,21 +583,7 @@ class Scheduler:
                 self._runner(n).main(ids, ids, valid, kv, logits="last", graph=True)
                 for k in spec_ks:
                     self.spec.step(self._runner(n), [], max(kv - self.spec.K - 1, 0), k)
-        if self.graph_prefill:  # the prefill graphs _split can ask for: every row masked
-            widths = sorted({self._padded(t) for t in range(1, self.chunk + 1)})
-            blocks, n = set(), GRAPH_PREFILL_ROWS
-            while True:
-                blocks |= {(a, min(a + n, self.B)) for a in range(0, self.B, n)}
-                if n >= self.B:
-                    break
-                n *= 2
-            for a, b in sorted(blocks):
-                runner, R = self._span(a, b)[1], b - a
-                for W in (w for w in widths if R * w <= max(self.prefill_tokens, GRAPH_PREFILL_ROWS * w)):  # (_split)
-                    ids = torch.zeros(R, W, dtype=torch.long, device=self.device)
-                    valid = torch.zeros(R, W, dtype=torch.bool, device=self.device)
-                    for kv in sorted({graph_bucket(x, self.S, R) for x in lengths}):
-                        self._prefill_forward(runner, ids, ids, valid, kv, "last", True)
+        self.prefill.warmup(lengths)
         self.cache.reset()
         return time.perf_counter() - t0
 
