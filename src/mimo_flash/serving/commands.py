@@ -106,8 +106,8 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if model.device.type == "cuda":
-        print(f"{'compiling and ' if args.compile else ''}capturing decode graphs for {args.max_slots} slots...",
-              file=sys.stderr, flush=True)
+        print(f"{'compiling and ' if args.compile else ''}capturing decode{' and prefill' if args.graph_prefill else ''} "
+              f"graphs for {args.max_slots} slots...", file=sys.stderr, flush=True)
         print(f"  done in {sched.warmup():.1f} s", file=sys.stderr, flush=True)
     if model.parallel is not None:  # rank 0 serves; the others step their replicas with it (scheduler.py)
         from ..distributed.steps import StepBroadcaster
