@@ -2,6 +2,8 @@
 
     python bench/spec.py                                   # GPU: mini preset, 3 minutes of training (~6 min in all)
     python bench/spec.py --device cpu --train-minutes 0.2  # CPU: tiny preset, small sizes (checks that it works)
+    python bench/spec.py --out RUN; python bench/spec.py --reuse RUN --option decode_experts=\"triton\"
+                                                           # the same trained model, decoded with another option
 
 1. Corpus (offline, no download): the Python standard library's sources under this interpreter's lib directory
    and pydoc_data's topics. Source files whose path hashes to 0 mod 10 are held out: the prompts come from them.
@@ -23,6 +25,7 @@ steps depend on the machine).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -146,10 +149,21 @@ def train(args, texts, out: Path):
     log(f"trained {len(hist)} steps ({trainer.tokens_seen:,} tokens) in {train_s:.0f} s + {sum(warm):.0f} s: loss "
         f"{hist[0]['loss']:.3f} -> {statistics.mean(r['loss'] for r in tail):.3f}, MTP CE "
         f"{mtp[0]:.3f} -> {statistics.mean(mtp[-len(tail):]):.3f}")
-    ckpt = trainer.export(out / "checkpoint")
+    trainer.export(out / "checkpoint")
+    trained = dict(steps=len(hist), tokens=trainer.tokens_seen, seconds=train_s)
+    (out / "trained.json").write_text(json.dumps(trained))
+    return load_trained(args, out)
+
+
+def load_trained(args, out: Path):
+    """(tokenizer, model, training figures) of a run's --out directory (this run's, or --reuse's)."""
+    from mimo_flash.tokenizer import Tokenizer
+
+    if not (out / "trained.json").exists():
+        raise SystemExit(f"{out} holds no trained run of bench/spec.py (no trained.json)")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    return tok, MiMoForCausalLM.from_pretrained(ckpt, dtype=dtype, device=torch.device(args.device)).eval(), \
-        dict(steps=len(hist), tokens=trainer.tokens_seen, seconds=train_s)
+    model = MiMoForCausalLM.from_pretrained(out / "checkpoint", dtype=dtype, device=torch.device(args.device)).eval()
+    return Tokenizer.from_pretrained(out / "tokenizer"), model, json.loads((out / "trained.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------ bytes
@@ -269,7 +283,17 @@ def main(argv=None) -> int:
     p.add_argument("--budget-minutes", type=float, default=5.5,
                    help="no new setting starts after this much wall time (the table says which were skipped)")
     p.add_argument("--out", default=None, help="where the tokenizer and checkpoint go (default: a temp dir)")
+    p.add_argument("--reuse", default=None, metavar="DIR",
+                   help="measure the model an earlier run trained into its --out DIR (no training)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
+                   help="set options().NAME for the decoding (e.g. decode_experts=\"triton\"); repeatable")
     args = p.parse_args(argv)
+    if args.option:
+        from mimo_flash.options import set_options
+        try:
+            set_options(**{k: json.loads(v) for k, _, v in (o.partition("=") for o in args.option)})
+        except (ValueError, TypeError) as e:
+            p.error(f"--option: {e}")
     for name, v in DEFAULTS[args.device].items():
         if getattr(args, name) is None:
             setattr(args, name, v)
@@ -282,7 +306,7 @@ def main(argv=None) -> int:
     print(header(), flush=True)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mimo-spec-"))
     texts, held = corpus(args.seed, args.corpus_mb)
-    tok, model, trained = train(args, texts, out)
+    tok, model, trained = load_trained(args, Path(args.reuse)) if args.reuse else train(args, texts, out)
     all_prompts = prompts(tok, held, max(args.batches), args.prompt_len)
     bandwidth = copy_bandwidth() if args.device == "cuda" else None
     skipped: list[str] = []
@@ -295,7 +319,9 @@ def main(argv=None) -> int:
              "speed-up: plain decode time / this one; e2e: with prefill; same: rows equal to plain greedy",
              "floor (batch 1 greedy): bytes the step must read / copy bandwidth "
              + (f"({bandwidth / 1e12:.2f} TB/s)" if bandwidth else "(n/a off CUDA)") + ", and step / floor",
-             f"total wall time {time.perf_counter() - T0:.0f}s"
+             (f"options: {', '.join(args.option)}; " if args.option else "")
+             + (f"model trained by an earlier run ({args.reuse}); " if args.reuse else "")
+             + f"total wall time {time.perf_counter() - T0:.0f}s"
              + (f"; skipped (past --budget-minutes {args.budget_minutes}): {', '.join(skipped)}" if skipped else "")]
     table("MTP speculative decoding, trained weights", header(),
                 ["batch", "mode", "K", "acc len", "mean k", "tok/s", "step ms", "floor ms (x)", "speed-up", "e2e",
