@@ -11,9 +11,9 @@ compiled a step is not timed) or passed in. A step with k drafts emits, per row,
 tokens, so the controller picks argmax_k E[tokens | k] / cost(k), and changes k only when the new choice
 promises `margin` more tokens per second than the current one. Unmeasured costs are interpolated linearly in k
 between measured ones; without given costs the loop first measures k = K and k = 0 (`explore` timed steps of
-each). While k < K the later positions' rates are not
-observed; every `probe_every` decisions one step runs at k + 1 to refresh the next one (a probe re-primes the MTP
-layers, so it is rare). While k > 0 with measured costs, probes alternate with plain steps (k = 0) that refresh
+each). While k < K the later positions' rates are not observed; every `probe_every` decisions one decision (a step,
+or a graphed chunk of steps) runs at k + 1 to refresh the next one (a probe re-primes the MTP layers, so it is
+rare). While k > 0 with measured costs, probes alternate with plain steps (k = 0) that refresh
 the plain step's cost, which otherwise is never measured again after the start.
 
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
