@@ -11,7 +11,8 @@ request rate against an OpenAI-compatible server; request throughput, output tok
 one-request-at-a-time behaviour); --threads 1 2 likewise runs a CPU server with each thread count; --overlap on
 off the server with and without the look-ahead of its greedy decode steps; --compile: a started server's decode
 graphs compiled (serve --compile; generate's figures in bench/decode.py are of compiled graphs); --decode-experts dense
-triton, --admit-wait 0.005 0.05 and --server-args "" "--graph-prefill": one run per value.
+triton, --admit-wait 0.005 0.05 and --server-args "" " --graph-prefill": one run per value (each server-args value
+is split like a shell line; one that starts with "--" needs a leading space, or argparse reads it as this script's flag).
 --baseline: before the servers, generate() at batch = the largest concurrency on the same checkpoint and device
 (prompts of --input-len, --output-len new tokens, no EOS; compiled with --compile, as the server's graphs are; a warm-up
 call, then one timed) in a process of its own, and each run's output tok/s as a fraction of it (issue 23's target: at
@@ -32,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -210,7 +212,7 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0"
         cmd.append("--no-overlap")
     if args.compile:
         cmd.append("--compile")
-    cmd += extra.split()
+    cmd += shlex.split(extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
     import urllib.request
@@ -305,8 +307,8 @@ def main() -> int:
                     help="started server: on (its default) or off (--no-overlap), one run per value")
     ap.add_argument("--compile", action="store_true", help="started server: its --compile (compiled decode graphs)")
     ap.add_argument("--server-args", nargs="+", default=[""],
-                    help="started server: more `serve` flags, one string per run (e.g. \"\" \"--graph-prefill\": "
-                         "a run without and one with)")
+                    help="started server: more `serve` flags, one string per run (e.g. \"\" \" --graph-prefill\": "
+                         "a run without and one with; note the leading space)")
     ap.add_argument("--decode-experts", nargs="+", default=[None], choices=["dense", "grouped_mm", "triton"],
                     help="started server: its --decode-experts, one run per value (default: the server's default)")
     ap.add_argument("--baseline", action="store_true",
@@ -365,7 +367,7 @@ def main() -> int:
                        f"{'' if threads is None else f' threads={threads}'}"
                        f"{' overlap=off' if overlap == 'off' else ''}"
                        f"{'' if experts is None else f' decode-experts={experts}'}"
-                       f"{'' if wait is None else f' admit-wait={wait}'}{f' [{extra}]' if extra else ''} concurrency={c} "
+                       f"{'' if wait is None else f' admit-wait={wait}'}{f' [{extra.strip()}]' if extra.strip() else ''} concurrency={c} "
                        f"in={args.input_len} out={args.output_len}"
                        f"{f' range-ratio={args.range_ratio}' if args.range_ratio else ''}")
                 if base:

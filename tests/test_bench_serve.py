@@ -24,13 +24,16 @@ def test_bench_serve_runs_on_cpu(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tmp_path / "ckpt"),
                         "--input-len", "12", "--output-len", "8", "--range-ratio", "0.5", "--concurrency", "1", "3",
                         "--num-prompts", "6", "--speculative", "0", "auto", "--max-context", "64", "--warmup", "1",
-                        "--port", str(free_port()), "--json", str(out), "--baseline"], capture_output=True, text=True,
+                        "--port", str(free_port()), "--json", str(out), "--baseline",
+                        # a serve flag passed through (the leading space keeps argparse from reading it as ours)
+                        "--server-args", " --max-queue 300"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(x["speculative"], x["concurrency"]) for x in runs] == [("0", 1), ("0", 3), ("auto", 1), ("auto", 3)]
     for x in runs:
         assert x["failed"] == 0 and x["completed"] == (4 if x["concurrency"] == 1 else 6), x
+        assert x["server_args"] == " --max-queue 300"
         assert x["range_ratio"] == 0.5 and x["output_tok_s"] > 0 and x["ttft_s"]["p50"] > 0
         # --baseline: generate()'s batch-3 tok/s, once, and each run's fraction of it
         assert x["generate_tok_s"] == runs[0]["generate_tok_s"] > 0
