@@ -220,9 +220,11 @@ def test_adaptive_greedy_drafting_steps_run_in_chunks(monkeypatch):
     assert sizes.count(SPEC_CHUNK) >= 4
 
 
-def test_plain_chunks_hold_rows_that_finished_ahead():
-    """A row that accepts more drafts finishes steps ahead of the others; the plain chunks (k = 0) that follow
-    must not carry it along past the cache's end (here S = 64: prompt 12 + 44 new + 2K + 2). Before the fix the
+@pytest.mark.parametrize("drafting", [5, 6])
+def test_plain_chunks_keep_rows_that_ran_ahead_inside_the_cache(drafting):
+    """A row that accepts more drafts runs ahead of the others; the plain chunks (k = 0) that follow step it
+    too, past its end (after 5 drafting decisions it is still emitting when they start; after 6 it is done), and
+    must not carry it past the cache's end (here S = 64: prompt 12 + 44 new + 2K + 2). Before the fix a
     chunk indexed position 64 and fell back to step-by-step decoding (on CUDA: an out-of-bounds index)."""
     model = tiny_model(seed=4, vocab_size=6)
     ids = torch.randint(0, 6, (8, 12), generator=torch.Generator().manual_seed(6))[[3, 1]]
@@ -231,7 +233,7 @@ def test_plain_chunks_hold_rows_that_finished_ahead():
     _, other = generate(model, ids[1:], num_speculative_tokens=3, return_stats=True, **kw)
     assert alone.acceptance_length > 1.5 > other.acceptance_length  # row 0 runs ahead of row 1
     plain = generate(model, ids, **kw)
-    out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ScriptedK(3, [3] * 6 + [0] * 60),
+    out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ScriptedK(3, [3] * drafting + [0] * 60),
                           return_stats=True, cuda_graphs=True, **kw)
     assert torch.equal(out, plain)
     assert stats.notes == [] and stats.spec_k[-1] == 0  # no graph failed; it ended in plain chunks

@@ -194,14 +194,14 @@ def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int
     left = max(out.max_new - c for c, d in zip(counts, done, strict=True) if not d)
     n = min(size, left)
     bucket = graph_bucket(st.n_max + n, runner.cache.S, B)
-    # Rows already done step too (the graph has no row mask), but stay where they are, as frozen rows do in a
-    # speculative step: a row that finished ahead of the others (more drafts accepted) would otherwise be
-    # carried past the cache's end. Their chunk writes (ignored: the row is done) go below that end.
-    held = torch.tensor(done, device=st.N.device)
-    pos = torch.where(held, st.N.clamp(max=runner.cache.S - 1 - n), st.N)
+    # Every row steps (the graph has no row mask), those already done and those that finish inside the chunk
+    # too, and a row that accepted more drafts than the others runs ahead of them: positions are held at
+    # `limit`, the last one from which a later speculative step's K + 1 positions (frozen rows' included) stay
+    # inside the cache. Rows that are still emitting never reach it (S has 2K + 2 positions of room).
+    limit = runner.cache.S - 2 - st.K
     try:
-        res = runner.run_step(("adaptive-greedy", B, bucket, n), _greedy_chunk(runner, bucket, n, st.rings),
-                              dict(tok=st.tok, pos=pos), rows=B)
+        res = runner.run_step(("adaptive-greedy", B, bucket, n), _greedy_chunk(runner, bucket, n, st.rings, limit),
+                              dict(tok=st.tok, pos=st.N), rows=B)
     except Exception as e:
         runner.graph_failed("greedy", e)
         return 0
@@ -209,12 +209,11 @@ def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int
     K = st.K
     ar = torch.arange(K + 1, device=new.device)
     seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+n
-    st.recent = torch.where(held[:, None], st.recent, seq[:, n:n + K + 1])
-    st.N = torch.where(held, st.N, st.N + n)
-    st.tok = torch.where(held, st.tok, new[:, -1])
+    st.recent = seq[:, n:n + K + 1]
+    st.N = (st.N + n).clamp(max=limit)
+    st.tok = new[:, -1]
     st.N_prev = st.N.clone()
-    _, h_main = st.rings.read((st.N[:, None] - K - 1 + ar[None]).clamp_min(0))
-    st.h_main = h_main if st.h_main is None else torch.where(held[:, None, None], st.h_main, h_main)
+    _, st.h_main = st.rings.read((st.N[:, None] - K - 1 + ar[None]).clamp_min(0))
     st.stash, st.drafts, st.q = [], new[:, :0], None
     st.k = st.fresh = 0
     st.n_max += n

@@ -326,14 +326,17 @@ def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bo
             and out.stopping is None and runner.graphs_for("greedy"))
 
 
-def _greedy_chunk(runner, bucket: int, n: int, rings=None):
+def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = None):
     def fn(tok, pos):
         """tok, pos [B]: n plain greedy steps (each the argmax of the logits: what choose(process(...)) gives
         without sampling or repetition penalty) -> their tokens `new` [B, n], the last token and the position
         after it. Step j reads its token from column j - 1 of `new`, where the previous step wrote it, and its
         position from a table made before the first step: a step's kernels need nothing from the host.
-        rings (speculative.SpecRings, adaptive K): each step's token and hidden state are recorded there."""
+        rings (speculative.SpecRings, adaptive K): each step's token and hidden state are recorded there.
+        limit: positions past it are held at it (rows that are done, whose tokens are dropped, stay in the cache)."""
         P = pos[:, None] + torch.arange(n + 1, device=pos.device)
+        if limit is not None:
+            P = P.clamp(max=limit)
         new = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
         hs = None if rings is None else torch.empty(tok.shape[0], n, rings.h.shape[-1], dtype=rings.h.dtype,
                                                     device=tok.device)
