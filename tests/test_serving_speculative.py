@@ -409,8 +409,9 @@ def test_frozen_rows_are_untouched(setup):
     cache = sched.cache
 
     def snapshot(row):
+        rings = sched.spec.rings
         return [t.clone() for i in cache.layers() for t in vars(cache.layer_slots(i, row)).values()
-                if isinstance(t, torch.Tensor)]
+                if isinstance(t, torch.Tensor)] + [rings.ids[row].clone(), rings.h[row].clone()]
 
     before = [snapshot(r) for r in range(4)]
     s = sched.slots[2]
@@ -419,6 +420,25 @@ def test_frozen_rows_are_untouched(setup):
     for r in (0, 1, 3):
         assert all(torch.equal(a, b) for a, b in zip(before[r], after[r], strict=True)), r
     assert not all(torch.equal(a, b) for a, b in zip(before[2], after[2], strict=True))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_requests_that_reach_the_context_limit_with_every_draft_accepted(tmp_path, graphs):
+    """Every draft accepted (eps = 0: the MTP layers say what the main model says) and every request running to
+    the context limit: a speculative step moves a row up to K + 1 positions, past the end for the tokens that are
+    dropped, and the rows that finished stay frozen beside those still decoding. Before the fix the next step
+    computed the frozen rows at positions past the cache's end (an IndexError that ended every request; on CUDA
+    an out-of-bounds index)."""
+    tok = make_tokenizer(tmp_path)
+    model = drafting_model(tok.vocab_size, eps=0.0)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (12, 8, 20, 5)]
+    sched = Scheduler(model, tok, max_slots=4, max_context=64, prefill_chunk=16, speculative_k=3, cuda_graphs=graphs)
+    events = run_all(sched, [Request(p, 64 - len(p)) for p in prompts])
+    assert sched.metrics.spec_accepted_tokens == sched.metrics.spec_draft_tokens > 0
+    for p, ev in zip(prompts, events, strict=True):
+        assert ev[-1].finish == "length" and ev[-1].error is None
+        assert ids_of(ev) == alone(model, p, 64 - len(p))
 
 
 def test_over_http_with_metrics(setup):

@@ -87,15 +87,21 @@ class SpecRings:
         self.ids = torch.zeros(B, size, dtype=torch.long, device=device)
         self.h = torch.zeros(B, size, D, dtype=dtype, device=device)
 
-    def write(self, pos: torch.Tensor, ids: torch.Tensor, h: torch.Tensor, valid: torch.Tensor | None = None):
+    def write(self, pos: torch.Tensor, ids: torch.Tensor, h: torch.Tensor, valid: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None):
         """pos, ids [B, T] (distinct positions per row where valid, at most `size` apart); h [B, T, D];
-        valid [B, T] or None (all valid). In place, graph-safe."""
+        valid [B, T] or None (all valid); keep [B] or None: rows left as they are (frozen rows: what they hold
+        is written back). In place, graph-safe."""
         if valid is not None:  # left padding (position -1): rewrite what the row's position 0 writes to slot 0
             first = valid.long().argmax(1, keepdim=True)
             pos = torch.where(valid, pos, 0)
             ids = torch.where(valid, ids, ids.gather(1, first))
             h = torch.where(valid[..., None], h, h.gather(1, first[..., None].expand(-1, 1, h.shape[-1])))
         slot = pos % self.size
+        if keep is not None:
+            old_ids, old_h = self.ids.gather(1, slot), self.h.gather(1, slot[..., None].expand(*slot.shape, h.shape[-1]))
+            ids = torch.where(keep[:, None], old_ids, ids)
+            h = torch.where(keep[:, None, None], old_h, h.to(self.h.dtype))
         self.ids.scatter_(1, slot, ids)
         self.h.scatter_(1, slot[..., None].expand(*slot.shape, self.h.shape[-1]), h.to(self.h.dtype))
 
@@ -463,10 +469,13 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     ar = torch.arange(k + 1, device=dev)
     ids = torch.cat([st.tok[:, None], d], 1)
     pos = st.N[:, None] + ar[None]
-    valid = None if frozen is None else (~frozen)[:, None].expand(B, k + 1)
+    valid = None
+    if frozen is not None:  # frozen rows: masked, at positions 0 .. k (a serving slot's N may be stale, past the
+        valid = (~frozen)[:, None].expand(B, k + 1)  # cache's end), their rings kept
+        pos = torch.where(frozen[:, None], ar[None], pos)
     logits, h = runner.main(ids, pos, valid, st.n_max + k + 1, graph=True)
     if st.rings is not None:  # committed positions among these are final; the others are rewritten later
-        st.rings.write(pos, ids, h)
+        st.rings.write(pos, ids, h, keep=frozen)
     st.logits = logits
     seen_j = None if st.seen is None else _seen_prefixes(st.seen, d, logits.shape[-1])
     if isinstance(params, RowSampling):
