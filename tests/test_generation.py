@@ -418,13 +418,18 @@ def test_streamer_and_stopping_hooks():
         def end(self):
             self.ended = True
 
-    for K in (0, 2):
+    # (adaptive K with costly drafts: plain steps one by one, each token out as it comes)
+    plain_k = dict(num_speculative_tokens=2, adaptive=True, step_costs=[1, 9, 9])
+    want = generate(model, ids, max_new_tokens=10)
+    for kw in (dict(num_speculative_tokens=0), dict(num_speculative_tokens=2), plain_k,
+               dict(num_speculative_tokens="auto")):
         r = Rec()
-        out = generate(model, ids, max_new_tokens=10, streamer=r, num_speculative_tokens=K)
-        assert r.got == out[0, 6:].tolist() and r.ended
+        out = generate(model, ids, max_new_tokens=10, streamer=r, **kw)
+        assert r.got == out[0, 6:].tolist() == want[0, 6:].tolist() and r.ended, kw
     stop_after = lambda rows: [len(x) >= 4 for x in rows]  # noqa: E731
-    out = generate(model, ids, max_new_tokens=10, stopping=stop_after)
-    assert out.shape[1] == 6 + 4
+    for kw in ({}, plain_k):
+        out = generate(model, ids, max_new_tokens=10, stopping=stop_after, **kw)
+        assert torch.equal(out, want[:, :6 + 4]), kw
 
 
 # ---------------------------------------------------------------------------- errors

@@ -17,10 +17,11 @@ rare). While k > 0 with measured costs, probes alternate with plain steps (k = 0
 the plain step's cost, which otherwise is never measured again after the start.
 
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
-behind are re-primed first), k = 0 through the same step with no drafts, or, for greedy decoding on a
-GraphRunner, through chunks of plain greedy steps captured as one graph (what plain decoding runs; 8 steps, then
-16 and 32 while k stays 0), which also record their tokens and hidden states for a later re-prime; greedy steps
-with k > 0 run there as fixed-K decoding runs them, up to SPEC_CHUNK to a graph and one host sync (the controller
+behind are re-primed first), k = 0 through runs of plain steps (what plain decoding runs; 8 steps, then 16 and
+32 while k stays 0; one host sync per run) which also record their tokens and hidden states for a later
+re-prime: for greedy decoding on a GraphRunner each run is one captured graph, otherwise (sampling, an eager
+runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as fixed-K decoding
+runs them, up to SPEC_CHUNK to a graph and one host sync (the controller
 decides again after each chunk, and observes each of its steps). Greedy output
 equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
 """
@@ -163,6 +164,13 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
                 stats.spec_k.extend([0] * n)
                 k_prev, n_prev = 0, n
                 continue
+        if k == 0 and not chunks:  # (sampling, or an eager runner) plain steps with one host sync, as above
+            n = _plain_steps(runner, out, st, params, generator, done, PLAIN_CHUNKS[min(plain_run, len(PLAIN_CHUNKS) - 1)])
+            plain_run += 1
+            stats.steps += n
+            stats.spec_k.extend([0] * n)
+            k_prev, n_prev = 0, n
+            continue
         plain_run = 0
         if k > st.fresh:
             spec_reprime(runner, st, k, chunk)
@@ -190,32 +198,71 @@ def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int
     from .engine import _greedy_chunk
 
     B = st.N.shape[0]
-    counts = out.count.tolist()
-    left = max(out.max_new - c for c, d in zip(counts, done, strict=True) if not d)
-    n = min(size, left)
+    n = _plain_run(out, done, size)
     bucket = graph_bucket(st.n_max + n, runner.cache.S, B)
-    # Every row steps (the graph has no row mask), those already done and those that finish inside the chunk
-    # too, and a row that accepted more drafts than the others runs ahead of them: positions are held at
-    # `limit`, the last one from which a later speculative step's K + 1 positions (frozen rows' included) stay
-    # inside the cache. Rows that are still emitting never reach it (S has 2K + 2 positions of room).
-    limit = runner.cache.S - 2 - st.K
     try:
-        res = runner.run_step(("adaptive-greedy", B, bucket, n), _greedy_chunk(runner, bucket, n, st.rings, limit),
-                              dict(tok=st.tok, pos=st.N), rows=B)
+        res = runner.run_step(("adaptive-greedy", B, bucket, n),
+                              _greedy_chunk(runner, bucket, n, st.rings, _limit(runner, st)), dict(tok=st.tok, pos=st.N),
+                              rows=B)
     except Exception as e:
         runner.graph_failed("greedy", e)
         return 0
-    new = res["new"].clone()  # the graph's buffer: the next replay overwrites it
+    _after_plain(runner, out, st, res["new"].clone())  # (the graph's buffer: the next replay overwrites it)
+    return n
+
+
+def _plain_steps(runner, out, st: SpecState, params, generator, done: list[bool], size: int) -> int:
+    """Up to `size` plain steps one by one (sampling, a repetition penalty, or an eager runner), recorded in the
+    rings, without a host sync between them (plain decoding's loop); the state moves past them as after
+    _plain_chunk. Returns the steps taken."""
+    from .sampling import choose, process
+
+    n = _plain_run(out, done, size)
+    limit = _limit(runner, st)
+    B = st.N.shape[0]
+    tok, pos = st.tok, st.N
+    new = []
+    for j in range(n):
+        logits, h = runner.main(tok[:, None], pos[:, None], None, st.n_max + j + 1, graph=True)
+        st.rings.write(pos[:, None], tok[:, None], h)
+        tok = choose(process(logits[:, -1], params, st.seen), params, generator)
+        if st.seen is not None:
+            st.seen.scatter_(1, tok[:, None], True)
+        new.append(tok)
+        pos = (pos + 1).clamp(max=limit)
+        if out.sync:  # (a streamer or stopping criteria: each step's token goes out now)
+            out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
+    _after_plain(runner, out if not out.sync else None, st, torch.stack(new, 1))
+    return n
+
+
+def _plain_run(out, done: list[bool], size: int) -> int:
+    """Steps in the next run of plain steps: `size`, or fewer where every row still emitting needs fewer."""
+    counts = out.count.tolist()
+    return min(size, max(out.max_new - c for c, d in zip(counts, done, strict=True) if not d))
+
+
+def _limit(runner, st: SpecState) -> int:
+    """The last position a run of plain steps moves a row to. Every row steps (no row mask), those already done
+    and those that finish during the run too, and a row that accepted more drafts than the others runs ahead of
+    them: positions are held here, the last one from which a later speculative step's K + 1 positions (frozen
+    rows' included) stay inside the cache. Rows still emitting never reach it (S has 2K + 2 positions of room)."""
+    return runner.cache.S - 2 - st.K
+
+
+def _after_plain(runner, out, st: SpecState, new: torch.Tensor) -> None:
+    """The state after a run of n plain steps that produced new [B, n] (and their tokens to `out`, unless None)."""
+    B, n = new.shape
     K = st.K
     ar = torch.arange(K + 1, device=new.device)
     seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+n
     st.recent = seq[:, n:n + K + 1]
-    st.N = (st.N + n).clamp(max=limit)
+    st.N = (st.N + n).clamp(max=_limit(runner, st))
     st.tok = new[:, -1]
     st.N_prev = st.N.clone()
     _, st.h_main = st.rings.read((st.N[:, None] - K - 1 + ar[None]).clamp_min(0))
     st.stash, st.drafts, st.q = [], new[:, :0], None
     st.k = st.fresh = 0
     st.n_max += n
-    out.add(new, torch.full((B,), n, dtype=torch.long, device=new.device))
-    return n
+    if out is not None:
+        out.add(new, torch.full((B,), n, dtype=torch.long, device=new.device))
