@@ -203,7 +203,9 @@ def test_adaptive_slot_drafts_what_generate_drafts(setup):
     out, stats = model.generate(torch.tensor([p]), max_new_tokens=60, eos_token_id=[], num_speculative_tokens=3,
                                 adaptive=ScriptedK(3, seq), return_stats=True)
     sched = Scheduler(model, tok, max_slots=1, max_context=200, prefill_chunk=16, speculative_k="auto")
-    sched.spec.ctls[1] = ScriptedK(3, seq, start=1)  # (the slot's first step takes the current k: seq[0])
+    # generate() runs a k = 0 decision as several plain steps, the scheduler as one: the slot follows generate()'s
+    # steps (the slot's first step takes the current k: the script's first)
+    sched.spec.ctls[1] = ScriptedK(3, stats.spec_k, start=1)
     events = run_all(sched, [Request(p, 60)])
     assert ids_of(events[0]) == out[0, len(p):].tolist()
     assert sched.spec.steps_k == stats.spec_k and {0, 1, 2, 3} <= set(stats.spec_k)
