@@ -220,14 +220,15 @@ def test_adaptive_greedy_drafting_steps_run_in_chunks(monkeypatch):
     assert sizes.count(SPEC_CHUNK) >= 4
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("drafting", [5, 6])
-def test_plain_chunks_keep_rows_that_ran_ahead_inside_the_cache(drafting):
+def test_plain_chunks_keep_rows_that_ran_ahead_inside_the_cache(drafting, device):
     """A row that accepts more drafts runs ahead of the others; the plain chunks (k = 0) that follow step it
     too, past its end (after 5 drafting decisions it is still emitting when they start; after 6 it is done), and
     must not carry it past the cache's end (here S = 64: prompt 12 + 44 new + 2K + 2). Before the fix a
     chunk indexed position 64 and fell back to step-by-step decoding (on CUDA: an out-of-bounds index)."""
-    model = tiny_model(seed=4, vocab_size=6)
-    ids = torch.randint(0, 6, (8, 12), generator=torch.Generator().manual_seed(6))[[3, 1]]
+    model = tiny_model(seed=4, vocab_size=6).to(device)  # (fp32: on CUDA, real graphs of the same steps)
+    ids = torch.randint(0, 6, (8, 12), generator=torch.Generator().manual_seed(6))[[3, 1]].to(device)
     kw = dict(max_new_tokens=44, prefill_chunk=5)
     _, alone = generate(model, ids[:1], num_speculative_tokens=3, return_stats=True, **kw)
     _, other = generate(model, ids[1:], num_speculative_tokens=3, return_stats=True, **kw)
