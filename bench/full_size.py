@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     if run.rank == 0:
         table("load", header(), ["rank", "load s", "of which generating s", "generated GiB", "weights GiB/rank",
                                  "plan weights GiB/rank"],
-              [[r, fmt(x["seconds"], ".1f"), fmt(x["generate_seconds"], ".1f"), fmt(x["generated_gib"], ".4g"),
+              [[r, fmt(x["seconds"], ".3g"), fmt(x["generate_seconds"], ".3g"), fmt(x["generated_gib"], ".4g"),
                 gib(x["params"]), gib(predicted.get("weights"))] for r, x in enumerate(loads)],
               [f"{args.preset} preset, {config.num_hidden_layers} layers + {config.num_nextn_predict_layers} MTP, "
                f"FP8 128x128 blocks, random weights generated on the host as loaded (SyntheticCheckpoint, seed "
