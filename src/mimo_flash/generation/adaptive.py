@@ -165,7 +165,8 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
                 k_prev, n_prev = 0, n
                 continue
         if k == 0 and not chunks:  # (sampling, or an eager runner) plain steps with one host sync, as above
-            n = _plain_steps(runner, out, st, params, generator, done, PLAIN_CHUNKS[min(plain_run, len(PLAIN_CHUNKS) - 1)])
+            size = PLAIN_CHUNKS[min(plain_run, len(PLAIN_CHUNKS) - 1)]
+            n = _plain_steps(runner, out, st, params, generator, done, size)
             plain_run += 1
             stats.steps += n
             stats.spec_k.extend([0] * n)
@@ -201,9 +202,8 @@ def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int
     n = _plain_run(out, done, size)
     bucket = graph_bucket(st.n_max + n, runner.cache.S, B)
     try:
-        res = runner.run_step(("adaptive-greedy", B, bucket, n),
-                              _greedy_chunk(runner, bucket, n, st.rings, _limit(runner, st)), dict(tok=st.tok, pos=st.N),
-                              rows=B)
+        fn = _greedy_chunk(runner, bucket, n, st.rings, _limit(runner, st))
+        res = runner.run_step(("adaptive-greedy", B, bucket, n), fn, dict(tok=st.tok, pos=st.N), rows=B)
     except Exception as e:
         runner.graph_failed("greedy", e)
         return 0

@@ -101,7 +101,7 @@ class SpecRings:
             h = torch.where(valid[..., None], h, h.gather(1, first[..., None].expand(-1, 1, h.shape[-1])))
         slot = pos % self.size
         if keep is not None:
-            old_ids, old_h = self.ids.gather(1, slot), self.h.gather(1, slot[..., None].expand(*slot.shape, h.shape[-1]))
+            old_ids, old_h = self.read(pos)
             ids = torch.where(keep[:, None], old_ids, ids)
             h = torch.where(keep[:, None, None], old_h, h.to(self.h.dtype))
         self.ids.scatter_(1, slot, ids)
