@@ -16,7 +16,7 @@ from mimo_flash.generation.attention import cache_attention
 from mimo_flash.generation.cache import MAIN, bytes_report
 from mimo_flash.generation.engine import prefill
 from mimo_flash.generation.runner import Runner
-from mimo_flash.generation.sampling import SamplingParams, process
+from mimo_flash.generation.sampling import SamplingParams, choose, choose_rows, process, sample_from_probs
 from mimo_flash.ops.attention import AttnMeta, attention_reference
 
 
@@ -402,6 +402,57 @@ def test_processors_match_transformers():
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     fin = torch.isfinite(ref)
     assert torch.allclose(ours[fin], ref[fin], atol=1e-5)
+
+
+def test_sample_from_probs_is_multinomials_draw():
+    """The same samples as torch.multinomial(probs, 1) from the same generator state (without its host check)."""
+    g = torch.Generator().manual_seed(4)
+    for V in (2, 7, 300, 2048):
+        probs = (torch.randn(5, V, generator=g) * 3).softmax(-1)
+        for seed in range(20):
+            want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+            assert torch.equal(sample_from_probs(probs, torch.Generator().manual_seed(seed)), want)
+
+
+def test_choose_rows_is_each_rows_own_choice():
+    """A batch of rows with their own parameters, generators and seen tokens: each seeded row's token is what
+    choose(process(...)) gives it alone; unseeded rows sample from their own processed distribution."""
+    g = torch.Generator().manual_seed(8)
+    V = 64
+    logits = torch.randn(9, V, generator=g) * 3
+    seen = [torch.zeros(1, V, dtype=torch.bool).index_fill_(1, torch.randint(0, V, (6,), generator=g), True)
+            for _ in range(9)]
+    hot = SamplingParams(True, 0.7, top_k=20, top_p=0.8, min_p=0.05)
+    rows = [None,  # greedy
+            (SamplingParams(True, 0.9), 11, None),
+            (hot, 12, None),
+            (SamplingParams(repetition_penalty=1.5), None, seen[3]),  # greedy with a penalty
+            (hot, 13, None),  # the same parameters as row 2: processed with it
+            (SamplingParams(True, 1.3, repetition_penalty=1.2), 14, seen[5]),
+            (hot, None, None),  # unseeded
+            None,
+            (SamplingParams(True, 0.9), None, None)]
+
+    def gen(r):
+        return None if r is None or r[1] is None else torch.Generator().manual_seed(r[1])
+    for trial in range(30):
+        shift = torch.randn(9, V, generator=g)
+        x = logits + shift
+        got = choose_rows(x, [None if r is None else (r[0], gen(r), r[2]) for r in rows])
+        for i, r in enumerate(rows):
+            p, s = (SamplingParams(), None) if r is None else (r[0], r[2])
+            proc = process(x[i:i + 1], p, s)
+            if r is None or r[1] is not None:
+                assert got[i] == choose(proc, p, gen(r))[0], (trial, i)
+            else:
+                assert torch.isfinite(proc[0, got[i]]), (trial, i)  # a token the row's warpers kept
+    assert choose_rows(logits, []).shape == (0,)
+    # unseeded rows follow their own distribution: the top-k = 2 row of a peaked pair, 4000 draws
+    two = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    picks = choose_rows(two, [(SamplingParams(True, top_k=2), None, None)] * 4000)
+    assert set(picks.tolist()) == {0, 1}
+    share = (picks == 0).float().mean().item()
+    assert abs(share - 1 / (1 + math.exp(-1))) < 0.03
 
 
 def test_streamer_and_stopping_hooks():

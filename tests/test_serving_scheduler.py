@@ -140,6 +140,48 @@ def test_overlapped_steps_give_the_synchronous_outputs(setup):
     assert sync.ahead_rows == 0 and ahead.ahead_rows > 20 and ahead.ahead_dropped >= 2  # (the stop, the cancel)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sampled_requests_beside_others_give_what_they_give_alone(setup, overlap):
+    """Seeded sampled requests of different parameters (one with a repetition penalty, one with logprobs) beside
+    greedy ones and each other: each one's tokens (and logprobs) are its tokens alone. Their rows sample
+    together on the device (sampling.choose_rows); with overlap, sampled rows also run in look-ahead steps."""
+    model, tok = setup
+    g = torch.Generator().manual_seed(21)
+    V = model.config.vocab_size
+    hot = SamplingParams(True, 0.8, top_k=30, top_p=0.9)
+    specs = [(5, 14, SamplingParams(True, 1.0), 1, None), (11, 9, hot, 2, None), (3, 17, hot, 3, None),
+             (8, 12, SamplingParams(), None, None), (6, 10, SamplingParams(True, 0.7, min_p=0.1), 4, 2),
+             (9, 6, SamplingParams(True, 1.1, repetition_penalty=1.3), 5, None), (4, 15, hot, 6, None)]
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n, *_ in specs]
+
+    def run(which):
+        sched = Scheduler(model, tok, max_slots=8, max_context=128, prefill_chunk=8, prefix_blocks=0,
+                          overlap=overlap)
+        logs = []
+        for i in which:
+            _, m, params, seed, lp = specs[i]
+            events, _, sink = collector()
+            sched.submit(Request(prompts[i], m, params, seed=seed, logprobs=lp, sink=sink))
+            logs.append(events)
+        for _ in range(200):
+            if all(log and log[-1].finish for log in logs):
+                break
+            sched.step()
+        return sched, [([t for e in log for t in e.token_ids], [lp for e in log for lp in (e.logprobs or [])],
+                        log[-1].finish) for log in logs]
+
+    together, got = run(range(len(specs)))
+    for i in range(len(specs)):
+        assert got[i] == run([i])[1][0], i
+        assert len(got[i][0]) == specs[i][1] and got[i][2] == "length"
+    assert len(got[4][1]) == specs[4][1]  # the logprobs row's
+    assert (together.ahead_rows > 0) == overlap  # (rows with logprobs or a penalty hold the look-ahead off)
+    sampled = [0, 1, 2, 6]  # sampled rows alone among themselves: all of their steps but the first look ahead
+    only, got = run(sampled)
+    assert got == [run([i])[1][0] for i in sampled]
+    assert (only.ahead_rows > 40) == overlap, only.ahead_rows
+
+
 def test_sampled_request_is_reproducible_and_follows_seed(setup):
     model, tok = setup
     sched = Scheduler(model, tok, max_slots=2, max_context=128, prefill_chunk=16).start()

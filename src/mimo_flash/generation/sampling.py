@@ -4,7 +4,7 @@ top-k, top-p, min-p. Greedy decoding takes the argmax after the repetition penal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -68,7 +68,7 @@ def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = x.topk(p.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     if p.top_p is not None and p.top_p < 1.0:
-        sx, si = torch.sort(x, dim=-1, descending=False)
+        sx, si = torch.sort(x, dim=-1, descending=False, stable=True)  # (stable: ties as alone, in any batch)
         cum = sx.softmax(-1).cumsum(-1)
         remove = cum <= (1 - p.top_p)
         remove[..., -1] = False  # keep at least the top token
@@ -92,8 +92,11 @@ def process(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None) 
 
 
 def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """probs [N, V] (rows sum to 1) -> [N] long."""
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    """probs [N, V] (rows sum to 1) -> [N] long: the draw torch.multinomial(probs, 1, generator=generator) makes
+    (its own method for one sample: argmax(probs / q), q ~ Exp(1) from the generator), without the host sync in
+    which multinomial first checks the probabilities (on CUDA one per call: one per row and step in a server)."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
 
 
 def choose(processed: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -101,3 +104,54 @@ def choose(processed: torch.Tensor, p: SamplingParams, generator: torch.Generato
     if not p.do_sample:
         return processed.argmax(-1)
     return sample_from_probs(processed.softmax(-1), generator)
+
+
+Row = tuple  # (SamplingParams, torch.Generator | None, seen [1, V] bool | None)
+
+
+def choose_rows(logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
+    """logits [N, V], each row with its own parameters, generator and seen tokens (rows[i] None: greedy) ->
+    next tokens [N] long, row i's being choose(process(logits[i:i+1], params, seen), params, generator), with no
+    host sync: rows of equal parameters are processed together (row-wise ops: a row's values do not depend on
+    its neighbours), each row with a generator draws from it alone, the others from the default generator in
+    one call. A batch of requests (the server's slots) samples in a few kernels instead of a loop over rows."""
+    rows = [r if r is not None else (_GREEDY, None, None) for r in rows]
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, _, seen) in enumerate(rows):
+        groups.setdefault((astuple(p), seen is None), []).append(i)
+    out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    for idx in groups.values():
+        p, _, seen = rows[idx[0]]
+        at = None if len(idx) == len(rows) else _index(idx, logits.device)
+        x = logits if at is None else logits[at]
+        seen = None if seen is None else torch.cat([rows[i][2] for i in idx])
+        if not p.do_sample:
+            tok = (x if seen is None else process(x, p, seen)).argmax(-1)
+        else:
+            probs = process(x, p, seen).softmax(-1)
+            tok = (probs / _exponentials(probs, [rows[i][1] for i in idx])).argmax(-1)  # sample_from_probs' draw
+        if at is None:
+            return tok
+        out[at] = tok
+    return out
+
+
+def _exponentials(probs: torch.Tensor, generators: list) -> torch.Tensor:
+    """Exp(1) noise like probs [n, V]: row j's from generators[j] alone (a [1, V] draw, as the row alone makes),
+    the rows without one from the default generator, in one draw."""
+    if all(g is None for g in generators):
+        return torch.empty_like(probs).exponential_(1)
+    free = [j for j, g in enumerate(generators) if g is None]
+    shared = probs.new_empty(len(free), probs.shape[-1]).exponential_(1)
+    part = {j: shared[n:n + 1] for n, j in enumerate(free)}
+    return torch.cat([part[j] if g is None else torch.empty_like(probs[:1]).exponential_(1, generator=g)
+                      for j, g in enumerate(generators)])
+
+
+def _index(idx: list[int], device) -> torch.Tensor:
+    """A list of ints on the device without waiting for it (a plain copy to a GPU waits for its stream)."""
+    t = torch.tensor(idx, dtype=torch.long, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
+_GREEDY = SamplingParams()

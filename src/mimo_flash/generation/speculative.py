@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..options import options
 from .cache import MAIN, mtp_group
 from .runner import graph_bucket
-from .sampling import SamplingParams, process
+from .sampling import SamplingParams, process, sample_from_probs
 
 # Greedy steps after the first run as one CUDA graph (drafts + verification + accept + rollback) on a
 # GraphRunner; options().spec_graph=False keeps the step-by-step path.
@@ -172,7 +172,7 @@ def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
     if not params.do_sample:
         return x.argmax(-1), None
     q = x.softmax(-1)
-    return torch.multinomial(q, 1, generator=generator)[:, 0], q
+    return sample_from_probs(q, generator), q
 
 
 def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingParams, seen, generator,
@@ -441,7 +441,7 @@ def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
         return a, g.gather(1, a[:, None])[:, 0]
     if k == 0:
         a = torch.zeros(B, dtype=torch.long, device=d.device)
-        return a, torch.multinomial(pl[:, 0].softmax(-1), 1, generator=generator)[:, 0]
+        return a, sample_from_probs(pl[:, 0].softmax(-1), generator)
     p = pl.softmax(-1)
     pd = p[:, :k].gather(2, d[..., None])[..., 0]
     qd = q.gather(2, d[..., None])[..., 0]
@@ -451,7 +451,7 @@ def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
     rs = r.sum(-1, keepdim=True)
     r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :k])
     dist = torch.cat([r, p[:, k:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
-    return a, torch.multinomial(dist, 1, generator=generator)[:, 0]
+    return a, sample_from_probs(dist, generator)
 
 
 def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen):

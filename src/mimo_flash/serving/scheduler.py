@@ -17,9 +17,10 @@ Every step (Scheduler.step):
   4. one decode step for every slot that is generating: one forward over rows [0, n) of the cache, n the
      power of two above the highest busy slot (slots are taken lowest first; rows that are not generating
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
-     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling.
-     overlap=True (default): while every decoding row is greedy without logprobs or speculation, the step
-     is launched before the previous one's tokens are taken: its inputs are those tokens as the previous
+     CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling, all rows
+     at once on the device (sampling.choose_rows: one host sync per step, sampled rows or not).
+     overlap=True (default): while no decoding row asks for logprobs, a repetition penalty (its seen tokens
+     would lag a step) or speculation, the step is launched before the previous one's tokens are taken: its inputs are those tokens as the previous
      step left them on the device, and the host emits them (detokenizing, stop strings, events) while the
      GPU computes the next step. A row whose previous token could end it by length is not launched ahead;
      one that a stop string or EOS ends computes one token for nothing, dropped (its slot is reset at the
@@ -66,7 +67,7 @@ import torch
 from ..generation.cache import KVCache
 from ..generation.engine import AUTO_MAX_K
 from ..generation.runner import GraphRunner, Runner, graph_bucket
-from ..generation.sampling import choose, process
+from ..generation.sampling import choose_rows
 from .detok import Detokenizer
 from .metrics import Metrics
 from .prefix import PrefixCache
@@ -102,10 +103,15 @@ class _Slot:
     def plain_greedy(self) -> bool:
         return not self.req.params.do_sample and self.seen is None
 
+    @property
+    def sampling(self):
+        """What sampling.choose_rows takes for this row (None: plain greedy)."""
+        return None if self.plain_greedy else (self.req.params, self.generator, self.seen)
+
 
 @dataclass
 class _Inflight:
-    """A launched greedy decode step (Scheduler._decode_ahead): (slot, input position) per row, the tokens
+    """A launched decode step (Scheduler._decode_ahead): (slot, input position) per row, the tokens
     [rows] on their way to the host, the event after their copy (None on CPU)."""
 
     rows: list[tuple[_Slot, int]]
@@ -132,7 +138,7 @@ class Scheduler:
     MTP layers); their prompts reuse prefix-cache blocks only up to K * sliding_window positions before
     their end (the MTP layers are primed from the main model's hidden states there). "auto": adaptive K,
     0 .. min(3, the MTP layers) drafts per step, whichever gives the most tokens per second (never slower
-    than plain decoding once it has measured both). overlap: greedy decode steps launched one ahead of the
+    than plain decoding once it has measured both). overlap: decode steps launched one ahead of the
     host's output work (the module docstring's step 4; not for a tensor / expert parallel model). graph_prefill
     (with graphs: CUDA, or cuda_graphs=True): prefill forwards without prompt logprobs replay CUDA graphs of eager
     code, a chunk of T tokens left-padded (masked) to the next power of two >= 16 (at most prefill_chunk), one
@@ -424,9 +430,13 @@ class Scheduler:
         finishing = any(c1 == len(s.req.prompt) for s, _, c1 in group)
         a, logits, h = self.prefill.forward([(s.i, s.req.prompt[c0:c1], c0) for s, c0, c1 in group], all_logits,
                                             finishing)
-        greedy = None
-        if finishing and any(s.plain_greedy for s, _, _ in group):
-            greedy = logits[:, -1].argmax(-1).tolist()  # one host sync for the group's greedy first tokens
+        first = None
+        if finishing:  # the first tokens of the prompts that end here, sampled or not: one host sync
+            rows = [None] * logits.shape[0]
+            for s, _, c1 in group:
+                if c1 == len(s.req.prompt):
+                    rows[s.i - a] = s.sampling
+            first = choose_rows(logits[:, -1], rows).tolist()
         for s, c0, c1 in group:
             r = s.i - a
             P = len(s.req.prompt)
@@ -449,16 +459,14 @@ class Scheduler:
                 continue
             s.decoding = True
             s.pos = P
-            token = greedy[r] if greedy is not None and s.plain_greedy else None
-            self._take(s, logits[r, -1], token)
+            self._take(s, None if s.req.logprobs is None else logits[r, -1], first[r])
             if s.spec and self.slots[s.i] is s:  # it speculates from the next step on (which primes its MTP layers)
                 self.spec.join(s.i, P, s.last)
 
     def _decode(self, with_spec: bool = False) -> None:
         """One plain decode step: the slots that do not speculate, and (with_spec: k = 0) those that do."""
         active = [s for s in self.slots if s is not None and s.decoding and (with_spec or not s.spec)]
-        if self.overlap and active and all(s.plain_greedy and s.req.logprobs is None and not s.spec
-                                           for s in active):
+        if self.overlap and active and all(s.seen is None and s.req.logprobs is None and not s.spec for s in active):
             self._decode_ahead(active)
             return
         self._flush()
@@ -476,22 +484,25 @@ class Scheduler:
         logits, h = self._runner(n).main(ids, P, v, max(pos) + 1, logits="last", graph=True)
         self.decode_forwards += 1
         logits = logits[:, -1]
-        greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in active) else None
+        rows = [None] * n
+        for s in active:
+            rows[s.i] = s.sampling
+        toks = choose_rows(logits, rows).tolist()  # every row's token, sampled or not: one host sync
         spec = [s for s in active if s.spec]
         pos0, ids0 = [s.pos for s in spec], [s.last for s in spec]
         for s in active:
             s.pos += 1
-            token = greedy[s.i] if greedy is not None and s.plain_greedy else None
             # (a row view only where it is read: indexing a device tensor costs microseconds per slot)
-            self._take(s, logits[s.i] if token is None or s.req.logprobs is not None else None, token)
+            self._take(s, None if s.req.logprobs is None else logits[s.i], toks[s.i])
         if spec:  # (k = 0) their tokens and hidden states go to the rings (s.last: the token just taken)
             self.spec.plain(n, [s.i for s in spec], pos0, ids0, [s.last for s in spec], h)
             with self.metrics.lock:
                 self.metrics.spec_steps[0] = self.metrics.spec_steps.get(0, 0) + 1
 
     def _decode_ahead(self, active: list[_Slot]) -> None:
-        """A greedy decode step launched before the tokens of the step in flight are taken (overlap): rows in
-        that step read their input token from it on the device, at the position after its input's."""
+        """A decode step launched before the tokens of the step in flight are taken (overlap): rows in that step
+        read their input token from it on the device, at the position after its input's. Sampled rows draw on the
+        device too (a row ended by EOS or a stop string in the step in flight draws once for nothing)."""
         prev = self._inflight
         ahead = {} if prev is None else {s.i: p + 1 for s, p in prev.rows if self.slots[s.i] is s}
         rows = []
@@ -512,7 +523,10 @@ class Scheduler:
         v = None if n == 1 else x[2] != 0
         logits, _ = self._runner(n).main(ids, x[1], v, max(pos) + 1, logits="last", graph=True)
         self.decode_forwards += 1
-        new = logits[:, -1].argmax(-1)
+        sampling = [None] * n
+        for s, _ in rows:
+            sampling[s.i] = s.sampling
+        new = choose_rows(logits[:, -1], sampling)
         self._ahead_tok[:n].copy_(new)
         if self.device.type == "cuda":  # to the host without waiting: the host waits when it takes them
             host = torch.empty(n, dtype=torch.long, pin_memory=True)
@@ -608,13 +622,10 @@ class Scheduler:
         return r
 
     # ------------------------------------------------------------------ output
-    def _take(self, s: _Slot, logits: torch.Tensor | None, token: int | None = None) -> None:
-        """Choose the next token of slot s from its logits [V] (unless given), emit it, finish if done.
-        logits may be None when the token is given and no logprobs are asked."""
+    def _take(self, s: _Slot, logits: torch.Tensor | None, token: int) -> None:
+        """Emit slot s's next token, finish the request if it is done. logits [V] (the token's step): read for
+        logprobs only (None when none are asked)."""
         req = s.req
-        if token is None:
-            x = process(logits[None], req.params, s.seen)
-            token = int(choose(x, req.params, s.generator)[0])
         if s.seen is not None:
             s.seen[0, token] = True
         now = time.perf_counter()
