@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -142,7 +143,11 @@ def train(args, texts, out: Path):
             log(f"{per * 1e3:.0f} ms a step: {schedule.total} steps in the budget")
         if time.perf_counter() - shown > 30:
             shown = time.perf_counter()
-            log(f"step {len(hist)}: loss {hist[-1]['loss']:.3f}")
+            log(f"step {len(hist)}: loss {hist[-1]['loss']:.3f}, gradient norm {hist[-1]['grad_norm']:.3g}")
+            if not math.isfinite(hist[-1]["loss"]):
+                raise SystemExit(f"training diverged: loss {hist[-1]['loss']} at step {len(hist)} (first non-finite "
+                                 "gradient norm at step "
+                                 f"{next((i for i, r in enumerate(hist, 1) if not math.isfinite(r['grad_norm'])), None)})")
     train_s = time.perf_counter() - t0
     tail = hist[-max(1, len(hist) // 10):]
     mtp = [r.get("mtp_loss", float("nan")) for r in hist]
