@@ -81,10 +81,16 @@ def test_triton_swa_with_sink(T, window):
     check(attn_grads(attention_triton, plain_meta(2, T), 8, 2, window, True, seed=T))
 
 
-@pytest.mark.parametrize("with_sink", [True, False])
-def test_triton_packed_documents_and_padding(with_sink):
+@pytest.mark.parametrize("window, with_sink", [(129, True), (129, False), (None, False)])
+def test_triton_packed_documents_and_padding(window, with_sink):
     meta = packed_meta([70, 300, 5, 129, 200], pad=9)
-    check(attn_grads(attention_triton, meta, 8, 4, 129, with_sink, seed=4))
+    check(attn_grads(attention_triton, meta, 8, 4, window, with_sink, seed=4))
+
+
+@pytest.mark.parametrize("T", [1, 300, 1024])
+def test_triton_full_causal(T):
+    """Without a window (the full-attention layers' kernels when cuDNN does not take the batch)."""
+    check(attn_grads(attention_triton, plain_meta(2, T), 8, 4, None, False, seed=T))
 
 
 def test_triton_other_head_dims():
@@ -158,8 +164,7 @@ def test_auto_picks_the_fast_kernels_on_cuda():
     assert not applies["cudnn"](q, plain_meta(1, 512), 129, torch.zeros(8, device=DEV))
     assert applies["triton"](q, plain_meta(1, 512), 129, torch.zeros(8, device=DEV))
     assert applies["triton"](q, packed_meta([200, 312]), 129, torch.zeros(8, device=DEV))
-    assert not applies["triton"](q, packed_meta([200, 312]), None, None)
-    assert applies["flex"](q, packed_meta([200, 312]), None, None)
+    assert applies["triton"](q, packed_meta([200, 312]), None, None)  # full attention of packed documents
     assert applies["flex"](q[:, :, :128], cache_meta(128, 512), 129, None)
     assert not applies["flex"](q[:, :, :1], cache_meta(1, 512), 129, None)  # decode steps go elsewhere
 

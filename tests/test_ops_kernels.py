@@ -26,7 +26,8 @@ def interpret(body: str) -> None:
 def test_banded_swa_kernels():
     """ops/kernels/swa_attention.py banded_swa (forward, dQ, dK/dV, the sink's gradient) against the reference
     attention: window 9 with plain batches shorter than, as long as and longer than the window (and than a tile),
-    and a row of packed documents (some shorter than the window) after padding, q/k/v in both layouts."""
+    and a row of packed documents (some shorter than the window) after padding, q/k/v in both layouts; and the
+    same without a window (full causal attention, the full-attention layers)."""
     interpret(r'''
 from mimo_flash.ops.attention import AttnMeta, attention
 from mimo_flash.ops.kernels.swa_attention import banded_swa
@@ -39,7 +40,7 @@ for T in (5, 9, 10, 70):
     ar = torch.arange(T)[None]
     cases.append((AttnMeta(ar, ar, None, None, plain=True), T % 2 == 0))
 # packed: q/k/v as the model passes them ([B, H, T, d] views of [B, T, H, d] tensors); plain: contiguous
-for meta, sink in cases:
+for (meta, sink), W in [(c, w) for w in (9, None) for c in cases]:
     T = meta.q_pos.shape[1]
     heads_second = meta.plain
     shapes = [(4, 48), (2, 48), (2, 32)]
@@ -61,7 +62,7 @@ for meta, sink in cases:
         (out * probe).sum().backward()
         res.append([out] + [t.grad for t in leaves[:3 + sink]])
     err = max_err(*res)
-    assert err < 1e-4, (T, err)
+    assert err < 1e-4, (T, W, err)
 ''')
 
 
@@ -69,19 +70,20 @@ def test_banded_swa_qkv_kernels():
     """banded_swa_qkv: from the projection's output, the gradient through RoPE and the value scale taken in the
     attention kernels, against ops.rope's plain rope_qkv then the reference attention. Q/K 64 (one part) with 32
     rotary dims and Q/K 48 = 32 + 16 with the first part rotated; per-row angles of packed positions (two rows),
-    or one row of angles for plain batches shorter and longer than the window."""
+    or one row of angles for plain batches shorter and longer than the window; and without a window."""
     interpret(r'''
 from mimo_flash.ops.attention import AttnMeta, attention
 from mimo_flash.ops.rope import _rope_qkv
 from mimo_flash.ops.kernels.swa_attention import banded_swa_qkv
-H, Hkv, Dv, W = 4, 2, 32, 9
+H, Hkv, Dv = 4, 2, 32
 pos = torch.cat([torch.zeros(3, dtype=torch.long), torch.arange(60), torch.arange(4), torch.arange(40)])[None]
 seg = torch.cat([-torch.arange(2, 5), torch.zeros(60, dtype=torch.long), torch.ones(4, dtype=torch.long),
                  torch.full((40,), 2)])[None]
 Tp = pos.shape[1]
 packed = (AttnMeta(pos.expand(2, Tp), pos.expand(2, Tp), seg.expand(2, Tp), seg.expand(2, Tp)), True, 2)
 plain = lambda T: (AttnMeta(torch.arange(T)[None], torch.arange(T)[None], None, None, plain=True), False, 1)
-for (meta, sink, B), (D, R) in ((packed, (64, 32)), (plain(6), (64, 32)), (packed, (48, 32)), (plain(75), (48, 32))):
+for (meta, sink, B), (D, R), W in ((packed, (64, 32), 9), (plain(6), (64, 32), 9), (packed, (48, 32), 9),
+                                  (plain(75), (48, 32), 9), (packed, (48, 32), None), (plain(75), (64, 32), None)):
     T = meta.q_pos.shape[1]
     ang = meta.q_pos.expand(B, T)[..., None].float() * torch.rand(R // 2, generator=g)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
@@ -103,7 +105,7 @@ for (meta, sink, B), (D, R) in ((packed, (64, 32)), (plain(6), (64, 32)), (packe
         (out * probe).sum().backward()
         res.append([out, x.grad] + ([s.grad] if sink else []))
     err = max_err(*res)
-    assert err < 1e-4, (T, D, err)
+    assert err < 1e-4, (T, D, W, err)
 ''')
 
 

@@ -20,15 +20,17 @@ CUDA backends (`_FAST`, in the order "auto" tries them; none applies to CPU tens
     "cudnn"     - full-attention layers of plain causal batches (positions 0..T-1 in every row, no
                   segments, no sink, queries = keys): torch SDPA restricted to cuDNN with is_causal.
                   cuDNN takes Q/K 192 with V 128, which the flash backend refuses.
-    "triton"    - SWA layers (sink included) whose queries are the keys (no cache), plain or with
-                  segments (packed documents, padding): the banded Triton kernels of
-                  ops/kernels/swa_attention.py, forward and backward, which visit only the key tiles within
-                  the window. Without a cache the model hands them the q/k/v projection's output
-                  (attention_qkv): their backward writes the projection's gradient, unrotated and scaled, so
-                  RoPE's backward costs no pass of its own.
-    "flex"      - everything else with at least MIN_FLEX_QUERIES queries: full-attention layers of packed
-                  documents or padded batches, queries against longer keys (a cache), SWA batches with
-                  positions but no segments. FlexAttention runs only the 128 x 128 tiles that the block mask
+    "triton"    - layers whose queries are the keys (no cache), plain or with segments (packed documents,
+                  padding): SWA layers (sink included), and full-attention layers that cuDNN does not take.
+                  The banded Triton kernels of ops/kernels/swa_attention.py, forward and backward, visit only
+                  the key tiles within the window (without one, every tile up to the query's). Without a
+                  cache the model hands them the q/k/v projection's output (attention_qkv): their backward
+                  writes the projection's gradient, unrotated and scaled, so RoPE's backward costs no pass of
+                  its own. (Full-attention layers of packed documents went to "flex" until its compiled
+                  backward gave the mini preset's training gradient norms of 1e11 with a finite loss, on an
+                  H100 with torch 2.11, a few dozen steps in: docs/BENCHMARKS.md.)
+    "flex"      - everything else with at least MIN_FLEX_QUERIES queries: queries against longer keys (a
+                  cache), SWA batches with positions but no segments. FlexAttention runs only the 128 x 128 tiles that the block mask
                   lists; the block mask comes from AttnMeta (causal, window, segments), GQA is native, and the
                   sink is folded in through the returned log-sum-exp, out * sigmoid(lse - sink), which is
                   exact in value and in gradient (the backward takes the gradient of lse).
@@ -342,14 +344,15 @@ def attention_cudnn(q, k, v, meta: AttnMeta, scale: float, window: int | None = 
 # ----------------------------------------------------------------------------------------- Triton
 def attention_triton(q, k, v, meta: AttnMeta, scale: float, window: int | None = None,
                      sink: torch.Tensor | None = None) -> torch.Tensor:
-    """Banded SWA (ops/kernels/swa_attention.py) for aligned batches. Shapes as attention_reference.
+    """Banded attention (ops/kernels/swa_attention.py) for aligned batches, with a window (SWA layers) or
+    without (full attention). Shapes as attention_reference.
 
     Plain batches pass no positions (the kernel uses the indices); others pass positions and
     segments, which must rise by at least one per token within a document (true of build_meta's
     batches: packed documents restart their positions, padding tokens are documents of their own).
     """
-    if window is None or not meta.aligned or q.shape[2] != k.shape[2]:
-        raise ValueError("attention backend 'triton' takes sliding-window layers with queries = keys")
+    if not meta.aligned or q.shape[2] != k.shape[2]:
+        raise ValueError("attention backend 'triton' takes queries that are the keys (no cache)")
     tk = kernels("swa_attention")
     if tk is None or not tk.supported(q, k, v):
         return attention_flex(q, k, v, meta, scale, window, sink)
@@ -361,7 +364,7 @@ def attention_triton(q, k, v, meta: AttnMeta, scale: float, window: int | None =
 
 
 def _triton_applies(q, meta: AttnMeta, window, sink) -> bool:
-    if not (q.is_cuda and window is not None and meta.aligned and (meta.plain or meta.q_seg is not None)):
+    if not (q.is_cuda and meta.aligned and (meta.plain or meta.q_seg is not None)):
         return False
     tk = kernels("swa_attention")
     return (tk is not None and meta.q_pos.shape[1] == meta.k_pos.shape[1] == q.shape[2]
@@ -387,7 +390,7 @@ def rope_attention_triton(qkv, cos, sin, dims, meta: AttnMeta, scale: float, win
     split of the head dim (rope_fits); else None."""
     heads, kv_heads, qk_dim, v_dim, v_scale = dims
     B, T = qkv.shape[:2]
-    if not (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and window is not None and meta.aligned
+    if not (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and meta.aligned
             and (meta.plain or meta.q_seg is not None) and meta.q_pos.shape[1] == meta.k_pos.shape[1] == T):
         return None
     tk = kernels("swa_attention")

@@ -9,6 +9,8 @@ least one per token within a document, every key a query may see lies among the 
 tokens ending at the query, so a query tile of BLOCK_M rows visits only the key tiles of
 [m0 - window + 1, m0 + BLOCK_M). Within them the exact rule is applied per pair:
     k_pos <= q_pos, q_pos - k_pos < window, q_seg == k_seg.
+Without a window (the full-attention layers) the same kernels visit every key tile up to the query's and
+drop the window's test.
 The sink starts each row's online softmax as if it were a key with score sink_h and no value
 (running max = sink_h, running sum = 1), so the saved log-sum-exp already includes it.
 Backward (FlashAttention-2 style, no atomics): one kernel per query tile for dQ, which first
@@ -59,8 +61,10 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 @triton.jit
 def _allowed(qpos, kpos, qseg, kseg, valid, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr):
-    """[M, N] bool: may query (row) see key (column)."""
-    ok = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < WINDOW) & valid
+    """[M, N] bool: may query (row) see key (column). WINDOW 0: no window (full causal attention)."""
+    ok = (kpos[None, :] <= qpos[:, None]) & valid
+    if WINDOW > 0:
+        ok = ok & (qpos[:, None] - kpos[None, :] < WINDOW)
     if HAS_SEG:
         ok = ok & (qseg[:, None] == kseg[None, :])
     return ok
@@ -146,8 +150,8 @@ def _fwd_tile(qa, qb, qpos, qseg, m_i, l_i, acc, K, V, POS, SEG, b, T, n0, k_hea
 def _swa_fwd(Q, K, V, POS, SEG, SINK, O, LSE,
              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
              T, H, qk_scale,
-             REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_SINK: tl.constexpr,
-             DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+             REP: tl.constexpr, WINDOW: tl.constexpr, BAND: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
+             HAS_SINK: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One query tile of one head: O [B, H, T, DV] and LSE [B, H, T] (base 2, sink included)."""
     pid_m = tl.program_id(0)
@@ -165,12 +169,12 @@ def _swa_fwd(Q, K, V, POS, SEG, SINK, O, LSE,
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
-    lo = (tl.maximum(m0 - (WINDOW - 1), 0) // BLOCK_N) * BLOCK_N
+    lo = (tl.maximum(m0 - (BAND - 1), 0) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(m0 + BLOCK_M, T)
     k_head = K + b * skb + hk * skh
     v_head = V + b * svb + hk * svh
     if STATIC:
-        for j in range((BLOCK_M + WINDOW - 1 + BLOCK_N - 1) // BLOCK_N + 1):
+        for j in range((BLOCK_M + BAND - 1 + BLOCK_N - 1) // BLOCK_N + 1):
             if lo + j * BLOCK_N < hi:
                 m_i, l_i, acc = _fwd_tile(qa, qb, qpos, qseg, m_i, l_i, acc, K, V, POS, SEG, b, T, lo + j * BLOCK_N,
                                           k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG, DA, DB, DV,
@@ -226,7 +230,9 @@ def _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS, 
     qa, qb, qpos, qseg, mask_m = _load_queries(Q, POS, SEG, b, T, m0, q_head, sqt, PLAIN, HAS_SEG, DA, DB, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     st = _scores(ka, kb, qa, qb, DB)  # [N, M]
-    ok = (kpos[:, None] <= qpos[None, :]) & (qpos[None, :] - kpos[:, None] < WINDOW) & mask_m[None, :]
+    ok = (kpos[:, None] <= qpos[None, :]) & mask_m[None, :]
+    if WINDOW > 0:
+        ok = ok & (qpos[None, :] - kpos[:, None] < WINDOW)
     if HAS_SEG:
         ok = ok & (kseg[:, None] == qseg[None, :])
     lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
@@ -247,8 +253,8 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, COS, SIN, DK, DVO,
                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                   sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, scb, sct,
                   T, HKV, qk_scale, sm_scale, v_scale,
-                  REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
-                  ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+                  REP: tl.constexpr, WINDOW: tl.constexpr, BAND: tl.constexpr, PLAIN: tl.constexpr,
+                  HAS_SEG: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One key tile of one kv head: dK, dV summed over the REP query heads that read it.
     DK [B, HKV, T, DA + DB] and DVO [B, HKV, T, DV] have strides sdk*, sdv*; DO [B, H, T, DV] sdb, sdh, sdt.
@@ -266,14 +272,14 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, COS, SIN, DK, DVO,
     dkb = tl.zeros([BLOCK_N, DB if DB > 0 else DA], dtype=tl.float32)
     dvacc = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
     lo = (n0 // BLOCK_M) * BLOCK_M
-    hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
+    hi = tl.minimum(n0 + BLOCK_N + BAND - 1, T)
     for r in range(REP):
         h = hk * REP + r
         q_head = Q + b * sqb + h * sqh
         do_head = DO + b * sdb + h * sdh
         row = (b * HKV * REP + h) * T
         if STATIC:
-            for j in range((BLOCK_N + WINDOW - 1 + BLOCK_M - 1) // BLOCK_M + 1):
+            for j in range((BLOCK_N + BAND - 1 + BLOCK_M - 1) // BLOCK_M + 1):
                 if lo + j * BLOCK_M < hi:
                     dka, dkb, dvacc = _dkdv_tile(ka, kb, vv, kpos, kseg, dka, dkb, dvacc, Q, DO, LSE, DELTA, POS,
                                                  SEG, b, T, lo + j * BLOCK_M, q_head, do_head, row, sqt, sdt,
@@ -320,8 +326,8 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                 sob, soh, sot, sdqb, sdqh, sdqt, scb, sct,
                 T, H, qk_scale, sm_scale,
-                REP: tl.constexpr, WINDOW: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
-                HAS_SINK: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                REP: tl.constexpr, WINDOW: tl.constexpr, BAND: tl.constexpr, PLAIN: tl.constexpr,
+                HAS_SEG: tl.constexpr, HAS_SINK: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                 DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One query tile of one head: Delta = rowsum(dO * O) of its rows (stored in DELTA for the dK/dV
     kernel, which runs after this one), then dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt.
@@ -348,12 +354,12 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
         tl.store(DSINK + bh * tl.num_programs(0) + pid_m, -tl.sum(tl.where(mask_m, share * delta, 0.0), 0))
     dqa = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, DB if DB > 0 else DA], dtype=tl.float32)
-    lo = (tl.maximum(m0 - (WINDOW - 1), 0) // BLOCK_N) * BLOCK_N
+    lo = (tl.maximum(m0 - (BAND - 1), 0) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(m0 + BLOCK_M, T)
     k_head = K + b * skb + hk * skh
     v_head = V + b * svb + hk * svh
     if STATIC:
-        for j in range((BLOCK_M + WINDOW - 1 + BLOCK_N - 1) // BLOCK_N + 1):
+        for j in range((BLOCK_M + BAND - 1 + BLOCK_N - 1) // BLOCK_N + 1):
             if lo + j * BLOCK_N < hi:
                 dqa, dqb = _dq_tile(qa, qb, qpos, qseg, do, lse, delta, dqa, dqb, K, V, POS, SEG, b, T,
                                     lo + j * BLOCK_N, k_head, v_head, skt, svt, qk_scale, WINDOW, PLAIN, HAS_SEG,
@@ -407,7 +413,7 @@ class _Band:
     with cos / sin [B or 1, T, R]: q, k, v were rotated and scaled by ops.rope.rope_qkv, and the backward
     returns the gradients before it (the projection's)."""
 
-    def __init__(self, q, k, v, pos, seg, scale: float, window: int, plain: bool, rope=None):
+    def __init__(self, q, k, v, pos, seg, scale: float, window: int | None, plain: bool, rope=None):
         self.q, self.k, self.v, self.pos, self.seg = q, k, v, pos, seg
         self.scale, self.window, self.plain = scale, window, plain
         B, H, T, D = q.shape
@@ -421,8 +427,11 @@ class _Band:
             self.sct = self.cos.stride(1)
 
     def flags(self) -> dict:
-        return dict(REP=self.H // self.Hkv, WINDOW=self.window, PLAIN=self.plain, HAS_SEG=self.seg is not None,
-                    DA=self.DA, DB=self.DB, DV=self.Dv, STATIC=STATIC_LOOPS)
+        # BAND: the key tiles a query tile visits (see the module docstring); without a window, every tile up to
+        # the query's, through a power of two >= T (one compiled variant per power of two)
+        band = self.window if self.window is not None else 1 << max(self.T - 1, 1).bit_length()
+        return dict(REP=self.H // self.Hkv, WINDOW=self.window or 0, BAND=band, PLAIN=self.plain,
+                    HAS_SEG=self.seg is not None, DA=self.DA, DB=self.DB, DV=self.Dv, STATIC=STATIC_LOOPS)
 
     def _strides(self):
         return tuple(s for t in (self.q, self.k, self.v) for s in t.stride()[:3])
@@ -508,9 +517,10 @@ class _BandedSWAQKV(torch.autograd.Function):
 
 
 def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None,
-               seg: torch.Tensor | None, scale: float, window: int, sink: torch.Tensor | None) -> torch.Tensor:
+               seg: torch.Tensor | None, scale: float, window: int | None, sink: torch.Tensor | None) -> torch.Tensor:
     """q [B, H, T, Dqk], k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv]; pos / seg [B, T] int32 or None
-    (None pos = positions are the indices; None seg = one document); sink [H] or None -> [B, H, T, Dv].
+    (None pos = positions are the indices; None seg = one document); window None: full causal attention;
+    sink [H] or None -> [B, H, T, Dv].
 
     Queries and keys are the same T tokens; positions must rise by at least one per token within a
     document (see the module docstring).
@@ -520,7 +530,7 @@ def banded_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
 
 def banded_swa_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, qk_dim: int,
                    v_dim: int, v_scale: float, pos: torch.Tensor | None, seg: torch.Tensor | None, scale: float,
-                   window: int, sink: torch.Tensor | None) -> torch.Tensor:
+                   window: int | None, sink: torch.Tensor | None) -> torch.Tensor:
     """banded_swa of ops.rope.rope_qkv(qkv, cos, sin, ...)'s q, k, v, with the gradient through RoPE and the value
     scale taken in the attention kernels. qkv [B, T, heads * qk_dim + kv_heads * (qk_dim + v_dim)] (last dim
     contiguous), cos / sin [B or 1, T, R] with rope_fits(qk_dim, R); the rest as banded_swa
