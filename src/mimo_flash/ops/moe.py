@@ -244,32 +244,12 @@ def experts_grouped_mm(x, idx, w, gate_up, down):
     gather (the backward is a gather too).
     """
     k = idx.shape[1]
-    order, inv, counts, tok, offs = sort_by_expert(idx, gate_up.shape[0])
-    if torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad):
-        gate_up, down = _UnusedExpertsNoGrad.apply(gate_up, down, counts)
+    order, inv, _, tok, offs = sort_by_expert(idx, gate_up.shape[0])
     xs = _Dispatch.apply(x, tok, inv, k)  # [P, D]
     h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [P, 2I]
     a = swiglu_weighted(h, w.reshape(-1).float(), order)  # [P, I], row r weighted by w[order[r]]
     ys = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [P, D]
     return _Combine.apply(ys, tok, inv, k)
-
-
-class _UnusedExpertsNoGrad(torch.autograd.Function):
-    """The identity on the expert weights [E, ...]; in the backward, the gradient of an expert that no token
-    chose is set to zero. torch._grouped_mm's backward leaves an empty group's weight gradient unwritten on
-    CUDA: whatever the allocator's memory held (in training, once a batch left an expert empty: a gradient
-    norm of 1e14 or inf, and every weight NaN after the update)."""
-
-    @staticmethod
-    def forward(ctx, gate_up, down, counts):
-        ctx.save_for_backward(counts)
-        return gate_up.view_as(gate_up), down.view_as(down)
-
-    @staticmethod
-    def backward(ctx, g_gate_up, g_down):
-        (counts,) = ctx.saved_tensors
-        unused = (counts == 0)[:, None, None]
-        return tuple(None if g is None else g.masked_fill(unused, 0) for g in (g_gate_up, g_down)) + (None,)
 
 
 def experts_grouped(x, idx, w, gate_up, down):
