@@ -136,6 +136,10 @@ def train(args, texts, out: Path):
     per, shown = None, t0
     while time.perf_counter() - t0 < budget:
         hist.append(trainer.train_step())
+        if not (math.isfinite(hist[-1]["loss"]) and math.isfinite(hist[-1]["grad_norm"])):
+            raise SystemExit(f"training diverged at step {len(hist)}: loss {hist[-1]['loss']}, gradient norm "
+                             f"{hist[-1]['grad_norm']} (the steps before: " + ", ".join(
+                                 f"{r['loss']:.3f} / {r['grad_norm']:.3g}" for r in hist[-6:-1]) + ")")
         if per is None and len(hist) == 8:  # steps 4..8 set the schedule's length from their speed
             per = (time.perf_counter() - t0) / 5
             schedule.total = max(len(hist) + 1, int(len(hist) + (budget - (time.perf_counter() - t0)) / per))
@@ -144,10 +148,6 @@ def train(args, texts, out: Path):
         if time.perf_counter() - shown > 30:
             shown = time.perf_counter()
             log(f"step {len(hist)}: loss {hist[-1]['loss']:.3f}, gradient norm {hist[-1]['grad_norm']:.3g}")
-            if not math.isfinite(hist[-1]["loss"]):
-                raise SystemExit(f"training diverged: loss {hist[-1]['loss']} at step {len(hist)} (first non-finite "
-                                 "gradient norm at step "
-                                 f"{next((i for i, r in enumerate(hist, 1) if not math.isfinite(r['grad_norm'])), None)})")
     train_s = time.perf_counter() - t0
     tail = hist[-max(1, len(hist) // 10):]
     mtp = [r.get("mtp_loss", float("nan")) for r in hist]

@@ -26,9 +26,10 @@ CUDA backends (`_FAST`, in the order "auto" tries them; none applies to CPU tens
                   the key tiles within the window (without one, every tile up to the query's). Without a
                   cache the model hands them the q/k/v projection's output (attention_qkv): their backward
                   writes the projection's gradient, unrotated and scaled, so RoPE's backward costs no pass of
-                  its own. (Full-attention layers of packed documents went to "flex" until its compiled
-                  backward gave the mini preset's training gradient norms of 1e11 with a finite loss, on an
-                  H100 with torch 2.11, a few dozen steps in: docs/BENCHMARKS.md.)
+                  its own. (Full-attention layers of packed documents went to "flex" before. In the mini
+                  preset's GPU training (H100, torch 2.11) their gradients blew up, to norms of 1e11 with a
+                  finite loss, a few dozen steps in, where the eager path (FlexAttention's own reference)
+                  trained on: docs/BENCHMARKS.md.)
     "flex"      - everything else with at least MIN_FLEX_QUERIES queries: queries against longer keys (a
                   cache), SWA batches with positions but no segments. FlexAttention runs only the 128 x 128 tiles that the block mask
                   lists; the block mask comes from AttnMeta (causal, window, segments), GQA is native, and the
