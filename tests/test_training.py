@@ -11,7 +11,7 @@ import torch
 
 from mimo_flash import MiMoConfig, MiMoForCausalLM
 from mimo_flash.cli import main
-from mimo_flash.training import Document, TrainConfig, Trainer, pack_documents
+from mimo_flash.training import Document, TrainConfig, Trainer, TrainingDiverged, pack_documents
 from mimo_flash.training.demo import CHAT_TEMPLATE, train_tokenizer
 from mimo_flash.distributed import ParallelContext
 from mimo_flash.training.optim import WarmupCosine, param_groups
@@ -302,6 +302,35 @@ def test_train_command_pretrain_then_finetune(tmp_path, capsys):
     for (n, b), c in zip(before.named_buffers(), after.buffers(), strict=True):
         if n.endswith("e_score_correction_bias"):
             assert torch.equal(b, c)
+
+
+def test_fit_stops_at_a_non_finite_gradient_before_saving_it(tmp_path):
+    """A step whose gradient norm is inf (its update makes the weights NaN): fit raises TrainingDiverged naming
+    it, and no checkpoint holds weights from it on (the earlier ones stay)."""
+    tr = Trainer(tiny(), rows(), quiet(steps=8, out_dir=str(tmp_path), save_every=2, keep_checkpoints=5))
+    calls = []
+
+    def poison(g):
+        calls.append(1)
+        return g * float("inf") if len(calls) == 5 else g
+    tr.model.model.embed_tokens.weight.register_hook(poison)
+    with pytest.raises(TrainingDiverged, match="step 5: loss .*, gradient norm (inf|nan)"):
+        tr.fit()
+    assert sorted(p.name for p in tr.checkpoint_root.iterdir()) == ["step-00000002", "step-00000004"]
+    assert not (tmp_path / "final").exists()
+    assert all(math.isfinite(r["grad_norm"]) for r in tr.history[:4])
+
+
+def test_train_command_says_when_training_diverges(tmp_path, capsys):
+    _write_data(tmp_path)
+    train_tokenizer([TEXT], 300, tmp_path / "tok")
+    rc = main(["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "corpus.txt"),
+               "--out", str(tmp_path / "run"), "--steps", "6", "--seq-len", "32", "--batch-size", "2", "--lr", "1e30",
+               "--warmup-steps", "0", "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "error: training diverged at step" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_train_command_bad_input(tmp_path, capsys):

@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mimo-flash {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .training.trainer import TrainingDiverged
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"mimo-flash {args.command}: error: training diverged at {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

@@ -3,7 +3,7 @@
 from ..tokenizer import Tokenizer
 from .data import Document, PackedRows, RowSampler, load_rows, pack_documents, read_documents
 from ..distributed.context import ParallelContext, init_distributed
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, TrainingDiverged
 
 __all__ = ["Document", "PackedRows", "ParallelContext", "RowSampler", "Tokenizer", "TrainConfig", "Trainer",
-           "init_distributed", "load_rows", "pack_documents", "read_documents"]
+           "TrainingDiverged", "init_distributed", "load_rows", "pack_documents", "read_documents"]

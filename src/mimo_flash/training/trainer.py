@@ -112,6 +112,10 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was not finite (Trainer.fit stops before saving its weights)."""
+
+
 class Trainer:
     """Train `model` on packed rows.
 
@@ -378,6 +382,12 @@ class Trainer:
             nonlocal tps
             rec = self._record(issued)
             self.history.append(rec)
+            if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
+                bar.close()  # before any checkpoint of the weights this step's update has ruined
+                raise TrainingDiverged(
+                    f"step {rec['step']}: loss {rec['loss']}, gradient norm {rec['grad_norm']}; training stopped, "
+                    f"nothing saved from this step on" + (f" (earlier checkpoints: {self.checkpoint_root})"
+                                                         if self.out and cfg.save_every else ""))
             tps = rec["tokens_per_s"] if tps is None else 0.9 * tps + 0.1 * rec["tokens_per_s"]
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{rec['lr']:.2e}", refresh=False)
             bar.update(1)
