@@ -4,7 +4,7 @@ top-k, top-p, min-p. Greedy decoding takes the argmax after the repetition penal
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -115,10 +115,12 @@ def choose_rows(logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
     host sync: rows of equal parameters are processed together (row-wise ops: a row's values do not depend on
     its neighbours), each row with a generator draws from it alone, the others from the default generator in
     one call. A batch of requests (the server's slots) samples in a few kernels instead of a loop over rows."""
+    groups: dict[tuple | None, list[int]] = {}
+    for i, r in enumerate(rows):  # (None: plain greedy; a key of plain values, cheap per row and step)
+        key = None if r is None else (r[0].do_sample, r[0].temperature, r[0].top_k, r[0].top_p, r[0].min_p,
+                                      r[0].repetition_penalty, r[2] is None)
+        groups.setdefault(key, []).append(i)
     rows = [r if r is not None else (_GREEDY, None, None) for r in rows]
-    groups: dict[tuple, list[int]] = {}
-    for i, (p, _, seen) in enumerate(rows):
-        groups.setdefault((astuple(p), seen is None), []).append(i)
     out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     for idx in groups.values():
         p, _, seen = rows[idx[0]]
