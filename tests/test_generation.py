@@ -16,7 +16,8 @@ from mimo_flash.generation.attention import cache_attention
 from mimo_flash.generation.cache import MAIN, bytes_report
 from mimo_flash.generation.engine import prefill
 from mimo_flash.generation.runner import Runner
-from mimo_flash.generation.sampling import SamplingParams, choose, choose_rows, process, sample_from_probs
+from mimo_flash.generation.sampling import (SamplingParams, choose, choose_rows, process, sample_from_probs,
+                                            uniforms)
 from mimo_flash.ops.attention import AttnMeta, attention_reference
 
 
@@ -412,6 +413,20 @@ def test_sample_from_probs_is_multinomials_draw():
         for seed in range(20):
             want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
             assert torch.equal(sample_from_probs(probs, torch.Generator().manual_seed(seed)), want)
+
+
+def test_uniforms_and_samples_per_row_generator():
+    """With a list of generators, row j's numbers come from generators[j] alone, as a [1, k] (or [1, V]) draw
+    of its own; rows without one share the default generator."""
+    probs = (torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 2).softmax(-1)
+    gens = lambda: [torch.Generator().manual_seed(3), None, torch.Generator().manual_seed(5), None]  # noqa: E731
+    u = uniforms(4, 3, gens(), "cpu")
+    assert torch.equal(u[0], torch.rand(1, 3, generator=torch.Generator().manual_seed(3))[0])
+    assert torch.equal(u[2], torch.rand(1, 3, generator=torch.Generator().manual_seed(5))[0])
+    assert ((u >= 0) & (u < 1)).all() and not torch.equal(u[1], u[3])
+    t = sample_from_probs(probs, gens())
+    assert t[0] == sample_from_probs(probs[:1], torch.Generator().manual_seed(3))[0]
+    assert t[2] == sample_from_probs(probs[2:3], torch.Generator().manual_seed(5))[0]
 
 
 def test_choose_rows_is_each_rows_own_choice():

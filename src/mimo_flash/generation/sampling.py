@@ -91,12 +91,28 @@ def process(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None) 
     return x
 
 
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None | list) -> torch.Tensor:
     """probs [N, V] (rows sum to 1) -> [N] long: the draw torch.multinomial(probs, 1, generator=generator) makes
     (its own method for one sample: argmax(probs / q), q ~ Exp(1) from the generator), without the host sync in
-    which multinomial first checks the probabilities (on CUDA one per call: one per row and step in a server)."""
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    which multinomial first checks the probabilities (on CUDA one per call: one per row and step in a server).
+    generator: one for the batch, or a list of one per row (see _exponentials)."""
+    if isinstance(generator, list):
+        q = _exponentials(probs, generator)
+    else:
+        q = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / q).argmax(-1)
+
+
+def uniforms(n: int, k: int, generator: torch.Generator | None | list, device) -> torch.Tensor:
+    """[n, k] uniform in [0, 1): from one generator for the batch, or (a list of one per row) row j's from
+    generators[j] alone (a [1, k] draw, as the row alone makes), the rows without one from the default generator."""
+    if not isinstance(generator, list):
+        return torch.rand(n, k, device=device, generator=generator)
+    free = [j for j, g in enumerate(generator) if g is None]
+    shared = torch.rand(len(free), k, device=device)
+    part = {j: shared[m:m + 1] for m, j in enumerate(free)}
+    return torch.cat([part[j] if g is None else torch.rand(1, k, device=device, generator=g)
+                      for j, g in enumerate(generator)])
 
 
 def choose(processed: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -115,16 +131,10 @@ def choose_rows(logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
     host sync: rows of equal parameters are processed together (row-wise ops: a row's values do not depend on
     its neighbours), each row with a generator draws from it alone, the others from the default generator in
     one call. A batch of requests (the server's slots) samples in a few kernels instead of a loop over rows."""
-    groups: dict[tuple | None, list[int]] = {}
-    for i, r in enumerate(rows):  # (None: plain greedy; a key of plain values, cheap per row and step)
-        key = None if r is None else (r[0].do_sample, r[0].temperature, r[0].top_k, r[0].top_p, r[0].min_p,
-                                      r[0].repetition_penalty, r[2] is None)
-        groups.setdefault(key, []).append(i)
     rows = [r if r is not None else (_GREEDY, None, None) for r in rows]
     out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    for idx in groups.values():
+    for idx, at in row_groups(rows, logits.device):
         p, _, seen = rows[idx[0]]
-        at = None if len(idx) == len(rows) else _index(idx, logits.device)
         x = logits if at is None else logits[at]
         seen = None if seen is None else torch.cat([rows[i][2] for i in idx])
         if not p.do_sample:
@@ -136,6 +146,16 @@ def choose_rows(logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
             return tok
         out[at] = tok
     return out
+
+
+def row_groups(rows: list[Row], device) -> list[tuple[list[int], torch.Tensor | None]]:
+    """The rows of equal parameters (and with or without seen tokens), each group as (its row numbers, their index
+    on the device, None when the group is every row). Its key is a tuple of plain values: cheap per row and step."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, _, seen) in enumerate(rows):
+        key = (p.do_sample, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, seen is None)
+        groups.setdefault(key, []).append(i)
+    return [(idx, None if len(idx) == len(rows) else _index(idx, device)) for idx in groups.values()]
 
 
 def _exponentials(probs: torch.Tensor, generators: list) -> torch.Tensor:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..options import options
 from .cache import MAIN, mtp_group
 from .runner import graph_bucket
-from .sampling import SamplingParams, process, sample_from_probs
+from .sampling import SamplingParams, process, row_groups, sample_from_probs, uniforms
 
 # Greedy steps after the first run as one CUDA graph (drafts + verification + accept + rollback) on a
 # GraphRunner; options().spec_graph=False keeps the step-by-step path.
@@ -124,36 +124,50 @@ class RowSampling:
     serving scheduler's slots), in place of one SamplingParams, generator and seen tensor for the batch:
     rows[b] = (params, generator or None, seen [1, V] bool or None) or None for a frozen (or plain greedy) row;
     seen: the tokens of row b's sequence up to x_N (its repetition penalty; the caller adds the tokens it takes).
-    Row b goes through the batched rules alone (_draft_token, _accept on its slice) with its own generator, so
-    its samples do not depend on the other rows. A loop over the rows: eager, never in a graph."""
+    Rows of equal parameters go through the batched rules together (_draft_token, _accept on their rows), each
+    row's random numbers drawn from its own generator (sampling.row_groups, sample_from_probs and uniforms with a
+    list of generators), so its samples do not depend on the other rows. Eager, never in a graph: a few kernels
+    per group of parameters and per seeded row, no host sync."""
 
     do_sample = True
 
     def __init__(self, rows: list) -> None:
-        self.rows = rows
+        self.rows = [r if r is not None else (_GREEDY, None, None) for r in rows]
 
-    def _row(self, b: int):
-        return self.rows[b] if self.rows[b] is not None else (_GREEDY, None, None)
+    def _groups(self, device):
+        """(params, row numbers, their index or None for all rows, seen [n, V] or None, generators) per group."""
+        for idx, at in row_groups(self.rows, device):
+            params, _, seen = self.rows[idx[0]]
+            seen = None if seen is None else torch.cat([self.rows[b][2] for b in idx])
+            yield params, at, seen, [self.rows[b][1] for b in idx]
 
     def draft(self, logits: torch.Tensor):
         """logits [B, V] -> (tokens [B], probabilities [B, V]: one-hot for greedy and frozen rows)."""
-        toks, qs = [], []
-        for b in range(len(self.rows)):
-            params, gen, seen = self._row(b)
-            t, q = _draft_token(logits[b:b + 1], params, seen, gen)
-            toks.append(t)
-            qs.append(F.one_hot(t, logits.shape[-1]).float() if q is None else q)
-        return torch.cat(toks), torch.cat(qs)
+        B, V = logits.shape
+        toks = torch.empty(B, dtype=torch.long, device=logits.device)
+        qs = torch.empty(B, V, dtype=torch.float32, device=logits.device)
+        for params, at, seen, gens in self._groups(logits.device):
+            t, q = _draft_token(logits if at is None else logits[at], params, seen, gens)
+            q = F.one_hot(t, V).float() if q is None else q
+            if at is None:
+                return t, q
+            toks[at], qs[at] = t, q
+        return toks, qs
 
     def accept(self, logits: torch.Tensor, d: torch.Tensor, q: torch.Tensor | None):
         """Verification logits [B, k+1, V], drafts d [B, k], their probabilities q [B, k, V] -> (drafts accepted
         a [B], the token after them y [B])."""
-        out = []
-        for b in range(len(self.rows)):
-            params, gen, seen = self._row(b)
-            seen_j = None if seen is None else _seen_prefixes(seen, d[b:b + 1], logits.shape[-1])
-            out.append(_accept(logits[b:b + 1], d[b:b + 1], None if q is None else q[b:b + 1], params, gen, seen_j))
-        return torch.cat([a for a, _ in out]), torch.cat([y for _, y in out])
+        B, V = d.shape[0], logits.shape[-1]
+        a = torch.empty(B, dtype=torch.long, device=d.device)
+        y = torch.empty(B, dtype=torch.long, device=d.device)
+        for params, at, seen, gens in self._groups(d.device):
+            sub = (lambda t: t) if at is None else (lambda t: t[at])  # noqa: E731  (the group's rows)
+            seen_j = None if seen is None else _seen_prefixes(seen, sub(d), V)
+            ag, yg = _accept(sub(logits), sub(d), None if q is None else sub(q), params, gens, seen_j)
+            if at is None:
+                return ag, yg
+            a[at], y[at] = ag, yg
+        return a, y
 
 
 def _seen_prefixes(seen: torch.Tensor, d: torch.Tensor, V: int) -> torch.Tensor:
@@ -165,7 +179,8 @@ def _seen_prefixes(seen: torch.Tensor, d: torch.Tensor, V: int) -> torch.Tensor:
 
 
 def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
-    """logits [B, V] -> (tokens [B], probabilities [B, V] or None when greedy)."""
+    """logits [B, V] -> (tokens [B], probabilities [B, V] or None when greedy). generator: the batch's, or a list of
+    one per row (RowSampling's groups)."""
     if isinstance(params, RowSampling):
         return params.draft(logits)
     x = process(logits, params, seen)
@@ -432,7 +447,8 @@ def spec_chunk(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None
 
 def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
     """Verification logits [B, k+1, V] of drafts d [B, k] (probabilities q [B, k, V] when sampling) ->
-    (drafts accepted a [B], the token after them y [B]), for the batch's one params and generator."""
+    (drafts accepted a [B], the token after them y [B]), for the batch's one params; generator: the batch's, or a
+    list of one per row (RowSampling)."""
     B, k = d.shape
     pl = process(logits.float(), params, seen_j)  # [B, k+1, V]
     if not params.do_sample:
@@ -445,7 +461,7 @@ def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
     p = pl.softmax(-1)
     pd = p[:, :k].gather(2, d[..., None])[..., 0]
     qd = q.gather(2, d[..., None])[..., 0]
-    u = torch.rand(B, k, device=d.device, generator=generator)
+    u = uniforms(B, k, generator, d.device)
     a = torch.cumprod((u * qd < pd).long(), 1).sum(1)
     r = (p[:, :k] - q).clamp_min(0)
     rs = r.sum(-1, keepdim=True)

@@ -216,9 +216,8 @@ class SpecSlots:
         sub = self._view(0, n, n_max, k)
         params = _GREEDY
         if special:
-            params = RowSampling([None] * n)
-            for i in rows:
-                params.rows[i] = special.get(i)
+            mine = set(rows)
+            params = RowSampling([special.get(i) if i in mine else None for i in range(n)])
         # (a one-row step of that row: no mask, so that verification may take the batch-1 Triton step)
         new, _, counts = spec_step(runner, sub, params, None, None if rows == [0] and n == 1 else frozen)
         self._write(0, sub)
