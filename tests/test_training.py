@@ -324,8 +324,8 @@ def test_fit_stops_at_a_non_finite_gradient_before_saving_it(tmp_path):
 def test_train_command_says_when_training_diverges(tmp_path, capsys):
     _write_data(tmp_path)
     train_tokenizer([TEXT], 300, tmp_path / "tok")
-    rc = main(["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "corpus.txt"),
-               "--out", str(tmp_path / "run"), "--steps", "6", "--seq-len", "32", "--batch-size", "2", "--lr", "1e30",
+    rc = main(["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
+               "--data", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "run"), "--steps", "6", "--seq-len", "32", "--batch-size", "2", "--lr", "1e30",
                "--warmup-steps", "0", "--no-progress"])
     assert rc == 1
     err = capsys.readouterr().err

@@ -254,7 +254,8 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SEG, COS, SIN, DK, DVO,
                   sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, scb, sct,
                   T, HKV, qk_scale, sm_scale, v_scale,
                   REP: tl.constexpr, WINDOW: tl.constexpr, BAND: tl.constexpr, PLAIN: tl.constexpr,
-                  HAS_SEG: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+                  HAS_SEG: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                  DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One key tile of one kv head: dK, dV summed over the REP query heads that read it.
     DK [B, HKV, T, DA + DB] and DVO [B, HKV, T, DV] have strides sdk*, sdv*; DO [B, H, T, DV] sdb, sdh, sdt.
@@ -327,7 +328,8 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
                 sob, soh, sot, sdqb, sdqh, sdqt, scb, sct,
                 T, H, qk_scale, sm_scale,
                 REP: tl.constexpr, WINDOW: tl.constexpr, BAND: tl.constexpr, PLAIN: tl.constexpr,
-                HAS_SEG: tl.constexpr, HAS_SINK: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                HAS_SEG: tl.constexpr, HAS_SINK: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DA: tl.constexpr,
+                DB: tl.constexpr,
                 DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One query tile of one head: Delta = rowsum(dO * O) of its rows (stored in DELTA for the dK/dV
     kernel, which runs after this one), then dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt.
