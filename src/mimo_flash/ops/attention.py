@@ -30,11 +30,11 @@ CUDA backends (`_FAST`, in the order "auto" tries them; none applies to CPU tens
                   preset's GPU training (H100, torch 2.11) their gradients blew up, to norms of 1e11 with a
                   finite loss, a few dozen steps in, where the eager path (FlexAttention's own reference)
                   trained on: docs/BENCHMARKS.md.)
-    "flex"      - everything else with at least MIN_FLEX_QUERIES queries: queries against longer keys (a
-                  cache), SWA batches with positions but no segments. FlexAttention runs only the 128 x 128
-                  tiles that the block mask lists; the block mask comes from AttnMeta (causal, window, segments), GQA is native, and the
-                  sink is folded in through the returned log-sum-exp, out * sigmoid(lse - sink), which is
-                  exact in value and in gradient (the backward takes the gradient of lse).
+    "flex"      - everything else with at least MIN_FLEX_QUERIES queries: queries against longer keys (a cache), SWA
+                  batches with positions but no segments. FlexAttention runs only the 128 x 128 tiles that the block
+                  mask lists; the block mask comes from AttnMeta (causal, window, segments), GQA is native, and the
+                  sink is folded in through the returned log-sum-exp, out * sigmoid(lse - sink), which is exact in
+                  value and in gradient (the backward takes the gradient of lse).
                   `attention_flex` also runs on CPU (eager FlexAttention, forward only), which the tests use.
     "auto"      - the first CUDA backend that applies, else blocked (long aligned SWA), sdpa (no sink) or
                   the reference.

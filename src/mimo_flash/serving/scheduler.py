@@ -19,12 +19,12 @@ Every step (Scheduler.step):
      are masked: valid=False leaves their cache untouched), through a GraphRunner over that row view (a
      CUDA graph per batch size and cache bucket on GPU; eager on CPU), then each row's own sampling, all rows
      at once on the device (sampling.choose_rows: one host sync per step, sampled rows or not).
-     overlap=True (default): while no decoding row asks for logprobs, a repetition penalty (its seen tokens
-     would lag a step) or speculation, the step is launched before the previous one's tokens are taken: its
-     inputs are those tokens as the previous step left them on the device, and the host emits them
-     (detokenizing, stop strings, events) while the GPU computes the next step. A row whose previous token could end it by length is not launched ahead;
-     one that a stop string or EOS ends computes one token for nothing, dropped (its slot is reset at the
-     next admission, in stream order after that step);
+     overlap=True (default): while no decoding row asks for logprobs, a repetition penalty (its seen tokens would lag a
+     step) or speculation, the step is launched before the previous one's tokens are taken: its inputs are those tokens
+     as the previous step left them on the device, and the host emits them (detokenizing, stop strings, events) while
+     the GPU computes the next step. A row whose previous token could end it by length is not launched ahead; one that a
+     stop string or EOS ends computes one token for nothing, dropped (its slot is reset at the next admission, in stream
+     order after that step);
   5. with speculative_k=K > 0: one MTP-speculative step for every decoding slot (greedy or sampled, each row
      with its own parameters, generator and repetition penalty; logprobs from the verification logits:
      serving/speculate.py), which step 4 then leaves out: K drafts each, one verification forward over rows
