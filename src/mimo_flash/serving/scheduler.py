@@ -1,7 +1,8 @@
 """Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
-(Over 500 lines: admission, prefill, decode (overlapped greedy steps included), output and the per-phase timings all
-read and write the slots' state; one class. What a request is and what it gets back is serving/requests.py; how
-prompt chunks are grouped into forwards and run, serving/prefill.py.)
+(Over 500 lines: admission, prefill, decode (overlapped look-ahead steps included), output and the per-phase timings
+all read and write the slots' state; one class. How a step's rows choose their tokens is generation/sampling.py
+(choose_rows); what a request is and what it gets back, serving/requests.py; how prompt chunks are grouped into
+forwards and run, serving/prefill.py.)
 
 Every step (Scheduler.step):
   1. requests cancelled by their client leave (their slot is free at once);

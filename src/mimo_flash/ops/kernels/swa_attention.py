@@ -1,8 +1,10 @@
-"""The banded sliding-window attention kernels with the sink ("triton" backend of ops/attention.py): forward,
-dQ and dK/dV, and banded_swa_qkv, which also takes RoPE's and the value scale's gradient.
+"""The banded attention kernels ("triton" backend of ops/attention.py): sliding-window with the sink, or full
+causal attention without a window; forward, dQ and dK/dV, and banded_swa_qkv, which also takes RoPE's and the
+value scale's gradient.
 
 Longer than 500 lines because the three kernels share their tile helpers (loads, the mask rule, scores)
-and the host code that launches them: one kernel family, read together.
+and the host code that launches them: one kernel family, read together (the window is a flag of theirs, not
+a second family).
 
 For queries and keys that are the same tokens (AttnMeta.aligned) whose positions rise by at
 least one per token within a document, every key a query may see lies among the `window`
