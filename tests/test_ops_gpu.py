@@ -87,9 +87,11 @@ def test_triton_packed_documents_and_padding(window, with_sink):
     check(attn_grads(attention_triton, meta, 8, 4, window, with_sink, seed=4))
 
 
-@pytest.mark.parametrize("T", [1, 300, 1024])
+@pytest.mark.parametrize("T", [2, 300, 1024])
 def test_triton_full_causal(T):
-    """Without a window (the full-attention layers' kernels when cuDNN does not take the batch)."""
+    """Without a window (the full-attention layers' kernels when cuDNN does not take the batch). Not T = 1: with
+    one key and no sink the softmax is constant, dq and dk are zero, and a relative error is rounding over zero
+    (the kernels' one-token tiles are checked with a sink in test_triton_swa_with_sink)."""
     check(attn_grads(attention_triton, plain_meta(2, T), 8, 4, None, False, seed=T))
 
 
