@@ -4,6 +4,7 @@
     python bench/spec.py --device cpu --train-minutes 0.2  # CPU: tiny preset, small sizes (checks that it works)
     python bench/spec.py --out RUN; python bench/spec.py --reuse RUN --option decode_experts=\"triton\"
                                                            # the same trained model, decoded with another option
+    python bench/spec.py --batches 16 --ks auto            # plain and adaptive K only
 
 1. Corpus (offline, no download): the Python standard library's sources under this interpreter's lib directory
    and pydoc_data's topics. Source files whose path hashes to 0 mod 10 are held out: the prompts come from them.
@@ -227,7 +228,8 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
     --budget-minutes are skipped (listed in `skipped`)."""
     rows = []
     k_max = min(3, model.config.num_nextn_predict_layers)
-    settings = [0] + [k for k in (1, 2, 3) if k <= k_max] + ["auto"]
+    settings = [0] + [k for k in (1, 2, 3) if k <= k_max and (args.ks is None or str(k) in args.ks)] \
+        + (["auto"] if args.ks is None or "auto" in args.ks else [])
     for B in args.batches:
         ids = all_prompts[:B].to(args.device)
         S_est = -(-(args.prompt_len + args.new_tokens + 2 * k_max + 2) // 64) * 64
@@ -255,6 +257,8 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                     base[sample] = (toks, st, wall)
                 b = base[sample]
                 same = "" if sample else f"{(toks == b[0]).all(1).float().mean().item():.2f}"
+                # the leading tokens equal to plain greedy's (bf16: a step that rounds differently flips near-ties)
+                lead = "" if sample else f"{(toks == b[0]).long().cumprod(1).sum(1).float().mean().item():.0f}"
                 step_ms = 1e3 * st.decode_seconds / max(1, st.steps)
                 floor = ""
                 if B == 1 and not sample and K != "auto" and bandwidth:
@@ -269,7 +273,7 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                         f"{[None if c.cost(k) is None else round(1e3 * c.cost(k), 3) for k in range(k_max + 1)]}")
                 row = [B, "sampled" if sample else "greedy", K, f"{st.acceptance_length:.2f}" if K else "1.00",
                        mean_k, f"{st.new_tokens / st.decode_seconds:,.0f}", f"{step_ms:.3f}", floor,
-                       f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same]
+                       f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same, lead]
                 table_rows[sample].append(row)
                 log(" | ".join(str(x) for x in row))
         rows += table_rows[False] + table_rows[True]
@@ -285,6 +289,8 @@ def main(argv=None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=type(DEFAULTS["cuda"][name]), default=None,
                        help="default: per device (%s)" % ", ".join(f"{d}: {v[name]}" for d, v in DEFAULTS.items()))
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 16 64 on cuda, 1 4 on cpu")
+    p.add_argument("--ks", nargs="+", default=None, choices=["1", "2", "3", "auto"],
+                   help="the speculative settings to measure (default: all; plain decoding, K = 0, always runs)")
     p.add_argument("--budget-minutes", type=float, default=5.5,
                    help="no new setting starts after this much wall time (the table says which were skipped)")
     p.add_argument("--out", default=None, help="where the tokenizer and checkpoint go (default: a temp dir)")
@@ -321,7 +327,8 @@ def main(argv=None) -> int:
              f"{trained['tokens']:,} tokens in {trained['seconds']:.0f}s; prompts {args.prompt_len} tokens of held-out "
              f"stdlib sources, {args.new_tokens} new tokens, no EOS; sampled: temperature {TEMPERATURE}",
              "acc len: tokens per verification step per row; mean k: adaptive's drafts per step (0 = plain step); "
-             "speed-up: plain decode time / this one; e2e: with prefill; same: rows equal to plain greedy",
+             "speed-up: plain decode time / this one; e2e: with prefill; same: rows equal to plain greedy; lead: "
+             "mean count of leading new tokens equal to plain greedy's",
              "floor (batch 1 greedy): bytes the step must read / copy bandwidth "
              + (f"({bandwidth / 1e12:.2f} TB/s)" if bandwidth else "(n/a off CUDA)") + ", and step / floor",
              (f"options: {', '.join(args.option)}; " if args.option else "")
@@ -330,7 +337,7 @@ def main(argv=None) -> int:
              + (f"; skipped (past --budget-minutes {args.budget_minutes}): {', '.join(skipped)}" if skipped else "")]
     table("MTP speculative decoding, trained weights", header(),
                 ["batch", "mode", "K", "acc len", "mean k", "tok/s", "step ms", "floor ms (x)", "speed-up", "e2e",
-                 "same"], rows, notes)
+                 "same", "lead"], rows, notes)
     return 0
 
 

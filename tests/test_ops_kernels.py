@@ -269,3 +269,28 @@ def test_launcher_checks_the_triton_version():
     assert not launch.direct_supported(lambda: None, "3.6.0")
     assert launch.Launcher(fn).direct == launch.direct_supported(fn)
     assert not launch.Launcher(fn, direct=False).direct
+
+
+def test_kernels_read_only_constexpr_globals():
+    """The interpreter lets a @triton.jit function read any module global; the GPU compiler takes only
+    tl.constexpr ones (a plain `BK = 128` read inside a kernel passed every interpreter test and failed its first
+    GPU launch). Every kernel of the package reads module-level values only as constexpr parameters or globals."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "mimo_flash"
+    checked, bad = 0, []
+    for path in sorted(src.rglob("*.py")):
+        text = path.read_text()
+        tree = ast.parse(text)
+        plain = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name) and "constexpr" not in ast.get_source_segment(text, node.value)}
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in fn.decorator_list):
+                checked += 1
+                local = {a.arg for a in fn.args.args} | {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)
+                                                         and isinstance(n.ctx, ast.Store)}
+                reads = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+                bad += [f"{path.name}:{fn.name} reads {name}" for name in sorted((reads & plain) - local)]
+    assert checked >= 10, checked  # the walk found the package's kernels
+    assert not bad, bad

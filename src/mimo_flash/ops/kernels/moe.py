@@ -152,7 +152,7 @@ BK = 128  # the K step: an FP8 weight block's columns (one scale per row block a
 
 @triton.jit
 def _grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
-                    xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr,
+                    xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr, BK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, W8A8: tl.constexpr,
                     EVEN_K: tl.constexpr):
     """Tile t covers rows [tile_row[t], +BLOCK_M) of expert tile_expert[t] (its rows end at end[e]; unused tiles
@@ -236,7 +236,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: 
     _grouped_kernel[grid](x, xs, w, s, y, tile_expert, tile_row, end, N, K,
                           xs.stride(0) if x_scale is not None else 0, xs.stride(1) if x_scale is not None else 0,
                           w.stride(0), s.stride(0) if scale is not None else 0,
-                          s.stride(1) if scale is not None else 0, triton.cdiv(K, BK), BLOCK_M=block_m,
+                          s.stride(1) if scale is not None else 0, triton.cdiv(K, BK), BK=BK, BLOCK_M=block_m,
                           BLOCK_N=BLOCK_N, SCALED=scale is not None, W8A8=x_scale is not None, EVEN_K=K % BK == 0,
                           **launch)
     return y
