@@ -205,10 +205,11 @@ def step_floor_bytes(model, S: int, kv_len: int, k: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ decoding
-def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None):
-    """One timed generate call (after the caller's warm-up) -> (tokens [B, new], stats, wall seconds)."""
+def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None, compile: bool | None = None):
+    """One timed generate call (after the caller's warm-up) -> (tokens [B, new], stats, wall seconds).
+    compile (default: on CUDA) the graphed steps as bench/decode.py times them; False: graphs of eager code."""
     kw = dict(max_new_tokens=new, eos_token_id=[], num_speculative_tokens=K, seed=seed, return_stats=True,
-              compile=ids.is_cuda)  # the compiled graphed steps (bench/decode.py's), not graphs of eager code
+              compile=ids.is_cuda if compile is None else compile)
     if sample:
         kw.update(do_sample=True, temperature=TEMPERATURE)
     if adaptive is not None:
@@ -276,6 +277,17 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                        f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same, lead]
                 table_rows[sample].append(row)
                 log(" | ".join(str(x) for x in row))
+                if K == 0 and not sample:
+                    # rounding's share of "same": plain greedy again through other kernels (graphs of eager code)
+                    run(model, ids, args.new_tokens, 0, False, args.seed, compile=False)
+                    toks, st, wall = run(model, ids, args.new_tokens, 0, False, args.seed, compile=False)
+                    row = [B, "greedy", "0 eager", "1.00", "", f"{st.new_tokens / st.decode_seconds:,.0f}",
+                           f"{1e3 * st.decode_seconds / max(1, st.steps):.3f}", "",
+                           f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x",
+                           f"{(toks == b[0]).all(1).float().mean().item():.2f}",
+                           f"{(toks == b[0]).long().cumprod(1).sum(1).float().mean().item():.0f}"]
+                    table_rows[False].append(row)
+                    log(" | ".join(str(x) for x in row))
         rows += table_rows[False] + table_rows[True]
     return rows
 
@@ -328,7 +340,8 @@ def main(argv=None) -> int:
              f"stdlib sources, {args.new_tokens} new tokens, no EOS; sampled: temperature {TEMPERATURE}",
              "acc len: tokens per verification step per row; mean k: adaptive's drafts per step (0 = plain step); "
              "speed-up: plain decode time / this one; e2e: with prefill; same: rows equal to plain greedy; lead: "
-             "mean count of leading new tokens equal to plain greedy's",
+             "mean count of leading new tokens equal to plain greedy's; K = 0 eager: plain greedy through graphs of eager "
+             "code instead of compiled steps (on the CPU the same steps): the rounding baseline of same and lead",
              "floor (batch 1 greedy): bytes the step must read / copy bandwidth "
              + (f"({bandwidth / 1e12:.2f} TB/s)" if bandwidth else "(n/a off CUDA)") + ", and step / floor",
              (f"options: {', '.join(args.option)}; " if args.option else "")

@@ -19,9 +19,10 @@ def test_bench_spec_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| batch")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows]
-    assert len(cells) == 2 * 2 * 5  # batches x modes x (plain, K = 1, 2, 3, auto)
+    assert len(cells) == 2 * 2 * 5 + 2  # batches x modes x (plain, K = 1, 2, 3, auto), and greedy plain eager
     assert {(c[0], c[1], c[2]) for c in cells} == {(b, m, k) for b in ("1", "2") for m in ("greedy", "sampled")
-                                                  for k in ("0", "1", "2", "3", "auto")}
+                                                  for k in ("0", "1", "2", "3", "auto")} | {("1", "greedy", "0 eager"),
+                                                                                           ("2", "greedy", "0 eager")}
     for c in cells:
         if c[1] == "greedy":
             assert c[10] == "1.00" and c[11] == "16", c  # every row's tokens equal plain greedy's
@@ -37,7 +38,7 @@ def test_bench_spec_runs_on_cpu(tmp_path):
     assert 'options: decode_experts="grouped_mm"; model trained by an earlier run' in again.stdout
     ks = [line.strip("|").split("|")[2].strip() for line in again.stdout.splitlines()
           if line.startswith("| 1 ")]  # --ks auto: plain and adaptive only, greedy and sampled
-    assert sorted(ks) == ["0", "0", "auto", "auto"], ks
+    assert sorted(ks) == ["0", "0", "0 eager", "auto", "auto"], ks
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse",
                           str(tmp_path / "nothing")], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "holds no trained run" in bad.stderr
