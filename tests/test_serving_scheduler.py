@@ -140,12 +140,17 @@ def test_overlapped_steps_give_the_synchronous_outputs(setup):
     assert sync.ahead_rows == 0 and ahead.ahead_rows > 20 and ahead.ahead_dropped >= 2  # (the stop, the cancel)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_sampled_requests_beside_others_give_what_they_give_alone(setup, overlap):
+@pytest.mark.parametrize("overlap, device", [(False, "cpu"), (True, "cpu"),
+                                             pytest.param(True, "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                                                 not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_sampled_requests_beside_others_give_what_they_give_alone(setup, overlap, device):
     """Seeded sampled requests of different parameters (one with a repetition penalty, one with logprobs) beside
     greedy ones and each other: each one's tokens (and logprobs) are its tokens alone. Their rows sample
-    together on the device (sampling.choose_rows); with overlap, sampled rows also run in look-ahead steps."""
+    together on the device (sampling.choose_rows: per-row generators of the device, the rows' parameters copied
+    in without a sync); with overlap, sampled rows also run in look-ahead steps."""
     model, tok = setup
+    if device == "cuda":  # fp32 there too (no TF32 in matmuls): the rows' logits do not depend on the batch
+        model = tiny_model(seed=7, vocab_size=tok.vocab_size).cuda()
     g = torch.Generator().manual_seed(21)
     V = model.config.vocab_size
     hot = SamplingParams(True, 0.8, top_k=30, top_p=0.9)
