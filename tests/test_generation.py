@@ -201,6 +201,26 @@ def test_speculative_chunks_of_graphed_steps_equal_plain(monkeypatch):
     assert sizes.count(engine.SPEC_CHUNK) >= 5 and min(sizes) >= 2
 
 
+def test_graphed_steps_with_and_without_frozen_rows_share_one_function():
+    """A batch's graphed main steps take a valid mask whether or not rows are frozen (all True when none is):
+    the speculative steps (with EOS, rows then freeze) and plain steps build one step function per shape, not
+    one with and one without a mask (each a whole-model compile and graph on CUDA)."""
+    from mimo_flash.generation import engine
+
+    model = tiny_model(vocab_size=6)
+    ids = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(16))
+    plain = generate(model, ids, max_new_tokens=30, eos_token_id=[])
+    eos = int(plain[0, 12 + 9])
+    engine._RUNNERS.pop(model, None)
+    for K in (0, 1):
+        for stop in ([], eos):  # no row frozen / rows frozen at the EOS
+            generate(model, ids, max_new_tokens=30, eos_token_id=stop, pad_token_id=0, num_speculative_tokens=K,
+                     cuda_graphs=True)
+    keys = [k for r in engine._RUNNERS.pop(model).values() for k in r.fns if k[0] == "main"]
+    assert keys and all(k[4] is False for k in keys), keys  # (key[4]: valid is None)
+    assert len(keys) == len({k[:4] + k[5:] for k in keys}), keys
+
+
 def test_speculative_with_eos_and_repetition_penalty():
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (2, 8), generator=torch.Generator().manual_seed(7))
