@@ -223,6 +223,13 @@ def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None, compile
     return out[:, ids.shape[1]:], stats, time.perf_counter() - t
 
 
+def agreement(toks: torch.Tensor, ref: torch.Tensor) -> tuple[str, str]:
+    """(share of rows equal to ref, mean count of leading tokens equal to ref's) as table cells. In bf16 a step
+    that rounds differently (other kernels, more tokens per row) flips a trained model's near-ties."""
+    eq = toks == ref
+    return f"{eq.all(1).float().mean().item():.2f}", f"{eq.long().cumprod(1).sum(1).float().mean().item():.0f}"
+
+
 def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
     """One row per (batch, mode, K); K = 0 (plain) first: the base of the speed-ups. Greedy and sampled share
     each K's runner (its graphs), so the loop runs K outside the mode. Settings that would start after
@@ -257,9 +264,7 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                 if K == 0:
                     base[sample] = (toks, st, wall)
                 b = base[sample]
-                same = "" if sample else f"{(toks == b[0]).all(1).float().mean().item():.2f}"
-                # the leading tokens equal to plain greedy's (bf16: a step that rounds differently flips near-ties)
-                lead = "" if sample else f"{(toks == b[0]).long().cumprod(1).sum(1).float().mean().item():.0f}"
+                same, lead = ("", "") if sample else agreement(toks, b[0])
                 step_ms = 1e3 * st.decode_seconds / max(1, st.steps)
                 floor = ""
                 if B == 1 and not sample and K != "auto" and bandwidth:
@@ -284,8 +289,7 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                     row = [B, "greedy", "0 eager", "1.00", "", f"{st.new_tokens / st.decode_seconds:,.0f}",
                            f"{1e3 * st.decode_seconds / max(1, st.steps):.3f}", "",
                            f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x",
-                           f"{(toks == b[0]).all(1).float().mean().item():.2f}",
-                           f"{(toks == b[0]).long().cumprod(1).sum(1).float().mean().item():.0f}"]
+                           *agreement(toks, b[0])]
                     table_rows[False].append(row)
                     log(" | ".join(str(x) for x in row))
         rows += table_rows[False] + table_rows[True]
