@@ -250,8 +250,8 @@ class GraphRunner(Runner):
             if out is not None:
                 lg, h = out
                 return None if logits == "none" else lg[:, -1:] if logits == "last" else lg, h
-        if valid is None and B > 1:  # steps with and without frozen rows: one compiled function, one graph
-            valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)
+        if valid is None and B > 1 and T > 1:  # verifications with and without frozen rows: one compiled function
+            valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)  # and graph (plain steps keep None)
         key = ("main", B, T, bucket, valid is None, logits)
         inputs = dict(ids=ids, pos=pos.clamp_min(0))
         if valid is not None:
