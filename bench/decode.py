@@ -131,8 +131,9 @@ def replay_us(g, n: int = 50) -> float:
     return a.elapsed_time(b) / n * 1e3
 
 
-def graph_report(model, B: int) -> str:
-    """Replay time of each captured decode graph of batch B, and the kernels of the plain decode step."""
+def graph_report(model, B: int, tag: str = "") -> str:
+    """Replay time of each captured decode graph of batch B, and the kernels of the plain decode step and the
+    speculative steps (their tables also written to $OUT, named by batch, step and tag)."""
     from mimo_flash.generation.engine import _RUNNERS
 
     lines = []
@@ -156,7 +157,7 @@ def graph_report(model, B: int) -> str:
                     lines.append("\n".join(table.splitlines()[:17]))
                     if os.environ.get("OUT"):
                         name = "_".join(map(str, gkey[:4] if gkey[0] == "spec" else gkey[:1]))
-                        Path(os.environ["OUT"], f"profile_b{B}_{name}.txt").write_text(table)
+                        Path(os.environ["OUT"], f"profile_b{B}_{name}{'_' + tag if tag else ''}.txt").write_text(table)
                 except Exception as e:  # profiler support for graph kernels varies
                     lines.append(f"  (profiler: {type(e).__name__}: {e})")
     return "\n".join(lines)
@@ -430,15 +431,17 @@ def main(argv=None) -> int:
                 log(f"fallbacks: {row['fallbacks']}")
             results["runs"].append(dict(engine="mimo-flash", **row))
             table.append((row, tf_row))
-        if K != args.spec[-1] or variant != variants[-1]:
+        if K != args.spec[-1]:
             continue
-        if args.device == "cuda":  # replay time of every graph of this batch size (decode, verify, MTP)
+        if args.device == "cuda":  # replay time of every graph of this batch size and variant (decode, verify, MTP)
             try:
-                rep = graph_report(model, B)
+                rep = graph_report(model, B, variant if len(variants) > 1 else "")
                 log("graphs:\n" + rep)
                 results.setdefault("graph_reports", []).append(rep)
             except Exception as e:
                 log(f"graph report failed: {type(e).__name__}: {e}")
+        if variant != variants[-1]:
+            continue
         del ids
         if args.device == "cuda":
             torch.cuda.empty_cache()
