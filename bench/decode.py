@@ -409,7 +409,8 @@ def main(argv=None) -> int:
             log(f"ours  B={B} K={K}: decode {row['decode_tok_s']:.0f} tok/s, e2e {row['e2e_tok_s']:.0f} tok/s, "
                 f"prefill {row['prefill_s'] * 1e3:.0f} ms, first call {row['first_call_s']:.1f} s"
                 + (f", acceptance length {row['acceptance_length']:.2f}" if K else "")
-                + (f", {row['bandwidth'] / 1e12:.2f} TB/s ({row['bandwidth'] / bw:.0%} of copy)" if K == 0 else ""))
+                + (f", {row['bandwidth'] / 1e12:.2f} TB/s ({row['bandwidth'] / bw:.0%} of copy)"
+                   if K == 0 and args.device == "cuda" else ""))
             if tf is not None and tf_row is None and time.perf_counter() - T0 < args.budget_s:
                 try:
                     tf_row = time_transformers(tf, ids, args.new)
@@ -501,8 +502,8 @@ def main(argv=None) -> int:
             print(f"batch {row['batch']} K={k_txt(row)}: {row['step_ms']:.2f} ms per speculative step"
                   + (f" (step-by-step before: {row['step_ms_before']:.2f} ms, same tokens: "
                      f"{row.get('same_tokens_as_step_by_step')})" if "step_ms_before" in row else "")
-                  + f"; byte floor {row['floor_ms']:.3f} ms ({row['step_bytes'] / 1e9:.3f} GB at the copy bandwidth): "
-                  f"{row['step_ms'] / row['floor_ms']:.2f}x it"
+                  + (f"; byte floor {row['floor_ms']:.3f} ms ({row['step_bytes'] / 1e9:.3f} GB at the copy "
+                     f"bandwidth): {row['step_ms'] / row['floor_ms']:.2f}x it" if args.device == "cuda" else "")
                   + f"; plain token {tok_ms:.3f} ms -> break-even acceptance length {row['step_ms'] / tok_ms:.2f}")
     if before is not None:
         print(f"batch 1 K=0 before (compiled step, no Triton step): {before['decode_tok_s']:.0f} tok/s, "
