@@ -145,18 +145,20 @@ def graph_report(model, B: int, tag: str = "") -> str:
                 continue
             n = gkey[3] if gkey[0] == "greedy" else gkey[5] if gkey[0] == "spec" and len(gkey) > 5 else 1  # steps
             lines.append(f"graph {gkey}: {replay_us(g) / n:.0f} us per step")
-            if gkey[0] in ("main-triton", "spec") or (gkey[0] == "main" and gkey[2] == 1):  # (a spec step: per k)
+            if gkey[0] in ("main-triton", "spec", "main", "greedy"):  # (a spec step: per k; verification: per T)
                 try:
                     from torch.profiler import ProfilerActivity, profile
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         g.replay()
                         torch.cuda.synchronize()
                     ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
-                    lines.append(f"  {len(ev)} kernels in the step, {sum(e.device_time for e in ev):.0f} us of kernel time")
+                    lines.append(f"  per step: {len(ev) / n:.0f} kernels, {sum(e.device_time for e in ev) / n:.0f} us of "
+                                 "kernel time")
                     table = prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=90)
                     lines.append("\n".join(table.splitlines()[:17]))
                     if os.environ.get("OUT"):
-                        name = "_".join(map(str, gkey[:4] if gkey[0] == "spec" else gkey[:1]))
+                        name = "_".join(map(str, gkey[:4] if gkey[0] == "spec" else gkey[:3:2] if gkey[0] == "main"
+                                            else gkey[::3] if gkey[0] == "greedy" else gkey[:1]))
                         Path(os.environ["OUT"], f"profile_b{B}_{name}{'_' + tag if tag else ''}.txt").write_text(table)
                 except Exception as e:  # profiler support for graph kernels varies
                     lines.append(f"  (profiler: {type(e).__name__}: {e})")

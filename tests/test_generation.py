@@ -14,11 +14,13 @@ from mimo_flash.generation import GenerationStats, KVCache, cache_bytes, generat
 from mimo_flash.generation import speculative as spec_mod
 from mimo_flash.generation.attention import cache_attention
 from mimo_flash.generation.cache import MAIN, bytes_report
+from mimo_flash.generation import engine
 from mimo_flash.generation.engine import prefill
 from mimo_flash.generation.runner import Runner
 from mimo_flash.generation.sampling import (SamplingParams, choose, choose_rows, process, sample_from_probs,
                                             uniforms)
 from mimo_flash.ops.attention import AttnMeta, attention_reference
+from mimo_flash.options import override
 
 
 def full_argmax_check(model, out, prompt_cols, mask=None):
@@ -175,8 +177,8 @@ def test_speculative_chunks_of_graphed_steps_equal_plain(monkeypatch):
     from mimo_flash.generation import engine
 
     sizes = []
-    orig = engine.spec_chunk
-    monkeypatch.setattr(engine, "spec_chunk", lambda runner, st, n, frozen=None: sizes.append(n) or
+    orig = engine.spec_chunk_launch
+    monkeypatch.setattr(engine, "spec_chunk_launch", lambda runner, st, n, frozen=None: sizes.append(n) or
                         orig(runner, st, n, frozen))
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(16))
@@ -199,6 +201,39 @@ def test_speculative_chunks_of_graphed_steps_equal_plain(monkeypatch):
     assert torch.equal(generate(wide, long, max_new_tokens=30, eos_token_id=[], num_speculative_tokens=1,
                                 cuda_graphs=True), plain)
     assert sizes.count(engine.SPEC_CHUNK) >= 5 and min(sizes) >= 2
+
+
+def test_pipelined_chunks_run_the_steps_of_the_step_by_step_path(monkeypatch):
+    """generate() launches each graphed chunk before it reads the last one's counts: the same steps as one step
+    at a time (without EOS no chunk once every row is done), the same statistics, the same tokens; with EOS at
+    most one chunk more, whose tokens are dropped."""
+    idle = []  # per chunk launched: whether every row was done before it
+    orig = engine.spec_chunk_launch
+    monkeypatch.setattr(engine, "spec_chunk_launch", lambda runner, st, n, frozen: idle.append(bool(frozen.all()))
+                        or orig(runner, st, n, frozen))
+    model = tiny_model(vocab_size=2)  # (two tokens: about 1.7 tokens a step, so rows may end before a chunk does)
+    ids = torch.randint(0, 2, (3, 12), generator=torch.Generator().manual_seed(16))
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+    for K in (1, 2):
+        for new_tokens in (23, 40):
+            kw = dict(attention_mask=mask, max_new_tokens=new_tokens, num_speculative_tokens=K, return_stats=True)
+            with override(spec_graph=False):
+                ref, rs = generate(model, ids, eos_token_id=[], cuda_graphs=True, **kw)
+            idle.clear()
+            out, st = generate(model, ids, eos_token_id=[], cuda_graphs=True, **kw)
+            assert torch.equal(out, ref)
+            assert (st.row_steps, st.emitted, st.accepted) == (rs.row_steps, rs.emitted, rs.accepted), K
+            assert st.accepted > 0
+            # (the last chunk steps on after its rows end)
+            assert rs.steps <= st.steps < rs.steps + engine.SPEC_CHUNK, (K, new_tokens)
+            assert len(idle) >= 2 and not any(idle), (K, new_tokens, idle)
+        eos = int(ref[1, 12 + 9])
+        with override(spec_graph=False):
+            ref, rs = generate(model, ids, eos_token_id=eos, pad_token_id=0, cuda_graphs=True, **kw)
+        out, st = generate(model, ids, eos_token_id=eos, pad_token_id=0, cuda_graphs=True, **kw)
+        assert torch.equal(out, ref) and (st.row_steps, st.emitted) == (rs.row_steps, rs.emitted)
+        assert rs.steps <= st.steps < rs.steps + 2 * engine.SPEC_CHUNK
 
 
 def test_graphed_steps_with_and_without_frozen_rows_share_one_function():
@@ -590,6 +625,12 @@ def test_cuda_graph_decode_matches_eager():
         graphed = generate(model, ids, attention_mask=mask, max_new_tokens=30, num_speculative_tokens=K,
                            cuda_graphs=True)
         assert torch.equal(eager, graphed)
+        eos = int(eager[0, 10 + 13])  # (rows end at different steps; graphed chunks read their counts late)
+        eager = generate(model, ids, attention_mask=mask, max_new_tokens=30, num_speculative_tokens=K,
+                         eos_token_id=eos, pad_token_id=0, cuda_graphs=False)
+        graphed = generate(model, ids, attention_mask=mask, max_new_tokens=30, num_speculative_tokens=K,
+                           eos_token_id=eos, pad_token_id=0, cuda_graphs=True)
+        assert torch.equal(eager, graphed), K
 
 
 @pytest.mark.gpu

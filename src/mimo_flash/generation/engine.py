@@ -18,7 +18,7 @@ from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
 from .cache import KVCache
 from .runner import GraphRunner, Runner, graph_bucket
 from .sampling import SamplingParams, choose, process
-from .speculative import SPEC_CHUNK, SpecRings, spec_chunk, spec_chunk_size, spec_prefill, spec_step
+from .speculative import SPEC_CHUNK, SpecRings, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step
 
 
 @dataclass
@@ -278,15 +278,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             done = out.done.tolist()
             if all(done):
                 break
-            frozen = out.done.clone() if any(done) else None
-            n = spec_chunk_size(runner, state, params) if out.streamer is None and out.stopping is None else 1
-            chunk = spec_chunk(runner, state, n, frozen) if n > 1 else None
-            if chunk is not None:  # (a row that finishes inside the chunk verifies to its end: counted in stats too)
-                news, count_n, counts_n = chunk
-                for j in range(n):
-                    stats.verified(K, [c for c, d in zip(counts_n[j], done, strict=True) if not d])
-                    out.add(news[j], count_n[j])
+            if out.streamer is None and out.stopping is None and spec_chunk_size(runner, state, params) > 1:
+                _spec_graphed(runner, out, state, params, stats)  # (until done, or a chunk no longer fits)
                 continue
+            frozen = out.done.clone() if any(done) else None
             new, count, counts = spec_step(runner, state, params, generator, frozen=frozen)
             stats.verified(K, [c for c, d in zip(counts, done, strict=True) if not d])
             out.add(new, count)
@@ -403,6 +398,76 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
     return max_new_tokens, tok, pos
 
 
+def _spec_graphed(runner, out: "Output", st, params: SamplingParams, stats: GenerationStats) -> None:
+    """Greedy speculative decoding in graphed chunks (speculative.spec_chunk_launch) with the host one chunk
+    behind: chunk c is launched, and its tokens added to `out`, before the host reads chunk c - 1's accepted
+    counts, so the GPU runs each chunk while the host reads the last one's counts and launches the next. The
+    state's n_max is a bound meanwhile (the advance of the chunks not yet read); a chunk is launched only while
+    some row may still be emitting: each step emits 1 .. k + 1 tokens per row, so a row with r tokens left is
+    done after r steps, and may be after r / (k + 1): then the host waits for the chunks in flight before it
+    launches another (EOS may end rows sooner: then one chunk more runs, its tokens dropped by `out`). Returns
+    with every row done, or with st exact (n_max read) where the caller's step-by-step loop takes over (no room
+    for a chunk, or the graph failed); the tokens are the same either way."""
+    if not (spec_chunk_size(runner, st, params) > 1):
+        return
+    B, k = st.N.shape[0], st.k
+    pending = []  # per launched chunk not yet read: (its steps, a function that waits for what it reports)
+    left = None  # steps after which every row is surely done, as of the last chunk read (None: unknown)
+    while True:
+        n = spec_chunk_size(runner, st, params)
+        ahead = sum(p[0] for p in pending)  # steps launched past the last read
+        if n <= 1 or (left is not None and left <= ahead):
+            break
+        if pending and left is not None and left <= ahead * (k + 1):  # the chunks in flight may end every row:
+            left = _spec_read(pending.pop(0), B, k, st, pending, stats)  # wait for them rather than run one more
+            continue
+        frozen = out.done.clone()
+        launched = spec_chunk_launch(runner, st, n, frozen)
+        if launched is None:
+            break
+        news, count = launched
+        active = []  # per step, the rows still emitting before it (rows that end inside a chunk step on)
+        for j in range(n):
+            active.append(~out.done)
+            out.add(news[j], count[j])
+        # what the host reads later: counts, active rows, tokens each row still wants, max N
+        info = torch.cat([count.reshape(-1), torch.stack(active).reshape(-1).long(),
+                          torch.where(out.done, 0, out.max_new - out.count), st.N.max()[None]])
+        pending.append((n, _to_host_later(info)))
+        if len(pending) > 1:
+            left = _spec_read(pending.pop(0), B, k, st, pending, stats)
+            if left == 0:
+                break
+    while pending:
+        _spec_read(pending.pop(0), B, k, st, pending, stats)
+
+
+def _spec_read(item, B: int, k: int, st, pending: list, stats: GenerationStats) -> int:
+    """Read a launched chunk's counts (waits for it): counts its steps in stats (the rows that were still emitting,
+    as a step at a time counts them), tightens st.n_max to its exact max N
+    plus the advance of the chunks still pending; returns the most tokens a row still wants after it."""
+    n, read = item
+    v = read().tolist()
+    counts, active, want = v[:n * B], v[n * B:2 * n * B], v[2 * n * B:-1]
+    for j in range(n):
+        row = slice(j * B, (j + 1) * B)
+        stats.verified(k, [c for c, a in zip(counts[row], active[row], strict=True) if a])
+    st.n_max = v[-1] + sum(p[0] for p in pending) * (k + 1)
+    return max(want)
+
+
+def _to_host_later(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A function that returns t's values as of now on the host: on CUDA a pinned copy launched now, waited for
+    only when the function is called."""
+    if t.device.type != "cuda":
+        return lambda: t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return lambda: ev.synchronize() or host
+
+
 class _Clock:
     """Times between marks without waiting for the GPU at each (a wait after prefill would leave the GPU idle
     while the host launches the first decode graph): CUDA events on the current stream, else the host clock.
@@ -506,14 +571,8 @@ class Output:
 
     def all_done_later(self):
         """A function that returns all_done() as of now, and on CUDA waits for the GPU only when called."""
-        if self.done.device.type != "cuda":
-            done = self.all_done()
-            return lambda: done
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(self.done.all(), non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        return lambda: ev.synchronize() or bool(flag)
+        read = _to_host_later(self.done.all())
+        return lambda: bool(read())
 
     def total_new(self) -> int:
         return int(self.count.sum())

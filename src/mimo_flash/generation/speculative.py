@@ -434,15 +434,27 @@ def spec_chunk(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None
     [n, B, k+1], count [n, B], counts as host lists per step). Each step is spec_step's; rows frozen at the
     start stay frozen, and rows that finish inside the chunk keep stepping (the caller drops their tokens). None
     if the graph failed (the runner then takes single steps, step by step, and says so in `notes`)."""
+    launched = spec_chunk_launch(runner, st, n, frozen)
+    if launched is None:
+        return None
+    new, count = launched
+    host = torch.cat([count.reshape(-1), st.N.max()[None]]).tolist()  # the chunk's one host sync
+    st.n_max = host[-1]
+    B = count.shape[1]
+    return new, count, [host[j * B:(j + 1) * B] for j in range(n)]
+
+
+def spec_chunk_launch(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None):
+    """spec_chunk without its host sync: launches the graph and returns (new [n, B, k+1], count [n, B]) on the
+    device (the graph's buffers: its next replay overwrites them), or None if the graph failed. st.n_max becomes
+    a bound, the most n steps can advance (k + 1 each); the caller sets it exactly once it has read st.N."""
     try:
         new, count = _graphed_step(runner, st, frozen, n)
     except Exception as e:
         runner.graph_failed("spec", e)
         return None
-    host = torch.cat([count.reshape(-1), st.N.max()[None]]).tolist()  # the chunk's one host sync
-    st.n_max = host[-1]
-    B = count.shape[1]
-    return new, count, [host[j * B:(j + 1) * B] for j in range(n)]
+    st.n_max += n * (st.k + 1)
+    return new, count
 
 
 def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
