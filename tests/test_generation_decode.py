@@ -258,6 +258,44 @@ def test_compiled_decode_step_matches_eager():
     assert torch.equal(out, plain) and stats.runner == "GraphRunner" and stats.notes == []
 
 
+def test_compiled_speculative_advance_equals_eager():
+    """The acceptance and state update of a speculative step, compiled as a GraphRunner compiles it (runner.glue),
+    against the eager function: the same tokens, counts and next state, frozen rows unchanged, and the same cache
+    rows rolled back."""
+    model = tiny_model(vocab_size=6)
+    cfg, B, K, S = model.config, 4, 2, 40
+    g = torch.Generator().manual_seed(30)
+    runner = GraphRunner(model, KVCache(cfg, B, S, dtype=model.dtype, num_mtp=K, slack=8), S, compile=True)
+    fn = runner.glue(("advance", B, K, K, True), spec_mod._advance_greedy)
+    assert fn is not spec_mod._advance_greedy
+    D = cfg.hidden_size
+    for frozen in (None, torch.tensor([False, True, False, False])):
+        N = torch.tensor([20, 25, 9, 30])
+        logits = torch.randn(B, K + 1, 6, generator=g)
+        d = logits.argmax(-1)[:, :K].clone()
+        d[2, 1] = (d[2, 1] + 1) % 6  # row 2 accepts one draft, row 3 none, the others both
+        d[3, 0] = (d[3, 0] + 1) % 6
+        args = (K, K, logits, d, N, N - 3, torch.tensor([1, 2, 3, 4]), torch.randint(0, 6, (B, K + 1), generator=g),
+                torch.randn(B, K + 1, D, generator=g), torch.randn(B, K + 1, D, generator=g), frozen)
+        results = []
+        for f in (spec_mod._advance_greedy, fn):
+            runner.cache.reset()
+            for grp in runner.cache._valid:  # every slot written, position = slot index, so rollbacks show
+                runner.cache._valid[grp].fill_(True)
+                if grp != "full":
+                    runner.cache._pos[grp].copy_(torch.arange(runner.cache._pos[grp].shape[-1]).expand_as(
+                        runner.cache._pos[grp]))
+            out = f(runner.cache, *args)
+            results.append((out, {grp: v.clone() for grp, v in runner.cache._valid.items()}))
+        (want, want_valid), (got, got_valid) = results
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a)
+        assert all(torch.equal(got_valid[grp], want_valid[grp]) for grp in want_valid)
+        count = got[1]
+        assert count.tolist() == ([3, 3, 2, 1] if frozen is None else [3, 0, 2, 1])
+        assert not all(v.all() for v in got_valid.values())  # (something was rolled back)
+
+
 # ------------------------------------------------------------------ captured steps (graph-shaped code, no graphs)
 @pytest.mark.parametrize("K", [1, 3])
 def test_whole_step_speculative_equals_plain(monkeypatch, K):

@@ -60,6 +60,11 @@ class Runner:
         self.notes.append(msg)
         warnings.warn(msg)
 
+    def glue(self, key, fn):
+        """fn as this runner runs a step's own arithmetic between forwards (speculative acceptance and state
+        updates): as is here; compiled on a compiling GraphRunner (one function per key; fewer kernels)."""
+        return fn
+
     def ropes(self, pos: torch.Tensor) -> dict:
         """pos [B, T] -> {swa: (cos, sin) [B, T, rotary]}."""
         return {swa: (c[0][pos], s[0][pos]) for swa, (c, s) in self.rope_tables.items()}
@@ -172,6 +177,9 @@ class GraphRunner(Runner):
                 f = compile_scoped(fn, fullgraph=True, dynamic=False, options=opts)
             self.fns[key] = f
         return self.fns[key]
+
+    def glue(self, key, fn):
+        return self._fn(("glue", *key), fn, False) if self.compile else fn
 
     def _wants_tune(self, key, rows: int) -> bool:
         return self.tune and self.compile and self.cache.device.type == "cuda" and key[0] == "main" and rows == 1

@@ -488,7 +488,6 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     if k > st.fresh:
         raise RuntimeError(f"a step with {k} drafts needs {k} current MTP layers, {st.fresh} are: spec_reprime first")
     dev = st.N.device
-    old = (st.N, st.N_prev, st.tok, st.recent, st.h_main, list(st.stash))
     if st.h_main is not None:  # the first step's drafts come from spec_prefill / spec_reprime
         new_stash = _draft(runner, st, params, generator, frozen)
     else:  # the drafts of spec_prefill / spec_reprime: this step may verify fewer
@@ -507,40 +506,52 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     if st.rings is not None:  # committed positions among these are final; the others are rewritten later
         st.rings.write(pos, ids, h, keep=frozen)
     st.logits = logits
-    seen_j = None if st.seen is None else _seen_prefixes(st.seen, d, logits.shape[-1])
-    if isinstance(params, RowSampling):
-        a, y = params.accept(logits, d, st.q)
+    state = (st.N, st.N_prev, st.tok, st.recent, st.h_main, h, frozen)
+    if not isinstance(params, RowSampling) and not params.do_sample and st.seen is None:  # plain greedy
+        advance = runner.glue(("advance", B, K, k, True), _advance_greedy)  # (accept and update: one function)
+        new, count, *state = advance(runner.cache, K, k, logits, d, *state)
     else:
-        a, y = _accept(logits, d, st.q, params, generator, seen_j)
-    new = torch.cat([d, torch.zeros_like(y[:, None])], 1).scatter(1, a[:, None], y[:, None])
-    count = a + 1
-    if frozen is not None:
-        count = torch.where(frozen, 0, count)
-    # --- new state
-    N_new = st.N + count
-    keep = runner.cache.S  # (frozen rows: every position is below it)
-    runner.cache.rollback(st.N + count if frozen is None else torch.where(frozen, keep, st.N + count), MAIN)
-    for j in range(k):  # keeps positions < N - j (later ones read drafts); layers that did not run wrote nothing
-        runner.cache.rollback(st.N - j if frozen is None else torch.where(frozen, keep, st.N - j), mtp_group(j))
-    arK = torch.arange(K + 1, device=dev)
-    h_old = st.h_main if st.h_main is not None else torch.zeros_like(h[:, :1]).expand(B, K + 1, h.shape[-1])
-    hseq = torch.cat([h_old, h], 1)  # positions N-K-1 .. N+k
-    h_main = hseq.gather(1, (count[:, None] + arK[None])[..., None].expand(B, K + 1, h.shape[-1]))
-    seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+k+1
-    recent = seq.gather(1, count[:, None] + arK[None])
-    if st.seen is not None:
-        st.seen.scatter_(1, torch.where(ar[None] < count[:, None], new, st.tok[:, None]), True)
-    st.N_prev, st.N, st.tok, st.recent, st.h_main, st.stash = st.N, N_new, new.gather(
-        1, (count - 1).clamp_min(0)[:, None])[:, 0], recent, h_main, new_stash
+        seen_j = None if st.seen is None else _seen_prefixes(st.seen, d, logits.shape[-1])
+        if isinstance(params, RowSampling):
+            a, y = params.accept(logits, d, st.q)
+        else:
+            a, y = _accept(logits, d, st.q, params, generator, seen_j)
+        new, count, *state = runner.glue(("advance", B, K, k, False), _advance)(runner.cache, K, k, d, a, y, *state)
+        if st.seen is not None:
+            st.seen.scatter_(1, torch.where(ar[None] < count[:, None], new, st.tok[:, None]), True)
+    st.N, st.N_prev, st.tok, st.recent, st.h_main = state
     st.fresh = min(st.fresh, k)
-    if frozen is not None:
-        f = frozen
-        oN, oNp, otok, orecent, oh, ostash = old
-        st.N, st.N_prev = torch.where(f, oN, st.N), torch.where(f, oNp, st.N_prev)
-        st.tok = torch.where(f, otok, st.tok)
-        st.recent = torch.where(f[:, None], orecent, st.recent)
-        if oh is not None:
-            st.h_main = torch.where(f[:, None, None], oh, st.h_main)
-        if len(ostash) == len(st.stash):  # else (k changed) a frozen row's stash is never read again
-            st.stash = [torch.where(f[:, None], o, n) for o, n in zip(ostash, st.stash, strict=True)]
+    if frozen is not None and len(st.stash) == len(new_stash):  # (k changed: a frozen row's stash is never read)
+        new_stash = [torch.where(frozen[:, None], o, n) for o, n in zip(st.stash, new_stash, strict=True)]
+    st.stash = new_stash
     return new, count
+
+
+def _advance_greedy(cache, K: int, k: int, logits, d, N, N_prev, tok, recent, h_main, h, frozen):
+    """Greedy acceptance of drafts d [B, k] from the verification logits [B, k+1, V], then _advance."""
+    g = logits.float().argmax(-1)
+    a = torch.cumprod((d == g[:, :k]).long(), 1).sum(1)
+    return _advance(cache, K, k, d, a, g.gather(1, a[:, None])[:, 0], N, N_prev, tok, recent, h_main, h, frozen)
+
+
+def _advance(cache, K: int, k: int, d, a, y, N, N_prev, tok, recent, h_main, h, frozen):
+    """After a verification of x_N, d_1 .. d_k (h [B, k+1, D] its hidden states) that accepted a [B] drafts and
+    then the token y [B]: rolls the caches back and returns (new [B, k+1], count [B], and the state's next N,
+    N_prev, tok, recent, h_main); frozen rows (frozen [B] or None) keep their state and caches, count 0."""
+    B = N.shape[0]
+    new = torch.cat([d, torch.zeros_like(y[:, None])], 1).scatter(1, a[:, None], y[:, None])
+    count = a + 1 if frozen is None else torch.where(frozen, 0, a + 1)
+    keep = cache.S  # (frozen rows: every position is below it)
+    cache.rollback(N + count if frozen is None else torch.where(frozen, keep, N + count), MAIN)
+    for j in range(k):  # keeps positions < N - j (later ones read drafts); layers that did not run wrote nothing
+        cache.rollback(N - j if frozen is None else torch.where(frozen, keep, N - j), mtp_group(j))
+    arK = torch.arange(K + 1, device=N.device)
+    h_old = h_main if h_main is not None else torch.zeros_like(h[:, :1]).expand(B, K + 1, h.shape[-1])
+    hseq = torch.cat([h_old, h], 1)  # positions N-K-1 .. N+k
+    out = [N + count, N, new.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0],
+           torch.cat([recent, new], 1).gather(1, count[:, None] + arK[None]),  # positions N-K .. N+k+1
+           hseq.gather(1, (count[:, None] + arK[None])[..., None].expand(B, K + 1, h.shape[-1]))]
+    if frozen is not None:
+        out = [torch.where(frozen.view(-1, *[1] * (o.dim() - 1)), old, o) for old, o in
+               zip([N, N_prev, tok, recent, h_old], out, strict=True)]
+    return new, count, *out
