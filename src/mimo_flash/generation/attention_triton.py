@@ -42,7 +42,7 @@ def _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, n0, h
     ok = (kpos[None, :] <= qpos[:, None]) & (qseg[:, None] == kseg[None, :]) & nmask[None, :]
     if HAS_WINDOW:
         ok = ok & (qpos[:, None] - kpos[None, :] < window)
-    s = tl.where(ok, s * scale, float("-inf"))
+    s = tl.where(ok, s * scale, float("-inf")).to(tl.float32)  # (inductor passes a float argument as fp64)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
