@@ -203,10 +203,11 @@ def test_speculative_chunks_of_graphed_steps_equal_plain(monkeypatch):
     assert sizes.count(engine.SPEC_CHUNK) >= 5 and min(sizes) >= 2
 
 
-def test_pipelined_chunks_run_the_steps_of_the_step_by_step_path(monkeypatch):
-    """generate() launches each graphed chunk before it reads the last one's counts: the same steps as one step
-    at a time (without EOS no chunk once every row is done), the same statistics, the same tokens; with EOS at
-    most one chunk more, whose tokens are dropped."""
+def test_pipelined_speculation_runs_the_steps_of_the_synchronous_loop(monkeypatch):
+    """generate() makes each speculative launch (a graphed chunk of greedy steps, or one step) before it reads the
+    last one's counts: the same tokens, sampled ones included, and the same statistics as the loop that reads every
+    step's counts before the next (which a `stopping` callback selects); no launch once every row is done (without
+    EOS), and with EOS at most one more, whose tokens are dropped."""
     idle = []  # per chunk launched: whether every row was done before it
     orig = engine.spec_chunk_launch
     monkeypatch.setattr(engine, "spec_chunk_launch", lambda runner, st, n, frozen: idle.append(bool(frozen.all()))
@@ -215,24 +216,31 @@ def test_pipelined_chunks_run_the_steps_of_the_step_by_step_path(monkeypatch):
     ids = torch.randint(0, 2, (3, 12), generator=torch.Generator().manual_seed(16))
     mask = torch.ones_like(ids)
     mask[2, :3] = 0
-    for K in (1, 2):
-        for new_tokens in (23, 40):
-            kw = dict(attention_mask=mask, max_new_tokens=new_tokens, num_speculative_tokens=K, return_stats=True)
-            with override(spec_graph=False):
-                ref, rs = generate(model, ids, eos_token_id=[], cuda_graphs=True, **kw)
-            idle.clear()
-            out, st = generate(model, ids, eos_token_id=[], cuda_graphs=True, **kw)
-            assert torch.equal(out, ref)
-            assert (st.row_steps, st.emitted, st.accepted) == (rs.row_steps, rs.emitted, rs.accepted), K
-            assert st.accepted > 0
-            # (the last chunk steps on after its rows end)
-            assert rs.steps <= st.steps < rs.steps + engine.SPEC_CHUNK, (K, new_tokens)
-            assert len(idle) >= 2 and not any(idle), (K, new_tokens, idle)
+
+    def never(rows):  # (a stopping callback: the synchronous loop, one host read per step)
+        return [False] * len(rows)
+
+    for K, new_tokens, sample in ((1, 23, False), (1, 40, False), (2, 23, False), (2, 40, False), (2, 30, True)):
+        kw = dict(attention_mask=mask, max_new_tokens=new_tokens, num_speculative_tokens=K, return_stats=True,
+                  cuda_graphs=True, do_sample=sample, seed=5)
+        ref, rs = generate(model, ids, eos_token_id=[], stopping=never, **kw)
+        idle.clear()
+        out, st = generate(model, ids, eos_token_id=[], **kw)
+        assert torch.equal(out, ref), (K, new_tokens, sample)
+        assert (st.row_steps, st.emitted, st.accepted) == (rs.row_steps, rs.emitted, rs.accepted), K
+        assert st.accepted > 0
+        if sample:  # (one step per launch: exactly the synchronous loop's steps)
+            assert st.steps == rs.steps and not idle
+            continue
+        # (the last chunk steps on after its rows end)
+        assert rs.steps <= st.steps < rs.steps + engine.SPEC_CHUNK, (K, new_tokens)
+        assert len(idle) >= 2 and not any(idle), (K, new_tokens, idle)
+    for sample in (False, True):
+        kw["do_sample"] = sample
         eos = int(ref[1, 12 + 9])
-        with override(spec_graph=False):
-            ref, rs = generate(model, ids, eos_token_id=eos, pad_token_id=0, cuda_graphs=True, **kw)
-        out, st = generate(model, ids, eos_token_id=eos, pad_token_id=0, cuda_graphs=True, **kw)
-        assert torch.equal(out, ref) and (st.row_steps, st.emitted) == (rs.row_steps, rs.emitted)
+        ref, rs = generate(model, ids, eos_token_id=eos, pad_token_id=0, stopping=never, **kw)
+        out, st = generate(model, ids, eos_token_id=eos, pad_token_id=0, **kw)
+        assert torch.equal(out, ref) and (st.row_steps, st.emitted) == (rs.row_steps, rs.emitted), sample
         assert rs.steps <= st.steps < rs.steps + 2 * engine.SPEC_CHUNK
 
 

@@ -18,7 +18,8 @@ from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
 from .cache import KVCache
 from .runner import GraphRunner, Runner, graph_bucket
 from .sampling import SamplingParams, choose, process
-from .speculative import SPEC_CHUNK, SpecRings, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step
+from .speculative import (SPEC_CHUNK, SpecRings, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step,
+                          spec_step_launch)
 
 
 @dataclass
@@ -278,9 +279,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             done = out.done.tolist()
             if all(done):
                 break
-            if out.streamer is None and out.stopping is None and spec_chunk_size(runner, state, params) > 1:
-                _spec_graphed(runner, out, state, params, stats)  # (until done, or a chunk no longer fits)
-                continue
+            if out.streamer is None and out.stopping is None:
+                _spec_pipelined(runner, out, state, params, generator, stats)
+                break
             frozen = out.done.clone() if any(done) else None
             new, count, counts = spec_step(runner, state, params, generator, frozen=frozen)
             stats.verified(K, [c for c, d in zip(counts, done, strict=True) if not d])
@@ -398,33 +399,36 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
     return max_new_tokens, tok, pos
 
 
-def _spec_graphed(runner, out: "Output", st, params: SamplingParams, stats: GenerationStats) -> None:
-    """Greedy speculative decoding in graphed chunks (speculative.spec_chunk_launch) with the host one chunk
-    behind: chunk c is launched, and its tokens added to `out`, before the host reads chunk c - 1's accepted
-    counts, so the GPU runs each chunk while the host reads the last one's counts and launches the next. The
-    state's n_max is a bound meanwhile (the advance of the chunks not yet read); a chunk is launched only while
-    some row may still be emitting: each step emits 1 .. k + 1 tokens per row, so a row with r tokens left is
-    done after r steps, and may be after r / (k + 1): then the host waits for the chunks in flight before it
-    launches another (EOS may end rows sooner: then one chunk more runs, its tokens dropped by `out`). Returns
-    with every row done, or with st exact (n_max read) where the caller's step-by-step loop takes over (no room
-    for a chunk, or the graph failed); the tokens are the same either way."""
-    if not (spec_chunk_size(runner, st, params) > 1):
-        return
+def _spec_pipelined(runner, out: "Output", st, params: SamplingParams, generator, stats: GenerationStats) -> None:
+    """Speculative decoding with the host one launch behind the device, until every row is done: each launch is a
+    graphed chunk of greedy steps (speculative.spec_chunk_launch) or, where chunks do not apply (sampling, a
+    repetition penalty, an eager runner, the cache's last positions), one step (spec_step_launch). Launch c is
+    made, and its tokens added to `out`, before the host reads launch c - 1's accepted counts, so the device runs
+    each launch while the host reads the last one's counts and makes the next. The state's n_max is a bound
+    meanwhile (the advance of the launches not yet read). No launch is made once every row is surely done: each
+    step emits 1 .. k + 1 tokens per row, so a row with r tokens left is done after r steps, and may be after
+    r / (k + 1): then the host waits for the launches in flight first (EOS may end rows sooner: then one launch
+    more runs, its tokens dropped by `out`). The tokens are those of one step at a time, sampled ones included
+    (the same random draws in the same order)."""
     B, k = st.N.shape[0], st.k
-    pending = []  # per launched chunk not yet read: (its steps, a function that waits for what it reports)
-    left = None  # steps after which every row is surely done, as of the last chunk read (None: unknown)
+    pending = []  # per launch not yet read: (its steps, a function that waits for what it reports)
+    left = None  # steps after which every row is surely done, as of the last launch read (None: unknown)
     while True:
         n = spec_chunk_size(runner, st, params)
         ahead = sum(p[0] for p in pending)  # steps launched past the last read
-        if n <= 1 or (left is not None and left <= ahead):
+        if left is not None and left <= ahead:
             break
-        if pending and left is not None and left <= ahead * (k + 1):  # the chunks in flight may end every row:
-            left = _spec_read(pending.pop(0), B, k, st, pending, stats)  # wait for them rather than run one more
+        if pending and left is not None and left <= ahead * (k + 1):  # the launches in flight may end every row:
+            left = _spec_read(pending.pop(0), B, k, st, pending, stats)  # wait for them rather than make one more
             continue
-        frozen = out.done.clone()
-        launched = spec_chunk_launch(runner, st, n, frozen)
+        # (one row: no frozen mask, which would keep it from the batch-1 kernels; a launch after it is done only
+        # follows an EOS, its tokens dropped)
+        frozen = out.done.clone() if B > 1 else None
+        launched = spec_chunk_launch(runner, st, n, frozen) if n > 1 else None  # (None: the graph failed)
         if launched is None:
-            break
+            n = 1
+            new, count = spec_step_launch(runner, st, params, generator, frozen)
+            launched = new[None], count[None]
         news, count = launched
         active = []  # per step, the rows still emitting before it (rows that end inside a chunk step on)
         for j in range(n):

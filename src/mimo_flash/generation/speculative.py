@@ -357,6 +357,16 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
     Greedy steps after the first (no repetition penalty) replay one CUDA graph of the whole step on a
     GraphRunner: no eager work and no host sync inside it; the same code, so the same tokens.
     """
+    new, count = spec_step_launch(runner, st, params, generator, frozen)
+    host = torch.cat([count, st.N.max()[None]]).tolist()  # the step's one host sync
+    st.n_max = host[-1]
+    return new, count, host[:-1]
+
+
+def spec_step_launch(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
+    """spec_step without its host sync: (new [B, k+1], count [B]) on the device. st.n_max becomes a bound, k + 1
+    more (at most S - 1 - K, past every row's N: a row still emitting stays 2K + 2 below the cache's end, and rows
+    that are done do not advance); the caller sets it exactly once it has read st.N."""
     new = None
     if _can_graph(runner, st, params):
         try:
@@ -366,9 +376,8 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
             new = None
     if new is None:
         new, count = _step_core(runner, st, params, generator, frozen)
-    host = torch.cat([count, st.N.max()[None]]).tolist()  # the step's one host sync
-    st.n_max = host[-1]
-    return new, count, host[:-1]
+    st.n_max = min(st.n_max + st.k + 1, runner.cache.S - 1 - st.K)
+    return new, count
 
 
 def _can_graph(runner, st: SpecState, params: SamplingParams) -> bool:
