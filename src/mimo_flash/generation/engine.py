@@ -1,8 +1,9 @@
 """generate(): chunked prefill, then plain or MTP-speculative decoding over a KVCache.
 
 Shapes: B rows, P prompt columns (left padding), V vocabulary, D hidden size, K speculative tokens.
-(Slightly over 500 lines: the input checks, the runner choice and the three decode loops (plain, graphed
-greedy chunks, speculative in graphed chunks or with adaptive K) share the Output/_Clock bookkeeping kept here.)
+(Nearly 600 lines: the input checks, the runner choice and the decode loops (plain, graphed greedy chunks,
+speculative launches one ahead of the host or step by step, adaptive K) share the Output/_Clock bookkeeping kept
+here.)
 """
 
 from __future__ import annotations

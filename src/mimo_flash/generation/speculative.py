@@ -1,6 +1,7 @@
 """MTP speculative decoding: draft K tokens with the chained MTP layers, verify them in one forward.
-(Just over 500 lines: the state, its rings, the prefill, the re-prime, the step and its graphed chunks all read
-and write one SpecState, whose invariants the notes below state once; the adaptive loop is generation/adaptive.py.)
+(About 570 lines: the state, its rings, the prefill, the re-prime, the step, its launches without a host sync
+and its graphed chunks all read and write one SpecState, whose invariants the notes below state once; the adaptive
+loop is generation/adaptive.py.)
 
 Notation per row: committed tokens x_0 .. x_N, where x_N is the newest (sampled, not yet run through the
 main model, whose cache holds positions 0 .. N-1). One step:
