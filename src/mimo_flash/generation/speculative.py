@@ -322,31 +322,50 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator, frozen=None
     """Regular draft phase (after a verification): fills st.drafts / st.q; returns the new stash.
     frozen [B] or None: rows masked out of the MTP forwards."""
     K, B = st.K, st.N.shape[0]
-    dev = st.N.device
     ext = st.recent
     h_prev = st.h_main
+    greedy = not isinstance(params, RowSampling) and not params.do_sample and st.seen is None
     drafts, qs, stash = [], [], []
     for k in range(st.k):
-        T = K + 1 + k
-        pos = st.N[:, None] - T + torch.arange(T, device=dev)[None]
-        valid = (pos >= (st.N_prev[:, None] - k)) & (pos >= 0)
-        if frozen is not None:
-            valid &= ~frozen[:, None]
-        if k > 0:  # h_{k-1}: stash at position N_prev - k, then layer k-1's outputs
-            col = T - (st.N - st.N_prev + k)
-            h_prev = torch.cat([torch.zeros_like(h_prev[:, :1]), h_prev], 1)
-            D = h_prev.shape[-1]
-            h_prev = h_prev.scatter(1, col.clamp(0, T - 1)[:, None, None].expand(B, 1, D), st.stash[k - 1][:, None])
+        inputs = runner.glue(("draft-inputs", B, K, k), _draft_inputs)
+        pos, valid, h_prev = inputs(K, k, st.N, st.N_prev, frozen, h_prev, st.stash[k - 1] if k else None)
         logits, h = runner.mtp(k, ext, h_prev, pos, valid, graph=True)
-        h_prev = h.clone()
-        d, q = _draft_token(logits[:, -1], params, st.seen, generator)
+        if greedy:
+            d, h_prev, ext = runner.glue(("draft-greedy", B, K, k), _draft_greedy)(logits, h, ext)
+            q = None
+        else:
+            h_prev = h.clone()
+            d, q = _draft_token(logits[:, -1], params, st.seen, generator)
+            ext = torch.cat([ext, d[:, None]], 1)
         drafts.append(d)
         qs.append(q)
-        ext = torch.cat([ext, d[:, None]], 1)
         stash.append(h_prev[:, K])  # position N - k - 1
-    st.drafts = torch.stack(drafts, 1) if drafts else torch.zeros(B, 0, dtype=torch.long, device=dev)
+    st.drafts = torch.stack(drafts, 1) if drafts else torch.zeros(B, 0, dtype=torch.long, device=st.N.device)
     st.q = torch.stack(qs, 1) if params.do_sample and qs else None
     return stash[:-1]
+
+
+def _draft_inputs(K: int, k: int, N, N_prev, frozen, h_prev, stash):
+    """MTP layer k's positions and valid mask [B, T] (T = K + 1 + k columns, right-aligned on position N - 1) and
+    its hidden input h_{k-1} [B, T, D]: h_prev (layer k-1's outputs) after its stash at position N_prev - k."""
+    B, T = N.shape[0], K + 1 + k
+    pos = N[:, None] - T + torch.arange(T, device=N.device)[None]
+    valid = (pos >= (N_prev[:, None] - k)) & (pos >= 0)
+    if frozen is not None:
+        valid &= ~frozen[:, None]
+    if k > 0:  # h_{k-1}: stash at position N_prev - k, then layer k-1's outputs
+        col = T - (N - N_prev + k)
+        h_prev = torch.cat([torch.zeros_like(h_prev[:, :1]), h_prev], 1)
+        D = h_prev.shape[-1]
+        h_prev = h_prev.scatter(1, col.clamp(0, T - 1)[:, None, None].expand(B, 1, D), stash[:, None])
+    return pos, valid, h_prev
+
+
+def _draft_greedy(logits, h, ext):
+    """A greedy draft from an MTP layer's last logits [B, 1, V]: (its token [B], the layer's output h [B, T, D] as a
+    new tensor, the tokens ext [B, n] with the draft appended)."""
+    d = logits[:, -1].float().argmax(-1)
+    return d, h.clone(), torch.cat([ext, d[:, None]], 1)
 
 
 def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
