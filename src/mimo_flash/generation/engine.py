@@ -420,7 +420,7 @@ def _spec_pipelined(runner, out: "Output", st, params: SamplingParams, generator
         if left is not None and left <= ahead:
             break
         if pending and left is not None and left <= ahead * (k + 1):  # the launches in flight may end every row:
-            left = _spec_read(pending.pop(0), B, k, st, pending, stats)  # wait for them rather than make one more
+            left = _spec_read(pending.pop(0), runner, st, pending, stats)  # wait for them rather than make one more
             continue
         # (one row: no frozen mask, which would keep it from the batch-1 kernels; a launch after it is done only
         # follows an EOS, its tokens dropped)
@@ -440,24 +440,25 @@ def _spec_pipelined(runner, out: "Output", st, params: SamplingParams, generator
                           torch.where(out.done, 0, out.max_new - out.count), st.N.max()[None]])
         pending.append((n, _to_host_later(info)))
         if len(pending) > 1:
-            left = _spec_read(pending.pop(0), B, k, st, pending, stats)
+            left = _spec_read(pending.pop(0), runner, st, pending, stats)
             if left == 0:
                 break
     while pending:
-        _spec_read(pending.pop(0), B, k, st, pending, stats)
+        _spec_read(pending.pop(0), runner, st, pending, stats)
 
 
-def _spec_read(item, B: int, k: int, st, pending: list, stats: GenerationStats) -> int:
-    """Read a launched chunk's counts (waits for it): counts its steps in stats (the rows that were still emitting,
-    as a step at a time counts them), tightens st.n_max to its exact max N
-    plus the advance of the chunks still pending; returns the most tokens a row still wants after it."""
+def _spec_read(item, runner, st, pending: list, stats: GenerationStats) -> int:
+    """Read a launch's counts (waits for it): counts its steps in stats (the rows that were still emitting, as a step
+    at a time counts them), sets st.n_max to its exact max N plus the advance of the launches still pending (at most
+    S - 1 - K, which no row's N passes: spec_step_launch); returns the most tokens a row still wants after it."""
+    B, k = st.N.shape[0], st.k
     n, read = item
     v = read().tolist()
     counts, active, want = v[:n * B], v[n * B:2 * n * B], v[2 * n * B:-1]
     for j in range(n):
         row = slice(j * B, (j + 1) * B)
         stats.verified(k, [c for c, a in zip(counts[row], active[row], strict=True) if a])
-    st.n_max = v[-1] + sum(p[0] for p in pending) * (k + 1)
+    st.n_max = min(v[-1] + sum(p[0] for p in pending) * (k + 1), runner.cache.S - 1 - st.K)
     return max(want)
 
 
