@@ -385,8 +385,9 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
 
 def spec_step_launch(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
     """spec_step without its host sync: (new [B, k+1], count [B]) on the device. st.n_max becomes a bound, k + 1
-    more (at most S - 1 - K, past every row's N: a row still emitting stays 2K + 2 below the cache's end, and rows
-    that are done do not advance); the caller sets it exactly once it has read st.N."""
+    more, at most S - 1 - K, which no row's N passes (a row still emitting has N <= P + max_new - 2 before a step,
+    S >= P + max_new + 2K + 2, and rows that are done do not advance); the caller sets it exactly once it has read
+    st.N."""
     new = None
     if _can_graph(runner, st, params):
         try:
