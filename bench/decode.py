@@ -152,9 +152,10 @@ def graph_report(model, B: int, tag: str = "") -> str:
                         g.replay()
                         torch.cuda.synchronize()
                     ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
-                    lines.append(f"  per step: {len(ev) / n:.0f} kernels, {sum(e.device_time for e in ev) / n:.0f} us of "
-                                 "kernel time")
-                    table = prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=90)
+                    kernel_us = sum(e.device_time for e in ev) / n
+                    lines.append(f"  per step: {len(ev) / n:.0f} kernels, {kernel_us:.0f} us of kernel time")
+                    table = prof.key_averages().table(sort_by="device_time_total", row_limit=60,
+                                                      max_name_column_width=90)
                     lines.append("\n".join(table.splitlines()[:17]))
                     if os.environ.get("OUT"):
                         name = "_".join(map(str, gkey[:4] if gkey[0] == "spec" else gkey[:3:2] if gkey[0] == "main"

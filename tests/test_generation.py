@@ -20,7 +20,6 @@ from mimo_flash.generation.runner import Runner
 from mimo_flash.generation.sampling import (SamplingParams, choose, choose_rows, process, sample_from_probs,
                                             uniforms)
 from mimo_flash.ops.attention import AttnMeta, attention_reference
-from mimo_flash.options import override
 
 
 def full_argmax_check(model, out, prompt_cols, mask=None):
