@@ -1,14 +1,12 @@
 """generate(): chunked prefill, then plain or MTP-speculative decoding over a KVCache.
 
 Shapes: B rows, P prompt columns (left padding), V vocabulary, D hidden size, K speculative tokens.
-(Nearly 600 lines: the input checks, the runner choice and the decode loops (plain, graphed greedy chunks,
-speculative launches one ahead of the host or step by step, adaptive K) share the Output/_Clock bookkeeping kept
-here.)
+Each row's new tokens and the host's reads of device values are generation/output.py; the speculative steps
+generation/speculative.py, the adaptive loop generation/adaptive.py.
 """
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -17,6 +15,7 @@ import torch
 
 from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
 from .cache import KVCache
+from .output import Clock, Output, to_host_later
 from .runner import GraphRunner, Runner, graph_bucket
 from .sampling import SamplingParams, choose, process
 from .speculative import (SPEC_CHUNK, SpecRings, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step,
@@ -240,7 +239,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)  # last column is a token
 
     out = Output(B, max_new_tokens, eos, pad_token_id, streamer, stopping, device)
-    clock = _Clock(device)
+    clock = Clock(device)
     if K == 0:
         last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
         tok = choose(process(last_logits, params, seen), params, generator)
@@ -318,7 +317,7 @@ def _controller(adaptive, K: int, step_costs) -> AdaptiveK | bool | None:
 GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs, one graph late
 
 
-def _greedy_graphable(runner, params: SamplingParams, seen, out: "Output") -> bool:
+def _greedy_graphable(runner, params: SamplingParams, seen, out: Output) -> bool:
     return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.streamer is None
             and out.stopping is None and runner.graphs_for("greedy"))
 
@@ -350,7 +349,7 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
     return fn
 
 
-def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, max_new_tokens: int,
+def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_new_tokens: int,
                     stats: GenerationStats):
     """Plain greedy decoding GREEDY_CHUNK steps per CUDA graph (forward, argmax, next input; no eager work
     between steps) after the prefill's token tok; the tokens go to `out`, where EOS is checked: a row that
@@ -400,7 +399,7 @@ def _greedy_graphed(runner: GraphRunner, out: "Output", tok, pos, n_max: int, ma
     return max_new_tokens, tok, pos
 
 
-def _spec_pipelined(runner, out: "Output", st, params: SamplingParams, generator, stats: GenerationStats) -> None:
+def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, stats: GenerationStats) -> None:
     """Speculative decoding with the host one launch behind the device, until every row is done: each launch is a
     graphed chunk of greedy steps (speculative.spec_chunk_launch) or, where chunks do not apply (sampling, a
     repetition penalty, an eager runner, the cache's last positions), one step (spec_step_launch). Launch c is
@@ -438,7 +437,7 @@ def _spec_pipelined(runner, out: "Output", st, params: SamplingParams, generator
         # what the host reads later: counts, active rows, tokens each row still wants, max N
         info = torch.cat([count.reshape(-1), torch.stack(active).reshape(-1).long(),
                           torch.where(out.done, 0, out.max_new - out.count), st.N.max()[None]])
-        pending.append((n, _to_host_later(info)))
+        pending.append((n, to_host_later(info)))
         if len(pending) > 1:
             left = _spec_read(pending.pop(0), runner, st, pending, stats)
             if left == 0:
@@ -460,44 +459,6 @@ def _spec_read(item, runner, st, pending: list, stats: GenerationStats) -> int:
         stats.verified(k, [c for c, a in zip(counts[row], active[row], strict=True) if a])
     st.n_max = min(v[-1] + sum(p[0] for p in pending) * (k + 1), runner.cache.S - 1 - st.K)
     return max(want)
-
-
-def _to_host_later(t: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A function that returns t's values as of now on the host: on CUDA a pinned copy launched now, waited for
-    only when the function is called."""
-    if t.device.type != "cuda":
-        return lambda: t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    ev = torch.cuda.Event()
-    ev.record()
-    return lambda: ev.synchronize() or host
-
-
-class _Clock:
-    """Times between marks without waiting for the GPU at each (a wait after prefill would leave the GPU idle
-    while the host launches the first decode graph): CUDA events on the current stream, else the host clock.
-    The first mark is made at construction."""
-
-    def __init__(self, device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-        self.mark()
-
-    def mark(self) -> None:
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals(self) -> list[float]:
-        """Seconds between consecutive marks (waits for the last one)."""
-        if not self.cuda:
-            return [b - a for a, b in zip(self.marks, self.marks[1:])]
-        self.marks[-1].synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 def prefill(runner: Runner, input_ids, attention_mask, chunk: int, keep_hidden: bool):
@@ -523,66 +484,3 @@ def prefill(runner: Runner, input_ids, attention_mask, chunk: int, keep_hidden: 
         if keep_hidden:
             hs.append(h)
     return logits[:, -1].float(), (torch.cat(hs, 1) if keep_hidden else None)
-
-
-class Output:
-    """New tokens of every row, EOS / stop handling and streaming (transformers' padding after EOS)."""
-
-    def __init__(self, B, max_new, eos, pad, streamer, stopping, device):
-        self.B, self.max_new, self.pad = B, max_new, pad
-        self.tokens = torch.full((B, max_new + 8), pad, dtype=torch.long, device=device)  # + room for a step
-        self.count = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row
-        self.done = torch.zeros(B, dtype=torch.bool, device=device)
-        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-        self.streamer, self.stopping = streamer, stopping
-        self.sync = bool(eos) or streamer is not None or stopping is not None
-        self.host_rows: list[list[int]] | None = [[] for _ in range(B)] if stopping is not None else None
-
-    def add(self, new: torch.Tensor, count: torch.Tensor) -> None:
-        """new [B, C] candidate tokens, count [B] how many of them each row emits (1 <= count <= C)."""
-        B, C = new.shape
-        ar = torch.arange(C, device=new.device)
-        take = (ar[None] < count[:, None]) & ~self.done[:, None]
-        room = self.max_new - self.count
-        take &= ar[None] < room[:, None]
-        if self.eos is not None:  # cut after the first EOS
-            is_eos = torch.isin(new, self.eos) & take
-            first = torch.where(is_eos.any(1), is_eos.float().argmax(1), C)
-            take &= ar[None] <= first[:, None]
-            finished_eos = is_eos.any(1)
-        n_take = take.sum(1)
-        if self.tokens.shape[1] < self.max_new + C:
-            self.tokens = torch.cat([self.tokens, torch.full_like(self.tokens[:, :C], self.pad)], 1)
-        idx = self.count[:, None] + ar[None]  # distinct columns; those not taken keep their pad
-        cur = self.tokens.gather(1, idx)
-        self.tokens.scatter_(1, idx, torch.where(take, new, cur))
-        self.count += n_take
-        newly_done = self.count >= self.max_new
-        if self.eos is not None:
-            newly_done |= finished_eos
-        if self.sync:
-            if self.streamer is not None:
-                self.streamer.put(new[0, : int(n_take[0])].tolist())
-            if self.stopping is not None:
-                counts = n_take.tolist()
-                rows = new.tolist()
-                for b in range(B):
-                    self.host_rows[b].extend(rows[b][: counts[b]])
-                stop = torch.tensor(self.stopping(self.host_rows), dtype=torch.bool, device=new.device)
-                newly_done |= stop
-        self.done |= newly_done
-
-    def all_done(self) -> bool:
-        return bool(self.done.all())
-
-    def all_done_later(self):
-        """A function that returns all_done() as of now, and on CUDA waits for the GPU only when called."""
-        read = _to_host_later(self.done.all())
-        return lambda: bool(read())
-
-    def total_new(self) -> int:
-        return int(self.count.sum())
-
-    def result(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = int(self.count.max())
-        return torch.cat([input_ids, self.tokens[:, :n]], 1)

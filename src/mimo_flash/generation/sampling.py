@@ -51,6 +51,9 @@ class SamplingParams:
         return self
 
 
+GREEDY = SamplingParams()  # greedy decoding, no penalty
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -131,7 +134,7 @@ def choose_rows(logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
     host sync: rows of equal parameters are processed together (row-wise ops: a row's values do not depend on
     its neighbours), each row with a generator draws from it alone, the others from the default generator in
     one call. A batch of requests (the server's slots) samples in a few kernels instead of a loop over rows."""
-    rows = [r if r is not None else (_GREEDY, None, None) for r in rows]
+    rows = [r if r is not None else (GREEDY, None, None) for r in rows]
     out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     for idx, at in row_groups(rows, logits.device):
         p, _, seen = rows[idx[0]]
@@ -174,6 +177,3 @@ def _index(idx: list[int], device) -> torch.Tensor:
     """A list of ints on the device without waiting for it (a plain copy to a GPU waits for its stream)."""
     t = torch.tensor(idx, dtype=torch.long, pin_memory=device.type == "cuda")
     return t.to(device, non_blocking=True)
-
-
-_GREEDY = SamplingParams()

@@ -1,7 +1,5 @@
 """MTP speculative decoding: draft K tokens with the chained MTP layers, verify them in one forward.
-(About 570 lines: the state, its rings, the prefill, the re-prime, the step, its launches without a host sync
-and its graphed chunks all read and write one SpecState, whose invariants the notes below state once; the adaptive
-loop is generation/adaptive.py.)
+The rules that draw and accept drafts are generation/acceptance.py; the adaptive loop is generation/adaptive.py.
 
 Notation per row: committed tokens x_0 .. x_N, where x_N is the newest (sampled, not yet run through the
 main model, whose cache holds positions 0 .. N-1). One step:
@@ -42,16 +40,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..options import options
+from .acceptance import RowSampling, accept, draft_token, greedy_accept, seen_prefixes
 from .cache import MAIN, mtp_group
 from .runner import graph_bucket
-from .sampling import SamplingParams, process, row_groups, sample_from_probs, uniforms
+from .sampling import GREEDY, SamplingParams
 
-# Greedy steps after the first run as one CUDA graph (drafts + verification + accept + rollback) on a
-# GraphRunner; options().spec_graph=False keeps the step-by-step path.
-_GREEDY = SamplingParams(do_sample=False)
 # greedy steps of generate() (fixed K) per CUDA graph: one host sync, and the host's work between steps, per
 # chunk instead of per step (0.5-0.6 ms a step on an H200, docs/BENCHMARKS.md); EOS is seen a chunk late
 SPEC_CHUNK = 4
@@ -118,77 +113,6 @@ class SpecRings:
         """pos [B, T] -> (ids [B, T], h [B, T, D])."""
         slot = pos % self.size
         return self.ids.gather(1, slot), self.h.gather(1, slot[..., None].expand(*slot.shape, self.h.shape[-1]))
-
-
-class RowSampling:
-    """Sampling for a speculative step whose rows each carry their own parameters, generator and seen tokens (the
-    serving scheduler's slots), in place of one SamplingParams, generator and seen tensor for the batch:
-    rows[b] = (params, generator or None, seen [1, V] bool or None) or None for a frozen (or plain greedy) row;
-    seen: the tokens of row b's sequence up to x_N (its repetition penalty; the caller adds the tokens it takes).
-    Rows of equal parameters go through the batched rules together (_draft_token, _accept on their rows), each
-    row's random numbers drawn from its own generator (sampling.row_groups, sample_from_probs and uniforms with a
-    list of generators), so its samples do not depend on the other rows. Eager, never in a graph: a few kernels
-    per group of parameters and per seeded row, no host sync."""
-
-    do_sample = True
-
-    def __init__(self, rows: list) -> None:
-        self.rows = [r if r is not None else (_GREEDY, None, None) for r in rows]
-
-    def _groups(self, device):
-        """(params, row numbers, their index or None for all rows, seen [n, V] or None, generators) per group."""
-        for idx, at in row_groups(self.rows, device):
-            params, _, seen = self.rows[idx[0]]
-            seen = None if seen is None else torch.cat([self.rows[b][2] for b in idx])
-            yield params, at, seen, [self.rows[b][1] for b in idx]
-
-    def draft(self, logits: torch.Tensor):
-        """logits [B, V] -> (tokens [B], probabilities [B, V]: one-hot for greedy and frozen rows)."""
-        B, V = logits.shape
-        toks = torch.empty(B, dtype=torch.long, device=logits.device)
-        qs = torch.empty(B, V, dtype=torch.float32, device=logits.device)
-        for params, at, seen, gens in self._groups(logits.device):
-            t, q = _draft_token(logits if at is None else logits[at], params, seen, gens)
-            q = F.one_hot(t, V).float() if q is None else q
-            if at is None:
-                return t, q
-            toks[at], qs[at] = t, q
-        return toks, qs
-
-    def accept(self, logits: torch.Tensor, d: torch.Tensor, q: torch.Tensor | None):
-        """Verification logits [B, k+1, V], drafts d [B, k], their probabilities q [B, k, V] -> (drafts accepted
-        a [B], the token after them y [B])."""
-        B, V = d.shape[0], logits.shape[-1]
-        a = torch.empty(B, dtype=torch.long, device=d.device)
-        y = torch.empty(B, dtype=torch.long, device=d.device)
-        for params, at, seen, gens in self._groups(d.device):
-            sub = (lambda t: t) if at is None else (lambda t: t[at])  # noqa: E731  (the group's rows)
-            seen_j = None if seen is None else _seen_prefixes(seen, sub(d), V)
-            ag, yg = _accept(sub(logits), sub(d), None if q is None else sub(q), params, gens, seen_j)
-            if at is None:
-                return ag, yg
-            a[at], y[at] = ag, yg
-        return a, y
-
-
-def _seen_prefixes(seen: torch.Tensor, d: torch.Tensor, V: int) -> torch.Tensor:
-    """seen [B, V] (the tokens up to x_N), drafts d [B, k] -> [B, k + 1, V]: the tokens before each verified
-    column (column j also has d_1 .. d_j), for the repetition penalty of its target distribution."""
-    oh = F.one_hot(d, V).bool()
-    none = torch.zeros(d.shape[0], 1, V, dtype=torch.bool, device=d.device)
-    return seen[:, None] | torch.cat([none, oh.cumsum(1).bool()], 1)
-
-
-def _draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
-    """logits [B, V] -> (tokens [B], probabilities [B, V] or None when greedy). generator: the batch's, or a list of
-    one per row (RowSampling's groups)."""
-    if isinstance(params, RowSampling):
-        return params.draft(logits)
-    x = process(logits, params, seen)
-    if not params.do_sample:
-        return x.argmax(-1), None
-    q = x.softmax(-1)
-    return sample_from_probs(q, generator), q
 
 
 def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingParams, seen, generator,
@@ -259,7 +183,7 @@ def _prime(runner, input_ids, mask, pos, hidden, tok, K: int, k_run: int, params
                                    None if all_valid else valid[:, c0:c1])
             outs.append(h)
         h_in = torch.cat(outs, 1)
-        d, q = _draft_token(logits[:, -1], params, seen, generator)
+        d, q = draft_token(logits[:, -1], params, seen, generator)
         drafts.append(d)
         qs.append(q)
         ext = torch.cat([ext, d[:, None]], 1)
@@ -335,7 +259,7 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator, frozen=None
             q = None
         else:
             h_prev = h.clone()
-            d, q = _draft_token(logits[:, -1], params, st.seen, generator)
+            d, q = draft_token(logits[:, -1], params, st.seen, generator)
             ext = torch.cat([ext, d[:, None]], 1)
         drafts.append(d)
         qs.append(q)
@@ -430,7 +354,7 @@ def _graphed_step(runner, st: SpecState, frozen, n: int = 1):
         # steps: generate() has ended, and the server's warm-up steps write a row that admission resets)
         news, counts = [], []
         for _ in range(n):
-            new, count = _step_core(runner, s, _GREEDY, None, frozen if B > 1 else None)
+            new, count = _step_core(runner, s, GREEDY, None, frozen if B > 1 else None)
             news.append(new)
             counts.append(count)
         new, count = (news[0], counts[0]) if n == 1 else (torch.stack(news), torch.stack(counts))
@@ -487,31 +411,6 @@ def spec_chunk_launch(runner, st: SpecState, n: int, frozen: torch.Tensor | None
     return new, count
 
 
-def _accept(logits, d, q, params: SamplingParams, generator, seen_j):
-    """Verification logits [B, k+1, V] of drafts d [B, k] (probabilities q [B, k, V] when sampling) ->
-    (drafts accepted a [B], the token after them y [B]), for the batch's one params; generator: the batch's, or a
-    list of one per row (RowSampling)."""
-    B, k = d.shape
-    pl = process(logits.float(), params, seen_j)  # [B, k+1, V]
-    if not params.do_sample:
-        g = pl.argmax(-1)
-        a = torch.cumprod((d == g[:, :k]).long(), 1).sum(1)
-        return a, g.gather(1, a[:, None])[:, 0]
-    if k == 0:
-        a = torch.zeros(B, dtype=torch.long, device=d.device)
-        return a, sample_from_probs(pl[:, 0].softmax(-1), generator)
-    p = pl.softmax(-1)
-    pd = p[:, :k].gather(2, d[..., None])[..., 0]
-    qd = q.gather(2, d[..., None])[..., 0]
-    u = uniforms(B, k, generator, d.device)
-    a = torch.cumprod((u * qd < pd).long(), 1).sum(1)
-    r = (p[:, :k] - q).clamp_min(0)
-    rs = r.sum(-1, keepdim=True)
-    r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :k])
-    dist = torch.cat([r, p[:, k:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
-    return a, sample_from_probs(dist, generator)
-
-
 def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen):
     """Draft st.k tokens, verify, accept, roll back; updates st (not n_max). Returns (new [B, k+1], count [B])."""
     K, k, B = st.K, st.k, st.N.shape[0]
@@ -541,11 +440,11 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
         advance = runner.glue(("advance", B, K, k, True), _advance_greedy)  # (accept and update: one function)
         new, count, *state = advance(runner.cache, K, k, logits, d, *state)
     else:
-        seen_j = None if st.seen is None else _seen_prefixes(st.seen, d, logits.shape[-1])
+        seen_j = None if st.seen is None else seen_prefixes(st.seen, d, logits.shape[-1])
         if isinstance(params, RowSampling):
             a, y = params.accept(logits, d, st.q)
         else:
-            a, y = _accept(logits, d, st.q, params, generator, seen_j)
+            a, y = accept(logits, d, st.q, params, generator, seen_j)
         new, count, *state = runner.glue(("advance", B, K, k, False), _advance)(runner.cache, K, k, d, a, y, *state)
         if st.seen is not None:
             st.seen.scatter_(1, torch.where(ar[None] < count[:, None], new, st.tok[:, None]), True)
@@ -559,9 +458,8 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
 
 def _advance_greedy(cache, K: int, k: int, logits, d, N, N_prev, tok, recent, h_main, h, frozen):
     """Greedy acceptance of drafts d [B, k] from the verification logits [B, k+1, V], then _advance."""
-    g = logits.float().argmax(-1)
-    a = torch.cumprod((d == g[:, :k]).long(), 1).sum(1)
-    return _advance(cache, K, k, d, a, g.gather(1, a[:, None])[:, 0], N, N_prev, tok, recent, h_main, h, frozen)
+    a, y = greedy_accept(logits, d)
+    return _advance(cache, K, k, d, a, y, N, N_prev, tok, recent, h_main, h, frozen)
 
 
 def _advance(cache, K: int, k: int, d, a, y, N, N_prev, tok, recent, h_main, h, frozen):

@@ -34,11 +34,10 @@ import time
 
 import torch
 
+from ..generation.acceptance import RowSampling
 from ..generation.adaptive import AdaptiveK
-from ..generation.sampling import SamplingParams
-from ..generation.speculative import RowSampling, SpecRings, SpecState, spec_reprime, spec_step
-
-_GREEDY = SamplingParams(do_sample=False)
+from ..generation.sampling import GREEDY
+from ..generation.speculative import SpecRings, SpecState, spec_reprime, spec_step
 
 
 def _per_row(st: SpecState) -> list[torch.Tensor]:
@@ -214,7 +213,7 @@ class SpecSlots:
                 self._catch_up(span, group, k, n_max, chunk)
             self.catch_up_seconds += time.perf_counter() - t0
         sub = self._view(0, n, n_max, k)
-        params = _GREEDY
+        params = GREEDY
         if special:
             mine = set(rows)
             params = RowSampling([special.get(i) if i in mine else None for i in range(n)])
