@@ -282,7 +282,7 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                        f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same, lead]
                 table_rows[sample].append(row)
                 log(" | ".join(str(x) for x in row))
-                if K == 0 and not sample:
+                if K == 0 and not sample and not args.no_eager:
                     # rounding's share of "same": plain greedy again through other kernels (graphs of eager code)
                     run(model, ids, args.new_tokens, 0, False, args.seed, compile=False)
                     toks, st, wall = run(model, ids, args.new_tokens, 0, False, args.seed, compile=False)
@@ -312,6 +312,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where the tokenizer and checkpoint go (default: a temp dir)")
     p.add_argument("--reuse", default=None, metavar="DIR",
                    help="measure the model an earlier run trained into its --out DIR (no training)")
+    p.add_argument("--no-eager", action="store_true",
+                   help="skip the K = 0 eager row (plain greedy through graphs of eager code: the rounding baseline "
+                        "of same and lead)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
                    help="set options().NAME for the decoding (e.g. decode_experts=\"triton\"); repeatable")
     args = p.parse_args(argv)

@@ -31,14 +31,14 @@ def test_bench_spec_runs_on_cpu(tmp_path):
     assert (tmp_path / "checkpoint" / "config.json").exists()
     # --reuse: the same trained model measured again, here with another option for the decoding, without training
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse", str(tmp_path),
-                            "--batches", "1", "--new-tokens", "8", "--budget-minutes", "30", "--ks", "auto",
+                            "--batches", "1", "--new-tokens", "8", "--budget-minutes", "30", "--ks", "auto", "--no-eager",
                             "--option", 'decode_experts="grouped_mm"'], capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "first steps (compilation" in r.stdout and "first steps (compilation" not in again.stdout  # no training
     assert 'options: decode_experts="grouped_mm"; model trained by an earlier run' in again.stdout
     ks = [line.strip("|").split("|")[2].strip() for line in again.stdout.splitlines()
-          if line.startswith("| 1 ")]  # --ks auto: plain and adaptive only, greedy and sampled
-    assert sorted(ks) == ["0", "0", "0 eager", "auto", "auto"], ks
+          if line.startswith("| 1 ")]  # --ks auto: plain and adaptive only, greedy and sampled; no eager row
+    assert sorted(ks) == ["0", "0", "auto", "auto"], ks
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse",
                           str(tmp_path / "nothing")], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "holds no trained run" in bad.stderr
