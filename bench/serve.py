@@ -159,12 +159,17 @@ def random_checkpoint(preset: str, device: str) -> Path:
     return d
 
 
-def generate_baseline(ckpt: str, device: str, batch: int, in_len: int, out_len: int, compile: bool, result) -> None:
-    """(A spawned process) generate()'s end-to-end output tok/s at `batch` rows, put into `result`."""
+def generate_baseline(ckpt: str, device: str, batch: int, in_len: int, out_len: int, compile: bool, result,
+                      options: dict) -> None:
+    """(A spawned process) generate()'s end-to-end output tok/s at `batch` rows under `options` (set_options
+    arguments), put into `result`."""
     import torch
 
     from mimo_flash import MiMoForCausalLM
     from mimo_flash.generation import generate
+    from mimo_flash.options import set_options
+
+    set_options(**options)
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # (serve's --dtype auto)
@@ -181,20 +186,27 @@ def generate_baseline(ckpt: str, device: str, batch: int, in_len: int, out_len: 
     result.put((out.shape[1] - in_len) * batch / (time.perf_counter() - t0))
 
 
+def baseline_options(args) -> dict:
+    """--baseline-option NAME=JSON ... as set_options arguments."""
+    return {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.baseline_option)}
+
+
 def baseline(args, ckpt: Path) -> float:
     import multiprocessing
 
     mp = multiprocessing.get_context("spawn")
     result = mp.Queue()
     p = mp.Process(target=generate_baseline, args=(str(ckpt), args.device, max(args.concurrency), args.input_len,
-                                                   args.output_len, args.compile, result))
+                                                   args.output_len, args.compile, result,
+                                                   baseline_options(args)))
     p.start()
     p.join()
     if p.exitcode != 0:
         raise SystemExit(f"the generate() baseline failed (exit {p.exitcode})")
     tok_s = result.get()
     print(f"generate() baseline: batch {max(args.concurrency)}, in={args.input_len} out={args.output_len}"
-          f"{' compiled' if args.compile else ''}: {tok_s:.1f} output tok/s (prefill included)", flush=True)
+          f"{' compiled' if args.compile else ''}{' ' + ' '.join(args.baseline_option) if args.baseline_option else ''}: "
+          f"{tok_s:.1f} output tok/s (prefill included)", flush=True)
     return tok_s
 
 
@@ -315,8 +327,16 @@ def main() -> int:
                     help="also time generate() at batch = the largest concurrency on the same checkpoint (see above)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (graph capture, compile)")
+    ap.add_argument("--baseline-option", action="append", default=[], metavar="NAME=JSON",
+                    help="set options().NAME in the --baseline process (e.g. cache_attention=\"triton\", to match "
+                         "a server started with --server-args \" --cache-attention triton\"); repeatable")
     ap.add_argument("--json", help="append one JSON line per run to this file")
     args = ap.parse_args()
+    try:
+        from mimo_flash.options import Options
+        Options(**baseline_options(args))
+    except (ValueError, TypeError) as e:
+        ap.error(f"--baseline-option: {e}")
     if not 0 <= args.range_ratio < 1:
         ap.error(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.max_context is None:

@@ -83,12 +83,13 @@ def test_bytes_report_flash_is_the_real_allocation():
     full = [i for i in range(48) if not c.is_swa(i)]
     assert len(full) == 9
     for n in (4096, 32768, 262144):
-        kv_full = 9 * n * 4 * (192 + 128) * 2
-        kv_swa = 39 * 129 * 8 * (192 + 128) * 2
-        tables = n * 1 + 129 * (8 + 1)  # validity of full slots, positions + validity of the ring
+        # every buffer and table has one scratch slot (where masked tokens write) after its rows
+        kv_full = 9 * (4 * n + 1) * (192 + 128) * 2
+        kv_swa = 39 * (8 * 129 + 1) * (192 + 128) * 2
+        tables = (n + 1) * 1 + 130 * (8 + 1)  # validity of full slots, positions + validity of the ring
         assert cache_bytes(c, n) == kv_full + kv_swa + tables
         glob = cache_bytes(c, n, sliding=False)
-        assert glob == kv_full + 39 * n * 8 * 320 * 2 + n
+        assert glob == kv_full + 39 * (8 * n + 1) * 320 * 2 + n + 1
     r = bytes_report(c)
     assert r[-1]["saving"] > 9  # 256k context: ~9.6x smaller than every layer global
 

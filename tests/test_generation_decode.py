@@ -280,13 +280,14 @@ def test_compiled_speculative_advance_equals_eager():
         results = []
         for f in (spec_mod._advance_greedy, fn):
             runner.cache.reset()
-            for grp in runner.cache._valid:  # every slot written, position = slot index, so rollbacks show
-                runner.cache._valid[grp].fill_(True)
+            groups = list(runner.cache._valid)
+            for grp in groups:  # every slot written, position = slot index, so rollbacks show
+                pos, valid = runner.cache._tables(grp)
+                valid.fill_(True)
                 if grp != "full":
-                    runner.cache._pos[grp].copy_(torch.arange(runner.cache._pos[grp].shape[-1]).expand_as(
-                        runner.cache._pos[grp]))
+                    pos.copy_(torch.arange(pos.shape[-1]).expand_as(pos))
             out = f(runner.cache, *args)
-            results.append((out, {grp: v.clone() for grp, v in runner.cache._valid.items()}))
+            results.append((out, {grp: runner.cache._tables(grp)[1].clone() for grp in groups}))
         (want, want_valid), (got, got_valid) = results
         for a, b in zip(want, got, strict=True):
             torch.testing.assert_close(b, a)

@@ -43,10 +43,13 @@ Two ways to attend in a ring, chosen per step:
   - concat (chunked prefill, T large): keys = the ring before writing ++ the new tokens; then only the
     last R tokens of each row are written.
 
-Invalid tokens of a step (left padding, rows with fewer tokens) must not change the cache. A scatter with
-static shapes still writes one value per token, so an invalid token rewrites, at the same slot, exactly
-what a valid token of its row writes there (or, in a row with nothing valid, the current content of slot 0):
-duplicate writes of identical data leave a deterministic result.
+Invalid tokens of a step (left padding, rows with fewer tokens, frozen rows) must not change the cache. A
+scatter with static shapes still writes one value per token, so every buffer and slot table is stored flat with
+one element more than it holds (the scratch slot, after the last row), where invalid tokens write; no step reads
+it, and the [B, Hkv, n, D] views of the rows stay contiguous. (Writing them over a valid
+token's slot instead, with that token's value, reads the buffer or the new tokens back before the scatter:
+torch.compile then cannot fuse the RoPE and value scale into the scatter, 3-4 more kernels a layer in every
+masked verification.)
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def mtp_group(k: int) -> str:
 class LayerSlots:
     """One row's cache of one layer (views of the cache's buffers: writes go to the cache)."""
 
-    k: torch.Tensor  # [Hkv, n, D] keys (n = S for a full layer, R for a ring)
+    k: torch.Tensor  # [Hkv, n, D] keys (n = S for a full layer, R for a ring; head stride (n + 1) * D)
     v: torch.Tensor  # [Hkv, n, Dv] values
     pos: torch.Tensor  # [n] long, the position each slot holds (full layers: the slot index)
     valid: torch.Tensor  # [n] bool, whether the slot holds a key of this row
@@ -93,12 +96,12 @@ class OneTokenTables:
 class _Plan:
     """One group's writes for the current step (B rows, T new tokens)."""
 
+    rows: torch.Tensor  # [B, 1] long, each row's index in the storage (rows() views start further in)
     slots: torch.Tensor  # [B, T] long, slot each token writes
-    write: torch.Tensor | None  # [B, T] bool, tokens that really write (None = all)
-    rep: torch.Tensor | None  # [B] long, index of a writing token per row (rows without one: -1)
+    write: torch.Tensor | None  # [B, T] bool, tokens that really write (None = all; the others: the scratch slot)
     meta: AttnMeta  # queries vs the keys returned by update()
     concat: bool  # keys = old buffer ++ new tokens
-    kv_len: int  # full layers: attend over slots [0, kv_len)
+    kv_len: int  # slots attended: [0, kv_len) (full layers: the step's bound; rings: all R)
 
 
 class KVCache:
@@ -122,8 +125,12 @@ class KVCache:
         self.sliding, self.slack = sliding, slack
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        # storage, flat with the scratch slot last (module docstring): keys [B * Hkv * n + 1, D], values likewise;
+        # per group, slot validity [B * n + 1] and (rings) slot positions [B * n + 1]. Views: _kv(), _tables().
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
+        self._heads: dict[int, int] = {}
+        self._rows, self._r0 = batch_size, 0  # rows of the storage; this cache's first (rows() views)
         self._group_of: dict[int, str] = {}
         L = config.num_hidden_layers
         layers = [(i, config.is_swa(i)) for i in range(L)] + [(L + k, True) for k in range(num_mtp)]
@@ -131,33 +138,54 @@ class KVCache:
             d = config.attn_dims(swa)
             ring = swa and sliding
             n = self.R if ring else self.S
-            self._k[i] = torch.zeros(batch_size, d["kv_heads"], n, d["qk_dim"], device=self.device, dtype=dtype)
-            self._v[i] = torch.zeros(batch_size, d["kv_heads"], n, d["v_dim"], device=self.device, dtype=dtype)
+            m = batch_size * d["kv_heads"] * n + 1
+            self._k[i] = torch.zeros(m, d["qk_dim"], device=self.device, dtype=dtype)
+            self._v[i] = torch.zeros(m, d["v_dim"], device=self.device, dtype=dtype)
+            self._heads[i] = d["kv_heads"]
             if i >= L:
                 self._group_of[i] = mtp_group(i - L)
             else:
                 self._group_of[i] = "swa" if ring else "full"
-        # per-group tables: slot positions [B, n] (long) and validity [B, n] (bool)
         self._pos: dict[str, torch.Tensor] = {}
         self._valid: dict[str, torch.Tensor] = {}
         for g in sorted(set(self._group_of.values())):
-            n = self.S if g == "full" else self.R
-            if g == "full":  # slot j always holds position j
-                self._pos[g] = torch.arange(n, device=self.device).expand(batch_size, n)
+            n = self._slots(g)
+            if g == "full":  # slot j always holds position j (a table never written)
+                self._pos[g] = torch.arange(n, device=self.device)
             else:
-                self._pos[g] = torch.full((batch_size, n), -1, device=self.device, dtype=torch.long)
-            self._valid[g] = torch.zeros(batch_size, n, device=self.device, dtype=torch.bool)
+                self._pos[g] = torch.full((batch_size * n + 1,), -1, device=self.device, dtype=torch.long)
+            self._valid[g] = torch.zeros(batch_size * n + 1, device=self.device, dtype=torch.bool)
         self._plans: dict[str, _Plan] = {}
 
     # ------------------------------------------------------------------ sizes
     def nbytes(self) -> int:
         """Bytes this cache allocated (keys, values and the position/validity tables)."""
         ts = list(self._k.values()) + list(self._v.values()) + list(self._valid.values())
-        ts += [p for g, p in self._pos.items() if g != "full"]  # the full table is an expanded arange view
+        ts += [p for g, p in self._pos.items() if g != "full"]  # the full table is one arange, not per row
         return sum(t.numel() * t.element_size() for t in ts)
 
     def ring_size(self) -> int:
         return self.R
+
+    def _slots(self, g: str) -> int:
+        """Slots a row of group g holds."""
+        return self.S if g == "full" else self.R
+
+    def _view(self, flat: torch.Tensor, *shape: int) -> torch.Tensor:
+        """This cache's rows of a flat storage tensor (scratch slot dropped) as [B, *shape]."""
+        return flat[:-1].view(self._rows, *shape)[self._r0:self._r0 + self.B]
+
+    def _kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer layer_idx's keys [B, Hkv, n, D] and values [B, Hkv, n, Dv] (views)."""
+        n, H = self._slots(self._group_of[layer_idx]), self._heads[layer_idx]
+        k, v = self._k[layer_idx], self._v[layer_idx]
+        return self._view(k, H, n, k.shape[-1]), self._view(v, H, n, v.shape[-1])
+
+    def _tables(self, g: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group g's slot positions [B, n] (long) and validity [B, n] (bool) (views)."""
+        n = self._slots(g)
+        pos = self._pos[g].expand(self.B, n) if g == "full" else self._view(self._pos[g], n)
+        return pos, self._view(self._valid[g], n)
 
     # ------------------------------------------------------------------ steps
     def _ring_groups(self, group: str) -> list[str]:
@@ -186,7 +214,7 @@ class KVCache:
     def _plan(self, g, q_pos, q_valid, q_seg, kv_len) -> _Plan:
         B, T = q_pos.shape
         full = g == "full"
-        n = self.S if full else self.R
+        n = self._slots(g)
         concat = not full and T > n - self.window + 1
         write = q_valid
         if concat and T > n:  # only the last n tokens of a row survive; earlier ones must not write
@@ -195,75 +223,62 @@ class KVCache:
             keep = q_pos > last - n
             write = keep if write is None else write & keep
         slots = q_pos if full else torch.remainder(q_pos, n)
-        rep = None
-        if write is not None:
-            ar = torch.arange(T, device=q_pos.device)
-            has = write.any(1)
-            rep = torch.where(has, torch.where(write, ar, -1).amax(1), -1)  # last writing token per row
-            rep_slot = slots.gather(1, rep.clamp_min(0)[:, None])
-            slots = torch.where(write, slots, torch.where(has[:, None], rep_slot, 0))
+        if write is not None:  # tokens that must not write go to the scratch slot
+            slots = torch.where(write, slots, n)
         k_seg_new = torch.zeros_like(q_pos) if q_valid is None else torch.where(q_valid, 0, -1)
+        pos, valid = self._tables(g)
         if concat:
-            old_pos = self._pos[g].clone()
-            old_seg = torch.where(self._valid[g], 0, -1)
-        self._write_table(g, slots, write, rep, q_pos)
+            old_pos = pos.clone()
+            old_seg = torch.where(valid, 0, -1)
+        rows = self._r0 + torch.arange(B, device=slots.device)[:, None]
+        cell = rows * n + slots  # the tokens' table entries in the flat storage
+        if write is not None:
+            cell = torch.where(write, cell, self._valid[g].shape[0] - 1)
+        self._valid[g][cell] = True
+        if not full:
+            self._pos[g][cell] = q_pos
         if concat:
             k_pos = torch.cat([old_pos, q_pos], 1)
             k_seg = torch.cat([old_seg, k_seg_new], 1)
         else:
-            k_pos = self._pos[g][:, :kv_len] if full else self._pos[g]
-            k_seg = torch.where(self._valid[g][:, :kv_len] if full else self._valid[g], 0, -1)
+            m = kv_len if full else n
+            k_pos, k_seg = pos[:, :m], torch.where(valid[:, :m], 0, -1)
         meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=torch.zeros_like(q_pos) if q_seg is None else q_seg,
                         k_seg=k_seg, aligned=False, plain=False)
-        return _Plan(slots=slots, write=write, rep=rep, meta=meta, concat=concat, kv_len=kv_len)
+        return _Plan(rows=rows, slots=slots, write=write, meta=meta, concat=concat, kv_len=kv_len if full else n)
 
-    def _write_table(self, g, slots, write, rep, q_pos) -> None:
-        valid = self._valid[g]
-        rows = torch.arange(self.B, device=slots.device)[:, None]
-        new_valid = torch.ones_like(slots, dtype=torch.bool)
-        if write is not None:  # non-writing tokens repeat their row's representative value
-            rep_valid = torch.where(rep >= 0, True, valid[:, 0])[:, None]
-            new_valid = torch.where(write, True, rep_valid)
-        valid[rows, slots] = new_valid
-        if g != "full":
-            pos = q_pos
-            if write is not None:
-                rep_pos = torch.where(rep >= 0, q_pos.gather(1, rep.clamp_min(0)[:, None])[:, 0], self._pos[g][:, 0])
-                pos = torch.where(write, q_pos, rep_pos[:, None])
-            self._pos[g][rows, slots] = pos
-
-    def _write(self, buf: torch.Tensor, new: torch.Tensor, plan: _Plan) -> None:
-        """buf [B, H, n, d] <- new [B, H, T, d] at plan.slots (an index_put_, which torch.compile keeps in place)."""
-        B, H, T, d = new.shape
+    @staticmethod
+    def _write(flat: torch.Tensor, n: int, new: torch.Tensor, plan: _Plan) -> None:
+        """flat storage [B * H * n + 1, d] <- new [B, H, T, d] at plan.slots (one index_put_, which torch.compile
+        keeps in place and fuses with what computed `new`)."""
+        H = new.shape[1]
+        heads = torch.arange(H, device=new.device)
+        idx = (plan.rows[:, :, None] * H + heads) * n + plan.slots[:, :, None]  # [B, T, H]
         if plan.write is not None:
-            idx = plan.rep.clamp_min(0)[:, None, None, None].expand(B, H, 1, d)
-            rep = torch.where((plan.rep >= 0)[:, None, None, None], new.gather(2, idx), buf[:, :, :1])
-            new = torch.where(plan.write[:, None, :, None], new, rep)
-        rows = torch.arange(B, device=new.device)[:, None]
-        buf[rows, :, plan.slots] = new.transpose(1, 2)  # indexed dims first: values [B, T, H, d]
+            idx = torch.where(plan.write[:, :, None], idx, flat.shape[0] - 1)
+        flat[idx] = new.transpose(1, 2)  # values [B, T, H, d]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta):
         """The attention hook. k [B, Hkv, T, D], v [B, Hkv, T, Dv] (rotated, value-scaled) ->
         (keys [B, Hkv, Tk, D], values [B, Hkv, Tk, Dv], AttnMeta of queries vs those keys)."""
         g = self._group_of[layer_idx]
         plan = self._plans[g]
-        K, V = self._k[layer_idx], self._v[layer_idx]
+        K, V = self._kv(layer_idx)
         if plan.concat:
             k_all, v_all = torch.cat([K, k.to(K.dtype)], 2), torch.cat([V, v.to(V.dtype)], 2)
-        self._write(K, k.to(K.dtype), plan)
-        self._write(V, v.to(V.dtype), plan)
+        n = K.shape[2]
+        self._write(self._k[layer_idx], n, k.to(K.dtype), plan)
+        self._write(self._v[layer_idx], n, v.to(V.dtype), plan)
         if plan.concat:
             return k_all, v_all, plan.meta
-        if g == "full":
-            return K[:, :, :plan.kv_len], V[:, :, :plan.kv_len], plan.meta
-        return K, V, plan.meta
+        return K[:, :, :plan.kv_len], V[:, :, :plan.kv_len], plan.meta
 
     # ------------------------------------------------------------------ the batch-1 Triton step
     def layer_slots(self, layer_idx: int, row: int = 0) -> LayerSlots:
         """Row `row` of layer `layer_idx`'s buffers and slot tables (views, see LayerSlots)."""
         g = self._group_of[layer_idx]
-        return LayerSlots(k=self._k[layer_idx][row], v=self._v[layer_idx][row], pos=self._pos[g][row],
-                          valid=self._valid[g][row], ring=g != "full")
+        (k, v), (pos, valid) = self._kv(layer_idx), self._tables(g)
+        return LayerSlots(k=k[row], v=v[row], pos=pos[row], valid=valid[row], ring=g != "full")
 
     def layers(self) -> list[int]:
         """The layer indices this cache holds (main layers, then the MTP layers' slots)."""
@@ -272,13 +287,11 @@ class KVCache:
     def one_token_tables(self, row: int = 0, group: str = MAIN) -> OneTokenTables:
         """The tables a one-token step of `row` updates (see the module docstring for the rule): the main
         model's, or an MTP layer's (group mtp_group(k): its ring only)."""
-        if group != MAIN:
-            return OneTokenTables(full_valid=None, ring_valid=self._valid[group][row], ring_pos=self._pos[group][row],
-                                  ring=self.R)
-        full = self._valid.get("full")
-        return OneTokenTables(full_valid=None if full is None else full[row],
-                              ring_valid=self._valid["swa"][row] if "swa" in self._valid else None,
-                              ring_pos=self._pos["swa"][row] if "swa" in self._pos else None, ring=self.R)
+        ring = "swa" if group == MAIN else group
+        ring_pos, ring_valid = self._tables(ring) if ring in self._valid else (None, None)
+        full_valid = self._tables("full")[1][row] if group == MAIN and "full" in self._valid else None
+        return OneTokenTables(full_valid=full_valid, ring_valid=None if ring_valid is None else ring_valid[row],
+                              ring_pos=None if ring_pos is None else ring_pos[row], ring=self.R)
 
     @staticmethod
     def attention(q, k, v, meta, scale, window, sink):
@@ -289,13 +302,15 @@ class KVCache:
     def rollback(self, lengths: torch.Tensor, group: str = MAIN) -> None:
         """Forget every entry at a position >= lengths[b] in row b. lengths [B] long."""
         for g in self._ring_groups(group):
-            self._valid[g] &= self._pos[g] < lengths[:, None]
+            pos, valid = self._tables(g)
+            valid &= pos < lengths[:, None]
 
     def reset(self) -> None:
         for g in self._valid:
-            self._valid[g].zero_()
+            pos, valid = self._tables(g)
+            valid.zero_()
             if g != "full":
-                self._pos[g].fill_(-1)
+                pos.fill_(-1)
 
     # ------------------------------------------------------------------ row views (serving)
     def rows(self, start: int, stop: int | None = None) -> "KVCache":
@@ -307,10 +322,8 @@ class KVCache:
         stop = start + 1 if stop is None else stop
         if not 0 <= start < stop <= self.B:
             raise ValueError(f"KVCache.rows: rows [{start}, {stop}) outside a cache of {self.B} rows")
-        view = copy.copy(self)  # sizes and settings shared; the per-row tables below become row slices
-        for name in ("_k", "_v", "_pos", "_valid"):
-            setattr(view, name, {key: t[start:stop] for key, t in getattr(self, name).items()})
-        view.B = stop - start
+        view = copy.copy(self)  # storage, sizes and settings shared; its rows start at _r0
+        view._r0, view.B = self._r0 + start, stop - start
         view._plans = {}
         return view
 
