@@ -234,7 +234,7 @@ class KVCache:
         cell = rows * n + slots  # the tokens' table entries in the flat storage
         if write is not None:
             cell = torch.where(write, cell, self._valid[g].shape[0] - 1)
-        self._valid[g][cell] = True
+        self._valid[g].index_fill_(0, cell.view(-1), True)  # (a scalar fill: no host tensor in a CUDA graph)
         if not full:
             self._pos[g][cell] = q_pos
         if concat:
