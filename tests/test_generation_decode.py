@@ -168,6 +168,18 @@ def test_cache_attention_triton_equals_the_torch_body():
     run_in_triton_interpreter(_TRITON_CACHE_ATTENTION)
 
 
+def test_cache_attention_auto_takes_the_kernel_for_verification_steps_only():
+    """cache_attention="auto" (the default): the Triton kernel on CUDA for steps of several tokens a row, the torch
+    body for one-token steps and off CUDA; "triton" for every step on CUDA; "torch" never."""
+    from mimo_flash.generation.attention import uses_triton
+    from mimo_flash.options import Options
+
+    assert Options().cache_attention == "auto"
+    assert [uses_triton("auto", True, t) for t in (1, 2, 4)] == [False, True, True]
+    assert [uses_triton("triton", True, t) for t in (1, 2)] == [True, True]
+    assert not any(uses_triton(m, c, t) for m, c, t in (("torch", True, 2), ("auto", False, 2), ("triton", False, 2)))
+
+
 def test_triton_cache_attention_graphs_need_no_cache_bucket(monkeypatch):
     """options().cache_attention="triton": graphed steps of several rows are keyed and sliced by the whole cache
     (graph_bucket), one graph per batch size across the 256-key bucket boundary; on a CPU the torch body attends

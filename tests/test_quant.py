@@ -330,12 +330,14 @@ def test_fp8_resident_model_equals_the_dequantized_model_on_cpu():
 
 def _trained_tiny(steps: int = 60):
     """The tiny model fitted to a fixed token pattern, so its next-token choices are confident (greedy
-    agreement is meaningful; on random weights the top two logits are often a rounding apart)."""
+    agreement is meaningful; on random weights the top two logits are often a rounding apart). At lr 1e-2 the
+    loss after 60 steps swung between 0.11 and 1.3 with the thread count and CPU (greedy then left the cycle, and
+    FP8 flipped its near-ties); at 3e-3 it was 0.028 at one and two threads, the top two logits >= 4.5 apart."""
     torch.manual_seed(0)
     model = tiny_model(seed=1, vocab_size=64, num_nextn_predict_layers=0).train()
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, 64, (1, 24), generator=g).repeat(4, 3)  # [4, 72]: a 24-token cycle
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
         out = model(data[:, :-1])
         loss = F.cross_entropy(out.logits.reshape(-1, 64), data[:, 1:].reshape(-1))
@@ -347,12 +349,13 @@ def _trained_tiny(steps: int = 60):
 
 def test_fp8_resident_greedy_agrees_with_float_model_on_a_trained_model():
     model, data, loss = _trained_tiny()
-    assert loss < 1.0  # it learned the cycle
+    assert loss < 0.1  # it learned the cycle
     fp8 = copy.deepcopy(model)
     quantize_model_(fp8)
     prompt = data[:1, :10]
     a = model.generate(prompt, max_new_tokens=40, eos_token_id=[])
     b = fp8.generate(prompt, max_new_tokens=40, eos_token_id=[])
+    assert torch.equal(a, data[:1, :50])  # greedy follows the cycle
     assert torch.equal(a, b)
 
 

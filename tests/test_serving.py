@@ -450,7 +450,8 @@ def test_serve_runs_the_http_side_in_its_own_process(tmp_path):
             busy = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert busy.returncode == 1 and "address already in use" in (busy.stdout + busy.stderr).lower()
         proc.terminate()
-        assert proc.wait(30) == 128 + signal.SIGTERM
+        code = proc.wait(30)
+        assert code == 128 + signal.SIGTERM, (code, proc.stdout.read()[-3000:])  # (its output says why, if not)
         deadline = time.time() + 10
         while any(map(_alive, kids)) and time.time() < deadline:
             time.sleep(0.05)

@@ -75,10 +75,10 @@ class Options:
     # H200: 29,866 against 37,829 decode tok/s, docs/BENCHMARKS.md); "triton" ops/kernels/moe.py's grouped kernel
     # over the sorted pairs (each chosen expert's weights read once per 16 of its pairs; CUDA, not yet timed)
     decode_experts: str = "dense"
-    # generation/attention.py: "torch" | "triton" (CUDA: each row's keys read up to its own position; graphed steps
-    # of several rows then need no cache bucket, runner.graph_bucket; not yet timed: inside compiled steps its kernel
-    # failed to build on the H100 until its scores were cast to fp32, a fix not yet run on a GPU)
-    cache_attention: str = "torch"
+    # generation/attention.py: "auto" (CUDA: the Triton kernel for steps of several tokens a row, the torch body for
+    # one-token steps; measured, docs/BENCHMARKS.md) | "torch" | "triton" (CUDA: each row's keys read up to its own
+    # position; graphed steps of several rows then need no cache bucket, runner.graph_bucket)
+    cache_attention: str = "auto"
     linear: str = "auto"  # ops/linear.py: auto | gemm (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
     fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)
     fp8_experts: str = "auto"  # quant/gemm.py: auto | reference | triton | w8a8 (FP8Experts modules)

@@ -6,7 +6,10 @@ are read once per kv head (no repeat_interleave copy of the cache). The rules of
 Backends (options().cache_attention): "torch", the body below (what torch.compile fuses into a decode step; a full
 layer reads the keys of the step's cache bucket); "triton", generation/attention_triton.py on CUDA, whose programs
 read each row's keys only up to its own position, so that graphed steps of more than one row need no cache
-bucket (runner.graph_bucket); prefill-sized calls (more than MAX_ROWS query rows per kv head) keep the body.
+bucket (runner.graph_bucket); "auto" (the default), the Triton kernel on CUDA for steps of several query tokens
+a row (speculative verification, MTP re-runs) and the body for one-token steps: measured on an H100 at batch 16
+(docs/BENCHMARKS.md), the kernel made K = 1 speculative steps 5.5% faster and plain steps 2% slower. Prefill-sized
+calls (more than MAX_ROWS query rows per kv head) keep the body.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import torch
 from ..ops.attention import AttnMeta
 from ..options import options
 
-CACHE_ATTENTION = ("torch", "triton")  # options().cache_attention
+CACHE_ATTENTION = ("auto", "torch", "triton")  # options().cache_attention
+
+
+def uses_triton(mode: str, cuda: bool, tokens: int) -> bool:
+    """Whether cache_attention takes the Triton kernel (where it fits) under option value `mode`, for queries on
+    CUDA or not, of `tokens` new tokens a row."""
+    return cuda and (mode == "triton" or (mode == "auto" and tokens > 1))
 
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float,
@@ -32,7 +41,7 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     mode = options().cache_attention
     if mode not in CACHE_ATTENTION:
         raise ValueError(f"option cache_attention must be one of {CACHE_ATTENTION}, got {mode!r}")
-    if mode == "triton" and q.is_cuda:
+    if uses_triton(mode, q.is_cuda, q.shape[2]):
         from .attention_triton import cache_attention_triton, fits
         if fits(q, k, v):
             return cache_attention_triton(q, k, v, meta.q_pos, meta.q_seg, meta.k_pos, meta.k_seg, scale, window,

@@ -92,8 +92,9 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
                         "on every token; the default), grouped_mm or triton (the token-expert pairs sorted on the "
                         "device, one grouped product per projection)")
     p.add_argument("--cache-attention", default=None, choices=CACHE_ATTENTION,
-                   help="attention over the KV cache in decode steps (options().cache_attention): torch (the "
-                        "default) or triton (CUDA: each row reads its keys up to its own position; graphs of several "
+                   help="attention over the KV cache in decode steps (options().cache_attention): auto (the "
+                        "default: triton for verification steps of several tokens a row, torch for one-token steps), "
+                        "torch, or triton (CUDA: each row reads its keys up to its own position; graphs of several "
                         "rows need no cache-length bucket)")
 
 
