@@ -46,10 +46,9 @@ Two ways to attend in a ring, chosen per step:
 Invalid tokens of a step (left padding, rows with fewer tokens, frozen rows) must not change the cache. A
 scatter with static shapes still writes one value per token, so every buffer and slot table is stored flat with
 one element more than it holds (the scratch slot, after the last row), where invalid tokens write; no step reads
-it, and the [B, Hkv, n, D] views of the rows stay contiguous. (Writing them over a valid
-token's slot instead, with that token's value, reads the buffer or the new tokens back before the scatter:
-torch.compile then cannot fuse the RoPE and value scale into the scatter, 3-4 more kernels a layer in every
-masked verification.)
+it, and the [B, Hkv, n, D] views of the rows stay contiguous. (Writing them over a valid token's slot instead,
+with that token's value, reads the buffer or the new tokens back before the scatter: torch.compile then cannot
+fuse the RoPE and value scale into the scatter, 3-4 more kernels a layer in every masked verification.)
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def mtp_group(k: int) -> str:
 class LayerSlots:
     """One row's cache of one layer (views of the cache's buffers: writes go to the cache)."""
 
-    k: torch.Tensor  # [Hkv, n, D] keys (n = S for a full layer, R for a ring; head stride (n + 1) * D)
+    k: torch.Tensor  # [Hkv, n, D] keys (n = S for a full layer, R for a ring)
     v: torch.Tensor  # [Hkv, n, Dv] values
     pos: torch.Tensor  # [n] long, the position each slot holds (full layers: the slot index)
     valid: torch.Tensor  # [n] bool, whether the slot holds a key of this row
@@ -97,7 +96,7 @@ class _Plan:
     """One group's writes for the current step (B rows, T new tokens)."""
 
     rows: torch.Tensor  # [B, 1] long, each row's index in the storage (rows() views start further in)
-    slots: torch.Tensor  # [B, T] long, slot each token writes
+    slots: torch.Tensor  # [B, T] long, slot each token writes (if it writes)
     write: torch.Tensor | None  # [B, T] bool, tokens that really write (None = all; the others: the scratch slot)
     meta: AttnMeta  # queries vs the keys returned by update()
     concat: bool  # keys = old buffer ++ new tokens
@@ -223,8 +222,6 @@ class KVCache:
             keep = q_pos > last - n
             write = keep if write is None else write & keep
         slots = q_pos if full else torch.remainder(q_pos, n)
-        if write is not None:  # tokens that must not write go to the scratch slot
-            slots = torch.where(write, slots, n)
         k_seg_new = torch.zeros_like(q_pos) if q_valid is None else torch.where(q_valid, 0, -1)
         pos, valid = self._tables(g)
         if concat:
@@ -232,7 +229,7 @@ class KVCache:
             old_seg = torch.where(valid, 0, -1)
         rows = self._r0 + torch.arange(B, device=slots.device)[:, None]
         cell = rows * n + slots  # the tokens' table entries in the flat storage
-        if write is not None:
+        if write is not None:  # tokens that must not write: the scratch slot
             cell = torch.where(write, cell, self._valid[g].shape[0] - 1)
         self._valid[g].index_fill_(0, cell.view(-1), True)  # (a scalar fill: no host tensor in a CUDA graph)
         if not full:
