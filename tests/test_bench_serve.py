@@ -25,6 +25,7 @@ def test_bench_serve_runs_on_cpu(tmp_path):
                         "--input-len", "12", "--output-len", "8", "--range-ratio", "0.5", "--concurrency", "1", "3",
                         "--num-prompts", "6", "--speculative", "0", "auto", "--max-context", "64", "--warmup", "1",
                         "--port", str(free_port()), "--json", str(out), "--baseline",
+                        "--baseline-option", 'cache_attention="torch"',  # set in the baseline's own process
                         # a serve flag passed through (the leading space keeps argparse from reading it as ours)
                         "--server-args", " --max-queue 300"], capture_output=True, text=True,
                        timeout=600)
@@ -38,7 +39,7 @@ def test_bench_serve_runs_on_cpu(tmp_path):
         # --baseline: generate()'s batch-3 tok/s, once, and each run's fraction of it
         assert x["generate_tok_s"] == runs[0]["generate_tok_s"] > 0
         assert x["of_generate"] == x["output_tok_s"] / x["generate_tok_s"]
-    assert "generate() baseline: batch 3, in=12 out=8" in r.stdout
+    assert 'generate() baseline: batch 3, in=12 out=8 cache_attention="torch": ' in r.stdout
     # the server's scheduler-thread seconds and forwards per phase, over each run
     for x in runs:
         assert set(x["scheduler_s"]) == {"admit", "prefill", "decode"} and all(v > 0 for v in x["scheduler_s"].values())
