@@ -25,7 +25,8 @@ def interpret(body: str) -> None:
 
 def test_banded_swa_kernels():
     """ops/kernels/swa_attention.py banded_swa (forward, dQ, dK/dV, the sink's gradient) against the reference
-    attention in fp64 (an fp32 reference on the CPU was off by 1e-4 in some processes): window 9 with plain batches shorter than, as long as and longer than the window (and than a tile),
+    attention in fp64 (in fp32, the first torch.exp of a fresh process was off by 1e-4 relative in the OpenMP
+    worker thread's half in about one run in five on the 2-core CI machine; none after any earlier parallel op): window 9 with plain batches shorter than, as long as and longer than the window (and than a tile),
     and a row of packed documents (some shorter than the window) after padding, q/k/v in both layouts; and the
     same without a window (full causal attention, the full-attention layers)."""
     interpret(r'''
