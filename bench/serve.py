@@ -24,6 +24,11 @@ auto; every request speculates); a run's MTP acceptance and its steps by drafts 
 prompts, streamed, greedy (--temperature T: sampled), ignore_eos (every request produces exactly --output-len
 tokens, as vLLM's benchmark does). TTFT: request sent -> first streamed token; TPOT: (latency - TTFT) / (output
 tokens - 1) per request; ITL: the gaps between streamed chunks.
+--http-only STEP_MS: no model. serve's HTTP process (serving/remote.py's http_main, as `serve` runs it) is fed one
+token per open request every STEP_MS ms by a process of this script's: what the HTTP side and this client carry on
+this machine, the ceiling of any run's output tok/s here (on two CPU cores, at concurrency 64 and 2 ms steps:
+18,000-23,500 tok/s of the ideal 32,000, where the httpx client this script used before counted 5,500:
+docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -59,18 +64,19 @@ def summary(xs: list[float]) -> dict:
             "p99": percentile(xs, 99)}
 
 
-async def one_request(client, url: str, model: str, prompt: list[int], out_len: int,
+async def one_request(session, url: str, model: str, prompt: list[int], out_len: int,
                       temperature: float = 0.0) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": temperature, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, last, itl, tokens, err = None, t0, [], 0, None
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return {"ok": False, "error": f"{r.status_code} {(await r.aread())[:200]!r}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        async with session.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                return {"ok": False, "error": f"{r.status} {(await r.read())[:200]!r}"}
+            async for raw in r.content:  # one line at a time; an SSE event is "data: {json}" then an empty line
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
@@ -97,14 +103,14 @@ async def one_request(client, url: str, model: str, prompt: list[int], out_len: 
 
 async def run_load(url: str, model: str, prompts: list[list[int]], out_lens: list[int], concurrency: int,
                    rate: float, temperature: float = 0.0) -> dict:
-    import httpx
+    import aiohttp  # vllm bench serve's client (httpx's, before, was the ceiling at concurrency 64: see --http-only)
 
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600.0)) as session:
         async def go(p, n):
             async with sem:
-                return await one_request(client, url, model, p, n, temperature)
+                return await one_request(session, url, model, p, n, temperature)
 
         t0 = time.perf_counter()
         tasks = []
@@ -210,6 +216,70 @@ def baseline(args, ckpt: Path) -> float:
     return tok_s
 
 
+def _http_only_engine(conn, step_s: float) -> None:
+    """(--http-only) The model's end of serving/remote.py's pipe, with no model: every step_s seconds one token
+    (id 100, text " x") to every open request, the last one finishing it by length."""
+    import threading
+
+    from mimo_flash.serving.requests import Event
+
+    open_, lock = {}, threading.Lock()
+
+    def receive():
+        while True:
+            msg = conn.recv()
+            if msg[0] == "submit":
+                _, rid, fields = msg
+                with lock:
+                    open_[rid] = [0, fields["max_tokens"], len(fields["prompt"])]
+                conn.send(("ack", rid, None))
+            elif msg[0] == "cancel":
+                with lock:
+                    open_.pop(msg[1], None)
+            elif msg[0] == "metrics":
+                conn.send(("metrics", msg[1], ""))
+    threading.Thread(target=receive, daemon=True).start()
+    while True:
+        time.sleep(step_s)
+        events = []
+        with lock:
+            for rid, st in list(open_.items()):
+                st[0] += 1
+                if st[0] < st[1]:
+                    events.append((rid, Event([100], " x")))
+                else:
+                    events.append((rid, Event([100], " x", finish="length", prompt_tokens=st[2],
+                                              completion_tokens=st[1])))
+                    del open_[rid]
+        if events:
+            conn.send(("events", events))
+
+
+def _http_only_main(ckpt: str, port: int, step_s: float, S: int, vocab: int) -> None:
+    """(A spawned process) serve's HTTP process (serving/remote.py http_main) fed by _http_only_engine."""
+    import multiprocessing
+
+    from mimo_flash.serving.remote import http_main
+
+    mp = multiprocessing.get_context("spawn")
+    mine, theirs = mp.Pipe()
+    mp.Process(target=http_main, args=(theirs, ckpt, "bench", "127.0.0.1", port, S, vocab, S, 600.0,
+                                       "http-only server listening")).start()
+    _http_only_engine(mine, step_s)  # until terminated: the HTTP process then sees the pipe's end and exits
+
+
+def start_http_only(args, ckpt: Path, port: int):
+    import multiprocessing
+
+    from mimo_flash import MiMoConfig
+
+    vocab = MiMoConfig.from_pretrained(ckpt).vocab_size
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_http_only_main, args=(str(ckpt), port, args.http_only / 1e3, args.max_context, vocab))
+    proc.start()
+    return proc, wait_for(proc, f"http://127.0.0.1:{port}")
+
+
 def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0", threads: int | None = None,
                  overlap: str = "on", experts: str | None = None, admit_wait: float | None = None, extra: str = ""):
     cmd = [sys.executable, "-m", "mimo_flash.cli", "serve", "--model", str(ckpt), "--port", str(port),
@@ -227,19 +297,33 @@ def start_server(args, ckpt: Path, slots: int, port: int, speculative: str = "0"
     cmd += shlex.split(extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
+    return proc, wait_for(proc, f"http://127.0.0.1:{port}")
+
+
+def _exit_code(proc):
+    """A subprocess.Popen's or a multiprocessing.Process's exit code (None while it runs)."""
+    return proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    proc.wait(30) if isinstance(proc, subprocess.Popen) else proc.join(30)
+
+
+def wait_for(proc, url: str) -> str:
+    """url, once its /health answers; exits if the server's process ends or 600 s pass first."""
     import urllib.request
 
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
+        if _exit_code(proc) is not None:
+            raise SystemExit(f"the server exited with {_exit_code(proc)}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
+                return url
         except OSError:
             time.sleep(0.5)
-    proc.terminate()
+    stop(proc)
     raise SystemExit("the server did not come up within 600 s")
 
 
@@ -330,6 +414,9 @@ def main() -> int:
     ap.add_argument("--baseline-option", action="append", default=[], metavar="NAME=JSON",
                     help="set options().NAME in the --baseline process (e.g. cache_attention=\"triton\", to match "
                          "a server started with --server-args \" --cache-attention triton\"); repeatable")
+    ap.add_argument("--http-only", type=float, default=None, metavar="STEP_MS",
+                    help="no model: serve's HTTP process fed one token per open request every STEP_MS ms (what the "
+                         "HTTP side and this client carry: the ceiling of a run's output tok/s on this machine)")
     ap.add_argument("--json", help="append one JSON line per run to this file")
     args = ap.parse_args()
     try:
@@ -337,6 +424,8 @@ def main() -> int:
         Options(**baseline_options(args))
     except (ValueError, TypeError) as e:
         ap.error(f"--baseline-option: {e}")
+    if args.http_only is not None and not args.http_only > 0:
+        ap.error(f"--http-only takes a step in milliseconds > 0, got {args.http_only}")
     if not 0 <= args.range_ratio < 1:
         ap.error(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.max_context is None:
@@ -344,13 +433,13 @@ def main() -> int:
     if args.num_prompts is None:
         args.num_prompts = max(8, 4 * max(args.concurrency))
 
+    if args.url is not None and (args.baseline or args.http_only):
+        ap.error("--baseline and --http-only start a server of their own (not --url)")
     ckpt = None
     if args.url is None:
         ckpt = Path(args.model) if args.model else random_checkpoint(args.preset, args.device)
-    elif args.baseline:
-        ap.error("--baseline needs the checkpoint of a server this starts (not --url)")
     base = baseline(args, ckpt) if args.baseline else None
-    slot_runs = [(None, None, None, None, None, None, "")] if args.url else [
+    slot_runs = [(None, None, None, None, None, None, "")] if args.url or args.http_only else [
         (slots, k, t, o, e, w, x) for k in args.speculative for slots in (args.slots or [max(args.concurrency)])
         for t in (args.threads or [None]) for o in args.overlap for e in args.decode_experts for w in args.admit_wait
         for x in args.server_args]
@@ -358,7 +447,8 @@ def main() -> int:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args, ckpt, slots, args.port, spec, threads, overlap, experts, wait, extra)
+            proc, url = (start_http_only(args, ckpt, args.port) if args.http_only else
+                         start_server(args, ckpt, slots, args.port, spec, threads, overlap, experts, wait, extra))
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/v1/models") as r:
@@ -383,7 +473,8 @@ def main() -> int:
                 r["spec_steps"] = {n: v for n, v in delta.items() if n.startswith("k=") and v}
                 r["scheduler_s"] = {n[2:]: v for n, v in delta.items() if n.startswith("s:")}
                 r["forwards"] = {n[2:]: int(v) for n, v in delta.items() if n.startswith("n:")}
-                tag = (f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
+                tag = (f"{f'http-only step={args.http_only} ms ' if args.http_only else ''}"
+                       f"slots={slots if slots else '?'}{f' speculative={spec}' if spec not in (None, '0') else ''}"
                        f"{'' if threads is None else f' threads={threads}'}"
                        f"{' overlap=off' if overlap == 'off' else ''}"
                        f"{'' if experts is None else f' decode-experts={experts}'}"
@@ -395,7 +486,7 @@ def main() -> int:
                 report(tag, r)
                 if args.json:
                     with open(args.json, "a") as f:
-                        f.write(json.dumps({"slots": slots, "speculative": spec, "threads": threads, "overlap": overlap,
+                        f.write(json.dumps({"http_only_step_ms": args.http_only, "slots": slots, "speculative": spec, "threads": threads, "overlap": overlap,
                                             "decode_experts": experts, "admit_wait": wait, "server_args": extra,
                                             "temperature": args.temperature,
                                             "concurrency": c, "input_len": args.input_len,
@@ -404,8 +495,7 @@ def main() -> int:
                                             "request_rate": args.request_rate, "device": args.device, **r}) + "\n")
         finally:
             if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+                stop(proc)
     return 0
 
 

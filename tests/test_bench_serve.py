@@ -52,3 +52,27 @@ def test_bench_serve_runs_on_cpu(tmp_path):
     assert all(x["spec_steps"] for x in spec) and sum(x["spec_draft_tokens"] for x in spec) > 0, spec
     assert all(0 <= x["spec_accepted_tokens"] <= x["spec_draft_tokens"] for x in spec)
     assert all(k.startswith("k=") for x in spec for k in x["spec_steps"])
+
+
+def test_bench_serve_http_only_counts_every_token_at_the_step_rate(tmp_path):
+    """--http-only: serve's HTTP process with no model, one token per open request every step. Every request gets
+    its --output-len tokens, and a request's time per output token is the step (no model to be slower) or more."""
+    (tmp_path / "ckpt").mkdir()
+    tok = make_tokenizer(tmp_path / "ckpt")
+    tiny_model(seed=5, vocab_size=tok.vocab_size).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "runs.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tmp_path / "ckpt"),
+                        "--http-only", "5", "--input-len", "12", "--output-len", "20", "--concurrency", "1", "8",
+                        "--num-prompts", "16", "--max-context", "64", "--warmup", "1", "--port", str(free_port()),
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["http_only_step_ms"], x["concurrency"], x["completed"], x["failed"]) for x in runs] == \
+        [(5.0, 1, 4, 0), (5.0, 8, 16, 0)]
+    for x in runs:
+        assert round(x["output_tok_s"] * x["duration_s"]) == 20 * x["completed"], x
+        assert x["tpot_s"]["p50"] >= 0.004, x["tpot_s"]
+    assert "http-only step=5.0 ms" in r.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--http-only", "0"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--http-only takes a step in milliseconds > 0, got 0.0" in bad.stderr
