@@ -16,12 +16,18 @@ from serving_helpers import make_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def checkpoint(tmp_path: Path) -> Path:
+    """A tiny model saved with a small tokenizer."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    tok = make_tokenizer(d)
+    tiny_model(seed=5, vocab_size=tok.vocab_size).save_pretrained(d)
+    return d
+
+
 def test_bench_serve_runs_on_cpu(tmp_path):
-    (tmp_path / "ckpt").mkdir()
-    tok = make_tokenizer(tmp_path / "ckpt")
-    tiny_model(seed=5, vocab_size=tok.vocab_size).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "runs.jsonl"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tmp_path / "ckpt"),
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(checkpoint(tmp_path)),
                         "--input-len", "12", "--output-len", "8", "--range-ratio", "0.5", "--concurrency", "1", "3",
                         "--num-prompts", "6", "--speculative", "0", "auto", "--max-context", "64", "--warmup", "1",
                         "--port", str(free_port()), "--json", str(out), "--baseline",
@@ -57,11 +63,8 @@ def test_bench_serve_runs_on_cpu(tmp_path):
 def test_bench_serve_http_only_counts_every_token_at_the_step_rate(tmp_path):
     """--http-only: serve's HTTP process with no model, one token per open request every step. Every request gets
     its --output-len tokens, and a request's time per output token is the step (no model to be slower) or more."""
-    (tmp_path / "ckpt").mkdir()
-    tok = make_tokenizer(tmp_path / "ckpt")
-    tiny_model(seed=5, vocab_size=tok.vocab_size).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "runs.jsonl"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tmp_path / "ckpt"),
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(checkpoint(tmp_path)),
                         "--http-only", "5", "--input-len", "12", "--output-len", "20", "--concurrency", "1", "8",
                         "--num-prompts", "16", "--max-context", "64", "--warmup", "1", "--port", str(free_port()),
                         "--json", str(out)], capture_output=True, text=True, timeout=300)
