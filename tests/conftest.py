@@ -29,8 +29,10 @@ def run_in_triton_interpreter(script: str) -> None:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     path = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    # one torch thread: the interpreter runs on one anyway, and on the CI machine's CPU a fresh process's first
+    # parallel torch.exp was now and then 1e-4 off in its worker thread (test_ops_kernels.py's banded SWA test)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": path})
+                       env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
 
 
