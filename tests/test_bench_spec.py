@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_spec_runs_on_cpu(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--train-minutes", "0.2",
                         "--batches", "1", "2", "--new-tokens", "16", "--budget-minutes", "30",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+                        "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| batch")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows]
