@@ -275,14 +275,17 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                 if B == 1 and not sample and K != "auto" and bandwidth:
                     fb = step_floor_bytes(model, S_est, args.prompt_len + args.new_tokens, K)
                     floor = f"{1e3 * fb / bandwidth:.3f} ({step_ms / (1e3 * fb / bandwidth):.2f}x)"
-                mean_k = ""
+                mean_k, busy = "", ""
+                if K:  # rows a verification step still emitted for, as a share of the batch (the rest wait)
+                    vsteps = sum(1 for k in st.spec_k if k) if st.spec_k else st.steps
+                    busy = f"{st.row_steps / (B * vsteps):.2f}" if vsteps else ""
                 if K == "auto":
                     c = ctl[sample]
                     mean_k = f"{statistics.mean(st.spec_k):.2f}" if st.spec_k else "0"
                     log(f"auto, batch {B}, {'sampled' if sample else 'greedy'}: k per step {st.spec_k}; rates "
                         f"{[round(a, 2) for a in c.alpha]}; ms per step for k = 0..{k_max}: "
                         f"{[None if c.cost(k) is None else round(1e3 * c.cost(k), 3) for k in range(k_max + 1)]}")
-                row = [B, "sampled" if sample else "greedy", K, f"{st.acceptance_length:.2f}" if K else "1.00",
+                row = [B, "sampled" if sample else "greedy", K, f"{st.acceptance_length:.2f}" if K else "1.00", busy,
                        mean_k, f"{st.new_tokens / st.decode_seconds:,.0f}", f"{step_ms:.3f}", floor,
                        f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same, lead]
                 table_rows[sample].append(row)
@@ -291,7 +294,7 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                     # rounding's share of "same": plain greedy again through other kernels (graphs of eager code)
                     run(model, ids, args.new_tokens, 0, False, args.seed, compile=False)
                     toks, st, wall = run(model, ids, args.new_tokens, 0, False, args.seed, compile=False)
-                    row = [B, "greedy", "0 eager", "1.00", "", f"{st.new_tokens / st.decode_seconds:,.0f}",
+                    row = [B, "greedy", "0 eager", "1.00", "", "", f"{st.new_tokens / st.decode_seconds:,.0f}",
                            f"{1e3 * st.decode_seconds / max(1, st.steps):.3f}", "",
                            f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x",
                            *agreement(toks, b[0])]
@@ -354,7 +357,9 @@ def main(argv=None) -> int:
     notes = [f"{args.preset} preset (vocab {c.vocab_size}), trained {trained['steps']} steps / "
              f"{trained['tokens']:,} tokens in {trained['seconds']:.0f}s; prompts {args.prompt_len} tokens of held-out "
              f"stdlib sources, {args.new_tokens} new tokens, no EOS; sampled: temperature {TEMPERATURE}",
-             "acc len: tokens per verification step per row; mean k: adaptive's drafts per step (0 = plain step); "
+             "acc len: tokens per verification step per row; busy: rows a verification step still emitted for, as a "
+             "share of the batch (a batch runs until its last row is done: speed-up = acc len x busy / step's cost "
+             "in plain steps); mean k: adaptive's drafts per step (0 = plain step); "
              "speed-up: plain decode time / this one; e2e: with prefill; same: rows equal to plain greedy; lead: "
              "mean count of leading new tokens equal to plain greedy's; K = 0 eager: plain greedy through graphs of eager "
              "code instead of compiled steps (on the CPU the same steps): the rounding baseline of same and lead",
@@ -365,8 +370,8 @@ def main(argv=None) -> int:
              + f"total wall time {time.perf_counter() - T0:.0f}s"
              + (f"; skipped (past --budget-minutes {args.budget_minutes}): {', '.join(skipped)}" if skipped else "")]
     table("MTP speculative decoding, trained weights", header(),
-                ["batch", "mode", "K", "acc len", "mean k", "tok/s", "step ms", "floor ms (x)", "speed-up", "e2e",
-                 "same", "lead"], rows, notes)
+                ["batch", "mode", "K", "acc len", "busy", "mean k", "tok/s", "step ms", "floor ms (x)", "speed-up",
+                 "e2e", "same", "lead"], rows, notes)
     return 0
 
 

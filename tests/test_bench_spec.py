@@ -25,9 +25,12 @@ def test_bench_spec_runs_on_cpu(tmp_path):
                                                                                            ("2", "greedy", "0 eager")}
     for c in cells:
         if c[1] == "greedy":
-            assert c[10] == "1.00" and c[11] == "16", c  # every row's tokens equal plain greedy's
+            assert c[11] == "1.00" and c[12] == "16", c  # every row's tokens equal plain greedy's
         if c[2] in ("1", "2", "3"):
             assert 1.0 <= float(c[3]) <= int(c[2]) + 1, c  # acceptance length within [1, K + 1]
+            assert 0.0 < float(c[4]) <= 1.0 and (c[0] != "1" or c[4] == "1.00"), c  # busy: one row is always busy
+        else:
+            assert c[4] == "" if c[2] != "auto" else c[4] == "" or 0.0 < float(c[4]) <= 1.0, c
     assert (tmp_path / "checkpoint" / "config.json").exists()
     # --reuse: the same trained model measured again, here with another option for the decoding, without training
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse", str(tmp_path),
