@@ -220,6 +220,21 @@ def test_adaptive_greedy_drafting_steps_run_in_chunks(monkeypatch):
     assert sizes.count(SPEC_CHUNK) >= 4
 
 
+def test_adaptive_chunks_take_no_step_past_the_batch_end():
+    """A graphed chunk runs no more steps than the most-wanting row surely still needs: drafting chunks take as
+    many steps as one step per decision (before the fix, up to SPEC_CHUNK - 1 more at the end)."""
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    for K, new_tokens in ((1, 42), (1, 46), (3, 46)):
+        steps = []
+        for graphs in (False, True):
+            _, stats = generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens, prefill_chunk=5,
+                                num_speculative_tokens=K, adaptive=ScriptedK(K, [K]), cuda_graphs=graphs,
+                                return_stats=True)
+            steps.append(stats.steps)
+        assert steps[0] == steps[1], (K, new_tokens, steps)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("drafting", [5, 6])
 def test_plain_chunks_keep_rows_that_ran_ahead_inside_the_cache(drafting, device):

@@ -21,8 +21,8 @@ behind are re-primed first), k = 0 through runs of plain steps (what plain decod
 32 while k stays 0; one host sync per run) which also record their tokens and hidden states for a later
 re-prime: for greedy decoding on a GraphRunner each run is one captured graph, otherwise (sampling, an eager
 runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as fixed-K decoding
-runs them, up to SPEC_CHUNK to a graph and one host sync (the controller
-decides again after each chunk, and observes each of its steps). Greedy output
+runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting row surely still
+needs (the controller decides again after each chunk, and observes each of its steps). Greedy output
 equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
 """
 
@@ -178,6 +178,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         st.k = k
         frozen = out.done.clone() if any(done) else None
         n = spec_chunk_size(runner, st, params) if chunks else 1
+        n = min(n, -(-_wanted(out, done) // (k + 1)))  # (a chunk never steps past the batch's end)
         steps = spec_chunk(runner, st, n, frozen) if n > 1 else None  # greedy: n steps, one graph, one host sync
         if steps is None:
             new, count, counts = spec_step(runner, st, params, generator, frozen=frozen)
@@ -238,8 +239,12 @@ def _plain_steps(runner, out, st: SpecState, params, generator, done: list[bool]
 
 def _plain_run(out, done: list[bool], size: int) -> int:
     """Steps in the next run of plain steps: `size`, or fewer where every row still emitting needs fewer."""
-    counts = out.count.tolist()
-    return min(size, max(out.max_new - c for c, d in zip(counts, done, strict=True) if not d))
+    return min(size, _wanted(out, done))
+
+
+def _wanted(out, done: list[bool]) -> int:
+    """The most tokens a row still emitting wants."""
+    return max(out.max_new - c for c, d in zip(out.count.tolist(), done, strict=True) if not d)
 
 
 def _limit(runner, st: SpecState) -> int:

@@ -405,10 +405,12 @@ def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, 
     repetition penalty, an eager runner, the cache's last positions), one step (spec_step_launch). Launch c is
     made, and its tokens added to `out`, before the host reads launch c - 1's accepted counts, so the device runs
     each launch while the host reads the last one's counts and makes the next. The state's n_max is a bound
-    meanwhile (the advance of the launches not yet read). No launch is made once every row is surely done: each
+    meanwhile (the advance of the launches not yet read). No step is launched that the batch may not need: each
     step emits 1 .. k + 1 tokens per row, so a row with r tokens left is done after r steps, and may be after
-    r / (k + 1): then the host waits for the launches in flight first (EOS may end rows sooner: then one launch
-    more runs, its tokens dropped by `out`). The tokens are those of one step at a time, sampled ones included
+    r / (k + 1) (rounded up): where the launches in flight may end every row the host waits for them first, and a
+    launch has no more steps than the most-wanting row surely still needs. Near the end launches are therefore
+    read one by one, and without EOS the loop runs the synchronous loop's steps exactly (EOS may end rows sooner:
+    then one launch more runs, its tokens dropped by `out`). The tokens are those of one step at a time, sampled ones included
     (the same random draws in the same order)."""
     B, k = st.N.shape[0], st.k
     pending = []  # per launch not yet read: (its steps, a function that waits for what it reports)
@@ -421,6 +423,8 @@ def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, 
         if pending and left is not None and left <= ahead * (k + 1):  # the launches in flight may end every row:
             left = _spec_read(pending.pop(0), runner, st, pending, stats)  # wait for them rather than make one more
             continue
+        if left is not None:  # no more steps than the last row surely still needs (all its drafts accepted): a
+            n = min(n, -(-(left - ahead * (k + 1)) // (k + 1)))  # chunk never steps past the batch's end
         # (one row: no frozen mask, which would keep it from the batch-1 kernels; a launch after it is done only
         # follows an EOS, its tokens dropped)
         frozen = out.done.clone() if B > 1 else None
