@@ -243,6 +243,33 @@ def test_pipelined_speculation_runs_the_steps_of_the_synchronous_loop(monkeypatc
         assert rs.steps <= st.steps < rs.steps + 2 * engine.SPEC_CHUNK
 
 
+@pytest.mark.parametrize("eos", [[], [3], [3, 5]])
+def test_output_takes_a_chunk_of_steps_as_its_steps_one_by_one(eos):
+    """Output.add_steps (a graphed chunk's n steps at once) keeps what n add() calls keep (tokens, counts, done:
+    EOS cut, max_new reached mid-chunk, rows done before the chunk), and returns the rows still emitting before
+    each step, as read between the calls."""
+    from mimo_flash.generation.output import Output
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        B, C, n, max_new = 5, 3, 4, 9
+        one, many = (Output(B, max_new, eos, 0, None, None, "cpu") for _ in range(2))
+        for chunk in range(4):
+            new = torch.randint(1, 8, (n, B, C), generator=g)
+            count = torch.randint(1, C + 1, (n, B), generator=g)
+            active = []
+            for j in range(n):
+                active.append(~one.done)
+                one.add(new[j], count[j])
+            got = many.add_steps(new, count)
+            assert torch.equal(got, torch.stack(active)), (trial, chunk)
+            assert torch.equal(one.count, many.count) and torch.equal(one.done, many.done), (trial, chunk)
+            assert torch.equal(one.tokens[:, :max_new], many.tokens[:, :max_new]), (trial, chunk)
+        assert torch.equal(one.result(torch.zeros(B, 2, dtype=torch.long)),
+                           many.result(torch.zeros(B, 2, dtype=torch.long)))
+    assert bool(many.done.all())  # (the chunks reach every row's end: max_new or EOS)
+
+
 def test_graphed_steps_with_and_without_frozen_rows_share_one_function():
     """A batch's graphed verification steps take a valid mask whether or not rows are frozen (all True when none
     is): speculative steps with EOS (rows then freeze) and without build one step function per shape, not one with

@@ -184,12 +184,12 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
             new, count, counts = spec_step(runner, st, params, generator, frozen=frozen)
             steps = new[None], count[None], [counts]
         news, count_n, counts_n = steps
-        for j, counts in enumerate(counts_n):  # (a row that finishes inside a chunk steps to its end: observed too)
+        for counts in counts_n:  # (a row that finishes inside a chunk steps to its end: observed too)
             act = [c for c, d in zip(counts, done, strict=True) if not d]
             ctl.observe(k, [c - 1 for c in act])
             stats.spec_k.append(k)
             stats.verified(k, act)
-            out.add(news[j], count_n[j])
+        out.add_steps(news, count_n)
         k_prev, n_prev = k, len(counts_n)
 
 

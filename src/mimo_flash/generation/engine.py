@@ -434,12 +434,9 @@ def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, 
             new, count = spec_step_launch(runner, st, params, generator, frozen)
             launched = new[None], count[None]
         news, count = launched
-        active = []  # per step, the rows still emitting before it (rows that end inside a chunk step on)
-        for j in range(n):
-            active.append(~out.done)
-            out.add(news[j], count[j])
-        # what the host reads later: counts, active rows, tokens each row still wants, max N
-        info = torch.cat([count.reshape(-1), torch.stack(active).reshape(-1).long(),
+        active = out.add_steps(news, count)  # per step, the rows still emitting before it (rows that end inside a
+        # chunk step on); what the host reads later: counts, active rows, tokens each row still wants, max N
+        info = torch.cat([count.reshape(-1), active.reshape(-1).long(),
                           torch.where(out.done, 0, out.max_new - out.count), st.N.max()[None]])
         pending.append((n, to_host_later(info)))
         if len(pending) > 1:

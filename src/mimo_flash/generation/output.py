@@ -54,7 +54,8 @@ class Output:
 
     def __init__(self, B, max_new, eos, pad, streamer, stopping, device):
         self.B, self.max_new, self.pad = B, max_new, pad
-        self.tokens = torch.full((B, max_new + 8), pad, dtype=torch.long, device=device)  # + room for a step
+        # (one column more: the scratch column, where tokens that are not kept are written; nothing reads it)
+        self.tokens = torch.full((B, max_new + 1), pad, dtype=torch.long, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
@@ -63,38 +64,56 @@ class Output:
         self.host_rows: list[list[int]] | None = [[] for _ in range(B)] if stopping is not None else None
 
     def add(self, new: torch.Tensor, count: torch.Tensor) -> None:
-        """new [B, C] candidate tokens, count [B] how many of them each row emits (1 <= count <= C)."""
-        B, C = new.shape
-        ar = torch.arange(C, device=new.device)
-        take = (ar[None] < count[:, None]) & ~self.done[:, None]
-        room = self.max_new - self.count
-        take &= ar[None] < room[:, None]
+        """One step's tokens: new [B, C] candidates, count [B] how many of them each row emits (1 <= count <= C)."""
+        self._add(new[None], count[None], False)
+
+    def add_steps(self, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """n steps' tokens at once (a graphed chunk of steps; the same as n add() calls, with one set of kernels):
+        new [n, B, C], count [n, B]. Returns active [n, B]: the rows still emitting before each step."""
+        return self._add(new, count, True)
+
+    def _add(self, new: torch.Tensor, count: torch.Tensor, steps: bool) -> torch.Tensor | None:
+        n, B, C = new.shape
+        ar = torch.arange(n * C, device=new.device)
+        flat = new.transpose(0, 1).reshape(B, n * C)  # each row's candidates, step after step
+        valid = ar[:C] < count.t()[..., None]  # [B, n, C]
+        if n == 1:  # (one step: a row's emitted tokens are its first `count`)
+            valid, rank = valid.view(B, C), ar[None]
+        else:
+            valid = valid.reshape(B, n * C)
+            rank = valid.cumsum(1) - 1  # among the row's emitted tokens
+        valid &= ~self.done[:, None]
+        take = valid & (rank < (self.max_new - self.count)[:, None])
         if self.eos is not None:  # cut after the first EOS
-            is_eos = torch.isin(new, self.eos) & take
-            first = torch.where(is_eos.any(1), is_eos.float().argmax(1), C)
+            is_eos = torch.isin(flat, self.eos) & take
+            first = torch.where(is_eos.any(1), is_eos.float().argmax(1), n * C)
             take &= ar[None] <= first[:, None]
             finished_eos = is_eos.any(1)
+        active = None
+        if steps:  # before step j: not done before, fewer than max_new kept, and no EOS kept before it
+            per_step = take.view(B, n, C).sum(2)  # [B, n]
+            active = ~self.done[:, None] & (self.count[:, None] + per_step.cumsum(1) - per_step < self.max_new)
+            if self.eos is not None:
+                eos_step = is_eos.view(B, n, C).any(2).long()  # (is_eos & take: an EOS kept in that step)
+                active &= (eos_step.cumsum(1) - eos_step) == 0
+            active = active.t()
+        idx = torch.where(take, self.count[:, None] + rank, self.max_new)  # (not kept: the scratch column)
+        self.tokens.scatter_(1, idx, flat)
         n_take = take.sum(1)
-        if self.tokens.shape[1] < self.max_new + C:
-            self.tokens = torch.cat([self.tokens, torch.full_like(self.tokens[:, :C], self.pad)], 1)
-        idx = self.count[:, None] + ar[None]  # distinct columns; those not taken keep their pad
-        cur = self.tokens.gather(1, idx)
-        self.tokens.scatter_(1, idx, torch.where(take, new, cur))
         self.count += n_take
         newly_done = self.count >= self.max_new
         if self.eos is not None:
             newly_done |= finished_eos
         if self.sync:
             if self.streamer is not None:
-                self.streamer.put(new[0, : int(n_take[0])].tolist())
+                self.streamer.put(flat[0][take[0]].tolist())
             if self.stopping is not None:
-                counts = n_take.tolist()
-                rows = new.tolist()
-                for b in range(B):
-                    self.host_rows[b].extend(rows[b][: counts[b]])
+                for b, (row, kept) in enumerate(zip(flat.tolist(), take.tolist(), strict=True)):
+                    self.host_rows[b].extend(t for t, k in zip(row, kept, strict=True) if k)
                 stop = torch.tensor(self.stopping(self.host_rows), dtype=torch.bool, device=new.device)
                 newly_done |= stop
         self.done |= newly_done
+        return active
 
     def all_done(self) -> bool:
         return bool(self.done.all())
