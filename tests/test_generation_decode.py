@@ -180,6 +180,23 @@ def test_cache_attention_auto_takes_the_kernel_for_verification_steps_only():
     assert not any(uses_triton(m, c, t) for m, c, t in (("torch", True, 2), ("auto", False, 2), ("triton", False, 2)))
 
 
+def test_cache_attention_kernel_declines_what_it_cannot_compute():
+    """The kernel's fits(): bf16, fp16 and fp32 (all three the same), not fp64 (tl.dot has none: the fp64 reference
+    of test_triton_cache_attention_on_gpu, a verification shape, went to the kernel under "auto" and failed to
+    compile), nor more than MAX_ROWS query rows per kv head or a value dim it does not tile."""
+    from mimo_flash.generation.attention_triton import MAX_ROWS, fits
+
+    def shapes(dtype, H=16, Hkv=4, Tq=2, dv=128, kv_dtype=None):
+        q = torch.zeros(1, H, Tq, 192, dtype=dtype)
+        kv = kv_dtype or dtype
+        return q, torch.zeros(1, Hkv, 8, 192, dtype=kv), torch.zeros(1, Hkv, 8, dv, dtype=kv)
+
+    assert all(fits(*shapes(d)) for d in (torch.bfloat16, torch.float16, torch.float32))
+    assert not fits(*shapes(torch.float64))
+    assert not fits(*shapes(torch.bfloat16, kv_dtype=torch.float32))
+    assert not fits(*shapes(torch.bfloat16, H=4 * MAX_ROWS, Tq=2)) and not fits(*shapes(torch.bfloat16, dv=96))
+
+
 def test_triton_cache_attention_graphs_need_no_cache_bucket(monkeypatch):
     """options().cache_attention="triton": graphed steps of several rows are keyed and sliced by the whole cache
     (graph_bucket), one graph per batch size across the 256-key bucket boundary; on a CPU the torch body attends

@@ -102,11 +102,16 @@ def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_p
     tl.store(acc_ptr + base[:, None] * DV + dv[None, :], acc)
 
 
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # (tl.dot takes no fp64)
+
+
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Shapes the kernel takes: at most MAX_ROWS query rows per kv head, a power-of-two value dim of 16 .. 256."""
+    """What the kernel takes: at most MAX_ROWS query rows per kv head, a power-of-two value dim of 16 .. 256, and
+    one of DTYPES for all three."""
     B, H, Tq, D = q.shape
     dv = v.shape[-1]
-    return H // k.shape[1] * Tq <= MAX_ROWS and 16 <= dv <= 256 and dv & (dv - 1) == 0 and D <= 256
+    return (H // k.shape[1] * Tq <= MAX_ROWS and 16 <= dv <= 256 and dv & (dv - 1) == 0 and D <= 256
+            and q.dtype == k.dtype == v.dtype and q.dtype in DTYPES)
 
 
 def cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, window: int | None,
