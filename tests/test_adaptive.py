@@ -220,6 +220,29 @@ def test_adaptive_greedy_drafting_steps_run_in_chunks(monkeypatch):
     assert sizes.count(SPEC_CHUNK) >= 4
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_adaptive_primes_no_mtp_layer_while_it_decodes_plainly(monkeypatch, cuda_graphs):
+    """A controller whose choice is plain steps when a call starts (one kept from earlier calls) runs no MTP layer
+    over the prompt; one that then chooses drafts re-primes them from the rings: plain greedy's tokens either way."""
+    from mimo_flash.generation.runner import GraphRunner, Runner
+
+    calls = []
+    for cls in (Runner, GraphRunner):
+        orig = cls.mtp
+        monkeypatch.setattr(cls, "mtp", lambda self, k, *a, _orig=orig, **kw: calls.append(k) or _orig(self, k, *a,
+                                                                                                         **kw))
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=30, prefill_chunk=5, cuda_graphs=cuda_graphs)
+    plain = generate(model, ids, **kw)
+    out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ScriptedK(3, [0]), return_stats=True, **kw)
+    assert torch.equal(out, plain) and calls == [] and stats.drafted == 0
+    out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ScriptedK(3, [0, 0, 3, 1]),
+                          return_stats=True, **kw)
+    assert torch.equal(out, plain) and stats.spec_k[0] == 0 and stats.accepted > 0
+    # (sampled: test_adaptive_sampling_keeps_the_target_distribution[script2-extra2-1] starts so)
+
+
 def test_adaptive_chunks_take_no_step_past_the_batch_end():
     """A graphed chunk runs no more steps than the most-wanting row surely still needs: drafting chunks take as
     many steps as one step per decision (before the fix, up to SPEC_CHUNK - 1 more at the end)."""
@@ -291,9 +314,11 @@ def test_layer_zero_drafts_follow_the_training_forward_after_reprime(monkeypatch
     assert checked > 10
 
 
-@pytest.mark.parametrize("script,extra", [([2, 0, 1], {}), ([1, 0, 3], dict(temperature=0.8, top_p=0.9))])
-def test_adaptive_sampling_keeps_the_target_distribution(script, extra):
-    """Sampling with k changing per step (plain steps and re-primes included) keeps the target distribution."""
+@pytest.mark.parametrize("script,extra,start", [([2, 0, 1], {}, 0), ([1, 0, 3], dict(temperature=0.8, top_p=0.9), 0),
+                                                ([0, 2, 1], {}, 1)])
+def test_adaptive_sampling_keeps_the_target_distribution(script, extra, start):
+    """Sampling with k changing per step (plain steps and re-primes included, and a start without MTP layers primed:
+    the controller's choice was plain, script[0], when the call began) keeps the target distribution."""
     from test_generation import _chi2_pvalue, _target_joint, peaked_model
 
     from mimo_flash.generation.sampling import SamplingParams
@@ -302,7 +327,7 @@ def test_adaptive_sampling_keeps_the_target_distribution(script, extra):
     target = _target_joint(model, prompt, 3, SamplingParams(do_sample=True, **extra))
     n = 6000
     out, stats = generate(model, torch.tensor([prompt] * n), max_new_tokens=3, do_sample=True,
-                          num_speculative_tokens=3, adaptive=ScriptedK(3, script), seed=1234, return_stats=True,
+                          num_speculative_tokens=3, adaptive=ScriptedK(3, script, start), seed=1234, return_stats=True,
                           **extra)
     counts: dict = {}
     for row in out[:, -3:].tolist():

@@ -271,8 +271,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             size = K * config.sliding_window + 2 * K + 2  # (spec_reprime reads up to K windows)
             if rings is None or rings.size != size or rings.h.dtype != hidden.dtype:
                 rings = runner.spec_rings = SpecRings(B, size, config.hidden_size, device, hidden.dtype)
+        # adaptive K primes the MTP layers its current choice drafts with (none while it decodes plainly: a
+        # later choice of more drafts re-primes them from the rings, which hold the prompt's tail)
         state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,
-                             rings=rings)
+                             k=None if ctl is None else ctl.k, rings=rings)
         if ctl is not None:
             adaptive_decode(runner, out, state, params, generator, ctl, stats, prefill_chunk)
         while ctl is None:
