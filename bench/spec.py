@@ -230,10 +230,11 @@ def agreement(toks: torch.Tensor, ref: torch.Tensor) -> tuple[str, str]:
     return f"{eq.all(1).float().mean().item():.2f}", f"{eq.long().cumprod(1).sum(1).float().mean().item():.0f}"
 
 
-def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
+def measure(model, all_prompts, args, bandwidth, skipped: list, fallbacks: set) -> list[list]:
     """One row per (batch, mode, K); K = 0 (plain) first: the base of the speed-ups. Greedy and sampled share
     each K's runner (its graphs), so the loop runs K outside the mode. Settings that would start after
-    --budget-minutes are skipped (listed in `skipped`)."""
+    --budget-minutes are skipped (listed in `skipped`); what the runners fell back from (a graph, a kernel that
+    failed: their notes) goes into `fallbacks`."""
     rows = []
     k_max = min(3, model.config.num_nextn_predict_layers)
     settings = [0] + [k for k in (1, 2, 3) if k <= k_max and (args.ks is None or str(k) in args.ks)] \
@@ -264,6 +265,9 @@ def measure(model, all_prompts, args, bandwidth, skipped: list) -> list[list]:
                         log(f"batch {B} K={K} {'sampled' if sample else 'greedy'}: a timed call captured graphs "
                             f"({timed[-1][1].capture_seconds - built:.2f} s)")
                         built = timed[-1][1].capture_seconds
+                for n in sorted({n for r in timed for n in r[1].notes} - fallbacks):
+                    log(f"batch {B} K={K} {'sampled' if sample else 'greedy'}: the runner fell back: {n}")
+                    fallbacks.add(n)
                 # the run of median decode time (its tokens, acceptance and wall time: one call's figures together)
                 toks, st, wall = sorted(timed, key=lambda r: r[1].decode_seconds)[len(timed) // 2]
                 if K == 0:
@@ -352,7 +356,8 @@ def main(argv=None) -> int:
     all_prompts = prompts(tok, held, max(args.batches), args.prompt_len)
     bandwidth = copy_bandwidth() if args.device == "cuda" else None
     skipped: list[str] = []
-    rows = measure(model, all_prompts, args, bandwidth, skipped)
+    fallbacks: set[str] = set()
+    rows = measure(model, all_prompts, args, bandwidth, skipped, fallbacks)
     c = model.config
     notes = [f"{args.preset} preset (vocab {c.vocab_size}), trained {trained['steps']} steps / "
              f"{trained['tokens']:,} tokens in {trained['seconds']:.0f}s; prompts {args.prompt_len} tokens of held-out "
@@ -368,7 +373,8 @@ def main(argv=None) -> int:
              (f"options: {', '.join(args.option)}; " if args.option else "")
              + (f"model trained by an earlier run ({args.reuse}); " if args.reuse else "")
              + f"total wall time {time.perf_counter() - T0:.0f}s"
-             + (f"; skipped (past --budget-minutes {args.budget_minutes}): {', '.join(skipped)}" if skipped else "")]
+             + (f"; skipped (past --budget-minutes {args.budget_minutes}): {', '.join(skipped)}" if skipped else ""),
+             "runner fallbacks: " + ("; ".join(sorted(fallbacks)) if fallbacks else "none")]
     table("MTP speculative decoding, trained weights", header(),
                 ["batch", "mode", "K", "acc len", "busy", "mean k", "tok/s", "step ms", "floor ms (x)", "speed-up",
                  "e2e", "same", "lead"], rows, notes)

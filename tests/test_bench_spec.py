@@ -31,6 +31,7 @@ def test_bench_spec_runs_on_cpu(tmp_path):
             assert 0.0 < float(c[4]) <= 1.0 and (c[0] != "1" or c[4] == "1.00"), c  # busy: one row is always busy
         else:
             assert c[4] == "" if c[2] != "auto" else c[4] == "" or 0.0 < float(c[4]) <= 1.0, c
+    assert "runner fallbacks: none" in r.stdout  # (the CPU runs the graph-shaped steps directly: nothing to fail)
     assert (tmp_path / "checkpoint" / "config.json").exists()
     # --reuse: the same trained model measured again, here with another option for the decoding, without training
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse", str(tmp_path),
