@@ -412,8 +412,8 @@ def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, 
     r / (k + 1) (rounded up): where the launches in flight may end every row the host waits for them first, and a
     launch has no more steps than the most-wanting row surely still needs. Near the end launches are therefore
     read one by one, and without EOS the loop runs the synchronous loop's steps exactly (EOS may end rows sooner:
-    then one launch more runs, its tokens dropped by `out`). The tokens are those of one step at a time, sampled ones included
-    (the same random draws in the same order)."""
+    then one launch more runs, its tokens dropped by `out`). The tokens are those of one step at a time, sampled
+    ones included (the same random draws in the same order)."""
     B, k = st.N.shape[0], st.k
     pending = []  # per launch not yet read: (its steps, a function that waits for what it reports)
     left = None  # steps after which every row is surely done, as of the last launch read (None: unknown)
