@@ -178,7 +178,8 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         st.k = k
         frozen = out.done.clone() if any(done) else None
         n = spec_chunk_size(runner, st, params) if chunks else 1
-        n = min(n, -(-_wanted(out, done) // (k + 1)))  # (a chunk never steps past the batch's end)
+        if n > 1:  # a chunk never steps past the batch's end
+            n = min(n, -(-_wanted(out, done) // (k + 1)))
         steps = spec_chunk(runner, st, n, frozen) if n > 1 else None  # greedy: n steps, one graph, one host sync
         if steps is None:
             new, count, counts = spec_step(runner, st, params, generator, frozen=frozen)
