@@ -1,4 +1,5 @@
 """The trainer: one loop for pre-training and fine-tuning, on one process or many.
+(Slightly over 500 lines: one Trainer class whose step, checkpoint and context-parallel paths share its state.)
 
 Per optimizer step, with B rows per micro-batch, A micro-batches and W ranks (G = B * A * W rows):
     loss = CE(main head) + mtp_weight * mean_k CE(MTP layer k)
@@ -19,7 +20,6 @@ With context parallelism (ctx.cp_mesh), the W / cp data-parallel groups each rea
 ranks of a group split every row (distributed.context_parallel: shard_batch, cp_head_sums); every rank's loss
 is its own summed CEs over the step's global counts, so gradients summed over all ranks (FSDP's average times W)
 are one process's. Checkpoints are training.dcp's: each rank writes its shards; they load on any layout.
-(Slightly over 500 lines: one Trainer class whose step, checkpoint and context-parallel paths share its state.)
 """
 
 from __future__ import annotations
