@@ -258,6 +258,44 @@ def test_adaptive_chunks_take_no_step_past_the_batch_end():
         assert steps[0] == steps[1], (K, new_tokens, steps)
 
 
+def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
+    """Runs of plain steps grow 8, 16, 32, 64 while the controller stays plain, and keep growing in the next call
+    (a call that starts plain starts with long runs: fewer host syncs); a 64-step run is two captured chunks of
+    PLAIN_GRAPH steps launched back to back, the second fed by the first's outputs: plain greedy's tokens."""
+    from mimo_flash.generation import adaptive
+    from mimo_flash.generation.runner import GraphRunner
+
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=100, prefill_chunk=5, cuda_graphs=True)
+    plain = generate(model, ids, **kw)
+    sizes, launches = [], []
+    real_chunks, real_step = adaptive._plain_chunks, GraphRunner.run_step
+
+    def spy_chunks(runner, out, st, done, size):
+        sizes.append(size)
+        return real_chunks(runner, out, st, done, size)
+
+    def spy_step(self, key, *args, **kwargs):
+        if key[0] == "adaptive-greedy":
+            launches.append(key[-1])
+        return real_step(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(adaptive, "_plain_chunks", spy_chunks)
+    monkeypatch.setattr(GraphRunner, "run_step", spy_step)
+    ctl = AdaptiveK(2, costs=[1.0, 9.0, 9.0])  # drafts cost 9 plain steps: plain throughout
+    ctl.k = 0
+    for call, (want_sizes, want_launches) in enumerate((([8, 16, 32, 64], [8, 16, 32, 32, 11]),
+                                                        ([64, 64], [32, 32, 32, 3]))):
+        sizes.clear()
+        launches.clear()
+        out, stats = generate(model, ids, num_speculative_tokens=2, adaptive=ctl, return_stats=True, **kw)
+        assert torch.equal(out, plain), call
+        assert set(stats.spec_k) == {0} and stats.notes == []
+        assert sizes == want_sizes and launches == want_launches, (call, sizes, launches)
+    assert ctl.plain_run == 6
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("drafting", [5, 6])
 def test_plain_chunks_keep_rows_that_ran_ahead_inside_the_cache(drafting, device):

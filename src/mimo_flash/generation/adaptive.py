@@ -17,10 +17,11 @@ rare). While k > 0 with measured costs, probes alternate with plain steps (k = 0
 the plain step's cost, which otherwise is never measured again after the start.
 
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
-behind are re-primed first), k = 0 through runs of plain steps (what plain decoding runs; 8 steps, then 16 and
-32 while k stays 0; one host sync per run) which also record their tokens and hidden states for a later
-re-prime: for greedy decoding on a GraphRunner each run is one captured graph, otherwise (sampling, an eager
-runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as fixed-K decoding
+behind are re-primed first), k = 0 through runs of plain steps (what plain decoding runs; 8 steps, then 16, 32
+and 64 while k stays 0, counted across calls: a call that starts on plain steps starts with long runs; one host
+sync per run) which also record their tokens and hidden states for a later re-prime: for greedy decoding on a
+GraphRunner each run is one or two captured graphs of up to PLAIN_GRAPH steps launched back to back, otherwise
+(sampling, an eager runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as fixed-K decoding
 runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting row surely still
 needs (the controller decides again after each chunk, and observes each of its steps). Greedy output
 equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
@@ -38,9 +39,10 @@ import torch
 from .runner import GraphRunner, graph_bucket
 from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_reprime, spec_step
 
-# greedy steps per captured chunk when k = 0: the controller decides again after each; chunks in a row grow
-# (fewer host syncs once plain decoding has won)
-PLAIN_CHUNKS = (8, 16, 32)
+# plain steps per decision when k = 0: the controller decides again after each run; runs in a row grow (fewer host
+# syncs once plain decoding has won), and the count carries across calls (AdaptiveK.plain_run)
+PLAIN_RUNS = (8, 16, 32, 64)
+PLAIN_GRAPH = 32  # most greedy steps in one captured graph (the SWA rings' slack: engine._make_runner)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class AdaptiveK:
     _times: dict = field(init=False)  # k -> seconds per step, as timed
     _since_probe: int = field(init=False, default=0)
     _probed_down: bool = field(init=False, default=False)
+    plain_run: int = field(init=False, default=0)  # plain decisions in a row, across calls (the runs' size)
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_max, int) or self.k_max < 1:
@@ -146,7 +149,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
     chunks = (isinstance(runner, GraphRunner) and not params.do_sample and st.seen is None
               and out.streamer is None and out.stopping is None)
     t_prev, built = None, runner.builds
-    k_prev, n_prev, plain_run = 0, 0, 0
+    k_prev, n_prev = 0, 0
     while True:
         done = out.done.tolist()  # the loop's host sync: the previous phase has finished
         now = time.perf_counter()
@@ -156,23 +159,23 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         if all(done):
             break
         k = ctl.choose()
+        size = PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
         if k == 0 and chunks and runner.graphs_for("greedy"):
-            n = _plain_chunk(runner, out, st, done, PLAIN_CHUNKS[min(plain_run, len(PLAIN_CHUNKS) - 1)])
-            plain_run += 1
+            n = _plain_chunks(runner, out, st, done, size)
             if n:
+                ctl.plain_run += 1
                 stats.steps += n
                 stats.spec_k.extend([0] * n)
                 k_prev, n_prev = 0, n
                 continue
         if k == 0 and not chunks:  # (sampling, or an eager runner) plain steps with one host sync, as above
-            size = PLAIN_CHUNKS[min(plain_run, len(PLAIN_CHUNKS) - 1)]
             n = _plain_steps(runner, out, st, params, generator, done, size)
-            plain_run += 1
+            ctl.plain_run += 1
             stats.steps += n
             stats.spec_k.extend([0] * n)
             k_prev, n_prev = 0, n
             continue
-        plain_run = 0
+        ctl.plain_run = 0
         if k > st.fresh:
             spec_reprime(runner, st, k, chunk)
         st.k = k
@@ -194,29 +197,39 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         k_prev, n_prev = k, len(counts_n)
 
 
-def _plain_chunk(runner, out, st: SpecState, done: list[bool], size: int) -> int:
-    """Up to `size` plain greedy steps as one captured chunk from the state's x_N, recorded in the rings;
-    the state moves past them (its MTP layers fall behind). Returns the steps taken (0: the chunk failed and the
-    runner now takes the step-by-step path)."""
+def _plain_chunks(runner, out, st: SpecState, done: list[bool], size: int) -> int:
+    """Up to `size` plain greedy steps from the state's x_N as captured chunks of up to PLAIN_GRAPH steps, launched
+    back to back (no host sync between them), recorded in the rings; the state moves past them (its MTP layers
+    fall behind). Returns the steps taken (0: the first chunk failed and the runner now takes the step-by-step
+    path; a later chunk that fails ends the run early)."""
     from .engine import _greedy_chunk
 
     B = st.N.shape[0]
     n = _plain_run(out, done, size)
-    bucket = graph_bucket(st.n_max + n, runner.cache.S, B)
-    try:
-        fn = _greedy_chunk(runner, bucket, n, st.rings, _limit(runner, st))
-        res = runner.run_step(("adaptive-greedy", B, bucket, n), fn, dict(tok=st.tok, pos=st.N), rows=B)
-    except Exception as e:
-        runner.graph_failed("greedy", e)
+    limit = _limit(runner, st)
+    tok, pos, news = st.tok, st.N, []
+    for a in range(0, n, PLAIN_GRAPH):
+        m = min(PLAIN_GRAPH, n - a)
+        bucket = graph_bucket(st.n_max + a + m, runner.cache.S, B)
+        try:
+            fn = _greedy_chunk(runner, bucket, m, st.rings, limit)
+            res = runner.run_step(("adaptive-greedy", B, bucket, m), fn, dict(tok=tok, pos=pos), rows=B)
+        except Exception as e:
+            runner.graph_failed("greedy", e)
+            break
+        news.append(res["new"].clone())  # (the graph's buffers: the next replay overwrites them; its tok and pos
+        tok, pos = res["tok"], res["pos"]  # are copied into the graph's inputs before it)
+    if not news:
         return 0
-    _after_plain(runner, out, st, res["new"].clone())  # (the graph's buffer: the next replay overwrites it)
-    return n
+    new = torch.cat(news, 1)
+    _after_plain(runner, out, st, new)
+    return new.shape[1]
 
 
 def _plain_steps(runner, out, st: SpecState, params, generator, done: list[bool], size: int) -> int:
     """Up to `size` plain steps one by one (sampling, a repetition penalty, or an eager runner), recorded in the
     rings, without a host sync between them (plain decoding's loop); the state moves past them as after
-    _plain_chunk. Returns the steps taken."""
+    _plain_chunks. Returns the steps taken."""
     from .sampling import choose, process
 
     n = _plain_run(out, done, size)

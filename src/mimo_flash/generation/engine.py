@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .adaptive import PLAIN_CHUNKS, AdaptiveK, adaptive_decode
+from .adaptive import PLAIN_GRAPH, AdaptiveK, adaptive_decode
 from .cache import KVCache
 from .output import Clock, Output, to_host_later
 from .runner import GraphRunner, Runner, graph_bucket
@@ -150,7 +150,7 @@ def _make_runner(model, B: int, S: int, K: int, cuda_graphs, compile: bool, adap
 
     slack = 2 * K + (SPEC_CHUNK - 1) * (K + 1) if K else GREEDY_CHUNK - 1
     if adaptive:
-        slack = max(slack, PLAIN_CHUNKS[-1] - 1)
+        slack = max(slack, PLAIN_GRAPH - 1)
 
     if not ((cuda and cuda_graphs == "auto") or cuda_graphs is True or compile):
         return Runner(model, new_cache(), S)
