@@ -151,17 +151,21 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
     t_prev, built = None, runner.builds
     k_prev, n_prev = 0, 0
     while True:
-        done = out.done.tolist()  # the loop's host sync: the previous phase has finished
+        # the loop's host sync (the previous phase has finished): each row's done flag and tokens kept, in one read
+        B = out.count.shape[0]
+        v = torch.cat([out.done.long(), out.count]).tolist()
+        done = [bool(d) for d in v[:B]]
         now = time.perf_counter()
         if t_prev is not None and n_prev and runner.builds == built:
             ctl.timed(k_prev, (now - t_prev) / n_prev, n_prev)
         t_prev, built = now, runner.builds
         if all(done):
             break
+        wanted = max(out.max_new - c for c, d in zip(v[B:], done) if not d)  # the most a row still wants
         k = ctl.choose()
         size = PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
         if k == 0 and chunks and runner.graphs_for("greedy"):
-            n = _plain_chunks(runner, out, st, done, size)
+            n = _plain_chunks(runner, out, st, min(size, wanted))
             if n:
                 ctl.plain_run += 1
                 stats.steps += n
@@ -169,7 +173,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
                 k_prev, n_prev = 0, n
                 continue
         if k == 0 and not chunks:  # (sampling, or an eager runner) plain steps with one host sync, as above
-            n = _plain_steps(runner, out, st, params, generator, done, size)
+            n = _plain_steps(runner, out, st, params, generator, min(size, wanted))
             ctl.plain_run += 1
             stats.steps += n
             stats.spec_k.extend([0] * n)
@@ -182,7 +186,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         frozen = out.done.clone() if any(done) else None
         n = spec_chunk_size(runner, st, params) if chunks else 1
         if n > 1:  # a chunk never steps past the batch's end
-            n = min(n, -(-_wanted(out, done) // (k + 1)))
+            n = min(n, -(-wanted // (k + 1)))
         steps = spec_chunk(runner, st, n, frozen) if n > 1 else None  # greedy: n steps, one graph, one host sync
         if steps is None:
             new, count, counts = spec_step(runner, st, params, generator, frozen=frozen)
@@ -197,15 +201,14 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
         k_prev, n_prev = k, len(counts_n)
 
 
-def _plain_chunks(runner, out, st: SpecState, done: list[bool], size: int) -> int:
-    """Up to `size` plain greedy steps from the state's x_N as captured chunks of up to PLAIN_GRAPH steps, launched
+def _plain_chunks(runner, out, st: SpecState, n: int) -> int:
+    """n plain greedy steps from the state's x_N as captured chunks of up to PLAIN_GRAPH steps, launched
     back to back (no host sync between them), recorded in the rings; the state moves past them (its MTP layers
     fall behind). Returns the steps taken (0: the first chunk failed and the runner now takes the step-by-step
     path; a later chunk that fails ends the run early)."""
     from .engine import _greedy_chunk
 
     B = st.N.shape[0]
-    n = _plain_run(out, done, size)
     limit = _limit(runner, st)
     tok, pos, news = st.tok, st.N, []
     for a in range(0, n, PLAIN_GRAPH):
@@ -226,13 +229,12 @@ def _plain_chunks(runner, out, st: SpecState, done: list[bool], size: int) -> in
     return new.shape[1]
 
 
-def _plain_steps(runner, out, st: SpecState, params, generator, done: list[bool], size: int) -> int:
-    """Up to `size` plain steps one by one (sampling, a repetition penalty, or an eager runner), recorded in the
+def _plain_steps(runner, out, st: SpecState, params, generator, n: int) -> int:
+    """n plain steps one by one (sampling, a repetition penalty, or an eager runner), recorded in the
     rings, without a host sync between them (plain decoding's loop); the state moves past them as after
     _plain_chunks. Returns the steps taken."""
     from .sampling import choose, process
 
-    n = _plain_run(out, done, size)
     limit = _limit(runner, st)
     B = st.N.shape[0]
     tok, pos = st.tok, st.N
@@ -249,16 +251,6 @@ def _plain_steps(runner, out, st: SpecState, params, generator, done: list[bool]
             out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
     _after_plain(runner, out if not out.sync else None, st, torch.stack(new, 1))
     return n
-
-
-def _plain_run(out, done: list[bool], size: int) -> int:
-    """Steps in the next run of plain steps: `size`, or fewer where every row still emitting needs fewer."""
-    return min(size, _wanted(out, done))
-
-
-def _wanted(out, done: list[bool]) -> int:
-    """The most tokens a row still emitting wants."""
-    return max(out.max_new - c for c, d in zip(out.count.tolist(), done, strict=True) if not d)
 
 
 def _limit(runner, st: SpecState) -> int:
