@@ -296,6 +296,36 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
     assert ctl.plain_run == 6
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("script", [[0], [2, 0], [1]])
+def test_first_decision_reads_nothing_and_is_not_timed(cuda_graphs, script):
+    """The first decision follows the prefill without waiting for it: every row is taken as having one token and
+    none as done, so a row whose first token is EOS steps through it (its tokens dropped: plain's output), and
+    its time (which holds the prefill's tail) is not given to the controller."""
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=30, prefill_chunk=5, cuda_graphs=cuda_graphs)
+    first = generate(model, ids, max_new_tokens=1, attention_mask=mask)[:, -1]
+    eos = int(first[1])  # row 1 ends with its first token; the other rows go on unless theirs is the same
+    plain = generate(model, ids, eos_token_id=eos, pad_token_id=5, **kw)
+    assert plain[1, 12] == eos and plain[1, 13:].eq(5).all() and plain.shape[1] > 14  # (row 1 ends, others go on)
+    timings = []
+
+    class Recording(ScriptedK):
+        def timed(self, k, seconds_per_step, steps=1):
+            timings.append(k)
+            super().timed(k, seconds_per_step, steps)
+
+    for _ in range(2):  # (the second call: a GraphRunner's steps are built, so every decision after the first is timed)
+        timings.clear()
+        ctl = Recording(2, script)
+        out = generate(model, ids, num_speculative_tokens=2, adaptive=ctl, eos_token_id=eos, pad_token_id=5, **kw)
+        assert torch.equal(out, plain)
+    assert ctl.seen_k and len(timings) == len(ctl.seen_k) - 1  # every decision but the first
+    assert generate(model, ids, num_speculative_tokens=2, adaptive=Recording(2, script), **{
+        **kw, "max_new_tokens": 1}).shape == (3, 13)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("drafting", [5, 6])
 def test_plain_chunks_keep_rows_that_ran_ahead_inside_the_cache(drafting, device):

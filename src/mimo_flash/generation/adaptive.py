@@ -150,18 +150,25 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
               and out.streamer is None and out.stopping is None)
     t_prev, built = None, runner.builds
     k_prev, n_prev = 0, 0
+    B = out.count.shape[0]
+    first = True
     while True:
-        # the loop's host sync (the previous phase has finished): each row's done flag and tokens kept, in one read
-        B = out.count.shape[0]
-        v = torch.cat([out.done.long(), out.count]).tolist()
-        done = [bool(d) for d in v[:B]]
+        if first:  # the first decision: after the prefill's token every row has one token, and none is
+            # taken as done (no wait for the GPU, which may still be on the prefill; a row that its first token
+            # ended steps through this decision, its tokens dropped by `out`). Not timed: the prefill's tail counts.
+            done, counts = [False] * B, [1] * B
+        else:  # the loop's host sync (the previous phase has finished): done flags and tokens kept, in one read
+            v = torch.cat([out.done.long(), out.count]).tolist()
+            done, counts = [bool(d) for d in v[:B]], v[B:]
         now = time.perf_counter()
         if t_prev is not None and n_prev and runner.builds == built:
             ctl.timed(k_prev, (now - t_prev) / n_prev, n_prev)
-        t_prev, built = now, runner.builds
+        t_prev, built, first = (None if first else now), runner.builds, False
         if all(done):
             break
-        wanted = max(out.max_new - c for c, d in zip(v[B:], done) if not d)  # the most a row still wants
+        wanted = max(out.max_new - c for c, d in zip(counts, done) if not d)  # the most a row still wants
+        if wanted <= 0:  # (max_new_tokens = 1: the prefill's token was all)
+            break
         k = ctl.choose()
         size = PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
         if k == 0 and chunks and runner.graphs_for("greedy"):

@@ -274,7 +274,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         # adaptive K primes the MTP layers its current choice drafts with (none while it decodes plainly: a
         # later choice of more drafts re-primes them from the rings, which hold the prompt's tail)
         state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,
-                             k=None if ctl is None else ctl.k, rings=rings)
+                             k=None if ctl is None else ctl.k, rings=rings, n_max=n_max)
         if ctl is not None:
             adaptive_decode(runner, out, state, params, generator, ctl, stats, prefill_chunk)
         while ctl is None:

@@ -116,12 +116,13 @@ class SpecRings:
 
 
 def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingParams, seen, generator,
-                 chunk: int, k: int | None = None, rings: SpecRings | None = None):
+                 chunk: int, k: int | None = None, rings: SpecRings | None = None, n_max: int | None = None):
     """State after the prompt: runs the first k (default K) MTP layers over the prompt (in chunks) and drafts
     d_1 .. d_k; the state is sized for K.
 
     input_ids, mask [B, P] (left padding); hidden [B, P, D] main hidden states; tok [B] = x_N (N = prompt length).
-    rings: recorded from the prompt (adaptive K).
+    rings: recorded from the prompt (adaptive K). n_max: the longest prompt's length, if the caller knows it (else
+    read from mask: a host sync). With k = 0 and n_max given, nothing here waits for the GPU.
     """
     B, P = input_ids.shape
     N = mask.sum(1)
@@ -137,7 +138,7 @@ def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingP
     rpos = (N[:, None] - K + ar[None])  # positions N-K .. N
     rcol = (rpos + (P - N)[:, None]).clamp(0, P)
     st.recent = torch.where(rpos >= 0, torch.cat([input_ids, tok[:, None]], 1).gather(1, rcol), 0)
-    st.N, st.n_max, st.rings = N.clone(), int(N.max()), rings
+    st.N, st.n_max, st.rings = N.clone(), int(N.max()) if n_max is None else n_max, rings
     return st
 
 
@@ -171,7 +172,7 @@ def _prime(runner, input_ids, mask, pos, hidden, tok, K: int, k_run: int, params
     last column is tok) and draft d_1 .. d_k_run: a SpecState without N / recent (the caller's)."""
     B, P = input_ids.shape
     valid = mask.bool()
-    all_valid = bool(valid.all())
+    all_valid = k_run > 0 and bool(valid.all())  # (a host sync: only where a layer runs)
     ext = torch.cat([input_ids, tok[:, None]], 1)  # column c holds the token at position c - pad
     h_in, stash, drafts, qs = hidden, [], [], []
     for k in range(k_run):
