@@ -21,9 +21,10 @@ behind are re-primed first), k = 0 through runs of plain steps (what plain decod
 and 64 while k stays 0, counted across calls: a call that starts on plain steps starts with long runs; one host
 sync per run) which also record their tokens and hidden states for a later re-prime: for greedy decoding on a
 GraphRunner each run is one or two captured graphs of up to PLAIN_GRAPH steps launched back to back, otherwise
-(sampling, an eager runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as fixed-K decoding
-runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting row surely still
-needs (the controller decides again after each chunk, and observes each of its steps). Greedy output
+(sampling, an eager runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as
+fixed-K decoding runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting
+row surely still needs (the controller decides again after each chunk, and observes each of its steps). The first
+decision of a call is made without waiting for the prefill, and not timed. Greedy output
 equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
 """
 
