@@ -477,6 +477,25 @@ def test_plain_sampling_distribution_and_seed():
     assert torch.equal(again, generate(model, torch.tensor([prompt] * 8), max_new_tokens=5, do_sample=True, seed=3))
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_sampling_stops_at_eos_read_one_step_late(cuda_graphs):
+    """Sampled decoding with EOS reads the rows' done flags one step late (the next step is launched first): the
+    output is the EOS-free run's (the same draws) cut after each row's EOS and padded, and it ends, with its step
+    count, where the last row's EOS is."""
+    model = tiny_model(vocab_size=16)
+    ids = torch.randint(0, 16, (3, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=40, do_sample=True, temperature=1.5, seed=11, cuda_graphs=cuda_graphs)
+    free = generate(model, ids, eos_token_id=[], **kw)[:, 6:]
+    eos = int(free[0, 4])  # row 0 meets it at step 5 at the latest
+    ends = [next((j for j, t in enumerate(row) if t == eos), None) for row in free.tolist()]
+    assert all(e is not None for e in ends) and len(set(ends)) > 1  # every row ends, not all at once
+    out, stats = generate(model, ids, eos_token_id=eos, pad_token_id=0, return_stats=True, **kw)
+    assert out.shape[1] == 6 + max(ends) + 1 and stats.steps == max(ends)
+    for row, e in zip(range(3), ends):
+        assert torch.equal(out[row, 6:6 + e + 1], free[row, :e + 1])
+        assert out[row, 6 + e + 1:].eq(0).all()
+
+
 def test_processors_match_transformers():
     tr = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(10)

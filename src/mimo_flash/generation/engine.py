@@ -250,16 +250,21 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             start, tok, pos = _greedy_graphed(runner, out, tok, pos, n_max, max_new_tokens, stats)
         else:
             out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
+        # with EOS / stopping: whether every row was done, read one step late (step i is launched before the host
+        # waits for step i - 1's flag, so the GPU is never idle waiting for the host); without, no host read at all
+        done_before = out.all_done_later() if out.sync else None
         for i in range(start, max_new_tokens):
-            if out.sync and out.all_done():  # without EOS / stopping, no host sync per step
-                break
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
             logits, _ = runner.main(tok[:, None], pos[:, None], None, n_max + i, graph=True)
             tok = choose(process(logits[:, -1], params, seen), params, generator)
             pos += 1
+            if done_before is not None and done_before():  # every row was done before this step: drop it
+                break
             out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
             stats.steps += 1
+            if out.sync:
+                done_before = out.all_done_later()
     else:
         last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
         tok = choose(process(last_logits, params, seen), params, generator)
