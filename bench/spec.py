@@ -107,7 +107,7 @@ def train(args, texts, out: Path):
     from mimo_flash.training.data import Document, pack_documents
     from mimo_flash.training.demo import train_tokenizer
     from mimo_flash.distributed.context import ParallelContext
-    from mimo_flash.training.trainer import TrainConfig, Trainer
+    from mimo_flash.training import TrainConfig, Trainer
 
     tok = train_tokenizer(texts, args.vocab, out / "tokenizer")
     docs = [Document(tok.encode(t) + [tok.eos_id]) for t in texts]

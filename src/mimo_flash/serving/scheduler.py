@@ -1,6 +1,7 @@
 """Continuous batching: a fixed number of slots, each a row of one KVCache, stepped by one thread.
-(Over 500 lines: admission, prefill, decode (overlapped look-ahead steps included), output and the per-phase timings
-all read and write the slots' state; one class. How a step's rows choose their tokens is generation/sampling.py
+(Over 500 lines: admission, prefill, decode (overlapped look-ahead steps included) and the per-phase timings all
+read and write the slots and the step in flight; one class. A slot's own state and what each token makes of it
+(text, stop, logprobs) is serving/slots.py; how a step's rows choose their tokens, generation/sampling.py
 (choose_rows); what a request is and what it gets back, serving/requests.py; how prompt chunks are grouped into
 forwards and run, serving/prefill.py.)
 
@@ -69,62 +70,21 @@ from ..generation.cache import KVCache
 from ..generation.engine import AUTO_MAX_K
 from ..generation.runner import GraphRunner, Runner, graph_bucket
 from ..generation.sampling import choose_rows
-from .detok import Detokenizer
 from .metrics import Metrics
 from .prefix import PrefixCache
-from .requests import Event, QueueFull, Request, TopLogprobs, check_size
+from .requests import Event, QueueFull, Request, check_size
 from .prefill import PrefillForwards
+from .slots import Slot
 from .speculate import SpecSlots
-
-class _Slot:
-    def __init__(self, i: int, req: Request, row: KVCache, tokenizer, device, vocab: int) -> None:
-        self.i, self.req, self.row = i, req, row
-        self.detok = Detokenizer(tokenizer, req.stop)
-        self.done = 0  # prompt tokens prefilled
-        self.cached = 0  # of which restored from the prefix cache
-        self.decoding = False
-        self.order = 0  # admission order: prefill goes oldest first
-        self.last = 0  # last token (the next decode step's input) at position `pos`
-        self.pos = 0
-        self.n_out = 0
-        self.first_at = 0.0
-        self.prompt_lp: list | None = [None] if req.prompt_logprobs else None
-        self.generator = None
-        if req.seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(int(req.seed))
-        self.spec = False  # decodes speculatively (serving/speculate.py)
-        self.seen = None
-        p = req.params
-        if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
-            self.seen[0, torch.tensor(req.prompt, device=device)] = True
-
-    @property
-    def plain_greedy(self) -> bool:
-        return not self.req.params.do_sample and self.seen is None
-
-    @property
-    def sampling(self):
-        """What sampling.choose_rows takes for this row (None: plain greedy)."""
-        return None if self.plain_greedy else (self.req.params, self.generator, self.seen)
-
 
 @dataclass
 class _Inflight:
     """A launched decode step (Scheduler._decode_ahead): (slot, input position) per row, the tokens
     [rows] on their way to the host, the event after their copy (None on CPU)."""
 
-    rows: list[tuple[_Slot, int]]
+    rows: list[tuple[Slot, int]]
     host: torch.Tensor
     done: object
-
-
-def _top(lsm: torch.Tensor, k: int) -> TopLogprobs:
-    if k <= 0:
-        return []
-    v, i = lsm.topk(min(k, lsm.shape[-1]))
-    return list(zip(i.tolist(), v.tolist(), strict=True))
 
 
 class Scheduler:
@@ -188,7 +148,7 @@ class Scheduler:
         self.prefill = PrefillForwards(model, self.cache, prefill_chunk, prefill_tokens, graph_prefill and self.graphs)
         self.row_views = [self.cache.rows(i) for i in range(max_slots)]  # slot i's row (prefix cache, reset)
         self.prefix = PrefixCache(self.cache, prefill_chunk, prefix_blocks) if prefix_blocks else None
-        self.slots: list[_Slot | None] = [None] * max_slots
+        self.slots: list[Slot | None] = [None] * max_slots
         self.waiting: deque[Request] = deque()
         self.metrics = Metrics()
         self._generated = 0  # tokens emitted this step: added to metrics once per step (one lock, not per token)
@@ -391,7 +351,7 @@ class Scheduler:
                 if not self.waiting or (self.broadcaster is not None and self.waiting[0].rid < 0):
                     return  # (arrived after this step's inputs were sent: the next step takes it)
                 req = self.waiting.popleft()
-            s = _Slot(i, req, self.row_views[i], self.tok, self.device, self.model.config.vocab_size)
+            s = Slot(i, req, self.row_views[i], self.tok, self.device, self.model.config.vocab_size)
             s.order = self._admitted
             self._admitted += 1
             s.spec = self.spec is not None
@@ -412,7 +372,7 @@ class Scheduler:
         """One chunk for each prefilling slot, oldest first, within the step's prefill_tokens; chunks of the
         same length (and logits need) in one forward (see the module docstring for why that is exact)."""
         budget = self.prefill_tokens
-        groups: dict[tuple[int, bool], list[tuple[_Slot, int, int]]] = {}
+        groups: dict[tuple[int, bool], list[tuple[Slot, int, int]]] = {}
         for s in sorted((s for s in self.slots if s is not None and not s.decoding), key=lambda s: s.order):
             c0 = s.done
             # always the aligned chunk (so a prompt's arithmetic never depends on its neighbours); the first
@@ -426,7 +386,7 @@ class Scheduler:
             for part in self.prefill.split(T, sorted(group, key=lambda g: g[0].i)):
                 self._prefill_group(all_logits, part)
 
-    def _prefill_group(self, all_logits: bool, group: list[tuple[_Slot, int, int]]) -> None:
+    def _prefill_group(self, all_logits: bool, group: list[tuple[Slot, int, int]]) -> None:
         """One forward for the chunks [c0, c1) (all of one length) of the slots in `group` (serving/prefill.py)."""
         finishing = any(c1 == len(s.req.prompt) for s, _, c1 in group)
         a, logits, h = self.prefill.forward([(s.i, s.req.prompt[c0:c1], c0) for s, c0, c1 in group], all_logits,
@@ -445,12 +405,7 @@ class Scheduler:
             if s.spec:
                 self.spec.record_prompt(s.i, s.req.prompt, c0, h[r])
             if s.prompt_lp is not None:
-                lsm = torch.log_softmax(logits[r].float(), -1)
-                k = s.req.logprobs or 0
-                for j in range(c1 - c0):
-                    t = c0 + j + 1
-                    if t < P:
-                        s.prompt_lp.append((lsm[j, s.req.prompt[t]].item(), _top(lsm[j], k)))
+                s.add_prompt_logprobs(logits[r], c0, c1)
             if self.prefix is not None and c1 % self.chunk == 0:
                 self.prefix.store(s.row, s.req.prompt[:c1])
             if c1 < P:
@@ -500,7 +455,7 @@ class Scheduler:
             with self.metrics.lock:
                 self.metrics.spec_steps[0] = self.metrics.spec_steps.get(0, 0) + 1
 
-    def _decode_ahead(self, active: list[_Slot]) -> None:
+    def _decode_ahead(self, active: list[Slot]) -> None:
         """A decode step launched before the tokens of the step in flight are taken (overlap): rows in that step
         read their input token from it on the device, at the position after its input's. Sampled rows draw on the
         device too (a row ended by EOS or a stop string in the step in flight draws once for nothing)."""
@@ -623,40 +578,21 @@ class Scheduler:
         return r
 
     # ------------------------------------------------------------------ output
-    def _take(self, s: _Slot, logits: torch.Tensor | None, token: int) -> None:
-        """Emit slot s's next token, finish the request if it is done. logits [V] (the token's step): read for
-        logprobs only (None when none are asked)."""
-        req = s.req
-        if s.seen is not None:
-            s.seen[0, token] = True
-        now = time.perf_counter()
-        if s.n_out == 0:
-            s.first_at = now
+    def _take(self, s: Slot, logits: torch.Tensor | None, token: int) -> None:
+        """Emit slot s's next token (Slot.emit), finish the request if it is done. logits [V] (the token's step): read
+        for logprobs only (None when none are asked)."""
+        first = s.n_out == 0
+        text, lps, finish = s.emit(token, logits, self.S)
+        if first:
             with self.metrics.lock:
-                self.metrics.ttft.observe(now - req.submitted)
-        s.n_out += 1
-        s.last = token
-        lps = None
-        if req.logprobs is not None:
-            lsm = torch.log_softmax(logits.float(), -1)
-            lps = [(lsm[token].item(), _top(lsm, req.logprobs))]
-        text = s.detok.add([token])
-        finish = None
-        if token in req.eos or s.detok.stopped:
-            finish = "stop"
-        elif s.n_out >= req.max_tokens or s.pos + 1 >= self.S:
-            finish = "length"
+                self.metrics.ttft.observe(s.first_at - s.req.submitted)
         self._generated += 1
         if finish is None:
-            req.sink(Event([token], text, lps, prompt_logprobs=self._take_prompt_lp(s)))
+            s.req.sink(Event([token], text, lps, prompt_logprobs=s.take_prompt_logprobs()))
         else:
             self._finish(s, finish, token=token, text=text, lps=lps)
 
-    def _take_prompt_lp(self, s: _Slot):
-        lp, s.prompt_lp = s.prompt_lp, None
-        return lp
-
-    def _finish(self, s: _Slot, reason: str, token: int | None = None, text: str = "", lps=None,
+    def _finish(self, s: Slot, reason: str, token: int | None = None, text: str = "", lps=None,
                 error: str | None = None) -> None:
         self.slots[s.i] = None
         self._count()
@@ -667,5 +603,5 @@ class Scheduler:
                 self.metrics.tpot.observe((time.perf_counter() - s.first_at) / (s.n_out - 1))
         self.metrics.finished(reason)
         s.req.sink(Event([] if token is None else [token], text, lps, finish=reason, error=error,
-                         prompt_logprobs=self._take_prompt_lp(s), prompt_tokens=len(s.req.prompt),
+                         prompt_logprobs=s.take_prompt_logprobs(), prompt_tokens=len(s.req.prompt),
                          completion_tokens=s.n_out, cached_tokens=s.cached))

@@ -239,7 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_rows
     from ..distributed import init_distributed
     from .tokens import TokenRows
-    from .trainer import TrainConfig, Trainer
+    from .config import TrainConfig
+    from .trainer import Trainer
 
     ctx = init_distributed(ep=args.ep, device=args.device, cp=args.cp)
     resolve_defaults(args, ctx.device.type)

@@ -118,7 +118,8 @@ def _run_demo(out, steps, quiet) -> dict:
     from ..config import MiMoConfig
     from ..model import MiMoForCausalLM
     from .data import Document, pack_documents
-    from .trainer import TrainConfig, Trainer
+    from .config import TrainConfig
+    from .trainer import Trainer
 
     t_start = time.perf_counter()
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="mimo-flash-demo-"))
