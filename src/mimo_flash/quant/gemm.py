@@ -129,45 +129,42 @@ def experts_triton(x, idx, w, gate_up, gate_up_scale, down, down_scale):
     """experts_reference's contract: rows sorted by expert once, both projections grouped Triton products
     reading the FP8 bytes, the SwiGLU and routing weight in between, outputs summed back per token."""
     from ..ops.kernels.moe import grouped_gemm
-    from ..ops.moe import sort_by_expert
+    from ..ops.moe import gather_sum, sort_by_expert
 
-    E = gate_up.shape[0]
-    order, _, counts, tok, _ = sort_by_expert(idx, E)
+    E, k = gate_up.shape[0], idx.shape[1]
+    order, inv, counts, tok, _ = sort_by_expert(idx, E)
     xs = x[tok].contiguous()  # [N*k, D]
     h = grouped_gemm(xs, gate_up, counts, scale=gate_up_scale)  # [N*k, 2I]
     g, u = h.float().chunk(2, dim=-1)
     a = (F.silu(g) * u * w.reshape(-1)[order, None].float()).to(x.dtype)
     ys = grouped_gemm(a.contiguous(), down, counts, scale=down_scale)  # [N*k, D]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, tok, ys.float())
-    return out.to(x.dtype)
+    return gather_sum(ys, inv, k)  # each token's outputs summed in fp32
 
 
 def experts_w8a8(x, idx, w, gate_up, gate_up_scale, down, down_scale, tile: dict | None = None):
     """experts_reference's contract, W8A8: rows sorted by expert once, quantized per 1x128 group, both projections
     grouped FP8 x FP8 Triton products (fp32 sums), the SwiGLU and routing weight in between (rounded to x's dtype
-    and quantized for the down projection in the same pass), outputs summed back per token. tile:
-    triton_fp8.W8A8_TILE's keys."""
-    from ..ops.moe import sort_by_expert
+    and quantized for the down projection in the same pass), each token's outputs summed back in fp32 (ops/moe.py's
+    gather_sum). tile: triton_fp8.W8A8_TILE's keys."""
+    from ..ops.moe import gather_sum, sort_by_expert
     from .triton_fp8 import quantize_activations_fast, swiglu_quantize, w8a8_grouped_gemm
 
-    E = gate_up.shape[0]
-    order, _, counts, tok, _ = sort_by_expert(idx, E)
+    E, k = gate_up.shape[0], idx.shape[1]
+    order, inv, counts, tok, _ = sort_by_expert(idx, E)
     xq, xs = quantize_activations_fast(x.contiguous())  # each token once, gathered in expert order below
-    h = w8a8_grouped_gemm(xq[tok], xs[tok], gate_up, gate_up_scale, counts, x.dtype, tile)  # [N*k, 2I]
+    xs_sorted = xs.t()[:, tok].t()  # [N*k, G], outer-dim-major as the grouped product reads it
+    h = w8a8_grouped_gemm(xq[tok], xs_sorted, gate_up, gate_up_scale, counts, x.dtype, tile)  # [N*k, 2I]
     aq, as_ = swiglu_quantize(h, w.reshape(-1)[order].float())  # silu(gate) * up * weight, quantized: one pass
     ys = w8a8_grouped_gemm(aq, as_, down, down_scale, counts, x.dtype, tile)  # [N*k, D]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, tok, ys.float())
-    return out.to(x.dtype)
+    return gather_sum(ys, inv, k)
 
 
 def experts_auto(*args):
     x, idx, gate_up = args[0], args[1], args[3]
     if not x.is_cuda:
         return experts_reference(*args)
-    if idx.numel() >= W8A8_ROWS_PER_EXPERT * gate_up.shape[0]:
-        return experts_w8a8(*args)
+    if idx.numel() >= W8A8_ROWS_PER_EXPERT * gate_up.shape[0] and x.shape[1] % 16 == 0 and gate_up.shape[1] % 32 == 0:
+        return experts_w8a8(*args)  # (TMA's rows: D and I multiples of 16 bytes)
     return experts_triton(*args)
 
 

@@ -8,9 +8,9 @@ paths. Accumulation in fp32.
 
 For prefill-sized products the tensor cores' FP8 rate is what pays (the W8A8 recipe of the release, vLLM and
 SGLang): quantize_activations_fast quantizes activations per token and 128-column group in one pass (the
-numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert (grouped_gemm's
-W8A8 form), each 128-wide K step's product scaled by its activation scales (per row) and its weight
-block's scale.
+numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert (rows sorted by
+expert, tiles laid out by ops/kernels/moe.py's tile_schedule, operands loaded by TMA), each 128-wide K step's
+product scaled by its activation scales (per row) and its weight block's scale.
 Run in Triton's CPU interpreter by the tests (TRITON_INTERPRET=1), on CUDA by the GPU tests.
 """
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..ops.kernels.moe import grouped_gemm
+from ..ops.kernels.moe import tile_schedule
 
 BK = 128  # = the weight block's columns: one scale per (row block, K step)
 
@@ -70,7 +71,8 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- W8A8 (prefill)
-W8A8_TILE = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)  # the best of bench/fp8.py's five (H200)
+W8A8_TILE = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)  # devrun probe, H100, 2026-12-06: of nine
+# tiles, 128 x 128 (8 warps, 4 stages) was 3% faster on gate_up and 4% slower on down; 256-wide N tiles lose 30%
 
 
 @triton.jit
@@ -135,11 +137,12 @@ def quantize_activations_fast(x: torch.Tensor, scales_column_major: bool = True)
 def swiglu_quantize(h: torch.Tensor, w: torch.Tensor):
     """The experts' down-projection input, quantized in one pass: h [M, 2I] (gate columns, then up; rows
     contiguous), w [M] fp32 routing weights -> quantize_activations_fast(silu(gate) * up * w rounded to h's
-    dtype), scales row-major: (aq [M, I] float8_e4m3fn, scale [M, ceil(I/128)] fp32)."""
+    dtype), scales outer-dim-major as w8a8_grouped_gemm reads them: (aq [M, I] float8_e4m3fn, scale [M, ceil(I/128)]
+    fp32, strides (1, M))."""
     M, I = h.shape[0], h.shape[1] // 2
     G = triton.cdiv(I, 128)
     q = torch.empty(M, I, dtype=torch.float8_e4m3fn, device=h.device)
-    s = torch.empty(M, G, dtype=torch.float32, device=h.device)
+    s = torch.empty(G, M, dtype=torch.float32, device=h.device).t()
     if M:
         rows = 16
         _quant_act_kernel[(triton.cdiv(M, rows), G)](h, w.contiguous(), q, s, M, I, h.stride(0), s.stride(0),
@@ -147,11 +150,66 @@ def swiglu_quantize(h: torch.Tensor, w: torch.Tensor):
     return q, s
 
 
+@triton.jit
+def _w8a8_grouped_kernel(x_desc, w_desc, xs_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, P,
+                         s_stride_e, s_stride_r, KB: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Tile t (grid axis 1) covers rows [tile_row[t], +BLOCK_M) of expert e = tile_expert[t] (its rows end at
+    end[e]; unused tiles have e = -1), columns [pid_n * BLOCK_N, +BLOCK_N): y[r] = dequant(x[r]) @ dequant(W[e])^T.
+    x_desc: TMA descriptor of the FP8 rows [P, K] (rows past P and columns past K read as zeros; rows of the next
+    expert are computed and not stored), w_desc: of the FP8 weights as [E * N, K]; xs [KB, P] fp32 (each K step's
+    row scales contiguous), s [E, ceil(N/128), KB]. Each 128-wide K step's FP8 product (fp32) is scaled by its
+    rows' scales and its weight block's scale, one scale per tile while BLOCK_N divides 128."""
+    pid_n = tl.program_id(0)  # the N tiles of one row tile are neighbours: its rows stay in L2
+    t = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + t)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + t)
+        end = tl.load(end_ptr + e)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        n0 = pid_n * BLOCK_N
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mmask = rm < end
+        s_tile = s_ptr + e * s_stride_e
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, KB):
+            x = x_desc.load([row0, kb * BK])
+            w = w_desc.load([e * N + n0, kb * BK])
+            sa = tl.load(xs_ptr + kb * P + rm, mask=mmask, other=0.0)
+            if 128 % BLOCK_N == 0:
+                ws = tl.load(s_tile + (n0 // 128) * s_stride_r + kb)
+                acc += tl.dot(x, w.T, out_dtype=tl.float32) * (sa * ws)[:, None]
+            else:
+                ws = tl.load(s_tile + (rn // 128) * s_stride_r + kb, mask=rn < N, other=0.0)
+                acc += tl.dot(x, w.T, out_dtype=tl.float32) * (sa[:, None] * ws[None, :])
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & (rn < N)[None, :])
+
+
 def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts: torch.Tensor,
                       dtype: torch.dtype, tile: dict | None = None) -> torch.Tensor:
-    """xq [P, K] float8 rows sorted by expert (counts [E] of them each) with scales xs [P, ceil(K/128)] (any
-    strides), q [E, N, K] float8, s [E, ceil(N/128), ceil(K/128)] fp32 -> [P, N] in dtype: each row's
-    dequantized activations times its expert's dequantized weight, transposed (ops/kernels/moe.py's grouped
-    kernel on the FP8 tensor cores). tile: W8A8_TILE's keys."""
+    """xq [P, K] float8 rows sorted by expert (counts [E] of them each) with scales xs [P, ceil(K/128)] (cheapest
+    outer-dim-major, strides (1, P): copied to that layout otherwise), q [E, N, K] float8, s [E, ceil(N/128),
+    ceil(K/128)] fp32 -> [P, N] in dtype: each row's dequantized activations times its expert's dequantized
+    weight, transposed, on the FP8 tensor cores with TMA loads. K must be a multiple of 16 (TMA's row
+    alignment). tile: W8A8_TILE's keys (BLOCK_N dividing 128 or a multiple of it)."""
     cfg = dict(W8A8_TILE, **(tile or {}))
-    return grouped_gemm(xq, q, counts, scale=s, x_scale=xs, out_dtype=dtype, **cfg)
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    P, K = xq.shape
+    E, N, _ = q.shape
+    if K % 16 or xq.stride() != (K, 1) or not q.is_contiguous():
+        raise ValueError(f"w8a8_grouped_gemm takes row-major FP8 rows and contiguous weights with K a multiple of "
+                         f"16 (rows {tuple(xq.shape)} strides {xq.stride()}, weights contiguous: {q.is_contiguous()})")
+    if 128 % bn and bn % 128:
+        raise ValueError(f"BLOCK_N must divide 128 or be a multiple of it, got {bn}")
+    y = torch.empty(P, N, dtype=dtype, device=xq.device)
+    if P == 0:
+        return y
+    xs_t = xs.t().contiguous()  # [KB, P]
+    tile_expert, tile_row, end = tile_schedule(counts, bm, P)
+    x_desc = TensorDescriptor.from_tensor(xq, [bm, BK])
+    w_desc = TensorDescriptor.from_tensor(q.view(E * N, K), [bn, BK])
+    grid = (triton.cdiv(N, bn), tile_expert.numel())
+    _w8a8_grouped_kernel[grid](x_desc, w_desc, xs_t, s, y, tile_expert, tile_row, end, N, P, s.stride(0),
+                               s.stride(1), KB=triton.cdiv(K, BK), BK=BK, BLOCK_M=bm, BLOCK_N=bn, **cfg)
+    return y

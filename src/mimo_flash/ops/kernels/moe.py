@@ -143,22 +143,20 @@ def sort_by_expert(idx: torch.Tensor, num_experts: int
 # The experts' products over (token, slot) rows sorted by expert (sort_by_expert's order), for few rows per expert
 # (decode and verification; FP8 weights at any size). A program owns BLOCK_M rows of one expert and BLOCK_N
 # output columns, so each expert's weights are read once per BLOCK_M of its rows, and only the experts that have
-# rows are read. The weights may be bf16 / fp16 / fp32 (widened to the rows' dtype), FP8 with 128x128 block
-# scales (each 128-wide K step's partial product scaled by its block's scale), or FP8 times FP8 rows with per-row
-# 1x128 scales (W8A8: the tensor cores' FP8 rate, for prefill). The tiles are laid out on the device (tile_schedule),
-# so nothing waits for the GPU: CUDA-graph and torch.compile safe.
+# rows are read. The weights may be bf16 / fp16 / fp32 (widened to the rows' dtype) or FP8 with 128x128 block
+# scales (each 128-wide K step's partial product scaled by its block's scale). The tiles are laid out on the device
+# (tile_schedule, which quant/triton_fp8.py's W8A8 product for prefill shares), so nothing waits for the GPU:
+# CUDA-graph and torch.compile safe.
 BK = 128  # the K step: an FP8 weight block's columns (one scale per row block and step)
 
 
 @triton.jit
-def _grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
-                    xs_stride_m, xs_stride_g, w_stride_e, s_stride_e, s_stride_r, KB: tl.constexpr, BK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, W8A8: tl.constexpr,
-                    EVEN_K: tl.constexpr):
+def _grouped_kernel(x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K, w_stride_e,
+                    s_stride_e, s_stride_r, KB: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr):
     """Tile t covers rows [tile_row[t], +BLOCK_M) of expert tile_expert[t] (its rows end at end[e]; unused tiles
-    have expert -1): y[r] = x[r] @ W[e]^T. SCALED: W = w * s per 128x128 block. W8A8 (with SCALED): x holds
-    float8 rows with scales xs [P, ceil(K/128)] (strides xs_stride_m, xs_stride_g), each step's product also
-    scaled by its rows' scales. Else the weight widens to x's dtype. EVEN_K: K is a multiple of BK."""
+    have expert -1): y[r] = x[r] @ W[e]^T. SCALED: W = w * s per 128x128 block. The weight widens to x's dtype.
+    EVEN_K: K is a multiple of BK."""
     t = tl.program_id(1)
     pid_n = tl.program_id(0)
     e = tl.load(tile_expert_ptr + t)
@@ -182,11 +180,7 @@ def _grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_ro
                 kmask = k < K
                 w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
                 x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            if W8A8:
-                scale = tl.load(s_rows + kb, mask=nmask, other=0.0)  # [BLOCK_N]
-                sa = tl.load(xs_ptr + rm * xs_stride_m + kb * xs_stride_g, mask=mmask, other=0.0)
-                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * scale[None, :])
-            elif SCALED:
+            if SCALED:
                 scale = tl.load(s_rows + kb, mask=nmask, other=0.0)
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32) * scale[None, :]
             else:
@@ -215,12 +209,11 @@ def tile_schedule(counts: torch.Tensor, block_m: int, max_rows: int) -> tuple[to
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None,
-                 x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                 BLOCK_M: int | None = None, BLOCK_N: int = 64, **launch) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, BLOCK_M: int | None = None, BLOCK_N: int = 64,
+                 **launch) -> torch.Tensor:
     """x [P, K] rows sorted by expert (counts [E] of them each), w [E, N, K] -> y [P, N] (out_dtype, default
     x's), y[r] = x[r] @ W[e]^T of its expert e. scale [E, ceil(N/128), ceil(K/128)] fp32: w is FP8 and
-    W = w * scale per 128x128 block; x_scale [P, ceil(K/128)] (with scale): x is FP8 too, W8A8. BLOCK_M: rows per
-    tile (default 16 while the rows average at most 8 per expert, else 64); launch: num_warps, num_stages."""
+    W = w * scale per 128x128 block. BLOCK_M: rows per tile (default 16 while the rows average at most 8 per expert, else 64); launch: num_warps, num_stages."""
     P, K = x.shape
     E, N, _ = w.shape
     if x.stride() != (K, 1) or w.stride()[1:] != (K, 1):
@@ -231,12 +224,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: 
     block_m = BLOCK_M or (16 if P <= 8 * E else 64)
     tile_expert, tile_row, end = tile_schedule(counts, block_m, P)
     s = scale if scale is not None else end  # (unread placeholders; not the output, which the kernel writes)
-    xs = x_scale if x_scale is not None else end
     grid = (triton.cdiv(N, BLOCK_N), tile_expert.numel())
-    _grouped_kernel[grid](x, xs, w, s, y, tile_expert, tile_row, end, N, K,
-                          xs.stride(0) if x_scale is not None else 0, xs.stride(1) if x_scale is not None else 0,
-                          w.stride(0), s.stride(0) if scale is not None else 0,
-                          s.stride(1) if scale is not None else 0, triton.cdiv(K, BK), BK=BK, BLOCK_M=block_m,
-                          BLOCK_N=BLOCK_N, SCALED=scale is not None, W8A8=x_scale is not None, EVEN_K=K % BK == 0,
-                          **launch)
+    _grouped_kernel[grid](x, w, s, y, tile_expert, tile_row, end, N, K, w.stride(0),
+                          s.stride(0) if scale is not None else 0, s.stride(1) if scale is not None else 0,
+                          triton.cdiv(K, BK), BK=BK, BLOCK_M=block_m, BLOCK_N=BLOCK_N, SCALED=scale is not None,
+                          EVEN_K=K % BK == 0, **launch)
     return y
