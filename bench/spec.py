@@ -293,7 +293,9 @@ def measure(model, all_prompts, args, bandwidth, skipped: list, fallbacks: set) 
                        mean_k, f"{st.new_tokens / st.decode_seconds:,.0f}", f"{step_ms:.3f}", floor,
                        f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same, lead]
                 table_rows[sample].append(row)
-                log(" | ".join(str(x) for x in row))
+                log(" | ".join(str(x) for x in row) + f"  (prefill {1e3 * st.prefill_seconds:.2f} ms, decode "
+                    f"{1e3 * st.decode_seconds:.2f} ms, wall {1e3 * wall:.2f} ms; timed walls "
+                    f"{[round(1e3 * r[2], 2) for r in timed]} ms)")
                 if K == 0 and not sample and not args.no_eager:
                     # rounding's share of "same": plain greedy again through other kernels (graphs of eager code)
                     run(model, ids, args.new_tokens, 0, False, args.seed, compile=False)
