@@ -21,9 +21,7 @@ behind are re-primed first), k = 0 through runs of plain steps (what plain decod
 and 64 while k stays 0, counted across calls: a call that starts on plain steps starts with long runs; one host
 sync per run) which also record their tokens and hidden states for a later re-prime: for greedy decoding on a
 GraphRunner each run is one or two captured graphs of up to PLAIN_GRAPH steps launched back to back, otherwise
-(sampling, an eager runner, a graph that failed) the steps are launched one by one. While plain steps win, each
-run is launched before the host reads the one before it (the controller decides the next run first, from what it
-read one run earlier), so that the GPU does not idle through the host's read, decision and launch. Greedy steps with k > 0 on a GraphRunner run as
+(sampling, an eager runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as
 fixed-K decoding runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting
 row surely still needs (the controller decides again after each chunk, and observes each of its steps). The first
 decision of a call is made without waiting for the prefill, and not timed. Greedy output
@@ -39,7 +37,6 @@ from typing import Sequence
 
 import torch
 
-from .output import to_host_later
 from .runner import GraphRunner, graph_bucket
 from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_reprime, spec_step
 
@@ -150,60 +147,45 @@ class AdaptiveK:
 def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: AdaptiveK, stats, chunk: int) -> None:
     """Decode until every row of `out` is done, choosing k per step with `ctl` (see the module docstring).
     st: the state after spec_prefill (with rings); stats: GenerationStats, updated."""
-    from .engine import GREEDY_CHUNK
-
     chunks = (isinstance(runner, GraphRunner) and not params.do_sample and st.seen is None
               and out.streamer is None and out.stopping is None)
     t_prev, built = None, runner.builds
+    k_prev, n_prev = 0, 0
     B = out.count.shape[0]
-    inflight: list = []  # phases launched and not yet read back by the host: (k, steps, read of their outcome)
-    choice = None  # the controller's choice for the next phase, made while a plain run was launched ahead
-    wanted = out.max_new - 1  # the most a row still wants beyond the steps launched
-
-    def plain(n: int) -> None:  # a run of n plain steps, launched
-        nonlocal wanted
-        if out.sync:  # rows may end (EOS, stopping): a run launched before the host has read the last one's ends
-            n = min(n, GREEDY_CHUNK)  # may be wasted, so runs stay as short as plain decoding's graphs
-        m = _plain_chunks(runner, out, st, n) if chunks and runner.graphs_for("greedy") else 0
-        if not m:  # (sampling, an eager runner, or the greedy graph failed) steps launched one by one
-            m = _plain_steps(runner, out, st, params, generator, n)
-        ctl.plain_run += 1
-        stats.steps += m
-        stats.spec_k.extend([0] * m)
-        inflight.append((0, m, _outcome(out)))
-        wanted -= m
-
+    first = True
     while True:
-        if inflight:
-            # while plain steps win, the next run goes to the GPU before the host waits for the last one, which
-            # would leave the GPU idle while the host decides and launches (a 32-step graph takes ~1 ms to launch)
-            if len(inflight) == 1 and inflight[0][0] == 0 and choice is None and wanted > 0:
-                choice = ctl.choose()
-                if choice == 0:
-                    plain(min(_run_size(ctl), wanted))
-                    choice = None
-            k_prev, n_prev, outcome = inflight.pop(0)
-            v = outcome().tolist()  # the host sync: the phase has finished (its done flags, tokens kept per row)
+        if first:  # the first decision: after the prefill's token every row has one token, and none is
+            # taken as done (no wait for the GPU, which may still be on the prefill; a row that its first token
+            # ended steps through this decision, its tokens dropped by `out`). Not timed: the prefill's tail counts.
+            done, counts = [False] * B, [1] * B
+        else:  # the loop's host sync (the previous phase has finished): done flags and tokens kept, in one read
+            v = torch.cat([out.done.long(), out.count]).tolist()
             done, counts = [bool(d) for d in v[:B]], v[B:]
-            now = time.perf_counter()
-            if t_prev is not None and runner.builds == built:
-                ctl.timed(k_prev, (now - t_prev) / n_prev, n_prev)
-            t_prev, built = now, runner.builds
-            ahead = sum(n for _, n, _ in inflight)  # plain steps launched that this read does not cover
-        else:  # the first decision: after the prefill's token every row has one token, and none is taken as done
-            # (no wait for the GPU, which may still be on the prefill; a row that its first token ended steps
-            # through this decision, its tokens dropped by `out`). Not timed: the prefill's tail counts.
-            done, counts, ahead = [False] * B, [1] * B, 0
+        now = time.perf_counter()
+        if t_prev is not None and n_prev and runner.builds == built:
+            ctl.timed(k_prev, (now - t_prev) / n_prev, n_prev)
+        t_prev, built, first = (None if first else now), runner.builds, False
         if all(done):
             break
-        wanted = max(out.max_new - c for c, d in zip(counts, done) if not d) - ahead
-        if wanted <= 0:  # (max_new_tokens = 1: the prefill's token was all; or the runs launched ahead cover it)
+        wanted = max(out.max_new - c for c, d in zip(counts, done) if not d)  # the most a row still wants
+        if wanted <= 0:  # (max_new_tokens = 1: the prefill's token was all)
             break
-        if inflight:  # a run launched ahead covers this decision: read it next
-            continue
-        k, choice = (ctl.choose() if choice is None else choice), None
-        if k == 0:
-            plain(min(_run_size(ctl), wanted))
+        k = ctl.choose()
+        size = PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
+        if k == 0 and chunks and runner.graphs_for("greedy"):
+            n = _plain_chunks(runner, out, st, min(size, wanted))
+            if n:
+                ctl.plain_run += 1
+                stats.steps += n
+                stats.spec_k.extend([0] * n)
+                k_prev, n_prev = 0, n
+                continue
+        if k == 0 and not chunks:  # (sampling, or an eager runner) plain steps with one host sync, as above
+            n = _plain_steps(runner, out, st, params, generator, min(size, wanted))
+            ctl.plain_run += 1
+            stats.steps += n
+            stats.spec_k.extend([0] * n)
+            k_prev, n_prev = 0, n
             continue
         ctl.plain_run = 0
         if k > st.fresh:
@@ -224,18 +206,7 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
             stats.spec_k.append(k)
             stats.verified(k, act)
         out.add_steps(news, count_n)
-        inflight.append((k, len(counts_n), _outcome(out)))
-
-
-def _run_size(ctl: AdaptiveK) -> int:
-    """Plain steps in the next run: PLAIN_RUNS grows with the plain runs in a row (across calls)."""
-    return PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
-
-
-def _outcome(out):
-    """A read of every row's done flag and tokens kept as of now ([done..., count...]), waiting for the GPU
-    only when called."""
-    return to_host_later(torch.cat([out.done.long(), out.count]))
+        k_prev, n_prev = k, len(counts_n)
 
 
 def _plain_chunks(runner, out, st: SpecState, n: int) -> int:
