@@ -91,11 +91,13 @@ def step_bytes(model, B: int, kv_len: int) -> int:
 def step_path(model, B: int) -> str:
     """Which one-token step generate() ran at batch B: "triton" (TritonStep), "graphed" (the GraphRunner's torch
     step) or "eager", with "+fallback" where the runner noted one."""
-    for r in engine._RUNNERS.get(model, {}).values():
-        if r.cache.B == B:
-            path = "triton" if r.triton and r._triton_step is not None else "graphed"
-            return path + ("+fallback" if r.notes else "")
-    return "eager"
+    runners = [r for r in engine._RUNNERS.get(model, {}).values() if r.cache.B == B]
+    if not runners:
+        return "eager"
+    # (the timed calls of one and of n steps have runners of two cache lengths; the one-step call's never decodes)
+    stepped = [r for r in runners if r.triton and r._triton_step is not None]
+    path = "triton" if stepped else "graphed"
+    return path + ("+fallback" if any(r.notes for r in runners) else "")
 
 
 def time_decode(model, args, device, bw, B: int, g: torch.Generator) -> dict:
@@ -191,6 +193,26 @@ def micro(args, device, dtype) -> list[str]:
                 continue
             lines.append(f"| experts {E}x({2 * I}+{I})x{D}, top-{k} | {T} | {tb * 1e3:.3f} | {be} {tile or ''} | "
                          f"{tf * 1e3:.3f} | {tf / tb:.2f} |")
+    if cuda:  # each projection's grouped product alone at the largest size: bf16 torch._grouped_mm against W8A8
+        from mimo_flash.ops.moe import sort_by_expert
+        from mimo_flash.quant.triton_fp8 import quantize_activations_fast, w8a8_grouped_gemm
+        T = 8192
+        idx = torch.rand(T, E, device=device, generator=g).topk(k, -1).indices
+        _, _, counts, tok, offs = sort_by_expert(idx, E)
+        P = tok.numel()
+        lines.append(f"\n| grouped product, {T} tokens x top-{k} = {P} rows | bf16 ms (TFLOP/s) | W8A8 ms (TFLOP/s) |")
+        lines.append("|---|---|---|")
+        for name, wb, q, sc in (("gate_up", gu, ex.gate_up_proj, ex.gate_up_proj_scale_inv),
+                                ("down", dn, ex.down_proj, ex.down_proj_scale_inv)):
+            N, K = wb.shape[1], wb.shape[2]
+            a = torch.randn(P, K, device=device, dtype=dtype)
+            aq, as_ = quantize_activations_fast(a)
+            flop = 2 * P * N * K
+            tb = timed(lambda: torch._grouped_mm(a, wb.transpose(1, 2), offs=offs), device, 3, 10)
+            tf = timed(lambda: w8a8_grouped_gemm(aq, as_, q, sc, counts, dtype), device, 3, 10)
+            lines.append(f"| {name} {P} x {N} x {K} | {tb * 1e3:.3f} ({flop / tb / 1e12:.0f}) | "
+                         f"{tf * 1e3:.3f} ({flop / tf / 1e12:.0f}) |")
+        del a, aq, as_
     if cuda:  # the activation quantizer of the W8A8 products, alone
         from mimo_flash.quant.blocks import quantize_activations
         from mimo_flash.quant.triton_fp8 import quantize_activations_fast
