@@ -93,6 +93,23 @@ def test_a_chunk_timing_counts_as_its_steps():
     assert ctl.cost(0) == 5.0
 
 
+def test_costs_are_recomputed_only_after_a_new_timing(monkeypatch):
+    """The medians behind cost() are kept between timings: a decision costs the host no median per k (it decides
+    while the GPU waits), and a new timing is seen at once."""
+    from mimo_flash.generation import adaptive
+
+    calls, real = [], adaptive.statistics.median
+    monkeypatch.setattr(adaptive.statistics, "median", lambda t: calls.append(1) or real(t))
+    ctl = AdaptiveK(3)
+    ctl.timed(3, 4.0, steps=3)
+    ctl.timed(0, 1.0, steps=3)
+    for _ in range(5):
+        ctl.choose()
+    assert len(calls) == 2 and ctl.cost(0) == 1.0 and ctl.cost(2) == 3.0  # (k = 2 interpolated)
+    ctl.timed(0, 2.0, steps=9)
+    assert ctl.cost(0) == 2.0 and len(calls) == 4
+
+
 def test_probe_refreshes_later_positions():
     ctl = AdaptiveK(2, costs=[1.0, 2.0, 3.0], probe_every=4)
     ctl.alpha = [0.1, 0.1]

@@ -62,6 +62,7 @@ class AdaptiveK:
     alpha: list[float] = field(init=False)  # per draft position: P(accepted | the drafts before it were)
     k: int = field(init=False)  # the current choice
     _times: dict = field(init=False)  # k -> seconds per step, as timed
+    _medians: dict | None = field(init=False, default=None)  # k -> median of _times[k] (None: to recompute)
     _since_probe: int = field(init=False, default=0)
     _probed_down: bool = field(init=False, default=False)
     plain_run: int = field(init=False, default=0)  # plain decisions in a row, across calls (the runs' size)
@@ -91,7 +92,9 @@ class AdaptiveK:
         """Seconds per step with k drafts: given, measured, or interpolated (None: nothing measured yet)."""
         if self.costs is not None:
             return self.costs[k]
-        known = {j: statistics.median(t) for j, t in self._times.items() if t}
+        if self._medians is None:  # (once per new timing, not per choice: the host decides while the GPU waits)
+            self._medians = {j: statistics.median(t) for j, t in self._times.items() if t}
+        known = self._medians
         if k in known:
             return known[k]
         lo = max((j for j in known if j < k), default=None)
@@ -117,6 +120,7 @@ class AdaptiveK:
         """`steps` steps with k drafts took this long each (one timing of a chunk of steps counts as that many: the
         exploration and the median are over steps; callers leave out steps that built graphs or compiled code)."""
         t = self._times[k]
+        self._medians = None
         t.extend([seconds_per_step] * min(steps, self.samples))
         del t[:max(0, len(t) - self.samples)]
 
