@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..ops.kernels.moe import tile_schedule
+from ..ops.kernels.moe import tile_rows, tile_schedule
 
 BK = 128  # = the weight block's columns: one scale per (row block, K step)
 
@@ -161,15 +161,10 @@ def _w8a8_grouped_kernel(x_desc, w_desc, xs_ptr, s_ptr, y_ptr, tile_expert_ptr, 
     row scales contiguous), s [E, ceil(N/128), KB]. Each 128-wide K step's FP8 product (fp32) is scaled by its
     rows' scales and its weight block's scale, one scale per tile while BLOCK_N divides 128."""
     pid_n = tl.program_id(0)  # the N tiles of one row tile are neighbours: its rows stay in L2
-    t = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + t)
+    e, row0, rm, mmask = tile_rows(tile_expert_ptr, tile_row_ptr, end_ptr, BLOCK_M)
     if e >= 0:
-        row0 = tl.load(tile_row_ptr + t)
-        end = tl.load(end_ptr + e)
-        rm = row0 + tl.arange(0, BLOCK_M)
         n0 = pid_n * BLOCK_N
         rn = n0 + tl.arange(0, BLOCK_N)
-        mmask = rm < end
         s_tile = s_ptr + e * s_stride_e
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, KB):

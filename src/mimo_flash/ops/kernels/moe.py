@@ -157,16 +157,12 @@ def _grouped_kernel(x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, e
     """Tile t covers rows [tile_row[t], +BLOCK_M) of expert tile_expert[t] (its rows end at end[e]; unused tiles
     have expert -1): y[r] = x[r] @ W[e]^T. SCALED: W = w * s per 128x128 block. The weight widens to x's dtype.
     EVEN_K: K is a multiple of BK."""
-    t = tl.program_id(1)
     pid_n = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + t)
+    e, _, rm, mmask = tile_rows(tile_expert_ptr, tile_row_ptr, end_ptr, BLOCK_M)
     if e >= 0:
-        row0 = tl.load(tile_row_ptr + t)
-        end = tl.load(end_ptr + e)
-        rm = row0 + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BK)
-        mmask, nmask = rm < end, rn < N
+        nmask = rn < N
         s_rows = s_ptr + e * s_stride_e + (rn // 128) * s_stride_r  # [BLOCK_N]: each row's scale row
         w_rows = w_ptr + e.to(tl.int64) * w_stride_e + rn[:, None] * K
         x_rows = x_ptr + rm[:, None].to(tl.int64) * K
@@ -187,6 +183,17 @@ def _grouped_kernel(x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, e
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, out_dtype=tl.float32)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def tile_rows(tile_expert_ptr, tile_row_ptr, end_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile of tile_schedule's layout (grid axis 1): (expert, first row, the tile's BLOCK_M rows,
+    which of them are the expert's). Expert -1: an unused tile, none of its rows the expert's."""
+    t = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + t)
+    row0 = tl.load(tile_row_ptr + t)
+    rm = row0 + tl.arange(0, BLOCK_M)
+    return e, row0, rm, (rm < tl.load(end_ptr + tl.maximum(e, 0))) & (e >= 0)
 
 
 def tile_schedule(counts: torch.Tensor, block_m: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
