@@ -496,6 +496,37 @@ def test_sampling_stops_at_eos_read_one_step_late(cuda_graphs):
         assert out[row, 6 + e + 1:].eq(0).all()
 
 
+def test_graphed_greedy_starts_each_run_with_a_short_chunk(monkeypatch):
+    """Plain greedy decoding on a GraphRunner (on the CPU its chunks run directly, as compiled code would) launches
+    chunks of 4, 8, then GREEDY_CHUNK steps (engine.graph_steps: the GPU waits only for the short first launch),
+    and gives the step-by-step tokens, with an EOS inside the first, second, third or a later chunk."""
+    from mimo_flash.generation.runner import GraphRunner
+
+    assert engine.graph_steps(49, 16) == [4, 8, 16, 16, 5] and engine.graph_steps(3, 32) == [3]
+    assert engine.graph_steps(99, 32) == [4, 8, 16, 32, 32, 7] and engine.graph_steps(0, 16) == []
+    model = tiny_model(vocab_size=64)
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(14))
+    launches, real = [], GraphRunner.run_step
+
+    def spy(self, key, *args, **kwargs):
+        if key[0] == "greedy":
+            launches.append(key[-1])
+        return real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(GraphRunner, "run_step", spy)
+    free = generate(model, ids, max_new_tokens=50, eos_token_id=[], cuda_graphs=True)
+    assert launches == [4, 8, 16, 16, 5]
+    assert torch.equal(free, generate(model, ids, max_new_tokens=50, eos_token_id=[]))
+    for col in (2, 9, 20, 35):
+        eos = int(free[0, 10 + col])
+        eager = generate(model, ids[:1], max_new_tokens=50, eos_token_id=eos)
+        launches.clear()
+        graphed = generate(model, ids[:1], max_new_tokens=50, eos_token_id=eos, cuda_graphs=True)
+        assert torch.equal(eager, graphed), col
+        assert graphed.shape[1] <= 10 + col + 1 and graphed[0, -1] == eos
+        assert launches == [4, 8, 16, 16, 5][:len(launches)] and sum(launches[:-1]) < col + 1 + 16, (col, launches)
+
+
 def test_processors_match_transformers():
     tr = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(10)
@@ -689,7 +720,7 @@ def test_cuda_graph_decode_matches_eager():
 @pytest.mark.gpu
 def test_cuda_graph_greedy_stops_at_eos_like_eager():
     """Graphed greedy decoding checks EOS one chunk late (the next chunk runs meanwhile): the output is still
-    the step-by-step one, for an EOS met in the first, second or third chunk of 16 steps, batch 1 and 3."""
+    the step-by-step one, for an EOS met in the first, third or fourth chunk (4, 8, 16, 16 steps), batch 1 and 3."""
     model = tiny_model(vocab_size=64).cuda()
     ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(14)).cuda()
     free = generate(model, ids, max_new_tokens=50, eos_token_id=[], cuda_graphs=True)

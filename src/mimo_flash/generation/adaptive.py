@@ -18,9 +18,10 @@ the plain step's cost, which otherwise is never measured again after the start.
 
 `adaptive_decode` is the loop: k > 0 through speculative.spec_step (with st.k = k drafts; layers that fell
 behind are re-primed first), k = 0 through runs of plain steps (what plain decoding runs; 8 steps, then 16, 32
-and 64 while k stays 0, counted across calls: a call that starts on plain steps starts with long runs; one host
-sync per run) which also record their tokens and hidden states for a later re-prime: for greedy decoding on a
-GraphRunner each run is one or two captured graphs of up to PLAIN_GRAPH steps launched back to back, otherwise
+and so on up to 256 while k stays 0, counted across calls: a call that starts on plain steps starts with long
+runs, and a short call is one run, as plain decoding's; one host sync per run) which also record their tokens and
+the hidden states the rings keep for a later re-prime: for greedy decoding on a GraphRunner each run is captured
+graphs of up to PLAIN_GRAPH steps launched back to back (the first ones short: engine.graph_steps), otherwise
 (sampling, an eager runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as
 fixed-K decoding runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting
 row surely still needs (the controller decides again after each chunk, and observes each of its steps). The first
@@ -42,7 +43,7 @@ from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_reprime, s
 
 # plain steps per decision when k = 0: the controller decides again after each run; runs in a row grow (fewer host
 # syncs once plain decoding has won), and the count carries across calls (AdaptiveK.plain_run)
-PLAIN_RUNS = (8, 16, 32, 64)
+PLAIN_RUNS = (8, 16, 32, 64, 128, 256)
 PLAIN_GRAPH = 32  # most greedy steps in one captured graph (the SWA rings' slack: engine._make_runner)
 
 
@@ -218,13 +219,12 @@ def _plain_chunks(runner, out, st: SpecState, n: int) -> int:
     back to back (no host sync between them), recorded in the rings; the state moves past them (its MTP layers
     fall behind). Returns the steps taken (0: the first chunk failed and the runner now takes the step-by-step
     path; a later chunk that fails ends the run early)."""
-    from .engine import _greedy_chunk
+    from .engine import _greedy_chunk, graph_steps
 
     B = st.N.shape[0]
     limit = _limit(runner, st)
-    tok, pos, news = st.tok, st.N, []
-    for a in range(0, n, PLAIN_GRAPH):
-        m = min(PLAIN_GRAPH, n - a)
+    tok, pos, news, a = st.tok, st.N, [], 0
+    for m in graph_steps(n, PLAIN_GRAPH):
         bucket = graph_bucket(st.n_max + a + m, runner.cache.S, B)
         try:
             fn = _greedy_chunk(runner, bucket, m, st.rings, limit)
@@ -233,7 +233,7 @@ def _plain_chunks(runner, out, st: SpecState, n: int) -> int:
             runner.graph_failed("greedy", e)
             break
         news.append(res["new"].clone())  # (the graph's buffers: the next replay overwrites them; its tok and pos
-        tok, pos = res["tok"], res["pos"]  # are copied into the graph's inputs before it)
+        tok, pos, a = res["tok"], res["pos"], a + m  # are copied into the graph's inputs before it)
     if not news:
         return 0
     new = torch.cat(news, 1)
