@@ -288,18 +288,18 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
     kw = dict(attention_mask=mask, max_new_tokens=100, prefill_chunk=5, cuda_graphs=True)
     plain = generate(model, ids, **kw)
     sizes, launches = [], []
-    real_chunks, real_step = adaptive._plain_chunks, GraphRunner.run_step
+    real_launch, real_step = adaptive._plain_launch, GraphRunner.run_step
 
-    def spy_chunks(runner, out, st, n):
+    def spy_launch(runner, tok, pos, n_max, rings, K, n):
         sizes.append(n)
-        return real_chunks(runner, out, st, n)
+        return real_launch(runner, tok, pos, n_max, rings, K, n)
 
     def spy_step(self, key, *args, **kwargs):
         if key[0] == "adaptive-greedy":
             launches.append(key[-1])
         return real_step(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(adaptive, "_plain_chunks", spy_chunks)
+    monkeypatch.setattr(adaptive, "_plain_launch", spy_launch)
     monkeypatch.setattr(GraphRunner, "run_step", spy_step)
     ctl = AdaptiveK(2, costs=[1.0, 9.0, 9.0])  # drafts cost 9 plain steps: plain throughout
     ctl.k = 0

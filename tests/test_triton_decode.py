@@ -400,7 +400,7 @@ def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
     monkeypatch.setattr(GraphRunner, "run_step", counted)
     out, stats = generate(model, ids, eos_token_id=[], return_stats=True, cuda_graphs=True, **kw)
     assert torch.equal(out, plain) and stats.steps == 39 and stats.runner == "GraphRunner"
-    assert [k[0] for k in keys] == ["greedy"] * 3 and [k[3] for k in keys] == [16, 16, 7]  # steps per graph
+    assert [k[0] for k in keys] == ["greedy"] * 4 and [k[3] for k in keys] == [4, 8, 16, 11]  # steps per graph
     out, stats = generate(model, ids, eos_token_id=3, pad_token_id=5, return_stats=True, cuda_graphs=True, **kw)
     assert torch.equal(out, eos) and stats.notes == []
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from .runner import GraphRunner, graph_bucket
-from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_reprime, spec_step
+from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_prefill, spec_reprime, spec_step
 
 # plain steps per decision when k = 0: the controller decides again after each run; runs in a row grow (fewer host
 # syncs once plain decoding has won), and the count carries across calls (AdaptiveK.plain_run)
@@ -149,48 +149,58 @@ class AdaptiveK:
         return self.k
 
 
-def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: AdaptiveK, stats, chunk: int) -> None:
+def adaptive_decode(runner, out, prompt: tuple, K: int, params, seen, generator, ctl: AdaptiveK, stats, chunk: int,
+                    n_max: int, rings) -> None:
     """Decode until every row of `out` is done, choosing k per step with `ctl` (see the module docstring).
-    st: the state after spec_prefill (with rings); stats: GenerationStats, updated."""
-    chunks = (isinstance(runner, GraphRunner) and not params.do_sample and st.seen is None
+    prompt: (input_ids, mask, hidden, tok, lengths) after the prefill (hidden: the main model's hidden states, tok:
+    its token, not yet in `out`; lengths [B]: prompt tokens per row, n_max their most); rings: SpecRings for the
+    state; stats: GenerationStats, updated.
+
+    The first decision is made without waiting for the prefill, and not timed (the prefill's tail would count).
+    If it is a run of plain greedy graphs, the run is launched before the state is built (spec_prefill: a few
+    dozen small eager kernels, 2 ms of host time at batch 1 that the GPU would otherwise wait through)."""
+    input_ids, mask, hidden, tok, lengths = prompt
+    chunks = (isinstance(runner, GraphRunner) and not params.do_sample and seen is None
               and out.streamer is None and out.stopping is None)
-    t_prev, built = None, runner.builds
+    B = tok.shape[0]
+    k = ctl.choose() if out.max_new > 1 else None  # (max_new_tokens = 1: the prefill's token is all)
+    first = None  # the first decision's plain run, launched before the state exists: its tokens [B, n]
+    if k == 0 and chunks and runner.graphs_for("greedy"):
+        first = _plain_launch(runner, tok, lengths, n_max, rings, K, min(_run_size(ctl), out.max_new - 1))
+    out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
+    st = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, chunk, k=k or 0, rings=rings,
+                      n_max=n_max, recorded=0 if first is None else first.shape[1])
     k_prev, n_prev = 0, 0
-    B = out.count.shape[0]
-    first = True
+    if first is not None:
+        k_prev, n_prev, k = 0, _after_run(runner, out, st, first, ctl, stats), None
+    t_prev, built = None, runner.builds
     while True:
-        if first:  # the first decision: after the prefill's token every row has one token, and none is
-            # taken as done (no wait for the GPU, which may still be on the prefill; a row that its first token
-            # ended steps through this decision, its tokens dropped by `out`). Not timed: the prefill's tail counts.
-            done, counts = [False] * B, [1] * B
-        else:  # the loop's host sync (the previous phase has finished): done flags and tokens kept, in one read
+        if k is None:  # the loop's host sync (the previous phase has finished): done flags and tokens kept, one read
             v = torch.cat([out.done.long(), out.count]).tolist()
             done, counts = [bool(d) for d in v[:B]], v[B:]
-        now = time.perf_counter()
-        if t_prev is not None and n_prev and runner.builds == built:
-            ctl.timed(k_prev, (now - t_prev) / n_prev, n_prev)
-        t_prev, built, first = (None if first else now), runner.builds, False
-        if all(done):
-            break
+            now = time.perf_counter()
+            if t_prev is not None and n_prev and runner.builds == built:  # (the first phase is not timed)
+                ctl.timed(k_prev, (now - t_prev) / n_prev, n_prev)
+            t_prev, built = now, runner.builds
+            if all(done):
+                break
+            k = ctl.choose()
+        else:  # the first decision, made before anything was read: after the prefill's token every row has one
+            # token and none is taken as done (a row that its first token ended steps through it, its tokens
+            # dropped by `out`)
+            done, counts = [False] * B, [1] * B
         wanted = max(out.max_new - c for c, d in zip(counts, done) if not d)  # the most a row still wants
-        if wanted <= 0:  # (max_new_tokens = 1: the prefill's token was all)
+        if wanted <= 0:
             break
-        k = ctl.choose()
-        size = PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
+        size = min(_run_size(ctl), wanted)
         if k == 0 and chunks and runner.graphs_for("greedy"):
-            n = _plain_chunks(runner, out, st, min(size, wanted))
-            if n:
-                ctl.plain_run += 1
-                stats.steps += n
-                stats.spec_k.extend([0] * n)
-                k_prev, n_prev = 0, n
+            new = _plain_launch(runner, st.tok, st.N, st.n_max, st.rings, K, size)
+            if new is not None:
+                k_prev, n_prev, k = 0, _after_run(runner, out, st, new, ctl, stats), None
                 continue
         if k == 0 and not chunks:  # (sampling, or an eager runner) plain steps with one host sync, as above
-            n = _plain_steps(runner, out, st, params, generator, min(size, wanted))
-            ctl.plain_run += 1
-            stats.steps += n
-            stats.spec_k.extend([0] * n)
-            k_prev, n_prev = 0, n
+            new = _plain_steps(runner, out, st, params, generator, size)
+            k_prev, n_prev, k = 0, _after_run(runner, out if not out.sync else None, st, new, ctl, stats), None
             continue
         ctl.plain_run = 0
         if k > st.fresh:
@@ -211,43 +221,54 @@ def adaptive_decode(runner, out, st: SpecState, params, generator, ctl: Adaptive
             stats.spec_k.append(k)
             stats.verified(k, act)
         out.add_steps(news, count_n)
-        k_prev, n_prev = k, len(counts_n)
+        k_prev, n_prev, k = k, len(counts_n), None
 
 
-def _plain_chunks(runner, out, st: SpecState, n: int) -> int:
-    """n plain greedy steps from the state's x_N as captured chunks of up to PLAIN_GRAPH steps, launched
-    back to back (no host sync between them), recorded in the rings; the state moves past them (its MTP layers
-    fall behind). Returns the steps taken (0: the first chunk failed and the runner now takes the step-by-step
-    path; a later chunk that fails ends the run early)."""
+def _run_size(ctl: AdaptiveK) -> int:
+    return PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
+
+
+def _after_run(runner, out, st: SpecState, new: torch.Tensor, ctl: AdaptiveK, stats) -> int:
+    """Book a run of plain steps that produced new [B, n]: the state moves past it (_after_plain; its tokens to
+    `out` unless None), the controller's run count and the stats. Returns n."""
+    n = new.shape[1]
+    _after_plain(runner, out, st, new)
+    ctl.plain_run += 1
+    stats.steps += n
+    stats.spec_k.extend([0] * n)
+    return n
+
+
+def _plain_launch(runner, tok, pos, n_max: int, rings, K: int, n: int):
+    """n plain greedy steps after token tok [B] at positions pos [B] as captured chunks (graph_steps: short first,
+    then up to PLAIN_GRAPH steps), launched back to back (no host sync between them), each step's token and
+    hidden state recorded in the rings. Returns their tokens [B, n'] (n' = n; fewer if a later chunk failed), or
+    None if the first chunk failed (the runner then takes the step-by-step path)."""
     from .engine import _greedy_chunk, graph_steps
 
-    B = st.N.shape[0]
-    limit = _limit(runner, st)
-    tok, pos, news, a = st.tok, st.N, [], 0
+    B = tok.shape[0]
+    limit = _limit(runner, K)
+    news, a = [], 0
     for m in graph_steps(n, PLAIN_GRAPH):
-        bucket = graph_bucket(st.n_max + a + m, runner.cache.S, B)
+        bucket = graph_bucket(n_max + a + m, runner.cache.S, B)
         try:
-            fn = _greedy_chunk(runner, bucket, m, st.rings, limit)
+            fn = _greedy_chunk(runner, bucket, m, rings, limit)
             res = runner.run_step(("adaptive-greedy", B, bucket, m), fn, dict(tok=tok, pos=pos), rows=B)
         except Exception as e:
             runner.graph_failed("greedy", e)
             break
         news.append(res["new"].clone())  # (the graph's buffers: the next replay overwrites them; its tok and pos
         tok, pos, a = res["tok"], res["pos"], a + m  # are copied into the graph's inputs before it)
-    if not news:
-        return 0
-    new = torch.cat(news, 1)
-    _after_plain(runner, out, st, new)
-    return new.shape[1]
+    return torch.cat(news, 1) if news else None
 
 
-def _plain_steps(runner, out, st: SpecState, params, generator, n: int) -> int:
-    """n plain steps one by one (sampling, a repetition penalty, or an eager runner), recorded in the
-    rings, without a host sync between them (plain decoding's loop); the state moves past them as after
-    _plain_chunks. Returns the steps taken."""
+def _plain_steps(runner, out, st: SpecState, params, generator, n: int) -> torch.Tensor:
+    """n plain steps one by one (sampling, a repetition penalty, or an eager runner) from the state's x_N, recorded
+    in the rings, without a host sync between them (plain decoding's loop). Returns their tokens [B, n] (with a
+    streamer or stopping criteria already in `out`; the caller moves the state past them)."""
     from .sampling import choose, process
 
-    limit = _limit(runner, st)
+    limit = _limit(runner, st.K)
     B = st.N.shape[0]
     tok, pos = st.tok, st.N
     new = []
@@ -261,16 +282,15 @@ def _plain_steps(runner, out, st: SpecState, params, generator, n: int) -> int:
         pos = (pos + 1).clamp(max=limit)
         if out.sync:  # (a streamer or stopping criteria: each step's token goes out now)
             out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
-    _after_plain(runner, out if not out.sync else None, st, torch.stack(new, 1))
-    return n
+    return torch.stack(new, 1)
 
 
-def _limit(runner, st: SpecState) -> int:
+def _limit(runner, K: int) -> int:
     """The last position a run of plain steps moves a row to. Every row steps (no row mask), those already done
     and those that finish during the run too, and a row that accepted more drafts than the others runs ahead of
     them: positions are held here, the last one from which a later speculative step's K + 1 positions (frozen
     rows' included) stay inside the cache. Rows still emitting never reach it (S has 2K + 2 positions of room)."""
-    return runner.cache.S - 2 - st.K
+    return runner.cache.S - 2 - K
 
 
 def _after_plain(runner, out, st: SpecState, new: torch.Tensor) -> None:
@@ -280,7 +300,7 @@ def _after_plain(runner, out, st: SpecState, new: torch.Tensor) -> None:
     ar = torch.arange(K + 1, device=new.device)
     seq = torch.cat([st.recent, new], 1)  # positions N-K .. N+n
     st.recent = seq[:, n:n + K + 1]
-    st.N = (st.N + n).clamp(max=_limit(runner, st))
+    st.N = (st.N + n).clamp(max=_limit(runner, K))
     st.tok = new[:, -1]
     st.N_prev = st.N.clone()
     _, st.h_main = st.rings.read((st.N[:, None] - K - 1 + ar[None]).clamp_min(0))

@@ -269,19 +269,17 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
         tok = choose(process(last_logits, params, seen), params, generator)
         clock.mark()
-        out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
-        rings = None
-        if ctl is not None:
+        if ctl is not None:  # adaptive K builds its state after its first decision (which may be a plain run)
             rings = runner.spec_rings
             size = K * config.sliding_window + 2 * K + 2  # (spec_reprime reads up to K windows)
             if rings is None or rings.size != size or rings.h.dtype != hidden.dtype:
                 rings = runner.spec_rings = SpecRings(B, size, config.hidden_size, device, hidden.dtype)
-        # adaptive K primes the MTP layers its current choice drafts with (none while it decodes plainly: a
-        # later choice of more drafts re-primes them from the rings, which hold the prompt's tail)
-        state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,
-                             k=None if ctl is None else ctl.k, rings=rings, n_max=n_max)
-        if ctl is not None:
-            adaptive_decode(runner, out, state, params, generator, ctl, stats, prefill_chunk)
+            adaptive_decode(runner, out, (input_ids, mask, hidden, tok, lengths), K, params, seen, generator, ctl,
+                            stats, prefill_chunk, n_max, rings)
+        else:
+            out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
+            state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,
+                                 n_max=n_max)
         while ctl is None:
             done = out.done.tolist()
             if all(done):
@@ -357,15 +355,15 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
             P = P.clamp(max=limit)
         new = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
         m = 0 if rings is None else min(n, rings.size)  # steps whose hidden states the rings keep (the last m)
-        hs = []
+        hs = None if rings is None else torch.empty(tok.shape[0], m, rings.h.shape[-1], dtype=rings.h.dtype,
+                                                    device=tok.device)
         ids = tok[:, None]
-        for j in range(n):
-            h = runner.greedy_next(ids, P[:, j:j + 1], bucket, new[:, j])
-            if j >= n - m:
-                hs.append(h.clone())  # (h: a buffer the next step may overwrite)
+        for j in range(n):  # (the Triton step writes a kept hidden state straight into hs: no copy kernel between
+            # steps, which would also break the programmatic launch chain of the step's kernels)
+            runner.greedy_next(ids, P[:, j:j + 1], bucket, new[:, j], None if j < n - m else hs[:, j - n + m])
             ids = new[:, j:j + 1]
         if m:  # the inputs at positions pos + n - m .. pos + n - 1 and their hidden states: one write per slot
-            rings.write(P[:, n - m:n], torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], torch.cat(hs, 1))
+            rings.write(P[:, n - m:n], torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], hs)
         return dict(tok=new[:, -1], pos=P[:, -1], new=new)
     return fn
 

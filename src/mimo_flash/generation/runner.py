@@ -270,16 +270,19 @@ class GraphRunner(Runner):
 
         return self._run(key, fn, inputs)
 
-    def greedy_next(self, ids, pos, kv_len: int, out: torch.Tensor) -> torch.Tensor:
+    def greedy_next(self, ids, pos, kv_len: int, out: torch.Tensor, hidden: torch.Tensor | None = None):
         """ids, pos [B, 1] -> the greedy next token of each row (argmax of the logits, first index on ties)
         written to out [B]; the Triton step writes it from inside its lm_head kernel. Returns the hidden state
-        after model.norm [B, 1, D] (a buffer the next step may overwrite)."""
+        after model.norm [B, 1, D] (a buffer the next step may overwrite), or writes it into hidden [B, D] (the
+        Triton step from its lm_head kernel: no copy between steps)."""
         if self.triton and ids.numel() == 1:
-            res = self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S), out)
+            res = self._main_triton(ids, pos, kv_len, kv_bucket(kv_len, self.cache.S), out, hidden)
             if res is not None:
                 return res[1]
         logits, h = self.main(ids, pos, None, kv_len, logits="last", graph=True)
         out.copy_(logits[:, -1].argmax(-1))
+        if hidden is not None:
+            hidden.copy_(h[:, 0])
         return h
 
     def _step(self):
@@ -312,10 +315,12 @@ class GraphRunner(Runner):
             self._note(f"{key}: Triton MTP drafting failed ({type(e).__name__}: {str(e)[:200]}); falling back")
             return None
 
-    def _main_triton(self, ids, pos, kv_len: int, bucket: int, token: torch.Tensor | None = None):
+    def _main_triton(self, ids, pos, kv_len: int, bucket: int, token: torch.Tensor | None = None,
+                     hidden: torch.Tensor | None = None):
         """The one-token step through TritonStep, or T <= MAX_VERIFY_TOKENS consecutive tokens through its
         verify() (speculative verification), one graph per (bucket, T); None if it failed (the runner then keeps
-        the compiled path and says so in `notes`). token [1]: where the greedy token goes (one token)."""
+        the compiled path and says so in `notes`). token [1]: where the greedy token goes (one token); hidden [1, D]:
+        where its hidden state goes (one token, inside a capture)."""
         if kv_len > self.cache.S:
             raise ValueError(f"position {kv_len - 1} does not fit in a KV cache of max_length {self.cache.S}")
         T = ids.shape[1]
@@ -324,7 +329,9 @@ class GraphRunner(Runner):
             step = self._step()
             run = step if T == 1 else (lambda ids, pos, bucket, token=None: step.verify(ids, pos, bucket))
             if self._inline or self.cache.device.type != "cuda":
-                return run(ids, pos, bucket, token)
+                return run(ids, pos, bucket, token) if hidden is None else step(ids, pos, bucket, token, hidden)
+            if hidden is not None:
+                raise ValueError("a hidden-state output is for steps inside a capture")
 
             def fn(ids, pos):
                 return run(ids, pos, bucket)

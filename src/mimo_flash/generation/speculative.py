@@ -116,13 +116,16 @@ class SpecRings:
 
 
 def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingParams, seen, generator,
-                 chunk: int, k: int | None = None, rings: SpecRings | None = None, n_max: int | None = None):
+                 chunk: int, k: int | None = None, rings: SpecRings | None = None, n_max: int | None = None,
+                 recorded: int = 0):
     """State after the prompt: runs the first k (default K) MTP layers over the prompt (in chunks) and drafts
     d_1 .. d_k; the state is sized for K.
 
     input_ids, mask [B, P] (left padding); hidden [B, P, D] main hidden states; tok [B] = x_N (N = prompt length).
-    rings: recorded from the prompt (adaptive K). n_max: the longest prompt's length, if the caller knows it (else
-    read from mask: a host sync). With k = 0 and n_max given, nothing here waits for the GPU.
+    rings: recorded from the prompt (adaptive K); recorded: steps already written to them after the prompt (a run of
+    plain steps launched before this), whose slots the prompt's oldest positions there would overwrite: those are
+    left out. n_max: the longest prompt's length, if the caller knows it (else read from mask: a host sync). With
+    k = 0 and n_max given, nothing here waits for the GPU.
     """
     B, P = input_ids.shape
     N = mask.sum(1)
@@ -130,8 +133,9 @@ def spec_prefill(runner, input_ids, mask, hidden, tok, K: int, params: SamplingP
         seen.scatter_(1, tok[:, None], True)
     pos = (mask.cumsum(1) - 1).clamp_min(-1)
     if rings is not None:  # the prompt's last positions (a row's padding lies before its tokens)
-        c = max(0, P - rings.size)
-        rings.write(pos[:, c:], input_ids[:, c:], hidden[:, c:], mask[:, c:].bool())
+        c = max(0, P - rings.size + recorded)
+        if c < P:
+            rings.write(pos[:, c:], input_ids[:, c:], hidden[:, c:], mask[:, c:].bool())
     st = _prime(runner, input_ids, mask, pos, hidden, tok, K, K if k is None else k, params, seen, generator, chunk)
     dev = input_ids.device
     ar = torch.arange(K + 1, device=dev)

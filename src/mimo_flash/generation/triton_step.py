@@ -253,10 +253,10 @@ class TritonStep:
         return dict(pfa_ptr=a, pfa_n=an, pfb_ptr=b, pfb_n=bn, dummy_ptr=self.dummy, PF_CHUNK=c), \
             _cdiv(an, c) + _cdiv(bn, c)
 
-    def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None, scale=None, wide: bool = False):
-        """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); token (lm_head): also the hidden state, and the
-        greedy token into `token` [1]. scale: w's block scales if w is FP8 (block_scales). wide: lm_head's
-        tile without the token (an MTP layer's logits)."""
+    def _gemv(self, x, norm_w, w, out, n_rows, res=None, token=None, scale=None, wide: bool = False, hidden=None):
+        """out = w @ rmsnorm(x) (norm_w None: w @ x) (+ res); token (lm_head): also the hidden state (into `hidden`,
+        D contiguous elements, or self.hidden), and the greedy token into `token` [1]. scale: w's block scales if w
+        is FP8 (block_scales). wide: lm_head's tile without the token (an MTP layer's logits)."""
         lm_head = token is not None
         t = self.t
         bn, bk = gemv_blocks(n_rows, x.numel(), t.lm_head_tile if lm_head or wide else None, t, scale is not None)
@@ -264,7 +264,7 @@ class TritonStep:
         warps = t.num_warps if n_rows * x.numel() >= 1 << 24 else t.small_gemv_warps
         self.dk.gemv_kernel[(n_prog,)](
             x, x if norm_w is None else norm_w, w, w if scale is None else scale, out, out if res is None else res,
-            self.hidden, self.pmax, self.pidx, token if lm_head else self.token, self.counters, n_rows, self.eps,
+            self.hidden if hidden is None else hidden, self.pmax, self.pidx, token if lm_head else self.token, self.counters, n_rows, self.eps,
             0 if scale is None else scale.stride(0), D=x.numel(), HAS_NORM=norm_w is not None,
             HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, W_FP8=scale is not None, NPROG=n_prog,
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
@@ -349,7 +349,10 @@ class TritonStep:
             tab.ring_valid.view(torch.uint8) if ring else pos, tab.ring_pos if ring else pos, tab.ring,
             D=self.D, BLOCK=min(4096, _pow2(self.D)), HAS_FULL=full, HAS_RING=ring, **self._launch(1))
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None):
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, bucket: int, token: torch.Tensor | None = None,
+                 hidden: torch.Tensor | None = None):
+        """One token -> (logits [1, 1, V], the hidden state after the final norm [1, 1, D]: self.hidden, which the
+        next step overwrites, or written into `hidden` (D contiguous elements) and returned from there)."""
         model = self.model
         self._tables(ids, self.x, pos)
         layers = model.model.layers
@@ -361,8 +364,8 @@ class TritonStep:
             self._attention(layer, pos, bucket, self.prefetch[i][0])
             self._mlp(layer, self.prefetch[i][1])
         self._gemv(self.x, model.model.norm.weight, model.lm_head.weight, self.logits, self.V,
-                   token=self.token if token is None else token)
-        return self.logits, self.hidden
+                   token=self.token if token is None else token, hidden=hidden)
+        return self.logits, self.hidden if hidden is None else hidden.view(1, 1, self.D)
 
     # ------------------------------------------------------------------ T tokens (speculative verification)
     def _gemv_multi(self, x, norm_w, w, out, n_rows, res=None, xn=None, scale=None, lm_head: bool = False,
