@@ -65,6 +65,48 @@ def transformers_twin(model: MiMoForCausalLM, tmp_path):
     return tf.eval()
 
 
+@pytest.fixture(autouse=True)
+def graph_outputs_expire(monkeypatch) -> None:
+    """Every test: on the CPU a GraphRunner's graph outputs live only as long as on CUDA. Each graph (a run_step,
+    or a main / MTP step that _run_once would replay) returns persistent buffers of its own, and every later
+    graph fills every other graph's buffers with garbage (NaN, 10**9 for integers). On CUDA the graphs share one
+    memory pool and replay in any order, so a replay may overwrite the outputs of a graph captured after it
+    (GraphRunner._replay): code that reads an output after another graph ran reads garbage here too, every time
+    rather than now and then. (Adaptive K read a speculative graph's N after plain graphs ran: wrong tokens and
+    index faults on CUDA only, until this caught it on the CPU.) Runners on CUDA are left as they are."""
+    from torch.utils._pytree import tree_map
+
+    from mimo_flash.generation.runner import GraphRunner
+
+    bufs: dict = {}
+
+    def expiring(real):
+        def run(self, key, *args, **kwargs):
+            out = real(self, key, *args, **kwargs)
+            if self.cache.device.type == "cuda":
+                return out
+            mine = bufs.setdefault((id(self), key), {})
+            count = iter(range(1 << 30))
+
+            def keep(t):
+                if not isinstance(t, torch.Tensor):
+                    return t
+                i = next(count)
+                if i not in mine or mine[i].shape != t.shape or mine[i].dtype != t.dtype:
+                    mine[i] = torch.empty_like(t)
+                return mine[i].copy_(t)
+            out = tree_map(keep, out)
+            for other, b in bufs.items():
+                if other != (id(self), key):
+                    for t in b.values():
+                        t.fill_(float("nan") if t.is_floating_point() else 10 ** 9 if t.dtype != torch.bool else True)
+            return out
+        return run
+
+    monkeypatch.setattr(GraphRunner, "run_step", expiring(GraphRunner.run_step))
+    monkeypatch.setattr(GraphRunner, "_run_once", expiring(GraphRunner._run_once))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """The test models are tiny: one intra-op thread is as fast, and stays fast on a busy machine."""

@@ -459,6 +459,31 @@ def test_adaptive_through_the_triton_step_equals_plain():
     run_in_triton_interpreter(_INTERPRETED)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_switches_between_plain_and_drafting_steps_outlive_graph_outputs(rows):
+    """The schedules that went wrong on CUDA only (tokens off plain greedy's, index faults): a speculative graph's
+    outputs (the state's N, its recent tokens) were read after plain graphs had run, which on CUDA may overwrite
+    them (the runner's graphs share one memory pool). conftest's graph_outputs_expire makes that so on the CPU."""
+    from mimo_flash.generation import KVCache
+    from mimo_flash.generation.runner import GraphRunner
+
+    model = tiny_model(vocab_size=6)
+    runner = GraphRunner(model, KVCache(model.config, 1, 8), 8)
+    a = runner.run_step("a", lambda x: dict(y=x + 1), dict(x=torch.zeros(2)))
+    assert torch.equal(a["y"], torch.ones(2))
+    runner.run_step("b", lambda x: dict(y=x), dict(x=torch.zeros(2)))
+    assert a["y"].isnan().all()  # (the fixture at work: "a"'s outputs did not outlive "b")
+    ids, mask = _batch()
+    ids, mask = ids[:rows], mask[:rows]
+    kw = dict(attention_mask=mask, max_new_tokens=60, prefill_chunk=5)
+    plain = generate(model, ids, **kw)
+    for script in ([3, 0], [0, 3], [0, 2, 2, 1], [3, 0, 0, 1, 2, 3, 3]):
+        for _ in range(2):
+            out, stats = generate(model, ids, num_speculative_tokens=3, adaptive=ScriptedK(3, script),
+                                  return_stats=True, cuda_graphs=True, **kw)
+            assert torch.equal(out, plain) and stats.notes == [], script
+
+
 # ------------------------------------------------------------------ CUDA: real graphs (python -m pytest -m gpu)
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 3])

@@ -194,6 +194,9 @@ def adaptive_decode(runner, out, prompt: tuple, K: int, params, seen, generator,
             break
         size = min(_run_size(ctl), wanted)
         if k == 0 and chunks and runner.graphs_for("greedy"):
+            # the state's N and recent, which _after_plain reads after the run, may be a speculative graph's
+            # outputs: memory that the run's graphs, sharing the runner's pool, may write (GraphRunner._replay)
+            st.N, st.recent = st.N.clone(), st.recent.clone()
             new = _plain_launch(runner, st.tok, st.N, st.n_max, st.rings, K, size)
             if new is not None:
                 k_prev, n_prev, k = 0, _after_run(runner, out, st, new, ctl, stats), None

@@ -400,7 +400,7 @@ def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_
         except Exception as e:  # the step-by-step path from here on, for this runner
             runner.graph_failed("greedy", e)
             flush()
-            return i, tok, pos
+            return i, tok.clone(), pos.clone()  # (a graph's outputs: the step-by-step graphs may write there)
         tok, pos = res["tok"], res["pos"]
         stats.steps += n
         i += n

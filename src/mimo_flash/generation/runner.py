@@ -221,7 +221,13 @@ class GraphRunner(Runner):
 
     def _replay(self, key, make_fn, inputs: dict, rows: int):
         """Capture make_fn()(**inputs) as a CUDA graph once per key (3 warm-up runs on a side stream;
-        the graphs share one memory pool), then copy the inputs into its static buffers and replay it."""
+        the graphs share one memory pool), then copy the inputs into its static buffers and replay it.
+
+        The outputs are valid until this runner replays any graph again, not only this one: graphs share the
+        pool and replay in any order, so a graph captured later may hold its outputs in memory that one captured
+        earlier used as scratch (or in tensors its capture left on a Python object and that were freed since),
+        and the earlier graph's replay writes there. A caller that keeps an output past another replay copies it
+        first (inputs are copied in before each replay: an output may be the next graph's input)."""
         if key not in self.graphs:
             self.builds += 1
             t0 = time.perf_counter()
