@@ -370,9 +370,10 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
 
 def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_new_tokens: int,
                     stats: GenerationStats):
-    """Plain greedy decoding up to GREEDY_CHUNK steps per CUDA graph (graph_steps: shorter first; forward, argmax, next input; no eager work
-    between steps) after the prefill's token tok; the tokens go to `out`, where EOS is checked: a row that
-    ended mid-chunk ran a few steps more whose tokens `out` drops, so the output is the same as step by step.
+    """Plain greedy decoding up to GREEDY_CHUNK steps per CUDA graph (graph_steps: shorter ones first; forward,
+    argmax, next input; no eager work between steps) after the prefill's token tok; the tokens go to `out`, where
+    EOS is checked: a row that ended mid-chunk ran a few steps more whose tokens `out` drops, so the output is the
+    same as step by step.
     With EOS the host checks a chunk's rows after launching the next chunk, which then runs past the end (its
     tokens dropped likewise). A chunk's steps share one cache bucket (its last step's). Capturing runs a chunk
     several times from the same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack

@@ -264,7 +264,8 @@ class TritonStep:
         warps = t.num_warps if n_rows * x.numel() >= 1 << 24 else t.small_gemv_warps
         self.dk.gemv_kernel[(n_prog,)](
             x, x if norm_w is None else norm_w, w, w if scale is None else scale, out, out if res is None else res,
-            self.hidden if hidden is None else hidden, self.pmax, self.pidx, token if lm_head else self.token, self.counters, n_rows, self.eps,
+            self.hidden if hidden is None else hidden, self.pmax, self.pidx, token if lm_head else self.token,
+            self.counters, n_rows, self.eps,
             0 if scale is None else scale.stride(0), D=x.numel(), HAS_NORM=norm_w is not None,
             HAS_RES=res is not None, WRITE_XN=lm_head, ARGMAX=lm_head, W_FP8=scale is not None, NPROG=n_prog,
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=min(1024, _pow2(n_prog)), **self._launch(warps))
