@@ -279,7 +279,7 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
     """Runs of plain steps grow 8, 16, 32, 64, 128 while the controller stays plain, and keep growing in the next
     call (a call that starts plain starts with long runs: here the whole call is one run, as in plain decoding); a
     run is captured chunks launched back to back, each fed by the one before: 4 steps, then 8, 16 and PLAIN_GRAPH
-    (engine.graph_steps), plain greedy's tokens."""
+    (runner.graph_steps), plain greedy's tokens."""
     from mimo_flash.generation import adaptive
     from mimo_flash.generation.runner import GraphRunner
 

@@ -498,12 +498,12 @@ def test_sampling_stops_at_eos_read_one_step_late(cuda_graphs):
 
 def test_graphed_greedy_starts_each_run_with_a_short_chunk(monkeypatch):
     """Plain greedy decoding on a GraphRunner (on the CPU its chunks run directly, as compiled code would) launches
-    chunks of 4, 8, then GREEDY_CHUNK steps (engine.graph_steps: the GPU waits only for the short first launch),
+    chunks of 4, 8, then GREEDY_CHUNK steps (runner.graph_steps: the GPU waits only for the short first launch),
     and gives the step-by-step tokens, with an EOS inside the first, second, third or a later chunk."""
-    from mimo_flash.generation.runner import GraphRunner
+    from mimo_flash.generation.runner import GraphRunner, graph_steps
 
-    assert engine.graph_steps(49, 16) == [4, 8, 16, 16, 5] and engine.graph_steps(3, 32) == [3]
-    assert engine.graph_steps(99, 32) == [4, 8, 16, 32, 32, 7] and engine.graph_steps(0, 16) == []
+    assert graph_steps(49, 16) == [4, 8, 16, 16, 5] and graph_steps(3, 32) == [3]
+    assert graph_steps(99, 32) == [4, 8, 16, 32, 32, 7] and graph_steps(0, 16) == []
     model = tiny_model(vocab_size=64)
     ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(14))
     launches, real = [], GraphRunner.run_step

@@ -21,7 +21,7 @@ behind are re-primed first), k = 0 through runs of plain steps (what plain decod
 and so on up to 256 while k stays 0, counted across calls: a call that starts on plain steps starts with long
 runs, and a short call is one run, as plain decoding's; one host sync per run) which also record their tokens and
 the hidden states the rings keep for a later re-prime: for greedy decoding on a GraphRunner each run is captured
-graphs of up to PLAIN_GRAPH steps launched back to back (the first ones short: engine.graph_steps), otherwise
+graphs of up to PLAIN_GRAPH steps launched back to back (the first ones short: runner.graph_steps), otherwise
 (sampling, an eager runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as
 fixed-K decoding runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting
 row surely still needs (the controller decides again after each chunk, and observes each of its steps). The first
@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from .runner import GraphRunner, graph_bucket
+from .runner import GraphRunner, graph_bucket, graph_steps
 from .speculative import SpecState, spec_chunk, spec_chunk_size, spec_prefill, spec_reprime, spec_step
 
 # plain steps per decision when k = 0: the controller decides again after each run; runs in a row grow (fewer host
@@ -247,7 +247,7 @@ def _plain_launch(runner, tok, pos, n_max: int, rings, K: int, n: int):
     then up to PLAIN_GRAPH steps), launched back to back (no host sync between them), each step's token and
     hidden state recorded in the rings. Returns their tokens [B, n'] (n' = n; fewer if a later chunk failed), or
     None if the first chunk failed (the runner then takes the step-by-step path)."""
-    from .engine import _greedy_chunk, graph_steps
+    from .engine import _greedy_chunk
 
     B = tok.shape[0]
     limit = _limit(runner, K)

@@ -16,7 +16,7 @@ import torch
 from .adaptive import PLAIN_GRAPH, AdaptiveK, adaptive_decode
 from .cache import KVCache
 from .output import Clock, Output, to_host_later
-from .runner import GraphRunner, Runner, graph_bucket
+from .runner import GraphRunner, Runner, graph_bucket, graph_steps
 from .sampling import SamplingParams, choose, process
 from .speculative import (SPEC_CHUNK, SpecRings, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step,
                           spec_step_launch)
@@ -320,23 +320,6 @@ def _controller(adaptive, K: int, step_costs) -> AdaptiveK | bool | None:
 
 
 GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs, one graph late
-FIRST_GRAPH = 4  # steps in the first graph of a run (see graph_steps)
-
-
-def graph_steps(n: int, cap: int) -> list[int]:
-    """The steps of each graph in a run of n graphed greedy steps: FIRST_GRAPH, then twice the one before, up to
-    cap. A run starts with nothing queued on the GPU (after the prefill, or after the host read the previous run),
-    and a graph's launch takes host time that grows with its steps (2.7 ms for 32 steps of the mini preset under
-    the profiler, on the H100): the GPU waits only for the short first launch, and each graph runs long enough to
-    hide the launch of the next."""
-    sizes, m = [], FIRST_GRAPH
-    while n > 0:
-        sizes.append(min(m, cap, n))
-        n -= sizes[-1]
-        m *= 2
-    return sizes
-
-
 def _greedy_graphable(runner, params: SamplingParams, seen, out: Output) -> bool:
     return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.streamer is None
             and out.stopping is None and runner.graphs_for("greedy"))
@@ -370,10 +353,10 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
 
 def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_new_tokens: int,
                     stats: GenerationStats):
-    """Plain greedy decoding up to GREEDY_CHUNK steps per CUDA graph (graph_steps: shorter ones first; forward,
-    argmax, next input; no eager work between steps) after the prefill's token tok; the tokens go to `out`, where
-    EOS is checked: a row that ended mid-chunk ran a few steps more whose tokens `out` drops, so the output is the
-    same as step by step.
+    """Plain greedy decoding up to GREEDY_CHUNK steps per CUDA graph (runner.graph_steps: shorter ones first;
+    forward, argmax, next input; no eager work between steps) after the prefill's token tok; the tokens go to
+    `out`, where EOS is checked: a row that ended mid-chunk ran a few steps more whose tokens `out` drops, so the
+    output is the same as step by step.
     With EOS the host checks a chunk's rows after launching the next chunk, which then runs past the end (its
     tokens dropped likewise). A chunk's steps share one cache bucket (its last step's). Capturing runs a chunk
     several times from the same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack
