@@ -277,7 +277,8 @@ def test_adaptive_chunks_take_no_step_past_the_batch_end():
 
 def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
     """Runs of plain steps grow 8, 16, 32, 64, 128 while the controller stays plain, and keep growing in the next
-    call (a call that starts plain starts with long runs: here the whole call is one run, as in plain decoding); a
+    call (a call that starts plain starts with long runs: here the whole call is one run, as in plain decoding, and
+    builds no speculative state); a
     run is captured chunks launched back to back, each fed by the one before: 4 steps, then 8, 16 and PLAIN_GRAPH
     (runner.graph_steps), plain greedy's tokens."""
     from mimo_flash.generation import adaptive
@@ -288,7 +289,12 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
     kw = dict(attention_mask=mask, max_new_tokens=100, prefill_chunk=5, cuda_graphs=True)
     plain = generate(model, ids, **kw)
     sizes, launches = [], []
-    real_launch, real_step = adaptive._plain_launch, GraphRunner.run_step
+    real_launch, real_step, real_prefill = adaptive._plain_launch, GraphRunner.run_step, adaptive.spec_prefill
+    prefills = []
+
+    def spy_prefill(*args, **kwargs):
+        prefills.append(1)
+        return real_prefill(*args, **kwargs)
 
     def spy_launch(runner, tok, pos, n_max, rings, K, n):
         sizes.append(n)
@@ -301,16 +307,19 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
 
     monkeypatch.setattr(adaptive, "_plain_launch", spy_launch)
     monkeypatch.setattr(GraphRunner, "run_step", spy_step)
+    monkeypatch.setattr(adaptive, "spec_prefill", spy_prefill)
     ctl = AdaptiveK(2, costs=[1.0, 9.0, 9.0])  # drafts cost 9 plain steps: plain throughout
     ctl.k = 0
     for call, (want_sizes, want_launches) in enumerate((([8, 16, 32, 43], [4, 4, 4, 8, 4, 4, 8, 16, 4, 4, 8, 16, 15]),
                                                         ([99], [4, 8, 16, 32, 32, 7]))):  # (99 steps a call)
         sizes.clear()
         launches.clear()
+        prefills.clear()
         out, stats = generate(model, ids, num_speculative_tokens=2, adaptive=ctl, return_stats=True, **kw)
         assert torch.equal(out, plain), call
-        assert set(stats.spec_k) == {0} and stats.notes == []
+        assert set(stats.spec_k) == {0} and stats.notes == [] and stats.steps == 99
         assert sizes == want_sizes and launches == want_launches, (call, sizes, launches)
+        assert len(prefills) == (call == 0)  # a call that is one run builds no speculative state
     assert ctl.plain_run == 5
 
 
