@@ -36,6 +36,7 @@ from mimo_flash import MiMoConfig  # noqa: E402
 from mimo_flash.generation import format_bytes_report, generate  # noqa: E402
 from mimo_flash.generation.runner import kv_bucket  # noqa: E402
 from mimo_flash.model.moe import MoE  # noqa: E402
+from mimo_flash.ops.moe import DECODE_EXPERTS  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true",
                     help="options().decode_triton='off' for the whole run: batch-1 steps, speculative verifications "
                          "and MTP drafts through the compiled path (to compare with a run without this flag)")
-    ap.add_argument("--experts", nargs="+", default=None, choices=["dense", "grouped_mm", "triton"],
+    ap.add_argument("--experts", nargs="+", default=None, choices=list(DECODE_EXPERTS),
                     help="options().decode_experts variants, side by side: each batch and K runs once per variant "
                          "(fresh graphs each; default: the option's value alone)")
     ap.add_argument("--option", action="append", default=[], metavar="NAME=JSON",

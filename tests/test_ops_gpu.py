@@ -197,8 +197,8 @@ def test_grouped_mm_experts_cuda():
     check([(n, rel(a, b)) for n, a, b in zip(("out", "dx", "dgu", "ddown", "drouter"), *res, strict=True)])
 
 
-@pytest.mark.parametrize("mode", ["grouped_mm", "triton"])
-def test_sorted_decode_experts_cuda(mode):
+@pytest.mark.parametrize("mode", ["grouped_mm", "triton", "fused"])
+def test_batched_decode_experts_cuda(mode):
     """options().decode_experts past E/2 pairs (batched decode, verification), bf16 at the mini preset's sizes:
     eager and traced by torch.compile (fullgraph, as the decode graphs trace it) against fp64; one expert empty,
     one with more than a tile of pairs."""

@@ -89,8 +89,9 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--decode-experts", default=None, choices=DECODE_EXPERTS,
                    help="the routed experts of batched decode steps (options().decode_experts): dense (every expert "
-                        "on every token; the default), grouped_mm or triton (the token-expert pairs sorted on the "
-                        "device, one grouped product per projection)")
+                        "on every token; the default), fused (the same in two Triton kernels with no per-expert "
+                        "outputs), grouped_mm or triton (the token-expert pairs sorted on the device, one grouped "
+                        "product per projection)")
     p.add_argument("--cache-attention", default=None, choices=CACHE_ATTENTION,
                    help="attention over the KV cache in decode steps (options().cache_attention): auto (the "
                         "default: triton for verification steps of several tokens a row, torch for one-token steps), "

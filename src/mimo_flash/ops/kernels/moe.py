@@ -237,3 +237,99 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: 
                           triton.cdiv(K, BK), BK=BK, BLOCK_M=block_m, BLOCK_N=BLOCK_N, SCALED=scale is not None,
                           EVEN_K=K % BK == 0, **launch)
     return y
+
+
+# ----------------------------------------------------------------------------------------- dense products
+# Every expert on every token (batched decode and verification, where the tokens touch nearly every expert): the
+# routing weights wd [N, E] (zero for the experts a token did not choose) scale each expert's SwiGLU output before
+# its down product, so the sum over experts is the down product's own accumulation over (expert, column) steps.
+# Nothing [E, N, D] or [E, N, 2I] is written: the gate and up products meet in registers and leave as one
+# [E, N, I] tensor, and the down kernel sums its share of the experts into an fp32 partial [S, N, D] (S splits of
+# the experts, so that enough programs stream the weights). Experts that no token chose are skipped (their
+# weights are not read; their rows of the [E, N, I] tensor are zeros).
+@triton.jit
+def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.constexpr, BI: tl.constexpr,
+                          BK: tl.constexpr, KD: tl.constexpr, IEEE: tl.constexpr):
+    """a[e, m, i] = silu(x[m] . gate[e, i]) * (x[m] . up[e, i]) * wd[m, e]; w [E, 2I, D] (gate rows, then up)."""
+    pid_i = tl.program_id(0)
+    e = tl.program_id(1)
+    rm = tl.program_id(2) * BM + tl.arange(0, BM)
+    ri = pid_i * BI + tl.arange(0, BI)
+    mmask, imask = rm < N, ri < I
+    wdv = tl.load(wd_ptr + rm * E + e, mask=mmask, other=0.0)
+    acc_g = tl.zeros((BM, BI), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BI), dtype=tl.float32)
+    if tl.max(tl.abs(wdv), 0) > 0:  # (an expert no token chose: zeros, its weights unread)
+        g_rows = w_ptr + e.to(tl.int64) * 2 * I * D + ri[:, None] * D
+        u_rows = g_rows + I * D
+        x_rows = x_ptr + rm[:, None] * D
+        for kb in range(0, KD):  # (model sizes as constexpr loop counts: Triton's interpreter takes no other)
+            rk = kb * BK + tl.arange(0, BK)
+            kmask = rk < D
+            x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
+            wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
+            if IEEE:
+                acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision="ieee")
+                acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(x, tl.trans(wg), acc_g)
+                acc_u = tl.dot(x, tl.trans(wu), acc_u)
+    a = acc_g * tl.sigmoid(acc_g) * acc_u * wdv[:, None]
+    tl.store(a_ptr + (e * N + rm[:, None]).to(tl.int64) * I + ri[None, :], a.to(a_ptr.dtype.element_ty),
+             mask=mmask[:, None] & imask[None, :])
+
+
+@triton.jit
+def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexpr, BM: tl.constexpr,
+                       BD: tl.constexpr, BK: tl.constexpr, KI: tl.constexpr, IEEE: tl.constexpr):
+    """p[s, m, d] = sum over experts e of split s (PER each) of a[e, m] . down[e, d]; w [E, D, I]."""
+    pid_d = tl.program_id(0)
+    s = tl.program_id(1)
+    rm = tl.program_id(2) * BM + tl.arange(0, BM)
+    rd = pid_d * BD + tl.arange(0, BD)
+    mmask, dmask = rm < N, rd < D
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for j in range(0, PER):
+        e = s * PER + j
+        wdv = tl.load(wd_ptr + rm * E + e, mask=mmask & (e < E), other=0.0)
+        if tl.max(tl.abs(wdv), 0) > 0:
+            a_rows = a_ptr + (e * N + rm[:, None]).to(tl.int64) * I
+            w_rows = w_ptr + e.to(tl.int64) * D * I + rd[:, None] * I
+            for kb in range(0, KI):
+                rk = kb * BK + tl.arange(0, BK)
+                kmask = rk < I
+                a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(w), acc)
+    tl.store(p_ptr + (s * N + rm[:, None]).to(tl.int64) * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
+
+
+def dense_experts(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  splits: int = 8, bi: int = 64, bd: int = 64, stages: int = 3) -> torch.Tensor:
+    """x [N, D], wd [N, E] fp32 routing weights (zero where not chosen), gate_up [E, 2I, D], down [E, D, I] (x's
+    dtype, contiguous) -> [N, D] in x's dtype: sum_e wd[:, e] * down_e(silu(gate_e x) * up_e x), fp32 sums, the
+    SwiGLU output rounded to x's dtype once (after its routing weight). No host sync: CUDA-graph and
+    torch.compile safe. splits: programs per down column tile (each sums E / splits experts); bi, bd: the
+    gate/up and down kernels' column tiles; stages: software pipelining depth."""
+    N, D = x.shape
+    E, I2, _ = gate_up.shape
+    I = I2 // 2
+    if not (x.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous()):
+        raise ValueError("dense_experts takes contiguous x, gate_up and down")
+    wd = wd.float().contiguous()
+    bm = max(16, min(128, triton.next_power_of_2(N)))
+    ieee = x.dtype == torch.float32
+    a = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
+    warps = 8 if bm >= 128 else 4
+    _dense_gate_up_kernel[(triton.cdiv(I, bi), E, triton.cdiv(N, bm))](
+        x, gate_up, wd, a, N, D, I, E, BM=bm, BI=bi, BK=64, KD=triton.cdiv(D, 64), IEEE=ieee, num_warps=warps, num_stages=stages)
+    splits = max(1, min(splits, E))
+    per = triton.cdiv(E, splits)
+    p = torch.empty(splits, N, D, device=x.device, dtype=torch.float32)
+    _dense_down_kernel[(triton.cdiv(D, bd), splits, triton.cdiv(N, bm))](
+        a, down, wd, p, N, D, I, E, PER=per, BM=bm, BD=bd, BK=64, KI=triton.cdiv(I, 64), IEEE=ieee, num_warps=warps, num_stages=stages)
+    return p.sum(0).to(x.dtype)
