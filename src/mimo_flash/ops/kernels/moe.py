@@ -326,10 +326,12 @@ def dense_experts(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, down
     a = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
     warps = 8 if bm >= 128 else 4
     _dense_gate_up_kernel[(triton.cdiv(I, bi), E, triton.cdiv(N, bm))](
-        x, gate_up, wd, a, N, D, I, E, BM=bm, BI=bi, BK=64, KD=triton.cdiv(D, 64), IEEE=ieee, num_warps=warps, num_stages=stages)
+        x, gate_up, wd, a, N, D, I, E, BM=bm, BI=bi, BK=64, KD=triton.cdiv(D, 64), IEEE=ieee, num_warps=warps,
+        num_stages=stages)
     splits = max(1, min(splits, E))
     per = triton.cdiv(E, splits)
     p = torch.empty(splits, N, D, device=x.device, dtype=torch.float32)
     _dense_down_kernel[(triton.cdiv(D, bd), splits, triton.cdiv(N, bm))](
-        a, down, wd, p, N, D, I, E, PER=per, BM=bm, BD=bd, BK=64, KI=triton.cdiv(I, 64), IEEE=ieee, num_warps=warps, num_stages=stages)
+        a, down, wd, p, N, D, I, E, PER=per, BM=bm, BD=bd, BK=64, KI=triton.cdiv(I, 64), IEEE=ieee, num_warps=warps,
+        num_stages=stages)
     return p.sum(0).to(x.dtype)
