@@ -281,28 +281,31 @@ def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.conste
 
 
 @triton.jit
-def _dense_down_kernel(a_ptr, w_ptr, used_ptr, p_ptr, N, D, I, E, PER: tl.constexpr, BM: tl.constexpr,
+def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexpr, BM: tl.constexpr,
                        BD: tl.constexpr, BK: tl.constexpr, KI: tl.constexpr, IEEE: tl.constexpr):
-    """p[s, m, d] = sum over experts e of split s (PER each) of a[e, m] . down[e, d]; w [E, D, I]; used [E]: whether
-    any token chose e (else its loads are masked off: no bytes read)."""
+    """p[s, m, d] = sum over experts e of split s (PER each) of a[e, m] . down[e, d]; w [E, D, I]. (One loop over
+    (expert, column step) instead, pipelined across experts, measured slower on an H100: docs/BENCHMARKS.md.)"""
     pid_d = tl.program_id(0)
     s = tl.program_id(1)
     rm = tl.program_id(2) * BM + tl.arange(0, BM)
     rd = pid_d * BD + tl.arange(0, BD)
     mmask, dmask = rm < N, rd < D
     acc = tl.zeros((BM, BD), dtype=tl.float32)
-    for t in range(0, PER * KI):  # one loop over (expert, column step): the loads are pipelined across experts
-        e = s * PER + t // KI
-        rk = (t % KI) * BK + tl.arange(0, BK)
-        kmask = (rk < I) & (tl.load(used_ptr + e, mask=e < E, other=0) != 0)
-        a = tl.load(a_ptr + (e * N + rm[:, None]).to(tl.int64) * I + rk[None, :], mask=mmask[:, None] & kmask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + e.to(tl.int64) * D * I + rd[:, None] * I + rk[None, :],
-                    mask=dmask[:, None] & kmask[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
+    for j in range(0, PER):
+        e = s * PER + j
+        wdv = tl.load(wd_ptr + rm * E + e, mask=mmask & (e < E), other=0.0)
+        if tl.max(tl.abs(wdv), 0) > 0:
+            a_rows = a_ptr + (e * N + rm[:, None]).to(tl.int64) * I
+            w_rows = w_ptr + e.to(tl.int64) * D * I + rd[:, None] * I
+            for kb in range(0, KI):
+                rk = kb * BK + tl.arange(0, BK)
+                kmask = rk < I
+                a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(w), acc)
     tl.store(p_ptr + (s * N + rm[:, None]).to(tl.int64) * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
@@ -330,6 +333,6 @@ def dense_experts(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, down
     per = triton.cdiv(E, splits)
     p = torch.empty(splits, N, D, device=x.device, dtype=torch.float32)
     _dense_down_kernel[(triton.cdiv(D, bd), splits, triton.cdiv(N, bm))](
-        a, down, (wd != 0).any(0).to(torch.int32), p, N, D, I, E, PER=per, BM=bm, BD=bd, BK=64, KI=triton.cdiv(I, 64),
-        IEEE=ieee, num_warps=warps, num_stages=stages)
+        a, down, wd, p, N, D, I, E, PER=per, BM=bm, BD=bd, BK=64, KI=triton.cdiv(I, 64), IEEE=ieee, num_warps=warps,
+        num_stages=stages)
     return p.sum(0).to(x.dtype)
