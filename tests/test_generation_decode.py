@@ -75,81 +75,45 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from mimo_flash.ops import moe as moe_ops
+from mimo_flash.ops.kernels.moe import dense_experts
 from mimo_flash.options import override
 
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(7)
-# decode_experts="triton": the pairs sorted by expert through ops/kernels/moe.py's grouped kernel. E = 6 and k = 2:
-# 3 tokens are past E/2 pairs; 40 tokens give one expert more than 16 rows (two tiles); experts 4 and 5 get none;
-# K = 160 and I = 72 leave partial K steps and N tiles
+# decode_experts="triton": the pairs sorted by expert through ops/kernels/moe.py's grouped kernel; "fused": every
+# expert on every token in its two dense kernels. E = 6 and k = 2: 3 tokens are past E/2 pairs; 40 tokens give one
+# expert more than 16 rows (two tiles); 150 take two row blocks of the dense kernels; experts 4 and 5 get none
+# (the dense kernels skip them); K = 160 and I = 72 leave partial K steps and column tiles
 E, D, I, k = 6, 160, 72, 2
 gate_up, down = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
-for N in (3, 40):
+for N in (3, 40, 150):
     x = torch.randn(N, D, generator=g)
     idx = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(N)])
     idx[: N // 2, 0] = 0
     idx[: N // 2, 1] = 1 + torch.randint(0, 3, (N // 2,), generator=g)
     w = torch.rand(N, k, generator=g)
     want = moe_ops.experts_reference(x, idx, w, gate_up, down)
-    with override(experts="decode", decode_experts="triton"):
-        got = moe_ops.experts(x, idx, w, gate_up, down, "auto")
-    err = float((got - want).abs().max() / want.abs().max())
-    assert err < 1e-5, (N, err)
-    # half precision, each product rounded once as torch._grouped_mm rounds (fp16: the interpreter's dots in bf16
-    # are wrong in Triton 3.6; the GPU test runs bf16)
-    xh, gh, dh = x.half(), gate_up.half(), down.half()
-    with override(decode_experts="triton"):
-        got = moe_ops.experts_decode(xh, idx, w, gh, dh)
-    ref = moe_ops.experts_reference(xh.float(), idx, w, gh.float(), dh.float())
-    assert got.dtype == torch.float16 and float((got.float() - ref).norm() / ref.norm()) < 1e-2
+    wd = torch.zeros(N, E).scatter(1, idx, w)
+    four = dense_experts(x, wd, gate_up, down, splits=4)  # (the last split's second expert slot is past E)
+    assert float((four - want).abs().max() / want.abs().max()) < 1e-5, N
+    for mode in ("triton", "fused"):
+        with override(experts="decode", decode_experts=mode):
+            got = moe_ops.experts(x, idx, w, gate_up, down, "auto")
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-5, (mode, N, err)
+        # half precision, each product rounded once as torch._grouped_mm rounds, or the SwiGLU output once after
+        # its routing weight (fp16: the interpreter's dots in bf16 are wrong in Triton 3.6; the GPU test runs bf16)
+        xh, gh, dh = x.half(), gate_up.half(), down.half()
+        with override(decode_experts=mode):
+            got = moe_ops.experts_decode(xh, idx, w, gh, dh)
+        ref = moe_ops.experts_reference(xh.float(), idx, w, gh.float(), dh.float())
+        assert got.dtype == torch.float16 and float((got.float() - ref).norm() / ref.norm()) < 1e-2, (mode, N)
 with override(decode_experts="nope"):
     try:
         moe_ops.experts_decode(x, idx, w, gate_up, down)
         raise AssertionError("accepted decode_experts='nope'")
     except ValueError as e:
         assert "decode_experts" in str(e) and "nope" in str(e)
-print("ok")
-"""
-
-
-def test_experts_decode_triton_equals_reference():
-    run_in_triton_interpreter(_TRITON_EXPERTS)
-
-
-_FUSED_EXPERTS = r"""
-import os
-os.environ["TRITON_INTERPRET"] = "1"
-import torch
-from mimo_flash.ops import moe as moe_ops
-from mimo_flash.ops.kernels.moe import dense_experts
-from mimo_flash.options import override
-
-torch.set_num_threads(1)
-g = torch.Generator().manual_seed(3)
-# decode_experts="fused": every expert on every token in two kernels. E = 6, k = 2, expert 5 chosen by no token
-# (skipped); D = 160 and I = 72 leave partial K steps and column tiles; 150 tokens take two row blocks of 128;
-# 4 splits of the experts leave the last split two slots past E
-E, D, I, k = 6, 160, 72, 2
-gate_up, down = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
-for N in (3, 40, 150):
-    x = torch.randn(N, D, generator=g)
-    idx = torch.stack([torch.randperm(5, generator=g)[:k] for _ in range(N)])
-    w = torch.rand(N, k, generator=g)
-    want = moe_ops.experts_reference(x, idx, w, gate_up, down)
-    with override(experts="decode", decode_experts="fused"):
-        got = moe_ops.experts(x, idx, w, gate_up, down, "auto")
-    wd = torch.zeros(N, E).scatter(1, idx, w)
-    four = dense_experts(x, wd, gate_up, down, splits=4)
-    for out in (got, four):
-        err = float((out - want).abs().max() / want.abs().max())
-        assert err < 1e-5, (N, err)
-    # half precision: the SwiGLU output rounded once, after its routing weight (fp16: the interpreter's dots in bf16
-    # are wrong in Triton 3.6; the GPU test runs bf16)
-    xh, gh, dh = x.half(), gate_up.half(), down.half()
-    with override(decode_experts="fused"):
-        got = moe_ops.experts_decode(xh, idx, w, gh, dh)
-    ref = moe_ops.experts_reference(xh.float(), idx, w, gh.float(), dh.float())
-    assert got.dtype == torch.float16 and float((got.float() - ref).norm() / ref.norm()) < 1e-2
 try:
     dense_experts(x, wd, gate_up.transpose(1, 2), down)
     raise AssertionError("accepted a strided gate_up")
@@ -159,8 +123,8 @@ print("ok")
 """
 
 
-def test_experts_decode_fused_equals_reference():
-    run_in_triton_interpreter(_FUSED_EXPERTS)
+def test_experts_decode_triton_and_fused_equal_reference():
+    run_in_triton_interpreter(_TRITON_EXPERTS)
 
 
 _TRITON_CACHE_ATTENTION = r"""
