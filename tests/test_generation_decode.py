@@ -54,6 +54,8 @@ def test_experts_decode_backend_equals_reference(N):
         fixed = moe_ops.experts(x, idx, w, gate_up, down, "reference")  # a module's own choice wins
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(fixed, want)
+    with override(experts="decode", decode_experts="fused"):  # (its kernels are for CUDA: here the dense body)
+        assert torch.equal(moe_ops.experts(x, idx, w, gate_up, down, "auto"), got)
     # decode_experts="grouped_mm": the all-experts path as grouped GEMMs over the sorted pairs (some experts get none),
     # eager and traced by torch.compile; the gather path (N * k <= E / 2) is unchanged
     idx[:, 0] = idx[:, 0] % 3  # experts 3.. are chosen less, and some not at all

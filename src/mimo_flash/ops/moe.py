@@ -283,9 +283,9 @@ def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     only the chosen experts); otherwise options().decode_experts: "dense" runs every expert on every token and
     the routing weights (zero for experts not chosen) combine them (large batches touch every expert anyway);
     "fused" is the same arithmetic in two Triton kernels (ops/kernels/moe.py's dense_experts: CUDA, or Triton's
-    interpreter) that write no [E, N, 2I] or [E, N, D] tensor and skip experts no token chose; "grouped_mm" and
-    "triton" sort the pairs by expert on the device and run one grouped product per projection (experts_sorted:
-    the same bytes, k/E of the arithmetic).
+    interpreter; elsewhere "dense") that write no [E, N, 2I] or [E, N, D] tensor and skip experts no token chose;
+    "grouped_mm" and "triton" sort the pairs by expert on the device and run one grouped product per projection
+    (experts_sorted: the same bytes, k/E of the arithmetic).
     """
     N, k = idx.shape
     E = gate_up.shape[0]
@@ -314,8 +314,10 @@ def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
         return (y * w[..., None]).sum(1).to(x.dtype)
     wd = torch.zeros(N, E, device=x.device, dtype=torch.float32).scatter(1, idx, w.float())
     if mode == "fused" and gate_up.dtype == down.dtype == x.dtype:
-        from .kernels.moe import dense_experts
-        return dense_experts(x.contiguous(), wd, gate_up, down)
+        from .kernels.launch import STATIC_LOOPS
+        if x.is_cuda or STATIC_LOOPS:  # (on the CPU without Triton's interpreter: the body below)
+            from .kernels.moe import dense_experts
+            return dense_experts(x.contiguous(), wd, gate_up, down)
     h = torch.matmul(x[None], gate_up.transpose(1, 2))  # [E, N, 2I]
     gate, up = h.chunk(2, dim=-1)
     y = torch.matmul(F.silu(gate) * up, down.transpose(1, 2))  # [E, N, D]
