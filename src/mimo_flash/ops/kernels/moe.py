@@ -1,5 +1,6 @@
-"""The MoE's data movement on CUDA (ops/moe.py): the counting sort of (token, slot) pairs by expert, and the
-gather-sum that dispatches tokens to their pairs and combines the pairs' outputs."""
+"""The MoE's kernels on CUDA (ops/moe.py): the counting sort of (token, slot) pairs by expert, the gather-sum that
+dispatches tokens to their pairs and combines the pairs' outputs, the experts' grouped products over sorted pairs,
+and the dense products of batched decode (every expert on every token)."""
 
 from __future__ import annotations
 
