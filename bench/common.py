@@ -82,6 +82,27 @@ def time_ms_back_to_back(fn, warmup: int = 2, iters: int = 5) -> float:
     return a.elapsed_time(b) / iters
 
 
+def time_us_graphed(fn, reps: int = 20) -> float:
+    """us per call of fn(): `reps` calls captured in one CUDA graph (no host launch cost), median of 5 replays."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(ts)
+
+
 def hardware_limits() -> tuple[float, float]:
     """Measured here and now: bf16 matmul TFLOP/s (8192^3, random data) and device copy TB/s
     (bytes read + written, 1 GiB buffer)."""

@@ -11,7 +11,6 @@ fp64. Random bf16 weights and routing (distinct experts a token). GPU only."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,31 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import header  # noqa: E402
+from common import header, time_us_graphed  # noqa: E402
 from mimo_flash import MiMoConfig  # noqa: E402
 from mimo_flash.ops.moe import DECODE_EXPERTS, experts_decode, experts_reference  # noqa: E402
 from mimo_flash.options import override  # noqa: E402
-
-
-def timed(fn, reps: int = 20) -> float:
-    """us per call: `reps` calls captured in one CUDA graph, median of 5 replays."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -81,7 +59,7 @@ def main() -> None:
                 fn = torch.compile(experts_decode, fullgraph=True, dynamic=False)
                 try:
                     out = fn(x, idx, w, gate_up, down)
-                    us = timed(lambda: fn(x, idx, w, gate_up, down))
+                    us = time_us_graphed(lambda: fn(x, idx, w, gate_up, down))
                 except Exception as e:  # a backend that does not run here: say so, time the others
                     cells.append(f"failed: {type(e).__name__}")
                     continue

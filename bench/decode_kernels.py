@@ -16,30 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import time_us_graphed  # noqa: E402
 from mimo_flash.generation import kernels as dk  # noqa: E402
-
-
-def timed(fn, reps: int = 20) -> float:
-    """us per launch: `reps` launches captured in one CUDA graph (no host launch cost), median of 5 replays."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(ts)[2]
 
 
 def gemv(N: int, D: int):
@@ -51,7 +32,7 @@ def gemv(N: int, D: int):
     dummy = torch.zeros(8, device=dev, dtype=torch.float32)
     cnt = torch.zeros(8, device=dev, dtype=torch.int32)
     nbytes = N * D * 2
-    t = timed(lambda: F.linear(x[None], w))
+    t = time_us_graphed(lambda: F.linear(x[None], w))
     print(f"GEMV {N} x {D}: F.linear {t:.2f} us = {nbytes / t / 1e6:.2f} TB/s")
     best = None
     for bn, bk, warps in itertools.product([2, 4, 8, 16], [512, 1024], [4, 8, 16]):
@@ -64,7 +45,7 @@ def gemv(N: int, D: int):
                                       HAS_RES=False, WRITE_XN=False, ARGMAX=False, NPROG=n_prog, BLOCK_N=bn,
                                       BLOCK_K=bk, BLOCK_P=2, PDL=False, num_warps=warps)
         try:
-            t = timed(run)
+            t = time_us_graphed(run)
         except Exception as e:
             print(f"  BLOCK_N {bn} BLOCK_K {bk} warps {warps}: {type(e).__name__}")
             continue
@@ -110,7 +91,7 @@ def attention(n_slots: int, H: int, HKV: int, ring: bool):
                                       REP_PAD=max(2, rep), SPLIT=split, BLOCK_R=16, BLOCK_D=256, BLOCK_S=block_s,
                                       PDL=False, num_warps=warps)
         try:
-            t = timed(run)
+            t = time_us_graphed(run)
         except Exception as e:
             print(f"  split {split} BLOCK_S {block_s} warps {warps}: {type(e).__name__}: {str(e)[:100]}")
             continue
