@@ -2,11 +2,17 @@
 options().decode_experts against another, at the token counts those steps give (batch x tokens a row).
 
     python bench/decode_experts.py [--preset mini] [--tokens 16 32 64 128 256] [--modes dense fused grouped_mm triton]
+    python bench/decode_experts.py --sweep [--tokens 128 64 32] [--budget-s 300]
 
 Each backend is traced by torch.compile (fullgraph, as the decode graphs trace it) at each token count; 20 calls
 captured in one CUDA graph, the median of 5 replays, in us per call, with the bandwidth of the experts' weights
 (all of them are read once more than E/2 token-expert pairs, the range this covers) and the relative error against
-fp64. Random bf16 weights and routing (distinct experts a token). GPU only."""
+fp64. Random bf16 weights and routing (distinct experts a token). GPU only.
+
+--sweep times the "fused" backend's two kernels apart (ops/kernels/moe.py dense_gate_up and dense_down) over a
+grid of tiles at the first token count, each against two copies of its weights in turn (so that no call finds
+them in L2), then the best few again at the other counts, and prints each kernel's best tiles against
+DENSE_TILES' (to be set there by hand)."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import header, time_us_graphed  # noqa: E402
 from mimo_flash import MiMoConfig  # noqa: E402
+from mimo_flash.ops.kernels.moe import DENSE_TILES, dense_down, dense_gate_up  # noqa: E402
 from mimo_flash.ops.moe import DECODE_EXPERTS, experts_decode, experts_reference  # noqa: E402
 from mimo_flash.options import override  # noqa: E402
 
@@ -30,6 +37,8 @@ def main() -> None:
     ap.add_argument("--preset", default="mini")
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--modes", nargs="+", default=list(DECODE_EXPERTS), choices=list(DECODE_EXPERTS))
+    ap.add_argument("--sweep", action="store_true", help="time the fused kernels' tiles (see above)")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="--sweep stops starting tiles after this long")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode_experts.py times CUDA kernels: it needs a GPU")
@@ -41,6 +50,8 @@ def main() -> None:
     nbytes = (gate_up.numel() + down.numel()) * 2
     print(header(), flush=True)
     print(f"{args.preset}: {E} experts of {D} x {I}, top {k}; {nbytes / 1e6:.0f} MB of expert weights a layer")
+    if args.sweep:
+        return sweep(args, gate_up, down, k, g)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.tokens))
     print("| tokens | " + " | ".join(f"{m} us (TB/s, error)" for m in args.modes) + " |")
     print("|---" * (len(args.modes) + 1) + "|")
@@ -67,6 +78,61 @@ def main() -> None:
             cells.append(f"{us:.1f} ({nbytes / us / 1e6:.2f}, {err:.1e})")
         print(f"| {N} | " + " | ".join(cells) + " |", flush=True)
 
+
+def _grid(name: str, N: int) -> list[dict]:
+    """The tiles --sweep tries for one kernel at N tokens (combinations that do not fit a GPU fail and are skipped)."""
+    rows = [None, 64] if N > 64 else [None]
+    if name == "gate_up":
+        return [dict(BI=bi, BK=bk, BM=bm, warps=w, stages=st) for bi in (32, 64, 128) for bk in (64, 128)
+                for bm in rows for w in (4, 8) for st in (3, 5)]
+    return [dict(BD=bd, BK=bk, SPLITS=sp, BM=bm, warps=w, stages=st) for bd in (32, 64, 128) for bk in (64, 128)
+            for sp in (8, 16) for bm in rows for w in (4, 8) for st in (3, 5)]
+
+
+def sweep(args, gate_up, down, k: int, g) -> None:
+    import time
+
+    E, I2, D = gate_up.shape
+    I = I2 // 2
+    t_end = time.perf_counter() + args.budget_s
+    weights = {"gate_up": [gate_up, gate_up.clone()], "down": [down, down.clone()]}
+    best = {}
+    for n_i, N in enumerate(args.tokens):
+        x = torch.randn(N, D, generator=g, device="cuda").bfloat16()
+        idx = torch.stack([torch.randperm(E, generator=g, device="cuda")[:k] for _ in range(N)])
+        wd = torch.zeros(N, E, device="cuda").scatter(1, idx, torch.rand(N, k, generator=g, device="cuda"))
+        a = dense_gate_up(x, wd, gate_up)
+        calls = {"gate_up": lambda w, t: dense_gate_up(x, wd, w, t), "down": lambda w, t: dense_down(a, wd, w, t)}
+        for name, call in calls.items():
+            nbytes = weights[name][0].numel() * 2
+
+            def timed(tiles):
+                rows = []
+                for tile in tiles:
+                    if tile and time.perf_counter() > t_end:
+                        print(f"  (budget spent: {len(rows)} of {len(tiles)} tiles timed)")
+                        break
+                    flip = iter(range(1 << 30))
+                    try:
+                        us = time_us_graphed(lambda: call(weights[name][next(flip) % 2], tile))
+                    except Exception as e:  # (tiles past the GPU's shared memory or registers)
+                        print(f"  {name} {tile}: {type(e).__name__}")
+                        continue
+                    rows.append((us, tile))
+                return rows
+
+            if n_i == 0:  # the grid, then its best three with the L2 hints
+                rows = sorted(timed([{}] + _grid(name, N)), key=lambda r: r[0])
+                rows = sorted(rows + timed([dict(t, evict=True) for _, t in [r for r in rows if r[1]][:3]]),
+                              key=lambda r: r[0])
+                best[name] = [r for r in rows if r[1]]
+            else:
+                rows = sorted(timed([{}] + [t for _, t in best[name][:6]]), key=lambda r: r[0])
+            default = next(us for us, t in rows if not t)
+            print(f"N {N} {name} ({nbytes / 1e6:.0f} MB; DENSE_TILES {DENSE_TILES[name]}): default {default:.1f} us "
+                  f"({nbytes / default / 1e6:.2f} TB/s); best:", flush=True)
+            for us, tile in rows[:6]:
+                print(f"    {us:7.1f} us {nbytes / us / 1e6:5.2f} TB/s {tile or 'default'}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -277,10 +277,9 @@ def test_adaptive_chunks_take_no_step_past_the_batch_end():
 
 def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
     """Runs of plain steps grow 8, 16, 32, 64, 128 while the controller stays plain, and keep growing in the next
-    call (a call that starts plain starts with long runs: here the whole call is one run, as in plain decoding, and
-    builds no speculative state); a
-    run is captured chunks launched back to back, each fed by the one before: 4 steps, then 8, 16 and PLAIN_GRAPH
-    (runner.graph_steps), plain greedy's tokens."""
+    call (a call that starts plain starts with long runs: here the whole call is one run, which is plain decoding
+    itself, its graphs, and builds no speculative state); a run is captured chunks launched back to back, each fed
+    by the one before: 4 steps, then 8, 16 and PLAIN_GRAPH (runner.graph_steps), plain greedy's tokens."""
     from mimo_flash.generation import adaptive
     from mimo_flash.generation.runner import GraphRunner
 
@@ -301,8 +300,8 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
         return real_launch(runner, tok, pos, n_max, rings, K, n)
 
     def spy_step(self, key, *args, **kwargs):
-        if key[0] == "adaptive-greedy":
-            launches.append(key[-1])
+        if key[0] in ("adaptive-greedy", "greedy"):
+            launches.append((key[0], key[-1]))
         return real_step(self, key, *args, **kwargs)
 
     monkeypatch.setattr(adaptive, "_plain_launch", spy_launch)
@@ -310,8 +309,9 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
     monkeypatch.setattr(adaptive, "spec_prefill", spy_prefill)
     ctl = AdaptiveK(2, costs=[1.0, 9.0, 9.0])  # drafts cost 9 plain steps: plain throughout
     ctl.k = 0
-    for call, (want_sizes, want_launches) in enumerate((([8, 16, 32, 43], [4, 4, 4, 8, 4, 4, 8, 16, 4, 4, 8, 16, 15]),
-                                                        ([99], [4, 8, 16, 32, 32, 7]))):  # (99 steps a call)
+    calls = (([8, 16, 32, 43], [("adaptive-greedy", n) for n in (4, 4, 4, 8, 4, 4, 8, 16, 4, 4, 8, 16, 15)]),
+             ([], [("greedy", n) for n in (4, 8, 16, 16, 16, 16, 16, 7)]))  # (99 steps a call; GREEDY_CHUNK 16)
+    for call, (want_sizes, want_launches) in enumerate(calls):
         sizes.clear()
         launches.clear()
         prefills.clear()

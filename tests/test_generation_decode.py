@@ -96,8 +96,12 @@ for N in (3, 40, 150):
     w = torch.rand(N, k, generator=g)
     want = moe_ops.experts_reference(x, idx, w, gate_up, down)
     wd = torch.zeros(N, E).scatter(1, idx, w)
-    four = dense_experts(x, wd, gate_up, down, splits=4)  # (the last split's second expert slot is past E)
-    assert float((four - want).abs().max() / want.abs().max()) < 1e-5, N
+    # other tiles: the last split's second expert slot past E; row tiles of 16 (several a weight tile), K steps of 32,
+    # L2 hints
+    for tiles in ({"down": {"SPLITS": 4}}, {"gate_up": {"BM": 16, "BI": 32, "BK": 32, "evict": True},
+                                            "down": {"BM": 16, "BD": 32, "BK": 32, "SPLITS": 3, "evict": True}}):
+        got = dense_experts(x, wd, gate_up, down, tiles)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5, (N, tiles)
     for mode in ("triton", "fused"):
         with override(experts="decode", decode_experts=mode):
             got = moe_ops.experts(x, idx, w, gate_up, down, "auto")

@@ -159,19 +159,25 @@ def adaptive_decode(runner, out, prompt: tuple, K: int, params, seen, generator,
     The first decision is made without waiting for the prefill, and not timed (the prefill's tail would count).
     If it is a run of plain greedy graphs, the run is launched before the state is built (spec_prefill: a few
     dozen small eager kernels, 2 ms of host time at batch 1 that the GPU would otherwise wait through); if that run
-    ends the call, no state is built and nothing is read (the kernels would run after the call's last token)."""
+    ends the call, it is plain decoding (engine.plain_decode: the same graphs, nothing recorded for later steps,
+    no state built, nothing read before the call's last token)."""
     input_ids, mask, hidden, tok, lengths = prompt
     chunks = (isinstance(runner, GraphRunner) and not params.do_sample and seen is None
               and out.streamer is None and out.stopping is None)
     B = tok.shape[0]
     k = ctl.choose() if out.max_new > 1 else None  # (max_new_tokens = 1: the prefill's token is all)
+    if k == 0 and chunks and runner.graphs_for("greedy") and _run_size(ctl) >= out.max_new - 1:
+        # a run that ends the call is plain decoding itself (its graphs): no state to build, nothing to record
+        from .engine import plain_decode
+        steps = stats.steps
+        plain_decode(runner, out, tok, lengths.clone(), n_max, params, seen, generator, stats)
+        ctl.plain_run += 1
+        stats.spec_k.extend([0] * (stats.steps - steps))
+        return
     first = None  # the first decision's plain run, launched before the state exists: its tokens [B, n]
     if k == 0 and chunks and runner.graphs_for("greedy"):
         first = _plain_launch(runner, tok, lengths, n_max, rings, K, min(_run_size(ctl), out.max_new - 1))
     out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
-    if first is not None and first.shape[1] == out.max_new - 1:  # the run ends the call (every row has all its
-        _after_run(runner, out, None, first, ctl, stats)  # tokens after it): no state to build, nothing to read
-        return
     st = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, chunk, k=k or 0, rings=rings,
                       n_max=n_max, recorded=0 if first is None else first.shape[1])
     k_prev, n_prev = 0, 0
@@ -235,15 +241,11 @@ def _run_size(ctl: AdaptiveK) -> int:
     return PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
 
 
-def _after_run(runner, out, st: SpecState | None, new: torch.Tensor, ctl: AdaptiveK, stats) -> int:
+def _after_run(runner, out, st: SpecState, new: torch.Tensor, ctl: AdaptiveK, stats) -> int:
     """Book a run of plain steps that produced new [B, n]: the state moves past it (_after_plain; its tokens to
-    `out` unless None; st None: the call's last run, its tokens to `out`), the controller's run count and the stats.
-    Returns n."""
+    `out` unless None), the controller's run count and the stats. Returns n."""
     n = new.shape[1]
-    if st is None:
-        out.add(new, torch.full((new.shape[0],), n, dtype=torch.long, device=new.device))
-    else:
-        _after_plain(runner, out, st, new)
+    _after_plain(runner, out, st, new)
     ctl.plain_run += 1
     stats.steps += n
     stats.spec_k.extend([0] * n)

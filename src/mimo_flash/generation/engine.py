@@ -244,27 +244,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
         tok = choose(process(last_logits, params, seen), params, generator)
         clock.mark()
-        pos = lengths.clone()  # position of tok in each row
-        start = 1
-        if _greedy_graphable(runner, params, seen, out):  # it adds tok to `out` after launching its first graph
-            start, tok, pos = _greedy_graphed(runner, out, tok, pos, n_max, max_new_tokens, stats)
-        else:
-            out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
-        # with EOS / stopping: whether every row was done, read one step late (step i is launched before the host
-        # waits for step i - 1's flag, so the GPU is never idle waiting for the host); without, no host read at all
-        done_before = out.all_done_later() if out.sync else None
-        for i in range(start, max_new_tokens):
-            if seen is not None:
-                seen.scatter_(1, tok[:, None], True)
-            logits, _ = runner.main(tok[:, None], pos[:, None], None, n_max + i, graph=True)
-            tok = choose(process(logits[:, -1], params, seen), params, generator)
-            pos += 1
-            if done_before is not None and done_before():  # every row was done before this step: drop it
-                break
-            out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
-            stats.steps += 1
-            if out.sync:
-                done_before = out.all_done_later()
+        plain_decode(runner, out, tok, lengths.clone(), n_max, params, seen, generator, stats)
     else:
         last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
         tok = choose(process(last_logits, params, seen), params, generator)
@@ -300,6 +280,34 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     if streamer is not None:
         streamer.end()
     return (result, stats) if return_stats else result
+
+
+def plain_decode(runner, out: Output, tok, pos, n_max: int, params: SamplingParams, seen, generator,
+                 stats: GenerationStats) -> None:
+    """Plain decoding after the prefill's token tok [B] (not yet in `out`) at positions pos [B] until every row of
+    `out` is done: graphed greedy chunks where they apply (_greedy_graphed), then one step at a time. Adaptive K
+    takes this path too for a call that it decodes plainly throughout."""
+    B = tok.shape[0]
+    start = 1
+    if _greedy_graphable(runner, params, seen, out):  # it adds tok to `out` after launching its first graph
+        start, tok, pos = _greedy_graphed(runner, out, tok, pos, n_max, out.max_new, stats)
+    else:
+        out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
+    # with EOS / stopping: whether every row was done, read one step late (step i is launched before the host
+    # waits for step i - 1's flag, so the GPU is never idle waiting for the host); without, no host read at all
+    done_before = out.all_done_later() if out.sync else None
+    for i in range(start, out.max_new):
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        logits, _ = runner.main(tok[:, None], pos[:, None], None, n_max + i, graph=True)
+        tok = choose(process(logits[:, -1], params, seen), params, generator)
+        pos += 1
+        if done_before is not None and done_before():  # every row was done before this step: drop it
+            break
+        out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
+        stats.steps += 1
+        if out.sync:
+            done_before = out.all_done_later()
 
 
 def _controller(adaptive, K: int, step_costs) -> AdaptiveK | bool | None:

@@ -250,12 +250,13 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: 
 # weights are not read; their rows of the [E, N, I] tensor are zeros).
 @triton.jit
 def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.constexpr, BI: tl.constexpr,
-                          BK: tl.constexpr, KD: tl.constexpr, IEEE: tl.constexpr):
-    """a[e, m, i] = silu(x[m] . gate[e, i]) * (x[m] . up[e, i]) * wd[m, e]; w [E, 2I, D] (gate rows, then up)."""
-    pid_i = tl.program_id(0)
-    e = tl.program_id(1)
-    rm = tl.program_id(2) * BM + tl.arange(0, BM)
-    ri = pid_i * BI + tl.arange(0, BI)
+                          BK: tl.constexpr, KD: tl.constexpr, IEEE: tl.constexpr,
+                          EV_KEEP: tl.constexpr, EV_ONCE: tl.constexpr):
+    """a[e, m, i] = silu(x[m] . gate[e, i]) * (x[m] . up[e, i]) * wd[m, e]; w [E, 2I, D] (gate rows, then up).
+    The row tiles of one weight tile are neighbours in the grid: its second read comes from L2."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    ri = tl.program_id(1) * BI + tl.arange(0, BI)
+    e = tl.program_id(2)
     mmask, imask = rm < N, ri < I
     wdv = tl.load(wd_ptr + rm * E + e, mask=mmask, other=0.0)
     acc_g = tl.zeros((BM, BI), dtype=tl.float32)
@@ -267,9 +268,12 @@ def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.conste
         for kb in range(0, KD):  # (model sizes as constexpr loop counts: Triton's interpreter takes no other)
             rk = kb * BK + tl.arange(0, BK)
             kmask = rk < D
-            x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
-            wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0,
+                        eviction_policy=EV_KEEP)
+            wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0,
+                         eviction_policy=EV_ONCE)
+            wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0,
+                         eviction_policy=EV_ONCE)
             if IEEE:
                 acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision="ieee")
                 acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
@@ -283,13 +287,13 @@ def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.conste
 
 @triton.jit
 def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexpr, BM: tl.constexpr,
-                       BD: tl.constexpr, BK: tl.constexpr, KI: tl.constexpr, IEEE: tl.constexpr):
+                       BD: tl.constexpr, BK: tl.constexpr, KI: tl.constexpr, IEEE: tl.constexpr,
+                       EV_KEEP: tl.constexpr, EV_ONCE: tl.constexpr):
     """p[s, m, d] = sum over experts e of split s (PER each) of a[e, m] . down[e, d]; w [E, D, I]. (One loop over
     (expert, column step) instead, pipelined across experts, measured slower on an H100: docs/BENCHMARKS.md.)"""
-    pid_d = tl.program_id(0)
-    s = tl.program_id(1)
-    rm = tl.program_id(2) * BM + tl.arange(0, BM)
-    rd = pid_d * BD + tl.arange(0, BD)
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    s = tl.program_id(2)
     mmask, dmask = rm < N, rd < D
     acc = tl.zeros((BM, BD), dtype=tl.float32)
     for j in range(0, PER):
@@ -301,8 +305,10 @@ def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexp
             for kb in range(0, KI):
                 rk = kb * BK + tl.arange(0, BK)
                 kmask = rk < I
-                a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0)
+                a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0,
+                            eviction_policy=EV_KEEP)
+                w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0,
+                            eviction_policy=EV_ONCE)
                 if IEEE:
                     acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
                 else:
@@ -310,30 +316,62 @@ def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexp
     tl.store(p_ptr + (s * N + rm[:, None]).to(tl.int64) * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
+# the tiles of dense_experts' two kernels (bench/decode_experts.py --sweep times others): gate/up: BI weight rows of
+# each projection, BK columns a step; down: BD output columns, BK a step, SPLITS programs per column tile (each
+# sums E / SPLITS experts into its fp32 partial); BM: token rows a program (None: all N, up to 128); warps and
+# stages (warps None: 8 from 128 rows, else 4); evict: L2 hints (weights read once, activations kept)
+DENSE_TILES = dict(gate_up=dict(BI=64, BK=64, BM=None, warps=None, stages=3, evict=False),
+                   down=dict(BD=64, BK=64, SPLITS=8, BM=None, warps=None, stages=3, evict=False))
+
+
 def dense_experts(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                  splits: int = 8, bi: int = 64, bd: int = 64, stages: int = 3) -> torch.Tensor:
+                  tiles: dict | None = None) -> torch.Tensor:
     """x [N, D], wd [N, E] fp32 routing weights (zero where not chosen), gate_up [E, 2I, D], down [E, D, I] (x's
     dtype, contiguous) -> [N, D] in x's dtype: sum_e wd[:, e] * down_e(silu(gate_e x) * up_e x), fp32 sums, the
     SwiGLU output rounded to x's dtype once (after its routing weight). No host sync: CUDA-graph and
-    torch.compile safe. splits: programs per down column tile (each sums E / splits experts); bi, bd: the
-    gate/up and down kernels' column tiles; stages: software pipelining depth."""
+    torch.compile safe. tiles: {"gate_up": {...}, "down": {...}}, entries that replace DENSE_TILES'."""
+    if not (x.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous()):
+        raise ValueError("dense_experts takes contiguous x, gate_up and down")
+    tiles = tiles or {}
+    wd = wd.float().contiguous()
+    return dense_down(dense_gate_up(x, wd, gate_up, tiles.get("gate_up")), wd, down, tiles.get("down"))
+
+
+def _evict(cfg: dict) -> dict:
+    return dict(EV_KEEP="evict_last", EV_ONCE="evict_first") if cfg["evict"] else dict(EV_KEEP="", EV_ONCE="")
+
+
+def _rows(cfg: dict, N: int) -> tuple[int, int]:
+    bm = cfg["BM"] or max(16, min(128, triton.next_power_of_2(N)))
+    return bm, cfg["warps"] or (8 if bm >= 128 else 4)
+
+
+def dense_gate_up(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, tile: dict | None = None) -> torch.Tensor:
+    """dense_experts' first kernel (contiguous operands, wd fp32): -> a [E, N, I], each expert's SwiGLU output
+    times its routing weight. tile: entries that replace DENSE_TILES["gate_up"]'s."""
+    cfg = dict(DENSE_TILES["gate_up"], **(tile or {}))
     N, D = x.shape
     E, I2, _ = gate_up.shape
     I = I2 // 2
-    if not (x.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous()):
-        raise ValueError("dense_experts takes contiguous x, gate_up and down")
-    wd = wd.float().contiguous()
-    bm = max(16, min(128, triton.next_power_of_2(N)))
-    ieee = x.dtype == torch.float32
+    bm, warps = _rows(cfg, N)
     a = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
-    warps = 8 if bm >= 128 else 4
-    _dense_gate_up_kernel[(triton.cdiv(I, bi), E, triton.cdiv(N, bm))](
-        x, gate_up, wd, a, N, D, I, E, BM=bm, BI=bi, BK=64, KD=triton.cdiv(D, 64), IEEE=ieee, num_warps=warps,
-        num_stages=stages)
-    splits = max(1, min(splits, E))
-    per = triton.cdiv(E, splits)
-    p = torch.empty(splits, N, D, device=x.device, dtype=torch.float32)
-    _dense_down_kernel[(triton.cdiv(D, bd), splits, triton.cdiv(N, bm))](
-        a, down, wd, p, N, D, I, E, PER=per, BM=bm, BD=bd, BK=64, KI=triton.cdiv(I, 64), IEEE=ieee, num_warps=warps,
-        num_stages=stages)
-    return p.sum(0).to(x.dtype)
+    _dense_gate_up_kernel[(triton.cdiv(N, bm), triton.cdiv(I, cfg["BI"]), E)](
+        x, gate_up, wd, a, N, D, I, E, BM=bm, BI=cfg["BI"], BK=cfg["BK"], KD=triton.cdiv(D, cfg["BK"]),
+        IEEE=x.dtype == torch.float32, **_evict(cfg), num_warps=warps, num_stages=cfg["stages"])
+    return a
+
+
+def dense_down(a: torch.Tensor, wd: torch.Tensor, down: torch.Tensor, tile: dict | None = None) -> torch.Tensor:
+    """dense_experts' second kernel and the sum of its partials: a [E, N, I] -> [N, D] in a's dtype. tile: entries
+    that replace DENSE_TILES["down"]'s."""
+    cfg = dict(DENSE_TILES["down"], **(tile or {}))
+    E, N, I = a.shape
+    D = down.shape[1]
+    splits = max(1, min(cfg["SPLITS"], E))
+    bm, warps = _rows(cfg, N)
+    p = torch.empty(splits, N, D, device=a.device, dtype=torch.float32)
+    _dense_down_kernel[(triton.cdiv(N, bm), triton.cdiv(D, cfg["BD"]), splits)](
+        a, down, wd, p, N, D, I, E, PER=triton.cdiv(E, splits), BM=bm, BD=cfg["BD"], BK=cfg["BK"],
+        KI=triton.cdiv(I, cfg["BK"]), IEEE=a.dtype == torch.float32, **_evict(cfg), num_warps=warps,
+        num_stages=cfg["stages"])
+    return p.sum(0).to(a.dtype)
