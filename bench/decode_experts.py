@@ -96,7 +96,7 @@ def sweep(args, gate_up, down, k: int, g) -> None:
     I = I2 // 2
     t_end = time.perf_counter() + args.budget_s
     weights = {"gate_up": [gate_up, gate_up.clone()], "down": [down, down.clone()]}
-    best = {}
+    best, totals = {}, {}  # totals: per kernel, tile -> [tile, us summed over the token counts, counts timed]
     for n_i, N in enumerate(args.tokens):
         x = torch.randn(N, D, generator=g, device="cuda").bfloat16()
         idx = torch.stack([torch.randperm(E, generator=g, device="cuda")[:k] for _ in range(N)])
@@ -128,11 +128,19 @@ def sweep(args, gate_up, down, k: int, g) -> None:
                 best[name] = [r for r in rows if r[1]]
             else:
                 rows = sorted(timed([{}] + [t for _, t in best[name][:6]]), key=lambda r: r[0])
+            for us, tile in rows:
+                totals.setdefault(name, {}).setdefault(repr(tile), [tile, 0.0, 0])
+                totals[name][repr(tile)][1:] = [totals[name][repr(tile)][1] + us, totals[name][repr(tile)][2] + 1]
             default = next(us for us, t in rows if not t)
             print(f"N {N} {name} ({nbytes / 1e6:.0f} MB; DENSE_TILES {DENSE_TILES[name]}): default {default:.1f} us "
                   f"({nbytes / default / 1e6:.2f} TB/s); best:", flush=True)
             for us, tile in rows[:6]:
                 print(f"    {us:7.1f} us {nbytes / us / 1e6:5.2f} TB/s {tile or 'default'}", flush=True)
+    for name, per in totals.items():  # the tile with the least time over every token count (timed at all of them)
+        full = [v for v in per.values() if v[2] == len(args.tokens)]
+        tile, us, _ = min(full, key=lambda v: v[1])
+        print(f"best {name} over {args.tokens} tokens: {tile or 'default'} ({us:.1f} us in all, default "
+              f"{per[repr({})][1]:.1f})")
 
 if __name__ == "__main__":
     main()
