@@ -316,12 +316,13 @@ def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexp
     tl.store(p_ptr + (s * N + rm[:, None]).to(tl.int64) * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
-# the tiles of dense_experts' two kernels (bench/decode_experts.py --sweep times others): gate/up: BI weight rows of
+# the tiles of dense_experts' two kernels, the best of bench/decode_experts.py --sweep at 128, 64 and 32 tokens of the
+# mini preset on an H100 (docs/BENCHMARKS.md): gate/up: BI weight rows of
 # each projection, BK columns a step; down: BD output columns, BK a step, SPLITS programs per column tile (each
 # sums E / SPLITS experts into its fp32 partial); BM: token rows a program (None: all N, up to 128); warps and
 # stages (warps None: 8 from 128 rows, else 4); evict: L2 hints (weights read once, activations kept)
 DENSE_TILES = dict(gate_up=dict(BI=64, BK=64, BM=None, warps=None, stages=3, evict=False),
-                   down=dict(BD=64, BK=64, SPLITS=8, BM=None, warps=None, stages=3, evict=False))
+                   down=dict(BD=128, BK=64, SPLITS=16, BM=None, warps=8, stages=5, evict=False))
 
 
 def dense_experts(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
