@@ -121,10 +121,8 @@ def sweep(args, gate_up, down, k: int, g) -> None:
                     rows.append((us, tile))
                 return rows
 
-            if n_i == 0:  # the grid, then its best three with the L2 hints
+            if n_i == 0:
                 rows = sorted(timed([{}] + _grid(name, N)), key=lambda r: r[0])
-                rows = sorted(rows + timed([dict(t, evict=True) for _, t in [r for r in rows if r[1]][:3]]),
-                              key=lambda r: r[0])
                 best[name] = [r for r in rows if r[1]]
             else:
                 rows = sorted(timed([{}] + [t for _, t in best[name][:6]]), key=lambda r: r[0])

@@ -96,10 +96,9 @@ for N in (3, 40, 150):
     w = torch.rand(N, k, generator=g)
     want = moe_ops.experts_reference(x, idx, w, gate_up, down)
     wd = torch.zeros(N, E).scatter(1, idx, w)
-    # other tiles: the last split's second expert slot past E; row tiles of 16 (several a weight tile), K steps of 32,
-    # L2 hints
-    for tiles in ({"down": {"SPLITS": 4}}, {"gate_up": {"BM": 16, "BI": 32, "BK": 32, "evict": True},
-                                            "down": {"BM": 16, "BD": 32, "BK": 32, "SPLITS": 3, "evict": True}}):
+    # other tiles: the last split's second expert slot past E; row tiles of 16 (several a weight tile), K steps of 32
+    for tiles in ({"down": {"SPLITS": 4}}, {"gate_up": {"BM": 16, "BI": 32, "BK": 32},
+                                            "down": {"BM": 16, "BD": 32, "BK": 32, "SPLITS": 3}}):
         got = dense_experts(x, wd, gate_up, down, tiles)
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5, (N, tiles)
     for mode in ("triton", "fused"):

@@ -250,8 +250,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, scale: 
 # weights are not read; their rows of the [E, N, I] tensor are zeros).
 @triton.jit
 def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.constexpr, BI: tl.constexpr,
-                          BK: tl.constexpr, KD: tl.constexpr, IEEE: tl.constexpr,
-                          EV_KEEP: tl.constexpr, EV_ONCE: tl.constexpr):
+                          BK: tl.constexpr, KD: tl.constexpr, IEEE: tl.constexpr):
     """a[e, m, i] = silu(x[m] . gate[e, i]) * (x[m] . up[e, i]) * wd[m, e]; w [E, 2I, D] (gate rows, then up).
     The row tiles of one weight tile are neighbours in the grid: its second read comes from L2."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -268,12 +267,9 @@ def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.conste
         for kb in range(0, KD):  # (model sizes as constexpr loop counts: Triton's interpreter takes no other)
             rk = kb * BK + tl.arange(0, BK)
             kmask = rk < D
-            x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0,
-                        eviction_policy=EV_KEEP)
-            wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0,
-                         eviction_policy=EV_ONCE)
-            wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0,
-                         eviction_policy=EV_ONCE)
+            x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
+            wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
             if IEEE:
                 acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision="ieee")
                 acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
@@ -287,10 +283,10 @@ def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.conste
 
 @triton.jit
 def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexpr, BM: tl.constexpr,
-                       BD: tl.constexpr, BK: tl.constexpr, KI: tl.constexpr, IEEE: tl.constexpr,
-                       EV_KEEP: tl.constexpr, EV_ONCE: tl.constexpr):
+                       BD: tl.constexpr, BK: tl.constexpr, KI: tl.constexpr, IEEE: tl.constexpr):
     """p[s, m, d] = sum over experts e of split s (PER each) of a[e, m] . down[e, d]; w [E, D, I]. (One loop over
-    (expert, column step) instead, pipelined across experts, measured slower on an H100: docs/BENCHMARKS.md.)"""
+    (expert, column step) instead, pipelined across experts, measured slower on an H100:
+    docs/history/2026-12-superseded.md.)"""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     s = tl.program_id(2)
@@ -305,10 +301,8 @@ def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexp
             for kb in range(0, KI):
                 rk = kb * BK + tl.arange(0, BK)
                 kmask = rk < I
-                a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0,
-                            eviction_policy=EV_KEEP)
-                w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0,
-                            eviction_policy=EV_ONCE)
+                a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0)
                 if IEEE:
                     acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
                 else:
@@ -320,9 +314,9 @@ def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexp
 # mini preset on an H100 (docs/BENCHMARKS.md): gate/up: BI weight rows of
 # each projection, BK columns a step; down: BD output columns, BK a step, SPLITS programs per column tile (each
 # sums E / SPLITS experts into its fp32 partial); BM: token rows a program (None: all N, up to 128); warps and
-# stages (warps None: 8 from 128 rows, else 4); evict: L2 hints (weights read once, activations kept)
-DENSE_TILES = dict(gate_up=dict(BI=64, BK=64, BM=None, warps=None, stages=3, evict=False),
-                   down=dict(BD=128, BK=64, SPLITS=16, BM=None, warps=8, stages=5, evict=False))
+# stages (warps None: 8 from 128 rows, else 4)
+DENSE_TILES = dict(gate_up=dict(BI=64, BK=64, BM=None, warps=None, stages=3),
+                   down=dict(BD=128, BK=64, SPLITS=16, BM=None, warps=8, stages=5))
 
 
 def dense_experts(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -336,10 +330,6 @@ def dense_experts(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, down
     tiles = tiles or {}
     wd = wd.float().contiguous()
     return dense_down(dense_gate_up(x, wd, gate_up, tiles.get("gate_up")), wd, down, tiles.get("down"))
-
-
-def _evict(cfg: dict) -> dict:
-    return dict(EV_KEEP="evict_last", EV_ONCE="evict_first") if cfg["evict"] else dict(EV_KEEP="", EV_ONCE="")
 
 
 def _rows(cfg: dict, N: int) -> tuple[int, int]:
@@ -358,7 +348,7 @@ def dense_gate_up(x: torch.Tensor, wd: torch.Tensor, gate_up: torch.Tensor, tile
     a = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
     _dense_gate_up_kernel[(triton.cdiv(N, bm), triton.cdiv(I, cfg["BI"]), E)](
         x, gate_up, wd, a, N, D, I, E, BM=bm, BI=cfg["BI"], BK=cfg["BK"], KD=triton.cdiv(D, cfg["BK"]),
-        IEEE=x.dtype == torch.float32, **_evict(cfg), num_warps=warps, num_stages=cfg["stages"])
+        IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=cfg["stages"])
     return a
 
 
@@ -373,6 +363,6 @@ def dense_down(a: torch.Tensor, wd: torch.Tensor, down: torch.Tensor, tile: dict
     p = torch.empty(splits, N, D, device=a.device, dtype=torch.float32)
     _dense_down_kernel[(triton.cdiv(N, bm), triton.cdiv(D, cfg["BD"]), splits)](
         a, down, wd, p, N, D, I, E, PER=triton.cdiv(E, splits), BM=bm, BD=cfg["BD"], BK=cfg["BK"],
-        KI=triton.cdiv(I, cfg["BK"]), IEEE=a.dtype == torch.float32, **_evict(cfg), num_warps=warps,
+        KI=triton.cdiv(I, cfg["BK"]), IEEE=a.dtype == torch.float32, num_warps=warps,
         num_stages=cfg["stages"])
     return p.sum(0).to(a.dtype)
