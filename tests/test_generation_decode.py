@@ -142,7 +142,7 @@ from mimo_flash.ops.attention import AttnMeta
 
 torch.set_num_threads(1)
 
-def case(B, H, Hkv, Tq, S, D, Dv, window, sink, dtype, seed):
+def case(B, H, Hkv, Tq, S, D, Dv, window, sink, dtype, seed, tiles=None):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(B, H, Tq, D, generator=g).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, S, Dv, generator=g).to(dtype)
@@ -161,19 +161,21 @@ def case(B, H, Hkv, Tq, S, D, Dv, window, sink, dtype, seed):
     meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, aligned=False, plain=False)
     sk = torch.randn(H, generator=g) if sink else None
     want = cache_attention(q.double(), k.double(), v.double(), meta, 0.1, window, None if sk is None else sk.double())
-    got = cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, 0.1, window, sk)
+    got = cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, 0.1, window, sk, tiles)
     assert got.dtype == dtype and got.shape == want.shape
     assert (got[0, :, 0] == 0).all()  # the masked column sees nothing
     return float((got.double() - want).abs().max() / want.abs().max())
 
 # decode (Tq 1) and verification (Tq 3, 4) rows; 1100 keys: three splits; full layers with and without a sink,
-# rings with windows shorter and longer than the ring; head dims that are not powers of two (192 in the release)
+# rings with windows shorter and longer than the ring; head dims that are not powers of two (192 in the release),
+# also as two products (48 = 32 + 16, 40 = 32 + 8 padded to 16), with other key blocks and splits
 for B, H, Hkv, Tq, S, D, Dv, window, sink in [(3, 4, 2, 1, 300, 48, 32, None, True),
                                               (3, 4, 2, 3, 1100, 48, 32, None, False),
                                               (2, 8, 2, 4, 150, 40, 16, 7, True),
                                               (2, 8, 2, 1, 136, 40, 16, 129, False)]:
-    err = case(B, H, Hkv, Tq, S, D, Dv, window, sink, torch.float32, S + Tq)
-    assert err < 1e-6, (B, H, Tq, S, window, err)
+    for tiles in (None, {"split_d": True}, {"split_d": True, "BLOCK_N": 32, "SPLIT_KEYS": 96}):
+        err = case(B, H, Hkv, Tq, S, D, Dv, window, sink, torch.float32, S + Tq, tiles)
+        assert err < 1e-6, (B, H, Tq, S, window, tiles, err)
 err = case(3, 4, 2, 3, 700, 48, 32, None, True, torch.float16, 5)  # half precision: p rounded for the PV product
 assert err < 2e-3, err
 print("ok")
@@ -448,7 +450,8 @@ def test_compiled_decode_step_matches_eager_on_gpu(rows):
 def test_triton_cache_attention_on_gpu():
     """The kernel on CUDA in bf16 at the released attention shapes (Q/K 192, V 128; full layers 64 query heads over 4
     kv heads, SWA 64 over 8 with a window of 128 and sinks), decode and verification rows, against the torch body in
-    fp64; then compiled, graphed decoding of three rows through it gives the eager tokens (fp32, IEEE dots)."""
+    fp64, at ATTN_TILES and at other tiles (the head dim as 128 + 64); then compiled, graphed decoding of three rows
+    through it gives the eager tokens (fp32, IEEE dots)."""
     from mimo_flash.generation.attention import cache_attention
     from mimo_flash.generation.attention_triton import cache_attention_triton
     from mimo_flash.ops.attention import AttnMeta
@@ -471,9 +474,10 @@ def test_triton_cache_attention_on_gpu():
         sink = torch.randn(H, generator=g, device="cuda") if window else None
         want = cache_attention(q.double(), k.double(), v.double(), meta, 192 ** -0.5, window,
                                None if sink is None else sink.double())
-        got = cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, 192 ** -0.5, window, sink)
-        err = float((got.double() - want).norm() / want.norm())
-        assert err < 1e-2, (Hkv, S, window, Tq, err)
+        for tiles in (None, {"split_d": True, "BLOCK_N": 32, "SPLIT_KEYS": 128, "warps": 8, "stages": 2}):
+            got = cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, 192 ** -0.5, window, sink, tiles)
+            err = float((got.double() - want).norm() / want.norm())
+            assert err < 1e-2, (Hkv, S, window, Tq, tiles, err)
     model = tiny_model(vocab_size=64).cuda()
     ids = torch.randint(0, 64, (3, 250), generator=torch.Generator().manual_seed(4)).cuda()
     eager = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graphs=False)

@@ -21,24 +21,36 @@ import triton.language as tl
 from ..ops.kernels.launch import STATIC_LOOPS
 
 MAX_ROWS = 64  # query rows (heads per kv head x new tokens) a program takes; more: the torch path
-BLOCK_N = 64  # keys per block
-SPLIT_KEYS = 512  # keys per split (the last split takes the rest); at most MAX_SPLITS splits
 MAX_SPLITS = 32
+# BLOCK_N keys per block; SPLIT_KEYS keys per split (the last split takes the rest; at most MAX_SPLITS splits);
+# split_d: a Q/K head dim that is not a power of two (192 in the release) as two products (128 + 64) instead of
+# one padded to the next power of two (256); warps, stages: the launch's (bench/decode_kernels.py --cache times
+# others)
+ATTN_TILES = dict(BLOCK_N=64, SPLIT_KEYS=512, split_d=False, warps=4, stages=3)
 
 
 @triton.jit
-def _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, n0, hi, window, scale, sks, svs, d, dv,
-           DQK: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
-    """One block of keys [n0, n0 + BLOCK_N) (those below hi) into the online softmax of the program's rows."""
+def _scores(q, k_row, n, nmask, sks, d, DQK: tl.constexpr, IEEE: tl.constexpr):
+    """q [BLOCK_M, len(d)] against the keys n (columns d of each, those below DQK) -> [BLOCK_M, BLOCK_N] fp32."""
+    k = tl.load(k_row + n[None, :] * sks + d[:, None], mask=nmask[None, :] & (d[:, None] < DQK), other=0.0)
+    if IEEE:
+        return tl.dot(q, k, input_precision="ieee")
+    return tl.dot(q, k)
+
+
+@triton.jit
+def _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, n0, hi, window, scale, sks, svs, d,
+           d2, dv, DQK: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+           IEEE: tl.constexpr):
+    """One block of keys [n0, n0 + BLOCK_N) (those below hi) into the online softmax of the program's rows. q: the
+    queries' first len(d) dims, q2 their dims d2 (SPLIT_D)."""
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < hi
     kpos = tl.load(kpos_ptr + n, mask=nmask, other=0)
     kseg = tl.load(kseg_ptr + n, mask=nmask, other=-4)
-    k = tl.load(k_row + n[None, :] * sks + d[:, None], mask=nmask[None, :] & (d[:, None] < DQK), other=0.0)
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
+    s = _scores(q, k_row, n, nmask, sks, d, DQK, IEEE)
+    if SPLIT_D:
+        s += _scores(q2, k_row, n, nmask, sks, d2, DQK, IEEE)
     ok = (kpos[None, :] <= qpos[:, None]) & (qseg[:, None] == kseg[None, :]) & nmask[None, :]
     if HAS_WINDOW:
         ok = ok & (qpos[:, None] - kpos[None, :] < window)
@@ -59,8 +71,9 @@ def _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, n0, h
 def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_ptr, acc_ptr, m_ptr, l_ptr,
                        S, Tq, window, scale, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                        REP: tl.constexpr, HKV: tl.constexpr, NS: tl.constexpr, DQK: tl.constexpr,
-                       DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, STATIC: tl.constexpr):
+                       DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
+                       BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       IEEE: tl.constexpr, STATIC: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = pid // HKV
@@ -69,12 +82,16 @@ def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_p
     head = g * REP + rows // Tq  # row (r, t): query head g * REP + r, token t
     t = rows % Tq
     rmask = rows < REP * Tq
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)  # the head dims of the first product; SPLIT_D: the rest, from BLOCK_D on
+    d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     dv = tl.arange(0, DV)
     qpos = tl.load(qpos_ptr + b * Tq + t, mask=rmask, other=-1)
     qseg = tl.load(qseg_ptr + b * Tq + t, mask=rmask, other=-3)
-    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :],
-                mask=rmask[:, None] & (d[None, :] < DQK), other=0.0)
+    q_rows = q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt
+    q = tl.load(q_rows + d[None, :], mask=rmask[:, None] & (d[None, :] < DQK), other=0.0)
+    q2 = q
+    if SPLIT_D:
+        q2 = tl.load(q_rows + d2[None, :], mask=rmask[:, None] & (d2[None, :] < DQK), other=0.0)
     if HAS_WINDOW:
         bound = S
     else:  # slot j holds position j: nothing at or past the row's last position + 1 is seen
@@ -89,13 +106,14 @@ def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_p
     if STATIC:  # Triton's interpreter: no loop to a runtime bound
         for j in range(BLOCKS):
             if lo + j * BLOCK_N < hi:
-                m_i, l_i, acc = _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S, kseg_ptr + b * S,
-                                       lo + j * BLOCK_N, hi, window, scale, sks, svs, d, dv, DQK, BLOCK_N, HAS_WINDOW,
-                                       IEEE)
+                m_i, l_i, acc = _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S,
+                                       kseg_ptr + b * S, lo + j * BLOCK_N, hi, window, scale, sks, svs, d, d2, dv,
+                                       DQK, BLOCK_N, SPLIT_D, HAS_WINDOW, IEEE)
     else:
         for n0 in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _block(q, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S, kseg_ptr + b * S,
-                                   n0, hi, window, scale, sks, svs, d, dv, DQK, BLOCK_N, HAS_WINDOW, IEEE)
+            m_i, l_i, acc = _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S,
+                                   kseg_ptr + b * S, n0, hi, window, scale, sks, svs, d, d2, dv, DQK, BLOCK_N,
+                                   SPLIT_D, HAS_WINDOW, IEEE)
     base = (pid * NS + sp) * BLOCK_M + rows
     tl.store(m_ptr + base, m_i)
     tl.store(l_ptr + base, l_i)
@@ -115,21 +133,36 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, window: int | None,
-                           sink: torch.Tensor | None) -> torch.Tensor:
+                           sink: torch.Tensor | None, tiles: dict | None = None) -> torch.Tensor:
     """cache_attention's contract (generation/attention.py) with the positions and segments given: q [B, H, Tq, Dqk],
     k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv] (last dims contiguous), q_pos / q_seg [B, Tq], k_pos / k_seg [B, S]
     (segments None: one segment),
     sink [H] or None -> [B, H, Tq, Dv] in v's dtype. Without a window, slot j must hold position j (the full layers'
-    cache)."""
+    cache). tiles: entries that replace ATTN_TILES'."""
+    rep = q.shape[1] // k.shape[1]
+    acc, m, l = attend_splits(q, k, v, q_pos, q_seg, k_pos, k_seg, scale, window, tiles)
+    return combine(acc, m, l, sink, q.shape[0], q.shape[1], q.shape[2], rep).to(v.dtype)
+
+
+def attend_splits(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, window: int | None, tiles: dict | None = None):
+    """The kernel alone (cache_attention_triton's arguments but the sink): each split's unnormalised output,
+    running max and sum, as combine() takes them."""
+    cfg = dict(ATTN_TILES, **(tiles or {}))
+    block_n, split_keys = cfg["BLOCK_N"], cfg["SPLIT_KEYS"]
     B, H, Tq, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     rep = H // Hkv
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("cache_attention_triton takes tensors whose last dimension is contiguous")
     block_m = max(16, triton.next_power_of_2(rep * Tq))
-    blocks = -(-min(S, SPLIT_KEYS) // BLOCK_N)
-    ns = min(MAX_SPLITS, -(-S // (blocks * BLOCK_N)))
-    blocks = -(-S // (ns * BLOCK_N))  # (the splits cover S)
+    blocks = -(-min(S, split_keys) // block_n)
+    ns = min(MAX_SPLITS, -(-S // (blocks * block_n)))
+    blocks = -(-S // (ns * block_n))  # (the splits cover S)
+    block_d, block_d2 = max(16, triton.next_power_of_2(D)), 16
+    split_d = cfg["split_d"] and block_d != D and D > 16
+    if split_d:  # e.g. 192 = 128 + 64 instead of 256
+        block_d //= 2
+        block_d2 = max(16, triton.next_power_of_2(D - block_d))
     dev = q.device
     acc = torch.empty(B * Hkv, ns, block_m, Dv, device=dev, dtype=torch.float32)
     m = torch.empty(B * Hkv, ns, block_m, device=dev, dtype=torch.float32)
@@ -141,10 +174,10 @@ def cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, wi
     _cache_attn_kernel[(B * Hkv, ns)](
         q, k, v, qp, qs, kp, ks, acc, m, l, S, Tq, 0 if window is None else window, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_N=BLOCK_N, BLOCKS=blocks, HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32,
-        STATIC=STATIC_LOOPS)
-    return combine(acc, m, l, sink, B, H, Tq, rep).to(v.dtype)
+        v.stride(2), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_D=split_d,
+        BLOCK_D2=block_d2, BLOCK_N=block_n, BLOCKS=blocks, HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32,
+        STATIC=STATIC_LOOPS, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return acc, m, l
 
 
 def combine(acc, m, l, sink, B: int, H: int, Tq: int, rep: int) -> torch.Tensor:
