@@ -10,7 +10,9 @@ Shapes: a full layer (4 kv heads, the cache's 832 slots, every row at about --po
 with the bandwidth of the keys and values it must read (the Triton kernel's: a full layer's up to each row's
 position, a ring whole; the torch body reads the whole cache). The kernel's rows time it alone (`attend_splits`:
 the splits' partial outputs, without the torch ops that join them); the last row of each shape is the whole
-backend with the best tiles, traced like the body. Random bf16 data. GPU only."""
+backend with the best tiles, traced like the body. Random bf16 data. GPU only. The last line: the tiles of least
+kernel time over the shapes, each counted as often as a mini step calls it (LAYERS), to be set in ATTN_TILES by
+hand."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from mimo_flash.ops.attention import AttnMeta  # noqa: E402
 from mimo_flash.options import override  # noqa: E402
 
 H, DQK, DV = 16, 192, 128
+LAYERS = dict(full=3, swa=10)  # calls a step of the mini preset makes (its SWA layers and the MTP layer: 10)
 
 
 def grid() -> list[dict]:
@@ -74,6 +77,7 @@ def main() -> None:
         raise SystemExit("bench/cache_attention.py times CUDA kernels: it needs a GPU")
     print(header(), flush=True)
     shapes = list(itertools.product(args.tokens, ("full", "swa")))
+    totals = {}  # tiles -> [tiles, kernel us summed over the shapes (times LAYERS), shapes timed]
     g = torch.Generator(device="cuda").manual_seed(0)
     scale = DQK ** -0.5
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -117,6 +121,9 @@ def main() -> None:
                 continue
             rows.append((t, tiles))
         rows.sort(key=lambda r: r[0])
+        for t, tiles in rows:
+            total = totals.setdefault(repr(tiles), [tiles, 0.0, 0])
+            total[1:] = [total[1] + LAYERS[name] * t, total[2] + 1]
         default = next(t for t, tiles in rows if not tiles)
         print(f"  kernel alone at ATTN_TILES {ATTN_TILES}: {default:.1f} us ({nbytes / default / 1e6:.2f} TB/s); "
               f"best:", flush=True)
@@ -125,6 +132,10 @@ def main() -> None:
         for label, tiles in (("ATTN_TILES", {}), ("best tiles", rows[0][1])):
             us, out = traced("triton", tiles)
             print(f"  Triton backend, compiled, {label}: {us:7.1f} us (error {err(out):.1e})", flush=True)
+    full = [v for v in totals.values() if v[2] == len(shapes)]
+    tiles, us, _ = min(full, key=lambda v: v[1])
+    print(f"best kernel tiles over the {len(shapes)} shapes, each counted as often as a step calls it ({LAYERS}): "
+          f"{tiles or 'ATTN_TILES'} ({us:.1f} us in all, ATTN_TILES {totals[repr({})][1]:.1f})")
 
 
 if __name__ == "__main__":
