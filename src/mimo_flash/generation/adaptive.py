@@ -149,31 +149,35 @@ class AdaptiveK:
         return self.k
 
 
-def adaptive_decode(runner, out, prompt: tuple, K: int, params, seen, generator, ctl: AdaptiveK, stats, chunk: int,
-                    n_max: int, rings) -> None:
+def _chunked(runner, params, seen, out) -> bool:
+    """Whether greedy steps run as captured chunks with one host sync each (a GraphRunner, nothing read per step)."""
+    return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None
+            and out.streamer is None and out.stopping is None)
+
+
+def plain_throughout(runner, ctl: AdaptiveK, k: int | None, params, seen, out) -> bool:
+    """Whether the call's first decision k is a run of plain greedy graphs that covers the whole call: then the call
+    is plain decoding itself (engine.generate takes its K = 0 path: the same prefill and graphs, no hidden states
+    kept, no state built, nothing recorded for later steps)."""
+    return (k == 0 and _chunked(runner, params, seen, out) and runner.graphs_for("greedy")
+            and _run_size(ctl) >= out.max_new - 1)
+
+
+def adaptive_decode(runner, out, prompt: tuple, K: int, params, seen, generator, ctl: AdaptiveK, k: int | None,
+                    stats, chunk: int, n_max: int, rings) -> None:
     """Decode until every row of `out` is done, choosing k per step with `ctl` (see the module docstring).
     prompt: (input_ids, mask, hidden, tok, lengths) after the prefill (hidden: the main model's hidden states, tok:
-    its token, not yet in `out`; lengths [B]: prompt tokens per row, n_max their most); rings: SpecRings for the
-    state; stats: GenerationStats, updated.
+    its token, not yet in `out`; lengths [B]: prompt tokens per row, n_max their most); k: the first decision
+    (ctl.choose(), made before the prefill; None when the prefill's token is all the call wants); rings: SpecRings
+    for the state; stats: GenerationStats, updated.
 
-    The first decision is made without waiting for the prefill, and not timed (the prefill's tail would count).
-    If it is a run of plain greedy graphs, the run is launched before the state is built (spec_prefill: a few
-    dozen small eager kernels, 2 ms of host time at batch 1 that the GPU would otherwise wait through); if that run
-    ends the call, it is plain decoding (engine.plain_decode: the same graphs, nothing recorded for later steps,
-    no state built, nothing read before the call's last token)."""
+    The first decision is not timed (the prefill's tail would count). If it is a run of plain greedy graphs, the
+    run is launched before the state is built (spec_prefill: a few dozen small eager kernels, 2 ms of host time at
+    batch 1 that the GPU would otherwise wait through). (A run that would end the call never gets here:
+    plain_throughout.)"""
     input_ids, mask, hidden, tok, lengths = prompt
-    chunks = (isinstance(runner, GraphRunner) and not params.do_sample and seen is None
-              and out.streamer is None and out.stopping is None)
+    chunks = _chunked(runner, params, seen, out)
     B = tok.shape[0]
-    k = ctl.choose() if out.max_new > 1 else None  # (max_new_tokens = 1: the prefill's token is all)
-    if k == 0 and chunks and runner.graphs_for("greedy") and _run_size(ctl) >= out.max_new - 1:
-        # a run that ends the call is plain decoding itself (its graphs): no state to build, nothing to record
-        from .engine import plain_decode
-        steps = stats.steps
-        plain_decode(runner, out, tok, lengths.clone(), n_max, params, seen, generator, stats)
-        ctl.plain_run += 1
-        stats.spec_k.extend([0] * (stats.steps - steps))
-        return
     first = None  # the first decision's plain run, launched before the state exists: its tokens [B, n]
     if k == 0 and chunks and runner.graphs_for("greedy"):
         first = _plain_launch(runner, tok, lengths, n_max, rings, K, min(_run_size(ctl), out.max_new - 1))

@@ -24,8 +24,10 @@ MAX_ROWS = 64  # query rows (heads per kv head x new tokens) a program takes; mo
 MAX_SPLITS = 32
 # BLOCK_N keys per block; SPLIT_KEYS keys per split (the last split takes the rest; at most MAX_SPLITS splits);
 # split_d: a Q/K head dim that is not a power of two (192 in the release) as two products (128 + 64) instead of
-# one padded to the next power of two (256); warps, stages: the launch's (bench/cache_attention.py times others)
-ATTN_TILES = dict(BLOCK_N=64, SPLIT_KEYS=512, split_d=False, warps=4, stages=3)
+# one padded to the next power of two (256); warps, stages: the launch's. bench/cache_attention.py's best on an H100
+# over batch-64 steps of 1 and 2 tokens, full and SWA layers (docs/BENCHMARKS.md): 15% less time than 64-key blocks
+# without split_d, most of it on the SWA rings
+ATTN_TILES = dict(BLOCK_N=32, SPLIT_KEYS=512, split_d=True, warps=4, stages=2)
 
 
 @triton.jit

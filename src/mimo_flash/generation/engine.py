@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .adaptive import PLAIN_GRAPH, AdaptiveK, adaptive_decode
+from .adaptive import PLAIN_GRAPH, AdaptiveK, adaptive_decode, plain_throughout
 from .cache import KVCache
 from .output import Clock, Output, to_host_later
 from .runner import GraphRunner, Runner, graph_bucket, graph_steps
@@ -240,11 +240,16 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
 
     out = Output(B, max_new_tokens, eos, pad_token_id, streamer, stopping, device)
     clock = Clock(device)
-    if K == 0:
+    k = ctl.choose() if ctl is not None and max_new_tokens > 1 else None  # adaptive K's first decision
+    plain = ctl is not None and plain_throughout(runner, ctl, k, params, seen, out)
+    if K == 0 or plain:
         last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
         tok = choose(process(last_logits, params, seen), params, generator)
         clock.mark()
         plain_decode(runner, out, tok, lengths.clone(), n_max, params, seen, generator, stats)
+        if plain:
+            ctl.plain_run += 1
+            stats.spec_k.extend([0] * stats.steps)
     else:
         last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
         tok = choose(process(last_logits, params, seen), params, generator)
@@ -254,7 +259,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             size = K * config.sliding_window + 2 * K + 2  # (spec_reprime reads up to K windows)
             if rings is None or rings.size != size or rings.h.dtype != hidden.dtype:
                 rings = runner.spec_rings = SpecRings(B, size, config.hidden_size, device, hidden.dtype)
-            adaptive_decode(runner, out, (input_ids, mask, hidden, tok, lengths), K, params, seen, generator, ctl,
+            adaptive_decode(runner, out, (input_ids, mask, hidden, tok, lengths), K, params, seen, generator, ctl, k,
                             stats, prefill_chunk, n_max, rings)
         else:
             out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
