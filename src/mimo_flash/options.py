@@ -69,12 +69,15 @@ class Options:
     attention: str = "auto"  # ops/attention.py: auto | reference | blocked | sdpa | flex | cudnn | triton
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
-    # the decode backend with more than E/2 (token, expert) pairs (batched decode, verification): "dense" every expert
-    # on every token, the routing weights (zero where not chosen) combining them; "grouped_mm" torch._grouped_mm over
-    # the pairs sorted by expert (argsort; traceable, no host sync; at batch 64 its plain step was slower on the
-    # H200: 29,866 against 37,829 decode tok/s, docs/BENCHMARKS.md); "triton" ops/kernels/moe.py's grouped kernel
-    # over the sorted pairs (each chosen expert's weights read once per 16 of its pairs; CUDA, not yet timed)
-    decode_experts: str = "dense"
+    # the decode backend with more than E/2 (token, expert) pairs (batched decode, verification): "fused" (the
+    # default) every expert on every token in two Triton kernels that skip experts no token chose (CUDA; elsewhere
+    # "dense"; at batch 64 on an H100 faster than "dense" in plain and K = 1 steps, docs/BENCHMARKS.md); "dense" the
+    # same through cuBLAS, the routing weights (zero where not chosen) combining them; "grouped_mm"
+    # torch._grouped_mm over the pairs sorted by expert (argsort; traceable, no host sync; at batch 64 its plain
+    # step was slower on the H200: 29,866 against 37,829 decode tok/s, docs/BENCHMARKS.md); "triton"
+    # ops/kernels/moe.py's grouped kernel over the sorted pairs (each chosen expert's weights read once per 16 of its
+    # pairs; slower than "dense" at batch 64)
+    decode_experts: str = "fused"
     # generation/attention.py: "auto" (CUDA: the Triton kernel for steps of several tokens a row, the torch body for
     # one-token steps; measured, docs/BENCHMARKS.md) | "torch" | "triton" (CUDA: each row's keys read up to its own
     # position; graphed steps of several rows then need no cache bucket, runner.graph_bucket)

@@ -109,7 +109,8 @@ class PrefillForwards:
         the sorted pairs (never every expert on every token, whose intermediate would hold E x tokens rows)."""
         if not graphed:
             return runner.main(ids, pos, valid, kv_len, logits=logits)
-        experts = options().decode_experts if options().decode_experts != "dense" else "grouped_mm"
+        mode = options().decode_experts
+        experts = "grouped_mm" if mode in ("dense", "fused") else mode  # (those two run every expert on every token)
         with override(decode_experts=experts):
             return runner.main(ids, pos, valid, kv_len, logits=logits, graph=True)
 
