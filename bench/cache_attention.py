@@ -37,8 +37,8 @@ H, DQK, DV = 16, 192, 128
 LAYERS = dict(full=3, swa=10)  # calls a step of the mini preset makes (its SWA layers and the MTP layer: 10)
 
 
-def grid() -> list[dict]:
-    return [dict(split_d=sd, BLOCK_N=bn, SPLIT_KEYS=sk, warps=w, stages=st) for sd in (False, True)
+def grid() -> list[dict]:  # (min_programs 0: each split length as given)
+    return [dict(split_d=sd, BLOCK_N=bn, SPLIT_KEYS=sk, warps=w, stages=st, min_programs=0) for sd in (False, True)
             for bn in (32, 64, 128) for sk in (128, 512) for w in (4, 8) for st in (2, 3, 4)]
 
 

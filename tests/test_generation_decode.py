@@ -166,14 +166,16 @@ def case(B, H, Hkv, Tq, S, D, Dv, window, sink, dtype, seed, tiles=None):
     assert (got[0, :, 0] == 0).all()  # the masked column sees nothing
     return float((got.double() - want).abs().max() / want.abs().max())
 
-# decode (Tq 1) and verification (Tq 3, 4) rows; 1100 keys: three splits; full layers with and without a sink,
+# decode (Tq 1) and verification (Tq 3, 4) rows; 1100 keys: nine splits of 128 keys (a small grid), three of 512
+# (min_programs 0); full layers with and without a sink,
 # rings with windows shorter and longer than the ring; head dims that are not powers of two (192 in the release),
 # also as two products (48 = 32 + 16, 40 = 32 + 8 padded to 16), with other key blocks and splits
 for B, H, Hkv, Tq, S, D, Dv, window, sink in [(3, 4, 2, 1, 300, 48, 32, None, True),
                                               (3, 4, 2, 3, 1100, 48, 32, None, False),
                                               (2, 8, 2, 4, 150, 40, 16, 7, True),
                                               (2, 8, 2, 1, 136, 40, 16, 129, False)]:
-    for tiles in (None, {"split_d": False, "BLOCK_N": 64}, {"split_d": True, "BLOCK_N": 64, "SPLIT_KEYS": 96}):
+    for tiles in (None, {"split_d": False, "BLOCK_N": 64, "min_programs": 0},
+                  {"split_d": True, "BLOCK_N": 64, "SPLIT_KEYS": 96}):
         err = case(B, H, Hkv, Tq, S, D, Dv, window, sink, torch.float32, S + Tq, tiles)
         assert err < 1e-6, (B, H, Tq, S, window, tiles, err)
 err = case(3, 4, 2, 3, 700, 48, 32, None, True, torch.float16, 5)  # half precision: p rounded for the PV product
@@ -186,16 +188,36 @@ def test_cache_attention_triton_equals_the_torch_body():
     run_in_triton_interpreter(_TRITON_CACHE_ATTENTION)
 
 
-def test_cache_attention_auto_takes_the_kernel_for_verification_steps_only():
-    """cache_attention="auto" (the default): the Triton kernel on CUDA for steps of several tokens a row, the torch
-    body for one-token steps and off CUDA; "triton" for every step on CUDA; "torch" never."""
-    from mimo_flash.generation.attention import uses_triton
+def test_split_plan_shortens_the_splits_of_small_grids():
+    """Splits of SPLIT_KEYS keys where the grid has min_programs programs, halved down to MIN_SPLIT_KEYS where it
+    has fewer; at most MAX_SPLITS splits; whole key blocks that cover the cache."""
+    from mimo_flash.generation.attention_triton import ATTN_TILES, MAX_SPLITS, split_plan
+
+    cfg = dict(ATTN_TILES, BLOCK_N=32, SPLIT_KEYS=512, min_programs=264)
+    assert split_plan(64 * 4, 832, cfg) == (2, 13)  # batch 64, a full layer: 512 programs at 512 keys
+    assert split_plan(64 * 8, 137, cfg) == (1, 5)  # batch 64, a SWA ring
+    assert split_plan(16 * 4, 832, cfg) == (7, 4)  # batch 16: 256 then 128 keys (448 programs)
+    assert split_plan(16 * 8, 137, cfg) == (2, 3)  # 128 keys is the floor (256 programs; 2 x 96 keys)
+    assert split_plan(16 * 4, 832, dict(cfg, min_programs=0)) == (2, 13)
+    assert split_plan(4, 1 << 16, cfg) == (MAX_SPLITS, 64)  # at most MAX_SPLITS splits, longer then
+    for programs, S in [(1, 1), (3, 300), (16 * 4, 833), (4, 1 << 16)]:
+        ns, blocks = split_plan(programs, S, cfg)
+        assert (ns - 1) * blocks * 32 < S <= ns * blocks * 32
+
+
+def test_cache_attention_auto_takes_the_kernel_for_verification_and_large_batches():
+    """cache_attention="auto" (the default): the Triton kernel on CUDA for steps of several tokens a row and for
+    one-token steps of TRITON_ROWS rows or more, the torch body for smaller one-token steps and off CUDA; "triton"
+    for every step on CUDA; "torch" never."""
+    from mimo_flash.generation.attention import TRITON_ROWS, uses_triton
     from mimo_flash.options import Options
 
     assert Options().cache_attention == "auto"
-    assert [uses_triton("auto", True, t) for t in (1, 2, 4)] == [False, True, True]
-    assert [uses_triton("triton", True, t) for t in (1, 2)] == [True, True]
-    assert not any(uses_triton(m, c, t) for m, c, t in (("torch", True, 2), ("auto", False, 2), ("triton", False, 2)))
+    assert [uses_triton("auto", True, t, 1) for t in (1, 2, 4)] == [False, True, True]
+    assert [uses_triton("auto", True, 1, b) for b in (TRITON_ROWS - 1, TRITON_ROWS, 64)] == [False, True, True]
+    assert [uses_triton("triton", True, t, 1) for t in (1, 2)] == [True, True]
+    assert not any(uses_triton(m, c, t, b) for m, c, t, b in
+                   (("torch", True, 2, 64), ("auto", False, 2, 64), ("triton", False, 2, 64)))
 
 
 def test_cache_attention_kernel_declines_what_it_cannot_compute():

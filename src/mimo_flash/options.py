@@ -78,9 +78,10 @@ class Options:
     # ops/kernels/moe.py's grouped kernel over the sorted pairs (each chosen expert's weights read once per 16 of its
     # pairs; slower than "dense" at batch 64)
     decode_experts: str = "fused"
-    # generation/attention.py: "auto" (CUDA: the Triton kernel for steps of several tokens a row, the torch body for
-    # one-token steps; measured, docs/BENCHMARKS.md) | "torch" | "triton" (CUDA: each row's keys read up to its own
-    # position; graphed steps of several rows then need no cache bucket, runner.graph_bucket)
+    # generation/attention.py: "auto" (CUDA: the Triton kernel for steps of several tokens a row and one-token steps
+    # of TRITON_ROWS rows or more, the torch body for smaller one-token steps; measured, docs/BENCHMARKS.md) |
+    # "torch" | "triton" (CUDA: each row's keys read up to its own position; graphed steps of several rows then need
+    # no cache bucket, runner.graph_bucket)
     cache_attention: str = "auto"
     linear: str = "auto"  # ops/linear.py: auto | gemm (F.linear) | reduction (fp32 multiply-and-sum, one-row decode)
     fp8_linear: str = "auto"  # quant/gemm.py: auto | reference | w8a8 | scaled_mm | triton (FP8Linear modules)

@@ -7,9 +7,9 @@ Backends (options().cache_attention): "torch", the body below (what torch.compil
 layer reads the keys of the step's cache bucket); "triton", generation/attention_triton.py on CUDA, whose programs
 read each row's keys only up to its own position, so that graphed steps of more than one row need no cache
 bucket (runner.graph_bucket); "auto" (the default), the Triton kernel on CUDA for steps of several query tokens
-a row (speculative verification, MTP re-runs) and the body for one-token steps: measured on an H100 at batch 16
-(docs/BENCHMARKS.md), the kernel made K = 1 speculative steps 5.5% faster and plain steps 2% slower. Prefill-sized
-calls (more than MAX_ROWS query rows per kv head) keep the body.
+a row (speculative verification, MTP re-runs) and for one-token steps of at least TRITON_ROWS rows, the body for
+one-token steps of fewer (see TRITON_ROWS). Prefill-sized calls (more than MAX_ROWS query rows per kv head) keep
+the body.
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ from ..ops.attention import AttnMeta
 from ..options import options
 
 CACHE_ATTENTION = ("auto", "torch", "triton")  # options().cache_attention
+# "auto": one-token steps of this many rows or more take the kernel. bench/cache_attention.py on an H100, the mini
+# preset's shapes, each compiled: at batch 64 the kernel took 53 / 31 us on a full / SWA layer against the body's
+# 62 / 59; at batch 16, 23 / 15 against 16 / 13, and plain steps' graphs took the same time either way (1.45 ms).
+# Summed over a step's layers (3 full, 10 SWA) and interpolated, the two cross near 21 rows (docs/BENCHMARKS.md)
+TRITON_ROWS = 32
 
 
-def uses_triton(mode: str, cuda: bool, tokens: int) -> bool:
+def uses_triton(mode: str, cuda: bool, tokens: int, rows: int) -> bool:
     """Whether cache_attention takes the Triton kernel (where it fits) under option value `mode`, for queries on
-    CUDA or not, of `tokens` new tokens a row."""
-    return cuda and (mode == "triton" or (mode == "auto" and tokens > 1))
+    CUDA or not, of `tokens` new tokens in each of `rows` rows."""
+    return cuda and (mode == "triton" or (mode == "auto" and (tokens > 1 or rows >= TRITON_ROWS)))
 
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float,
@@ -41,7 +46,7 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     mode = options().cache_attention
     if mode not in CACHE_ATTENTION:
         raise ValueError(f"option cache_attention must be one of {CACHE_ATTENTION}, got {mode!r}")
-    if uses_triton(mode, q.is_cuda, q.shape[2]):
+    if uses_triton(mode, q.is_cuda, q.shape[2], q.shape[0]):
         from .attention_triton import cache_attention_triton, fits
         if fits(q, k, v):
             return cache_attention_triton(q, k, v, meta.q_pos, meta.q_seg, meta.k_pos, meta.k_seg, scale, window,

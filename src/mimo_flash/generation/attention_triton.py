@@ -22,12 +22,16 @@ from ..ops.kernels.launch import STATIC_LOOPS
 
 MAX_ROWS = 64  # query rows (heads per kv head x new tokens) a program takes; more: the torch path
 MAX_SPLITS = 32
-# BLOCK_N keys per block; SPLIT_KEYS keys per split (the last split takes the rest; at most MAX_SPLITS splits);
+# BLOCK_N keys per block; SPLIT_KEYS keys per split (the last split takes the rest; at most MAX_SPLITS splits),
+# halved down to MIN_SPLIT_KEYS while the grid (rows x kv heads x splits) has fewer than min_programs programs;
 # split_d: a Q/K head dim that is not a power of two (192 in the release) as two products (128 + 64) instead of
 # one padded to the next power of two (256); warps, stages: the launch's. bench/cache_attention.py's best on an H100
 # over batch-64 steps of 1 and 2 tokens, full and SWA layers (docs/BENCHMARKS.md): 15% less time than 64-key blocks
-# without split_d, most of it on the SWA rings
-ATTN_TILES = dict(BLOCK_N=32, SPLIT_KEYS=512, split_d=True, warps=4, stages=2)
+# without split_d, most of it on the SWA rings. At batch 16 the best splits were 128 keys long on every shape (a full
+# layer's kernel 16.5 us against 22.8 with 512), which min_programs (2 programs per SM of an H100) gives: 512 keys at
+# batch 64 (512 programs on a full layer), 128 at batch 16
+ATTN_TILES = dict(BLOCK_N=32, SPLIT_KEYS=512, split_d=True, warps=4, stages=2, min_programs=264)
+MIN_SPLIT_KEYS = 128
 
 
 @triton.jit
@@ -145,20 +149,30 @@ def cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, wi
     return combine(acc, m, l, sink, q.shape[0], q.shape[1], q.shape[2], rep).to(v.dtype)
 
 
+def split_plan(programs: int, S: int, cfg: dict) -> tuple[int, int]:
+    """(splits, key blocks per split) over a cache of S slots for `programs` (rows x kv heads) programs a split, at
+    tiles cfg (ATTN_TILES' keys): splits of SPLIT_KEYS keys, halved down to MIN_SPLIT_KEYS while the grid has fewer
+    than min_programs programs, at most MAX_SPLITS of them (longer then), whole key blocks covering S."""
+    block_n, split_keys = cfg["BLOCK_N"], cfg["SPLIT_KEYS"]
+    while split_keys > MIN_SPLIT_KEYS and programs * -(-S // split_keys) < cfg["min_programs"]:
+        split_keys = max(MIN_SPLIT_KEYS, split_keys // 2)
+    blocks = -(-min(S, split_keys) // block_n)
+    ns = min(MAX_SPLITS, -(-S // (blocks * block_n)))
+    return ns, -(-S // (ns * block_n))  # (the splits cover S)
+
+
 def attend_splits(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, window: int | None, tiles: dict | None = None):
     """The kernel alone (cache_attention_triton's arguments but the sink): each split's unnormalised output,
     running max and sum, as combine() takes them."""
     cfg = dict(ATTN_TILES, **(tiles or {}))
-    block_n, split_keys = cfg["BLOCK_N"], cfg["SPLIT_KEYS"]
+    block_n = cfg["BLOCK_N"]
     B, H, Tq, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     rep = H // Hkv
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("cache_attention_triton takes tensors whose last dimension is contiguous")
     block_m = max(16, triton.next_power_of_2(rep * Tq))
-    blocks = -(-min(S, split_keys) // block_n)
-    ns = min(MAX_SPLITS, -(-S // (blocks * block_n)))
-    blocks = -(-S // (ns * block_n))  # (the splits cover S)
+    ns, blocks = split_plan(B * Hkv, S, cfg)
     block_d, block_d2 = max(16, triton.next_power_of_2(D)), 16
     split_d = cfg["split_d"] and block_d != D and D > 16
     if split_d:  # e.g. 192 = 128 + 64 instead of 256

@@ -94,9 +94,9 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
                         "pairs sorted on the device, one grouped product per projection)")
     p.add_argument("--cache-attention", default=None, choices=CACHE_ATTENTION,
                    help="attention over the KV cache in decode steps (options().cache_attention): auto (the "
-                        "default: triton for verification steps of several tokens a row, torch for one-token steps), "
-                        "torch, or triton (CUDA: each row reads its keys up to its own position; graphs of several "
-                        "rows need no cache-length bucket)")
+                        "default: triton for verification steps of several tokens a row and for one-token steps of 32 "
+                        "rows or more, torch for smaller one-token steps), torch, or triton (CUDA: each row reads its "
+                        "keys up to its own position; graphs of several rows need no cache-length bucket)")
 
 
 def add_fp8_flag(p: argparse.ArgumentParser) -> None:
