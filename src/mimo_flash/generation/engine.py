@@ -61,11 +61,7 @@ class GenerationStats:
 
 
 def _as_eos_list(eos) -> list[int]:
-    if eos is None:
-        return []
-    if isinstance(eos, int):
-        return [eos]
-    return [int(e) for e in eos]
+    return [] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos]
 
 
 def check_inputs(model, input_ids, attention_mask, max_new_tokens, num_speculative_tokens):
