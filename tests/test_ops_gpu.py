@@ -137,9 +137,10 @@ def test_triton_swa_with_rope_and_value_scale_inside(packed):
                ("dk", rel(gx[..., nq:nq + nk], gx_ref[..., nq:nq + nk])),
                ("dv", rel(gx[..., nq + nk:], gx_ref[..., nq + nk:])),
                ("dsink", rel(gs, gs_ref))])
-        # and where it does not apply: no window (full attention), or rotary dims that are not the head dim's first
-        # part (or its first half)
-        assert attention_qkv(x0, cos, sin, dims, meta, D ** -0.5, None, None) is None
+        # full attention: taken for packed documents, left to cuDNN (None) for plain batches under "auto"; and
+        # where it does not apply: rotary dims that are not the head dim's first part (or its first half)
+        assert (attention_qkv(x0, cos, sin, dims, meta, D ** -0.5, None, None) is None) == (not packed)
+        assert attention_qkv(x0, cos, sin, dims, meta, D ** -0.5, None, None, backend="triton") is not None
         assert attention_qkv(x0, cos[..., :16], sin[..., :16], dims, meta, D ** -0.5, 129, s0) is None
 
 

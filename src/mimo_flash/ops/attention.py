@@ -423,7 +423,11 @@ def attention_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims:
     """Attention straight from the projection's output, where a registered kernel of `backend` ("auto": any)
     takes it: qkv [B, T, heads * qk_dim + kv_heads * (qk_dim + v_dim)], cos / sin [B or 1, T, R],
     dims = (heads, kv_heads, qk_dim, v_dim, v_scale) -> [B, heads, T, v_dim], or None (then rotate with
-    ops.rope.rope_qkv and call `attention`; the result is the same up to rounding)."""
+    ops.rope.rope_qkv and call `attention`; the result is the same up to rounding). "auto" declines the layers
+    that the "cudnn" backend takes (plain causal full attention): cuDNN's kernel ran the released full layer's
+    8192-token forward in about half the banded kernel's time (docs/BENCHMARKS.md, issue 19)."""
+    if backend == "auto" and _cudnn_applies(qkv[..., :dims[2]], meta, window, sink):
+        return None
     for name, fn in _FAST_QKV.items():
         if backend in ("auto", name):
             out = fn(qkv, cos, sin, dims, meta, scale, window, sink)
