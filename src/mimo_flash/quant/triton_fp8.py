@@ -151,37 +151,26 @@ def swiglu_quantize(h: torch.Tensor, w: torch.Tensor):
 
 
 @triton.jit
-def _w8a8_grouped_kernel(x_src, src_ptr, w_desc, xs_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, K,
-                         XS_STRIDE, s_stride_e, s_stride_r, KB: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+def _w8a8_grouped_kernel(x_desc, w_desc, xs_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, end_ptr, N, P,
+                         s_stride_e, s_stride_r, KB: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     """Tile t (grid axis 1) covers rows [tile_row[t], +BLOCK_M) of expert e = tile_expert[t] (its rows end at
     end[e]; unused tiles have e = -1), columns [pid_n * BLOCK_N, +BLOCK_N): y[r] = dequant(x[r]) @ dequant(W[e])^T.
-    x_src: without GATHER, a TMA descriptor of the sorted FP8 rows [P, K] (rows past P and columns past K read as
-    zeros; rows of the next expert are computed and not stored); with GATHER, the FP8 tokens [T, K] (row-major),
-    sorted row r reading token src[r] by pointer loads. w_desc: TMA descriptor of the FP8 weights as [E * N, K];
-    xs [KB, XS_STRIDE] fp32: each K step's scales of the rows x_src holds, contiguous; s [E, ceil(N/128), KB].
-    Each 128-wide K step's FP8 product (fp32) is scaled by its rows' scales and its weight block's scale, one
-    scale per tile while BLOCK_N divides 128."""
+    x_desc: TMA descriptor of the FP8 rows [P, K] (rows past P and columns past K read as zeros; rows of the next
+    expert are computed and not stored), w_desc: of the FP8 weights as [E * N, K]; xs [KB, P] fp32 (each K step's
+    row scales contiguous), s [E, ceil(N/128), KB]. Each 128-wide K step's FP8 product (fp32) is scaled by its
+    rows' scales and its weight block's scale, one scale per tile while BLOCK_N divides 128."""
     pid_n = tl.program_id(0)  # the N tiles of one row tile are neighbours: its rows stay in L2
     e, row0, rm, mmask = tile_rows(tile_expert_ptr, tile_row_ptr, end_ptr, BLOCK_M)
     if e >= 0:
         n0 = pid_n * BLOCK_N
         rn = n0 + tl.arange(0, BLOCK_N)
         s_tile = s_ptr + e * s_stride_e
-        if GATHER:
-            src = tl.load(src_ptr + rm, mask=mmask, other=0).to(tl.int64)
-        else:
-            src = rm
-        rk = tl.arange(0, BK)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, KB):
-            if GATHER:
-                k = kb * BK + rk
-                x = tl.load(x_src + src[:, None] * K + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-            else:
-                x = x_src.load([row0, kb * BK])
+            x = x_desc.load([row0, kb * BK])
             w = w_desc.load([e * N + n0, kb * BK])
-            sa = tl.load(xs_ptr + kb * XS_STRIDE + src, mask=mmask, other=0.0)
+            sa = tl.load(xs_ptr + kb * P + rm, mask=mmask, other=0.0)
             if 128 % BLOCK_N == 0:
                 ws = tl.load(s_tile + (n0 // 128) * s_stride_r + kb)
                 acc += tl.dot(x, w.T, out_dtype=tl.float32) * (sa * ws)[:, None]
@@ -193,18 +182,15 @@ def _w8a8_grouped_kernel(x_src, src_ptr, w_desc, xs_ptr, s_ptr, y_ptr, tile_expe
 
 
 def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor, counts: torch.Tensor,
-                      dtype: torch.dtype, tile: dict | None = None, src: torch.Tensor | None = None) -> torch.Tensor:
+                      dtype: torch.dtype, tile: dict | None = None) -> torch.Tensor:
     """xq [P, K] float8 rows sorted by expert (counts [E] of them each) with scales xs [P, ceil(K/128)] (cheapest
     outer-dim-major, strides (1, P): copied to that layout otherwise), q [E, N, K] float8, s [E, ceil(N/128),
     ceil(K/128)] fp32 -> [P, N] in dtype: each row's dequantized activations times its expert's dequantized
-    weight, transposed, on the FP8 tensor cores with TMA loads. src [P] (optional): the rows are gathered, sorted
-    row r being xq[src[r]] with scales xs[src[r]] (xq [T, K] then holds the tokens in any order), read by pointer
-    loads inside the product instead of a gathered copy of xq. K must be a multiple of 16 (TMA's row alignment).
-    tile: W8A8_TILE's keys (BLOCK_N dividing 128 or a multiple of it)."""
+    weight, transposed, on the FP8 tensor cores with TMA loads. K must be a multiple of 16 (TMA's row
+    alignment). tile: W8A8_TILE's keys (BLOCK_N dividing 128 or a multiple of it)."""
     cfg = dict(W8A8_TILE, **(tile or {}))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    T, K = xq.shape
-    P = T if src is None else src.numel()
+    P, K = xq.shape
     E, N, _ = q.shape
     if K % 16 or xq.stride() != (K, 1) or not q.is_contiguous():
         raise ValueError(f"w8a8_grouped_gemm takes row-major FP8 rows and contiguous weights with K a multiple of "
@@ -214,12 +200,11 @@ def w8a8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: to
     y = torch.empty(P, N, dtype=dtype, device=xq.device)
     if P == 0:
         return y
-    xs_t = xs.t().contiguous()  # [KB, T]
+    xs_t = xs.t().contiguous()  # [KB, P]
     tile_expert, tile_row, end = tile_schedule(counts, bm, P)
-    x_src = xq if src is not None else TensorDescriptor.from_tensor(xq, [bm, BK])
+    x_desc = TensorDescriptor.from_tensor(xq, [bm, BK])
     w_desc = TensorDescriptor.from_tensor(q.view(E * N, K), [bn, BK])
     grid = (triton.cdiv(N, bn), tile_expert.numel())
-    _w8a8_grouped_kernel[grid](x_src, tile_row if src is None else src, w_desc, xs_t, s, y, tile_expert, tile_row,
-                               end, N, K, T, s.stride(0), s.stride(1), KB=triton.cdiv(K, BK), BK=BK, BLOCK_M=bm,
-                               BLOCK_N=bn, GATHER=src is not None, **cfg)
+    _w8a8_grouped_kernel[grid](x_desc, w_desc, xs_t, s, y, tile_expert, tile_row, end, N, P, s.stride(0),
+                               s.stride(1), KB=triton.cdiv(K, BK), BK=BK, BLOCK_M=bm, BLOCK_N=bn, **cfg)
     return y
