@@ -48,7 +48,7 @@ class Attention(nn.Module):
         """x [B, T, D]; rope = (cos, sin) [B, T, rotary_dim] -> [B, T, D]"""
         qkv = self.qkv_proj(x)  # [B, T, heads * qk_dim + kv_heads * qk_dim + kv_heads * v_dim]
         B, T, _ = qkv.shape
-        if cache is None and self.context_parallel is None:  # SWA on CUDA: RoPE and value scale in the kernels
+        if cache is None and self.context_parallel is None:  # CUDA kernels with RoPE and the value scale inside
             out = attention_qkv(qkv, *rope, (self.heads, self.kv_heads, self.qk_dim, self.v_dim, self.v_scale), meta,
                                 self.scale, self.window, self.attention_sink_bias, self.backend)
             if out is not None:
