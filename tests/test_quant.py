@@ -215,9 +215,19 @@ for K, tile in ((304, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)), 
     err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
     assert y.shape == (int(counts.sum()), 200) and err < 1e-6, (tile, err)
 
+# the experts' dispatch quantized in place (each token written to its sorted rows) is quantizing the gathered rows
+from mimo_flash.ops.moe import sort_by_expert
+from mimo_flash.quant.triton_fp8 import quantize_dispatch, swiglu_quantize
+T4, k4 = 23, 3
+x4 = torch.randn(T4, 300, generator=g).half()
+order4, inv4, counts4, tok4, _ = sort_by_expert(torch.rand(T4, 5, generator=g).topk(k4, -1).indices, 5)
+xq4, xs4 = quantize_dispatch(x4, inv4, k4)
+qr, sr = quantize_activations(x4[tok4])
+assert torch.equal(xq4.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(xs4, sr)
+assert xs4.stride() == (1, T4 * k4)
+
 # the experts' activation quantized in the same pass as its SwiGLU and routing weight: what quantizing the unfused
 # activation gives (a 1-ulp difference of silu may move a rare value across a rounding boundary)
-from mimo_flash.quant.triton_fp8 import swiglu_quantize
 h = torch.randn(37, 2 * 200, generator=g) * 3
 wr = torch.rand(37, generator=g)
 aq, asc = swiglu_quantize(h, wr)

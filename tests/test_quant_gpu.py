@@ -111,6 +111,19 @@ def test_w8a8_experts_match_the_recipe_and_the_reference(T):
     assert rel(fp8_experts(x, idx, w, gu, gus, dn, dns, "w8a8"), ref) < 8e-2
 
 
+def test_dispatch_quantizer_is_the_gathered_quantization_bit_for_bit():
+    from mimo_flash.ops.moe import sort_by_expert
+    from mimo_flash.quant.blocks import quantize_activations
+    from mimo_flash.quant.triton_fp8 import quantize_dispatch
+
+    _, x, idx, _ = experts_case(2051)
+    _, inv, _, tok, _ = sort_by_expert(idx, 32)
+    xq, xs = quantize_dispatch(x, inv, idx.shape[1])
+    qr, sr = quantize_activations(x[tok])
+    assert xs.stride() == (1, tok.numel())
+    assert torch.equal(xq.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(xs, sr)
+
+
 def test_fp8_model_on_gpu_agrees_with_cpu_and_generates():
     model = tiny_model(num_nextn_predict_layers=1)
     quantize_model_(model)

@@ -142,18 +142,18 @@ def experts_triton(x, idx, w, gate_up, gate_up_scale, down, down_scale):
 
 
 def experts_w8a8(x, idx, w, gate_up, gate_up_scale, down, down_scale, tile: dict | None = None):
-    """experts_reference's contract, W8A8: rows sorted by expert once, quantized per 1x128 group, both projections
-    grouped FP8 x FP8 Triton products (fp32 sums), the SwiGLU and routing weight in between (rounded to x's dtype
-    and quantized for the down projection in the same pass), each token's outputs summed back in fp32 (ops/moe.py's
-    gather_sum). tile: triton_fp8.W8A8_TILE's keys."""
+    """experts_reference's contract, W8A8: rows sorted by expert once, each token quantized per 1x128 group and
+    written to its sorted rows (no gathered copy), both projections grouped FP8 x FP8 Triton products (fp32
+    sums), the SwiGLU and routing weight in between (rounded to x's dtype and quantized for the down projection in
+    the same pass), each token's outputs summed back in fp32 (ops/moe.py's gather_sum). tile:
+    triton_fp8.W8A8_TILE's keys."""
     from ..ops.moe import gather_sum, sort_by_expert
-    from .triton_fp8 import quantize_activations_fast, swiglu_quantize, w8a8_grouped_gemm
+    from .triton_fp8 import quantize_dispatch, swiglu_quantize, w8a8_grouped_gemm
 
     E, k = gate_up.shape[0], idx.shape[1]
     order, inv, counts, tok, _ = sort_by_expert(idx, E)
-    xq, xs = quantize_activations_fast(x.contiguous())  # each token once, gathered in expert order below
-    xs_sorted = xs.t()[:, tok].t()  # [N*k, G], outer-dim-major as the grouped product reads it
-    h = w8a8_grouped_gemm(xq[tok], xs_sorted, gate_up, gate_up_scale, counts, x.dtype, tile)  # [N*k, 2I]
+    xq, xs = quantize_dispatch(x.contiguous(), inv, k)  # [N*k, D] in expert order
+    h = w8a8_grouped_gemm(xq, xs, gate_up, gate_up_scale, counts, x.dtype, tile)  # [N*k, 2I]
     aq, as_ = swiglu_quantize(h, w.reshape(-1)[order].float())  # silu(gate) * up * weight, quantized: one pass
     ys = w8a8_grouped_gemm(aq, as_, down, down_scale, counts, x.dtype, tile)  # [N*k, D]
     return gather_sum(ys, inv, k)

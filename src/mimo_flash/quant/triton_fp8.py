@@ -92,14 +92,15 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _quant_act_kernel(x_ptr, w_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_stride_g, ROWS: tl.constexpr,
-                      SWIGLU: tl.constexpr):
+def _quant_act_kernel(x_ptr, w_ptr, dest_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_stride_g,
+                      ROWS: tl.constexpr, SWIGLU: tl.constexpr, SLOTS: tl.constexpr):
     """Program (i, g): rows [i*ROWS, +ROWS), columns [g*128, +128): s = amax(|x|) * fp32(1 / 448) per row (1 for an
     all-zero group, at least the smallest normal fp32), q = clamp(x / s, +-448) as float8_e4m3fn, the division
     rounded to nearest as torch's is, so q and s equal blocks.quantize_activations'.
     SWIGLU: x [M, K] is the experts' activation, computed here from their gate/up products h [M, 2K] (x_ptr,
     row stride x_stride) and the rows' routing weights w [M] fp32: silu(gate) * up * w in fp32, rounded to h's
-    dtype (what the unfused path quantizes)."""
+    dtype (what the unfused path quantizes).
+    SLOTS > 0 (the experts' dispatch): row m goes to rows dest[m * SLOTS + j] of q and s, j < SLOTS, not to row m."""
     rm = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     g = tl.program_id(1)
     k = g * 128 + tl.arange(0, 128)
@@ -113,9 +114,15 @@ def _quant_act_kernel(x_ptr, w_ptr, q_ptr, s_ptr, M, K, x_stride, s_stride_m, s_
     amax = tl.max(tl.abs(x), axis=1)
     s = tl.where(amax > 0, tl.maximum(amax * (1.0 / 448.0), 1.1754943508222875e-38), 1.0)  # (blocks.FP8_MAX)
     q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], (ROWS, 128)))
-    q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
-    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + k[None, :], q.to(q_ptr.dtype.element_ty), mask=m2)
-    tl.store(s_ptr + rm * s_stride_m + g * s_stride_g, s, mask=rm < M)
+    q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)).to(q_ptr.dtype.element_ty)
+    if SLOTS == 0:
+        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + k[None, :], q, mask=m2)
+        tl.store(s_ptr + rm * s_stride_m + g * s_stride_g, s, mask=rm < M)
+    else:
+        for j in tl.static_range(SLOTS):
+            d = tl.load(dest_ptr + rm * SLOTS + j, mask=rm < M, other=0)
+            tl.store(q_ptr + d[:, None].to(tl.int64) * K + k[None, :], q, mask=m2)
+            tl.store(s_ptr + d * s_stride_m + g * s_stride_g, s, mask=rm < M)
 
 
 def quantize_activations_fast(x: torch.Tensor, scales_column_major: bool = True):
@@ -129,8 +136,23 @@ def quantize_activations_fast(x: torch.Tensor, scales_column_major: bool = True)
         torch.empty(M, G, dtype=torch.float32, device=x.device)
     if M:
         rows = 16
-        _quant_act_kernel[(triton.cdiv(M, rows), G)](x, x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
-                                                     ROWS=rows, SWIGLU=False, num_warps=4)
+        _quant_act_kernel[(triton.cdiv(M, rows), G)](x, x, x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
+                                                     ROWS=rows, SWIGLU=False, SLOTS=0, num_warps=4)
+    return q, s
+
+
+def quantize_dispatch(x: torch.Tensor, dest: torch.Tensor, slots: int, rows: int = 32, num_warps: int = 4):
+    """The experts' dispatch, quantized: x [M, K] (contiguous), dest [M * slots] (each (row, slot) pair's place,
+    ops/moe.py's sort_by_expert's inv) -> quantize_activations_fast(x[tok]) of the sorted rows (tok[dest[m * slots
+    + j]] = m) without the gathered copy: each row quantized once and written to its slots' places. (xq [M * slots,
+    K] float8_e4m3fn, scale [M * slots, ceil(K/128)] fp32, strides (1, M * slots))."""
+    M, K = x.shape
+    G, P = triton.cdiv(K, 128), M * slots
+    q = torch.empty(P, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(G, P, dtype=torch.float32, device=x.device).t()
+    if M:
+        _quant_act_kernel[(triton.cdiv(M, rows), G)](x, x, dest, q, s, M, K, x.stride(0), s.stride(0), s.stride(1),
+                                                     ROWS=rows, SWIGLU=False, SLOTS=slots, num_warps=num_warps)
     return q, s
 
 
@@ -145,8 +167,8 @@ def swiglu_quantize(h: torch.Tensor, w: torch.Tensor):
     s = torch.empty(G, M, dtype=torch.float32, device=h.device).t()
     if M:
         rows = 16
-        _quant_act_kernel[(triton.cdiv(M, rows), G)](h, w.contiguous(), q, s, M, I, h.stride(0), s.stride(0),
-                                                     s.stride(1), ROWS=rows, SWIGLU=True, num_warps=4)
+        _quant_act_kernel[(triton.cdiv(M, rows), G)](h, w.contiguous(), h, q, s, M, I, h.stride(0), s.stride(0),
+                                                     s.stride(1), ROWS=rows, SWIGLU=True, SLOTS=0, num_warps=4)
     return q, s
 
 
