@@ -151,7 +151,7 @@ def experts_w8a8(x, idx, w, gate_up, gate_up_scale, down, down_scale, tile: dict
     from .triton_fp8 import quantize_dispatch, swiglu_quantize, w8a8_grouped_gemm
 
     E, k = gate_up.shape[0], idx.shape[1]
-    order, inv, counts, tok, _ = sort_by_expert(idx, E)
+    order, inv, counts, _, _ = sort_by_expert(idx, E)
     xq, xs = quantize_dispatch(x.contiguous(), inv, k)  # [N*k, D] in expert order
     h = w8a8_grouped_gemm(xq, xs, gate_up, gate_up_scale, counts, x.dtype, tile)  # [N*k, 2I]
     aq, as_ = swiglu_quantize(h, w.reshape(-1)[order].float())  # silu(gate) * up * weight, quantized: one pass

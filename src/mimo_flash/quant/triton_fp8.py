@@ -8,9 +8,10 @@ paths. Accumulation in fp32.
 
 For prefill-sized products the tensor cores' FP8 rate is what pays (the W8A8 recipe of the release, vLLM and
 SGLang): quantize_activations_fast quantizes activations per token and 128-column group in one pass (the
-numbers of blocks.quantize_activations), and w8a8_grouped_gemm multiplies FP8 by FP8 per expert (rows sorted by
-expert, tiles laid out by ops/kernels/moe.py's tile_schedule, operands loaded by TMA), each 128-wide K step's
-product scaled by its activation scales (per row) and its weight block's scale.
+numbers of blocks.quantize_activations; quantize_dispatch writes each token to its experts' sorted rows instead),
+and w8a8_grouped_gemm multiplies FP8 by FP8 per expert (rows sorted by expert, tiles laid out by ops/kernels/moe.py's
+tile_schedule, operands loaded by TMA), each 128-wide K step's product scaled by its activation scales (per row) and
+its weight block's scale.
 Run in Triton's CPU interpreter by the tests (TRITON_INTERPRET=1), on CUDA by the GPU tests.
 """
 
@@ -148,6 +149,9 @@ def quantize_dispatch(x: torch.Tensor, dest: torch.Tensor, slots: int, rows: int
     K] float8_e4m3fn, scale [M * slots, ceil(K/128)] fp32, strides (1, M * slots))."""
     M, K = x.shape
     G, P = triton.cdiv(K, 128), M * slots
+    if dest.numel() != P or x.stride() != (K, 1):
+        raise ValueError(f"quantize_dispatch takes contiguous rows [M, K] and M * slots places, got {tuple(x.shape)} "
+                         f"rows (strides {x.stride()}), {slots} slots and {dest.numel()} places")
     q = torch.empty(P, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(G, P, dtype=torch.float32, device=x.device).t()
     if M:
