@@ -250,9 +250,9 @@ check(fp8, rounds=4)
 # (inside the whole-step graph's code), the drafts the compiled path; the tokens are plain greedy's
 model = tiny_model(seed=4)
 ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
-plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+plain = generate(model, ids, max_new_tokens=6, eos_token_id=[])
 with override(decode_triton="always", decode_triton_verify=True):
-    out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=3,
+    out, stats = generate(model, ids, max_new_tokens=6, eos_token_id=[], num_speculative_tokens=3,
                           cuda_graphs=True, return_stats=True)
 assert torch.equal(out, plain) and stats.notes == []
 (r,) = engine._RUNNERS[model].values()
@@ -337,9 +337,9 @@ check(fp8, rounds=4)
 # inside the whole-step code; the tokens are plain greedy's, and no MTP forward took the compiled path
 model = tiny_model(seed=4, num_nextn_predict_layers=K)
 ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
-plain = generate(model, ids, max_new_tokens=12, eos_token_id=[])
+plain = generate(model, ids, max_new_tokens=6, eos_token_id=[])
 with override(decode_triton="always", decode_triton_verify=True):
-    out, stats = generate(model, ids, max_new_tokens=12, eos_token_id=[], num_speculative_tokens=K,
+    out, stats = generate(model, ids, max_new_tokens=6, eos_token_id=[], num_speculative_tokens=K,
                           cuda_graphs=True, return_stats=True)
 assert torch.equal(out, plain) and stats.notes == [] and stats.drafted > 0
 (r,) = engine._RUNNERS[model].values()
