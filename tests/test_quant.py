@@ -128,7 +128,7 @@ import math
 import torch
 import torch.nn.functional as F
 from mimo_flash.quant import FP8, fp8_experts, fp8_linear
-from mimo_flash.ops.kernels.moe import tile_schedule
+from mimo_flash.ops.kernels.moe import tile_schedule, tile_schedule_reference
 
 def rand_fp8(shape, seed):
     g = torch.Generator().manual_seed(seed)
@@ -160,6 +160,14 @@ for e, r in zip(te.tolist(), tr.tolist(), strict=True):
         assert starts[e] <= r < end[e]
         seen[r:min(r + 16, int(end[e]))] += 1
 assert (seen == 1).all() and (te == -1).sum() > 0
+# the one-kernel schedule is the torch one: empty experts, E not a power of two, several programs' tiles
+g = torch.Generator().manual_seed(7)
+for E, bm, extra in ((6, 16, 0), (3, 64, 5), (37, 16, 100), (300, 64, 3000)):
+    counts = torch.randint(0, 3 * bm, (E,), generator=g)
+    counts[::4] = 0
+    for a, b in zip(tile_schedule(counts, bm, int(counts.sum()) + extra),
+                    tile_schedule_reference(counts, bm, int(counts.sum()) + extra), strict=True):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), (E, bm, a, b)
 
 # grouped experts: some experts get no token, partial blocks in I and D
 E, D, I, N, k = 6, 160, 80, 11, 3

@@ -68,6 +68,16 @@ def test_triton_fp8_experts_match_reference(T):
     assert rel(fp8_experts(x, idx, w, gu, gus, dn, dns, "triton"), ref) < 1e-2
 
 
+@pytest.mark.parametrize("E,block_m,rows", [(256, 64, 65536), (256, 16, 64), (64, 64, 8192), (5, 16, 40)])
+def test_tile_schedule_kernel_is_the_torch_schedule(E, block_m, rows):
+    from mimo_flash.ops.kernels.moe import tile_schedule, tile_schedule_reference
+    g = torch.Generator(device=DEV).manual_seed(E + rows)
+    counts = torch.bincount(torch.randint(0, E, (rows,), device=DEV, generator=g), minlength=E)
+    counts[::7] = 0  # experts without rows
+    for got, want in zip(tile_schedule(counts, block_m, rows), tile_schedule_reference(counts, block_m, rows),
+                         strict=True):
+        assert torch.equal(got, want)
+
 
 def test_activation_quantizer_is_the_reference_bit_for_bit():
     from mimo_flash.quant.blocks import quantize_activations
