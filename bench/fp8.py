@@ -233,7 +233,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--prompt", type=int, default=256, help="decode prompt tokens")
     ap.add_argument("--new", type=int, default=64, help="decode steps timed")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 64],
+                    help="decode batch sizes (none: prefill only)")
     ap.add_argument("--skip-micro", action="store_true")
     ap.add_argument("--torch-step", action="store_true",
                     help="also time each format's batch-1 step with the Triton step off (decode_triton='off')")
@@ -258,14 +259,13 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     b, f = results["bf16"], results["fp8"]
-    print(f"\n| {args.layers} layers | weights GB | prefill tok/s | " +
-          " | ".join(f"b{B} step | b{B} step ms | b{B} tok/s | b{B} GB/step | b{B} % copy bw" for B in args.batch)
-          + " |")
+    print(f"\n| {args.layers} layers | weights GB | prefill tok/s |" +
+          "".join(f" b{B} step | b{B} step ms | b{B} tok/s | b{B} GB/step | b{B} % copy bw |" for B in args.batch))
     print("|---" * (3 + 5 * len(args.batch)) + "|")
     for name, r in results.items():
-        print(f"| {name} | {r['weights_gb']:.1f} | {r['prefill_tok_s']:.0f} | " + " | ".join(
-            f"{r[f'b{B}']['path']} | {r[f'b{B}']['step_ms']:.2f} | {r[f'b{B}']['tok_s']:.0f} | "
-            f"{r[f'b{B}']['gb']:.3g} | {100 * r[f'b{B}']['share']:.0f}" for B in args.batch) + " |")
+        print(f"| {name} | {r['weights_gb']:.1f} | {r['prefill_tok_s']:.0f} |" + "".join(
+            f" {r[f'b{B}']['path']} | {r[f'b{B}']['step_ms']:.2f} | {r[f'b{B}']['tok_s']:.0f} | "
+            f"{r[f'b{B}']['gb']:.3g} | {100 * r[f'b{B}']['share']:.0f} |" for B in args.batch))
     if args.torch_step:
         print("\n| batch 1, Triton step off | step | step ms | tok/s | % copy bw |\n|---|---|---|---|---|")
         for name, r in results.items():
