@@ -200,8 +200,8 @@ def tile_rows(tile_expert_ptr, tile_row_ptr, end_ptr, BLOCK_M: tl.constexpr):
 SCHEDULE_TILES = 64  # tiles laid out per program of _tile_schedule_kernel
 
 
-@launcher
-@triton.jit
+@triton.jit  # (not @launcher: grouped_gemm runs inside torch.compile'd decode steps, which trace Triton's own
+# launch only)
 def _tile_schedule_kernel(COUNTS, TILE_E, TILE_ROW, END, T, E, BLOCK_M: tl.constexpr, EP: tl.constexpr,
                           TILES: tl.constexpr):
     """tile_schedule_reference in one launch: each program reads all E counts (a few hundred) and lays out
@@ -228,8 +228,8 @@ def tile_schedule(counts: torch.Tensor, block_m: int, max_rows: int) -> tuple[to
     (the torch version, tile_schedule_reference, is ~25 small launches: a fifth of an FP8 prefill's kernels)."""
     E = counts.numel()
     T = -(-max_rows // block_m) + E
-    out = torch.empty(2 * T + E, device=counts.device, dtype=torch.int32)
-    tile_expert, tile_row, end = out[:T], out[T:2 * T], out[2 * T:]
+    # (three tensors, not views of one: torch.compile's handling of user Triton kernels mishandles aliased outputs)
+    tile_expert, tile_row, end = (torch.empty(n, device=counts.device, dtype=torch.int32) for n in (T, T, E))
     _tile_schedule_kernel[(triton.cdiv(T, SCHEDULE_TILES),)](
         counts, tile_expert, tile_row, end, T, E, BLOCK_M=block_m, EP=max(16, triton.next_power_of_2(E)),
         TILES=SCHEDULE_TILES, num_warps=4)
