@@ -345,17 +345,19 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
         P = pos[:, None] + torch.arange(n + 1, device=pos.device)
         if limit is not None:
             P = P.clamp(max=limit)
-        new = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
+        # step-major: each step's ids [B, 1] has tok[:, None]'s strides (a compiled step is specialised on them)
+        new = torch.empty(n, tok.shape[0], dtype=torch.long, device=tok.device)
         m = 0 if rings is None else min(n, rings.size)  # steps whose hidden states the rings keep (the last m)
-        hs = None if rings is None else torch.empty(tok.shape[0], m, rings.h.shape[-1], dtype=rings.h.dtype,
+        hs = None if rings is None else torch.empty(m, tok.shape[0], rings.h.shape[-1], dtype=rings.h.dtype,
                                                     device=tok.device)
         ids = tok[:, None]
         for j in range(n):  # (the Triton step writes a kept hidden state straight into hs: no copy kernel between
             # steps, which would also break the programmatic launch chain of the step's kernels)
-            runner.greedy_next(ids, P[:, j:j + 1], bucket, new[:, j], None if j < n - m else hs[:, j - n + m])
-            ids = new[:, j:j + 1]
+            runner.greedy_next(ids, P[:, j:j + 1], bucket, new[j], None if j < n - m else hs[j - n + m])
+            ids = new[j][:, None]
+        new = new.t()  # [B, n]
         if m:  # the inputs at positions pos + n - m .. pos + n - 1 and their hidden states: one write per slot
-            rings.write(P[:, n - m:n], torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], hs)
+            rings.write(P[:, n - m:n], torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], hs.transpose(0, 1))
         return dict(tok=new[:, -1], pos=P[:, -1], new=new)
     return fn
 
