@@ -327,7 +327,6 @@ def test_compiled_decode_step_matches_eager():
     assert torch.equal(out, plain) and stats.runner == "GraphRunner" and stats.notes == []
 
 
-
 def test_graphed_greedy_chunks_of_every_length_share_one_compiled_step():
     """Greedy graphs of 4, 8, 16 and 11 steps (runner.graph_steps) trace the one-token step once: each step's
     token ids [B, 1] have the same strides whatever the chunk's length (the compiled step is specialised on
@@ -341,6 +340,7 @@ def test_graphed_greedy_chunks_of_every_length_share_one_compiled_step():
     out, stats = generate(model, ids, max_new_tokens=40, eos_token_id=[], compile=True, return_stats=True)
     assert torch.equal(out, plain) and stats.runner == "GraphRunner" and stats.notes == []
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
 
 def test_compiled_speculative_advance_equals_eager():
     """The acceptance and state update of a speculative step, compiled as a GraphRunner compiles it (runner.glue),

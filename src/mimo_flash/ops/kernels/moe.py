@@ -225,7 +225,7 @@ def tile_schedule(counts: torch.Tensor, block_m: int, max_rows: int) -> tuple[to
     """counts [E] rows per expert (rows sorted by expert) -> (tile_expert [T], tile_row [T], end [E]), int32, for
     a fixed T = ceil(max_rows / block_m) + E tiles (an upper bound, so no host sync): tile t belongs to expert
     tile_expert[t] (-1: unused, row 0) and starts at row tile_row[t]; expert e's rows end at end[e]. One kernel
-    (the torch version, tile_schedule_reference, is ~25 small launches: a fifth of an FP8 prefill's kernels)."""
+    (the torch version, tile_schedule_reference, takes about 25 small launches)."""
     E = counts.numel()
     T = -(-max_rows // block_m) + E
     # (three tensors, not views of one: torch.compile's handling of user Triton kernels mishandles aliased outputs)
