@@ -206,7 +206,7 @@ for n, k, E, used in ((100, 3, 7, 6), (3000, 3, 256, 250)):
 
 def test_router_kernels():
     """ops/kernels/router.py route against ops.moe.route's fp32 logits and autograd through it: 150 tokens (3 row
-    blocks, the last partial), D = 96 (a partial 64-wide block), 16 experts, top 3, normalised and scaled and not.
+    blocks, the last partial), D = 96, 16 experts, top 3, normalised and scaled and not.
     The interpreter gets bf16-valued fp32 tokens (its bf16 tl.dot is wrong); the bf16 split of the weight is checked
     on the GPU."""
     interpret(r'''
