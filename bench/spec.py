@@ -5,6 +5,7 @@
     python bench/spec.py --out RUN; python bench/spec.py --reuse RUN --option decode_experts=\"triton\"
                                                            # the same trained model, decoded with another option
     python bench/spec.py --batches 16 --ks auto            # plain and adaptive K only
+    python bench/spec.py --reuse RUN --batches 64 --ks 1 --profile  # also where each setting's time goes
 
 1. Corpus (offline, no download): the Python standard library's sources under this interpreter's lib directory
    and pydoc_data's topics. Source files whose path hashes to 0 mod 10 are held out: the prompts come from them.
@@ -223,6 +224,32 @@ def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None, compile
     return out[:, ids.shape[1]:], stats, time.perf_counter() - t
 
 
+def profile_call(model, ids, new: int, K, sample: bool, seed: int, adaptive, path: Path) -> str:
+    """Two more calls under torch.profiler (after the timed ones), of 1 and of `new` tokens: a line with the decode
+    part's device busy time (the kernels', copies' and sets' durations summed, the 1-token call's taken off, so
+    that the prefill's drop out) against its wall time, per step; on the CPU: n/a. The longer call's table by op,
+    sorted by device time (CPU: by CPU time), goes to `path`. The profiler slows the host, so these calls' times
+    are not the row's."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    res = []
+    for n in (1, new):
+        with profile(activities=acts) as prof:
+            _, st, wall = run(model, ids, n, K, sample, seed, adaptive)
+        dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        res.append((1e3 * wall, sum(e.time_range.elapsed_us() for e in dev) / 1e3, len(dev)))
+    path.write_text(prof.key_averages().table(
+        sort_by="self_device_time_total" if dev else "self_cpu_time_total", row_limit=40))
+    steps = max(1, st.steps)
+    (w1, b1, n1), (w, b, n) = res
+    device = (f"device busy {b - b1:.2f} ms in {n - n1} activities ({(b - b1) / steps:.3f} ms a step), idle "
+              f"{(w - w1) - (b - b1):.2f} ms" if dev else "device time n/a (no CUDA)")
+    return (f"decode {1e3 * st.decode_seconds:.2f} ms over {st.steps} steps; under the profiler, the call less a "
+            f"1-token call: wall {w - w1:.2f} ms ({(w - w1) / steps:.3f} ms a step), {device}; table: {path}")
+
+
 def agreement(toks: torch.Tensor, ref: torch.Tensor) -> tuple[str, str]:
     """(share of rows equal to ref, mean count of leading tokens equal to ref's) as table cells. In bf16 a step
     that rounds differently (other kernels, more tokens per row) flips a trained model's near-ties."""
@@ -293,6 +320,10 @@ def measure(model, all_prompts, args, bandwidth, skipped: list, fallbacks: set) 
                        mean_k, f"{st.new_tokens / st.decode_seconds:,.0f}", f"{step_ms:.3f}", floor,
                        f"{b[1].decode_seconds / st.decode_seconds:.2f}x", f"{b[2] / wall:.2f}x", same, lead]
                 table_rows[sample].append(row)
+                if args.profile:
+                    name = f"profile_b{B}_{'sampled' if sample else 'greedy'}_k{K}.txt"
+                    log(f"batch {B} K={K} {'sampled' if sample else 'greedy'}, profiled: " + profile_call(
+                        model, ids, args.new_tokens, kk, sample, args.seed, ctl[sample], args.out_dir / name))
                 log(" | ".join(str(x) for x in row) + f"  (prefill {1e3 * st.prefill_seconds:.2f} ms, decode "
                     f"{1e3 * st.decode_seconds:.2f} ms, wall {1e3 * wall:.2f} ms; timed walls "
                     f"{[round(1e3 * r[2], 2) for r in timed]} ms)")
@@ -331,6 +362,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-eager", action="store_true",
                    help="skip the K = 0 eager row (plain greedy through graphs of eager code: the rounding baseline "
                         "of same and lead)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each setting's timed calls, two more under torch.profiler: the decode's device busy "
+                        "and idle time in the log, a table by op in --out (or a temp dir) as "
+                        "profile_b<B>_<mode>_k<K>.txt")
     p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
                    help="set options().NAME for the decoding (e.g. decode_experts=\"triton\"); repeatable")
     args = p.parse_args(argv)
@@ -353,6 +388,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     print(header(), flush=True)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mimo-spec-"))
+    out.mkdir(parents=True, exist_ok=True)
+    args.out_dir = out
     texts, held = corpus(args.seed, args.corpus_mb)
     tok, model, trained = load_trained(args, Path(args.reuse)) if args.reuse else train(args, texts, out)
     all_prompts = prompts(tok, held, max(args.batches), args.prompt_len)

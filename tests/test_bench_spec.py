@@ -36,13 +36,19 @@ def test_bench_spec_runs_on_cpu(tmp_path):
     # --reuse: the same trained model measured again, here with another option for the decoding, without training
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse", str(tmp_path),
                             "--batches", "1", "--new-tokens", "8", "--budget-minutes", "30", "--ks", "auto", "--no-eager",
-                            "--option", 'decode_experts="grouped_mm"'], capture_output=True, text=True, timeout=1200)
+                            "--option", 'decode_experts="grouped_mm"', "--profile", "--out", str(tmp_path / "again")],
+                           capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "first steps (compilation" in r.stdout and "first steps (compilation" not in again.stdout  # no training
     assert 'options: decode_experts="grouped_mm"; model trained by an earlier run' in again.stdout
     ks = [line.strip("|").split("|")[2].strip() for line in again.stdout.splitlines()
           if line.startswith("| 1 ")]  # --ks auto: plain and adaptive only, greedy and sampled; no eager row
     assert sorted(ks) == ["0", "0", "auto", "auto"], ks
+    # --profile: one profiled call per setting, its line in the log and its table by op in --out
+    for name in ("b1_greedy_k0", "b1_sampled_k0", "b1_greedy_kauto", "b1_sampled_kauto"):
+        assert "aten::" in (tmp_path / "again" / f"profile_{name}.txt").read_text(), name
+    profiled = [line for line in again.stdout.splitlines() if ", profiled: decode " in line]
+    assert len(profiled) == 4 and all("device time n/a (no CUDA)" in line for line in profiled), profiled
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse",
                           str(tmp_path / "nothing")], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "holds no trained run" in bad.stderr
