@@ -79,8 +79,9 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """route()'s (indices, weights), plus the tokens per expert [E] when count (else None).
 
-    On CUDA with bf16 x and one expert group: one Triton kernel each way (ops/kernels/router.py), the
-    logits still the fp32 product; the chosen set equals route()'s up to exact ties of score + bias.
+    On CUDA with bf16 x and one expert group: ops/kernels/router.py (the logits one cuBLAS product of the weight's
+    three bf16 parts, then one kernel for the choice; one kernel and two products back), the logits still the
+    fp32 product; the chosen set equals route()'s up to exact ties of score + bias.
     """
     E = weight.shape[0]
     if options().router == "decode" and n_group == 1:
