@@ -534,10 +534,10 @@ def test_each_captured_step_has_one_input_set(monkeypatch):
     seen: dict = {}
     real = GraphRunner.run_step
 
-    def recording(self, key, fn, inputs, rows=2):
+    def recording(self, key, fn, inputs, rows=2, rng=None):
         sig = tuple((n, tuple(t.shape)) for n, t in inputs.items())
         assert seen.setdefault(key, sig) == sig, (key, seen[key], sig)
-        return real(self, key, fn, inputs, rows)
+        return real(self, key, fn, inputs, rows, rng)
 
     monkeypatch.setattr(GraphRunner, "run_step", recording)
     model = tiny_model(vocab_size=6)

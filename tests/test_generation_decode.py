@@ -395,9 +395,9 @@ def test_whole_step_speculative_equals_plain(monkeypatch, K):
     calls = []
     real = spec_mod._graphed_step
 
-    def counted(runner, st, frozen, n=1):
+    def counted(runner, st, frozen, n=1, *sampling):
         calls.append(n)
-        return real(runner, st, frozen, n)
+        return real(runner, st, frozen, n, *sampling)
 
     monkeypatch.setattr(spec_mod, "_graphed_step", counted)
     out, stats = generate(model, ids, num_speculative_tokens=K, return_stats=True, cuda_graphs=True, **kw)
@@ -412,6 +412,48 @@ def test_whole_step_speculative_equals_plain(monkeypatch, K):
     n = len(calls)
     with override(spec_graph=False):
         assert torch.equal(generate(model, ids, num_speculative_tokens=K, cuda_graphs=True, **kw), plain)
+    assert len(calls) == n
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_whole_sampled_steps_draw_what_single_steps_draw(monkeypatch, K):
+    """Sampled speculative steps run as captured chunks too (their random draws inside the graph, from the runner's
+    generator that a seed reseeds, or the default one): the tokens equal the eager runner's, step by step, for a
+    seed, top-k / top-p, EOS-frozen rows; each call draws afresh from its seed, and a repetition penalty keeps the
+    step-by-step path."""
+    model = tiny_model(vocab_size=12)
+    ids = torch.randint(0, 12, (3, 10), generator=torch.Generator().manual_seed(21))
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=24, num_speculative_tokens=K, do_sample=True, temperature=1.3,
+              top_k=9, top_p=0.95, seed=5)
+    eager = generate(model, ids, **kw)
+    calls = []
+    real = spec_mod._graphed_step
+
+    def counted(runner, st, frozen, n=1, params=None, generator=None):
+        calls.append((n, params.do_sample, generator is runner.rng))
+        return real(runner, st, frozen, n, params, generator)
+
+    monkeypatch.setattr(spec_mod, "_graphed_step", counted)
+    out, stats = generate(model, ids, cuda_graphs=True, return_stats=True, **kw)
+    assert torch.equal(out, eager) and stats.notes == []
+    assert max(n for n, _, _ in calls) == spec_mod.SPEC_CHUNK and all(s and g for _, s, g in calls)
+    assert sum(n for n, _, _ in calls) == stats.steps - 1  # every step after the first
+    assert torch.equal(generate(model, ids, cuda_graphs=True, **kw), eager)  # the reused runner, reseeded
+    other = generate(model, ids, cuda_graphs=True, **{**kw, "seed": 6})
+    assert not torch.equal(other, eager) and torch.equal(other, generate(model, ids, **{**kw, "seed": 6}))
+    eos = int(eager[0, 10 + 6])
+    assert torch.equal(generate(model, ids, cuda_graphs=True, eos_token_id=eos, pad_token_id=0, **kw),
+                       generate(model, ids, eos_token_id=eos, pad_token_id=0, **kw))
+    n = len(calls)
+    torch.manual_seed(3)  # (no seed: the default generator)
+    unseeded = generate(model, ids, cuda_graphs=True, **{**kw, "seed": None})
+    assert len(calls) > n and not any(g for _, _, g in calls[n:])
+    torch.manual_seed(3)
+    assert torch.equal(unseeded, generate(model, ids, **{**kw, "seed": None}))
+    n = len(calls)
+    generate(model, ids, cuda_graphs=True, repetition_penalty=1.2, **kw)
     assert len(calls) == n
 
 

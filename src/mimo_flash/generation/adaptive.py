@@ -241,6 +241,23 @@ def adaptive_decode(runner, out, prompt: tuple, K: int, params, seen, generator,
         k_prev, n_prev, k = k, len(counts_n), None
 
 
+def controller(adaptive, K: int, step_costs) -> AdaptiveK | bool | None:
+    """The AdaptiveK of a call (None: fixed K; True: the runner's, whose costs are measured)."""
+    if isinstance(adaptive, AdaptiveK):
+        if adaptive.k_max != K:
+            raise ValueError(f"adaptive is an AdaptiveK for k_max={adaptive.k_max}, num_speculative_tokens is {K}")
+        if step_costs is not None:
+            raise ValueError("step_costs goes into the AdaptiveK passed as adaptive, not beside it")
+        return adaptive
+    if adaptive not in (True, False):
+        raise ValueError(f"adaptive must be a bool or an AdaptiveK, got {adaptive!r}")
+    if not adaptive or K == 0:
+        if step_costs is not None and K > 0:
+            raise ValueError("step_costs needs adaptive K (num_speculative_tokens='auto' or adaptive=True)")
+        return None
+    return True if step_costs is None else AdaptiveK(K, costs=step_costs)
+
+
 def _run_size(ctl: AdaptiveK) -> int:
     return PLAIN_RUNS[min(ctl.plain_run, len(PLAIN_RUNS) - 1)]
 

@@ -8,12 +8,12 @@ generation/speculative.py, the adaptive loop generation/adaptive.py.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from .adaptive import PLAIN_GRAPH, AdaptiveK, adaptive_decode, plain_throughout
+from .adaptive import PLAIN_GRAPH, AdaptiveK, adaptive_decode, controller, plain_throughout
 from .cache import KVCache
 from .output import Clock, Output, to_host_later
 from .runner import GraphRunner, Runner, graph_bucket, graph_steps
@@ -33,6 +33,8 @@ class GenerationStats:
     accepted: int = 0  # of which accepted
     row_steps: int = 0  # verification steps summed over active rows
     emitted: int = 0  # tokens emitted by verification steps, summed over active rows
+    # the prompt through the main model, and with a fixed K > 0 the MTP layers' pass over it (speculative.spec_prefill;
+    # adaptive K launches its first plain run before that pass, which then counts as decoding); decoding: the rest
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     capture_seconds: float = 0.0
@@ -197,7 +199,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty).validate()
     input_ids, attention_mask, K = check_inputs(model, input_ids, attention_mask, max_new_tokens,
                                                 num_speculative_tokens)
-    ctl = _controller(adaptive or num_speculative_tokens == "auto", K, step_costs)
+    ctl = controller(adaptive or num_speculative_tokens == "auto", K, step_costs)
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
     B, P = input_ids.shape
@@ -221,10 +223,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         ctl = runner.adaptive
     cache = runner.cache
     stats.cache_bytes = cache.nbytes()
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed))
+    generator = None if seed is None else runner.generator(seed)
 
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     lengths = mask.sum(1)  # [B] prompt tokens per row
@@ -249,8 +248,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     else:
         last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
         tok = choose(process(last_logits, params, seen), params, generator)
-        clock.mark()
         if ctl is not None:  # adaptive K builds its state after its first decision (which may be a plain run)
+            clock.mark()
             rings = runner.spec_rings
             size = K * config.sliding_window + 2 * K + 2  # (spec_reprime reads up to K windows)
             if rings is None or rings.size != size or rings.h.dtype != hidden.dtype:
@@ -261,6 +260,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=device))
             state = spec_prefill(runner, input_ids, mask, hidden, tok, K, params, seen, generator, prefill_chunk,
                                  n_max=n_max)
+            clock.mark()  # (the MTP layers' pass over the prompt is prompt work: the prefill's time)
         while ctl is None:
             done = out.done.tolist()
             if all(done):
@@ -290,8 +290,8 @@ def plain_decode(runner, out: Output, tok, pos, n_max: int, params: SamplingPara
     takes this path too for a call that it decodes plainly throughout."""
     B = tok.shape[0]
     start = 1
-    if _greedy_graphable(runner, params, seen, out):  # it adds tok to `out` after launching its first graph
-        start, tok, pos = _greedy_graphed(runner, out, tok, pos, n_max, out.max_new, stats)
+    if _greedy_graphable(runner, params, seen, out, generator):  # it adds tok to `out` after launching its first graph
+        start, tok, pos = _greedy_graphed(runner, out, tok, pos, n_max, out.max_new, stats, params, generator)
     else:
         out.add(tok[:, None], torch.ones(B, dtype=torch.long, device=tok.device))
     # with EOS / stopping: whether every row was done, read one step late (step i is launched before the host
@@ -311,35 +311,21 @@ def plain_decode(runner, out: Output, tok, pos, n_max: int, params: SamplingPara
             done_before = out.all_done_later()
 
 
-def _controller(adaptive, K: int, step_costs) -> AdaptiveK | bool | None:
-    """The AdaptiveK of a call (None: fixed K; True: the runner's, whose costs are measured)."""
-    if isinstance(adaptive, AdaptiveK):
-        if adaptive.k_max != K:
-            raise ValueError(f"adaptive is an AdaptiveK for k_max={adaptive.k_max}, num_speculative_tokens is {K}")
-        if step_costs is not None:
-            raise ValueError("step_costs goes into the AdaptiveK passed as adaptive, not beside it")
-        return adaptive
-    if adaptive not in (True, False):
-        raise ValueError(f"adaptive must be a bool or an AdaptiveK, got {adaptive!r}")
-    if not adaptive or K == 0:
-        if step_costs is not None and K > 0:
-            raise ValueError("step_costs needs adaptive K (num_speculative_tokens='auto' or adaptive=True)")
-        return None
-    return True if step_costs is None else AdaptiveK(K, costs=step_costs)
-
-
 GREEDY_CHUNK = 16  # greedy steps per CUDA graph; EOS is checked between graphs, one graph late
-def _greedy_graphable(runner, params: SamplingParams, seen, out: Output) -> bool:
-    return (isinstance(runner, GraphRunner) and not params.do_sample and seen is None and out.streamer is None
-            and out.stopping is None and runner.graphs_for("greedy"))
+def _greedy_graphable(runner, params: SamplingParams, seen, out: Output, generator=None) -> bool:
+    """Whether plain steps run as captured chunks: greedy, or sampled from the default generator or the runner's
+    (runner.generator: a graph keeps drawing from the one it was captured with); no repetition penalty."""
+    return (isinstance(runner, GraphRunner) and seen is None and out.streamer is None and out.stopping is None
+            and runner.graphs_for("greedy") and (not params.do_sample or generator is None or generator is runner.rng))
 
 
-def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = None):
+def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = None, params=None, generator=None):
     def fn(tok, pos):
-        """tok, pos [B]: n plain greedy steps (each the argmax of the logits: what choose(process(...)) gives
-        without sampling or repetition penalty) -> their tokens `new` [B, n], the last token and the position
-        after it. Step j reads its token from column j - 1 of `new`, where the previous step wrote it, and its
-        position from a table made before the first step: a step's kernels need nothing from the host.
+        """tok, pos [B]: n plain steps (greedy: the argmax of the logits, what choose(process(...)) gives without
+        sampling or repetition penalty; params with do_sample: choose(process(...)) from generator) -> their tokens
+        `new` [B, n], the last token and the position after it. Step j reads its token from column j - 1 of `new`,
+        where the previous step wrote it, and its position from a table made before the first step: a step's kernels
+        need nothing from the host.
         rings (speculative.SpecRings, adaptive K): each step's token and hidden state are recorded there.
         limit: positions past it are held at it (rows that are done, whose tokens are dropped, stay in the cache)."""
         P = pos[:, None] + torch.arange(n + 1, device=pos.device)
@@ -353,7 +339,13 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
         ids = tok[:, None]
         for j in range(n):  # (the Triton step writes a kept hidden state straight into hs: no copy kernel between
             # steps, which would also break the programmatic launch chain of the step's kernels)
-            runner.greedy_next(ids, P[:, j:j + 1], bucket, new[j], None if j < n - m else hs[j - n + m])
+            if params is not None and params.do_sample:
+                logits, h = runner.main(ids, P[:, j:j + 1], None, bucket, logits="last", graph=True)
+                new[j] = choose(process(logits[:, -1], params, None), params, generator)
+                if j >= n - m:
+                    hs[j - n + m] = h[:, 0]
+            else:
+                runner.greedy_next(ids, P[:, j:j + 1], bucket, new[j], None if j < n - m else hs[j - n + m])
             ids = new[j][:, None]
         new = new.t()  # [B, n]
         if m:  # the inputs at positions pos + n - m .. pos + n - 1 and their hidden states: one write per slot
@@ -363,9 +355,9 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
 
 
 def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_new_tokens: int,
-                    stats: GenerationStats):
-    """Plain greedy decoding up to GREEDY_CHUNK steps per CUDA graph (runner.graph_steps: shorter ones first;
-    forward, argmax, next input; no eager work between steps) after the prefill's token tok; the tokens go to
+                    stats: GenerationStats, params: SamplingParams, generator):
+    """Plain decoding up to GREEDY_CHUNK steps per CUDA graph (runner.graph_steps: shorter ones first; forward,
+    argmax or sample, next input; no eager work between steps) after the prefill's token tok; the tokens go to
     `out`, where EOS is checked: a row that ended mid-chunk ran a few steps more whose tokens `out` drops, so the
     output is the same as step by step.
     With EOS the host checks a chunk's rows after launching the next chunk, which then runs past the end (its
@@ -389,9 +381,10 @@ def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_
 
     for n in graph_steps(max_new_tokens - i, GREEDY_CHUNK):
         bucket = graph_bucket(n_max + i + n - 1, runner.cache.S, B)
+        key = ("greedy", B, bucket, n) + (("sampled", astuple(params), generator is None) if params.do_sample else ())
         try:
-            res = runner.run_step(("greedy", B, bucket, n), _greedy_chunk(runner, bucket, n), dict(tok=tok, pos=pos),
-                                  rows=B)
+            res = runner.run_step(key, _greedy_chunk(runner, bucket, n, params=params, generator=generator),
+                                  dict(tok=tok, pos=pos), rows=B, rng=generator)
         except Exception as e:  # the step-by-step path from here on, for this runner
             runner.graph_failed("greedy", e)
             flush()
@@ -414,8 +407,9 @@ def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_
 
 def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, stats: GenerationStats) -> None:
     """Speculative decoding with the host one launch behind the device, until every row is done: each launch is a
-    graphed chunk of greedy steps (speculative.spec_chunk_launch) or, where chunks do not apply (sampling, a
-    repetition penalty, an eager runner, the cache's last positions), one step (spec_step_launch). Launch c is
+    graphed chunk of steps (speculative.spec_chunk_launch: greedy, or sampled from the runner's or the default
+    generator) or, where chunks do not apply (a repetition penalty, an eager runner, the first step, the cache's last
+    positions), one step (spec_step_launch). Launch c is
     made, and its tokens added to `out`, before the host reads launch c - 1's accepted counts, so the device runs
     each launch while the host reads the last one's counts and makes the next. The state's n_max is a bound
     meanwhile (the advance of the launches not yet read). No step is launched that the batch may not need: each
@@ -429,7 +423,7 @@ def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, 
     pending = []  # per launch not yet read: (its steps, a function that waits for what it reports)
     left = None  # steps after which every row is surely done, as of the last launch read (None: unknown)
     while True:
-        n = spec_chunk_size(runner, st, params)
+        n = spec_chunk_size(runner, st, params, generator)
         ahead = sum(p[0] for p in pending)  # steps launched past the last read
         if left is not None and left <= ahead:
             break
@@ -441,7 +435,7 @@ def _spec_pipelined(runner, out: Output, st, params: SamplingParams, generator, 
         # (one row: no frozen mask, which would keep it from the batch-1 kernels; a launch after it is done only
         # follows an EOS, its tokens dropped)
         frozen = out.done.clone() if B > 1 else None
-        launched = spec_chunk_launch(runner, st, n, frozen) if n > 1 else None  # (None: the graph failed)
+        launched = spec_chunk_launch(runner, st, n, frozen, params, generator) if n > 1 else None  # (None: failed)
         if launched is None:
             n = 1
             new, count = spec_step_launch(runner, st, params, generator, frozen)

@@ -42,6 +42,15 @@ class Runner:
         # graphs captured and step functions compiled so far (GraphRunner): a call during which it grew paid for
         # building them, so adaptive K does not take its time as a step's cost
         self.builds = 0
+        self.rng = None  # the runner's own generator (generator()), made on first use
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The runner's generator, seeded: a call with a seed samples from it. One generator per runner, not one per
+        call, because a captured step that samples draws from the generator it was captured with (its state is
+        registered with the graph, whose replays advance it)."""
+        if self.rng is None:
+            self.rng = torch.Generator(device=self.cache.device)
+        return self.rng.manual_seed(int(seed))
 
     def graphs_for(self, path: str) -> bool:
         """Whether `path` ("greedy": chunks of greedy steps, "spec": whole speculative steps) may run as one
@@ -224,21 +233,26 @@ class GraphRunner(Runner):
                 return self._fn(key, fn, tune)(**inputs)
         return self._replay(key, lambda: self._fn(key, fn, tune), inputs, rows)
 
-    def run_step(self, key, fn, inputs: dict, rows: int = 2):
+    def run_step(self, key, fn, inputs: dict, rows: int = 2, rng: torch.Generator | None = None):
         """Run fn(**inputs) -> outputs as one CUDA graph (on CPU: directly), its model calls inline.
-        fn must be idempotent for the same inputs and cache state (warm-up runs it several times)."""
+        fn must be idempotent for the same inputs and cache state (warm-up runs it several times), apart from its
+        random draws: rng, the generator it samples from other than the default one (the runner's own, generator()),
+        is registered with the graph, whose every replay then draws what fn run eagerly at that point would."""
         self._inline = True
         try:
             if self.cache.device.type != "cuda":
                 with self._tracing(rows):
                     return fn(**inputs)
-            return self._replay(key, lambda: fn, inputs, rows)
+            return self._replay(key, lambda: fn, inputs, rows, rng)
         finally:
             self._inline = False
 
-    def _replay(self, key, make_fn, inputs: dict, rows: int):
+    def _replay(self, key, make_fn, inputs: dict, rows: int, rng: torch.Generator | None = None):
         """Capture make_fn()(**inputs) as a CUDA graph once per key (3 warm-up runs on a side stream;
         the graphs share one memory pool), then copy the inputs into its static buffers and replay it.
+        Random draws: the warm-up runs' draws are undone (the generators' offsets restored), so the first replay
+        draws what the step run eagerly would; the default generator, and rng if given, are the graph's (each replay
+        reads their seed and offset, and advances them by the graph's draws).
 
         The outputs are valid until this runner replays any graph again, not only this one: graphs share the
         pool and replay in any order, so a graph captured later may hold its outputs in memory that one captured
@@ -250,6 +264,9 @@ class GraphRunner(Runner):
             t0 = time.perf_counter()
             static = {n: t.clone() for n, t in inputs.items()}
             f = make_fn()
+            gens = [torch.cuda.default_generators[self.cache.device.index or torch.cuda.current_device()]]
+            gens += [rng] if rng is not None else []
+            offsets = [gen.get_offset() for gen in gens]
             with self._tracing(rows):
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
@@ -257,7 +274,11 @@ class GraphRunner(Runner):
                     for _ in range(3):
                         f(**static)
                 torch.cuda.current_stream().wait_stream(s)
+                for gen, offset in zip(gens, offsets, strict=True):
+                    gen.set_offset(offset)
                 g = torch.cuda.CUDAGraph()
+                if rng is not None:
+                    g.register_generator_state(rng)
                 with torch.cuda.graph(g, pool=self.pool):
                     out = f(**static)
                 if self.pool is None:

@@ -37,7 +37,7 @@ every step records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -47,7 +47,7 @@ from .cache import MAIN, mtp_group
 from .runner import graph_bucket
 from .sampling import GREEDY, SamplingParams
 
-# greedy steps of generate() (fixed K) per CUDA graph: one host sync, and the host's work between steps, per
+# speculative steps of generate() (fixed K) per CUDA graph: one host sync, and the host's work between steps, per
 # chunk instead of per step (0.5-0.6 ms a step on an H200, docs/BENCHMARKS.md); EOS is seen a chunk late
 SPEC_CHUNK = 4
 
@@ -303,8 +303,9 @@ def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: 
 
     frozen [B] bool or None: rows that take no part (done, or not speculating): masked out of every forward,
     their cache entries and state unchanged, count 0.
-    Greedy steps after the first (no repetition penalty) replay one CUDA graph of the whole step on a
-    GraphRunner: no eager work and no host sync inside it; the same code, so the same tokens.
+    Steps after the first (greedy, or sampled with one SamplingParams for the batch: _can_graph) replay one CUDA
+    graph of the whole step on a GraphRunner: no eager work and no host sync inside it; the same code, so the same
+    tokens (sampled: the same draws).
     """
     new, count = spec_step_launch(runner, st, params, generator, frozen)
     host = torch.cat([count, st.N.max()[None]]).tolist()  # the step's one host sync
@@ -318,9 +319,9 @@ def spec_step_launch(runner, st: SpecState, params: SamplingParams, generator, f
     S >= P + max_new + 2K + 2, and rows that are done do not advance); the caller sets it exactly once it has read
     st.N."""
     new = None
-    if _can_graph(runner, st, params):
+    if _can_graph(runner, st, params, generator):
         try:
-            new, count = _graphed_step(runner, st, frozen)
+            new, count = _graphed_step(runner, st, frozen, 1, params, generator)
         except Exception as e:  # fall back to the step-by-step path for the rest of this runner's life
             runner.graph_failed("spec", e)
             new = None
@@ -330,19 +331,26 @@ def spec_step_launch(runner, st: SpecState, params: SamplingParams, generator, f
     return new, count
 
 
-def _can_graph(runner, st: SpecState, params: SamplingParams) -> bool:
-    return (options().spec_graph and runner.graphs_for("spec")
-            and not params.do_sample and st.seen is None and st.h_main is not None and st.K > 0)
+def _can_graph(runner, st: SpecState, params: SamplingParams, generator=None) -> bool:
+    """Whether whole steps of this state may replay as captured graphs: greedy, or sampled with one SamplingParams for
+    the batch and the default generator or the runner's own (runner.generator: the one a graph keeps drawing from;
+    RowSampling's per-row generators stay eager), no repetition penalty, after the first step."""
+    sampled_ok = not isinstance(params, RowSampling) and (generator is None or generator is runner.rng)
+    return (options().spec_graph and runner.graphs_for("spec") and (not params.do_sample or sampled_ok)
+            and st.seen is None and st.h_main is not None and st.K > 0)
 
 
-def _graphed_step(runner, st: SpecState, frozen, n: int = 1):
-    """n x _step_core as one captured graph over static copies of the state (keyed by batch, K, k, kv bucket, n).
+def _graphed_step(runner, st: SpecState, frozen, n: int = 1, params: SamplingParams = GREEDY, generator=None):
+    """n x _step_core as one captured graph over static copies of the state (keyed by batch, K, k, kv bucket, n,
+    and for sampled steps the sampling parameters and generator: its draws are the graph's, _can_graph).
     The rings (adaptive K) are written in place, like the cache. Returns (new [n, B, k+1], count [n, B]) for
     n > 1, else (new [B, k+1], count [B])."""
     K, k, B = st.K, st.k, st.N.shape[0]
     n_max = st.n_max + (n - 1) * (k + 1)  # (a bound on every row's N at the chunk's last step)
     bucket = graph_bucket(n_max + k + 1, runner.cache.S, B)
     key = ("spec", B, K, k, bucket) if n == 1 else ("spec", B, K, k, bucket, n)
+    if params.do_sample:
+        key += ("sampled", astuple(params), generator is None)
     # (always a frozen mask: one graph whether or not rows are done)
     fz = frozen if frozen is not None else torch.zeros(B, dtype=torch.bool, device=st.N.device)
     inputs = dict(N=st.N, N_prev=st.N_prev, tok=st.tok, recent=st.recent, h_main=st.h_main, frozen=fz)
@@ -359,7 +367,7 @@ def _graphed_step(runner, st: SpecState, frozen, n: int = 1):
         # steps: generate() has ended, and the server's warm-up steps write a row that admission resets)
         news, counts = [], []
         for _ in range(n):
-            new, count = _step_core(runner, s, GREEDY, None, frozen if B > 1 else None)
+            new, count = _step_core(runner, s, params, generator, frozen if B > 1 else None)
             news.append(new)
             counts.append(count)
         new, count = (news[0], counts[0]) if n == 1 else (torch.stack(news), torch.stack(counts))
@@ -370,7 +378,7 @@ def _graphed_step(runner, st: SpecState, frozen, n: int = 1):
         ptrs = {t.data_ptr() for t in [N, N_prev, tok, recent, h_main, frozen, *stash.values()]}
         return {n: (t.clone() if t.data_ptr() in ptrs else t) for n, t in out.items()}  # no output aliases an input
 
-    out = runner.run_step(key, fn, inputs)
+    out = runner.run_step(key, fn, inputs, rng=generator)
     st.N, st.N_prev, st.tok, st.recent, st.h_main = out["N"], out["N_prev"], out["tok"], out["recent"], out["h_main"]
     st.stash = [out[f"stash{j}"] for j in range(n_stash)]
     st.drafts, st.q, st.logits = out["drafts"], None, out["logits"]
@@ -378,22 +386,24 @@ def _graphed_step(runner, st: SpecState, frozen, n: int = 1):
     return out["new"], out["count"]
 
 
-def spec_chunk_size(runner, st: SpecState, params: SamplingParams) -> int:
-    """How many greedy speculative steps the next captured graph may run (1: one step, spec_step): up to
-    SPEC_CHUNK where whole steps are graphed, as long as every row's positions stay inside the cache (rows that
-    finish inside a chunk keep stepping to its end)."""
-    if not _can_graph(runner, st, params):
+def spec_chunk_size(runner, st: SpecState, params: SamplingParams, generator=None) -> int:
+    """How many speculative steps the next captured graph may run (1: one step, spec_step): up to SPEC_CHUNK where
+    whole steps are graphed (_can_graph), as long as every row's positions stay inside the cache (rows that finish
+    inside a chunk keep stepping to its end)."""
+    if not _can_graph(runner, st, params, generator):
         return 1
     room = (runner.cache.S - 1 - st.K - st.n_max) // (st.k + 1)
     return max(1, min(SPEC_CHUNK, room))
 
 
-def spec_chunk(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None):
-    """n > 1 greedy speculative steps (spec_chunk_size) as one CUDA graph and one host sync: returns (new
-    [n, B, k+1], count [n, B], counts as host lists per step). Each step is spec_step's; rows frozen at the
-    start stay frozen, and rows that finish inside the chunk keep stepping (the caller drops their tokens). None
-    if the graph failed (the runner then takes single steps, step by step, and says so in `notes`)."""
-    launched = spec_chunk_launch(runner, st, n, frozen)
+def spec_chunk(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None, params: SamplingParams = GREEDY,
+               generator=None):
+    """n > 1 speculative steps (spec_chunk_size) as one CUDA graph and one host sync: returns (new [n, B, k+1],
+    count [n, B], counts as host lists per step). Each step is spec_step's (sampled ones draw what n single steps
+    draw); rows frozen at the start stay frozen, and rows that finish inside the chunk keep stepping (the caller
+    drops their tokens). None if the graph failed (the runner then takes single steps, step by step, and says so
+    in `notes`)."""
+    launched = spec_chunk_launch(runner, st, n, frozen, params, generator)
     if launched is None:
         return None
     new, count = launched
@@ -403,12 +413,13 @@ def spec_chunk(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None
     return new, count, [host[j * B:(j + 1) * B] for j in range(n)]
 
 
-def spec_chunk_launch(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None):
+def spec_chunk_launch(runner, st: SpecState, n: int, frozen: torch.Tensor | None = None,
+                      params: SamplingParams = GREEDY, generator=None):
     """spec_chunk without its host sync: launches the graph and returns (new [n, B, k+1], count [n, B]) on the
     device (the graph's buffers: its next replay overwrites them), or None if the graph failed. st.n_max becomes
     a bound, the most n steps can advance (k + 1 each); the caller sets it exactly once it has read st.N."""
     try:
-        new, count = _graphed_step(runner, st, frozen, n)
+        new, count = _graphed_step(runner, st, frozen, n, params, generator)
     except Exception as e:
         runner.graph_failed("spec", e)
         return None
