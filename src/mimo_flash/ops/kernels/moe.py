@@ -348,11 +348,25 @@ def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexp
     tl.store(p_ptr + (s * N + rm[:, None]).to(tl.int64) * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _split_sum_kernel(p_ptr, o_ptr, M, S: tl.constexpr, BLOCK: tl.constexpr):
+    """o[i] = p[0, i] + ... + p[S-1, i] in fp32, in that order, rounded to o's dtype once; p [S, M] fp32. (What
+    p.sum(0).to(dtype) computes; inductor's kernel for it read the partials at 0.7 TB/s on an H100: 11 us at 128
+    tokens of the mini preset, docs/BENCHMARKS.md.)"""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(S):
+        acc += tl.load(p_ptr + M.to(tl.int64) * s + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+    tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
 # the tiles of dense_experts' two kernels, the best of bench/decode_experts.py --sweep at 128, 64 and 32 tokens of the
 # mini preset on an H100 (docs/BENCHMARKS.md): gate/up: BI weight rows of
 # each projection, BK columns a step; down: BD output columns, BK a step, SPLITS programs per column tile (each
 # sums E / SPLITS experts into its fp32 partial); BM: token rows a program (None: all N, up to 128); warps and
 # stages (warps None: 8 from 128 rows, else 4)
+SUM_BLOCK = 512  # outputs a program of the partials' sum
 DENSE_TILES = dict(gate_up=dict(BI=64, BK=64, BM=None, warps=None, stages=3),
                    down=dict(BD=128, BK=64, SPLITS=16, BM=None, warps=8, stages=5))
 
@@ -403,4 +417,6 @@ def dense_down(a: torch.Tensor, wd: torch.Tensor, down: torch.Tensor, tile: dict
         a, down, wd, p, N, D, I, E, PER=triton.cdiv(E, splits), BM=bm, BD=cfg["BD"], BK=cfg["BK"],
         KI=triton.cdiv(I, cfg["BK"]), IEEE=a.dtype == torch.float32, num_warps=warps,
         num_stages=cfg["stages"])
-    return p.sum(0).to(a.dtype)
+    out = torch.empty(N, D, device=a.device, dtype=a.dtype)
+    _split_sum_kernel[(triton.cdiv(N * D, SUM_BLOCK),)](p, out, N * D, S=splits, BLOCK=SUM_BLOCK, num_warps=4)
+    return out
