@@ -394,9 +394,9 @@ def test_graphed_greedy_loop_equals_step_by_step(monkeypatch):
     keys = []
     real = GraphRunner.run_step
 
-    def counted(self, key, fn, inputs, rows=2):
+    def counted(self, key, fn, inputs, rows=2, rng=None):
         keys.append(key)
-        return real(self, key, fn, inputs, rows)
+        return real(self, key, fn, inputs, rows, rng)
 
     monkeypatch.setattr(GraphRunner, "run_step", counted)
     out, stats = generate(model, ids, eos_token_id=[], return_stats=True, cuda_graphs=True, **kw)
@@ -413,11 +413,11 @@ def test_graphed_greedy_loop_falls_back(monkeypatch):
     real = GraphRunner.run_step
     calls = []
 
-    def flaky(self, key, fn, inputs, rows=2):
+    def flaky(self, key, fn, inputs, rows=2, rng=None):
         calls.append(key)
         if len(calls) == 2:  # the second chunk
             raise RuntimeError("capture failed")
-        return real(self, key, fn, inputs, rows)
+        return real(self, key, fn, inputs, rows, rng)
 
     monkeypatch.setattr(GraphRunner, "run_step", flaky)
     with pytest.warns(UserWarning, match="graphed greedy step failed"):
