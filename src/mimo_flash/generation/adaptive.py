@@ -24,7 +24,8 @@ the hidden states the rings keep for a later re-prime: for greedy decoding on a 
 graphs of up to PLAIN_GRAPH steps launched back to back (the first ones short: runner.graph_steps), otherwise
 (sampling, an eager runner) the steps are launched one by one. Greedy steps with k > 0 on a GraphRunner run as
 fixed-K decoding runs them, up to SPEC_CHUNK to a graph and one host sync, and no more steps than the most-wanting
-row surely still needs (the controller decides again after each chunk, and observes each of its steps). The first
+row surely still needs (the controller decides again after each chunk, and observes each of its steps); sampled ones
+one graphed step at a time (spec_step; their draws inside the graph). The first
 decision of a call is made without waiting for the prefill, and not timed. Greedy output
 equals plain greedy for any sequence of choices: every step emits the target model's own tokens.
 """
