@@ -457,6 +457,50 @@ def test_whole_sampled_steps_draw_what_single_steps_draw(monkeypatch, K):
     assert len(calls) == n
 
 
+def test_a_failed_sampled_capture_leaves_greedy_graphs(monkeypatch):
+    """A sampled speculative step or plain chunk whose capture fails falls back to single eager-launched steps (the same
+    tokens) and says so; greedy steps on the same runner keep their graphs."""
+    from mimo_flash.generation import engine
+
+    model = tiny_model(vocab_size=8)
+    ids = torch.randint(0, 8, (2, 9), generator=torch.Generator().manual_seed(9))
+    real_step, real_chunk = spec_mod._graphed_step, engine._greedy_chunk
+
+    def step(runner, st, frozen, n=1, params=None, generator=None):
+        if params.do_sample:
+            raise RuntimeError("no RNG in graphs")
+        return real_step(runner, st, frozen, n, params, generator)
+
+    def chunk(runner, bucket, n, rings=None, limit=None, params=None, generator=None):
+        if params is not None and params.do_sample:
+            raise RuntimeError("no RNG in graphs")
+        return real_chunk(runner, bucket, n, rings, limit, params, generator)
+
+    for K in (0, 2):
+        kw = dict(max_new_tokens=20, num_speculative_tokens=K)
+        sampled = dict(do_sample=True, temperature=1.5, seed=4, **kw)
+        want = generate(model, ids, **sampled)
+        monkeypatch.setattr(spec_mod, "_graphed_step", step)
+        monkeypatch.setattr(engine, "_greedy_chunk", chunk)
+        with pytest.warns(UserWarning, match="no RNG in graphs"):
+            out, stats = generate(model, ids, cuda_graphs=True, return_stats=True, **sampled)
+        assert torch.equal(out, want)
+        path = "spec-sampled" if K else "sampled"
+        assert len(stats.notes) == 1 and f"graphed {path} step failed" in stats.notes[0]
+        monkeypatch.undo()
+        calls, real_run = [], GraphRunner.run_step
+
+        def spy(self, key, *args, **kwargs):
+            calls.append(key[0])
+            return real_run(self, key, *args, **kwargs)
+
+        monkeypatch.setattr(GraphRunner, "run_step", spy)  # the same runner (same shapes), its sampled path failed
+        greedy = generate(model, ids, cuda_graphs=True, **kw)
+        assert torch.equal(greedy, generate(model, ids, **kw))
+        assert calls and set(calls) == {"spec" if K else "greedy"}
+        monkeypatch.undo()
+
+
 def test_whole_step_falls_back_when_it_fails(monkeypatch):
     model = tiny_model(vocab_size=6)
     ids = torch.randint(0, 6, (1, 9), generator=torch.Generator().manual_seed(8))

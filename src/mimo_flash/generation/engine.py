@@ -316,7 +316,12 @@ def _greedy_graphable(runner, params: SamplingParams, seen, out: Output, generat
     """Whether plain steps run as captured chunks: greedy, or sampled from the default generator or the runner's
     (runner.generator: a graph keeps drawing from the one it was captured with); no repetition penalty."""
     return (isinstance(runner, GraphRunner) and seen is None and out.streamer is None and out.stopping is None
-            and runner.graphs_for("greedy") and (not params.do_sample or generator is None or generator is runner.rng))
+            and runner.graphs_for(_path(params)) and generator in (None, runner.rng))
+
+
+def _path(params: SamplingParams) -> str:
+    """The runner's name for the graphed path of plain steps (a failed capture of sampled steps leaves greedy ones)."""
+    return "sampled" if params.do_sample else "greedy"
 
 
 def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = None, params=None, generator=None):
@@ -365,7 +370,7 @@ def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_
     several times from the same state, which the SWA rings allow with GREEDY_CHUNK - 1 slots of slack
     (_make_runner).
     Returns (index of the next step, tok, pos): max_new_tokens when done, or where the plain loop takes over
-    if capturing failed (runner.graph_failed("greedy", ...) records it; runner.failed["greedy"] says why)."""
+    if capturing failed (runner.graph_failed("greedy" or "sampled", ...) records it; runner.failed[...] says why)."""
     B = tok.shape[0]
     i = 1
     # tok (the prefill's token) first, then the chunks' tokens: added after the first launch (the host is behind
@@ -386,7 +391,7 @@ def _greedy_graphed(runner: GraphRunner, out: Output, tok, pos, n_max: int, max_
             res = runner.run_step(key, _greedy_chunk(runner, bucket, n, params=params, generator=generator),
                                   dict(tok=tok, pos=pos), rows=B, rng=generator)
         except Exception as e:  # the step-by-step path from here on, for this runner
-            runner.graph_failed("greedy", e)
+            runner.graph_failed(_path(params), e)
             flush()
             return i, tok.clone(), pos.clone()  # (a graph's outputs: the step-by-step graphs may write there)
         tok, pos = res["tok"], res["pos"]

@@ -9,8 +9,8 @@ the longest row, capped at the cache size; SWA and MTP layers read their ring.
 Decode steps are traced / captured with the ops' decode backends (options.override: router "decode" when
 compiled, experts "decode", linear "reduction" for compiled one-row steps); the model is never modified.
 A runner owns what it learns about its paths: `graph_failed(path, error)` records that a graphed path (the
-greedy chunk, the speculative step) failed, after which `graphs_for(path)` is False and callers take the
-step-by-step path; `notes` lists every fallback.
+greedy or sampled chunk, the greedy or sampled speculative step) failed, after which `graphs_for(path)` is False and
+callers take the step-by-step path; `notes` lists every fallback.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ class Runner:
         return self.rng.manual_seed(int(seed))
 
     def graphs_for(self, path: str) -> bool:
-        """Whether `path` ("greedy": chunks of greedy steps, "spec": whole speculative steps) may run as one
-        captured step on this runner (never on an eager Runner)."""
+        """Whether `path` ("greedy" / "sampled": chunks of plain steps, "spec" / "spec-sampled": whole speculative
+        steps) may run as one captured step on this runner (never on an eager Runner)."""
         return False
 
     def graph_failed(self, path: str, error: Exception) -> str:

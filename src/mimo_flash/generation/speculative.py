@@ -323,7 +323,7 @@ def spec_step_launch(runner, st: SpecState, params: SamplingParams, generator, f
         try:
             new, count = _graphed_step(runner, st, frozen, 1, params, generator)
         except Exception as e:  # fall back to the step-by-step path for the rest of this runner's life
-            runner.graph_failed("spec", e)
+            runner.graph_failed(_path(params), e)
             new = None
     if new is None:
         new, count = _step_core(runner, st, params, generator, frozen)
@@ -336,8 +336,13 @@ def _can_graph(runner, st: SpecState, params: SamplingParams, generator=None) ->
     the batch and the default generator or the runner's own (runner.generator: the one a graph keeps drawing from;
     RowSampling's per-row generators stay eager), no repetition penalty, after the first step."""
     sampled_ok = not isinstance(params, RowSampling) and (generator is None or generator is runner.rng)
-    return (options().spec_graph and runner.graphs_for("spec") and (not params.do_sample or sampled_ok)
+    return (options().spec_graph and runner.graphs_for(_path(params)) and (not params.do_sample or sampled_ok)
             and st.seen is None and st.h_main is not None and st.K > 0)
+
+
+def _path(params: SamplingParams) -> str:
+    """The runner's name for the graphed path of these steps (a failed capture of sampled ones leaves greedy ones)."""
+    return "spec-sampled" if params.do_sample else "spec"
 
 
 def _graphed_step(runner, st: SpecState, frozen, n: int = 1, params: SamplingParams = GREEDY, generator=None):
@@ -421,7 +426,7 @@ def spec_chunk_launch(runner, st: SpecState, n: int, frozen: torch.Tensor | None
     try:
         new, count = _graphed_step(runner, st, frozen, n, params, generator)
     except Exception as e:
-        runner.graph_failed("spec", e)
+        runner.graph_failed(_path(params), e)
         return None
     st.n_max += n * (st.k + 1)
     return new, count
