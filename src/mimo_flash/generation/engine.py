@@ -16,10 +16,10 @@ import torch
 from .adaptive import PLAIN_GRAPH, AdaptiveK, adaptive_decode, controller, plain_throughout
 from .cache import KVCache
 from .output import Clock, Output, to_host_later
+from .rings import SpecRings
 from .runner import GraphRunner, Runner, graph_bucket, graph_steps
 from .sampling import SamplingParams, choose, process
-from .speculative import (SPEC_CHUNK, SpecRings, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step,
-                          spec_step_launch)
+from .speculative import SPEC_CHUNK, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step, spec_step_launch
 
 
 @dataclass
@@ -331,7 +331,7 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
         `new` [B, n], the last token and the position after it. Step j reads its token from column j - 1 of `new`,
         where the previous step wrote it, and its position from a table made before the first step: a step's kernels
         need nothing from the host.
-        rings (speculative.SpecRings, adaptive K): each step's token and hidden state are recorded there.
+        rings (rings.SpecRings, adaptive K): each step's token and hidden state are recorded there.
         limit: positions past it are held at it (rows that are done, whose tokens are dropped, stay in the cache)."""
         P = pos[:, None] + torch.arange(n + 1, device=pos.device)
         if limit is not None:

@@ -35,7 +35,7 @@ class Runner:
         self.rope_tables = model.model.ropes(pos, model.dtype)  # {swa: (cos, sin) [1, S, rotary]}
         self.notes: list[str] = []  # fallbacks taken, said once each
         self.failed: dict[str, str] = {}  # graphed path -> why it failed
-        # adaptive K's rings of committed tokens / hidden states (speculative.SpecRings): made by the engine on
+        # adaptive K's rings of committed tokens / hidden states (rings.SpecRings): made by the engine on
         # first use and kept here, like the cache, because captured steps write them in place
         self.spec_rings = None
         self.adaptive = None  # adaptive K's controller with measured costs (adaptive.AdaptiveK), kept across calls

@@ -7,7 +7,7 @@ and go. One SpecState covers every row of the scheduler's KVCache; row i is live
     target penalised by the tokens before it (speculative.RowSampling: a row's samples do not depend on its
     neighbours; a step with such rows runs eagerly, a plain-greedy-only one as one graph on CUDA). Logprobs
     come from the verification logits (`logits`), as a plain step's come from its logits.
-  - Rings (speculative.SpecRings) hold every speculating row's last `tail` + 2K + 2 committed tokens and main
+  - Rings (rings.SpecRings) hold every speculating row's last `tail` + 2K + 2 committed tokens and main
     hidden states: the prompt's tail as it is prefilled (`record_prompt`), then every verified or plain step.
   - `join` (the prompt prefilled, its first token x_N sampled) only sets the row's N and x_N: its MTP layers
     are not current yet. Each row counts its current MTP layers (`fresh`); a step with k drafts first catches
@@ -36,8 +36,9 @@ import torch
 
 from ..generation.acceptance import RowSampling
 from ..generation.adaptive import AdaptiveK
+from ..generation.rings import SpecRings
 from ..generation.sampling import GREEDY
-from ..generation.speculative import SpecRings, SpecState, spec_reprime, spec_step
+from ..generation.speculative import SpecState, spec_reprime, spec_step
 
 
 def _per_row(st: SpecState) -> list[torch.Tensor]:
