@@ -17,7 +17,7 @@ from mimo_flash.generation.cache import MAIN, bytes_report
 from mimo_flash.generation import engine
 from mimo_flash.generation.engine import prefill
 from mimo_flash.generation.runner import Runner
-from mimo_flash.generation.sampling import (SamplingParams, choose, choose_rows, process, sample_from_probs,
+from mimo_flash.generation.sampling import (SamplingParams, choose_rows, process, sample_from_probs, sample_token,
                                             uniforms)
 from mimo_flash.ops.attention import AttnMeta, attention_reference
 
@@ -574,7 +574,7 @@ def test_uniforms_and_samples_per_row_generator():
 
 def test_choose_rows_is_each_rows_own_choice():
     """A batch of rows with their own parameters, generators and seen tokens: each seeded row's token is what
-    choose(process(...)) gives it alone; unseeded rows sample from their own processed distribution."""
+    sample_token gives it alone; unseeded rows sample from their own processed distribution."""
     g = torch.Generator().manual_seed(8)
     V = 64
     logits = torch.randn(9, V, generator=g) * 3
@@ -601,7 +601,7 @@ def test_choose_rows_is_each_rows_own_choice():
             p, s = (SamplingParams(), None) if r is None else (r[0], r[2])
             proc = process(x[i:i + 1], p, s)
             if r is None or r[1] is not None:
-                assert got[i] == choose(proc, p, gen(r))[0], (trial, i)
+                assert got[i] == sample_token(x[i:i + 1], p, s, gen(r))[0], (trial, i)
             else:
                 assert torch.isfinite(proc[0, got[i]]), (trial, i)  # a token the row's warpers kept
     assert choose_rows(logits, []).shape == (0,)
@@ -725,7 +725,7 @@ def test_cuda_graph_decode_matches_eager():
 def test_cuda_graph_sampling_draws_what_eager_draws():
     """Sampled decoding in captured chunks (plain and speculative) draws inside the graphs from the runner's seeded
     generator, or the default one: the tokens equal the eager step-by-step ones, call after call (the warm-up runs
-    of a capture draw nothing that counts)."""
+    of a capture draw nothing that counts), compiled steps too."""
     model = tiny_model(vocab_size=64).cuda()
     ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(15)).cuda()
     for K in (0, 1, 2):
@@ -733,6 +733,8 @@ def test_cuda_graph_sampling_draws_what_eager_draws():
         for seed in (4, 5, 4):
             eager = generate(model, ids, seed=seed, cuda_graphs=False, **kw)
             assert torch.equal(eager, generate(model, ids, seed=seed, cuda_graphs=True, **kw)), (K, seed)
+        if K < 2:  # compiled steps (their sampling arithmetic fused by runner.glue, the draws made outside it)
+            assert torch.equal(eager, generate(model, ids, seed=4, compile=True, **kw)), K
         torch.manual_seed(8)
         eager = generate(model, ids, cuda_graphs=False, **kw)
         torch.manual_seed(8)

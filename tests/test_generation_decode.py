@@ -381,6 +381,41 @@ def test_compiled_speculative_advance_equals_eager():
         assert not all(v.all() for v in got_valid.values())  # (something was rolled back)
 
 
+def test_compiled_sampling_draws_what_eager_draws():
+    """A sampled step's token choice, draft and acceptance compiled as a GraphRunner compiles them (runner.glue),
+    against the eager functions from the same generator state: the same tokens, accepted counts and draft
+    probabilities, for temperature alone, top-k / top-p and a repetition penalty. The draws are made outside the
+    compiled code, so the generator advances as much either way."""
+    from mimo_flash.generation.acceptance import accept, draft_token
+    from mimo_flash.generation.sampling import SamplingParams, sample_token
+
+    model = tiny_model(vocab_size=40)
+    cfg, B, k, V, S = model.config, 5, 2, 40, 40
+    runner = GraphRunner(model, KVCache(cfg, B, S, dtype=model.dtype, num_mtp=k, slack=8), S, compile=True)
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(B, k + 1, V, generator=g) * 2
+    seen = torch.rand(B, V, generator=g) < 0.2
+    for params, s in ((SamplingParams(True, 0.8), None), (SamplingParams(True, 1.2, top_k=9, top_p=0.9), None),
+                      (SamplingParams(True, 0.9, repetition_penalty=1.3), seen)):
+        outs = []
+        for glue in (None, runner.glue):
+            gen = torch.Generator().manual_seed(7)
+            kw = {} if glue is None else {"glue": glue}
+            tok = sample_token(logits[:, 0], params, s, gen, **kw)
+            drafts = [draft_token(logits[:, j], params, s, gen, **kw) for j in range(k)]
+            d = torch.stack([t for t, _ in drafts], 1)
+            q = torch.stack([p for _, p in drafts], 1)
+            seen_j = None if s is None else s[:, None].expand(B, k + 1, V)
+            a, y = accept(logits + torch.randn(B, k + 1, V, generator=gen) * 3, d, q, params, gen, seen_j, **kw)
+            outs.append((tok, d, q, a, y, gen.get_state()))
+        (*want, want_state), (*got, got_state) = outs
+        for w, o in zip(want, got, strict=True):
+            torch.testing.assert_close(o, w)
+        assert torch.equal(got_state, want_state)
+        assert 0 < int(want[3].sum()) < B * k  # some drafts accepted, some not: both branches ran
+    assert {key[1] for key in runner.fns if key[0] == "glue"} == {"sample", "draft", "accept"}
+
+
 # ------------------------------------------------------------------ captured steps (graph-shaped code, no graphs)
 @pytest.mark.parametrize("K", [1, 3])
 def test_whole_step_speculative_equals_plain(monkeypatch, K):

@@ -10,10 +10,12 @@ parameters and generator (the serving scheduler's slots).
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import torch
 import torch.nn.functional as F
 
-from .sampling import GREEDY, SamplingParams, process, row_groups, sample_from_probs, uniforms
+from .sampling import GREEDY, SamplingParams, eager, exponentials, process, row_groups, uniforms
 
 
 def greedy_accept(logits: torch.Tensor, d: torch.Tensor):
@@ -31,7 +33,7 @@ class RowSampling:
     rows[b] = (params, generator or None, seen [1, V] bool or None) or None for a frozen (or plain greedy) row;
     seen: the tokens of row b's sequence up to x_N (its repetition penalty; the caller adds the tokens it takes).
     Rows of equal parameters go through the batched rules together (draft_token, accept on their rows), each
-    row's random numbers drawn from its own generator (sampling.row_groups, sample_from_probs and uniforms with a
+    row's random numbers drawn from its own generator (sampling.row_groups, exponentials and uniforms with a
     list of generators), so its samples do not depend on the other rows. Eager, never in a graph: a few kernels
     per group of parameters and per seeded row, no host sync."""
 
@@ -84,36 +86,47 @@ def seen_prefixes(seen: torch.Tensor, d: torch.Tensor, V: int) -> torch.Tensor:
     return seen[:, None] | torch.cat([none, oh.cumsum(1).bool()], 1)
 
 
-def draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator):
+def draft_token(logits: torch.Tensor, params: SamplingParams, seen, generator, glue=eager):
     """logits [B, V] -> (tokens [B], probabilities [B, V] or None when greedy). generator: the batch's, or a list of
-    one per row (RowSampling's groups)."""
+    one per row (RowSampling's groups). glue (Runner.glue) may fuse the arithmetic; the draw is made before it."""
     if isinstance(params, RowSampling):
         return params.draft(logits)
-    x = process(logits, params, seen)
     if not params.do_sample:
-        return x.argmax(-1), None
-    q = x.softmax(-1)
-    return sample_from_probs(q, generator), q
+        return process(logits, params, seen).argmax(-1), None
+    noise = exponentials(logits.shape[0], logits.shape[-1], logits.device, generator)
+    key = ("draft", *logits.shape, *astuple(params), seen is None)
+    return glue(key, _draft_drawn)(logits, params, seen, noise)
 
 
-def accept(logits, d, q, params: SamplingParams, generator, seen_j):
+def _draft_drawn(logits, params: SamplingParams, seen, noise):
+    q = process(logits, params, seen).softmax(-1)
+    return (q / noise).argmax(-1), q
+
+
+def accept(logits, d, q, params: SamplingParams, generator, seen_j, glue=eager):
     """Verification logits [B, k+1, V] of drafts d [B, k] (probabilities q [B, k, V] when sampling) ->
     (drafts accepted a [B], the token after them y [B]), for the batch's one params; generator: the batch's, or a
-    list of one per row (RowSampling)."""
+    list of one per row (RowSampling). The random numbers are drawn first (uniforms, then the final token's
+    Exp(1) noise), outside glue (Runner.glue), which may fuse the rest."""
     B, k = d.shape
-    pl = process(logits.float(), params, seen_j)  # [B, k+1, V]
     if not params.do_sample:
-        return greedy_accept(pl, d)
+        return greedy_accept(process(logits.float(), params, seen_j), d)
+    u = uniforms(B, k, generator, d.device) if k else None
+    noise = exponentials(B, logits.shape[-1], d.device, generator)
+    key = ("accept", *logits.shape, *astuple(params), seen_j is None)
+    return glue(key, _accept_drawn)(logits, d, q, params, seen_j, u, noise)
+
+
+def _accept_drawn(logits, d, q, params: SamplingParams, seen_j, u, noise):
+    B, k = d.shape
+    p = process(logits.float(), params, seen_j).softmax(-1)  # [B, k+1, V]
     if k == 0:
-        a = torch.zeros(B, dtype=torch.long, device=d.device)
-        return a, sample_from_probs(pl[:, 0].softmax(-1), generator)
-    p = pl.softmax(-1)
+        return torch.zeros(B, dtype=torch.long, device=d.device), (p[:, 0] / noise).argmax(-1)
     pd = p[:, :k].gather(2, d[..., None])[..., 0]
     qd = q.gather(2, d[..., None])[..., 0]
-    u = uniforms(B, k, generator, d.device)
     a = torch.cumprod((u * qd < pd).long(), 1).sum(1)
     r = (p[:, :k] - q).clamp_min(0)
     rs = r.sum(-1, keepdim=True)
     r = torch.where(rs > 0, r / rs.clamp_min(1e-30), p[:, :k])
     dist = torch.cat([r, p[:, k:]], 1).gather(1, a[:, None, None].expand(B, 1, p.shape[-1]))[:, 0]
-    return a, sample_from_probs(dist, generator)
+    return a, (dist / noise).argmax(-1)  # sample_from_probs' draw

@@ -301,7 +301,7 @@ def _plain_steps(runner, out, st: SpecState, params, generator, n: int) -> torch
     """n plain steps one by one (sampling, a repetition penalty, or an eager runner) from the state's x_N, recorded
     in the rings, without a host sync between them (plain decoding's loop). Returns their tokens [B, n] (with a
     streamer or stopping criteria already in `out`; the caller moves the state past them)."""
-    from .sampling import choose, process
+    from .sampling import sample_token
 
     limit = _limit(runner, st.K)
     B = st.N.shape[0]
@@ -310,7 +310,7 @@ def _plain_steps(runner, out, st: SpecState, params, generator, n: int) -> torch
     for j in range(n):
         logits, h = runner.main(tok[:, None], pos[:, None], None, st.n_max + j + 1, graph=True)
         st.rings.write(pos[:, None], tok[:, None], h)
-        tok = choose(process(logits[:, -1], params, st.seen), params, generator)
+        tok = sample_token(logits[:, -1], params, st.seen, generator, runner.glue)
         if st.seen is not None:
             st.seen.scatter_(1, tok[:, None], True)
         new.append(tok)

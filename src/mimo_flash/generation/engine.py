@@ -18,7 +18,7 @@ from .cache import KVCache
 from .output import Clock, Output, to_host_later
 from .rings import SpecRings
 from .runner import GraphRunner, Runner, graph_bucket, graph_steps
-from .sampling import SamplingParams, choose, process
+from .sampling import SamplingParams, sample_token
 from .speculative import SPEC_CHUNK, spec_chunk_launch, spec_chunk_size, spec_prefill, spec_step, spec_step_launch
 
 
@@ -239,7 +239,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     plain = ctl is not None and plain_throughout(runner, ctl, k, params, seen, out)
     if K == 0 or plain:
         last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
-        tok = choose(process(last_logits, params, seen), params, generator)
+        tok = sample_token(last_logits, params, seen, generator, runner.glue)
         clock.mark()
         plain_decode(runner, out, tok, lengths.clone(), n_max, params, seen, generator, stats)
         if plain:
@@ -247,7 +247,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
             stats.spec_k.extend([0] * stats.steps)
     else:
         last_logits, hidden = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=True)
-        tok = choose(process(last_logits, params, seen), params, generator)
+        tok = sample_token(last_logits, params, seen, generator, runner.glue)
         if ctl is not None:  # adaptive K builds its state after its first decision (which may be a plain run)
             clock.mark()
             rings = runner.spec_rings
@@ -301,7 +301,7 @@ def plain_decode(runner, out: Output, tok, pos, n_max: int, params: SamplingPara
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         logits, _ = runner.main(tok[:, None], pos[:, None], None, n_max + i, graph=True)
-        tok = choose(process(logits[:, -1], params, seen), params, generator)
+        tok = sample_token(logits[:, -1], params, seen, generator, runner.glue)
         pos += 1
         if done_before is not None and done_before():  # every row was done before this step: drop it
             break
@@ -326,8 +326,8 @@ def _path(params: SamplingParams) -> str:
 
 def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = None, params=None, generator=None):
     def fn(tok, pos):
-        """tok, pos [B]: n plain steps (greedy: the argmax of the logits, what choose(process(...)) gives without
-        sampling or repetition penalty; params with do_sample: choose(process(...)) from generator) -> their tokens
+        """tok, pos [B]: n plain steps (greedy: the argmax of the logits, what sample_token gives without
+        sampling or repetition penalty; params with do_sample: sample_token from generator) -> their tokens
         `new` [B, n], the last token and the position after it. Step j reads its token from column j - 1 of `new`,
         where the previous step wrote it, and its position from a table made before the first step: a step's kernels
         need nothing from the host.
@@ -346,7 +346,7 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
             # steps, which would also break the programmatic launch chain of the step's kernels)
             if params is not None and params.do_sample:
                 logits, h = runner.main(ids, P[:, j:j + 1], None, bucket, logits="last", graph=True)
-                new[j] = choose(process(logits[:, -1], params, None), params, generator)
+                new[j] = sample_token(logits[:, -1], params, None, generator, runner.glue)
                 if j >= n - m:
                     hs[j - n + m] = h[:, 0]
             else:

@@ -4,7 +4,7 @@ top-k, top-p, min-p. Greedy decoding takes the argmax after the repetition penal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -98,12 +98,24 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None | l
     """probs [N, V] (rows sum to 1) -> [N] long: the draw torch.multinomial(probs, 1, generator=generator) makes
     (its own method for one sample: argmax(probs / q), q ~ Exp(1) from the generator), without the host sync in
     which multinomial first checks the probabilities (on CUDA one per call: one per row and step in a server).
-    generator: one for the batch, or a list of one per row (see _exponentials)."""
-    if isinstance(generator, list):
-        q = _exponentials(probs, generator)
-    else:
-        q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(-1)
+    generator: one for the batch, or a list of one per row (see exponentials)."""
+    return (probs / exponentials(probs.shape[0], probs.shape[-1], probs.device, generator)).argmax(-1)
+
+
+def exponentials(n: int, V: int, device, generator: torch.Generator | None | list) -> torch.Tensor:
+    """Exp(1) noise [n, V] fp32, sample_from_probs' draw: from one generator for the batch (None: the default), or
+    (a list of one per row) row j's from generators[j] alone (a [1, V] draw, as the row alone makes), the rows
+    without one from the default generator in one draw."""
+    if not isinstance(generator, list):
+        return torch.empty(n, V, dtype=torch.float32, device=device).exponential_(1, generator=generator)
+    free = [j for j, g in enumerate(generator) if g is None]
+    shared = torch.empty(len(free), V, dtype=torch.float32, device=device).exponential_(1)
+    if len(free) == n:
+        return shared
+    part = {j: shared[m:m + 1] for m, j in enumerate(free)}
+    return torch.cat([part[j] if g is None else
+                      torch.empty(1, V, dtype=torch.float32, device=device).exponential_(1, generator=g)
+                      for j, g in enumerate(generator)])
 
 
 def uniforms(n: int, k: int, generator: torch.Generator | None | list, device) -> torch.Tensor:
@@ -118,11 +130,26 @@ def uniforms(n: int, k: int, generator: torch.Generator | None | list, device) -
                       for j, g in enumerate(generator)])
 
 
-def choose(processed: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Processed logits [N, V] -> next tokens [N]: argmax when greedy, else a sample."""
+def eager(key, fn):
+    """Runner.glue's signature for code that runs as it is (a compiling runner's glue compiles fn once per key)."""
+    return fn
+
+
+def sample_token(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, generator,
+                 glue=eager) -> torch.Tensor:
+    """logits [N, V] -> next tokens [N]: the argmax of process(logits, p, seen) when greedy, else a sample of its
+    softmax (sample_from_probs' draw from generator, made first and outside glue: a compiled function draws
+    nothing, so the tokens are the generator's wherever this runs). glue (Runner.glue) may fuse the arithmetic:
+    a sampled step's processing and draw in one or two kernels in place of a handful."""
     if not p.do_sample:
-        return processed.argmax(-1)
-    return sample_from_probs(processed.softmax(-1), generator)
+        return process(logits, p, seen).argmax(-1)
+    noise = exponentials(logits.shape[0], logits.shape[-1], logits.device, generator)
+    key = ("sample", *logits.shape, *astuple(p), seen is None)
+    return glue(key, _sample_drawn)(logits, p, seen, noise)
+
+
+def _sample_drawn(logits, p: SamplingParams, seen, noise):
+    return (process(logits, p, seen).softmax(-1) / noise).argmax(-1)
 
 
 Row = tuple  # (SamplingParams, torch.Generator | None, seen [1, V] bool | None)
@@ -130,7 +157,7 @@ Row = tuple  # (SamplingParams, torch.Generator | None, seen [1, V] bool | None)
 
 def choose_rows(logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
     """logits [N, V], each row with its own parameters, generator and seen tokens (rows[i] None: greedy) ->
-    next tokens [N] long, row i's being choose(process(logits[i:i+1], params, seen), params, generator), with no
+    next tokens [N] long, row i's being sample_token(logits[i:i+1], params, seen, generator), with no
     host sync: rows of equal parameters are processed together (row-wise ops: a row's values do not depend on
     its neighbours), each row with a generator draws from it alone, the others from the default generator in
     one call. A batch of requests (the server's slots) samples in a few kernels instead of a loop over rows."""
@@ -144,7 +171,7 @@ def choose_rows(logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
             tok = (x if seen is None else process(x, p, seen)).argmax(-1)
         else:
             probs = process(x, p, seen).softmax(-1)
-            tok = (probs / _exponentials(probs, [rows[i][1] for i in idx])).argmax(-1)  # sample_from_probs' draw
+            tok = sample_from_probs(probs, [rows[i][1] for i in idx])
         if at is None:
             return tok
         out[at] = tok
@@ -159,18 +186,6 @@ def row_groups(rows: list[Row], device) -> list[tuple[list[int], torch.Tensor | 
         key = (p.do_sample, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, seen is None)
         groups.setdefault(key, []).append(i)
     return [(idx, None if len(idx) == len(rows) else _index(idx, device)) for idx in groups.values()]
-
-
-def _exponentials(probs: torch.Tensor, generators: list) -> torch.Tensor:
-    """Exp(1) noise like probs [n, V]: row j's from generators[j] alone (a [1, V] draw, as the row alone makes),
-    the rows without one from the default generator, in one draw."""
-    if all(g is None for g in generators):
-        return torch.empty_like(probs).exponential_(1)
-    free = [j for j, g in enumerate(generators) if g is None]
-    shared = probs.new_empty(len(free), probs.shape[-1]).exponential_(1)
-    part = {j: shared[n:n + 1] for n, j in enumerate(free)}
-    return torch.cat([part[j] if g is None else torch.empty_like(probs[:1]).exponential_(1, generator=g)
-                      for j, g in enumerate(generators)])
 
 
 def _index(idx: list[int], device) -> torch.Tensor:

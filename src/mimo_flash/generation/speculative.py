@@ -149,7 +149,7 @@ def _prime(runner, input_ids, mask, pos, hidden, tok, K: int, k_run: int, params
                                    None if all_valid else valid[:, c0:c1])
             outs.append(h)
         h_in = torch.cat(outs, 1)
-        d, q = draft_token(logits[:, -1], params, seen, generator)
+        d, q = draft_token(logits[:, -1], params, seen, generator, runner.glue)
         drafts.append(d)
         qs.append(q)
         ext = torch.cat([ext, d[:, None]], 1)
@@ -225,7 +225,7 @@ def _draft(runner, st: SpecState, params: SamplingParams, generator, frozen=None
             q = None
         else:
             h_prev = h.clone()
-            d, q = draft_token(logits[:, -1], params, st.seen, generator)
+            d, q = draft_token(logits[:, -1], params, st.seen, generator, runner.glue)
             ext = torch.cat([ext, d[:, None]], 1)
         drafts.append(d)
         qs.append(q)
@@ -426,7 +426,7 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
         if isinstance(params, RowSampling):
             a, y = params.accept(logits, d, st.q)
         else:
-            a, y = accept(logits, d, st.q, params, generator, seen_j)
+            a, y = accept(logits, d, st.q, params, generator, seen_j, runner.glue)
         new, count, *state = runner.glue(("advance", B, K, k, False), _advance)(runner.cache, K, k, d, a, y, *state)
         if st.seen is not None:
             st.seen.scatter_(1, torch.where(ar[None] < count[:, None], new, st.tok[:, None]), True)
