@@ -21,7 +21,7 @@ from mimo_flash.options import override
 
 
 # ------------------------------------------------------------------ decode backends vs their reference ops
-@pytest.mark.parametrize("N", [1, 3, 33])
+@pytest.mark.parametrize("N", [1, 3, 33, 130])  # (130: the logits as one product, ROUTER_GEMM_ROWS)
 def test_router_decode_backend_equals_route(N):
     g = torch.Generator().manual_seed(14 + N)
     E, D, k = 16, 24, 4

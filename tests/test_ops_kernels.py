@@ -237,6 +237,29 @@ for x0, norm, scaling in ((x16, True, 2.5), (x16, False, 1.0), (x16.float(), Tru
 ''')
 
 
+def test_router_choice_kernel():
+    """ops/kernels/router.py choose_topk (route_decode's choice on CUDA) against route_decode's ranks on the same
+    fp32 logits: the same experts in the same order (best first, ties to the lower expert: rows of equal
+    scores included) and the same weights, for 1, 37 and 130 rows (the last block partial), 16 and 64 experts."""
+    interpret(r'''
+from mimo_flash.ops.moe import route_decode
+from mimo_flash.ops.kernels.router import choose_topk
+for N, E, k in ((1, 16, 4), (37, 64, 8), (130, 64, 8)):
+    D = 24
+    x, weight = torch.randn(N, D, generator=g), torch.randn(E, D, generator=g) * 0.3
+    bias = torch.randn(E, generator=g) * 0.05
+    weight[E // 2:E // 2 + 3] = weight[E // 2]  # three equal scores, first in every row: ties to the lower expert
+    bias[E // 2:E // 2 + 3] = 2.0
+    logits = x @ weight.t() if N > 64 else (x[:, None, :] * weight).sum(-1)  # (route_decode's, bit for bit)
+    for norm, scaling in ((True, 2.5), (False, 1.0)):
+        want_idx, want_w, _ = route_decode(x, weight, bias, k, norm, scaling)  # (CPU: the ranks)
+        idx, w = choose_topk(logits, bias, k, norm, scaling)
+        assert torch.equal(idx, want_idx), (N, E, idx, want_idx)
+        assert torch.allclose(w, want_w, rtol=1e-6, atol=1e-6), (w - want_w).abs().max()
+    assert torch.equal(idx[:, :3], torch.arange(E // 2, E // 2 + 3).expand(N, 3))
+''')
+
+
 def test_launcher_takes_tritons_path_under_the_interpreter():
     """ops/kernels/launch.py: a Launcher over a kernel without Triton's compiled internals (the interpreter's)
     launches through kernel[grid], with direct launches allowed or turned off by options().direct_launch, and

@@ -37,19 +37,20 @@ def _split_kernel(W, W3, n, BLOCK: tl.constexpr):
     tl.store(W3 + 2 * n + offs, lo, mask=mask)
 
 
-@launcher
-@triton.jit
+@triton.jit  # (launched through Triton's own path by choose_topk, which compiled decode steps trace)
 def _router_choose_kernel(L, BIAS, IDX, WT, SEL, COUNTS, N, scaling, E: tl.constexpr, K: tl.constexpr,
-                          KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The three parts' fp32 products L [N, 3E] summed into the logits, then each row's top-k ids, weights and
-    sigmoid scores (and the counts)."""
+                          KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PARTS: tl.constexpr = 3):
+    """The PARTS fp32 products L [N, PARTS * E] (the three parts', or the logits themselves) summed into the
+    logits, then each row's top-k ids (best first, ties to the lower expert), weights and sigmoid scores (and
+    the counts)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     cols = tl.arange(0, E)
-    p = L + rows.to(tl.int64)[:, None] * (3 * E) + cols[None, :]
+    p = L + rows.to(tl.int64)[:, None] * (PARTS * E) + cols[None, :]
     acc = tl.load(p, mask=rmask[:, None], other=0.0)
-    acc += tl.load(p + E, mask=rmask[:, None], other=0.0)
-    acc += tl.load(p + 2 * E, mask=rmask[:, None], other=0.0)
+    for j in tl.static_range(1, PARTS):
+        acc += tl.load(p + j * E, mask=rmask[:, None], other=0.0)
     s = tl.sigmoid(acc)
     choice = s + tl.load(BIAS + cols)[None, :]
     kcols = tl.arange(0, KP)
@@ -108,10 +109,17 @@ def _router_bwd_kernel(GWT, IDX, SEL, G3, N, scaling, E: tl.constexpr, K: tl.con
     tl.store(out + 2 * E, lo, mask=rmask[:, None])
 
 
+_choose = launcher(_router_choose_kernel)  # (the autograd router's launches: less host time a call)
+
+
 def router_supported(x: torch.Tensor, num_experts: int, top_k: int) -> bool:
     """bf16 tokens, a power-of-two expert count of 16..256, top_k <= 16."""
-    return (x.dtype == torch.bfloat16 and 16 <= num_experts <= 256 and num_experts & (num_experts - 1) == 0
-            and 1 <= top_k <= min(16, num_experts))
+    return x.dtype == torch.bfloat16 and choose_supported(num_experts, top_k)
+
+
+def choose_supported(num_experts: int, top_k: int) -> bool:
+    """The choice kernel's shapes: a power-of-two expert count of 16..256, top_k <= 16."""
+    return 16 <= num_experts <= 256 and num_experts & (num_experts - 1) == 0 and 1 <= top_k <= min(16, num_experts)
 
 
 def _router_meta(N: int, E: int, K: int, norm: bool) -> tuple[int, dict]:
@@ -143,8 +151,8 @@ class _Router(torch.autograd.Function):
             w3 = torch.empty(3, E, D, device=x.device, dtype=x.dtype)
             _split_kernel[(triton.cdiv(E * D, 1024),)](weight.float().contiguous(), w3, E * D, BLOCK=1024)
             logits3 = _mm_fp32(x, w3.view(3 * E, D).t())  # [N, 3E]
-            _router_choose_kernel[(grid,)](logits3, bias.float().contiguous(), idx, w, sel, counts, N,
-                                           float(scaling), COUNT=count, **meta)
+            _choose[(grid,)](logits3, bias.float().contiguous(), idx, w, sel, counts, N, float(scaling),
+                             COUNT=count, **meta)
         ctx.save_for_backward(x, weight, idx, sel)
         ctx.top_k, ctx.norm, ctx.scaling = top_k, norm, float(scaling)
         ctx.mark_non_differentiable(idx, counts)
@@ -163,6 +171,24 @@ class _Router(torch.autograd.Function):
         gx = g3[:, :E].to(x.dtype) @ weight.to(x.dtype) if ctx.needs_input_grad[0] else None
         gwt = _mm_fp32(g3.t(), x).view(3, E, D).sum(0) if ctx.needs_input_grad[1] else None
         return gx, gwt, None, None, None, None, None
+
+
+def choose_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, scaling: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits [N, E] (see choose_supported) -> (indices [N, k] long, best first, ties to the lower expert;
+    weights [N, k] fp32): ops.moe.route_decode's choice in one kernel (sigmoid, the top k of score + bias,
+    the chosen scores normalised and scaled). Launched through Triton's own path, which torch.compile traces:
+    compiled decode steps call it."""
+    N, E = logits.shape
+    grid, meta = _router_meta(N, E, top_k, norm)
+    idx = torch.empty(N, top_k, device=logits.device, dtype=torch.long)
+    w = torch.empty(N, top_k, device=logits.device, dtype=torch.float32)
+    sel = torch.empty_like(w)
+    counts = torch.zeros(1, device=logits.device, dtype=torch.int64)
+    if N:
+        _router_choose_kernel[(grid,)](logits.float().contiguous(), bias.float().contiguous(), idx, w, sel, counts,
+                                       N, float(scaling), COUNT=False, PARTS=1, **meta)
+    return idx, w
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, scaling: float,
