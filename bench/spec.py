@@ -36,6 +36,7 @@ import sysconfig
 import tempfile
 import time
 import zlib
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -225,29 +226,47 @@ def run(model, ids, new: int, K, sample: bool, seed: int, adaptive=None, compile
 
 
 def profile_call(model, ids, new: int, K, sample: bool, seed: int, adaptive, path: Path) -> str:
-    """Two more calls under torch.profiler (after the timed ones), of 1 and of `new` tokens: a line with the decode
-    part's device busy time (the kernels', copies' and sets' durations summed, the 1-token call's taken off, so
-    that the prefill's drop out) against its wall time, per step; on the CPU: n/a. The longer call's table by op,
-    sorted by device time (CPU: by CPU time), goes to `path`. The profiler slows the host, so these calls' times
-    are not the row's."""
+    """Two more calls under torch.profiler (after the timed ones), of 2 and of `new` tokens: their difference is the
+    decode's steps after the first (the prefill, the MTP layers' pass over the prompt and the first step drop out).
+    Returns a line with its device busy time (kernels', copies' and sets' durations summed) against its wall time,
+    per step; on the CPU: n/a. Writes to `path` the same difference by name, per step: each kernel's launches and
+    time (CPU: each op's own CPU time), largest first. The profiler slows the host, so these calls' times are not
+    the row's."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    cuda = ids.is_cuda
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     res = []
-    for n in (1, new):
+    for n in (2, new):
         with profile(activities=acts) as prof:
             _, st, wall = run(model, ids, n, K, sample, seed, adaptive)
-        dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        res.append((1e3 * wall, sum(e.time_range.elapsed_us() for e in dev) / 1e3, len(dev)))
-    path.write_text(prof.key_averages().table(
-        sort_by="self_device_time_total" if dev else "self_cpu_time_total", row_limit=40))
-    steps = max(1, st.steps)
-    (w1, b1, n1), (w, b, n) = res
-    device = (f"device busy {b - b1:.2f} ms in {n - n1} activities ({(b - b1) / steps:.3f} ms a step), idle "
-              f"{(w - w1) - (b - b1):.2f} ms" if dev else "device time n/a (no CUDA)")
+        by_name = defaultdict(lambda: [0, 0.0])  # name -> [launches, us]
+        for e in prof.events():
+            if cuda and e.device_type == DeviceType.CUDA:
+                us = e.time_range.elapsed_us()
+            elif not cuda and e.device_type == DeviceType.CPU:
+                us = e.self_cpu_time_total
+            else:
+                continue
+            by_name[e.name][0] += 1
+            by_name[e.name][1] += us
+        res.append((1e3 * wall, st.steps, by_name))
+    (w1, s1, t1), (w, s, t) = res
+    steps = max(1, s - s1)
+    rows = sorted(((n, (c - t1.get(n, (0, 0))[0]) / steps, (us - t1.get(n, (0, 0))[1]) / steps)
+                   for n, (c, us) in t.items()), key=lambda r: -r[2])
+    busy = sum(r[2] for r in rows) * steps / 1e3  # ms
+    unit = "device" if cuda else "CPU (self)"
+    lines = [f"{steps} steps (a call of {new} tokens less one of 2); per step: launches, {unit} us, name",
+             f"{sum(r[1] for r in rows):8.2f} {sum(r[2] for r in rows):9.1f}  (all)"]
+    lines += [f"{c:8.2f} {us:9.1f}  {name[:160]}" for name, c, us in rows if abs(us) >= 0.05 or abs(c) >= 0.01]
+    path.write_text("\n".join(lines) + "\n")
+    device = (f"device busy {busy:.2f} ms ({busy / steps:.3f} ms a step), idle {(w - w1) - busy:.2f} ms" if cuda
+              else "device time n/a (no CUDA)")
     return (f"decode {1e3 * st.decode_seconds:.2f} ms over {st.steps} steps; under the profiler, the call less a "
-            f"1-token call: wall {w - w1:.2f} ms ({(w - w1) / steps:.3f} ms a step), {device}; table: {path}")
+            f"2-token call: wall {w - w1:.2f} ms over {steps} steps ({(w - w1) / steps:.3f} ms a step), {device}; "
+            f"by kernel: {path}")
 
 
 def agreement(toks: torch.Tensor, ref: torch.Tensor) -> tuple[str, str]:
@@ -364,7 +383,7 @@ def main(argv=None) -> int:
                         "of same and lead)")
     p.add_argument("--profile", action="store_true",
                    help="after each setting's timed calls, two more under torch.profiler: the decode's device busy "
-                        "and idle time in the log, a table by op in --out (or a temp dir) as "
+                        "and idle time in the log, its kernels per step by name in --out (or a temp dir) as "
                         "profile_b<B>_<mode>_k<K>.txt")
     p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
                    help="set options().NAME for the decoding (e.g. decode_experts=\"triton\"); repeatable")

@@ -44,9 +44,11 @@ def test_bench_spec_runs_on_cpu(tmp_path):
     ks = [line.strip("|").split("|")[2].strip() for line in again.stdout.splitlines()
           if line.startswith("| 1 ")]  # --ks auto: plain and adaptive only, greedy and sampled; no eager row
     assert sorted(ks) == ["0", "0", "auto", "auto"], ks
-    # --profile: one profiled call per setting, its line in the log and its table by op in --out
+    # --profile: two profiled calls per setting, a line in the log and the decode's ops per step in --out
     for name in ("b1_greedy_k0", "b1_sampled_k0", "b1_greedy_kauto", "b1_sampled_kauto"):
-        assert "aten::" in (tmp_path / "again" / f"profile_{name}.txt").read_text(), name
+        table = (tmp_path / "again" / f"profile_{name}.txt").read_text().splitlines()
+        assert "steps (a call of" in table[0] and "(all)" in table[1], (name, table[:2])
+        assert any(line.split()[2].startswith("aten::") for line in table[2:]), name
     profiled = [line for line in again.stdout.splitlines() if ", profiled: decode " in line]
     assert len(profiled) == 4 and all("device time n/a (no CUDA)" in line for line in profiled), profiled
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "spec.py"), "--device", "cpu", "--reuse",
