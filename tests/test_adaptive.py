@@ -324,6 +324,30 @@ def test_plain_runs_grow_across_calls_and_span_several_graphs(monkeypatch):
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_sampled_call_plain_throughout_is_plain_sampling(monkeypatch, cuda_graphs):
+    """A sampled call whose first decision is a run of plain steps covering it all is plain sampling itself: the
+    same tokens for the same seed (repetition penalty included), and no speculative state built."""
+    from mimo_flash.generation import adaptive
+
+    model = tiny_model(vocab_size=6)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=40, prefill_chunk=5, cuda_graphs=cuda_graphs, do_sample=True,
+              temperature=0.9, top_k=4, repetition_penalty=1.3, seed=7)
+    plain = generate(model, ids, **kw)
+    prefills = []
+    real_prefill = adaptive.spec_prefill
+    monkeypatch.setattr(adaptive, "spec_prefill", lambda *a, **k: prefills.append(1) or real_prefill(*a, **k))
+    ctl = AdaptiveK(2, costs=[1.0, 9.0, 9.0])  # drafts cost 9 plain steps: plain throughout
+    ctl.k, ctl.plain_run = 0, 3  # runs have grown to 64 steps: the call (39 steps) is one run
+    out, stats = generate(model, ids, num_speculative_tokens=2, adaptive=ctl, return_stats=True, **kw)
+    assert torch.equal(out, plain)
+    assert prefills == [] and set(stats.spec_k) == {0} and stats.steps == 39 and ctl.plain_run == 4
+    ctl.plain_run = 0  # runs of 8 steps: the speculative state is built, the tokens the same
+    assert torch.equal(generate(model, ids, num_speculative_tokens=2, adaptive=ctl, **kw), plain)
+    assert prefills == [1]
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("script", [[0], [2, 0], [1]])
 def test_first_decision_reads_nothing_and_is_not_timed(cuda_graphs, script):
     """The first decision follows the prefill without waiting for it: every row is taken as having one token and

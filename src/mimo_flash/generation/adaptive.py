@@ -156,12 +156,12 @@ def _chunked(runner, params, seen, out) -> bool:
             and out.streamer is None and out.stopping is None)
 
 
-def plain_throughout(runner, ctl: AdaptiveK, k: int | None, params, seen, out) -> bool:
-    """Whether the call's first decision k is a run of plain greedy graphs that covers the whole call: then the call
-    is plain decoding itself (engine.generate takes its K = 0 path: the same prefill and graphs, no hidden states
-    kept, no state built, nothing recorded for later steps)."""
-    return (k == 0 and _chunked(runner, params, seen, out) and runner.graphs_for("greedy")
-            and _run_size(ctl) >= out.max_new - 1)
+def plain_throughout(ctl: AdaptiveK, k: int | None, out) -> bool:
+    """Whether the call's first decision k is a run of plain steps that covers the whole call: then the call is plain
+    decoding itself (engine.generate takes its K = 0 path: the same prefill and graphs or steps, no hidden states
+    kept, no state built, nothing recorded for later steps), greedy or sampled. (Sampled runs of plain steps record
+    each step in the rings: at batch 1 on an H100 they took 0.389 ms a step against plain sampling's 0.361.)"""
+    return k == 0 and _run_size(ctl) >= out.max_new - 1
 
 
 def adaptive_decode(runner, out, prompt: tuple, K: int, params, seen, generator, ctl: AdaptiveK, k: int | None,

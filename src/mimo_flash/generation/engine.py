@@ -236,7 +236,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     out = Output(B, max_new_tokens, eos, pad_token_id, streamer, stopping, device)
     clock = Clock(device)
     k = ctl.choose() if ctl is not None and max_new_tokens > 1 else None  # adaptive K's first decision
-    plain = ctl is not None and plain_throughout(runner, ctl, k, params, seen, out)
+    plain = ctl is not None and plain_throughout(ctl, k, out)
     if K == 0 or plain:
         last_logits, _ = prefill(runner, input_ids, attention_mask, prefill_chunk, keep_hidden=False)
         tok = sample_token(last_logits, params, seen, generator, runner.glue)
