@@ -205,12 +205,16 @@ for n, k, E, used in ((100, 3, 7, 6), (3000, 3, 256, 250)):
 
 
 def test_router_kernels():
-    """ops/kernels/router.py route against ops.moe.route's fp32 logits and autograd through it: 150 tokens (3 row
-    blocks, the last partial), D = 96, 16 experts, top 3, normalised and scaled and not; bf16 tokens (the weight
-    split into its three bf16 parts; off CUDA their products are fp32 ones) and fp32 tokens (parts w, 0, 0)."""
+    """ops/kernels/router.py route against ops.moe.route's fp32 logits and autograd through it: 150 tokens (cut for
+    a grid of 2 programs: 3 row blocks of 64, the last partial), D = 96, 16 experts, top 3, normalised and scaled and
+    not; bf16 tokens (the weight split into its three bf16 parts; off CUDA their products are fp32 ones) and fp32
+    tokens (parts w, 0, 0)."""
     interpret(r'''
 from mimo_flash.ops.moe import route as route_plain
+from mimo_flash.ops.kernels import router as R
 from mimo_flash.ops.kernels.router import route
+R.ROUTER_PROGRAMS = 2
+assert R._router_meta(150, 16, 3, True)[1]["BLOCK_N"] == 64
 x16 = torch.randn(150, 96, generator=g).bfloat16()
 w0, bias = torch.randn(16, 96, generator=g) * 0.2, torch.randn(16, generator=g) * 0.1
 probe = torch.randn(150, 3, generator=g)
@@ -240,11 +244,15 @@ for x0, norm, scaling in ((x16, True, 2.5), (x16, False, 1.0), (x16.float(), Tru
 def test_router_choice_kernel():
     """ops/kernels/router.py choose_topk (route_decode's choice on CUDA) against route_decode's ranks on the same
     fp32 logits: the same experts in the same order (best first, ties to the lower expert: rows of equal
-    scores included) and the same weights, for 1, 37 and 130 rows (the last block partial), 16 and 64 experts."""
+    scores included) and the same weights, for 1, 37 and 130 rows, 16 and 64 experts; one row a program (a decode
+    step's shape), then 130 rows cut for a grid of 3 programs (blocks of 64, the last partial)."""
     interpret(r'''
 from mimo_flash.ops.moe import route_decode
+from mimo_flash.ops.kernels import router as R
 from mimo_flash.ops.kernels.router import choose_topk
-for N, E, k in ((1, 16, 4), (37, 64, 8), (130, 64, 8)):
+assert [R._router_meta(n, 64, 8, True)[1]["BLOCK_N"] for n in (1, 130, 8192)] == [1, 1, 32]
+for N, E, k, programs in ((1, 16, 4, 264), (37, 64, 8, 264), (130, 64, 8, 264), (130, 64, 8, 3)):
+    R.ROUTER_PROGRAMS = programs
     D = 24
     x, weight = torch.randn(N, D, generator=g), torch.randn(E, D, generator=g) * 0.3
     bias = torch.randn(E, generator=g) * 0.05
