@@ -1,11 +1,15 @@
 """The router's choice kernel (ops/kernels/router.py) at decode and prefill sizes, by block shape, against the
-ranks that the CPU path computes (ops/moe.py route_decode, compiled).
+ranks that the CPU path computes (ops/moe.py route_decode, compiled); with --decode, a decode step's norm and
+router compiled together, the logits either way (route_decode's ROUTER_GEMM_ROWS).
 
-    python bench/router.py [--tokens 1 16 64 128 ...] [--experts 64 256]
+    python bench/router.py [--tokens 1 16 64 128 ...] [--experts 64 256] [--decode]
 
 Given fp32 logits [N, E] and top 8: every (rows per program, warps) of the choice kernel, each checked to choose
-the ranks' experts, and the kernel's current shape (`_router_meta`). us per call: 20 calls captured in a CUDA
-graph, the median of 5 replays (bench/common.py time_us_graphed)."""
+the ranks' experts, and the kernel's current shape (`_router_meta`). --decode: the residual add and norm before a
+MoE layer's router and route_decode, compiled as a decode step traces them, at 64 / 128 / 256 rows of the mini
+preset's (1024 wide, 64 experts) and the released model's (4096, 256) sizes, with the logits as a reduction fused
+into the norm against one fp32 product. us per call: 20 calls captured in a CUDA graph, the median of 5 replays
+(bench/common.py time_us_graphed)."""
 
 from __future__ import annotations
 
@@ -49,14 +53,52 @@ def kernel(logits, bias, k: int, block_n: int, warps: int):
     return idx, w
 
 
+def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int = 8, device: str = "cuda") -> None:
+    """route_decode after the residual add and norm, compiled, with the logits fused into the norm (a reduction)
+    and as one fp32 product (F.linear): us per call and the share of rows choosing the same experts."""
+    from mimo_flash.ops.norm import add_rms_norm
+
+    def step(h, y, norm_w, router_w, bias):
+        h2, xn = add_rms_norm.plain(h, y, norm_w, 1e-6)
+        idx, w, _ = moe.route_decode(xn, router_w, bias, k, True, 2.5)
+        return h2, idx, w
+
+    for D, E in sizes:
+        g = torch.Generator(device=device).manual_seed(D + E)
+        norm_w = 1 + 0.1 * torch.randn(D, generator=g, device=device).bfloat16()
+        router_w = torch.randn(E, D, generator=g, device=device) * D ** -0.5
+        bias = torch.randn(E, generator=g, device=device) * 0.01
+        for N in rows:
+            h, y = (torch.randn(N, D, generator=g, device=device).bfloat16() for _ in range(2))
+            res = {}
+            for name, gemm_rows in (("fused", 1 << 30), ("product", 0)):
+                moe.ROUTER_GEMM_ROWS = gemm_rows  # (read when the step is traced: a fresh compile for each)
+                torch._dynamo.reset()
+                fn = torch.compile(step)
+                res[name] = (fn(h, y, norm_w, router_w, bias)[1], time_us_graphed(lambda: fn(h, y, norm_w, router_w,
+                                                                                          bias)))
+            same = (res["fused"][0].sort(-1).values == res["product"][0].sort(-1).values).all(-1).float().mean()
+            print(f"decode router D {D} E {E} N {N:4d}: logits fused into the norm {res['fused'][1]:6.1f} us | "
+                  f"one fp32 product {res['product'][1]:6.1f} us | rows choosing the same experts {same:.3f}",
+                  flush=True)
+    moe.ROUTER_GEMM_ROWS = ROUTER_GEMM_ROWS
+
+
+ROUTER_GEMM_ROWS = moe.ROUTER_GEMM_ROWS
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 256, 1024, 8192])
     ap.add_argument("--experts", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--decode", action="store_true", help="only the decode step's norm and router, both ways")
     args = ap.parse_args()
     print(header(), flush=True)
     k = args.top_k
+    if args.decode:
+        decode_router(k=k)
+        return
     compiled = torch.compile(ranks)
     for E in args.experts:
         g = torch.Generator(device="cuda").manual_seed(E)
