@@ -1,4 +1,5 @@
-"""The main model's one-token step for a single sequence through the Triton kernels of generation/kernels.py.
+"""The main model's one-token step for a single sequence through the Triton kernels of generation/kernels.py and
+mlp_kernels.py.
 
 GraphRunner uses it for batch-1 decode steps (one CUDA graph per cache bucket): the embedding row and the
 slot tables, six kernels per MoE layer (five for a dense one), and the final norm with lm_head, the greedy
@@ -164,12 +165,12 @@ class TritonStep:
     slots [0, bucket); SWA layers their ring."""
 
     def __init__(self, model, cache: KVCache, rope_tables: dict) -> None:
-        from . import kernels as dk  # needs triton
+        from . import kernels as dk, mlp_kernels as mk  # need triton
 
         why = unsupported(model, cache)
         if why:
             raise ValueError(f"TritonStep: {why}")
-        self.dk, self.model, self.cache, self.rope_tables = dk, model, cache, rope_tables
+        self.dk, self.mk, self.model, self.cache, self.rope_tables = dk, mk, model, cache, rope_tables
         opts = options()
         self.t = opts.triton_step  # block shapes, fixed for this object's life (its graphs bake them in)
         self.prefetch_on = opts.decode_prefetch
@@ -303,7 +304,7 @@ class TritonStep:
 
     def _mlp(self, layer, pf: list, h: torch.Tensor | None = None, x: torch.Tensor | None = None) -> None:
         """The MLP of one token: x = h + mlp(post_attention_layernorm(h)) (default: the step's own h and x)."""
-        dk, mlp, D, t = self.dk, layer.mlp, self.D, self.t
+        mk, mlp, D, t = self.mk, layer.mlp, self.D, self.t
         h = self.h if h is None else h
         x = self.x if x is None else x
         norm_w = layer.post_attention_layernorm.weight
@@ -312,7 +313,7 @@ class TritonStep:
             E, I = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1] // 2
             bn, bk = gemv_blocks(E, D, None, t)
             pfargs, n_pf = self._pf(pf)
-            dk.router_kernel[(_cdiv(E, bn) + n_pf,)](
+            mk.router_kernel[(_cdiv(E, bn) + n_pf,)](
                 h, norm_w, r.weight, r.e_score_correction_bias, self.router, self.sel, self.wt,
                 self.counters, self.eps, float(r.scaling), E=E, E_PAD=max(2, _pow2(max(E, r.top_k))),
                 TOPK=r.top_k, NORM_TOPK=bool(r.norm_topk_prob), D=D, NPROG=_cdiv(E, bn), BLOCK_N=bn, BLOCK_K=bk,
@@ -321,7 +322,7 @@ class TritonStep:
             bn, bk = gemv_blocks(r.top_k * I, D, t.gate_up_tile, t, s is not None)
             while s is not None and I % bn:  # FP8: the up rows' tiles, from row I on, within 128-row blocks too
                 bn //= 2
-            dk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](
+            mk.gate_up_kernel[(r.top_k, _cdiv(I, bn))](
                 h, norm_w, self.sel, w, w if s is None else s, self.gu, self.eps, *_strides(s), I=I, D=D,
                 W_FP8=s is not None, BLOCK_N=bn, BLOCK_K=bk, DOWN_EARLY=t.down_early, **self._launch(t.expert_warps))
             sel, wt, (down, down_s), k = self.sel, self.wt, block_scales(ex, "down_proj"), r.top_k
@@ -336,7 +337,7 @@ class TritonStep:
         f8 = down_s is not None
         # all k experts' rows in one tile
         bn, bk = gemv_blocks(D, min(I, 512 * (t.fp8_tile if f8 else 1)), t.down_tile // kp, t, f8)
-        dk.down_kernel[(_cdiv(D, bn),)](gu, sel, wt, down, down if down_s is None else down_s, h, x,
+        mk.down_kernel[(_cdiv(D, bn),)](gu, sel, wt, down, down if down_s is None else down_s, h, x,
                                         D, *_strides(down_s), TOPK=k, TOPK_PAD=kp, I=I,
                                         GATED=not isinstance(mlp, MoE), W_FP8=down_s is not None, BLOCK_N=bn,
                                         BLOCK_K=bk, EARLY=t.down_early, **self._launch(t.expert_warps))
