@@ -1,6 +1,7 @@
 """The Triton kernels of the ops, one file per op, beside the op's own file in ops/:
 
-    swa_attention.py  banded sliding-window attention with the sink (ops/attention.py, "triton" backend)
+    swa_attention.py  banded sliding-window attention with the sink (ops/attention.py, "triton" backend);
+                      its kernels, being long, in swa_kernels.py
     rope.py           RoPE of q / k / v from one projection (ops/rope.py)
     norm.py           RMSNorm and add + RMSNorm (ops/norm.py)
     swiglu.py         the routing-weighted SwiGLU of the experts (ops/swiglu.py)
