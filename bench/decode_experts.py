@@ -2,17 +2,19 @@
 options().decode_experts against another, at the token counts those steps give (batch x tokens a row).
 
     python bench/decode_experts.py [--preset mini] [--tokens 16 32 64 128 256] [--modes dense fused grouped_mm triton]
-    python bench/decode_experts.py --sweep [--tokens 128 64 32] [--budget-s 300]
+    python bench/decode_experts.py --sweep [fused|routed] [--tokens 128 64 32] [--budget-s 300]
 
 Each backend is traced by torch.compile (fullgraph, as the decode graphs trace it) at each token count; 20 calls
 captured in one CUDA graph, the median of 5 replays, in us per call, with the bandwidth of the experts' weights
 (all of them are read once more than E/2 token-expert pairs, the range this covers) and the relative error against
 fp64. Random bf16 weights and routing (distinct experts a token). GPU only.
 
---sweep times the "fused" backend's two kernels apart (ops/kernels/moe.py dense_gate_up and dense_down) over a
-grid of tiles at the first token count, each against two copies of its weights in turn (so that no call finds
-them in L2), then the best few again at the other counts, and prints each kernel's best tiles against
-DENSE_TILES' (to be set there by hand)."""
+--sweep times a backend's gate/up and down kernels over a grid of tiles at the first token count, each against two
+copies of its weights in turn (so that no call finds them in L2), then the best few again at the other counts, and
+prints each kernel's best tiles against the defaults (to be set by hand in ops/kernels/decode_experts.py):
+"fused" (the default) dense_gate_up and dense_down apart, against DENSE_TILES; "routed" the whole routed_experts
+call with one kernel's tiles changed at a time (its list kernel and the other product included), against
+ROUTED_TILES."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import header, time_us_graphed  # noqa: E402
 from mimo_flash import MiMoConfig  # noqa: E402
-from mimo_flash.ops.kernels.moe import DENSE_TILES, dense_down, dense_gate_up  # noqa: E402
+from mimo_flash.ops.kernels.decode_experts import (DENSE_TILES, ROUTED_TILES, dense_down, dense_gate_up,  # noqa: E402
+                                                  routed_experts)
 from mimo_flash.ops.moe import DECODE_EXPERTS, experts_decode, experts_reference  # noqa: E402
 from mimo_flash.options import override  # noqa: E402
 
@@ -37,7 +40,8 @@ def main() -> None:
     ap.add_argument("--preset", default="mini")
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--modes", nargs="+", default=list(DECODE_EXPERTS), choices=list(DECODE_EXPERTS))
-    ap.add_argument("--sweep", action="store_true", help="time the fused kernels' tiles (see above)")
+    ap.add_argument("--sweep", nargs="?", const="fused", choices=["fused", "routed"],
+                    help="time a backend's kernels' tiles (see above)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="--sweep stops starting tiles after this long")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -79,8 +83,14 @@ def main() -> None:
         print(f"| {N} | " + " | ".join(cells) + " |", flush=True)
 
 
-def _grid(name: str, N: int) -> list[dict]:
+def _grid(name: str, N: int, routed: bool) -> list[dict]:
     """The tiles --sweep tries for one kernel at N tokens (combinations that do not fit a GPU fail and are skipped)."""
+    if routed:
+        if name == "gate_up":
+            return [dict(BI=bi, BK=bk, BM=bm, warps=w, stages=st) for bi in (32, 64, 128) for bk in (64, 128)
+                    for bm in (None, 16) for w in (4, 8) for st in (3,)]
+        return [dict(BD=bd, BK=bk, BM=bm, warps=w, stages=st) for bd in (64, 128, 256) for bk in (64, 128)
+                for bm in (None, 16) for w in (4, 8) for st in (3,)]
     rows = [None, 64] if N > 64 else [None]
     if name == "gate_up":
         return [dict(BI=bi, BK=bk, BM=bm, warps=w, stages=st) for bi in (32, 64, 128) for bk in (64, 128)
@@ -92,17 +102,24 @@ def _grid(name: str, N: int) -> list[dict]:
 def sweep(args, gate_up, down, k: int, g) -> None:
     import time
 
-    E, I2, D = gate_up.shape
-    I = I2 // 2
+    E, _, D = gate_up.shape
+    routed = args.sweep == "routed"
+    table, defaults = ("ROUTED_TILES", ROUTED_TILES) if routed else ("DENSE_TILES", DENSE_TILES)
     t_end = time.perf_counter() + args.budget_s
     weights = {"gate_up": [gate_up, gate_up.clone()], "down": [down, down.clone()]}
     best, totals = {}, {}  # totals: per kernel, tile -> [tile, us summed over the token counts, counts timed]
     for n_i, N in enumerate(args.tokens):
         x = torch.randn(N, D, generator=g, device="cuda").bfloat16()
         idx = torch.stack([torch.randperm(E, generator=g, device="cuda")[:k] for _ in range(N)])
-        wd = torch.zeros(N, E, device="cuda").scatter(1, idx, torch.rand(N, k, generator=g, device="cuda"))
-        a = dense_gate_up(x, wd, gate_up)
-        calls = {"gate_up": lambda w, t: dense_gate_up(x, wd, w, t), "down": lambda w, t: dense_down(a, wd, w, t)}
+        wt = torch.rand(N, k, generator=g, device="cuda")
+        wd = torch.zeros(N, E, device="cuda").scatter(1, idx, wt)
+        if routed:
+            calls = {"gate_up": lambda w, t: routed_experts(x, idx, wt, w, down, {"gate_up": t}),
+                     "down": lambda w, t: routed_experts(x, idx, wt, gate_up, w, {"down": t})}
+        else:
+            a = dense_gate_up(x, wd, gate_up)
+            calls = {"gate_up": lambda w, t: dense_gate_up(x, wd, w, t),
+                     "down": lambda w, t: dense_down(a, wd, w, t)}
         for name, call in calls.items():
             nbytes = weights[name][0].numel() * 2
 
@@ -122,7 +139,7 @@ def sweep(args, gate_up, down, k: int, g) -> None:
                 return rows
 
             if n_i == 0:
-                rows = sorted(timed([{}] + _grid(name, N)), key=lambda r: r[0])
+                rows = sorted(timed([{}] + _grid(name, N, routed)), key=lambda r: r[0])
                 best[name] = [r for r in rows if r[1]]
             else:
                 rows = sorted(timed([{}] + [t for _, t in best[name][:6]]), key=lambda r: r[0])
@@ -130,7 +147,7 @@ def sweep(args, gate_up, down, k: int, g) -> None:
                 totals.setdefault(name, {}).setdefault(repr(tile), [tile, 0.0, 0])
                 totals[name][repr(tile)][1:] = [totals[name][repr(tile)][1] + us, totals[name][repr(tile)][2] + 1]
             default = next(us for us, t in rows if not t)
-            print(f"N {N} {name} ({nbytes / 1e6:.0f} MB; DENSE_TILES {DENSE_TILES[name]}): default {default:.1f} us "
+            print(f"N {N} {name} ({nbytes / 1e6:.0f} MB; {table} {defaults[name]}): default {default:.1f} us "
                   f"({nbytes / default / 1e6:.2f} TB/s); best:", flush=True)
             for us, tile in rows[:6]:
                 print(f"    {us:7.1f} us {nbytes / us / 1e6:5.2f} TB/s {tile or 'default'}", flush=True)

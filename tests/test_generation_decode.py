@@ -77,15 +77,18 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from mimo_flash.ops import moe as moe_ops
-from mimo_flash.ops.kernels.moe import dense_experts
+from unittest.mock import patch
+from mimo_flash.ops.kernels import decode_experts
+from mimo_flash.ops.kernels.decode_experts import dense_experts
 from mimo_flash.options import override
 
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(7)
 # decode_experts="triton": the pairs sorted by expert through ops/kernels/moe.py's grouped kernel; "fused": every
-# expert on every token in its two dense kernels. E = 6 and k = 2: 3 tokens are past E/2 pairs; 40 tokens give one
-# expert more than 16 rows (two tiles); 150 take two row blocks of the dense kernels; experts 4 and 5 get none
-# (the dense kernels skip them); K = 160 and I = 72 leave partial K steps and column tiles
+# expert on every token in its two dense kernels; "routed": each expert on its listed tokens. E = 6 and k = 2: 3
+# tokens are past E/2 pairs; 40 tokens give one expert more than 16 rows (two tiles, and two row blocks of the routed
+# kernels); 150 take two row blocks of the dense kernels and several of the routed ones; experts 4 and 5 get none
+# (the dense kernels skip them; the routed ones list none); K = 160 and I = 72 leave partial K steps and column tiles
 E, D, I, k = 6, 160, 72, 2
 gate_up, down = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
 for N in (3, 40, 150):
@@ -101,7 +104,14 @@ for N in (3, 40, 150):
                                             "down": {"BM": 16, "BD": 32, "BK": 32, "SPLITS": 3}}):
         got = dense_experts(x, wd, gate_up, down, tiles)
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5, (N, tiles)
-    for mode in ("triton", "fused"):
+    # routed_experts' tiles: row blocks of 16 (the expert listed in half the tokens takes several), a list kernel of
+    # several steps (LIST_BLOCK 64 against 2N pairs), K steps of 32
+    for tiles in ({"gate_up": {"BM": 16}, "down": {"BM": 16}},
+                  {"gate_up": {"BM": 32, "BI": 32, "BK": 32}, "down": {"BM": 64, "BD": 32, "BK": 32}}):
+        with patch.object(decode_experts, "LIST_BLOCK", 64):
+            got = decode_experts.routed_experts(x, idx, w, gate_up, down, tiles)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5, (N, tiles)
+    for mode in ("triton", "fused", "routed"):
         with override(experts="decode", decode_experts=mode):
             got = moe_ops.experts(x, idx, w, gate_up, down, "auto")
         err = float((got - want).abs().max() / want.abs().max())
@@ -119,11 +129,12 @@ with override(decode_experts="nope"):
         raise AssertionError("accepted decode_experts='nope'")
     except ValueError as e:
         assert "decode_experts" in str(e) and "nope" in str(e)
-try:
-    dense_experts(x, wd, gate_up.transpose(1, 2), down)
-    raise AssertionError("accepted a strided gate_up")
-except ValueError as e:
-    assert "contiguous" in str(e)
+for f, args in ((dense_experts, (x, wd)), (decode_experts.routed_experts, (x, idx, w))):
+    try:
+        f(*args, gate_up.transpose(1, 2), down)
+        raise AssertionError("accepted a strided gate_up")
+    except ValueError as e:
+        assert "contiguous" in str(e)
 print("ok")
 """
 

@@ -198,7 +198,7 @@ def test_grouped_mm_experts_cuda():
     check([(n, rel(a, b)) for n, a, b in zip(("out", "dx", "dgu", "ddown", "drouter"), *res, strict=True)])
 
 
-@pytest.mark.parametrize("mode", ["grouped_mm", "triton", "fused"])
+@pytest.mark.parametrize("mode", ["grouped_mm", "triton", "fused", "routed"])
 def test_batched_decode_experts_cuda(mode):
     """options().decode_experts past E/2 pairs (batched decode, verification), bf16 at the mini preset's sizes:
     eager and traced by torch.compile (fullgraph, as the decode graphs trace it) against fp64; one expert empty,

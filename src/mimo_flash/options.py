@@ -72,7 +72,8 @@ class Options:
     # the decode backend with more than E/2 (token, expert) pairs (batched decode, verification): "fused" (the
     # default) every expert on every token in two Triton kernels that skip experts no token chose (CUDA; elsewhere
     # "dense"; at batch 64 on an H100 faster than "dense" in plain and K = 1 steps, docs/BENCHMARKS.md); "dense" the
-    # same through cuBLAS, the routing weights (zero where not chosen) combining them; "grouped_mm"
+    # same through cuBLAS, the routing weights (zero where not chosen) combining them; "routed" each expert on the
+    # tokens that chose it only, in three Triton kernels (CUDA; elsewhere "dense"); "grouped_mm"
     # torch._grouped_mm over the pairs sorted by expert (argsort; traceable, no host sync; at batch 64 its plain
     # step was slower on the H200: 29,866 against 37,829 decode tok/s, docs/BENCHMARKS.md); "triton"
     # ops/kernels/moe.py's grouped kernel over the sorted pairs (each chosen expert's weights read once per 16 of its

@@ -289,7 +289,7 @@ def experts_grouped(x, idx, w, gate_up, down):
     return out
 
 
-DECODE_EXPERTS = ("dense", "fused", "grouped_mm", "triton")  # options().decode_experts
+DECODE_EXPERTS = ("dense", "fused", "routed", "grouped_mm", "triton")  # options().decode_experts
 
 
 def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
@@ -300,8 +300,10 @@ def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     When N * k <= E / 2 each (token, slot) pair reads its expert's weights directly (batch-1 decode reads
     only the chosen experts); otherwise options().decode_experts: "dense" runs every expert on every token and
     the routing weights (zero for experts not chosen) combine them (large batches touch every expert anyway);
-    "fused" is the same arithmetic in two Triton kernels (ops/kernels/moe.py's dense_experts: CUDA, or Triton's
-    interpreter; elsewhere "dense") that write no [E, N, 2I] or [E, N, D] tensor and skip experts no token chose;
+    "fused" is the same arithmetic in two Triton kernels (ops/kernels/decode_experts.py's dense_experts: CUDA, or
+    Triton's interpreter; elsewhere "dense") that write no [E, N, 2I] or [E, N, D] tensor and skip experts no token
+    chose; "routed" runs each expert on the tokens that chose it only, in three Triton kernels (routed_experts, the
+    same file: the same bytes, k/E of the arithmetic; where "fused" would not run, "dense");
     "grouped_mm" and "triton" sort the pairs by expert on the device and run one grouped product per projection
     (experts_sorted: the same bytes, k/E of the arithmetic).
     """
@@ -331,10 +333,12 @@ def experts_decode(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
         y = y.to(x.dtype).float().view(N, k, -1)
         return (y * w[..., None]).sum(1).to(x.dtype)
     wd = torch.zeros(N, E, device=x.device, dtype=torch.float32).scatter(1, idx, w.float())
-    if mode == "fused" and gate_up.dtype == down.dtype == x.dtype:
+    if mode in ("fused", "routed") and gate_up.dtype == down.dtype == x.dtype:
         from .kernels.launch import STATIC_LOOPS
         if x.is_cuda or STATIC_LOOPS:  # (on the CPU without Triton's interpreter: the body below)
-            from .kernels.moe import dense_experts
+            from .kernels.decode_experts import dense_experts, routed_experts
+            if mode == "routed":
+                return routed_experts(x.contiguous(), idx, w, gate_up, down)
             return dense_experts(x.contiguous(), wd, gate_up, down)
     h = torch.matmul(x[None], gate_up.transpose(1, 2))  # [E, N, 2I]
     gate, up = h.chunk(2, dim=-1)
