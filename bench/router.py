@@ -1,6 +1,6 @@
 """The router's choice kernel (ops/kernels/router.py) at decode and prefill sizes, by block shape, against the
 ranks that the CPU path computes (ops/moe.py route_decode, compiled); with --decode, a decode step's norm and
-router compiled together, the logits each way (route_decode's ROUTER_GEMM_ROWS and ROUTER_LOGITS_KERNEL).
+router compiled together, the logits either way (route_decode's ROUTER_GEMM_ROWS).
 
     python bench/router.py [--tokens 1 16 64 128 ...] [--experts 64 256] [--decode]
 
@@ -8,8 +8,8 @@ Given fp32 logits [N, E] and top 8: every (rows per program, warps) of the choic
 the ranks' experts, and the kernel's current shape (`_router_meta`). --decode: the residual add and norm before a
 MoE layer's router and route_decode, compiled as a decode step traces them, at 64 / 128 / 256 rows of the mini
 preset's (1024 wide, 64 experts) and the released model's (4096, 256) sizes, with the logits as a reduction fused
-into the norm, as one fp32 product and through decode_logits' kernel. us per call: 20 calls captured in a CUDA
-graph, the median of 5 replays (bench/common.py time_us_graphed)."""
+into the norm against one fp32 product. us per call: 20 calls captured in a CUDA graph, the median of 5 replays
+(bench/common.py time_us_graphed)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,8 @@ def kernel(logits, bias, k: int, block_n: int, warps: int):
 
 
 def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int = 8, device: str = "cuda") -> None:
-    """route_decode after the residual add and norm, compiled, with the logits fused into the norm (a reduction),
-    as one fp32 product (F.linear) and through kernels/router.py decode_logits (ROUTER_LOGITS_KERNEL): us per call
-    and the share of rows choosing the product's experts."""
+    """route_decode after the residual add and norm, compiled, with the logits fused into the norm (a reduction)
+    and as one fp32 product (F.linear): us per call and the share of rows choosing the same experts."""
     from mimo_flash.ops.norm import add_rms_norm
 
     def step(h, y, norm_w, router_w, bias):
@@ -72,22 +71,20 @@ def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int =
         for N in rows:
             h, y = (torch.randn(N, D, generator=g, device=device).bfloat16() for _ in range(2))
             res = {}
-            for name, gemm_rows, kernel in (("fused", 1 << 30, False), ("product", 0, False), ("kernel", 0, True)):
-                # (read when the step is traced: a fresh compile for each)
-                moe.ROUTER_GEMM_ROWS, moe.ROUTER_LOGITS_KERNEL = gemm_rows, kernel
+            for name, gemm_rows in (("fused", 1 << 30), ("product", 0)):
+                moe.ROUTER_GEMM_ROWS = gemm_rows  # (read when the step is traced: a fresh compile for each)
                 torch._dynamo.reset()
                 fn = torch.compile(step)
                 res[name] = (fn(h, y, norm_w, router_w, bias)[1], time_us_graphed(lambda: fn(h, y, norm_w, router_w,
                                                                                           bias)))
-            same = [(res[n][0].sort(-1).values == res["product"][0].sort(-1).values).all(-1).float().mean()
-                    for n in ("fused", "kernel")]
+            same = (res["fused"][0].sort(-1).values == res["product"][0].sort(-1).values).all(-1).float().mean()
             print(f"decode router D {D} E {E} N {N:4d}: logits fused into the norm {res['fused'][1]:6.1f} us | "
-                  f"one fp32 product {res['product'][1]:6.1f} us | decode_logits kernel {res['kernel'][1]:6.1f} us | "
-                  f"rows choosing the product's experts: fused {same[0]:.3f}, kernel {same[1]:.3f}", flush=True)
-    moe.ROUTER_GEMM_ROWS, moe.ROUTER_LOGITS_KERNEL = ROUTER_DEFAULTS
+                  f"one fp32 product {res['product'][1]:6.1f} us | rows choosing the same experts {same:.3f}",
+                  flush=True)
+    moe.ROUTER_GEMM_ROWS = ROUTER_GEMM_ROWS
 
 
-ROUTER_DEFAULTS = moe.ROUTER_GEMM_ROWS, moe.ROUTER_LOGITS_KERNEL
+ROUTER_GEMM_ROWS = moe.ROUTER_GEMM_ROWS
 
 
 def main() -> None:

@@ -3,8 +3,6 @@ against the fp64 reference, forward and backward, on fresh random inputs. Skippe
 
 from __future__ import annotations
 
-from unittest.mock import patch
-
 import pytest
 import torch
 
@@ -250,32 +248,6 @@ def test_router_kernel_is_fp32_routing(E):
     (want * probe).sum().backward()
     check([("w", rel(wt, want)), ("dw", rel(w.grad, w64.grad))], tol=1e-5)
     check([("dx", rel(x.grad, x64.grad))], tol=1e-2)
-
-
-@pytest.mark.parametrize("E", [64, 256])
-def test_decode_router_logits_kernel(E):
-    """route_decode with ROUTER_LOGITS_KERNEL (kernels/router.py decode_logits: bf16 tokens, the fp32 weight's three
-    bf16 parts on tensor cores) against fp64 at a decode step's and a verification step's rows: the logits to fp32
-    precision, eager and traced by torch.compile (as the decode graphs trace it); the same top-8 as the fp32 product
-    path wherever the 8th and 9th choices are apart by more than the fp32 rounding."""
-    from mimo_flash.ops import moe
-    from mimo_flash.ops.kernels.router import decode_logits
-    g = torch.Generator(device=DEV).manual_seed(E)
-    D, k = 1024 if E == 64 else 4096, 8
-    w = torch.randn(E, D, generator=g, device=DEV) * D ** -0.5
-    bias = torch.randn(E, generator=g, device=DEV) * 0.01
-    for N in (1, 64, 128, 256):
-        x = torch.randn(N, D, generator=g, device=DEV).bfloat16()
-        want = x.double() @ w.double().t()
-        traced = torch.compile(decode_logits, fullgraph=True, dynamic=False)(x, w)
-        assert rel(decode_logits(x, w), want) < 1e-6 and rel(traced, want) < 1e-6, N
-        with patch.object(moe, "ROUTER_LOGITS_KERNEL", True):
-            idx, wt, _ = moe.route_decode(x, w, bias, k, True, 2.5)
-        ref_idx, ref_wt, _ = moe.route_decode(x, w, bias, k, True, 2.5)  # (the fp32 product or reduction)
-        top = (want.sigmoid() + bias.double()).topk(k + 1, dim=-1).values
-        clear = top[:, k - 1] - top[:, k] > 1e-5
-        assert torch.equal(idx.sort(-1).values[clear], ref_idx.sort(-1).values[clear]), N
-        assert rel(wt[clear], ref_wt[clear]) < 1e-5, N
 
 
 @pytest.mark.parametrize("fn", [attention_triton, attention_cudnn])

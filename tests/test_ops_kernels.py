@@ -268,28 +268,6 @@ for N, E, k, programs in ((1, 16, 4, 264), (37, 64, 8, 264), (130, 64, 8, 264), 
 ''')
 
 
-def test_decode_logits_kernel():
-    """ops/kernels/router.py decode_logits (route_decode's logits with ROUTER_LOGITS_KERNEL) against the fp64
-    product: 1, 37 and 130 rows (a partial row block), D = 200 (a partial K step of 64 or 128), 48 experts (a partial
-    expert block of 32); fp16 tokens (the interpreter's bf16 dots are wrong in Triton 3.6; the GPU test runs bf16),
-    whose three parts hold the fp32 weight to about 2^-30 of it. The weight's parts are split in registers: the
-    result is fp32-accurate where one fp16 product would be off by about 2^-11."""
-    interpret(r'''
-from mimo_flash.ops.kernels.router import decode_logits
-E, D = 48, 200
-w = torch.randn(E, D, generator=g) * D ** -0.5
-for N, tile in ((1, None), (37, {"BK": 64, "BE": 32}), (130, {"BM": 32, "BE": 32, "BK": 64})):
-    x = torch.randn(N, D, generator=g).half()
-    want = x.double() @ w.double().t()
-    got = decode_logits(x, w, tile)
-    assert got.dtype == torch.float32 and got.shape == (N, E)
-    err = float((got.double() - want).abs().max())
-    assert err < 1e-5, (N, err)
-    one = float((x.float() @ w.half().float().t() - want).abs().max())  # (the weight rounded once: far off)
-    assert one > 100 * err, (one, err)
-''')
-
-
 def test_launcher_takes_tritons_path_under_the_interpreter():
     """ops/kernels/launch.py: a Launcher over a kernel without Triton's compiled internals (the interpreter's)
     launches through kernel[grid], with direct launches allowed or turned off by options().direct_launch, and

@@ -95,7 +95,6 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
 
 
 ROUTER_GEMM_ROWS = 64  # route_decode's logits: one fp32 cuBLAS product above this many rows, else a fused reduction
-ROUTER_LOGITS_KERNEL = False  # route_decode's logits of bf16 x on CUDA: kernels/router.py decode_logits (not timed yet)
 
 
 def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool,
@@ -107,18 +106,13 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_
     else None), as router(). The logits are route()'s fp32 product: up to ROUTER_GEMM_ROWS rows a reduction that
     the compiled step fuses into the norm before it, above (a verification step's 128 rows) one product (on an
     H100 the fused kernel took up to 8.5 us at 128 rows, 4.8 at 64; the product is what makes inductor suggest TF32,
-    which would change the logits and so the chosen experts); with ROUTER_LOGITS_KERNEL, on CUDA for bf16 x, one
-    Triton kernel of tensor-core products with the weight's three bf16 parts (kernels/router.py decode_logits).
-    On CUDA the choice is one Triton kernel
+    which would change the logits and so the chosen experts). On CUDA the choice is one Triton kernel
     (kernels/router.py choose_topk: at 128 rows the ranks below took 6.1 us against 1.6 at 64); elsewhere the
     top-k comes from ranks: expert e is picked when fewer than k experts beat it (higher score, or equal score
     and lower index), best first, as the kernel picks.
     """
     N, E = x.shape[0], weight.shape[0]
-    if ROUTER_LOGITS_KERNEL and x.is_cuda and x.dtype == torch.bfloat16:
-        from .kernels.router import decode_logits
-        logits = decode_logits(x, weight)
-    elif N > ROUTER_GEMM_ROWS:
+    if N > ROUTER_GEMM_ROWS:
         logits = F.linear(x.float(), weight.float())
     else:
         logits = (x.float()[:, None, :] * weight.float()).sum(-1)  # [N, E]

@@ -198,47 +198,6 @@ def choose_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool
     return idx, w
 
 
-@triton.jit  # (launched through Triton's own path: compiled decode steps trace decode_logits)
-def _decode_logits_kernel(X, W, L, N, D, E, BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                          KD: tl.constexpr):
-    """L [N, E] fp32 = X [N, D] @ W [E, D]^T, W fp32 split in registers into three parts of X's dtype (_split3),
-    three tensor-core products a K step into one fp32 accumulator; a program BM rows x BE experts."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BE + tl.arange(0, BE)
-    rmask, cmask = rows < N, cols < E
-    acc = tl.zeros((BM, BE), dtype=tl.float32)
-    for kb in range(0, KD):
-        rk = kb * BK + tl.arange(0, BK)
-        kmask = rk < D
-        x = tl.load(X + rows[:, None].to(tl.int64) * D + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(W + cols[:, None] * D + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        hi, mid, lo = _split3(w, X.dtype.element_ty)
-        acc = tl.dot(x, tl.trans(hi), acc)
-        acc = tl.dot(x, tl.trans(mid), acc)
-        acc = tl.dot(x, tl.trans(lo), acc)
-    tl.store(L + rows[:, None].to(tl.int64) * E + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
-
-
-DECODE_LOGITS_TILE = dict(BM=16, BE=16, BK=128, warps=4, stages=3)  # not yet swept
-
-
-def decode_logits(x: torch.Tensor, weight: torch.Tensor, tile: dict | None = None) -> torch.Tensor:
-    """x [N, D] bf16 (or fp16), weight [E, D] fp32 -> the fp32 logits [N, E] of a decode step's router (ops.moe
-    route_decode): the products of x with the weight's three parts, each exact in fp32, summed in fp32 (the fp32
-    product's numbers up to the order of its additions) on tensor cores, in one kernel with no split weight
-    written. tile: entries that replace DECODE_LOGITS_TILE's."""
-    cfg = dict(DECODE_LOGITS_TILE, **(tile or {}))
-    x = x.contiguous()
-    N, D = x.shape
-    E = weight.shape[0]
-    logits = torch.empty(N, E, device=x.device, dtype=torch.float32)
-    if N:
-        _decode_logits_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(E, cfg["BE"]))](
-            x, weight.float().contiguous(), logits, N, D, E, BM=cfg["BM"], BE=cfg["BE"], BK=cfg["BK"],
-            KD=triton.cdiv(D, cfg["BK"]), num_warps=cfg["warps"], num_stages=cfg["stages"])
-    return logits
-
-
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, scaling: float,
           count: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ops.moe.route with one expert group, bf16 x [N, D], weight [E, D] fp32 (see router_supported) ->
