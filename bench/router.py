@@ -1,6 +1,6 @@
 """The router's choice kernel (ops/kernels/router.py) at decode and prefill sizes, by block shape, against the
 ranks that the CPU path computes (ops/moe.py route_decode, compiled); with --decode, a decode step's norm and
-router compiled together, the logits either way (route_decode's ROUTER_GEMM_ROWS).
+router compiled together, the logits either way (route_decode's ROUTER_FUSED_MACS).
 
     python bench/router.py [--tokens 1 16 64 128 ...] [--experts 64 256] [--decode]
 
@@ -71,8 +71,8 @@ def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int =
         for N in rows:
             h, y = (torch.randn(N, D, generator=g, device=device).bfloat16() for _ in range(2))
             res = {}
-            for name, gemm_rows in (("fused", 1 << 30), ("product", 0)):
-                moe.ROUTER_GEMM_ROWS = gemm_rows  # (read when the step is traced: a fresh compile for each)
+            for name, macs in (("fused", 1 << 62), ("product", 0)):
+                moe.ROUTER_FUSED_MACS = macs  # (read when the step is traced: a fresh compile for each)
                 torch._dynamo.reset()
                 fn = torch.compile(step)
                 res[name] = (fn(h, y, norm_w, router_w, bias)[1], time_us_graphed(lambda: fn(h, y, norm_w, router_w,
@@ -81,10 +81,10 @@ def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int =
             print(f"decode router D {D} E {E} N {N:4d}: logits fused into the norm {res['fused'][1]:6.1f} us | "
                   f"one fp32 product {res['product'][1]:6.1f} us | rows choosing the same experts {same:.3f}",
                   flush=True)
-    moe.ROUTER_GEMM_ROWS = ROUTER_GEMM_ROWS
+    moe.ROUTER_FUSED_MACS = ROUTER_FUSED_MACS
 
 
-ROUTER_GEMM_ROWS = moe.ROUTER_GEMM_ROWS
+ROUTER_FUSED_MACS = moe.ROUTER_FUSED_MACS
 
 
 def main() -> None:
@@ -123,7 +123,8 @@ def main() -> None:
             print(f"E {E:3d} N {N:5d}: ranks compiled {t_ranks:6.1f} us | kernel now ({meta['BLOCK_N']} rows x "
                   f"{meta['num_warps']} warps, {grid} programs) {t_now:6.1f} us | best (rows x warps: us) {best}",
                   flush=True)
-    print(f"(route_decode takes the kernel on CUDA; logits as one product above {moe.ROUTER_GEMM_ROWS} rows)")
+    print(f"(route_decode takes the kernel on CUDA; logits as one product above {moe.ROUTER_FUSED_MACS} "
+          "multiply-adds)")
 
 
 if __name__ == "__main__":

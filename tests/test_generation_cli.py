@@ -135,7 +135,7 @@ def test_generate_command_streams_the_greedy_text(ckpt, capsys):
                                 capsys)
         assert rc == 0 and out2 == out
         assert (options().decode_experts, options().cache_attention) == ("grouped_mm", "triton")
-    assert (options().decode_experts, options().cache_attention) == ("fused", "auto")
+    assert (options().decode_experts, options().cache_attention) == ("routed", "auto")
     # a stop string cuts the text and ends generation
     words = text.split(" ")
     stop = words[3]

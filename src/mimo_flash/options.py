@@ -69,16 +69,17 @@ class Options:
     attention: str = "auto"  # ops/attention.py: auto | reference | blocked | sdpa | flex | cudnn | triton
     router: str = "auto"  # ops/moe.py: auto | reference | triton | decode (rank-based top-k, graph- and trace-safe)
     experts: str = "auto"  # ops/moe.py: auto | reference | grouped | decode (no sort, no host sync)
-    # the decode backend with more than E/2 (token, expert) pairs (batched decode, verification): "fused" (the
-    # default) every expert on every token in two Triton kernels that skip experts no token chose (CUDA; elsewhere
-    # "dense"; at batch 64 on an H100 faster than "dense" in plain and K = 1 steps, docs/BENCHMARKS.md); "dense" the
-    # same through cuBLAS, the routing weights (zero where not chosen) combining them; "routed" each expert on the
-    # tokens that chose it only, in three Triton kernels (CUDA; elsewhere "dense"); "grouped_mm"
+    # the decode backend with more than E/2 (token, expert) pairs (batched decode, verification): "routed" (the
+    # default) each expert on the tokens that chose it only, in three Triton kernels (CUDA; elsewhere "dense"; on an
+    # H100 at the mini preset's sizes as fast as "fused" at 32 and 64 tokens, 13% faster at 128, 31% at 256:
+    # docs/BENCHMARKS.md); "fused" every expert on every token in two Triton kernels that skip experts no token
+    # chose (CUDA; elsewhere "dense"; at batch 64 on an H100 faster than "dense" in plain and K = 1 steps); "dense"
+    # the same through cuBLAS, the routing weights (zero where not chosen) combining them; "grouped_mm"
     # torch._grouped_mm over the pairs sorted by expert (argsort; traceable, no host sync; at batch 64 its plain
     # step was slower on the H200: 29,866 against 37,829 decode tok/s, docs/BENCHMARKS.md); "triton"
     # ops/kernels/moe.py's grouped kernel over the sorted pairs (each chosen expert's weights read once per 16 of its
     # pairs; slower than "dense" at batch 64)
-    decode_experts: str = "fused"
+    decode_experts: str = "routed"
     # generation/attention.py: "auto" (CUDA: the Triton kernel for steps of several tokens a row and one-token steps
     # of TRITON_ROWS rows or more, the torch body for smaller one-token steps; measured, docs/BENCHMARKS.md) |
     # "torch" | "triton" (CUDA: each row's keys read up to its own position; graphed steps of several rows then need

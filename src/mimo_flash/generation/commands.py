@@ -88,10 +88,11 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     from ..ops.moe import DECODE_EXPERTS
 
     p.add_argument("--decode-experts", default=None, choices=DECODE_EXPERTS,
-                   help="the routed experts of batched decode steps (options().decode_experts): fused (the default: "
-                        "every expert on every token in two Triton kernels, no per-expert outputs, experts no token "
-                        "chose skipped), dense (the same through cuBLAS), grouped_mm or triton (the token-expert "
-                        "pairs sorted on the device, one grouped product per projection)")
+                   help="the routed experts of batched decode steps (options().decode_experts): routed (the "
+                        "default: each expert on the tokens that chose it, in three Triton kernels), fused (every "
+                        "expert on every token in two Triton kernels, no per-expert outputs, experts no token chose "
+                        "skipped), dense (the same through cuBLAS), grouped_mm or triton (the token-expert pairs "
+                        "sorted on the device, one grouped product per projection)")
     p.add_argument("--cache-attention", default=None, choices=CACHE_ATTENTION,
                    help="attention over the KV cache in decode steps (options().cache_attention): auto (the "
                         "default: triton for verification steps of several tokens a row and for one-token steps of 32 "

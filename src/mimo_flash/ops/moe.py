@@ -94,7 +94,11 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
     return idx, w, expert_counts(idx.detach(), E) if count else None
 
 
-ROUTER_GEMM_ROWS = 64  # route_decode's logits: one fp32 cuBLAS product above this many rows, else a fused reduction
+# route_decode's logits: a reduction fused into the norm before it up to this many multiply-adds (rows x experts x
+# width), else one fp32 cuBLAS product. bench/router.py --decode, H100 (docs/BENCHMARKS.md): at the mini preset's
+# 1024 x 64, 64 rows fused 9.4 us against 12.3, 128 rows 13.8 against 13.5; at the released 4096 x 256, 64 rows
+# 47.4 against 19.0
+ROUTER_FUSED_MACS = 1 << 23
 
 
 def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool,
@@ -103,16 +107,15 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_
     instead of a GEMV call plus a top-k kernel.
 
     x [N, D], weight [E, D], bias [E] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count
-    else None), as router(). The logits are route()'s fp32 product: up to ROUTER_GEMM_ROWS rows a reduction that
-    the compiled step fuses into the norm before it, above (a verification step's 128 rows) one product (on an
-    H100 the fused kernel took up to 8.5 us at 128 rows, 4.8 at 64; the product is what makes inductor suggest TF32,
-    which would change the logits and so the chosen experts). On CUDA the choice is one Triton kernel
+    else None), as router(). The logits are route()'s fp32 product: up to ROUTER_FUSED_MACS multiply-adds a
+    reduction that the compiled step fuses into the norm before it, above one product (the product is what makes
+    inductor suggest TF32, which would change the logits and so the chosen experts). On CUDA the choice is one Triton kernel
     (kernels/router.py choose_topk: at 128 rows the ranks below took 6.1 us against 1.6 at 64); elsewhere the
     top-k comes from ranks: expert e is picked when fewer than k experts beat it (higher score, or equal score
     and lower index), best first, as the kernel picks.
     """
     N, E = x.shape[0], weight.shape[0]
-    if N > ROUTER_GEMM_ROWS:
+    if N * E * x.shape[1] > ROUTER_FUSED_MACS:
         logits = F.linear(x.float(), weight.float())
     else:
         logits = (x.float()[:, None, :] * weight.float()).sum(-1)  # [N, E]
