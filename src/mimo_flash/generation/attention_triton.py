@@ -101,6 +101,9 @@ def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_p
         bound = S
     else:  # slot j holds position j: nothing at or past the row's last position + 1 is seen
         bound = tl.minimum(tl.max(tl.where(rmask, qpos, -1), 0) + 1, S)
+    # a row with no valid query (segment < 0 in every column: done or not speculating, frozen) reads no keys: what
+    # the mask would give it anyway (no score kept; its output the sink's zeros)
+    bound = tl.where(tl.max(tl.where(rmask, qseg, -1), 0) >= 0, bound, 0)
     lo = sp * BLOCKS * BLOCK_N
     hi = tl.minimum(lo + BLOCKS * BLOCK_N, bound)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
