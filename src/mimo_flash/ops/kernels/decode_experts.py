@@ -244,7 +244,8 @@ def _routed_down_kernel(a_ptr, w_ptr, pairs_ptr, cnt_ptr, y_ptr, N, D, I, BM: tl
 
 
 # routed_experts' tiles: BM listed pairs a row block (None: the power of two from twice the mean pairs an expert,
-# 16 to 64), BI / BD weight rows a program, BK columns a step, warps and stages. Not yet swept: the dense kernels'.
+# 16 to 64), BI / BD weight rows a program, BK columns a step, warps and stages. The dense kernels' first guess, within
+# 1% of the best of `bench/decode_experts.py --sweep routed --tokens 128 64 256` on an H100 (docs/BENCHMARKS.md).
 ROUTED_TILES = dict(gate_up=dict(BI=64, BK=64, BM=None, warps=4, stages=3),
                     down=dict(BD=128, BK=64, BM=None, warps=4, stages=3))
 LIST_BLOCK = 4096  # pairs a step of the list kernel's loop
