@@ -12,7 +12,7 @@ fp64. Random bf16 weights and routing (distinct experts a token). GPU only.
 --sweep times a backend's gate/up and down kernels over a grid of tiles at the first token count, each against two
 copies of its weights in turn (so that no call finds them in L2), then the best few again at the other counts, and
 prints each kernel's best tiles against the defaults (to be set by hand in ops/kernels/decode_experts.py):
-"fused" (the default) dense_gate_up and dense_down apart, against DENSE_TILES; "routed" the whole routed_experts
+"fused" (the flag's default) dense_gate_up and dense_down apart, against DENSE_TILES; "routed" the whole routed_experts
 call with one kernel's tiles changed at a time (its list kernel and the other product included), against
 ROUTED_TILES."""
 
