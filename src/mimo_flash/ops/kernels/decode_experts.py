@@ -10,6 +10,41 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _gate_up_dots(x_rows, g_rows, u_rows, acc_g, acc_u, mmask, imask, D, BK: tl.constexpr, KD: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """(acc_g + x . gate^T, acc_u + x . up^T) over D in KD steps of BK: x_rows [BM, 1], g_rows and u_rows [BI, 1]
+    row pointers, each x block read once for both."""
+    for kb in range(0, KD):  # (model sizes as constexpr loop counts: Triton's interpreter takes no other)
+        rk = kb * BK + tl.arange(0, BK)
+        kmask = rk < D
+        x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
+        wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
+        if IEEE:
+            acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision="ieee")
+            acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(x, tl.trans(wg), acc_g)
+            acc_u = tl.dot(x, tl.trans(wu), acc_u)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _down_dots(a_rows, w_rows, acc, mmask, dmask, I, BK: tl.constexpr, KI: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a . down^T over I in KI steps of BK: a_rows [BM, 1] and w_rows [BD, 1] row pointers."""
+    for kb in range(0, KI):
+        rk = kb * BK + tl.arange(0, BK)
+        kmask = rk < I
+        a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    return acc
+
+
 # ----------------------------------------------------------------------------------------- dense products
 # Every expert on every token (batched decode and verification, where the tokens touch nearly every expert): the
 # routing weights wd [N, E] (zero for the experts a token did not choose) scale each expert's SwiGLU output before
@@ -33,19 +68,8 @@ def _dense_gate_up_kernel(x_ptr, w_ptr, wd_ptr, a_ptr, N, D, I, E, BM: tl.conste
     if tl.max(tl.abs(wdv), 0) > 0:  # (an expert no token chose: zeros, its weights unread)
         g_rows = w_ptr + e.to(tl.int64) * 2 * I * D + ri[:, None] * D
         u_rows = g_rows + I * D
-        x_rows = x_ptr + rm[:, None] * D
-        for kb in range(0, KD):  # (model sizes as constexpr loop counts: Triton's interpreter takes no other)
-            rk = kb * BK + tl.arange(0, BK)
-            kmask = rk < D
-            x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
-            wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:
-                acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision="ieee")
-                acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(x, tl.trans(wg), acc_g)
-                acc_u = tl.dot(x, tl.trans(wu), acc_u)
+        acc_g, acc_u = _gate_up_dots(x_ptr + rm[:, None] * D, g_rows, u_rows, acc_g, acc_u, mmask, imask, D, BK, KD,
+                                     IEEE)
     a = acc_g * tl.sigmoid(acc_g) * acc_u * wdv[:, None]
     tl.store(a_ptr + (e * N + rm[:, None]).to(tl.int64) * I + ri[None, :], a.to(a_ptr.dtype.element_ty),
              mask=mmask[:, None] & imask[None, :])
@@ -68,15 +92,7 @@ def _dense_down_kernel(a_ptr, w_ptr, wd_ptr, p_ptr, N, D, I, E, PER: tl.constexp
         if tl.max(tl.abs(wdv), 0) > 0:
             a_rows = a_ptr + (e * N + rm[:, None]).to(tl.int64) * I
             w_rows = w_ptr + e.to(tl.int64) * D * I + rd[:, None] * I
-            for kb in range(0, KI):
-                rk = kb * BK + tl.arange(0, BK)
-                kmask = rk < I
-                a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(w), acc)
+            acc = _down_dots(a_rows, w_rows, acc, mmask, dmask, I, BK, KI, IEEE)
     tl.store(p_ptr + (s * N + rm[:, None]).to(tl.int64) * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
@@ -200,21 +216,9 @@ def _routed_gate_up_kernel(x_ptr, w_ptr, wt_ptr, pairs_ptr, cnt_ptr, a_ptr, N, D
         wv = tl.load(wt_ptr + p, mask=mmask, other=0.0)
         g_rows = w_ptr + e.to(tl.int64) * 2 * I * D + ri[:, None] * D
         u_rows = g_rows + I * D
-        x_rows = x_ptr + (p // K)[:, None].to(tl.int64) * D
-        acc_g = tl.zeros((BM, BI), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BI), dtype=tl.float32)
-        for kb in range(0, KD):
-            rk = kb * BK + tl.arange(0, BK)
-            kmask = rk < D
-            x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            wg = tl.load(g_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
-            wu = tl.load(u_rows + rk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:
-                acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision="ieee")
-                acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(x, tl.trans(wg), acc_g)
-                acc_u = tl.dot(x, tl.trans(wu), acc_u)
+        acc_g, acc_u = _gate_up_dots(x_ptr + (p // K)[:, None].to(tl.int64) * D, g_rows, u_rows,
+                                     tl.zeros((BM, BI), dtype=tl.float32), tl.zeros((BM, BI), dtype=tl.float32),
+                                     mmask, imask, D, BK, KD, IEEE)
         a = acc_g * tl.sigmoid(acc_g) * acc_u * wv[:, None]
         tl.store(a_ptr + p[:, None].to(tl.int64) * I + ri[None, :], a.to(a_ptr.dtype.element_ty),
                  mask=mmask[:, None] & imask[None, :])
@@ -230,16 +234,7 @@ def _routed_down_kernel(a_ptr, w_ptr, pairs_ptr, cnt_ptr, y_ptr, N, D, I, BM: tl
         dmask = rd < D
         a_rows = a_ptr + p[:, None].to(tl.int64) * I
         w_rows = w_ptr + e.to(tl.int64) * D * I + rd[:, None] * I
-        acc = tl.zeros((BM, BD), dtype=tl.float32)
-        for kb in range(0, KI):
-            rk = kb * BK + tl.arange(0, BK)
-            kmask = rk < I
-            a = tl.load(a_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_rows + rk[None, :], mask=dmask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
+        acc = _down_dots(a_rows, w_rows, tl.zeros((BM, BD), dtype=tl.float32), mmask, dmask, I, BK, KI, IEEE)
         tl.store(y_ptr + p[:, None].to(tl.int64) * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 

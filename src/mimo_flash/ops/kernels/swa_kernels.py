@@ -43,27 +43,38 @@ def _allowed(qpos, kpos, qseg, kseg, valid, WINDOW: tl.constexpr, HAS_SEG: tl.co
 
 
 @triton.jit
+def _load_rows(X, POS, SEG, b, T, r0, x_head, sxt, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr,
+               DB: tl.constexpr, BLOCK: tl.constexpr, POS_OTHER: tl.constexpr, SEG_OTHER: tl.constexpr):
+    """A tile of query or key rows at r0: (x first DA dims, x last DB dims (or the first again if DB == 0), positions,
+    segments, valid); rows past T take POS_OTHER and SEG_OTHER."""
+    offs = r0 + tl.arange(0, BLOCK)
+    mask = offs < T
+    rows = x_head + offs[:, None] * sxt
+    xa = tl.load(rows + tl.arange(0, DA)[None, :], mask=mask[:, None], other=0.0)
+    if DB > 0:
+        xb = tl.load(rows + DA + tl.arange(0, DB)[None, :], mask=mask[:, None], other=0.0)
+    else:
+        xb = xa
+    if PLAIN:
+        pos = offs
+    else:
+        pos = tl.load(POS + b * T + offs, mask=mask, other=POS_OTHER)
+    if HAS_SEG:
+        seg = tl.load(SEG + b * T + offs, mask=mask, other=SEG_OTHER)
+    else:
+        seg = pos
+    return xa, xb, pos, seg, mask
+
+
+@triton.jit
 def _load_keys(K, V, POS, SEG, b, T, n0, k_head, v_head, skt, svt,
                PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                DV: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key tile at n0: (k first DA dims, k last DB dims (or the first again if DB == 0), v, positions, segments, valid)."""
+    ka, kb, kpos, kseg, mask_n = _load_rows(K, POS, SEG, b, T, n0, k_head, skt, PLAIN, HAS_SEG, DA, DB, BLOCK_N,
+                                            1073741824, -2)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < T
-    k_rows = k_head + offs_n[:, None] * skt
-    ka = tl.load(k_rows + tl.arange(0, DA)[None, :], mask=mask_n[:, None], other=0.0)
-    if DB > 0:
-        kb = tl.load(k_rows + DA + tl.arange(0, DB)[None, :], mask=mask_n[:, None], other=0.0)
-    else:
-        kb = ka
     vv = tl.load(v_head + offs_n[:, None] * svt + tl.arange(0, DV)[None, :], mask=mask_n[:, None], other=0.0)
-    if PLAIN:
-        kpos = offs_n
-    else:
-        kpos = tl.load(POS + b * T + offs_n, mask=mask_n, other=1073741824)
-    if HAS_SEG:
-        kseg = tl.load(SEG + b * T + offs_n, mask=mask_n, other=-2)
-    else:
-        kseg = kpos
     return ka, kb, vv, kpos, kseg, mask_n
 
 
@@ -72,23 +83,21 @@ def _load_queries(Q, POS, SEG, b, T, m0, q_head, sqt,
                   PLAIN: tl.constexpr, HAS_SEG: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                   BLOCK_M: tl.constexpr):
     """Query tile at m0: (q first DA dims, q last DB dims (or the first again), positions, segments, valid)."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < T
-    q_rows = q_head + offs_m[:, None] * sqt
-    qa = tl.load(q_rows + tl.arange(0, DA)[None, :], mask=mask_m[:, None], other=0.0)
-    if DB > 0:
-        qb = tl.load(q_rows + DA + tl.arange(0, DB)[None, :], mask=mask_m[:, None], other=0.0)
-    else:
-        qb = qa
-    if PLAIN:
-        qpos = offs_m
-    else:
-        qpos = tl.load(POS + b * T + offs_m, mask=mask_m, other=-1)
-    if HAS_SEG:
-        qseg = tl.load(SEG + b * T + offs_m, mask=mask_m, other=-1)
-    else:
-        qseg = qpos
-    return qa, qb, qpos, qseg, mask_m
+    return _load_rows(Q, POS, SEG, b, T, m0, q_head, sqt, PLAIN, HAS_SEG, DA, DB, BLOCK_M, -1, -1)
+
+
+@triton.jit
+def _head_queries(Q, POS, SEG, sqb, sqh, sqt, T, H, REP: tl.constexpr, PLAIN: tl.constexpr, HAS_SEG: tl.constexpr,
+                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query-tile program's (batch row, head, kv head, first query) from its grid place (tile, b * H + h), and
+    its tile (_load_queries)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    m0 = tl.program_id(0) * BLOCK_M
+    qa, qb, qpos, qseg, mask_m = _load_queries(Q, POS, SEG, b, T, m0, Q + b * sqb + h * sqh, sqt, PLAIN, HAS_SEG, DA,
+                                               DB, BLOCK_M)
+    return b, h, h // REP, m0, qa, qb, qpos, qseg, mask_m
 
 
 @triton.jit
@@ -126,14 +135,9 @@ def _swa_fwd(Q, K, V, POS, SEG, SINK, O, LSE,
              HAS_SINK: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATIC: tl.constexpr):
     """One query tile of one head: O [B, H, T, DV] and LSE [B, H, T] (base 2, sink included)."""
-    pid_m = tl.program_id(0)
+    b, h, hk, m0, qa, qb, qpos, qseg, mask_m = _head_queries(Q, POS, SEG, sqb, sqh, sqt, T, H, REP, PLAIN, HAS_SEG,
+                                                             DA, DB, BLOCK_M)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // REP
-    m0 = pid_m * BLOCK_M
-    qa, qb, qpos, qseg, mask_m = _load_queries(Q, POS, SEG, b, T, m0, Q + b * sqb + h * sqh, sqt,
-                                               PLAIN, HAS_SEG, DA, DB, BLOCK_M)
     if HAS_SINK:  # the sink is a key with score sink_h and no value
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
@@ -307,14 +311,9 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
     kernel, which runs after this one), then dQ. DQ [B, H, T, DA + DB] has strides sdqb, sdqh, sdqt.
     With the sink, the tile's share of d sink_h, -sum_i exp(sink_h - lse_i) Delta_i, goes to
     DSINK [B * H, tiles]. ROPE: dQ before RoPE (see _swa_bwd_dkdv)."""
-    pid_m = tl.program_id(0)
+    b, h, hk, m0, qa, qb, qpos, qseg, mask_m = _head_queries(Q, POS, SEG, sqb, sqh, sqt, T, H, REP, PLAIN, HAS_SEG,
+                                                             DA, DB, BLOCK_M)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // REP
-    m0 = pid_m * BLOCK_M
-    qa, qb, qpos, qseg, mask_m = _load_queries(Q, POS, SEG, b, T, m0, Q + b * sqb + h * sqh, sqt,
-                                               PLAIN, HAS_SEG, DA, DB, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + tl.arange(0, DV)[None, :], mask=mask_m[:, None],
                  other=0.0)
@@ -325,7 +324,7 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
     tl.store(DELTA + bh * T + offs_m, delta, mask=mask_m)
     if HAS_SINK:
         share = tl.exp2(tl.load(SINK + h).to(tl.float32) * 1.4426950408889634 - lse)  # the sink's share of each row
-        tl.store(DSINK + bh * tl.num_programs(0) + pid_m, -tl.sum(tl.where(mask_m, share * delta, 0.0), 0))
+        tl.store(DSINK + bh * tl.num_programs(0) + tl.program_id(0), -tl.sum(tl.where(mask_m, share * delta, 0.0), 0))
     dqa = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, DB if DB > 0 else DA], dtype=tl.float32)
     lo = (tl.maximum(m0 - (BAND - 1), 0) // BLOCK_N) * BLOCK_N
