@@ -101,6 +101,15 @@ def _head_queries(Q, POS, SEG, sqb, sqh, sqt, T, H, REP: tl.constexpr, PLAIN: tl
 
 
 @triton.jit
+def _key_band(K, V, b, hk, m0, T, skb, skh, svb, svh, BAND: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """The keys a query tile at m0 can see, [lo, hi) (lo on a key block's start), and its kv head's key and value
+    rows."""
+    lo = (tl.maximum(m0 - (BAND - 1), 0) // BLOCK_N) * BLOCK_N
+    return lo, tl.minimum(m0 + BLOCK_M, T), K + b * skb + hk * skh, V + b * svb + hk * svh
+
+
+@triton.jit
 def _scores(xa, xb, ya, yb, DB: tl.constexpr):
     """x [R, D] . y [C, D]^T over both parts of the head dim -> [R, C] fp32."""
     s = tl.dot(xa, tl.trans(ya))
@@ -145,10 +154,7 @@ def _swa_fwd(Q, K, V, POS, SEG, SINK, O, LSE,
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
-    lo = (tl.maximum(m0 - (BAND - 1), 0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    k_head = K + b * skb + hk * skh
-    v_head = V + b * svb + hk * svh
+    lo, hi, k_head, v_head = _key_band(K, V, b, hk, m0, T, skb, skh, svb, svh, BAND, BLOCK_M, BLOCK_N)
     if STATIC:
         for j in range((BLOCK_M + BAND - 1 + BLOCK_N - 1) // BLOCK_N + 1):
             if lo + j * BLOCK_N < hi:
@@ -327,10 +333,7 @@ def _swa_bwd_dq(Q, K, V, DO, O, LSE, DELTA, POS, SEG, COS, SIN, DQ, SINK, DSINK,
         tl.store(DSINK + bh * tl.num_programs(0) + tl.program_id(0), -tl.sum(tl.where(mask_m, share * delta, 0.0), 0))
     dqa = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, DB if DB > 0 else DA], dtype=tl.float32)
-    lo = (tl.maximum(m0 - (BAND - 1), 0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    k_head = K + b * skb + hk * skh
-    v_head = V + b * svb + hk * svh
+    lo, hi, k_head, v_head = _key_band(K, V, b, hk, m0, T, skb, skh, svb, svh, BAND, BLOCK_M, BLOCK_N)
     if STATIC:
         for j in range((BLOCK_M + BAND - 1 + BLOCK_N - 1) // BLOCK_N + 1):
             if lo + j * BLOCK_N < hi:
