@@ -3,11 +3,14 @@ options().decode_experts against another, at the token counts those steps give (
 
     python bench/decode_experts.py [--preset mini] [--tokens 16 32 64 128 256] [--modes dense fused grouped_mm triton]
     python bench/decode_experts.py --sweep [fused|routed] [--tokens 128 64 32] [--budget-s 300]
+    python bench/decode_experts.py --skew 1.0 ...  # uneven expert loads, as a trained router gives
 
 Each backend is traced by torch.compile (fullgraph, as the decode graphs trace it) at each token count; 20 calls
 captured in one CUDA graph, the median of 5 replays, in us per call, with the bandwidth of the experts' weights
 (all of them are read once more than E/2 token-expert pairs, the range this covers) and the relative error against
-fp64. Random bf16 weights and routing (distinct experts a token). GPU only.
+fp64. Random bf16 weights and routing (distinct experts a token): uniform, or with --skew a > 0 each token draws its
+experts without replacement with probability proportional to (rank + 1) ** -a (a fixed random ranking of the experts):
+uneven loads, as in a trained model, where some experts get several times the mean pairs. GPU only.
 
 --sweep times a backend's gate/up and down kernels over a grid of tiles at the first token count, each against two
 copies of its weights in turn (so that no call finds them in L2), then the best few again at the other counts, and
@@ -43,7 +46,10 @@ def main() -> None:
     ap.add_argument("--sweep", nargs="?", const="fused", choices=["fused", "routed"],
                     help="time a backend's kernels' tiles (see above)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="--sweep stops starting tiles after this long")
+    ap.add_argument("--skew", type=float, default=0.0, help="uneven expert loads (see above); 0: uniform")
     args = ap.parse_args()
+    if args.skew < 0:
+        ap.error(f"--skew must be >= 0, got {args.skew}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode_experts.py times CUDA kernels: it needs a GPU")
     cfg = MiMoConfig.preset(args.preset)
@@ -53,7 +59,8 @@ def main() -> None:
     down = (torch.randn(E, D, I, generator=g, device="cuda") * I ** -0.5).bfloat16()
     nbytes = (gate_up.numel() + down.numel()) * 2
     print(header(), flush=True)
-    print(f"{args.preset}: {E} experts of {D} x {I}, top {k}; {nbytes / 1e6:.0f} MB of expert weights a layer")
+    print(f"{args.preset}: {E} experts of {D} x {I}, top {k}; {nbytes / 1e6:.0f} MB of expert weights a layer; "
+          f"routing {'uniform' if not args.skew else f'skewed (a = {args.skew})'}")
     if args.sweep:
         return sweep(args, gate_up, down, k, g)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.tokens))
@@ -64,8 +71,11 @@ def main() -> None:
             print(f"| {N} | " + " | ".join("gather path (N * k <= E / 2)" for _ in args.modes) + " |")
             continue
         x = torch.randn(N, D, generator=g, device="cuda").bfloat16()
-        idx = torch.stack([torch.randperm(E, generator=g, device="cuda")[:k] for _ in range(N)])
+        idx = routing(N, E, k, args.skew, g)
         w = torch.rand(N, k, generator=g, device="cuda")
+        load = torch.bincount(idx.reshape(-1), minlength=E)
+        print(f"N {N}: pairs an expert, mean {N * k / E:.1f}, max {int(load.max())}, experts unused "
+              f"{int((load == 0).sum())}", flush=True)
         want = experts_reference(x.double(), idx, w.double(), gate_up.double(), down.double())
         cells = []
         for mode in args.modes:
@@ -83,14 +93,25 @@ def main() -> None:
         print(f"| {N} | " + " | ".join(cells) + " |", flush=True)
 
 
+def routing(N: int, E: int, k: int, skew: float, g) -> torch.Tensor:
+    """[N, k] distinct experts a token: uniform (skew 0), else drawn without replacement with probability
+    proportional to (rank + 1) ** -skew over one fixed random ranking of the experts."""
+    dev = g.device
+    if not skew:
+        return torch.stack([torch.randperm(E, generator=g, device=dev)[:k] for _ in range(N)])
+    rank = torch.randperm(E, generator=torch.Generator(device=dev).manual_seed(1), device=dev)
+    p = (rank + 1.0) ** -skew
+    return torch.multinomial(p.expand(N, E).contiguous(), k, replacement=False, generator=g)
+
+
 def _grid(name: str, N: int, routed: bool) -> list[dict]:
     """The tiles --sweep tries for one kernel at N tokens (combinations that do not fit a GPU fail and are skipped)."""
     if routed:
         if name == "gate_up":
             return [dict(BI=bi, BK=bk, BM=bm, warps=w, stages=st) for bi in (32, 64, 128) for bk in (64, 128)
-                    for bm in (None, 16) for w in (4, 8) for st in (3,)]
+                    for bm in (None, 16, 32, 64) for w in (4, 8) for st in (3,)]
         return [dict(BD=bd, BK=bk, BM=bm, warps=w, stages=st) for bd in (64, 128, 256) for bk in (64, 128)
-                for bm in (None, 16) for w in (4, 8) for st in (3,)]
+                for bm in (None, 16, 32, 64) for w in (4, 8) for st in (3,)]
     rows = [None, 64] if N > 64 else [None]
     if name == "gate_up":
         return [dict(BI=bi, BK=bk, BM=bm, warps=w, stages=st) for bi in (32, 64, 128) for bk in (64, 128)
@@ -110,7 +131,7 @@ def sweep(args, gate_up, down, k: int, g) -> None:
     best, totals = {}, {}  # totals: per kernel, tile -> [tile, us summed over the token counts, counts timed]
     for n_i, N in enumerate(args.tokens):
         x = torch.randn(N, D, generator=g, device="cuda").bfloat16()
-        idx = torch.stack([torch.randperm(E, generator=g, device="cuda")[:k] for _ in range(N)])
+        idx = routing(N, E, k, args.skew, g)
         wt = torch.rand(N, k, generator=g, device="cuda")
         wd = torch.zeros(N, E, device="cuda").scatter(1, idx, wt)
         if routed:
