@@ -137,7 +137,7 @@ def graph_report(model, B: int, tag: str = "") -> str:
     speculative steps (their tables also written to $OUT, named by batch, step and tag)."""
     from mimo_flash.generation.engine import _RUNNERS
 
-    lines = []
+    lines, tabled = [], set()  # (kind, K) whose kernel table is written: one each, the device run returns few files
     for key, runner in _RUNNERS.get(model, {}).items():
         if key[0] != B or not hasattr(runner, "graphs"):
             continue
@@ -158,7 +158,9 @@ def graph_report(model, B: int, tag: str = "") -> str:
                     table = prof.key_averages().table(sort_by="device_time_total", row_limit=60,
                                                       max_name_column_width=90)
                     lines.append("\n".join(table.splitlines()[:17]))
-                    if os.environ.get("OUT"):
+                    kind = (gkey[0], gkey[2] if gkey[0] in ("spec", "main") else None)
+                    if os.environ.get("OUT") and kind not in tabled:
+                        tabled.add(kind)
                         name = "_".join(map(str, gkey[:4] if gkey[0] == "spec" else gkey[:3:2] if gkey[0] == "main"
                                             else gkey[::3] if gkey[0] == "greedy" else gkey[:1]))
                         Path(os.environ["OUT"], f"profile_b{B}_{name}{'_' + tag if tag else ''}.txt").write_text(table)
