@@ -333,10 +333,11 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
         need nothing from the host.
         rings (rings.SpecRings, adaptive K): each step's token and hidden state are recorded there.
         limit: positions past it are held at it (rows that are done, whose tokens are dropped, stay in the cache)."""
-        P = pos[:, None] + torch.arange(n + 1, device=pos.device)
+        P = pos[None] + torch.arange(n + 1, device=pos.device)[:, None]  # [n + 1, B]
         if limit is not None:
             P = P.clamp(max=limit)
-        # step-major: each step's ids [B, 1] has tok[:, None]'s strides (a compiled step is specialised on them)
+        # step-major: each step's ids and positions [B, 1] have tok[:, None]'s strides (a compiled step is
+        # specialised on them)
         new = torch.empty(n, tok.shape[0], dtype=torch.long, device=tok.device)
         m = 0 if rings is None else min(n, rings.size)  # steps whose hidden states the rings keep (the last m)
         hs = None if rings is None else torch.empty(m, tok.shape[0], rings.h.shape[-1], dtype=rings.h.dtype,
@@ -345,17 +346,17 @@ def _greedy_chunk(runner, bucket: int, n: int, rings=None, limit: int | None = N
         for j in range(n):  # (the Triton step writes a kept hidden state straight into hs: no copy kernel between
             # steps, which would also break the programmatic launch chain of the step's kernels)
             if params is not None and params.do_sample:
-                logits, h = runner.main(ids, P[:, j:j + 1], None, bucket, logits="last", graph=True)
+                logits, h = runner.main(ids, P[j][:, None], None, bucket, logits="last", graph=True)
                 new[j] = sample_token(logits[:, -1], params, None, generator, runner.glue)
                 if j >= n - m:
                     hs[j - n + m] = h[:, 0]
             else:
-                runner.greedy_next(ids, P[:, j:j + 1], bucket, new[j], None if j < n - m else hs[j - n + m])
+                runner.greedy_next(ids, P[j][:, None], bucket, new[j], None if j < n - m else hs[j - n + m])
             ids = new[j][:, None]
         new = new.t()  # [B, n]
         if m:  # the inputs at positions pos + n - m .. pos + n - 1 and their hidden states: one write per slot
-            rings.write(P[:, n - m:n], torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], hs.transpose(0, 1))
-        return dict(tok=new[:, -1], pos=P[:, -1], new=new)
+            rings.write(P[n - m:n].t(), torch.cat([tok[:, None], new[:, :-1]], 1)[:, n - m:], hs.transpose(0, 1))
+        return dict(tok=new[:, -1], pos=P[-1], new=new)
     return fn
 
 

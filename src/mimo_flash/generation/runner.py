@@ -305,12 +305,12 @@ class GraphRunner(Runner):
         if valid is None and B > 1 and T > 1:  # verifications with and without frozen rows: one compiled function
             valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)  # and graph (plain steps keep None)
         key = ("main", B, T, bucket, valid is None, logits)
-        inputs = dict(ids=ids, pos=pos.clamp_min(0))
+        inputs = dict(ids=ids, pos=pos)
         if valid is not None:
             inputs["valid"] = valid
 
-        def fn(ids, pos, valid=None):
-            return self._main(ids, pos, valid, bucket, logits)
+        def fn(ids, pos, valid=None):  # (the clamp inside: one kernel less in a step)
+            return self._main(ids, pos.clamp_min(0), valid, bucket, logits)
 
         return self._run(key, fn, inputs)
 
@@ -403,11 +403,11 @@ class GraphRunner(Runner):
             if out is not None:
                 return out
         key = ("mtp", k, B, T, valid is None)
-        inputs = dict(ids=ids, h_prev=h_prev, pos=pos.clamp_min(0))
+        inputs = dict(ids=ids, h_prev=h_prev, pos=pos)
         if valid is not None:
             inputs["valid"] = valid
 
         def fn(ids, h_prev, pos, valid=None):
-            return self._mtp(k, ids, h_prev, pos, valid)
+            return self._mtp(k, ids, h_prev, pos.clamp_min(0), valid)
 
         return self._run(key, fn, inputs)

@@ -208,31 +208,31 @@ def spec_enter(runner, ids: torch.Tensor, hidden: torch.Tensor, tok: torch.Tenso
                      n_max=N if isinstance(N, int) else 0, k=k_run, fresh=k_run)
 
 
-def _draft(runner, st: SpecState, params: SamplingParams, generator, frozen=None) -> list:
-    """Regular draft phase (after a verification): fills st.drafts / st.q; returns the new stash.
+def _draft(runner, st: SpecState, params: SamplingParams, generator, frozen=None) -> tuple[list, torch.Tensor]:
+    """Regular draft phase (after a verification): fills st.drafts / st.q; returns (the new stash, the tokens at
+    positions N-K .. N+k: st.recent then the drafts, of which the verification's input is the last k + 1).
     frozen [B] or None: rows masked out of the MTP forwards."""
     K, B = st.K, st.N.shape[0]
     ext = st.recent
     h_prev = st.h_main
     greedy = not isinstance(params, RowSampling) and not params.do_sample and st.seen is None
-    drafts, qs, stash = [], [], []
+    qs, stash = [], []
     for k in range(st.k):
         inputs = runner.glue(("draft-inputs", B, K, k), _draft_inputs)
         pos, valid, h_prev = inputs(K, k, st.N, st.N_prev, frozen, h_prev, st.stash[k - 1] if k else None)
-        logits, h = runner.mtp(k, ext, h_prev, pos, valid, graph=True)
+        logits, h_prev = runner.mtp(k, ext, h_prev, pos, valid, graph=True)  # (read before any other replay)
         if greedy:
-            d, h_prev, ext = runner.glue(("draft-greedy", B, K, k), _draft_greedy)(logits, h, ext)
+            ext = runner.glue(("draft-greedy", B, K, k), _draft_greedy)(logits, ext)
             q = None
         else:
-            h_prev = h.clone()
             d, q = draft_token(logits[:, -1], params, st.seen, generator, runner.glue)
             ext = torch.cat([ext, d[:, None]], 1)
-        drafts.append(d)
         qs.append(q)
-        stash.append(h_prev[:, K])  # position N - k - 1
-    st.drafts = torch.stack(drafts, 1) if drafts else torch.zeros(B, 0, dtype=torch.long, device=st.N.device)
+        if k < st.k - 1:  # h_k at position N - k - 1, kept for the next step (past the next replay of a graph)
+            stash.append(h_prev[:, K].clone())
+    st.drafts = ext[:, K + 1:]
     st.q = torch.stack(qs, 1) if params.do_sample and qs else None
-    return stash[:-1]
+    return stash, ext
 
 
 def _draft_inputs(K: int, k: int, N, N_prev, frozen, h_prev, stash):
@@ -251,11 +251,19 @@ def _draft_inputs(K: int, k: int, N, N_prev, frozen, h_prev, stash):
     return pos, valid, h_prev
 
 
-def _draft_greedy(logits, h, ext):
-    """A greedy draft from an MTP layer's last logits [B, 1, V]: (its token [B], the layer's output h [B, T, D] as a
-    new tensor, the tokens ext [B, n] with the draft appended)."""
-    d = logits[:, -1].float().argmax(-1)
-    return d, h.clone(), torch.cat([ext, d[:, None]], 1)
+def _draft_greedy(logits, ext):
+    """The tokens ext [B, n] with the greedy draft of an MTP layer's last logits [B, 1, V] appended."""
+    return torch.cat([ext, logits[:, -1].float().argmax(-1)[:, None]], 1)
+
+
+def _verify_inputs(k: int, N, frozen):
+    """The verification's positions N .. N+k [B, k+1] and valid mask ([B, k+1] or None); frozen rows (frozen [B]
+    or None) masked, at positions 0 .. k (a serving slot's N may be stale, past the cache's end)."""
+    ar = torch.arange(k + 1, device=N.device)
+    pos = N[:, None] + ar[None]
+    if frozen is None:
+        return pos, None
+    return torch.where(frozen[:, None], ar[None], pos), (~frozen)[:, None].expand(-1, k + 1)
 
 
 def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
@@ -398,23 +406,19 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
     K, k, B = st.K, st.k, st.N.shape[0]
     if k > st.fresh:
         raise RuntimeError(f"a step with {k} drafts needs {k} current MTP layers, {st.fresh} are: spec_reprime first")
-    dev = st.N.device
     if st.h_main is not None:  # the first step's drafts come from spec_prefill / spec_reprime
-        new_stash = _draft(runner, st, params, generator, frozen)
+        new_stash, ext = _draft(runner, st, params, generator, frozen)
+        ids = ext[:, K:]  # x_N (recent's last), d_1 .. d_k
     else:  # the drafts of spec_prefill / spec_reprime: this step may verify fewer
         new_stash = list(st.stash)
         st.drafts = st.drafts[:, :k]
         st.q = None if st.q is None else st.q[:, :k]
+        ids = torch.cat([st.tok[:, None], st.drafts], 1)
     d = st.drafts
-    ar = torch.arange(k + 1, device=dev)
-    ids = torch.cat([st.tok[:, None], d], 1)
-    pos = st.N[:, None] + ar[None]
-    valid = None
-    if frozen is not None:  # frozen rows: masked, at positions 0 .. k (a serving slot's N may be stale, past the
-        valid = (~frozen)[:, None].expand(B, k + 1)  # cache's end), their rings kept
-        pos = torch.where(frozen[:, None], ar[None], pos)
+    pos, valid = runner.glue(("verify-inputs", B, k, frozen is None), _verify_inputs)(k, st.N, frozen)
     logits, h = runner.main(ids, pos, valid, st.n_max + k + 1, graph=True)
-    if st.rings is not None:  # committed positions among these are final; the others are rewritten later
+    if st.rings is not None:  # committed positions among these are final; the others are rewritten later (frozen
+        # rows' rings kept)
         st.rings.write(pos, ids, h, keep=frozen)
     st.logits = logits
     state = (st.N, st.N_prev, st.tok, st.recent, st.h_main, h, frozen)
@@ -429,6 +433,7 @@ def _step_core(runner, st: SpecState, params: SamplingParams, generator, frozen)
             a, y = accept(logits, d, st.q, params, generator, seen_j, runner.glue)
         new, count, *state = runner.glue(("advance", B, K, k, False), _advance)(runner.cache, K, k, d, a, y, *state)
         if st.seen is not None:
+            ar = torch.arange(k + 1, device=count.device)
             st.seen.scatter_(1, torch.where(ar[None] < count[:, None], new, st.tok[:, None]), True)
     st.N, st.N_prev, st.tok, st.recent, st.h_main = state
     st.fresh = min(st.fresh, k)
