@@ -110,12 +110,11 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_
 
     x [N, D], weight [E, D], bias [E] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count
     else None), as router(). The logits are route()'s fp32 product: up to ROUTER_FUSED_MACS multiply-adds a
-    reduction that the compiled step fuses into the norm before it (on CUDA, with ROUTER_ROWS_KERNEL, computed in the
-    choice's own kernel instead: kernels/router.py route_rows), above one product (the product is what makes
-    inductor suggest TF32, which would change the logits and so the chosen experts). On CUDA the choice is one
-    Triton kernel (kernels/router.py choose_topk: at 128 rows the ranks below took 6.1 us against 1.6 at 64);
-    elsewhere the top-k comes from ranks: expert e is picked when fewer than k experts beat it (higher score, or
-    equal score and lower index), best first, as the kernel picks.
+    reduction that the compiled step fuses into the norm before it, above one product (the product is what makes
+    inductor suggest TF32, which would change the logits and so the chosen experts). On CUDA the choice is one Triton kernel
+    (kernels/router.py choose_topk: at 128 rows the ranks below took 6.1 us against 1.6 at 64); elsewhere the
+    top-k comes from ranks: expert e is picked when fewer than k experts beat it (higher score, or equal score
+    and lower index), best first, as the kernel picks.
     """
     N, E = x.shape[0], weight.shape[0]
     small = N * E * x.shape[1] <= ROUTER_FUSED_MACS
