@@ -8,7 +8,7 @@ Given fp32 logits [N, E] and top 8: every (rows per program, warps) of the choic
 the ranks' experts, and the kernel's current shape (`_router_meta`). --decode: the residual add and norm before a
 MoE layer's router and route_decode, compiled as a decode step traces them, at 64 / 128 / 256 rows of the mini
 preset's (1024 wide, 64 experts) and the released model's (4096, 256) sizes, with the logits as a reduction fused
-into the norm, as one fp32 product, and in the choice's own kernel (route_rows). us per call: 20 calls captured in a CUDA graph, the median of 5 replays
+into the norm against one fp32 product. us per call: 20 calls captured in a CUDA graph, the median of 5 replays
 (bench/common.py time_us_graphed)."""
 
 from __future__ import annotations
@@ -53,22 +53,6 @@ def kernel(logits, bias, k: int, block_n: int, warps: int):
     return idx, w
 
 
-def rows_kernel_shapes(xn, router_w, bias, k: int) -> str:
-    """route_rows alone at every (rows a program, warps), each checked to choose the default shape's experts."""
-    def call(block_n=None, warps=R.ROWS_KERNEL_WARPS):
-        return R.route_rows(xn, router_w, bias, k, True, 2.5, block_n, warps)
-    want = call()[0]
-    shapes = []
-    for block_n in (1, 2, 4, 8):
-        for warps in (1, 2, 4, 8):
-            if not torch.equal(call(block_n, warps)[0], want):
-                raise SystemExit(f"route_rows {block_n} rows x {warps} warps: other experts than the default shape")
-            shapes.append((time_us_graphed(lambda: call(block_n, warps)), block_n, warps))
-    shapes.sort()
-    return (f"route_rows alone, N {xn.shape[0]}: default shape {time_us_graphed(call):.1f} us; best (rows x warps: "
-            "us) " + ", ".join(f"{b} x {w}: {t:.1f}" for t, b, w in shapes[:4]))
-
-
 def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int = 8, device: str = "cuda") -> None:
     """route_decode after the residual add and norm, compiled, with the logits fused into the norm (a reduction)
     and as one fp32 product (F.linear): us per call and the share of rows choosing the same experts."""
@@ -77,7 +61,7 @@ def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int =
     def step(h, y, norm_w, router_w, bias):
         h2, xn = add_rms_norm.plain(h, y, norm_w, 1e-6)
         idx, w, _ = moe.route_decode(xn, router_w, bias, k, True, 2.5)
-        return h2, idx, w, xn
+        return h2, idx, w
 
     for D, E in sizes:
         g = torch.Generator(device=device).manual_seed(D + E)
@@ -87,26 +71,20 @@ def decode_router(rows=(64, 128, 256), sizes=((1024, 64), (4096, 256)), k: int =
         for N in rows:
             h, y = (torch.randn(N, D, generator=g, device=device).bfloat16() for _ in range(2))
             res = {}
-            for name, macs, rows_kernel in (("fused", 1 << 62, False), ("product", 0, False),
-                                            ("kernel", 1 << 62, True)):
-                # (read when the step is traced: a fresh compile for each)
-                moe.ROUTER_FUSED_MACS, moe.ROUTER_ROWS_KERNEL = macs, rows_kernel
+            for name, macs in (("fused", 1 << 62), ("product", 0)):
+                moe.ROUTER_FUSED_MACS = macs  # (read when the step is traced: a fresh compile for each)
                 torch._dynamo.reset()
                 fn = torch.compile(step)
-                out = fn(h, y, norm_w, router_w, bias)
-                res[name] = (out[1], time_us_graphed(lambda: fn(h, y, norm_w, router_w, bias)), out[3])
-            same = {n: (res[n][0].sort(-1).values == res["product"][0].sort(-1).values).all(-1).float().mean()
-                    for n in ("fused", "kernel")}
-            if D * E <= 1 << 16:  # the rows kernel alone by shape (rows a program x warps)
-                print("  " + rows_kernel_shapes(res["kernel"][2], router_w, bias, k), flush=True)
+                res[name] = (fn(h, y, norm_w, router_w, bias)[1], time_us_graphed(lambda: fn(h, y, norm_w, router_w,
+                                                                                          bias)))
+            same = (res["fused"][0].sort(-1).values == res["product"][0].sort(-1).values).all(-1).float().mean()
             print(f"decode router D {D} E {E} N {N:4d}: logits fused into the norm {res['fused'][1]:6.1f} us | "
-                  f"one fp32 product {res['product'][1]:6.1f} us | logits and choice in one kernel (route_rows) "
-                  f"{res['kernel'][1]:6.1f} us | rows choosing the product's experts: fused {same['fused']:.3f}, "
-                  f"kernel {same['kernel']:.3f}", flush=True)
-    moe.ROUTER_FUSED_MACS, moe.ROUTER_ROWS_KERNEL = ROUTER_FUSED_MACS, ROUTER_ROWS_KERNEL
+                  f"one fp32 product {res['product'][1]:6.1f} us | rows choosing the same experts {same:.3f}",
+                  flush=True)
+    moe.ROUTER_FUSED_MACS = ROUTER_FUSED_MACS
 
 
-ROUTER_FUSED_MACS, ROUTER_ROWS_KERNEL = moe.ROUTER_FUSED_MACS, moe.ROUTER_ROWS_KERNEL
+ROUTER_FUSED_MACS = moe.ROUTER_FUSED_MACS
 
 
 def main() -> None:

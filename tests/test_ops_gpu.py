@@ -250,30 +250,6 @@ def test_router_kernel_is_fp32_routing(E):
     check([("dx", rel(x.grad, x64.grad))], tol=1e-2)
 
 
-def test_router_rows_kernel_is_fp32_routing():
-    """route_rows (route_decode's logits and choice in one kernel, decode sizes: the mini preset's 1024 x 64 at 64
-    and 128 rows) against fp64: the same top-8, best first, wherever the scores are apart by more than the fp32
-    rounding; the weights to fp32 precision; and inside a compiled function (as decode steps trace it)."""
-    from mimo_flash.ops.kernels.router import route_rows
-    g = torch.Generator(device=DEV).manual_seed(3)
-    D, E, k = 1024, 64, 8
-    w0 = torch.randn(E, D, generator=g, device=DEV) * D ** -0.5
-    bias = torch.randn(E, generator=g, device=DEV) * 0.01
-    for N in (64, 128):
-        x = torch.randn(N, D, generator=g, device=DEV).bfloat16()
-        idx, wt = route_rows(x, w0, bias, k, True, 2.5)
-        idx2, wt2 = torch.compile(route_rows, fullgraph=True)(x, w0, bias, k, True, 2.5)
-        assert torch.equal(idx, idx2) and torch.equal(wt, wt2)
-        s64 = torch.sigmoid(x.double() @ w0.double().t())
-        top = (s64 + bias.double()).topk(k + 1, dim=-1)
-        gaps = (top.values[:, :-1] - top.values[:, 1:]).min(-1).values
-        clear = gaps > 1e-5
-        assert clear.float().mean() > 0.9
-        assert torch.equal(idx[clear], top.indices[clear, :k])
-        sel = s64.gather(1, idx)
-        check([("w", rel(wt, sel / (sel.sum(-1, keepdim=True) + 1e-20) * 2.5))], tol=1e-5)
-
-
 @pytest.mark.parametrize("fn", [attention_triton, attention_cudnn])
 def test_model_layout_heads_after_tokens(fn):
     """q, k, v as the model passes them: [B, H, T, d] views of [B, T, H, d] tensors."""

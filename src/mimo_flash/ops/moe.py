@@ -99,8 +99,6 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
 # 1024 x 64, 64 rows fused 9.4 us against 12.3, 128 rows 13.8 against 13.5; at the released 4096 x 256, 64 rows
 # 47.4 against 19.0
 ROUTER_FUSED_MACS = 1 << 23
-# on CUDA, up to ROUTER_FUSED_MACS: the logits and the choice in one Triton kernel (kernels/router.py route_rows)
-ROUTER_ROWS_KERNEL = True
 
 
 def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool,
@@ -117,16 +115,15 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_
     and lower index), best first, as the kernel picks.
     """
     N, E = x.shape[0], weight.shape[0]
-    small = N * E * x.shape[1] <= ROUTER_FUSED_MACS
+    if N * E * x.shape[1] > ROUTER_FUSED_MACS:
+        logits = F.linear(x.float(), weight.float())
+    else:
+        logits = (x.float()[:, None, :] * weight.float()).sum(-1)  # [N, E]
     if x.is_cuda:
-        from .kernels.router import choose_supported, choose_topk, route_rows
+        from .kernels.router import choose_supported, choose_topk
         if choose_supported(E, top_k):
-            if small and ROUTER_ROWS_KERNEL:
-                idx, w = route_rows(x, weight, bias, top_k, norm_topk_prob, scaling)
-            else:
-                idx, w = choose_topk(_decode_logits(x, weight, small), bias, top_k, norm_topk_prob, scaling)
+            idx, w = choose_topk(logits, bias, top_k, norm_topk_prob, scaling)
             return idx, w, expert_counts(idx, E) if count else None
-    logits = _decode_logits(x, weight, small)
     scores = logits.sigmoid()
     choice = scores + bias.float()
     ar = torch.arange(E, device=x.device)
@@ -139,13 +136,6 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_
     if norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     return idx, w * scaling, expert_counts(idx, E) if count else None
-
-
-def _decode_logits(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> torch.Tensor:
-    """route()'s fp32 logits [N, E]: a reduction the compiled step fuses into the norm before it, or one product."""
-    if fused:
-        return (x.float()[:, None, :] * weight.float()).sum(-1)
-    return F.linear(x.float(), weight.float())
 
 
 def _expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

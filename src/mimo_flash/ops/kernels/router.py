@@ -37,12 +37,20 @@ def _split_kernel(W, W3, n, BLOCK: tl.constexpr):
     tl.store(W3 + 2 * n + offs, lo, mask=mask)
 
 
-@triton.jit
-def _choose_rows(acc, rows, rmask, BIAS, IDX, WT, SEL, COUNTS, scaling, E: tl.constexpr, K: tl.constexpr,
-                 KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """From the fp32 logits acc [BLOCK_N, E] of rows `rows`: each row's top-k ids (best first, ties to the lower
-    expert), weights and sigmoid scores (and the counts)."""
+@triton.jit  # (launched through Triton's own path by choose_topk, which compiled decode steps trace)
+def _router_choose_kernel(L, BIAS, IDX, WT, SEL, COUNTS, N, scaling, E: tl.constexpr, K: tl.constexpr,
+                          KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PARTS: tl.constexpr = 3):
+    """The PARTS fp32 products L [N, PARTS * E] (the three parts', or the logits themselves) summed into the
+    logits, then each row's top-k ids (best first, ties to the lower expert), weights and sigmoid scores (and
+    the counts)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
     cols = tl.arange(0, E)
+    p = L + rows.to(tl.int64)[:, None] * (PARTS * E) + cols[None, :]
+    acc = tl.load(p, mask=rmask[:, None], other=0.0)
+    for j in tl.static_range(1, PARTS):
+        acc += tl.load(p + j * E, mask=rmask[:, None], other=0.0)
     s = tl.sigmoid(acc)
     choice = s + tl.load(BIAS + cols)[None, :]
     kcols = tl.arange(0, KP)
@@ -66,42 +74,6 @@ def _choose_rows(acc, rows, rmask, BIAS, IDX, WT, SEL, COUNTS, scaling, E: tl.co
     tl.store(SEL + out, sel, mask=omask)
     if COUNT:
         tl.atomic_add(COUNTS + cols, tl.sum(tl.where(rmask[:, None], chosen, 0), 0))
-
-
-@triton.jit  # (launched through Triton's own path by choose_topk, which compiled decode steps trace)
-def _router_choose_kernel(L, BIAS, IDX, WT, SEL, COUNTS, N, scaling, E: tl.constexpr, K: tl.constexpr,
-                          KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PARTS: tl.constexpr = 3):
-    """The PARTS fp32 products L [N, PARTS * E] (the three parts', or the logits themselves) summed into the
-    logits, then _choose_rows."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    cols = tl.arange(0, E)
-    p = L + rows.to(tl.int64)[:, None] * (PARTS * E) + cols[None, :]
-    acc = tl.load(p, mask=rmask[:, None], other=0.0)
-    for j in tl.static_range(1, PARTS):
-        acc += tl.load(p + j * E, mask=rmask[:, None], other=0.0)
-    _choose_rows(acc, rows, rmask, BIAS, IDX, WT, SEL, COUNTS, scaling, E, K, KP, NORM, COUNT, BLOCK_N)
-
-
-@triton.jit  # (launched through Triton's own path by route_rows, which compiled decode steps trace)
-def _router_rows_kernel(X, W, BIAS, IDX, WT, SEL, COUNTS, N, stride_x, scaling, D: tl.constexpr, E: tl.constexpr,
-                        K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    """The logits of tokens X [N, D] (any float dtype) and the fp32 weight W [E, D] as fp32 sums over D in blocks
-    of BLOCK_D, then _choose_rows."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    cols = tl.arange(0, E)
-    acc = tl.zeros((BLOCK_N, E), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):  # (D constexpr: Triton's interpreter takes no other loop bound)
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + dd[None, :], mask=rmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(W + cols.to(tl.int64)[:, None] * D + dd[None, :], mask=dmask[None, :], other=0.0)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
-    _choose_rows(acc, rows, rmask, BIAS, IDX, WT, SEL, COUNTS, scaling, E, K, KP, NORM, False, BLOCK_N)
 
 
 @launcher
@@ -223,37 +195,6 @@ def choose_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool
     if N:
         _router_choose_kernel[(grid,)](logits.float().contiguous(), bias.float().contiguous(), idx, w, sel, counts,
                                        N, float(scaling), COUNT=False, PARTS=1, **meta)
-    return idx, w
-
-
-# route_rows: each program's [rows, experts, BLOCK_D] products in registers, at most this many elements
-ROWS_KERNEL_ELEMENTS = 8192
-
-
-ROWS_KERNEL_WARPS = 4
-
-
-def route_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, scaling: float,
-               block_n: int | None = None, warps: int = ROWS_KERNEL_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens x [N, D] and the fp32 weight [E, D] (see choose_supported) -> choose_topk's (indices, weights) of the
-    logits computed in the same kernel, as fp32 sums (each program reads the whole weight: for decode steps' few
-    rows and small weights, ops.moe.route_decode's ROUTER_FUSED_MACS). Launched through Triton's own path, which
-    torch.compile traces. block_n: rows a program (default _router_meta's)."""
-    N, D = x.shape
-    E = weight.shape[0]
-    grid, meta = _router_meta(N, E, top_k, norm)
-    if block_n is not None:
-        grid, meta["BLOCK_N"] = triton.cdiv(N, block_n), block_n
-    block_d = max(16, min(128, ROWS_KERNEL_ELEMENTS // (meta["BLOCK_N"] * E)))
-    meta["num_warps"] = warps
-    idx = torch.empty(N, top_k, device=x.device, dtype=torch.long)
-    w = torch.empty(N, top_k, device=x.device, dtype=torch.float32)
-    sel = torch.empty_like(w)
-    counts = torch.zeros(1, device=x.device, dtype=torch.int64)
-    if N:
-        x = last_dim_contiguous(x)
-        _router_rows_kernel[(grid,)](x, weight.float().contiguous(), bias.float().contiguous(), idx, w, sel, counts,
-                                     N, x.stride(0), float(scaling), D=D, BLOCK_D=block_d, **meta)
     return idx, w
 
 
