@@ -263,7 +263,8 @@ def _verify_inputs(k: int, N, frozen):
     pos = N[:, None] + ar[None]
     if frozen is None:
         return pos, None
-    return torch.where(frozen[:, None], ar[None], pos), (~frozen)[:, None].expand(-1, k + 1)
+    fz = frozen[:, None] & (ar[None] >= 0)  # [B, k+1], as pos: one kernel writes both (not a [B] one besides)
+    return torch.where(fz, ar[None], pos), ~fz
 
 
 def spec_step(runner, st: SpecState, params: SamplingParams, generator, frozen: torch.Tensor | None = None):
