@@ -280,4 +280,11 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     _routed_down_kernel[(triton.cdiv(N, bm), triton.cdiv(D, dn["BD"]), E)](
         a, down, pairs, cnt, y, N, D, I, BM=bm, BD=dn["BD"], BK=dn["BK"], KI=triton.cdiv(I, dn["BK"]),
         IEEE=x.dtype == torch.float32, num_warps=dn["warps"], num_stages=dn["stages"])
-    return y.view(N, k, D).sum(1).to(x.dtype)
+    # a token's k products added in slot order: one elementwise kernel once traced ([N, D] outputs, k coalesced
+    # loads each), where .sum(1) over the strided slot dimension became a reduction that read its 4 MB at 0.4 TB/s
+    # (10.6 us at 128 tokens on the H100, 2026-12-07)
+    y = y.view(N, k, D)
+    out = y[:, 0]
+    for j in range(1, k):
+        out = out + y[:, j]
+    return out.to(x.dtype)
