@@ -172,6 +172,10 @@ def case(B, H, Hkv, Tq, S, D, Dv, window, sink, dtype, seed, tiles=None):
         k_pos = torch.stack([torch.randperm(S, generator=g) + int(x) - S + 1 for x in last])
         k_seg = torch.where(k_pos >= 0, 0, -1)
         k_seg[:, 3] = -1
+        # the kernel reads the tables as given: here int32, positions a column slice of a wider table
+        wide = torch.full((B, S + 5), -7, dtype=torch.int32)
+        wide[:, 2:S + 2] = k_pos
+        k_pos, q_seg = wide[:, 2:S + 2], q_seg.int()
     meta = AttnMeta(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, aligned=False, plain=False)
     sk = torch.randn(H, generator=g) if sink else None
     want = cache_attention(q.double(), k.double(), v.double(), meta, 0.1, window, None if sk is None else sk.double())

@@ -44,15 +44,15 @@ def _scores(q, k_row, n, nmask, sks, d, DQK: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, n0, hi, window, scale, sks, svs, d,
-           d2, dv, DQK: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
-           IEEE: tl.constexpr):
+def _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, skp, sksg, n0, hi, window, scale,
+           sks, svs, d, d2, dv, DQK: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_D: tl.constexpr,
+           HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
     """One block of keys [n0, n0 + BLOCK_N) (those below hi) into the online softmax of the program's rows. q: the
     queries' first len(d) dims, q2 their dims d2 (SPLIT_D)."""
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < hi
-    kpos = tl.load(kpos_ptr + n, mask=nmask, other=0)
-    kseg = tl.load(kseg_ptr + n, mask=nmask, other=-4)
+    kpos = tl.load(kpos_ptr + n * skp, mask=nmask, other=0)
+    kseg = tl.load(kseg_ptr + n * sksg, mask=nmask, other=-4)
     s = _scores(q, k_row, n, nmask, sks, d, DQK, IEEE)
     if SPLIT_D:
         s += _scores(q2, k_row, n, nmask, sks, d2, DQK, IEEE)
@@ -74,7 +74,8 @@ def _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr, kseg_ptr, n
 
 @triton.jit
 def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_ptr, acc_ptr, m_ptr, l_ptr,
-                       S, Tq, window, scale, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                       S, Tq, window, scale, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sqpb, sqpt, sqsb, sqst,
+                       skpb, skp, sksgb, sksg,
                        REP: tl.constexpr, HKV: tl.constexpr, NS: tl.constexpr, DQK: tl.constexpr,
                        DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
                        BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -90,8 +91,8 @@ def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_p
     d = tl.arange(0, BLOCK_D)  # the head dims of the first product; SPLIT_D: the rest, from BLOCK_D on
     d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     dv = tl.arange(0, DV)
-    qpos = tl.load(qpos_ptr + b * Tq + t, mask=rmask, other=-1)
-    qseg = tl.load(qseg_ptr + b * Tq + t, mask=rmask, other=-3)
+    qpos = tl.load(qpos_ptr + b * sqpb + t * sqpt, mask=rmask, other=-1)
+    qseg = tl.load(qseg_ptr + b * sqsb + t * sqst, mask=rmask, other=-3)
     q_rows = q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt
     q = tl.load(q_rows + d[None, :], mask=rmask[:, None] & (d[None, :] < DQK), other=0.0)
     q2 = q
@@ -114,14 +115,14 @@ def _cache_attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, qseg_ptr, kpos_ptr, kseg_p
     if STATIC:  # Triton's interpreter: no loop to a runtime bound
         for j in range(BLOCKS):
             if lo + j * BLOCK_N < hi:
-                m_i, l_i, acc = _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S,
-                                       kseg_ptr + b * S, lo + j * BLOCK_N, hi, window, scale, sks, svs, d, d2, dv,
-                                       DQK, BLOCK_N, SPLIT_D, HAS_WINDOW, IEEE)
+                m_i, l_i, acc = _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * skpb,
+                                       kseg_ptr + b * sksgb, skp, sksg, lo + j * BLOCK_N, hi, window, scale, sks,
+                                       svs, d, d2, dv, DQK, BLOCK_N, SPLIT_D, HAS_WINDOW, IEEE)
     else:
         for n0 in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * S,
-                                   kseg_ptr + b * S, n0, hi, window, scale, sks, svs, d, d2, dv, DQK, BLOCK_N,
-                                   SPLIT_D, HAS_WINDOW, IEEE)
+            m_i, l_i, acc = _block(q, q2, qpos, qseg, m_i, l_i, acc, k_row, v_row, kpos_ptr + b * skpb,
+                                   kseg_ptr + b * sksgb, skp, sksg, n0, hi, window, scale, sks, svs, d, d2, dv, DQK,
+                                   BLOCK_N, SPLIT_D, HAS_WINDOW, IEEE)
     base = (pid * NS + sp) * BLOCK_M + rows
     tl.store(m_ptr + base, m_i)
     tl.store(l_ptr + base, l_i)
@@ -185,14 +186,19 @@ def attend_splits(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, window: int
     acc = torch.empty(B * Hkv, ns, block_m, Dv, device=dev, dtype=torch.float32)
     m = torch.empty(B * Hkv, ns, block_m, device=dev, dtype=torch.float32)
     l = torch.empty_like(m)
-    qp = q_pos.expand(B, Tq).to(torch.int32).contiguous()
-    kp = k_pos.expand(B, S).to(torch.int32).contiguous()
-    qs = torch.zeros_like(qp) if q_seg is None else q_seg.expand(B, Tq).to(torch.int32).contiguous()
-    ks = torch.zeros_like(kp) if k_seg is None else k_seg.expand(B, S).to(torch.int32).contiguous()
+    # the tables as the cache holds them (any integer dtype, broadcast rows and sliced columns through strides): no
+    # conversion kernel before each layer's attention
+    qp = q_pos.expand(B, Tq)
+    kp = k_pos.expand(B, S)
+    qs = torch.zeros(1, 1, dtype=torch.int32, device=dev).expand(B, Tq) if q_seg is None else q_seg.expand(B, Tq)
+    ks = torch.zeros(1, 1, dtype=torch.int32, device=dev).expand(B, S) if k_seg is None else k_seg.expand(B, S)
+    for name, x in (("q_pos", qp), ("q_seg", qs), ("k_pos", kp), ("k_seg", ks)):
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise ValueError(f"cache_attention_triton: {name} must be an integer tensor, got {x.dtype}")
     _cache_attn_kernel[(B * Hkv, ns)](
         q, k, v, qp, qs, kp, ks, acc, m, l, S, Tq, 0 if window is None else window, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_D=split_d,
+        v.stride(2), *qp.stride(), *qs.stride(), *kp.stride(), *ks.stride(), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_D=split_d,
         BLOCK_D2=block_d2, BLOCK_N=block_n, BLOCKS=blocks, HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32,
         STATIC=STATIC_LOOPS, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return acc, m, l
