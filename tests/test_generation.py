@@ -17,8 +17,8 @@ from mimo_flash.generation.cache import MAIN, bytes_report
 from mimo_flash.generation import engine
 from mimo_flash.generation.engine import prefill
 from mimo_flash.generation.runner import Runner
-from mimo_flash.generation.sampling import (SamplingParams, argmax, choose_rows, process, sample_from_probs,
-                                            sample_token, uniforms)
+from mimo_flash.generation.sampling import (SamplingParams, choose_rows, process, sample_from_probs, sample_token,
+                                            uniforms)
 from mimo_flash.ops.attention import AttnMeta, attention_reference
 
 
@@ -546,30 +546,6 @@ def test_processors_match_transformers():
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     fin = torch.isfinite(ref)
     assert torch.allclose(ours[fin], ref[fin], atol=1e-5)
-
-
-def tied_logits(shape, dtype, seed=0):
-    """Logits with many equal maxima, NaNs (two in one row, a row of them) and a row of -inf."""
-    x = torch.randint(0, 5, shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    V = shape[-1]
-    x[0, V // 2] = x[0, V - 1] = float("nan")
-    x[1] = float("-inf")
-    x[2] = float("nan")
-    x[3, V - 1] = 9  # the largest in the last slice
-    return x
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_two_pass_argmax_is_torchs_argmax(compiled):
-    f = torch.compile(argmax, dynamic=False) if compiled else argmax
-    cases = ((32000, torch.bfloat16),) + (() if compiled else ((1000, torch.float32), (97, torch.float32)))
-    for V, dtype in cases:
-        x = tied_logits((6, V), dtype)
-        for parts in ((None, 8) if compiled else (None, 1, 2, 4, 8) if V % 8 == 0 else (None, 1)):
-            assert torch.equal(f(x, parts), x.argmax(-1)), (V, parts)
-        assert torch.equal(f(x[:, None].expand(6, 3, V)), x.argmax(-1)[:, None].expand(6, 3))  # leading dims
-    with pytest.raises(ValueError, match="3 parts do not divide the last dimension 1000"):
-        argmax(torch.zeros(2, 1000), 3)
 
 
 def test_sample_from_probs_is_multinomials_draw():

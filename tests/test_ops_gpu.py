@@ -270,20 +270,6 @@ def test_counting_sort_by_expert_is_the_stable_argsort():
         assert torch.equal(tok, order // k) and torch.equal(offs, counts.cumsum(0).int())
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_two_pass_argmax_cuda(compiled):
-    from mimo_flash.generation.sampling import argmax
-    f = torch.compile(argmax, dynamic=False) if compiled else argmax
-    g = torch.Generator(device=DEV).manual_seed(0)
-    for B, V in ((64, 32000), (128, 152576), (5, 1000)):
-        x = torch.randint(0, 5, (B, V), generator=g, device=DEV).bfloat16()  # many equal maxima
-        x[0, V // 2] = x[0, V - 1] = float("nan")
-        x[1] = float("-inf")
-        x[3, V - 1] = 9
-        for parts in (None, 1, 2, 8):
-            assert torch.equal(f(x, parts), x.argmax(-1)), (B, V, parts)
-
-
 def test_gather_sum_kernel():
     g = torch.Generator(device=DEV).manual_seed(0)
     for N, k, D in ((1000, 8, 4096), (37, 3, 200)):

@@ -15,14 +15,14 @@ from dataclasses import astuple
 import torch
 import torch.nn.functional as F
 
-from .sampling import GREEDY, SamplingParams, argmax, eager, exponentials, process, row_groups, uniforms
+from .sampling import GREEDY, SamplingParams, eager, exponentials, process, row_groups, uniforms
 
 
 def greedy_accept(logits: torch.Tensor, d: torch.Tensor):
     """Verification logits [B, k+1, V] (any float dtype; processed where a penalty applies) of drafts d [B, k] ->
     (drafts accepted a [B], the target's token after them y [B])."""
     k = d.shape[1]
-    g = argmax(logits)
+    g = logits.float().argmax(-1)
     a = torch.cumprod((d == g[:, :k]).long(), 1).sum(1)
     return a, g.gather(1, a[:, None])[:, 0]
 

@@ -54,25 +54,6 @@ class SamplingParams:
 GREEDY = SamplingParams()  # greedy decoding, no penalty
 
 
-def argmax(x: torch.Tensor, parts: int | None = None) -> torch.Tensor:
-    """torch.argmax(x, -1), the same index (the first of equal maxima; the first NaN), in two passes: the maximum
-    and its index within each of `parts` equal slices of the last dimension, then the first slice holding the
-    largest. A decode batch's logits are a few rows over the vocabulary; one pass over them runs a program a
-    row and leaves most of a GPU idle, the first of these two runs `parts` programs a row. parts: by default
-    the most slices (up to 64) of at least 256 entries that divide the dimension; 1 is one pass."""
-    V = x.shape[-1]
-    if parts is None:
-        parts = max(p for p in range(1, 65) if V % p == 0 and (p == 1 or V // p >= 256))
-    if parts == 1:
-        return x.argmax(-1)
-    if V % parts:
-        raise ValueError(f"argmax: {parts} parts do not divide the last dimension {V}")
-    n = V // parts
-    best, at = x.unflatten(-1, (parts, n)).max(-1)
-    part = best.argmax(-1, keepdim=True)
-    return (part * n + at.gather(-1, part)).squeeze(-1)
-
-
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

@@ -46,7 +46,7 @@ from .acceptance import RowSampling, accept, draft_token, greedy_accept, seen_pr
 from .cache import MAIN, mtp_group
 from .rings import SpecRings
 from .runner import graph_bucket
-from .sampling import GREEDY, SamplingParams, argmax
+from .sampling import GREEDY, SamplingParams
 
 # speculative steps of generate() (fixed K) per CUDA graph: one host sync, and the host's work between steps, per
 # chunk instead of per step (0.5-0.6 ms a step on an H200, docs/BENCHMARKS.md); EOS is seen a chunk late
@@ -253,7 +253,7 @@ def _draft_inputs(K: int, k: int, N, N_prev, frozen, h_prev, stash):
 
 def _draft_greedy(logits, ext):
     """The tokens ext [B, n] with the greedy draft of an MTP layer's last logits [B, 1, V] appended."""
-    return torch.cat([ext, argmax(logits[:, -1])[:, None]], 1)
+    return torch.cat([ext, logits[:, -1].float().argmax(-1)[:, None]], 1)
 
 
 def _verify_inputs(k: int, N, frozen):
