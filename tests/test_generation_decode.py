@@ -256,6 +256,12 @@ def test_cache_attention_kernel_declines_what_it_cannot_compute():
     assert not fits(*shapes(torch.float64))
     assert not fits(*shapes(torch.bfloat16, kv_dtype=torch.float32))
     assert not fits(*shapes(torch.bfloat16, H=4 * MAX_ROWS, Tq=2)) and not fits(*shapes(torch.bfloat16, dv=96))
+    # the position and segment tables are read as given: integers only (named before any launch)
+    from mimo_flash.generation.attention_triton import cache_attention_triton
+    q, k, v = shapes(torch.float32)
+    pos, seg = torch.arange(8)[None], torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="k_pos must be an integer tensor, got torch.float32"):
+        cache_attention_triton(q, k, v, pos[:, :2], seg[:, :2], pos.float(), seg, 0.1, None, None)
 
 
 def test_triton_cache_attention_graphs_need_no_cache_bucket(monkeypatch):

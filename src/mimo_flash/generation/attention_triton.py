@@ -145,7 +145,7 @@ def cache_attention_triton(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, wi
                            sink: torch.Tensor | None, tiles: dict | None = None) -> torch.Tensor:
     """cache_attention's contract (generation/attention.py) with the positions and segments given: q [B, H, Tq, Dqk],
     k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv] (last dims contiguous), q_pos / q_seg [B, Tq], k_pos / k_seg [B, S]
-    (segments None: one segment),
+    (integer tensors of any dtype and strides, rows broadcast where their first dim is 1; segments None: one segment),
     sink [H] or None -> [B, H, Tq, Dv] in v's dtype. Without a window, slot j must hold position j (the full layers'
     cache). tiles: entries that replace ATTN_TILES'."""
     rep = q.shape[1] // k.shape[1]
@@ -198,9 +198,10 @@ def attend_splits(q, k, v, q_pos, q_seg, k_pos, k_seg, scale: float, window: int
     _cache_attn_kernel[(B * Hkv, ns)](
         q, k, v, qp, qs, kp, ks, acc, m, l, S, Tq, 0 if window is None else window, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), *qp.stride(), *qs.stride(), *kp.stride(), *ks.stride(), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_D=split_d,
-        BLOCK_D2=block_d2, BLOCK_N=block_n, BLOCKS=blocks, HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32,
-        STATIC=STATIC_LOOPS, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        v.stride(2), *qp.stride(), *qs.stride(), *kp.stride(), *ks.stride(), REP=rep, HKV=Hkv, NS=ns, DQK=D, DV=Dv,
+        BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_D=split_d, BLOCK_D2=block_d2, BLOCK_N=block_n, BLOCKS=blocks,
+        HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, STATIC=STATIC_LOOPS, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
     return acc, m, l
 
 
