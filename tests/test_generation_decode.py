@@ -124,6 +124,25 @@ for N in (3, 40, 150):
             got = moe_ops.experts_decode(xh, idx, w, gh, dh)
         ref = moe_ops.experts_reference(xh.float(), idx, w, gh.float(), dh.float())
         assert got.dtype == torch.float16 and float((got.float() - ref).norm() / ref.norm()) < 1e-2, (mode, N)
+# tokens that are not there (routing weights 0: router's present): routed_experts lists none of their pairs, so
+# the experts that only they chose (4 and 5 here) are not read and their rows are exactly 0 (never-written rows of
+# its scratch would show as garbage); the other tokens as before
+N = 40
+x = torch.randn(N, D, generator=g)
+idx = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(N)])
+idx[::4] = torch.tensor([4, 5])
+w = torch.rand(N, k, generator=g)
+w[::4] = 0
+w[1::4, 1] = 0  # one slot of a present token with a zero weight: it adds 0 as before
+got = decode_experts.routed_experts(x, idx, w, gate_up, down)
+want = moe_ops.experts_reference(x, idx, w, gate_up, down)
+assert torch.equal(got[::4], torch.zeros_like(got[::4]))
+pairs, cnt = torch.zeros(E, N, dtype=torch.int32), torch.zeros(E, dtype=torch.int32)
+decode_experts._expert_lists_kernel[(E,)](idx.reshape(-1), w.reshape(-1), pairs, cnt, N * k, N, BP=32, CH=3)
+listed = (w != 0) & (idx[..., None] == torch.arange(E)).permute(2, 0, 1)  # [E, N, k]
+assert cnt.tolist()[4:] == [0, 0] and cnt.tolist() == listed.sum((1, 2)).tolist()
+assert all(pairs[e, :cnt[e]].tolist() == listed[e].reshape(-1).nonzero()[:, 0].tolist() for e in range(E))
+assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 with override(decode_experts="nope"):
     try:
         moe_ops.experts_decode(x, idx, w, gate_up, down)

@@ -179,3 +179,32 @@ def test_router_stays_fp32_under_autocast():
         got = route(x, w, torch.zeros(16), 4, 1, 1, True, 1.0)
     assert got[2].dtype == torch.float32
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+
+def test_moe_leaves_out_tokens_that_are_not_there():
+    """MoE(x, present): the absent tokens' output is exactly 0, the others' what they are without the mask, with
+    both router paths (the default's, and route_decode's ranks); their choices still count in expert_load.
+    Through the model, a left-padded row's tokens keep the logits they have alone."""
+    from mimo_flash.model.moe import MoE
+    from mimo_flash.options import override
+    model = tiny_model(3)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    present = torch.rand(2, 7, generator=torch.Generator().manual_seed(1)) > 0.4
+    assert present.any() and not present.all()
+    for router in ("auto", "decode"):
+        with override(router=router):
+            full, part = moe(x), moe(x, present)
+        assert torch.equal(part[~present], torch.zeros_like(part[~present]))
+        torch.testing.assert_close(part[present], full[present], rtol=0, atol=0)
+    moe.train()
+    moe(x, present)
+    assert int(moe.expert_load.sum()) == x.shape[0] * x.shape[1] * model.config.num_experts_per_tok
+    moe.eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    out = model(ids, attention_mask=mask).logits
+    alone = model(ids[:1, 4:]).logits
+    torch.testing.assert_close(out[0, 4:], alone[0], rtol=1e-5, atol=1e-5)

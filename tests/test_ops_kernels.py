@@ -245,7 +245,8 @@ def test_router_choice_kernel():
     """ops/kernels/router.py choose_topk (route_decode's choice on CUDA) against route_decode's ranks on the same
     fp32 logits: the same experts in the same order (best first, ties to the lower expert: rows of equal
     scores included) and the same weights, for 1, 37 and 130 rows, 16 and 64 experts; one row a program (a decode
-    step's shape), then 130 rows cut for a grid of 3 programs (blocks of 64, the last partial)."""
+    step's shape), then 130 rows cut for a grid of 3 programs (blocks of 64, the last partial); with rows marked
+    absent (present), whose weights are 0 and choices unchanged."""
     interpret(r'''
 from mimo_flash.ops.moe import route_decode
 from mimo_flash.ops.kernels import router as R
@@ -264,6 +265,13 @@ for N, E, k, programs in ((1, 16, 4, 264), (37, 64, 8, 264), (130, 64, 8, 264), 
         idx, w = choose_topk(logits, bias, k, norm, scaling)
         assert torch.equal(idx, want_idx), (N, E, idx, want_idx)
         assert torch.allclose(w, want_w, rtol=1e-6, atol=1e-6), (w - want_w).abs().max()
+        # rows that are not there (present False): the same choice, weights 0, in both
+        present = torch.arange(N) % 3 != 1
+        idx_p, w_p = choose_topk(logits, bias, k, norm, scaling, present)
+        ridx, rw, _ = route_decode(x, weight, bias, k, norm, scaling, present=present)
+        assert torch.equal(idx_p, idx) and torch.equal(ridx, want_idx)
+        assert torch.equal(w_p[present], w[present]) and not w_p[~present].any() and not rw[~present].any()
+        assert torch.allclose(rw[present], want_w[present], rtol=1e-6, atol=1e-6)
     assert torch.equal(idx[:, :3], torch.arange(E // 2, E // 2 + 3).expand(N, 3))
 ''')
 

@@ -32,10 +32,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, idx, self.swa)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe(idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.moe = config.is_moe(idx)
 
     def forward(self, x, rope, meta, cache=None, branch=None):
         """x [B, T, D] (plus `branch` [B, T, D], the previous layer's MLP output, when given) ->
-        (h, mlp_out), both [B, T, D]: the layer's output is h + mlp_out."""
+        (h, mlp_out), both [B, T, D]: the layer's output is h + mlp_out. The MoE layers leave out the tokens that
+        are not there (meta's negative segments: padding, rows a decode step freezes): mlp_out is 0 at them."""
         norm = self.input_layernorm
         if branch is None:
             normed = norm(x)
@@ -43,7 +45,9 @@ class DecoderLayer(nn.Module):
             x, normed = add_rms_norm(x, branch, norm.weight, norm.eps)
         norm = self.post_attention_layernorm
         h, normed = add_rms_norm(x, self.self_attn(normed, rope, meta, cache), norm.weight, norm.eps)
-        return h, self.mlp(normed)
+        if not self.moe:
+            return h, self.mlp(normed)
+        return h, self.mlp(normed, None if meta.q_seg is None else meta.q_seg >= 0)
 
 
 def build_meta(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,

@@ -30,11 +30,12 @@ class Router(nn.Module):
             self.e_score_correction_bias = b.float()
         return self
 
-    def forward(self, x: torch.Tensor, count: bool = False
+    def forward(self, x: torch.Tensor, count: bool = False, present: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x [N, D] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count else None)"""
+        """x [N, D] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count else None);
+        present [N] bool or None: tokens that are not there get weights 0 (ops.moe.router)."""
         return router(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                      self.norm_topk_prob, self.scaling, count)
+                      self.norm_topk_prob, self.scaling, count, present)
 
 
 def autocast_operands(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
@@ -89,11 +90,13 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.expert_load: torch.Tensor | None = None  # [E] tokens routed in the last training forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]"""
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. present [B, T] bool or None (all): the tokens that are there; the others
+        (padding, frozen decode rows) get routing weights 0, so their output is 0 and the expert kernels that skip
+        zero-weight pairs read no expert for them. Their choices still count in expert_load."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        idx, w, load = self.gate(x, count=self.training)
+        idx, w, load = self.gate(x, count=self.training, present=None if present is None else present.reshape(-1))
         if self.training:
             self.expert_load = load
         return self.experts(x, idx, w).view(shape)

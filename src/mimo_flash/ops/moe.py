@@ -75,9 +75,11 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
 
 
 def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-           norm_topk_prob: bool, scaling: float, count: bool = False
+           norm_topk_prob: bool, scaling: float, count: bool = False, present: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """route()'s (indices, weights), plus the tokens per expert [E] when count (else None).
+    """route()'s (indices, weights), plus the tokens per expert [E] when count (else None). present [N] bool or
+    None (all): the weights of the tokens that are not there are 0 (their choices are made and counted as any
+    token's); the routed decode kernels then read no expert for them.
 
     On CUDA with bf16 x and one expert group: ops/kernels/router.py (the logits one cuBLAS product of the weight's
     three bf16 parts, then one kernel for the choice; one kernel and two products back), the logits still the
@@ -85,13 +87,15 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
     """
     E = weight.shape[0]
     if options().router == "decode" and n_group == 1:
-        return route_decode(x, weight, bias, top_k, norm_topk_prob, scaling, count)
+        return route_decode(x, weight, bias, top_k, norm_topk_prob, scaling, count, present)
     tk = triton_for(x, "router")
     if tk is not None and n_group == 1 and tk.router_supported(x, E, top_k):
         idx, w, counts = tk.route(x, weight, bias, top_k, norm_topk_prob, scaling, count)
-        return idx, w, counts if count else None
-    idx, w, _ = route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
-    return idx, w, expert_counts(idx.detach(), E) if count else None
+        counts = counts if count else None
+    else:
+        idx, w, _ = route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+        counts = expert_counts(idx.detach(), E) if count else None
+    return idx, w if present is None else w * present[:, None], counts
 
 
 # route_decode's logits: a reduction fused into the norm before it up to this many multiply-adds (rows x experts x
@@ -102,12 +106,13 @@ ROUTER_FUSED_MACS = 1 << 23
 
 
 def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool,
-                 scaling: float, count: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 scaling: float, count: bool = False, present: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The router for traced decode steps (one expert group): route()'s selection and weights in a few kernels
     instead of a GEMV call plus a top-k kernel.
 
-    x [N, D], weight [E, D], bias [E] -> (indices [N, k], weights [N, k] fp32, tokens per expert [E] when count
-    else None), as router(). The logits are route()'s fp32 product: up to ROUTER_FUSED_MACS multiply-adds a
+    x [N, D], weight [E, D], bias [E], present [N] bool or None -> (indices [N, k], weights [N, k] fp32, tokens
+    per expert [E] when count else None), as router() (the choice kernel writes the absent tokens' zero weights). The logits are route()'s fp32 product: up to ROUTER_FUSED_MACS multiply-adds a
     reduction that the compiled step fuses into the norm before it, above one product (the product is what makes
     inductor suggest TF32, which would change the logits and so the chosen experts). On CUDA the choice is one Triton kernel
     (kernels/router.py choose_topk: at 128 rows the ranks below took 6.1 us against 1.6 at 64); elsewhere the
@@ -122,7 +127,7 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_
     if x.is_cuda:
         from .kernels.router import choose_supported, choose_topk
         if choose_supported(E, top_k):
-            idx, w = choose_topk(logits, bias, top_k, norm_topk_prob, scaling)
+            idx, w = choose_topk(logits, bias, top_k, norm_topk_prob, scaling, present)
             return idx, w, expert_counts(idx, E) if count else None
     scores = logits.sigmoid()
     choice = scores + bias.float()
@@ -135,7 +140,8 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_
     w = scores.gather(1, idx)
     if norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx, w * scaling, expert_counts(idx, E) if count else None
+    w = w * scaling if present is None else w * scaling * present[:, None]
+    return idx, w, expert_counts(idx, E) if count else None
 
 
 def _expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -180,13 +180,16 @@ def dense_down(a: torch.Tensor, wd: torch.Tensor, down: torch.Tensor, tile: dict
 # hold every row block an expert could need (N rows: a token chooses an expert once), so nothing waits for the
 # counts: the blocks past an expert's count return at once.
 @triton.jit
-def _expert_lists_kernel(idx_ptr, pairs_ptr, cnt_ptr, P, N, BP: tl.constexpr, CH: tl.constexpr):
-    """Program e: pairs[e, :c] = the pairs p < P with idx[p] == e, ascending; cnt[e] = c."""
+def _expert_lists_kernel(idx_ptr, wt_ptr, pairs_ptr, cnt_ptr, P, N, BP: tl.constexpr, CH: tl.constexpr):
+    """Program e: pairs[e, :c] = the pairs p < P with idx[p] == e and a routing weight wt[p] != 0 (a token that is
+    not there: router's present), ascending; cnt[e] = c."""
     e = tl.program_id(0)
     run = tl.zeros([], dtype=tl.int32)
     for c in tl.static_range(CH):
         p = c * BP + tl.arange(0, BP)
-        hit = (tl.load(idx_ptr + p, mask=p < P, other=-1) == e).to(tl.int32)
+        pm = p < P
+        hit = ((tl.load(idx_ptr + p, mask=pm, other=-1) == e) & (tl.load(wt_ptr + p, mask=pm, other=0.0) != 0.0))
+        hit = hit.to(tl.int32)
         tl.store(pairs_ptr + e * N + run + tl.cumsum(hit, 0) - 1, p, mask=hit > 0)
         run += tl.sum(hit, 0)
     tl.store(cnt_ptr + e, run)
@@ -251,8 +254,9 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     """x [N, D], idx [N, k] (distinct experts a token), w [N, k] routing weights, gate_up [E, 2I, D], down [E, D, I]
     (x's dtype, contiguous) -> [N, D] in x's dtype: experts_reference's sum, each expert on its tokens only, fp32
     sums, the SwiGLU output rounded to x's dtype once (after its routing weight), each pair's down product kept in
-    fp32 and a token's k of them summed in slot order. tiles: {"gate_up": {...}, "down": {...}}, entries that
-    replace ROUTED_TILES'."""
+    fp32 and a token's k of them summed in slot order. A pair of routing weight 0 (a token the router was told is
+    not there) is listed for no expert and adds exactly 0: an expert that only such pairs chose is not read.
+    tiles: {"gate_up": {...}, "down": {...}}, entries that replace ROUTED_TILES'."""
     if not (x.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous()):
         raise ValueError("routed_experts takes contiguous x, gate_up and down")
     tiles = tiles or {}
@@ -263,7 +267,8 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     pairs = torch.empty(E, N, device=x.device, dtype=torch.int32)
     cnt = torch.empty(E, device=x.device, dtype=torch.int32)
     bp = max(16, min(LIST_BLOCK, triton.next_power_of_2(P)))
-    _expert_lists_kernel[(E,)](idx.reshape(-1).contiguous(), pairs, cnt, P, N, BP=bp, CH=triton.cdiv(P, bp),
+    wt = w.float().reshape(-1).contiguous()
+    _expert_lists_kernel[(E,)](idx.reshape(-1).contiguous(), wt, pairs, cnt, P, N, BP=bp, CH=triton.cdiv(P, bp),
                                num_warps=4)
 
     def rows(cfg):
@@ -272,7 +277,7 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     a = torch.empty(P, I, device=x.device, dtype=x.dtype)
     bm = rows(gu)
     _routed_gate_up_kernel[(triton.cdiv(N, bm), triton.cdiv(I, gu["BI"]), E)](
-        x, gate_up, w.float().reshape(-1).contiguous(), pairs, cnt, a, N, D, I, K=k, BM=bm, BI=gu["BI"],
+        x, gate_up, wt, pairs, cnt, a, N, D, I, K=k, BM=bm, BI=gu["BI"],
         BK=gu["BK"], KD=triton.cdiv(D, gu["BK"]), IEEE=x.dtype == torch.float32, num_warps=gu["warps"],
         num_stages=gu["stages"])
     y = torch.empty(P, D, device=x.device, dtype=torch.float32)
@@ -283,8 +288,9 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     # a token's k products added in slot order: one elementwise kernel once traced ([N, D] outputs, k coalesced
     # loads each), where .sum(1) over the strided slot dimension became a reduction that read its 4 MB at 0.4 TB/s
     # (10.6 us at 128 tokens on the H100, 2026-12-07)
-    y = y.view(N, k, D)
-    out = y[:, 0]
+    # (the rows of unlisted pairs, weight 0, were never written: where() takes 0 for them)
+    y, keep = y.view(N, k, D), (w != 0)[..., None]
+    out = torch.where(keep[:, 0], y[:, 0], 0.0)
     for j in range(1, k):
-        out = out + y[:, j]
+        out = out + torch.where(keep[:, j], y[:, j], 0.0)
     return out.to(x.dtype)

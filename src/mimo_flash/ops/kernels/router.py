@@ -38,12 +38,12 @@ def _split_kernel(W, W3, n, BLOCK: tl.constexpr):
 
 
 @triton.jit  # (launched through Triton's own path by choose_topk, which compiled decode steps trace)
-def _router_choose_kernel(L, BIAS, IDX, WT, SEL, COUNTS, N, scaling, E: tl.constexpr, K: tl.constexpr,
+def _router_choose_kernel(L, BIAS, IDX, WT, SEL, COUNTS, PRESENT, N, scaling, E: tl.constexpr, K: tl.constexpr,
                           KP: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PARTS: tl.constexpr = 3):
+                          PARTS: tl.constexpr = 3, HAS_PRESENT: tl.constexpr = False):
     """The PARTS fp32 products L [N, PARTS * E] (the three parts', or the logits themselves) summed into the
     logits, then each row's top-k ids (best first, ties to the lower expert), weights and sigmoid scores (and
-    the counts)."""
+    the counts). HAS_PRESENT: PRESENT [N] bool, the rows whose weights are kept (the others' are 0)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     cols = tl.arange(0, E)
@@ -70,7 +70,10 @@ def _router_choose_kernel(L, BIAS, IDX, WT, SEL, COUNTS, N, scaling, E: tl.const
     out = rows.to(tl.int64)[:, None] * K + kcols[None, :]
     omask = rmask[:, None] & (kcols < K)[None, :]
     tl.store(IDX + out, ids.to(tl.int64), mask=omask)
-    tl.store(WT + out, wt * scaling, mask=omask)
+    wt = wt * scaling
+    if HAS_PRESENT:
+        wt = tl.where(tl.load(PRESENT + rows, mask=rmask, other=0).to(tl.int1)[:, None], wt, 0.0)
+    tl.store(WT + out, wt, mask=omask)
     tl.store(SEL + out, sel, mask=omask)
     if COUNT:
         tl.atomic_add(COUNTS + cols, tl.sum(tl.where(rmask[:, None], chosen, 0), 0))
@@ -158,7 +161,7 @@ class _Router(torch.autograd.Function):
             w3 = torch.empty(3, E, D, device=x.device, dtype=x.dtype)
             _split_kernel[(triton.cdiv(E * D, 1024),)](weight.float().contiguous(), w3, E * D, BLOCK=1024)
             logits3 = _mm_fp32(x, w3.view(3 * E, D).t())  # [N, 3E]
-            _choose[(grid,)](logits3, bias.float().contiguous(), idx, w, sel, counts, N, float(scaling),
+            _choose[(grid,)](logits3, bias.float().contiguous(), idx, w, sel, counts, counts, N, float(scaling),
                              COUNT=count, **meta)
         ctx.save_for_backward(x, weight, idx, sel)
         ctx.top_k, ctx.norm, ctx.scaling = top_k, norm, float(scaling)
@@ -180,12 +183,12 @@ class _Router(torch.autograd.Function):
         return gx, gwt, None, None, None, None, None
 
 
-def choose_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, scaling: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool, scaling: float,
+                present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits [N, E] (see choose_supported) -> (indices [N, k] long, best first, ties to the lower expert;
     weights [N, k] fp32): ops.moe.route_decode's choice in one kernel (sigmoid, the top k of score + bias,
-    the chosen scores normalised and scaled). Launched through Triton's own path, which torch.compile traces:
-    compiled decode steps call it."""
+    the chosen scores normalised and scaled; 0 for the rows that present [N] bool, if given, says are not there).
+    Launched through Triton's own path, which torch.compile traces: compiled decode steps call it."""
     N, E = logits.shape
     grid, meta = _router_meta(N, E, top_k, norm)
     idx = torch.empty(N, top_k, device=logits.device, dtype=torch.long)
@@ -194,7 +197,8 @@ def choose_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm: bool
     counts = torch.zeros(1, device=logits.device, dtype=torch.int64)
     if N:
         _router_choose_kernel[(grid,)](logits.float().contiguous(), bias.float().contiguous(), idx, w, sel, counts,
-                                       N, float(scaling), COUNT=False, PARTS=1, **meta)
+                                       counts if present is None else present.contiguous(), N, float(scaling),
+                                       COUNT=False, PARTS=1, HAS_PRESENT=present is not None, **meta)
     return idx, w
 
 
