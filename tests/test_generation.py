@@ -244,13 +244,20 @@ def test_pipelined_speculation_runs_the_steps_of_the_synchronous_loop(monkeypatc
 def test_output_takes_a_chunk_of_steps_as_its_steps_one_by_one(eos):
     """Output.add_steps (a graphed chunk's n steps at once) keeps what n add() calls keep (tokens, counts, done:
     EOS cut, max_new reached mid-chunk, rows done before the chunk), and returns the rows still emitting before
-    each step, as read between the calls."""
+    each step, as read between the calls. Without EOS, a runner's compiling glue (here torch.compile, fullgraph)
+    runs add_steps' arithmetic as one traced function, in place: the same again."""
     from mimo_flash.generation.output import Output
+
+    compiled = {}
+
+    def glue(key, fn):
+        return compiled.setdefault(key, torch.compile(fn, fullgraph=True, dynamic=False))
 
     g = torch.Generator().manual_seed(1)
     for trial in range(30):
         B, C, n, max_new = 5, 3, 4, 9
         one, many = (Output(B, max_new, eos, 0, None, None, "cpu") for _ in range(2))
+        traced = Output(B, max_new, eos, 0, None, None, "cpu", glue)
         for chunk in range(4):
             new = torch.randint(1, 8, (n, B, C), generator=g)
             count = torch.randint(1, C + 1, (n, B), generator=g)
@@ -262,9 +269,12 @@ def test_output_takes_a_chunk_of_steps_as_its_steps_one_by_one(eos):
             assert torch.equal(got, torch.stack(active)), (trial, chunk)
             assert torch.equal(one.count, many.count) and torch.equal(one.done, many.done), (trial, chunk)
             assert torch.equal(one.tokens[:, :max_new], many.tokens[:, :max_new]), (trial, chunk)
+            assert torch.equal(traced.add_steps(new, count), got)
+            assert all(torch.equal(getattr(traced, a), getattr(many, a)) for a in ("tokens", "count", "done"))
         assert torch.equal(one.result(torch.zeros(B, 2, dtype=torch.long)),
                            many.result(torch.zeros(B, 2, dtype=torch.long)))
     assert bool(many.done.all())  # (the chunks reach every row's end: max_new or EOS)
+    assert list(compiled) == ([] if eos else [("output", n, B, C)])  # (with EOS the host reads the tokens: eager)
 
 
 def test_graphed_steps_with_and_without_frozen_rows_share_one_function():

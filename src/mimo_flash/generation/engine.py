@@ -233,7 +233,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)  # last column is a token
 
-    out = Output(B, max_new_tokens, eos, pad_token_id, streamer, stopping, device)
+    out = Output(B, max_new_tokens, eos, pad_token_id, streamer, stopping, device, runner.glue)
     clock = Clock(device)
     k = ctl.choose() if ctl is not None and max_new_tokens > 1 else None  # adaptive K's first decision
     plain = ctl is not None and plain_throughout(ctl, k, out)

@@ -52,7 +52,7 @@ class Clock:
 class Output:
     """New tokens of every row, EOS / stop handling and streaming (transformers' padding after EOS)."""
 
-    def __init__(self, B, max_new, eos, pad, streamer, stopping, device):
+    def __init__(self, B, max_new, eos, pad, streamer, stopping, device, glue=None):
         self.B, self.max_new, self.pad = B, max_new, pad
         # (one column more: the scratch column, where tokens that are not kept are written; nothing reads it)
         self.tokens = torch.full((B, max_new + 1), pad, dtype=torch.long, device=device)
@@ -62,6 +62,7 @@ class Output:
         self.streamer, self.stopping = streamer, stopping
         self.sync = bool(eos) or streamer is not None or stopping is not None
         self.host_rows: list[list[int]] | None = [[] for _ in range(B)] if stopping is not None else None
+        self.glue = glue  # a runner's glue (runner.glue), or None: how _place runs (compiled by a compiling runner)
 
     def add(self, new: torch.Tensor, count: torch.Tensor) -> None:
         """One step's tokens: new [B, C] candidates, count [B] how many of them each row emits (1 <= count <= C)."""
@@ -73,37 +74,12 @@ class Output:
         return self._add(new, count, True)
 
     def _add(self, new: torch.Tensor, count: torch.Tensor, steps: bool) -> torch.Tensor | None:
-        n, B, C = new.shape
-        ar = torch.arange(n * C, device=new.device)
-        flat = new.transpose(0, 1).reshape(B, n * C)  # each row's candidates, step after step
-        valid = ar[:C] < count.t()[..., None]  # [B, n, C]
-        if n == 1:  # (one step: a row's emitted tokens are its first `count`)
-            valid, rank = valid.view(B, C), ar[None]
-        else:
-            valid = valid.reshape(B, n * C)
-            rank = valid.cumsum(1) - 1  # among the row's emitted tokens
-        valid &= ~self.done[:, None]
-        take = valid & (rank < (self.max_new - self.count)[:, None])
-        if self.eos is not None:  # cut after the first EOS
-            is_eos = torch.isin(flat, self.eos) & take
-            first = torch.where(is_eos.any(1), is_eos.float().argmax(1), n * C)
-            take &= ar[None] <= first[:, None]
-            finished_eos = is_eos.any(1)
-        active = None
-        if steps:  # before step j: not done before, fewer than max_new kept, and no EOS kept before it
-            per_step = take.view(B, n, C).sum(2)  # [B, n]
-            active = ~self.done[:, None] & (self.count[:, None] + per_step.cumsum(1) - per_step < self.max_new)
-            if self.eos is not None:
-                eos_step = is_eos.view(B, n, C).any(2).long()  # (is_eos & take: an EOS kept in that step)
-                active &= (eos_step.cumsum(1) - eos_step) == 0
-            active = active.t()
-        idx = torch.where(take, self.count[:, None] + rank, self.max_new)  # (not kept: the scratch column)
-        self.tokens.scatter_(1, idx, flat)
-        n_take = take.sum(1)
-        self.count += n_take
-        newly_done = self.count >= self.max_new
-        if self.eos is not None:
-            newly_done |= finished_eos
+        fn = _place
+        # compiled for the speculative loops' chunks (a few shapes a runner: steps, rows, drafts + 1), not for the
+        # plain loop's one call of max_new tokens (a shape a call), nor where the host's work below reads the tokens
+        if self.glue is not None and steps and not self.sync:
+            fn = self.glue(("output", *new.shape), _place)
+        active, flat, take = fn(self.tokens, self.count, self.done, self.eos, new, count, steps)
         if self.sync:
             if self.streamer is not None:
                 self.streamer.put(flat[0][take[0]].tolist())
@@ -111,8 +87,7 @@ class Output:
                 for b, (row, kept) in enumerate(zip(flat.tolist(), take.tolist(), strict=True)):
                     self.host_rows[b].extend(t for t, k in zip(row, kept, strict=True) if k)
                 stop = torch.tensor(self.stopping(self.host_rows), dtype=torch.bool, device=new.device)
-                newly_done |= stop
-        self.done |= newly_done
+                self.done |= stop
         return active
 
     def all_done(self) -> bool:
@@ -129,3 +104,42 @@ class Output:
     def result(self, input_ids: torch.Tensor) -> torch.Tensor:
         n = int(self.count.max())
         return torch.cat([input_ids, self.tokens[:, :n]], 1)
+
+
+def _place(tokens, count, done, eos, new, n_new, steps: bool):
+    """Output._add's arithmetic, in place: each row's kept tokens of new [n, B, C] (n_new [n, B] a step) written
+    after its count into tokens [B, max_new + 1] (the last column: the scratch, where the others go), count [B]
+    and done [B] updated (max_new tokens, or an EOS of eos [E] or None). Returns (active [n, B] when steps, else
+    None: the rows still emitting before each step; the rows' candidates [B, n * C] and which of them are kept).
+    One function, so that a compiling runner's glue makes it a few kernels."""
+    n, B, C = new.shape
+    max_new = tokens.shape[1] - 1
+    ar = torch.arange(n * C, device=new.device)
+    flat = new.transpose(0, 1).reshape(B, n * C)  # each row's candidates, step after step
+    valid = ar[:C] < n_new.t()[..., None]  # [B, n, C]
+    if n == 1:  # (one step: a row's emitted tokens are its first `count`)
+        valid, rank = valid.view(B, C), ar[None]
+    else:
+        valid = valid.reshape(B, n * C)
+        rank = valid.cumsum(1) - 1  # among the row's emitted tokens
+    valid = valid & ~done[:, None]
+    take = valid & (rank < (max_new - count)[:, None])
+    if eos is not None:  # cut after the first EOS
+        is_eos = torch.isin(flat, eos) & take
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1), n * C)
+        take = take & (ar[None] <= first[:, None])
+    active = None
+    if steps:  # before step j: not done before, fewer than max_new kept, and no EOS kept before it
+        per_step = take.view(B, n, C).sum(2)  # [B, n]
+        active = ~done[:, None] & (count[:, None] + per_step.cumsum(1) - per_step < max_new)
+        if eos is not None:
+            eos_step = is_eos.view(B, n, C).any(2).long()  # (is_eos & take: an EOS kept in that step)
+            active = active & ((eos_step.cumsum(1) - eos_step) == 0)
+        active = active.t()
+    idx = torch.where(take, count[:, None] + rank, max_new)  # (not kept: the scratch column)
+    tokens.scatter_(1, idx, flat)
+    count += take.sum(1)
+    done |= count >= max_new
+    if eos is not None:
+        done |= is_eos.any(1)
+    return active, flat, take
