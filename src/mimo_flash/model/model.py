@@ -36,8 +36,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, meta, cache=None, branch=None):
         """x [B, T, D] (plus `branch` [B, T, D], the previous layer's MLP output, when given) ->
-        (h, mlp_out), both [B, T, D]: the layer's output is h + mlp_out. The MoE layers leave out the tokens that
-        are not there (meta's negative segments: padding, rows a decode step freezes): mlp_out is 0 at them."""
+        (h, mlp_out), both [B, T, D]: the layer's output is h + mlp_out. Outside training the MoE layers leave out
+        the tokens that are not there (meta's negative segments: padding, rows a decode step freezes): mlp_out is 0
+        at them."""
         norm = self.input_layernorm
         if branch is None:
             normed = norm(x)
@@ -47,7 +48,9 @@ class DecoderLayer(nn.Module):
         h, normed = add_rms_norm(x, self.self_attn(normed, rope, meta, cache), norm.weight, norm.eps)
         if not self.moe:
             return h, self.mlp(normed)
-        return h, self.mlp(normed, None if meta.q_seg is None else meta.q_seg >= 0)
+        # (training leaves the mask out: no expert kernel of its own skips those tokens, and their outputs reach no
+        # loss, so it would be a product per layer for nothing)
+        return h, self.mlp(normed, None if meta.q_seg is None or self.training else meta.q_seg >= 0)
 
 
 def build_meta(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
