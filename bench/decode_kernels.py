@@ -1,6 +1,7 @@
 """Block shapes of the batch-1 decode kernels (generation/kernels.py), timed one kernel at a time on the GPU.
 
-    python bench/decode_kernels.py
+    python bench/decode_kernels.py           # gemv_kernel and attn_kernel at the mini preset's shapes
+    python bench/decode_kernels.py --multi   # gemv_multi_kernel (T tokens) at the released MTP layer's shapes
 
 GEMV (gemv_kernel) at the mini preset's shapes (lm_head 32000 x 1024, q/k/v 5632 x 1024, o_proj 1024 x 2048)
 against torch's F.linear; decode attention (attn_kernel) over a 128-slot ring and an 832-slot full cache.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +56,56 @@ def gemv(N: int, D: int):
         print(f"  BLOCK_N {bn:2d} BLOCK_K {bk:4d} warps {warps:2d}: {t:7.2f} us = {nbytes / t / 1e6:.2f} TB/s")
     t, bn, bk, warps = best
     print(f"  best: BLOCK_N {bn} BLOCK_K {bk} warps {warps}: {t:.2f} us = {nbytes / t / 1e6:.2f} TB/s", flush=True)
+
+
+def gemv_multi(N: int, D: int, T: int, fp8: bool, gated: bool, deadline: float):
+    """gemv_multi_kernel over [N, D] for T tokens (FP8 weights with 128x128 block scales, or bf16; gated: the
+    dense MLP's down projection, x [T, 2D]): the block shapes triton_step's gemv_blocks picks, then a sweep."""
+    from mimo_flash.generation.triton_step import gemv_blocks
+    from mimo_flash.options import options
+
+    dev = "cuda"
+    tp = max(2, 1 << (T - 1).bit_length())
+    x = torch.randn(T, 2 * D if gated else D, device=dev, dtype=torch.bfloat16)
+    nw = torch.ones(D, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
+    s = torch.rand(-(-N // 128), -(-D // 128), device=dev) + 0.5
+    if fp8:
+        w = w.clamp(-448, 448).to(torch.float8_e4m3fn)
+    out = torch.empty(T, N, device=dev, dtype=torch.bfloat16)
+    nbytes = N * D * w.element_size()
+    ref = time_us_graphed(lambda: F.linear(x[:, :D], w if not fp8 else w.to(torch.bfloat16)))
+    t = options().triton_step
+    dbn, dbk = gemv_blocks(N, D, t.tile // tp, t, fp8)
+    dwarps = t.num_warps if N * D >= 1 << 24 else t.small_gemv_warps
+    print(f"gemv_multi {N} x {D}, T {T}, {'fp8' if fp8 else 'bf16'}{', gated' if gated else ''}: {nbytes / 1e6:.0f} MB"
+          f" (bf16 F.linear{' of the dequantized weight' if fp8 else ''}: {ref:.1f} us)", flush=True)
+
+    def run_with(bn, bk, warps):
+        def run():
+            dk.gemv_multi_kernel[(-(-N // bn),)](x, nw, w, s if fp8 else w, out, out, out, N, 1e-6,
+                                                 s.stride(0) if fp8 else 0, x.stride(0), out.stride(0), T=T,
+                                                 T_PAD=tp, D=D, HAS_NORM=not gated, HAS_RES=False, WRITE_XN=False,
+                                                 GATED=gated, W_FP8=fp8, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        return time_us_graphed(run)
+
+    rows = []
+    for bn, bk, warps in [(dbn, dbk, dwarps)] + list(itertools.product([1, 2, 4, 8, 16], [256, 512, 1024, 2048],
+                                                                       [4, 8])):
+        if (bn, bk, warps) in [r[1:] for r in rows] or bk > D or tp * bn * bk > 32768 or time.time() > deadline:
+            continue
+        try:
+            us = run_with(bn, bk, warps)
+        except Exception as e:
+            print(f"  BLOCK_N {bn} BLOCK_K {bk} warps {warps}: {type(e).__name__}")
+            continue
+        rows.append((us, bn, bk, warps))
+        tag = " (default)" if len(rows) == 1 else ""
+        print(f"  BLOCK_N {bn:2d} BLOCK_K {bk:4d} warps {warps}: {us:7.1f} us = {nbytes / us / 1e6:.2f} TB/s{tag}",
+              flush=True)
+    us, bn, bk, warps = min(rows)
+    print(f"  best: BLOCK_N {bn} BLOCK_K {bk} warps {warps}: {us:.1f} us = {nbytes / us / 1e6:.2f} TB/s "
+          f"(default {rows[0][0]:.1f} us)", flush=True)
 
 
 def attention(n_slots: int, H: int, HKV: int, ring: bool):
@@ -101,6 +153,12 @@ def attention(n_slots: int, H: int, HKV: int, ring: bool):
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_properties(0).name, torch.__version__)
+    if "--multi" in sys.argv:  # the released MTP layer at T = 2 (K = 1 drafting): qkv, o_proj, gate/up, down
+        end = time.time() + float(sys.argv[sys.argv.index("--multi") + 1]) if len(sys.argv) > 2 else float("inf")
+        for N, D, fp8, gated in ((14848, 4096, True, False), (32768, 4096, True, False), (4096, 16384, True, True),
+                                 (4096, 8192, False, False)):
+            gemv_multi(N, D, 2, fp8, gated, end)
+        sys.exit(0)
     attention(256, 16, 8, True)
     attention(832, 16, 4, False)
     for N, D in ((32000, 1024), (5632, 1024), (1024, 2048)):
