@@ -187,6 +187,18 @@ for n in range(N):
 got = fp8_experts(x, idx, w, gu, gus, dn, dns, "triton")
 err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
 assert err < 1e-5, err
+# tokens that are not there (routing weight 0): an expert that only they chose is never read (its weights NaN
+# here), their outputs are 0 and the other tokens' are unchanged bit for bit
+dead = torch.zeros(N, dtype=torch.bool)
+dead[[1, 4, 5]] = True
+idx_d = idx.clone()
+idx_d[1] = torch.tensor([E - 1, E - 2, 0])
+w_d = torch.where(dead[:, None], 0.0, w)
+gus_nan = gus.clone()
+gus_nan[E - 2:] = float("nan")
+got_d = fp8_experts(x, idx_d, w_d, gu, gus_nan, dn, dns, "triton")
+assert torch.equal(got_d[dead], torch.zeros(3, D)), got_d[dead]
+assert torch.equal(got_d[~dead], got[~dead])
 
 # W8A8 (prefill): the activation quantizer is blocks.quantize_activations bit for bit: values over 12 decades,
 # an all-zero group, a partial last group, and rows of amax 448 (scale 1) holding every FP8 value, every

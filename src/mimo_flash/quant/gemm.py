@@ -127,17 +127,23 @@ def experts_reference(x, idx, w, gate_up, gate_up_scale, down, down_scale):
 
 def experts_triton(x, idx, w, gate_up, gate_up_scale, down, down_scale):
     """experts_reference's contract: rows sorted by expert once, both projections grouped Triton products
-    reading the FP8 bytes, the SwiGLU and routing weight in between, outputs summed back per token."""
+    reading the FP8 bytes, the SwiGLU and routing weight in between, outputs summed back per token.
+    Pairs of routing weight 0 (the tokens that are not there: ops/moe.router's present mask, e.g. a batch's
+    finished rows) sort into a bucket after the last expert that neither product reads, so an expert that only
+    such tokens chose is never loaded; their rows, left unwritten, are zeroed before the sum."""
     from ..ops.kernels.moe import grouped_gemm
     from ..ops.moe import gather_sum, sort_by_expert
 
     E, k = gate_up.shape[0], idx.shape[1]
-    order, inv, counts, tok, _ = sort_by_expert(idx, E)
+    live = w != 0
+    order, inv, counts, tok, _ = sort_by_expert(torch.where(live, idx, E), E + 1)
+    counts = counts[:E]  # the live rows come first, in expert order
     xs = x[tok].contiguous()  # [N*k, D]
     h = grouped_gemm(xs, gate_up, counts, scale=gate_up_scale)  # [N*k, 2I]
     g, u = h.float().chunk(2, dim=-1)
     a = (F.silu(g) * u * w.reshape(-1)[order, None].float()).to(x.dtype)
     ys = grouped_gemm(a.contiguous(), down, counts, scale=down_scale)  # [N*k, D]
+    ys = torch.where(live.reshape(-1)[order, None], ys, 0)
     return gather_sum(ys, inv, k)  # each token's outputs summed in fp32
 
 
